@@ -1,0 +1,1 @@
+//! Pure placement: see module docs.

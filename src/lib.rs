@@ -2,6 +2,8 @@
 //!
 //! See ARCHITECTURE.md for the codemap. The `symphony-net` crate holds the transport.
 
-pub mod spec;
+pub mod conductor;
+pub mod node;
 pub mod scheduler;
+pub mod spec;
 pub mod wire;

@@ -1,0 +1,3 @@
+//! The conductor: durable state, the core actor, node sessions and the HTTP API.
+
+pub mod store;

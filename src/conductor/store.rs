@@ -1,0 +1,1 @@
+//! Durable state (sqlx, SQLite by default).

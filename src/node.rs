@@ -1,0 +1,10 @@
+//! The node agent: supervises deployments on this machine.
+
+pub mod envs;
+pub mod health;
+pub mod logs;
+pub mod monitor;
+pub mod restart;
+pub mod runner;
+pub mod supervisor;
+pub mod workspace;

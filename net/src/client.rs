@@ -1,0 +1,318 @@
+//! The node's endpoint: dials the conductor, keeps a session alive across failures, and moves
+//! the connection to a new local socket when the old path stops working.
+//!
+//! * [`Client::connect`] makes one attempt (handshake + control stream).
+//! * [`Client::run`] keeps connecting: jittered exponential backoff (the `backoff` crate,
+//!   250 ms .. 30 s) that resets after a healthy period, TLS session resumption on re-dials
+//!   (rustls' session cache lives in the reused client config), and one [`ClientEvent`] per new
+//!   connection so the layer above can resend its Hello.
+//! * Migration: the socket is bound to the unspecified address by default, so a changed pod IP
+//!   or NAT mapping migrates implicitly (the server follows the new source address).
+//!   [`Client::rebind`] moves to a new local socket explicitly; the path monitor does so by
+//!   itself when a specifically bound local address disappears, or when nothing has been
+//!   received for two keep-alive periods (a fresh socket gets a fresh NAT mapping).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::close::CloseCode;
+use crate::config::TransportSettings;
+use crate::session::{Control, Session, SessionError};
+use crate::tls::{TlsError, TlsMaterial, client_crypto};
+
+/// How to reach the conductor.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` (a name or an IP).
+    pub server: String,
+    /// Name expected in the server certificate; default: the host part of `server`.
+    pub server_name: Option<String>,
+    /// CA, own certificate and key.
+    pub tls: TlsMaterial,
+    /// Transport tunables.
+    pub settings: TransportSettings,
+    /// Local address to bind (default `0.0.0.0:0`).
+    pub bind: SocketAddr,
+    /// Reconnect backoff: first delay (default 250 ms).
+    pub backoff_initial: Duration,
+    /// Reconnect backoff: cap (default 30 s).
+    pub backoff_max: Duration,
+    /// A connection that lived this long resets the backoff (default 10 s).
+    pub healthy_after: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for everything but the address and TLS material.
+    pub fn new(server: impl Into<String>, tls: TlsMaterial) -> Self {
+        Self {
+            server: server.into(),
+            server_name: None,
+            tls,
+            settings: TransportSettings::default(),
+            bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            backoff_initial: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+            healthy_after: Duration::from_secs(10),
+        }
+    }
+
+    fn host(&self) -> &str {
+        let s = self.server.as_str();
+        if let Some(rest) = s.strip_prefix('[') {
+            return rest.split(']').next().unwrap_or(rest);
+        }
+        s.rsplit_once(':').map_or(s, |(h, _)| h)
+    }
+}
+
+/// Connection attempt failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TLS material was unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The address could not be resolved.
+    #[error("resolve {0}: {1}")]
+    Resolve(String, String),
+    /// quinn refused to start the attempt (bad server name...).
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The handshake failed (refused certificate, timeout...).
+    #[error("handshake: {0}")]
+    Handshake(#[from] quinn::ConnectionError),
+    /// The control stream could not be opened.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// Socket errors.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the reconnect loop reports.
+#[derive(Debug)]
+pub enum ClientEvent {
+    /// A new connection is up: send Hello on its control stream.
+    Connected {
+        /// The connection.
+        session: Session,
+        /// Its control stream (already open).
+        control: Control,
+    },
+    /// The conductor closed the connection with a code that says retrying is pointless.
+    Fatal(CloseCode, String),
+}
+
+/// The node's endpoint.
+#[derive(Debug)]
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    cfg: ClientConfig,
+    reconnects: AtomicU64,
+}
+
+impl Client {
+    /// Creates the endpoint (binds the local socket).
+    pub fn new(cfg: ClientConfig) -> Result<Self, ConnectError> {
+        let mut endpoint = quinn::Endpoint::client(cfg.bind)?;
+        let mut qc = quinn::ClientConfig::new(client_crypto(&cfg.tls)?);
+        qc.transport_config(cfg.settings.transport_config());
+        endpoint.set_default_client_config(qc);
+        Ok(Self {
+            endpoint,
+            cfg,
+            reconnects: AtomicU64::new(0),
+        })
+    }
+
+    /// The local socket address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// How many times the loop re-dialled after its first connection.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Moves every connection of this endpoint to a new local socket bound to `addr`
+    /// (no reconnect: QUIC path migration).
+    pub fn rebind(&self, addr: SocketAddr) -> std::io::Result<()> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        self.endpoint.rebind(socket)
+    }
+
+    /// One connection attempt: handshake, then open the control stream.
+    pub async fn connect(&self) -> Result<(Session, Control), ConnectError> {
+        let addr = tokio::net::lookup_host(&self.cfg.server)
+            .await
+            .map_err(|e| ConnectError::Resolve(self.cfg.server.clone(), e.to_string()))?
+            .find(|a| a.is_ipv4() == self.cfg.bind.is_ipv4())
+            .ok_or_else(|| {
+                ConnectError::Resolve(
+                    self.cfg.server.clone(),
+                    "no address of the bound family".into(),
+                )
+            })?;
+        let name = self
+            .cfg
+            .server_name
+            .clone()
+            .unwrap_or_else(|| self.cfg.host().to_owned());
+        let connecting = self.endpoint.connect(addr, &name)?;
+        let conn = tokio::time::timeout(self.cfg.settings.idle_timeout, connecting)
+            .await
+            .map_err(|_| ConnectError::Handshake(quinn::ConnectionError::TimedOut))??;
+        let session = Session::new(conn, self.cfg.settings.clone());
+        let control = session.open_control().await?;
+        Ok((session, control))
+    }
+
+    /// Keeps a session alive until `cancel`: yields one event per new connection.
+    pub fn run(
+        self: Arc<Self>,
+        cancel: CancellationToken,
+    ) -> (mpsc::Receiver<ClientEvent>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(4);
+        let handle = tokio::task::spawn(async move { self.reconnect_loop(tx, cancel).await });
+        (rx, handle)
+    }
+
+    async fn reconnect_loop(&self, tx: mpsc::Sender<ClientEvent>, cancel: CancellationToken) {
+        let mut backoff = backoff::ExponentialBackoffBuilder::new()
+            .with_initial_interval(self.cfg.backoff_initial)
+            .with_max_interval(self.cfg.backoff_max)
+            .with_multiplier(2.0)
+            .with_randomization_factor(0.5)
+            .with_max_elapsed_time(None)
+            .build();
+        let mut connected_before = false;
+        loop {
+            let attempt = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                r = self.connect() => r,
+            };
+            match attempt {
+                Ok((session, control)) => {
+                    if connected_before {
+                        self.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    connected_before = true;
+                    session.set_reconnects(self.reconnects());
+                    let started = tokio::time::Instant::now();
+                    tracing::info!(remote = %session.facts().remote, reconnects = self.reconnects(), "connected to conductor");
+                    if tx
+                        .send(ClientEvent::Connected {
+                            session: session.clone(),
+                            control,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        session.close(CloseCode::Shutdown, "node shutting down");
+                        return;
+                    }
+                    let closed = tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => {
+                            session.close(CloseCode::Shutdown, "node shutting down");
+                            return;
+                        }
+                        c = session.closed() => c,
+                        () = self.monitor_path(&session) => continue,
+                    };
+                    let (code, err) = closed;
+                    tracing::info!(error = %err, "connection to conductor lost");
+                    if let Some(code) = code
+                        && !code.should_reconnect()
+                    {
+                        let _ = tx.send(ClientEvent::Fatal(code, err.to_string())).await;
+                        return;
+                    }
+                    if started.elapsed() >= self.cfg.healthy_after {
+                        backoff.reset();
+                    }
+                }
+                Err(e) => tracing::info!(error = %e, server = %self.cfg.server, "connect failed"),
+            }
+            let delay = backoff.next_backoff().unwrap_or(self.cfg.backoff_max);
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Watches the path of a live session; rebinds when the local address disappeared or
+    /// nothing arrived for two keep-alive periods. Never returns while the session lives.
+    async fn monitor_path(&self, session: &Session) {
+        let keep_alive = self.cfg.settings.keep_alive;
+        let mut tick = tokio::time::interval(Duration::from_secs(1).min(keep_alive));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_rx = session.connection().stats().udp_rx.datagrams;
+        let mut last_progress = tokio::time::Instant::now();
+        loop {
+            tick.tick().await;
+            let rx = session.connection().stats().udp_rx.datagrams;
+            if rx != last_rx {
+                last_rx = rx;
+                last_progress = tokio::time::Instant::now();
+            }
+            let bind_ip = self.cfg.bind.ip();
+            let address_gone = !bind_ip.is_unspecified()
+                && matches!(std::net::UdpSocket::bind((bind_ip, 0)), Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable);
+            let stalled = last_progress.elapsed() >= 2 * keep_alive;
+            if address_gone || stalled {
+                let ip = if address_gone {
+                    unspecified_like(bind_ip)
+                } else {
+                    bind_ip
+                };
+                match self.rebind(SocketAddr::new(ip, 0)) {
+                    Ok(()) => {
+                        session.note_local_rebind();
+                        tracing::info!(address_gone, stalled, local = ?self.local_addr().ok(), "rebound to a new local socket");
+                    }
+                    Err(e) => tracing::debug!(error = %e, "rebind failed"),
+                }
+                last_progress = tokio::time::Instant::now();
+            }
+        }
+    }
+}
+
+fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_part_of_server_address() {
+        let tls = TlsMaterial {
+            ca_pem: String::new(),
+            cert_pem: String::new(),
+            key_pem: String::new(),
+        };
+        for (server, host) in [
+            ("localhost:50051", "localhost"),
+            ("10.0.0.1:1", "10.0.0.1"),
+            ("[::1]:5", "::1"),
+            ("name", "name"),
+        ] {
+            assert_eq!(ClientConfig::new(server, tls.clone()).host(), host);
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Typed close codes, so the other side knows whether to reconnect.
+
+/// Why a connection was closed by the application. Sent as the QUIC application error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseCode {
+    /// Orderly shutdown of the peer; reconnect later.
+    Shutdown,
+    /// A newer connection with the same identity replaced this one.
+    Superseded,
+    /// The peer's identity was refused (bad or revoked certificate, identity mismatch).
+    AuthFailed,
+    /// The peer speaks an incompatible protocol version.
+    VersionMismatch,
+    /// The peer broke the protocol (malformed or unexpected frame).
+    ProtocolError,
+    /// A frame exceeded the maximum frame size.
+    FrameTooLarge,
+}
+
+impl CloseCode {
+    /// All codes, for tests and tables.
+    pub const ALL: [Self; 6] = [
+        Self::Shutdown,
+        Self::Superseded,
+        Self::AuthFailed,
+        Self::VersionMismatch,
+        Self::ProtocolError,
+        Self::FrameTooLarge,
+    ];
+
+    /// The numeric code on the wire.
+    pub fn code(self) -> u32 {
+        match self {
+            Self::Shutdown => 0,
+            Self::Superseded => 1,
+            Self::AuthFailed => 2,
+            Self::VersionMismatch => 3,
+            Self::ProtocolError => 4,
+            Self::FrameTooLarge => 5,
+        }
+    }
+
+    /// Parses a wire code; unknown codes are `None`.
+    pub fn from_code(code: u64) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| u64::from(c.code()) == code)
+    }
+
+    /// As a quinn varint.
+    pub fn varint(self) -> quinn::VarInt {
+        quinn::VarInt::from_u32(self.code())
+    }
+
+    /// Whether a node should keep trying to connect after being closed with this code.
+    /// Auth and version failures will not heal by retrying the same binary and certificate.
+    pub fn should_reconnect(self) -> bool {
+        !matches!(self, Self::AuthFailed | Self::VersionMismatch)
+    }
+
+    /// Extracts the application close code from a connection error, if the peer sent one.
+    pub fn from_error(err: &quinn::ConnectionError) -> Option<Self> {
+        match err {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                Self::from_code(close.error_code.into_inner())
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CloseCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Self::Shutdown => "shutdown",
+            Self::Superseded => "superseded",
+            Self::AuthFailed => "auth failed",
+            Self::VersionMismatch => "version mismatch",
+            Self::ProtocolError => "protocol error",
+            Self::FrameTooLarge => "frame too large",
+        };
+        f.write_str(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_are_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for c in CloseCode::ALL {
+            assert!(seen.insert(c.code()));
+            assert_eq!(CloseCode::from_code(u64::from(c.code())), Some(c));
+        }
+        assert_eq!(CloseCode::from_code(999), None);
+        assert!(CloseCode::Shutdown.should_reconnect());
+        assert!(CloseCode::Superseded.should_reconnect());
+        assert!(!CloseCode::AuthFailed.should_reconnect());
+        assert!(!CloseCode::VersionMismatch.should_reconnect());
+    }
+}

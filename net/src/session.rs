@@ -1,0 +1,266 @@
+//! One live connection between a node and the conductor, and its streams.
+//!
+//! Stream layout: the node opens one bi-directional **control** stream right after the
+//! handshake (priority 100 on both ends); uni streams begin with one byte naming their
+//! [`StreamKind`]: one **heartbeat** stream (priority 50) and one **log** stream per log source
+//! (priority 0). Every stream carries length-delimited protobuf frames ([`crate::frame`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use crate::close::CloseCode;
+use crate::config::{PRIORITY_CONTROL, PRIORITY_HEARTBEAT, PRIORITY_LOG, TransportSettings};
+use crate::frame::{FrameReader, FrameWriter};
+
+/// What a uni stream carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Usage heartbeats (latest wins).
+    Heartbeat,
+    /// One log source's entries.
+    Log,
+}
+
+impl StreamKind {
+    fn tag(self) -> u8 {
+        match self {
+            Self::Heartbeat => 1,
+            Self::Log => 2,
+        }
+    }
+
+    fn from_tag(tag: u8) -> Option<Self> {
+        match tag {
+            1 => Some(Self::Heartbeat),
+            2 => Some(Self::Log),
+            _ => None,
+        }
+    }
+
+    fn priority(self) -> i32 {
+        match self {
+            Self::Heartbeat => PRIORITY_HEARTBEAT,
+            Self::Log => PRIORITY_LOG,
+        }
+    }
+}
+
+/// Session-level failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The connection is gone.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// A stream write failed.
+    #[error("stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// A uni stream did not start with a known kind.
+    #[error("unknown stream kind {0}")]
+    UnknownKind(u8),
+    /// A stream failed while reading its header.
+    #[error("stream read: {0}")]
+    Read(#[from] std::io::Error),
+    /// The control stream did not arrive in time.
+    #[error("no control stream within {0:?}")]
+    ControlTimeout(Duration),
+}
+
+/// Sending half of a stream, framed.
+pub type FrameSender = FrameWriter<quinn::SendStream>;
+/// Receiving half of a stream, framed.
+pub type FrameReceiver = FrameReader<quinn::RecvStream>;
+
+/// The control stream: ordered, high priority, both directions.
+#[derive(Debug)]
+pub struct Control {
+    /// Outgoing frames.
+    pub tx: FrameSender,
+    /// Incoming frames.
+    pub rx: FrameReceiver,
+}
+
+/// Facts about a connection that operators see (`/nodes`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionFacts {
+    /// The peer's current address (changes on migration).
+    pub remote: SocketAddr,
+    /// Smoothed round-trip time.
+    pub rtt: Duration,
+    /// How often the peer's address changed on this connection (NAT rebinding, new IP).
+    pub path_changes: u64,
+    /// How often the client re-dialled before this connection (client side; 0 on the server).
+    pub reconnects: u64,
+    /// How often the client moved this connection to a new local socket.
+    pub local_rebinds: u64,
+    /// When the connection was established.
+    pub connected_at: SystemTime,
+}
+
+#[derive(Debug)]
+struct Shared {
+    path_changes: AtomicU64,
+    reconnects: AtomicU64,
+    local_rebinds: AtomicU64,
+    connected_at: SystemTime,
+    remote: watch::Sender<SocketAddr>,
+}
+
+/// One connection. Cheap to clone; all clones refer to the same connection.
+#[derive(Debug, Clone)]
+pub struct Session {
+    conn: quinn::Connection,
+    settings: TransportSettings,
+    shared: Arc<Shared>,
+}
+
+impl Session {
+    pub(crate) fn new(conn: quinn::Connection, settings: TransportSettings) -> Self {
+        let (remote, _) = watch::channel(conn.remote_address());
+        let shared = Arc::new(Shared {
+            path_changes: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            local_rebinds: AtomicU64::new(0),
+            connected_at: SystemTime::now(),
+            remote,
+        });
+        Self {
+            conn,
+            settings,
+            shared,
+        }
+    }
+
+    /// Opens the control stream (the node does this first).
+    pub async fn open_control(&self) -> Result<Control, SessionError> {
+        let (send, recv) = self.conn.open_bi().await?;
+        Ok(self.control(send, recv))
+    }
+
+    /// Accepts the control stream (the conductor), waiting at most `timeout`.
+    pub async fn accept_control(&self, timeout: Duration) -> Result<Control, SessionError> {
+        match tokio::time::timeout(timeout, self.conn.accept_bi()).await {
+            Ok(res) => {
+                let (send, recv) = res?;
+                Ok(self.control(send, recv))
+            }
+            Err(_) => Err(SessionError::ControlTimeout(timeout)),
+        }
+    }
+
+    fn control(&self, send: quinn::SendStream, recv: quinn::RecvStream) -> Control {
+        // Priority matters on each sending side, so both ends set it.
+        let _ = send.set_priority(PRIORITY_CONTROL);
+        Control {
+            tx: FrameWriter::new(send, self.settings.max_frame_size),
+            rx: FrameReader::new(recv, self.settings.max_frame_size),
+        }
+    }
+
+    /// Opens a uni stream of the given kind, with that kind's priority.
+    pub async fn open_uni(&self, kind: StreamKind) -> Result<FrameSender, SessionError> {
+        let mut send = self.conn.open_uni().await?;
+        let _ = send.set_priority(kind.priority());
+        send.write_all(&[kind.tag()]).await?;
+        Ok(FrameWriter::new(send, self.settings.max_frame_size))
+    }
+
+    /// Accepts the next uni stream and reads its kind.
+    pub async fn accept_uni(&self) -> Result<(StreamKind, FrameReceiver), SessionError> {
+        let mut recv = self.conn.accept_uni().await?;
+        let tag = recv.read_u8().await?;
+        match StreamKind::from_tag(tag) {
+            Some(kind) => Ok((kind, FrameReader::new(recv, self.settings.max_frame_size))),
+            None => {
+                let _ = recv.stop(CloseCode::ProtocolError.varint());
+                Err(SessionError::UnknownKind(tag))
+            }
+        }
+    }
+
+    /// Current facts about the connection.
+    pub fn facts(&self) -> ConnectionFacts {
+        ConnectionFacts {
+            remote: self.conn.remote_address(),
+            rtt: self.conn.rtt(),
+            path_changes: self.shared.path_changes.load(Ordering::Relaxed),
+            reconnects: self.shared.reconnects.load(Ordering::Relaxed),
+            local_rebinds: self.shared.local_rebinds.load(Ordering::Relaxed),
+            connected_at: self.shared.connected_at,
+        }
+    }
+
+    /// Watches the peer's address; it changes when the peer migrates.
+    pub fn remote_changes(&self) -> watch::Receiver<SocketAddr> {
+        self.shared.remote.subscribe()
+    }
+
+    pub(crate) fn set_reconnects(&self, n: u64) {
+        self.shared.reconnects.store(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn note_local_rebind(&self) {
+        self.shared.local_rebinds.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Checks the peer's address now; counts and announces a change.
+    pub fn observe_path(&self) -> bool {
+        let now = self.conn.remote_address();
+        let changed = self.shared.remote.send_if_modified(|addr| {
+            if *addr == now {
+                false
+            } else {
+                *addr = now;
+                true
+            }
+        });
+        if changed {
+            self.shared.path_changes.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(remote = %now, "peer address changed (migration)");
+        }
+        changed
+    }
+
+    /// Polls the peer's address every `path_poll_interval` until the connection closes
+    /// (quinn raises no event for a migration).
+    pub async fn watch_path(self) {
+        let mut tick = tokio::time::interval(self.settings.path_poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.conn.closed() => return,
+                _ = tick.tick() => { self.observe_path(); }
+            }
+        }
+    }
+
+    /// Closes the connection with a typed code.
+    pub fn close(&self, code: CloseCode, reason: &str) {
+        self.conn.close(code.varint(), reason.as_bytes());
+    }
+
+    /// Waits until the connection is closed; returns the peer's close code if it sent one.
+    pub async fn closed(&self) -> (Option<CloseCode>, quinn::ConnectionError) {
+        let err = self.conn.closed().await;
+        (CloseCode::from_error(&err), err)
+    }
+
+    /// Whether the connection is already closed.
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
+    /// The underlying quinn connection (stats for pacing, datagrams).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// The settings this session was made with.
+    pub fn settings(&self) -> &TransportSettings {
+        &self.settings
+    }
+}

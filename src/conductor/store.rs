@@ -1,1 +1,744 @@
-//! Durable state (sqlx, SQLite by default).
+//! Durable conductor state (sqlx, SQLite by default): deployments, conda envs, assignments with
+//! their generations, node registrations and the generation counter.
+//!
+//! The store is dumb storage with typed methods; policy (validation of API input, scheduling)
+//! lives in the core. Invariants:
+//!
+//! - rows are always mapped **by column name**, never by probing values, so a deployment named
+//!   `current_state` or a spec containing any string is just data (original bug B4);
+//! - every query is plain, portable SQL with `$N` placeholders (also valid on PostgreSQL): JSON is
+//!   `TEXT`, integers are `BIGINT`, no SQLite-only functions. The only SQLite-specific parts are
+//!   the connection options in [`Store::open`] and `BEGIN IMMEDIATE` in `Store::begin_write`;
+//! - the generation counter (`counters.generation_high_water`) never goes down, and is always at
+//!   least the generation of every assignment ever written through this store, so a generation
+//!   handed out after a restart is never reused even if assignments were deleted;
+//! - multi-row writes ([`Store::apply_placements`], [`Store::delete_deployment`]) run in one
+//!   transaction: the caller persists first, then acts on the cluster.
+
+mod migrate;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+
+use migrate::GENERATION_COUNTER;
+
+/// File name of the database inside the storage folder given to [`Store::open`].
+pub const DB_FILE_NAME: &str = "symphony.db";
+
+/// How long a connection waits for a lock held by another writer before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pool size for the file-backed store (WAL allows concurrent readers and one writer).
+const FILE_POOL_SIZE: u32 = 4;
+
+/// Allowed values of [`DeploymentRecord::desired_state`].
+pub const DESIRED_STATES: [&str; 2] = ["RUNNING", "STOPPED"];
+/// Allowed values of [`DeploymentRecord::kind`].
+pub const DEPLOYMENT_KINDS: [&str; 2] = ["EXEC", "DOCKER"];
+/// Allowed values of [`CondaEnvRecord::manager`].
+pub const ENV_MANAGERS: [&str; 2] = ["conda", "uv"];
+
+/// Errors from store operations.
+#[derive(thiserror::Error, Debug)]
+pub enum StoreError {
+    /// The record addressed by id or name does not exist (also: an assignment for an unknown
+    /// deployment).
+    #[error("record not found")]
+    NotFound,
+    /// A record with the same key already exists.
+    #[error("record already exists")]
+    Conflict,
+    /// A field holds a value the store refuses to write, or a stored value is out of range.
+    #[error("invalid value for {field}: {value:?}")]
+    Invalid {
+        /// The column or field concerned.
+        field: &'static str,
+        /// The offending value, rendered for the message.
+        value: String,
+    },
+    /// The database was written by a newer binary (its schema version is unknown here).
+    #[error("database schema version {found} is newer than the supported {supported}")]
+    SchemaTooNew {
+        /// Highest version recorded in the database.
+        found: i64,
+        /// Highest version this binary knows.
+        supported: i64,
+    },
+    /// Any other database error.
+    #[error("database error")]
+    Db(#[source] sqlx::Error),
+    /// A JSON column could not be encoded or decoded.
+    #[error("JSON column error")]
+    Json(#[source] serde_json::Error),
+    /// Filesystem error while preparing the storage folder.
+    #[error("storage folder error")]
+    Io(#[source] std::io::Error),
+}
+
+/// A deployment as stored. `current_state` is not stored: it is observed, not desired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    /// Unique id (primary key).
+    pub id: String,
+    /// Human name; not unique, any string.
+    pub name: String,
+    /// `RUNNING` or `STOPPED` (see [`DESIRED_STATES`]).
+    pub desired_state: String,
+    /// `EXEC` or `DOCKER` (see [`DEPLOYMENT_KINDS`]).
+    pub kind: String,
+    /// The full specification, stored as compact JSON text.
+    pub specification: serde_json::Value,
+    /// Creation time, Unix milliseconds; never changed by updates.
+    pub created_at_ms: i64,
+    /// Last update time, Unix milliseconds.
+    pub updated_at_ms: i64,
+}
+
+/// A conda (or uv) environment definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CondaEnvRecord {
+    /// Unique name (primary key).
+    pub name: String,
+    /// Python version, e.g. `3.12`.
+    pub python_version: String,
+    /// Package specs, in order.
+    pub packages: Vec<String>,
+    /// Optional script run after the packages are installed.
+    pub custom_script: Option<String>,
+    /// `conda` or `uv` (see [`ENV_MANAGERS`]).
+    pub manager: String,
+    /// Creation time, Unix milliseconds; never changed by updates.
+    pub created_at_ms: i64,
+    /// Last update time, Unix milliseconds.
+    pub updated_at_ms: i64,
+}
+
+/// Placement of one deployment on one node, fenced by a generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentRecord {
+    /// The deployment (must exist).
+    pub deployment_id: String,
+    /// The node it is placed on.
+    pub node_id: String,
+    /// Generation of this placement; at most `i64::MAX`.
+    pub generation: u64,
+}
+
+/// A node registration (static facts only; live usage is not durable).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Unique node id (primary key).
+    pub node_id: String,
+    /// Groups (labels) the node belongs to.
+    pub groups: Vec<String>,
+    /// Total virtual capacity per class.
+    pub capacities_total: BTreeMap<String, i64>,
+    /// When the node was first registered, Unix milliseconds; kept by upserts.
+    pub first_seen_ms: i64,
+    /// When the node was last seen, Unix milliseconds.
+    pub last_seen_ms: i64,
+}
+
+/// Everything the store holds, read in one transaction (for the core's start-up).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoreSnapshot {
+    /// As [`Store::list_deployments`].
+    pub deployments: Vec<DeploymentRecord>,
+    /// As [`Store::list_conda_envs`].
+    pub conda_envs: Vec<CondaEnvRecord>,
+    /// As [`Store::list_assignments`].
+    pub assignments: Vec<AssignmentRecord>,
+    /// As [`Store::list_nodes`].
+    pub nodes: Vec<NodeRecord>,
+    /// As [`Store::max_generation`].
+    pub max_generation: u64,
+}
+
+/// Handle to the durable store; cheap to clone (it wraps a connection pool).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+// === SQL ===
+
+const SELECT_DEPLOYMENTS: &str = "SELECT id, name, desired_state, kind, specification, \
+     created_at_ms, updated_at_ms FROM deployments ORDER BY created_at_ms DESC, id ASC";
+const SELECT_DEPLOYMENT: &str = "SELECT id, name, desired_state, kind, specification, \
+     created_at_ms, updated_at_ms FROM deployments WHERE id = $1";
+const SELECT_CONDA_ENVS: &str = "SELECT name, python_version, packages, custom_script, manager, \
+     created_at_ms, updated_at_ms FROM conda_envs ORDER BY created_at_ms DESC, name ASC";
+const SELECT_CONDA_ENV: &str = "SELECT name, python_version, packages, custom_script, manager, \
+     created_at_ms, updated_at_ms FROM conda_envs WHERE name = $1";
+const SELECT_ASSIGNMENTS: &str =
+    "SELECT deployment_id, node_id, generation FROM assignments ORDER BY deployment_id ASC";
+const SELECT_ASSIGNMENT: &str =
+    "SELECT deployment_id, node_id, generation FROM assignments WHERE deployment_id = $1";
+const SELECT_NODES: &str = "SELECT node_id, groups_json, capacities_total, first_seen_ms, \
+     last_seen_ms FROM nodes ORDER BY node_id ASC";
+const SELECT_GENERATION: &str = "SELECT value FROM counters WHERE name = $1";
+const UPSERT_ASSIGNMENT: &str = "INSERT INTO assignments (deployment_id, node_id, generation) \
+     VALUES ($1, $2, $3) ON CONFLICT (deployment_id) DO UPDATE SET \
+     node_id = excluded.node_id, generation = excluded.generation";
+/// Portable "raise to at least" (no two-argument MAX/GREATEST, which differ between databases).
+const BUMP_GENERATION: &str = "UPDATE counters SET value = CASE WHEN value < $1 THEN $1 \
+     ELSE value END WHERE name = $2";
+
+impl Store {
+    /// Opens (creating if missing) `dir/symphony.db` and brings its schema up to date.
+    ///
+    /// Creates `dir` if needed. The connection uses WAL, `synchronous=NORMAL`, foreign keys and
+    /// a busy timeout.
+    pub async fn open(dir: &Path) -> Result<Store, StoreError> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(StoreError::Io)?;
+        let options = SqliteConnectOptions::new()
+            .filename(dir.join(DB_FILE_NAME))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(FILE_POOL_SIZE)
+            .connect_with(options)
+            .await
+            .map_err(db_err)?;
+        Self::from_pool(pool).await
+    }
+
+    /// Opens a fresh private in-memory database (for tests). It lives as long as the returned
+    /// store and its clones; it holds exactly one connection, never recycled.
+    pub async fn open_memory() -> Result<Store, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .in_memory(true)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .min_connections(1)
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(db_err)?;
+        Self::from_pool(pool).await
+    }
+
+    async fn from_pool(pool: SqlitePool) -> Result<Store, StoreError> {
+        migrate::migrate(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// The schema version this binary writes (the database is migrated to it on open).
+    pub fn schema_version() -> i64 {
+        migrate::latest_version()
+    }
+
+    /// Closes all connections; later calls on clones fail with [`StoreError::Db`].
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Starts a write transaction. On SQLite it takes the write lock up front
+    /// (`BEGIN IMMEDIATE`), so a read-then-write never fails on a lock upgrade; a PostgreSQL
+    /// backend would use a plain `BEGIN`.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)
+    }
+
+    // === deployments ===
+
+    /// Inserts a new deployment; [`StoreError::Conflict`] if the id exists.
+    pub async fn insert_deployment(&self, d: &DeploymentRecord) -> Result<(), StoreError> {
+        check_deployment(d)?;
+        let spec = serde_json::to_string(&d.specification).map_err(StoreError::Json)?;
+        sqlx::query(
+            "INSERT INTO deployments (id, name, desired_state, kind, specification, \
+             created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&d.id)
+        .bind(&d.name)
+        .bind(&d.desired_state)
+        .bind(&d.kind)
+        .bind(spec)
+        .bind(d.created_at_ms)
+        .bind(d.updated_at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Replaces every field of an existing deployment except `id` and `created_at_ms`;
+    /// [`StoreError::NotFound`] if it does not exist.
+    pub async fn update_deployment(&self, d: &DeploymentRecord) -> Result<(), StoreError> {
+        check_deployment(d)?;
+        let spec = serde_json::to_string(&d.specification).map_err(StoreError::Json)?;
+        let done = sqlx::query(
+            "UPDATE deployments SET name = $1, desired_state = $2, kind = $3, \
+             specification = $4, updated_at_ms = $5 WHERE id = $6",
+        )
+        .bind(&d.name)
+        .bind(&d.desired_state)
+        .bind(&d.kind)
+        .bind(spec)
+        .bind(d.updated_at_ms)
+        .bind(&d.id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        found(done.rows_affected())
+    }
+
+    /// Deletes a deployment and its assignment in one transaction; [`StoreError::NotFound`] if
+    /// it does not exist. The generation counter is not lowered.
+    pub async fn delete_deployment(&self, id: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM assignments WHERE deployment_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let done = sqlx::query("DELETE FROM deployments WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        found(done.rows_affected())?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// One deployment by id.
+    pub async fn get_deployment(&self, id: &str) -> Result<Option<DeploymentRecord>, StoreError> {
+        let row = sqlx::query(SELECT_DEPLOYMENT)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(deployment_from_row).transpose()
+    }
+
+    /// All deployments, newest first (`created_at_ms` descending, then `id` ascending).
+    pub async fn list_deployments(&self) -> Result<Vec<DeploymentRecord>, StoreError> {
+        let rows = sqlx::query(SELECT_DEPLOYMENTS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    // === conda envs ===
+
+    /// Inserts a new env; [`StoreError::Conflict`] if the name exists.
+    pub async fn insert_conda_env(&self, e: &CondaEnvRecord) -> Result<(), StoreError> {
+        check_env(e)?;
+        let packages = serde_json::to_string(&e.packages).map_err(StoreError::Json)?;
+        sqlx::query(
+            "INSERT INTO conda_envs (name, python_version, packages, custom_script, manager, \
+             created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&e.name)
+        .bind(&e.python_version)
+        .bind(packages)
+        .bind(e.custom_script.as_deref())
+        .bind(&e.manager)
+        .bind(e.created_at_ms)
+        .bind(e.updated_at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Replaces every field of an existing env except `name` and `created_at_ms`;
+    /// [`StoreError::NotFound`] if it does not exist.
+    pub async fn update_conda_env(&self, e: &CondaEnvRecord) -> Result<(), StoreError> {
+        check_env(e)?;
+        let packages = serde_json::to_string(&e.packages).map_err(StoreError::Json)?;
+        let done = sqlx::query(
+            "UPDATE conda_envs SET python_version = $1, packages = $2, custom_script = $3, \
+             manager = $4, updated_at_ms = $5 WHERE name = $6",
+        )
+        .bind(&e.python_version)
+        .bind(packages)
+        .bind(e.custom_script.as_deref())
+        .bind(&e.manager)
+        .bind(e.updated_at_ms)
+        .bind(&e.name)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        found(done.rows_affected())
+    }
+
+    /// Deletes an env; [`StoreError::NotFound`] if it does not exist.
+    pub async fn delete_conda_env(&self, name: &str) -> Result<(), StoreError> {
+        let done = sqlx::query("DELETE FROM conda_envs WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        found(done.rows_affected())
+    }
+
+    /// One env by name.
+    pub async fn get_conda_env(&self, name: &str) -> Result<Option<CondaEnvRecord>, StoreError> {
+        let row = sqlx::query(SELECT_CONDA_ENV)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(env_from_row).transpose()
+    }
+
+    /// All envs, newest first (`created_at_ms` descending, then `name` ascending).
+    pub async fn list_conda_envs(&self) -> Result<Vec<CondaEnvRecord>, StoreError> {
+        let rows = sqlx::query(SELECT_CONDA_ENVS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(env_from_row).collect()
+    }
+
+    // === assignments and generations ===
+
+    /// Inserts or replaces the assignment of `a.deployment_id`, and raises the generation
+    /// counter to at least `a.generation`, in one transaction. [`StoreError::NotFound`] if the
+    /// deployment does not exist.
+    pub async fn set_assignment(&self, a: &AssignmentRecord) -> Result<(), StoreError> {
+        self.apply_placements(std::slice::from_ref(a), &[], 0).await
+    }
+
+    /// Removes the assignment of a deployment; a no-op if it has none.
+    pub async fn clear_assignment(&self, deployment_id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM assignments WHERE deployment_id = $1")
+            .bind(deployment_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// The assignment of one deployment, if any.
+    pub async fn get_assignment(
+        &self,
+        deployment_id: &str,
+    ) -> Result<Option<AssignmentRecord>, StoreError> {
+        let row = sqlx::query(SELECT_ASSIGNMENT)
+            .bind(deployment_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(assignment_from_row).transpose()
+    }
+
+    /// All assignments, ordered by deployment id.
+    pub async fn list_assignments(&self) -> Result<Vec<AssignmentRecord>, StoreError> {
+        let rows = sqlx::query(SELECT_ASSIGNMENTS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(assignment_from_row).collect()
+    }
+
+    /// The highest generation ever issued (survives deletes and restarts; never decreases).
+    pub async fn max_generation(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query(SELECT_GENERATION)
+            .bind(GENERATION_COUNTER)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        generation_from_row(&row)
+    }
+
+    /// Raises the generation counter to `at_least`; a lower value leaves it unchanged.
+    pub async fn bump_generation(&self, at_least: u64) -> Result<(), StoreError> {
+        let at_least = generation_to_db(at_least)?;
+        sqlx::query(BUMP_GENERATION)
+            .bind(at_least)
+            .bind(GENERATION_COUNTER)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// The scheduler's atomic write, in ONE transaction: upserts every assignment in `set`,
+    /// removes the assignments of the deployments in `clear` (absent ones are ignored), and
+    /// raises the generation counter to at least `generation_high_water` and every generation
+    /// in `set`. Clears run before sets, so an id in both ends up assigned. On any error
+    /// nothing is written. [`StoreError::NotFound`] if a deployment in
+    /// `set` does not exist.
+    pub async fn apply_placements(
+        &self,
+        set: &[AssignmentRecord],
+        clear: &[String],
+        generation_high_water: u64,
+    ) -> Result<(), StoreError> {
+        let mut high = generation_high_water;
+        let mut checked = Vec::with_capacity(set.len());
+        for a in set {
+            high = high.max(a.generation);
+            checked.push(generation_to_db(a.generation)?);
+        }
+        let high = generation_to_db(high)?;
+
+        let mut tx = self.begin_write().await?;
+        for deployment_id in clear {
+            sqlx::query("DELETE FROM assignments WHERE deployment_id = $1")
+                .bind(deployment_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        for (a, generation) in set.iter().zip(checked) {
+            sqlx::query(UPSERT_ASSIGNMENT)
+                .bind(&a.deployment_id)
+                .bind(&a.node_id)
+                .bind(generation)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        sqlx::query(BUMP_GENERATION)
+            .bind(high)
+            .bind(GENERATION_COUNTER)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    // === nodes ===
+
+    /// Inserts or updates a node registration. On update `first_seen_ms` keeps its stored
+    /// value; groups, capacities and `last_seen_ms` are replaced.
+    pub async fn upsert_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
+        let groups = serde_json::to_string(&n.groups).map_err(StoreError::Json)?;
+        let capacities = serde_json::to_string(&n.capacities_total).map_err(StoreError::Json)?;
+        sqlx::query(
+            "INSERT INTO nodes (node_id, groups_json, capacities_total, first_seen_ms, \
+             last_seen_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (node_id) DO UPDATE SET \
+             groups_json = excluded.groups_json, capacities_total = excluded.capacities_total, \
+             last_seen_ms = excluded.last_seen_ms",
+        )
+        .bind(&n.node_id)
+        .bind(groups)
+        .bind(capacities)
+        .bind(n.first_seen_ms)
+        .bind(n.last_seen_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Removes a node registration; [`StoreError::NotFound`] if absent. Its assignments are
+    /// left alone (rescheduling them is the core's decision).
+    pub async fn delete_node(&self, node_id: &str) -> Result<(), StoreError> {
+        let done = sqlx::query("DELETE FROM nodes WHERE node_id = $1")
+            .bind(node_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        found(done.rows_affected())
+    }
+
+    /// All registered nodes, ordered by node id.
+    pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let rows = sqlx::query(SELECT_NODES)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(node_from_row).collect()
+    }
+
+    // === whole state ===
+
+    /// Reads everything in one transaction, so the parts are mutually consistent.
+    pub async fn load_all(&self) -> Result<StoreSnapshot, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let deployments = sqlx::query(SELECT_DEPLOYMENTS)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let conda_envs = sqlx::query(SELECT_CONDA_ENVS)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let assignments = sqlx::query(SELECT_ASSIGNMENTS)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let nodes = sqlx::query(SELECT_NODES)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let generation = sqlx::query(SELECT_GENERATION)
+            .bind(GENERATION_COUNTER)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(StoreSnapshot {
+            deployments: deployments
+                .iter()
+                .map(deployment_from_row)
+                .collect::<Result<_, _>>()?,
+            conda_envs: conda_envs
+                .iter()
+                .map(env_from_row)
+                .collect::<Result<_, _>>()?,
+            assignments: assignments
+                .iter()
+                .map(assignment_from_row)
+                .collect::<Result<_, _>>()?,
+            nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
+            max_generation: generation_from_row(&generation)?,
+        })
+    }
+}
+
+// === helpers ===
+
+/// Maps a sqlx error, turning key violations into the store's meaning: a duplicate key is
+/// [`StoreError::Conflict`], a missing referenced row (foreign key) is [`StoreError::NotFound`].
+pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
+    if let Some(db) = e.as_database_error() {
+        if db.is_unique_violation() {
+            return StoreError::Conflict;
+        }
+        if db.is_foreign_key_violation() {
+            return StoreError::NotFound;
+        }
+    }
+    StoreError::Db(e)
+}
+
+/// Current Unix time in milliseconds (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn found(rows_affected: u64) -> Result<(), StoreError> {
+    if rows_affected == 0 {
+        Err(StoreError::NotFound)
+    } else {
+        Ok(())
+    }
+}
+
+fn check_one_of(field: &'static str, value: &str, allowed: &[&str]) -> Result<(), StoreError> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid {
+            field,
+            value: value.to_owned(),
+        })
+    }
+}
+
+fn check_deployment(d: &DeploymentRecord) -> Result<(), StoreError> {
+    check_one_of("desired_state", &d.desired_state, &DESIRED_STATES)?;
+    check_one_of("kind", &d.kind, &DEPLOYMENT_KINDS)
+}
+
+fn check_env(e: &CondaEnvRecord) -> Result<(), StoreError> {
+    check_one_of("manager", &e.manager, &ENV_MANAGERS)
+}
+
+fn generation_to_db(generation: u64) -> Result<i64, StoreError> {
+    i64::try_from(generation).map_err(|_| StoreError::Invalid {
+        field: "generation",
+        value: generation.to_string(),
+    })
+}
+
+fn generation_from_db(generation: i64) -> Result<u64, StoreError> {
+    u64::try_from(generation).map_err(|_| StoreError::Invalid {
+        field: "generation",
+        value: generation.to_string(),
+    })
+}
+
+fn text(row: &SqliteRow, column: &'static str) -> Result<String, StoreError> {
+    row.try_get::<String, _>(column).map_err(db_err)
+}
+
+fn int(row: &SqliteRow, column: &'static str) -> Result<i64, StoreError> {
+    row.try_get::<i64, _>(column).map_err(db_err)
+}
+
+fn json<T: serde::de::DeserializeOwned>(
+    row: &SqliteRow,
+    column: &'static str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(&text(row, column)?).map_err(StoreError::Json)
+}
+
+fn deployment_from_row(row: &SqliteRow) -> Result<DeploymentRecord, StoreError> {
+    Ok(DeploymentRecord {
+        id: text(row, "id")?,
+        name: text(row, "name")?,
+        desired_state: text(row, "desired_state")?,
+        kind: text(row, "kind")?,
+        specification: json(row, "specification")?,
+        created_at_ms: int(row, "created_at_ms")?,
+        updated_at_ms: int(row, "updated_at_ms")?,
+    })
+}
+
+fn env_from_row(row: &SqliteRow) -> Result<CondaEnvRecord, StoreError> {
+    Ok(CondaEnvRecord {
+        name: text(row, "name")?,
+        python_version: text(row, "python_version")?,
+        packages: json(row, "packages")?,
+        custom_script: row
+            .try_get::<Option<String>, _>("custom_script")
+            .map_err(db_err)?,
+        manager: text(row, "manager")?,
+        created_at_ms: int(row, "created_at_ms")?,
+        updated_at_ms: int(row, "updated_at_ms")?,
+    })
+}
+
+fn assignment_from_row(row: &SqliteRow) -> Result<AssignmentRecord, StoreError> {
+    Ok(AssignmentRecord {
+        deployment_id: text(row, "deployment_id")?,
+        node_id: text(row, "node_id")?,
+        generation: generation_from_db(int(row, "generation")?)?,
+    })
+}
+
+fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
+    Ok(NodeRecord {
+        node_id: text(row, "node_id")?,
+        groups: json(row, "groups_json")?,
+        capacities_total: json(row, "capacities_total")?,
+        first_seen_ms: int(row, "first_seen_ms")?,
+        last_seen_ms: int(row, "last_seen_ms")?,
+    })
+}
+
+fn generation_from_row(row: &SqliteRow) -> Result<u64, StoreError> {
+    generation_from_db(int(row, "value")?)
+}
+
+#[cfg(test)]
+mod tests;

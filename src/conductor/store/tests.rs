@@ -1,0 +1,676 @@
+//! Tests for the conductor store, against real SQLite files in temporary folders.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+use sqlx::{Connection, Row};
+
+use super::*;
+
+fn deployment(id: &str, name: &str, created_at_ms: i64) -> DeploymentRecord {
+    DeploymentRecord {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        desired_state: "RUNNING".to_owned(),
+        kind: "EXEC".to_owned(),
+        specification: json!({"config": {"command": ["sleep", "60"], "env_name": null}}),
+        created_at_ms,
+        updated_at_ms: created_at_ms,
+    }
+}
+
+fn env(name: &str, created_at_ms: i64) -> CondaEnvRecord {
+    CondaEnvRecord {
+        name: name.to_owned(),
+        python_version: "3.12".to_owned(),
+        packages: vec!["numpy".to_owned(), "torch==2.5".to_owned()],
+        custom_script: Some("echo hi".to_owned()),
+        manager: "uv".to_owned(),
+        created_at_ms,
+        updated_at_ms: created_at_ms,
+    }
+}
+
+fn node(id: &str) -> NodeRecord {
+    NodeRecord {
+        node_id: id.to_owned(),
+        groups: vec!["gpu".to_owned(), "lab".to_owned()],
+        capacities_total: BTreeMap::from([("cpu".to_owned(), 8000), ("gpu".to_owned(), 2)]),
+        first_seen_ms: 100,
+        last_seen_ms: 200,
+    }
+}
+
+fn assignment(deployment_id: &str, node_id: &str, generation: u64) -> AssignmentRecord {
+    AssignmentRecord {
+        deployment_id: deployment_id.to_owned(),
+        node_id: node_id.to_owned(),
+        generation,
+    }
+}
+
+async fn file_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).await.unwrap();
+    (dir, store)
+}
+
+#[tokio::test]
+async fn deployment_round_trip_and_order() {
+    let (_dir, store) = file_store().await;
+    let a = deployment("a", "first", 1_000);
+    let b = deployment("b", "second", 3_000);
+    let c = deployment("c", "third", 2_000);
+    // Same created_at_ms as `b`: the tie is broken by id ascending.
+    let d = deployment("0d", "tie", 3_000);
+    for rec in [&a, &b, &c, &d] {
+        store.insert_deployment(rec).await.unwrap();
+    }
+    assert_eq!(store.get_deployment("a").await.unwrap(), Some(a.clone()));
+    assert_eq!(store.get_deployment("nope").await.unwrap(), None);
+    let ids: Vec<String> = store
+        .list_deployments()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, ["0d", "b", "c", "a"]);
+
+    let mut changed = a.clone();
+    changed.name = "renamed".to_owned();
+    changed.desired_state = "STOPPED".to_owned();
+    changed.specification = json!({"replaced": true});
+    changed.updated_at_ms = 5_000;
+    changed.created_at_ms = 9_999; // ignored by update
+    store.update_deployment(&changed).await.unwrap();
+    let got = store.get_deployment("a").await.unwrap().unwrap();
+    assert_eq!(got.name, "renamed");
+    assert_eq!(got.desired_state, "STOPPED");
+    assert_eq!(got.specification, json!({"replaced": true}));
+    assert_eq!(got.updated_at_ms, 5_000);
+    assert_eq!(got.created_at_ms, 1_000);
+
+    store.delete_deployment("a").await.unwrap();
+    assert_eq!(store.get_deployment("a").await.unwrap(), None);
+    assert_eq!(store.list_deployments().await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn spec_is_stored_as_compact_json_text() {
+    let (_dir, store) = file_store().await;
+    store
+        .insert_deployment(&deployment("a", "x", 1))
+        .await
+        .unwrap();
+    let raw: String = sqlx::query("SELECT specification FROM deployments WHERE id = $1")
+        .bind("a")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap()
+        .get("specification");
+    assert_eq!(
+        raw,
+        r#"{"config":{"command":["sleep","60"],"env_name":null}}"#
+    );
+}
+
+#[tokio::test]
+async fn current_state_name_and_spec_are_plain_data() {
+    // Original bug B4: a row whose *value* was "current_state" broke every read path.
+    let (_dir, store) = file_store().await;
+    let mut named = deployment("current_state", "current_state", 10);
+    named.desired_state = "STOPPED".to_owned();
+    let mut in_spec = deployment("d2", "other", 20);
+    in_spec.specification = json!({"current_state": "current_state", "list": ["current_state"]});
+    store.insert_deployment(&named).await.unwrap();
+    store.insert_deployment(&in_spec).await.unwrap();
+
+    assert_eq!(
+        store.get_deployment("current_state").await.unwrap(),
+        Some(named.clone())
+    );
+    assert_eq!(
+        store.list_deployments().await.unwrap(),
+        vec![in_spec.clone(), named.clone()]
+    );
+
+    store
+        .set_assignment(&assignment("current_state", "current_state", 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_assignments().await.unwrap(),
+        vec![assignment("current_state", "current_state", 3)]
+    );
+
+    let mut env_named = env("current_state", 1);
+    env_named.packages = vec!["current_state".to_owned()];
+    env_named.custom_script = Some("current_state".to_owned());
+    store.insert_conda_env(&env_named).await.unwrap();
+    assert_eq!(
+        store.get_conda_env("current_state").await.unwrap(),
+        Some(env_named.clone())
+    );
+
+    let mut n = node("current_state");
+    n.groups = vec!["current_state".to_owned()];
+    n.capacities_total = BTreeMap::from([("current_state".to_owned(), 1)]);
+    store.upsert_node(&n).await.unwrap();
+    assert_eq!(store.list_nodes().await.unwrap(), vec![n]);
+
+    let snapshot = store.load_all().await.unwrap();
+    assert_eq!(snapshot.deployments.len(), 2);
+
+    named.name = "renamed".to_owned();
+    store.update_deployment(&named).await.unwrap();
+    store.delete_deployment("current_state").await.unwrap();
+    assert_eq!(store.list_deployments().await.unwrap(), vec![in_spec]);
+    assert!(store.list_assignments().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn unknown_ids_are_not_found() {
+    let (_dir, store) = file_store().await;
+    assert!(matches!(
+        store.update_deployment(&deployment("x", "x", 1)).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.delete_deployment("x").await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.update_conda_env(&env("e", 1)).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.delete_conda_env("e").await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.delete_node("n").await,
+        Err(StoreError::NotFound)
+    ));
+    // An assignment must reference an existing deployment.
+    assert!(matches!(
+        store.set_assignment(&assignment("x", "n1", 1)).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(store.list_assignments().await.unwrap().is_empty());
+    // Clearing an absent assignment is a no-op.
+    store.clear_assignment("x").await.unwrap();
+}
+
+#[tokio::test]
+async fn duplicates_conflict() {
+    let (_dir, store) = file_store().await;
+    store.insert_conda_env(&env("py", 1)).await.unwrap();
+    let mut other = env("py", 2);
+    other.python_version = "3.10".to_owned();
+    assert!(matches!(
+        store.insert_conda_env(&other).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(store.get_conda_env("py").await.unwrap(), Some(env("py", 1)));
+
+    store
+        .insert_deployment(&deployment("a", "x", 1))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.insert_deployment(&deployment("a", "y", 2)).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(store.list_deployments().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn invalid_enum_values_are_refused() {
+    let (_dir, store) = file_store().await;
+    let mut d = deployment("a", "x", 1);
+    d.desired_state = "running".to_owned();
+    assert!(matches!(
+        store.insert_deployment(&d).await,
+        Err(StoreError::Invalid {
+            field: "desired_state",
+            ..
+        })
+    ));
+    d.desired_state = "RUNNING".to_owned();
+    d.kind = "VM".to_owned();
+    assert!(matches!(
+        store.insert_deployment(&d).await,
+        Err(StoreError::Invalid { field: "kind", .. })
+    ));
+    let mut e = env("e", 1);
+    e.manager = "pip".to_owned();
+    assert!(matches!(
+        store.insert_conda_env(&e).await,
+        Err(StoreError::Invalid {
+            field: "manager",
+            ..
+        })
+    ));
+    store
+        .insert_deployment(&deployment("a", "x", 1))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.set_assignment(&assignment("a", "n", u64::MAX)).await,
+        Err(StoreError::Invalid {
+            field: "generation",
+            ..
+        })
+    ));
+    assert!(store.list_assignments().await.unwrap().is_empty());
+    assert_eq!(store.max_generation().await.unwrap(), 0);
+    // The schema's CHECK constraints back the Rust-side checks up.
+    let raw = sqlx::query(
+        "INSERT INTO deployments (id, name, desired_state, kind, specification, \
+         created_at_ms, updated_at_ms) VALUES ('b', 'b', 'BAD', 'EXEC', '{}', 1, 1)",
+    )
+    .execute(&store.pool)
+    .await;
+    let err = raw.unwrap_err();
+    assert!(
+        err.as_database_error()
+            .is_some_and(|e| e.is_check_violation()),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn conda_env_round_trip_and_order() {
+    let (_dir, store) = file_store().await;
+    let old = env("old", 1);
+    let mut new = env("new", 2);
+    new.custom_script = None;
+    new.packages = vec![];
+    new.manager = "conda".to_owned();
+    store.insert_conda_env(&old).await.unwrap();
+    store.insert_conda_env(&new).await.unwrap();
+    assert_eq!(
+        store.list_conda_envs().await.unwrap(),
+        vec![new.clone(), old.clone()]
+    );
+    assert_eq!(store.get_conda_env("new").await.unwrap(), Some(new));
+
+    let mut changed = old.clone();
+    changed.packages = vec!["pandas".to_owned()];
+    changed.custom_script = None;
+    changed.updated_at_ms = 50;
+    changed.created_at_ms = 77; // ignored
+    store.update_conda_env(&changed).await.unwrap();
+    changed.created_at_ms = 1;
+    assert_eq!(store.get_conda_env("old").await.unwrap(), Some(changed));
+
+    store.delete_conda_env("old").await.unwrap();
+    assert_eq!(store.get_conda_env("old").await.unwrap(), None);
+    assert_eq!(store.list_conda_envs().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn node_upsert_keeps_first_seen() {
+    let (_dir, store) = file_store().await;
+    let n1 = node("n1");
+    let mut n0 = node("n0");
+    n0.groups = vec![];
+    n0.capacities_total = BTreeMap::new();
+    store.upsert_node(&n1).await.unwrap();
+    store.upsert_node(&n0).await.unwrap();
+    assert_eq!(
+        store.list_nodes().await.unwrap(),
+        vec![n0.clone(), n1.clone()]
+    );
+
+    let mut again = n1.clone();
+    again.first_seen_ms = 999;
+    again.last_seen_ms = 1_000;
+    again.groups = vec!["cpu".to_owned()];
+    again.capacities_total.insert("mem".to_owned(), 64);
+    store.upsert_node(&again).await.unwrap();
+    let stored = store.list_nodes().await.unwrap();
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored[1].first_seen_ms, 100);
+    assert_eq!(stored[1].last_seen_ms, 1_000);
+    assert_eq!(stored[1].groups, vec!["cpu".to_owned()]);
+    assert_eq!(stored[1].capacities_total.get("mem"), Some(&64));
+
+    store.delete_node("n0").await.unwrap();
+    assert_eq!(store.list_nodes().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn assignments_upsert_clear_and_generation() {
+    let (_dir, store) = file_store().await;
+    for id in ["a", "b"] {
+        store
+            .insert_deployment(&deployment(id, id, 1))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.max_generation().await.unwrap(), 0);
+    store
+        .set_assignment(&assignment("a", "n1", 1))
+        .await
+        .unwrap();
+    store
+        .set_assignment(&assignment("b", "n1", 2))
+        .await
+        .unwrap();
+    // Upsert by deployment: a moves to n2 with a newer generation.
+    store
+        .set_assignment(&assignment("a", "n2", 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_assignments().await.unwrap(),
+        vec![assignment("a", "n2", 3), assignment("b", "n1", 2)]
+    );
+    assert_eq!(
+        store.get_assignment("a").await.unwrap(),
+        Some(assignment("a", "n2", 3))
+    );
+    // set_assignment raises the counter.
+    assert_eq!(store.max_generation().await.unwrap(), 3);
+
+    store.clear_assignment("a").await.unwrap();
+    assert_eq!(store.get_assignment("a").await.unwrap(), None);
+    assert_eq!(
+        store.list_assignments().await.unwrap(),
+        vec![assignment("b", "n1", 2)]
+    );
+    // Clearing does not lower the counter.
+    assert_eq!(store.max_generation().await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn generation_counter_never_goes_down() {
+    let (_dir, store) = file_store().await;
+    store.bump_generation(10).await.unwrap();
+    assert_eq!(store.max_generation().await.unwrap(), 10);
+    store.bump_generation(4).await.unwrap();
+    assert_eq!(store.max_generation().await.unwrap(), 10);
+    store.bump_generation(11).await.unwrap();
+    assert_eq!(store.max_generation().await.unwrap(), 11);
+    store.apply_placements(&[], &[], 2).await.unwrap();
+    assert_eq!(store.max_generation().await.unwrap(), 11);
+    store
+        .insert_deployment(&deployment("a", "a", 1))
+        .await
+        .unwrap();
+    // An assignment with an old generation does not lower the counter either.
+    store
+        .set_assignment(&assignment("a", "n", 5))
+        .await
+        .unwrap();
+    assert_eq!(store.max_generation().await.unwrap(), 11);
+    store.delete_deployment("a").await.unwrap();
+    assert_eq!(store.max_generation().await.unwrap(), 11);
+    assert!(matches!(
+        store.bump_generation(u64::MAX).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    store.bump_generation(i64::MAX as u64).await.unwrap();
+    assert_eq!(store.max_generation().await.unwrap(), i64::MAX as u64);
+}
+
+#[tokio::test]
+async fn delete_deployment_removes_its_assignment_only() {
+    let (_dir, store) = file_store().await;
+    for id in ["a", "b"] {
+        store
+            .insert_deployment(&deployment(id, id, 1))
+            .await
+            .unwrap();
+    }
+    store
+        .apply_placements(
+            &[assignment("a", "n1", 7), assignment("b", "n1", 8)],
+            &[],
+            0,
+        )
+        .await
+        .unwrap();
+    store.delete_deployment("a").await.unwrap();
+    assert_eq!(
+        store.list_assignments().await.unwrap(),
+        vec![assignment("b", "n1", 8)]
+    );
+    assert_eq!(store.max_generation().await.unwrap(), 8);
+}
+
+#[tokio::test]
+async fn apply_placements_sets_clears_and_bumps() {
+    let (_dir, store) = file_store().await;
+    for id in ["a", "b", "c"] {
+        store
+            .insert_deployment(&deployment(id, id, 1))
+            .await
+            .unwrap();
+    }
+    store
+        .set_assignment(&assignment("a", "n1", 1))
+        .await
+        .unwrap();
+    store
+        .set_assignment(&assignment("b", "n1", 2))
+        .await
+        .unwrap();
+    store
+        .apply_placements(
+            &[assignment("c", "n2", 4), assignment("b", "n2", 5)],
+            &["a".to_owned(), "missing".to_owned()],
+            20,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_assignments().await.unwrap(),
+        vec![assignment("b", "n2", 5), assignment("c", "n2", 4)]
+    );
+    assert_eq!(store.max_generation().await.unwrap(), 20);
+    // A set generation above the high-water mark raises the counter to it.
+    store
+        .apply_placements(&[assignment("a", "n3", 30)], &[], 21)
+        .await
+        .unwrap();
+    assert_eq!(store.max_generation().await.unwrap(), 30);
+    // Clear before set: an id in both ends up assigned.
+    store
+        .apply_placements(&[assignment("a", "n4", 31)], &["a".to_owned()], 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_assignment("a").await.unwrap(),
+        Some(assignment("a", "n4", 31))
+    );
+}
+
+#[tokio::test]
+async fn apply_placements_is_atomic() {
+    let (_dir, store) = file_store().await;
+    for id in ["a", "b"] {
+        store
+            .insert_deployment(&deployment(id, id, 1))
+            .await
+            .unwrap();
+    }
+    store
+        .set_assignment(&assignment("a", "n1", 1))
+        .await
+        .unwrap();
+    let before = store.list_assignments().await.unwrap();
+
+    // The last set references a missing deployment: the clear of `a`, the set of `b` and the
+    // counter bump before it must all be rolled back.
+    let result = store
+        .apply_placements(
+            &[assignment("b", "n2", 2), assignment("ghost", "n2", 3)],
+            &["a".to_owned()],
+            50,
+        )
+        .await;
+    assert!(matches!(result, Err(StoreError::NotFound)), "{result:?}");
+    assert_eq!(store.list_assignments().await.unwrap(), before);
+    assert_eq!(store.max_generation().await.unwrap(), 1);
+
+    // An out-of-range generation is refused before anything is written.
+    let result = store
+        .apply_placements(&[assignment("b", "n2", u64::MAX)], &["a".to_owned()], 0)
+        .await;
+    assert!(matches!(result, Err(StoreError::Invalid { .. })));
+    assert_eq!(store.list_assignments().await.unwrap(), before);
+
+    // The store still works after a rolled-back transaction.
+    store
+        .apply_placements(&[assignment("b", "n2", 2)], &["a".to_owned()], 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_assignments().await.unwrap(),
+        vec![assignment("b", "n2", 2)]
+    );
+}
+
+#[tokio::test]
+async fn everything_survives_reopen_and_migrations_are_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let nested = dir.path().join("state").join("conductor");
+    let d = deployment("current_state", "current_state", 5);
+    let e = env("py312", 6);
+    let n = node("n1");
+    {
+        let store = Store::open(&nested).await.unwrap();
+        store.insert_deployment(&d).await.unwrap();
+        store
+            .insert_deployment(&deployment("gone", "gone", 1))
+            .await
+            .unwrap();
+        store.insert_conda_env(&e).await.unwrap();
+        store.upsert_node(&n).await.unwrap();
+        store
+            .apply_placements(&[assignment("current_state", "n1", 7)], &[], 0)
+            .await
+            .unwrap();
+        store
+            .set_assignment(&assignment("gone", "n1", 9))
+            .await
+            .unwrap();
+        // Deleting the highest-generation assignment must not lose the counter.
+        store.delete_deployment("gone").await.unwrap();
+        store.close().await;
+    }
+    assert!(nested.join(DB_FILE_NAME).is_file());
+    for _ in 0..2 {
+        let store = Store::open(&nested).await.unwrap();
+        let snapshot = store.load_all().await.unwrap();
+        assert_eq!(
+            snapshot,
+            StoreSnapshot {
+                deployments: vec![d.clone()],
+                conda_envs: vec![e.clone()],
+                assignments: vec![assignment("current_state", "n1", 7)],
+                nodes: vec![n.clone()],
+                max_generation: 9,
+            }
+        );
+        let versions: Vec<i64> = sqlx::query("SELECT version FROM schema_version ORDER BY version")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<i64, _>("version"))
+            .collect();
+        assert_eq!(versions, vec![Store::schema_version()]);
+        let counters: i64 = sqlx::query("SELECT COUNT(*) AS n FROM counters")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+            .get("n");
+        assert_eq!(counters, 1);
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).await.unwrap();
+        sqlx::query("INSERT INTO schema_version (version, applied_at_ms) VALUES ($1, 0)")
+            .bind(Store::schema_version() + 1)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.close().await;
+    }
+    let err = Store::open(dir.path()).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found, supported }
+            if found == Store::schema_version() + 1 && supported == Store::schema_version()),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn file_uses_wal_normal_sync_and_foreign_keys() {
+    let (dir, store) = file_store().await;
+    let mut conn = store.pool.acquire().await.unwrap();
+    let sync: i64 = sqlx::query("PRAGMA synchronous")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sync, 1, "synchronous=NORMAL");
+    let fk: i64 = sqlx::query("PRAGMA foreign_keys")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(fk, 1);
+    drop(conn);
+    store.close().await;
+
+    // WAL is a property of the file: a plain connection without our options sees it too.
+    let options = SqliteConnectOptions::new().filename(dir.path().join(DB_FILE_NAME));
+    let mut plain = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+    let mode: String = sqlx::query("PRAGMA journal_mode")
+        .fetch_one(&mut plain)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mode.to_lowercase(), "wal");
+    plain.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_store_works_and_is_private() {
+    let store = Store::open_memory().await.unwrap();
+    store
+        .insert_deployment(&deployment("a", "a", 1))
+        .await
+        .unwrap();
+    store
+        .set_assignment(&assignment("a", "n", 4))
+        .await
+        .unwrap();
+    let clone = store.clone();
+    assert_eq!(clone.list_deployments().await.unwrap().len(), 1);
+    assert_eq!(clone.max_generation().await.unwrap(), 4);
+    let other = Store::open_memory().await.unwrap();
+    assert!(other.list_deployments().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn open_fails_cleanly_when_dir_is_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let err = Store::open(&file).await.unwrap_err();
+    assert!(matches!(err, StoreError::Io(_)), "{err:?}");
+}

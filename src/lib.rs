@@ -2,7 +2,10 @@
 //!
 //! See ARCHITECTURE.md for the codemap. The `symphony-net` crate holds the transport.
 
+pub mod cli;
+pub mod client;
 pub mod conductor;
+pub mod config;
 pub mod node;
 pub mod scheduler;
 pub mod spec;

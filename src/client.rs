@@ -1,0 +1,1 @@
+//! Client commands against the HTTP API.

@@ -1,0 +1,1 @@
+//! Configuration files (the original's YAML keys plus ours).

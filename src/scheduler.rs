@@ -1,1 +1,532 @@
-//! Pure placement: see module docs.
+//! Pure placement: which node runs which deployment, and why a deployment cannot be placed.
+//!
+//! This module owns the placement decision and nothing else. It does no IO, reads no clock
+//! (time is a `u64` of unix milliseconds passed in), and knows nothing of the store or the
+//! wire: the conductor converts its state into [`NodeView`]s and [`DeploymentView`]s, calls
+//! [`plan`], persists the result and then tells the nodes.
+//!
+//! Invariants (each one fixes a bug of the original, see `original-symphony.md` section 20):
+//! - Capacity is reserved from the conductor's own assignments, never from heartbeats, and a
+//!   placement made earlier in a pass counts for the later ones: no over-commit (B23).
+//! - Only desired-RUNNING deployments hold capacity or get placed; a STOPPED one keeps its
+//!   assignment (its node keeps it stopped) but holds nothing (B19).
+//! - Only [`NodeState::Online`] nodes receive new placements. Assignments on Online and
+//!   Suspect nodes are never moved; only an assignment to a Lost (or unknown) node is released,
+//!   and its deployment is re-placed under a fresh, strictly larger generation, so the node
+//!   side can fence the old copy (B5, B21).
+//! - `node_group` and `env_name` are honoured (B22, B24); the choice is deterministic spread
+//!   or binpack by reserved load, never random (B25).
+//! - Inputs are plain integers, so no single deployment can break a pass for the others;
+//!   negative amounts are treated as 0 instead of handing capacity back (B8).
+//!
+//! Cost: O(D log D + N log N) to index, then O(candidate nodes x requested classes) per
+//! unassigned deployment, so a full pass is at worst O(D x N) with small constants.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+
+#[cfg(test)]
+mod tests;
+
+/// How to choose among the nodes a deployment fits on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// The node with the lowest load after placement (the default).
+    #[default]
+    Spread,
+    /// The node with the highest load after placement that still fits.
+    Binpack,
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::Spread => "spread",
+            Strategy::Binpack => "binpack",
+        })
+    }
+}
+
+/// The error of parsing a [`Strategy`] from text; holds the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownStrategy(pub String);
+
+impl fmt::Display for UnknownStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown scheduling strategy {:?} (expected \"spread\" or \"binpack\")",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UnknownStrategy {}
+
+impl FromStr for Strategy {
+    type Err = UnknownStrategy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "spread" => Ok(Strategy::Spread),
+            "binpack" => Ok(Strategy::Binpack),
+            _ => Err(UnknownStrategy(s.to_owned())),
+        }
+    }
+}
+
+/// Liveness of a node as the scheduler sees it (see [`liveness`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Connected and heard from recently: receives new placements.
+    Online,
+    /// Disconnected or silent, but within the grace period: keeps its assignments, gets no
+    /// new ones.
+    Suspect,
+    /// Silent past the grace period: its assignments are released and re-placed.
+    Lost,
+}
+
+/// A node, as the conductor converts it for one scheduling pass.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeView {
+    /// Unique node id. With duplicates, the first in the input wins and the rest are ignored.
+    pub id: String,
+    /// Groups the node belongs to (matched against a deployment's `node_group`).
+    pub groups: Vec<String>,
+    /// Capacity class -> total amount. A class that is missing counts as 0.
+    pub capacities_total: BTreeMap<String, i64>,
+    /// Environment names the node reported (matched against a deployment's `env_name`).
+    pub conda_envs: BTreeSet<String>,
+    /// Liveness; only [`NodeState::Online`] nodes receive new placements.
+    pub state: NodeState,
+}
+
+/// Where a deployment is assigned, under which fencing generation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Assignment {
+    /// The node the deployment is assigned to.
+    pub node_id: String,
+    /// The generation of this assignment; a newer generation elsewhere fences this one.
+    pub generation: u64,
+}
+
+/// A deployment, as the conductor converts it for one scheduling pass.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeploymentView {
+    /// Unique deployment id. With duplicates, the oldest (then first) wins.
+    pub id: String,
+    /// Creation time (unix ms): older deployments are placed first.
+    pub created_at_ms: u64,
+    /// `true` when the desired state is RUNNING.
+    pub desired_running: bool,
+    /// Only nodes with this group are eligible. `None` (or an empty string) = any node.
+    pub node_group: Option<String>,
+    /// Capacity class -> requested amount. 0, negative or an empty map always fits.
+    pub capacity_requests: BTreeMap<String, i64>,
+    /// Only nodes reporting this env are eligible. `None` (or an empty string) = any node.
+    pub env_name: Option<String>,
+    /// The conductor's current assignment, if any.
+    pub assignment: Option<Assignment>,
+}
+
+/// Why a desired-RUNNING deployment has no node. Checked in this order.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum Unplaced {
+    /// No node is online.
+    #[serde(rename = "No Node")]
+    NoNode,
+    /// No online node has the requested group.
+    #[serde(rename = "No Group")]
+    NoGroup,
+    /// None of the online nodes in the group reports the requested env.
+    #[serde(rename = "No Env")]
+    NoEnv,
+    /// No eligible node has enough unreserved capacity.
+    #[serde(rename = "No Capacity")]
+    NoCapacity,
+}
+
+impl fmt::Display for Unplaced {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Unplaced::NoNode => "No Node",
+            Unplaced::NoGroup => "No Group",
+            Unplaced::NoEnv => "No Env",
+            Unplaced::NoCapacity => "No Capacity",
+        })
+    }
+}
+
+/// A new assignment decided by [`plan`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Placement {
+    /// The deployment placed.
+    pub deployment_id: String,
+    /// The node it goes to.
+    pub node_id: String,
+    /// Its fresh generation (never reused).
+    pub generation: u64,
+}
+
+/// The outcome of one scheduling pass. All lists are in processing order (oldest first).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Plan {
+    /// New assignments, with strictly increasing generations.
+    pub placements: Vec<Placement>,
+    /// Released assignments (deployment id, old assignment): those on Lost or unknown nodes.
+    pub unassign: Vec<(String, Assignment)>,
+    /// Desired-RUNNING deployments left without a node, and why.
+    pub unplaced: Vec<(String, Unplaced)>,
+    /// The generation counter after this pass: persist it and pass it to the next [`plan`].
+    pub next_generation: u64,
+}
+
+/// Decides placements for every desired-RUNNING deployment without a live assignment.
+///
+/// `next_generation` is the first generation to hand out; each placement takes the next one.
+/// Deterministic: the same inputs (in any order) give the same plan.
+pub fn plan(
+    nodes: &[NodeView],
+    deployments: &[DeploymentView],
+    next_generation: u64,
+    strategy: Strategy,
+) -> Plan {
+    let mut state = State::new(nodes, deployments);
+    let mut out = Plan {
+        next_generation,
+        ..Plan::default()
+    };
+    for i in 0..state.order.len() {
+        let dep = state.order[i];
+        if let Some(a) = &dep.assignment {
+            if state.live_slot(a).is_some() {
+                continue;
+            }
+            out.unassign.push((dep.id.clone(), a.clone()));
+        }
+        if !dep.desired_running {
+            continue;
+        }
+        match state.choose(dep, strategy) {
+            Ok(choice) => {
+                state.commit(dep, choice);
+                out.placements.push(Placement {
+                    deployment_id: dep.id.clone(),
+                    node_id: state.slots[choice.slot].node.id.clone(),
+                    generation: out.next_generation,
+                });
+                // Unreachable in practice (2^64 placements); saturating keeps it panic-free.
+                out.next_generation = out.next_generation.saturating_add(1);
+            }
+            Err(why) => out.unplaced.push((dep.id.clone(), why)),
+        }
+    }
+    out
+}
+
+/// Capacity held on each node by the current assignments of desired-RUNNING deployments.
+///
+/// Every node of `nodes` is present (a Lost node with an empty map: its assignments are
+/// released); classes with nothing reserved are omitted.
+pub fn reserved(
+    nodes: &[NodeView],
+    deployments: &[DeploymentView],
+) -> BTreeMap<String, BTreeMap<String, i64>> {
+    let state = State::new(nodes, deployments);
+    state
+        .slots
+        .iter()
+        .map(|s| {
+            let held = s
+                .reserved
+                .iter()
+                .filter(|&(_, &v)| v > 0)
+                .map(|(&k, &v)| (k.to_owned(), v))
+                .collect();
+            (s.node.id.clone(), held)
+        })
+        .collect()
+}
+
+/// Why `deployment_id` has no node right now, given the current assignments.
+///
+/// `None` when it is unknown, desired STOPPED, assigned to an Online or Suspect node, or would
+/// fit now (a pass would place it). Uses the same filter as [`plan`] against the capacity
+/// reserved by the current assignments, so after the conductor applies a plan this agrees
+/// with that plan's `unplaced` list. For many deployments use [`reasons`] (one index build).
+pub fn reason_for(
+    nodes: &[NodeView],
+    deployments: &[DeploymentView],
+    deployment_id: &str,
+) -> Option<Unplaced> {
+    let state = State::new(nodes, deployments);
+    let dep = state.order.iter().find(|d| d.id == deployment_id)?;
+    state.reason(dep)
+}
+
+/// [`reason_for`] for every deployment at once: deployment id -> reason, only for those that
+/// have one.
+pub fn reasons(nodes: &[NodeView], deployments: &[DeploymentView]) -> BTreeMap<String, Unplaced> {
+    let state = State::new(nodes, deployments);
+    state
+        .order
+        .iter()
+        .filter_map(|d| state.reason(d).map(|why| (d.id.clone(), why)))
+        .collect()
+}
+
+/// A node's liveness from its last contact.
+///
+/// `silence = now_ms - last_seen_ms` (0 if the clock went backwards).
+/// - Lost when `silence >= suspect_after_ms + grace_ms`, whatever the connection says;
+/// - otherwise Suspect when disconnected or `silence >= suspect_after_ms`;
+/// - otherwise Online.
+///
+/// So `grace_ms` is the extra time a silent node keeps its assignments after it stops
+/// receiving new ones.
+pub fn liveness(
+    last_seen_ms: u64,
+    connected: bool,
+    now_ms: u64,
+    suspect_after_ms: u64,
+    grace_ms: u64,
+) -> NodeState {
+    let silence = now_ms.saturating_sub(last_seen_ms);
+    if silence >= suspect_after_ms.saturating_add(grace_ms) {
+        NodeState::Lost
+    } else if !connected || silence >= suspect_after_ms {
+        NodeState::Suspect
+    } else {
+        NodeState::Online
+    }
+}
+
+/// One node's running tally during a pass.
+struct Slot<'a> {
+    node: &'a NodeView,
+    /// Class -> amount reserved by live assignments and by placements made in this pass.
+    reserved: BTreeMap<&'a str, i64>,
+    /// Max over the node's classes with a positive total of reserved / total.
+    load: f64,
+    /// Desired-RUNNING deployments assigned here (including this pass).
+    count: usize,
+}
+
+/// The node picked for a deployment.
+#[derive(Debug, Clone, Copy)]
+struct Choice {
+    slot: usize,
+    load_after: f64,
+}
+
+/// Indexed inputs of one pass.
+struct State<'a> {
+    /// Deduplicated nodes, sorted by id.
+    slots: Vec<Slot<'a>>,
+    by_id: BTreeMap<&'a str, usize>,
+    /// Online slots, ascending id.
+    online: Vec<usize>,
+    /// Group -> online slots having it, ascending id.
+    by_group: BTreeMap<&'a str, Vec<usize>>,
+    /// Deduplicated deployments, oldest first (created_at_ms, then id).
+    order: Vec<&'a DeploymentView>,
+}
+
+/// The positive requests of a deployment (0 and negative amounts always fit and hold nothing).
+fn positive_requests(dep: &DeploymentView) -> impl Iterator<Item = (&str, i64)> {
+    dep.capacity_requests
+        .iter()
+        .filter(|&(_, &v)| v > 0)
+        .map(|(k, &v)| (k.as_str(), v))
+}
+
+/// An optional filter string, with the empty string meaning "no filter".
+fn filter_of(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|s| !s.is_empty())
+}
+
+impl<'a> State<'a> {
+    fn new(nodes: &'a [NodeView], deployments: &'a [DeploymentView]) -> Self {
+        let mut sorted: Vec<&NodeView> = nodes.iter().collect();
+        // Stable: among equal ids the first in the input stays first and survives dedup.
+        sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        sorted.dedup_by(|b, a| a.id == b.id);
+        let mut slots: Vec<Slot<'a>> = sorted
+            .into_iter()
+            .map(|node| Slot {
+                node,
+                reserved: BTreeMap::new(),
+                load: 0.0,
+                count: 0,
+            })
+            .collect();
+        let by_id: BTreeMap<&str, usize> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.node.id.as_str(), i))
+            .collect();
+        let mut online = Vec::new();
+        let mut by_group: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, s) in slots.iter().enumerate() {
+            if s.node.state != NodeState::Online {
+                continue;
+            }
+            online.push(i);
+            let groups: BTreeSet<&str> = s.node.groups.iter().map(String::as_str).collect();
+            for g in groups {
+                by_group.entry(g).or_default().push(i);
+            }
+        }
+
+        let mut order: Vec<&DeploymentView> = deployments.iter().collect();
+        order.sort_by(|a, b| {
+            (a.created_at_ms, a.id.as_str()).cmp(&(b.created_at_ms, b.id.as_str()))
+        });
+        let mut seen = BTreeSet::new();
+        order.retain(|d| seen.insert(d.id.as_str()));
+
+        for dep in &order {
+            if !dep.desired_running {
+                continue;
+            }
+            let Some(a) = &dep.assignment else { continue };
+            let Some(&i) = by_id.get(a.node_id.as_str()) else {
+                continue;
+            };
+            let slot = &mut slots[i];
+            if slot.node.state == NodeState::Lost {
+                continue;
+            }
+            for (class, amount) in positive_requests(dep) {
+                let held = slot.reserved.entry(class).or_insert(0);
+                *held = held.saturating_add(amount);
+            }
+            slot.count += 1;
+        }
+        for slot in &mut slots {
+            slot.load = slot
+                .node
+                .capacities_total
+                .iter()
+                .filter(|&(_, &total)| total > 0)
+                .map(|(class, &total)| {
+                    let held = slot.reserved.get(class.as_str()).copied().unwrap_or(0);
+                    held as f64 / total as f64
+                })
+                .fold(0.0, f64::max);
+        }
+        State {
+            slots,
+            by_id,
+            online,
+            by_group,
+            order,
+        }
+    }
+
+    /// The slot an assignment holds, if its node is known and not Lost.
+    fn live_slot(&self, a: &Assignment) -> Option<usize> {
+        let &i = self.by_id.get(a.node_id.as_str())?;
+        (self.slots[i].node.state != NodeState::Lost).then_some(i)
+    }
+
+    /// The load of `slot` after adding `dep`, or `None` if `dep` does not fit there.
+    fn load_after(&self, slot: usize, dep: &DeploymentView) -> Option<f64> {
+        let s = &self.slots[slot];
+        let mut load = s.load;
+        for (class, amount) in positive_requests(dep) {
+            let total = s.node.capacities_total.get(class).copied().unwrap_or(0);
+            let held = s.reserved.get(class).copied().unwrap_or(0);
+            if amount > total.saturating_sub(held) {
+                return None;
+            }
+            // Here total >= amount > 0.
+            load = load.max(held.saturating_add(amount) as f64 / total as f64);
+        }
+        Some(load)
+    }
+
+    /// Filter then score: the best node for `dep`, or the first reason it has none.
+    fn choose(&self, dep: &DeploymentView, strategy: Strategy) -> Result<Choice, Unplaced> {
+        if self.online.is_empty() {
+            return Err(Unplaced::NoNode);
+        }
+        let candidates: &[usize] = match filter_of(&dep.node_group) {
+            None => &self.online,
+            Some(g) => self.by_group.get(g).map(Vec::as_slice).unwrap_or(&[]),
+        };
+        if candidates.is_empty() {
+            return Err(Unplaced::NoGroup);
+        }
+        let env = filter_of(&dep.env_name);
+        let mut env_matched = false;
+        let mut best: Option<Choice> = None;
+        for &slot in candidates {
+            if let Some(env) = env
+                && !self.slots[slot].node.conda_envs.contains(env)
+            {
+                continue;
+            }
+            env_matched = true;
+            let Some(load_after) = self.load_after(slot, dep) else {
+                continue;
+            };
+            let candidate = Choice { slot, load_after };
+            best = match best {
+                Some(b) if !self.better(strategy, &candidate, &b) => Some(b),
+                _ => Some(candidate),
+            };
+        }
+        match best {
+            Some(choice) => Ok(choice),
+            None if !env_matched => Err(Unplaced::NoEnv),
+            None => Err(Unplaced::NoCapacity),
+        }
+    }
+
+    /// Whether `a` beats `b` under `strategy` (a total order: ids are unique).
+    fn better(&self, strategy: Strategy, a: &Choice, b: &Choice) -> bool {
+        let (sa, sb) = (&self.slots[a.slot], &self.slots[b.slot]);
+        let by_id = sa.node.id.cmp(&sb.node.id);
+        let order = match strategy {
+            Strategy::Spread => a
+                .load_after
+                .total_cmp(&b.load_after)
+                .then(sa.count.cmp(&sb.count))
+                .then(by_id),
+            Strategy::Binpack => b.load_after.total_cmp(&a.load_after).then(by_id),
+        };
+        order == Ordering::Less
+    }
+
+    /// Reserves `dep` on the chosen slot.
+    fn commit(&mut self, dep: &'a DeploymentView, choice: Choice) {
+        let slot = &mut self.slots[choice.slot];
+        for (class, amount) in positive_requests(dep) {
+            let held = slot.reserved.entry(class).or_insert(0);
+            *held = held.saturating_add(amount);
+        }
+        slot.load = choice.load_after;
+        slot.count += 1;
+    }
+
+    /// Why `dep` has no node given the current reservations (see [`reason_for`]).
+    fn reason(&self, dep: &DeploymentView) -> Option<Unplaced> {
+        if !dep.desired_running {
+            return None;
+        }
+        if let Some(a) = &dep.assignment
+            && self.live_slot(a).is_some()
+        {
+            return None;
+        }
+        self.choose(dep, Strategy::Spread).err()
+    }
+}

@@ -1,3 +1,127 @@
-//! The conductor: durable state, the core actor, node sessions and the HTTP API.
+//! The conductor: durable state (`store`), the core actor that owns cluster state (`core`),
+//! one actor per node connection (`sessions`), the log hub, and the HTTP/WebSocket API.
 
+pub mod api;
+pub mod core;
+pub mod loghub;
+pub mod sessions;
 pub mod store;
+pub mod view;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use symphony_net::{CertificateAuthority, Server, TlsMaterial, TransportSettings};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::scheduler::Strategy;
+
+/// Everything a conductor needs to start.
+#[derive(Debug, Clone)]
+pub struct ConductorConfig {
+    /// QUIC listen address (nodes dial this).
+    pub quic_listen: SocketAddr,
+    /// HTTP/WebSocket API listen address.
+    pub http_listen: SocketAddr,
+    /// Folder of the SQLite database.
+    pub storage_dir: PathBuf,
+    /// Folder of the CA and server certificate.
+    pub cert_dir: PathBuf,
+    /// Extra names/IPs in the server certificate.
+    pub server_names: Vec<String>,
+    /// A disconnected or silent node is suspect after this (no new placements).
+    pub suspect_after: Duration,
+    /// A silent node is lost after this; its deployments are rescheduled.
+    pub grace: Duration,
+    /// Placement strategy.
+    pub strategy: Strategy,
+    /// QUIC tunables.
+    pub transport: TransportSettings,
+}
+
+impl ConductorConfig {
+    /// Defaults: QUIC 127.0.0.1:50051, HTTP 127.0.0.1:8000, storage ./storage.
+    pub fn local(storage_dir: PathBuf) -> Self {
+        Self {
+            quic_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            cert_dir: storage_dir.join("certs"),
+            storage_dir,
+            server_names: Vec::new(),
+            suspect_after: Duration::from_secs(10),
+            grace: Duration::from_secs(30),
+            strategy: Strategy::Spread,
+            transport: TransportSettings::default(),
+        }
+    }
+}
+
+/// A running conductor.
+#[derive(Debug)]
+pub struct Conductor {
+    /// Where the API listens.
+    pub http_addr: SocketAddr,
+    /// Where nodes connect.
+    pub quic_addr: SocketAddr,
+    /// The CA (to issue node certificates in-process, e.g. for `symphony dev`).
+    pub ca: CertificateAuthority,
+    /// Handle to the core (tests, embedding).
+    pub core: core::CoreHandle,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Conductor {
+    /// Opens the store, creates or loads the PKI, binds both listeners and starts serving.
+    pub async fn start(cfg: ConductorConfig) -> anyhow::Result<Self> {
+        let store = store::Store::open(&cfg.storage_dir)
+            .await
+            .with_context(|| format!("opening the store in {}", cfg.storage_dir.display()))?;
+        let ca = CertificateAuthority::load_or_create(&cfg.cert_dir)
+            .with_context(|| format!("certificate authority in {}", cfg.cert_dir.display()))?;
+        let mut names = cfg.server_names.clone();
+        names.push("127.0.0.1".into());
+        if !cfg.quic_listen.ip().is_unspecified() {
+            names.push(cfg.quic_listen.ip().to_string());
+        }
+        let server_files = ca.ensure_server_files(&cfg.cert_dir, &names)?;
+        let tls = TlsMaterial::from_files(&cfg.cert_dir.join("ca.pem"), &server_files.cert, &server_files.key)?;
+        let server = Server::bind(cfg.quic_listen, &tls, cfg.transport.clone())
+            .with_context(|| format!("binding QUIC on {}", cfg.quic_listen))?;
+        let quic_addr = server.local_addr()?;
+        let http = tokio::net::TcpListener::bind(cfg.http_listen)
+            .await
+            .with_context(|| format!("binding HTTP on {}", cfg.http_listen))?;
+        let http_addr = http.local_addr()?;
+
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let logs = loghub::LogHub::default();
+        let core_cfg = core::CoreConfig { suspect_after: cfg.suspect_after, grace: cfg.grace, strategy: cfg.strategy };
+        let core = core::start(store, core_cfg, logs.clone(), &mut tasks, cancel.child_token()).await?;
+        tasks.spawn(sessions::serve(server, core.clone(), logs.clone(), cancel.child_token()));
+        let app = api::router(api::ApiState { core: core.clone(), logs });
+        let http_cancel = cancel.child_token();
+        tasks.spawn(async move {
+            let shutdown = async move { http_cancel.cancelled().await };
+            if let Err(e) = axum::serve(http, app).with_graceful_shutdown(shutdown).await {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+        tracing::info!(%http_addr, %quic_addr, "conductor started");
+        Ok(Self { http_addr, quic_addr, ca, core, cancel, tasks })
+    }
+
+    /// Stops accepting, tells nodes `Shutdown`, flushes, and waits (bounded) for every task.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+            tracing::warn!("forced conductor shutdown");
+            self.tasks.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,851 @@
+//! The core actor: the one task that owns cluster state and the store.
+//!
+//! It handles a closed set of messages ([`CoreMsg`]): API commands with reply channels, node
+//! session events, and timer ticks. Every change is persisted before it is acted on (sent to a
+//! node or published). After each message the core schedules (pure [`crate::scheduler`]) and
+//! publishes a fresh [`ClusterView`] on a `watch` channel that the API reads.
+//!
+//! Fencing: every (re)assignment and every change of what a node should run gets a higher
+//! generation. A node reporting a deployment it should not hold, or at an older generation, is
+//! told to drop it (`Unassign`), so a healed partition never leaves two copies running.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::loghub::LogHub;
+use super::store::{AssignmentRecord, CondaEnvRecord, DeploymentRecord, NodeRecord, Store, StoreError};
+use super::view::{
+    AssignedRef, ClusterView, ConnectionView, CpuView, DeploymentView, NodeView, StatusView,
+};
+use crate::scheduler::{self, Strategy};
+use crate::wire;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Parses a stored specification; the error is a one-line reason naming the fields.
+fn parse_spec(specification: &Value) -> Result<crate::spec::DeploymentSpec, String> {
+    crate::spec::parse(specification).map_err(|errs| {
+        errs.iter().map(|e| format!("{}: {}", e.loc.join("."), e.msg)).collect::<Vec<_>>().join("; ")
+    })
+}
+
+/// Errors the API turns into status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(&'static str),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("conductor is shutting down")]
+    Unavailable,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
+
+/// A deployment change requested over the API (already validated).
+#[derive(Debug)]
+pub struct DeploymentPatch {
+    pub name: Option<String>,
+    pub desired_state: Option<String>,
+    pub specification: Option<Value>,
+}
+
+/// A conda/uv env change requested over the API.
+#[derive(Debug)]
+pub struct EnvPatch {
+    pub packages: Option<Vec<String>>,
+    pub custom_script: Option<Option<String>>,
+}
+
+/// Messages the core handles.
+#[derive(Debug)]
+pub enum CoreMsg {
+    CreateDeployment(DeploymentRecord, Reply<()>),
+    PatchDeployment(String, DeploymentPatch, Reply<()>),
+    DeleteDeployment(String, Reply<()>),
+    CreateEnv(CondaEnvRecord, Reply<()>),
+    PatchEnv(String, EnvPatch, Reply<()>),
+    DeleteEnv(String, Reply<()>),
+    RerunEnv(String, Reply<()>),
+    NodeConnected(Box<NodeConnected>),
+    NodeMessage { node_id: String, epoch: u64, msg: wire::node_message::Msg },
+    Heartbeat { node_id: String, epoch: u64, hb: wire::Heartbeat },
+    NodeDisconnected { node_id: String, epoch: u64 },
+    Tick,
+}
+
+/// A node session that finished its Hello.
+#[derive(Debug)]
+pub struct NodeConnected {
+    pub node_id: String,
+    pub epoch: u64,
+    pub hello: wire::Hello,
+    pub tx: mpsc::Sender<wire::ConductorMessage>,
+    pub session: symphony_net::Session,
+}
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub suspect_after: Duration,
+    pub grace: Duration,
+    pub strategy: Strategy,
+}
+
+#[derive(Debug)]
+struct Connection {
+    epoch: u64,
+    tx: mpsc::Sender<wire::ConductorMessage>,
+    session: symphony_net::Session,
+    connected_at_ms: i64,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    groups: Vec<String>,
+    capacities_total: BTreeMap<String, i64>,
+    resources: Option<wire::StaticResources>,
+    usage: Option<wire::Heartbeat>,
+    last_seen_ms: i64,
+    last_heartbeat_ms: Option<i64>,
+    env_names: BTreeSet<String>,
+    conn: Option<Connection>,
+    connections: u64,
+    first_seen_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Reported {
+    node_id: String,
+    status: wire::DeploymentStatus,
+}
+
+/// The actor's state.
+#[derive(Debug)]
+struct Core {
+    store: Store,
+    cfg: CoreConfig,
+    logs: LogHub,
+    deployments: HashMap<String, DeploymentRecord>,
+    /// Parsed specs (None = invalid, with the reason), kept in step with `deployments`.
+    specs: HashMap<String, Result<crate::spec::DeploymentSpec, String>>,
+    envs: BTreeMap<String, CondaEnvRecord>,
+    assignments: HashMap<String, scheduler::Assignment>,
+    nodes: BTreeMap<String, Node>,
+    reported: HashMap<String, Reported>,
+    next_generation: u64,
+    next_command: u64,
+    view: watch::Sender<Arc<ClusterView>>,
+    version: u64,
+}
+
+/// Handle to the core for the API and sessions.
+#[derive(Debug, Clone)]
+pub struct CoreHandle {
+    tx: mpsc::Sender<CoreMsg>,
+    view: watch::Receiver<Arc<ClusterView>>,
+    epochs: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CoreHandle {
+    /// The latest published snapshot.
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that wakes on every publish.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterView>> {
+        self.view.clone()
+    }
+
+    /// Sends a message without waiting for a reply.
+    pub async fn send(&self, msg: CoreMsg) {
+        let _ = self.tx.send(msg).await;
+    }
+
+    /// Sends a command and waits for its reply.
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> CoreMsg) -> Result<T, CoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| CoreError::Unavailable)?;
+        rx.await.map_err(|_| CoreError::Unavailable)?
+    }
+
+    /// A fresh session epoch (fencing token per connection).
+    pub fn next_epoch(&self) -> u64 {
+        self.epochs.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    }
+}
+
+/// Loads state from the store and starts the core task.
+pub async fn start(
+    store: Store,
+    cfg: CoreConfig,
+    logs: LogHub,
+    tasks: &mut tokio::task::JoinSet<()>,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Result<CoreHandle, StoreError> {
+    let snap = store.load_all().await?;
+    let (view_tx, view_rx) = watch::channel(Arc::new(ClusterView::default()));
+    let mut core = Core {
+        store,
+        cfg,
+        logs,
+        specs: snap.deployments.iter().map(|d| (d.id.clone(), parse_spec(&d.specification))).collect(),
+        deployments: snap.deployments.into_iter().map(|d| (d.id.clone(), d)).collect(),
+        envs: snap.conda_envs.into_iter().map(|e| (e.name.clone(), e)).collect(),
+        assignments: snap
+            .assignments
+            .into_iter()
+            .map(|a| (a.deployment_id, scheduler::Assignment { node_id: a.node_id, generation: a.generation }))
+            .collect(),
+        nodes: BTreeMap::new(),
+        reported: HashMap::new(),
+        next_generation: snap.max_generation + 1,
+        next_command: 1,
+        view: view_tx,
+        version: 0,
+    };
+    // Known nodes come back as not connected; their grace starts now (a conductor restart
+    // must not make them lost at once).
+    let now = now_ms();
+    for n in snap.nodes {
+        core.nodes.insert(
+            n.node_id,
+            Node {
+                groups: n.groups,
+                capacities_total: n.capacities_total,
+                last_seen_ms: now,
+                first_seen_ms: n.first_seen_ms,
+                ..Node::default()
+            },
+        );
+    }
+    core.publish();
+    let (tx, rx) = mpsc::channel(1024);
+    let handle = CoreHandle { tx: tx.clone(), view: view_rx, epochs: Arc::new(0.into()) };
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rx = rx;
+        loop {
+            let msg = tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                m = rx.recv() => match m { Some(m) => m, None => break },
+                _ = tick.tick() => CoreMsg::Tick,
+            };
+            core.handle(msg).await;
+        }
+    });
+    Ok(handle)
+}
+
+impl Core {
+    async fn handle(&mut self, msg: CoreMsg) {
+        let mut publish = true;
+        match msg {
+            CoreMsg::CreateDeployment(rec, reply) => {
+                let r = self.create(rec).await;
+                self.schedule().await;
+                self.publish();
+                let _ = reply.send(r);
+                return;
+            }
+            CoreMsg::PatchDeployment(id, patch, reply) => {
+                let r = self.patch(&id, patch).await;
+                self.schedule().await;
+                self.publish();
+                let _ = reply.send(r);
+                return;
+            }
+            CoreMsg::DeleteDeployment(id, reply) => {
+                let r = self.delete(&id).await;
+                self.schedule().await;
+                self.publish();
+                let _ = reply.send(r);
+                return;
+            }
+            CoreMsg::CreateEnv(rec, reply) => {
+                let r = self.create_env(rec).await;
+                self.publish();
+                let _ = reply.send(r);
+                return;
+            }
+            CoreMsg::PatchEnv(name, patch, reply) => {
+                let r = self.patch_env(&name, patch).await;
+                self.publish();
+                let _ = reply.send(r);
+                return;
+            }
+            CoreMsg::DeleteEnv(name, reply) => {
+                let r = match self.store.delete_conda_env(&name).await {
+                    Ok(()) => {
+                        self.envs.remove(&name);
+                        Ok(())
+                    }
+                    Err(StoreError::NotFound) => Err(CoreError::NotFound("Conda env not found")),
+                    Err(e) => Err(e.into()),
+                };
+                self.publish();
+                let _ = reply.send(r);
+                return;
+            }
+            CoreMsg::RerunEnv(name, reply) => {
+                let r = match self.envs.get(&name).cloned() {
+                    Some(env) => {
+                        self.broadcast_env(&env, true).await;
+                        Ok(())
+                    }
+                    None => Err(CoreError::NotFound("Conda env not found")),
+                };
+                let _ = reply.send(r);
+                return;
+            }
+            CoreMsg::NodeConnected(c) => self.connected(*c).await,
+            CoreMsg::NodeMessage { node_id, epoch, msg } => {
+                if !self.current(&node_id, epoch) {
+                    return;
+                }
+                self.touch(&node_id);
+                self.node_message(&node_id, msg).await;
+            }
+            CoreMsg::Heartbeat { node_id, epoch, hb } => {
+                if !self.current(&node_id, epoch) {
+                    return;
+                }
+                let now = now_ms();
+                if let Some(n) = self.nodes.get_mut(&node_id) {
+                    n.last_seen_ms = now;
+                    n.last_heartbeat_ms = Some(now);
+                    n.usage = Some(hb);
+                }
+                // Usage is published with the next tick; it changes nothing else.
+                publish = false;
+            }
+            CoreMsg::NodeDisconnected { node_id, epoch } => {
+                if let Some(n) = self.nodes.get_mut(&node_id)
+                    && n.conn.as_ref().is_some_and(|c| c.epoch == epoch)
+                {
+                    n.conn = None;
+                    tracing::info!(%node_id, "node disconnected");
+                }
+            }
+            CoreMsg::Tick => {
+                self.schedule().await;
+            }
+        }
+        if publish {
+            self.publish();
+        }
+    }
+
+    fn current(&self, node_id: &str, epoch: u64) -> bool {
+        self.nodes.get(node_id).and_then(|n| n.conn.as_ref()).is_some_and(|c| c.epoch == epoch)
+    }
+
+    fn touch(&mut self, node_id: &str) {
+        if let Some(n) = self.nodes.get_mut(node_id) {
+            n.last_seen_ms = now_ms();
+        }
+    }
+
+    fn command_id(&mut self) -> u64 {
+        self.next_command += 1;
+        self.next_command
+    }
+
+    async fn send_to(&self, node_id: &str, msg: wire::conductor_message::Msg) {
+        if let Some(conn) = self.nodes.get(node_id).and_then(|n| n.conn.as_ref()) {
+            let _ = conn.tx.send(wire::ConductorMessage { msg: Some(msg) }).await;
+        }
+    }
+
+    fn assign_msg(&mut self, id: &str, generation: u64) -> Option<wire::conductor_message::Msg> {
+        let command_id = self.command_id();
+        let d = self.deployments.get(id)?;
+        Some(wire::conductor_message::Msg::Assign(wire::Assign {
+            deployment_id: d.id.clone(),
+            generation,
+            name: d.name.clone(),
+            desired_running: d.desired_state == "RUNNING",
+            specification_json: d.specification.to_string(),
+            command_id,
+        }))
+    }
+
+    async fn unassign(&mut self, node_id: &str, deployment_id: &str, generation: u64) {
+        let command_id = self.command_id();
+        let msg = wire::conductor_message::Msg::Unassign(wire::Unassign {
+            deployment_id: deployment_id.to_owned(),
+            generation,
+            command_id,
+        });
+        self.send_to(node_id, msg).await;
+    }
+
+    async fn create(&mut self, rec: DeploymentRecord) -> Result<(), CoreError> {
+        self.store.insert_deployment(&rec).await.map_err(|e| match e {
+            StoreError::Conflict => CoreError::Conflict("Deployment already exists"),
+            e => e.into(),
+        })?;
+        self.specs.insert(rec.id.clone(), parse_spec(&rec.specification));
+        self.deployments.insert(rec.id.clone(), rec);
+        Ok(())
+    }
+
+    async fn patch(&mut self, id: &str, patch: DeploymentPatch) -> Result<(), CoreError> {
+        let Some(old) = self.deployments.get(id).cloned() else {
+            return Err(CoreError::NotFound("Deployment not found"));
+        };
+        let mut new = old.clone();
+        if let Some(n) = patch.name {
+            new.name = n;
+        }
+        if let Some(s) = patch.desired_state {
+            new.desired_state = s;
+        }
+        if let Some(mut s) = patch.specification {
+            // A client that round-trips a GET sends the masked token back: keep the real one.
+            crate::spec::restore_secrets(&mut s, &old.specification);
+            new.specification = s;
+        }
+        if new == old {
+            return Ok(());
+        }
+        new.updated_at_ms = now_ms();
+        self.store.update_deployment(&new).await?;
+        let runtime_changed = new.specification != old.specification || new.desired_state != old.desired_state;
+        self.specs.insert(id.to_owned(), parse_spec(&new.specification));
+        self.deployments.insert(id.to_owned(), new.clone());
+        if !runtime_changed {
+            return Ok(());
+        }
+        let Some(a) = self.assignments.get(id).cloned() else { return Ok(()) };
+        if new.desired_state == "STOPPED" {
+            // STOPPED holds no capacity: the node stops and forgets it.
+            self.store.clear_assignment(id).await?;
+            self.assignments.remove(id);
+            self.unassign(&a.node_id, id, a.generation).await;
+        } else {
+            // A new generation carries the new spec to the node.
+            let generation = self.next_generation;
+            let rec = AssignmentRecord { deployment_id: id.to_owned(), node_id: a.node_id.clone(), generation };
+            self.store.apply_placements(std::slice::from_ref(&rec), &[], generation).await?;
+            self.next_generation += 1;
+            self.assignments.insert(id.to_owned(), scheduler::Assignment { node_id: a.node_id.clone(), generation });
+            if let Some(msg) = self.assign_msg(id, generation) {
+                self.send_to(&a.node_id, msg).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete(&mut self, id: &str) -> Result<(), CoreError> {
+        if !self.deployments.contains_key(id) {
+            return Err(CoreError::NotFound("Deployment not found"));
+        }
+        self.store.delete_deployment(id).await?;
+        self.deployments.remove(id);
+        self.specs.remove(id);
+        self.reported.remove(id);
+        self.logs.remove(id);
+        if let Some(a) = self.assignments.remove(id) {
+            self.unassign(&a.node_id, id, a.generation).await;
+        }
+        Ok(())
+    }
+
+    async fn create_env(&mut self, rec: CondaEnvRecord) -> Result<(), CoreError> {
+        self.store.insert_conda_env(&rec).await.map_err(|e| match e {
+            StoreError::Conflict => CoreError::Conflict("Conda env with that name already exists"),
+            e => e.into(),
+        })?;
+        self.envs.insert(rec.name.clone(), rec.clone());
+        self.broadcast_env(&rec, false).await;
+        Ok(())
+    }
+
+    async fn patch_env(&mut self, name: &str, patch: EnvPatch) -> Result<(), CoreError> {
+        let Some(mut env) = self.envs.get(name).cloned() else {
+            return Err(CoreError::NotFound("Conda env not found"));
+        };
+        if let Some(p) = patch.packages {
+            env.packages = p;
+        }
+        if let Some(s) = patch.custom_script {
+            env.custom_script = s;
+        }
+        env.updated_at_ms = now_ms();
+        self.store.update_conda_env(&env).await?;
+        self.envs.insert(name.to_owned(), env.clone());
+        self.broadcast_env(&env, true).await;
+        Ok(())
+    }
+
+    fn env_spec(env: &CondaEnvRecord, force: bool) -> wire::EnvSpec {
+        wire::EnvSpec {
+            name: env.name.clone(),
+            python_version: env.python_version.clone(),
+            packages: env.packages.clone(),
+            custom_script: env.custom_script.clone().unwrap_or_default(),
+            manager: env.manager.clone(),
+            force_recreate: force,
+        }
+    }
+
+    async fn broadcast_env(&self, env: &CondaEnvRecord, force: bool) {
+        let msg = wire::conductor_message::Msg::EnvEnsure(wire::EnvEnsure { envs: vec![Self::env_spec(env, force)] });
+        for id in self.nodes.keys() {
+            self.send_to(id, msg.clone()).await;
+        }
+    }
+
+    async fn connected(&mut self, c: NodeConnected) {
+        let NodeConnected { node_id, epoch, hello, tx, session } = c;
+        let now = now_ms();
+        let node = self.nodes.entry(node_id.clone()).or_insert_with(|| Node { first_seen_ms: now, ..Node::default() });
+        if let Some(old) = node.conn.take() {
+            old.session.close(symphony_net::CloseCode::Superseded, "a newer connection of this node took over");
+        }
+        node.groups = hello.groups.clone();
+        node.capacities_total = hello.capacities_total.clone().into_iter().collect();
+        node.resources = hello.resources.clone();
+        node.env_names = hello.env_names.iter().cloned().collect();
+        node.last_seen_ms = now;
+        node.connections += 1;
+        node.conn = Some(Connection { epoch, tx, session, connected_at_ms: now });
+        let record = NodeRecord {
+            node_id: node_id.clone(),
+            groups: node.groups.clone(),
+            capacities_total: node.capacities_total.clone(),
+            first_seen_ms: node.first_seen_ms,
+            last_seen_ms: now,
+        };
+        if let Err(e) = self.store.upsert_node(&record).await {
+            tracing::warn!(%node_id, error = %e, "could not persist node");
+        }
+        tracing::info!(%node_id, epoch, inventory = hello.inventory.len(), "node connected");
+
+        // Reconcile the node's inventory against our assignments (fencing).
+        let mut held = BTreeSet::new();
+        for st in hello.inventory {
+            held.insert(st.deployment_id.clone());
+            self.reconcile_status(&node_id, st).await;
+        }
+        // Resend what this node should run (idempotent by generation).
+        let mine: Vec<(String, u64)> = self
+            .assignments
+            .iter()
+            .filter(|(_, a)| a.node_id == node_id)
+            .map(|(id, a)| (id.clone(), a.generation))
+            .collect();
+        let resume = self.logs.last_seqs(mine.iter().map(|(id, _)| id.clone()));
+        self.send_to(
+            &node_id,
+            wire::conductor_message::Msg::LogResume(wire::LogResume { last_seq: resume.into_iter().collect() }),
+        )
+        .await;
+        for (id, generation) in mine {
+            if let Some(msg) = self.assign_msg(&id, generation) {
+                self.send_to(&node_id, msg).await;
+            }
+        }
+        let envs: Vec<wire::EnvSpec> = self.envs.values().map(|e| Self::env_spec(e, false)).collect();
+        if !envs.is_empty() {
+            self.send_to(&node_id, wire::conductor_message::Msg::EnvEnsure(wire::EnvEnsure { envs })).await;
+        }
+        self.schedule().await;
+    }
+
+    /// Accepts a status from a node, or fences it off when the node should not hold it.
+    async fn reconcile_status(&mut self, node_id: &str, st: wire::DeploymentStatus) {
+        let id = st.deployment_id.clone();
+        let ours = self.assignments.get(&id);
+        let valid = ours.is_some_and(|a| a.node_id == node_id && a.generation == st.generation);
+        if valid {
+            self.reported.insert(id, Reported { node_id: node_id.to_owned(), status: st });
+            return;
+        }
+        if ours.is_some_and(|a| a.node_id == node_id && st.generation < a.generation) {
+            // An older generation on the right node: the Assign we (re)send replaces it.
+            return;
+        }
+        if ours.is_some_and(|a| a.node_id == node_id) {
+            // Newer than assigned: impossible with a monotonic counter; keep it rather than kill.
+            tracing::warn!(%node_id, %id, "node reports a generation newer than assigned");
+            return;
+        }
+        tracing::info!(%node_id, %id, generation = st.generation, "fencing: node holds a copy it should not; unassigning");
+        self.unassign(node_id, &id, st.generation).await;
+    }
+
+    async fn node_message(&mut self, node_id: &str, msg: wire::node_message::Msg) {
+        use wire::node_message::Msg;
+        match msg {
+            Msg::Status(update) => {
+                for st in update.deployments {
+                    self.reconcile_status(node_id, st).await;
+                }
+                for id in update.removed {
+                    if self.reported.get(&id).is_some_and(|r| r.node_id == node_id) {
+                        self.reported.remove(&id);
+                    }
+                }
+            }
+            Msg::EnvReport(report) => {
+                if let Some(n) = self.nodes.get_mut(node_id) {
+                    n.env_names = report.env_names.into_iter().collect();
+                }
+                self.schedule().await;
+            }
+            Msg::Result(r) => {
+                if !r.ok {
+                    tracing::info!(%node_id, command_id = r.command_id, message = %r.message, "node refused a command");
+                }
+            }
+            Msg::Hello(_) => tracing::info!(%node_id, "ignoring a second hello"),
+        }
+    }
+
+    fn sched_nodes(&self, now: i64) -> Vec<scheduler::NodeView> {
+        let suspect = u64::try_from(self.cfg.suspect_after.as_millis()).unwrap_or(u64::MAX);
+        let grace = u64::try_from(self.cfg.grace.as_millis()).unwrap_or(u64::MAX).saturating_sub(suspect);
+        self.nodes
+            .iter()
+            .map(|(id, n)| scheduler::NodeView {
+                id: id.clone(),
+                groups: n.groups.clone(),
+                capacities_total: n.capacities_total.clone(),
+                conda_envs: n.env_names.clone(),
+                state: scheduler::liveness(
+                    u64::try_from(n.last_seen_ms).unwrap_or(0),
+                    n.conn.is_some(),
+                    u64::try_from(now).unwrap_or(0),
+                    suspect,
+                    grace,
+                ),
+            })
+            .collect()
+    }
+
+    fn sched_deployments(&self) -> Vec<scheduler::DeploymentView> {
+        self.deployments
+            .values()
+            .map(|d| {
+                let spec = self.specs.get(&d.id).and_then(|s| s.as_ref().ok());
+                scheduler::DeploymentView {
+                    id: d.id.clone(),
+                    created_at_ms: u64::try_from(d.created_at_ms).unwrap_or(0),
+                    desired_running: d.desired_state == "RUNNING" && spec.is_some(),
+                    node_group: spec.and_then(|s| s.node_group.clone()),
+                    capacity_requests: spec.map(|s| s.capacity_requests.clone()).unwrap_or_default(),
+                    env_name: spec.and_then(|s| s.env_name.clone()),
+                    assignment: self.assignments.get(&d.id).cloned(),
+                }
+            })
+            .collect()
+    }
+
+    /// Runs the scheduler, persists its decisions, then tells the nodes.
+    async fn schedule(&mut self) {
+        let nodes = self.sched_nodes(now_ms());
+        let deps = self.sched_deployments();
+        let plan = scheduler::plan(&nodes, &deps, self.next_generation, self.cfg.strategy);
+        if plan.placements.is_empty() && plan.unassign.is_empty() {
+            return;
+        }
+        let set: Vec<AssignmentRecord> = plan
+            .placements
+            .iter()
+            .map(|p| AssignmentRecord { deployment_id: p.deployment_id.clone(), node_id: p.node_id.clone(), generation: p.generation })
+            .collect();
+        let placed: BTreeSet<&str> = set.iter().map(|a| a.deployment_id.as_str()).collect();
+        let clear: Vec<String> =
+            plan.unassign.iter().map(|(id, _)| id.clone()).filter(|id| !placed.contains(id.as_str())).collect();
+        if let Err(e) = self.store.apply_placements(&set, &clear, plan.next_generation.saturating_sub(1)).await {
+            tracing::error!(error = %e, "could not persist placements; not acting on them");
+            return;
+        }
+        self.next_generation = plan.next_generation;
+        for (id, old) in &plan.unassign {
+            tracing::info!(deployment = %id, node = %old.node_id, "node lost; releasing assignment");
+            self.assignments.remove(id);
+            if self.reported.get(id).is_some_and(|r| r.node_id == old.node_id) {
+                self.reported.remove(id);
+            }
+        }
+        for p in plan.placements {
+            tracing::info!(deployment = %p.deployment_id, node = %p.node_id, generation = p.generation, "placed");
+            self.assignments.insert(
+                p.deployment_id.clone(),
+                scheduler::Assignment { node_id: p.node_id.clone(), generation: p.generation },
+            );
+            if let Some(msg) = self.assign_msg(&p.deployment_id, p.generation) {
+                self.send_to(&p.node_id, msg).await;
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let now = now_ms();
+        let nodes = self.sched_nodes(now);
+        let deps = self.sched_deployments();
+        let reasons = scheduler::reasons(&nodes, &deps);
+        let reserved = scheduler::reserved(&nodes, &deps);
+        let any_online = nodes.iter().any(|n| n.state == scheduler::NodeState::Online);
+
+        let mut deployments: Vec<Arc<DeploymentView>> = self
+            .deployments
+            .values()
+            .map(|d| {
+                let assignment = self.assignments.get(&d.id);
+                let reported = self.reported.get(&d.id);
+                let status = reported.map(|r| StatusView {
+                    state: r.status.state.clone(),
+                    pid: r.status.pid,
+                    restart_count: r.status.restart_count,
+                    last_exit_code: r.status.last_exit_code,
+                    reason: (!r.status.reason.is_empty()).then(|| r.status.reason.clone()),
+                    generation: r.status.generation,
+                    started_at_ms: r.status.started_at_ms,
+                    stopped_at_ms: r.status.stopped_at_ms,
+                    node_id: r.node_id.clone(),
+                });
+                let invalid = self.specs.get(&d.id).and_then(|s| s.as_ref().err());
+                let current = if invalid.is_some() {
+                    Some("FAILED".to_owned())
+                } else if d.desired_state == "STOPPED" && assignment.is_none() {
+                    Some("STOPPED".to_owned())
+                } else {
+                    match reported {
+                        Some(r) => Some(match r.status.state.as_str() {
+                            "BACKOFF" => "CRASHED".to_owned(),
+                            s => s.to_owned(),
+                        }),
+                        None => Some("PENDING".to_owned()),
+                    }
+                };
+                let reason = if let Some(why) = invalid {
+                    Some(format!("Invalid Spec: {why}"))
+                } else if assignment.is_some() || d.desired_state == "STOPPED" {
+                    None
+                } else if !any_online {
+                    Some("No Node".to_owned())
+                } else {
+                    Some(reasons.get(&d.id).map_or_else(|| "Pending".to_owned(), ToString::to_string))
+                };
+                let mut spec = d.specification.clone();
+                crate::spec::mask_secrets(&mut spec);
+                Arc::new(DeploymentView {
+                    id: d.id.clone(),
+                    name: d.name.clone(),
+                    desired_state: d.desired_state.clone(),
+                    current_state: current,
+                    kind: d.kind.clone(),
+                    specification: spec,
+                    created_at_ms: d.created_at_ms,
+                    updated_at_ms: d.updated_at_ms,
+                    assigned_node_id: assignment.map(|a| a.node_id.clone()),
+                    assignment_reason: reason,
+                    status,
+                })
+            })
+            .collect();
+        deployments.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.id.cmp(&b.id)));
+
+        let defined: BTreeSet<String> = self.envs.keys().cloned().collect();
+        let mut node_views = BTreeMap::new();
+        for (sn, (id, n)) in nodes.iter().zip(&self.nodes) {
+            let state = match sn.state {
+                scheduler::NodeState::Online => "online",
+                scheduler::NodeState::Suspect => "suspect",
+                scheduler::NodeState::Lost => "lost",
+            };
+            let assigned: Vec<AssignedRef> = self
+                .assignments
+                .iter()
+                .filter(|(_, a)| &a.node_id == id)
+                .map(|(dep, _)| AssignedRef {
+                    id: dep.clone(),
+                    name: self.deployments.get(dep).map_or_else(|| dep.clone(), |d| d.name.clone()),
+                })
+                .collect();
+            let missing: Vec<String> = defined.difference(&n.env_names).cloned().collect();
+            let res = n.resources.clone().unwrap_or_default();
+            let hb = n.usage.clone();
+            let gpus = if let Some(hb) = &hb { &hb.gpus } else { &res.gpus };
+            node_views.insert(
+                id.clone(),
+                NodeView {
+                    node_id: id.clone(),
+                    state: state.to_owned(),
+                    groups: n.groups.clone(),
+                    capacities_total: n.capacities_total.clone(),
+                    total_capacities_used: reserved.get(id).cloned().unwrap_or_default(),
+                    last_heartbeat: n.last_heartbeat_ms.and_then(|ms| {
+                        chrono::DateTime::from_timestamp_millis(ms)
+                            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                    }),
+                    dynamic_timestamp_unix_ms: hb.as_ref().map(|h| h.timestamp_unix_ms),
+                    cpu: CpuView {
+                        static_: serde_json::json!({"logical_cores": res.logical_cores, "max_millicores_total": res.logical_cores * 1000}),
+                        dynamic: hb.as_ref().map_or(Value::Null, |h| serde_json::json!({
+                            "total_percent": h.cpu_total_percent,
+                            "per_core": h.per_core.iter().map(|c| serde_json::json!({"core_id": c.core_id, "used_percent": c.used_percent})).collect::<Vec<_>>(),
+                        })),
+                    },
+                    memory: CpuView {
+                        static_: serde_json::json!({"total_bytes": res.memory_total_bytes}),
+                        dynamic: hb.as_ref().map_or(Value::Null, |h| serde_json::json!({
+                            "used_bytes": h.mem_used_bytes, "available_bytes": h.mem_available_bytes,
+                            "used_percent": h.mem_used_percent, "free_bytes": h.mem_free_bytes,
+                            "buffers_bytes": h.mem_buffers_bytes, "cached_bytes": h.mem_cached_bytes,
+                        })),
+                    },
+                    storage_mounts: hb.as_ref().map_or(&res.storage, |h| &h.storage).iter().map(|m| serde_json::json!({
+                        "mount_point": m.mount_point, "fs_type": m.fs_type, "total_bytes": m.total_bytes,
+                        "used_bytes": m.used_bytes, "available_bytes": m.available_bytes, "used_percent": m.used_percent,
+                    })).collect(),
+                    gpus: gpus.iter().map(|g| serde_json::json!({
+                        "index": g.index, "name": g.name, "mem_total_bytes": g.mem_total_bytes,
+                        "util_percent": g.util_percent, "mem_util_percent": g.mem_util_percent,
+                        "mem_used_bytes": g.mem_used_bytes, "mem_free_bytes": g.mem_free_bytes,
+                        "temperature_c": g.temperature_c, "power_w": g.power_w,
+                    })).collect(),
+                    assigned_deployments: assigned,
+                    conda_envs: n.env_names.iter().cloned().collect(),
+                    schedulable: missing.is_empty(),
+                    missing_conda_envs: missing,
+                    connection: n.conn.as_ref().map(|c| {
+                        let f = c.session.facts();
+                        ConnectionView {
+                            remote_addr: f.remote.to_string(),
+                            connected_since_ms: c.connected_at_ms,
+                            rtt_ms: f.rtt.as_secs_f64() * 1000.0,
+                            path_changes: f.path_changes,
+                            reconnects: n.connections.saturating_sub(1),
+                        }
+                    }),
+                },
+            );
+        }
+        let mut envs: Vec<CondaEnvRecord> = self.envs.values().cloned().collect();
+        envs.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.name.cmp(&b.name)));
+        self.version += 1;
+        self.view.send_replace(Arc::new(ClusterView {
+            deployments,
+            nodes: node_views,
+            conda_envs: envs,
+            version: self.version,
+        }));
+    }
+}

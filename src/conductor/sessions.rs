@@ -1,0 +1,157 @@
+//! One actor per node connection: reads Hello, hands the session to the core, then relays
+//! control messages both ways, heartbeats to the core, and log batches straight into the log
+//! hub (never through the core, so a log flood cannot delay scheduling).
+
+use std::time::Duration;
+
+use symphony_net::{Accepted, CloseCode, FrameError, Server, StreamKind};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::core::{CoreHandle, CoreMsg, NodeConnected};
+use super::loghub::{LogHub, LogLine};
+use crate::wire;
+
+/// How long a node may take to send Hello after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts node connections until `cancel`, then closes them all with `Shutdown`.
+pub async fn serve(mut server: Server, core: CoreHandle, logs: LogHub, cancel: CancellationToken) {
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            acc = server.accept() => match acc {
+                Some(acc) => { sessions.spawn(node_session(acc, core.clone(), logs.clone(), cancel.child_token())); }
+                None => break,
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    }
+    server.shutdown(Duration::from_secs(2)).await;
+    sessions.shutdown().await;
+}
+
+async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: CancellationToken) {
+    let Accepted { identity, session, mut control } = acc;
+    let node_id = identity.node_id;
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, control.rx.recv::<wire::NodeMessage>()).await {
+        Ok(Ok(Some(wire::NodeMessage { msg: Some(wire::node_message::Msg::Hello(h)) }))) => h,
+        _ => {
+            tracing::info!(%node_id, "no hello; closing");
+            session.close(CloseCode::ProtocolError, "expected hello");
+            return;
+        }
+    };
+    if hello.protocol_version != wire::ProtocolVersion::Current as u32 {
+        session.close(CloseCode::VersionMismatch, "unsupported protocol version");
+        return;
+    }
+    if !hello.node_id.is_empty() && hello.node_id != node_id {
+        tracing::warn!(%node_id, claimed = %hello.node_id, "hello names another node than the certificate");
+        session.close(CloseCode::AuthFailed, "node id does not match the certificate");
+        return;
+    }
+    let epoch = core.next_epoch();
+    let ack = wire::ConductorMessage {
+        msg: Some(wire::conductor_message::Msg::HelloAck(wire::HelloAck { session_epoch: epoch })),
+    };
+    if control.tx.send(&ack).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<wire::ConductorMessage>(1024);
+    core.send(CoreMsg::NodeConnected(Box::new(NodeConnected {
+        node_id: node_id.clone(),
+        epoch,
+        hello,
+        tx,
+        session: session.clone(),
+    })))
+    .await;
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(session.clone().watch_path());
+    // Conductor -> node.
+    {
+        let mut ctl_tx = control.tx;
+        tasks.spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if ctl_tx.send(&m).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    // Node -> conductor control.
+    {
+        let (core, session, node_id) = (core.clone(), session.clone(), node_id.clone());
+        let mut ctl_rx = control.rx;
+        tasks.spawn(async move {
+            loop {
+                match ctl_rx.recv::<wire::NodeMessage>().await {
+                    Ok(Some(wire::NodeMessage { msg: Some(msg) })) => {
+                        core.send(CoreMsg::NodeMessage { node_id: node_id.clone(), epoch, msg }).await;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(FrameError::TooLarge { len, max }) => {
+                        tracing::warn!(%node_id, len, max, "control frame too large");
+                        session.close(CloseCode::FrameTooLarge, "control frame too large");
+                        break;
+                    }
+                    Err(FrameError::Decode(e)) => {
+                        tracing::warn!(%node_id, error = %e, "malformed control frame");
+                        session.close(CloseCode::ProtocolError, "malformed control frame");
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+    }
+    // Uni streams: heartbeats and logs.
+    {
+        let (core, session, node_id, logs) = (core.clone(), session.clone(), node_id.clone(), logs.clone());
+        tasks.spawn(async move {
+            let mut streams = JoinSet::new();
+            while let Ok((kind, mut rx)) = session.accept_uni().await {
+                match kind {
+                    StreamKind::Heartbeat => {
+                        let (core, node_id) = (core.clone(), node_id.clone());
+                        streams.spawn(async move {
+                            while let Ok(Some(hb)) = rx.recv::<wire::Heartbeat>().await {
+                                core.send(CoreMsg::Heartbeat { node_id: node_id.clone(), epoch, hb }).await;
+                            }
+                        });
+                    }
+                    StreamKind::Log => {
+                        let logs = logs.clone();
+                        streams.spawn(async move {
+                            let Ok(Some(header)) = rx.recv::<wire::LogHeader>().await else { return };
+                            while let Ok(Some(batch)) = rx.recv::<wire::LogBatch>().await {
+                                logs.append(
+                                    &header.deployment_id,
+                                    batch.entries.into_iter().map(|e| LogLine {
+                                        seq: e.seq,
+                                        timestamp_unix_ms: e.timestamp_unix_ms,
+                                        stream: e.stream,
+                                        line: e.line,
+                                    }),
+                                );
+                            }
+                        });
+                    }
+                }
+            }
+            streams.shutdown().await;
+        });
+    }
+    tokio::select! {
+        () = cancel.cancelled() => session.close(CloseCode::Shutdown, "conductor shutting down"),
+        _ = session.closed() => {}
+    }
+    core.send(CoreMsg::NodeDisconnected { node_id, epoch }).await;
+    tasks.shutdown().await;
+}

@@ -6,9 +6,10 @@
 //! re-run until the spec changes or `force_recreate` is set (fixes B17's endless retries).
 //!
 //! Invariants:
-//! - conda and uv are the only programs this module starts; the env name, python version and
-//!   packages are passed as separate arguments (no shell); only `custom_script` goes through
-//!   `bash -c`, inside the environment.
+//! - conda and uv (and `bash` for a uv env's `custom_script`) are the only programs this module
+//!   starts, all through `tokio::process`; the env name, python version and packages are passed
+//!   as separate arguments (no shell); only `custom_script` goes through `bash -c`, inside the
+//!   environment.
 //! - uv envs live in `<work_dir>/envs/uv/<name>` and count as existing only once the marker file
 //!   is written, which is the last step; a failed create removes the partial env.
 //! - Ensures of the same env are serialized; different envs may be provisioned in parallel.
@@ -567,7 +568,8 @@ impl Envs {
                 },
                 &[],
             );
-            // `bash` inside the env: the venv's bin first on PATH, VIRTUAL_ENV set.
+            // The one non-manager process: `bash` inside the env (tokio::process), with the venv's
+            // bin first on PATH and VIRTUAL_ENV set.
             let mut cmd = tokio::process::Command::new("bash");
             cmd.arg("-c").arg(script).current_dir(cwd).envs(env);
             run_step(cmd, STEP_TIMEOUT, "custom_script").await?;

@@ -12,7 +12,8 @@
 //!   line, and every error message is scrubbed of it before it is returned (fixes B10 for git).
 //! - A token is offered only to `https://` remotes, and only once per fetch (a rejected token is an
 //!   [`WorkspaceError::AuthFailed`], not a retry loop).
-//! - Blocking: callers run this on `spawn_blocking`.
+//! - Blocking: callers run this on `spawn_blocking`, at most one call per `dest` at a time (the
+//!   caller serializes per deployment).
 
 use std::cell::Cell;
 use std::fs;

@@ -107,6 +107,12 @@ fn discovery_uses_override_then_path_and_reports_missing_conda_once() {
 }
 
 #[test]
+fn envs_can_be_shared_between_tasks() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Envs>();
+}
+
+#[test]
 fn conda_env_list_parsing() {
     let names =
         parse_conda_env_list(r#"{"envs": ["/opt/conda", "/opt/conda/envs/myenv", "/x/envs/a"]}"#)

@@ -1,1 +1,372 @@
-//! Command line.
+//! The command line: `symphony --config FILE` (original-compatible), `conductor`, `node`,
+//! `dev` (conductor + local node in one process), `cert`, and the client commands.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::conductor::{Conductor, ConductorConfig};
+use crate::config::{self, Mode, Overrides};
+use crate::node::agent::NodeConfig;
+use symphony_net::{CertificateAuthority, TlsMaterial, TransportSettings};
+
+/// Symphony: a lightweight orchestrator for machines you do not own.
+#[derive(Debug, Parser)]
+#[command(name = "symphony", version, about)]
+pub struct Cli {
+    /// A YAML config (the original's keys); the mode comes from the file unless --mode is given.
+    #[arg(short, long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Overrides the file's `mode`.
+    #[arg(long, global = true)]
+    pub mode: Option<Mode>,
+    /// Overrides `logging.level` (trace, debug, info, warn, error).
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// JSON log lines (overrides `logging.json`).
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Conductor and a local node in one process, with no config to write.
+    Dev(DevArgs),
+    /// Run a conductor (from --config, or defaults).
+    Conductor,
+    /// Run a node (from --config).
+    Node,
+    /// Certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Create a deployment from a spec file, or from a name and a command.
+    Deploy(DeployArgs),
+    /// List deployments.
+    Ps(ApiArgs),
+    /// Show (and follow) a deployment's logs.
+    Logs(LogsArgs),
+    /// List nodes.
+    Nodes(ApiArgs),
+    /// Set a deployment's desired state to STOPPED.
+    Stop(IdArgs),
+    /// Set a deployment's desired state to RUNNING.
+    Start(IdArgs),
+    /// Delete a deployment (stops it on its node).
+    Rm(IdArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// HTTP API address.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub http: SocketAddr,
+    /// QUIC address nodes dial.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub quic: SocketAddr,
+    /// Storage folder (database, certificates, the local node's work dir).
+    #[arg(long, default_value = "./storage")]
+    pub storage: PathBuf,
+    /// The local node's id.
+    #[arg(long, default_value = "local")]
+    pub node_id: String,
+    /// The local node's groups.
+    #[arg(long, value_delimiter = ',', default_value = "local")]
+    pub groups: Vec<String>,
+    /// Capacity classes of the local node, e.g. `--capacity cpu=4 --capacity gpu=1`.
+    #[arg(long = "capacity", value_parser = parse_capacity)]
+    pub capacities: Vec<(String, i64)>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Issue a node's certificate and key from the conductor's CA.
+    Node {
+        /// The node's id (what the certificate asserts).
+        node_id: String,
+        /// The conductor's certificate folder (`conductor.tls.cert_path`).
+        #[arg(long)]
+        cert_path: PathBuf,
+        /// Where to write `<node_id>.pem`, `<node_id>.key` and `ca.pem`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ApiArgs {
+    /// The conductor's HTTP API.
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct IdArgs {
+    /// Deployment id (a unique prefix is enough).
+    pub id: String,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LogsArgs {
+    /// Deployment id (a unique prefix is enough).
+    pub id: String,
+    /// Keep following new lines.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Lines of backlog.
+    #[arg(long, default_value_t = 200)]
+    pub tail: u32,
+    /// Only these streams (stdout, stderr, system, system-hc, system-ar).
+    #[arg(long, value_delimiter = ',')]
+    pub streams: Vec<String>,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// A JSON or YAML file: a full body {name, desired_state, kind, specification} or a specification.
+    #[arg(short, long)]
+    pub file: Option<PathBuf>,
+    /// Deployment name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Create it STOPPED.
+    #[arg(long)]
+    pub stopped: bool,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// The command, after `--`.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+fn parse_capacity(s: &str) -> Result<(String, i64), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected CLASS=AMOUNT, got {s:?}"))?;
+    let v: i64 = v.trim().parse().map_err(|_| format!("capacity {k}: expected an integer, got {v:?}"))?;
+    if v < 0 {
+        return Err(format!("capacity {k}: must not be negative"));
+    }
+    Ok((k.trim().to_owned(), v))
+}
+
+/// Entry point; returns the process exit code (0 ok, 1 failure, 2 usage).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("symphony: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        match run(cli).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("symphony: {e:#}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let overrides = Overrides { mode: cli.mode, log_level: cli.log_level.clone(), log_json: cli.log_json.then_some(true) };
+    match cli.command {
+        Some(Command::Dev(args)) => {
+            config::init_logging(cli.log_level.as_deref().unwrap_or("info"), cli.log_json)?;
+            dev(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Some(Command::Cert(CertCommand::Node { node_id, cert_path, out })) => {
+            let ca = CertificateAuthority::load(&symphony_net::CertFiles::in_dir(&cert_path, "ca"))
+                .with_context(|| format!("loading the CA from {}", cert_path.display()))?;
+            let files = ca.ensure_node_files(&node_id, &out)?;
+            println!("certificate: {}\nkey:         {}\nca:          {}", files.cert.display(), files.key.display(), out.join("ca.pem").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Conductor) => from_config(cli.config.as_deref(), Overrides { mode: Some(Mode::Conductor), ..overrides }).await,
+        Some(Command::Node) => from_config(cli.config.as_deref(), Overrides { mode: Some(Mode::Node), ..overrides }).await,
+        Some(cmd) => Ok(client_command(cmd).await),
+        None => match cli.config {
+            Some(path) => from_config(Some(&path), overrides).await,
+            None if Path::new("config.yaml").exists() => from_config(Some(Path::new("config.yaml")), overrides).await,
+            None => {
+                eprintln!("symphony: nothing to do. Try `symphony dev`, or `symphony --config FILE`; see `symphony --help`.");
+                Ok(ExitCode::from(2))
+            }
+        },
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+async fn from_config(path: Option<&Path>, overrides: Overrides) -> anyhow::Result<ExitCode> {
+    let (mut file, warnings) = match path {
+        Some(p) => config::load(p)?,
+        None => config::parse_str("", "defaults")?,
+    };
+    config::apply_overrides(&mut file, &overrides);
+    config::init_logging(&file.logging.level, file.logging.json)?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    match file.mode {
+        Mode::Conductor => {
+            let c = file.conductor_config()?;
+            let mut cfg = ConductorConfig::local(c.storage_dir.clone());
+            cfg.quic_listen = c.listen;
+            cfg.http_listen = c.http_listen;
+            cfg.cert_dir = c.cert_dir.clone();
+            cfg.server_names = c.server.iter().cloned().collect();
+            cfg.grace = c.node_grace;
+            cfg.suspect_after = c.suspect_after;
+            cfg.strategy = match c.scheduling {
+                config::Scheduling::Spread => crate::scheduler::Strategy::Spread,
+                config::Scheduling::Binpack => crate::scheduler::Strategy::Binpack,
+            };
+            let conductor = Conductor::start(cfg).await?;
+            eprintln!("conductor: API http://{}  QUIC {}", conductor.http_addr, conductor.quic_addr);
+            shutdown_signal().await;
+            conductor.shutdown().await;
+        }
+        Mode::Node => {
+            let n = file.node_config()?;
+            let tls = TlsMaterial::from_files(&n.tls.ca_file, &n.tls.cert_file, &n.tls.key_file)?;
+            let transport = TransportSettings { keep_alive: n.keep_alive, idle_timeout: n.idle_timeout, ..TransportSettings::default() };
+            let cfg = NodeConfig {
+                node_id: n.node_id.clone(),
+                conductor_addr: n.conductor_addr.clone(),
+                server_name: n.server_name.clone(),
+                tls,
+                groups: n.groups.clone(),
+                capacities_total: n.capacities_total.clone(),
+                heartbeat: n.heartbeat,
+                work_dir: n.work_dir.clone(),
+                transport,
+            };
+            run_node_until_signal(cfg).await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_node_until_signal(cfg: NodeConfig) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let mut node = tokio::spawn(crate::node::agent::run(cfg, cancel.clone()));
+    tokio::select! {
+        () = shutdown_signal() => {
+            cancel.cancel();
+            node.await.context("node task")?
+        }
+        r = &mut node => r.context("node task")?,
+    }
+}
+
+/// `symphony dev`: conductor + one local node, certificates created on first start.
+async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    let storage = args.storage.clone();
+    let mut cfg = ConductorConfig::local(storage.clone());
+    cfg.http_listen = args.http;
+    cfg.quic_listen = args.quic;
+    let conductor = Conductor::start(cfg).await?;
+    let node_dir = storage.join("nodes").join(&args.node_id);
+    let files = conductor.ca.ensure_node_files(&args.node_id, &node_dir)?;
+    let tls = TlsMaterial::from_files(&node_dir.join("ca.pem"), &files.cert, &files.key)?;
+    let capacities: BTreeMap<String, i64> = if args.capacities.is_empty() {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        BTreeMap::from([("cpu".to_owned(), i64::try_from(cpus).unwrap_or(1))])
+    } else {
+        args.capacities.into_iter().collect()
+    };
+    let node_cfg = NodeConfig {
+        node_id: args.node_id.clone(),
+        conductor_addr: conductor.quic_addr.to_string(),
+        server_name: Some("localhost".into()),
+        tls,
+        groups: args.groups.clone(),
+        capacities_total: capacities.clone(),
+        heartbeat: Duration::from_secs(1),
+        work_dir: node_dir.join("work"),
+        transport: TransportSettings::default(),
+    };
+    let api = format!("http://{}", conductor.http_addr);
+    println!("Symphony is running.");
+    println!("  API:   {api}   (OpenAPI: {api}/openapi.json, UI: {api}/ui/)");
+    println!("  QUIC:  {}   local node {:?}, groups {:?}, capacities {:?}", conductor.quic_addr, args.node_id, args.groups, capacities);
+    println!("  Try:   curl -s -X POST {api}/deployments -H 'content-type: application/json' \\");
+    println!("           -d '{{\"name\":\"hello\",\"specification\":{{\"spec\":{{\"config\":{{\"command\":[\"sh\",\"-c\",\"while true; do date; sleep 1; done\"]}}}}}}}}'");
+    println!("         symphony ps   |   symphony logs -f <id>   |   symphony stop <id>");
+    println!("  Ctrl-C stops everything (workloads included).");
+    let cancel = CancellationToken::new();
+    let node = tokio::spawn(crate::node::agent::run(node_cfg, cancel.clone()));
+    shutdown_signal().await;
+    eprintln!("shutting down: stopping workloads...");
+    cancel.cancel();
+    match node.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "node failed"),
+        Err(e) => tracing::error!(error = %e, "node task failed"),
+        Ok(Ok(())) => {}
+    }
+    conductor.shutdown().await;
+    Ok(())
+}
+
+/// Runs a client command against the HTTP API; prints errors, returns the exit code.
+async fn client_command(cmd: Command) -> ExitCode {
+    use crate::client;
+    let mut out = std::io::stdout();
+    let result = match cmd {
+        Command::Deploy(a) => {
+            let args = client::DeployArgs {
+                file: a.file,
+                name: a.name,
+                command: a.command,
+                desired_stopped: a.stopped,
+                json: a.json,
+                extra: client::DeployExtra::default(),
+            };
+            client::deploy(&a.api, &args, &mut out).await
+        }
+        Command::Ps(a) => client::ps(&a.api, a.json, &mut out).await,
+        Command::Nodes(a) => client::nodes(&a.api, a.json, &mut out).await,
+        Command::Logs(a) => {
+            let args = client::LogsArgs { id: a.id, follow: a.follow, tail: Some(a.tail), streams: a.streams };
+            client::logs(&a.api, &args, &mut out).await
+        }
+        Command::Stop(a) => client::stop(&a.api, &a.id, &mut out).await,
+        Command::Start(a) => client::start(&a.api, &a.id, &mut out).await,
+        Command::Rm(a) => client::rm(&a.api, &a.id, &mut out).await,
+        Command::Dev(_) | Command::Conductor | Command::Node | Command::Cert(_) => return ExitCode::from(2),
+    };
+    client::finish(result, &mut std::io::stderr()).into()
+}

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `symphony` binary; see `symphony --help`.
+
+fn main() -> std::process::ExitCode {
+    symphony::cli::main()
+}

@@ -1,10 +1,12 @@
 //! The node agent: supervises deployments on this machine.
 
+pub mod agent;
 pub mod envs;
 pub mod health;
 pub mod logs;
 pub mod monitor;
 pub mod restart;
 pub mod runner;
+pub mod state;
 pub mod supervisor;
 pub mod workspace;

@@ -1,0 +1,79 @@
+//! The node's local state (postcard, in its work dir): which deployments it holds, at which
+//! generation, with which spec, so a restarted agent comes back knowing what it ran and tells
+//! the conductor in its Hello. Written atomically (temp file + rename).
+
+use std::path::PathBuf;
+
+use crate::spec::DeploymentSpec;
+
+/// One held deployment.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Held {
+    pub id: String,
+    pub generation: u64,
+    pub desired_running: bool,
+    pub spec: DeploymentSpec,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct File {
+    version: u32,
+    held: Vec<Held>,
+}
+
+/// The state file.
+#[derive(Debug, Clone)]
+pub struct LocalState {
+    path: PathBuf,
+}
+
+impl LocalState {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    /// Reads the held deployments; a missing file is an empty list.
+    pub fn load(&self) -> std::io::Result<Vec<Held>> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => match postcard::from_bytes::<File>(&bytes) {
+                Ok(f) => Ok(f.held),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "unreadable local state; starting empty");
+                    Ok(Vec::new())
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces the held deployments.
+    pub fn save(&self, held: &[Held]) -> std::io::Result<()> {
+        let bytes = postcard::to_allocvec(&File { version: 1, held: held.to_vec() })
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = LocalState::new(dir.path().join("state.bin"));
+        assert!(st.load().unwrap().is_empty());
+        let held = vec![Held {
+            id: "abc".into(),
+            generation: 7,
+            desired_running: true,
+            spec: DeploymentSpec::defaults_for(vec!["sleep".into(), "1".into()]),
+        }];
+        st.save(&held).unwrap();
+        assert_eq!(st.load().unwrap(), held);
+    }
+}

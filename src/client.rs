@@ -1,1 +1,903 @@
-//! Client commands against the HTTP API.
+//! Client commands against the conductor's HTTP/WebSocket API: `deploy`, `ps`, `logs`, `nodes`,
+//! `stop`, `start`, `rm`.
+//!
+//! Each command is a library function taking the API base URL (`http://127.0.0.1:8000`) and a
+//! writer for its normal output, and returning `Result<Exit, ClientError>`; the CLI prints the
+//! error (see [`finish`]) and exits with [`Exit::code`]: 0 ok, 1 failure, 2 usage. Invariants:
+//! - nothing here panics on network, file or user input; every failure is a [`ClientError`];
+//! - a refused connection is always [`ClientError::Unreachable`], with one clear message;
+//! - id arguments accept a unique prefix (shorter than [`FULL_ID_LEN`]); an ambiguous prefix is a
+//!   usage error (exit 2) and lists the candidates;
+//! - only plain `http://` is supported (no TLS in this client), and no proxy is ever used.
+//!
+//! Pure parts live in submodules: [`render`] (tables, ages, log lines) and [`body`] (the deploy
+//! request body from a spec file or flags).
+
+pub mod body;
+pub mod render;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use reqwest::{Method, StatusCode, Url};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite;
+
+pub use body::{SpecFormat, deploy_body, parse_spec_text};
+pub use render::{format_age, format_log_entry, render_table};
+
+/// An id at least this long is used as is; shorter ones are resolved as prefixes.
+pub const FULL_ID_LEN: usize = 32;
+
+/// Page size used when listing all deployments.
+const PAGE_LIMIT: usize = 500;
+
+/// Safety cap on pages when listing, in case a server ignores `offset`.
+const MAX_PAGES: usize = 1000;
+
+/// Without `--follow`, how long `logs` waits for the backlog frame before giving up quietly.
+const BACKLOG_WAIT: Duration = Duration::from_secs(3);
+
+/// TCP connect timeout for HTTP requests.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whole-request timeout for HTTP requests.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a command ended; the CLI turns it into the process exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Success: exit 0.
+    Ok,
+    /// The operation failed: exit 1.
+    Failure,
+    /// The command line was wrong: exit 2.
+    Usage,
+}
+
+impl Exit {
+    /// The process exit status.
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Ok => 0,
+            Exit::Failure => 1,
+            Exit::Usage => 2,
+        }
+    }
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(e: Exit) -> Self {
+        std::process::ExitCode::from(e.code())
+    }
+}
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens at the API address.
+    #[error("cannot reach the conductor at {api}: is `symphony dev` running?")]
+    Unreachable {
+        /// The base URL that was tried.
+        api: String,
+    },
+    /// Bad arguments (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// An id prefix matches several deployments (exit 2).
+    #[error("id prefix '{prefix}' is ambiguous; it matches: {}", candidates.join(", "))]
+    AmbiguousId {
+        /// What the user typed.
+        prefix: String,
+        /// Matching ids (at most a handful, sorted).
+        candidates: Vec<String>,
+    },
+    /// No deployment has this id or prefix.
+    #[error("no deployment matches '{0}'")]
+    NoSuchDeployment(String),
+    /// The conductor rejected the request body (HTTP 422); one `field.path: message` per entry.
+    #[error("{}", .0.join("\n"))]
+    Validation(Vec<String>),
+    /// Any other non-success HTTP answer.
+    #[error("{detail} (HTTP {status})")]
+    Api {
+        /// The HTTP status code.
+        status: u16,
+        /// The server's `detail`, or the raw body.
+        detail: String,
+    },
+    /// The spec file could not be read or parsed.
+    #[error("{path}: {message}")]
+    SpecFile {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The log stream reported an error (an `"error"` key in a frame).
+    #[error("log stream: {0}")]
+    LogStream(String),
+    /// A transport failure other than a refused connection.
+    #[error("request to the conductor failed: {0}")]
+    Transport(String),
+    /// The conductor answered something this client does not understand.
+    #[error("unexpected answer from the conductor: {0}")]
+    Decode(String),
+    /// Writing the output failed.
+    #[error("writing output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ClientError {
+    /// The exit status this error maps to.
+    pub fn exit(&self) -> Exit {
+        match self {
+            ClientError::Usage(_) | ClientError::AmbiguousId { .. } => Exit::Usage,
+            _ => Exit::Failure,
+        }
+    }
+}
+
+/// Prints the error of a finished command to `err` (validation entries one per line, anything
+/// else as `error: ...`) and returns the exit status.
+pub fn finish(result: Result<Exit, ClientError>, err: &mut impl Write) -> Exit {
+    match result {
+        Ok(exit) => exit,
+        Err(e) => {
+            // Best effort: if stderr itself is gone there is nobody left to tell.
+            let _ = match &e {
+                ClientError::Validation(lines) => {
+                    lines.iter().try_for_each(|l| writeln!(err, "{l}"))
+                }
+                other => writeln!(err, "error: {other}"),
+            };
+            e.exit()
+        }
+    }
+}
+
+/// One deployment as the API returns it (unknown fields ignored, most fields optional).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Deployment {
+    /// Deployment id.
+    pub id: String,
+    /// User-chosen name.
+    #[serde(default)]
+    pub name: String,
+    /// RUNNING or STOPPED.
+    #[serde(default)]
+    pub desired_state: String,
+    /// The observed state, if known.
+    #[serde(default)]
+    pub current_state: Option<String>,
+    /// EXEC or DOCKER.
+    #[serde(default)]
+    pub kind: String,
+    /// Creation time, unix ms.
+    #[serde(default)]
+    pub created_at_ms: i64,
+    /// Last update time, unix ms.
+    #[serde(default)]
+    pub updated_at_ms: i64,
+    /// The node it is placed on.
+    #[serde(default)]
+    pub assigned_node_id: Option<String>,
+    /// Why it is not placed.
+    #[serde(default)]
+    pub assignment_reason: Option<String>,
+    /// The node's last runtime report.
+    #[serde(default)]
+    pub status: Option<RunStatus>,
+}
+
+/// The runtime status block of a deployment.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RunStatus {
+    /// Runtime state.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// Process id.
+    #[serde(default)]
+    pub pid: Option<i64>,
+    /// Restarts so far.
+    #[serde(default)]
+    pub restart_count: Option<u64>,
+    /// Last exit code.
+    #[serde(default)]
+    pub last_exit_code: Option<i64>,
+    /// Free-text reason.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `GET /nodes` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NodesResponse {
+    /// Node snapshots by id (sorted).
+    pub nodes: BTreeMap<String, NodeSnapshot>,
+}
+
+/// One node, as far as the `nodes` table needs it.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NodeSnapshot {
+    /// Node id.
+    #[serde(default)]
+    pub node_id: String,
+    /// Node groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Capacity per class.
+    #[serde(default)]
+    pub capacities_total: BTreeMap<String, f64>,
+    /// Capacity in use per class.
+    #[serde(default)]
+    pub total_capacities_used: BTreeMap<String, f64>,
+    /// online, suspect or lost.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// CPU figures.
+    #[serde(default)]
+    pub cpu: Option<NodeCpu>,
+    /// Memory figures.
+    #[serde(default)]
+    pub memory: Option<NodeMemory>,
+    /// GPUs (only counted).
+    #[serde(default)]
+    pub gpus: Vec<Value>,
+    /// The QUIC connection, if connected.
+    #[serde(default)]
+    pub connection: Option<NodeConnection>,
+}
+
+/// `cpu` block of a node.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NodeCpu {
+    /// `cpu.dynamic`.
+    #[serde(default)]
+    pub dynamic: Option<NodeCpuDynamic>,
+}
+
+/// `cpu.dynamic`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NodeCpuDynamic {
+    /// Whole-machine CPU use, percent.
+    #[serde(default)]
+    pub total_percent: Option<f64>,
+}
+
+/// `memory` block of a node.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NodeMemory {
+    /// `memory.static`.
+    #[serde(default, rename = "static")]
+    pub r#static: Option<NodeMemoryStatic>,
+    /// `memory.dynamic`.
+    #[serde(default)]
+    pub dynamic: Option<NodeMemoryDynamic>,
+}
+
+/// `memory.static`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NodeMemoryStatic {
+    /// Total RAM in bytes.
+    #[serde(default)]
+    pub total_bytes: Option<f64>,
+}
+
+/// `memory.dynamic`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NodeMemoryDynamic {
+    /// Used RAM in bytes.
+    #[serde(default)]
+    pub used_bytes: Option<f64>,
+}
+
+/// `connection` block of a node.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NodeConnection {
+    /// Peer address as seen by the conductor.
+    #[serde(default)]
+    pub remote_addr: Option<String>,
+    /// Smoothed RTT in ms.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+}
+
+/// One log line from the logs WebSocket.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogEntry {
+    /// Per-deployment sequence number.
+    #[serde(default)]
+    pub seq: Option<u64>,
+    /// When the line was read, unix ms.
+    #[serde(default)]
+    pub timestamp_unix_ms: i64,
+    /// stdout, stderr, system, ...
+    #[serde(default)]
+    pub stream: String,
+    /// The text, without newline.
+    #[serde(default)]
+    pub line: String,
+}
+
+/// One frame of the logs WebSocket.
+#[derive(Debug, Clone, Deserialize)]
+struct LogFrame {
+    #[serde(default)]
+    entries: Vec<LogEntry>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// Arguments of `symphony deploy`.
+#[derive(Debug, Clone, Default)]
+pub struct DeployArgs {
+    /// `-f FILE`: a full POST body or just a specification (JSON, or YAML by extension).
+    pub file: Option<PathBuf>,
+    /// `--name N`: required with a command or a spec-only file; overrides the file's name.
+    pub name: Option<String>,
+    /// `-- cmd args...`: the command to run (exclusive with `file`).
+    pub command: Vec<String>,
+    /// `--stopped`: create with `desired_state: STOPPED`.
+    pub desired_stopped: bool,
+    /// `--json`: print the created deployment as JSON instead of its id.
+    pub json: bool,
+    /// Optional spec additions.
+    pub extra: DeployExtra,
+}
+
+/// Optional spec additions for `deploy`, merged into `specification.spec`.
+#[derive(Debug, Clone, Default)]
+pub struct DeployExtra {
+    /// `--env KEY=VALUE` (repeatable) -> `spec.env`.
+    pub env: Vec<String>,
+    /// `--capacity CLASS=N` (repeatable) -> `spec.capacity_requests`.
+    pub capacity: Vec<String>,
+    /// `--restart POLICY` -> `spec.restart_policy`.
+    pub restart: Option<String>,
+}
+
+/// Arguments of `symphony logs`.
+#[derive(Debug, Clone, Default)]
+pub struct LogsArgs {
+    /// Deployment id or unique prefix.
+    pub id: String,
+    /// `-f`: keep following until the socket closes or Ctrl-C.
+    pub follow: bool,
+    /// `--tail N`: backlog lines (server default when `None`).
+    pub tail: Option<u32>,
+    /// `--streams a,b`: only these streams (all when empty).
+    pub streams: Vec<String>,
+}
+
+/// `symphony deploy`: creates a deployment and prints its id (or the JSON with `--json`).
+pub async fn deploy(
+    api: &str,
+    args: &DeployArgs,
+    out: &mut impl Write,
+) -> Result<Exit, ClientError> {
+    if args.file.is_some() && !args.command.is_empty() {
+        // Checked before reading the file so the usage error wins over a file error.
+        return Err(ClientError::Usage(
+            "give either a spec file (-f) or a command (-- cmd ...), not both".into(),
+        ));
+    }
+    let file = match &args.file {
+        None => None,
+        Some(path) => {
+            let spec_err = |message: String| ClientError::SpecFile {
+                path: path.clone(),
+                message,
+            };
+            let text = tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| spec_err(e.to_string()))?;
+            Some(parse_spec_text(&text, SpecFormat::from_path(path)).map_err(spec_err)?)
+        }
+    };
+    let body = deploy_body(args, file)?;
+    let client = Client::new(api)?;
+    let created: Value = client
+        .request(Method::POST, &["deployments"], &[], Some(&body))
+        .await?;
+    if args.json {
+        print_json(out, &created)?;
+    } else {
+        let id = created
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ClientError::Decode("the created deployment has no id".into()))?;
+        writeln!(out, "{id}")?;
+    }
+    Ok(Exit::Ok)
+}
+
+/// `symphony ps`: lists deployments as a table (or the raw JSON array with `--json`).
+pub async fn ps(api: &str, json: bool, out: &mut impl Write) -> Result<Exit, ClientError> {
+    let client = Client::new(api)?;
+    let raw = client.list_deployments().await?;
+    if json {
+        print_json(out, &Value::Array(raw))?;
+        return Ok(Exit::Ok);
+    }
+    let deployments = raw
+        .into_iter()
+        .map(serde_json::from_value::<Deployment>)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Decode(e.to_string()))?;
+    out.write_all(render::render_ps(&deployments, now_ms()).as_bytes())?;
+    Ok(Exit::Ok)
+}
+
+/// `symphony nodes`: lists nodes as a table (or the raw JSON with `--json`).
+pub async fn nodes(api: &str, json: bool, out: &mut impl Write) -> Result<Exit, ClientError> {
+    let client = Client::new(api)?;
+    let raw: Value = client.request(Method::GET, &["nodes"], &[], None).await?;
+    if json {
+        print_json(out, &raw)?;
+        return Ok(Exit::Ok);
+    }
+    let parsed: NodesResponse =
+        serde_json::from_value(raw).map_err(|e| ClientError::Decode(e.to_string()))?;
+    let snapshots = parsed.nodes.into_iter().map(|(id, mut n)| {
+        if n.node_id.is_empty() {
+            n.node_id = id;
+        }
+        n
+    });
+    let snapshots: Vec<NodeSnapshot> = snapshots.collect();
+    out.write_all(render::render_nodes(&snapshots).as_bytes())?;
+    Ok(Exit::Ok)
+}
+
+/// `symphony stop`: sets `desired_state: STOPPED`; prints the full id.
+pub async fn stop(api: &str, id: &str, out: &mut impl Write) -> Result<Exit, ClientError> {
+    set_desired(api, id, "STOPPED", out).await
+}
+
+/// `symphony start`: sets `desired_state: RUNNING`; prints the full id.
+pub async fn start(api: &str, id: &str, out: &mut impl Write) -> Result<Exit, ClientError> {
+    set_desired(api, id, "RUNNING", out).await
+}
+
+async fn set_desired(
+    api: &str,
+    id: &str,
+    state: &str,
+    out: &mut impl Write,
+) -> Result<Exit, ClientError> {
+    let client = Client::new(api)?;
+    let id = client.resolve_id(id).await?;
+    let _: Value = client
+        .request(
+            Method::PATCH,
+            &["deployments", &id],
+            &[],
+            Some(&json!({ "desired_state": state })),
+        )
+        .await?;
+    writeln!(out, "{id}")?;
+    Ok(Exit::Ok)
+}
+
+/// `symphony rm`: deletes a deployment; prints the full id.
+pub async fn rm(api: &str, id: &str, out: &mut impl Write) -> Result<Exit, ClientError> {
+    let client = Client::new(api)?;
+    let id = client.resolve_id(id).await?;
+    client
+        .request_empty(Method::DELETE, &["deployments", &id])
+        .await?;
+    writeln!(out, "{id}")?;
+    Ok(Exit::Ok)
+}
+
+/// `symphony logs`: prints log lines as `<RFC3339 time> [<stream>] <line>`.
+///
+/// Without `follow` it prints the backlog (the first frame) and returns; with `follow` it runs
+/// until the server closes the socket or Ctrl-C.
+pub async fn logs(api: &str, args: &LogsArgs, out: &mut impl Write) -> Result<Exit, ClientError> {
+    let ctrl_c = async {
+        // If the handler cannot be installed, just never stop on Ctrl-C (the default kills us).
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    logs_until(api, args, out, ctrl_c).await
+}
+
+/// [`logs`] with an explicit stop signal instead of Ctrl-C (for embedding and tests).
+pub async fn logs_until(
+    api: &str,
+    args: &LogsArgs,
+    out: &mut impl Write,
+    stop: impl Future<Output = ()>,
+) -> Result<Exit, ClientError> {
+    logs_inner(api, args, out, stop, BACKLOG_WAIT).await
+}
+
+async fn logs_inner(
+    api: &str,
+    args: &LogsArgs,
+    out: &mut impl Write,
+    stop: impl Future<Output = ()>,
+    backlog_wait: Duration,
+) -> Result<Exit, ClientError> {
+    let client = Client::new(api)?;
+    let id = client.resolve_id(&args.id).await?;
+    let mut url = client.url(&["ws", "deployments", &id, "logs"])?;
+    {
+        let mut q = url.query_pairs_mut();
+        if let Some(tail) = args.tail {
+            q.append_pair("tail", &tail.to_string());
+        }
+        let streams: Vec<&str> = args
+            .streams
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if !streams.is_empty() {
+            q.append_pair("streams", &streams.join(","));
+        }
+    }
+    if url.query() == Some("") {
+        url.set_query(None);
+    }
+    url.set_scheme("ws")
+        .map_err(|()| ClientError::Usage(format!("cannot make a WebSocket URL from {api}")))?;
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .map_err(|e| ws_error(api, e))?;
+
+    let mut stop = std::pin::pin!(stop);
+    let result = async {
+        loop {
+            let next = if args.follow {
+                tokio::select! {
+                    m = ws.next() => m,
+                    () = &mut stop => return Ok(Exit::Ok),
+                }
+            } else {
+                tokio::select! {
+                    m = tokio::time::timeout(backlog_wait, ws.next()) => match m {
+                        Ok(m) => m,
+                        Err(_) => return Ok(Exit::Ok),
+                    },
+                    () = &mut stop => return Ok(Exit::Ok),
+                }
+            };
+            let text = match next {
+                None | Some(Ok(tungstenite::Message::Close(_))) => return Ok(Exit::Ok),
+                Some(Err(e)) => return Err(ws_error(api, e)),
+                Some(Ok(tungstenite::Message::Text(t))) => t.as_str().to_owned(),
+                Some(Ok(tungstenite::Message::Binary(b))) => {
+                    String::from_utf8_lossy(&b).into_owned()
+                }
+                Some(Ok(_)) => continue,
+            };
+            let frame: LogFrame = serde_json::from_str(&text)
+                .map_err(|e| ClientError::Decode(format!("log frame: {e}")))?;
+            if let Some(error) = frame.error {
+                return Err(ClientError::LogStream(error));
+            }
+            match write_entries(out, &frame.entries) {
+                Ok(()) => {}
+                // `symphony logs -f | head`: the reader left; that is a normal end.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(Exit::Ok),
+                Err(e) => return Err(e.into()),
+            }
+            if !args.follow {
+                return Ok(Exit::Ok);
+            }
+        }
+    }
+    .await;
+    // Polite close; the server may already be gone, which is fine.
+    let _ = ws.close(None).await;
+    let _ = ws.flush().await;
+    result
+}
+
+fn write_entries(out: &mut impl Write, entries: &[LogEntry]) -> std::io::Result<()> {
+    for e in entries {
+        writeln!(out, "{}", format_log_entry(e))?;
+    }
+    out.flush()
+}
+
+/// Resolves `prefix` against known ids: an exact match wins, otherwise the prefix must match
+/// exactly one id. Empty -> usage error; none -> [`ClientError::NoSuchDeployment`]; several ->
+/// [`ClientError::AmbiguousId`] with up to five sorted candidates.
+pub fn resolve_prefix<'a>(
+    prefix: &str,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> Result<String, ClientError> {
+    if prefix.is_empty() {
+        return Err(ClientError::Usage(
+            "the deployment id must not be empty".into(),
+        ));
+    }
+    let mut matches: Vec<&str> = Vec::new();
+    for id in ids {
+        if id == prefix {
+            return Ok(id.to_owned());
+        }
+        if id.starts_with(prefix) && !matches.contains(&id) {
+            matches.push(id);
+        }
+    }
+    match matches.as_slice() {
+        [] => Err(ClientError::NoSuchDeployment(prefix.to_owned())),
+        [one] => Ok((*one).to_owned()),
+        _ => {
+            matches.sort_unstable();
+            matches.truncate(5);
+            Err(ClientError::AmbiguousId {
+                prefix: prefix.to_owned(),
+                candidates: matches.into_iter().map(str::to_owned).collect(),
+            })
+        }
+    }
+}
+
+/// A thin HTTP client bound to one conductor.
+struct Client {
+    api: String,
+    base: Url,
+    http: reqwest::Client,
+}
+
+impl Client {
+    fn new(api: &str) -> Result<Client, ClientError> {
+        let base = Url::parse(api)
+            .map_err(|e| ClientError::Usage(format!("invalid conductor URL '{api}': {e}")))?;
+        if base.scheme() != "http" || base.cannot_be_a_base() {
+            return Err(ClientError::Usage(format!(
+                "invalid conductor URL '{api}': only http://HOST:PORT is supported"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| ClientError::Transport(error_chain(&e)))?;
+        Ok(Client {
+            api: api.to_owned(),
+            base,
+            http,
+        })
+    }
+
+    /// `base` + percent-encoded path segments.
+    fn url(&self, segments: &[&str]) -> Result<Url, ClientError> {
+        let mut url = self.base.clone();
+        url.set_query(None);
+        url.path_segments_mut()
+            .map_err(|()| ClientError::Usage(format!("invalid conductor URL '{}'", self.api)))?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut req = self.http.request(method, self.url(segments)?);
+        if !query.is_empty() {
+            req = req.query(query);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Err(api_error(status, &text))
+    }
+
+    async fn request<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(method, segments, query, body).await?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    async fn request_empty(&self, method: Method, segments: &[&str]) -> Result<(), ClientError> {
+        self.send(method, segments, &[], None).await.map(drop)
+    }
+
+    fn transport(&self, e: reqwest::Error) -> ClientError {
+        if e.is_connect() {
+            ClientError::Unreachable {
+                api: self.api.clone(),
+            }
+        } else {
+            ClientError::Transport(error_chain(&e))
+        }
+    }
+
+    /// All deployments, newest first, paging until an empty page (or a page with nothing new).
+    async fn list_deployments(&self) -> Result<Vec<Value>, ClientError> {
+        let mut all = Vec::new();
+        let mut seen = HashSet::new();
+        let mut offset = 0usize;
+        for _ in 0..MAX_PAGES {
+            let page: Vec<Value> = self
+                .request(
+                    Method::GET,
+                    &["deployments"],
+                    &[
+                        ("limit", PAGE_LIMIT.to_string()),
+                        ("offset", offset.to_string()),
+                    ],
+                    None,
+                )
+                .await?;
+            if page.is_empty() {
+                break;
+            }
+            offset += page.len();
+            let mut fresh = 0;
+            for item in page {
+                let id = item
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                if seen.insert(id) {
+                    fresh += 1;
+                    all.push(item);
+                }
+            }
+            if fresh == 0 {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
+    /// A full id as is; a shorter one resolved as a prefix over all deployments.
+    async fn resolve_id(&self, id: &str) -> Result<String, ClientError> {
+        let id = id.trim();
+        if id.len() >= FULL_ID_LEN {
+            return Ok(id.to_owned());
+        }
+        if id.is_empty() {
+            return Err(ClientError::Usage(
+                "the deployment id must not be empty".into(),
+            ));
+        }
+        let all = self.list_deployments().await?;
+        resolve_prefix(
+            id,
+            all.iter()
+                .filter_map(|d| d.get("id").and_then(Value::as_str)),
+        )
+    }
+}
+
+/// Maps a non-success HTTP answer: 422 lists become [`ClientError::Validation`].
+fn api_error(status: StatusCode, text: &str) -> ClientError {
+    let detail = serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v.get("detail").cloned());
+    match detail {
+        Some(Value::Array(items)) if status == StatusCode::UNPROCESSABLE_ENTITY => {
+            ClientError::Validation(items.iter().map(format_validation_item).collect())
+        }
+        Some(Value::String(s)) => ClientError::Api {
+            status: status.as_u16(),
+            detail: s,
+        },
+        Some(other) => ClientError::Api {
+            status: status.as_u16(),
+            detail: other.to_string(),
+        },
+        None => {
+            let body = text.trim();
+            let detail = if body.is_empty() {
+                status.canonical_reason().unwrap_or("error").to_owned()
+            } else {
+                body.chars().take(500).collect()
+            };
+            ClientError::Api {
+                status: status.as_u16(),
+                detail,
+            }
+        }
+    }
+}
+
+/// One 422 entry as `field.path: message`; a leading `body` location element is dropped.
+pub fn format_validation_item(item: &Value) -> String {
+    let msg = item
+        .get("msg")
+        .and_then(Value::as_str)
+        .map_or_else(|| item.to_string(), str::to_owned);
+    let loc: Vec<String> = item
+        .get("loc")
+        .and_then(Value::as_array)
+        .map(|parts| {
+            parts
+                .iter()
+                .map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let loc = match loc.split_first() {
+        Some((first, rest)) if first == "body" => rest.to_vec(),
+        _ => loc,
+    };
+    if loc.is_empty() {
+        msg
+    } else {
+        format!("{}: {msg}", loc.join("."))
+    }
+}
+
+/// Maps a WebSocket error, recognising a refused connection and HTTP rejections.
+fn ws_error(api: &str, e: tungstenite::Error) -> ClientError {
+    match e {
+        tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            ClientError::Unreachable {
+                api: api.to_owned(),
+            }
+        }
+        tungstenite::Error::Http(resp) => {
+            let body = resp
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            api_error(resp.status(), &body)
+        }
+        other => ClientError::Transport(error_chain(&other)),
+    }
+}
+
+/// An error and its sources, joined with `: `.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = inner.source();
+    }
+    s
+}
+
+fn print_json(out: &mut impl Write, v: &Value) -> Result<(), ClientError> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| ClientError::Decode(e.to_string()))?;
+    writeln!(out, "{text}")?;
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

@@ -1,0 +1,369 @@
+//! Pure rendering for the client commands: aligned text tables, human ages, the `ps` and `nodes`
+//! rows and the log line format.
+//!
+//! Nothing here does IO or reads the clock: callers pass `now` in, so every function is testable.
+//! Invariants: a rendered table has one line per row plus the header, every line ends with `\n`,
+//! no line has trailing spaces, and cells never contain control characters (they are replaced
+//! by spaces so a hostile name cannot break the layout).
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, SecondsFormat};
+
+use super::{Deployment, LogEntry, NodeSnapshot};
+
+/// Gap between two columns.
+const COLUMN_GAP: &str = "  ";
+
+/// Bytes in one GiB, for the memory column.
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// Renders `headers` and `rows` as a left-aligned table.
+///
+/// Column widths are measured in `char`s. Rows shorter than the header are padded with empty
+/// cells; extra cells beyond the header are ignored.
+pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect()
+    };
+    let header: Vec<String> = headers.iter().map(|h| clean(h)).collect();
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            (0..header.len())
+                .map(|i| row.get(i).map(|c| clean(c)).unwrap_or_default())
+                .collect()
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &body {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for line in std::iter::once(&header).chain(body.iter()) {
+        let mut text = String::new();
+        for (i, (cell, width)) in line.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                text.push_str(COLUMN_GAP);
+            }
+            text.push_str(cell);
+            let pad = width - cell.chars().count();
+            text.extend(std::iter::repeat_n(' ', pad));
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Formats an age in seconds as `5s`, `3m`, `2h` or `4d` (truncated, largest unit only).
+///
+/// Negative ages (clock skew between client and conductor) display as `0s`.
+pub fn format_age(seconds: i64) -> String {
+    let s = seconds.max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86_400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// Formats a number without a trailing `.0` when it is integral, else with up to two decimals.
+pub fn format_number(value: f64) -> String {
+    if value.is_finite() && value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{value:.0}")
+    } else {
+        let s = format!("{value:.2}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        s.to_owned()
+    }
+}
+
+/// The first eight characters of an id, as shown by `ps`.
+pub fn short_id(id: &str) -> String {
+    id.chars().take(8).collect()
+}
+
+/// Headers of the `ps` table.
+pub const PS_HEADERS: [&str; 7] = [
+    "ID", "NAME", "DESIRED", "CURRENT", "NODE", "RESTARTS", "AGE",
+];
+
+/// One `ps` row. The age counts from `created_at_ms` to `now_ms`.
+pub fn ps_row(d: &Deployment, now_ms: i64) -> Vec<String> {
+    let current = d
+        .current_state
+        .clone()
+        .or_else(|| d.status.as_ref().and_then(|s| s.state.clone()))
+        .unwrap_or_else(|| "-".to_owned());
+    let node = match (&d.assigned_node_id, &d.assignment_reason) {
+        (Some(node), _) => node.clone(),
+        (None, Some(reason)) => format!("({reason})"),
+        (None, None) => "-".to_owned(),
+    };
+    let restarts = d
+        .status
+        .as_ref()
+        .and_then(|s| s.restart_count)
+        .map_or_else(|| "-".to_owned(), |n| n.to_string());
+    let age = format_age(now_ms.saturating_sub(d.created_at_ms) / 1000);
+    vec![
+        short_id(&d.id),
+        d.name.clone(),
+        d.desired_state.clone(),
+        current,
+        node,
+        restarts,
+        age,
+    ]
+}
+
+/// The whole `ps` table.
+pub fn render_ps(deployments: &[Deployment], now_ms: i64) -> String {
+    let rows: Vec<Vec<String>> = deployments.iter().map(|d| ps_row(d, now_ms)).collect();
+    render_table(&PS_HEADERS, &rows)
+}
+
+/// Headers of the `nodes` table.
+pub const NODES_HEADERS: [&str; 9] = [
+    "NODE", "STATE", "GROUPS", "CAPACITY", "CPU %", "MEM", "GPUS", "RTT", "ADDRESS",
+];
+
+/// One `nodes` row.
+pub fn nodes_row(n: &NodeSnapshot) -> Vec<String> {
+    let dash = || "-".to_owned();
+    let groups = if n.groups.is_empty() {
+        dash()
+    } else {
+        n.groups.join(",")
+    };
+    let classes: BTreeSet<&String> = n
+        .capacities_total
+        .keys()
+        .chain(n.total_capacities_used.keys())
+        .collect();
+    let capacity = if classes.is_empty() {
+        dash()
+    } else {
+        classes
+            .into_iter()
+            .map(|class| {
+                let used = n.total_capacities_used.get(class).copied().unwrap_or(0.0);
+                let total = n.capacities_total.get(class).copied().unwrap_or(0.0);
+                format!("{class} {}/{}", format_number(used), format_number(total))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let cpu = n
+        .cpu
+        .as_ref()
+        .and_then(|c| c.dynamic.as_ref())
+        .and_then(|d| d.total_percent)
+        .map_or_else(dash, |p| format!("{p:.1}"));
+    let mem_total = n
+        .memory
+        .as_ref()
+        .and_then(|m| m.r#static.as_ref())
+        .and_then(|s| s.total_bytes);
+    let mem_used = n
+        .memory
+        .as_ref()
+        .and_then(|m| m.dynamic.as_ref())
+        .and_then(|d| d.used_bytes);
+    let mem = match (mem_used, mem_total) {
+        (Some(u), Some(t)) => format!("{:.1}/{:.1} GiB", u / GIB, t / GIB),
+        (None, Some(t)) => format!("-/{:.1} GiB", t / GIB),
+        _ => dash(),
+    };
+    let rtt = n
+        .connection
+        .as_ref()
+        .and_then(|c| c.rtt_ms)
+        .map_or_else(dash, |r| format!("{r:.1}ms"));
+    let address = n
+        .connection
+        .as_ref()
+        .and_then(|c| c.remote_addr.clone())
+        .unwrap_or_else(dash);
+    vec![
+        n.node_id.clone(),
+        n.state.clone().unwrap_or_else(dash),
+        groups,
+        capacity,
+        cpu,
+        mem,
+        n.gpus.len().to_string(),
+        rtt,
+        address,
+    ]
+}
+
+/// The whole `nodes` table, one row per node in the given order.
+pub fn render_nodes<'a>(nodes: impl IntoIterator<Item = &'a NodeSnapshot>) -> String {
+    let rows: Vec<Vec<String>> = nodes.into_iter().map(nodes_row).collect();
+    render_table(&NODES_HEADERS, &rows)
+}
+
+/// Formats one log entry as `<RFC3339 UTC time> [<stream>] <line>`.
+///
+/// A timestamp outside chrono's range is printed as the raw millisecond number. Trailing line
+/// terminators in `line` are dropped (the caller adds exactly one newline).
+pub fn format_log_entry(entry: &LogEntry) -> String {
+    let time = DateTime::from_timestamp_millis(entry.timestamp_unix_ms).map_or_else(
+        || entry.timestamp_unix_ms.to_string(),
+        |t| t.to_rfc3339_opts(SecondsFormat::Millis, true),
+    );
+    let line = entry.line.trim_end_matches(['\n', '\r']);
+    format!("{time} [{}] {line}", entry.stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{Deployment, RunStatus};
+
+    #[test]
+    fn table_aligns_columns_and_trims_trailing_space() {
+        let rows = vec![
+            vec!["a".to_owned(), "long-value".to_owned(), "x".to_owned()],
+            vec!["bbbb".to_owned(), "v".to_owned(), String::new()],
+        ];
+        let t = render_table(&["H1", "H2", "H3"], &rows);
+        assert_eq!(
+            t,
+            "H1    H2          H3\n\
+             a     long-value  x\n\
+             bbbb  v\n"
+        );
+    }
+
+    #[test]
+    fn table_with_no_rows_is_just_the_header() {
+        assert_eq!(render_table(&["ID", "NAME"], &[]), "ID  NAME\n");
+    }
+
+    #[test]
+    fn table_pads_short_rows_ignores_extra_cells_and_counts_chars() {
+        let rows = vec![
+            vec!["é€".to_owned()],
+            vec!["x".to_owned(), "y".to_owned(), "ignored".to_owned()],
+        ];
+        let t = render_table(&["A", "B"], &rows);
+        assert_eq!(t, "A   B\né€\nx   y\n");
+    }
+
+    #[test]
+    fn table_replaces_control_characters() {
+        let rows = vec![vec!["evil\nname\t!".to_owned(), "z".to_owned()]];
+        let t = render_table(&["N", "Z"], &rows);
+        assert_eq!(t.lines().count(), 2);
+        assert_eq!(t.lines().nth(1), Some("evil name !  z"));
+    }
+
+    #[test]
+    fn ages_use_the_largest_unit() {
+        let cases = [
+            (-5, "0s"),
+            (0, "0s"),
+            (5, "5s"),
+            (59, "59s"),
+            (60, "1m"),
+            (3 * 60 + 59, "3m"),
+            (3599, "59m"),
+            (3600, "1h"),
+            (2 * 3600 + 1, "2h"),
+            (86_399, "23h"),
+            (86_400, "1d"),
+            (4 * 86_400 + 7, "4d"),
+            (400 * 86_400, "400d"),
+        ];
+        for (secs, want) in cases {
+            assert_eq!(format_age(secs), want, "age of {secs}s");
+        }
+    }
+
+    #[test]
+    fn numbers_drop_integral_fractions() {
+        assert_eq!(format_number(2.0), "2");
+        assert_eq!(format_number(0.0), "0");
+        assert_eq!(format_number(1.5), "1.5");
+        assert_eq!(format_number(0.25), "0.25");
+        assert_eq!(format_number(1.0 / 3.0), "0.33");
+    }
+
+    fn dep(id: &str, name: &str) -> Deployment {
+        Deployment {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            desired_state: "RUNNING".to_owned(),
+            current_state: None,
+            kind: "EXEC".to_owned(),
+            created_at_ms: 1_000_000,
+            updated_at_ms: 1_000_000,
+            assigned_node_id: None,
+            assignment_reason: None,
+            status: None,
+        }
+    }
+
+    #[test]
+    fn ps_rows_fall_back_sensibly() {
+        let mut running = dep("0123456789abcdef0123456789abcdef", "web");
+        running.current_state = Some("RUNNING".to_owned());
+        running.assigned_node_id = Some("node-a".to_owned());
+        running.status = Some(RunStatus {
+            state: Some("RUNNING".to_owned()),
+            restart_count: Some(3),
+            ..RunStatus::default()
+        });
+        let mut pending = dep("fedcba98-7654-3210", "batch");
+        pending.assignment_reason = Some("No Capacity".to_owned());
+        let bare = dep("short", "x");
+
+        let now = 1_000_000 + 2 * 3_600_000 + 5;
+        assert_eq!(
+            ps_row(&running, now),
+            ["01234567", "web", "RUNNING", "RUNNING", "node-a", "3", "2h"]
+        );
+        assert_eq!(
+            ps_row(&pending, now),
+            [
+                "fedcba98",
+                "batch",
+                "RUNNING",
+                "-",
+                "(No Capacity)",
+                "-",
+                "2h"
+            ]
+        );
+        assert_eq!(ps_row(&bare, 1_000_000 + 5_000)[0], "short");
+        assert_eq!(ps_row(&bare, 1_000_000 + 5_000)[6], "5s");
+
+        let table = render_ps(&[running, pending], now);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("ID        NAME   DESIRED"));
+        assert!(lines[1].starts_with("01234567  web    RUNNING"));
+    }
+
+    #[test]
+    fn log_entries_are_rfc3339_utc() {
+        let e = LogEntry {
+            seq: Some(1),
+            timestamp_unix_ms: 1_700_000_000_123,
+            stream: "stderr".to_owned(),
+            line: "boom\n".to_owned(),
+        };
+        assert_eq!(
+            format_log_entry(&e),
+            "2023-11-14T22:13:20.123Z [stderr] boom"
+        );
+    }
+}

@@ -371,6 +371,7 @@ impl Core {
 
     fn assign_msg(&mut self, id: &str, generation: u64) -> Option<wire::conductor_message::Msg> {
         let command_id = self.command_id();
+        let log_seq_floor = self.logs.last_seqs([id.to_owned()]).get(id).copied().unwrap_or(0);
         let d = self.deployments.get(id)?;
         Some(wire::conductor_message::Msg::Assign(wire::Assign {
             deployment_id: d.id.clone(),
@@ -379,6 +380,7 @@ impl Core {
             desired_running: d.desired_state == "RUNNING",
             specification_json: d.specification.to_string(),
             command_id,
+            log_seq_floor,
         }))
     }
 

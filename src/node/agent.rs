@@ -107,14 +107,17 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
 
     // Status changes go to whichever connection is current (the next Hello resends all).
     let outbound: Arc<Mutex<Option<mpsc::Sender<wire::NodeMessage>>>> = Arc::new(Mutex::new(None));
+    let log_offsets: Arc<Mutex<HashMap<String, u64>>> =
+        Arc::new(Mutex::new(held.iter().map(|h| (h.id.clone(), h.log_offset)).collect()));
     {
-        let outbound = outbound.clone();
+        let (outbound, offsets) = (outbound.clone(), log_offsets.clone());
         tasks.spawn(async move {
             while let Some(st) = events.recv().await {
                 let tx = outbound.lock().ok().and_then(|o| o.clone());
                 if let Some(tx) = tx {
-                    let msg = status_msg(vec![to_wire(&st)], vec![]);
-                    let _ = tx.try_send(msg);
+                    let offset = offsets.lock().ok().and_then(|o| o.get(&st.id).copied()).unwrap_or(0);
+                    let msg = status_msg(vec![to_wire(&st, offset)], vec![]);
+                    let _ = tx.send(msg).await;
                 }
             }
         });
@@ -134,6 +137,7 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
         usage: usage_rx,
         outbound,
         invalid: Mutex::new(HashMap::new()),
+        log_offsets,
     });
     loop {
         let ev = tokio::select! {
@@ -186,11 +190,20 @@ struct Agent {
     outbound: Arc<Mutex<Option<mpsc::Sender<wire::NodeMessage>>>>,
     /// Deployments whose spec could not be parsed here: reported FAILED with the reason.
     invalid: Mutex<HashMap<String, wire::DeploymentStatus>>,
+    /// Per deployment: added to local log sequence numbers on the wire. Set from the
+    /// conductor's `log_seq_floor` when this node starts holding a deployment, so numbering
+    /// continues above what the conductor already has (another node, or a removed copy).
+    log_offsets: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl Agent {
+    fn log_offset(&self, id: &str) -> u64 {
+        self.log_offsets.lock().ok().and_then(|o| o.get(id).copied()).unwrap_or(0)
+    }
+
     fn inventory(&self) -> Vec<wire::DeploymentStatus> {
-        let mut inv: Vec<wire::DeploymentStatus> = self.sup.status().iter().map(to_wire).collect();
+        let mut inv: Vec<wire::DeploymentStatus> =
+            self.sup.status().iter().map(|s| to_wire(s, self.log_offset(&s.id))).collect();
         if let Ok(bad) = self.invalid.lock() {
             inv.extend(bad.values().cloned());
         }
@@ -202,7 +215,10 @@ impl Agent {
             .sup
             .snapshot()
             .into_iter()
-            .map(|(id, generation, desired_running, spec)| Held { id, generation, desired_running, spec })
+            .map(|(id, generation, desired_running, spec)| {
+                let log_offset = self.log_offset(&id);
+                Held { id, generation, desired_running, spec, log_offset }
+            })
             .collect();
         if let Err(e) = self.state.save(&held) {
             tracing::warn!(error = %e, "could not write local state");
@@ -210,6 +226,12 @@ impl Agent {
     }
 
     async fn connection(self: Arc<Self>, session: Session, mut control: Control, cancel: CancellationToken) {
+        // Route status events to this connection before taking the inventory, so no change
+        // falls between the two (they queue until Hello is written).
+        let (tx, mut rx) = mpsc::channel::<wire::NodeMessage>(1024);
+        if let Ok(mut o) = self.outbound.lock() {
+            *o = Some(tx.clone());
+        }
         let hello = wire::Hello {
             protocol_version: wire::ProtocolVersion::Current as u32,
             node_id: self.cfg.node_id.clone(),
@@ -224,10 +246,6 @@ impl Agent {
         let msg = wire::NodeMessage { msg: Some(wire::node_message::Msg::Hello(hello)) };
         if control.tx.send(&msg).await.is_err() {
             return;
-        }
-        let (tx, mut rx) = mpsc::channel::<wire::NodeMessage>(1024);
-        if let Ok(mut o) = self.outbound.lock() {
-            *o = Some(tx.clone());
         }
         let mut tasks = JoinSet::new();
         let mut ctl_tx = control.tx;
@@ -331,6 +349,13 @@ impl Agent {
                 let removed = match held {
                     Some(g) if g <= u.generation => {
                         let r = self.sup.remove(&u.deployment_id).await;
+                        if let Ok(mut o) = self.log_offsets.lock() {
+                            o.remove(&u.deployment_id);
+                        }
+                        // Its shipper ends with its log buffer; a later Assign starts a new one.
+                        if let Ok(mut s) = shippers.lock() {
+                            s.started.remove(&u.deployment_id);
+                        }
                         self.persist();
                         r
                     }
@@ -380,7 +405,11 @@ impl Agent {
         if let Ok(mut bad) = self.invalid.lock() {
             bad.remove(&a.deployment_id);
         }
+        let fresh = self.sup.status_of(&a.deployment_id).is_none();
         let outcome = self.sup.apply(&a.deployment_id, a.generation, a.desired_running, spec).map_err(|e| e.to_string())?;
+        if fresh && let Ok(mut o) = self.log_offsets.lock() {
+            o.insert(a.deployment_id.clone(), a.log_seq_floor);
+        }
         tracing::info!(id = %a.deployment_id, generation = a.generation, ?outcome, "assign applied");
         self.persist();
         Ok(())
@@ -396,8 +425,8 @@ impl Agent {
             s.resume.get(id).copied().unwrap_or(0)
         };
         let Some(buffer) = self.sup.logs(id) else { return };
-        let (session, id) = (session.clone(), id.to_owned());
-        tasks.spawn(ship_logs(session, id, buffer, resume));
+        let (session, id, offsets) = (session.clone(), id.to_owned(), self.log_offsets.clone());
+        tasks.spawn(ship_logs(session, id, buffer, resume, offsets));
     }
 }
 
@@ -408,8 +437,16 @@ struct Shippers {
     started: HashSet<String>,
 }
 
-/// Sends a deployment's log entries after `after`, then new ones as they come.
-async fn ship_logs(session: Session, id: String, buffer: LogBuffer, mut after: u64) {
+/// Sends a deployment's log entries after wire sequence `resume`, then new ones as they come.
+async fn ship_logs(
+    session: Session,
+    id: String,
+    buffer: LogBuffer,
+    resume: u64,
+    offsets: Arc<Mutex<HashMap<String, u64>>>,
+) {
+    let offset = offsets.lock().ok().and_then(|o| o.get(&id).copied()).unwrap_or(0);
+    let mut after = resume.saturating_sub(offset);
     let Ok(mut tx) = session.open_uni(StreamKind::Log).await else { return };
     if tx.send(&wire::LogHeader { deployment_id: id.clone() }).await.is_err() {
         return;
@@ -432,7 +469,7 @@ async fn ship_logs(session: Session, id: String, buffer: LogBuffer, mut after: u
             entries: entries
                 .into_iter()
                 .map(|e| wire::LogEntry {
-                    seq: e.seq,
+                    seq: e.seq + offset,
                     timestamp_unix_ms: e.timestamp_ms,
                     stream: e.stream.as_str().to_owned(),
                     line: e.line,
@@ -511,7 +548,7 @@ pub fn state_name(s: RunState) -> &'static str {
     }
 }
 
-fn to_wire(s: &DeploymentStatus) -> wire::DeploymentStatus {
+fn to_wire(s: &DeploymentStatus, log_offset: u64) -> wire::DeploymentStatus {
     wire::DeploymentStatus {
         deployment_id: s.id.clone(),
         generation: s.generation,
@@ -522,7 +559,7 @@ fn to_wire(s: &DeploymentStatus) -> wire::DeploymentStatus {
         reason: s.reason.clone().unwrap_or_default(),
         started_at_ms: s.started_at_ms,
         stopped_at_ms: s.stopped_at_ms,
-        last_log_seq: s.last_log_seq,
+        last_log_seq: s.last_log_seq + log_offset,
         desired_running: matches!(s.state, RunState::Running | RunState::Starting | RunState::Backoff),
     }
 }

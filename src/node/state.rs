@@ -13,6 +13,8 @@ pub struct Held {
     pub generation: u64,
     pub desired_running: bool,
     pub spec: DeploymentSpec,
+    /// Added to the supervisor's log sequence numbers on the wire (see `Assign.log_seq_floor`).
+    pub log_offset: u64,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -49,7 +51,7 @@ impl LocalState {
 
     /// Replaces the held deployments.
     pub fn save(&self, held: &[Held]) -> std::io::Result<()> {
-        let bytes = postcard::to_allocvec(&File { version: 1, held: held.to_vec() })
+        let bytes = postcard::to_allocvec(&File { version: 2, held: held.to_vec() })
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, bytes)?;
@@ -72,6 +74,7 @@ mod tests {
             generation: 7,
             desired_running: true,
             spec: DeploymentSpec::defaults_for(vec!["sleep".into(), "1".into()]),
+            log_offset: 42,
         }];
         st.save(&held).unwrap();
         assert_eq!(st.load().unwrap(), held);

@@ -237,11 +237,8 @@ fn group_alive(pgid: Pid) -> bool {
     if killpg(pgid, None).is_err() {
         return false;
     }
-    match group_has_live_member(pgid.as_raw()) {
-        Ok(alive) => alive,
-        // No /proc: trust killpg.
-        Err(_) => true,
-    }
+    // Without /proc, trust killpg.
+    group_has_live_member(pgid.as_raw()).unwrap_or(true)
 }
 
 fn group_has_live_member(pgid: i32) -> io::Result<bool> {
@@ -317,6 +314,7 @@ pub async fn run_to_exit(spec: &ProcessSpec, limit: Duration) -> Result<i32, Str
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

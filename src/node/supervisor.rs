@@ -1,1 +1,494 @@
-//! supervisor
+//! The node's process table: one actor task per deployment, driven by the desired state the
+//! agent applies, reporting every state change as an event.
+//!
+//! Who calls it: the agent (apply/remove/status/logs/snapshot/shutdown). The supervisor knows
+//! nothing about the network: processes keep running while the conductor is unreachable.
+//!
+//! Invariants:
+//! - The supervisor is the only owner of process state; each deployment's actor is the only
+//!   code that starts or stops that deployment's processes.
+//! - Generations never go back: an `apply` with an older generation than the one held is
+//!   ignored. Equal or newer generations update the desired state; only a spec change (or a
+//!   newer generation for a FAILED deployment) restarts the process.
+//! - Every state change is published as an event (edge hint) and in [`Supervisor::status`]
+//!   (level truth). Events are sent with `try_send`: a full channel drops the event (counted),
+//!   never blocks an actor; `status()` stays exact.
+//! - Failed prepares and spawns are retried with backoff against the same restart budget as
+//!   crashes and health-check failures (the original never retried them, B14).
+
+mod actor;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::logs::{DEFAULT_MAX_LINE, DEFAULT_SPOOL_BYTES, LogBuffer, LogStream};
+use crate::spec::{AutoRestart, DeploymentSpec};
+
+/// Capacity of the event channel.
+pub const EVENT_CAPACITY: usize = 1024;
+
+/// Runtime state of a deployment on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RunState {
+    /// Preparing (workspace, env) or spawning.
+    Starting,
+    /// The process exists.
+    Running,
+    /// A stop is in progress (signal sent, waiting).
+    Stopping,
+    /// Stopped on request, or desired state is STOPPED.
+    Stopped,
+    /// Exited with code 0 and no restart is due.
+    Exited,
+    /// Exited non-zero (or by a signal) and no restart is due.
+    Crashed,
+    /// Waiting for the backoff delay before the next start.
+    Backoff,
+    /// Gave up: the restart budget is spent. `reason` says why.
+    Failed,
+}
+
+/// What the node reports about one deployment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeploymentStatus {
+    /// Deployment id.
+    pub id: String,
+    /// Generation of the desired state this status belongs to.
+    pub generation: u64,
+    /// Current state.
+    pub state: RunState,
+    /// Pid of the running process (also its process group id).
+    pub pid: Option<u32>,
+    /// Automatic restarts (crash, health check, failed prepare/spawn) since the last fresh
+    /// start (a spec change or a start from STOPPED/FAILED resets it). Cron restarts excluded.
+    pub restart_count: u32,
+    /// Exit code of the last process (negative = signal number).
+    pub last_exit_code: Option<i32>,
+    /// Why the deployment is in its state (exit reason, prepare error, give-up reason).
+    pub reason: Option<String>,
+    /// When the current or last process started (ms since the Unix epoch).
+    pub started_at_ms: Option<i64>,
+    /// When the last process ended (ms since the Unix epoch).
+    pub stopped_at_ms: Option<i64>,
+    /// Sequence number of the last log entry.
+    pub last_log_seq: u64,
+}
+
+/// Result of a successful prepare: where and what to run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Prepared {
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// The command to run (e.g. the spec's command wrapped by an environment manager).
+    pub command: Vec<String>,
+    /// Extra environment, over the node's and under the spec's.
+    pub extra_env: BTreeMap<String, String>,
+}
+
+/// Runs before every spawn (workspace checkout, environment setup). An `Err` is logged on the
+/// `system` stream and retried with backoff, charged to the restart budget.
+pub trait Prepare: Send + Sync {
+    /// Prepares deployment `id` for a start of `spec`; may log progress to `logs`.
+    fn prepare<'a>(
+        &'a self,
+        id: &'a str,
+        spec: &'a DeploymentSpec,
+        logs: &'a LogBuffer,
+    ) -> BoxFuture<'a, Result<Prepared, String>>;
+}
+
+/// The default prepare: cwd `work_dir/deployments/<id>` (created), command unchanged.
+#[derive(Debug, Clone)]
+pub struct DefaultPrepare {
+    /// The node's work directory.
+    pub work_dir: PathBuf,
+}
+
+impl Prepare for DefaultPrepare {
+    fn prepare<'a>(
+        &'a self,
+        id: &'a str,
+        spec: &'a DeploymentSpec,
+        _logs: &'a LogBuffer,
+    ) -> BoxFuture<'a, Result<Prepared, String>> {
+        Box::pin(async move {
+            let cwd = self.work_dir.join("deployments").join(id);
+            tokio::fs::create_dir_all(&cwd)
+                .await
+                .map_err(|e| format!("cannot create {}: {e}", cwd.display()))?;
+            Ok(Prepared {
+                cwd,
+                command: spec.command.clone(),
+                extra_env: BTreeMap::new(),
+            })
+        })
+    }
+}
+
+/// "Next fire time strictly after `now`", for one cron schedule.
+pub type NextFire = Arc<dyn Fn(DateTime<Utc>) -> Option<DateTime<Utc>> + Send + Sync>;
+
+/// Compiles a spec's `auto_restart` into a [`NextFire`], or says why it cannot (the integrator
+/// wires this to `spec::cron_schedule` and `spec::next_fire`).
+pub type CronPlanner = Arc<dyn Fn(&AutoRestart) -> Result<NextFire, String> + Send + Sync>;
+
+/// Plain settings of the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupervisorConfig {
+    /// Root of the node's files: `deployments/<id>` (default cwd), `logs/<id>` (spools).
+    pub work_dir: PathBuf,
+    /// The node's environment; every process gets it, overridden by prepare and spec env.
+    pub node_env: BTreeMap<String, String>,
+    /// Longest captured log line in bytes (longer lines are split).
+    pub max_line_bytes: usize,
+    /// Byte cap of each deployment's log spool.
+    pub spool_bytes: u64,
+}
+
+impl SupervisorConfig {
+    /// Settings with default line and spool limits.
+    pub fn new(work_dir: PathBuf, node_env: BTreeMap<String, String>) -> Self {
+        Self {
+            work_dir,
+            node_env,
+            max_line_bytes: DEFAULT_MAX_LINE,
+            spool_bytes: DEFAULT_SPOOL_BYTES,
+        }
+    }
+}
+
+/// Pluggable behaviour: prepare hook and cron support.
+#[derive(Clone)]
+pub struct Hooks {
+    /// Called before every spawn.
+    pub prepare: Arc<dyn Prepare>,
+    /// Cron support for `auto_restart`; `None` disables scheduled restarts (logged).
+    pub cron: Option<CronPlanner>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("cron", &self.cron.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `apply` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// A new deployment was created.
+    Created,
+    /// The desired state changed.
+    Updated,
+    /// Same generation, desired state and spec as held: nothing to do.
+    Unchanged,
+    /// Older than the generation held: ignored.
+    Stale {
+        /// The generation held.
+        held: u64,
+    },
+}
+
+/// Errors of supervisor commands.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SupervisorError {
+    /// The id cannot name a directory safely.
+    #[error("invalid deployment id {0:?}")]
+    InvalidId(String),
+    /// The supervisor is shutting down or shut down.
+    #[error("supervisor is shut down")]
+    ShutDown,
+}
+
+/// The desired state of one deployment as last applied.
+#[derive(Debug, Clone, PartialEq)]
+struct Desired {
+    generation: u64,
+    running: bool,
+    spec: DeploymentSpec,
+}
+
+struct Slot {
+    desired: watch::Sender<Desired>,
+    status: Arc<Mutex<DeploymentStatus>>,
+    logs: LogBuffer,
+    cancel: CancellationToken,
+    done: oneshot::Receiver<()>,
+}
+
+/// What every actor shares.
+struct Shared {
+    config: SupervisorConfig,
+    hooks: Hooks,
+    events: mpsc::Sender<DeploymentStatus>,
+    dropped_events: AtomicU64,
+}
+
+impl Shared {
+    fn emit(&self, status: DeploymentStatus) {
+        if self.events.try_send(status).is_err() {
+            self.dropped_events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+struct Table {
+    slots: BTreeMap<String, Slot>,
+    tasks: JoinSet<()>,
+    shut_down: bool,
+}
+
+/// The process table of this node. Cheap to clone (shared handle).
+#[derive(Clone)]
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    table: Arc<Mutex<Table>>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Ids become directory names: no separators, no dot names, not empty, printable.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Supervisor {
+    /// A supervisor with the default prepare and no cron support.
+    pub fn new(config: SupervisorConfig) -> (Self, mpsc::Receiver<DeploymentStatus>) {
+        let hooks = Hooks {
+            prepare: Arc::new(DefaultPrepare {
+                work_dir: config.work_dir.clone(),
+            }),
+            cron: None,
+        };
+        Self::with_hooks(config, hooks)
+    }
+
+    /// A supervisor with the given hooks. Returns the receiver of state-change events.
+    pub fn with_hooks(
+        config: SupervisorConfig,
+        hooks: Hooks,
+    ) -> (Self, mpsc::Receiver<DeploymentStatus>) {
+        let (tx, rx) = mpsc::channel(EVENT_CAPACITY);
+        let shared = Arc::new(Shared {
+            config,
+            hooks,
+            events: tx,
+            dropped_events: AtomicU64::new(0),
+        });
+        let table = Table {
+            slots: BTreeMap::new(),
+            tasks: JoinSet::new(),
+            shut_down: false,
+        };
+        let sup = Self {
+            shared,
+            table: Arc::new(Mutex::new(table)),
+        };
+        (sup, rx)
+    }
+
+    /// Sets the desired state of a deployment (see the module invariants for generations).
+    /// Must be called inside a tokio runtime (it may start the deployment's actor).
+    pub fn apply(
+        &self,
+        id: &str,
+        generation: u64,
+        desired_running: bool,
+        spec: DeploymentSpec,
+    ) -> Result<ApplyOutcome, SupervisorError> {
+        if !valid_id(id) {
+            return Err(SupervisorError::InvalidId(id.to_owned()));
+        }
+        let desired = Desired {
+            generation,
+            running: desired_running,
+            spec,
+        };
+        let mut table = lock(&self.table);
+        if table.shut_down {
+            return Err(SupervisorError::ShutDown);
+        }
+        while let Some(result) = table.tasks.try_join_next() {
+            if let Err(error) = result {
+                tracing::error!(%error, "deployment actor failed");
+            }
+        }
+        if let Some(slot) = table.slots.get(id) {
+            let held = slot.desired.borrow().generation;
+            if generation < held {
+                return Ok(ApplyOutcome::Stale { held });
+            }
+            if *slot.desired.borrow() == desired {
+                return Ok(ApplyOutcome::Unchanged);
+            }
+            slot.desired.send_replace(desired);
+            return Ok(ApplyOutcome::Updated);
+        }
+        let slot = self.start_actor(&mut table, id, desired);
+        table.slots.insert(id.to_owned(), slot);
+        Ok(ApplyOutcome::Created)
+    }
+
+    fn start_actor(&self, table: &mut Table, id: &str, desired: Desired) -> Slot {
+        let config = &self.shared.config;
+        let limit = desired.spec.log_limit_lines;
+        let spool_dir = config.work_dir.join("logs").join(id);
+        let logs = match LogBuffer::open(spool_dir.clone(), limit, config.spool_bytes) {
+            Ok(logs) => logs,
+            Err(e) => {
+                let logs = LogBuffer::in_memory(limit);
+                logs.push(
+                    LogStream::System,
+                    format!("log spool {} unavailable: {e}", spool_dir.display()),
+                );
+                logs
+            }
+        };
+        let status = Arc::new(Mutex::new(DeploymentStatus {
+            id: id.to_owned(),
+            generation: desired.generation,
+            state: if desired.running {
+                RunState::Starting
+            } else {
+                RunState::Stopped
+            },
+            pid: None,
+            restart_count: 0,
+            last_exit_code: None,
+            reason: None,
+            started_at_ms: None,
+            stopped_at_ms: None,
+            last_log_seq: logs.last_seq(),
+        }));
+        let (desired_tx, desired_rx) = watch::channel(desired);
+        let cancel = CancellationToken::new();
+        let (done_tx, done_rx) = oneshot::channel();
+        let actor = actor::Actor::new(
+            id.to_owned(),
+            Arc::clone(&self.shared),
+            desired_rx,
+            Arc::clone(&status),
+            logs.clone(),
+            cancel.clone(),
+        );
+        table.tasks.spawn(async move {
+            actor.run().await;
+            let _ = done_tx.send(());
+        });
+        Slot {
+            desired: desired_tx,
+            status,
+            logs,
+            cancel,
+            done: done_rx,
+        }
+    }
+
+    /// Stops the deployment (signal, timeout, SIGKILL), forgets it and deletes its log spool.
+    /// Returns false when the id is unknown.
+    pub async fn remove(&self, id: &str) -> bool {
+        let Some(slot) = lock(&self.table).slots.remove(id) else {
+            return false;
+        };
+        slot.cancel.cancel();
+        let _ = slot.done.await;
+        slot.logs.delete_spool();
+        true
+    }
+
+    /// The status of every deployment, by id.
+    pub fn status(&self) -> Vec<DeploymentStatus> {
+        lock(&self.table)
+            .slots
+            .values()
+            .map(snapshot_status)
+            .collect()
+    }
+
+    /// The status of one deployment.
+    pub fn status_of(&self, id: &str) -> Option<DeploymentStatus> {
+        lock(&self.table).slots.get(id).map(snapshot_status)
+    }
+
+    /// The log buffer of a deployment.
+    pub fn logs(&self, id: &str) -> Option<LogBuffer> {
+        lock(&self.table).slots.get(id).map(|s| s.logs.clone())
+    }
+
+    /// `(id, generation, desired_running, spec)` of every deployment, for persistence.
+    pub fn snapshot(&self) -> Vec<(String, u64, bool, DeploymentSpec)> {
+        lock(&self.table)
+            .slots
+            .iter()
+            .map(|(id, slot)| {
+                let d = slot.desired.borrow();
+                (id.clone(), d.generation, d.running, d.spec.clone())
+            })
+            .collect()
+    }
+
+    /// Events dropped because the event channel was full.
+    pub fn dropped_events(&self) -> u64 {
+        self.shared.dropped_events.load(Ordering::Relaxed)
+    }
+
+    /// Stops every deployment in parallel (each with its signal and timeout) and ends all
+    /// actors. Log spools are kept (sequence numbers resume on the next start). Later
+    /// `apply` calls fail with [`SupervisorError::ShutDown`].
+    pub async fn shutdown(&self) {
+        let (dones, mut tasks) = {
+            let mut table = lock(&self.table);
+            table.shut_down = true;
+            let slots = std::mem::take(&mut table.slots);
+            let dones: Vec<_> = slots
+                .into_values()
+                .map(|slot| {
+                    slot.cancel.cancel();
+                    slot.done
+                })
+                .collect();
+            (dones, std::mem::take(&mut table.tasks))
+        };
+        futures_util::future::join_all(dones).await;
+        while let Some(result) = tasks.join_next().await {
+            if let Err(error) = result {
+                tracing::error!(%error, "deployment actor failed");
+            }
+        }
+    }
+}
+
+fn snapshot_status(slot: &Slot) -> DeploymentStatus {
+    let mut status = lock(&slot.status).clone();
+    status.last_log_seq = slot.logs.last_seq();
+    status
+}

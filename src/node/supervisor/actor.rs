@@ -1,0 +1,459 @@
+//! The actor of one deployment: owns its process, restart tracker, health monitor and cron
+//! timer, reacts to desired-state changes, exits, health failures and timers, and publishes
+//! its status after every change.
+//!
+//! Invariants:
+//! - At most one process per deployment: a new one starts only after the previous one and its
+//!   process group are gone (`RunningProcess::stop` returned).
+//! - Starts happen only from this actor's loop; restarts go through `backoff_until` (a zero
+//!   delay starts on the next loop turn), so no start recursion and no start while stopping.
+//! - Cron restarts and spec changes do not charge the restart budget; crashes, health failures
+//!   and failed prepares/spawns do.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use super::{DeploymentStatus, Desired, NextFire, RunState, Shared, lock};
+use crate::node::health;
+use crate::node::logs::{LogBuffer, LogStream};
+use crate::node::restart::{Budget, Decision, RestartTracker};
+use crate::node::runner::{self, ProcessSpec, RunningProcess, describe_exit, signal_or_term};
+
+/// A live process with its health monitor.
+struct Running {
+    process: RunningProcess,
+    /// Dropping it aborts the monitor.
+    health: JoinSet<()>,
+    unhealthy: mpsc::Receiver<String>,
+    /// Stop settings of the spec the process was started with.
+    signal: Signal,
+    stop_timeout: Duration,
+}
+
+enum ProcEvent {
+    Exited(i32),
+    Unhealthy(String),
+}
+
+/// See the module docs.
+pub(super) struct Actor {
+    id: String,
+    shared: Arc<Shared>,
+    desired_rx: watch::Receiver<Desired>,
+    cur: Desired,
+    status: Arc<Mutex<DeploymentStatus>>,
+    logs: LogBuffer,
+    cancel: CancellationToken,
+    tracker: RestartTracker,
+    base: Instant,
+    proc: Option<Running>,
+    backoff_until: Option<Instant>,
+    cron: Option<NextFire>,
+    cron_at: Option<Instant>,
+}
+
+async fn next_proc_event(proc: &mut Option<Running>) -> ProcEvent {
+    let Some(running) = proc else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        code = running.process.wait() => ProcEvent::Exited(code),
+        Some(detail) = running.unhealthy.recv() => ProcEvent::Unhealthy(detail),
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn wall_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+impl Actor {
+    pub(super) fn new(
+        id: String,
+        shared: Arc<Shared>,
+        mut desired_rx: watch::Receiver<Desired>,
+        status: Arc<Mutex<DeploymentStatus>>,
+        logs: LogBuffer,
+        cancel: CancellationToken,
+    ) -> Self {
+        let cur = desired_rx.borrow_and_update().clone();
+        Self {
+            id,
+            shared,
+            desired_rx,
+            cur,
+            status,
+            logs,
+            cancel,
+            tracker: RestartTracker::new(),
+            base: Instant::now(),
+            proc: None,
+            backoff_until: None,
+            cron: None,
+            cron_at: None,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        self.setup_cron();
+        if self.cur.running {
+            self.start().await;
+        } else {
+            self.update(|s| s.state = RunState::Stopped);
+        }
+        loop {
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => break,
+                changed = self.desired_rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.on_desired().await;
+                }
+                event = next_proc_event(&mut self.proc) => match event {
+                    ProcEvent::Exited(code) => self.on_exit(code).await,
+                    ProcEvent::Unhealthy(detail) => self.on_unhealthy(detail).await,
+                },
+                () = sleep_until_opt(self.backoff_until) => self.start().await,
+                () = sleep_until_opt(self.cron_at) => self.on_cron().await,
+            }
+        }
+        self.stop_running("supervisor shutdown or removal").await;
+        self.update(|s| {
+            s.state = RunState::Stopped;
+            s.pid = None;
+        });
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn budget(&self) -> Budget {
+        Budget::from_spec(&self.cur.spec)
+    }
+
+    fn log(&self, stream: LogStream, line: String) {
+        tracing::debug!(deployment = %self.id, stream = stream.as_str(), %line, "lifecycle");
+        self.logs.push(stream, line);
+    }
+
+    fn state(&self) -> RunState {
+        lock(&self.status).state
+    }
+
+    /// Changes the published status and emits it as an event.
+    fn update(&self, f: impl FnOnce(&mut DeploymentStatus)) {
+        let snapshot = {
+            let mut status = lock(&self.status);
+            f(&mut status);
+            status.last_log_seq = self.logs.last_seq();
+            status.clone()
+        };
+        self.shared.emit(snapshot);
+    }
+
+    /// Prepares and spawns a process for the current spec.
+    async fn start(&mut self) {
+        self.backoff_until = None;
+        self.update(|s| {
+            s.state = RunState::Starting;
+            s.pid = None;
+        });
+        let spec = self.cur.spec.clone();
+        // A clone, so that waiting on it leaves the change for the main loop to handle.
+        let mut change = self.desired_rx.clone();
+        let prepared = tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => return,
+            _ = change.changed() => {
+                // Abandon this prepare; the main loop applies the change first, then (if still
+                // wanted) starts again from here.
+                self.backoff_until = Some(Instant::now());
+                return;
+            }
+            result = self.shared.hooks.prepare.prepare(&self.id, &spec, &self.logs) => result,
+        };
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => return self.on_start_failure(format!("prepare failed: {e}")),
+        };
+        let mut env = self.shared.config.node_env.clone();
+        env.extend(prepared.extra_env);
+        env.extend(spec.env.clone());
+        let process_spec = ProcessSpec {
+            command: prepared.command,
+            cwd: prepared.cwd,
+            env,
+        };
+        let process =
+            match runner::spawn(&process_spec, &self.logs, self.shared.config.max_line_bytes) {
+                Ok(process) => process,
+                Err(e) => return self.on_start_failure(format!("spawn failed: {e}")),
+            };
+        let pid = process.pid();
+        self.tracker.on_start(self.now_ms());
+        let (unhealthy_tx, unhealthy) = mpsc::channel(1);
+        let mut health = JoinSet::new();
+        if let Some(check) = spec.health_check.clone() {
+            health.spawn(health::monitor(
+                check,
+                process_spec,
+                self.logs.clone(),
+                unhealthy_tx,
+            ));
+        }
+        self.proc = Some(Running {
+            process,
+            health,
+            unhealthy,
+            signal: signal_or_term(spec.stop_signal),
+            stop_timeout: spec.stop_timeout,
+        });
+        self.log(LogStream::System, format!("started (pid {pid})"));
+        self.update(|s| {
+            s.state = RunState::Running;
+            s.pid = Some(pid);
+            s.reason = None;
+            s.started_at_ms = Some(wall_ms());
+        });
+    }
+
+    fn on_start_failure(&mut self, cause: String) {
+        self.log(LogStream::System, cause.clone());
+        let decision = self.tracker.on_failure(self.now_ms(), &self.budget());
+        self.apply_decision(decision, cause);
+    }
+
+    async fn on_exit(&mut self, code: i32) {
+        // Ends what the leader left behind in its group and drains the output first, so the
+        // exit line comes after the last output line.
+        if let Some(mut running) = self.proc.take() {
+            running.health.abort_all();
+            running
+                .process
+                .stop(running.signal, running.stop_timeout)
+                .await;
+        }
+        let how = describe_exit(code);
+        self.log(LogStream::System, format!("exited (code={code}, {how})"));
+        let desired = self.cur.running;
+        let decision = self
+            .tracker
+            .on_exit(self.now_ms(), code, &self.budget(), desired);
+        let state = match (desired, code) {
+            (false, _) => RunState::Stopped,
+            (true, 0) => RunState::Exited,
+            (true, _) => RunState::Crashed,
+        };
+        self.update(|s| {
+            s.state = state;
+            s.pid = None;
+            s.last_exit_code = Some(code);
+            s.stopped_at_ms = Some(wall_ms());
+            s.reason = Some(how.clone());
+        });
+        self.apply_decision(decision, how);
+    }
+
+    async fn on_unhealthy(&mut self, detail: String) {
+        let cause = format!("health check failed: {detail}");
+        let decision = self.tracker.on_failure(self.now_ms(), &self.budget());
+        self.stop_running("failed health check").await;
+        self.apply_decision(decision, cause);
+    }
+
+    fn apply_decision(&mut self, decision: Decision, cause: String) {
+        match decision {
+            Decision::Restart { delay } => {
+                self.log(
+                    LogStream::System,
+                    format!("restarting in {:.3}s", delay.as_secs_f64()),
+                );
+                self.backoff_until = Some(Instant::now() + delay);
+                let restarts = self.tracker.total_restarts();
+                self.update(|s| {
+                    s.state = RunState::Backoff;
+                    s.restart_count = restarts;
+                    s.reason = Some(cause);
+                });
+            }
+            Decision::GiveUp { reason } => {
+                let reason = format!("{reason} (last: {cause})");
+                self.log(LogStream::System, format!("gave up: {reason}"));
+                self.backoff_until = None;
+                self.cron_at = None;
+                self.update(|s| {
+                    s.state = RunState::Failed;
+                    s.reason = Some(reason);
+                });
+            }
+            Decision::Stay => {}
+        }
+    }
+
+    /// Stops the running process, if any (signal, timeout, SIGKILL of the group).
+    async fn stop_running(&mut self, why: &str) {
+        let Some(mut running) = self.proc.take() else {
+            return;
+        };
+        running.health.abort_all();
+        self.log(
+            LogStream::System,
+            format!(
+                "stop requested ({why}): {} to the process group, SIGKILL after {:.3}s",
+                running.signal.as_str(),
+                running.stop_timeout.as_secs_f64()
+            ),
+        );
+        self.update(|s| s.state = RunState::Stopping);
+        let report = running
+            .process
+            .stop(running.signal, running.stop_timeout)
+            .await;
+        if report.killed {
+            self.log(
+                LogStream::System,
+                "process group killed with SIGKILL after the stop timeout".to_owned(),
+            );
+        }
+        let how = describe_exit(report.code);
+        self.log(
+            LogStream::System,
+            format!("exited (code={}, {how} after stop request)", report.code),
+        );
+        self.update(|s| {
+            s.pid = None;
+            s.last_exit_code = Some(report.code);
+            s.stopped_at_ms = Some(wall_ms());
+            s.reason = Some(format!("{how} after stop request ({why})"));
+        });
+    }
+
+    async fn on_desired(&mut self) {
+        let new = self.desired_rx.borrow_and_update().clone();
+        let spec_changed = new.spec != self.cur.spec;
+        let newer = new.generation > self.cur.generation;
+        let was_running = self.cur.running;
+        self.cur = new;
+        self.logs.set_limit(self.cur.spec.log_limit_lines);
+        let generation = self.cur.generation;
+        if lock(&self.status).generation != generation {
+            self.update(|s| s.generation = generation);
+        }
+        if spec_changed {
+            self.setup_cron();
+        }
+        if !self.cur.running {
+            self.backoff_until = None;
+            self.cron_at = None;
+            self.stop_running("desired state is stopped").await;
+            if self.state() != RunState::Stopped {
+                self.update(|s| {
+                    s.state = RunState::Stopped;
+                    s.reason = Some("stopped on request".to_owned());
+                });
+            }
+            return;
+        }
+        let fresh = spec_changed || !was_running || (newer && self.state() == RunState::Failed);
+        if !fresh {
+            return;
+        }
+        self.tracker = RestartTracker::new();
+        self.update(|s| s.restart_count = 0);
+        if spec_changed {
+            self.stop_running("spec changed").await;
+        }
+        if self.cron_at.is_none() {
+            self.arm_cron();
+        }
+        if self.proc.is_none() {
+            self.start().await;
+        }
+    }
+
+    /// Compiles the spec's `auto_restart` (if any) and arms the timer.
+    fn setup_cron(&mut self) {
+        self.cron = None;
+        self.cron_at = None;
+        let Some(auto) = &self.cur.spec.auto_restart else {
+            return;
+        };
+        let compiled = match &self.shared.hooks.cron {
+            None => Err("no cron support on this node".to_owned()),
+            Some(planner) => planner(auto),
+        };
+        match compiled {
+            Ok(next_fire) => {
+                self.cron = Some(next_fire);
+                self.arm_cron();
+            }
+            Err(e) => self.log(
+                LogStream::SystemAr,
+                format!("auto restart disabled due to invalid config: {e}"),
+            ),
+        }
+    }
+
+    fn arm_cron(&mut self) {
+        self.cron_at = None;
+        if !self.cur.running || self.state() == RunState::Failed {
+            return;
+        }
+        let Some(next_fire) = &self.cron else {
+            return;
+        };
+        let now = Utc::now();
+        match next_fire(now) {
+            Some(at) if at > now => {
+                let delay = (at - now).to_std().unwrap_or_default();
+                self.cron_at = Some(Instant::now() + delay);
+            }
+            Some(at) => {
+                self.cron = None;
+                self.log(
+                    LogStream::SystemAr,
+                    format!("auto restart disabled: next fire time {at} is not after {now}"),
+                );
+            }
+            None => self.log(
+                LogStream::SystemAr,
+                "auto restart: no next fire time, schedule ended".to_owned(),
+            ),
+        }
+    }
+
+    async fn on_cron(&mut self) {
+        self.cron_at = None;
+        match self.state() {
+            RunState::Running | RunState::Exited | RunState::Crashed => {
+                self.log(
+                    LogStream::SystemAr,
+                    "scheduled restart triggered".to_owned(),
+                );
+                self.stop_running("scheduled restart").await;
+                self.start().await;
+            }
+            other => self.log(
+                LogStream::SystemAr,
+                format!("scheduled restart skipped (state {other:?})"),
+            ),
+        }
+        self.arm_cron();
+    }
+}

@@ -1,0 +1,647 @@
+//! Supervisor tests with real child processes (`/bin/sh -c`, `sleep`). They wait on the event
+//! channel or on log notifications, never on fixed sleeps; every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::node::runner::process_alive;
+use crate::spec::{HealthCheck, HealthProbe, RestartKind, RestartPolicy};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn spec(script: &str, kind: RestartKind) -> DeploymentSpec {
+    DeploymentSpec {
+        capacity_requests: BTreeMap::new(),
+        node_group: None,
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: BTreeMap::new(),
+        env_name: None,
+        git: None,
+        restart_policy: RestartPolicy {
+            kind,
+            backoff: Duration::from_millis(10),
+        },
+        max_restarts: 10,
+        restart_window: Duration::from_secs(300),
+        log_limit_lines: 5000,
+        stop_signal: 15,
+        stop_timeout: Duration::from_secs(2),
+        health_check: None,
+        auto_restart: None,
+    }
+}
+
+struct Harness {
+    sup: Supervisor,
+    rx: mpsc::Receiver<DeploymentStatus>,
+    events: Vec<DeploymentStatus>,
+    dir: tempfile::TempDir,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(Supervisor::new)
+    }
+
+    fn with_hooks(hooks: Hooks) -> Self {
+        Self::with(|config| Supervisor::with_hooks(config, hooks))
+    }
+
+    fn with(
+        make: impl FnOnce(SupervisorConfig) -> (Supervisor, mpsc::Receiver<DeploymentStatus>),
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (sup, rx) = make(config(&dir));
+        Self {
+            sup,
+            rx,
+            events: Vec::new(),
+            dir,
+        }
+    }
+
+    /// Waits for an event of `id` matching `pred`; records every event seen.
+    async fn until(
+        &mut self,
+        id: &str,
+        pred: impl Fn(&DeploymentStatus) -> bool,
+    ) -> DeploymentStatus {
+        let wait = async {
+            loop {
+                let event = self.rx.recv().await.expect("event channel closed");
+                self.events.push(event.clone());
+                if event.id == id && pred(&event) {
+                    return event;
+                }
+            }
+        };
+        match tokio::time::timeout(WAIT, wait).await {
+            Ok(event) => event,
+            Err(_) => panic!("timed out waiting on {id}; events: {:#?}", self.events),
+        }
+    }
+
+    async fn until_state(&mut self, id: &str, state: RunState) -> DeploymentStatus {
+        self.until(id, |s| s.state == state).await
+    }
+
+    /// Distinct consecutive states of `id` seen so far.
+    fn states(&self, id: &str) -> Vec<RunState> {
+        let mut out: Vec<RunState> = Vec::new();
+        for e in self.events.iter().filter(|e| e.id == id) {
+            if out.last() != Some(&e.state) {
+                out.push(e.state);
+            }
+        }
+        out
+    }
+
+    fn count(&self, id: &str, state: RunState) -> usize {
+        self.states(id).iter().filter(|s| **s == state).count()
+    }
+
+    fn lines(&self, id: &str, stream: LogStream) -> Vec<String> {
+        self.sup
+            .logs(id)
+            .unwrap()
+            .since(0, 100_000)
+            .into_iter()
+            .filter(|e| e.stream == stream)
+            .map(|e| e.line)
+            .collect()
+    }
+}
+
+fn config(dir: &tempfile::TempDir) -> SupervisorConfig {
+    SupervisorConfig::new(dir.path().to_path_buf(), std::env::vars().collect())
+}
+
+/// Waits until a log line of `id` satisfies `pred`.
+async fn until_line(sup: &Supervisor, id: &str, pred: impl Fn(&LogEntry) -> bool) -> LogEntry {
+    let logs = sup.logs(id).unwrap();
+    let mut rx = logs.subscribe();
+    let wait = async {
+        loop {
+            if let Some(e) = logs.since(0, 100_000).into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            rx.changed().await.unwrap();
+        }
+    };
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .expect("timed out waiting for a log line")
+}
+
+async fn until_dead(pid: u32) {
+    let wait = async {
+        while process_alive(pid) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("pid {pid} still alive"));
+}
+
+use crate::node::logs::LogEntry;
+
+#[tokio::test]
+async fn never_policy_reports_exit_code_and_stays_crashed() {
+    let mut h = Harness::new();
+    let s = spec("exit 3", RestartKind::Never);
+    assert_eq!(
+        h.sup.apply("d1", 1, true, s).unwrap(),
+        ApplyOutcome::Created
+    );
+    let st = h.until_state("d1", RunState::Crashed).await;
+    assert_eq!(st.last_exit_code, Some(3));
+    assert_eq!(st.restart_count, 0);
+    assert_eq!(st.reason.as_deref(), Some("exit status 3"));
+    assert_eq!(
+        h.states("d1"),
+        [RunState::Starting, RunState::Running, RunState::Crashed]
+    );
+    assert_eq!(h.sup.status_of("d1").unwrap().state, RunState::Crashed);
+    let system = h.lines("d1", LogStream::System);
+    assert!(system[0].starts_with("started (pid "), "{system:?}");
+    assert_eq!(system[1], "exited (code=3, exit status 3)");
+}
+
+#[tokio::test]
+async fn on_failure_clean_exit_and_signal_exit() {
+    let mut h = Harness::new();
+    h.sup
+        .apply("ok", 1, true, spec("exit 0", RestartKind::OnFailure))
+        .unwrap();
+    let st = h.until_state("ok", RunState::Exited).await;
+    assert_eq!(st.last_exit_code, Some(0));
+    h.sup
+        .apply("sig", 1, true, spec("kill -TERM $$", RestartKind::Never))
+        .unwrap();
+    let st = h.until_state("sig", RunState::Crashed).await;
+    assert_eq!(st.last_exit_code, Some(-15));
+    assert_eq!(st.reason.as_deref(), Some("terminated by signal SIGTERM"));
+    assert_eq!(h.count("ok", RunState::Running), 1);
+}
+
+#[tokio::test]
+async fn on_failure_backs_off_exponentially_then_fails_with_reason() {
+    let mut h = Harness::new();
+    let mut s = spec("echo run; exit 3", RestartKind::OnFailure);
+    s.max_restarts = 4;
+    h.sup.apply("crash", 1, true, s).unwrap();
+    let st = h.until_state("crash", RunState::Failed).await;
+    let reason = st.reason.unwrap();
+    assert!(
+        reason.starts_with("max_restarts=4 in window=300s exceeded"),
+        "{reason}"
+    );
+    assert!(reason.contains("exit status 3"), "{reason}");
+    assert_eq!(st.restart_count, 4);
+    assert_eq!(st.last_exit_code, Some(3));
+    assert_eq!(h.count("crash", RunState::Running), 5);
+    assert_eq!(h.count("crash", RunState::Backoff), 4);
+    assert_eq!(h.lines("crash", LogStream::Stdout), vec!["run"; 5]);
+    let delays: Vec<String> = h
+        .lines("crash", LogStream::System)
+        .into_iter()
+        .filter_map(|l| l.strip_prefix("restarting in ").map(str::to_owned))
+        .collect();
+    assert_eq!(delays, ["0.010s", "0.020s", "0.040s", "0.080s"]);
+    assert!(
+        h.lines("crash", LogStream::System)
+            .last()
+            .unwrap()
+            .starts_with("gave up: max_restarts=4")
+    );
+}
+
+#[tokio::test]
+async fn always_restarts_clean_exits() {
+    let mut h = Harness::new();
+    let mut s = spec("exit 0", RestartKind::Always);
+    s.max_restarts = 1;
+    h.sup.apply("a", 1, true, s).unwrap();
+    let st = h.until_state("a", RunState::Failed).await;
+    assert_eq!(st.last_exit_code, Some(0));
+    assert_eq!(h.count("a", RunState::Running), 2);
+    assert_eq!(
+        h.states("a"),
+        [
+            RunState::Starting,
+            RunState::Running,
+            RunState::Exited,
+            RunState::Backoff,
+            RunState::Starting,
+            RunState::Running,
+            RunState::Exited,
+            RunState::Failed
+        ]
+    );
+}
+
+#[tokio::test]
+async fn stop_kills_a_term_ignoring_group_with_its_children() {
+    let mut h = Harness::new();
+    let mut s = spec(
+        "trap '' TERM; sleep 100 & echo $!; wait",
+        RestartKind::Always,
+    );
+    s.stop_timeout = Duration::from_millis(300);
+    h.sup.apply("stubborn", 1, true, s.clone()).unwrap();
+    let running = h.until_state("stubborn", RunState::Running).await;
+    let leader = running.pid.unwrap();
+    let child: u32 = until_line(&h.sup, "stubborn", |e| e.stream == LogStream::Stdout)
+        .await
+        .line
+        .parse()
+        .unwrap();
+    assert!(process_alive(child));
+    assert_eq!(
+        h.sup.apply("stubborn", 1, false, s).unwrap(),
+        ApplyOutcome::Updated
+    );
+    let st = h.until_state("stubborn", RunState::Stopped).await;
+    assert_eq!(st.last_exit_code, Some(-9));
+    assert!(st.pid.is_none());
+    until_dead(child).await;
+    until_dead(leader).await;
+    let system = h.lines("stubborn", LogStream::System);
+    assert!(
+        system.iter().any(|l| l.starts_with("stop requested")),
+        "{system:?}"
+    );
+    assert!(
+        system
+            .iter()
+            .any(|l| l.contains("SIGKILL after the stop timeout"))
+    );
+    // Stopped on request: no restart despite the `always` policy.
+    assert_eq!(h.count("stubborn", RunState::Running), 1);
+}
+
+#[tokio::test]
+async fn a_huge_line_never_blocks_the_workload() {
+    let mut h = Harness::new();
+    let s = spec(
+        "head -c 1000000 /dev/zero | tr '\\0' x; echo; echo after1; echo after2 >&2; echo after3",
+        RestartKind::Never,
+    );
+    h.sup.apply("big", 1, true, s).unwrap();
+    h.until_state("big", RunState::Exited).await;
+    let out = h.lines("big", LogStream::Stdout);
+    let (tail, chunks) = out.split_last().unwrap();
+    assert_eq!(tail, "after3");
+    let (after1, chunks) = chunks.split_last().unwrap();
+    assert_eq!(after1, "after1");
+    assert_eq!(chunks.len(), 1_000_000_usize.div_ceil(16 * 1024));
+    assert!(chunks.iter().all(|c| c.len() <= 16 * 1024 && !c.is_empty()));
+    assert!(chunks.iter().all(|c| c.bytes().all(|b| b == b'x')));
+    assert_eq!(chunks.iter().map(String::len).sum::<usize>(), 1_000_000);
+    assert_eq!(h.lines("big", LogStream::Stderr), ["after2"]);
+}
+
+#[tokio::test]
+async fn failing_health_checks_restart_and_share_the_budget() {
+    let mut h = Harness::new();
+    let mut s = spec("exec sleep 100", RestartKind::Never);
+    s.max_restarts = 1;
+    s.health_check = Some(HealthCheck {
+        probe: HealthProbe::Exec {
+            command: vec!["false".into()],
+        },
+        initial_delay: Duration::ZERO,
+        period: Duration::from_millis(20),
+        timeout: Duration::from_secs(5),
+        failure_threshold: 2,
+    });
+    h.sup.apply("hc", 1, true, s).unwrap();
+    let st = h.until_state("hc", RunState::Failed).await;
+    let reason = st.reason.unwrap();
+    assert!(
+        reason.starts_with("max_restarts=1 in window=300s exceeded"),
+        "{reason}"
+    );
+    assert!(reason.contains("health check failed"), "{reason}");
+    assert_eq!(h.count("hc", RunState::Running), 2);
+    assert_eq!(st.restart_count, 1);
+    // SIGTERM from the health restart: the process did not exit on its own.
+    assert_eq!(st.last_exit_code, Some(-15));
+    let hc = h.lines("hc", LogStream::SystemHc);
+    let failed = hc
+        .iter()
+        .filter(|l| l.starts_with("health check failed"))
+        .count();
+    assert_eq!(failed, 4, "two failures per run: {hc:?}");
+}
+
+#[tokio::test]
+async fn passing_tcp_health_check_keeps_the_process() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut h = Harness::new();
+    let mut s = spec("exec sleep 100", RestartKind::Never);
+    s.max_restarts = 0;
+    s.health_check = Some(HealthCheck {
+        probe: HealthProbe::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        },
+        initial_delay: Duration::ZERO,
+        period: Duration::from_millis(20),
+        timeout: Duration::from_secs(2),
+        failure_threshold: 1,
+    });
+    h.sup.apply("tcp", 1, true, s).unwrap();
+    h.until_state("tcp", RunState::Running).await;
+    until_line(&h.sup, "tcp", |e| {
+        e.stream == LogStream::SystemHc && e.line == "health check passed"
+    })
+    .await;
+    let st = h.sup.status_of("tcp").unwrap();
+    assert_eq!(st.state, RunState::Running);
+    assert_eq!(st.restart_count, 0);
+    assert!(h.sup.remove("tcp").await);
+    assert!(h.sup.status().is_empty());
+}
+
+#[tokio::test]
+async fn cron_restarts_do_not_charge_the_budget() {
+    let planner: CronPlanner = Arc::new(|auto: &AutoRestart| {
+        if auto.cron == "bad" {
+            return Err("bad cron".to_owned());
+        }
+        let next: NextFire = Arc::new(|now| Some(now + chrono::Duration::milliseconds(150)));
+        Ok(next)
+    });
+    let work = tempfile::tempdir().unwrap();
+    let mut h = Harness::with_hooks(Hooks {
+        prepare: Arc::new(DefaultPrepare {
+            work_dir: work.path().to_path_buf(),
+        }),
+        cron: Some(planner),
+    });
+    let mut s = spec("exec sleep 100", RestartKind::Never);
+    s.max_restarts = 0;
+    s.auto_restart = Some(AutoRestart {
+        cron: "* * * * *".into(),
+        timezone: "UTC".into(),
+    });
+    h.sup.apply("cron", 1, true, s.clone()).unwrap();
+    let first = h.until_state("cron", RunState::Running).await.pid;
+    let second = h
+        .until("cron", |e| e.state == RunState::Running && e.pid != first)
+        .await;
+    assert_eq!(second.restart_count, 0);
+    until_dead(first.unwrap()).await;
+    let ar = h.lines("cron", LogStream::SystemAr);
+    assert_eq!(
+        ar.first().map(String::as_str),
+        Some("scheduled restart triggered")
+    );
+
+    let mut bad = s;
+    bad.auto_restart = Some(AutoRestart {
+        cron: "bad".into(),
+        timezone: "UTC".into(),
+    });
+    h.sup.apply("bad", 1, true, bad).unwrap();
+    h.until_state("bad", RunState::Running).await;
+    assert_eq!(
+        h.lines("bad", LogStream::SystemAr),
+        ["auto restart disabled due to invalid config: bad cron"]
+    );
+    h.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn generations_older_ignored_newer_replace() {
+    let mut h = Harness::new();
+    let a = spec("exec sleep 100", RestartKind::Never);
+    let b = spec("exec sleep 200", RestartKind::Never);
+    h.sup.apply("g", 2, true, a.clone()).unwrap();
+    let pid1 = h.until_state("g", RunState::Running).await.pid.unwrap();
+    assert_eq!(
+        h.sup.apply("g", 1, true, b.clone()).unwrap(),
+        ApplyOutcome::Stale { held: 2 }
+    );
+    assert_eq!(
+        h.sup.apply("g", 2, true, a).unwrap(),
+        ApplyOutcome::Unchanged
+    );
+    assert_eq!(
+        h.sup.apply("g", 3, true, b.clone()).unwrap(),
+        ApplyOutcome::Updated
+    );
+    let st = h
+        .until("g", |e| e.state == RunState::Running && e.pid != Some(pid1))
+        .await;
+    assert_eq!(st.generation, 3);
+    until_dead(pid1).await;
+    let seen = h.events.len();
+    // A newer generation with the same spec does not restart.
+    assert_eq!(
+        h.sup.apply("g", 4, true, b.clone()).unwrap(),
+        ApplyOutcome::Updated
+    );
+    h.until("g", |e| e.generation == 4).await;
+    assert_eq!(
+        h.sup.apply("g", 4, false, b).unwrap(),
+        ApplyOutcome::Updated
+    );
+    h.until_state("g", RunState::Stopped).await;
+    let later: Vec<RunState> = h.events[seen..].iter().map(|e| e.state).collect();
+    assert_eq!(
+        later,
+        [
+            RunState::Running,
+            RunState::Stopping,
+            RunState::Stopping,
+            RunState::Stopped
+        ],
+        "generation bump, stop requested, exit recorded, stopped"
+    );
+    let snap = h.sup.snapshot();
+    assert_eq!(snap.len(), 1);
+    assert_eq!((snap[0].1, snap[0].2), (4, false));
+    assert!(matches!(
+        h.sup
+            .apply("../x", 1, true, spec("true", RestartKind::Never)),
+        Err(SupervisorError::InvalidId(_))
+    ));
+}
+
+/// Fails the first `fail` prepares.
+struct FlakyPrepare {
+    calls: AtomicU32,
+    fail: u32,
+    work_dir: std::path::PathBuf,
+}
+
+impl Prepare for FlakyPrepare {
+    fn prepare<'a>(
+        &'a self,
+        _id: &'a str,
+        spec: &'a DeploymentSpec,
+        logs: &'a LogBuffer,
+    ) -> BoxFuture<'a, Result<Prepared, String>> {
+        Box::pin(async move {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            logs.push(LogStream::System, format!("preparing #{n}"));
+            if n <= self.fail {
+                return Err(format!("boom {n}"));
+            }
+            Ok(Prepared {
+                cwd: self.work_dir.clone(),
+                command: spec.command.clone(),
+                extra_env: BTreeMap::from([("EXTRA".to_owned(), "x".to_owned())]),
+            })
+        })
+    }
+}
+
+fn flaky(fail: u32) -> Hooks {
+    Hooks {
+        prepare: Arc::new(FlakyPrepare {
+            calls: AtomicU32::new(0),
+            fail,
+            work_dir: std::env::temp_dir(),
+        }),
+        cron: None,
+    }
+}
+
+#[tokio::test]
+async fn prepare_failures_are_retried_with_backoff() {
+    let mut h = Harness::with_hooks(flaky(2));
+    let mut s = spec("echo $EXTRA-$MINE; exec sleep 100", RestartKind::Never);
+    s.env.insert("MINE".into(), "y".into());
+    h.sup.apply("p", 1, true, s).unwrap();
+    let st = h.until_state("p", RunState::Running).await;
+    assert_eq!(st.restart_count, 2);
+    assert_eq!(h.count("p", RunState::Backoff), 2);
+    let system = h.lines("p", LogStream::System);
+    assert!(
+        system.contains(&"prepare failed: boom 1".to_owned()),
+        "{system:?}"
+    );
+    assert!(
+        system.contains(&"prepare failed: boom 2".to_owned()),
+        "{system:?}"
+    );
+    let out = until_line(&h.sup, "p", |e| e.stream == LogStream::Stdout).await;
+    assert_eq!(out.line, "x-y");
+    h.sup.shutdown().await;
+    assert!(matches!(
+        h.sup.apply("p2", 1, true, spec("true", RestartKind::Never)),
+        Err(SupervisorError::ShutDown)
+    ));
+}
+
+#[tokio::test]
+async fn prepare_and_spawn_failures_fail_after_the_budget() {
+    let mut h = Harness::with_hooks(flaky(u32::MAX));
+    let mut s = spec("true", RestartKind::Always);
+    s.max_restarts = 2;
+    h.sup.apply("p", 1, true, s).unwrap();
+    let st = h.until_state("p", RunState::Failed).await;
+    let reason = st.reason.unwrap();
+    assert!(
+        reason.starts_with("max_restarts=2 in window=300s exceeded"),
+        "{reason}"
+    );
+    assert!(reason.contains("prepare failed: boom 3"), "{reason}");
+    assert_eq!(h.count("p", RunState::Running), 0);
+
+    let mut h = Harness::new();
+    let mut s = spec("true", RestartKind::Never);
+    s.command = vec!["/nonexistent/program".into()];
+    s.max_restarts = 1;
+    h.sup.apply("s", 1, true, s).unwrap();
+    let st = h.until_state("s", RunState::Failed).await;
+    let reason = st.reason.unwrap();
+    assert!(reason.contains("spawn failed"), "{reason}");
+    assert!(reason.contains("/nonexistent/program"), "{reason}");
+    assert_eq!(h.count("s", RunState::Backoff), 1);
+}
+
+#[tokio::test]
+async fn log_seq_increases_across_restarts_and_resumes_from_the_spool() {
+    let mut h = Harness::new();
+    let mut s = spec("echo a; echo b; exit 1", RestartKind::OnFailure);
+    s.max_restarts = 2;
+    h.sup.apply("seq", 1, true, s.clone()).unwrap();
+    let st = h.until_state("seq", RunState::Failed).await;
+    let entries = h.sup.logs("seq").unwrap().since(0, 1000);
+    let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected);
+    assert_eq!(st.last_log_seq, *seqs.last().unwrap());
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.stream == LogStream::Stdout)
+            .count(),
+        6
+    );
+    h.sup.shutdown().await;
+    let last = h.sup.logs("seq").map_or(0, |l| l.last_seq());
+    assert_eq!(last, 0, "the table is empty after shutdown");
+
+    // A new supervisor on the same work dir continues the sequence.
+    let (sup, mut rx) = Supervisor::new(config(&h.dir));
+    sup.apply("seq", 1, true, spec("echo again", RestartKind::Never))
+        .unwrap();
+    let resumed_from = sup.logs("seq").unwrap().since(0, 1000);
+    assert!(resumed_from.len() >= seqs.len());
+    loop {
+        let e = rx.recv().await.unwrap();
+        if e.state == RunState::Exited {
+            break;
+        }
+    }
+    let logs = sup.logs("seq").unwrap();
+    let fresh = logs.since(*seqs.last().unwrap(), 1000);
+    assert!(!fresh.is_empty());
+    assert_eq!(fresh[0].seq, seqs.last().unwrap() + 1);
+    assert!(fresh.iter().any(|e| e.line == "again"));
+    assert!(sup.remove("seq").await);
+    assert!(!h.dir.path().join("logs").join("seq").exists());
+}
+
+#[tokio::test]
+async fn stopped_desired_state_starts_later_and_shutdown_stops_all() {
+    let mut h = Harness::new();
+    let s = spec("exec sleep 100", RestartKind::Always);
+    assert_eq!(
+        h.sup.apply("x", 1, false, s.clone()).unwrap(),
+        ApplyOutcome::Created
+    );
+    h.until_state("x", RunState::Stopped).await;
+    assert_eq!(h.count("x", RunState::Running), 0);
+    h.sup.apply("x", 1, true, s.clone()).unwrap();
+    let x = h.until_state("x", RunState::Running).await.pid.unwrap();
+    h.sup.apply("y", 1, true, s).unwrap();
+    let y = h.until_state("y", RunState::Running).await.pid.unwrap();
+    let mark = h.events.len();
+    h.sup.shutdown().await;
+    // Both were stopped in parallel; their events interleave.
+    while ["x", "y"].iter().any(|id| {
+        !h.events[mark..]
+            .iter()
+            .any(|e| e.id == *id && e.state == RunState::Stopped)
+    }) {
+        let e = h.rx.recv().await.unwrap();
+        h.events.push(e);
+    }
+    until_dead(x).await;
+    until_dead(y).await;
+    assert!(h.sup.status().is_empty());
+}

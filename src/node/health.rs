@@ -182,6 +182,7 @@ pub async fn monitor(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use tokio::net::TcpListener;

@@ -237,11 +237,8 @@ fn group_alive(pgid: Pid) -> bool {
     if killpg(pgid, None).is_err() {
         return false;
     }
-    match group_has_live_member(pgid.as_raw()) {
-        Ok(alive) => alive,
-        // No /proc: trust killpg.
-        Err(_) => true,
-    }
+    // Without /proc, trust killpg.
+    group_has_live_member(pgid.as_raw()).unwrap_or(true)
 }
 
 fn group_has_live_member(pgid: i32) -> io::Result<bool> {
@@ -284,8 +281,21 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
-/// Runs `spec` to completion with its output discarded (health-check commands). On timeout the
-/// whole group is killed. Returns the exit code.
+/// Kills a process group with SIGKILL when dropped (also when the owning future is dropped
+/// mid-way, e.g. an aborted health check).
+struct KillGroupOnDrop(Option<Pid>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            signal_group(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// Runs `spec` to completion with its output discarded (health-check commands). The whole
+/// group is killed when the leader exits, on timeout, and if this future is dropped. Returns
+/// the exit code.
 pub async fn run_to_exit(spec: &ProcessSpec, limit: Duration) -> Result<i32, String> {
     let mut cmd = command(spec).map_err(|e| e.to_string())?;
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
@@ -293,30 +303,21 @@ pub async fn run_to_exit(spec: &ProcessSpec, limit: Duration) -> Result<i32, Str
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {program:?}: {e}"))?;
-    let pgid = child
-        .id()
-        .and_then(|p| i32::try_from(p).ok())
-        .map(Pid::from_raw);
+    let _group = KillGroupOnDrop(
+        child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .map(Pid::from_raw),
+    );
     match timeout(limit, child.wait()).await {
-        Ok(Ok(status)) => {
-            if let Some(pgid) = pgid {
-                signal_group(pgid, Signal::SIGKILL);
-            }
-            Ok(exit_code(status))
-        }
+        Ok(Ok(status)) => Ok(exit_code(status)),
         Ok(Err(e)) => Err(format!("waiting for {program:?} failed: {e}")),
-        Err(_) => {
-            if let Some(pgid) = pgid {
-                signal_group(pgid, Signal::SIGKILL);
-            }
-            // Reap the leader; SIGKILL cannot be ignored.
-            let _ = child.wait().await;
-            Err(format!("timed out after {}ms", limit.as_millis()))
-        }
+        Err(_) => Err(format!("timed out after {}ms", limit.as_millis())),
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -376,10 +377,25 @@ mod tests {
             run_to_exit(&sh("exit 4"), Duration::from_secs(5)).await,
             Ok(4)
         );
-        let err = run_to_exit(&sh("sleep 100"), Duration::from_millis(100))
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 100 & echo $! > {}; wait", pidfile.display());
+        let err = run_to_exit(&sh(&script), Duration::from_millis(500))
             .await
             .unwrap_err();
         assert!(err.contains("timed out"), "{err}");
+        // The timeout killed the whole group, the backgrounded child included.
+        let child: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let gone = async {
+            while process_alive(child) {
+                sleep(Duration::from_millis(10)).await;
+            }
+        };
+        timeout(Duration::from_secs(10), gone).await.unwrap();
     }
 
     #[test]

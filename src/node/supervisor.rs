@@ -18,6 +18,7 @@
 
 mod actor;
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;
 
 use std::collections::BTreeMap;
@@ -429,7 +430,7 @@ impl Supervisor {
         lock(&self.table)
             .slots
             .values()
-            .map(|slot| snapshot_status(slot))
+            .map(snapshot_status)
             .collect()
     }
 

@@ -226,6 +226,7 @@ fn read_segment(path: &Path) -> io::Result<Vec<LogEntry>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::super::{LogBuffer, LogStream};
 

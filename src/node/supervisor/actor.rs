@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use super::{Desired, DeploymentStatus, NextFire, RunState, Shared, lock};
+use super::{DeploymentStatus, Desired, NextFire, RunState, Shared, lock};
 use crate::node::health;
 use crate::node::logs::{LogBuffer, LogStream};
 use crate::node::restart::{Budget, Decision, RestartTracker};

@@ -46,7 +46,7 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        Self::with(|config| Supervisor::new(config))
+        Self::with(Supervisor::new)
     }
 
     fn with_hooks(hooks: Hooks) -> Self {
@@ -156,7 +156,10 @@ use crate::node::logs::LogEntry;
 async fn never_policy_reports_exit_code_and_stays_crashed() {
     let mut h = Harness::new();
     let s = spec("exit 3", RestartKind::Never);
-    assert_eq!(h.sup.apply("d1", 1, true, s).unwrap(), ApplyOutcome::Created);
+    assert_eq!(
+        h.sup.apply("d1", 1, true, s).unwrap(),
+        ApplyOutcome::Created
+    );
     let st = h.until_state("d1", RunState::Crashed).await;
     assert_eq!(st.last_exit_code, Some(3));
     assert_eq!(st.restart_count, 0);
@@ -247,7 +250,10 @@ async fn always_restarts_clean_exits() {
 #[tokio::test]
 async fn stop_kills_a_term_ignoring_group_with_its_children() {
     let mut h = Harness::new();
-    let mut s = spec("trap '' TERM; sleep 100 & echo $!; wait", RestartKind::Always);
+    let mut s = spec(
+        "trap '' TERM; sleep 100 & echo $!; wait",
+        RestartKind::Always,
+    );
     s.stop_timeout = Duration::from_millis(300);
     h.sup.apply("stubborn", 1, true, s.clone()).unwrap();
     let running = h.until_state("stubborn", RunState::Running).await;
@@ -272,7 +278,11 @@ async fn stop_kills_a_term_ignoring_group_with_its_children() {
         system.iter().any(|l| l.starts_with("stop requested")),
         "{system:?}"
     );
-    assert!(system.iter().any(|l| l.contains("SIGKILL after the stop timeout")));
+    assert!(
+        system
+            .iter()
+            .any(|l| l.contains("SIGKILL after the stop timeout"))
+    );
     // Stopped on request: no restart despite the `always` policy.
     assert_eq!(h.count("stubborn", RunState::Running), 1);
 }
@@ -325,7 +335,10 @@ async fn failing_health_checks_restart_and_share_the_budget() {
     // SIGTERM from the health restart: the process did not exit on its own.
     assert_eq!(st.last_exit_code, Some(-15));
     let hc = h.lines("hc", LogStream::SystemHc);
-    let failed = hc.iter().filter(|l| l.starts_with("health check failed")).count();
+    let failed = hc
+        .iter()
+        .filter(|l| l.starts_with("health check failed"))
+        .count();
     assert_eq!(failed, 4, "two failures per run: {hc:?}");
 }
 
@@ -389,7 +402,10 @@ async fn cron_restarts_do_not_charge_the_budget() {
     assert_eq!(second.restart_count, 0);
     until_dead(first.unwrap()).await;
     let ar = h.lines("cron", LogStream::SystemAr);
-    assert_eq!(ar.first().map(String::as_str), Some("scheduled restart triggered"));
+    assert_eq!(
+        ar.first().map(String::as_str),
+        Some("scheduled restart triggered")
+    );
 
     let mut bad = s;
     bad.auto_restart = Some(AutoRestart {
@@ -436,19 +452,28 @@ async fn generations_older_ignored_newer_replace() {
         ApplyOutcome::Updated
     );
     h.until("g", |e| e.generation == 4).await;
-    assert_eq!(h.sup.apply("g", 4, false, b).unwrap(), ApplyOutcome::Updated);
+    assert_eq!(
+        h.sup.apply("g", 4, false, b).unwrap(),
+        ApplyOutcome::Updated
+    );
     h.until_state("g", RunState::Stopped).await;
     let later: Vec<RunState> = h.events[seen..].iter().map(|e| e.state).collect();
     assert_eq!(
         later,
-        [RunState::Running, RunState::Stopping, RunState::Stopping, RunState::Stopped],
+        [
+            RunState::Running,
+            RunState::Stopping,
+            RunState::Stopping,
+            RunState::Stopped
+        ],
         "generation bump, stop requested, exit recorded, stopped"
     );
     let snap = h.sup.snapshot();
     assert_eq!(snap.len(), 1);
     assert_eq!((snap[0].1, snap[0].2), (4, false));
     assert!(matches!(
-        h.sup.apply("../x", 1, true, spec("true", RestartKind::Never)),
+        h.sup
+            .apply("../x", 1, true, spec("true", RestartKind::Never)),
         Err(SupervisorError::InvalidId(_))
     ));
 }
@@ -503,8 +528,14 @@ async fn prepare_failures_are_retried_with_backoff() {
     assert_eq!(st.restart_count, 2);
     assert_eq!(h.count("p", RunState::Backoff), 2);
     let system = h.lines("p", LogStream::System);
-    assert!(system.contains(&"prepare failed: boom 1".to_owned()), "{system:?}");
-    assert!(system.contains(&"prepare failed: boom 2".to_owned()), "{system:?}");
+    assert!(
+        system.contains(&"prepare failed: boom 1".to_owned()),
+        "{system:?}"
+    );
+    assert!(
+        system.contains(&"prepare failed: boom 2".to_owned()),
+        "{system:?}"
+    );
     let out = until_line(&h.sup, "p", |e| e.stream == LogStream::Stdout).await;
     assert_eq!(out.line, "x-y");
     h.sup.shutdown().await;
@@ -522,7 +553,10 @@ async fn prepare_and_spawn_failures_fail_after_the_budget() {
     h.sup.apply("p", 1, true, s).unwrap();
     let st = h.until_state("p", RunState::Failed).await;
     let reason = st.reason.unwrap();
-    assert!(reason.starts_with("max_restarts=2 in window=300s exceeded"), "{reason}");
+    assert!(
+        reason.starts_with("max_restarts=2 in window=300s exceeded"),
+        "{reason}"
+    );
     assert!(reason.contains("prepare failed: boom 3"), "{reason}");
     assert_eq!(h.count("p", RunState::Running), 0);
 
@@ -551,7 +585,10 @@ async fn log_seq_increases_across_restarts_and_resumes_from_the_spool() {
     assert_eq!(seqs, expected);
     assert_eq!(st.last_log_seq, *seqs.last().unwrap());
     assert_eq!(
-        entries.iter().filter(|e| e.stream == LogStream::Stdout).count(),
+        entries
+            .iter()
+            .filter(|e| e.stream == LogStream::Stdout)
+            .count(),
         6
     );
     h.sup.shutdown().await;
@@ -593,9 +630,17 @@ async fn stopped_desired_state_starts_later_and_shutdown_stops_all() {
     let x = h.until_state("x", RunState::Running).await.pid.unwrap();
     h.sup.apply("y", 1, true, s).unwrap();
     let y = h.until_state("y", RunState::Running).await.pid.unwrap();
+    let mark = h.events.len();
     h.sup.shutdown().await;
-    h.until_state("x", RunState::Stopped).await;
-    h.until_state("y", RunState::Stopped).await;
+    // Both were stopped in parallel; their events interleave.
+    while ["x", "y"].iter().any(|id| {
+        !h.events[mark..]
+            .iter()
+            .any(|e| e.id == *id && e.state == RunState::Stopped)
+    }) {
+        let e = h.rx.recv().await.unwrap();
+        h.events.push(e);
+    }
     until_dead(x).await;
     until_dead(y).await;
     assert!(h.sup.status().is_empty());

@@ -157,8 +157,13 @@ pub struct DeployArgs {
 }
 
 fn parse_capacity(s: &str) -> Result<(String, i64), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected CLASS=AMOUNT, got {s:?}"))?;
-    let v: i64 = v.trim().parse().map_err(|_| format!("capacity {k}: expected an integer, got {v:?}"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected CLASS=AMOUNT, got {s:?}"))?;
+    let v: i64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("capacity {k}: expected an integer, got {v:?}"))?;
     if v < 0 {
         return Err(format!("capacity {k}: must not be negative"));
     }
@@ -168,7 +173,10 @@ fn parse_capacity(s: &str) -> Result<(String, i64), String> {
 /// Entry point; returns the process exit code (0 ok, 1 failure, 2 usage).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("symphony: cannot start the runtime: {e}");
@@ -187,27 +195,62 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let overrides = Overrides { mode: cli.mode, log_level: cli.log_level.clone(), log_json: cli.log_json.then_some(true) };
+    let overrides = Overrides {
+        mode: cli.mode,
+        log_level: cli.log_level.clone(),
+        log_json: cli.log_json.then_some(true),
+    };
     match cli.command {
         Some(Command::Dev(args)) => {
             config::init_logging(cli.log_level.as_deref().unwrap_or("info"), cli.log_json)?;
             dev(args).await.map(|()| ExitCode::SUCCESS)
         }
-        Some(Command::Cert(CertCommand::Node { node_id, cert_path, out })) => {
+        Some(Command::Cert(CertCommand::Node {
+            node_id,
+            cert_path,
+            out,
+        })) => {
             let ca = CertificateAuthority::load(&symphony_net::CertFiles::in_dir(&cert_path, "ca"))
                 .with_context(|| format!("loading the CA from {}", cert_path.display()))?;
             let files = ca.ensure_node_files(&node_id, &out)?;
-            println!("certificate: {}\nkey:         {}\nca:          {}", files.cert.display(), files.key.display(), out.join("ca.pem").display());
+            println!(
+                "certificate: {}\nkey:         {}\nca:          {}",
+                files.cert.display(),
+                files.key.display(),
+                out.join("ca.pem").display()
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Some(Command::Conductor) => from_config(cli.config.as_deref(), Overrides { mode: Some(Mode::Conductor), ..overrides }).await,
-        Some(Command::Node) => from_config(cli.config.as_deref(), Overrides { mode: Some(Mode::Node), ..overrides }).await,
+        Some(Command::Conductor) => {
+            from_config(
+                cli.config.as_deref(),
+                Overrides {
+                    mode: Some(Mode::Conductor),
+                    ..overrides
+                },
+            )
+            .await
+        }
+        Some(Command::Node) => {
+            from_config(
+                cli.config.as_deref(),
+                Overrides {
+                    mode: Some(Mode::Node),
+                    ..overrides
+                },
+            )
+            .await
+        }
         Some(cmd) => Ok(client_command(cmd).await),
         None => match cli.config {
             Some(path) => from_config(Some(&path), overrides).await,
-            None if Path::new("config.yaml").exists() => from_config(Some(Path::new("config.yaml")), overrides).await,
+            None if Path::new("config.yaml").exists() => {
+                from_config(Some(Path::new("config.yaml")), overrides).await
+            }
             None => {
-                eprintln!("symphony: nothing to do. Try `symphony dev`, or `symphony --config FILE`; see `symphony --help`.");
+                eprintln!(
+                    "symphony: nothing to do. Try `symphony dev`, or `symphony --config FILE`; see `symphony --help`."
+                );
                 Ok(ExitCode::from(2))
             }
         },
@@ -255,14 +298,21 @@ async fn from_config(path: Option<&Path>, overrides: Overrides) -> anyhow::Resul
                 config::Scheduling::Binpack => crate::scheduler::Strategy::Binpack,
             };
             let conductor = Conductor::start(cfg).await?;
-            eprintln!("conductor: API http://{}  QUIC {}", conductor.http_addr, conductor.quic_addr);
+            eprintln!(
+                "conductor: API http://{}  QUIC {}",
+                conductor.http_addr, conductor.quic_addr
+            );
             shutdown_signal().await;
             conductor.shutdown().await;
         }
         Mode::Node => {
             let n = file.node_config()?;
             let tls = TlsMaterial::from_files(&n.tls.ca_file, &n.tls.cert_file, &n.tls.key_file)?;
-            let transport = TransportSettings { keep_alive: n.keep_alive, idle_timeout: n.idle_timeout, ..TransportSettings::default() };
+            let transport = TransportSettings {
+                keep_alive: n.keep_alive,
+                idle_timeout: n.idle_timeout,
+                ..TransportSettings::default()
+            };
             let cfg = NodeConfig {
                 node_id: n.node_id.clone(),
                 conductor_addr: n.conductor_addr.clone(),
@@ -322,9 +372,14 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let api = format!("http://{}", conductor.http_addr);
     println!("Symphony is running.");
     println!("  API:   {api}   (OpenAPI: {api}/openapi.json, UI: {api}/ui/)");
-    println!("  QUIC:  {}   local node {:?}, groups {:?}, capacities {:?}", conductor.quic_addr, args.node_id, args.groups, capacities);
+    println!(
+        "  QUIC:  {}   local node {:?}, groups {:?}, capacities {:?}",
+        conductor.quic_addr, args.node_id, args.groups, capacities
+    );
     println!("  Try:   curl -s -X POST {api}/deployments -H 'content-type: application/json' \\");
-    println!("           -d '{{\"name\":\"hello\",\"specification\":{{\"spec\":{{\"config\":{{\"command\":[\"sh\",\"-c\",\"while true; do date; sleep 1; done\"]}}}}}}}}'");
+    println!(
+        "           -d '{{\"name\":\"hello\",\"specification\":{{\"spec\":{{\"config\":{{\"command\":[\"sh\",\"-c\",\"while true; do date; sleep 1; done\"]}}}}}}}}'"
+    );
     println!("         symphony ps   |   symphony logs -f <id>   |   symphony stop <id>");
     println!("  Ctrl-C stops everything (workloads included).");
     let cancel = CancellationToken::new();
@@ -360,13 +415,20 @@ async fn client_command(cmd: Command) -> ExitCode {
         Command::Ps(a) => client::ps(&a.api, a.json, &mut out).await,
         Command::Nodes(a) => client::nodes(&a.api, a.json, &mut out).await,
         Command::Logs(a) => {
-            let args = client::LogsArgs { id: a.id, follow: a.follow, tail: Some(a.tail), streams: a.streams };
+            let args = client::LogsArgs {
+                id: a.id,
+                follow: a.follow,
+                tail: Some(a.tail),
+                streams: a.streams,
+            };
             client::logs(&a.api, &args, &mut out).await
         }
         Command::Stop(a) => client::stop(&a.api, &a.id, &mut out).await,
         Command::Start(a) => client::start(&a.api, &a.id, &mut out).await,
         Command::Rm(a) => client::rm(&a.api, &a.id, &mut out).await,
-        Command::Dev(_) | Command::Conductor | Command::Node | Command::Cert(_) => return ExitCode::from(2),
+        Command::Dev(_) | Command::Conductor | Command::Node | Command::Cert(_) => {
+            return ExitCode::from(2);
+        }
     };
     client::finish(result, &mut std::io::stderr()).into()
 }

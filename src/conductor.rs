@@ -88,7 +88,11 @@ impl Conductor {
             names.push(cfg.quic_listen.ip().to_string());
         }
         let server_files = ca.ensure_server_files(&cfg.cert_dir, &names)?;
-        let tls = TlsMaterial::from_files(&cfg.cert_dir.join("ca.pem"), &server_files.cert, &server_files.key)?;
+        let tls = TlsMaterial::from_files(
+            &cfg.cert_dir.join("ca.pem"),
+            &server_files.cert,
+            &server_files.key,
+        )?;
         let server = Server::bind(cfg.quic_listen, &tls, cfg.transport.clone())
             .with_context(|| format!("binding QUIC on {}", cfg.quic_listen))?;
         let quic_addr = server.local_addr()?;
@@ -100,26 +104,58 @@ impl Conductor {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let logs = loghub::LogHub::default();
-        let core_cfg = core::CoreConfig { suspect_after: cfg.suspect_after, grace: cfg.grace, strategy: cfg.strategy };
-        let core = core::start(store, core_cfg, logs.clone(), &mut tasks, cancel.child_token()).await?;
-        tasks.spawn(sessions::serve(server, core.clone(), logs.clone(), cancel.child_token()));
-        let app = api::router(api::ApiState { core: core.clone(), logs });
+        let core_cfg = core::CoreConfig {
+            suspect_after: cfg.suspect_after,
+            grace: cfg.grace,
+            strategy: cfg.strategy,
+        };
+        let core = core::start(
+            store,
+            core_cfg,
+            logs.clone(),
+            &mut tasks,
+            cancel.child_token(),
+        )
+        .await?;
+        tasks.spawn(sessions::serve(
+            server,
+            core.clone(),
+            logs.clone(),
+            cancel.child_token(),
+        ));
+        let app = api::router(api::ApiState {
+            core: core.clone(),
+            logs,
+        });
         let http_cancel = cancel.child_token();
         tasks.spawn(async move {
             let shutdown = async move { http_cancel.cancelled().await };
-            if let Err(e) = axum::serve(http, app).with_graceful_shutdown(shutdown).await {
+            if let Err(e) = axum::serve(http, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
                 tracing::error!(error = %e, "http server failed");
             }
         });
         tracing::info!(%http_addr, %quic_addr, "conductor started");
-        Ok(Self { http_addr, quic_addr, ca, core, cancel, tasks })
+        Ok(Self {
+            http_addr,
+            quic_addr,
+            ca,
+            core,
+            cancel,
+            tasks,
+        })
     }
 
     /// Stops accepting, tells nodes `Shutdown`, flushes, and waits (bounded) for every task.
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
         let drain = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), drain)
+            .await
+            .is_err()
+        {
             tracing::warn!("forced conductor shutdown");
             self.tasks.shutdown().await;
         }

@@ -223,11 +223,9 @@ async fn server_name_mismatch_is_refused_by_the_node() {
     let mut cfg = client_cfg(addr, pki.node_tls("n1"), fast());
     cfg.server_name = Some("not-the-conductor.example".into());
     let client = Client::new(cfg).unwrap();
-    let err = client
-        .connect()
-        .await
-        .err()
-        .expect("a wrong server name must fail");
+    let Err(err) = client.connect().await else {
+        panic!("a wrong server name must fail")
+    };
     assert!(
         err.to_string().contains("handshake") || err.to_string().contains("certificate"),
         "{err}"

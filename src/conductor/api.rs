@@ -31,11 +31,22 @@ pub struct ApiState {
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route("/deployments", post(create_deployment).get(list_deployments))
-        .route("/deployments/{id}", get(get_deployment).patch(patch_deployment).delete(delete_deployment))
+        .route(
+            "/deployments",
+            post(create_deployment).get(list_deployments),
+        )
+        .route(
+            "/deployments/{id}",
+            get(get_deployment)
+                .patch(patch_deployment)
+                .delete(delete_deployment),
+        )
         .route("/nodes", get(list_nodes))
         .route("/conda-envs", post(create_env).get(list_envs))
-        .route("/conda-envs/{name}", get(get_env).patch(patch_env).delete(delete_env))
+        .route(
+            "/conda-envs/{name}",
+            get(get_env).patch(patch_env).delete(delete_env),
+        )
         .route("/conda-envs/{name}/rerun", post(rerun_env))
         .route("/ws/updates", get(ws_updates))
         .route("/ws/deployments/{id}/logs", get(ws_logs))
@@ -76,7 +87,10 @@ impl From<CoreError> for ApiError {
         match e {
             CoreError::NotFound(m) => Self(StatusCode::NOT_FOUND, json!(m)),
             CoreError::Conflict(m) => Self(StatusCode::CONFLICT, json!(m)),
-            CoreError::Unavailable => Self(StatusCode::SERVICE_UNAVAILABLE, json!("conductor is shutting down")),
+            CoreError::Unavailable => Self(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!("conductor is shutting down"),
+            ),
             CoreError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 Self(StatusCode::INTERNAL_SERVER_ERROR, json!("internal error"))
@@ -88,8 +102,16 @@ impl From<CoreError> for ApiError {
 fn parse_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::field(&["body"], "model_attributes_type", "Input should be a valid dictionary or object")),
-        Err(e) => Err(ApiError::field(&["body"], "json_invalid", &format!("JSON decode error: {e}"))),
+        Ok(_) => Err(ApiError::field(
+            &["body"],
+            "model_attributes_type",
+            "Input should be a valid dictionary or object",
+        )),
+        Err(e) => Err(ApiError::field(
+            &["body"],
+            "json_invalid",
+            &format!("JSON decode error: {e}"),
+        )),
     }
 }
 
@@ -107,17 +129,29 @@ fn opt_str(
         Some(Value::String(s)) => {
             let n = s.chars().count();
             if n < min {
-                errs.push(FieldError { loc, msg: format!("String should have at least {min} character"), kind: "string_too_short".into() });
+                errs.push(FieldError {
+                    loc,
+                    msg: format!("String should have at least {min} character"),
+                    kind: "string_too_short".into(),
+                });
                 None
             } else if n > max {
-                errs.push(FieldError { loc, msg: format!("String should have at most {max} characters"), kind: "string_too_long".into() });
+                errs.push(FieldError {
+                    loc,
+                    msg: format!("String should have at most {max} characters"),
+                    kind: "string_too_long".into(),
+                });
                 None
             } else {
                 Some(s.clone())
             }
         }
         Some(_) => {
-            errs.push(FieldError { loc, msg: "Input should be a valid string".into(), kind: "string_type".into() });
+            errs.push(FieldError {
+                loc,
+                msg: "Input should be a valid string".into(),
+                kind: "string_type".into(),
+            });
             None
         }
     }
@@ -135,7 +169,14 @@ fn opt_enum(
     } else {
         errs.push(FieldError {
             loc: vec!["body".into(), key.into()],
-            msg: format!("Input should be {}", allowed.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(" or ")),
+            msg: format!(
+                "Input should be {}",
+                allowed
+                    .iter()
+                    .map(|a| format!("'{a}'"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
             kind: "enum".into(),
         });
         None
@@ -150,19 +191,31 @@ fn validate_spec(spec: &Value, errs: &mut Vec<FieldError>) {
 
 fn deployment_json(state: &ApiState, id: &str) -> Result<Json<Value>, ApiError> {
     let view = state.core.view();
-    let d = view.deployment(id).ok_or(ApiError(StatusCode::NOT_FOUND, json!("Deployment not found")))?;
+    let d = view.deployment(id).ok_or(ApiError(
+        StatusCode::NOT_FOUND,
+        json!("Deployment not found"),
+    ))?;
     Ok(Json(json!(d)))
 }
 
-async fn create_deployment(State(st): State<ApiState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn create_deployment(
+    State(st): State<ApiState>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
     let m = parse_body(&body)?;
     let mut errs = Vec::new();
     let name = opt_str(&m, "name", 1, 200, &mut errs);
     if !m.contains_key("name") {
-        errs.push(FieldError { loc: vec!["body".into(), "name".into()], msg: "Field required".into(), kind: "missing".into() });
+        errs.push(FieldError {
+            loc: vec!["body".into(), "name".into()],
+            msg: "Field required".into(),
+            kind: "missing".into(),
+        });
     }
-    let desired = opt_enum(&m, "desired_state", &["RUNNING", "STOPPED"], &mut errs).unwrap_or_else(|| "RUNNING".into());
-    let kind = opt_enum(&m, "kind", &["EXEC", "DOCKER"], &mut errs).unwrap_or_else(|| "EXEC".into());
+    let desired = opt_enum(&m, "desired_state", &["RUNNING", "STOPPED"], &mut errs)
+        .unwrap_or_else(|| "RUNNING".into());
+    let kind =
+        opt_enum(&m, "kind", &["EXEC", "DOCKER"], &mut errs).unwrap_or_else(|| "EXEC".into());
     if kind == "DOCKER" {
         errs.push(FieldError {
             loc: vec!["body".into(), "kind".into()],
@@ -201,22 +254,41 @@ fn page(p: &Page) -> Result<(usize, usize), ApiError> {
         match v {
             None => Ok(default),
             Some(s) => s.trim().parse::<i64>().map_err(|_| {
-                ApiError::field(&["query", key], "int_parsing", "Input should be a valid integer, unable to parse string as an integer")
+                ApiError::field(
+                    &["query", key],
+                    "int_parsing",
+                    "Input should be a valid integer, unable to parse string as an integer",
+                )
             }),
         }
     };
     let limit = int("limit", &p.limit, 100)?.clamp(1, 500);
     let offset = int("offset", &p.offset, 0)?.max(0);
-    Ok((usize::try_from(limit).unwrap_or(100), usize::try_from(offset).unwrap_or(0)))
+    Ok((
+        usize::try_from(limit).unwrap_or(100),
+        usize::try_from(offset).unwrap_or(0),
+    ))
 }
 
-async fn list_deployments(State(st): State<ApiState>, Query(p): Query<Page>) -> Result<Json<Value>, ApiError> {
+async fn list_deployments(
+    State(st): State<ApiState>,
+    Query(p): Query<Page>,
+) -> Result<Json<Value>, ApiError> {
     let (limit, offset) = page(&p)?;
     let view = st.core.view();
-    Ok(Json(json!(view.deployments.iter().skip(offset).take(limit).collect::<Vec<_>>())))
+    Ok(Json(json!(
+        view.deployments
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .collect::<Vec<_>>()
+    )))
 }
 
-async fn get_deployment(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_deployment(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     deployment_json(&st, &id)
 }
 
@@ -240,12 +312,21 @@ async fn patch_deployment(
     if !errs.is_empty() {
         return Err(ApiError::invalid(errs));
     }
-    let patch = DeploymentPatch { name, desired_state: desired, specification: spec };
-    st.core.call(|r| CoreMsg::PatchDeployment(id.clone(), patch, r)).await?;
+    let patch = DeploymentPatch {
+        name,
+        desired_state: desired,
+        specification: spec,
+    };
+    st.core
+        .call(|r| CoreMsg::PatchDeployment(id.clone(), patch, r))
+        .await?;
     deployment_json(&st, &id)
 }
 
-async fn delete_deployment(State(st): State<ApiState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+async fn delete_deployment(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     st.core.call(|r| CoreMsg::DeleteDeployment(id, r)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -258,7 +339,13 @@ fn packages(v: Option<&Value>, errs: &mut Vec<FieldError>) -> Option<Vec<String>
     let loc = vec!["body".to_owned(), "packages".to_owned()];
     match v {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.split([',', '\n']).map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect()),
+        Some(Value::String(s)) => Some(
+            s.split([',', '\n'])
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ),
         Some(Value::Array(a)) => {
             let mut out = Vec::new();
             for (i, p) in a.iter().enumerate() {
@@ -275,24 +362,38 @@ fn packages(v: Option<&Value>, errs: &mut Vec<FieldError>) -> Option<Vec<String>
             Some(out)
         }
         Some(_) => {
-            errs.push(FieldError { loc, msg: "Input should be a valid list".into(), kind: "list_type".into() });
+            errs.push(FieldError {
+                loc,
+                msg: "Input should be a valid list".into(),
+                kind: "list_type".into(),
+            });
             None
         }
     }
 }
 
-async fn create_env(State(st): State<ApiState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn create_env(
+    State(st): State<ApiState>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
     let m = parse_body(&body)?;
     let mut errs = Vec::new();
     for key in ["name", "python_version"] {
         if m.get(key).is_none_or(Value::is_null) {
-            errs.push(FieldError { loc: vec!["body".into(), key.into()], msg: "Field required".into(), kind: "missing".into() });
+            errs.push(FieldError {
+                loc: vec!["body".into(), key.into()],
+                msg: "Field required".into(),
+                kind: "missing".into(),
+            });
         }
     }
     let name = opt_str(&m, "name", 1, 200, &mut errs);
     let python = opt_str(&m, "python_version", 1, 20, &mut errs);
-    let script = opt_str(&m, "custom_script", 0, 2000, &mut errs).map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
-    let manager = opt_enum(&m, "manager", &["conda", "uv"], &mut errs).unwrap_or_else(|| "conda".into());
+    let script = opt_str(&m, "custom_script", 0, 2000, &mut errs)
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty());
+    let manager =
+        opt_enum(&m, "manager", &["conda", "uv"], &mut errs).unwrap_or_else(|| "conda".into());
     let pkgs = packages(m.get("packages"), &mut errs).unwrap_or_default();
     if !errs.is_empty() {
         return Err(ApiError::invalid(errs));
@@ -312,15 +413,32 @@ async fn create_env(State(st): State<ApiState>, body: axum::body::Bytes) -> Resu
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
-async fn list_envs(State(st): State<ApiState>, Query(p): Query<Page>) -> Result<Json<Value>, ApiError> {
+async fn list_envs(
+    State(st): State<ApiState>,
+    Query(p): Query<Page>,
+) -> Result<Json<Value>, ApiError> {
     let (limit, offset) = page(&p)?;
-    Ok(Json(json!(st.core.view().conda_envs.iter().skip(offset).take(limit).collect::<Vec<_>>())))
+    Ok(Json(json!(
+        st.core
+            .view()
+            .conda_envs
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .collect::<Vec<_>>()
+    )))
 }
 
-async fn get_env(State(st): State<ApiState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_env(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let view = st.core.view();
     let env = view.conda_envs.iter().find(|e| e.name == name);
-    env.map(|e| Json(json!(e))).ok_or(ApiError(StatusCode::NOT_FOUND, json!("Conda env not found")))
+    env.map(|e| Json(json!(e))).ok_or(ApiError(
+        StatusCode::NOT_FOUND,
+        json!("Conda env not found"),
+    ))
 }
 
 async fn patch_env(
@@ -339,23 +457,44 @@ async fn patch_env(
     }
     let pkgs = packages(m.get("packages"), &mut errs);
     let script = if m.contains_key("custom_script") {
-        Some(opt_str(&m, "custom_script", 0, 2000, &mut errs).map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()))
+        Some(
+            opt_str(&m, "custom_script", 0, 2000, &mut errs)
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty()),
+        )
     } else {
         None
     };
     if !errs.is_empty() {
         return Err(ApiError::invalid(errs));
     }
-    st.core.call(|r| CoreMsg::PatchEnv(name.clone(), EnvPatch { packages: pkgs, custom_script: script }, r)).await?;
+    st.core
+        .call(|r| {
+            CoreMsg::PatchEnv(
+                name.clone(),
+                EnvPatch {
+                    packages: pkgs,
+                    custom_script: script,
+                },
+                r,
+            )
+        })
+        .await?;
     get_env(State(st), Path(name)).await
 }
 
-async fn delete_env(State(st): State<ApiState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+async fn delete_env(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     st.core.call(|r| CoreMsg::DeleteEnv(name, r)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn rerun_env(State(st): State<ApiState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn rerun_env(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     st.core.call(|r| CoreMsg::RerunEnv(name, r)).await?;
     Ok((StatusCode::ACCEPTED, Json(Value::Null)).into_response())
 }
@@ -404,7 +543,12 @@ async fn ws_logs(
     Query(q): Query<LogQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let tail = q.tail.as_deref().and_then(|t| t.trim().parse::<i64>().ok()).unwrap_or(200).max(0);
+    let tail = q
+        .tail
+        .as_deref()
+        .and_then(|t| t.trim().parse::<i64>().ok())
+        .unwrap_or(200)
+        .max(0);
     let streams: BTreeSet<String> = q
         .streams
         .unwrap_or_default()
@@ -417,23 +561,43 @@ async fn ws_logs(
 }
 
 /// One viewer: its own backlog (`tail`), its own filter (`streams`), each line exactly once.
-async fn logs(mut socket: WebSocket, st: ApiState, id: String, tail: usize, streams: BTreeSet<String>) {
+async fn logs(
+    mut socket: WebSocket,
+    st: ApiState,
+    id: String,
+    tail: usize,
+    streams: BTreeSet<String>,
+) {
     if st.core.view().deployment(&id).is_none() {
         let frame = json!({"deployment_id": id, "entries": [], "error": "Deployment not found"});
         let _ = socket.send(Message::Text(frame.to_string().into())).await;
         let _ = socket
-            .send(Message::Close(Some(axum::extract::ws::CloseFrame { code: 1008, reason: "Deployment not found".into() })))
+            .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                code: 1008,
+                reason: "Deployment not found".into(),
+            })))
             .await;
         return;
     }
     let wanted = |l: &LogLine| streams.is_empty() || streams.contains(&l.stream);
-    let Some(sub) = st.logs.subscribe(&id) else { return };
+    let Some(sub) = st.logs.subscribe(&id) else {
+        return;
+    };
     let mut live = sub.live;
-    let backlog: Vec<&LogLine> = sub.backlog.iter().map(AsRef::as_ref).filter(|l| wanted(l)).collect();
+    let backlog: Vec<&LogLine> = sub
+        .backlog
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|l| wanted(l))
+        .collect();
     let start = backlog.len().saturating_sub(tail);
     let mut last_seq = sub.backlog.last().map_or(0, |l| l.seq);
     let frame = json!({"deployment_id": id, "entries": &backlog[start..]});
-    if socket.send(Message::Text(frame.to_string().into())).await.is_err() {
+    if socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .is_err()
+    {
         return;
     }
     loop {
@@ -472,7 +636,11 @@ async fn logs(mut socket: WebSocket, st: ApiState, id: String, tail: usize, stre
             continue;
         }
         let frame = json!({"deployment_id": id, "entries": entries});
-        if socket.send(Message::Text(frame.to_string().into())).await.is_err() {
+        if socket
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -484,11 +652,16 @@ const INDEX_HTML: &str = include_str!("ui/index.html");
 /// `/etc/passwd` here). Unknown paths get the SPA's index.
 async fn ui(path: Option<Path<String>>) -> Response {
     let _ = path;
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        INDEX_HTML,
+    )
+        .into_response()
 }
 
 async fn openapi() -> Json<Value> {
-    let op = |summary: &str| json!({"summary": summary, "responses": {"200": {"description": "OK"}}});
+    let op =
+        |summary: &str| json!({"summary": summary, "responses": {"200": {"description": "OK"}}});
     Json(json!({
         "openapi": "3.1.0",
         "info": {"title": "Symphony Conductor", "version": env!("CARGO_PKG_VERSION")},

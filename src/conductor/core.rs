@@ -17,7 +17,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::loghub::LogHub;
-use super::store::{AssignmentRecord, CondaEnvRecord, DeploymentRecord, NodeRecord, Store, StoreError};
+use super::store::{
+    AssignmentRecord, CondaEnvRecord, DeploymentRecord, NodeRecord, Store, StoreError,
+};
 use super::view::{
     AssignedRef, ClusterView, ConnectionView, CpuView, DeploymentView, NodeView, StatusView,
 };
@@ -26,13 +28,18 @@ use crate::wire;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Parses a stored specification; the error is a one-line reason naming the fields.
 fn parse_spec(specification: &Value) -> Result<crate::spec::DeploymentSpec, String> {
     crate::spec::parse(specification).map_err(|errs| {
-        errs.iter().map(|e| format!("{}: {}", e.loc.join("."), e.msg)).collect::<Vec<_>>().join("; ")
+        errs.iter()
+            .map(|e| format!("{}: {}", e.loc.join("."), e.msg))
+            .collect::<Vec<_>>()
+            .join("; ")
     })
 }
 
@@ -77,9 +84,20 @@ pub enum CoreMsg {
     DeleteEnv(String, Reply<()>),
     RerunEnv(String, Reply<()>),
     NodeConnected(Box<NodeConnected>),
-    NodeMessage { node_id: String, epoch: u64, msg: wire::node_message::Msg },
-    Heartbeat { node_id: String, epoch: u64, hb: wire::Heartbeat },
-    NodeDisconnected { node_id: String, epoch: u64 },
+    NodeMessage {
+        node_id: String,
+        epoch: u64,
+        msg: wire::node_message::Msg,
+    },
+    Heartbeat {
+        node_id: String,
+        epoch: u64,
+        hb: wire::Heartbeat,
+    },
+    NodeDisconnected {
+        node_id: String,
+        epoch: u64,
+    },
     Tick,
 }
 
@@ -175,13 +193,18 @@ impl CoreHandle {
     /// Sends a command and waits for its reply.
     pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> CoreMsg) -> Result<T, CoreError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| CoreError::Unavailable)?;
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| CoreError::Unavailable)?;
         rx.await.map_err(|_| CoreError::Unavailable)?
     }
 
     /// A fresh session epoch (fencing token per connection).
     pub fn next_epoch(&self) -> u64 {
-        self.epochs.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+        self.epochs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
     }
 }
 
@@ -199,13 +222,33 @@ pub async fn start(
         store,
         cfg,
         logs,
-        specs: snap.deployments.iter().map(|d| (d.id.clone(), parse_spec(&d.specification))).collect(),
-        deployments: snap.deployments.into_iter().map(|d| (d.id.clone(), d)).collect(),
-        envs: snap.conda_envs.into_iter().map(|e| (e.name.clone(), e)).collect(),
+        specs: snap
+            .deployments
+            .iter()
+            .map(|d| (d.id.clone(), parse_spec(&d.specification)))
+            .collect(),
+        deployments: snap
+            .deployments
+            .into_iter()
+            .map(|d| (d.id.clone(), d))
+            .collect(),
+        envs: snap
+            .conda_envs
+            .into_iter()
+            .map(|e| (e.name.clone(), e))
+            .collect(),
         assignments: snap
             .assignments
             .into_iter()
-            .map(|a| (a.deployment_id, scheduler::Assignment { node_id: a.node_id, generation: a.generation }))
+            .map(|a| {
+                (
+                    a.deployment_id,
+                    scheduler::Assignment {
+                        node_id: a.node_id,
+                        generation: a.generation,
+                    },
+                )
+            })
             .collect(),
         nodes: BTreeMap::new(),
         reported: HashMap::new(),
@@ -231,7 +274,11 @@ pub async fn start(
     }
     core.publish();
     let (tx, rx) = mpsc::channel(1024);
-    let handle = CoreHandle { tx: tx.clone(), view: view_rx, epochs: Arc::new(0.into()) };
+    let handle = CoreHandle {
+        tx: tx.clone(),
+        view: view_rx,
+        epochs: Arc::new(0.into()),
+    };
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -311,7 +358,11 @@ impl Core {
                 return;
             }
             CoreMsg::NodeConnected(c) => self.connected(*c).await,
-            CoreMsg::NodeMessage { node_id, epoch, msg } => {
+            CoreMsg::NodeMessage {
+                node_id,
+                epoch,
+                msg,
+            } => {
                 if !self.current(&node_id, epoch) {
                     return;
                 }
@@ -349,7 +400,10 @@ impl Core {
     }
 
     fn current(&self, node_id: &str, epoch: u64) -> bool {
-        self.nodes.get(node_id).and_then(|n| n.conn.as_ref()).is_some_and(|c| c.epoch == epoch)
+        self.nodes
+            .get(node_id)
+            .and_then(|n| n.conn.as_ref())
+            .is_some_and(|c| c.epoch == epoch)
     }
 
     fn touch(&mut self, node_id: &str) {
@@ -365,13 +419,21 @@ impl Core {
 
     async fn send_to(&self, node_id: &str, msg: wire::conductor_message::Msg) {
         if let Some(conn) = self.nodes.get(node_id).and_then(|n| n.conn.as_ref()) {
-            let _ = conn.tx.send(wire::ConductorMessage { msg: Some(msg) }).await;
+            let _ = conn
+                .tx
+                .send(wire::ConductorMessage { msg: Some(msg) })
+                .await;
         }
     }
 
     fn assign_msg(&mut self, id: &str, generation: u64) -> Option<wire::conductor_message::Msg> {
         let command_id = self.command_id();
-        let log_seq_floor = self.logs.last_seqs([id.to_owned()]).get(id).copied().unwrap_or(0);
+        let log_seq_floor = self
+            .logs
+            .last_seqs([id.to_owned()])
+            .get(id)
+            .copied()
+            .unwrap_or(0);
         let d = self.deployments.get(id)?;
         Some(wire::conductor_message::Msg::Assign(wire::Assign {
             deployment_id: d.id.clone(),
@@ -395,11 +457,15 @@ impl Core {
     }
 
     async fn create(&mut self, rec: DeploymentRecord) -> Result<(), CoreError> {
-        self.store.insert_deployment(&rec).await.map_err(|e| match e {
-            StoreError::Conflict => CoreError::Conflict("Deployment already exists"),
-            e => e.into(),
-        })?;
-        self.specs.insert(rec.id.clone(), parse_spec(&rec.specification));
+        self.store
+            .insert_deployment(&rec)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict => CoreError::Conflict("Deployment already exists"),
+                e => e.into(),
+            })?;
+        self.specs
+            .insert(rec.id.clone(), parse_spec(&rec.specification));
         self.deployments.insert(rec.id.clone(), rec);
         Ok(())
     }
@@ -425,13 +491,17 @@ impl Core {
         }
         new.updated_at_ms = now_ms();
         self.store.update_deployment(&new).await?;
-        let runtime_changed = new.specification != old.specification || new.desired_state != old.desired_state;
-        self.specs.insert(id.to_owned(), parse_spec(&new.specification));
+        let runtime_changed =
+            new.specification != old.specification || new.desired_state != old.desired_state;
+        self.specs
+            .insert(id.to_owned(), parse_spec(&new.specification));
         self.deployments.insert(id.to_owned(), new.clone());
         if !runtime_changed {
             return Ok(());
         }
-        let Some(a) = self.assignments.get(id).cloned() else { return Ok(()) };
+        let Some(a) = self.assignments.get(id).cloned() else {
+            return Ok(());
+        };
         if new.desired_state == "STOPPED" {
             // STOPPED holds no capacity: the node stops and forgets it.
             self.store.clear_assignment(id).await?;
@@ -440,10 +510,22 @@ impl Core {
         } else {
             // A new generation carries the new spec to the node.
             let generation = self.next_generation;
-            let rec = AssignmentRecord { deployment_id: id.to_owned(), node_id: a.node_id.clone(), generation };
-            self.store.apply_placements(std::slice::from_ref(&rec), &[], generation).await?;
+            let rec = AssignmentRecord {
+                deployment_id: id.to_owned(),
+                node_id: a.node_id.clone(),
+                generation,
+            };
+            self.store
+                .apply_placements(std::slice::from_ref(&rec), &[], generation)
+                .await?;
             self.next_generation += 1;
-            self.assignments.insert(id.to_owned(), scheduler::Assignment { node_id: a.node_id.clone(), generation });
+            self.assignments.insert(
+                id.to_owned(),
+                scheduler::Assignment {
+                    node_id: a.node_id.clone(),
+                    generation,
+                },
+            );
             if let Some(msg) = self.assign_msg(id, generation) {
                 self.send_to(&a.node_id, msg).await;
             }
@@ -467,10 +549,15 @@ impl Core {
     }
 
     async fn create_env(&mut self, rec: CondaEnvRecord) -> Result<(), CoreError> {
-        self.store.insert_conda_env(&rec).await.map_err(|e| match e {
-            StoreError::Conflict => CoreError::Conflict("Conda env with that name already exists"),
-            e => e.into(),
-        })?;
+        self.store
+            .insert_conda_env(&rec)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict => {
+                    CoreError::Conflict("Conda env with that name already exists")
+                }
+                e => e.into(),
+            })?;
         self.envs.insert(rec.name.clone(), rec.clone());
         self.broadcast_env(&rec, false).await;
         Ok(())
@@ -505,18 +592,32 @@ impl Core {
     }
 
     async fn broadcast_env(&self, env: &CondaEnvRecord, force: bool) {
-        let msg = wire::conductor_message::Msg::EnvEnsure(wire::EnvEnsure { envs: vec![Self::env_spec(env, force)] });
+        let msg = wire::conductor_message::Msg::EnvEnsure(wire::EnvEnsure {
+            envs: vec![Self::env_spec(env, force)],
+        });
         for id in self.nodes.keys() {
             self.send_to(id, msg.clone()).await;
         }
     }
 
     async fn connected(&mut self, c: NodeConnected) {
-        let NodeConnected { node_id, epoch, hello, tx, session } = c;
+        let NodeConnected {
+            node_id,
+            epoch,
+            hello,
+            tx,
+            session,
+        } = c;
         let now = now_ms();
-        let node = self.nodes.entry(node_id.clone()).or_insert_with(|| Node { first_seen_ms: now, ..Node::default() });
+        let node = self.nodes.entry(node_id.clone()).or_insert_with(|| Node {
+            first_seen_ms: now,
+            ..Node::default()
+        });
         if let Some(old) = node.conn.take() {
-            old.session.close(symphony_net::CloseCode::Superseded, "a newer connection of this node took over");
+            old.session.close(
+                symphony_net::CloseCode::Superseded,
+                "a newer connection of this node took over",
+            );
         }
         node.groups = hello.groups.clone();
         node.capacities_total = hello.capacities_total.clone().into_iter().collect();
@@ -524,7 +625,12 @@ impl Core {
         node.env_names = hello.env_names.iter().cloned().collect();
         node.last_seen_ms = now;
         node.connections += 1;
-        node.conn = Some(Connection { epoch, tx, session, connected_at_ms: now });
+        node.conn = Some(Connection {
+            epoch,
+            tx,
+            session,
+            connected_at_ms: now,
+        });
         let record = NodeRecord {
             node_id: node_id.clone(),
             groups: node.groups.clone(),
@@ -553,7 +659,9 @@ impl Core {
         let resume = self.logs.last_seqs(mine.iter().map(|(id, _)| id.clone()));
         self.send_to(
             &node_id,
-            wire::conductor_message::Msg::LogResume(wire::LogResume { last_seq: resume.into_iter().collect() }),
+            wire::conductor_message::Msg::LogResume(wire::LogResume {
+                last_seq: resume.into_iter().collect(),
+            }),
         )
         .await;
         for (id, generation) in mine {
@@ -561,9 +669,17 @@ impl Core {
                 self.send_to(&node_id, msg).await;
             }
         }
-        let envs: Vec<wire::EnvSpec> = self.envs.values().map(|e| Self::env_spec(e, false)).collect();
+        let envs: Vec<wire::EnvSpec> = self
+            .envs
+            .values()
+            .map(|e| Self::env_spec(e, false))
+            .collect();
         if !envs.is_empty() {
-            self.send_to(&node_id, wire::conductor_message::Msg::EnvEnsure(wire::EnvEnsure { envs })).await;
+            self.send_to(
+                &node_id,
+                wire::conductor_message::Msg::EnvEnsure(wire::EnvEnsure { envs }),
+            )
+            .await;
         }
         self.schedule().await;
     }
@@ -574,7 +690,13 @@ impl Core {
         let ours = self.assignments.get(&id);
         let valid = ours.is_some_and(|a| a.node_id == node_id && a.generation == st.generation);
         if valid {
-            self.reported.insert(id, Reported { node_id: node_id.to_owned(), status: st });
+            self.reported.insert(
+                id,
+                Reported {
+                    node_id: node_id.to_owned(),
+                    status: st,
+                },
+            );
             return;
         }
         if ours.is_some_and(|a| a.node_id == node_id && st.generation < a.generation) {
@@ -620,7 +742,9 @@ impl Core {
 
     fn sched_nodes(&self, now: i64) -> Vec<scheduler::NodeView> {
         let suspect = u64::try_from(self.cfg.suspect_after.as_millis()).unwrap_or(u64::MAX);
-        let grace = u64::try_from(self.cfg.grace.as_millis()).unwrap_or(u64::MAX).saturating_sub(suspect);
+        let grace = u64::try_from(self.cfg.grace.as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_sub(suspect);
         self.nodes
             .iter()
             .map(|(id, n)| scheduler::NodeView {
@@ -649,7 +773,9 @@ impl Core {
                     created_at_ms: u64::try_from(d.created_at_ms).unwrap_or(0),
                     desired_running: d.desired_state == "RUNNING" && spec.is_some(),
                     node_group: spec.and_then(|s| s.node_group.clone()),
-                    capacity_requests: spec.map(|s| s.capacity_requests.clone()).unwrap_or_default(),
+                    capacity_requests: spec
+                        .map(|s| s.capacity_requests.clone())
+                        .unwrap_or_default(),
                     env_name: spec.and_then(|s| s.env_name.clone()),
                     assignment: self.assignments.get(&d.id).cloned(),
                 }
@@ -668,12 +794,24 @@ impl Core {
         let set: Vec<AssignmentRecord> = plan
             .placements
             .iter()
-            .map(|p| AssignmentRecord { deployment_id: p.deployment_id.clone(), node_id: p.node_id.clone(), generation: p.generation })
+            .map(|p| AssignmentRecord {
+                deployment_id: p.deployment_id.clone(),
+                node_id: p.node_id.clone(),
+                generation: p.generation,
+            })
             .collect();
         let placed: BTreeSet<&str> = set.iter().map(|a| a.deployment_id.as_str()).collect();
-        let clear: Vec<String> =
-            plan.unassign.iter().map(|(id, _)| id.clone()).filter(|id| !placed.contains(id.as_str())).collect();
-        if let Err(e) = self.store.apply_placements(&set, &clear, plan.next_generation.saturating_sub(1)).await {
+        let clear: Vec<String> = plan
+            .unassign
+            .iter()
+            .map(|(id, _)| id.clone())
+            .filter(|id| !placed.contains(id.as_str()))
+            .collect();
+        if let Err(e) = self
+            .store
+            .apply_placements(&set, &clear, plan.next_generation.saturating_sub(1))
+            .await
+        {
             tracing::error!(error = %e, "could not persist placements; not acting on them");
             return;
         }
@@ -681,7 +819,11 @@ impl Core {
         for (id, old) in &plan.unassign {
             tracing::info!(deployment = %id, node = %old.node_id, "node lost; releasing assignment");
             self.assignments.remove(id);
-            if self.reported.get(id).is_some_and(|r| r.node_id == old.node_id) {
+            if self
+                .reported
+                .get(id)
+                .is_some_and(|r| r.node_id == old.node_id)
+            {
                 self.reported.remove(id);
             }
         }
@@ -689,7 +831,10 @@ impl Core {
             tracing::info!(deployment = %p.deployment_id, node = %p.node_id, generation = p.generation, "placed");
             self.assignments.insert(
                 p.deployment_id.clone(),
-                scheduler::Assignment { node_id: p.node_id.clone(), generation: p.generation },
+                scheduler::Assignment {
+                    node_id: p.node_id.clone(),
+                    generation: p.generation,
+                },
             );
             if let Some(msg) = self.assign_msg(&p.deployment_id, p.generation) {
                 self.send_to(&p.node_id, msg).await;
@@ -703,7 +848,9 @@ impl Core {
         let deps = self.sched_deployments();
         let reasons = scheduler::reasons(&nodes, &deps);
         let reserved = scheduler::reserved(&nodes, &deps);
-        let any_online = nodes.iter().any(|n| n.state == scheduler::NodeState::Online);
+        let any_online = nodes
+            .iter()
+            .any(|n| n.state == scheduler::NodeState::Online);
 
         let mut deployments: Vec<Arc<DeploymentView>> = self
             .deployments
@@ -743,7 +890,11 @@ impl Core {
                 } else if !any_online {
                     Some("No Node".to_owned())
                 } else {
-                    Some(reasons.get(&d.id).map_or_else(|| "Pending".to_owned(), ToString::to_string))
+                    Some(
+                        reasons
+                            .get(&d.id)
+                            .map_or_else(|| "Pending".to_owned(), ToString::to_string),
+                    )
                 };
                 let mut spec = d.specification.clone();
                 crate::spec::mask_secrets(&mut spec);
@@ -762,7 +913,11 @@ impl Core {
                 })
             })
             .collect();
-        deployments.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.id.cmp(&b.id)));
+        deployments.sort_by(|a, b| {
+            b.created_at_ms
+                .cmp(&a.created_at_ms)
+                .then_with(|| a.id.cmp(&b.id))
+        });
 
         let defined: BTreeSet<String> = self.envs.keys().cloned().collect();
         let mut node_views = BTreeMap::new();
@@ -778,13 +933,20 @@ impl Core {
                 .filter(|(_, a)| &a.node_id == id)
                 .map(|(dep, _)| AssignedRef {
                     id: dep.clone(),
-                    name: self.deployments.get(dep).map_or_else(|| dep.clone(), |d| d.name.clone()),
+                    name: self
+                        .deployments
+                        .get(dep)
+                        .map_or_else(|| dep.clone(), |d| d.name.clone()),
                 })
                 .collect();
             let missing: Vec<String> = defined.difference(&n.env_names).cloned().collect();
             let res = n.resources.clone().unwrap_or_default();
             let hb = n.usage.clone();
-            let gpus = if let Some(hb) = &hb { &hb.gpus } else { &res.gpus };
+            let gpus = if let Some(hb) = &hb {
+                &hb.gpus
+            } else {
+                &res.gpus
+            };
             node_views.insert(
                 id.clone(),
                 NodeView {
@@ -841,7 +1003,11 @@ impl Core {
             );
         }
         let mut envs: Vec<CondaEnvRecord> = self.envs.values().cloned().collect();
-        envs.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.name.cmp(&b.name)));
+        envs.sort_by(|a, b| {
+            b.created_at_ms
+                .cmp(&a.created_at_ms)
+                .then_with(|| a.name.cmp(&b.name))
+        });
         self.version += 1;
         self.view.send_replace(Arc::new(ClusterView {
             deployments,

@@ -37,7 +37,11 @@ struct Ring {
 
 impl Ring {
     fn new() -> Self {
-        Self { lines: VecDeque::new(), last_seq: 0, live: broadcast::channel(4096).0 }
+        Self {
+            lines: VecDeque::new(),
+            last_seq: 0,
+            live: broadcast::channel(4096).0,
+        }
     }
 }
 
@@ -59,8 +63,12 @@ pub struct Subscription {
 impl LogHub {
     /// Appends lines for a deployment; returns how many were new.
     pub fn append(&self, deployment_id: &str, lines: impl IntoIterator<Item = LogLine>) -> usize {
-        let Ok(mut rings) = self.rings.lock() else { return 0 };
-        let ring = rings.entry(deployment_id.to_owned()).or_insert_with(Ring::new);
+        let Ok(mut rings) = self.rings.lock() else {
+            return 0;
+        };
+        let ring = rings
+            .entry(deployment_id.to_owned())
+            .or_insert_with(Ring::new);
         let mut added = 0;
         for line in lines {
             if line.seq <= ring.last_seq {
@@ -80,16 +88,25 @@ impl LogHub {
 
     /// The highest sequence held per deployment (sent to a node after Hello so it resumes there).
     pub fn last_seqs(&self, ids: impl IntoIterator<Item = String>) -> HashMap<String, u64> {
-        let Ok(rings) = self.rings.lock() else { return HashMap::new() };
-        ids.into_iter().filter_map(|id| rings.get(&id).map(|r| (id, r.last_seq))).collect()
+        let Ok(rings) = self.rings.lock() else {
+            return HashMap::new();
+        };
+        ids.into_iter()
+            .filter_map(|id| rings.get(&id).map(|r| (id, r.last_seq)))
+            .collect()
     }
 
     /// Subscribes to a deployment's lines.
     pub fn subscribe(&self, deployment_id: &str) -> Option<Subscription> {
         let mut rings = self.rings.lock().ok()?;
-        let ring = rings.entry(deployment_id.to_owned()).or_insert_with(Ring::new);
+        let ring = rings
+            .entry(deployment_id.to_owned())
+            .or_insert_with(Ring::new);
         let live = ring.live.subscribe();
-        Some(Subscription { backlog: ring.lines.iter().cloned().collect(), live })
+        Some(Subscription {
+            backlog: ring.lines.iter().cloned().collect(),
+            live,
+        })
     }
 
     /// Forgets a deployment's lines (after DELETE).
@@ -106,7 +123,12 @@ mod tests {
     use super::*;
 
     fn line(seq: u64) -> LogLine {
-        LogLine { seq, timestamp_unix_ms: 0, stream: "stdout".into(), line: format!("l{seq}") }
+        LogLine {
+            seq,
+            timestamp_unix_ms: 0,
+            stream: "stdout".into(),
+            line: format!("l{seq}"),
+        }
     }
 
     #[test]
@@ -114,7 +136,10 @@ mod tests {
         let hub = LogHub::default();
         assert_eq!(hub.append("d", (1..=3).map(line)), 3);
         assert_eq!(hub.append("d", (2..=5).map(line)), 2, "2 and 3 were resent");
-        assert_eq!(hub.last_seqs(["d".to_owned(), "x".to_owned()]).get("d"), Some(&5));
+        assert_eq!(
+            hub.last_seqs(["d".to_owned(), "x".to_owned()]).get("d"),
+            Some(&5)
+        );
         hub.append("d", (6..=(RING_LINES as u64 + 10)).map(line));
         let sub = hub.subscribe("d").unwrap();
         assert_eq!(sub.backlog.len(), RING_LINES);

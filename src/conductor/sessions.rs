@@ -35,28 +35,40 @@ pub async fn serve(mut server: Server, core: CoreHandle, logs: LogHub, cancel: C
 }
 
 async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: CancellationToken) {
-    let Accepted { identity, session, mut control } = acc;
+    let Accepted {
+        identity,
+        session,
+        mut control,
+    } = acc;
     let node_id = identity.node_id;
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, control.rx.recv::<wire::NodeMessage>()).await {
-        Ok(Ok(Some(wire::NodeMessage { msg: Some(wire::node_message::Msg::Hello(h)) }))) => h,
-        _ => {
-            tracing::info!(%node_id, "no hello; closing");
-            session.close(CloseCode::ProtocolError, "expected hello");
-            return;
-        }
-    };
+    let hello =
+        match tokio::time::timeout(HELLO_TIMEOUT, control.rx.recv::<wire::NodeMessage>()).await {
+            Ok(Ok(Some(wire::NodeMessage {
+                msg: Some(wire::node_message::Msg::Hello(h)),
+            }))) => h,
+            _ => {
+                tracing::info!(%node_id, "no hello; closing");
+                session.close(CloseCode::ProtocolError, "expected hello");
+                return;
+            }
+        };
     if hello.protocol_version != wire::ProtocolVersion::Current as u32 {
         session.close(CloseCode::VersionMismatch, "unsupported protocol version");
         return;
     }
     if !hello.node_id.is_empty() && hello.node_id != node_id {
         tracing::warn!(%node_id, claimed = %hello.node_id, "hello names another node than the certificate");
-        session.close(CloseCode::AuthFailed, "node id does not match the certificate");
+        session.close(
+            CloseCode::AuthFailed,
+            "node id does not match the certificate",
+        );
         return;
     }
     let epoch = core.next_epoch();
     let ack = wire::ConductorMessage {
-        msg: Some(wire::conductor_message::Msg::HelloAck(wire::HelloAck { session_epoch: epoch })),
+        msg: Some(wire::conductor_message::Msg::HelloAck(wire::HelloAck {
+            session_epoch: epoch,
+        })),
     };
     if control.tx.send(&ack).await.is_err() {
         return;
@@ -92,7 +104,12 @@ async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: Can
             loop {
                 match ctl_rx.recv::<wire::NodeMessage>().await {
                     Ok(Some(wire::NodeMessage { msg: Some(msg) })) => {
-                        core.send(CoreMsg::NodeMessage { node_id: node_id.clone(), epoch, msg }).await;
+                        core.send(CoreMsg::NodeMessage {
+                            node_id: node_id.clone(),
+                            epoch,
+                            msg,
+                        })
+                        .await;
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => break,
@@ -113,7 +130,8 @@ async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: Can
     }
     // Uni streams: heartbeats and logs.
     {
-        let (core, session, node_id, logs) = (core.clone(), session.clone(), node_id.clone(), logs.clone());
+        let (core, session, node_id, logs) =
+            (core.clone(), session.clone(), node_id.clone(), logs.clone());
         tasks.spawn(async move {
             let mut streams = JoinSet::new();
             while let Ok((kind, mut rx)) = session.accept_uni().await {
@@ -122,14 +140,21 @@ async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: Can
                         let (core, node_id) = (core.clone(), node_id.clone());
                         streams.spawn(async move {
                             while let Ok(Some(hb)) = rx.recv::<wire::Heartbeat>().await {
-                                core.send(CoreMsg::Heartbeat { node_id: node_id.clone(), epoch, hb }).await;
+                                core.send(CoreMsg::Heartbeat {
+                                    node_id: node_id.clone(),
+                                    epoch,
+                                    hb,
+                                })
+                                .await;
                             }
                         });
                     }
                     StreamKind::Log => {
                         let logs = logs.clone();
                         streams.spawn(async move {
-                            let Ok(Some(header)) = rx.recv::<wire::LogHeader>().await else { return };
+                            let Ok(Some(header)) = rx.recv::<wire::LogHeader>().await else {
+                                return;
+                            };
                             while let Ok(Some(batch)) = rx.recv::<wire::LogBatch>().await {
                                 logs.append(
                                     &header.deployment_id,
@@ -152,6 +177,7 @@ async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: Can
         () = cancel.cancelled() => session.close(CloseCode::Shutdown, "conductor shutting down"),
         _ = session.closed() => {}
     }
-    core.send(CoreMsg::NodeDisconnected { node_id, epoch }).await;
+    core.send(CoreMsg::NodeDisconnected { node_id, epoch })
+        .await;
     tasks.shutdown().await;
 }

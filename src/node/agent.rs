@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use symphony_net::{Client, ClientConfig, ClientEvent, Control, Session, StreamKind, TlsMaterial, TransportSettings};
+use symphony_net::{
+    Client, ClientConfig, ClientEvent, Control, Session, StreamKind, TlsMaterial, TransportSettings,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -53,7 +55,8 @@ const LOG_BATCH: usize = 500;
 /// Runs the node until `cancel`; then stops every workload and closes the connection.
 pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<()> {
     check_identity(&cfg)?;
-    std::fs::create_dir_all(&cfg.work_dir).with_context(|| format!("creating work dir {}", cfg.work_dir.display()))?;
+    std::fs::create_dir_all(&cfg.work_dir)
+        .with_context(|| format!("creating work dir {}", cfg.work_dir.display()))?;
     let state = LocalState::new(cfg.work_dir.join("state.bin"));
     let held = state.load().context("reading local state")?;
 
@@ -63,15 +66,25 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
     }
     let envs = Arc::new(Envs::from_discovery(&cfg.work_dir, &discovery));
     let hooks = Hooks {
-        prepare: Arc::new(AgentPrepare { work_dir: cfg.work_dir.clone(), envs: envs.clone() }),
+        prepare: Arc::new(AgentPrepare {
+            work_dir: cfg.work_dir.clone(),
+            envs: envs.clone(),
+        }),
         cron: Some(Arc::new(|ar: &crate::spec::AutoRestart| {
             let schedule = crate::spec::cron_schedule(&ar.cron)?;
-            let tz: chrono_tz::Tz = ar.timezone.parse().map_err(|_| format!("unknown time zone {}", ar.timezone))?;
-            Ok(Arc::new(move |now| crate::spec::next_fire(&schedule, tz, now)) as super::supervisor::NextFire)
+            let tz: chrono_tz::Tz = ar
+                .timezone
+                .parse()
+                .map_err(|_| format!("unknown time zone {}", ar.timezone))?;
+            Ok(
+                Arc::new(move |now| crate::spec::next_fire(&schedule, tz, now))
+                    as super::supervisor::NextFire,
+            )
         })),
     };
     let node_env: BTreeMap<String, String> = std::env::vars().collect();
-    let (sup, mut events) = Supervisor::with_hooks(SupervisorConfig::new(cfg.work_dir.clone(), node_env), hooks);
+    let (sup, mut events) =
+        Supervisor::with_hooks(SupervisorConfig::new(cfg.work_dir.clone(), node_env), hooks);
     // Come back knowing what we ran.
     for h in &held {
         if let Err(e) = sup.apply(&h.id, h.generation, h.desired_running, h.spec.clone()) {
@@ -97,7 +110,9 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
                     _ = tick.tick() => {}
                 }
                 let m = monitor.clone();
-                let sample = tokio::task::spawn_blocking(move || m.lock().ok().map(|mut m| m.sample())).await;
+                let sample =
+                    tokio::task::spawn_blocking(move || m.lock().ok().map(|mut m| m.sample()))
+                        .await;
                 if let Ok(Some(s)) = sample {
                     usage_tx.send_replace(Some(s));
                 }
@@ -107,15 +122,20 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
 
     // Status changes go to whichever connection is current (the next Hello resends all).
     let outbound: Arc<Mutex<Option<mpsc::Sender<wire::NodeMessage>>>> = Arc::new(Mutex::new(None));
-    let log_offsets: Arc<Mutex<HashMap<String, u64>>> =
-        Arc::new(Mutex::new(held.iter().map(|h| (h.id.clone(), h.log_offset)).collect()));
+    let log_offsets: Arc<Mutex<HashMap<String, u64>>> = Arc::new(Mutex::new(
+        held.iter().map(|h| (h.id.clone(), h.log_offset)).collect(),
+    ));
     {
         let (outbound, offsets) = (outbound.clone(), log_offsets.clone());
         tasks.spawn(async move {
             while let Some(st) = events.recv().await {
                 let tx = outbound.lock().ok().and_then(|o| o.clone());
                 if let Some(tx) = tx {
-                    let offset = offsets.lock().ok().and_then(|o| o.get(&st.id).copied()).unwrap_or(0);
+                    let offset = offsets
+                        .lock()
+                        .ok()
+                        .and_then(|o| o.get(&st.id).copied())
+                        .unwrap_or(0);
                     let msg = status_msg(vec![to_wire(&st, offset)], vec![]);
                     let _ = tx.send(msg).await;
                 }
@@ -148,7 +168,10 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
         match ev {
             Some(ClientEvent::Connected { session, control }) => {
                 let conn_cancel = cancel.child_token();
-                agent.clone().connection(session, control, conn_cancel).await;
+                agent
+                    .clone()
+                    .connection(session, control, conn_cancel)
+                    .await;
             }
             Some(ClientEvent::Fatal(code, why)) => {
                 tracing::error!(%code, %why, "conductor refused this node; not reconnecting");
@@ -168,7 +191,8 @@ fn check_identity(cfg: &NodeConfig) -> anyhow::Result<()> {
     use rustls::pki_types::pem::PemObject;
     let der = rustls::pki_types::CertificateDer::from_pem_slice(cfg.tls.cert_pem.as_bytes())
         .context("node certificate is not valid PEM")?;
-    let id = symphony_net::pki::node_id_from_cert(&der).context("node certificate carries no node identity")?;
+    let id = symphony_net::pki::node_id_from_cert(&der)
+        .context("node certificate carries no node identity")?;
     if id != cfg.node_id {
         anyhow::bail!(
             "node.node_id is {:?} but the certificate was issued for {:?}; issue a certificate for this node (symphony cert node {})",
@@ -198,12 +222,20 @@ struct Agent {
 
 impl Agent {
     fn log_offset(&self, id: &str) -> u64 {
-        self.log_offsets.lock().ok().and_then(|o| o.get(id).copied()).unwrap_or(0)
+        self.log_offsets
+            .lock()
+            .ok()
+            .and_then(|o| o.get(id).copied())
+            .unwrap_or(0)
     }
 
     fn inventory(&self) -> Vec<wire::DeploymentStatus> {
-        let mut inv: Vec<wire::DeploymentStatus> =
-            self.sup.status().iter().map(|s| to_wire(s, self.log_offset(&s.id))).collect();
+        let mut inv: Vec<wire::DeploymentStatus> = self
+            .sup
+            .status()
+            .iter()
+            .map(|s| to_wire(s, self.log_offset(&s.id)))
+            .collect();
         if let Ok(bad) = self.invalid.lock() {
             inv.extend(bad.values().cloned());
         }
@@ -217,7 +249,13 @@ impl Agent {
             .into_iter()
             .map(|(id, generation, desired_running, spec)| {
                 let log_offset = self.log_offset(&id);
-                Held { id, generation, desired_running, spec, log_offset }
+                Held {
+                    id,
+                    generation,
+                    desired_running,
+                    spec,
+                    log_offset,
+                }
             })
             .collect();
         if let Err(e) = self.state.save(&held) {
@@ -225,7 +263,12 @@ impl Agent {
         }
     }
 
-    async fn connection(self: Arc<Self>, session: Session, mut control: Control, cancel: CancellationToken) {
+    async fn connection(
+        self: Arc<Self>,
+        session: Session,
+        mut control: Control,
+        cancel: CancellationToken,
+    ) {
         // Route status events to this connection before taking the inventory, so no change
         // falls between the two (they queue until Hello is written).
         let (tx, mut rx) = mpsc::channel::<wire::NodeMessage>(1024);
@@ -243,7 +286,9 @@ impl Agent {
             agent_instance_id: String::new(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
-        let msg = wire::NodeMessage { msg: Some(wire::node_message::Msg::Hello(hello)) };
+        let msg = wire::NodeMessage {
+            msg: Some(wire::node_message::Msg::Hello(hello)),
+        };
         if control.tx.send(&msg).await.is_err() {
             return;
         }
@@ -258,9 +303,12 @@ impl Agent {
         });
         // Heartbeats on their own stream (never behind log bytes).
         {
-            let (session, mut usage, period) = (session.clone(), self.usage.clone(), self.cfg.heartbeat);
+            let (session, mut usage, period) =
+                (session.clone(), self.usage.clone(), self.cfg.heartbeat);
             tasks.spawn(async move {
-                let Ok(mut hb) = session.open_uni(StreamKind::Heartbeat).await else { return };
+                let Ok(mut hb) = session.open_uni(StreamKind::Heartbeat).await else {
+                    return;
+                };
                 let mut seq = 0;
                 loop {
                     let sample = usage.borrow_and_update().clone();
@@ -308,7 +356,9 @@ impl Agent {
     ) {
         use wire::conductor_message::Msg;
         match msg {
-            Msg::HelloAck(ack) => tracing::info!(epoch = ack.session_epoch, "registered with the conductor"),
+            Msg::HelloAck(ack) => {
+                tracing::info!(epoch = ack.session_epoch, "registered with the conductor")
+            }
             Msg::LogResume(resume) => {
                 let ids: Vec<String> = self.sup.status().into_iter().map(|s| s.id).collect();
                 if let Ok(mut s) = shippers.lock() {
@@ -345,7 +395,12 @@ impl Agent {
             }
             Msg::Unassign(u) => {
                 let held = self.sup.status_of(&u.deployment_id).map(|s| s.generation);
-                let was_invalid = self.invalid.lock().ok().and_then(|mut b| b.remove(&u.deployment_id)).is_some();
+                let was_invalid = self
+                    .invalid
+                    .lock()
+                    .ok()
+                    .and_then(|mut b| b.remove(&u.deployment_id))
+                    .is_some();
                 let removed = match held {
                     Some(g) if g <= u.generation => {
                         let r = self.sup.remove(&u.deployment_id).await;
@@ -366,7 +421,9 @@ impl Agent {
                     None => false,
                 };
                 if removed || was_invalid || held.is_none() {
-                    let _ = tx.send(status_msg(vec![], vec![u.deployment_id.clone()])).await;
+                    let _ = tx
+                        .send(status_msg(vec![], vec![u.deployment_id.clone()]))
+                        .await;
                 }
                 let _ = tx.send(result_msg(u.command_id, true, String::new())).await;
             }
@@ -397,16 +454,22 @@ impl Agent {
     }
 
     fn assign(&self, a: &wire::Assign) -> Result<(), String> {
-        let specification: serde_json::Value =
-            serde_json::from_str(&a.specification_json).map_err(|e| format!("specification is not JSON: {e}"))?;
+        let specification: serde_json::Value = serde_json::from_str(&a.specification_json)
+            .map_err(|e| format!("specification is not JSON: {e}"))?;
         let spec: DeploymentSpec = crate::spec::parse(&specification).map_err(|errs| {
-            errs.iter().map(|e| format!("{}: {}", e.loc.join("."), e.msg)).collect::<Vec<_>>().join("; ")
+            errs.iter()
+                .map(|e| format!("{}: {}", e.loc.join("."), e.msg))
+                .collect::<Vec<_>>()
+                .join("; ")
         })?;
         if let Ok(mut bad) = self.invalid.lock() {
             bad.remove(&a.deployment_id);
         }
         let fresh = self.sup.status_of(&a.deployment_id).is_none();
-        let outcome = self.sup.apply(&a.deployment_id, a.generation, a.desired_running, spec).map_err(|e| e.to_string())?;
+        let outcome = self
+            .sup
+            .apply(&a.deployment_id, a.generation, a.desired_running, spec)
+            .map_err(|e| e.to_string())?;
         if fresh && let Ok(mut o) = self.log_offsets.lock() {
             o.insert(a.deployment_id.clone(), a.log_seq_floor);
         }
@@ -416,7 +479,13 @@ impl Agent {
     }
 
     /// Starts the log shipper of a deployment on this connection (once).
-    fn ship(&self, id: &str, session: &Session, shippers: &Arc<Mutex<Shippers>>, tasks: &mut JoinSet<()>) {
+    fn ship(
+        &self,
+        id: &str,
+        session: &Session,
+        shippers: &Arc<Mutex<Shippers>>,
+        tasks: &mut JoinSet<()>,
+    ) {
         let resume = {
             let Ok(mut s) = shippers.lock() else { return };
             if !s.ready || !s.started.insert(id.to_owned()) {
@@ -424,7 +493,9 @@ impl Agent {
             }
             s.resume.get(id).copied().unwrap_or(0)
         };
-        let Some(buffer) = self.sup.logs(id) else { return };
+        let Some(buffer) = self.sup.logs(id) else {
+            return;
+        };
         let (session, id, offsets) = (session.clone(), id.to_owned(), self.log_offsets.clone());
         tasks.spawn(ship_logs(session, id, buffer, resume, offsets));
     }
@@ -445,10 +516,22 @@ async fn ship_logs(
     resume: u64,
     offsets: Arc<Mutex<HashMap<String, u64>>>,
 ) {
-    let offset = offsets.lock().ok().and_then(|o| o.get(&id).copied()).unwrap_or(0);
+    let offset = offsets
+        .lock()
+        .ok()
+        .and_then(|o| o.get(&id).copied())
+        .unwrap_or(0);
     let mut after = resume.saturating_sub(offset);
-    let Ok(mut tx) = session.open_uni(StreamKind::Log).await else { return };
-    if tx.send(&wire::LogHeader { deployment_id: id.clone() }).await.is_err() {
+    let Ok(mut tx) = session.open_uni(StreamKind::Log).await else {
+        return;
+    };
+    if tx
+        .send(&wire::LogHeader {
+            deployment_id: id.clone(),
+        })
+        .await
+        .is_err()
+    {
         return;
     }
     let mut notify = buffer.subscribe();
@@ -500,18 +583,28 @@ impl Prepare for AgentPrepare {
         Box::pin(async move {
             let cwd = if let Some(git) = &spec.git {
                 let dest = self.work_dir.join("workspaces").join(id);
-                let (d, repo, r, token) = (dest.clone(), git.repo.clone(), git.git_ref.clone(), git.token.clone());
+                let (d, repo, r, token) = (
+                    dest.clone(),
+                    git.repo.clone(),
+                    git.git_ref.clone(),
+                    git.token.clone(),
+                );
                 let sha = tokio::task::spawn_blocking(move || {
                     workspace::prepare_checkout(&d, &repo, r.as_deref(), token.as_deref())
                 })
                 .await
                 .map_err(|e| format!("git task failed: {e}"))?
                 .map_err(|e| format!("git repo prep failed: {e}"))?;
-                logs.push(super::logs::LogStream::System, format!("Git repo prepared at {} (commit {sha})", dest.display()));
+                logs.push(
+                    super::logs::LogStream::System,
+                    format!("Git repo prepared at {} (commit {sha})", dest.display()),
+                );
                 dest
             } else {
                 let dir = self.work_dir.join("deployments").join(id);
-                tokio::fs::create_dir_all(&dir).await.map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                tokio::fs::create_dir_all(&dir)
+                    .await
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
                 dir
             };
             let (command, extra_env) = match &spec.env_name {
@@ -521,17 +614,32 @@ impl Prepare for AgentPrepare {
                 }
                 None => (spec.command.clone(), BTreeMap::new()),
             };
-            Ok(Prepared { cwd, command, extra_env })
+            Ok(Prepared {
+                cwd,
+                command,
+                extra_env,
+            })
         })
     }
 }
 
 fn result_msg(command_id: u64, ok: bool, message: String) -> wire::NodeMessage {
-    wire::NodeMessage { msg: Some(wire::node_message::Msg::Result(wire::CommandResult { command_id, ok, message })) }
+    wire::NodeMessage {
+        msg: Some(wire::node_message::Msg::Result(wire::CommandResult {
+            command_id,
+            ok,
+            message,
+        })),
+    }
 }
 
 fn status_msg(deployments: Vec<wire::DeploymentStatus>, removed: Vec<String>) -> wire::NodeMessage {
-    wire::NodeMessage { msg: Some(wire::node_message::Msg::Status(wire::StatusUpdate { deployments, removed })) }
+    wire::NodeMessage {
+        msg: Some(wire::node_message::Msg::Status(wire::StatusUpdate {
+            deployments,
+            removed,
+        })),
+    }
 }
 
 /// The wire name of a run state.
@@ -560,7 +668,10 @@ fn to_wire(s: &DeploymentStatus, log_offset: u64) -> wire::DeploymentStatus {
         started_at_ms: s.started_at_ms,
         stopped_at_ms: s.stopped_at_ms,
         last_log_seq: s.last_log_seq + log_offset,
-        desired_running: matches!(s.state, RunState::Running | RunState::Starting | RunState::Backoff),
+        desired_running: matches!(
+            s.state,
+            RunState::Running | RunState::Starting | RunState::Backoff
+        ),
     }
 }
 
@@ -583,7 +694,12 @@ fn static_wire(s: &super::monitor::StaticResources) -> wire::StaticResources {
         gpus: s
             .gpus
             .iter()
-            .map(|g| wire::Gpu { index: g.index, name: g.name.clone(), mem_total_bytes: g.memory_total_bytes, ..Default::default() })
+            .map(|g| wire::Gpu {
+                index: g.index,
+                name: g.name.clone(),
+                mem_total_bytes: g.memory_total_bytes,
+                ..Default::default()
+            })
             .collect(),
         hostname: s.hostname.clone().unwrap_or_default(),
     }
@@ -599,7 +715,10 @@ fn heartbeat_wire(seq: u64, s: &UsageSample) -> wire::Heartbeat {
             .per_core_percent
             .iter()
             .enumerate()
-            .map(|(i, p)| wire::CoreUsage { core_id: u32::try_from(i).unwrap_or(u32::MAX), used_percent: f64::from(*p) })
+            .map(|(i, p)| wire::CoreUsage {
+                core_id: u32::try_from(i).unwrap_or(u32::MAX),
+                used_percent: f64::from(*p),
+            })
             .collect(),
         mem_used_bytes: s.memory.used_bytes,
         mem_available_bytes: s.memory.available_bytes,

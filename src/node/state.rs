@@ -51,8 +51,11 @@ impl LocalState {
 
     /// Replaces the held deployments.
     pub fn save(&self, held: &[Held]) -> std::io::Result<()> {
-        let bytes = postcard::to_allocvec(&File { version: 2, held: held.to_vec() })
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let bytes = postcard::to_allocvec(&File {
+            version: 2,
+            held: held.to_vec(),
+        })
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, bytes)?;
         std::fs::rename(&tmp, &self.path)

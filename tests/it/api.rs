@@ -1,0 +1,419 @@
+//! The HTTP API: shapes, validation (422 naming the field), 404/409, clamping, secrets, the UI
+//! route, OpenAPI and WebSockets.
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::support::{Cluster, sh};
+
+fn locs(body: &Value) -> Vec<String> {
+    body["detail"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no detail list in {body}"))
+        .iter()
+        .map(|e| {
+            e["loc"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap())
+                .collect::<Vec<_>>()
+                .join(".")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn bad_input_gets_422_naming_the_field() {
+    let c = Cluster::start().await;
+    let cmd = json!({"config": {"command": ["true"]}});
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"specification": {"spec": cmd}}), "body.name"),
+        (
+            json!({"name": "", "specification": {"spec": cmd}}),
+            "body.name",
+        ),
+        (
+            json!({"name": "x".repeat(201), "specification": {"spec": cmd}}),
+            "body.name",
+        ),
+        (
+            json!({"name": 5, "specification": {"spec": cmd}}),
+            "body.name",
+        ),
+        (
+            json!({"name": "a", "desired_state": "running", "specification": {"spec": cmd}}),
+            "body.desired_state",
+        ),
+        (
+            json!({"name": "a", "kind": "VM", "specification": {"spec": cmd}}),
+            "body.kind",
+        ),
+        (
+            json!({"name": "a", "kind": "DOCKER", "specification": {"spec": cmd}}),
+            "body.kind",
+        ),
+        (
+            json!({"name": "a", "specification": {}}),
+            "body.specification.spec",
+        ),
+        (
+            json!({"name": "a", "specification": {"spec": {"config": {"command": "echo hi"}}}}),
+            "body.specification.spec.config.command",
+        ),
+        (
+            json!({"name": "a", "specification": {"spec": {"config": {"command": []}}}}),
+            "body.specification.spec.config.command",
+        ),
+        (
+            json!({"name": "a", "specification": {"spec": {"config": {"command": ["x"]}, "capacity_requests": {"gpu": 1.5}}}}),
+            "body.specification.spec.capacity_requests.gpu",
+        ),
+        (
+            json!({"name": "a", "specification": {"spec": {"config": {"command": ["x"]}, "capacity_requests": {"gpu": "2"}}}}),
+            "body.specification.spec.capacity_requests.gpu",
+        ),
+        (
+            json!({"name": "a", "specification": {"spec": {"config": {"command": ["x"]}, "restart_policy": "sometimes"}}}),
+            "body.specification.spec.restart_policy",
+        ),
+        (
+            json!({"name": "a", "specification": {"spec": {"config": {"command": ["x"]}, "auto_restart": {"enabled": true, "cron": "61 * * * *", "timezone": "UTC"}}}}),
+            "body.specification.spec.auto_restart.cron",
+        ),
+        (
+            json!({"name": "a", "specification": {"spec": {"config": {"command": ["x"]}, "auto_restart": {"enabled": true, "cron": "0 * * * *", "timezone": "Mars/Base"}}}}),
+            "body.specification.spec.auto_restart.timezone",
+        ),
+        (
+            json!({"name": "a", "specification": {"spec": {"config": {"command": ["x"]}, "auto_restart": {"enabled": "true", "cron": "0 * * * *", "timezone": "UTC"}}}}),
+            "body.specification.spec.auto_restart.enabled",
+        ),
+        (
+            json!({"name": "a", "specification": {"spec": {"config": {"command": ["x"]}, "health_check": {"type": "http", "url": "ftp://x"}}}}),
+            "body.specification.spec.health_check.url",
+        ),
+        (
+            json!({"name": "a", "specification": {"spec": {"config": {"command": ["x"]}, "stop_signal": "SIGFOO"}}}),
+            "body.specification.spec.stop_signal",
+        ),
+        (json!([1, 2]), "body"),
+    ];
+    for (body, loc) in cases {
+        let (status, resp) = c.post("/deployments", body.clone()).await;
+        assert_eq!(status, 422, "{body} -> {resp}");
+        assert!(
+            locs(&resp).iter().any(|l| l == loc),
+            "{body}: expected {loc} in {resp}"
+        );
+        for e in resp["detail"].as_array().unwrap() {
+            assert!(
+                e["msg"].as_str().is_some_and(|m| !m.is_empty()) && e["type"].is_string(),
+                "{e}"
+            );
+        }
+    }
+    // Malformed JSON.
+    let resp = c
+        .http
+        .post(format!("{}/deployments", c.api))
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["detail"][0]["type"], "json_invalid");
+    // Nothing was stored by any of those.
+    let (_, list) = c.get("/deployments").await;
+    assert_eq!(list.as_array().unwrap().len(), 0);
+    // Bad PATCH input too, and the record is unchanged.
+    let id = c.deploy("ok", sh("sleep 100")).await;
+    let (status, resp) = c
+        .patch(
+            &format!("/deployments/{id}"),
+            json!({"specification": {"spec": {"config": {"command": 7}}}}),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert!(locs(&resp).contains(&"body.specification.spec.config.command".to_owned()));
+    let (status, resp) = c
+        .patch(
+            &format!("/deployments/{id}"),
+            json!({"desired_state": "PAUSED"}),
+        )
+        .await;
+    assert_eq!(status, 422, "{resp}");
+    let (_, d) = c.get(&format!("/deployments/{id}")).await;
+    assert_eq!(
+        d["specification"]["spec"]["config"]["command"],
+        json!(["sh", "-c", "sleep 100"])
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_ids_are_404_and_duplicates_409() {
+    let c = Cluster::start().await;
+    let missing = "0123456789abcdef0123456789abcdef";
+    for (status, body) in [
+        c.get(&format!("/deployments/{missing}")).await,
+        c.patch(&format!("/deployments/{missing}"), json!({"name": "x"}))
+            .await,
+        c.delete(&format!("/deployments/{missing}")).await,
+    ] {
+        assert_eq!(status, 404);
+        assert_eq!(body, json!({"detail": "Deployment not found"}));
+    }
+    let env = json!({"name": "torch", "python_version": "3.11", "packages": "numpy, torch"});
+    let (status, created) = c.post("/conda-envs", env.clone()).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["packages"], json!(["numpy", "torch"]));
+    assert_eq!(
+        c.post("/conda-envs", env).await,
+        (
+            409,
+            json!({"detail": "Conda env with that name already exists"})
+        )
+    );
+    assert_eq!(
+        c.patch("/conda-envs/nope", json!({"packages": ["a"]}))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(c.delete("/conda-envs/nope").await.0, 404);
+    assert_eq!(c.post("/conda-envs/nope/rerun", json!(null)).await.0, 404);
+    assert_eq!(
+        c.post("/conda-envs/torch/rerun", json!(null)).await,
+        (202, Value::Null)
+    );
+    let (status, resp) = c
+        .patch("/conda-envs/torch", json!({"python_version": "3.12"}))
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(locs(&resp), vec!["body.python_version"]);
+    let (status, patched) = c
+        .patch(
+            "/conda-envs/torch",
+            json!({"packages": ["jax"], "custom_script": "echo hi"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (
+            patched["packages"].clone(),
+            patched["custom_script"].clone()
+        ),
+        (json!(["jax"]), json!("echo hi"))
+    );
+    let (status, resp) = c.post("/conda-envs", json!({"name": "x"})).await;
+    assert_eq!(status, 422);
+    assert_eq!(locs(&resp), vec!["body.python_version"]);
+    assert_eq!(c.delete("/conda-envs/torch").await.0, 204);
+    assert_eq!(c.get("/conda-envs").await.1, json!([]));
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn list_paging_is_clamped_and_ordered_newest_first() {
+    let c = Cluster::start().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(c.deploy(&format!("d{i}"), sh("true")).await);
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await; // distinct created_at_ms
+    }
+    let names = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(&c.get("/deployments").await.1),
+        vec!["d4", "d3", "d2", "d1", "d0"]
+    );
+    assert_eq!(
+        names(&c.get("/deployments?limit=0").await.1),
+        vec!["d4"],
+        "limit clamps to >= 1"
+    );
+    assert_eq!(
+        names(&c.get("/deployments?limit=2&offset=1").await.1),
+        vec!["d3", "d2"]
+    );
+    assert_eq!(
+        names(&c.get("/deployments?offset=-4&limit=1").await.1),
+        vec!["d4"],
+        "negative offset -> 0"
+    );
+    assert_eq!(names(&c.get("/deployments?limit=100000").await.1).len(), 5);
+    let (status, body) = c.get("/deployments?limit=abc").await;
+    assert_eq!(status, 422);
+    assert_eq!(locs(&body), vec!["query.limit"]);
+    // GET one is the same enriched record as the list item.
+    let (_, list) = c.get("/deployments").await;
+    let (_, one) = c.get(&format!("/deployments/{}", ids[4])).await;
+    assert_eq!(list[0], one);
+    for key in [
+        "current_state",
+        "assigned_node_id",
+        "assignment_reason",
+        "status",
+    ] {
+        assert!(one.get(key).is_some(), "{key} missing from {one}");
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_deployment_named_current_state_breaks_nothing() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let id = c.deploy("current_state", sh("sleep 100")).await;
+    c.wait_state(&id, "RUNNING").await;
+    let (status, list) = c.get("/deployments").await;
+    assert_eq!(status, 200);
+    assert_eq!(list[0]["name"], "current_state");
+    assert_eq!(
+        c.patch(&format!("/deployments/{id}"), json!({"name": "renamed"}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(c.delete(&format!("/deployments/{id}")).await.0, 204);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn secrets_never_leave_the_conductor() {
+    let c = Cluster::start().await;
+    let spec = json!({"config": {"command": ["true"], "git_repo": "https://example.invalid/r.git", "token": "SECRET-TOKEN-123"}});
+    let id = c.deploy("private", spec).await;
+    let (_, one) = c.get(&format!("/deployments/{id}")).await;
+    assert_eq!(one["specification"]["spec"]["config"]["token"], "********");
+    let (_, list) = c.get("/deployments").await;
+    assert!(!list.to_string().contains("SECRET-TOKEN-123"));
+    // The updates socket carries the same masked record.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{}/ws/updates", c.api.replace("http", "ws")))
+            .await
+            .unwrap();
+    let frame = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    assert!(frame.contains(&id) && !frame.contains("SECRET-TOKEN-123"));
+    // A client that sends the masked spec back (round trip) keeps the real token.
+    let mut spec = one["specification"].clone();
+    spec["spec"]["config"]["command"] = json!(["false"]);
+    assert_eq!(
+        c.patch(
+            &format!("/deployments/{id}"),
+            json!({"specification": spec})
+        )
+        .await
+        .0,
+        200
+    );
+    let store = symphony::conductor::store::Store::open(&c.cfg.storage_dir)
+        .await
+        .unwrap();
+    let stored = store.get_deployment(&id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.specification["spec"]["config"]["token"],
+        "SECRET-TOKEN-123"
+    );
+    assert_eq!(
+        stored.specification["spec"]["config"]["command"],
+        json!(["false"])
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_ui_route_serves_only_its_own_assets() {
+    let c = Cluster::start().await;
+    for path in [
+        "/ui/%2Fetc%2Fpasswd",
+        "/ui/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/ui/../../etc/passwd",
+        "/ui/%2Fproc%2Fself%2Fenviron",
+    ] {
+        let resp = c
+            .http
+            .get(format!("{}{}", c.api, path))
+            .send()
+            .await
+            .unwrap();
+        let text = resp.text().await.unwrap();
+        assert!(!text.contains("root:"), "{path} leaked a file");
+        assert!(!text.contains("PATH="), "{path} leaked the environment");
+    }
+    let ca_key = c.cfg.cert_dir.join("ca.key");
+    let url = format!(
+        "{}/ui/{}",
+        c.api,
+        ca_key.display().to_string().replace('/', "%2F")
+    );
+    let text = c.http.get(url).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("PRIVATE KEY"));
+    let index = c
+        .http
+        .get(format!("{}/ui/", c.api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(index.contains("<title>Symphony</title>"));
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn openapi_lists_every_route() {
+    let c = Cluster::start().await;
+    let (status, doc) = c.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    for route in [
+        "/deployments",
+        "/deployments/{id}",
+        "/nodes",
+        "/conda-envs",
+        "/conda-envs/{name}",
+        "/conda-envs/{name}/rerun",
+        "/ws/updates",
+        "/ws/deployments/{id}/logs",
+    ] {
+        assert!(doc["paths"].get(route).is_some(), "{route} missing");
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn updates_socket_pushes_changes() {
+    let c = Cluster::start().await;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{}/ws/updates", c.api.replace("http", "ws")))
+            .await
+            .unwrap();
+    let first: Value =
+        serde_json::from_str(&ws.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
+    assert_eq!(first["type"], "snapshot");
+    assert_eq!(first["deployments"], json!([]));
+    let id = c.deploy("pushed", sh("true")).await;
+    loop {
+        let frame: Value =
+            serde_json::from_str(&ws.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
+        if frame["deployments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["id"] == id.as_str())
+        {
+            break;
+        }
+    }
+    ws.close(None).await.unwrap();
+    c.shutdown().await;
+}

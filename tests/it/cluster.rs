@@ -1,0 +1,500 @@
+//! Scheduling and lifecycle with real node agents and real processes: placement at once,
+//! capacity, groups, delete/stop freeing capacity, crash loops shown as FAILED, spec changes
+//! reaching the node, per-viewer logs, a conductor restart, and fencing after a partition.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::support::{Cluster, alive, pid_of, sh, until};
+
+#[tokio::test]
+async fn a_deployment_is_placed_and_runs_at_once() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[("cpu", 2)], false).await;
+    let id = c.deploy("sleeper", sh("sleep 1000")).await;
+    let d = c.wait_state(&id, "RUNNING").await;
+    assert_eq!(d["assigned_node_id"], "n1");
+    assert_eq!(d["assignment_reason"], Value::Null);
+    let pid = pid_of(&d);
+    assert!(alive(pid));
+    assert_eq!(d["status"]["restart_count"], 0);
+    assert!(d["status"]["generation"].as_u64().unwrap() >= 1);
+    // /nodes shows the connection facts and the reservation.
+    let (_, nodes) = c.get("/nodes").await;
+    let n1 = &nodes["nodes"]["n1"];
+    assert_eq!(n1["state"], "online");
+    assert!(
+        n1["connection"]["remote_addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert_eq!(n1["connection"]["reconnects"], 0);
+    assert_eq!(
+        n1["assigned_deployments"],
+        json!([{"id": id, "name": "sleeper"}])
+    );
+    c.shutdown().await;
+    assert!(!alive(pid), "node shutdown stops its workloads");
+}
+
+#[tokio::test]
+async fn unplaced_deployments_say_why() {
+    let mut c = Cluster::start().await;
+    let id = c.deploy("early", sh("sleep 1000")).await;
+    c.wait("No Node", |v| {
+        v.deployment(&id)
+            .is_some_and(|d| d.assignment_reason.as_deref() == Some("No Node"))
+    })
+    .await;
+    c.add_node("cpu-node", &["cpu"], &[("gpu", 0)], false).await;
+    // Placed as soon as a node joins.
+    c.wait_state(&id, "RUNNING").await;
+    let gpu = c
+        .deploy(
+            "needs-gpu",
+            json!({"config": {"command": ["sleep", "1000"]}, "capacity_requests": {"gpu": 1}}),
+        )
+        .await;
+    let group = c
+        .deploy(
+            "needs-group",
+            json!({"config": {"command": ["sleep", "1000"]}, "node_group": "gpu"}),
+        )
+        .await;
+    let env = c
+        .deploy(
+            "needs-env",
+            json!({"config": {"command": ["sleep", "1000"], "env_name": "torch"}}),
+        )
+        .await;
+    for (id, why) in [
+        (&gpu, "No Capacity"),
+        (&group, "No Group"),
+        (&env, "No Env"),
+    ] {
+        c.wait(why, |v| {
+            v.deployment(id)
+                .is_some_and(|d| d.assignment_reason.as_deref() == Some(why))
+        })
+        .await;
+        let (_, d) = c.get(&format!("/deployments/{id}")).await;
+        assert_eq!(d["current_state"], "PENDING");
+        assert_eq!(d["assigned_node_id"], Value::Null);
+    }
+    // A node of the right group takes the group-bound one, and only that one.
+    c.add_node("gpu-node", &["gpu"], &[], false).await;
+    let d = c.wait_state(&group, "RUNNING").await;
+    assert_eq!(d["assigned_node_id"], "gpu-node");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_creates_never_overcommit() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[("slot", 3)], false).await;
+    let spec = json!({"config": {"command": ["sleep", "1000"]}, "capacity_requests": {"slot": 1}});
+    let posts = (0..12).map(|i| {
+        let (http, api, spec) = (c.http.clone(), c.api.clone(), spec.clone());
+        async move {
+            let r = http
+                .post(format!("{api}/deployments"))
+                .json(&json!({"name": format!("d{i}"), "specification": {"spec": spec}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+    });
+    futures_util::future::join_all(posts).await;
+    let view = c
+        .wait("3 running, 9 without capacity", |v| {
+            v.deployments
+                .iter()
+                .filter(|d| d.current_state.as_deref() == Some("RUNNING"))
+                .count()
+                == 3
+                && v.deployments
+                    .iter()
+                    .filter(|d| d.assignment_reason.as_deref() == Some("No Capacity"))
+                    .count()
+                    == 9
+        })
+        .await;
+    assert_eq!(view.nodes["n1"].total_capacities_used.get("slot"), Some(&3));
+    assert_eq!(
+        view.deployments
+            .iter()
+            .filter(|d| d.assigned_node_id.is_some())
+            .count(),
+        3
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn delete_and_stop_free_capacity_and_stop_the_workload() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[("slot", 1)], false).await;
+    let spec = json!({"config": {"command": ["sleep", "1000"]}, "capacity_requests": {"slot": 1}});
+    let a = c.deploy("a", spec.clone()).await;
+    let pid_a = pid_of(&c.wait_state(&a, "RUNNING").await);
+    let b = c.deploy("b", spec).await;
+    c.wait("b waits", |v| {
+        v.deployment(&b)
+            .is_some_and(|d| d.assignment_reason.as_deref() == Some("No Capacity"))
+    })
+    .await;
+
+    // STOP frees the slot at once: b runs, a's process is gone.
+    assert_eq!(
+        c.patch(
+            &format!("/deployments/{a}"),
+            json!({"desired_state": "STOPPED"})
+        )
+        .await
+        .0,
+        200
+    );
+    let pid_b = pid_of(&c.wait_state(&b, "RUNNING").await);
+    until("a's process stopped", || !alive(pid_a)).await;
+    let (_, da) = c.get(&format!("/deployments/{a}")).await;
+    assert_eq!(
+        (
+            da["current_state"].as_str(),
+            da["assigned_node_id"].as_str()
+        ),
+        (Some("STOPPED"), None)
+    );
+
+    // START: a waits for capacity again.
+    assert_eq!(
+        c.patch(
+            &format!("/deployments/{a}"),
+            json!({"desired_state": "RUNNING"})
+        )
+        .await
+        .0,
+        200
+    );
+    c.wait("a waits", |v| {
+        v.deployment(&a)
+            .is_some_and(|d| d.assignment_reason.as_deref() == Some("No Capacity"))
+    })
+    .await;
+
+    // DELETE b: its workload stops on the node and a takes the slot.
+    assert_eq!(c.delete(&format!("/deployments/{b}")).await.0, 204);
+    until("b's process stopped", || !alive(pid_b)).await;
+    c.wait_state(&a, "RUNNING").await;
+    let view = c
+        .wait("b gone from the node", |v| {
+            v.nodes["n1"].assigned_deployments.len() == 1
+        })
+        .await;
+    assert_eq!(view.nodes["n1"].assigned_deployments[0].id, a);
+    assert_eq!(c.get(&format!("/deployments/{b}")).await.0, 404);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_crash_loop_ends_failed_with_its_reason() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let spec = json!({"config": {"command": ["sh", "-c", "echo boom >&2; exit 3"]},
+        "restart_policy": {"type": "on-failure", "backoff_seconds": 0.01}, "max_restarts": 2, "restart_window_sec": 60});
+    let id = c.deploy("crasher", spec).await;
+    let d = c.wait_state(&id, "FAILED").await;
+    assert_eq!(d["status"]["last_exit_code"], 3);
+    assert_eq!(d["status"]["restart_count"], 2);
+    assert!(
+        d["status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("max_restarts=2"),
+        "{d}"
+    );
+    // A healthy neighbour is unaffected.
+    let ok = c.deploy("fine", sh("sleep 1000")).await;
+    c.wait_state(&ok, "RUNNING").await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_spec_change_reaches_the_node_with_a_new_generation() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let id = c.deploy("v", sh("sleep 1000")).await;
+    let d1 = c.wait_state(&id, "RUNNING").await;
+    let (pid1, gen1) = (pid_of(&d1), d1["status"]["generation"].as_u64().unwrap());
+    assert_eq!(
+        c.patch(
+            &format!("/deployments/{id}"),
+            json!({"specification": {"spec": sh("sleep 2000")}})
+        )
+        .await
+        .0,
+        200
+    );
+    let view = c
+        .wait("new generation running", |v| {
+            v.deployment(&id)
+                .and_then(|d| d.status.as_ref())
+                .is_some_and(|s| {
+                    s.generation > gen1
+                        && s.state == "RUNNING"
+                        && s.pid.is_some_and(|p| u64::from(p) != pid1)
+                })
+        })
+        .await;
+    let pid2 = u64::from(
+        view.deployment(&id)
+            .unwrap()
+            .status
+            .as_ref()
+            .unwrap()
+            .pid
+            .unwrap(),
+    );
+    until("old process gone", || !alive(pid1)).await;
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid2}/cmdline")).unwrap();
+    assert!(cmdline.contains("sleep 2000"), "{cmdline:?}");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn each_log_viewer_gets_its_own_tail_and_filter_and_each_line_once() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let script = "for i in $(seq 1 20); do echo out$i; echo err$i >&2; done; while true; do sleep 0.05; echo tick; done";
+    let id = c.deploy("chatty", sh(script)).await;
+    c.wait_state(&id, "RUNNING").await;
+    let ws = c.api.replace("http", "ws");
+    // Wait for the first 40 lines to reach the conductor.
+    let url_all = format!("{ws}/ws/deployments/{id}/logs?tail=1000");
+    let entries_of = |text: String| -> Vec<Value> {
+        serde_json::from_str::<Value>(&text).unwrap()["entries"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    loop {
+        let (mut s, _) = tokio_tungstenite::connect_async(&url_all).await.unwrap();
+        let first = entries_of(
+            s.next()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_text()
+                .unwrap()
+                .to_string(),
+        );
+        if first.iter().filter(|e| e["stream"] == "stderr").count() >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut a, _) = tokio_tungstenite::connect_async(format!(
+        "{ws}/ws/deployments/{id}/logs?tail=3&streams=stderr"
+    ))
+    .await
+    .unwrap();
+    let (mut b, _) =
+        tokio_tungstenite::connect_async(format!("{ws}/ws/deployments/{id}/logs?tail=1000"))
+            .await
+            .unwrap();
+    let a_first = entries_of(
+        a.next()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_text()
+            .unwrap()
+            .to_string(),
+    );
+    let lines: Vec<&str> = a_first
+        .iter()
+        .map(|e| e["line"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        vec!["err18", "err19", "err20"],
+        "viewer a: its own tail and filter"
+    );
+    let b_first = entries_of(
+        b.next()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_text()
+            .unwrap()
+            .to_string(),
+    );
+    let streams: BTreeSet<&str> = b_first
+        .iter()
+        .map(|e| e["stream"].as_str().unwrap())
+        .collect();
+    assert!(
+        streams.contains("stdout") && streams.contains("stderr") && streams.contains("system"),
+        "{streams:?}"
+    );
+    // Live lines: b sees new ticks, each sequence number once and in order; a sees none of them.
+    let mut seqs: Vec<u64> = b_first.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    while seqs.len() < b_first.len() + 20 {
+        for e in entries_of(
+            b.next()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_text()
+                .unwrap()
+                .to_string(),
+        ) {
+            seqs.push(e["seq"].as_u64().unwrap());
+        }
+    }
+    assert!(
+        seqs.windows(2).all(|w| w[1] > w[0]),
+        "strictly increasing, no duplicates: {seqs:?}"
+    );
+    let quiet = tokio::time::timeout(Duration::from_millis(300), a.next()).await;
+    assert!(
+        quiet.is_err(),
+        "viewer a only wants stderr, and there is none: {quiet:?}"
+    );
+    // An unknown deployment gets an error frame and a policy close.
+    let (mut bad, _) = tokio_tungstenite::connect_async(format!("{ws}/ws/deployments/nope/logs"))
+        .await
+        .unwrap();
+    let frame: Value =
+        serde_json::from_str(&bad.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
+    assert_eq!(frame["error"], "Deployment not found");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn state_survives_a_conductor_restart_and_processes_keep_running() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[("slot", 4)], false).await;
+    let id = c
+        .deploy(
+            "durable",
+            json!({"config": {"command": ["sleep", "1000"]}, "capacity_requests": {"slot": 2}}),
+        )
+        .await;
+    let d = c.wait_state(&id, "RUNNING").await;
+    let (pid, generation) = (pid_of(&d), d["status"]["generation"].as_u64().unwrap());
+    let (status, env) = c
+        .post(
+            "/conda-envs",
+            json!({"name": "e", "python_version": "3.11", "manager": "uv"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{env}");
+
+    c.restart_conductor().await;
+    // The node reconnects by itself and reports the same process at the same generation.
+    let view = c
+        .wait("node back, deployment running", |v| {
+            v.nodes.get("n1").is_some_and(|n| n.state == "online")
+                && v.deployment(&id)
+                    .and_then(|d| d.status.as_ref())
+                    .is_some_and(|s| s.state == "RUNNING")
+        })
+        .await;
+    let st = view.deployment(&id).unwrap().status.clone().unwrap();
+    assert_eq!(
+        (u64::from(st.pid.unwrap()), st.generation),
+        (pid, generation),
+        "same process, same generation"
+    );
+    assert!(alive(pid));
+    assert_eq!(view.nodes["n1"].total_capacities_used.get("slot"), Some(&2));
+    assert_eq!(view.conda_envs.len(), 1);
+    assert_eq!(
+        view.nodes["n1"].connection.as_ref().unwrap().reconnects,
+        0,
+        "a fresh conductor saw one connection"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_partition_past_the_grace_period_reschedules_and_fences_the_old_copy() {
+    let mut c = Cluster::start_with(|cfg| {
+        cfg.suspect_after = Duration::from_millis(300);
+        cfg.grace = Duration::from_millis(1500);
+    })
+    .await;
+    c.add_node("a", &["g"], &[("slot", 1)], true).await;
+    let id = c
+        .deploy(
+            "singleton",
+            json!({"config": {"command": ["sleep", "1000"]}, "capacity_requests": {"slot": 1}}),
+        )
+        .await;
+    let d = c.wait_state(&id, "RUNNING").await;
+    assert_eq!(d["assigned_node_id"], "a");
+    let (old_pid, old_gen) = (pid_of(&d), d["status"]["generation"].as_u64().unwrap());
+    c.add_node("b", &["g"], &[("slot", 1)], false).await;
+
+    // Partition a: its connection dies, it is marked lost, and b takes over at a higher generation.
+    c.proxy("a").set_blackhole(true);
+    let view = c
+        .wait("rescheduled to b", |v| {
+            v.deployment(&id).is_some_and(|d| {
+                d.assigned_node_id.as_deref() == Some("b")
+                    && d.status
+                        .as_ref()
+                        .is_some_and(|s| s.node_id == "b" && s.state == "RUNNING")
+            })
+        })
+        .await;
+    let st = view.deployment(&id).unwrap().status.clone().unwrap();
+    assert!(st.generation > old_gen, "{} > {old_gen}", st.generation);
+    let new_pid = u64::from(st.pid.unwrap());
+    assert!(alive(old_pid), "a kept running its copy while unreachable");
+
+    // Heal: a reconnects, reports its stale copy, and is told to stop it.
+    c.proxy("a").set_blackhole(false);
+    until("old copy stopped", || !alive(old_pid)).await;
+    c.wait("a online again", |v| {
+        v.nodes.get("a").is_some_and(|n| n.state == "online")
+    })
+    .await;
+    assert!(alive(new_pid), "exactly one copy runs: b's");
+    let view = c.conductor().core.view();
+    let d = view.deployment(&id).unwrap();
+    assert_eq!(d.assigned_node_id.as_deref(), Some("b"));
+    assert!(view.nodes["a"].assigned_deployments.is_empty());
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_restart_comes_back_with_its_local_state() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let id = c.deploy("kept", sh("sleep 1000")).await;
+    let pid1 = pid_of(&c.wait_state(&id, "RUNNING").await);
+    c.stop_node("n1").await;
+    assert!(!alive(pid1), "a node's own shutdown stops its workloads");
+    c.add_node("n1", &["local"], &[], false).await;
+    let view = c
+        .wait("running again on n1", |v| {
+            v.deployment(&id)
+                .and_then(|d| d.status.as_ref())
+                .is_some_and(|s| {
+                    s.state == "RUNNING" && s.pid.is_some_and(|p| u64::from(p) != pid1)
+                })
+        })
+        .await;
+    let d = view.deployment(&id).unwrap();
+    assert_eq!(d.assigned_node_id.as_deref(), Some("n1"));
+    // Exactly one process for it on this machine.
+    let pid2 = u64::from(d.status.as_ref().unwrap().pid.unwrap());
+    assert!(alive(pid2));
+    c.shutdown().await;
+}

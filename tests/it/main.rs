@@ -1,0 +1,10 @@
+//! Integration tests: the conductor's API end to end against a real listener, a real SQLite
+//! file and real node agents (in-process, over QUIC on loopback), and the `symphony` binary
+//! started as processes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod api;
+mod cli;
+mod cluster;
+mod support;

@@ -1,0 +1,273 @@
+//! A test cluster: one conductor and any number of in-process node agents, with helpers to
+//! await states through the conductor's published snapshot.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use symphony::conductor::view::ClusterView;
+use symphony::conductor::{Conductor, ConductorConfig};
+use symphony::node::agent::NodeConfig;
+use symphony_net::impair::UdpProxy;
+use symphony_net::{TlsMaterial, TransportSettings};
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound for any awaited state.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn fast_transport() -> TransportSettings {
+    TransportSettings {
+        keep_alive: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(1200),
+        path_poll_interval: Duration::from_millis(50),
+        ..TransportSettings::default()
+    }
+}
+
+pub struct Node {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Present when the node reaches the conductor through an impairment proxy.
+    pub proxy: Option<UdpProxy>,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub cfg: ConductorConfig,
+    pub conductor: Option<Conductor>,
+    pub api: String,
+    pub http: reqwest::Client,
+    pub nodes: HashMap<String, Node>,
+}
+
+impl Cluster {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tune: impl FnOnce(&mut ConductorConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = ConductorConfig::local(dir.path().join("storage"));
+        cfg.quic_listen = "127.0.0.1:0".parse().unwrap();
+        cfg.http_listen = "127.0.0.1:0".parse().unwrap();
+        cfg.transport = fast_transport();
+        tune(&mut cfg);
+        let conductor = Conductor::start(cfg.clone()).await.unwrap();
+        // Keep the ports across restarts.
+        cfg.quic_listen = conductor.quic_addr;
+        cfg.http_listen = conductor.http_addr;
+        let api = format!("http://{}", conductor.http_addr);
+        Self {
+            dir,
+            cfg,
+            conductor: Some(conductor),
+            api,
+            http: reqwest::Client::new(),
+            nodes: HashMap::new(),
+        }
+    }
+
+    pub fn conductor(&self) -> &Conductor {
+        self.conductor.as_ref().expect("conductor is running")
+    }
+
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.cfg.quic_listen
+    }
+
+    /// Starts a node agent in-process; `via_proxy` puts an impairment proxy in its path.
+    pub async fn add_node(
+        &mut self,
+        id: &str,
+        groups: &[&str],
+        caps: &[(&str, i64)],
+        via_proxy: bool,
+    ) {
+        let certs = self.dir.path().join("nodes").join(id);
+        let files = self.conductor().ca.ensure_node_files(id, &certs).unwrap();
+        let tls = TlsMaterial::from_files(&certs.join("ca.pem"), &files.cert, &files.key).unwrap();
+        let proxy = if via_proxy {
+            Some(UdpProxy::start(self.quic_addr()).await.unwrap())
+        } else {
+            None
+        };
+        let addr = proxy.as_ref().map_or(self.quic_addr(), UdpProxy::addr);
+        let cfg = NodeConfig {
+            node_id: id.to_owned(),
+            conductor_addr: addr.to_string(),
+            server_name: Some("localhost".into()),
+            tls,
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            capacities_total: caps
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect::<BTreeMap<_, _>>(),
+            heartbeat: Duration::from_millis(200),
+            work_dir: self.dir.path().join("work").join(id),
+            transport: fast_transport(),
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(symphony::node::agent::run(cfg, cancel.clone()));
+        self.nodes.insert(
+            id.to_owned(),
+            Node {
+                cancel,
+                task,
+                proxy,
+            },
+        );
+        let id = id.to_owned();
+        self.wait(&format!("node {id} online"), |v| {
+            v.nodes.get(&id).is_some_and(|n| n.state == "online")
+        })
+        .await;
+    }
+
+    /// Stops a node agent (its workloads are stopped too) and waits for it to end.
+    pub async fn stop_node(&mut self, id: &str) {
+        let node = self.nodes.remove(id).expect("known node");
+        node.cancel.cancel();
+        node.task.await.unwrap().unwrap();
+    }
+
+    pub fn proxy(&self, id: &str) -> &UdpProxy {
+        self.nodes[id]
+            .proxy
+            .as_ref()
+            .expect("node started with a proxy")
+    }
+
+    pub async fn restart_conductor(&mut self) {
+        let c = self.conductor.take().expect("running");
+        c.shutdown().await;
+        self.conductor = Some(Conductor::start(self.cfg.clone()).await.unwrap());
+    }
+
+    /// Waits until the published snapshot satisfies `pred`.
+    pub async fn wait(&self, what: &str, pred: impl Fn(&ClusterView) -> bool) -> Arc<ClusterView> {
+        let mut rx = self.conductor().core.subscribe();
+        let res = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let view = rx.borrow_and_update().clone();
+                if pred(&view) {
+                    return view;
+                }
+                rx.changed().await.expect("conductor alive");
+            }
+        })
+        .await;
+        match res {
+            Ok(v) => v,
+            Err(_) => panic!(
+                "timed out waiting for: {what}\nlast view: {:#?}",
+                self.conductor().core.view()
+            ),
+        }
+    }
+
+    /// Waits until the deployment's reported state is `state` and returns its view as JSON.
+    pub async fn wait_state(&self, id: &str, state: &str) -> Value {
+        let view = self
+            .wait(&format!("{id} {state}"), |v| {
+                v.deployment(id)
+                    .is_some_and(|d| d.current_state.as_deref() == Some(state))
+            })
+            .await;
+        json!(view.deployment(id).unwrap())
+    }
+
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{}", self.api, path));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.request(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> (u16, Value) {
+        self.request(reqwest::Method::PATCH, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.request(reqwest::Method::DELETE, path, None).await
+    }
+
+    /// Creates a deployment and returns its id.
+    pub async fn deploy(&self, name: &str, spec: Value) -> String {
+        let (status, body) = self
+            .post(
+                "/deployments",
+                json!({"name": name, "specification": {"spec": spec}}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn shutdown(mut self) {
+        for (_, n) in self.nodes.drain() {
+            n.cancel.cancel();
+            let _ = n.task.await;
+        }
+        if let Some(c) = self.conductor.take() {
+            c.shutdown().await;
+        }
+    }
+}
+
+/// A spec running `sh -c SCRIPT`.
+pub fn sh(script: &str) -> Value {
+    json!({"config": {"command": ["sh", "-c", script]}})
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Polls `cond` (a fact outside the conductor, e.g. the process table) until true.
+pub async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn pid_of(d: &Value) -> u64 {
+    d["status"]["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pid in {d}"))
+}

@@ -52,8 +52,13 @@ impl CloseCode {
 
     /// Whether a node should keep trying to connect after being closed with this code.
     /// Auth and version failures will not heal by retrying the same binary and certificate.
+    /// `Superseded` reaching a live connection means another live process holds this node's
+    /// identity: re-dialling would make the two take the connection from each other forever.
     pub fn should_reconnect(self) -> bool {
-        !matches!(self, Self::AuthFailed | Self::VersionMismatch)
+        !matches!(
+            self,
+            Self::AuthFailed | Self::VersionMismatch | Self::Superseded
+        )
     }
 
     /// Extracts the application close code from a connection error, if the peer sent one.
@@ -94,7 +99,7 @@ mod tests {
         }
         assert_eq!(CloseCode::from_code(999), None);
         assert!(CloseCode::Shutdown.should_reconnect());
-        assert!(CloseCode::Superseded.should_reconnect());
+        assert!(!CloseCode::Superseded.should_reconnect());
         assert!(!CloseCode::AuthFailed.should_reconnect());
         assert!(!CloseCode::VersionMismatch.should_reconnect());
     }

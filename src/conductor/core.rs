@@ -987,7 +987,9 @@ impl Core {
                     })).collect(),
                     assigned_deployments: assigned,
                     conda_envs: n.env_names.iter().cloned().collect(),
-                    schedulable: missing.is_empty(),
+                    // What the scheduler uses: an online node takes any deployment whose group,
+                    // env and capacity fit (the original's "has every env" notion misled).
+                    schedulable: sn.state == scheduler::NodeState::Online,
                     missing_conda_envs: missing,
                     connection: n.conn.as_ref().map(|c| {
                         let f = c.session.facts();

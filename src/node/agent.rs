@@ -159,6 +159,7 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
         invalid: Mutex::new(HashMap::new()),
         log_offsets,
     });
+    let mut fatal = None;
     loop {
         let ev = tokio::select! {
             biased;
@@ -174,7 +175,10 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
                     .await;
             }
             Some(ClientEvent::Fatal(code, why)) => {
-                tracing::error!(%code, %why, "conductor refused this node; not reconnecting");
+                tracing::error!(%code, %why, "conductor closed this node's connection for good; not reconnecting");
+                fatal = Some(format!(
+                    "the conductor closed the connection: {code} ({why})"
+                ));
                 break;
             }
             None => break,
@@ -184,7 +188,10 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
     sup.shutdown().await;
     conn_task.abort();
     tasks.shutdown().await;
-    Ok(())
+    match fatal {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
 }
 
 fn check_identity(cfg: &NodeConfig) -> anyhow::Result<()> {

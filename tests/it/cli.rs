@@ -40,13 +40,167 @@ fn run(api: &str, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// Kills the dev process if a test fails half-way.
+/// Stops a symphony process when a test ends (SIGTERM first so its workloads are stopped too).
 struct Child(std::process::Child);
 
 impl Drop for Child {
     fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap_or(0));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..200 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+async fn wait_json(
+    client: &reqwest::Client,
+    url: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    for _ in 0..600 {
+        if let Ok(r) = client.get(url).send().await
+            && let Ok(v) = r.json::<Value>().await
+            && pred(&v)
+        {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what} at {url}");
+}
+
+#[tokio::test]
+async fn a_conductor_and_two_nodes_from_yaml_schedule_by_group_and_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (http, quic) = (free_port(), free_udp_port());
+    std::fs::write(
+        d.join("conductor.yaml"),
+        format!("mode: conductor\nlogging:\n  level: INFO\n  json: true\nconductor:\n  listen: 127.0.0.1:{quic}\n  http_listen: 127.0.0.1:{http}\n  storage_dir: ./storage\n  tls:\n    cert_path: ./certs\n"),
+    )
+    .unwrap();
+    let conductor_log = std::fs::File::create(d.join("conductor.log")).unwrap();
+    let _conductor = Child(
+        Command::new(bin())
+            .arg("--config")
+            .arg(d.join("conductor.yaml"))
+            .stderr(conductor_log)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let api = format!("http://127.0.0.1:{http}");
+    let client = reqwest::Client::new();
+    wait_json(&client, &format!("{api}/nodes"), "the API", |v| {
+        v["nodes"].is_object()
+    })
+    .await;
+    // JSON log lines, as logging.json asks.
+    let log = std::fs::read_to_string(d.join("conductor.log")).unwrap();
+    let first = log.lines().next().expect("a log line");
+    assert!(
+        serde_json::from_str::<Value>(first).is_ok(),
+        "not JSON: {first}"
+    );
+
+    let mut nodes = Vec::new();
+    for (id, groups, caps) in [
+        ("gpu-1", "[gpu]", "{gpu: 1}"),
+        ("cpu-1", "[cpu]", "{cpu: 2}"),
+    ] {
+        let out = Command::new(bin())
+            .args(["cert", "node", id, "--cert-path"])
+            .arg(d.join("certs"))
+            .arg("--out")
+            .arg(d.join(id))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let yaml = format!(
+            "mode: node\nnode:\n  node_id: {id}\n  conductor_addr: localhost:{quic}\n  groups: {groups}\n  capacities_total: {caps}\n  heartbeat_sec: 0.5\n  work_dir: ./{id}/work\n  tls:\n    ca_file: ./{id}/ca.pem\n    cert_file: ./{id}/{id}.pem\n    key_file: ./{id}/{id}.key\n"
+        );
+        std::fs::write(d.join(format!("{id}.yaml")), yaml).unwrap();
+        nodes.push(Child(
+            Command::new(bin())
+                .arg("--config")
+                .arg(d.join(format!("{id}.yaml")))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
+    }
+    wait_json(&client, &format!("{api}/nodes"), "two nodes online", |v| {
+        ["gpu-1", "cpu-1"]
+            .iter()
+            .all(|n| v["nodes"][n]["state"] == "online")
+    })
+    .await;
+    let deploy = |name: &str, spec: Value| {
+        let (client, api, name) = (client.clone(), api.clone(), name.to_owned());
+        async move {
+            let r = client
+                .post(format!("{api}/deployments"))
+                .json(&serde_json::json!({"name": name, "specification": {"spec": spec}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let cmd = serde_json::json!(["sleep", "1000"]);
+    let a = deploy("train", serde_json::json!({"config": {"command": cmd}, "node_group": "gpu", "capacity_requests": {"gpu": 1}})).await;
+    let b = deploy("train-2", serde_json::json!({"config": {"command": cmd}, "node_group": "gpu", "capacity_requests": {"gpu": 1}})).await;
+    let c = deploy("etl", serde_json::json!({"config": {"command": cmd}, "node_group": "cpu", "capacity_requests": {"cpu": 2}})).await;
+    let e = deploy(
+        "anywhere",
+        serde_json::json!({"config": {"command": cmd}, "capacity_requests": {"cpu": 1}}),
+    )
+    .await;
+    let url = |id: &str| format!("{api}/deployments/{id}");
+    let da = wait_json(&client, &url(&a), "train running", |v| {
+        v["current_state"] == "RUNNING"
+    })
+    .await;
+    assert_eq!(da["assigned_node_id"], "gpu-1");
+    let dc = wait_json(&client, &url(&c), "etl running", |v| {
+        v["current_state"] == "RUNNING"
+    })
+    .await;
+    assert_eq!(dc["assigned_node_id"], "cpu-1");
+    let db = wait_json(&client, &url(&b), "train-2 waiting", |v| {
+        v["assignment_reason"] == "No Capacity"
+    })
+    .await;
+    assert_eq!(db["assigned_node_id"], Value::Null);
+    let de = wait_json(&client, &url(&e), "anywhere waiting", |v| {
+        v["assignment_reason"] == "No Capacity"
+    })
+    .await;
+    assert_eq!(de["current_state"], "PENDING");
+    let pids: Vec<u64> = [&da, &dc]
+        .iter()
+        .map(|d| d["status"]["pid"].as_u64().unwrap())
+        .collect();
+    assert!(pids.iter().all(|p| alive(*p)));
+    drop(nodes);
+    for p in pids {
+        until("workload stopped with its node", || !alive(p)).await;
     }
 }
 

@@ -498,3 +498,79 @@ async fn a_node_restart_comes_back_with_its_local_state() {
     assert!(alive(pid2));
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_duplicate_identity_supersedes_the_older_connection_without_harm() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let id = c.deploy("d", sh("sleep 1000")).await;
+    c.wait_state(&id, "RUNNING").await;
+    let first = c.nodes.remove("n1").unwrap();
+    // A second agent with the same certificate (another work dir) connects.
+    let before = c.conductor().core.view().nodes["n1"]
+        .connection
+        .clone()
+        .unwrap();
+    c.add_node_in("n1", "second", &["local"], &[]).await;
+    // The older agent is told it was superseded and stops (it does not fight back).
+    let res = tokio::time::timeout(crate::support::DEADLINE, first.task)
+        .await
+        .unwrap()
+        .unwrap();
+    let err = res.expect_err("a superseded agent exits with an error");
+    assert!(err.to_string().contains("superseded"), "{err}");
+    let view = c
+        .wait("n1 online on the new connection", |v| {
+            v.nodes.get("n1").is_some_and(|n| {
+                n.state == "online"
+                    && n.connection
+                        .as_ref()
+                        .is_some_and(|k| k.remote_addr != before.remote_addr)
+            })
+        })
+        .await;
+    assert_eq!(view.nodes.len(), 1);
+    // /nodes keeps answering (the original returned 500 after a duplicate).
+    let (status, nodes) = c.get("/nodes").await;
+    assert_eq!(status, 200);
+    assert_eq!(nodes["nodes"]["n1"]["groups"], json!(["local"]));
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_stored_spec_fails_only_that_deployment() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let good = c.deploy("good", sh("sleep 1000")).await;
+    c.wait_state(&good, "RUNNING").await;
+    // Written behind the API's back (e.g. by an older version): the conductor must cope.
+    c.conductor.take().unwrap().shutdown().await;
+    let store = symphony::conductor::store::Store::open(&c.cfg.storage_dir)
+        .await
+        .unwrap();
+    let bad = symphony::conductor::store::DeploymentRecord {
+        id: "badbadbadbadbadbadbadbadbadbad00".into(),
+        name: "bad".into(),
+        desired_state: "RUNNING".into(),
+        kind: "EXEC".into(),
+        specification: json!({"spec": {"config": {"command": "not a list"}}}),
+        created_at_ms: 1,
+        updated_at_ms: 1,
+    };
+    store.insert_deployment(&bad).await.unwrap();
+    store.close().await;
+    c.conductor = Some(
+        symphony::conductor::Conductor::start(c.cfg.clone())
+            .await
+            .unwrap(),
+    );
+    let d = c.wait_state(&bad.id, "FAILED").await;
+    assert!(
+        d["assignment_reason"].as_str().unwrap().contains("command"),
+        "{d}"
+    );
+    assert_eq!(d["assigned_node_id"], Value::Null);
+    let g = c.wait_state(&good, "RUNNING").await;
+    assert_eq!(g["assigned_node_id"], "n1");
+    c.shutdown().await;
+}

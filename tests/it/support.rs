@@ -28,7 +28,7 @@ pub fn fast_transport() -> TransportSettings {
 
 pub struct Node {
     cancel: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
     /// Present when the node reaches the conductor through an impairment proxy.
     pub proxy: Option<UdpProxy>,
 }
@@ -85,6 +85,28 @@ impl Cluster {
         caps: &[(&str, i64)],
         via_proxy: bool,
     ) {
+        self.start_agent(id, id, groups, caps, via_proxy).await;
+    }
+
+    /// Starts another agent with `id`'s certificate but its own work dir (`instance`).
+    pub async fn add_node_in(
+        &mut self,
+        id: &str,
+        instance: &str,
+        groups: &[&str],
+        caps: &[(&str, i64)],
+    ) {
+        self.start_agent(id, instance, groups, caps, false).await;
+    }
+
+    async fn start_agent(
+        &mut self,
+        id: &str,
+        instance: &str,
+        groups: &[&str],
+        caps: &[(&str, i64)],
+        via_proxy: bool,
+    ) {
         let certs = self.dir.path().join("nodes").join(id);
         let files = self.conductor().ca.ensure_node_files(id, &certs).unwrap();
         let tls = TlsMaterial::from_files(&certs.join("ca.pem"), &files.cert, &files.key).unwrap();
@@ -105,7 +127,7 @@ impl Cluster {
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect::<BTreeMap<_, _>>(),
             heartbeat: Duration::from_millis(200),
-            work_dir: self.dir.path().join("work").join(id),
+            work_dir: self.dir.path().join("work").join(instance),
             transport: fast_transport(),
         };
         let cancel = CancellationToken::new();

@@ -17,6 +17,7 @@ pub mod close;
 pub mod config;
 pub mod frame;
 pub mod impair;
+pub mod pacing;
 pub mod pki;
 pub mod server;
 pub mod session;
@@ -26,6 +27,7 @@ pub use client::{Client, ClientConfig, ClientEvent, ConnectError};
 pub use close::CloseCode;
 pub use config::{ALPN, TransportSettings};
 pub use frame::{FrameError, FrameReader, FrameWriter};
+pub use pacing::{Pacer, PacerConfig, PacerStats};
 pub use pki::{CertFiles, CertificateAuthority, PemPair, PkiError, Validity};
 pub use server::{Accepted, NodeIdentity, Server, ServerError};
 pub use session::{

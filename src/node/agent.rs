@@ -51,6 +51,8 @@ pub struct NodeConfig {
 
 /// Log entries per batch on a log stream.
 const LOG_BATCH: usize = 500;
+/// Bytes per batch on a log stream (a batch is paced as a whole).
+const LOG_BATCH_BYTES: usize = 64 * 1024;
 
 /// Runs the node until `cancel`; then stops every workload and closes the connection.
 pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -332,7 +334,16 @@ impl Agent {
                 }
             });
         }
-        let shippers = Arc::new(Mutex::new(Shippers::default()));
+        // Log streams share one pacer that keeps them below the path's capacity.
+        let pacer = symphony_net::Pacer::new(
+            session.connection().clone(),
+            symphony_net::PacerConfig::default(),
+        );
+        tasks.spawn(pacer.clone().run());
+        let shippers = Arc::new(Mutex::new(Shippers {
+            pacer: Some(pacer),
+            ..Shippers::default()
+        }));
         let mut rx_ctl = control.rx;
         loop {
             let msg = tokio::select! {
@@ -493,23 +504,24 @@ impl Agent {
         shippers: &Arc<Mutex<Shippers>>,
         tasks: &mut JoinSet<()>,
     ) {
-        let resume = {
+        let (resume, pacer) = {
             let Ok(mut s) = shippers.lock() else { return };
             if !s.ready || !s.started.insert(id.to_owned()) {
                 return;
             }
-            s.resume.get(id).copied().unwrap_or(0)
+            (s.resume.get(id).copied().unwrap_or(0), s.pacer.clone())
         };
         let Some(buffer) = self.sup.logs(id) else {
             return;
         };
         let (session, id, offsets) = (session.clone(), id.to_owned(), self.log_offsets.clone());
-        tasks.spawn(ship_logs(session, id, buffer, resume, offsets));
+        tasks.spawn(ship_logs(session, id, buffer, resume, offsets, pacer));
     }
 }
 
 #[derive(Debug, Default)]
 struct Shippers {
+    pacer: Option<symphony_net::Pacer>,
     ready: bool,
     resume: HashMap<String, u64>,
     started: HashSet<String>,
@@ -522,6 +534,7 @@ async fn ship_logs(
     buffer: LogBuffer,
     resume: u64,
     offsets: Arc<Mutex<HashMap<String, u64>>>,
+    pacer: Option<symphony_net::Pacer>,
 ) {
     let offset = offsets
         .lock()
@@ -544,17 +557,33 @@ async fn ship_logs(
     let mut notify = buffer.subscribe();
     let mut dropped_sent = buffer.dropped_lines();
     loop {
-        let entries = buffer.since(after, LOG_BATCH);
+        let dropped = buffer.dropped_lines();
+        if dropped > dropped_sent {
+            // Lines lost to a full spool are never lost silently.
+            buffer.push(
+                super::logs::LogStream::System,
+                format!("{} log lines dropped: the node's log spool was full (the uplink is slower than the output)", dropped - dropped_sent),
+            );
+        }
+        let mut entries = buffer.since(after, LOG_BATCH);
         if entries.is_empty() {
             if notify.changed().await.is_err() {
                 return;
             }
             continue;
         }
+        let mut bytes = 0;
+        let keep = entries
+            .iter()
+            .position(|e| {
+                bytes += e.line.len() + 32;
+                bytes > LOG_BATCH_BYTES
+            })
+            .map_or(entries.len(), |i| i.max(1));
+        entries.truncate(keep);
         if let Some(last) = entries.last() {
             after = last.seq;
         }
-        let dropped = buffer.dropped_lines();
         let batch = wire::LogBatch {
             entries: entries
                 .into_iter()
@@ -568,6 +597,9 @@ async fn ship_logs(
             dropped: dropped.saturating_sub(dropped_sent),
         };
         dropped_sent = dropped;
+        if let Some(p) = &pacer {
+            p.acquire(prost::Message::encoded_len(&batch)).await;
+        }
         if tx.send(&batch).await.is_err() {
             return;
         }

@@ -164,6 +164,10 @@ struct Core {
     next_command: u64,
     view: watch::Sender<Arc<ClusterView>>,
     version: u64,
+    /// Something changed since the last publish that only a tick publishes (usage).
+    dirty: bool,
+    /// Node liveness as of the last publish.
+    published_states: Vec<scheduler::NodeState>,
 }
 
 /// Handle to the core for the API and sessions.
@@ -256,6 +260,8 @@ pub async fn start(
         next_command: 1,
         view: view_tx,
         version: 0,
+        dirty: false,
+        published_states: Vec::new(),
     };
     // Known nodes come back as not connected; their grace starts now (a conductor restart
     // must not make them lost at once).
@@ -380,6 +386,7 @@ impl Core {
                     n.usage = Some(hb);
                 }
                 // Usage is published with the next tick; it changes nothing else.
+                self.dirty = true;
                 publish = false;
             }
             CoreMsg::NodeDisconnected { node_id, epoch } => {
@@ -392,6 +399,11 @@ impl Core {
             }
             CoreMsg::Tick => {
                 self.schedule().await;
+                // Publish when usage arrived or a node's liveness changed; otherwise the
+                // snapshot is already current.
+                let states: Vec<scheduler::NodeState> =
+                    self.sched_nodes(now_ms()).iter().map(|n| n.state).collect();
+                publish = self.dirty || states != self.published_states;
             }
         }
         if publish {
@@ -419,10 +431,17 @@ impl Core {
 
     async fn send_to(&self, node_id: &str, msg: wire::conductor_message::Msg) {
         if let Some(conn) = self.nodes.get(node_id).and_then(|n| n.conn.as_ref()) {
-            let _ = conn
-                .tx
-                .send(wire::ConductorMessage { msg: Some(msg) })
-                .await;
+            // Never wait for a node: a node that cannot take 1024 queued commands is stuck.
+            // Closing makes it reconnect, and its Hello resynchronises everything.
+            if let Err(mpsc::error::TrySendError::Full(_)) =
+                conn.tx.try_send(wire::ConductorMessage { msg: Some(msg) })
+            {
+                tracing::warn!(%node_id, "node is not reading its commands; closing its connection");
+                conn.session.close(
+                    symphony_net::CloseCode::Shutdown,
+                    "command queue full; reconnect",
+                );
+            }
         }
     }
 
@@ -845,6 +864,8 @@ impl Core {
     fn publish(&mut self) {
         let now = now_ms();
         let nodes = self.sched_nodes(now);
+        self.dirty = false;
+        self.published_states = nodes.iter().map(|n| n.state).collect();
         let deps = self.sched_deployments();
         let reasons = scheduler::reasons(&nodes, &deps);
         let reserved = scheduler::reserved(&nodes, &deps);

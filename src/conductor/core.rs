@@ -525,6 +525,7 @@ impl Core {
             // STOPPED holds no capacity: the node stops and forgets it.
             self.store.clear_assignment(id).await?;
             self.assignments.remove(id);
+            self.reported.remove(id);
             self.unassign(&a.node_id, id, a.generation).await;
         } else {
             // A new generation carries the new spec to the node.
@@ -878,7 +879,11 @@ impl Core {
             .values()
             .map(|d| {
                 let assignment = self.assignments.get(&d.id);
-                let reported = self.reported.get(&d.id);
+                // Only a report about the current assignment describes what runs now.
+                let reported = self
+                    .reported
+                    .get(&d.id)
+                    .filter(|r| assignment.is_some_and(|a| a.node_id == r.node_id && a.generation == r.status.generation));
                 let status = reported.map(|r| StatusView {
                     state: r.status.state.clone(),
                     pid: r.status.pid,

@@ -880,10 +880,11 @@ impl Core {
             .map(|d| {
                 let assignment = self.assignments.get(&d.id);
                 // Only a report about the current assignment describes what runs now.
-                let reported = self
-                    .reported
-                    .get(&d.id)
-                    .filter(|r| assignment.is_some_and(|a| a.node_id == r.node_id && a.generation == r.status.generation));
+                let reported = self.reported.get(&d.id).filter(|r| {
+                    assignment.is_some_and(|a| {
+                        a.node_id == r.node_id && a.generation == r.status.generation
+                    })
+                });
                 let status = reported.map(|r| StatusView {
                     state: r.status.state.clone(),
                     pid: r.status.pid,

@@ -160,6 +160,7 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
         outbound,
         invalid: Mutex::new(HashMap::new()),
         log_offsets,
+        instance_id: uuid::Uuid::new_v4().simple().to_string(),
     });
     let mut fatal = None;
     loop {
@@ -227,6 +228,8 @@ struct Agent {
     /// conductor's `log_seq_floor` when this node starts holding a deployment, so numbering
     /// continues above what the conductor already has (another node, or a removed copy).
     log_offsets: Arc<Mutex<HashMap<String, u64>>>,
+    /// Random per agent process: tells the conductor a restart from a reconnect.
+    instance_id: String,
 }
 
 impl Agent {
@@ -292,7 +295,7 @@ impl Agent {
             resources: Some(static_wire(&self.static_info)),
             inventory: self.inventory(),
             env_names: self.envs.list_all_envs().await,
-            agent_instance_id: String::new(),
+            agent_instance_id: self.instance_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         let msg = wire::NodeMessage {

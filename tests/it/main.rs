@@ -7,4 +7,5 @@
 mod api;
 mod cli;
 mod cluster;
+mod node;
 mod support;

@@ -1,0 +1,126 @@
+//! Node features end to end through the conductor: a git checkout as the working directory
+//! (branch, tag, commit), and a uv environment defined over the API and used by a deployment.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::support::{Cluster, pid_of};
+
+/// A repository with `main` (v1), a tag `t1` on it, a branch `dev` (v2) and a later `main` (v3).
+fn make_repo(dir: &Path) -> (String, String) {
+    let repo = git2::Repository::init(dir).unwrap();
+    let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
+    let commit = |msg: &str,
+                  content: &str,
+                  parent: Option<&git2::Commit<'_>>,
+                  refname: Option<&str>|
+     -> git2::Oid {
+        std::fs::write(dir.join("VERSION"), content).unwrap();
+        let mut idx = repo.index().unwrap();
+        idx.add_path(Path::new("VERSION")).unwrap();
+        idx.write().unwrap();
+        let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
+        let parents: Vec<&git2::Commit<'_>> = parent.into_iter().collect();
+        repo.commit(refname, &sig, &sig, msg, &tree, &parents)
+            .unwrap()
+    };
+    let c1 = commit("v1", "v1", None, Some("HEAD"));
+    let c1c = repo.find_commit(c1).unwrap();
+    repo.tag_lightweight("t1", c1c.as_object(), false).unwrap();
+    let c2 = commit("v2", "v2", Some(&c1c), None);
+    repo.branch("dev", &repo.find_commit(c2).unwrap(), false)
+        .unwrap();
+    let c3 = commit("v3", "v3", Some(&c1c), Some("HEAD"));
+    (c1.to_string(), c3.to_string())
+}
+
+#[tokio::test]
+async fn deployments_run_in_a_git_checkout_at_a_branch_tag_or_commit() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let repo_dir = c.dir.path().join("repo");
+    std::fs::create_dir_all(&repo_dir).unwrap();
+    let (c1, _c3) = make_repo(&repo_dir);
+    let repo = repo_dir.display().to_string();
+    for (git_ref, expect) in [
+        (Some("dev"), "v2"),
+        (Some("t1"), "v1"),
+        (Some(c1.as_str()), "v1"),
+        (Some(&c1[..10]), "v1"),
+        (None, "v3"),
+    ] {
+        let mut config = json!({"command": ["sh", "-c", "echo version=$(cat VERSION); sleep 1000"], "git_repo": repo});
+        if let Some(r) = git_ref {
+            config["git_ref"] = json!(r);
+        }
+        let id = c
+            .deploy(
+                &format!("git-{}", git_ref.unwrap_or("default")),
+                json!({"config": config}),
+            )
+            .await;
+        let d = c.wait_state(&id, "RUNNING").await;
+        let cwd = std::fs::read_link(format!("/proc/{}/cwd", pid_of(&d))).unwrap();
+        assert!(cwd.ends_with(format!("workspaces/{id}")), "{cwd:?}");
+        assert_eq!(
+            std::fs::read_to_string(cwd.join("VERSION")).unwrap(),
+            expect,
+            "ref {git_ref:?}"
+        );
+        assert_eq!(c.delete(&format!("/deployments/{id}")).await.0, 204);
+    }
+    // An unknown ref fails the deployment with the reason (after its retries), nothing else.
+    let spec = json!({"config": {"command": ["true"], "git_repo": repo, "git_ref": "no-such-ref"},
+        "restart_policy": {"type": "on-failure", "backoff_seconds": 0.01}, "max_restarts": 1});
+    let id = c.deploy("bad-ref", spec).await;
+    let d = c.wait_state(&id, "FAILED").await;
+    assert!(
+        d["status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-ref"),
+        "{d}"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_uv_environment_defined_over_the_api_is_used_by_a_deployment() {
+    if which("uv").is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "uv must be installed in CI (.ci/run installs it)"
+        );
+        eprintln!("skipped: uv is not on PATH (pip install uv)");
+        return;
+    }
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let python = "3.11";
+    let (status, env) = c.post("/conda-envs", json!({"name": "sixenv", "python_version": python, "packages": ["six==1.16.0"], "manager": "uv"})).await;
+    assert_eq!(status, 201, "{env}");
+    // The node provisions it in the background and reports it; then a deployment can use it.
+    c.wait("node reports the env", |v| {
+        v.nodes["n1"].conda_envs.iter().any(|e| e == "sixenv")
+    })
+    .await;
+    let id = c.deploy("uses-six", json!({"config": {"command": ["python", "-c", "import six, sys, time; print('six', six.__version__, sys.prefix, flush=True); time.sleep(1000)"], "env_name": "sixenv"}})).await;
+    let d = c.wait_state(&id, "RUNNING").await;
+    let pid = pid_of(&d);
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        environ.contains("VIRTUAL_ENV=") && environ.contains("sixenv"),
+        "not in the venv"
+    );
+    c.shutdown().await;
+}
+
+fn which(bin: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(bin))
+            .find(|f| f.is_file())
+    })
+}

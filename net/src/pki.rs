@@ -287,6 +287,15 @@ impl CertificateAuthority {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign_leaf(params, validity)
+    }
+
+    /// Signs a leaf certificate with a fresh key.
+    fn sign_leaf(
+        &self,
+        mut params: CertificateParams,
+        validity: Validity,
+    ) -> Result<PemPair, PkiError> {
         params.use_authority_key_identifier_extension = true;
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
@@ -310,15 +319,7 @@ impl CertificateAuthority {
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = validity.not_before;
-        params.not_after = validity.not_after;
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(PemPair {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        self.sign_leaf(params, validity)
     }
 
     /// Makes sure `server.pem`/`server.key` exist in `dir` (reused when present).

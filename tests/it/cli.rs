@@ -58,6 +58,17 @@ impl Drop for Child {
     }
 }
 
+/// Waits until the deployment is RUNNING and returns its pid.
+async fn running_pid(client: &reqwest::Client, api: &str, id: &str) -> u64 {
+    let d = wait_json(client, &format!("{api}/deployments/{id}"), "RUNNING", |v| {
+        v["current_state"] == "RUNNING"
+    })
+    .await;
+    d["status"]["pid"]
+        .as_u64()
+        .expect("a running deployment has a pid")
+}
+
 async fn wait_json(
     client: &reqwest::Client,
     url: &str,
@@ -256,22 +267,7 @@ async fn dev_runs_deploys_logs_stops_removes_and_shuts_down_cleanly() {
     let id = id.trim().to_owned();
     assert_eq!(id.len(), 32);
     // RUNNING, with a pid.
-    let mut pid = 0;
-    for _ in 0..600 {
-        let d: Value = client
-            .get(format!("{api}/deployments/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if d["current_state"] == "RUNNING" {
-            pid = d["status"]["pid"].as_u64().unwrap();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pid = running_pid(&client, &api, &id).await;
     assert!(pid > 0 && alive(pid), "never RUNNING");
     let (code, ps, _) = run(&api, &["ps"]);
     assert_eq!(code, 0);
@@ -310,22 +306,7 @@ async fn dev_runs_deploys_logs_stops_removes_and_shuts_down_cleanly() {
     assert_eq!(run(&api, &["stop", &id[..8]]).0, 0);
     until("stopped", || !alive(pid)).await;
     assert_eq!(run(&api, &["start", &id[..8]]).0, 0);
-    let mut pid2 = 0;
-    for _ in 0..600 {
-        let d: Value = client
-            .get(format!("{api}/deployments/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if d["current_state"] == "RUNNING" {
-            pid2 = d["status"]["pid"].as_u64().unwrap();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pid2 = running_pid(&client, &api, &id).await;
     assert!(pid2 > 0 && pid2 != pid);
     assert_eq!(run(&api, &["rm", &id[..8]]).0, 0);
     until("removed", || !alive(pid2)).await;
@@ -343,22 +324,7 @@ async fn dev_runs_deploys_logs_stops_removes_and_shuts_down_cleanly() {
     // A last workload, then Ctrl-C: it must not survive the shutdown.
     let (_, id, _) = run(&api, &["deploy", "--name", "last", "--", "sleep", "1000"]);
     let id = id.trim().to_owned();
-    let mut pid3 = 0;
-    for _ in 0..600 {
-        let d: Value = client
-            .get(format!("{api}/deployments/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if d["current_state"] == "RUNNING" {
-            pid3 = d["status"]["pid"].as_u64().unwrap();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pid3 = running_pid(&client, &api, &id).await;
     assert!(pid3 > 0);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(dev.0.id()).unwrap()),

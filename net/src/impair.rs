@@ -3,7 +3,9 @@
 //!
 //! The kernel here has no `netem`, so delay and loss come from this proxy. It relays between
 //! one downstream peer (the node; the latest sender is remembered) and one upstream address
-//! (the conductor). Delay is applied FIFO per direction, so it never reorders packets.
+//! (the conductor). Delay is applied FIFO per direction, so it never reorders packets. A rate
+//! limit with a bounded queue makes a bottleneck like `tbf` (the queue is where a log flood
+//! delays control messages), without root.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +25,11 @@ pub struct Impairment {
     pub delay: Duration,
     /// Drop everything.
     pub blackhole: bool,
+    /// Bottleneck rate in bytes per second in each direction (0 = unlimited), like `tbf`.
+    pub rate: u64,
+    /// Longest a packet may wait in the bottleneck queue before it is dropped (tail drop),
+    /// like `tbf latency`; only with `rate`.
+    pub queue_limit: Duration,
 }
 
 /// Packet counters.
@@ -57,15 +64,18 @@ impl UdpProxy {
         let mut tasks = JoinSet::new();
 
         // Each direction: a receiver that applies loss and stamps a due time, and a FIFO sender.
+        let up_link = Arc::new(Mutex::new(tokio::time::Instant::now()));
+        let down_link = Arc::new(Mutex::new(tokio::time::Instant::now()));
         let (to_up_tx, to_up_rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
         let (to_down_tx, to_down_rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
 
         {
-            let (down, impairment, stats, peer) = (
+            let (down, impairment, stats, peer, link) = (
                 down.clone(),
                 impairment.clone(),
                 stats.clone(),
                 peer.clone(),
+                up_link.clone(),
             );
             tasks.spawn(async move {
                 let mut buf = vec![0u8; 65536];
@@ -73,7 +83,7 @@ impl UdpProxy {
                     if let Ok(mut p) = peer.lock() {
                         *p = Some(from);
                     }
-                    if let Some(due) = admit(&impairment, &stats) {
+                    if let Some(due) = admit(&impairment, &stats, &link, n) {
                         let _ = to_up_tx.send((due, buf[..n].to_vec()));
                     }
                 }
@@ -91,7 +101,7 @@ impl UdpProxy {
             });
         }
         {
-            let (impairment, stats) = (impairment.clone(), stats.clone());
+            let (impairment, stats, link) = (impairment.clone(), stats.clone(), down_link.clone());
             let mut up_rx = up_rx;
             tasks.spawn(async move {
                 let mut buf = vec![0u8; 65536];
@@ -105,7 +115,7 @@ impl UdpProxy {
                         }
                         r = sock.recv_from(&mut buf) => {
                             let Ok((n, _)) = r else { return };
-                            if let Some(due) = admit(&impairment, &stats) {
+                            if let Some(due) = admit(&impairment, &stats, &link, n) {
                                 let _ = to_down_tx.send((due, buf[..n].to_vec()));
                             }
                         }
@@ -161,6 +171,14 @@ impl UdpProxy {
         }
     }
 
+    /// Sets a bottleneck: `rate` bytes/s per direction, packets queued at most `queue_limit`.
+    pub fn set_rate(&self, rate: u64, queue_limit: Duration) {
+        if let Ok(mut i) = self.impairment.lock() {
+            i.rate = rate;
+            i.queue_limit = queue_limit;
+        }
+    }
+
     /// Drops everything while on.
     pub fn set_blackhole(&self, on: bool) {
         if let Ok(mut i) = self.impairment.lock() {
@@ -188,12 +206,29 @@ impl UdpProxy {
     }
 }
 
-fn admit(impairment: &Mutex<Impairment>, stats: &ProxyStats) -> Option<tokio::time::Instant> {
+fn admit(
+    impairment: &Mutex<Impairment>,
+    stats: &ProxyStats,
+    link: &Mutex<tokio::time::Instant>,
+    len: usize,
+) -> Option<tokio::time::Instant> {
     let imp = impairment.lock().map(|i| *i).unwrap_or_default();
     if imp.blackhole || (imp.loss > 0.0 && rand::random::<f64>() < imp.loss) {
         stats.dropped.fetch_add(1, Ordering::Relaxed);
         return None;
     }
+    let now = tokio::time::Instant::now();
+    let mut due = now;
+    if imp.rate > 0 {
+        let Ok(mut free_at) = link.lock() else { return None };
+        let start = (*free_at).max(now);
+        if start.duration_since(now) > imp.queue_limit {
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *free_at = start + Duration::from_secs_f64(len as f64 / imp.rate as f64);
+        due = *free_at;
+    }
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
-    Some(tokio::time::Instant::now() + imp.delay)
+    Some(due + imp.delay)
 }

@@ -7,9 +7,10 @@
 //! what QUIC already measures, delay-based (LEDBAT-like):
 //!
 //! * queueing delay = smoothed RTT - minimum RTT; above [`PacerConfig::target_delay`], or when
-//!   packets were lost since the last look, the rate drops multiplicatively (x0.7);
-//! * otherwise, while writers are waiting for tokens, it grows (x1.25 per interval, so a fast
-//!   path is found within a second or two).
+//!   packets were lost since the last look, the rate drops multiplicatively (x0.75);
+//! * below half the target, while writers are waiting for tokens, it grows (x1.05 per
+//!   interval: a 10x faster path is found in about 2.5 s, and the overshoot that would fill
+//!   the queue stays small); in between, it holds.
 //!
 //! Nothing is dropped here: writers wait, and their data waits in the node's log ring and
 //! spool. Control and heartbeat streams never take tokens.
@@ -22,7 +23,7 @@ use tokio::time::Instant;
 /// Tunables.
 #[derive(Debug, Clone)]
 pub struct PacerConfig {
-    /// Queueing delay the pacer aims to stay under (default 3 ms).
+    /// Queueing delay the pacer aims to stay under (default 5 ms).
     pub target_delay: Duration,
     /// How often the rate is adapted (default 50 ms).
     pub interval: Duration,
@@ -37,7 +38,7 @@ pub struct PacerConfig {
 impl Default for PacerConfig {
     fn default() -> Self {
         Self {
-            target_delay: Duration::from_millis(3),
+            target_delay: Duration::from_millis(5),
             interval: Duration::from_millis(50),
             min_rate: 32.0 * 1024.0,
             max_rate: 2.0 * 1024.0 * 1024.0 * 1024.0,
@@ -143,10 +144,10 @@ impl Pacer {
             let lost = path.lost_packets > s.last_lost;
             s.last_lost = path.lost_packets;
             if lost || queueing > self.cfg.target_delay {
-                s.rate = (s.rate * 0.7).max(self.cfg.min_rate);
+                s.rate = (s.rate * 0.75).max(self.cfg.min_rate);
                 s.slowdowns += 1;
-            } else if s.waiting {
-                s.rate = (s.rate * 1.25).min(self.cfg.max_rate);
+            } else if s.waiting && queueing < self.cfg.target_delay / 2 {
+                s.rate = (s.rate * 1.05).min(self.cfg.max_rate);
             }
             s.waiting = false;
         }

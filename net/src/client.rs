@@ -104,7 +104,10 @@ pub enum ClientEvent {
         /// Its control stream (already open).
         control: Control,
     },
-    /// The conductor closed the connection with a code that says retrying is pointless.
+    /// The conductor refused this node (auth or version): it keeps retrying at the slowest
+    /// backoff, since only an operator can fix it. Workloads should keep running.
+    Refused(CloseCode, String),
+    /// Another live connection with this identity took over: no more re-dials.
     Fatal(CloseCode, String),
 }
 
@@ -218,22 +221,31 @@ impl Client {
                         session.close(CloseCode::Shutdown, "node shutting down");
                         return;
                     }
-                    let closed = tokio::select! {
+                    let (code, err) = tokio::select! {
                         biased;
                         () = cancel.cancelled() => {
                             session.close(CloseCode::Shutdown, "node shutting down");
                             return;
                         }
                         c = session.closed() => c,
-                        () = self.monitor_path(&session) => continue,
+                        never = self.monitor_path(&session) => match never {},
                     };
-                    let (code, err) = closed;
                     tracing::info!(error = %err, "connection to conductor lost");
-                    if let Some(code) = code
-                        && !code.should_reconnect()
-                    {
-                        let _ = tx.send(ClientEvent::Fatal(code, err.to_string())).await;
-                        return;
+                    match code {
+                        Some(code) if !code.should_reconnect() => {
+                            let _ = tx.send(ClientEvent::Fatal(code, err.to_string())).await;
+                            return;
+                        }
+                        Some(code) if code.retry_slowly() => {
+                            let _ = tx.send(ClientEvent::Refused(code, err.to_string())).await;
+                            tokio::select! {
+                                biased;
+                                () = cancel.cancelled() => return,
+                                () = tokio::time::sleep(self.cfg.backoff_max) => {}
+                            }
+                            continue;
+                        }
+                        _ => {}
                     }
                     if started.elapsed() >= self.cfg.healthy_after {
                         backoff.reset();
@@ -251,8 +263,8 @@ impl Client {
     }
 
     /// Watches the path of a live session; rebinds when the local address disappeared or
-    /// nothing arrived for two keep-alive periods. Never returns while the session lives.
-    async fn monitor_path(&self, session: &Session) {
+    /// nothing arrived for two keep-alive periods. Never returns.
+    async fn monitor_path(&self, session: &Session) -> std::convert::Infallible {
         let keep_alive = self.cfg.settings.keep_alive;
         let mut tick = tokio::time::interval(Duration::from_secs(1).min(keep_alive));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -51,14 +51,17 @@ impl CloseCode {
     }
 
     /// Whether a node should keep trying to connect after being closed with this code.
-    /// Auth and version failures will not heal by retrying the same binary and certificate.
     /// `Superseded` reaching a live connection means another live process holds this node's
     /// identity: re-dialling would make the two take the connection from each other forever.
     pub fn should_reconnect(self) -> bool {
-        !matches!(
-            self,
-            Self::AuthFailed | Self::VersionMismatch | Self::Superseded
-        )
+        !matches!(self, Self::Superseded)
+    }
+
+    /// Whether retrying soon is pointless: auth and version refusals do not heal until an
+    /// operator acts, so the node retries only at its slowest backoff (and keeps its
+    /// workloads running meanwhile).
+    pub fn retry_slowly(self) -> bool {
+        matches!(self, Self::AuthFailed | Self::VersionMismatch)
     }
 
     /// Extracts the application close code from a connection error, if the peer sent one.
@@ -100,7 +103,8 @@ mod tests {
         assert_eq!(CloseCode::from_code(999), None);
         assert!(CloseCode::Shutdown.should_reconnect());
         assert!(!CloseCode::Superseded.should_reconnect());
-        assert!(!CloseCode::AuthFailed.should_reconnect());
-        assert!(!CloseCode::VersionMismatch.should_reconnect());
+        assert!(CloseCode::AuthFailed.should_reconnect() && CloseCode::AuthFailed.retry_slowly());
+        assert!(CloseCode::VersionMismatch.should_reconnect() && CloseCode::VersionMismatch.retry_slowly());
+        assert!(!CloseCode::Shutdown.retry_slowly());
     }
 }

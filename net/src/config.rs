@@ -36,7 +36,8 @@ pub struct TransportSettings {
     pub idle_timeout: Duration,
     /// Per-stream receive credit (default 256 KiB).
     pub stream_receive_window: u32,
-    /// Concurrent uni streams the peer may open: heartbeat + one per log source (default 128).
+    /// Concurrent uni streams the peer may open: heartbeat + one per active log source
+    /// (default 512; idle log streams are closed by the node).
     pub max_uni_streams: u32,
     /// Send-window headroom reserved beyond what log streams can hold (default 8 MiB).
     pub control_headroom: u64,
@@ -52,7 +53,7 @@ impl Default for TransportSettings {
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(20),
             stream_receive_window: 256 * 1024,
-            max_uni_streams: 128,
+            max_uni_streams: 512,
             control_headroom: 8 * 1024 * 1024,
             max_frame_size: 1024 * 1024,
             path_poll_interval: Duration::from_secs(1),

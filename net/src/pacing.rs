@@ -6,8 +6,11 @@
 //! writers take tokens from a [`Pacer`] before each write, and the pacer adapts its rate from
 //! what QUIC already measures, delay-based (LEDBAT-like):
 //!
-//! * queueing delay = smoothed RTT - minimum RTT; above [`PacerConfig::target_delay`], or when
-//!   packets were lost since the last look, the rate drops multiplicatively (x0.75);
+//! * queueing delay = smoothed RTT - base RTT; above [`PacerConfig::target_delay`] (or above half
+//!   of it when packets were also lost: loss alone is often random, not congestion) the rate
+//!   drops multiplicatively (x0.75). The base RTT is the lowest smoothed RTT seen over the last
+//!   one to two [`PacerConfig::base_window`]s, so a path that really got longer (a new route
+//!   after a migration) stops counting as queueing once the window rolls over;
 //! * below half the target, while writers are waiting for tokens, it grows (x1.05 per
 //!   interval: a 10x faster path is found in about 2.5 s, and the overshoot that would fill
 //!   the queue stays small); in between, it holds.
@@ -33,6 +36,8 @@ pub struct PacerConfig {
     pub max_rate: f64,
     /// Starting rate in bytes/s (default 1 MiB/s).
     pub initial_rate: f64,
+    /// How long a base RTT sample is remembered (default 30 s).
+    pub base_window: Duration,
 }
 
 impl Default for PacerConfig {
@@ -43,6 +48,7 @@ impl Default for PacerConfig {
             min_rate: 32.0 * 1024.0,
             max_rate: 2.0 * 1024.0 * 1024.0 * 1024.0,
             initial_rate: 1024.0 * 1024.0,
+            base_window: Duration::from_secs(30),
         }
     }
 }
@@ -55,6 +61,10 @@ struct State {
     waiting: bool,
     last_lost: u64,
     slowdowns: u64,
+    /// Lowest smoothed RTT in the current and the previous window.
+    base_now: Duration,
+    base_prev: Duration,
+    window_start: Instant,
 }
 
 /// A token bucket whose rate follows the path. Cheap to clone; one per connection.
@@ -84,6 +94,9 @@ impl Pacer {
             waiting: false,
             last_lost: conn.stats().path.lost_packets,
             slowdowns: 0,
+            base_now: Duration::MAX,
+            base_prev: Duration::MAX,
+            window_start: Instant::now(),
         };
         Self {
             conn,
@@ -140,10 +153,17 @@ impl Pacer {
             }
             let path = self.conn.stats().path;
             let Ok(mut s) = self.state.lock() else { return };
-            let queueing = path.rtt.saturating_sub(path.min_rtt);
+            if s.window_start.elapsed() >= self.cfg.base_window {
+                s.base_prev = s.base_now;
+                s.base_now = Duration::MAX;
+                s.window_start = Instant::now();
+            }
+            s.base_now = s.base_now.min(path.rtt);
+            let base = s.base_now.min(s.base_prev);
+            let queueing = path.rtt.saturating_sub(base);
             let lost = path.lost_packets > s.last_lost;
             s.last_lost = path.lost_packets;
-            if lost || queueing > self.cfg.target_delay {
+            if queueing > self.cfg.target_delay || (lost && queueing > self.cfg.target_delay / 2) {
                 s.rate = (s.rate * 0.75).max(self.cfg.min_rate);
                 s.slowdowns += 1;
             } else if s.waiting && queueing < self.cfg.target_delay / 2 {

@@ -84,6 +84,27 @@ pub struct Control {
     pub rx: FrameReceiver,
 }
 
+/// A uni stream whose kind has not been read yet.
+#[derive(Debug)]
+pub struct IncomingUni {
+    recv: quinn::RecvStream,
+    max_frame_size: usize,
+}
+
+impl IncomingUni {
+    /// Reads the stream's kind byte. An unknown kind stops the stream (not the connection).
+    pub async fn kind(mut self) -> Result<(StreamKind, FrameReceiver), SessionError> {
+        let tag = self.recv.read_u8().await?;
+        match StreamKind::from_tag(tag) {
+            Some(kind) => Ok((kind, FrameReader::new(self.recv, self.max_frame_size))),
+            None => {
+                let _ = self.recv.stop(CloseCode::ProtocolError.varint());
+                Err(SessionError::UnknownKind(tag))
+            }
+        }
+    }
+}
+
 /// Facts about a connection that operators see (`/nodes`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConnectionFacts {
@@ -169,17 +190,15 @@ impl Session {
         Ok(FrameWriter::new(send, self.settings.max_frame_size))
     }
 
-    /// Accepts the next uni stream and reads its kind.
+    /// Accepts the next uni stream and reads its kind. One slow or bad stream holds up the
+    /// next accept: servers should prefer [`Session::accept_uni_stream`].
     pub async fn accept_uni(&self) -> Result<(StreamKind, FrameReceiver), SessionError> {
-        let mut recv = self.conn.accept_uni().await?;
-        let tag = recv.read_u8().await?;
-        match StreamKind::from_tag(tag) {
-            Some(kind) => Ok((kind, FrameReader::new(recv, self.settings.max_frame_size))),
-            None => {
-                let _ = recv.stop(CloseCode::ProtocolError.varint());
-                Err(SessionError::UnknownKind(tag))
-            }
-        }
+        self.accept_uni_stream().await?.kind().await
+    }
+
+    /// Accepts the next uni stream without reading from it; read its kind in its own task.
+    pub async fn accept_uni_stream(&self) -> Result<IncomingUni, SessionError> {
+        Ok(IncomingUni { recv: self.conn.accept_uni().await?, max_frame_size: self.settings.max_frame_size })
     }
 
     /// Current facts about the connection.

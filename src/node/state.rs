@@ -56,8 +56,13 @@ impl LocalState {
             held: held.to_vec(),
         })
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+        // Specs hold secrets (git tokens): owner-only, like key files.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
         std::fs::rename(&tmp, &self.path)
     }
 }
@@ -81,5 +86,8 @@ mod tests {
         }];
         st.save(&held).unwrap();
         assert_eq!(st.load().unwrap(), held);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("state.bin")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -48,6 +48,9 @@ impl Cluster {
     }
 
     pub async fn start_with(tune: impl FnOnce(&mut ConductorConfig)) -> Self {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+        }
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = ConductorConfig::local(dir.path().join("storage"));
         cfg.quic_listen = "127.0.0.1:0".parse().unwrap();

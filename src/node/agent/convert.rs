@@ -1,0 +1,127 @@
+//! Conversions between the supervisor's and monitor's types and the wire types.
+
+use crate::node::monitor::{StaticResources, StorageUsage, UsageSample};
+use crate::node::supervisor::{DeploymentStatus, RunState};
+use crate::wire;
+
+pub(super) fn result_msg(command_id: u64, ok: bool, message: String) -> wire::NodeMessage {
+    wire::NodeMessage {
+        msg: Some(wire::node_message::Msg::Result(wire::CommandResult {
+            command_id,
+            ok,
+            message,
+        })),
+    }
+}
+
+pub(super) fn status_msg(deployments: Vec<wire::DeploymentStatus>, removed: Vec<String>) -> wire::NodeMessage {
+    wire::NodeMessage {
+        msg: Some(wire::node_message::Msg::Status(wire::StatusUpdate {
+            deployments,
+            removed,
+        })),
+    }
+}
+
+/// The wire name of a run state.
+pub fn state_name(s: RunState) -> &'static str {
+    match s {
+        RunState::Starting => "STARTING",
+        RunState::Running => "RUNNING",
+        RunState::Stopping => "STOPPING",
+        RunState::Stopped => "STOPPED",
+        RunState::Exited => "EXITED",
+        RunState::Crashed => "CRASHED",
+        RunState::Backoff => "BACKOFF",
+        RunState::Failed => "FAILED",
+    }
+}
+
+pub(super) fn to_wire(s: &DeploymentStatus, log_offset: u64) -> wire::DeploymentStatus {
+    wire::DeploymentStatus {
+        deployment_id: s.id.clone(),
+        generation: s.generation,
+        state: state_name(s.state).to_owned(),
+        pid: s.pid,
+        restart_count: s.restart_count,
+        last_exit_code: s.last_exit_code,
+        reason: s.reason.clone().unwrap_or_default(),
+        started_at_ms: s.started_at_ms,
+        stopped_at_ms: s.stopped_at_ms,
+        last_log_seq: s.last_log_seq + log_offset,
+        desired_running: matches!(
+            s.state,
+            RunState::Running | RunState::Starting | RunState::Backoff
+        ),
+    }
+}
+
+fn mount_wire(m: &StorageUsage) -> wire::StorageMount {
+    wire::StorageMount {
+        mount_point: m.mount_point.clone(),
+        fs_type: m.fs_type.clone(),
+        total_bytes: m.total_bytes,
+        used_bytes: m.used_bytes,
+        available_bytes: m.available_bytes,
+        used_percent: f64::from(m.percent),
+    }
+}
+
+pub(super) fn static_wire(s: &StaticResources) -> wire::StaticResources {
+    wire::StaticResources {
+        logical_cores: u32::try_from(s.logical_cores).unwrap_or(u32::MAX),
+        memory_total_bytes: s.memory_total_bytes,
+        storage: s.storage.iter().map(mount_wire).collect(),
+        gpus: s
+            .gpus
+            .iter()
+            .map(|g| wire::Gpu {
+                index: g.index,
+                name: g.name.clone(),
+                mem_total_bytes: g.memory_total_bytes,
+                ..Default::default()
+            })
+            .collect(),
+        hostname: s.hostname.clone().unwrap_or_default(),
+    }
+}
+
+pub(super) fn heartbeat_wire(seq: u64, s: &UsageSample) -> wire::Heartbeat {
+    wire::Heartbeat {
+        seq,
+        timestamp_unix_ms: s.timestamp_ms,
+        cpu_total_percent: f64::from(s.cpu.total_percent),
+        per_core: s
+            .cpu
+            .per_core_percent
+            .iter()
+            .enumerate()
+            .map(|(i, p)| wire::CoreUsage {
+                core_id: u32::try_from(i).unwrap_or(u32::MAX),
+                used_percent: f64::from(*p),
+            })
+            .collect(),
+        mem_used_bytes: s.memory.used_bytes,
+        mem_available_bytes: s.memory.available_bytes,
+        mem_used_percent: f64::from(s.memory.percent),
+        mem_free_bytes: s.memory.free_bytes,
+        mem_buffers_bytes: s.memory.buffers_bytes,
+        mem_cached_bytes: s.memory.cached_bytes,
+        storage: s.storage.iter().map(mount_wire).collect(),
+        gpus: s
+            .gpus
+            .iter()
+            .map(|g| wire::Gpu {
+                index: g.index,
+                name: g.name.clone(),
+                mem_total_bytes: g.memory_total_bytes,
+                util_percent: g.utilization_gpu_percent.map_or(0.0, f64::from),
+                mem_util_percent: g.utilization_memory_percent.map_or(0.0, f64::from),
+                mem_used_bytes: g.memory_used_bytes,
+                mem_free_bytes: g.memory_free_bytes,
+                temperature_c: g.temperature_c.map_or(0.0, f64::from),
+                power_w: g.power_w.unwrap_or(0.0),
+            })
+            .collect(),
+    }
+}

@@ -113,6 +113,8 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
         dirty_notify: Notify::new(),
         current: Mutex::new(None),
         shipping: Mutex::new(HashMap::new()),
+        removing: Mutex::new(HashMap::new()),
+        conn: Mutex::new(None),
         background: TaskTracker::new(),
         instance_id: uuid::Uuid::new_v4().simple().to_string(),
     });
@@ -238,6 +240,11 @@ struct Agent {
     current: Mutex<Option<mpsc::Sender<wire::NodeMessage>>>,
     /// Per deployment: cancels its log shipper when it leaves this node.
     shipping: Mutex<HashMap<String, CancellationToken>>,
+    /// Deployments being stopped in the background, with Assigns that arrived meanwhile
+    /// (applied, newest first, once the old copy is gone: one id, one process table slot).
+    removing: Mutex<HashMap<String, Vec<wire::Assign>>>,
+    /// The current connection, for work that finishes in the background.
+    conn: Mutex<Option<Arc<Conn>>>,
     /// Work that must outlive a connection (stopping removed deployments, env provisioning).
     background: TaskTracker,
     /// Random per agent process: tells the conductor a restart from a reconnect.
@@ -337,6 +344,9 @@ impl Agent {
             resume: Mutex::new(None),
             tasks: Mutex::new(JoinSet::new()),
         });
+        if let Ok(mut c) = self.conn.lock() {
+            *c = Some(conn.clone());
+        }
         let mut tasks = JoinSet::new();
         tasks.spawn(pacer.run());
         // Writer: any failure closes the connection so the client re-dials (and resyncs).
@@ -437,6 +447,9 @@ impl Agent {
         if let Ok(mut c) = self.current.lock() {
             *c = None;
         }
+        if let Ok(mut c) = self.conn.lock() {
+            *c = None;
+        }
         // This connection's shippers end with it; the next connection starts new ones.
         if let Ok(mut s) = self.shipping.lock() {
             for (_, c) in s.drain() {
@@ -464,6 +477,17 @@ impl Agent {
                 }
             }
             Msg::Assign(a) => {
+                let deferred = self
+                    .removing
+                    .lock()
+                    .ok()
+                    .and_then(|mut r| r.get_mut(&a.deployment_id).map(|d| d.push(a.clone())))
+                    .is_some();
+                if deferred {
+                    let msg = "applied once the previous copy has stopped".to_owned();
+                    let _ = conn.tx.send(result_msg(a.command_id, true, msg)).await;
+                    return;
+                }
                 let (ok, message) = match self.assign(&a) {
                     Ok(()) => {
                         self.ship(&a.deployment_id, conn);
@@ -537,6 +561,12 @@ impl Agent {
 
     fn unassign(self: &Arc<Self>, u: &wire::Unassign) {
         let id = u.deployment_id.clone();
+        // Assigns waiting on an earlier removal are cancelled by this Unassign too.
+        if let Ok(mut r) = self.removing.lock()
+            && let Some(deferred) = r.get_mut(&id)
+        {
+            deferred.retain(|a| a.generation > u.generation);
+        }
         let was_pending = self.pending.lock().ok().and_then(|mut p| p.remove(&id)).is_some();
         let was_invalid = self.invalid.lock().ok().and_then(|mut b| b.remove(&id)).is_some();
         match self.sup.status_of(&id).map(|s| s.generation) {
@@ -553,10 +583,18 @@ impl Agent {
         }
     }
 
-    /// Stops and forgets a deployment without holding up the command loop.
+    /// Stops and forgets a deployment without holding up the command loop. Assigns for the
+    /// same id that arrive meanwhile wait for it (see `removing`).
     fn remove_in_background(self: &Arc<Self>, id: String, report_removed: bool) {
         if let Some(c) = self.shipping.lock().ok().and_then(|mut s| s.remove(&id)) {
             c.cancel();
+        }
+        {
+            let Ok(mut r) = self.removing.lock() else { return };
+            if r.contains_key(&id) {
+                return; // already on its way out
+            }
+            r.insert(id.clone(), Vec::new());
         }
         let agent = self.clone();
         self.background.spawn(async move {
@@ -565,8 +603,18 @@ impl Agent {
                 o.remove(&id);
             }
             agent.persist();
-            if report_removed {
-                agent.mark_dirty(id, None);
+            let deferred = agent.removing.lock().ok().and_then(|mut r| r.remove(&id)).unwrap_or_default();
+            match deferred.into_iter().max_by_key(|a| a.generation) {
+                Some(a) => {
+                    if agent.assign(&a).is_ok() {
+                        let conn = agent.conn.lock().ok().and_then(|c| c.clone());
+                        if let Some(conn) = conn {
+                            agent.ship(&a.deployment_id, &conn);
+                        }
+                    }
+                }
+                None if report_removed => agent.mark_dirty(id, None),
+                None => {}
             }
         });
     }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use symphony_net::impair::UdpProxy;
 use symphony_net::{
-    CertificateAuthority, Client, ClientConfig, Pacer, PacerConfig, Server, StreamKind, TlsMaterial,
-    TransportSettings, Validity,
+    CertificateAuthority, Client, ClientConfig, Pacer, PacerConfig, Server, StreamKind,
+    TlsMaterial, TransportSettings, Validity,
 };
 use tokio::time::Instant;
 
@@ -43,22 +43,44 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-async fn run_case(case: &'static str, flood: bool, paced: bool, rate_bps: u64, pings: usize) -> Row {
+async fn run_case(
+    case: &'static str,
+    flood: bool,
+    paced: bool,
+    rate_bps: u64,
+    pings: usize,
+) -> Row {
     let ca = CertificateAuthority::generate(Validity::days(1)).unwrap();
     let server_pair = ca.issue_server(&[], Validity::days(1)).unwrap();
     let node_pair = ca.issue_node("bench", Validity::days(1)).unwrap();
     let settings = TransportSettings::default();
-    let srv_tls = TlsMaterial { ca_pem: ca.cert_pem().into(), cert_pem: server_pair.cert_pem, key_pem: server_pair.key_pem };
-    let mut server = Server::bind("127.0.0.1:0".parse().unwrap(), &srv_tls, settings.clone()).unwrap();
+    let srv_tls = TlsMaterial {
+        ca_pem: ca.cert_pem().into(),
+        cert_pem: server_pair.cert_pem,
+        key_pem: server_pair.key_pem,
+    };
+    let mut server =
+        Server::bind("127.0.0.1:0".parse().unwrap(), &srv_tls, settings.clone()).unwrap();
     let proxy = UdpProxy::start(server.local_addr().unwrap()).await.unwrap();
     proxy.set_rate(rate_bps / 8, Duration::from_millis(50));
-    let node_tls = TlsMaterial { ca_pem: ca.cert_pem().into(), cert_pem: node_pair.cert_pem, key_pem: node_pair.key_pem };
+    let node_tls = TlsMaterial {
+        ca_pem: ca.cert_pem().into(),
+        cert_pem: node_pair.cert_pem,
+        key_pem: node_pair.key_pem,
+    };
     let mut cfg = ClientConfig::new(proxy.addr().to_string(), node_tls);
     cfg.server_name = Some("localhost".into());
     cfg.bind = "127.0.0.1:0".parse().unwrap();
     let client = Client::new(cfg).unwrap();
     let (session, mut control) = client.connect().await.unwrap();
-    control.tx.send(&Msg { seq: 0, payload: vec![] }).await.unwrap();
+    control
+        .tx
+        .send(&Msg {
+            seq: 0,
+            payload: vec![],
+        })
+        .await
+        .unwrap();
     let mut acc = server.accept().await.unwrap();
     let _: Msg = acc.control.rx.recv().await.unwrap().unwrap();
 
@@ -97,7 +119,10 @@ async fn run_case(case: &'static str, flood: bool, paced: bool, rate_bps: u64, p
             let mut tx = session.open_uni(StreamKind::Log).await.unwrap();
             let pacer = paced.then(|| pacer.clone());
             tasks.spawn(async move {
-                let chunk = Msg { seq: 0, payload: vec![b'x'; 16 * 1024] };
+                let chunk = Msg {
+                    seq: 0,
+                    payload: vec![b'x'; 16 * 1024],
+                };
                 loop {
                     if let Some(p) = &pacer {
                         p.acquire(16 * 1024).await;
@@ -116,7 +141,14 @@ async fn run_case(case: &'static str, flood: bool, paced: bool, rate_bps: u64, p
     let mut rtts = Vec::with_capacity(pings);
     for seq in 1..=pings as u64 {
         let t = Instant::now();
-        control.tx.send(&Msg { seq, payload: vec![0; 64] }).await.unwrap();
+        control
+            .tx
+            .send(&Msg {
+                seq,
+                payload: vec![0; 64],
+            })
+            .await
+            .unwrap();
         let echo: Msg = control.rx.recv().await.unwrap().unwrap();
         assert_eq!(echo.seq, seq);
         rtts.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -127,14 +159,24 @@ async fn run_case(case: &'static str, flood: bool, paced: bool, rate_bps: u64, p
     rtts.sort_by(f64::total_cmp);
     tasks.abort_all();
     session.close(symphony_net::CloseCode::Shutdown, "done");
-    Row { case, p50_ms: pct(&rtts, 0.5), p99_ms: pct(&rtts, 0.99), max_ms: *rtts.last().unwrap_or(&f64::NAN), goodput_mbit, pings }
+    Row {
+        case,
+        p50_ms: pct(&rtts, 0.5),
+        p99_ms: pct(&rtts, 0.99),
+        max_ms: *rtts.last().unwrap_or(&f64::NAN),
+        goodput_mbit,
+        pings,
+    }
 }
 
 fn main() {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
     let pings = if quick { 100 } else { 500 };
     let rate = 50_000_000;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let rows = rt.block_on(async {
         vec![
             run_case("idle (no flood)", false, false, rate, pings).await,
@@ -142,13 +184,24 @@ fn main() {
             run_case("8 log streams, paced", true, true, rate, pings).await,
         ]
     });
-    println!("control round trip through a 50 Mbit/s bottleneck (userspace, 50 ms queue), {pings} pings every 10 ms");
-    println!("{:<26} {:>9} {:>9} {:>9} {:>14}", "case", "p50 ms", "p99 ms", "max ms", "logs Mbit/s");
+    println!(
+        "control round trip through a 50 Mbit/s bottleneck (userspace, 50 ms queue), {pings} pings every 10 ms"
+    );
+    println!(
+        "{:<26} {:>9} {:>9} {:>9} {:>14}",
+        "case", "p50 ms", "p99 ms", "max ms", "logs Mbit/s"
+    );
     for r in &rows {
-        println!("{:<26} {:>9.2} {:>9.2} {:>9.2} {:>14.1}", r.case, r.p50_ms, r.p99_ms, r.max_ms, r.goodput_mbit);
+        println!(
+            "{:<26} {:>9.2} {:>9.2} {:>9.2} {:>14.1}",
+            r.case, r.p50_ms, r.p99_ms, r.max_ms, r.goodput_mbit
+        );
     }
     if rows[2].p99_ms > 0.0 {
-        println!("p99 unpaced / paced: {:.1}x", rows[1].p99_ms / rows[2].p99_ms);
+        println!(
+            "p99 unpaced / paced: {:.1}x",
+            rows[1].p99_ms / rows[2].p99_ms
+        );
     }
     let json = serde_json::json!({
         "bench": "pacing",
@@ -157,7 +210,13 @@ fn main() {
         "parameters": {"rate_bit_s": rate, "queue_ms": 50, "log_streams": 8, "pings": pings, "interval_ms": 10},
         "results": rows.iter().map(|r| serde_json::json!({"case": r.case, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "max_ms": r.max_ms, "logs_mbit_s": r.goodput_mbit, "pings": r.pings})).collect::<Vec<_>>(),
     });
-    let dir = std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
+    let dir = std::path::PathBuf::from(
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
+    )
+    .join("bench");
     let _ = std::fs::create_dir_all(&dir);
-    let _ = std::fs::write(dir.join("pacing.json"), serde_json::to_string_pretty(&json).unwrap_or_default());
+    let _ = std::fs::write(
+        dir.join("pacing.json"),
+        serde_json::to_string_pretty(&json).unwrap_or_default(),
+    );
 }

@@ -126,6 +126,7 @@ impl Conductor {
         let app = api::router(api::ApiState {
             core: core.clone(),
             logs,
+            cancel: cancel.child_token(),
         });
         let http_cancel = cancel.child_token();
         tasks.spawn(async move {

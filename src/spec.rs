@@ -1224,11 +1224,20 @@ pub fn restore_secrets(new: &mut Value, old: &Value) {
     if !masked {
         return;
     }
+    let repo = |v: &Value| {
+        v.get("spec")
+            .and_then(|s| s.get("config"))
+            .and_then(|c| c.get("git_repo"))
+            .cloned()
+    };
+    // The real token goes back only to the repository it was given for: otherwise a PATCH
+    // could point `git_repo` elsewhere and have the node send the token there.
     let old_token = old
         .get("spec")
         .and_then(|s| s.get("config"))
         .and_then(|c| c.get("token"))
         .filter(|t| !t.is_null())
+        .filter(|_| repo(new) == repo(old))
         .cloned();
     match old_token {
         Some(real) => {
@@ -2188,5 +2197,22 @@ mod tests {
         ] {
             assert!(parse(&v).is_err(), "{v}");
         }
+    }
+}
+
+#[cfg(test)]
+mod secret_redirect_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_masked_token_is_not_restored_for_another_repository() {
+        let old = json!({"spec": {"config": {"command": ["x"], "git_repo": "https://good.example/r.git", "token": "REAL"}}});
+        let mut same = json!({"spec": {"config": {"command": ["y"], "git_repo": "https://good.example/r.git", "token": SECRET_MASK}}});
+        restore_secrets(&mut same, &old);
+        assert_eq!(same["spec"]["config"]["token"], "REAL");
+        let mut moved = json!({"spec": {"config": {"command": ["y"], "git_repo": "https://evil.example/x.git", "token": SECRET_MASK}}});
+        restore_secrets(&mut moved, &old);
+        assert!(moved["spec"]["config"].get("token").is_none(), "{moved}");
     }
 }

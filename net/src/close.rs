@@ -104,7 +104,10 @@ mod tests {
         assert!(CloseCode::Shutdown.should_reconnect());
         assert!(!CloseCode::Superseded.should_reconnect());
         assert!(CloseCode::AuthFailed.should_reconnect() && CloseCode::AuthFailed.retry_slowly());
-        assert!(CloseCode::VersionMismatch.should_reconnect() && CloseCode::VersionMismatch.retry_slowly());
+        assert!(
+            CloseCode::VersionMismatch.should_reconnect()
+                && CloseCode::VersionMismatch.retry_slowly()
+        );
         assert!(!CloseCode::Shutdown.retry_slowly());
     }
 }

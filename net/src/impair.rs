@@ -220,7 +220,9 @@ fn admit(
     let now = tokio::time::Instant::now();
     let mut due = now;
     if imp.rate > 0 {
-        let Ok(mut free_at) = link.lock() else { return None };
+        let Ok(mut free_at) = link.lock() else {
+            return None;
+        };
         let start = (*free_at).max(now);
         if start.duration_since(now) > imp.queue_limit {
             stats.dropped.fetch_add(1, Ordering::Relaxed);

@@ -198,7 +198,10 @@ impl Session {
 
     /// Accepts the next uni stream without reading from it; read its kind in its own task.
     pub async fn accept_uni_stream(&self) -> Result<IncomingUni, SessionError> {
-        Ok(IncomingUni { recv: self.conn.accept_uni().await?, max_frame_size: self.settings.max_frame_size })
+        Ok(IncomingUni {
+            recv: self.conn.accept_uni().await?,
+            max_frame_size: self.settings.max_frame_size,
+        })
     }
 
     /// Current facts about the connection.

@@ -293,26 +293,43 @@ async fn oversized_frames_are_refused_without_panic() {
 async fn close_codes_reach_the_node() {
     let pki = Pki::new();
     let (mut srv, addr) = server(&pki, fast());
-    let client = Arc::new(Client::new(client_cfg(addr, pki.node_tls("n"), fast())).unwrap());
+    let mut cfg = client_cfg(addr, pki.node_tls("n"), fast());
+    cfg.backoff_max = Duration::from_millis(100); // "slowly" means backoff_max
+    let client = Arc::new(Client::new(cfg).unwrap());
     let cancel = CancellationToken::new();
     let (mut events, _task) = client.clone().run(cancel.clone());
-    let Some(ClientEvent::Connected { mut control, .. }) = events.recv().await else {
-        panic!("no connection")
-    };
-    control
-        .tx
-        .send(&Ping {
-            seq: 0,
-            payload: vec![],
-        })
-        .await
-        .unwrap();
+    async fn hello(ev: Option<ClientEvent>) -> symphony_net::Control {
+        let Some(ClientEvent::Connected { mut control, .. }) = ev else {
+            panic!("no connection: {ev:?}")
+        };
+        control
+            .tx
+            .send(&Ping {
+                seq: 0,
+                payload: vec![],
+            })
+            .await
+            .unwrap();
+        control
+    }
+    let _control = hello(events.recv().await).await;
     let acc = srv.accept().await.unwrap();
+    // Refused: reported, then retried at the slowest backoff (workloads keep running).
     acc.session.close(CloseCode::AuthFailed, "revoked");
     match events.recv().await {
-        Some(ClientEvent::Fatal(code, _)) => assert_eq!(code, CloseCode::AuthFailed),
-        other => panic!("expected a fatal close, got {other:?}"),
+        Some(ClientEvent::Refused(code, _)) => assert_eq!(code, CloseCode::AuthFailed),
+        other => panic!("expected a refusal, got {other:?}"),
     }
+    let _control = hello(events.recv().await).await;
+    let acc = srv.accept().await.unwrap();
+    // Superseded: final, no more dials.
+    acc.session
+        .close(CloseCode::Superseded, "another connection took over");
+    match events.recv().await {
+        Some(ClientEvent::Fatal(code, _)) => assert_eq!(code, CloseCode::Superseded),
+        other => panic!("expected a final close, got {other:?}"),
+    }
+    assert!(events.recv().await.is_none(), "the loop ended");
     cancel.cancel();
 }
 

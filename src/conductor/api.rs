@@ -26,7 +26,15 @@ use crate::spec::FieldError;
 pub struct ApiState {
     pub core: CoreHandle,
     pub logs: LogHub,
+    /// Ends long-lived WebSocket tasks at shutdown.
+    pub cancel: tokio_util::sync::CancellationToken,
 }
+
+/// Largest accepted `specification` (compact JSON): it travels to the node in one frame.
+pub const MAX_SPEC_BYTES: usize = 256 * 1024;
+/// Most packages in one env definition, and the longest package string.
+const MAX_PACKAGES: usize = 1000;
+const MAX_PACKAGE_LEN: usize = 512;
 
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
@@ -184,6 +192,15 @@ fn opt_enum(
 }
 
 fn validate_spec(spec: &Value, errs: &mut Vec<FieldError>) {
+    let size = spec.to_string().len();
+    if size > MAX_SPEC_BYTES {
+        errs.push(FieldError {
+            loc: vec!["body".into(), "specification".into()],
+            msg: format!("specification is {size} bytes; the limit is {MAX_SPEC_BYTES}"),
+            kind: "too_long".into(),
+        });
+        return;
+    }
     if let Err(mut e) = crate::spec::parse(spec) {
         errs.append(&mut e);
     }
@@ -336,40 +353,58 @@ async fn list_nodes(State(st): State<ApiState>) -> Json<Value> {
 }
 
 fn packages(v: Option<&Value>, errs: &mut Vec<FieldError>) -> Option<Vec<String>> {
-    let loc = vec!["body".to_owned(), "packages".to_owned()];
-    match v {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(
-            s.split([',', '\n'])
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(str::to_owned)
-                .collect(),
-        ),
+    let loc = |i: Option<usize>| {
+        let mut l = vec!["body".to_owned(), "packages".to_owned()];
+        l.extend(i.map(|i| i.to_string()));
+        l
+    };
+    let items: Vec<(Option<usize>, &str)> = match v {
+        None | Some(Value::Null) => return None,
+        Some(Value::String(s)) => s.split([',', '\n']).map(|p| (None, p)).collect(),
         Some(Value::Array(a)) => {
-            let mut out = Vec::new();
+            let mut items = Vec::new();
             for (i, p) in a.iter().enumerate() {
                 match p.as_str() {
-                    Some(s) if !s.trim().is_empty() => out.push(s.trim().to_owned()),
-                    Some(_) => {}
+                    Some(s) => items.push((Some(i), s)),
                     None => errs.push(FieldError {
-                        loc: vec!["body".into(), "packages".into(), i.to_string()],
+                        loc: loc(Some(i)),
                         msg: "Input should be a valid string".into(),
                         kind: "string_type".into(),
                     }),
                 }
             }
-            Some(out)
+            items
         }
         Some(_) => {
             errs.push(FieldError {
-                loc,
+                loc: loc(None),
                 msg: "Input should be a valid list".into(),
                 kind: "list_type".into(),
             });
-            None
+            return None;
+        }
+    };
+    let mut out = Vec::new();
+    for (i, p) in items {
+        let p = p.trim();
+        if p.len() > MAX_PACKAGE_LEN {
+            errs.push(FieldError {
+                loc: loc(i),
+                msg: format!("a package spec is at most {MAX_PACKAGE_LEN} characters"),
+                kind: "string_too_long".into(),
+            });
+        } else if !p.is_empty() {
+            out.push(p.to_owned());
         }
     }
+    if out.len() > MAX_PACKAGES {
+        errs.push(FieldError {
+            loc: loc(None),
+            msg: format!("at most {MAX_PACKAGES} packages"),
+            kind: "too_long".into(),
+        });
+    }
+    Some(out)
 }
 
 async fn create_env(
@@ -520,12 +555,16 @@ async fn updates(mut socket: WebSocket, st: ApiState) {
         if socket.send(Message::Text(frame.into())).await.is_err() {
             return;
         }
-        tokio::select! {
-            changed = rx.changed() => if changed.is_err() { return },
-            msg = socket.recv() => match msg {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                _ => continue,
-            },
+        // Wait for a change; client messages (pings, text) are read and ignored.
+        loop {
+            tokio::select! {
+                () = st.cancel.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return } else { break },
+                msg = socket.recv() => match msg {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    _ => {}
+                },
+            }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -603,6 +642,7 @@ async fn logs(
     loop {
         let mut batch: Vec<Arc<LogLine>> = Vec::new();
         tokio::select! {
+            () = st.cancel.cancelled() => return,
             r = live.recv() => match r {
                 Ok(l) => batch.push(l),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {

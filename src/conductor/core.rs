@@ -166,6 +166,14 @@ struct Core {
     version: u64,
     /// Something changed since the last publish that only a tick publishes (usage).
     dirty: bool,
+    /// State changed in this batch: publish at its end.
+    changed: bool,
+    /// Run the scheduler at the end of this batch.
+    needs_schedule: bool,
+    /// A timer tick arrived in this batch.
+    ticked: bool,
+    /// API replies of this batch, sent after the publish.
+    replies: Vec<(Reply<()>, Result<(), CoreError>)>,
     /// Node liveness as of the last publish.
     published_states: Vec<scheduler::NodeState>,
 }
@@ -261,6 +269,10 @@ pub async fn start(
         view: view_tx,
         version: 0,
         dirty: false,
+        changed: false,
+        needs_schedule: false,
+        ticked: false,
+        replies: Vec::new(),
         published_states: Vec::new(),
     };
     // Known nodes come back as not connected; their grace starts now (a conductor restart
@@ -277,6 +289,9 @@ pub async fn start(
                 ..Node::default()
             },
         );
+    }
+    for id in core.deployments.keys() {
+        core.logs.ensure(id);
     }
     core.publish();
     let (tx, rx) = mpsc::channel(1024);
@@ -297,47 +312,43 @@ pub async fn start(
                 _ = tick.tick() => CoreMsg::Tick,
             };
             core.handle(msg).await;
+            // Take whatever else is queued before scheduling and publishing once.
+            for _ in 0..256 {
+                match rx.try_recv() {
+                    Ok(m) => core.handle(m).await,
+                    Err(_) => break,
+                }
+            }
+            core.flush().await;
         }
     });
     Ok(handle)
 }
 
 impl Core {
+    /// Handles one message. Effects that are cheaper once per batch (scheduling, publishing,
+    /// replying) are only noted here and done by [`Core::flush`].
     async fn handle(&mut self, msg: CoreMsg) {
-        let mut publish = true;
         match msg {
             CoreMsg::CreateDeployment(rec, reply) => {
                 let r = self.create(rec).await;
-                self.schedule().await;
-                self.publish();
-                let _ = reply.send(r);
-                return;
+                self.answer(reply, r, true);
             }
             CoreMsg::PatchDeployment(id, patch, reply) => {
                 let r = self.patch(&id, patch).await;
-                self.schedule().await;
-                self.publish();
-                let _ = reply.send(r);
-                return;
+                self.answer(reply, r, true);
             }
             CoreMsg::DeleteDeployment(id, reply) => {
                 let r = self.delete(&id).await;
-                self.schedule().await;
-                self.publish();
-                let _ = reply.send(r);
-                return;
+                self.answer(reply, r, true);
             }
             CoreMsg::CreateEnv(rec, reply) => {
                 let r = self.create_env(rec).await;
-                self.publish();
-                let _ = reply.send(r);
-                return;
+                self.answer(reply, r, false);
             }
             CoreMsg::PatchEnv(name, patch, reply) => {
                 let r = self.patch_env(&name, patch).await;
-                self.publish();
-                let _ = reply.send(r);
-                return;
+                self.answer(reply, r, false);
             }
             CoreMsg::DeleteEnv(name, reply) => {
                 let r = match self.store.delete_conda_env(&name).await {
@@ -348,66 +359,85 @@ impl Core {
                     Err(StoreError::NotFound) => Err(CoreError::NotFound("Conda env not found")),
                     Err(e) => Err(e.into()),
                 };
-                self.publish();
-                let _ = reply.send(r);
-                return;
+                self.answer(reply, r, false);
             }
             CoreMsg::RerunEnv(name, reply) => {
                 let r = match self.envs.get(&name).cloned() {
                     Some(env) => {
-                        self.broadcast_env(&env, true).await;
+                        self.broadcast_env(&env, true);
                         Ok(())
                     }
                     None => Err(CoreError::NotFound("Conda env not found")),
                 };
-                let _ = reply.send(r);
-                return;
+                self.answer(reply, r, false);
             }
-            CoreMsg::NodeConnected(c) => self.connected(*c).await,
+            CoreMsg::NodeConnected(c) => {
+                self.connected(*c).await;
+                self.changed = true;
+                self.needs_schedule = true;
+            }
             CoreMsg::NodeMessage {
                 node_id,
                 epoch,
                 msg,
             } => {
-                if !self.current(&node_id, epoch) {
-                    return;
+                if self.current(&node_id, epoch) {
+                    self.touch(&node_id);
+                    self.node_message(&node_id, msg).await;
                 }
-                self.touch(&node_id);
-                self.node_message(&node_id, msg).await;
             }
             CoreMsg::Heartbeat { node_id, epoch, hb } => {
-                if !self.current(&node_id, epoch) {
-                    return;
+                if self.current(&node_id, epoch) {
+                    let now = now_ms();
+                    if let Some(n) = self.nodes.get_mut(&node_id) {
+                        n.last_seen_ms = now;
+                        n.last_heartbeat_ms = Some(now);
+                        n.usage = Some(hb);
+                    }
+                    // Usage is published with the next tick; it changes nothing else.
+                    self.dirty = true;
                 }
-                let now = now_ms();
-                if let Some(n) = self.nodes.get_mut(&node_id) {
-                    n.last_seen_ms = now;
-                    n.last_heartbeat_ms = Some(now);
-                    n.usage = Some(hb);
-                }
-                // Usage is published with the next tick; it changes nothing else.
-                self.dirty = true;
-                publish = false;
             }
             CoreMsg::NodeDisconnected { node_id, epoch } => {
                 if let Some(n) = self.nodes.get_mut(&node_id)
                     && n.conn.as_ref().is_some_and(|c| c.epoch == epoch)
                 {
                     n.conn = None;
+                    self.changed = true;
                     tracing::info!(%node_id, "node disconnected");
                 }
             }
             CoreMsg::Tick => {
-                self.schedule().await;
-                // Publish when usage arrived or a node's liveness changed; otherwise the
-                // snapshot is already current.
-                let states: Vec<scheduler::NodeState> =
-                    self.sched_nodes(now_ms()).iter().map(|n| n.state).collect();
-                publish = self.dirty || states != self.published_states;
+                self.needs_schedule = true;
+                self.ticked = true;
             }
+        }
+    }
+
+    fn answer(&mut self, reply: Reply<()>, r: Result<(), CoreError>, schedule: bool) {
+        self.replies.push((reply, r));
+        self.changed = true;
+        self.needs_schedule |= schedule;
+    }
+
+    /// Schedules, publishes once, then answers the API calls of the batch (after the publish,
+    /// so a client that reads after its write sees it).
+    async fn flush(&mut self) {
+        if std::mem::take(&mut self.needs_schedule) {
+            self.schedule().await;
+        }
+        let mut publish = std::mem::take(&mut self.changed);
+        if std::mem::take(&mut self.ticked) && !publish {
+            // Usage arrived or a node's liveness changed since the last publish?
+            let states: Vec<scheduler::NodeState> =
+                self.sched_nodes(now_ms()).iter().map(|n| n.state).collect();
+            publish = self.dirty || states != self.published_states;
         }
         if publish {
             self.publish();
+        }
+        for (reply, r) in self.replies.drain(..) {
+            let _ = reply.send(r);
         }
     }
 
@@ -429,7 +459,7 @@ impl Core {
         self.next_command
     }
 
-    async fn send_to(&self, node_id: &str, msg: wire::conductor_message::Msg) {
+    fn send_to(&self, node_id: &str, msg: wire::conductor_message::Msg) {
         if let Some(conn) = self.nodes.get(node_id).and_then(|n| n.conn.as_ref()) {
             // Never wait for a node: a node that cannot take 1024 queued commands is stuck.
             // Closing makes it reconnect, and its Hello resynchronises everything.
@@ -465,14 +495,14 @@ impl Core {
         }))
     }
 
-    async fn unassign(&mut self, node_id: &str, deployment_id: &str, generation: u64) {
+    fn unassign(&mut self, node_id: &str, deployment_id: &str, generation: u64) {
         let command_id = self.command_id();
         let msg = wire::conductor_message::Msg::Unassign(wire::Unassign {
             deployment_id: deployment_id.to_owned(),
             generation,
             command_id,
         });
-        self.send_to(node_id, msg).await;
+        self.send_to(node_id, msg);
     }
 
     async fn create(&mut self, rec: DeploymentRecord) -> Result<(), CoreError> {
@@ -485,6 +515,7 @@ impl Core {
             })?;
         self.specs
             .insert(rec.id.clone(), parse_spec(&rec.specification));
+        self.logs.ensure(&rec.id);
         self.deployments.insert(rec.id.clone(), rec);
         Ok(())
     }
@@ -501,7 +532,8 @@ impl Core {
             new.desired_state = s;
         }
         if let Some(mut s) = patch.specification {
-            // A client that round-trips a GET sends the masked token back: keep the real one.
+            // A client that round-trips a GET sends the masked token back: keep the real one
+            // (only for the same repository, so a token cannot be redirected elsewhere).
             crate::spec::restore_secrets(&mut s, &old.specification);
             new.specification = s;
         }
@@ -509,45 +541,71 @@ impl Core {
             return Ok(());
         }
         new.updated_at_ms = now_ms();
-        self.store.update_deployment(&new).await?;
+        let new_spec = parse_spec(&new.specification);
         let runtime_changed =
             new.specification != old.specification || new.desired_state != old.desired_state;
-        self.specs
-            .insert(id.to_owned(), parse_spec(&new.specification));
-        self.deployments.insert(id.to_owned(), new.clone());
-        if !runtime_changed {
-            return Ok(());
-        }
-        let Some(a) = self.assignments.get(id).cloned() else {
-            return Ok(());
+        // What happens to the assignment, decided before anything is written.
+        let release = match self.assignments.get(id) {
+            Some(a) if runtime_changed => {
+                let old_spec = self.specs.get(id).and_then(|s| s.as_ref().ok());
+                let placement_changed = match (old_spec, new_spec.as_ref().ok()) {
+                    (Some(o), Some(n)) => {
+                        o.capacity_requests != n.capacity_requests
+                            || o.node_group != n.node_group
+                            || o.env_name != n.env_name
+                    }
+                    _ => true,
+                };
+                // STOPPED holds no capacity, and a changed request, group or env must pass the
+                // scheduler again (it may land on the same node, with a new generation).
+                Some((
+                    a.clone(),
+                    new.desired_state == "STOPPED" || placement_changed,
+                ))
+            }
+            _ => None,
         };
-        if new.desired_state == "STOPPED" {
-            // STOPPED holds no capacity: the node stops and forgets it.
-            self.store.clear_assignment(id).await?;
+        // Persist everything first; memory changes only once both writes succeeded, so a
+        // failed PATCH can simply be retried.
+        self.store.update_deployment(&new).await?;
+        let regenerate = match &release {
+            Some((a, true)) => {
+                self.store.clear_assignment(id).await?;
+                self.unassign(&a.node_id, id, a.generation);
+                None
+            }
+            Some((a, false)) => {
+                let generation = self.next_generation;
+                let rec = AssignmentRecord {
+                    deployment_id: id.to_owned(),
+                    node_id: a.node_id.clone(),
+                    generation,
+                };
+                self.store
+                    .apply_placements(std::slice::from_ref(&rec), &[], generation)
+                    .await?;
+                self.next_generation += 1;
+                Some((a.node_id.clone(), generation))
+            }
+            None => None,
+        };
+        self.specs.insert(id.to_owned(), new_spec);
+        self.deployments.insert(id.to_owned(), new);
+        if matches!(release, Some((_, true))) {
             self.assignments.remove(id);
             self.reported.remove(id);
-            self.unassign(&a.node_id, id, a.generation).await;
-        } else {
-            // A new generation carries the new spec to the node.
-            let generation = self.next_generation;
-            let rec = AssignmentRecord {
-                deployment_id: id.to_owned(),
-                node_id: a.node_id.clone(),
-                generation,
-            };
-            self.store
-                .apply_placements(std::slice::from_ref(&rec), &[], generation)
-                .await?;
-            self.next_generation += 1;
+        }
+        if let Some((node_id, generation)) = regenerate {
+            // A new generation carries the new spec to the same node.
             self.assignments.insert(
                 id.to_owned(),
                 scheduler::Assignment {
-                    node_id: a.node_id.clone(),
+                    node_id: node_id.clone(),
                     generation,
                 },
             );
             if let Some(msg) = self.assign_msg(id, generation) {
-                self.send_to(&a.node_id, msg).await;
+                self.send_to(&node_id, msg);
             }
         }
         Ok(())
@@ -563,7 +621,7 @@ impl Core {
         self.reported.remove(id);
         self.logs.remove(id);
         if let Some(a) = self.assignments.remove(id) {
-            self.unassign(&a.node_id, id, a.generation).await;
+            self.unassign(&a.node_id, id, a.generation);
         }
         Ok(())
     }
@@ -579,7 +637,7 @@ impl Core {
                 e => e.into(),
             })?;
         self.envs.insert(rec.name.clone(), rec.clone());
-        self.broadcast_env(&rec, false).await;
+        self.broadcast_env(&rec, false);
         Ok(())
     }
 
@@ -596,7 +654,7 @@ impl Core {
         env.updated_at_ms = now_ms();
         self.store.update_conda_env(&env).await?;
         self.envs.insert(name.to_owned(), env.clone());
-        self.broadcast_env(&env, true).await;
+        self.broadcast_env(&env, true);
         Ok(())
     }
 
@@ -611,12 +669,12 @@ impl Core {
         }
     }
 
-    async fn broadcast_env(&self, env: &CondaEnvRecord, force: bool) {
+    fn broadcast_env(&self, env: &CondaEnvRecord, force: bool) {
         let msg = wire::conductor_message::Msg::EnvEnsure(wire::EnvEnsure {
             envs: vec![Self::env_spec(env, force)],
         });
         for id in self.nodes.keys() {
-            self.send_to(id, msg.clone()).await;
+            self.send_to(id, msg.clone());
         }
     }
 
@@ -633,6 +691,15 @@ impl Core {
             first_seen_ms: now,
             ..Node::default()
         });
+        // Epochs are handed out in accept order; a Hello that lost a race to a newer
+        // connection of the same node is the one to go.
+        if node.conn.as_ref().is_some_and(|c| c.epoch > epoch) {
+            session.close(
+                symphony_net::CloseCode::Superseded,
+                "a newer connection of this node took over",
+            );
+            return;
+        }
         if let Some(old) = node.conn.take() {
             old.session.close(
                 symphony_net::CloseCode::Superseded,
@@ -682,11 +749,10 @@ impl Core {
             wire::conductor_message::Msg::LogResume(wire::LogResume {
                 last_seq: resume.into_iter().collect(),
             }),
-        )
-        .await;
+        );
         for (id, generation) in mine {
             if let Some(msg) = self.assign_msg(&id, generation) {
-                self.send_to(&node_id, msg).await;
+                self.send_to(&node_id, msg);
             }
         }
         let envs: Vec<wire::EnvSpec> = self
@@ -698,38 +764,76 @@ impl Core {
             self.send_to(
                 &node_id,
                 wire::conductor_message::Msg::EnvEnsure(wire::EnvEnsure { envs }),
-            )
-            .await;
+            );
         }
-        self.schedule().await;
+        self.needs_schedule = true;
     }
 
     /// Accepts a status from a node, or fences it off when the node should not hold it.
     async fn reconcile_status(&mut self, node_id: &str, st: wire::DeploymentStatus) {
         let id = st.deployment_id.clone();
-        let ours = self.assignments.get(&id);
-        let valid = ours.is_some_and(|a| a.node_id == node_id && a.generation == st.generation);
-        if valid {
-            self.reported.insert(
-                id,
-                Reported {
-                    node_id: node_id.to_owned(),
-                    status: st,
-                },
-            );
-            return;
+        if st.generation >= self.next_generation {
+            // Only possible after the store was restored from an older copy: never hand out a
+            // generation a node has already seen.
+            self.next_generation = st.generation + 1;
+            if let Err(e) = self.store.bump_generation(st.generation).await {
+                tracing::error!(error = %e, "could not persist the generation counter");
+            }
         }
-        if ours.is_some_and(|a| a.node_id == node_id && st.generation < a.generation) {
-            // An older generation on the right node: the Assign we (re)send replaces it.
-            return;
+        let ours = self.assignments.get(&id).cloned();
+        match ours {
+            Some(a) if a.node_id == node_id && a.generation == st.generation => {
+                self.reported.insert(
+                    id,
+                    Reported {
+                        node_id: node_id.to_owned(),
+                        status: st,
+                    },
+                );
+                self.changed = true;
+            }
+            Some(a) if a.node_id == node_id && st.generation < a.generation => {
+                // An older generation on the right node: the Assign we (re)send replaces it.
+            }
+            Some(a) if a.node_id == node_id => {
+                // The node holds a newer generation than our records (restored store): move the
+                // assignment past it so the node accepts our Assign.
+                tracing::warn!(%node_id, %id, held = st.generation, assigned = a.generation, "node holds a newer generation; re-issuing");
+                if let Err(e) = self.reassign_here(&id, node_id).await {
+                    tracing::error!(%id, error = %e, "could not persist a new generation");
+                }
+            }
+            _ => {
+                tracing::info!(%node_id, %id, generation = st.generation, "fencing: node holds a copy it should not; unassigning");
+                self.unassign(node_id, &id, st.generation);
+            }
         }
-        if ours.is_some_and(|a| a.node_id == node_id) {
-            // Newer than assigned: impossible with a monotonic counter; keep it rather than kill.
-            tracing::warn!(%node_id, %id, "node reports a generation newer than assigned");
-            return;
+    }
+
+    /// Gives `id` a new generation on `node_id` (persisted), and sends the Assign.
+    async fn reassign_here(&mut self, id: &str, node_id: &str) -> Result<(), CoreError> {
+        let generation = self.next_generation;
+        let rec = AssignmentRecord {
+            deployment_id: id.to_owned(),
+            node_id: node_id.to_owned(),
+            generation,
+        };
+        self.store
+            .apply_placements(std::slice::from_ref(&rec), &[], generation)
+            .await?;
+        self.next_generation += 1;
+        self.assignments.insert(
+            id.to_owned(),
+            scheduler::Assignment {
+                node_id: node_id.to_owned(),
+                generation,
+            },
+        );
+        self.changed = true;
+        if let Some(msg) = self.assign_msg(id, generation) {
+            self.send_to(node_id, msg);
         }
-        tracing::info!(%node_id, %id, generation = st.generation, "fencing: node holds a copy it should not; unassigning");
-        self.unassign(node_id, &id, st.generation).await;
+        Ok(())
     }
 
     async fn node_message(&mut self, node_id: &str, msg: wire::node_message::Msg) {
@@ -742,6 +846,7 @@ impl Core {
                 for id in update.removed {
                     if self.reported.get(&id).is_some_and(|r| r.node_id == node_id) {
                         self.reported.remove(&id);
+                        self.changed = true;
                     }
                 }
             }
@@ -749,7 +854,8 @@ impl Core {
                 if let Some(n) = self.nodes.get_mut(node_id) {
                     n.env_names = report.env_names.into_iter().collect();
                 }
-                self.schedule().await;
+                self.changed = true;
+                self.needs_schedule = true;
             }
             Msg::Result(r) => {
                 if !r.ok {
@@ -836,9 +942,13 @@ impl Core {
             return;
         }
         self.next_generation = plan.next_generation;
+        self.changed = true;
         for (id, old) in &plan.unassign {
             tracing::info!(deployment = %id, node = %old.node_id, "node lost; releasing assignment");
             self.assignments.remove(id);
+            // A lost node may still be connected (silent, not gone): fence it now rather
+            // than at its next Hello.
+            self.unassign(&old.node_id, id, old.generation);
             if self
                 .reported
                 .get(id)
@@ -857,7 +967,7 @@ impl Core {
                 },
             );
             if let Some(msg) = self.assign_msg(&p.deployment_id, p.generation) {
-                self.send_to(&p.node_id, msg).await;
+                self.send_to(&p.node_id, msg);
             }
         }
     }

@@ -5,6 +5,10 @@
 //! (a resend after reconnect) and is dropped, so every viewer sees each line exactly once.
 //! Viewers subscribe first and read the backlog second, then skip live entries they already
 //! saw, so nothing falls in the gap between the two.
+//!
+//! Rings exist only for known deployments ([`LogHub::ensure`] on create and at start,
+//! [`LogHub::remove`] on delete): lines for anything else are dropped. Each ring is bounded
+//! in lines and in bytes.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -14,6 +18,10 @@ use tokio::sync::broadcast;
 
 /// Lines kept per deployment on the conductor.
 pub const RING_LINES: usize = 10_000;
+/// Bytes kept per deployment on the conductor.
+pub const RING_BYTES: usize = 8 * 1024 * 1024;
+/// Live lines buffered per viewer before it must catch up from the ring.
+const LIVE_BUFFER: usize = 1024;
 
 /// One log line as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -28,21 +36,13 @@ pub struct LogLine {
     pub line: String,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Ring {
     lines: VecDeque<Arc<LogLine>>,
+    bytes: usize,
     last_seq: u64,
-    live: broadcast::Sender<Arc<LogLine>>,
-}
-
-impl Ring {
-    fn new() -> Self {
-        Self {
-            lines: VecDeque::new(),
-            last_seq: 0,
-            live: broadcast::channel(4096).0,
-        }
-    }
+    /// Created when the first viewer subscribes.
+    live: Option<broadcast::Sender<Arc<LogLine>>>,
 }
 
 /// Shared log store; cheap to clone.
@@ -61,14 +61,21 @@ pub struct Subscription {
 }
 
 impl LogHub {
-    /// Appends lines for a deployment; returns how many were new.
+    /// Makes room for a deployment's lines.
+    pub fn ensure(&self, deployment_id: &str) {
+        if let Ok(mut rings) = self.rings.lock() {
+            rings.entry(deployment_id.to_owned()).or_default();
+        }
+    }
+
+    /// Appends lines for a known deployment; returns how many were new.
     pub fn append(&self, deployment_id: &str, lines: impl IntoIterator<Item = LogLine>) -> usize {
         let Ok(mut rings) = self.rings.lock() else {
             return 0;
         };
-        let ring = rings
-            .entry(deployment_id.to_owned())
-            .or_insert_with(Ring::new);
+        let Some(ring) = rings.get_mut(deployment_id) else {
+            return 0;
+        };
         let mut added = 0;
         for line in lines {
             if line.seq <= ring.last_seq {
@@ -76,14 +83,27 @@ impl LogHub {
             }
             ring.last_seq = line.seq;
             let line = Arc::new(line);
-            if ring.lines.len() >= RING_LINES {
-                ring.lines.pop_front();
-            }
+            ring.bytes += line.line.len();
             ring.lines.push_back(line.clone());
-            let _ = ring.live.send(line);
+            while ring.lines.len() > RING_LINES || ring.bytes > RING_BYTES {
+                match ring.lines.pop_front() {
+                    Some(old) => ring.bytes -= old.line.len(),
+                    None => break,
+                }
+            }
+            if let Some(live) = &ring.live {
+                let _ = live.send(line);
+            }
             added += 1;
         }
         added
+    }
+
+    /// Whether the hub holds lines for this deployment.
+    pub fn knows(&self, deployment_id: &str) -> bool {
+        self.rings
+            .lock()
+            .is_ok_and(|r| r.contains_key(deployment_id))
     }
 
     /// The highest sequence held per deployment (sent to a node after Hello so it resumes there).
@@ -96,20 +116,21 @@ impl LogHub {
             .collect()
     }
 
-    /// Subscribes to a deployment's lines.
+    /// Subscribes to a known deployment's lines.
     pub fn subscribe(&self, deployment_id: &str) -> Option<Subscription> {
         let mut rings = self.rings.lock().ok()?;
-        let ring = rings
-            .entry(deployment_id.to_owned())
-            .or_insert_with(Ring::new);
-        let live = ring.live.subscribe();
+        let ring = rings.get_mut(deployment_id)?;
+        let live = ring
+            .live
+            .get_or_insert_with(|| broadcast::channel(LIVE_BUFFER).0)
+            .subscribe();
         Some(Subscription {
             backlog: ring.lines.iter().cloned().collect(),
             live,
         })
     }
 
-    /// Forgets a deployment's lines (after DELETE).
+    /// Forgets a deployment's lines (after DELETE); later lines for it are dropped.
     pub fn remove(&self, deployment_id: &str) {
         if let Ok(mut rings) = self.rings.lock() {
             rings.remove(deployment_id);
@@ -134,6 +155,7 @@ mod tests {
     #[test]
     fn duplicates_are_dropped_and_the_ring_is_bounded() {
         let hub = LogHub::default();
+        hub.ensure("d");
         assert_eq!(hub.append("d", (1..=3).map(line)), 3);
         assert_eq!(hub.append("d", (2..=5).map(line)), 2, "2 and 3 were resent");
         assert_eq!(
@@ -147,8 +169,40 @@ mod tests {
     }
 
     #[test]
+    fn rings_are_bounded_in_bytes_too() {
+        let hub = LogHub::default();
+        hub.ensure("d");
+        let big = |seq| LogLine {
+            seq,
+            timestamp_unix_ms: 0,
+            stream: "stdout".into(),
+            line: "x".repeat(1024 * 1024),
+        };
+        hub.append("d", (1..=20).map(big));
+        let sub = hub.subscribe("d").unwrap();
+        assert_eq!(sub.backlog.len(), RING_BYTES / (1024 * 1024));
+        assert_eq!(sub.backlog.last().unwrap().seq, 20);
+    }
+
+    #[test]
+    fn unknown_and_removed_deployments_keep_nothing() {
+        let hub = LogHub::default();
+        assert_eq!(hub.append("ghost", [line(1)]), 0);
+        assert!(hub.subscribe("ghost").is_none());
+        hub.ensure("d");
+        hub.remove("d");
+        assert_eq!(
+            hub.append("d", [line(1)]),
+            0,
+            "late lines after a delete do not resurrect it"
+        );
+        assert!(!hub.knows("d"));
+    }
+
+    #[test]
     fn subscribers_get_live_lines_after_the_backlog() {
         let hub = LogHub::default();
+        hub.ensure("d");
         hub.append("d", (1..=2).map(line));
         let mut sub = hub.subscribe("d").unwrap();
         assert_eq!(sub.backlog.len(), 2);

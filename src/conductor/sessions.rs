@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use symphony_net::{Accepted, CloseCode, FrameError, Server, StreamKind};
+use symphony_net::{Accepted, CloseCode, FrameError, FrameReceiver, Server, StreamKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -73,7 +73,9 @@ async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: Can
     if control.tx.send(&ack).await.is_err() {
         return;
     }
-    let (tx, mut rx) = mpsc::channel::<wire::ConductorMessage>(1024);
+    // Commands are small and the core never waits on this queue (it closes a node that stops
+    // reading), so it is sized for a full resync of a large node after Hello.
+    let (tx, mut rx) = mpsc::channel::<wire::ConductorMessage>(65_536);
     core.send(CoreMsg::NodeConnected(Box::new(NodeConnected {
         node_id: node_id.clone(),
         epoch,
@@ -87,10 +89,16 @@ async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: Can
     tasks.spawn(session.clone().watch_path());
     // Conductor -> node.
     {
-        let mut ctl_tx = control.tx;
+        let (mut ctl_tx, session) = (control.tx, session.clone());
         tasks.spawn(async move {
             while let Some(m) = rx.recv().await {
-                if ctl_tx.send(&m).await.is_err() {
+                if let Err(e) = ctl_tx.send(&m).await {
+                    // A command that cannot be sent must not leave the node deaf: close, so it
+                    // reconnects and resynchronises.
+                    tracing::warn!(error = %e, "command write failed; closing the node's connection");
+                    if !session.is_closed() {
+                        session.close(CloseCode::ProtocolError, "command write failed");
+                    }
                     break;
                 }
             }
@@ -128,46 +136,27 @@ async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: Can
             }
         });
     }
-    // Uni streams: heartbeats and logs.
+    // Uni streams: heartbeats and logs. Each stream is read in its own task (a slow or bad
+    // stream never holds up the others).
     {
         let (core, session, node_id, logs) =
             (core.clone(), session.clone(), node_id.clone(), logs.clone());
         tasks.spawn(async move {
             let mut streams = JoinSet::new();
-            while let Ok((kind, mut rx)) = session.accept_uni().await {
-                match kind {
-                    StreamKind::Heartbeat => {
-                        let (core, node_id) = (core.clone(), node_id.clone());
+            loop {
+                tokio::select! {
+                    incoming = session.accept_uni_stream() => {
+                        let Ok(incoming) = incoming else { break };
+                        let (core, node_id, logs) = (core.clone(), node_id.clone(), logs.clone());
                         streams.spawn(async move {
-                            while let Ok(Some(hb)) = rx.recv::<wire::Heartbeat>().await {
-                                core.send(CoreMsg::Heartbeat {
-                                    node_id: node_id.clone(),
-                                    epoch,
-                                    hb,
-                                })
-                                .await;
+                            match incoming.kind().await {
+                                Ok((StreamKind::Heartbeat, rx)) => heartbeats(rx, core, node_id, epoch).await,
+                                Ok((StreamKind::Log, rx)) => log_stream(rx, core, logs, node_id).await,
+                                Err(e) => tracing::info!(%node_id, error = %e, "refused a stream"),
                             }
                         });
                     }
-                    StreamKind::Log => {
-                        let logs = logs.clone();
-                        streams.spawn(async move {
-                            let Ok(Some(header)) = rx.recv::<wire::LogHeader>().await else {
-                                return;
-                            };
-                            while let Ok(Some(batch)) = rx.recv::<wire::LogBatch>().await {
-                                logs.append(
-                                    &header.deployment_id,
-                                    batch.entries.into_iter().map(|e| LogLine {
-                                        seq: e.seq,
-                                        timestamp_unix_ms: e.timestamp_unix_ms,
-                                        stream: e.stream,
-                                        line: e.line,
-                                    }),
-                                );
-                            }
-                        });
-                    }
+                    Some(_) = streams.join_next(), if !streams.is_empty() => {}
                 }
             }
             streams.shutdown().await;
@@ -180,4 +169,54 @@ async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: Can
     core.send(CoreMsg::NodeDisconnected { node_id, epoch })
         .await;
     tasks.shutdown().await;
+}
+
+async fn heartbeats(mut rx: FrameReceiver, core: CoreHandle, node_id: String, epoch: u64) {
+    while let Ok(Some(hb)) = rx.recv::<wire::Heartbeat>().await {
+        core.send(CoreMsg::Heartbeat {
+            node_id: node_id.clone(),
+            epoch,
+            hb,
+        })
+        .await;
+    }
+}
+
+/// How long a log stream may wait for its deployment to show as assigned to its node (the
+/// node may start shipping a moment before the snapshot that records the placement).
+const LOG_ASSIGNMENT_WAIT: Duration = Duration::from_secs(2);
+
+/// Appends a node's log stream to the hub, if the deployment is assigned to that node: a
+/// fenced or foreign copy cannot write into (or push the sequence of) another's log.
+async fn log_stream(mut rx: FrameReceiver, core: CoreHandle, logs: LogHub, node_id: String) {
+    let Ok(Some(header)) = rx.recv::<wire::LogHeader>().await else {
+        return;
+    };
+    let id = header.deployment_id;
+    let mut view = core.subscribe();
+    let assigned = tokio::time::timeout(
+        LOG_ASSIGNMENT_WAIT,
+        view.wait_for(|v| {
+            v.deployment(&id)
+                .is_some_and(|d| d.assigned_node_id.as_deref() == Some(node_id.as_str()))
+        }),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    if !assigned {
+        tracing::info!(%node_id, deployment = %id, "refusing logs of a deployment not assigned to this node");
+        let _ = rx.get_mut().stop(CloseCode::ProtocolError.varint());
+        return;
+    }
+    while let Ok(Some(batch)) = rx.recv::<wire::LogBatch>().await {
+        logs.append(
+            &id,
+            batch.entries.into_iter().map(|e| LogLine {
+                seq: e.seq,
+                timestamp_unix_ms: e.timestamp_unix_ms,
+                stream: e.stream,
+                line: e.line,
+            }),
+        );
+    }
 }

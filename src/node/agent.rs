@@ -81,13 +81,20 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
     let envs = Arc::new(Envs::from_discovery(&cfg.work_dir, &discovery));
     let env_names = envs.list_all_envs().await;
     let hooks = Hooks {
-        prepare: Arc::new(AgentPrepare { work_dir: cfg.work_dir.clone(), envs: envs.clone() }),
+        prepare: Arc::new(AgentPrepare {
+            work_dir: cfg.work_dir.clone(),
+            envs: envs.clone(),
+        }),
         cron: Some(Arc::new(|ar: &crate::spec::AutoRestart| {
             let schedule = crate::spec::cron_schedule(&ar.cron)?;
-            let tz: chrono_tz::Tz =
-                ar.timezone.parse().map_err(|_| format!("unknown time zone {}", ar.timezone))?;
-            Ok(Arc::new(move |now| crate::spec::next_fire(&schedule, tz, now))
-                as super::supervisor::NextFire)
+            let tz: chrono_tz::Tz = ar
+                .timezone
+                .parse()
+                .map_err(|_| format!("unknown time zone {}", ar.timezone))?;
+            Ok(
+                Arc::new(move |now| crate::spec::next_fire(&schedule, tz, now))
+                    as super::supervisor::NextFire,
+            )
         })),
     };
     let node_env: BTreeMap<String, String> = std::env::vars().collect();
@@ -134,7 +141,8 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
                 }
                 let m = monitor.clone();
                 let sample =
-                    tokio::task::spawn_blocking(move || m.lock().ok().map(|mut m| m.sample())).await;
+                    tokio::task::spawn_blocking(move || m.lock().ok().map(|mut m| m.sample()))
+                        .await;
                 if let Ok(Some(s)) = sample {
                     usage_tx.send_replace(Some(s));
                 }
@@ -166,14 +174,19 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
         };
         match ev {
             Some(ClientEvent::Connected { session, control }) => {
-                agent.clone().connection(session, control, cancel.child_token()).await;
+                agent
+                    .clone()
+                    .connection(session, control, cancel.child_token())
+                    .await;
             }
             Some(ClientEvent::Refused(code, why)) => {
                 tracing::error!(%code, %why, "the conductor refused this node; workloads keep running, retrying slowly");
             }
             Some(ClientEvent::Fatal(code, why)) => {
                 tracing::error!(%code, %why, "another process took over this node's identity; stopping");
-                fatal = Some(format!("the conductor closed the connection: {code} ({why})"));
+                fatal = Some(format!(
+                    "the conductor closed the connection: {code} ({why})"
+                ));
                 break;
             }
             None => break,
@@ -263,7 +276,11 @@ struct Conn {
 
 impl Agent {
     fn log_offset(&self, id: &str) -> u64 {
-        self.log_offsets.lock().ok().and_then(|o| o.get(id).copied()).unwrap_or(0)
+        self.log_offsets
+            .lock()
+            .ok()
+            .and_then(|o| o.get(id).copied())
+            .unwrap_or(0)
     }
 
     fn mark_dirty(&self, id: String, status: Option<wire::DeploymentStatus>) {
@@ -274,8 +291,12 @@ impl Agent {
     }
 
     fn inventory(&self) -> Vec<wire::DeploymentStatus> {
-        let mut inv: Vec<wire::DeploymentStatus> =
-            self.sup.status().iter().map(|s| to_wire(s, self.log_offset(&s.id))).collect();
+        let mut inv: Vec<wire::DeploymentStatus> = self
+            .sup
+            .status()
+            .iter()
+            .map(|s| to_wire(s, self.log_offset(&s.id)))
+            .collect();
         if let Ok(bad) = self.invalid.lock() {
             inv.extend(bad.values().cloned());
         }
@@ -299,7 +320,13 @@ impl Agent {
             .into_iter()
             .map(|(id, generation, desired_running, spec)| {
                 let log_offset = self.log_offset(&id);
-                Held { id, generation, desired_running, spec, log_offset }
+                Held {
+                    id,
+                    generation,
+                    desired_running,
+                    spec,
+                    log_offset,
+                }
             })
             .collect();
         if let Ok(p) = self.pending.lock() {
@@ -310,7 +337,12 @@ impl Agent {
         }
     }
 
-    async fn connection(self: Arc<Self>, session: Session, mut control: Control, cancel: CancellationToken) {
+    async fn connection(
+        self: Arc<Self>,
+        session: Session,
+        mut control: Control,
+        cancel: CancellationToken,
+    ) {
         // Everything up to now is in the inventory; later changes queue as dirty.
         if let Ok(mut d) = self.dirty.lock() {
             d.clear();
@@ -327,7 +359,9 @@ impl Agent {
             agent_instance_id: self.instance_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
-        let msg = wire::NodeMessage { msg: Some(wire::node_message::Msg::Hello(hello)) };
+        let msg = wire::NodeMessage {
+            msg: Some(wire::node_message::Msg::Hello(hello)),
+        };
         if control.tx.send(&msg).await.is_err() {
             session.close(CloseCode::ProtocolError, "could not send hello");
             return;
@@ -356,7 +390,11 @@ impl Agent {
                 while let Some(m) = rx.recv().await {
                     if let Err(e) = ctl_tx.send(&m).await {
                         tracing::warn!(error = %e, "control write failed; reconnecting");
-                        close_unless_closed(&session, CloseCode::ProtocolError, "control write failed");
+                        close_unless_closed(
+                            &session,
+                            CloseCode::ProtocolError,
+                            "control write failed",
+                        );
                         return;
                     }
                 }
@@ -379,8 +417,11 @@ impl Agent {
                             }
                         }
                     }
-                    let batch: Vec<(String, Option<wire::DeploymentStatus>)> =
-                        agent.dirty.lock().map(|mut d| d.drain().collect()).unwrap_or_default();
+                    let batch: Vec<(String, Option<wire::DeploymentStatus>)> = agent
+                        .dirty
+                        .lock()
+                        .map(|mut d| d.drain().collect())
+                        .unwrap_or_default();
                     if batch.is_empty() {
                         continue;
                     }
@@ -399,9 +440,12 @@ impl Agent {
         }
         // Heartbeats on their own stream (never behind log bytes).
         {
-            let (session, mut usage, period) = (session.clone(), self.usage.clone(), self.cfg.heartbeat);
+            let (session, mut usage, period) =
+                (session.clone(), self.usage.clone(), self.cfg.heartbeat);
             tasks.spawn(async move {
-                let Ok(mut hb) = session.open_uni(StreamKind::Heartbeat).await else { return };
+                let Ok(mut hb) = session.open_uni(StreamKind::Heartbeat).await else {
+                    return;
+                };
                 let mut seq = 0;
                 loop {
                     let sample = usage.borrow_and_update().clone();
@@ -434,12 +478,20 @@ impl Agent {
                 }
                 Err(FrameError::TooLarge { len, max }) => {
                     tracing::warn!(len, max, "command frame too large");
-                    close_unless_closed(&session, CloseCode::FrameTooLarge, "command frame too large");
+                    close_unless_closed(
+                        &session,
+                        CloseCode::FrameTooLarge,
+                        "command frame too large",
+                    );
                     break;
                 }
                 Err(e) => {
                     tracing::info!(error = %e, "control stream failed");
-                    close_unless_closed(&session, CloseCode::ProtocolError, "control stream failed");
+                    close_unless_closed(
+                        &session,
+                        CloseCode::ProtocolError,
+                        "control stream failed",
+                    );
                     break;
                 }
             }
@@ -456,7 +508,11 @@ impl Agent {
                 c.cancel();
             }
         }
-        let shippers = conn.tasks.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        let shippers = conn
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
         let mut shippers = shippers;
         shippers.shutdown().await;
         tasks.shutdown().await;
@@ -499,13 +555,17 @@ impl Agent {
             }
             Msg::Unassign(u) => {
                 self.unassign(&u);
-                let _ = conn.tx.send(result_msg(u.command_id, true, String::new())).await;
+                let _ = conn
+                    .tx
+                    .send(result_msg(u.command_id, true, String::new()))
+                    .await;
             }
             Msg::EnvEnsure(e) => {
                 // Provisioning can take minutes: never in the command loop, never cut short
                 // by a reconnect.
                 let agent = self.clone();
-                self.background.spawn(async move { agent.ensure_envs(e).await });
+                self.background
+                    .spawn(async move { agent.ensure_envs(e).await });
             }
         }
     }
@@ -516,7 +576,10 @@ impl Agent {
             .map_err(|e| format!("specification is not JSON: {e}"))
             .and_then(|v| {
                 crate::spec::parse(&v).map_err(|errs| {
-                    errs.iter().map(|e| format!("{}: {}", e.loc.join("."), e.msg)).collect::<Vec<_>>().join("; ")
+                    errs.iter()
+                        .map(|e| format!("{}: {}", e.loc.join("."), e.msg))
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 })
             });
         let spec: DeploymentSpec = match parsed {
@@ -544,17 +607,29 @@ impl Agent {
         if let Ok(mut bad) = self.invalid.lock() {
             bad.remove(id);
         }
-        let restored = self.pending.lock().ok().and_then(|mut p| p.remove(id)).is_some();
-        if !restored && self.sup.status_of(id).is_none()
+        let restored = self
+            .pending
+            .lock()
+            .ok()
+            .and_then(|mut p| p.remove(id))
+            .is_some();
+        if !restored
+            && self.sup.status_of(id).is_none()
             && let Ok(mut o) = self.log_offsets.lock()
         {
             o.insert(id.to_owned(), a.log_seq_floor);
         }
-        let outcome = self.sup.apply(id, a.generation, a.desired_running, spec).map_err(|e| e.to_string())?;
+        let outcome = self
+            .sup
+            .apply(id, a.generation, a.desired_running, spec)
+            .map_err(|e| e.to_string())?;
         tracing::info!(id, generation = a.generation, ?outcome, "assign applied");
         self.persist();
         match outcome {
-            ApplyOutcome::Stale { held } => Err(format!("stale generation {} (holding {held})", a.generation)),
+            ApplyOutcome::Stale { held } => Err(format!(
+                "stale generation {} (holding {held})",
+                a.generation
+            )),
             _ => Ok(()),
         }
     }
@@ -567,8 +642,18 @@ impl Agent {
         {
             deferred.retain(|a| a.generation > u.generation);
         }
-        let was_pending = self.pending.lock().ok().and_then(|mut p| p.remove(&id)).is_some();
-        let was_invalid = self.invalid.lock().ok().and_then(|mut b| b.remove(&id)).is_some();
+        let was_pending = self
+            .pending
+            .lock()
+            .ok()
+            .and_then(|mut p| p.remove(&id))
+            .is_some();
+        let was_invalid = self
+            .invalid
+            .lock()
+            .ok()
+            .and_then(|mut b| b.remove(&id))
+            .is_some();
         match self.sup.status_of(&id).map(|s| s.generation) {
             Some(g) if g <= u.generation => self.remove_in_background(id, true),
             Some(g) => {
@@ -590,7 +675,9 @@ impl Agent {
             c.cancel();
         }
         {
-            let Ok(mut r) = self.removing.lock() else { return };
+            let Ok(mut r) = self.removing.lock() else {
+                return;
+            };
             if r.contains_key(&id) {
                 return; // already on its way out
             }
@@ -603,16 +690,20 @@ impl Agent {
                 o.remove(&id);
             }
             agent.persist();
-            let deferred = agent.removing.lock().ok().and_then(|mut r| r.remove(&id)).unwrap_or_default();
+            let deferred = agent
+                .removing
+                .lock()
+                .ok()
+                .and_then(|mut r| r.remove(&id))
+                .unwrap_or_default();
             match deferred.into_iter().max_by_key(|a| a.generation) {
-                Some(a) => {
-                    if agent.assign(&a).is_ok() {
-                        let conn = agent.conn.lock().ok().and_then(|c| c.clone());
-                        if let Some(conn) = conn {
-                            agent.ship(&a.deployment_id, &conn);
-                        }
+                Some(a) if agent.assign(&a).is_ok() => {
+                    let conn = agent.conn.lock().ok().and_then(|c| c.clone());
+                    if let Some(conn) = conn {
+                        agent.ship(&a.deployment_id, &conn);
                     }
                 }
+                Some(_) => {}
                 None if report_removed => agent.mark_dirty(id, None),
                 None => {}
             }
@@ -627,7 +718,11 @@ impl Agent {
                 python_version: spec.python_version,
                 packages: spec.packages,
                 custom_script: (!spec.custom_script.is_empty()).then_some(spec.custom_script),
-                manager: if spec.manager == "uv" { ManagerKind::Uv } else { ManagerKind::Conda },
+                manager: if spec.manager == "uv" {
+                    ManagerKind::Uv
+                } else {
+                    ManagerKind::Conda
+                },
                 force_recreate: spec.force_recreate,
             };
             if let Err(err) = self.envs.ensure(&def).await {
@@ -639,23 +734,38 @@ impl Agent {
         if let Ok(mut n) = self.env_names.lock() {
             n.clone_from(&names);
         }
-        let report = wire::EnvReport { env_names: names, note: failures.join("; ") };
+        let report = wire::EnvReport {
+            env_names: names,
+            note: failures.join("; "),
+        };
         let tx = self.current.lock().ok().and_then(|c| c.clone());
         if let Some(tx) = tx {
-            let _ = tx.send(wire::NodeMessage { msg: Some(wire::node_message::Msg::EnvReport(report)) }).await;
+            let _ = tx
+                .send(wire::NodeMessage {
+                    msg: Some(wire::node_message::Msg::EnvReport(report)),
+                })
+                .await;
         }
     }
 
     /// Starts the log shipper of a deployment on this connection (once), after `LogResume`.
     fn ship(&self, id: &str, conn: &Arc<Conn>) {
-        let Some(resume) = conn.resume.lock().ok().and_then(|r| r.as_ref().map(|m| m.get(id).copied().unwrap_or(0)))
+        let Some(resume) = conn
+            .resume
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|m| m.get(id).copied().unwrap_or(0)))
         else {
             return;
         };
-        let Some(buffer) = self.sup.logs(id) else { return };
+        let Some(buffer) = self.sup.logs(id) else {
+            return;
+        };
         let cancel = CancellationToken::new();
         {
-            let Ok(mut shipping) = self.shipping.lock() else { return };
+            let Ok(mut shipping) = self.shipping.lock() else {
+                return;
+            };
             // One shipper per deployment per connection: a re-Assign keeps the running one.
             if shipping.get(id).is_some_and(|c| !c.is_cancelled()) {
                 return;

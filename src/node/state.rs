@@ -60,7 +60,12 @@ impl LocalState {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &self.path)
@@ -87,7 +92,10 @@ mod tests {
         st.save(&held).unwrap();
         assert_eq!(st.load().unwrap(), held);
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("state.bin")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("state.bin"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -49,7 +49,10 @@ impl Cluster {
 
     pub async fn start_with(tune: impl FnOnce(&mut ConductorConfig)) -> Self {
         if std::env::var_os("RUST_LOG").is_some() {
-            let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
         }
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = ConductorConfig::local(dir.path().join("storage"));

@@ -14,7 +14,10 @@ pub(super) fn result_msg(command_id: u64, ok: bool, message: String) -> wire::No
     }
 }
 
-pub(super) fn status_msg(deployments: Vec<wire::DeploymentStatus>, removed: Vec<String>) -> wire::NodeMessage {
+pub(super) fn status_msg(
+    deployments: Vec<wire::DeploymentStatus>,
+    removed: Vec<String>,
+) -> wire::NodeMessage {
     wire::NodeMessage {
         msg: Some(wire::node_message::Msg::Status(wire::StatusUpdate {
             deployments,

@@ -66,4 +66,3 @@ impl Prepare for AgentPrepare {
         })
     }
 }
-

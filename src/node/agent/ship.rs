@@ -37,7 +37,15 @@ pub(super) struct Shipper {
 impl Shipper {
     /// Ships until cancelled or the connection fails.
     pub(super) async fn run(self) {
-        let Self { session, id, buffer, resume, offset, pacer, cancel } = self;
+        let Self {
+            session,
+            id,
+            buffer,
+            resume,
+            offset,
+            pacer,
+            cancel,
+        } = self;
         let mut after = resume.saturating_sub(offset);
         let mut notify = buffer.subscribe();
         let mut dropped_sent = buffer.dropped_lines();
@@ -102,7 +110,12 @@ impl Shipper {
                     s = session.open_uni(StreamKind::Log) => s,
                 };
                 let Ok(mut s) = opened else { return };
-                if s.send(&wire::LogHeader { deployment_id: id.clone() }).await.is_err() {
+                if s.send(&wire::LogHeader {
+                    deployment_id: id.clone(),
+                })
+                .await
+                .is_err()
+                {
                     return;
                 }
                 stream = Some(s);

@@ -574,3 +574,46 @@ async fn an_invalid_stored_spec_fails_only_that_deployment() {
     assert_eq!(g["assigned_node_id"], "n1");
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_patch_that_asks_for_more_capacity_is_placed_again_and_never_overcommits() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[("slot", 2)], false).await;
+    let spec = |n: i64| json!({"config": {"command": ["sleep", "1000"]}, "capacity_requests": {"slot": n}});
+    let a = c.deploy("a", spec(1)).await;
+    let b = c.deploy("b", spec(1)).await;
+    let pid_a = pid_of(&c.wait_state(&a, "RUNNING").await);
+    c.wait_state(&b, "RUNNING").await;
+    // a now wants 2 slots: with b holding one it cannot fit, so it must wait, not over-commit.
+    assert_eq!(c.patch(&format!("/deployments/{a}"), json!({"specification": {"spec": spec(2)}})).await.0, 200);
+    let view = c
+        .wait("a waits for capacity", |v| {
+            v.deployment(&a).is_some_and(|d| d.assignment_reason.as_deref() == Some("No Capacity"))
+        })
+        .await;
+    assert_eq!(view.nodes["n1"].total_capacities_used.get("slot"), Some(&1));
+    until("a's old process stopped", || !alive(pid_a)).await;
+    // Once b goes, a fits again.
+    assert_eq!(c.delete(&format!("/deployments/{b}")).await.0, 204);
+    c.wait_state(&a, "RUNNING").await;
+    let view = c.conductor().core.view();
+    assert_eq!(view.nodes["n1"].total_capacities_used.get("slot"), Some(&2));
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_stop_never_holds_up_other_commands() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    // Ignores SIGTERM: its removal takes the whole stop timeout (30 s) before SIGKILL.
+    let stubborn = c
+        .deploy("stubborn", json!({"config": {"command": ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"]}, "stop_timeout_sec": 30}))
+        .await;
+    let pid = pid_of(&c.wait_state(&stubborn, "RUNNING").await);
+    assert_eq!(c.delete(&format!("/deployments/{stubborn}")).await.0, 204);
+    // The node keeps taking commands while that process is still being stopped.
+    let next = c.deploy("next", sh("sleep 1000")).await;
+    c.wait_state(&next, "RUNNING").await;
+    assert!(alive(pid), "the stubborn process is still inside its stop timeout");
+    c.shutdown().await;
+}

@@ -11,6 +11,10 @@
 //!
 //! Waits poll the API (bounded by [`api::WAIT`]); the only fixed sleeps outwait a timeout on
 //! purpose and say so where they stand.
+//!
+//! Run: `cargo test --test netns` as root (about 45 s; each scenario prints one `netns:` line
+//! with what it observed). `SYMPHONY_NETNS_LOGS=1 cargo test --test netns -- --nocapture`
+//! also prints the tail of every conductor and node log; a failing test always does.
 
 // Test code: a failed unwrap is a test failure with its message, which is what we want.
 #![allow(clippy::unwrap_used)]
@@ -181,6 +185,8 @@ fn node_behind_nat_registers_and_runs() {
     });
 }
 
+// `masquerade random` picks the new public port at random: the one-in-~64k chance that it
+// equals the old one would make this test time out (no address change to see).
 #[test]
 fn nat_rebinding_migrates() {
     scenario("nat-rebinding", Params::default(), async |bed: &mut Bed| {

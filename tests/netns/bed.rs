@@ -932,7 +932,8 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // On failure (or with SYMPHONY_NETNS_LOGS set) show what the processes said.
+        if std::thread::panicking() || std::env::var_os("SYMPHONY_NETNS_LOGS").is_some() {
             for p in &self.procs {
                 let text = std::fs::read_to_string(&p.log).unwrap_or_default();
                 let lines: Vec<&str> = text.lines().collect();

@@ -1,0 +1,596 @@
+//! Real-network tests: nodes behind an nftables NAT in network namespaces, the real `symphony`
+//! binary in each, asserted through the conductor's HTTP API and the pods' process tables.
+//!
+//! Each test builds its own bed ([`bed::Bed`]: public namespace with the conductor, a NAT
+//! router namespace, one pod namespace per node), runs one scenario, and tears everything down
+//! again, also when it fails. Tests never overlap (process-wide mutex plus a file lock).
+//!
+//! Requirements: root, and the `ip` (iproute2), `nft` (nftables) and `conntrack` (conntrack)
+//! tools. Without them every test prints why and passes as skipped; with `CI` set, a missing
+//! prerequisite fails the test. Nothing is installed from here.
+//!
+//! Waits poll the API (bounded by [`api::WAIT`]); the only fixed sleeps outwait a timeout on
+//! purpose and say so where they stand.
+//!
+//! Run: `cargo test --test netns` as root (about 45 s; each scenario prints one `netns:` line
+//! with what it observed). `SYMPHONY_NETNS_LOGS=1 cargo test --test netns -- --nocapture`
+//! also prints the tail of every conductor and node log; a failing test always does.
+
+// Test code: a failed unwrap is a test failure with its message, which is what we want.
+#![allow(clippy::unwrap_used)]
+
+#[path = "netns/api.rs"]
+mod api;
+#[path = "netns/bed.rs"]
+mod bed;
+
+use std::time::{Duration, Instant};
+
+use api::{DepFacts, NodeFacts, WAIT, until};
+use bed::{Bed, NAT_WAN_IP, NAT_WAN_IP2, Params, say};
+use serde_json::json;
+
+/// Runs one scenario on a fresh bed (or skips it, see the module docs).
+fn scenario(name: &'static str, params: Params, body: impl AsyncFnOnce(&mut Bed)) {
+    if !bed::preflight(name) {
+        return;
+    }
+    let serial = bed::serial();
+    let started = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut bed = Bed::up(name, params, serial).await;
+        body(&mut bed).await;
+    });
+    say(&format!(
+        "{name}: passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+}
+
+/// A unique argument for `sleep`, so each deployment's processes can be told apart.
+fn token() -> String {
+    (9_000_000 + rand::random::<u32>() % 1_000_000).to_string()
+}
+
+/// Waits until the node is online with a live connection.
+async fn online(bed: &Bed, node: &str) -> NodeFacts {
+    until(
+        &format!("{node} is online and connected"),
+        WAIT,
+        async || {
+            let n = bed.api.node(node).await?;
+            if n.state == "online" && n.connected {
+                Ok(n)
+            } else {
+                Err(format!("{n:?}"))
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until the deployment runs: RUNNING on its assigned node, with a pid that is a
+/// `sleep <token>` process in that node's pod namespace. Returns the facts and the pod index.
+async fn running(bed: &Bed, id: &str, token: &str) -> (DepFacts, usize) {
+    until(&format!("deployment {id} runs"), WAIT, async || {
+        let d = bed.api.deployment(id).await?;
+        let (Some(node), Some(pid)) = (d.assigned.clone(), d.pid) else {
+            return Err(format!("{d:?}"));
+        };
+        if d.state.as_deref() != Some("RUNNING") || d.status_node.as_deref() != Some(node.as_str())
+        {
+            return Err(format!("{d:?}"));
+        }
+        let pod = bed.pod_of(&node);
+        let pids = bed.workload_pids(pod, token);
+        if pids.contains(&pid) {
+            Ok((d, pod))
+        } else {
+            Err(format!(
+                "{d:?}; sleep {token} pids in {node}'s pod: {pids:?}"
+            ))
+        }
+    })
+    .await
+}
+
+/// All `sleep <token>` processes across the pods, as (pod index, pid).
+fn copies(bed: &Bed, token: &str) -> Vec<(usize, u32)> {
+    (0..bed.pods.len())
+        .flat_map(|i| bed.workload_pids(i, token).into_iter().map(move |p| (i, p)))
+        .collect()
+}
+
+/// Shared body of the three migration scenarios: a deployment runs, `change` moves the node's
+/// public address, and the same connection must carry on (no reconnect, same workload).
+async fn survives_address_change(
+    bed: &mut Bed,
+    change: impl FnOnce(&mut Bed),
+) -> (NodeFacts, NodeFacts, DepFacts) {
+    online(bed, "n0").await;
+    let tok = token();
+    let id = bed.api.deploy("web", &tok).await;
+    let (d0, pod) = running(bed, &id, &tok).await;
+    let before = online(bed, "n0").await;
+
+    change(bed);
+
+    until(
+        "the conductor sees the node's new address on the same connection",
+        WAIT,
+        async || {
+            let n = bed.api.node("n0").await?;
+            assert_eq!(
+                n.reconnects, before.reconnects,
+                "the node re-dialled instead of migrating: {n:?}"
+            );
+            assert_eq!(
+                n.state, "online",
+                "the node must stay online while it moves: {n:?}"
+            );
+            if n.connected && n.path_changes > before.path_changes && n.remote != before.remote {
+                Ok(())
+            } else {
+                Err(format!("{n:?} (before: {before:?})"))
+            }
+        },
+    )
+    .await;
+    // The migrated connection still carries commands: a new deployment reaches the node.
+    let tok2 = token();
+    let id2 = bed.api.deploy("after-move", &tok2).await;
+    running(bed, &id2, &tok2).await;
+    // The first workload was never touched.
+    let d1 = bed.api.deployment(&id).await.unwrap();
+    assert_eq!(d1.state.as_deref(), Some("RUNNING"));
+    assert_eq!(d1.pid, d0.pid, "the workload was restarted");
+    assert_eq!(d1.generation, d0.generation);
+    assert_eq!(d1.restart_count, d0.restart_count);
+    assert_eq!(bed.workload_pids(pod, &tok), vec![d0.pid.unwrap()]);
+    let end = online(bed, "n0").await;
+    assert_eq!(
+        end.reconnects, before.reconnects,
+        "reconnected later: {end:?}"
+    );
+    (before, end, d1)
+}
+
+#[test]
+fn node_behind_nat_registers_and_runs() {
+    scenario("register", Params::default(), async |bed: &mut Bed| {
+        let n = online(bed, "n0").await;
+        // The conductor sees the NAT's public address, and cannot reach the pod at all: the
+        // connection is outbound-only.
+        let remote = n.remote.unwrap();
+        assert_eq!(remote.ip(), NAT_WAN_IP, "{n:?}");
+        assert!(
+            !bed.public_routes_to(bed.pods[0].ip),
+            "the conductor's namespace must not route to the pod"
+        );
+        let tok = token();
+        let id = bed.api.deploy("hello", &tok).await;
+        let (d, pod) = running(bed, &id, &tok).await;
+        assert_eq!(d.assigned.as_deref(), Some("n0"));
+        assert_eq!(bed.workload_pids(pod, &tok), vec![d.pid.unwrap()]);
+        say(&format!(
+            "register: remote {remote} (pod {}), deployment RUNNING pid {} generation {:?}",
+            bed.pods[0].ip,
+            d.pid.unwrap(),
+            d.generation
+        ));
+    });
+}
+
+// `masquerade random` picks the new public port at random: the one-in-~64k chance that it
+// equals the old one would make this test time out (no address change to see).
+#[test]
+fn nat_rebinding_migrates() {
+    scenario("nat-rebinding", Params::default(), async |bed: &mut Bed| {
+        let (before, after, d) = survives_address_change(bed, |b| b.flush_conntrack()).await;
+        assert_eq!(after.remote.unwrap().ip(), NAT_WAN_IP);
+        say(&format!(
+            "nat-rebinding: remote {} -> {}, path_changes {} -> {}, reconnects {} -> {}, pid {} kept, generation {:?}",
+            before.remote.unwrap(),
+            after.remote.unwrap(),
+            before.path_changes,
+            after.path_changes,
+            before.reconnects,
+            after.reconnects,
+            d.pid.unwrap(),
+            d.generation
+        ));
+    });
+}
+
+#[test]
+fn pod_ip_change_migrates() {
+    scenario("pod-ip-change", Params::default(), async |bed: &mut Bed| {
+        let old_ip = bed.pods[0].ip;
+        let mut new_ip = old_ip;
+        let (before, after, d) =
+            survives_address_change(bed, |b| new_ip = b.change_pod_ip(0)).await;
+        say(&format!(
+            "pod-ip-change: pod {old_ip} -> {new_ip}, remote {} -> {}, path_changes {} -> {}, reconnects {} -> {}, pid {} kept",
+            before.remote.unwrap(),
+            after.remote.unwrap(),
+            before.path_changes,
+            after.path_changes,
+            before.reconnects,
+            after.reconnects,
+            d.pid.unwrap()
+        ));
+    });
+}
+
+#[test]
+fn nat_public_ip_change_migrates() {
+    scenario(
+        "public-ip-change",
+        Params::default(),
+        async |bed: &mut Bed| {
+            let (before, after, d) = survives_address_change(bed, |b| b.change_public_ip()).await;
+            assert_eq!(before.remote.unwrap().ip(), NAT_WAN_IP);
+            assert_eq!(after.remote.unwrap().ip(), NAT_WAN_IP2, "{after:?}");
+            say(&format!(
+                "public-ip-change: remote {} -> {}, path_changes {} -> {}, reconnects {} -> {}, pid {} kept",
+                before.remote.unwrap(),
+                after.remote.unwrap(),
+                before.path_changes,
+                after.path_changes,
+                before.reconnects,
+                after.reconnects,
+                d.pid.unwrap()
+            ));
+        },
+    );
+}
+
+/// Short QUIC timers so a cut outlasts the idle timeout quickly; a grace far longer than
+/// any cut, so nothing is rescheduled.
+fn short_idle() -> Params {
+    Params {
+        keep_alive_sec: Some(1.0),
+        idle_timeout_sec: Some(4.0),
+        ..Params::default()
+    }
+}
+
+/// Cuts pod `i`'s link until the conductor has dropped the connection and the idle timeout
+/// has certainly passed on the node's side too.
+async fn cut_past_idle_timeout(bed: &Bed, i: usize) {
+    let node = bed.pods[i].node_id.clone();
+    let idle = Duration::from_secs_f64(bed.params.idle_timeout_sec.unwrap());
+    let cut_at = Instant::now();
+    bed.cut(i);
+    until(
+        &format!("the conductor drops {node}'s connection"),
+        WAIT,
+        async || {
+            let n = bed.api.node(&node).await?;
+            if n.connected {
+                Err(format!("{n:?}"))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    // Deliberate: the node's idle timer started at its own last received packet, which may be
+    // a little later than the conductor's; outwait it by a second so both ends timed out.
+    let past = idle + Duration::from_secs(1);
+    if let Some(rest) = past.checked_sub(cut_at.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+}
+
+#[test]
+fn link_cut_past_idle_timeout_reconnects() {
+    scenario("link-cut", short_idle(), async |bed: &mut Bed| {
+        online(bed, "n0").await;
+        let tok = token();
+        let id = bed.api.deploy("steady", &tok).await;
+        let (d0, pod) = running(bed, &id, &tok).await;
+        let before = online(bed, "n0").await;
+        let cut_at = Instant::now();
+        cut_past_idle_timeout(bed, 0).await;
+        let cut_for = cut_at.elapsed();
+        // The workload runs on while the conductor is unreachable.
+        assert_eq!(bed.workload_pids(pod, &tok), vec![d0.pid.unwrap()]);
+        bed.restore(0);
+        let after = until("n0 reconnects", WAIT, async || {
+            let n = bed.api.node("n0").await?;
+            if n.state == "online" && n.connected && n.reconnects > before.reconnects {
+                Ok(n)
+            } else {
+                Err(format!("{n:?}"))
+            }
+        })
+        .await;
+        assert_eq!(after.reconnects, before.reconnects + 1, "{after:?}");
+        let (d1, _) = running(bed, &id, &tok).await;
+        assert_eq!(d1.pid, d0.pid, "the workload was restarted");
+        assert_eq!(d1.restart_count, d0.restart_count);
+        assert_eq!(d1.generation, d0.generation);
+        assert_eq!(bed.workload_pids(pod, &tok), vec![d0.pid.unwrap()]);
+        say(&format!(
+            "link-cut: cut {:.1} s (idle timeout {} s), reconnects {} -> {}, pid {} kept, restarts {:?}, generation {:?}",
+            cut_for.as_secs_f64(),
+            bed.params.idle_timeout_sec.unwrap(),
+            before.reconnects,
+            after.reconnects,
+            d1.pid.unwrap(),
+            d1.restart_count,
+            d1.generation
+        ));
+    });
+}
+
+#[test]
+fn partition_past_grace_reschedules_and_heals_to_one_copy() {
+    let params = Params {
+        pods: 2,
+        node_grace_sec: 6.0,
+        suspect_after_sec: 2.0,
+        keep_alive_sec: Some(1.0),
+        idle_timeout_sec: Some(4.0),
+        ..Params::default()
+    };
+    scenario("partition", params, async |bed: &mut Bed| {
+        online(bed, "n0").await;
+        online(bed, "n1").await;
+        let tok = token();
+        let id = bed.api.deploy("single", &tok).await;
+        let (d0, a) = running(bed, &id, &tok).await;
+        let b = 1 - a;
+        let (node_a, node_b) = (bed.pods[a].node_id.clone(), bed.pods[b].node_id.clone());
+        let a_before = online(bed, &node_a).await;
+        let old_pid = d0.pid.unwrap();
+
+        bed.cut(a);
+        until(
+            &format!("{id} is rescheduled to {node_b}"),
+            WAIT,
+            async || {
+                let d = bed.api.deployment(&id).await?;
+                if d.assigned.as_deref() == Some(node_b.as_str()) && d.generation > d0.generation {
+                    Ok(())
+                } else {
+                    Err(format!("{d:?}"))
+                }
+            },
+        )
+        .await;
+        let (d1, pod_b) = running(bed, &id, &tok).await;
+        assert_eq!(pod_b, b);
+        assert!(d1.generation > d0.generation, "{d1:?}");
+        let lost = bed.api.node(&node_a).await.unwrap();
+        assert_eq!(lost.state, "lost", "{lost:?}");
+        // During the partition both copies exist: the cut-off node keeps its process.
+        assert_eq!(
+            bed.workload_pids(a, &tok),
+            vec![old_pid],
+            "the partitioned node's copy should still run"
+        );
+        let new_pid = d1.pid.unwrap();
+
+        bed.restore(a);
+        until(
+            &format!("{node_a} is back and its stale copy is stopped"),
+            WAIT,
+            async || {
+                let n = bed.api.node(&node_a).await?;
+                let stale = bed.workload_pids(a, &tok);
+                if n.state == "online" && n.reconnects > a_before.reconnects && stale.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{n:?}; copies on {node_a}: {stale:?}"))
+                }
+            },
+        )
+        .await;
+        let (d2, pod) = running(bed, &id, &tok).await;
+        assert_eq!(pod, b);
+        assert_eq!(d2.pid, Some(new_pid), "the surviving copy changed");
+        assert_eq!(d2.generation, d1.generation);
+        assert_eq!(
+            copies(bed, &tok),
+            vec![(b, new_pid)],
+            "exactly one copy must run"
+        );
+        let n_a = bed.api.node(&node_a).await.unwrap();
+        say(&format!(
+            "partition: {id} on {node_a} pid {old_pid} gen {:?} -> {node_b} pid {new_pid} gen {:?}; {node_a} reconnects {} -> {}; after heal copies {:?}",
+            d0.generation,
+            d2.generation,
+            a_before.reconnects,
+            n_a.reconnects,
+            copies(bed, &tok)
+        ));
+    });
+}
+
+#[test]
+fn conductor_restart_keeps_workloads_and_applies_changes_on_return() {
+    scenario("conductor-restart", short_idle(), async |bed: &mut Bed| {
+        online(bed, "n0").await;
+        let (t1, t2) = (token(), token());
+        let id1 = bed.api.deploy("one", &t1).await;
+        let id2 = bed.api.deploy("two", &t2).await;
+        let (a1, pod) = running(bed, &id1, &t1).await;
+        let (a2, _) = running(bed, &id2, &t2).await;
+
+        let status = bed.stop("conductor");
+        // Processes keep running while the conductor is away.
+        assert_eq!(bed.workload_pids(pod, &t1), vec![a1.pid.unwrap()]);
+        assert_eq!(bed.workload_pids(pod, &t2), vec![a2.pid.unwrap()]);
+        bed.start_conductor().await;
+        let back = online(bed, "n0").await;
+        let (b1, _) = running(bed, &id1, &t1).await;
+        let (b2, _) = running(bed, &id2, &t2).await;
+        assert_eq!(
+            (b1.pid, b2.pid),
+            (a1.pid, a2.pid),
+            "workloads were restarted across a conductor restart"
+        );
+        assert_eq!(
+            (b1.generation, b2.generation),
+            (a1.generation, a2.generation)
+        );
+        assert_eq!(
+            (b1.restart_count, b2.restart_count),
+            (a1.restart_count, a2.restart_count)
+        );
+
+        // A desired-state change made while the node is disconnected is applied on return.
+        cut_past_idle_timeout(bed, 0).await;
+        let patched = bed
+            .api
+            .patch(&id1, json!({"desired_state": "STOPPED"}))
+            .await;
+        assert_eq!(patched.desired, "STOPPED");
+        assert_eq!(
+            bed.workload_pids(pod, &t1),
+            vec![a1.pid.unwrap()],
+            "the node cannot have heard of it yet"
+        );
+        bed.restore(0);
+        let stopped = until(&format!("{id1} is stopped on the node"), WAIT, async || {
+            let d = bed.api.deployment(&id1).await?;
+            let left = bed.workload_pids(pod, &t1);
+            if left.is_empty() && d.current.as_deref() == Some("STOPPED") && d.assigned.is_none() {
+                Ok(d)
+            } else {
+                Err(format!("{d:?}; processes {left:?}"))
+            }
+        })
+        .await;
+        let (c2, _) = running(bed, &id2, &t2).await;
+        assert_eq!(c2.pid, a2.pid, "the untouched deployment was restarted");
+        let end = online(bed, "n0").await;
+        assert_eq!(end.reconnects, back.reconnects + 1, "{end:?}");
+        say(&format!(
+            "conductor-restart: conductor exit {status}; pids {:?}/{:?} kept (generations {:?}/{:?}); STOPPED while cut off -> current {:?}, process gone; node reconnects {} -> {}",
+            b1.pid,
+            b2.pid,
+            b1.generation,
+            b2.generation,
+            stopped.current,
+            back.reconnects,
+            end.reconnects
+        ));
+    });
+}
+
+#[test]
+fn node_restart_restores_local_state_without_duplicates() {
+    scenario("node-restart", short_idle(), async |bed: &mut Bed| {
+        online(bed, "n0").await;
+        let tok = token();
+        let id = bed.api.deploy("kept", &tok).await;
+        let (d0, pod) = running(bed, &id, &tok).await;
+        let before = online(bed, "n0").await;
+
+        let status = bed.stop("n0");
+        assert!(status.success(), "node exit: {status}");
+        // The node's own shutdown stops its workloads.
+        assert!(
+            bed.workload_pids(pod, &tok).is_empty(),
+            "workload survived the node's shutdown"
+        );
+        // Restart it cut off from the conductor: what it runs comes from its local state only.
+        bed.cut(0);
+        bed.start_node(0);
+        let restored = until(
+            "the restarted node restores its workload from local state",
+            WAIT,
+            async || match bed.workload_pids(pod, &tok).as_slice() {
+                [pid] => Ok(*pid),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .await;
+        bed.restore(0);
+        let after = until("n0 reconnects", WAIT, async || {
+            let n = bed.api.node("n0").await?;
+            if n.state == "online" && n.reconnects > before.reconnects {
+                Ok(n)
+            } else {
+                Err(format!("{n:?}"))
+            }
+        })
+        .await;
+        let d1 = until(
+            "the conductor reports the restored process",
+            WAIT,
+            async || {
+                let d = bed.api.deployment(&id).await?;
+                if d.state.as_deref() == Some("RUNNING") && d.pid == Some(restored) {
+                    Ok(d)
+                } else {
+                    Err(format!("{d:?}"))
+                }
+            },
+        )
+        .await;
+        assert_eq!(
+            d1.generation, d0.generation,
+            "a restart from local state needs no new generation"
+        );
+        assert_eq!(d1.assigned.as_deref(), Some("n0"));
+        assert_eq!(
+            bed.workload_pids(pod, &tok),
+            vec![restored],
+            "exactly one copy"
+        );
+        assert_eq!(after.reconnects, before.reconnects + 1);
+        say(&format!(
+            "node-restart: pid {} -> {restored} (restored while cut off), generation {:?} -> {:?}, reconnects {} -> {}, copies {:?}",
+            d0.pid.unwrap(),
+            d0.generation,
+            d1.generation,
+            before.reconnects,
+            after.reconnects,
+            copies(bed, &tok)
+        ));
+    });
+}
+
+#[test]
+fn idle_node_behind_short_nat_timeout_still_reachable() {
+    // Only QUIC keep-alives (default 5 s) flow while idle: heartbeats every 30 s, and a
+    // suspect/grace window long enough that the quiet node stays online.
+    let params = Params {
+        heartbeat_sec: Some(30.0),
+        suspect_after_sec: 60.0,
+        node_grace_sec: 120.0,
+        udp_conntrack_timeout_sec: Some(5),
+        ..Params::default()
+    };
+    scenario("idle-nat", params, async |bed: &mut Bed| {
+        let before = online(bed, "n0").await;
+        // Deliberate: stay idle for more than twice the router's 5 s UDP conntrack timeout.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        let tok = token();
+        let id = bed.api.deploy("late", &tok).await;
+        let (d, _) = running(bed, &id, &tok).await;
+        let after = online(bed, "n0").await;
+        assert_eq!(
+            after.reconnects, before.reconnects,
+            "the idle connection was lost: {after:?}"
+        );
+        say(&format!(
+            "idle-nat: after 12 s idle (conntrack 5 s) pushed deployment runs pid {}; remote {} -> {}, path_changes {} -> {}, reconnects {} -> {}",
+            d.pid.unwrap(),
+            before.remote.unwrap(),
+            after.remote.unwrap(),
+            before.path_changes,
+            after.path_changes,
+            before.reconnects,
+            after.reconnects
+        ));
+    });
+}

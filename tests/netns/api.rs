@@ -1,0 +1,185 @@
+//! The conductor's HTTP API as the tests see it, and bounded polling.
+//!
+//! Every wait is [`until`]: poll a condition every 100 ms until it holds or a deadline passes;
+//! on timeout the panic message names what was awaited and the last observation, so a failure
+//! says what the system was doing instead of only "timed out".
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Default deadline of a wait.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it returns `Ok`, at most `timeout`. `Err` carries the last observation.
+pub async fn until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) if start.elapsed() > timeout => {
+                panic!("timed out after {timeout:?} waiting until {what}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// A handle on the API.
+#[derive(Debug, Clone)]
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// What `/nodes` says about one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeFacts {
+    /// online, suspect or lost.
+    pub state: String,
+    /// Whether the conductor holds a connection to it.
+    pub connected: bool,
+    /// The connection's remote address (the NAT's public side).
+    pub remote: Option<SocketAddr>,
+    /// Peer address changes on the current connection.
+    pub path_changes: u64,
+    /// Connections after the first (since the conductor started).
+    pub reconnects: u64,
+}
+
+/// What `/deployments/{id}` says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DepFacts {
+    pub desired: String,
+    pub current: Option<String>,
+    pub assigned: Option<String>,
+    /// `status.*`: what a node last reported.
+    pub state: Option<String>,
+    pub pid: Option<u32>,
+    pub generation: Option<u64>,
+    pub restart_count: Option<u64>,
+    pub status_node: Option<String>,
+}
+
+fn text(v: &Value) -> Option<String> {
+    v.as_str().map(str::to_owned)
+}
+
+impl Api {
+    /// An API at `base` (`http://ip:port`), bypassing any proxy settings.
+    pub fn new(base: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        Self {
+            base: base.to_owned(),
+            http,
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<Value, String> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let status = resp.status();
+        let body: Value = resp.json().await.map_err(|e| format!("GET {path}: {e}"))?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(format!("GET {path}: {status} {body}"))
+        }
+    }
+
+    /// `GET /nodes`.
+    pub async fn nodes(&self) -> Result<Value, String> {
+        self.get("/nodes").await
+    }
+
+    /// One node's facts.
+    pub async fn node(&self, id: &str) -> Result<NodeFacts, String> {
+        let all = self.nodes().await?;
+        let n = all
+            .get("nodes")
+            .and_then(|m| m.get(id))
+            .ok_or_else(|| format!("node {id} unknown: {all}"))?;
+        let conn = n.get("connection").filter(|c| !c.is_null());
+        Ok(NodeFacts {
+            state: text(&n["state"]).unwrap_or_default(),
+            connected: conn.is_some(),
+            remote: conn
+                .and_then(|c| c["remote_addr"].as_str())
+                .and_then(|s| s.parse().ok()),
+            path_changes: conn.and_then(|c| c["path_changes"].as_u64()).unwrap_or(0),
+            reconnects: conn.and_then(|c| c["reconnects"].as_u64()).unwrap_or(0),
+        })
+    }
+
+    /// `POST /deployments` of `sleep <token>` in the test group, one `slot`. Returns the id.
+    pub async fn deploy(&self, name: &str, token: &str) -> String {
+        let body = json!({
+            "name": name,
+            "specification": {"spec": {
+                "config": {"command": ["sleep", token]},
+                "node_group": super::bed::GROUP,
+                "capacity_requests": {"slot": 1},
+            }},
+        });
+        let resp = self
+            .http
+            .post(format!("{}/deployments", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        assert!(status.is_success(), "POST /deployments: {status} {v}");
+        text(&v["id"]).unwrap_or_else(|| panic!("no id in {v}"))
+    }
+
+    /// `PATCH /deployments/{id}`.
+    pub async fn patch(&self, id: &str, body: Value) -> DepFacts {
+        let resp = self
+            .http
+            .patch(format!("{}/deployments/{id}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        assert!(status.is_success(), "PATCH /deployments/{id}: {status} {v}");
+        Self::dep_facts(&v)
+    }
+
+    /// `GET /deployments/{id}`.
+    pub async fn deployment(&self, id: &str) -> Result<DepFacts, String> {
+        Ok(Self::dep_facts(
+            &self.get(&format!("/deployments/{id}")).await?,
+        ))
+    }
+
+    fn dep_facts(v: &Value) -> DepFacts {
+        let st = &v["status"];
+        DepFacts {
+            desired: text(&v["desired_state"]).unwrap_or_default(),
+            current: text(&v["current_state"]),
+            assigned: text(&v["assigned_node_id"]),
+            state: text(&st["state"]),
+            pid: st["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
+            generation: st["generation"].as_u64(),
+            restart_count: st["restart_count"].as_u64(),
+            status_node: text(&st["node_id"]),
+        }
+    }
+}

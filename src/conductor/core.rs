@@ -298,7 +298,9 @@ pub async fn start(
     let handle = CoreHandle {
         tx: tx.clone(),
         view: view_rx,
-        epochs: Arc::new(0.into()),
+        // Epochs keep increasing across conductor restarts: start above anything handed out
+        // before (microseconds since the epoch; connections arrive far slower than that).
+        epochs: Arc::new((u64::try_from(now_ms()).unwrap_or(0) * 1000).into()),
     };
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));

@@ -98,7 +98,10 @@ async fn bad_input_gets_422_naming_the_field() {
             "body.specification.spec.stop_signal",
         ),
         (json!([1, 2]), "body"),
-        (json!({"name": "a", "specification": {"spec": {"config": {"command": ["x"]}}, "blob": "x".repeat(300 * 1024)}}), "body.specification"),
+        (
+            json!({"name": "a", "specification": {"spec": {"config": {"command": ["x"]}}, "blob": "x".repeat(300 * 1024)}}),
+            "body.specification",
+        ),
     ];
     for (body, loc) in cases {
         let (status, resp) = c.post("/deployments", body.clone()).await;

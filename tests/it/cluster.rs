@@ -585,10 +585,19 @@ async fn a_patch_that_asks_for_more_capacity_is_placed_again_and_never_overcommi
     let pid_a = pid_of(&c.wait_state(&a, "RUNNING").await);
     c.wait_state(&b, "RUNNING").await;
     // a now wants 2 slots: with b holding one it cannot fit, so it must wait, not over-commit.
-    assert_eq!(c.patch(&format!("/deployments/{a}"), json!({"specification": {"spec": spec(2)}})).await.0, 200);
+    assert_eq!(
+        c.patch(
+            &format!("/deployments/{a}"),
+            json!({"specification": {"spec": spec(2)}})
+        )
+        .await
+        .0,
+        200
+    );
     let view = c
         .wait("a waits for capacity", |v| {
-            v.deployment(&a).is_some_and(|d| d.assignment_reason.as_deref() == Some("No Capacity"))
+            v.deployment(&a)
+                .is_some_and(|d| d.assignment_reason.as_deref() == Some("No Capacity"))
         })
         .await;
     assert_eq!(view.nodes["n1"].total_capacities_used.get("slot"), Some(&1));
@@ -614,6 +623,9 @@ async fn a_slow_stop_never_holds_up_other_commands() {
     // The node keeps taking commands while that process is still being stopped.
     let next = c.deploy("next", sh("sleep 1000")).await;
     c.wait_state(&next, "RUNNING").await;
-    assert!(alive(pid), "the stubborn process is still inside its stop timeout");
+    assert!(
+        alive(pid),
+        "the stubborn process is still inside its stop timeout"
+    );
     c.shutdown().await;
 }

@@ -280,7 +280,12 @@ impl Pinger for QuicPinger {
 struct QuicEchoes(FrameReader<quinn::RecvStream>);
 impl Echoes for QuicEchoes {
     async fn next_echo(&mut self) -> Result<Option<u64>> {
-        Ok(self.0.recv::<NodeMessage>().await?.as_ref().and_then(seq_of))
+        Ok(self
+            .0
+            .recv::<NodeMessage>()
+            .await?
+            .as_ref()
+            .and_then(seq_of))
     }
 }
 
@@ -563,12 +568,7 @@ async fn tcp_client(
     Ok(res)
 }
 
-async fn run_one(
-    transport: Transport,
-    level: usize,
-    p: &Params,
-    pki: &Pki,
-) -> Result<RunResult> {
+async fn run_one(transport: Transport, level: usize, p: &Params, pki: &Pki) -> Result<RunResult> {
     let listen: SocketAddr = "127.0.0.1:0".parse()?;
     let tls = pki.node_tls(&format!("bench-node-{level}"))?;
     match transport {
@@ -590,7 +590,11 @@ fn report(title: &str, p: &Params, results: &[RunResult]) -> (String, Value) {
     let mut rows = Vec::new();
     let mut ratios = Vec::new();
     for &level in &p.levels {
-        let find = |t| results.iter().find(|r| r.transport == t && r.level == level);
+        let find = |t| {
+            results
+                .iter()
+                .find(|r| r.transport == t && r.level == level)
+        };
         let (Some(q), Some(t)) = (find(Transport::Quic), find(Transport::Tcp)) else {
             continue;
         };
@@ -641,7 +645,10 @@ fn report(title: &str, p: &Params, results: &[RunResult]) -> (String, Value) {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let res = match args.first().map(String::as_str) {
         Some("--netns-server") => netns::server_child(&args[1..]),
         Some("--netns-client") => netns::client_child(&args[1..]),
@@ -826,7 +833,11 @@ mod netns {
         };
         for &level in &levels {
             for transport in [Transport::Quic, Transport::Tcp] {
-                let t = if transport == Transport::Quic { "quic" } else { "tcp" };
+                let t = if transport == Transport::Quic {
+                    "quic"
+                } else {
+                    "tcp"
+                };
                 let r = one(&exe, t, &dir_s, level, p)
                     .with_context(|| format!("tbf {t} with {level} sources"))?;
                 eprintln!(
@@ -853,7 +864,16 @@ mod netns {
         use std::io::BufRead;
         let listen = format!("{SERVER_IP}:47400");
         let mut server = std::process::Command::new("ip")
-            .args(["netns", "exec", NS_SERVER, exe, "--netns-server", t, &listen, dir])
+            .args([
+                "netns",
+                "exec",
+                NS_SERVER,
+                exe,
+                "--netns-server",
+                t,
+                &listen,
+                dir,
+            ])
             .stdout(std::process::Stdio::piped())
             .stdin(std::process::Stdio::piped())
             .spawn()?;
@@ -899,7 +919,10 @@ mod netns {
                 .env("BENCH_ROUND_TRIPS", p.round_trips.to_string())
                 .output()?;
             if !out.status.success() {
-                bail!("node child: {}", String::from_utf8_lossy(&out.stderr).trim());
+                bail!(
+                    "node child: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
             let v: Value = serde_json::from_slice(&out.stdout).context("node child output")?;
             let get = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);

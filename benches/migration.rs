@@ -550,9 +550,7 @@ fn real_main() -> Result<()> {
             common::ms(median(trials.iter().map(|t| t.event_gap_ms).collect())),
             common::ms(median(gaps.clone())),
             common::ms(gaps.iter().copied().fold(0.0, f64::max)),
-            common::ms(median(
-                trials.iter().map(|t| t.steady_gap_p99_ms).collect(),
-            )),
+            common::ms(median(trials.iter().map(|t| t.steady_gap_p99_ms).collect())),
             opt(|t| t.path_seen_ms),
             opt(|t| t.outage_ms),
             trials.iter().map(|t| t.reconnects).sum::<u64>().to_string(),

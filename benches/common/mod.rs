@@ -170,7 +170,11 @@ pub fn machine() -> Value {
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()))
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse::<u64>().ok())
+        })
         .unwrap_or(0);
     json!({
         "nproc": nproc,
@@ -219,8 +223,8 @@ pub fn versions() -> Value {
 
 /// `$CARGO_TARGET_DIR/bench` or `./target/bench`.
 pub fn out_dir() -> PathBuf {
-    let base = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    let base =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
     base.join("bench")
 }
 

@@ -162,6 +162,21 @@ fn cpu_ticks() -> u64 {
     get(11) + get(12)
 }
 
+/// System-wide UDP `RcvbufErrors` (datagrams dropped because a socket buffer was full).
+fn udp_rcvbuf_errors() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// VmRSS of this process in KiB.
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -259,6 +274,9 @@ struct SizeResult {
     cert_gen_s: f64,
     connect_all_s: f64,
     node_connect_failures: u64,
+    node_connect_p50_ms: f64,
+    node_connect_p99_ms: f64,
+    udp_rcvbuf_errors: u64,
     accept_span_s: f64,
     cpu_percent: f64,
     rss_before_mib: f64,
@@ -275,6 +293,9 @@ impl SizeResult {
             "cert_generation_s (not measured, node process)": self.cert_gen_s,
             "connect_all_s": self.connect_all_s,
             "node_connect_failures": self.node_connect_failures,
+            "node_connect_p50_ms": self.node_connect_p50_ms,
+            "node_connect_p99_ms": self.node_connect_p99_ms,
+            "udp_rcvbuf_errors_during_connect (system-wide)": self.udp_rcvbuf_errors,
             "conductor_accept_span_s": self.accept_span_s,
             "conductor_cpu_percent_of_one_core": self.cpu_percent,
             "conductor_rss_before_mib": self.rss_before_mib,
@@ -341,12 +362,16 @@ fn run_size(rt: &tokio::runtime::Runtime, p: &Params, n: usize, tck: f64) -> Res
             let addr = server.local_addr()?;
             anyhow::Ok((start_conductor(server), addr))
         })?;
+        let drops0 = udp_rcvbuf_errors();
         writeln!(stdin, "addr {addr}")?;
         stdin.flush()?;
         let connected = expect_line(&lines, "connected", Duration::from_secs(600))?;
         let mut it = connected.split_whitespace();
         let connect_all_s: f64 = it.next().unwrap_or("nan").parse()?;
         let failures: u64 = it.next().unwrap_or("0").parse()?;
+        let node_p50: f64 = it.next().unwrap_or("nan").parse()?;
+        let node_p99: f64 = it.next().unwrap_or("nan").parse()?;
+        let drops = udp_rcvbuf_errors().saturating_sub(drops0);
         // Wait until the conductor holds every connection that came up (bounded).
         let want = n as u64 - failures;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -397,6 +422,9 @@ fn run_size(rt: &tokio::runtime::Runtime, p: &Params, n: usize, tck: f64) -> Res
             cert_gen_s,
             connect_all_s,
             node_connect_failures: failures,
+            node_connect_p50_ms: node_p50,
+            node_connect_p99_ms: node_p99,
+            udp_rcvbuf_errors: drops,
             accept_span_s: span,
             cpu_percent: (cpu1 - cpu0) as f64 / tck / t1.duration_since(t0).as_secs_f64() * 100.0,
             rss_before_mib: rss_before as f64 / 1024.0,
@@ -453,13 +481,14 @@ fn nodes_child(args: &[String]) -> Result<()> {
     rt.block_on(async move {
         let cancel = CancellationToken::new();
         let permits = Arc::new(Semaphore::new(conc.max(1)));
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<bool>();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Option<Duration>>();
         let mut tasks = JoinSet::new();
         let start = Instant::now();
         for tls in nodes {
             let (cancel, permits, done_tx) = (cancel.clone(), permits.clone(), done_tx.clone());
             tasks.spawn(async move {
                 let up = async {
+                    let t = Instant::now();
                     let _permit = permits.acquire().await?;
                     let mut cfg = ClientConfig::new(addr.to_string(), tls);
                     cfg.server_name = Some("localhost".into());
@@ -468,16 +497,16 @@ fn nodes_child(args: &[String]) -> Result<()> {
                     let (session, mut control) = client.connect().await?;
                     control.tx.send(&hello()).await?;
                     let hb = session.open_uni(StreamKind::Heartbeat).await?;
-                    anyhow::Ok((client, session, control, hb))
+                    anyhow::Ok((client, session, control, hb, t.elapsed()))
                 };
                 let (client, session, _control, mut hb) = match up.await {
-                    Ok(v) => {
-                        let _ = done_tx.send(true);
-                        v
+                    Ok((client, session, control, hb, took)) => {
+                        let _ = done_tx.send(Some(took));
+                        (client, session, control, hb)
                     }
                     Err(e) => {
                         eprintln!("node connect failed: {e:#}");
-                        let _ = done_tx.send(false);
+                        let _ = done_tx.send(None);
                         return;
                     }
                 };
@@ -499,19 +528,24 @@ fn nodes_child(args: &[String]) -> Result<()> {
             });
         }
         drop(done_tx);
-        let (mut ok, mut failed) = (0u64, 0u64);
+        let (mut took, mut failed) = (Vec::new(), 0u64);
         while let Some(up) = done_rx.recv().await {
-            if up {
-                ok += 1;
-            } else {
-                failed += 1;
+            match up {
+                Some(t) => took.push(t),
+                None => failed += 1,
             }
-            if ok + failed == n as u64 {
+            if took.len() as u64 + failed == n as u64 {
                 break;
             }
         }
-        println!("connected {:.3} {failed}", start.elapsed().as_secs_f64());
-        let _ = ok;
+        let per_node = common::Summary::of(&took);
+        // Per-node time includes waiting for a connect permit.
+        println!(
+            "connected {:.3} {failed} {:.3} {:.3}",
+            start.elapsed().as_secs_f64(),
+            per_node.p50_ms,
+            per_node.p99_ms
+        );
         // Wait for "stop" (or stdin closing).
         let _ = tokio::task::spawn_blocking(|| {
             let mut l = String::new();
@@ -578,6 +612,7 @@ fn real_main() -> Result<()> {
                 format!("{:.2}", r.connect_all_s),
                 format!("{:.0}", r.nodes as f64 / r.connect_all_s),
                 r.node_connect_failures.to_string(),
+                r.udp_rcvbuf_errors.to_string(),
                 format!("{:.1}", r.cpu_percent),
                 format!("{:.1}", r.rss_after_mib),
                 format!("{:.1}", r.rss_per_node_kib),
@@ -594,6 +629,7 @@ fn real_main() -> Result<()> {
             "connect s",
             "conn/s",
             "failed",
+            "udp drops",
             "cpu %",
             "rss MiB",
             "KiB/node",

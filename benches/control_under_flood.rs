@@ -360,7 +360,6 @@ async fn ping_loop(
 ) -> (Vec<Duration>, usize, usize) {
     let sends: RefCell<Vec<Instant>> = RefCell::new(Vec::with_capacity(p.round_trips));
     let recvd: RefCell<Vec<(u64, Instant)>> = RefCell::new(Vec::with_capacity(p.round_trips));
-    let all_sent = std::cell::Cell::new(false);
     let sender = async {
         let mut tick = tokio::time::interval(p.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -372,7 +371,6 @@ async fn ping_loop(
                 break;
             }
         }
-        all_sent.set(true);
     };
     let receiver = async {
         loop {
@@ -380,7 +378,9 @@ async fn ping_loop(
                 Ok(Some(seq)) => recvd.borrow_mut().push((seq, Instant::now())),
                 _ => break,
             }
-            if all_sent.get() && recvd.borrow().len() >= sends.borrow().len() {
+            // Count against the target, not against `sends`: the last echo can arrive before
+            // the sender's final `ping` call has returned.
+            if recvd.borrow().len() >= p.round_trips {
                 break;
             }
         }

@@ -57,6 +57,8 @@ struct Mux {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transport {
     Quic,
+    /// QUIC with the node's adaptive log pacing (`symphony_net::Pacer`).
+    QuicPaced,
     Tcp,
 }
 
@@ -64,6 +66,7 @@ impl Transport {
     fn name(self) -> &'static str {
         match self {
             Self::Quic => "quic",
+            Self::QuicPaced => "quic+paced",
             Self::Tcp => "tcp+tls",
         }
     }
@@ -71,6 +74,7 @@ impl Transport {
     fn parse(s: &str) -> Result<Self> {
         match s {
             "quic" => Ok(Self::Quic),
+            "quic-paced" | "quic+paced" => Ok(Self::QuicPaced),
             "tcp" | "tcp+tls" => Ok(Self::Tcp),
             other => bail!("unknown transport {other}"),
         }
@@ -447,6 +451,7 @@ async fn quic_client(
     level: usize,
     p: &Params,
     drained: Option<&AtomicU64>,
+    paced: bool,
 ) -> Result<RunResult> {
     let mut cfg = ClientConfig::new(addr.to_string(), tls);
     cfg.server_name = Some("localhost".into());
@@ -460,15 +465,27 @@ async fn quic_client(
     let stop = CancellationToken::new();
     let mut floods = JoinSet::new();
     let batch = p.batch();
+    let pacer = paced.then(|| symphony_net::Pacer::new(session.connection().clone(), symphony_net::PacerConfig::default()));
+    if let Some(pacer) = &pacer {
+        floods.spawn(pacer.clone().run());
+    }
+    let batch_len = batch.encoded_len() + 4;
     for i in 0..level {
         let mut log = session.open_uni(StreamKind::Log).await?;
         log.send(&LogHeader {
             deployment_id: format!("dep-{i}"),
         })
         .await?;
-        let (stop, batch) = (stop.clone(), batch.clone());
+        let (stop, batch, pacer) = (stop.clone(), batch.clone(), pacer.clone());
         floods.spawn(async move {
             loop {
+                if let Some(pacer) = &pacer {
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => break,
+                        () = pacer.acquire(batch_len) => {}
+                    }
+                }
                 tokio::select! {
                     biased;
                     () = stop.cancelled() => break,
@@ -479,7 +496,8 @@ async fn quic_client(
     }
     // Skip the echo of the opening ping.
     let _ = rx.next_echo().await?;
-    let res = measured(Transport::Quic, level, p, drained, &mut tx, &mut rx).await;
+    let transport = if paced { Transport::QuicPaced } else { Transport::Quic };
+    let res = measured(transport, level, p, drained, &mut tx, &mut rx).await;
     stop.cancel();
     while floods.join_next().await.is_some() {}
     session.close(symphony_net::CloseCode::Shutdown, "bench done");
@@ -572,9 +590,10 @@ async fn run_one(transport: Transport, level: usize, p: &Params, pki: &Pki) -> R
     let listen: SocketAddr = "127.0.0.1:0".parse()?;
     let tls = pki.node_tls(&format!("bench-node-{level}"))?;
     match transport {
-        Transport::Quic => {
+        Transport::Quic | Transport::QuicPaced => {
             let srv = quic_server(listen, &pki.server_tls()).await?;
-            quic_client(srv.addr, listen, tls, level, p, Some(&srv.drained)).await
+            let paced = transport == Transport::QuicPaced;
+            quic_client(srv.addr, listen, tls, level, p, Some(&srv.drained), paced).await
         }
         Transport::Tcp => {
             let srv = tcp_server(listen, &pki.server_tls()).await?;
@@ -598,6 +617,7 @@ fn report(title: &str, p: &Params, results: &[RunResult]) -> (String, Value) {
         let (Some(q), Some(t)) = (find(Transport::Quic), find(Transport::Tcp)) else {
             continue;
         };
+        let paced = find(Transport::QuicPaced);
         let ratio = t.rtt.p99_ms / q.rtt.p99_ms;
         let mbs = |r: &RunResult| r.mb_s().map_or("-".into(), |v| format!("{v:.1}"));
         rows.push(vec![
@@ -611,12 +631,16 @@ fn report(title: &str, p: &Params, results: &[RunResult]) -> (String, Value) {
             common::ms(t.rtt.max_ms),
             mbs(t),
             format!("{ratio:.1}x"),
+            paced.map_or("-".into(), |r| common::ms(r.rtt.p50_ms)),
+            paced.map_or("-".into(), |r| common::ms(r.rtt.p99_ms)),
+            paced.map_or("-".into(), mbs),
             format!("{}/{}", q.echoed, t.echoed),
         ]);
         ratios.push(json!({
             "flood_sources": level,
             "baseline_p99_over_quic_p99": ratio,
             "baseline_max_over_quic_max": t.rtt.max_ms / q.rtt.max_ms,
+            "baseline_p99_over_paced_p99": paced.map(|r| t.rtt.p99_ms / r.rtt.p99_ms),
         }));
     }
     let table = common::table(
@@ -631,6 +655,9 @@ fn report(title: &str, p: &Params, results: &[RunResult]) -> (String, Value) {
             "tcp max",
             "tcp MB/s",
             "p99 ratio",
+            "paced p50",
+            "paced p99",
+            "paced MB/s",
             "echoed q/t",
         ],
         &rows,
@@ -669,7 +696,7 @@ fn real_main() -> Result<()> {
     let pki = Pki::new(&[netns::SERVER_IP])?;
     let mut results = Vec::new();
     for &level in &p.levels {
-        for transport in [Transport::Quic, Transport::Tcp] {
+        for transport in [Transport::Quic, Transport::QuicPaced, Transport::Tcp] {
             let r = rt
                 .block_on(run_one(transport, level, &p, &pki))
                 .with_context(|| format!("{} with {level} sources", transport.name()))?;
@@ -832,11 +859,11 @@ mod netns {
             p.levels.clone()
         };
         for &level in &levels {
-            for transport in [Transport::Quic, Transport::Tcp] {
-                let t = if transport == Transport::Quic {
-                    "quic"
-                } else {
-                    "tcp"
+            for transport in [Transport::Quic, Transport::QuicPaced, Transport::Tcp] {
+                let t = match transport {
+                    Transport::Quic => "quic",
+                    Transport::QuicPaced => "quic-paced",
+                    Transport::Tcp => "tcp",
                 };
                 let r = one(&exe, t, &dir_s, level, p)
                     .with_context(|| format!("tbf {t} with {level} sources"))?;
@@ -985,7 +1012,7 @@ mod netns {
         let rt = common::runtime()?;
         rt.block_on(async move {
             let srv = match transport {
-                Transport::Quic => quic_server(listen, &tls).await?,
+                Transport::Quic | Transport::QuicPaced => quic_server(listen, &tls).await?,
                 Transport::Tcp => tcp_server(listen, &tls).await?,
             };
             println!("ready");
@@ -1027,7 +1054,8 @@ mod netns {
         let rt = common::runtime()?;
         let r = rt.block_on(async {
             match transport {
-                Transport::Quic => quic_client(server, bind, tls, level, &p, None).await,
+                Transport::Quic => quic_client(server, bind, tls, level, &p, None, false).await,
+                Transport::QuicPaced => quic_client(server, bind, tls, level, &p, None, true).await,
                 Transport::Tcp => tcp_client(server, bind, tls, level, &p, None).await,
             }
         })?;

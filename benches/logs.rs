@@ -47,7 +47,7 @@ fn main() -> anyhow::Result<()> {
     let quick = std::env::var_os("BENCH_QUICK").is_some_and(|v| v != "0");
     let p = Params {
         warmup: Duration::from_secs(if quick { 1 } else { 2 }),
-        window: Duration::from_secs(if quick { 3 } else { 15 }),
+        window: Duration::from_secs(if quick { 3 } else { 12 }),
         samples: if quick { 8 } else { 30 },
     };
     println!(

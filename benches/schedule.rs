@@ -255,8 +255,25 @@ fn bench_pure(p: &Params) -> Value {
         .map(|(i, d)| (d.id.as_str(), i))
         .collect();
 
+    // Supply (online nodes) and demand (desired-RUNNING requests) per class, for the reader.
+    let mut supply: BTreeMap<&str, i64> = BTreeMap::new();
+    for n in nodes.iter().filter(|n| n.state == NodeState::Online) {
+        for (class, &v) in &n.capacities_total {
+            *supply.entry(class.as_str()).or_default() += v;
+        }
+    }
+    let mut demand: BTreeMap<&str, i64> = BTreeMap::new();
+    for d in deployments.iter().filter(|d| d.desired_running) {
+        for (class, &v) in &d.capacity_requests {
+            *demand.entry(class.as_str()).or_default() += v;
+        }
+    }
+    println!("\nonline supply {supply:?}; desired-RUNNING demand {demand:?}");
+
     let mut rows = Vec::new();
     let mut results = serde_json::Map::new();
+    results.insert("supply_online".to_owned(), json!(supply));
+    results.insert("demand_desired_running".to_owned(), json!(demand));
     for strategy in [Strategy::Spread, Strategy::Binpack] {
         let mut times = Vec::new();
         let mut last = None;

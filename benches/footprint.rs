@@ -1,0 +1,448 @@
+//! Footprint benchmark: resident memory and CPU of the real `symphony` binary, idle and with
+//! many deployments running.
+//!
+//! Two layouts, each measured idle and then with N deployments (`sleep 100000`) RUNNING:
+//! - `symphony dev`: conductor and local node in one process;
+//! - a separate `symphony --config conductor.yaml` and `symphony --config node.yaml` (keys as
+//!   in the README; the node certificate comes from `symphony cert node`), so the figures split
+//!   per process.
+//!
+//! Memory is `VmRSS` (and the peak `VmHWM`) from `/proc/<pid>/status`; CPU is the process's own
+//! `utime + stime` (not its children's: the workloads are not counted) from `/proc/<pid>/stat`
+//! over a fixed window, as a percentage of one core. Everything listens on 127.0.0.1 (free
+//! ports picked by binding port 0). The binary is `$SYMPHONY_BIN`, else
+//! `<CARGO_TARGET_DIR or ./target>/release/symphony`; when it is missing the bench says how to
+//! build it and records that it was skipped. Children are stopped with SIGTERM (which stops
+//! their workloads), then SIGKILL if they linger; any recorded workload still alive afterwards
+//! is killed by process group.
+//!
+//! The original's idle node figure (0.1-0.2 % CPU on the reference VM) is quoted from
+//! `original-symphony.md` section 17, not re-measured. `BENCH_QUICK=1` runs a short smoke
+//! version. Results go to stdout and `<CARGO_TARGET_DIR or ./target>/bench/footprint.json`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+/// The original's idle node CPU, quoted (original-symphony.md section 17).
+const ORIGINAL_IDLE_NODE_CPU: &str = "0.1-0.2 % of one core (quoted, not re-measured)";
+
+/// Upper bound for any awaited state.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::var_os("BENCH_QUICK").is_some_and(|v| v != "0");
+    let p = Params {
+        window: Duration::from_secs(if quick { 2 } else { 10 }),
+        settle: Duration::from_secs(if quick { 1 } else { 2 }),
+        deployments: if quick { 20 } else { 100 },
+    };
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    let bin = std::env::var_os("SYMPHONY_BIN")
+        .map_or_else(|| target.join("release").join("symphony"), PathBuf::from);
+    let mut report = json!({
+        "bench": "footprint",
+        "quick": quick,
+        "machine": machine(),
+        "parameters": {
+            "binary": bin.display().to_string(),
+            "window_s": p.window.as_secs_f64(),
+            "settle_s": p.settle.as_secs_f64(),
+            "deployments": p.deployments,
+            "workload": ["sleep", "100000"],
+            "node_heartbeat_s": 1,
+            "cpu": "own utime+stime over the window, % of one core",
+        },
+        "baseline_quoted": { "original_idle_node_cpu": ORIGINAL_IDLE_NODE_CPU },
+    });
+    if !bin.is_file() {
+        println!(
+            "footprint bench: no binary at {}.\n  Build it first: cargo build --release --bin symphony\n  (or point SYMPHONY_BIN at one). Skipped.",
+            bin.display()
+        );
+        report["skipped"] = json!(format!("binary not found at {}", bin.display()));
+        let path = write_json("footprint", &report)?;
+        println!("wrote {}", path.display());
+        return Ok(());
+    }
+    println!(
+        "footprint bench ({}): {} deployments, {:?} windows, binary {}",
+        if quick { "quick" } else { "full" },
+        p.deployments,
+        p.window,
+        bin.display()
+    );
+    let ticks = clock_ticks();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let dev = rt.block_on(dev_layout(&bin, &p, ticks))?;
+    let split = rt.block_on(split_layout(&bin, &p, ticks))?;
+
+    println!(
+        "\n{:<7} {:<16} {:<12} {:>9} {:>9} {:>8} {:>8}",
+        "layout", "process", "state", "RSS MiB", "peak MiB", "CPU %", "threads"
+    );
+    for m in dev.iter().chain(&split) {
+        println!(
+            "{:<7} {:<16} {:<12} {:>9.1} {:>9.1} {:>8.2} {:>8}",
+            m["layout"].as_str().unwrap_or(""),
+            m["process"].as_str().unwrap_or(""),
+            m["state"].as_str().unwrap_or(""),
+            m["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+            m["hwm_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+            m["cpu_percent"].as_f64().unwrap_or(f64::NAN),
+            m["threads"].as_u64().unwrap_or(0),
+        );
+    }
+    println!(
+        "(CPU % = own utime+stime over the window, % of one core; 1 tick = {:.2} % here)",
+        100.0 / ticks / p.window.as_secs_f64()
+    );
+    println!("original, idle node: {ORIGINAL_IDLE_NODE_CPU}");
+    report["results"] = json!(dev.into_iter().chain(split).collect::<Vec<_>>());
+    let path = write_json("footprint", &report)?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
+
+struct Params {
+    window: Duration,
+    settle: Duration,
+    deployments: usize,
+}
+
+/// A child `symphony` process, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Child(std::process::Child);
+
+impl Child {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        for _ in 0..300 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(bin: &Path, args: &[&str], dir: &Path, log: &str) -> anyhow::Result<Child> {
+    let out = std::fs::File::create(dir.join(log))?;
+    let err = out.try_clone()?;
+    let child = Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()?;
+    Ok(Child(child))
+}
+
+fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `getconf CLK_TCK`, 100 if that fails (the Linux value everywhere in practice).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|&t| t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow::anyhow!("unexpected /proc/{pid}/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. indexes 11 and 12 here.
+    let utime: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let stime: u64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok(utime + stime)
+}
+
+/// A `kB` field (or a count) of `/proc/<pid>/status`.
+fn status_field(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Measures every named process over the same window; one row per process.
+async fn measure(
+    layout: &str,
+    state: &str,
+    procs: &[(&str, u32)],
+    window: Duration,
+    ticks: f64,
+) -> anyhow::Result<Vec<Value>> {
+    let mut before = Vec::new();
+    for &(_, pid) in procs {
+        before.push(cpu_ticks(pid)?);
+    }
+    let t = Instant::now();
+    tokio::time::sleep(window).await;
+    let secs = t.elapsed().as_secs_f64();
+    let mut out = Vec::new();
+    for (&(name, pid), b) in procs.iter().zip(before) {
+        let used = cpu_ticks(pid)?.saturating_sub(b) as f64 / ticks;
+        out.push(json!({
+                "layout": layout,
+                "process": name,
+                "state": state,
+                "rss_kib": status_field(pid, "VmRSS"),
+                "hwm_kib": status_field(pid, "VmHWM"),
+                "threads": status_field(pid, "Threads"),
+                "cpu_seconds": used,
+                "window_s": secs,
+                "cpu_percent": used / secs * 100.0,
+        }));
+    }
+    Ok(out)
+}
+
+/// Polls `GET url` until `pred` holds (bounded).
+async fn wait_json(
+    http: &reqwest::Client,
+    url: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Ok(r) = http.get(url).send().await
+            && let Ok(v) = r.json::<Value>().await
+            && pred(&v)
+        {
+            return Ok(v);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates `n` `sleep 100000` deployments and waits until all are RUNNING; returns their pids.
+async fn load(http: &reqwest::Client, api: &str, n: usize) -> anyhow::Result<Vec<u32>> {
+    for i in 0..n {
+        let body = json!({"name": format!("idle-{i}"), "specification": {"spec": {"config": {"command": ["sleep", "100000"]}}}});
+        let r = http
+            .post(format!("{api}/deployments"))
+            .json(&body)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().as_u16() == 201, "POST: {}", r.status());
+    }
+    let v = wait_json(
+        http,
+        &format!("{api}/deployments?limit=500"),
+        "all deployments RUNNING",
+        |v| {
+            v.as_array()
+                .is_some_and(|a| a.len() == n && a.iter().all(|d| d["current_state"] == "RUNNING"))
+        },
+    )
+    .await?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d["status"]["pid"].as_u64())
+                .filter_map(|p| u32::try_from(p).ok())
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Kills (by process group) any recorded workload that outlived its node.
+async fn reap(pids: &[u32]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let alive = |p: u32| {
+        std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+            .is_ok_and(|c| c.starts_with("sleep\x00100000"))
+    };
+    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut killed = 0;
+    for &p in pids {
+        if alive(p)
+            && let Ok(p) = i32::try_from(p)
+        {
+            let _ = kill(Pid::from_raw(-p), Signal::SIGKILL);
+            killed += 1;
+        }
+    }
+    killed
+}
+
+async fn dev_layout(bin: &Path, p: &Params, ticks: f64) -> anyhow::Result<Vec<Value>> {
+    let dir = tempfile::tempdir()?;
+    let (http_port, quic_port) = (free_tcp_port()?, free_udp_port()?);
+    let http_arg = format!("127.0.0.1:{http_port}");
+    let quic_arg = format!("127.0.0.1:{quic_port}");
+    let child = spawn(
+        bin,
+        &[
+            "dev",
+            "--http",
+            &http_arg,
+            "--quic",
+            &quic_arg,
+            "--storage",
+            "./storage",
+        ],
+        dir.path(),
+        "dev.log",
+    )?;
+    let api = format!("http://{http_arg}");
+    let http = reqwest::Client::new();
+    wait_json(
+        &http,
+        &format!("{api}/nodes"),
+        "the local node online",
+        |v| v["nodes"]["local"]["state"] == "online",
+    )
+    .await?;
+    let pid = child.pid();
+    tokio::time::sleep(p.settle).await;
+    let mut rows = measure("dev", "idle", &[("conductor+node", pid)], p.window, ticks).await?;
+    let pids = load(&http, &api, p.deployments).await?;
+    tokio::time::sleep(p.settle).await;
+    let state = format!("{} running", p.deployments);
+    rows.extend(measure("dev", &state, &[("conductor+node", pid)], p.window, ticks).await?);
+    drop(child);
+    let reaped = reap(&pids).await;
+    if reaped > 0 {
+        println!("dev: killed {reaped} workloads that outlived the node");
+    }
+    Ok(rows)
+}
+
+async fn split_layout(bin: &Path, p: &Params, ticks: f64) -> anyhow::Result<Vec<Value>> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (http_port, quic_port) = (free_tcp_port()?, free_udp_port()?);
+    std::fs::write(
+        d.join("conductor.yaml"),
+        format!(
+            "mode: conductor\nconductor:\n  listen: 127.0.0.1:{quic_port}\n  http_listen: 127.0.0.1:{http_port}\n  storage_dir: ./storage\n  tls:\n    cert_path: ./certs\n"
+        ),
+    )?;
+    let conductor = spawn(bin, &["--config", "conductor.yaml"], d, "conductor.log")?;
+    let api = format!("http://127.0.0.1:{http_port}");
+    let http = reqwest::Client::new();
+    wait_json(&http, &format!("{api}/nodes"), "the API", |v| {
+        v["nodes"].is_object()
+    })
+    .await?;
+    let out = Command::new(bin)
+        .args([
+            "cert",
+            "node",
+            "n1",
+            "--cert-path",
+            "./certs",
+            "--out",
+            "./n1",
+        ])
+        .current_dir(d)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "symphony cert node: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        d.join("node.yaml"),
+        format!(
+            "mode: node\nnode:\n  node_id: n1\n  conductor_addr: 127.0.0.1:{quic_port}\n  server_name: localhost\n  groups: [local]\n  capacities_total: {{cpu: 2}}\n  heartbeat_sec: 1\n  work_dir: ./n1/work\n  tls:\n    ca_file: ./n1/ca.pem\n    cert_file: ./n1/n1.pem\n    key_file: ./n1/n1.key\n"
+        ),
+    )?;
+    let node = spawn(bin, &["--config", "node.yaml"], d, "node.log")?;
+    wait_json(&http, &format!("{api}/nodes"), "node n1 online", |v| {
+        v["nodes"]["n1"]["state"] == "online"
+    })
+    .await?;
+    let (cpid, npid) = (conductor.pid(), node.pid());
+    tokio::time::sleep(p.settle).await;
+    let both = [("conductor", cpid), ("node", npid)];
+    let mut rows = measure("split", "idle", &both, p.window, ticks).await?;
+    let pids = load(&http, &api, p.deployments).await?;
+    tokio::time::sleep(p.settle).await;
+    let state = format!("{} running", p.deployments);
+    rows.extend(measure("split", &state, &both, p.window, ticks).await?);
+    // The node first (it stops its workloads), then the conductor.
+    drop(node);
+    drop(conductor);
+    let reaped = reap(&pids).await;
+    if reaped > 0 {
+        println!("split: killed {reaped} workloads that outlived the node");
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// report plumbing (each bench is its own crate, so these few helpers are repeated)
+
+/// nproc, CPU model and kernel of this machine.
+fn machine() -> Value {
+    let nproc = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/version")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    json!({ "nproc": nproc, "cpu_model": cpu, "kernel": kernel })
+}
+
+/// Writes `<CARGO_TARGET_DIR or ./target>/bench/<name>.json`.
+fn write_json(name: &str, v: &Value) -> anyhow::Result<PathBuf> {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(v)?)?;
+    Ok(path)
+}

@@ -1,0 +1,614 @@
+//! Scheduling benchmark: (a) the pure scheduler's placement rate against a naive
+//! re-implementation of the original's algorithm, (b) end-to-end `POST /deployments` to RUNNING
+//! latency with a real conductor, a real node agent (both in-process, loopback QUIC) and real
+//! processes.
+//!
+//! (a) 10 000 deployments onto 1 000 nodes (four groups, several capacity classes and sizes,
+//! 2 % suspect nodes), one fresh pass per repetition, Spread and Binpack. The baseline is the
+//! original's pass (`original-symphony.md` section 9): for each deployment, keep the connected
+//! nodes whose `total - used` (with `used` from the last heartbeat, so fixed for the whole pass)
+//! covers every request, then pick one uniformly at random; groups are ignored and nothing is
+//! reserved. The bench counts the baseline's over-committed placements (a placement that pushes
+//! its node past a total) and group violations, and checks that ours has none of either.
+//!
+//! (b) `symphony::conductor::Conductor` and `symphony::node::agent::run` on 127.0.0.1 with
+//! default transport settings and a 1 s heartbeat (what `symphony dev` uses). Deployments
+//! (`sleep 1000`) are created one after another; each sample is the time from sending the POST
+//! to the published snapshot (the conductor's watch channel) showing RUNNING. Then every
+//! deployment is deleted and the bench waits until its process is gone. The original's figure
+//! is quoted from `original-symphony.md` section 8, not re-measured.
+//!
+//! Loopback only, bounded loops. `BENCH_QUICK=1` runs a short smoke version. Results go to
+//! stdout (a table) and to `<CARGO_TARGET_DIR or ./target>/bench/schedule.json`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use symphony::conductor::{Conductor, ConductorConfig};
+use symphony::node::agent::NodeConfig;
+use symphony::scheduler::{self, DeploymentView, NodeState, NodeView, Strategy};
+use symphony_net::{TlsMaterial, TransportSettings};
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound for any awaited state in part (b).
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The original's POST -> RUNNING, quoted (original-symphony.md section 8).
+const ORIGINAL_POST_TO_RUNNING: &str = "median ~4.6 s, range 0.8-7.8 s (quoted, not re-measured)";
+
+const GROUPS: [&str; 4] = ["gpu-a", "gpu-b", "cpu", "edge"];
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::var_os("BENCH_QUICK").is_some_and(|v| v != "0");
+    let params = Params {
+        nodes: 1_000,
+        deployments: 10_000,
+        reps: if quick { 2 } else { 7 },
+        e2e_deployments: if quick { 30 } else { 200 },
+    };
+    println!(
+        "schedule bench ({}): {} deployments onto {} nodes x {} reps; end to end {} deployments",
+        if quick { "quick" } else { "full" },
+        params.deployments,
+        params.nodes,
+        params.reps,
+        params.e2e_deployments
+    );
+
+    let pure = bench_pure(&params);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let e2e = rt.block_on(bench_e2e(params.e2e_deployments))?;
+
+    let report = json!({
+        "bench": "schedule",
+        "quick": quick,
+        "machine": machine(),
+        "parameters": {
+            "nodes": params.nodes,
+            "deployments": params.deployments,
+            "repetitions": params.reps,
+            "groups": GROUPS,
+            "suspect_nodes_every": 50,
+            "e2e_deployments": params.e2e_deployments,
+            "e2e_command": ["sleep", "1000"],
+            "e2e_heartbeat_ms": 1000,
+        },
+        "results": { "scheduler": pure, "end_to_end": e2e },
+        "baseline_quoted": { "original_post_to_running": ORIGINAL_POST_TO_RUNNING },
+    });
+    let path = write_json("schedule", &report)?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
+
+struct Params {
+    nodes: usize,
+    deployments: usize,
+    reps: usize,
+    e2e_deployments: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) the pure scheduler
+
+/// 1 000 nodes: four groups round-robin (every 10th node also in `batch`), cpu 8..64, mem = 4 x
+/// cpu, gpu 1..8 on gpu groups only; every 50th node is Suspect.
+fn make_nodes(n: usize) -> Vec<NodeView> {
+    (0..n)
+        .map(|i| {
+            let group = GROUPS[i % 4];
+            let mut groups = vec![group.to_owned()];
+            if i % 10 == 0 {
+                groups.push("batch".to_owned());
+            }
+            let cpu = [8, 16, 32, 64][(i / 4) % 4];
+            let mut caps = BTreeMap::from([("cpu".to_owned(), cpu), ("mem".to_owned(), cpu * 4)]);
+            if group.starts_with("gpu") {
+                caps.insert("gpu".to_owned(), [1, 2, 4, 8][(i / 16) % 4]);
+            }
+            NodeView {
+                id: format!("node-{i:04}"),
+                groups,
+                capacities_total: caps,
+                conda_envs: BTreeSet::new(),
+                state: if i % 50 == 49 {
+                    NodeState::Suspect
+                } else {
+                    NodeState::Online
+                },
+            }
+        })
+        .collect()
+}
+
+/// 10 000 deployments, 95 % desired RUNNING: 18 % GPU jobs (gpu 1-2, cpu 2-8, group gpu-a,
+/// gpu-b or any), the rest CPU jobs (cpu 1-3, mem 1-16, group cpu, edge, batch or any).
+fn make_deployments(n: usize, rng: &mut StdRng) -> Vec<DeploymentView> {
+    (0..n)
+        .map(|i| {
+            let gpu_job = rng.random_range(0..100) < 18;
+            let (group, requests) = if gpu_job {
+                let group = ["gpu-a", "gpu-b", ""][rng.random_range(0..3)];
+                let gpu = if rng.random_range(0..10) == 0 { 2 } else { 1 };
+                let req = BTreeMap::from([
+                    ("gpu".to_owned(), gpu),
+                    ("cpu".to_owned(), rng.random_range(2..=8)),
+                ]);
+                (group, req)
+            } else {
+                let group = ["cpu", "edge", "batch", ""][rng.random_range(0..4)];
+                let req = BTreeMap::from([
+                    ("cpu".to_owned(), rng.random_range(1..=3)),
+                    ("mem".to_owned(), rng.random_range(1..=16)),
+                ]);
+                (group, req)
+            };
+            DeploymentView {
+                id: format!("dep-{i:05}"),
+                created_at_ms: 1_700_000_000_000 + i as u64,
+                desired_running: rng.random_range(0..100) < 95,
+                node_group: (!group.is_empty()).then(|| group.to_owned()),
+                capacity_requests: requests,
+                env_name: None,
+                assignment: None,
+            }
+        })
+        .collect()
+}
+
+/// The original's pass, re-implemented naively: no reservation (every check sees the same
+/// heartbeat `used`, here all zero: a fresh pass), groups ignored, uniform random choice.
+/// STOPPED deployments are placed too, as the original did (section 9, B19).
+fn naive_plan(
+    nodes: &[NodeView],
+    deployments: &[DeploymentView],
+    used: &BTreeMap<String, BTreeMap<String, i64>>,
+    rng: &mut StdRng,
+) -> Vec<(usize, usize)> {
+    let connected: Vec<usize> = (0..nodes.len())
+        .filter(|&i| nodes[i].state == NodeState::Online)
+        .collect();
+    let mut out = Vec::with_capacity(deployments.len());
+    let mut eligible = Vec::with_capacity(connected.len());
+    for (d, dep) in deployments.iter().enumerate() {
+        eligible.clear();
+        for &i in &connected {
+            let node = &nodes[i];
+            let node_used = used.get(&node.id);
+            let fits = dep.capacity_requests.iter().all(|(class, &req)| {
+                let total = node.capacities_total.get(class).copied().unwrap_or(0);
+                let u = node_used.and_then(|m| m.get(class)).copied().unwrap_or(0);
+                total - u >= req
+            });
+            if fits {
+                eligible.push(i);
+            }
+        }
+        if !eligible.is_empty() {
+            out.push((d, eligible[rng.random_range(0..eligible.len())]));
+        }
+    }
+    out
+}
+
+/// Replays placements (in order) per node; counts those that push a class past its total and
+/// those on a node outside the requested group.
+fn audit(
+    nodes: &[NodeView],
+    deployments: &[DeploymentView],
+    placements: &[(usize, usize)],
+) -> (usize, usize) {
+    let mut held: Vec<BTreeMap<&str, i64>> = vec![BTreeMap::new(); nodes.len()];
+    let (mut over, mut wrong_group) = (0, 0);
+    for &(d, n) in placements {
+        let (dep, node) = (&deployments[d], &nodes[n]);
+        let mut exceeded = false;
+        for (class, &req) in &dep.capacity_requests {
+            let h = held[n].entry(class.as_str()).or_insert(0);
+            *h += req.max(0);
+            if *h > node.capacities_total.get(class).copied().unwrap_or(0) {
+                exceeded = true;
+            }
+        }
+        over += usize::from(exceeded);
+        if let Some(g) = dep.node_group.as_deref().filter(|g| !g.is_empty())
+            && !node.groups.iter().any(|x| x == g)
+        {
+            wrong_group += 1;
+        }
+    }
+    (over, wrong_group)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn bench_pure(p: &Params) -> Value {
+    let nodes = make_nodes(p.nodes);
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let deployments = make_deployments(p.deployments, &mut rng);
+    let index: BTreeMap<&str, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.id.as_str(), i))
+        .collect();
+    let dep_index: BTreeMap<&str, usize> = deployments
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.id.as_str(), i))
+        .collect();
+
+    // Supply (online nodes) and demand (desired-RUNNING requests) per class, for the reader.
+    let mut supply: BTreeMap<&str, i64> = BTreeMap::new();
+    for n in nodes.iter().filter(|n| n.state == NodeState::Online) {
+        for (class, &v) in &n.capacities_total {
+            *supply.entry(class.as_str()).or_default() += v;
+        }
+    }
+    let mut demand: BTreeMap<&str, i64> = BTreeMap::new();
+    for d in deployments.iter().filter(|d| d.desired_running) {
+        for (class, &v) in &d.capacity_requests {
+            *demand.entry(class.as_str()).or_default() += v;
+        }
+    }
+    println!("\nonline supply {supply:?}; desired-RUNNING demand {demand:?}");
+
+    let mut rows = Vec::new();
+    let mut results = serde_json::Map::new();
+    results.insert("supply_online".to_owned(), json!(supply));
+    results.insert("demand_desired_running".to_owned(), json!(demand));
+    for strategy in [Strategy::Spread, Strategy::Binpack] {
+        let mut times = Vec::new();
+        let mut last = None;
+        for _ in 0..p.reps {
+            let t = Instant::now();
+            let plan = scheduler::plan(&nodes, &deployments, 1, strategy);
+            times.push(t.elapsed().as_secs_f64());
+            last = Some(plan);
+        }
+        let Some(plan) = last else { continue };
+        let placements: Vec<(usize, usize)> = plan
+            .placements
+            .iter()
+            .filter_map(|pl| {
+                Some((
+                    *dep_index.get(pl.deployment_id.as_str())?,
+                    *index.get(pl.node_id.as_str())?,
+                ))
+            })
+            .collect();
+        let (over, wrong) = audit(&nodes, &deployments, &placements);
+        let med = median(times.clone());
+        let placed = plan.placements.len();
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, why) in &plan.unplaced {
+            *reasons.entry(why.to_string()).or_default() += 1;
+        }
+        rows.push((
+            format!("symphony {strategy}"),
+            med,
+            placed,
+            over,
+            wrong,
+            plan.unplaced.len(),
+        ));
+        results.insert(
+            strategy.to_string(),
+            json!({
+                "median_s": med,
+                "times_s": times,
+                "placed": placed,
+                "placements_per_s": placed as f64 / med,
+                "deployments_per_s": p.deployments as f64 / med,
+                "unplaced": plan.unplaced.len(),
+                "unplaced_reasons": reasons,
+                "over_committed": over,
+                "wrong_group": wrong,
+            }),
+        );
+    }
+
+    let used = BTreeMap::new();
+    let mut times = Vec::new();
+    let mut last = Vec::new();
+    for r in 0..p.reps {
+        let mut rng = StdRng::seed_from_u64(r as u64);
+        let t = Instant::now();
+        let placements = naive_plan(&nodes, &deployments, &used, &mut rng);
+        times.push(t.elapsed().as_secs_f64());
+        last = placements;
+    }
+    let (over, wrong) = audit(&nodes, &deployments, &last);
+    let med = median(times.clone());
+    let stopped_placed = last
+        .iter()
+        .filter(|&&(d, _)| !deployments[d].desired_running)
+        .count();
+    rows.push((
+        "naive (original)".to_owned(),
+        med,
+        last.len(),
+        over,
+        wrong,
+        p.deployments - last.len(),
+    ));
+    results.insert(
+        "naive_original".to_owned(),
+        json!({
+            "median_s": med,
+            "times_s": times,
+            "placed": last.len(),
+            "placements_per_s": last.len() as f64 / med,
+            "deployments_per_s": p.deployments as f64 / med,
+            "over_committed": over,
+            "wrong_group": wrong,
+            "stopped_but_placed": stopped_placed,
+        }),
+    );
+
+    println!("\n(a) scheduler alone: one pass, median of {} reps", p.reps);
+    println!(
+        "{:<18} {:>10} {:>8} {:>14} {:>11} {:>11} {:>9} {:>11}",
+        "algorithm",
+        "median ms",
+        "placed",
+        "placements/s",
+        "vs naive",
+        "overcommit",
+        "wrong grp",
+        "unplaced"
+    );
+    for (name, med_s, placed, over, wrong, unplaced) in &rows {
+        println!(
+            "{:<18} {:>10.1} {:>8} {:>14.0} {:>10.2}x {:>11} {:>9} {:>11}",
+            name,
+            med_s * 1e3,
+            placed,
+            *placed as f64 / med_s,
+            med / med_s,
+            over,
+            wrong,
+            unplaced
+        );
+    }
+    println!("(vs naive = naive median time / this median time; > 1 means faster than naive)");
+    for s in ["spread", "binpack"] {
+        if let Some(r) = results.get_mut(s) {
+            let ratio = med / r["median_s"].as_f64().unwrap_or(f64::NAN);
+            r["speed_vs_naive"] = json!(ratio);
+        }
+    }
+    Value::Object(results)
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) end to end
+
+fn pct(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn summary(mut xs: Vec<f64>) -> Value {
+    xs.sort_by(f64::total_cmp);
+    json!({
+        "n": xs.len(),
+        "p50_ms": pct(&xs, 0.50),
+        "p90_ms": pct(&xs, 0.90),
+        "p99_ms": pct(&xs, 0.99),
+        "min_ms": xs.first(),
+        "max_ms": xs.last(),
+    })
+}
+
+fn pid_alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+async fn bench_e2e(count: usize) -> anyhow::Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let mut cfg = ConductorConfig::local(dir.path().join("storage"));
+    cfg.quic_listen = "127.0.0.1:0".parse()?;
+    cfg.http_listen = "127.0.0.1:0".parse()?;
+    let conductor = Conductor::start(cfg).await?;
+    let certs = dir.path().join("node");
+    let files = conductor.ca.ensure_node_files("bench-node", &certs)?;
+    let tls = TlsMaterial::from_files(&certs.join("ca.pem"), &files.cert, &files.key)?;
+    let node_cfg = NodeConfig {
+        node_id: "bench-node".into(),
+        conductor_addr: conductor.quic_addr.to_string(),
+        server_name: Some("localhost".into()),
+        tls,
+        groups: vec!["local".into()],
+        capacities_total: BTreeMap::from([("cpu".to_owned(), 2)]),
+        heartbeat: Duration::from_secs(1),
+        work_dir: dir.path().join("work"),
+        transport: TransportSettings::default(),
+    };
+    let cancel = CancellationToken::new();
+    let node = tokio::spawn(symphony::node::agent::run(node_cfg, cancel.clone()));
+    let mut rx = conductor.core.subscribe();
+    tokio::time::timeout(
+        DEADLINE,
+        rx.wait_for(|v| {
+            v.nodes
+                .get("bench-node")
+                .is_some_and(|n| n.state == "online")
+        }),
+    )
+    .await??;
+
+    let api = format!("http://{}", conductor.http_addr);
+    let http = reqwest::Client::new();
+    let mut post_ms = Vec::new();
+    let mut running_ms = Vec::new();
+    let mut ids = Vec::new();
+    let mut pids = Vec::new();
+    let result = async {
+        for i in 0..count {
+            let body = json!({
+                "name": format!("e2e-{i}"),
+                "specification": {"spec": {"config": {"command": ["sleep", "1000"]}}},
+            });
+            let t = Instant::now();
+            let resp = http
+                .post(format!("{api}/deployments"))
+                .json(&body)
+                .send()
+                .await?;
+            anyhow::ensure!(resp.status().as_u16() == 201, "POST: {}", resp.status());
+            let created: Value = resp.json().await?;
+            post_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let id = created["id"]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("no id in {created}"))?
+                .to_owned();
+            ids.push(id.clone());
+            let view = tokio::time::timeout(
+                DEADLINE,
+                rx.wait_for(|v| {
+                    v.deployment(&id)
+                        .is_some_and(|d| d.current_state.as_deref() == Some("RUNNING"))
+                }),
+            )
+            .await??
+            .clone();
+            running_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            if let Some(pid) = view
+                .deployment(&id)
+                .and_then(|d| d.status.as_ref())
+                .and_then(|s| s.pid)
+            {
+                pids.push(u64::from(pid));
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+
+    // Clean up whatever was created, even after an error.
+    let mut delete_ms = Vec::new();
+    for id in &ids {
+        let t = Instant::now();
+        if let Ok(r) = http.delete(format!("{api}/deployments/{id}")).send().await
+            && r.status().as_u16() == 204
+        {
+            delete_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let t = Instant::now();
+    let deadline = t + DEADLINE;
+    while pids.iter().any(|&p| pid_alive(p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all_gone_ms = t.elapsed().as_secs_f64() * 1e3;
+    let leftover = pids.iter().filter(|&&p| pid_alive(p)).count();
+    cancel.cancel();
+    let _ = tokio::time::timeout(DEADLINE, node).await;
+    conductor.shutdown().await;
+    result?;
+
+    let post = summary(post_ms);
+    let running = summary(running_ms);
+    let delete = summary(delete_ms);
+    println!("\n(b) end to end, conductor + 1 node in-process, {count} x `sleep 1000`, sequential");
+    println!(
+        "{:<34} {:>9} {:>9} {:>9} {:>9}",
+        "", "p50 ms", "p90 ms", "p99 ms", "max ms"
+    );
+    for (name, s) in [
+        ("POST -> 201", &post),
+        ("POST -> RUNNING (watch)", &running),
+        ("DELETE -> 204", &delete),
+    ] {
+        println!(
+            "{:<34} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+            name,
+            s["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            s["p90_ms"].as_f64().unwrap_or(f64::NAN),
+            s["p99_ms"].as_f64().unwrap_or(f64::NAN),
+            s["max_ms"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    println!(
+        "after the last DELETE, all {} processes gone in {:.0} ms ({} left)",
+        pids.len(),
+        all_gone_ms,
+        leftover
+    );
+    let p50 = running["p50_ms"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "original POST -> RUNNING: {ORIGINAL_POST_TO_RUNNING}; ratio of medians ~{:.0}x",
+        4600.0 / p50
+    );
+    Ok(json!({
+        "post_to_201": post,
+        "post_to_running": running,
+        "delete_to_204": delete,
+        "processes": pids.len(),
+        "all_processes_gone_after_last_delete_ms": all_gone_ms,
+        "processes_left": leftover,
+        "original_median_ms_quoted": 4600.0,
+        "median_ratio_vs_original": 4600.0 / p50,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// report plumbing (each bench is its own crate, so these few helpers are repeated)
+
+/// nproc, CPU model and kernel of this machine.
+fn machine() -> Value {
+    let nproc = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/version")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    json!({ "nproc": nproc, "cpu_model": cpu, "kernel": kernel })
+}
+
+/// Writes `<CARGO_TARGET_DIR or ./target>/bench/<name>.json`.
+fn write_json(name: &str, v: &Value) -> anyhow::Result<PathBuf> {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(v)?)?;
+    Ok(path)
+}

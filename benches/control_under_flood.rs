@@ -465,10 +465,14 @@ async fn quic_client(
     let stop = CancellationToken::new();
     let mut floods = JoinSet::new();
     let batch = p.batch();
-    let pacer = paced.then(|| symphony_net::Pacer::new(session.connection().clone(), symphony_net::PacerConfig::default()));
-    if let Some(pacer) = &pacer {
-        floods.spawn(pacer.clone().run());
+    // BENCH_PACER_TARGET_MS tries another queueing-delay target (default: the transport's).
+    let mut pacer_cfg = symphony_net::PacerConfig::default();
+    if let Some(ms) = std::env::var("BENCH_PACER_TARGET_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        pacer_cfg.target_delay = Duration::from_millis(ms);
     }
+    let pacer = paced.then(|| symphony_net::Pacer::new(session.connection().clone(), pacer_cfg));
+    // The pacer adapts until the connection closes; it is not one of the floods.
+    let pacer_task = pacer.clone().map(|p| tokio::spawn(p.run()));
     let batch_len = batch.encoded_len() + 4;
     for i in 0..level {
         let mut log = session.open_uni(StreamKind::Log).await?;
@@ -500,6 +504,9 @@ async fn quic_client(
     let res = measured(transport, level, p, drained, &mut tx, &mut rx).await;
     stop.cancel();
     while floods.join_next().await.is_some() {}
+    if let Some(t) = pacer_task {
+        t.abort();
+    }
     session.close(symphony_net::CloseCode::Shutdown, "bench done");
     Ok(res)
 }
@@ -695,7 +702,9 @@ fn real_main() -> Result<()> {
     let rt = common::runtime()?;
     let pki = Pki::new(&[netns::SERVER_IP])?;
     let mut results = Vec::new();
-    for &level in &p.levels {
+    // BENCH_ONLY_NETNS=1 skips the loopback part (tuning runs on the tbf link).
+    let levels = if std::env::var_os("BENCH_ONLY_NETNS").is_some() { Vec::new() } else { p.levels.clone() };
+    for &level in &levels {
         for transport in [Transport::Quic, Transport::QuicPaced, Transport::Tcp] {
             let r = rt
                 .block_on(run_one(transport, level, &p, &pki))

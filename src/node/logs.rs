@@ -328,6 +328,10 @@ pub async fn pump<R: AsyncRead + Unpin>(
                 if !lines.is_empty() {
                     logs.push_batch(stream, lines.drain(..));
                 }
+                // A workload that writes as fast as it can keeps this pipe always readable:
+                // give the node's other tasks (commands, status, heartbeats) a turn after
+                // every chunk, so a log flood cannot starve the control plane on few cores.
+                tokio::task::yield_now().await;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {

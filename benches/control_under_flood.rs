@@ -467,7 +467,10 @@ async fn quic_client(
     let batch = p.batch();
     // BENCH_PACER_TARGET_MS tries another queueing-delay target (default: the transport's).
     let mut pacer_cfg = symphony_net::PacerConfig::default();
-    if let Some(ms) = std::env::var("BENCH_PACER_TARGET_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(ms) = std::env::var("BENCH_PACER_TARGET_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         pacer_cfg.target_delay = Duration::from_millis(ms);
     }
     let pacer = paced.then(|| symphony_net::Pacer::new(session.connection().clone(), pacer_cfg));
@@ -500,7 +503,11 @@ async fn quic_client(
     }
     // Skip the echo of the opening ping.
     let _ = rx.next_echo().await?;
-    let transport = if paced { Transport::QuicPaced } else { Transport::Quic };
+    let transport = if paced {
+        Transport::QuicPaced
+    } else {
+        Transport::Quic
+    };
     let res = measured(transport, level, p, drained, &mut tx, &mut rx).await;
     stop.cancel();
     while floods.join_next().await.is_some() {}
@@ -703,7 +710,11 @@ fn real_main() -> Result<()> {
     let pki = Pki::new(&[netns::SERVER_IP])?;
     let mut results = Vec::new();
     // BENCH_ONLY_NETNS=1 skips the loopback part (tuning runs on the tbf link).
-    let levels = if std::env::var_os("BENCH_ONLY_NETNS").is_some() { Vec::new() } else { p.levels.clone() };
+    let levels = if std::env::var_os("BENCH_ONLY_NETNS").is_some() {
+        Vec::new()
+    } else {
+        p.levels.clone()
+    };
     for &level in &levels {
         for transport in [Transport::Quic, Transport::QuicPaced, Transport::Tcp] {
             let r = rt

@@ -124,3 +124,30 @@ fn which(bin: &str) -> Option<std::path::PathBuf> {
             .find(|f| f.is_file())
     })
 }
+
+#[tokio::test]
+async fn a_scheduled_restart_replaces_the_process_without_counting_as_a_failure() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    // A 6-field (per-second) schedule keeps the test short; 5-field cron works the same way.
+    let spec = json!({"config": {"command": ["sleep", "1000"]},
+        "auto_restart": {"enabled": true, "cron": "*/2 * * * * *", "timezone": "Europe/Paris"}});
+    let id = c.deploy("cron", spec).await;
+    let first = pid_of(&c.wait_state(&id, "RUNNING").await);
+    let view = c
+        .wait("restarted by its schedule", |v| {
+            v.deployment(&id)
+                .and_then(|d| d.status.as_ref())
+                .is_some_and(|s| {
+                    s.state == "RUNNING" && s.pid.is_some_and(|p| u64::from(p) != first)
+                })
+        })
+        .await;
+    let st = view.deployment(&id).unwrap().status.clone().unwrap();
+    assert_eq!(
+        st.restart_count, 0,
+        "scheduled restarts do not spend the restart budget"
+    );
+    assert!(!crate::support::alive(first));
+    c.shutdown().await;
+}

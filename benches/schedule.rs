@@ -21,6 +21,8 @@
 //! Loopback only, bounded loops. `BENCH_QUICK=1` runs a short smoke version. Results go to
 //! stdout (a table) and to `<CARGO_TARGET_DIR or ./target>/bench/schedule.json`.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -69,7 +71,7 @@ fn main() -> anyhow::Result<()> {
     let report = json!({
         "bench": "schedule",
         "quick": quick,
-        "machine": machine(),
+        "machine": common::machine(),
         "parameters": {
             "nodes": params.nodes,
             "deployments": params.deployments,
@@ -584,29 +586,9 @@ async fn bench_e2e(count: usize) -> anyhow::Result<Value> {
 // ---------------------------------------------------------------------------------------------
 // report plumbing (each bench is its own crate, so these few helpers are repeated)
 
-/// nproc, CPU model and kernel of this machine.
-fn machine() -> Value {
-    let nproc = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/version")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
-    json!({ "nproc": nproc, "cpu_model": cpu, "kernel": kernel })
-}
-
 /// Writes `<CARGO_TARGET_DIR or ./target>/bench/<name>.json`.
 fn write_json(name: &str, v: &Value) -> anyhow::Result<PathBuf> {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
-    let dir = target.join("bench");
+    let dir = common::out_dir();
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(v)?)?;

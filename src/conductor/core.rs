@@ -176,6 +176,8 @@ struct Core {
     replies: Vec<(Reply<()>, Result<(), CoreError>)>,
     /// Node liveness as of the last publish.
     published_states: Vec<scheduler::NodeState>,
+    /// Node liveness as of the last scheduling pass.
+    scheduled_states: Vec<scheduler::NodeState>,
 }
 
 /// Handle to the core for the API and sessions.
@@ -274,6 +276,7 @@ pub async fn start(
         ticked: false,
         replies: Vec::new(),
         published_states: Vec::new(),
+        scheduled_states: Vec::new(),
     };
     // Known nodes come back as not connected; their grace starts now (a conductor restart
     // must not make them lost at once).
@@ -409,10 +412,7 @@ impl Core {
                     tracing::info!(%node_id, "node disconnected");
                 }
             }
-            CoreMsg::Tick => {
-                self.needs_schedule = true;
-                self.ticked = true;
-            }
+            CoreMsg::Tick => self.ticked = true,
         }
     }
 
@@ -425,14 +425,21 @@ impl Core {
     /// Schedules, publishes once, then answers the API calls of the batch (after the publish,
     /// so a client that reads after its write sees it).
     async fn flush(&mut self) {
-        if std::mem::take(&mut self.needs_schedule) {
+        let ticked = std::mem::take(&mut self.ticked);
+        let states: Option<Vec<scheduler::NodeState>> =
+            ticked.then(|| self.sched_nodes(now_ms()).iter().map(|n| n.state).collect());
+        // Everything that can change a placement schedules at once; the timer only matters
+        // when a node's liveness changed (suspect, lost).
+        let liveness_changed = states.as_ref().is_some_and(|s| *s != self.scheduled_states);
+        if std::mem::take(&mut self.needs_schedule) || liveness_changed {
+            self.scheduled_states = self.sched_nodes(now_ms()).iter().map(|n| n.state).collect();
             self.schedule().await;
         }
         let mut publish = std::mem::take(&mut self.changed);
-        if std::mem::take(&mut self.ticked) && !publish {
+        if let Some(states) = states
+            && !publish
+        {
             // Usage arrived or a node's liveness changed since the last publish?
-            let states: Vec<scheduler::NodeState> =
-                self.sched_nodes(now_ms()).iter().map(|n| n.state).collect();
             publish = self.dirty || states != self.published_states;
         }
         if publish {

@@ -178,6 +178,8 @@ struct Core {
     published_states: Vec<scheduler::NodeState>,
     /// Node liveness as of the last scheduling pass.
     scheduled_states: Vec<scheduler::NodeState>,
+    /// Stale copies already told to stop: (node, deployment, generation).
+    fenced: BTreeSet<(String, String, u64)>,
 }
 
 /// Handle to the core for the API and sessions.
@@ -277,6 +279,7 @@ pub async fn start(
         replies: Vec::new(),
         published_states: Vec::new(),
         scheduled_states: Vec::new(),
+        fenced: BTreeSet::new(),
     };
     // Known nodes come back as not connected; their grace starts now (a conductor restart
     // must not make them lost at once).
@@ -740,6 +743,7 @@ impl Core {
         tracing::info!(%node_id, epoch, inventory = hello.inventory.len(), "node connected");
 
         // Reconcile the node's inventory against our assignments (fencing).
+        self.fenced.retain(|(n, _, _)| n != &node_id);
         let mut held = BTreeSet::new();
         for st in hello.inventory {
             held.insert(st.deployment_id.clone());
@@ -813,8 +817,15 @@ impl Core {
                 }
             }
             _ => {
-                tracing::info!(%node_id, %id, generation = st.generation, "fencing: node holds a copy it should not; unassigning");
-                self.unassign(node_id, &id, st.generation);
+                // One Unassign per stale copy: its further status reports (while it stops) need
+                // no second one; a new Hello clears this so a copy that survived is fenced again.
+                if self
+                    .fenced
+                    .insert((node_id.to_owned(), id.clone(), st.generation))
+                {
+                    tracing::info!(%node_id, %id, generation = st.generation, "fencing: node holds a copy it should not; unassigning");
+                    self.unassign(node_id, &id, st.generation);
+                }
             }
         }
     }
@@ -853,6 +864,7 @@ impl Core {
                     self.reconcile_status(node_id, st).await;
                 }
                 for id in update.removed {
+                    self.fenced.retain(|(n, d, _)| !(n == node_id && *d == id));
                     if self.reported.get(&id).is_some_and(|r| r.node_id == node_id) {
                         self.reported.remove(&id);
                         self.changed = true;

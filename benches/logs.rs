@@ -34,7 +34,6 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use symphony::conductor::{Conductor, ConductorConfig};
 use symphony::node::agent::NodeConfig;
-use symphony_net::{TlsMaterial, TransportSettings};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
@@ -335,20 +334,14 @@ async fn run(
     cfg.quic_listen = "127.0.0.1:0".parse()?;
     cfg.http_listen = "127.0.0.1:0".parse()?;
     let conductor = Conductor::start(cfg).await?;
-    let certs = dir.path().join("node");
-    let files = conductor.ca.ensure_node_files("bench-node", &certs)?;
-    let tls = TlsMaterial::from_files(&certs.join("ca.pem"), &files.cert, &files.key)?;
-    let node_cfg = NodeConfig {
-        node_id: "bench-node".into(),
-        conductor_addr: conductor.quic_addr.to_string(),
-        server_name: Some("localhost".into()),
-        tls,
-        groups: vec!["local".into()],
-        capacities_total: BTreeMap::from([("cpu".to_owned(), 2)]),
-        heartbeat: Duration::from_secs(1),
-        work_dir: dir.path().join("work"),
-        transport: TransportSettings::default(),
-    };
+    let mut node_cfg = NodeConfig::local(
+        &conductor.ca,
+        conductor.quic_addr,
+        "bench-node",
+        &dir.path().join("node"),
+    )?;
+    node_cfg.groups = vec!["local".into()];
+    node_cfg.capacities_total = BTreeMap::from([("cpu".to_owned(), 2)]);
     let cancel = CancellationToken::new();
     let node = node_rt.spawn(symphony::node::agent::run(node_cfg, cancel.clone()));
     let mut env = Env {

@@ -33,7 +33,6 @@ use serde_json::{Value, json};
 use symphony::conductor::{Conductor, ConductorConfig};
 use symphony::node::agent::NodeConfig;
 use symphony::scheduler::{self, DeploymentView, NodeState, NodeView, Strategy};
-use symphony_net::{TlsMaterial, TransportSettings};
 use tokio_util::sync::CancellationToken;
 
 /// Upper bound for any awaited state in part (b).
@@ -441,20 +440,14 @@ async fn bench_e2e(count: usize) -> anyhow::Result<Value> {
     cfg.quic_listen = "127.0.0.1:0".parse()?;
     cfg.http_listen = "127.0.0.1:0".parse()?;
     let conductor = Conductor::start(cfg).await?;
-    let certs = dir.path().join("node");
-    let files = conductor.ca.ensure_node_files("bench-node", &certs)?;
-    let tls = TlsMaterial::from_files(&certs.join("ca.pem"), &files.cert, &files.key)?;
-    let node_cfg = NodeConfig {
-        node_id: "bench-node".into(),
-        conductor_addr: conductor.quic_addr.to_string(),
-        server_name: Some("localhost".into()),
-        tls,
-        groups: vec!["local".into()],
-        capacities_total: BTreeMap::from([("cpu".to_owned(), 2)]),
-        heartbeat: Duration::from_secs(1),
-        work_dir: dir.path().join("work"),
-        transport: TransportSettings::default(),
-    };
+    let mut node_cfg = NodeConfig::local(
+        &conductor.ca,
+        conductor.quic_addr,
+        "bench-node",
+        &dir.path().join("node"),
+    )?;
+    node_cfg.groups = vec!["local".into()];
+    node_cfg.capacities_total = BTreeMap::from([("cpu".to_owned(), 2)]);
     let cancel = CancellationToken::new();
     let node = tokio::spawn(symphony::node::agent::run(node_cfg, cancel.clone()));
     let mut rx = conductor.core.subscribe();

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -349,26 +348,17 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     cfg.http_listen = args.http;
     cfg.quic_listen = args.quic;
     let conductor = Conductor::start(cfg).await?;
-    let node_dir = storage.join("nodes").join(&args.node_id);
-    let files = conductor.ca.ensure_node_files(&args.node_id, &node_dir)?;
-    let tls = TlsMaterial::from_files(&node_dir.join("ca.pem"), &files.cert, &files.key)?;
     let capacities: BTreeMap<String, i64> = if args.capacities.is_empty() {
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         BTreeMap::from([("cpu".to_owned(), i64::try_from(cpus).unwrap_or(1))])
     } else {
         args.capacities.into_iter().collect()
     };
-    let node_cfg = NodeConfig {
-        node_id: args.node_id.clone(),
-        conductor_addr: conductor.quic_addr.to_string(),
-        server_name: Some("localhost".into()),
-        tls,
-        groups: args.groups.clone(),
-        capacities_total: capacities.clone(),
-        heartbeat: Duration::from_secs(1),
-        work_dir: node_dir.join("work"),
-        transport: TransportSettings::default(),
-    };
+    let node_dir = storage.join("nodes").join(&args.node_id);
+    let mut node_cfg =
+        NodeConfig::local(&conductor.ca, conductor.quic_addr, &args.node_id, &node_dir)?;
+    node_cfg.groups.clone_from(&args.groups);
+    node_cfg.capacities_total.clone_from(&capacities);
     let api = format!("http://{}", conductor.http_addr);
     println!("Symphony is running.");
     println!("  API:   {api}   (OpenAPI: {api}/openapi.json, UI: {api}/ui/)");

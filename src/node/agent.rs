@@ -63,6 +63,32 @@ pub struct NodeConfig {
     pub transport: TransportSettings,
 }
 
+impl NodeConfig {
+    /// A node on the conductor's own machine (`symphony dev`, tests, benches): its certificate
+    /// is issued by (or reused from) `ca` into `dir`, its work dir is `dir/work`, and it dials
+    /// `conductor_addr` expecting the name `localhost`. Defaults: 1 s heartbeat, default transport.
+    pub fn local(
+        ca: &symphony_net::CertificateAuthority,
+        conductor_addr: std::net::SocketAddr,
+        node_id: &str,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let files = ca.ensure_node_files(node_id, dir)?;
+        let tls = TlsMaterial::from_files(&dir.join("ca.pem"), &files.cert, &files.key)?;
+        Ok(Self {
+            node_id: node_id.to_owned(),
+            conductor_addr: conductor_addr.to_string(),
+            server_name: Some("localhost".into()),
+            tls,
+            groups: Vec::new(),
+            capacities_total: BTreeMap::new(),
+            heartbeat: Duration::from_secs(1),
+            work_dir: dir.join("work"),
+            transport: TransportSettings::default(),
+        })
+    }
+}
+
 /// How long shutdown waits for background work (stops of removed deployments).
 const BACKGROUND_GRACE: Duration = Duration::from_secs(30);
 
@@ -624,7 +650,10 @@ impl Agent {
             .apply(id, a.generation, a.desired_running, spec)
             .map_err(|e| e.to_string())?;
         tracing::info!(id, generation = a.generation, ?outcome, "assign applied");
-        self.persist();
+        // Every reconnect re-sends each Assign: write the state file only when it changed.
+        if restored || matches!(outcome, ApplyOutcome::Created | ApplyOutcome::Updated) {
+            self.persist();
+        }
         match outcome {
             ApplyOutcome::Stale { held } => Err(format!(
                 "stale generation {} (holding {held})",

@@ -275,23 +275,9 @@ async fn each_log_viewer_gets_its_own_tail_and_filter_and_each_line_once() {
     let ws = c.api.replace("http", "ws");
     // Wait for the first 40 lines to reach the conductor.
     let url_all = format!("{ws}/ws/deployments/{id}/logs?tail=1000");
-    let entries_of = |text: String| -> Vec<Value> {
-        serde_json::from_str::<Value>(&text).unwrap()["entries"]
-            .as_array()
-            .unwrap()
-            .clone()
-    };
     loop {
         let (mut s, _) = tokio_tungstenite::connect_async(&url_all).await.unwrap();
-        let first = entries_of(
-            s.next()
-                .await
-                .unwrap()
-                .unwrap()
-                .into_text()
-                .unwrap()
-                .to_string(),
-        );
+        let first = next_entries(&mut s).await;
         if first.iter().filter(|e| e["stream"] == "stderr").count() >= 20 {
             break;
         }
@@ -306,15 +292,7 @@ async fn each_log_viewer_gets_its_own_tail_and_filter_and_each_line_once() {
         tokio_tungstenite::connect_async(format!("{ws}/ws/deployments/{id}/logs?tail=1000"))
             .await
             .unwrap();
-    let a_first = entries_of(
-        a.next()
-            .await
-            .unwrap()
-            .unwrap()
-            .into_text()
-            .unwrap()
-            .to_string(),
-    );
+    let a_first = next_entries(&mut a).await;
     let lines: Vec<&str> = a_first
         .iter()
         .map(|e| e["line"].as_str().unwrap())
@@ -324,15 +302,7 @@ async fn each_log_viewer_gets_its_own_tail_and_filter_and_each_line_once() {
         vec!["err18", "err19", "err20"],
         "viewer a: its own tail and filter"
     );
-    let b_first = entries_of(
-        b.next()
-            .await
-            .unwrap()
-            .unwrap()
-            .into_text()
-            .unwrap()
-            .to_string(),
-    );
+    let b_first = next_entries(&mut b).await;
     let streams: BTreeSet<&str> = b_first
         .iter()
         .map(|e| e["stream"].as_str().unwrap())
@@ -344,15 +314,7 @@ async fn each_log_viewer_gets_its_own_tail_and_filter_and_each_line_once() {
     // Live lines: b sees new ticks, each sequence number once and in order; a sees none of them.
     let mut seqs: Vec<u64> = b_first.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     while seqs.len() < b_first.len() + 20 {
-        for e in entries_of(
-            b.next()
-                .await
-                .unwrap()
-                .unwrap()
-                .into_text()
-                .unwrap()
-                .to_string(),
-        ) {
+        for e in next_entries(&mut b).await {
             seqs.push(e["seq"].as_u64().unwrap());
         }
     }
@@ -628,4 +590,21 @@ async fn a_slow_stop_never_holds_up_other_commands() {
         "the stubborn process is still inside its stop timeout"
     );
     c.shutdown().await;
+}
+
+/// The `entries` of the next frame on a log WebSocket.
+async fn next_entries<S>(ws: &mut S) -> Vec<Value>
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    let text = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["entries"]
+        .as_array()
+        .unwrap()
+        .clone()
 }

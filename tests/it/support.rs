@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use symphony::conductor::view::ClusterView;
 use symphony::conductor::{Conductor, ConductorConfig};
 use symphony::node::agent::NodeConfig;
+use symphony_net::TransportSettings;
 use symphony_net::impair::UdpProxy;
-use symphony_net::{TlsMaterial, TransportSettings};
 use tokio_util::sync::CancellationToken;
 
 /// Upper bound for any awaited state.
@@ -113,29 +113,22 @@ impl Cluster {
         caps: &[(&str, i64)],
         via_proxy: bool,
     ) {
-        let certs = self.dir.path().join("nodes").join(id);
-        let files = self.conductor().ca.ensure_node_files(id, &certs).unwrap();
-        let tls = TlsMaterial::from_files(&certs.join("ca.pem"), &files.cert, &files.key).unwrap();
         let proxy = if via_proxy {
             Some(UdpProxy::start(self.quic_addr()).await.unwrap())
         } else {
             None
         };
         let addr = proxy.as_ref().map_or(self.quic_addr(), UdpProxy::addr);
-        let cfg = NodeConfig {
-            node_id: id.to_owned(),
-            conductor_addr: addr.to_string(),
-            server_name: Some("localhost".into()),
-            tls,
-            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
-            capacities_total: caps
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect::<BTreeMap<_, _>>(),
-            heartbeat: Duration::from_millis(200),
-            work_dir: self.dir.path().join("work").join(instance),
-            transport: fast_transport(),
-        };
+        let ca = &self.conductor().ca;
+        let mut cfg =
+            NodeConfig::local(ca, addr, id, &self.dir.path().join("nodes").join(instance)).unwrap();
+        cfg.groups = groups.iter().map(|g| (*g).to_owned()).collect();
+        cfg.capacities_total = caps
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect::<BTreeMap<_, _>>();
+        cfg.heartbeat = Duration::from_millis(200);
+        cfg.transport = fast_transport();
         let cancel = CancellationToken::new();
         let task = tokio::spawn(symphony::node::agent::run(cfg, cancel.clone()));
         self.nodes.insert(

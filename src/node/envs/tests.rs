@@ -7,15 +7,25 @@ use super::*;
 
 /// Writes an executable shell script `name` into `dir` that appends its argv to `log` and then
 /// runs `body`.
+///
+/// The executable is created by a child `install`, never through a writable fd of this process:
+/// other tests fork concurrently, a forked child inherits such an fd until it execs, and running
+/// the script meanwhile fails with ETXTBSY ("text file busy").
 fn fake_tool(dir: &Path, name: &str, log: &Path, body: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let path = dir.join(name);
+    let source = dir.join(format!("{name}.src"));
     let script = format!(
         "#!/bin/sh\necho \"$*\" >> '{}'\n{body}\nexit 0\n",
         log.display()
     );
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(&source, script).unwrap();
+    let status = std::process::Command::new("install")
+        .args(["-m", "755"])
+        .arg(&source)
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "install {}", path.display());
     path
 }
 

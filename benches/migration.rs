@@ -11,6 +11,10 @@
 //!   written into the dead connection are lost; frames produced while reconnecting wait in the
 //!   node's queue.
 //!
+//! * `re-dial`: how long a node's reconnect takes (QUIC handshake + control stream) with a
+//!   full handshake (a new endpoint, no session ticket) and with TLS resumption (the same
+//!   endpoint re-dialling after its connection closed), side by side.
+//!
 //! Measured at the conductor: messages lost (sent but never received), duplicates, the longest
 //! gap between consecutive received messages, and for QUIC when the conductor saw the new address;
 //! for the baseline the outage (event to the first message received on the new connection).
@@ -584,7 +588,89 @@ fn real_main() -> Result<()> {
         "\nmigration on loopback: control message every {} ms (times in ms, medians over trials; event gap = interval at the conductor spanning the event; gap med/max = longest interval per trial, anywhere)\n{table}\n",
         p.interval.as_millis()
     );
-    let path = common::write_json("migration", p.json(), json!({ "scenarios": results }))?;
+    let redial = rt.block_on(redial_handshakes(
+        &pki,
+        if common::quick() { 20 } else { 200 },
+    ))?;
+    let path = common::write_json(
+        "migration",
+        p.json(),
+        json!({ "scenarios": results, "redial": redial }),
+    )?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// Re-dial cost: `n` connects with a full handshake (a fresh `Client`, so no ticket) and `n`
+/// with resumption (one `Client` re-dialling), alternating so both see the same machine noise.
+async fn redial_handshakes(pki: &Pki, n: usize) -> Result<Value> {
+    use std::sync::atomic::Ordering;
+    let mut server = Server::bind(
+        "127.0.0.1:0".parse()?,
+        &pki.server_tls(),
+        TransportSettings::default(),
+    )?;
+    let addr = server.local_addr()?;
+    let node = pki.node_tls("redial")?;
+    let cfg = || {
+        let mut cfg = ClientConfig::new(addr.to_string(), node.clone());
+        cfg.server_name = Some("localhost".into());
+        cfg.bind = "127.0.0.1:0".parse::<SocketAddr>()?;
+        anyhow::Ok(cfg)
+    };
+    // One connect: handshake, control stream opened and seen by the conductor.
+    async fn dial(client: &Client, server: &mut Server) -> Result<Duration> {
+        let t0 = Instant::now();
+        let (session, mut control) = client.connect().await?;
+        control.tx.send(&msg(0)).await?;
+        let acc = server
+            .accept()
+            .await
+            .ok_or_else(|| anyhow!("no connection"))?;
+        let took = t0.elapsed();
+        acc.session.close(symphony_net::CloseCode::Shutdown, "next");
+        session.closed().await;
+        Ok(took)
+    }
+    let resuming = Client::new(cfg()?)?;
+    dial(&resuming, &mut server).await?; // the first dial gets the ticket
+    let before = server.stats().resumed_handshakes.load(Ordering::Relaxed);
+    let (mut full, mut resumed) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        full.push(dial(&Client::new(cfg()?)?, &mut server).await?);
+        resumed.push(dial(&resuming, &mut server).await?);
+    }
+    let resumed_count = server.stats().resumed_handshakes.load(Ordering::Relaxed) - before;
+    let (f, r) = (common::Summary::of(&full), common::Summary::of(&resumed));
+    let table = common::table(
+        &["re-dial", "n", "p50", "p99", "max", "resumed"],
+        &[
+            vec![
+                "full handshake".into(),
+                f.n.to_string(),
+                common::ms(f.p50_ms),
+                common::ms(f.p99_ms),
+                common::ms(f.max_ms),
+                "-".into(),
+            ],
+            vec![
+                "resumed (same endpoint)".into(),
+                r.n.to_string(),
+                common::ms(r.p50_ms),
+                common::ms(r.p99_ms),
+                common::ms(r.max_ms),
+                resumed_count.to_string(),
+            ],
+        ],
+    );
+    println!(
+        "re-dial on loopback: connect to control stream seen by the conductor (ms); full / resumed p50 = {:.2}x\n{table}\n",
+        f.p50_ms / r.p50_ms
+    );
+    Ok(json!({
+        "full": f.json(),
+        "resumed": r.json(),
+        "resumed_handshakes": resumed_count,
+        "p50_ratio_full_over_resumed": f.p50_ms / r.p50_ms,
+    }))
 }

@@ -53,13 +53,15 @@ pub enum ServerError {
     },
 }
 
-/// Counters of refused connections.
+/// Counters of the endpoint's handshakes.
 #[derive(Debug, Default)]
 pub struct ServerStats {
     /// Handshakes that failed (bad certificate, wrong CA, timeout...).
     pub handshake_failures: AtomicU64,
     /// Connections that never opened a control stream in time.
     pub control_timeouts: AtomicU64,
+    /// Handshakes that resumed an earlier TLS session (a node re-dialling after a drop).
+    pub resumed_handshakes: Arc<AtomicU64>,
 }
 
 /// The listening endpoint.
@@ -78,7 +80,9 @@ impl Server {
         tls: &TlsMaterial,
         settings: TransportSettings,
     ) -> Result<Self, ServerError> {
-        let mut config = quinn::ServerConfig::with_crypto(server_crypto(tls)?);
+        let stats = Arc::new(ServerStats::default());
+        let mut config =
+            quinn::ServerConfig::with_crypto(server_crypto(tls, stats.resumed_handshakes.clone())?);
         config.transport_config(settings.transport_config());
         config.migration(true);
         let endpoint =
@@ -87,7 +91,6 @@ impl Server {
                 source,
             })?;
         let (tx, accepted) = mpsc::channel(64);
-        let stats = Arc::new(ServerStats::default());
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(endpoint.clone(), tx, settings, stats.clone()));
         Ok(Self {
@@ -108,7 +111,7 @@ impl Server {
         self.accepted.recv().await
     }
 
-    /// Counters of refused connections.
+    /// Counters of the endpoint's handshakes.
     pub fn stats(&self) -> &ServerStats {
         &self.stats
     }

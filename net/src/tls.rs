@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -104,9 +105,45 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The conductor's QUIC crypto: requires a client certificate issued by the CA.
+/// The server's TLS 1.3 session store (rustls' in-memory cache of 256 sessions), counting
+/// the sessions that a returning client resumed.
+///
+/// With rustls' default `ticketer` (none), TLS 1.3 tickets are stateful: a ticket is a key
+/// into this store, and a client that resumes presents it, which `take`s the session out.
+#[derive(Debug)]
+struct CountingSessionStore {
+    inner: Arc<dyn rustls::server::StoresServerSessions>,
+    resumed: Arc<AtomicU64>,
+}
+
+impl rustls::server::StoresServerSessions for CountingSessionStore {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.inner.put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.inner.get(key)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let found = self.inner.take(key);
+        if found.is_some() {
+            self.resumed.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    fn can_cache(&self) -> bool {
+        self.inner.can_cache()
+    }
+}
+
+/// The conductor's QUIC crypto: requires a client certificate issued by the CA. `resumed`
+/// counts handshakes that resumed an earlier session (a reconnecting node skips the
+/// certificate exchange; its identity comes from the resumed session).
 pub fn server_crypto(
     m: &TlsMaterial,
+    resumed: Arc<AtomicU64>,
 ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
     let provider = provider();
     let verifier =
@@ -117,6 +154,10 @@ pub fn server_crypto(
         .with_client_cert_verifier(verifier)
         .with_single_cert(m.chain()?, m.key()?)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.session_storage = Arc::new(CountingSessionStore {
+        inner: rustls::server::ServerSessionMemoryCache::new(256),
+        resumed,
+    });
     // Resumption (1-RTT, tickets) is on by default; 0-RTT stays off: with client certificates
     // it would skip re-verification and replay is possible.
     Ok(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(

@@ -333,6 +333,62 @@ async fn close_codes_reach_the_node() {
     cancel.cancel();
 }
 
+#[tokio::test]
+async fn a_reconnect_resumes_the_tls_session_and_keeps_the_identity() {
+    use std::sync::atomic::Ordering;
+    let pki = Pki::new();
+    let (mut srv, addr) = server(&pki, fast());
+    let client = Arc::new(Client::new(client_cfg(addr, pki.node_tls("again"), fast())).unwrap());
+    let cancel = CancellationToken::new();
+    let (mut events, _task) = client.clone().run(cancel.clone());
+    fn resumed(srv: &Server) -> u64 {
+        srv.stats().resumed_handshakes.load(Ordering::Relaxed)
+    }
+    // One round trip on each connection: the node has the server's ticket before it drops.
+    async fn round_trip(
+        events: &mut tokio::sync::mpsc::Receiver<ClientEvent>,
+        srv: &mut Server,
+        seq: u64,
+    ) -> Accepted {
+        let Some(ClientEvent::Connected { mut control, .. }) = events.recv().await else {
+            panic!("no connection")
+        };
+        control
+            .tx
+            .send(&Ping {
+                seq,
+                payload: vec![],
+            })
+            .await
+            .unwrap();
+        let mut acc = srv.accept().await.unwrap();
+        let p: Ping = acc.control.rx.recv().await.unwrap().unwrap();
+        assert_eq!(p.seq, seq);
+        acc.control
+            .tx
+            .send(&Ping {
+                seq,
+                payload: vec![],
+            })
+            .await
+            .unwrap();
+        let back: Ping = control.rx.recv().await.unwrap().unwrap();
+        assert_eq!(back.seq, seq);
+        acc
+    }
+    let first = round_trip(&mut events, &mut srv, 1).await;
+    assert_eq!(resumed(&srv), 0, "a first connection is a full handshake");
+    first.session.close(CloseCode::Shutdown, "restart");
+    let second = round_trip(&mut events, &mut srv, 2).await;
+    assert_eq!(resumed(&srv), 1, "the re-dial resumed the session");
+    assert_eq!(
+        second.identity.node_id, "again",
+        "the identity of a resumed session is the certificate's"
+    );
+    assert_eq!(client.reconnects(), 1);
+    cancel.cancel();
+}
+
 /// Streams `count` control messages node -> conductor while `disturb` runs once after `at`
 /// messages; returns the sequence numbers received in order.
 async fn stream_through<F, Fut>(

@@ -49,7 +49,7 @@ pub enum CoreError {
     #[error("{0}")]
     NotFound(&'static str),
     #[error("{0}")]
-    Conflict(&'static str),
+    Conflict(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("conductor is shutting down")]
@@ -136,6 +136,8 @@ struct Node {
     last_seen_ms: i64,
     last_heartbeat_ms: Option<i64>,
     env_names: BTreeSet<String>,
+    /// The problems of the node's last env report.
+    env_problems: Vec<String>,
     conn: Option<Connection>,
     connections: u64,
     first_seen_ms: i64,
@@ -359,14 +361,7 @@ impl Core {
                 self.answer(reply, r, false);
             }
             CoreMsg::DeleteEnv(name, reply) => {
-                let r = match self.store.delete_conda_env(&name).await {
-                    Ok(()) => {
-                        self.envs.remove(&name);
-                        Ok(())
-                    }
-                    Err(StoreError::NotFound) => Err(CoreError::NotFound("Conda env not found")),
-                    Err(e) => Err(e.into()),
-                };
+                let r = self.delete_env(&name).await;
                 self.answer(reply, r, false);
             }
             CoreMsg::RerunEnv(name, reply) => {
@@ -522,7 +517,7 @@ impl Core {
             .insert_deployment(&rec)
             .await
             .map_err(|e| match e {
-                StoreError::Conflict => CoreError::Conflict("Deployment already exists"),
+                StoreError::Conflict => CoreError::Conflict("Deployment already exists".into()),
                 e => e.into(),
             })?;
         self.specs
@@ -644,7 +639,7 @@ impl Core {
             .await
             .map_err(|e| match e {
                 StoreError::Conflict => {
-                    CoreError::Conflict("Conda env with that name already exists")
+                    CoreError::Conflict("Conda env with that name already exists".into())
                 }
                 e => e.into(),
             })?;
@@ -670,6 +665,60 @@ impl Core {
         Ok(())
     }
 
+    /// Deletes an env definition and has every node remove its copy (B1: the original left
+    /// deleted envs on the nodes). Refused while a deployment that should run uses it.
+    async fn delete_env(&mut self, name: &str) -> Result<(), CoreError> {
+        if !self.envs.contains_key(name) {
+            return Err(CoreError::NotFound("Conda env not found"));
+        }
+        let users: Vec<&str> = self
+            .deployments
+            .values()
+            .filter(|d| d.desired_state != "STOPPED")
+            .filter(|d| {
+                self.specs.get(&d.id).is_some_and(|s| {
+                    s.as_ref()
+                        .is_ok_and(|s| s.env_name.as_deref() == Some(name))
+                })
+            })
+            .map(|d| d.id.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(CoreError::Conflict(format!(
+                "Conda env {name} is used by deployments that should run: {}; stop or change them first",
+                users.join(", ")
+            )));
+        }
+        match self.store.delete_conda_env(name).await {
+            Ok(()) => {}
+            Err(StoreError::NotFound) => return Err(CoreError::NotFound("Conda env not found")),
+            Err(e) => return Err(e.into()),
+        }
+        self.envs.remove(name);
+        let ids: Vec<String> = self.nodes.keys().cloned().collect();
+        for id in ids {
+            self.send_env_set(&id);
+        }
+        Ok(())
+    }
+
+    /// Sends a node every env definition, marked complete: it creates what it lacks and
+    /// removes the envs it created that are no longer defined.
+    fn send_env_set(&self, node_id: &str) {
+        let envs = self
+            .envs
+            .values()
+            .map(|e| Self::env_spec(e, false))
+            .collect();
+        self.send_to(
+            node_id,
+            wire::conductor_message::Msg::EnvEnsure(wire::EnvEnsure {
+                envs,
+                complete: true,
+            }),
+        );
+    }
+
     fn env_spec(env: &CondaEnvRecord, force: bool) -> wire::EnvSpec {
         wire::EnvSpec {
             name: env.name.clone(),
@@ -684,6 +733,7 @@ impl Core {
     fn broadcast_env(&self, env: &CondaEnvRecord, force: bool) {
         let msg = wire::conductor_message::Msg::EnvEnsure(wire::EnvEnsure {
             envs: vec![Self::env_spec(env, force)],
+            complete: false,
         });
         for id in self.nodes.keys() {
             self.send_to(id, msg.clone());
@@ -768,17 +818,8 @@ impl Core {
                 self.send_to(&node_id, msg);
             }
         }
-        let envs: Vec<wire::EnvSpec> = self
-            .envs
-            .values()
-            .map(|e| Self::env_spec(e, false))
-            .collect();
-        if !envs.is_empty() {
-            self.send_to(
-                &node_id,
-                wire::conductor_message::Msg::EnvEnsure(wire::EnvEnsure { envs }),
-            );
-        }
+        // Always, even when empty: a node that missed a DELETE removes that env now.
+        self.send_env_set(&node_id);
         self.needs_schedule = true;
     }
 
@@ -872,8 +913,12 @@ impl Core {
                 }
             }
             Msg::EnvReport(report) => {
+                for problem in &report.problems {
+                    tracing::warn!(%node_id, %problem, "env work on a node went wrong");
+                }
                 if let Some(n) = self.nodes.get_mut(node_id) {
                     n.env_names = report.env_names.into_iter().collect();
+                    n.env_problems = report.problems;
                 }
                 self.changed = true;
                 self.needs_schedule = true;
@@ -1149,6 +1194,7 @@ impl Core {
                     // env and capacity fit (the original's "has every env" notion misled).
                     schedulable: sn.state == scheduler::NodeState::Online,
                     missing_conda_envs: missing,
+                    env_problems: n.env_problems.clone(),
                     connection: n.conn.as_ref().map(|c| {
                         let f = c.session.facts();
                         ConnectionView {

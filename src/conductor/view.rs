@@ -83,6 +83,9 @@ pub struct NodeView {
     pub conda_envs: Vec<String>,
     pub schedulable: bool,
     pub missing_conda_envs: Vec<String>,
+    /// What went wrong in the node's last env work (a failed create, an env kept because a
+    /// deployment uses it), one line per env; empty when all went well.
+    pub env_problems: Vec<String>,
     pub connection: Option<ConnectionView>,
 }
 

@@ -20,7 +20,7 @@ mod ship;
 
 pub use convert::state_name;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -148,6 +148,9 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
         shipping: Mutex::new(HashMap::new()),
         removing: Mutex::new(HashMap::new()),
         conn: Mutex::new(None),
+        env_wanted: Mutex::new(BTreeSet::new()),
+        envs_kept: std::sync::atomic::AtomicBool::new(false),
+        stopping_envs: Mutex::new(HashMap::new()),
         background: TaskTracker::new(),
         instance_id: uuid::Uuid::new_v4().simple().to_string(),
     });
@@ -284,6 +287,15 @@ struct Agent {
     removing: Mutex<HashMap<String, Vec<wire::Assign>>>,
     /// The current connection, for work that finishes in the background.
     conn: Mutex<Option<Arc<Conn>>>,
+    /// The envs the conductor defines, as of the newest `EnvEnsure` received (updated in the
+    /// command loop, so a removal that runs late still sees a re-created env as wanted).
+    env_wanted: Mutex<BTreeSet<(ManagerKind, String)>>,
+    /// Set when a removal pass kept an unwanted env because a deployment here used it: the
+    /// next deployment removal runs the pass again.
+    envs_kept: std::sync::atomic::AtomicBool,
+    /// The env of each deployment being stopped in the background (the supervisor forgets a
+    /// deployment when its stop begins; its process still runs in the env until it ends).
+    stopping_envs: Mutex<HashMap<String, String>>,
     /// Work that must outlive a connection (stopping removed deployments, env provisioning).
     background: TaskTracker,
     /// Random per agent process: tells the conductor a restart from a reconnect.
@@ -587,6 +599,16 @@ impl Agent {
                     .await;
             }
             Msg::EnvEnsure(e) => {
+                if let Ok(mut wanted) = self.env_wanted.lock() {
+                    if e.complete {
+                        wanted.clear();
+                    }
+                    wanted.extend(
+                        e.envs
+                            .iter()
+                            .map(|spec| (manager_of(spec), spec.name.clone())),
+                    );
+                }
                 // Provisioning can take minutes: never in the command loop, never cut short
                 // by a reconnect.
                 let agent = self.clone();
@@ -712,9 +734,23 @@ impl Agent {
             }
             r.insert(id.clone(), Vec::new());
         }
+        let env = self
+            .sup
+            .snapshot()
+            .into_iter()
+            .find(|(held, ..)| *held == id)
+            .and_then(|(.., spec)| spec.env_name);
+        if let Some(env) = env
+            && let Ok(mut s) = self.stopping_envs.lock()
+        {
+            s.insert(id.clone(), env);
+        }
         let agent = self.clone();
         self.background.spawn(async move {
             agent.sup.remove(&id).await;
+            if let Ok(mut s) = agent.stopping_envs.lock() {
+                s.remove(&id);
+            }
             if let Ok(mut o) = agent.log_offsets.lock() {
                 o.remove(&id);
             }
@@ -736,6 +772,13 @@ impl Agent {
                 None if report_removed => agent.mark_dirty(id, None),
                 None => {}
             }
+            if agent
+                .envs_kept
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
+                let notes = agent.remove_unwanted_envs().await;
+                agent.report_envs(notes).await;
+            }
         });
     }
 
@@ -744,14 +787,10 @@ impl Agent {
         for spec in e.envs {
             let def = EnvDefinition {
                 name: spec.name.clone(),
+                manager: manager_of(&spec),
                 python_version: spec.python_version,
                 packages: spec.packages,
                 custom_script: (!spec.custom_script.is_empty()).then_some(spec.custom_script),
-                manager: if spec.manager == "uv" {
-                    ManagerKind::Uv
-                } else {
-                    ManagerKind::Conda
-                },
                 force_recreate: spec.force_recreate,
             };
             if let Err(err) = self.envs.ensure(&def).await {
@@ -759,13 +798,21 @@ impl Agent {
                 failures.push(format!("{}: {err}", spec.name));
             }
         }
+        if e.complete {
+            failures.extend(self.remove_unwanted_envs().await);
+        }
+        self.report_envs(failures).await;
+    }
+
+    /// Lists the envs again and tells the conductor (with what went wrong, if anything).
+    async fn report_envs(&self, failures: Vec<String>) {
         let names = self.envs.list_all_envs().await;
         if let Ok(mut n) = self.env_names.lock() {
             n.clone_from(&names);
         }
         let report = wire::EnvReport {
             env_names: names,
-            note: failures.join("; "),
+            problems: failures,
         };
         let tx = self.current.lock().ok().and_then(|c| c.clone());
         if let Some(tx) = tx {
@@ -774,6 +821,68 @@ impl Agent {
                     msg: Some(wire::node_message::Msg::EnvReport(report)),
                 })
                 .await;
+        }
+    }
+
+    fn env_wanted(&self, kind: ManagerKind, name: &str) -> bool {
+        self.env_wanted
+            .lock()
+            .map_or(true, |w| w.contains(&(kind, name.to_owned())))
+    }
+
+    /// Env names used by the deployments held here (running, stopping, or restored).
+    fn envs_in_use(&self) -> BTreeSet<String> {
+        let mut in_use: BTreeSet<String> = self
+            .sup
+            .snapshot()
+            .into_iter()
+            .filter_map(|(_, _, _, spec)| spec.env_name)
+            .collect();
+        if let Ok(pending) = self.pending.lock() {
+            in_use.extend(pending.values().filter_map(|h| h.spec.env_name.clone()));
+        }
+        if let Ok(stopping) = self.stopping_envs.lock() {
+            in_use.extend(stopping.values().cloned());
+        }
+        in_use
+    }
+
+    /// Removes the envs this node created that the conductor no longer defines, except those
+    /// a deployment held here still uses: those are removed once that deployment is (see
+    /// `envs_kept`). Returns what went wrong or was kept, one line each.
+    async fn remove_unwanted_envs(self: &Arc<Self>) -> Vec<String> {
+        loop {
+            let in_use = self.envs_in_use();
+            let mut notes = Vec::new();
+            let mut kept = BTreeSet::new();
+            for (kind, name) in self.envs.created().await {
+                if self.env_wanted(kind, &name) {
+                    continue;
+                }
+                if in_use.contains(&name) {
+                    notes.push(format!(
+                        "{name}: no longer defined, kept while a deployment here uses it"
+                    ));
+                    kept.insert(name);
+                    continue;
+                }
+                let agent = self.clone();
+                let unwanted = || !agent.env_wanted(kind, &name);
+                if let Err(err) = self.envs.remove(kind, &name, unwanted).await {
+                    tracing::warn!(env = %name, error = %err, "env removal failed");
+                    notes.push(format!("{name}: {err}"));
+                }
+            }
+            if kept.is_empty() {
+                return notes;
+            }
+            // Flag first, then look again: a removal that finished before the flag was set
+            // is seen here, one that finishes after it runs the pass itself.
+            self.envs_kept
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            if kept.is_subset(&self.envs_in_use()) {
+                return notes;
+            }
         }
     }
 
@@ -816,5 +925,14 @@ impl Agent {
                 cancel.cancel();
             });
         }
+    }
+}
+
+/// The manager an env spec names (anything but `uv` is conda, the original's only manager).
+fn manager_of(spec: &wire::EnvSpec) -> ManagerKind {
+    if spec.manager == "uv" {
+        ManagerKind::Uv
+    } else {
+        ManagerKind::Conda
     }
 }

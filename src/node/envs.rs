@@ -13,6 +13,10 @@
 //! - uv envs live in `<work_dir>/envs/uv/<name>` and count as existing only once the marker file
 //!   is written, which is the last step; a failed create removes the partial env.
 //! - Ensures of the same env are serialized; different envs may be provisioned in parallel.
+//! - Only envs this node created are ever removed ([`Envs::remove`]): every uv env under
+//!   `<work_dir>/envs/uv/`, and the conda envs recorded by an empty file in
+//!   `<work_dir>/envs/conda-created/` when a create succeeded. A conda env that existed before
+//!   (made by hand, or `base`) is used but never touched.
 //! - A missing conda is reported once, by [`discover`]'s notes, never per call in a loop.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -274,6 +278,105 @@ impl Envs {
         self.work_dir.join("envs").join("uv").join(name)
     }
 
+    /// Where a created conda env is recorded (an empty file per env).
+    fn conda_created_dir(&self) -> PathBuf {
+        self.work_dir.join("envs").join("conda-created")
+    }
+
+    fn env_lock(&self, key: &EnvKey) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(locks.entry(key.clone()).or_default())
+    }
+
+    /// The envs this node created (and so may remove), sorted: every uv env folder (complete
+    /// or not) and every recorded conda env.
+    pub async fn created(&self) -> Vec<(ManagerKind, String)> {
+        let mut found = BTreeSet::new();
+        for (kind, dir) in [
+            (ManagerKind::Uv, self.work_dir.join("envs").join("uv")),
+            (ManagerKind::Conda, self.conda_created_dir()),
+        ] {
+            let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
+                continue;
+            };
+            while let Ok(Some(entry)) = entries.next_entry().await {
+                if let Some(name) = entry.file_name().to_str()
+                    && validate_env_name(name).is_ok()
+                {
+                    found.insert((kind, name.to_owned()));
+                }
+            }
+        }
+        found.into_iter().collect()
+    }
+
+    /// Removes an env this node created, if `still_unwanted()` holds once the env's lock is
+    /// held (so a concurrent ensure of the same env wins). `Ok(true)`: removed; `Ok(false)`:
+    /// not created here, or wanted again.
+    pub async fn remove(
+        &self,
+        kind: ManagerKind,
+        name: &str,
+        still_unwanted: impl FnOnce() -> bool,
+    ) -> Result<bool, String> {
+        validate_env_name(name)?;
+        let key = (kind, name.to_owned());
+        let lock = self.env_lock(&key);
+        let _guard = lock.lock().await;
+        if !still_unwanted() {
+            return Ok(false);
+        }
+        self.forget_failure(&key);
+        match kind {
+            ManagerKind::Uv => {
+                let venv = self.uv_env_dir(name);
+                if !tokio::fs::try_exists(&venv).await.unwrap_or(false) {
+                    return Ok(false);
+                }
+                remove_dir_if_present(&venv)
+                    .await
+                    .map_err(|e| format!("env {name}: cannot remove {}: {e}", venv.display()))?;
+            }
+            ManagerKind::Conda => {
+                let record = self.conda_created_dir().join(name);
+                if !tokio::fs::try_exists(&record).await.unwrap_or(false) {
+                    return Ok(false);
+                }
+                let binary = self.conda.clone().ok_or_else(|| {
+                    format!("env {name}: conda is not installed on this node, cannot remove it")
+                })?;
+                // The only processes this module starts: conda and uv, via tokio::process.
+                let mut cmd = tokio::process::Command::new(&binary);
+                cmd.args(["env", "remove", "-y", "-n", name]);
+                run_step(cmd, STEP_TIMEOUT, "conda env remove")
+                    .await
+                    .map_err(|e| format!("env {name}: {e}"))?;
+                match tokio::fs::remove_file(&record).await {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(format!(
+                            "env {name}: cannot remove {}: {e}",
+                            record.display()
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        tracing::info!(env = name, manager = ?kind, "env removed: no longer defined");
+        Ok(true)
+    }
+
+    /// Records that this node created the conda env `name`.
+    async fn record_conda_created(&self, name: &str) -> Result<(), String> {
+        let dir = self.conda_created_dir();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| format!("env {name}: cannot create {}: {e}", dir.display()))?;
+        tokio::fs::write(dir.join(name), b"")
+            .await
+            .map_err(|e| format!("env {name}: cannot record it in {}: {e}", dir.display()))
+    }
+
     /// Names of the existing envs of `kind`, sorted. conda: the named envs from
     /// `conda env list --json` (the root prefix is reported as `base`); uv: the completed envs
     /// under `<work_dir>/envs/uv/`. A missing manager or a failing listing gives an empty list.
@@ -381,10 +484,7 @@ impl Envs {
         validate_definition(def)?;
         let key = (def.manager, def.name.clone());
         let fingerprint = SpecFingerprint::of(def);
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(locks.entry(key.clone()).or_default())
-        };
+        let lock = self.env_lock(&key);
         let _guard = lock.lock().await;
 
         if def.force_recreate {
@@ -486,6 +586,10 @@ impl Envs {
                 tracing::debug!(env = name, error = %cleanup, "cleanup of the failed env failed");
             }
             return Err(format!("env {name}: {e}"));
+        }
+        if let Err(e) = self.record_conda_created(name).await {
+            // The env works; it only will not be removed when the conductor drops it.
+            tracing::warn!(env = name, error = %e, "could not record the created conda env");
         }
         tracing::info!(env = name, "conda env ready");
         Ok(())

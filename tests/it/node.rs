@@ -1,11 +1,12 @@
 //! Node features end to end through the conductor: a git checkout as the working directory
-//! (branch, tag, commit), and a uv environment defined over the API and used by a deployment.
+//! (branch, tag, commit), and a uv environment defined over the API, used by a deployment, and
+//! removed from the node when it is deleted.
 
 use std::path::Path;
 
 use serde_json::json;
 
-use crate::support::{Cluster, pid_of};
+use crate::support::{Cluster, alive, pid_of, until};
 
 /// A repository with `main` (v1), a tag `t1` on it, a branch `dev` (v2) and a later `main` (v3).
 fn make_repo(dir: &Path) -> (String, String) {
@@ -86,7 +87,7 @@ async fn deployments_run_in_a_git_checkout_at_a_branch_tag_or_commit() {
 }
 
 #[tokio::test]
-async fn a_uv_environment_defined_over_the_api_is_used_by_a_deployment() {
+async fn a_uv_environment_defined_over_the_api_is_used_by_a_deployment_and_removed_when_deleted() {
     if which("uv").is_none() {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -100,12 +101,34 @@ async fn a_uv_environment_defined_over_the_api_is_used_by_a_deployment() {
     let python = "3.11";
     let (status, env) = c.post("/conda-envs", json!({"name": "sixenv", "python_version": python, "packages": ["six==1.16.0"], "manager": "uv"})).await;
     assert_eq!(status, 201, "{env}");
-    // The node provisions it in the background and reports it; then a deployment can use it.
-    c.wait("node reports the env", |v| {
-        v.nodes["n1"].conda_envs.iter().any(|e| e == "sixenv")
+    let (status, env) = c
+        .post(
+            "/conda-envs",
+            json!({"name": "spare", "python_version": python, "manager": "uv"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{env}");
+    // The node provisions them in the background and reports them; then a deployment can use one.
+    c.wait("node reports the envs", |v| {
+        let envs = &v.nodes["n1"].conda_envs;
+        envs.iter().any(|e| e == "sixenv") && envs.iter().any(|e| e == "spare")
     })
     .await;
-    let id = c.deploy("uses-six", json!({"config": {"command": ["python", "-c", "import six, sys, time; print('six', six.__version__, sys.prefix, flush=True); time.sleep(1000)"], "env_name": "sixenv"}})).await;
+    // It takes 3 s to stop (SIGTERM handler), so the env is deleted while it still runs; it
+    // touches `ready` once the handler is in place.
+    let script = "import signal, six, sys, time\n\
+        signal.signal(signal.SIGTERM, lambda *a: (time.sleep(3), sys.exit(0)))\n\
+        print('six', six.__version__, sys.prefix, flush=True)\n\
+        open(sys.argv[1], 'w').close()\n\
+        time.sleep(1000)";
+    let ready = c.dir.path().join("handler-ready");
+    let command = json!(["python", "-c", script, ready]);
+    let id = c
+        .deploy(
+            "uses-six",
+            json!({"config": {"command": command, "env_name": "sixenv"}, "stop_timeout_sec": 30}),
+        )
+        .await;
     let d = c.wait_state(&id, "RUNNING").await;
     let pid = pid_of(&d);
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
@@ -114,6 +137,54 @@ async fn a_uv_environment_defined_over_the_api_is_used_by_a_deployment() {
         environ.contains("VIRTUAL_ENV=") && environ.contains("sixenv"),
         "not in the venv"
     );
+
+    until("the deployment is ready", || ready.exists()).await;
+
+    // Deleting an env that a deployment should run in is refused, naming the deployment.
+    let (status, body) = c.delete("/conda-envs/sixenv").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["detail"].as_str().is_some_and(|m| m.contains(&id)),
+        "{body}"
+    );
+    // Once the deployment is stopped the env can go, and the node removes its copy too (the
+    // original left deleted envs on every node, B1): at once if nothing uses it, else when
+    // the process that still runs in it has stopped.
+    let stop = json!({"desired_state": "STOPPED"});
+    assert_eq!(c.patch(&format!("/deployments/{id}"), stop).await.0, 200);
+    assert_eq!(c.delete("/conda-envs/sixenv").await.0, 204);
+    let uv_dir = c.node_work_dir("n1").join("envs").join("uv");
+    c.wait("node says it keeps sixenv while the process stops", |v| {
+        v.nodes["n1"]
+            .env_problems
+            .iter()
+            .any(|p| p.starts_with("sixenv: no longer defined, kept"))
+    })
+    .await;
+    assert!(alive(pid), "the env is kept while its process runs");
+    c.wait("node no longer reports sixenv", |v| {
+        !v.nodes["n1"].conda_envs.iter().any(|e| e == "sixenv")
+    })
+    .await;
+    assert!(!alive(pid));
+    assert!(!uv_dir.join("sixenv").exists());
+    assert!(
+        c.conductor().core.view().nodes["n1"]
+            .env_problems
+            .is_empty()
+    );
+    assert!(uv_dir.join("spare").exists(), "other envs are kept");
+
+    // A node that was away when an env was deleted removes it when it comes back.
+    c.stop_node("n1").await;
+    assert_eq!(c.delete("/conda-envs/spare").await.0, 204);
+    assert!(uv_dir.join("spare").exists());
+    c.add_node("n1", &["local"], &[], false).await;
+    c.wait("the returning node removed spare", |v| {
+        !v.nodes["n1"].conda_envs.iter().any(|e| e == "spare")
+    })
+    .await;
+    assert!(!uv_dir.join("spare").exists());
     c.shutdown().await;
 }
 

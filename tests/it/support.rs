@@ -153,6 +153,11 @@ impl Cluster {
         node.task.await.unwrap().unwrap();
     }
 
+    /// The work dir of node `id` (workspaces, envs, local state).
+    pub fn node_work_dir(&self, id: &str) -> std::path::PathBuf {
+        self.dir.path().join("nodes").join(id).join("work")
+    }
+
     pub fn proxy(&self, id: &str) -> &UdpProxy {
         self.nodes[id]
             .proxy

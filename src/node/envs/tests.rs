@@ -440,3 +440,83 @@ async fn real_uv_env_runs_a_command_with_its_package() {
     let prefix = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     assert_eq!(prefix.canonicalize().unwrap(), venv.canonicalize().unwrap());
 }
+
+#[tokio::test]
+async fn only_envs_created_here_are_removed_and_a_wanted_env_is_kept() {
+    let fake = Fake::new();
+    // `myenv` existed before (the fake lists it): used, never recorded, never removed.
+    fake.envs
+        .ensure(&def("myenv", "3.11", ManagerKind::Conda))
+        .await
+        .unwrap();
+    fake.envs
+        .ensure(&def("made", "3.11", ManagerKind::Conda))
+        .await
+        .unwrap();
+    fake.envs
+        .ensure(&def("uvenv", "3.11", ManagerKind::Uv))
+        .await
+        .unwrap();
+    // A failed create leaves no record either.
+    fake.envs
+        .ensure(&def("badenv", "3.11", ManagerKind::Conda))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        fake.envs.created().await,
+        [
+            (ManagerKind::Conda, "made".to_owned()),
+            (ManagerKind::Uv, "uvenv".to_owned())
+        ]
+    );
+    fake.take_lines();
+
+    assert!(
+        !fake
+            .envs
+            .remove(ManagerKind::Conda, "myenv", || true)
+            .await
+            .unwrap(),
+        "not created here: left alone"
+    );
+    assert!(
+        !fake
+            .envs
+            .remove(ManagerKind::Conda, "made", || false)
+            .await
+            .unwrap(),
+        "wanted again by the time the lock was held: kept"
+    );
+    assert!(fake.take_lines().is_empty(), "no conda call so far");
+
+    assert!(
+        fake.envs
+            .remove(ManagerKind::Conda, "made", || true)
+            .await
+            .unwrap()
+    );
+    assert_eq!(fake.take_lines(), ["env remove -y -n made"]);
+    assert!(
+        fake.envs
+            .remove(ManagerKind::Uv, "uvenv", || true)
+            .await
+            .unwrap()
+    );
+    assert!(!fake.envs.uv_env_dir("uvenv").exists());
+    assert!(fake.envs.created().await.is_empty());
+    // Removing again is a no-op, and a bad name is an error before anything runs.
+    assert!(
+        !fake
+            .envs
+            .remove(ManagerKind::Conda, "made", || true)
+            .await
+            .unwrap()
+    );
+    assert!(
+        fake.envs
+            .remove(ManagerKind::Uv, "../x", || true)
+            .await
+            .is_err()
+    );
+    assert!(fake.take_lines().is_empty());
+}

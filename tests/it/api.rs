@@ -374,24 +374,230 @@ async fn the_ui_route_serves_only_its_own_assets() {
     c.shutdown().await;
 }
 
+/// Validates `value` against `schema` (a schema object of `doc`, whose `#/components/...`
+/// references resolve against `doc`); returns the errors, one line each.
+fn schema_errors(doc: &Value, schema: &Value, value: &Value) -> Vec<String> {
+    let mut root = doc.clone();
+    root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+    root["allOf"] = json!([schema]);
+    let validator = jsonschema::draft202012::new(&root)
+        .unwrap_or_else(|e| panic!("the document's schema does not compile: {e}"));
+    validator
+        .iter_errors(value)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect()
+}
+
+/// Follows a `$ref` of `doc` (one level).
+fn deref<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+    match v["$ref"].as_str() {
+        Some(r) => doc
+            .pointer(r.trim_start_matches('#'))
+            .unwrap_or_else(|| panic!("dangling reference {r}")),
+        None => v,
+    }
+}
+
+/// Every operation of the OpenAPI document is exercised against the real API: the status must
+/// be one the document lists for that operation, and the body must match its schema; the
+/// request bodies used must match the documented request schemas too.
 #[tokio::test]
-async fn openapi_lists_every_route() {
-    let c = Cluster::start().await;
+async fn openapi_matches_the_router_and_real_responses() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[("slot", 4)], false).await;
     let (status, doc) = c.get("/openapi.json").await;
     assert_eq!(status, 200);
-    for route in [
-        "/deployments",
-        "/deployments/{id}",
-        "/nodes",
-        "/conda-envs",
-        "/conda-envs/{name}",
-        "/conda-envs/{name}/rerun",
-        "/ws/updates",
-        "/ws/deployments/{id}/logs",
-    ] {
-        assert!(doc["paths"].get(route).is_some(), "{route} missing");
+    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+
+    let kept = c.deploy("kept", sh("echo hello; sleep 1000")).await;
+    c.wait_state(&kept, "RUNNING").await;
+    let doomed = c.deploy("doomed", sh("sleep 1000")).await;
+    let spec = json!({"spec": {"config": {"command": ["sleep", "1000"], "env_name": "e1",
+        "git_ref": null, "env": {"A": "1"}}, "capacity_requests": {"slot": 1},
+        "restart_policy": {"type": "on-failure", "backoff_seconds": 2}, "stop_signal": "SIGINT",
+        "health_check": {"type": "tcp", "host": "127.0.0.1", "port": 9}, "auto_restart":
+        {"enabled": true, "cron": "0 3 * * *", "timezone": "Europe/Paris"}}});
+    // (method, path, body): documented operations first with good input, then error cases.
+    let calls: Vec<(&str, String, Option<Value>)> = vec![
+        (
+            "post",
+            "/conda-envs".into(),
+            Some(json!({"name": "e1", "python_version": "3.11", "packages": "six, requests"})),
+        ),
+        (
+            "post",
+            "/conda-envs".into(),
+            Some(json!({"name": "e1", "python_version": "3.11"})),
+        ),
+        (
+            "post",
+            "/conda-envs".into(),
+            Some(json!({"name": "", "python_version": 3})),
+        ),
+        ("get", "/conda-envs?limit=5".into(), None),
+        ("get", "/conda-envs?limit=x".into(), None),
+        ("get", "/conda-envs/e1".into(), None),
+        ("get", "/conda-envs/nope".into(), None),
+        (
+            "patch",
+            "/conda-envs/e1".into(),
+            Some(json!({"packages": ["six"], "custom_script": null})),
+        ),
+        (
+            "patch",
+            "/conda-envs/nope".into(),
+            Some(json!({"packages": ["six"]})),
+        ),
+        (
+            "patch",
+            "/conda-envs/e1".into(),
+            Some(json!({"custom_script": 5})),
+        ),
+        ("post", "/conda-envs/e1/rerun".into(), None),
+        ("post", "/conda-envs/nope/rerun".into(), None),
+        (
+            "post",
+            "/deployments".into(),
+            Some(
+                json!({"name": "full", "desired_state": "STOPPED", "kind": "EXEC", "specification": spec}),
+            ),
+        ),
+        (
+            "post",
+            "/deployments".into(),
+            Some(
+                json!({"name": "bad", "specification": {"spec": {"config": {"command": "sleep"}}}}),
+            ),
+        ),
+        ("get", "/deployments?limit=2&offset=0".into(), None),
+        ("get", "/deployments?offset=x".into(), None),
+        ("get", format!("/deployments/{kept}"), None),
+        ("get", "/deployments/nope".into(), None),
+        (
+            "patch",
+            format!("/deployments/{kept}"),
+            Some(json!({"name": "renamed", "desired_state": null})),
+        ),
+        (
+            "patch",
+            "/deployments/nope".into(),
+            Some(json!({"name": "x"})),
+        ),
+        (
+            "patch",
+            format!("/deployments/{kept}"),
+            Some(json!({"desired_state": "PAUSED"})),
+        ),
+        ("delete", format!("/deployments/{doomed}"), None),
+        ("delete", "/deployments/nope".into(), None),
+        ("get", "/nodes".into(), None),
+        ("delete", "/conda-envs/e1".into(), None),
+        ("delete", "/conda-envs/e1".into(), None),
+        ("get", "/openapi.json".into(), None),
+    ];
+    let mut covered = std::collections::BTreeSet::new();
+    let mut problems = Vec::new();
+    for (method, path, body) in calls {
+        let route = path.split('?').next().unwrap();
+        let template = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .find(|t| {
+                let (a, b): (Vec<&str>, Vec<&str>) =
+                    (t.split('/').collect(), route.split('/').collect());
+                a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.starts_with('{') || x == y)
+            })
+            .unwrap_or_else(|| panic!("{route} is not in the document"))
+            .clone();
+        let op = &doc["paths"][&template][method];
+        assert!(op.is_object(), "{method} {template} is not documented");
+        if let Some(b) = &body {
+            let schema = &op["requestBody"]["content"]["application/json"]["schema"];
+            let errs = schema_errors(&doc, schema, b);
+            // Bad input must be refused by the schema too, good input accepted.
+            let (status, resp) = c
+                .request(method.to_uppercase().parse().unwrap(), &path, Some(b.clone()))
+                .await;
+            if status == 422 {
+                if errs.is_empty() {
+                    problems.push(format!(
+                        "{method} {path}: the API refused {b}, the schema accepts it"
+                    ));
+                }
+            } else if !errs.is_empty() {
+                problems.push(format!("{method} {path}: the schema refuses {b}: {errs:?}"));
+            }
+            check(&doc, op, method, &path, status, &resp, &mut problems);
+        } else {
+            let (status, resp) = c.request(method.to_uppercase().parse().unwrap(), &path, None).await;
+            check(&doc, op, method, &path, status, &resp, &mut problems);
+        }
+        covered.insert((template, method));
     }
+    // Every documented operation but the WebSockets (tested below) was exercised.
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        for method in ["get", "post", "patch", "delete", "put"] {
+            if item.get(method).is_some()
+                && !template.starts_with("/ws/")
+                && !covered.contains(&(template.clone(), method))
+            {
+                problems.push(format!(
+                    "{method} {template} is documented but not exercised"
+                ));
+            }
+        }
+    }
+
+    // WebSocket frames match their documented schemas.
+    let ws = c.api.replace("http", "ws");
+    let (mut updates, _) = tokio_tungstenite::connect_async(format!("{ws}/ws/updates"))
+        .await
+        .unwrap();
+    let frame: Value =
+        serde_json::from_str(&updates.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
+    let schema = json!({"$ref": "#/components/schemas/UpdateFrame"});
+    problems.extend(schema_errors(&doc, &schema, &frame));
+    let (mut logs, _) =
+        tokio_tungstenite::connect_async(format!("{ws}/ws/deployments/{kept}/logs?tail=10"))
+            .await
+            .unwrap();
+    let frame: Value =
+        serde_json::from_str(&logs.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
+    assert!(!frame["entries"].as_array().unwrap().is_empty(), "{frame}");
+    let schema = json!({"$ref": "#/components/schemas/LogFrame"});
+    problems.extend(schema_errors(&doc, &schema, &frame));
+
+    assert!(problems.is_empty(), "{problems:#?}");
     c.shutdown().await;
+}
+
+/// The status must be documented for the operation, and the body must match its schema.
+fn check(
+    doc: &Value,
+    op: &Value,
+    method: &str,
+    path: &str,
+    status: u16,
+    body: &Value,
+    problems: &mut Vec<String>,
+) {
+    let Some(resp) = op["responses"].get(status.to_string()) else {
+        problems.push(format!(
+            "{method} {path}: status {status} is not documented ({body})"
+        ));
+        return;
+    };
+    let resp = deref(doc, resp);
+    match resp["content"]["application/json"].get("schema") {
+        Some(schema) => {
+            for e in schema_errors(doc, schema, body) {
+                problems.push(format!("{method} {path} -> {status}: {e}"));
+            }
+        }
+        None if status == 204 => {}
+        None => problems.push(format!("{method} {path}: no schema for {status}")),
+    }
 }
 
 #[tokio::test]

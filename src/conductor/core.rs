@@ -695,6 +695,11 @@ impl Core {
             Err(e) => return Err(e.into()),
         }
         self.envs.remove(name);
+        // Nothing new is placed on it from now on, whatever a node reported last.
+        for node in self.nodes.values_mut() {
+            node.env_names.remove(name);
+        }
+        self.changed = true;
         let ids: Vec<String> = self.nodes.keys().cloned().collect();
         for id in ids {
             self.send_env_set(&id);

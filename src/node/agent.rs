@@ -151,6 +151,9 @@ pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<(
         env_wanted: Mutex::new(BTreeSet::new()),
         envs_kept: std::sync::atomic::AtomicBool::new(false),
         stopping_envs: Mutex::new(HashMap::new()),
+        env_set_seen: std::sync::atomic::AtomicBool::new(false),
+        env_problems: Mutex::new(BTreeMap::new()),
+        env_report: tokio::sync::Mutex::new(()),
         background: TaskTracker::new(),
         instance_id: uuid::Uuid::new_v4().simple().to_string(),
     });
@@ -296,6 +299,14 @@ struct Agent {
     /// The env of each deployment being stopped in the background (the supervisor forgets a
     /// deployment when its stop begins; its process still runs in the env until it ends).
     stopping_envs: Mutex<HashMap<String, String>>,
+    /// Set once a complete env set arrived: from then on, envs created here that it lacks are
+    /// left out of reports (they are on their way out, nothing new may be placed on them).
+    env_set_seen: std::sync::atomic::AtomicBool,
+    /// The current problem of each env (a failed create or removal, kept while in use),
+    /// reported until it is resolved.
+    env_problems: Mutex<BTreeMap<String, String>>,
+    /// One env report at a time, so they reach the conductor in the order they were listed.
+    env_report: tokio::sync::Mutex<()>,
     /// Work that must outlive a connection (stopping removed deployments, env provisioning).
     background: TaskTracker,
     /// Random per agent process: tells the conductor a restart from a reconnect.
@@ -602,6 +613,8 @@ impl Agent {
                 if let Ok(mut wanted) = self.env_wanted.lock() {
                     if e.complete {
                         wanted.clear();
+                        self.env_set_seen
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                     wanted.extend(
                         e.envs
@@ -748,9 +761,6 @@ impl Agent {
         let agent = self.clone();
         self.background.spawn(async move {
             agent.sup.remove(&id).await;
-            if let Ok(mut s) = agent.stopping_envs.lock() {
-                s.remove(&id);
-            }
             if let Ok(mut o) = agent.log_offsets.lock() {
                 o.remove(&id);
             }
@@ -769,21 +779,24 @@ impl Agent {
                     }
                 }
                 Some(_) => {}
-                None if report_removed => agent.mark_dirty(id, None),
+                None if report_removed => agent.mark_dirty(id.clone(), None),
                 None => {}
+            }
+            // Only now: a deferred Assign for the same id (applied above) holds its env itself.
+            if let Ok(mut s) = agent.stopping_envs.lock() {
+                s.remove(&id);
             }
             if agent
                 .envs_kept
                 .swap(false, std::sync::atomic::Ordering::Relaxed)
             {
-                let notes = agent.remove_unwanted_envs().await;
-                agent.report_envs(notes).await;
+                agent.remove_unwanted_envs().await;
+                agent.report_envs().await;
             }
         });
     }
 
     async fn ensure_envs(self: Arc<Self>, e: wire::EnvEnsure) {
-        let mut failures = Vec::new();
         for spec in e.envs {
             let def = EnvDefinition {
                 name: spec.name.clone(),
@@ -793,26 +806,68 @@ impl Agent {
                 custom_script: (!spec.custom_script.is_empty()).then_some(spec.custom_script),
                 force_recreate: spec.force_recreate,
             };
-            if let Err(err) = self.envs.ensure(&def).await {
-                tracing::warn!(env = %spec.name, error = %err, "env provisioning failed");
-                failures.push(format!("{}: {err}", spec.name));
+            let (kind, name) = (def.manager, def.name.clone());
+            // Deleted meanwhile (a later message): not created again.
+            if !self.env_wanted(kind, &name) {
+                continue;
+            }
+            match self.envs.ensure(&def).await {
+                Ok(()) => self.set_env_problem(&name, None),
+                Err(err) => {
+                    tracing::warn!(env = %name, error = %err, "env provisioning failed");
+                    self.set_env_problem(&name, Some(err));
+                }
+            }
+            // Deleted while it was being made: the removal pass may have missed it.
+            if !self.env_wanted(kind, &name) {
+                self.remove_env(kind, &name).await;
             }
         }
         if e.complete {
-            failures.extend(self.remove_unwanted_envs().await);
+            self.remove_unwanted_envs().await;
         }
-        self.report_envs(failures).await;
+        self.report_envs().await;
     }
 
-    /// Lists the envs again and tells the conductor (with what went wrong, if anything).
-    async fn report_envs(&self, failures: Vec<String>) {
-        let names = self.envs.list_all_envs().await;
+    fn set_env_problem(&self, name: &str, problem: Option<String>) {
+        if let Ok(mut p) = self.env_problems.lock() {
+            match problem {
+                Some(text) if text.starts_with(&format!("env {name}")) => {
+                    p.insert(name.to_owned(), text)
+                }
+                Some(text) => p.insert(name.to_owned(), format!("env {name}: {text}")),
+                None => p.remove(name),
+            };
+        }
+    }
+
+    /// Lists the envs again and tells the conductor, with the current problems. Envs created
+    /// here that the conductor no longer defines are left out: nothing new may use them.
+    async fn report_envs(&self) {
+        let _one_at_a_time = self.env_report.lock().await;
+        let mut names = self.envs.list_all_envs().await;
+        if self.env_set_seen.load(std::sync::atomic::Ordering::Relaxed) {
+            let leaving: BTreeSet<String> = self
+                .envs
+                .created()
+                .await
+                .into_iter()
+                .filter(|(kind, name)| !self.env_wanted(*kind, name))
+                .map(|(_, name)| name)
+                .collect();
+            names.retain(|n| !leaving.contains(n));
+        }
         if let Ok(mut n) = self.env_names.lock() {
             n.clone_from(&names);
         }
+        let problems = self
+            .env_problems
+            .lock()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default();
         let report = wire::EnvReport {
             env_names: names,
-            problems: failures,
+            problems,
         };
         let tx = self.current.lock().ok().and_then(|c| c.clone());
         if let Some(tx) = tx {
@@ -830,58 +885,94 @@ impl Agent {
             .map_or(true, |w| w.contains(&(kind, name.to_owned())))
     }
 
-    /// Env names used by the deployments held here (running, stopping, or restored).
-    fn envs_in_use(&self) -> BTreeSet<String> {
-        let mut in_use: BTreeSet<String> = self
+    /// Env names used by the deployments held here (running, stopping, or restored), each
+    /// with one deployment that uses it.
+    fn envs_in_use(&self) -> BTreeMap<String, String> {
+        let mut in_use: BTreeMap<String, String> = self
             .sup
             .snapshot()
             .into_iter()
-            .filter_map(|(_, _, _, spec)| spec.env_name)
+            .filter_map(|(id, _, _, spec)| spec.env_name.map(|env| (env, id)))
             .collect();
         if let Ok(pending) = self.pending.lock() {
-            in_use.extend(pending.values().filter_map(|h| h.spec.env_name.clone()));
+            for h in pending.values() {
+                if let Some(env) = &h.spec.env_name {
+                    in_use.insert(env.clone(), h.id.clone());
+                }
+            }
         }
         if let Ok(stopping) = self.stopping_envs.lock() {
-            in_use.extend(stopping.values().cloned());
+            for (id, env) in stopping.iter() {
+                in_use.insert(env.clone(), id.clone());
+            }
         }
         in_use
     }
 
+    /// Removes one env created here, unless (checked again under the env's lock) it is wanted
+    /// again or a deployment here uses it by then.
+    async fn remove_env(self: &Arc<Self>, kind: ManagerKind, name: &str) {
+        let agent = self.clone();
+        let unwanted = || !agent.env_wanted(kind, name) && !agent.envs_in_use().contains_key(name);
+        match self.envs.remove(kind, name, unwanted).await {
+            Ok(true) => self.set_env_problem(name, None),
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(env = %name, error = %err, "env removal failed");
+                self.set_env_problem(name, Some(err));
+            }
+        }
+    }
+
     /// Removes the envs this node created that the conductor no longer defines, except those
     /// a deployment held here still uses: those are removed once that deployment is (see
-    /// `envs_kept`). Returns what went wrong or was kept, one line each.
-    async fn remove_unwanted_envs(self: &Arc<Self>) -> Vec<String> {
+    /// `envs_kept`).
+    async fn remove_unwanted_envs(self: &Arc<Self>) {
+        // Problems of envs that are gone from the definitions and from this node are over.
+        let created: BTreeSet<String> = self
+            .envs
+            .created()
+            .await
+            .into_iter()
+            .map(|(_, name)| name)
+            .collect();
+        let wanted: BTreeSet<String> = self
+            .env_wanted
+            .lock()
+            .map(|w| w.iter().map(|(_, name)| name.clone()).collect())
+            .unwrap_or_default();
+        if let Ok(mut p) = self.env_problems.lock() {
+            p.retain(|name, _| wanted.contains(name) || created.contains(name));
+        }
         loop {
             let in_use = self.envs_in_use();
-            let mut notes = Vec::new();
             let mut kept = BTreeSet::new();
             for (kind, name) in self.envs.created().await {
                 if self.env_wanted(kind, &name) {
                     continue;
                 }
-                if in_use.contains(&name) {
-                    notes.push(format!(
-                        "{name}: no longer defined, kept while a deployment here uses it"
-                    ));
+                if let Some(user) = in_use.get(&name) {
+                    self.set_env_problem(
+                        &name,
+                        Some(format!(
+                            "env {name}: no longer defined, kept while deployment {user} here uses it"
+                        )),
+                    );
                     kept.insert(name);
                     continue;
                 }
-                let agent = self.clone();
-                let unwanted = || !agent.env_wanted(kind, &name);
-                if let Err(err) = self.envs.remove(kind, &name, unwanted).await {
-                    tracing::warn!(env = %name, error = %err, "env removal failed");
-                    notes.push(format!("{name}: {err}"));
-                }
+                self.remove_env(kind, &name).await;
             }
             if kept.is_empty() {
-                return notes;
+                return;
             }
             // Flag first, then look again: a removal that finished before the flag was set
             // is seen here, one that finishes after it runs the pass itself.
             self.envs_kept
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            if kept.is_subset(&self.envs_in_use()) {
-                return notes;
+            let now = self.envs_in_use();
+            if kept.iter().all(|name| now.contains_key(name)) {
+                return;
             }
         }
     }

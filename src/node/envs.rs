@@ -226,6 +226,17 @@ impl SpecFingerprint {
             custom_script: def.custom_script.clone(),
         }
     }
+
+    /// As stored in a uv env's ready marker and a created conda env's record.
+    fn json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Whether the fingerprint stored at `path` (if any) is `def`'s: `None` when there is no file.
+async fn stored_fingerprint_matches(path: &Path, def: &EnvDefinition) -> Option<bool> {
+    let stored = tokio::fs::read_to_string(path).await.ok()?;
+    Some(stored == SpecFingerprint::of(def).json())
 }
 
 type EnvKey = (ManagerKind, String);
@@ -367,12 +378,14 @@ impl Envs {
     }
 
     /// Records that this node created the conda env `name`.
-    async fn record_conda_created(&self, name: &str) -> Result<(), String> {
+    /// The record holds the definition's fingerprint, like a uv env's ready marker.
+    async fn record_conda_created(&self, def: &EnvDefinition) -> Result<(), String> {
+        let name = def.name.as_str();
         let dir = self.conda_created_dir();
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| format!("env {name}: cannot create {}: {e}", dir.display()))?;
-        tokio::fs::write(dir.join(name), b"")
+        tokio::fs::write(dir.join(name), SpecFingerprint::of(def).json())
             .await
             .map_err(|e| format!("env {name}: cannot record it in {}: {e}", dir.display()))
     }
@@ -536,7 +549,16 @@ impl Envs {
             .ok_or_else(|| format!("env {name}: conda env list failed"))?;
         let exists = existing.iter().any(|n| n == name);
         if exists && !def.force_recreate {
-            return Ok(());
+            let record = self.conda_created_dir().join(name);
+            match stored_fingerprint_matches(&record, def).await {
+                // Not created here (by hand, or `base`): used as it is, never touched.
+                None => return Ok(()),
+                Some(true) => return Ok(()),
+                // Created here from another definition (deleted and defined again): redo it.
+                Some(false) => {
+                    tracing::info!(env = name, "conda env was created from another definition");
+                }
+            }
         }
         let conda = |args: &[&str]| {
             // The only processes this module starts: conda and uv, via tokio::process.
@@ -587,7 +609,7 @@ impl Envs {
             }
             return Err(format!("env {name}: {e}"));
         }
-        if let Err(e) = self.record_conda_created(name).await {
+        if let Err(e) = self.record_conda_created(def).await {
             // The env works; it only will not be removed when the conductor drops it.
             tracing::warn!(env = name, error = %e, "could not record the created conda env");
         }
@@ -605,7 +627,8 @@ impl Envs {
         let name = def.name.as_str();
         let venv = self.uv_env_dir(name);
         let marker = venv.join(UV_READY_MARKER);
-        if !def.force_recreate && tokio::fs::try_exists(&marker).await.unwrap_or(false) {
+        // An env from another definition (deleted and defined again) is made anew.
+        if !def.force_recreate && stored_fingerprint_matches(&marker, def).await == Some(true) {
             return Ok(());
         }
         remove_dir_if_present(&venv)
@@ -678,8 +701,7 @@ impl Envs {
             cmd.arg("-c").arg(script).current_dir(cwd).envs(env);
             run_step(cmd, STEP_TIMEOUT, "custom_script").await?;
         }
-        let spec = serde_json::to_string(&SpecFingerprint::of(def)).unwrap_or_default();
-        tokio::fs::write(venv.join(UV_READY_MARKER), spec)
+        tokio::fs::write(venv.join(UV_READY_MARKER), SpecFingerprint::of(def).json())
             .await
             .map_err(|e| format!("cannot write the ready marker: {e}"))
     }

@@ -517,7 +517,11 @@ async fn openapi_matches_the_router_and_real_responses() {
             let errs = schema_errors(&doc, schema, b);
             // Bad input must be refused by the schema too, good input accepted.
             let (status, resp) = c
-                .request(method.to_uppercase().parse().unwrap(), &path, Some(b.clone()))
+                .request(
+                    method.to_uppercase().parse().unwrap(),
+                    &path,
+                    Some(b.clone()),
+                )
                 .await;
             if status == 422 {
                 if errs.is_empty() {
@@ -530,7 +534,9 @@ async fn openapi_matches_the_router_and_real_responses() {
             }
             check(&doc, op, method, &path, status, &resp, &mut problems);
         } else {
-            let (status, resp) = c.request(method.to_uppercase().parse().unwrap(), &path, None).await;
+            let (status, resp) = c
+                .request(method.to_uppercase().parse().unwrap(), &path, None)
+                .await;
             check(&doc, op, method, &path, status, &resp, &mut problems);
         }
         covered.insert((template, method));

@@ -114,15 +114,19 @@ async fn a_uv_environment_defined_over_the_api_is_used_by_a_deployment_and_remov
         envs.iter().any(|e| e == "sixenv") && envs.iter().any(|e| e == "spare")
     })
     .await;
-    // It takes 3 s to stop (SIGTERM handler), so the env is deleted while it still runs; it
-    // touches `ready` once the handler is in place.
-    let script = "import signal, six, sys, time\n\
-        signal.signal(signal.SIGTERM, lambda *a: (time.sleep(3), sys.exit(0)))\n\
+    // On SIGTERM it waits for `release` before it exits, so the env is deleted while it still
+    // runs; it touches `ready` once the handler is in place.
+    let script = "import os, signal, six, sys, time\n\
+        def stop(*a):\n    \
+            while not os.path.exists(sys.argv[2]): time.sleep(0.02)\n    \
+            sys.exit(0)\n\
+        signal.signal(signal.SIGTERM, stop)\n\
         print('six', six.__version__, sys.prefix, flush=True)\n\
         open(sys.argv[1], 'w').close()\n\
         time.sleep(1000)";
     let ready = c.dir.path().join("handler-ready");
-    let command = json!(["python", "-c", script, ready]);
+    let release = c.dir.path().join("release");
+    let command = json!(["python", "-c", script, ready, release]);
     let id = c
         .deploy(
             "uses-six",
@@ -154,25 +158,33 @@ async fn a_uv_environment_defined_over_the_api_is_used_by_a_deployment_and_remov
     assert_eq!(c.patch(&format!("/deployments/{id}"), stop).await.0, 200);
     assert_eq!(c.delete("/conda-envs/sixenv").await.0, 204);
     let uv_dir = c.node_work_dir("n1").join("envs").join("uv");
-    c.wait("node says it keeps sixenv while the process stops", |v| {
-        v.nodes["n1"]
-            .env_problems
-            .iter()
-            .any(|p| p.starts_with("sixenv: no longer defined, kept"))
-    })
-    .await;
+    let view = c
+        .wait("node says it keeps sixenv while the process stops", |v| {
+            v.nodes["n1"]
+                .env_problems
+                .iter()
+                .any(|p| p.starts_with("env sixenv: no longer defined, kept"))
+        })
+        .await;
+    assert!(
+        view.nodes["n1"].env_problems[0].contains(&id),
+        "names the deployment: {:?}",
+        view.nodes["n1"].env_problems
+    );
+    assert!(
+        !view.nodes["n1"].conda_envs.iter().any(|e| e == "sixenv"),
+        "an env on its way out is not offered to the scheduler"
+    );
     assert!(alive(pid), "the env is kept while its process runs");
-    c.wait("node no longer reports sixenv", |v| {
-        !v.nodes["n1"].conda_envs.iter().any(|e| e == "sixenv")
-    })
+    assert!(uv_dir.join("sixenv").join("bin").exists());
+    std::fs::write(&release, b"").unwrap();
+    c.wait(
+        "sixenv removed once its process ended, problem cleared",
+        |v| v.nodes["n1"].env_problems.is_empty(),
+    )
     .await;
     assert!(!alive(pid));
     assert!(!uv_dir.join("sixenv").exists());
-    assert!(
-        c.conductor().core.view().nodes["n1"]
-            .env_problems
-            .is_empty()
-    );
     assert!(uv_dir.join("spare").exists(), "other envs are kept");
 
     // A node that was away when an env was deleted removes it when it comes back.

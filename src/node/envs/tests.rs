@@ -520,3 +520,58 @@ async fn only_envs_created_here_are_removed_and_a_wanted_env_is_kept() {
     );
     assert!(fake.take_lines().is_empty());
 }
+
+#[tokio::test]
+async fn an_env_defined_again_differently_is_made_anew_but_a_foreign_one_is_not() {
+    let fake = Fake::new();
+    let venv = fake.envs.uv_env_dir("uvenv");
+    fake.envs
+        .ensure(&def("uvenv", "3.11", ManagerKind::Uv))
+        .await
+        .unwrap();
+    fake.take_lines();
+    // The same definition again: nothing runs.
+    fake.envs
+        .ensure(&def("uvenv", "3.11", ManagerKind::Uv))
+        .await
+        .unwrap();
+    assert!(fake.take_lines().is_empty());
+    // Deleted and defined again with another python: made anew, without force_recreate.
+    fake.envs
+        .ensure(&def("uvenv", "3.12", ManagerKind::Uv))
+        .await
+        .unwrap();
+    assert_eq!(
+        fake.take_lines(),
+        [format!("venv --python 3.12 {}", venv.display())]
+    );
+
+    // `myenv` was not created here: whatever its definition says, it is left as it is.
+    fake.envs
+        .ensure(&def("myenv", "3.9", ManagerKind::Conda))
+        .await
+        .unwrap();
+    assert_eq!(fake.take_lines(), ["env list --json"]);
+}
+
+#[tokio::test]
+async fn a_conda_env_created_here_from_another_definition_is_removed_and_created_again() {
+    let fake = Fake::new();
+    // The fake lists `myenv`; pretend this node created it from a 3.10 definition.
+    let old = def("myenv", "3.10", ManagerKind::Conda);
+    fake.envs.record_conda_created(&old).await.unwrap();
+    fake.envs.ensure(&old).await.unwrap();
+    assert_eq!(fake.take_lines(), ["env list --json"], "same definition");
+    fake.envs
+        .ensure(&def("myenv", "3.11", ManagerKind::Conda))
+        .await
+        .unwrap();
+    assert_eq!(
+        fake.take_lines(),
+        [
+            "env list --json",
+            "env remove -y -n myenv",
+            "create -y -n myenv python=3.11",
+        ]
+    );
+}

@@ -93,8 +93,11 @@ impl NodeConfig {
 const BACKGROUND_GRACE: Duration = Duration::from_secs(30);
 
 /// Runs the node until `cancel`; then stops every workload and closes the connection.
-pub async fn run(cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(mut cfg: NodeConfig, cancel: CancellationToken) -> anyhow::Result<()> {
     check_identity(&cfg)?;
+    // Absolute from here on: tools run with other working directories (uv, git, workloads).
+    cfg.work_dir = std::path::absolute(&cfg.work_dir)
+        .with_context(|| format!("work dir {}", cfg.work_dir.display()))?;
     std::fs::create_dir_all(&cfg.work_dir)
         .with_context(|| format!("creating work dir {}", cfg.work_dir.display()))?;
     let state = LocalState::new(cfg.work_dir.join("state.bin"));

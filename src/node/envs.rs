@@ -260,7 +260,8 @@ impl Envs {
     /// manager is absent on this node.
     pub fn new(work_dir: &Path, conda: Option<PathBuf>, uv: Option<PathBuf>) -> Self {
         Self {
-            work_dir: work_dir.to_path_buf(),
+            // uv runs in another working directory: a relative work dir would point elsewhere.
+            work_dir: std::path::absolute(work_dir).unwrap_or_else(|_| work_dir.to_path_buf()),
             conda,
             uv,
             failed: Mutex::new(HashMap::new()),

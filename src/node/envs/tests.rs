@@ -575,3 +575,23 @@ async fn a_conda_env_created_here_from_another_definition_is_removed_and_created
         ]
     );
 }
+
+#[tokio::test]
+async fn a_relative_work_dir_still_puts_uv_envs_in_it() {
+    // uv runs in the envs folder; with a relative work dir its venv path used to point below
+    // that folder, and writing the ready marker failed (`symphony dev` uses ./storage).
+    let fake = Fake::new();
+    let uv = fake.dir.path().join("bin").join("uv");
+    let rel = std::path::PathBuf::from("target").join(format!(
+        "test-relative-work-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let envs = Envs::new(&rel, None, Some(uv));
+    let result = envs.ensure(&def("relenv", "3.11", ManagerKind::Uv)).await;
+    let marker = rel.join("envs/uv/relenv").join(UV_READY_MARKER);
+    let made = marker.exists();
+    let _ = std::fs::remove_dir_all(&rel);
+    result.unwrap();
+    assert!(made, "{} missing", marker.display());
+    assert!(envs.uv_env_dir("relenv").is_absolute());
+}

@@ -145,6 +145,21 @@ pub struct DeployArgs {
     /// Create it STOPPED.
     #[arg(long)]
     pub stopped: bool,
+    /// An environment variable for the command (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Run in this conda/uv env (defined with POST /conda-envs).
+    #[arg(long, value_name = "NAME")]
+    pub env_name: Option<String>,
+    /// Only on nodes of this group.
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+    /// Reserve capacity on the node (repeatable), e.g. gpu=1.
+    #[arg(long, value_name = "CLASS=N")]
+    pub capacity: Vec<String>,
+    /// Restart policy: never, on-failure or always.
+    #[arg(long, value_name = "POLICY")]
+    pub restart: Option<String>,
     #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
     pub api: String,
     /// Machine-readable output.
@@ -398,7 +413,13 @@ async fn client_command(cmd: Command) -> ExitCode {
                 command: a.command,
                 desired_stopped: a.stopped,
                 json: a.json,
-                extra: client::DeployExtra::default(),
+                extra: client::DeployExtra {
+                    env: a.env,
+                    capacity: a.capacity,
+                    restart: a.restart,
+                    env_name: a.env_name,
+                    group: a.group,
+                },
             };
             client::deploy(&a.api, &args, &mut out).await
         }

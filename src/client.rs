@@ -362,6 +362,10 @@ pub struct DeployExtra {
     pub capacity: Vec<String>,
     /// `--restart POLICY` -> `spec.restart_policy`.
     pub restart: Option<String>,
+    /// `--env-name NAME` -> `spec.config.env_name` (a conda/uv env defined on the conductor).
+    pub env_name: Option<String>,
+    /// `--group NAME` -> `spec.node_group`.
+    pub group: Option<String>,
 }
 
 /// Arguments of `symphony logs`.

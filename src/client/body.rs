@@ -102,14 +102,27 @@ pub fn deploy_body(args: &DeployArgs, file: Option<Value>) -> Result<Value, Clie
     Ok(body)
 }
 
-/// Merges `--env`, `--capacity` and `--restart` into `specification.spec`.
+/// Merges `--env`, `--capacity`, `--restart`, `--env-name` and `--group` into
+/// `specification.spec`.
 fn merge_extras(body: &mut Map<String, Value>, args: &DeployArgs) -> Result<(), ClientError> {
     let extra = &args.extra;
-    if extra.env.is_empty() && extra.capacity.is_empty() && extra.restart.is_none() {
+    if extra.env.is_empty()
+        && extra.capacity.is_empty()
+        && extra.restart.is_none()
+        && extra.env_name.is_none()
+        && extra.group.is_none()
+    {
         return Ok(());
     }
     let spec = child_object(body, "specification")?;
     let spec = child_object(spec, "spec")?;
+    if let Some(name) = &extra.env_name {
+        let config = child_object(spec, "config")?;
+        config.insert("env_name".into(), Value::String(name.clone()));
+    }
+    if let Some(group) = &extra.group {
+        spec.insert("node_group".into(), Value::String(group.clone()));
+    }
     if !extra.env.is_empty() {
         let env = child_object(spec, "env")?;
         for kv in &extra.env {
@@ -213,12 +226,16 @@ mod tests {
                 env: vec!["A=1".into(), "B=x=y".into()],
                 capacity: vec!["GPU=2".into()],
                 restart: Some("never".into()),
+                env_name: Some("torch".into()),
+                group: Some("gpu".into()),
             },
             ..args()
         };
         let body = deploy_body(&a, None).unwrap();
         assert_eq!(body["desired_state"], "STOPPED");
         let spec = &body["specification"]["spec"];
+        assert_eq!(spec["config"]["env_name"], "torch");
+        assert_eq!(spec["node_group"], "gpu");
         assert_eq!(spec["env"], json!({"A": "1", "B": "x=y"}));
         assert_eq!(spec["capacity_requests"], json!({"GPU": 2}));
         assert_eq!(spec["restart_policy"], "never");

@@ -504,11 +504,8 @@ impl Core {
 
     fn unassign(&mut self, node_id: &str, deployment_id: &str, generation: u64) {
         // Its status reports while it stops are expected: no second Unassign, no fencing log.
-        self.fenced.insert((
-            node_id.to_owned(),
-            deployment_id.to_owned(),
-            generation,
-        ));
+        self.fenced
+            .insert((node_id.to_owned(), deployment_id.to_owned(), generation));
         let command_id = self.command_id();
         let msg = wire::conductor_message::Msg::Unassign(wire::Unassign {
             deployment_id: deployment_id.to_owned(),

@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::support::{alive, until};
 
@@ -321,11 +321,48 @@ async fn dev_runs_deploys_logs_stops_removes_and_shuts_down_cleanly() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot reach the conductor"), "{err}");
 
-    // A last workload, then Ctrl-C: it must not survive the shutdown.
-    let (_, id, _) = run(&api, &["deploy", "--name", "last", "--", "sleep", "1000"]);
+    // A last workload, with the spec flags, then Ctrl-C: it must not survive the shutdown.
+    let flags = [
+        "deploy",
+        "--name",
+        "last",
+        "--env",
+        "GREETING=hi",
+        "--group",
+        "local",
+        "--capacity",
+        "cpu=1",
+        "--restart",
+        "never",
+        "--",
+        "sleep",
+        "1000",
+    ];
+    let (code, id, err) = run(&api, &flags);
+    assert_eq!(code, 0, "{err}");
     let id = id.trim().to_owned();
     let pid3 = running_pid(&client, &api, &id).await;
     assert!(pid3 > 0);
+    let d: Value = client
+        .get(format!("{api}/deployments/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let spec = &d["specification"]["spec"];
+    assert_eq!(
+        (
+            &spec["node_group"],
+            &spec["capacity_requests"],
+            &spec["restart_policy"]
+        ),
+        (&json!("local"), &json!({"cpu": 1}), &json!("never")),
+        "{spec}"
+    );
+    let environ = std::fs::read(format!("/proc/{pid3}/environ")).unwrap();
+    assert!(String::from_utf8_lossy(&environ).contains("GREETING=hi"));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(dev.0.id()).unwrap()),
         nix::sys::signal::Signal::SIGINT,

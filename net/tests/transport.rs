@@ -24,6 +24,14 @@ struct Ping {
     payload: Vec<u8>,
 }
 
+/// A control message without payload.
+fn ping(seq: u64) -> Ping {
+    Ping {
+        seq,
+        payload: vec![],
+    }
+}
+
 struct Pki {
     ca: CertificateAuthority,
     server: PemPair,
@@ -89,14 +97,7 @@ async fn pair(
 ) -> (Client, symphony_net::Session, Control, Accepted) {
     let client = Client::new(cfg).unwrap();
     let (session, mut control) = client.connect().await.unwrap();
-    control
-        .tx
-        .send(&Ping {
-            seq: 0,
-            payload: vec![],
-        })
-        .await
-        .unwrap();
+    control.tx.send(&ping(0)).await.unwrap();
     let accepted = server.accept().await.unwrap();
     (client, session, control, accepted)
 }
@@ -115,6 +116,51 @@ async fn wait_refused(server: &Server, before: u64) {
             "server never refused the handshake"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A node running its reconnect loop (`Client::run`); the loop ends when this is dropped.
+struct Running {
+    client: Arc<Client>,
+    events: tokio::sync::mpsc::Receiver<ClientEvent>,
+    cancel: CancellationToken,
+}
+
+impl Running {
+    fn start(cfg: ClientConfig) -> Self {
+        let client = Arc::new(Client::new(cfg).unwrap());
+        let cancel = CancellationToken::new();
+        let (events, _task) = client.clone().run(cancel.clone());
+        Self {
+            client,
+            events,
+            cancel,
+        }
+    }
+
+    /// Waits for the next connection, says hello on its control stream (`seq`) so the
+    /// conductor sees it, and returns both ends.
+    async fn connect(
+        &mut self,
+        srv: &mut Server,
+        seq: u64,
+    ) -> (symphony_net::Session, Control, Accepted) {
+        let ev = self.events.recv().await;
+        let Some(ClientEvent::Connected {
+            session,
+            mut control,
+        }) = ev
+        else {
+            panic!("no connection: {ev:?}")
+        };
+        control.tx.send(&ping(seq)).await.unwrap();
+        (session, control, srv.accept().await.unwrap())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }
 
@@ -144,13 +190,7 @@ async fn certificate_from_another_ca_is_refused() {
     let res = client.connect().await;
     if let Ok((session, mut control)) = res {
         // TLS 1.3: the client may finish first; the server then closes the connection.
-        let _ = control
-            .tx
-            .send(&Ping {
-                seq: 1,
-                payload: vec![],
-            })
-            .await;
+        let _ = control.tx.send(&ping(1)).await;
         let _ = session.closed().await;
     }
     wait_refused(&srv, 0).await;
@@ -172,13 +212,7 @@ async fn expired_certificate_is_refused() {
     };
     let client = Client::new(client_cfg(addr, tls, fast())).unwrap();
     if let Ok((session, mut control)) = client.connect().await {
-        let _ = control
-            .tx
-            .send(&Ping {
-                seq: 1,
-                payload: vec![],
-            })
-            .await;
+        let _ = control.tx.send(&ping(1)).await;
         let _ = session.closed().await;
     }
     wait_refused(&srv, 0).await;
@@ -295,42 +329,23 @@ async fn close_codes_reach_the_node() {
     let (mut srv, addr) = server(&pki, fast());
     let mut cfg = client_cfg(addr, pki.node_tls("n"), fast());
     cfg.backoff_max = Duration::from_millis(100); // "slowly" means backoff_max
-    let client = Arc::new(Client::new(cfg).unwrap());
-    let cancel = CancellationToken::new();
-    let (mut events, _task) = client.clone().run(cancel.clone());
-    async fn hello(ev: Option<ClientEvent>) -> symphony_net::Control {
-        let Some(ClientEvent::Connected { mut control, .. }) = ev else {
-            panic!("no connection: {ev:?}")
-        };
-        control
-            .tx
-            .send(&Ping {
-                seq: 0,
-                payload: vec![],
-            })
-            .await
-            .unwrap();
-        control
-    }
-    let _control = hello(events.recv().await).await;
-    let acc = srv.accept().await.unwrap();
+    let mut node = Running::start(cfg);
+    let (_, _control, acc) = node.connect(&mut srv, 0).await;
     // Refused: reported, then retried at the slowest backoff (workloads keep running).
     acc.session.close(CloseCode::AuthFailed, "revoked");
-    match events.recv().await {
+    match node.events.recv().await {
         Some(ClientEvent::Refused(code, _)) => assert_eq!(code, CloseCode::AuthFailed),
         other => panic!("expected a refusal, got {other:?}"),
     }
-    let _control = hello(events.recv().await).await;
-    let acc = srv.accept().await.unwrap();
+    let (_, _control, acc) = node.connect(&mut srv, 0).await;
     // Superseded: final, no more dials.
     acc.session
         .close(CloseCode::Superseded, "another connection took over");
-    match events.recv().await {
+    match node.events.recv().await {
         Some(ClientEvent::Fatal(code, _)) => assert_eq!(code, CloseCode::Superseded),
         other => panic!("expected a final close, got {other:?}"),
     }
-    assert!(events.recv().await.is_none(), "the loop ended");
-    cancel.cancel();
+    assert!(node.events.recv().await.is_none(), "the loop ended");
 }
 
 #[tokio::test]
@@ -338,55 +353,30 @@ async fn a_reconnect_resumes_the_tls_session_and_keeps_the_identity() {
     use std::sync::atomic::Ordering;
     let pki = Pki::new();
     let (mut srv, addr) = server(&pki, fast());
-    let client = Arc::new(Client::new(client_cfg(addr, pki.node_tls("again"), fast())).unwrap());
-    let cancel = CancellationToken::new();
-    let (mut events, _task) = client.clone().run(cancel.clone());
+    let mut node = Running::start(client_cfg(addr, pki.node_tls("again"), fast()));
     fn resumed(srv: &Server) -> u64 {
         srv.stats().resumed_handshakes.load(Ordering::Relaxed)
     }
     // One round trip on each connection: the node has the server's ticket before it drops.
-    async fn round_trip(
-        events: &mut tokio::sync::mpsc::Receiver<ClientEvent>,
-        srv: &mut Server,
-        seq: u64,
-    ) -> Accepted {
-        let Some(ClientEvent::Connected { mut control, .. }) = events.recv().await else {
-            panic!("no connection")
-        };
-        control
-            .tx
-            .send(&Ping {
-                seq,
-                payload: vec![],
-            })
-            .await
-            .unwrap();
-        let mut acc = srv.accept().await.unwrap();
+    async fn round_trip(node: &mut Running, srv: &mut Server, seq: u64) -> Accepted {
+        let (_, mut control, mut acc) = node.connect(srv, seq).await;
         let p: Ping = acc.control.rx.recv().await.unwrap().unwrap();
         assert_eq!(p.seq, seq);
-        acc.control
-            .tx
-            .send(&Ping {
-                seq,
-                payload: vec![],
-            })
-            .await
-            .unwrap();
+        acc.control.tx.send(&ping(seq)).await.unwrap();
         let back: Ping = control.rx.recv().await.unwrap().unwrap();
         assert_eq!(back.seq, seq);
         acc
     }
-    let first = round_trip(&mut events, &mut srv, 1).await;
+    let first = round_trip(&mut node, &mut srv, 1).await;
     assert_eq!(resumed(&srv), 0, "a first connection is a full handshake");
     first.session.close(CloseCode::Shutdown, "restart");
-    let second = round_trip(&mut events, &mut srv, 2).await;
+    let second = round_trip(&mut node, &mut srv, 2).await;
     assert_eq!(resumed(&srv), 1, "the re-dial resumed the session");
     assert_eq!(
         second.identity.node_id, "again",
         "the identity of a resumed session is the certificate's"
     );
-    assert_eq!(client.reconnects(), 1);
-    cancel.cancel();
+    assert_eq!(node.client.reconnects(), 1);
 }
 
 /// Streams `count` control messages node -> conductor while `disturb` runs once after `at`
@@ -438,22 +428,8 @@ async fn nat_rebinding_loses_nothing_and_does_not_reconnect() {
     let pki = Pki::new();
     let (mut srv, addr) = server(&pki, fast());
     let proxy = UdpProxy::start(addr).await.unwrap();
-    let client =
-        Arc::new(Client::new(client_cfg(proxy.addr(), pki.node_tls("nat-node"), fast())).unwrap());
-    let cancel = CancellationToken::new();
-    let (mut events, _task) = client.clone().run(cancel.clone());
-    let Some(ClientEvent::Connected { mut control, .. }) = events.recv().await else {
-        panic!()
-    };
-    control
-        .tx
-        .send(&Ping {
-            seq: 0,
-            payload: vec![],
-        })
-        .await
-        .unwrap();
-    let mut acc = srv.accept().await.unwrap();
+    let mut node = Running::start(client_cfg(proxy.addr(), pki.node_tls("nat-node"), fast()));
+    let (_, mut control, mut acc) = node.connect(&mut srv, 0).await;
     let _: Ping = acc.control.rx.recv().await.unwrap().unwrap();
     let before = acc.session.facts().remote;
     let mut remote = acc.session.remote_changes();
@@ -473,9 +449,8 @@ async fn nat_rebinding_loses_nothing_and_does_not_reconnect() {
     assert_ne!(facts.remote, before);
     assert_eq!(facts.remote, proxy.source_addr().unwrap());
     assert!(facts.path_changes >= 1);
-    assert_eq!(client.reconnects(), 0);
-    assert!(events.try_recv().is_err(), "no second connection");
-    cancel.cancel();
+    assert_eq!(node.client.reconnects(), 0);
+    assert!(node.events.try_recv().is_err(), "no second connection");
     watcher.abort();
 }
 
@@ -483,21 +458,9 @@ async fn nat_rebinding_loses_nothing_and_does_not_reconnect() {
 async fn explicit_rebind_to_a_new_local_port_loses_nothing() {
     let pki = Pki::new();
     let (mut srv, addr) = server(&pki, fast());
-    let client = Arc::new(Client::new(client_cfg(addr, pki.node_tls("mover"), fast())).unwrap());
-    let cancel = CancellationToken::new();
-    let (mut events, _task) = client.clone().run(cancel.clone());
-    let Some(ClientEvent::Connected { mut control, .. }) = events.recv().await else {
-        panic!()
-    };
-    control
-        .tx
-        .send(&Ping {
-            seq: 0,
-            payload: vec![],
-        })
-        .await
-        .unwrap();
-    let mut acc = srv.accept().await.unwrap();
+    let mut node = Running::start(client_cfg(addr, pki.node_tls("mover"), fast()));
+    let client = node.client.clone();
+    let (_, mut control, mut acc) = node.connect(&mut srv, 0).await;
     let _: Ping = acc.control.rx.recv().await.unwrap().unwrap();
     let old_local = client.local_addr().unwrap();
     let mut remote = acc.session.remote_changes();
@@ -512,8 +475,7 @@ async fn explicit_rebind_to_a_new_local_port_loses_nothing() {
     assert_ne!(new_local.port(), old_local.port());
     remote.wait_for(|a| *a == new_local).await.unwrap();
     assert_eq!(client.reconnects(), 0);
-    assert!(events.try_recv().is_err(), "no second connection");
-    cancel.cancel();
+    assert!(node.events.try_recv().is_err(), "no second connection");
     watcher.abort();
 }
 
@@ -522,22 +484,8 @@ async fn blackhole_past_the_idle_timeout_reconnects_once_healed() {
     let pki = Pki::new();
     let (mut srv, addr) = server(&pki, fast());
     let proxy = UdpProxy::start(addr).await.unwrap();
-    let client =
-        Arc::new(Client::new(client_cfg(proxy.addr(), pki.node_tls("flaky"), fast())).unwrap());
-    let cancel = CancellationToken::new();
-    let (mut events, _task) = client.clone().run(cancel.clone());
-    let Some(ClientEvent::Connected { mut control, .. }) = events.recv().await else {
-        panic!()
-    };
-    control
-        .tx
-        .send(&Ping {
-            seq: 0,
-            payload: vec![],
-        })
-        .await
-        .unwrap();
-    let acc = srv.accept().await.unwrap();
+    let mut node = Running::start(client_cfg(proxy.addr(), pki.node_tls("flaky"), fast()));
+    let (_, _control, acc) = node.connect(&mut srv, 0).await;
 
     proxy.set_blackhole(true);
     // The server's side times out (idle 1.5 s) ...
@@ -545,28 +493,12 @@ async fn blackhole_past_the_idle_timeout_reconnects_once_healed() {
     assert!(matches!(err, quinn::ConnectionError::TimedOut), "{err}");
     // ... and heals: the node reconnects by itself and announces the new connection.
     proxy.set_blackhole(false);
-    let Some(ClientEvent::Connected {
-        mut control,
-        session,
-    }) = events.recv().await
-    else {
-        panic!()
-    };
-    control
-        .tx
-        .send(&Ping {
-            seq: 1,
-            payload: vec![],
-        })
-        .await
-        .unwrap();
-    let mut acc2 = srv.accept().await.unwrap();
+    let (session, _control, mut acc2) = node.connect(&mut srv, 1).await;
     assert_eq!(acc2.identity.node_id, "flaky");
     let p: Ping = acc2.control.rx.recv().await.unwrap().unwrap();
     assert_eq!(p.seq, 1);
-    assert_eq!(client.reconnects(), 1);
+    assert_eq!(node.client.reconnects(), 1);
     assert_eq!(session.facts().reconnects, 1);
-    cancel.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

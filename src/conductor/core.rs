@@ -703,9 +703,8 @@ impl Core {
             node.env_names.remove(name);
         }
         self.changed = true;
-        let ids: Vec<String> = self.nodes.keys().cloned().collect();
-        for id in ids {
-            self.send_env_set(&id);
+        for id in self.nodes.keys() {
+            self.send_env_set(id);
         }
         Ok(())
     }

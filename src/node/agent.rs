@@ -752,10 +752,9 @@ impl Agent {
         }
         let env = self
             .sup
-            .snapshot()
+            .env_names()
             .into_iter()
-            .find(|(held, ..)| *held == id)
-            .and_then(|(.., spec)| spec.env_name);
+            .find_map(|(held, env)| (held == id).then_some(env));
         if let Some(env) = env
             && let Ok(mut s) = self.stopping_envs.lock()
         {
@@ -893,9 +892,9 @@ impl Agent {
     fn envs_in_use(&self) -> BTreeMap<String, String> {
         let mut in_use: BTreeMap<String, String> = self
             .sup
-            .snapshot()
+            .env_names()
             .into_iter()
-            .filter_map(|(id, _, _, spec)| spec.env_name.map(|env| (env, id)))
+            .map(|(id, env)| (env, id))
             .collect();
         if let Ok(pending) = self.pending.lock() {
             for h in pending.values() {
@@ -931,26 +930,17 @@ impl Agent {
     /// a deployment held here still uses: those are removed once that deployment is (see
     /// `envs_kept`).
     async fn remove_unwanted_envs(self: &Arc<Self>) {
-        // Problems of envs that are gone from the definitions and from this node are over.
-        let created: BTreeSet<String> = self
-            .envs
-            .created()
-            .await
-            .into_iter()
-            .map(|(_, name)| name)
-            .collect();
-        let wanted: BTreeSet<String> = self
-            .env_wanted
-            .lock()
-            .map(|w| w.iter().map(|(_, name)| name.clone()).collect())
-            .unwrap_or_default();
-        if let Ok(mut p) = self.env_problems.lock() {
-            p.retain(|name, _| wanted.contains(name) || created.contains(name));
-        }
         loop {
+            let created = self.envs.created().await;
+            // Problems of envs that are gone from the definitions and from this node are over.
+            if let (Ok(wanted), Ok(mut problems)) =
+                (self.env_wanted.lock(), self.env_problems.lock())
+            {
+                problems.retain(|name, _| wanted.iter().chain(&created).any(|(_, n)| n == name));
+            }
             let in_use = self.envs_in_use();
             let mut kept = BTreeSet::new();
-            for (kind, name) in self.envs.created().await {
+            for (kind, name) in created {
                 if self.env_wanted(kind, &name) {
                     continue;
                 }

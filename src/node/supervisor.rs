@@ -456,6 +456,18 @@ impl Supervisor {
             .collect()
     }
 
+    /// `(id, env_name)` of every deployment that runs in a named env (no spec is cloned).
+    pub fn env_names(&self) -> Vec<(String, String)> {
+        lock(&self.table)
+            .slots
+            .iter()
+            .filter_map(|(id, slot)| {
+                let env = slot.desired.borrow().spec.env_name.clone()?;
+                Some((id.clone(), env))
+            })
+            .collect()
+    }
+
     /// Events dropped because the event channel was full.
     pub fn dropped_events(&self) -> u64 {
         self.shared.dropped_events.load(Ordering::Relaxed)

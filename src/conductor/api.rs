@@ -631,12 +631,8 @@ async fn logs(
         .collect();
     let start = backlog.len().saturating_sub(tail);
     let mut last_seq = sub.backlog.last().map_or(0, |l| l.seq);
-    let frame = json!({"deployment_id": id, "entries": &backlog[start..]});
-    if socket
-        .send(Message::Text(frame.to_string().into()))
-        .await
-        .is_err()
-    {
+    let frame = log_frame(&id, &backlog[start..]);
+    if socket.send(Message::Text(frame.into())).await.is_err() {
         return;
     }
     loop {
@@ -675,15 +671,26 @@ async fn logs(
         if entries.is_empty() {
             continue;
         }
-        let frame = json!({"deployment_id": id, "entries": entries});
-        if socket
-            .send(Message::Text(frame.to_string().into()))
-            .await
-            .is_err()
-        {
+        let frame = log_frame(&id, &entries);
+        if socket.send(Message::Text(frame.into())).await.is_err() {
             return;
         }
     }
+}
+
+/// One log frame, serialized straight from the hub's lines (no intermediate JSON tree: this
+/// runs for every batch of every viewer).
+fn log_frame(deployment_id: &str, entries: &[&LogLine]) -> String {
+    #[derive(serde::Serialize)]
+    struct Frame<'a> {
+        deployment_id: &'a str,
+        entries: &'a [&'a LogLine],
+    }
+    serde_json::to_string(&Frame {
+        deployment_id,
+        entries,
+    })
+    .unwrap_or_default()
 }
 
 const INDEX_HTML: &str = include_str!("ui/index.html");

@@ -165,7 +165,9 @@ struct Core {
     next_generation: u64,
     next_command: u64,
     view: watch::Sender<Arc<ClusterView>>,
-    version: u64,
+    /// Each deployment's specification with secrets masked, as of its `updated_at_ms`
+    /// (publish runs on every usage tick; specs change only on writes).
+    masked_specs: HashMap<String, (i64, Arc<Value>)>,
     /// Something changed since the last publish that only a tick publishes (usage).
     dirty: bool,
     /// State changed in this batch: publish at its end.
@@ -273,7 +275,7 @@ pub async fn start(
         next_generation: snap.max_generation + 1,
         next_command: 1,
         view: view_tx,
-        version: 0,
+        masked_specs: HashMap::new(),
         dirty: false,
         changed: false,
         needs_schedule: false,
@@ -1057,6 +1059,7 @@ impl Core {
             .iter()
             .any(|n| n.state == scheduler::NodeState::Online);
 
+        let mut masked = HashMap::with_capacity(self.deployments.len());
         let mut deployments: Vec<Arc<DeploymentView>> = self
             .deployments
             .values()
@@ -1106,8 +1109,15 @@ impl Core {
                             .map_or_else(|| "Pending".to_owned(), ToString::to_string),
                     )
                 };
-                let mut spec = d.specification.clone();
-                crate::spec::mask_secrets(&mut spec);
+                let spec = match self.masked_specs.get(&d.id) {
+                    Some((at, spec)) if *at == d.updated_at_ms => spec.clone(),
+                    _ => {
+                        let mut spec = d.specification.clone();
+                        crate::spec::mask_secrets(&mut spec);
+                        Arc::new(spec)
+                    }
+                };
+                masked.insert(d.id.clone(), (d.updated_at_ms, spec.clone()));
                 Arc::new(DeploymentView {
                     id: d.id.clone(),
                     name: d.name.clone(),
@@ -1123,6 +1133,7 @@ impl Core {
                 })
             })
             .collect();
+        self.masked_specs = masked;
         deployments.sort_by(|a, b| {
             b.created_at_ms
                 .cmp(&a.created_at_ms)
@@ -1130,6 +1141,19 @@ impl Core {
         });
 
         let defined: BTreeSet<String> = self.envs.keys().cloned().collect();
+        let mut assigned_to: HashMap<&str, Vec<AssignedRef>> = HashMap::new();
+        for (dep, a) in &self.assignments {
+            assigned_to
+                .entry(a.node_id.as_str())
+                .or_default()
+                .push(AssignedRef {
+                    id: dep.clone(),
+                    name: self
+                        .deployments
+                        .get(dep)
+                        .map_or_else(|| dep.clone(), |d| d.name.clone()),
+                });
+        }
         let mut node_views = BTreeMap::new();
         for (sn, (id, n)) in nodes.iter().zip(&self.nodes) {
             let state = match sn.state {
@@ -1137,21 +1161,11 @@ impl Core {
                 scheduler::NodeState::Suspect => "suspect",
                 scheduler::NodeState::Lost => "lost",
             };
-            let assigned: Vec<AssignedRef> = self
-                .assignments
-                .iter()
-                .filter(|(_, a)| &a.node_id == id)
-                .map(|(dep, _)| AssignedRef {
-                    id: dep.clone(),
-                    name: self
-                        .deployments
-                        .get(dep)
-                        .map_or_else(|| dep.clone(), |d| d.name.clone()),
-                })
-                .collect();
+            let assigned = assigned_to.remove(id.as_str()).unwrap_or_default();
             let missing: Vec<String> = defined.difference(&n.env_names).cloned().collect();
-            let res = n.resources.clone().unwrap_or_default();
-            let hb = n.usage.clone();
+            let no_resources = wire::StaticResources::default();
+            let res = n.resources.as_ref().unwrap_or(&no_resources);
+            let hb = n.usage.as_ref();
             let gpus = if let Some(hb) = &hb {
                 &hb.gpus
             } else {
@@ -1221,12 +1235,10 @@ impl Core {
                 .cmp(&a.created_at_ms)
                 .then_with(|| a.name.cmp(&b.name))
         });
-        self.version += 1;
         self.view.send_replace(Arc::new(ClusterView {
             deployments,
             nodes: node_views,
             conda_envs: envs,
-            version: self.version,
         }));
     }
 }

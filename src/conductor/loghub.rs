@@ -99,13 +99,6 @@ impl LogHub {
         added
     }
 
-    /// Whether the hub holds lines for this deployment.
-    pub fn knows(&self, deployment_id: &str) -> bool {
-        self.rings
-            .lock()
-            .is_ok_and(|r| r.contains_key(deployment_id))
-    }
-
     /// The highest sequence held per deployment (sent to a node after Hello so it resumes there).
     pub fn last_seqs(&self, ids: impl IntoIterator<Item = String>) -> HashMap<String, u64> {
         let Ok(rings) = self.rings.lock() else {
@@ -196,7 +189,7 @@ mod tests {
             0,
             "late lines after a delete do not resurrect it"
         );
-        assert!(!hub.knows("d"));
+        assert!(hub.subscribe("d").is_none(), "the hub forgot it");
     }
 
     #[test]

@@ -31,8 +31,8 @@ pub struct DeploymentView {
     pub desired_state: String,
     pub current_state: Option<String>,
     pub kind: String,
-    /// Secrets masked.
-    pub specification: serde_json::Value,
+    /// Secrets masked (shared with the core's cache of masked specs).
+    pub specification: Arc<serde_json::Value>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     pub assigned_node_id: Option<String>,
@@ -97,8 +97,6 @@ pub struct ClusterView {
     pub nodes: BTreeMap<String, NodeView>,
     /// Newest first.
     pub conda_envs: Vec<CondaEnvRecord>,
-    /// Bumped on every publish.
-    pub version: u64,
 }
 
 impl ClusterView {

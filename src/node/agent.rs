@@ -500,10 +500,13 @@ impl Agent {
                 };
                 let mut seq = 0;
                 loop {
-                    let sample = usage.borrow_and_update().clone();
-                    if let Some(s) = sample {
+                    let msg = usage
+                        .borrow_and_update()
+                        .as_ref()
+                        .map(|s| heartbeat_wire(seq + 1, s));
+                    if let Some(msg) = msg {
                         seq += 1;
-                        if hb.send(&heartbeat_wire(seq, &s)).await.is_err() {
+                        if hb.send(&msg).await.is_err() {
                             return;
                         }
                     }

@@ -50,21 +50,6 @@ pub enum ManagerKind {
     Uv,
 }
 
-/// A discovered environment manager binary.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EnvManager {
-    /// conda, at `binary`.
-    Conda {
-        /// Path of the conda executable.
-        binary: PathBuf,
-    },
-    /// uv, at `binary`.
-    Uv {
-        /// Path of the uv executable.
-        binary: PathBuf,
-    },
-}
-
 /// The desired definition of one environment.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EnvDefinition {
@@ -273,16 +258,6 @@ impl Envs {
     /// Creates the registry from a [`Discovery`].
     pub fn from_discovery(work_dir: &Path, discovery: &Discovery) -> Self {
         Self::new(work_dir, discovery.conda.clone(), discovery.uv.clone())
-    }
-
-    /// The managers available on this node.
-    pub fn managers(&self) -> Vec<EnvManager> {
-        let conda = self
-            .conda
-            .iter()
-            .map(|b| EnvManager::Conda { binary: b.clone() });
-        let uv = self.uv.iter().map(|b| EnvManager::Uv { binary: b.clone() });
-        conda.chain(uv).collect()
     }
 
     /// The folder of the uv env `name` (it may not exist).

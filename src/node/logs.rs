@@ -282,6 +282,7 @@ impl LogBuffer {
 
     /// The last `n` ring entries of the given streams (all streams when `streams` is `None`),
     /// oldest first.
+    #[cfg(test)]
     pub fn tail(&self, n: usize, streams: Option<&[LogStream]>) -> Vec<LogEntry> {
         let inner = self.lock();
         let mut out: Vec<LogEntry> = inner

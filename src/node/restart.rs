@@ -129,6 +129,7 @@ impl RestartTracker {
     }
 
     /// Automatic restarts inside the window ending at `now_ms`.
+    #[cfg(test)]
     pub fn restarts_in_window(&self, now_ms: u64, window: Duration) -> u32 {
         let window = millis(window);
         let n = self

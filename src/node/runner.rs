@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -274,8 +274,9 @@ fn parse_stat(stat: &str) -> Option<(char, i32)> {
 }
 
 /// Whether `pid` names a live (non-zombie) process.
+#[cfg(test)]
 pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")) {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => parse_stat(&stat).is_some_and(|(state, _)| state != 'Z' && state != 'X'),
         Err(_) => false,
     }

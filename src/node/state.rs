@@ -17,10 +17,18 @@ pub struct Held {
     pub log_offset: u64,
 }
 
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize)]
 struct File {
-    version: u32,
+    /// Always 2 so far (an older layout fails to decode and the node starts empty).
+    _version: u32,
     held: Vec<Held>,
+}
+
+/// [`File`] as written: the same encoding, borrowing what it saves.
+#[derive(serde::Serialize)]
+struct FileRef<'a> {
+    version: u32,
+    held: &'a [Held],
 }
 
 /// The state file.
@@ -51,11 +59,8 @@ impl LocalState {
 
     /// Replaces the held deployments.
     pub fn save(&self, held: &[Held]) -> std::io::Result<()> {
-        let bytes = postcard::to_allocvec(&File {
-            version: 2,
-            held: held.to_vec(),
-        })
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let bytes = postcard::to_allocvec(&FileRef { version: 2, held })
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         // Specs hold secrets (git tokens): owner-only, like key files.
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;

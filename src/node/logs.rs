@@ -30,6 +30,10 @@ use self::spool::Spool;
 /// Default maximum length of one captured line, in bytes.
 pub const DEFAULT_MAX_LINE: usize = 16 * 1024;
 
+/// Bytes an entry counts for beyond its line when batches are cut by size (sequence number,
+/// timestamp, stream and framing, roughly).
+pub const ENTRY_OVERHEAD: usize = 32;
+
 /// Default byte cap of one deployment's spool.
 pub const DEFAULT_SPOOL_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -260,6 +264,18 @@ impl LogBuffer {
     /// reaches back far enough, else from the spool. Lines dropped from both show as a gap
     /// in the (otherwise contiguous) sequence numbers.
     pub fn since(&self, after: u64, max: usize) -> Vec<LogEntry> {
+        self.since_within(after, max, usize::MAX)
+    }
+
+    /// As [`LogBuffer::since`], and also stops before `max_bytes` (each entry counting its
+    /// line plus [`ENTRY_OVERHEAD`]), always returning at least one entry when there is one:
+    /// the shipper's batches, without copying lines it would not send.
+    pub fn since_within(&self, after: u64, max: usize, max_bytes: usize) -> Vec<LogEntry> {
+        let mut bytes = 0usize;
+        let mut fits = |i: usize, e: &LogEntry| {
+            bytes = bytes.saturating_add(e.line.len() + ENTRY_OVERHEAD);
+            i == 0 || bytes <= max_bytes
+        };
         let inner = self.lock();
         let ring_covers = inner
             .ring
@@ -267,16 +283,26 @@ impl LogBuffer {
             .is_none_or(|front| front.seq <= after.saturating_add(1));
         if !ring_covers && let Some(spool) = &inner.spool {
             match spool.read_since(after, max) {
-                Ok(entries) => return entries,
+                Ok(entries) => {
+                    return entries
+                        .into_iter()
+                        .enumerate()
+                        .take_while(|(i, e)| fits(*i, e))
+                        .map(|(_, e)| e)
+                        .collect();
+                }
                 Err(error) => tracing::warn!(%error, "reading log spool failed"),
             }
         }
+        // Sequence numbers increase along the ring: find the start instead of scanning.
+        let start = inner.ring.partition_point(|e| e.seq <= after);
         inner
             .ring
-            .iter()
-            .filter(|e| e.seq > after)
+            .range(start..)
             .take(max)
-            .cloned()
+            .enumerate()
+            .take_while(|(i, e)| fits(*i, e))
+            .map(|(_, e)| e.clone())
             .collect()
     }
 
@@ -410,6 +436,11 @@ mod tests {
         assert_eq!(seqs(logs.since(0, 100)), vec![3, 4, 5]);
         assert_eq!(seqs(logs.since(3, 100)), vec![4, 5]);
         assert_eq!(seqs(logs.since(3, 1)), vec![4]);
+        // A byte budget cuts the batch, but never below one entry.
+        let one = logs.since(0, 100)[0].line.len() + ENTRY_OVERHEAD;
+        assert_eq!(seqs(logs.since_within(0, 100, 2 * one)), vec![3, 4]);
+        assert_eq!(seqs(logs.since_within(0, 100, 1)), vec![3]);
+        assert_eq!(seqs(logs.since_within(5, 100, 1)), Vec::<u64>::new());
         assert_eq!(seqs(logs.tail(2, None)), vec![4, 5]);
         assert_eq!(seqs(logs.tail(5, Some(&[LogStream::System]))), vec![3]);
         logs.set_limit(1);

@@ -62,7 +62,7 @@ impl Shipper {
                     ),
                 );
             }
-            let mut entries = buffer.since(after, LOG_BATCH);
+            let entries = buffer.since_within(after, LOG_BATCH, LOG_BATCH_BYTES);
             if entries.is_empty() {
                 tokio::select! {
                     biased;
@@ -76,15 +76,6 @@ impl Shipper {
                 }
                 continue;
             }
-            let mut bytes = 0;
-            let keep = entries
-                .iter()
-                .position(|e| {
-                    bytes += e.line.len() + 32;
-                    bytes > LOG_BATCH_BYTES
-                })
-                .map_or(entries.len(), |i| i.max(1));
-            entries.truncate(keep);
             let last = entries.last().map_or(after, |e| e.seq);
             let batch = wire::LogBatch {
                 entries: entries

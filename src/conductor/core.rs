@@ -303,7 +303,8 @@ pub async fn start(
     for id in core.deployments.keys() {
         core.logs.ensure(id);
     }
-    core.publish();
+    let nodes = core.sched_nodes(now_ms());
+    core.publish(&nodes);
     let (tx, rx) = mpsc::channel(1024);
     let handle = CoreHandle {
         tx: tx.clone(),
@@ -426,24 +427,23 @@ impl Core {
     /// so a client that reads after its write sees it).
     async fn flush(&mut self) {
         let ticked = std::mem::take(&mut self.ticked);
-        let states: Option<Vec<scheduler::NodeState>> =
-            ticked.then(|| self.sched_nodes(now_ms()).iter().map(|n| n.state).collect());
-        // Everything that can change a placement schedules at once; the timer only matters
-        // when a node's liveness changed (suspect, lost).
-        let liveness_changed = states.as_ref().is_some_and(|s| *s != self.scheduled_states);
-        if std::mem::take(&mut self.needs_schedule) || liveness_changed {
-            self.scheduled_states = self.sched_nodes(now_ms()).iter().map(|n| n.state).collect();
-            self.schedule().await;
-        }
+        let needs_schedule = std::mem::take(&mut self.needs_schedule);
         let mut publish = std::mem::take(&mut self.changed);
-        if let Some(states) = states
-            && !publish
-        {
+        if ticked || needs_schedule || publish {
+            // One view of the nodes for the whole flush (scheduling changes no node).
+            let nodes = self.sched_nodes(now_ms());
+            let states: Vec<scheduler::NodeState> = nodes.iter().map(|n| n.state).collect();
+            // Everything that can change a placement schedules at once; the timer only
+            // matters when a node's liveness changed (suspect, lost).
+            if needs_schedule || (ticked && states != self.scheduled_states) {
+                self.scheduled_states.clone_from(&states);
+                self.schedule(&nodes).await;
+            }
             // Usage arrived or a node's liveness changed since the last publish?
-            publish = self.dirty || states != self.published_states;
-        }
-        if publish {
-            self.publish();
+            publish |= ticked && (self.dirty || states != self.published_states);
+            if publish {
+                self.publish(&nodes);
+            }
         }
         for (reply, r) in self.replies.drain(..) {
             let _ = reply.send(r);
@@ -985,10 +985,9 @@ impl Core {
     }
 
     /// Runs the scheduler, persists its decisions, then tells the nodes.
-    async fn schedule(&mut self) {
-        let nodes = self.sched_nodes(now_ms());
+    async fn schedule(&mut self, nodes: &[scheduler::NodeView]) {
         let deps = self.sched_deployments();
-        let plan = scheduler::plan(&nodes, &deps, self.next_generation, self.cfg.strategy);
+        let plan = scheduler::plan(nodes, &deps, self.next_generation, self.cfg.strategy);
         if plan.placements.is_empty() && plan.unassign.is_empty() {
             return;
         }
@@ -1047,14 +1046,12 @@ impl Core {
         }
     }
 
-    fn publish(&mut self) {
-        let now = now_ms();
-        let nodes = self.sched_nodes(now);
+    fn publish(&mut self, nodes: &[scheduler::NodeView]) {
         self.dirty = false;
         self.published_states = nodes.iter().map(|n| n.state).collect();
         let deps = self.sched_deployments();
-        let reasons = scheduler::reasons(&nodes, &deps);
-        let reserved = scheduler::reserved(&nodes, &deps);
+        let reasons = scheduler::reasons(nodes, &deps);
+        let reserved = scheduler::reserved(nodes, &deps);
         let any_online = nodes
             .iter()
             .any(|n| n.state == scheduler::NodeState::Online);

@@ -26,7 +26,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use serde_json::{Value, json};
-use symphony::wire::{CommandResult, LogBatch, LogEntry, LogHeader, NodeMessage, node_message};
+use symphony::wire::{LogBatch, LogEntry, LogHeader, NodeMessage};
 use symphony_net::frame::encode_frame;
 use symphony_net::{
     Client, ClientConfig, Control, FrameReader, FrameWriter, Server, StreamKind, TlsMaterial,
@@ -113,7 +113,7 @@ impl Params {
             "log_batch_entries": self.entries_per_batch,
             "log_line_bytes": self.line_len,
             "log_frame_bytes": self.batch().encoded_len() + 4,
-            "control_frame_bytes": control_msg(1).encoded_len() + 4,
+            "control_frame_bytes": common::result_msg(1).encoded_len() + 4,
             "quic_settings": "TransportSettings::default() (stream window 256 KiB, send window derived, keep-alive 5 s)",
             "tcp_baseline": "one TLS 1.3 connection (tokio-rustls, TCP_NODELAY), writer task with strict control priority, log queue 4 frames",
         })
@@ -132,23 +132,6 @@ impl Params {
                 .collect(),
             dropped: 0,
         }
-    }
-}
-
-fn control_msg(seq: u64) -> NodeMessage {
-    NodeMessage {
-        msg: Some(node_message::Msg::Result(CommandResult {
-            command_id: seq,
-            ok: true,
-            message: String::new(),
-        })),
-    }
-}
-
-fn seq_of(m: &NodeMessage) -> Option<u64> {
-    match &m.msg {
-        Some(node_message::Msg::Result(r)) => Some(r.command_id),
-        _ => None,
     }
 }
 
@@ -276,7 +259,7 @@ trait Echoes {
 struct QuicPinger(FrameWriter<quinn::SendStream>);
 impl Pinger for QuicPinger {
     async fn ping(&mut self, seq: u64) -> Result<()> {
-        self.0.send(&control_msg(seq)).await?;
+        self.0.send(&common::result_msg(seq)).await?;
         Ok(())
     }
 }
@@ -289,7 +272,7 @@ impl Echoes for QuicEchoes {
             .recv::<NodeMessage>()
             .await?
             .as_ref()
-            .and_then(seq_of))
+            .and_then(common::seq_of))
     }
 }
 
@@ -298,7 +281,7 @@ impl Pinger for TcpPinger {
     async fn ping(&mut self, seq: u64) -> Result<()> {
         let mut buf = BytesMut::new();
         let frame = Mux {
-            control: Some(control_msg(seq)),
+            control: Some(common::result_msg(seq)),
             ..Mux::default()
         };
         encode_frame(&frame, MAX_FRAME, &mut buf)?;
@@ -317,7 +300,7 @@ impl<R: tokio::io::AsyncRead + Unpin> Echoes for TcpEchoes<R> {
             .await?
             .and_then(|m| m.control)
             .as_ref()
-            .and_then(seq_of))
+            .and_then(common::seq_of))
     }
 }
 

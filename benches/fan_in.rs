@@ -143,25 +143,6 @@ fn hello() -> NodeMessage {
 // ---------------------------------------------------------------------------------------------
 // /proc readings (this process = the conductor)
 
-fn clk_tck() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of this process, in clock ticks.
-fn cpu_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // After the command name: field 3 (state) is index 0, utime (14) index 11, stime (15) 12.
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
-}
-
 /// System-wide UDP `RcvbufErrors` (datagrams dropped because a socket buffer was full).
 fn udp_rcvbuf_errors() -> u64 {
     let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
@@ -174,16 +155,6 @@ fn udp_rcvbuf_errors() -> u64 {
         .zip(values.split_whitespace())
         .find(|(n, _)| *n == "RcvbufErrors")
         .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// VmRSS of this process in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
 }
 
@@ -356,7 +327,7 @@ fn run_size(rt: &tokio::runtime::Runtime, p: &Params, n: usize, tck: f64) -> Res
             &d.join("server.pem"),
             &d.join("server.key"),
         )?;
-        let rss_before = rss_kib();
+        let rss_before = common::proc_status_field("self", "VmRSS").unwrap_or(0);
         let (conductor, addr) = rt.block_on(async {
             let server = Server::bind("127.0.0.1:0".parse()?, &tls, TransportSettings::default())?;
             let addr = server.local_addr()?;
@@ -392,7 +363,7 @@ fn run_size(rt: &tokio::runtime::Runtime, p: &Params, n: usize, tck: f64) -> Res
         };
         std::thread::sleep(p.settle);
         let (cpu0, hb0, t0) = (
-            cpu_ticks(),
+            common::proc_cpu_ticks("self"),
             conductor.heartbeats.load(Ordering::Relaxed),
             Instant::now(),
         );
@@ -400,11 +371,11 @@ fn run_size(rt: &tokio::runtime::Runtime, p: &Params, n: usize, tck: f64) -> Res
         std::thread::sleep(p.window);
         conductor.recording.store(false, Ordering::Relaxed);
         let (cpu1, hb1, t1) = (
-            cpu_ticks(),
+            common::proc_cpu_ticks("self"),
             conductor.heartbeats.load(Ordering::Relaxed),
             Instant::now(),
         );
-        let rss_after = rss_kib();
+        let rss_after = common::proc_status_field("self", "VmRSS").unwrap_or(0);
         let lat: Vec<Duration> = conductor
             .latencies_us
             .lock()
@@ -588,7 +559,7 @@ fn main() -> ExitCode {
 
 fn real_main() -> Result<()> {
     let p = Params::from_env();
-    let tck = clk_tck();
+    let tck = common::clock_ticks();
     let rt = common::runtime()?;
     let mut results = Vec::new();
     for &n in &p.sizes {

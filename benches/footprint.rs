@@ -37,7 +37,7 @@ const ORIGINAL_IDLE_NODE_CPU: &str = "0.1-0.2 % of one core (quoted, not re-meas
 const DEADLINE: Duration = Duration::from_secs(60);
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::var_os("BENCH_QUICK").is_some_and(|v| v != "0");
+    let quick = common::quick();
     let p = Params {
         window: Duration::from_secs(if quick { 2 } else { 10 }),
         settle: Duration::from_secs(if quick { 1 } else { 2 }),
@@ -47,11 +47,9 @@ fn main() -> anyhow::Result<()> {
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
     let bin = std::env::var_os("SYMPHONY_BIN")
         .map_or_else(|| target.join("release").join("symphony"), PathBuf::from);
-    let mut report = json!({
-        "bench": "footprint",
-        "quick": quick,
-        "machine": common::machine(),
-        "parameters": {
+    let mut report = common::report(
+        "footprint",
+        json!({
             "binary": bin.display().to_string(),
             "window_s": p.window.as_secs_f64(),
             "settle_s": p.settle.as_secs_f64(),
@@ -59,16 +57,17 @@ fn main() -> anyhow::Result<()> {
             "workload": ["sleep", "100000"],
             "node_heartbeat_s": 1,
             "cpu": "own utime+stime over the window, % of one core",
-        },
-        "baseline_quoted": { "original_idle_node_cpu": ORIGINAL_IDLE_NODE_CPU },
-    });
+        }),
+        Value::Null,
+    );
+    report["baseline_quoted"] = json!({ "original_idle_node_cpu": ORIGINAL_IDLE_NODE_CPU });
     if !bin.is_file() {
         println!(
             "footprint bench: no binary at {}.\n  Build it first: cargo build --release --bin symphony\n  (or point SYMPHONY_BIN at one). Skipped.",
             bin.display()
         );
         report["skipped"] = json!(format!("binary not found at {}", bin.display()));
-        let path = write_json("footprint", &report)?;
+        let path = common::write_doc("footprint", &report)?;
         println!("wrote {}", path.display());
         return Ok(());
     }
@@ -79,10 +78,8 @@ fn main() -> anyhow::Result<()> {
         p.window,
         bin.display()
     );
-    let ticks = clock_ticks();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let ticks = common::clock_ticks();
+    let rt = common::runtime()?;
     let dev = rt.block_on(dev_layout(&bin, &p, ticks))?;
     let split = rt.block_on(split_layout(&bin, &p, ticks))?;
 
@@ -108,7 +105,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!("original, idle node: {ORIGINAL_IDLE_NODE_CPU}");
     report["results"] = json!(dev.into_iter().chain(split).collect::<Vec<_>>());
-    let path = write_json("footprint", &report)?;
+    let path = common::write_doc("footprint", &report)?;
     println!("\nwrote {}", path.display());
     Ok(())
 }
@@ -169,40 +166,10 @@ fn free_udp_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// `getconf CLK_TCK`, 100 if that fails (the Linux value everywhere in practice).
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|&t| t > 0.0)
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of `pid`, in clock ticks.
+/// utime + stime of `pid`, in clock ticks (an error when the process is gone).
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at field 3 (state).
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow::anyhow!("unexpected /proc/{pid}/stat"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15, i.e. indexes 11 and 12 here.
-    let utime: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let stime: u64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Ok(utime + stime)
-}
-
-/// A `kB` field (or a count) of `/proc/<pid>/status`.
-fn status_field(pid: u32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
+    common::try_proc_cpu_ticks(&pid.to_string())
+        .ok_or_else(|| anyhow::anyhow!("cannot read /proc/{pid}/stat"))
 }
 
 /// Measures every named process over the same window; one row per process.
@@ -223,13 +190,14 @@ async fn measure(
     let mut out = Vec::new();
     for (&(name, pid), b) in procs.iter().zip(before) {
         let used = cpu_ticks(pid)?.saturating_sub(b) as f64 / ticks;
+        let id = pid.to_string();
         out.push(json!({
                 "layout": layout,
                 "process": name,
                 "state": state,
-                "rss_kib": status_field(pid, "VmRSS"),
-                "hwm_kib": status_field(pid, "VmHWM"),
-                "threads": status_field(pid, "Threads"),
+                "rss_kib": common::proc_status_field(&id, "VmRSS"),
+                "hwm_kib": common::proc_status_field(&id, "VmHWM"),
+                "threads": common::proc_status_field(&id, "Threads"),
                 "cpu_seconds": used,
                 "window_s": secs,
                 "cpu_percent": used / secs * 100.0,
@@ -415,16 +383,4 @@ async fn split_layout(bin: &Path, p: &Params, ticks: f64) -> anyhow::Result<Vec<
         println!("split: killed {reaped} workloads that outlived the node");
     }
     Ok(rows)
-}
-
-// ---------------------------------------------------------------------------------------------
-// report plumbing (each bench is its own crate, so these few helpers are repeated)
-
-/// Writes `<CARGO_TARGET_DIR or ./target>/bench/<name>.json`.
-fn write_json(name: &str, v: &Value) -> anyhow::Result<PathBuf> {
-    let dir = common::out_dir();
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("{name}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(v)?)?;
-    Ok(path)
 }

@@ -25,7 +25,6 @@ mod common;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -45,7 +44,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 const LINE: &str = "symphony-log-flood-0123456789-abcdefghijklmnopqrstuvwxyz-ABCDEF";
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::var_os("BENCH_QUICK").is_some_and(|v| v != "0");
+    let quick = common::quick();
     let p = Params {
         warmup: Duration::from_secs(if quick { 1 } else { 2 }),
         window: Duration::from_secs(if quick { 3 } else { 12 }),
@@ -58,9 +57,7 @@ fn main() -> anyhow::Result<()> {
         p.warmup,
         p.samples
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = common::runtime()?;
     // The node and the viewer get their own runtimes (threads), as separate processes would:
     // a busy node pump must not delay the conductor's tasks through a shared scheduler.
     let node_rt = tokio::runtime::Builder::new_multi_thread()
@@ -73,11 +70,9 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let results = rt.block_on(run(&p, node_rt.handle(), viewer_rt.handle()))?;
-    let report = json!({
-        "bench": "logs",
-        "quick": quick,
-        "machine": common::machine(),
-        "parameters": {
+    let path = common::write_json(
+        "logs",
+        json!({
             "line_bytes_with_newline": LINE.len() + 1,
             "flood_max": ["yes", LINE],
             "flood_paced": "sh -c: while :; do printf 100 lines; sleep 0.01; done",
@@ -86,10 +81,9 @@ fn main() -> anyhow::Result<()> {
             "control_samples": p.samples,
             "control_sample": "POST /deployments (sleep 1000) -> RUNNING in the conductor's snapshot; then DELETE",
             "viewer": "/ws/deployments/{id}/logs?tail=0, in-process tokio-tungstenite",
-        },
-        "results": results,
-    });
-    let path = write_json("logs", &report)?;
+        }),
+        results,
+    )?;
     println!("\nwrote {}", path.display());
     Ok(())
 }
@@ -275,10 +269,10 @@ struct Samples {
 
 impl Samples {
     fn summary(self) -> Value {
-        let mut v = summary(self.total);
-        v["leg_post_to_201"] = summary(self.post_to_201);
-        v["leg_post_to_started"] = summary(self.to_started);
-        v["leg_started_to_seen"] = summary(self.started_to_seen);
+        let mut v = common::sample_json(self.total, true);
+        v["leg_post_to_201"] = common::sample_json(self.post_to_201, true);
+        v["leg_post_to_started"] = common::sample_json(self.to_started, true);
+        v["leg_started_to_seen"] = common::sample_json(self.started_to_seen, true);
         v
     }
 }
@@ -287,41 +281,6 @@ fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-impl Env {}
-
-fn pct(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn summary(mut xs: Vec<f64>) -> Value {
-    xs.sort_by(f64::total_cmp);
-    json!({
-        "n": xs.len(),
-        "p50_ms": pct(&xs, 0.50),
-        "p90_ms": pct(&xs, 0.90),
-        "p99_ms": pct(&xs, 0.99),
-        "min_ms": xs.first(),
-        "max_ms": xs.last(),
-        "samples_ms": xs,
-    })
-}
-
-fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
 }
 
 async fn run(
@@ -374,20 +333,6 @@ fn host_jiffies() -> (u64, u64) {
     (total.saturating_sub(idle), total)
 }
 
-/// utime + stime of a process (`self` or a pid), in clock ticks (0 if it is gone).
-fn proc_ticks(pid: &str) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    let f: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, r)| r)
-        .split_whitespace()
-        .collect();
-    let at = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-    at(11) + at(12)
-}
-
 /// CPU use over a window: this process (conductor + node + viewer), the workload, the host.
 struct CpuSnap {
     own: u64,
@@ -398,8 +343,8 @@ struct CpuSnap {
 impl CpuSnap {
     fn take(workload: Option<u32>) -> Self {
         Self {
-            own: proc_ticks("self"),
-            workload: workload.map_or(0, |p| proc_ticks(&p.to_string())),
+            own: common::proc_cpu_ticks("self"),
+            workload: workload.map_or(0, |p| common::proc_cpu_ticks(&p.to_string())),
             host: host_jiffies(),
         }
     }
@@ -437,7 +382,7 @@ async fn flood_phase(
     env.delete(&flood).await?;
     if let Some(pid) = flood_pid {
         let deadline = Instant::now() + DEADLINE;
-        while pid_alive(pid) && Instant::now() < deadline {
+        while common::pid_alive(pid) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -448,7 +393,7 @@ async fn flood_phase(
     }
 
     let secs = (end.at - start.at).as_secs_f64();
-    let tck = clock_ticks();
+    let tck = common::clock_ticks();
     let own_cpu = (cpu1.own - cpu0.own) as f64 / tck / secs * 100.0;
     let workload_cpu = cpu1.workload.saturating_sub(cpu0.workload) as f64 / tck / secs * 100.0;
     let host_busy = {
@@ -503,18 +448,6 @@ async fn flood_phase(
         "host_busy_percent": host_busy,
         "control_post_to_running": busy_s,
     }))
-}
-
-/// `getconf CLK_TCK`, 100 if that fails.
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|&t| t > 0.0)
-        .unwrap_or(100.0)
 }
 
 async fn measure(
@@ -602,16 +535,4 @@ async fn measure(
         "ratio_p50_paced": ratio(&paced, "p50_ms"),
         "ratio_p99_paced": ratio(&paced, "p99_ms"),
     }))
-}
-
-// ---------------------------------------------------------------------------------------------
-// report plumbing (each bench is its own crate, so these few helpers are repeated)
-
-/// Writes `<CARGO_TARGET_DIR or ./target>/bench/<name>.json`.
-fn write_json(name: &str, v: &Value) -> anyhow::Result<PathBuf> {
-    let dir = common::out_dir();
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("{name}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(v)?)?;
-    Ok(path)
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
-use symphony::wire::{CommandResult, NodeMessage, node_message};
+use symphony::wire::NodeMessage;
 use symphony_net::impair::UdpProxy;
 use symphony_net::{
     Client, ClientConfig, ClientEvent, Control, FrameReader, FrameWriter, Server, TlsMaterial,
@@ -97,23 +97,6 @@ impl Params {
             "quic_settings": "TransportSettings::default(); node uses Client::run (reconnect loop + path monitor)",
             "tcp_baseline": "TLS 1.3 over TCP via a userspace proxy; event = proxy resets both sides (SO_LINGER 0); node reconnects immediately",
         })
-    }
-}
-
-fn msg(seq: u64) -> NodeMessage {
-    NodeMessage {
-        msg: Some(node_message::Msg::Result(CommandResult {
-            command_id: seq,
-            ok: true,
-            message: String::new(),
-        })),
-    }
-}
-
-fn seq_of(m: &NodeMessage) -> Option<u64> {
-    match &m.msg {
-        Some(node_message::Msg::Result(r)) => Some(r.command_id),
-        _ => None,
     }
 }
 
@@ -243,7 +226,7 @@ async fn quic_trial(scenario: Scenario, p: &Params, pki: &Pki, n: usize) -> Resu
         return Err(anyhow!("node did not connect"));
     };
     let Control { mut tx, rx: _rx } = control;
-    tx.send(&msg(u64::MAX)).await?;
+    tx.send(&common::result_msg(u64::MAX)).await?;
     let acc = server
         .accept()
         .await
@@ -253,7 +236,7 @@ async fn quic_trial(scenario: Scenario, p: &Params, pki: &Pki, n: usize) -> Resu
     let mut tasks = JoinSet::new();
     tasks.spawn(async move {
         while let Ok(Some(m)) = srv_rx.recv::<NodeMessage>().await {
-            if let Some(seq) = seq_of(&m).filter(|s| *s != u64::MAX) {
+            if let Some(seq) = common::seq_of(&m).filter(|s| *s != u64::MAX) {
                 let _ = log_tx.send((seq, Instant::now(), 0));
             }
         }
@@ -285,7 +268,7 @@ async fn quic_trial(scenario: Scenario, p: &Params, pki: &Pki, n: usize) -> Resu
                 _ => client.rebind("127.0.0.1:0".parse()?)?,
             }
         }
-        if tx.send(&msg(seq)).await.is_err() {
+        if tx.send(&common::result_msg(seq)).await.is_err() {
             break;
         }
         sent += 1;
@@ -373,7 +356,7 @@ async fn tcp_conductor(
                 };
                 let mut r = FrameReader::new(stream, MAX_FRAME);
                 while let Ok(Some(m)) = r.recv::<NodeMessage>().await {
-                    if let Some(seq) = seq_of(&m).filter(|s| *s != u64::MAX) {
+                    if let Some(seq) = common::seq_of(&m).filter(|s| *s != u64::MAX) {
                         let _ = log.send((seq, Instant::now(), this));
                     }
                 }
@@ -422,7 +405,7 @@ async fn tcp_node(
         first = false;
         let (mut r, w) = tokio::io::split(stream);
         let mut w = FrameWriter::new(w, MAX_FRAME);
-        w.send(&msg(u64::MAX)).await?;
+        w.send(&common::result_msg(u64::MAX)).await?;
         let mut byte = [0u8; 1];
         loop {
             tokio::select! {
@@ -430,7 +413,7 @@ async fn tcp_node(
                 _ = r.read(&mut byte) => continue 'outer,
                 next = queue.recv() => {
                     let Some(seq) = next else { break 'outer };
-                    let ok = w.send(&msg(seq)).await.is_ok() && w.get_mut().flush().await.is_ok();
+                    let ok = w.send(&common::result_msg(seq)).await.is_ok() && w.get_mut().flush().await.is_ok();
                     if !ok {
                         continue 'outer;
                     }
@@ -622,7 +605,7 @@ async fn redial_handshakes(pki: &Pki, n: usize) -> Result<Value> {
     async fn dial(client: &Client, server: &mut Server) -> Result<Duration> {
         let t0 = Instant::now();
         let (session, mut control) = client.connect().await?;
-        control.tx.send(&msg(0)).await?;
+        control.tx.send(&common::result_msg(0)).await?;
         let acc = server
             .accept()
             .await

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -170,13 +172,10 @@ async fn run_case(
 }
 
 fn main() {
-    let quick = std::env::var_os("BENCH_QUICK").is_some();
+    let quick = common::quick();
     let pings = if quick { 100 } else { 500 };
     let rate = 50_000_000;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime().unwrap();
     let rows = rt.block_on(async {
         vec![
             run_case("idle (no flood)", false, false, rate, pings).await,
@@ -203,20 +202,12 @@ fn main() {
             rows[1].p99_ms / rows[2].p99_ms
         );
     }
-    let json = serde_json::json!({
-        "bench": "pacing",
-        "machine": {"nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
-                    "kernel": std::fs::read_to_string("/proc/version").unwrap_or_default().trim()},
-        "parameters": {"rate_bit_s": rate, "queue_ms": 50, "log_streams": 8, "pings": pings, "interval_ms": 10},
-        "results": rows.iter().map(|r| serde_json::json!({"case": r.case, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "max_ms": r.max_ms, "logs_mbit_s": r.goodput_mbit, "pings": r.pings})).collect::<Vec<_>>(),
-    });
-    let dir = std::path::PathBuf::from(
-        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
-    )
-    .join("bench");
-    let _ = std::fs::create_dir_all(&dir);
-    let _ = std::fs::write(
-        dir.join("pacing.json"),
-        serde_json::to_string_pretty(&json).unwrap_or_default(),
-    );
+    let results = rows
+        .iter()
+        .map(|r| serde_json::json!({"case": r.case, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "max_ms": r.max_ms, "logs_mbit_s": r.goodput_mbit, "pings": r.pings}))
+        .collect::<Vec<_>>();
+    let parameters = serde_json::json!({"rate_bit_s": rate, "queue_ms": 50, "log_streams": 8, "pings": pings, "interval_ms": 10});
+    if let Err(e) = common::write_json("pacing", parameters, results.into()) {
+        eprintln!("pacing: {e:#}");
+    }
 }

@@ -24,7 +24,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -44,7 +43,7 @@ const ORIGINAL_POST_TO_RUNNING: &str = "median ~4.6 s, range 0.8-7.8 s (quoted, 
 const GROUPS: [&str; 4] = ["gpu-a", "gpu-b", "cpu", "edge"];
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::var_os("BENCH_QUICK").is_some_and(|v| v != "0");
+    let quick = common::quick();
     let params = Params {
         nodes: 1_000,
         deployments: 10_000,
@@ -62,16 +61,12 @@ fn main() -> anyhow::Result<()> {
 
     let pure = bench_pure(&params);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = common::runtime()?;
     let e2e = rt.block_on(bench_e2e(params.e2e_deployments))?;
 
-    let report = json!({
-        "bench": "schedule",
-        "quick": quick,
-        "machine": common::machine(),
-        "parameters": {
+    let mut report = common::report(
+        "schedule",
+        json!({
             "nodes": params.nodes,
             "deployments": params.deployments,
             "repetitions": params.reps,
@@ -80,11 +75,11 @@ fn main() -> anyhow::Result<()> {
             "e2e_deployments": params.e2e_deployments,
             "e2e_command": ["sleep", "1000"],
             "e2e_heartbeat_ms": 1000,
-        },
-        "results": { "scheduler": pure, "end_to_end": e2e },
-        "baseline_quoted": { "original_post_to_running": ORIGINAL_POST_TO_RUNNING },
-    });
-    let path = write_json("schedule", &report)?;
+        }),
+        json!({ "scheduler": pure, "end_to_end": e2e }),
+    );
+    report["baseline_quoted"] = json!({ "original_post_to_running": ORIGINAL_POST_TO_RUNNING });
+    let path = common::write_doc("schedule", &report)?;
     println!("\nwrote {}", path.display());
     Ok(())
 }
@@ -402,38 +397,6 @@ fn bench_pure(p: &Params) -> Value {
 // ---------------------------------------------------------------------------------------------
 // (b) end to end
 
-fn pct(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn summary(mut xs: Vec<f64>) -> Value {
-    xs.sort_by(f64::total_cmp);
-    json!({
-        "n": xs.len(),
-        "p50_ms": pct(&xs, 0.50),
-        "p90_ms": pct(&xs, 0.90),
-        "p99_ms": pct(&xs, 0.99),
-        "min_ms": xs.first(),
-        "max_ms": xs.last(),
-    })
-}
-
-fn pid_alive(pid: u64) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
 async fn bench_e2e(count: usize) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir()?;
     let mut cfg = ConductorConfig::local(dir.path().join("storage"));
@@ -521,19 +484,19 @@ async fn bench_e2e(count: usize) -> anyhow::Result<Value> {
     }
     let t = Instant::now();
     let deadline = t + DEADLINE;
-    while pids.iter().any(|&p| pid_alive(p)) && Instant::now() < deadline {
+    while pids.iter().any(|&p| common::pid_alive(p)) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let all_gone_ms = t.elapsed().as_secs_f64() * 1e3;
-    let leftover = pids.iter().filter(|&&p| pid_alive(p)).count();
+    let leftover = pids.iter().filter(|&&p| common::pid_alive(p)).count();
     cancel.cancel();
     let _ = tokio::time::timeout(DEADLINE, node).await;
     conductor.shutdown().await;
     result?;
 
-    let post = summary(post_ms);
-    let running = summary(running_ms);
-    let delete = summary(delete_ms);
+    let post = common::sample_json(post_ms, false);
+    let running = common::sample_json(running_ms, false);
+    let delete = common::sample_json(delete_ms, false);
     println!("\n(b) end to end, conductor + 1 node in-process, {count} x `sleep 1000`, sequential");
     println!(
         "{:<34} {:>9} {:>9} {:>9} {:>9}",
@@ -574,16 +537,4 @@ async fn bench_e2e(count: usize) -> anyhow::Result<Value> {
         "original_median_ms_quoted": 4600.0,
         "median_ratio_vs_original": 4600.0 / p50,
     }))
-}
-
-// ---------------------------------------------------------------------------------------------
-// report plumbing (each bench is its own crate, so these few helpers are repeated)
-
-/// Writes `<CARGO_TARGET_DIR or ./target>/bench/<name>.json`.
-fn write_json(name: &str, v: &Value) -> anyhow::Result<PathBuf> {
-    let dir = common::out_dir();
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("{name}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(v)?)?;
-    Ok(path)
 }

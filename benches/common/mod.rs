@@ -1,7 +1,8 @@
 //! Shared helpers for the `harness = false` benches: the in-memory PKI (one CA, a server
 //! certificate, per-node certificates via `symphony_net::pki`), rustls configurations for the
 //! TLS-over-TCP baseline built from the same PEM material, latency summaries, the machine
-//! description, crate versions, and the JSON/table output.
+//! description, crate versions, the JSON/table output, `/proc` readers (CPU ticks, status
+//! fields, liveness) and the control frame the QUIC benches echo.
 //!
 //! Invariants: every bench binds 127.0.0.1 only (the netns variant uses 10.201.0.0/24 inside
 //! namespaces it creates); JSON goes to `$CARGO_TARGET_DIR/bench/<name>.json` (else
@@ -17,6 +18,7 @@ use anyhow::{Context, Result, anyhow};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
+use symphony::wire::{CommandResult, NodeMessage, node_message};
 use symphony_net::pki::PemPair;
 use symphony_net::{CertificateAuthority, TlsMaterial, Validity};
 
@@ -195,6 +197,95 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// `getconf CLK_TCK`, 100 if that fails (the Linux value everywhere in practice).
+pub fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|&t| t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of a process (`"self"` or a pid), in clock ticks; `None` when its
+/// `/proc/<pid>/stat` cannot be read (the process is gone) or has no command name.
+pub fn try_proc_cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3 (state), so
+    // utime and stime (fields 14 and 15) are indexes 11 and 12 here.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let at = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    Some(at(11) + at(12))
+}
+
+/// utime + stime of a process (`"self"` or a pid), in clock ticks (0 if it is gone).
+pub fn proc_cpu_ticks(pid: &str) -> u64 {
+    try_proc_cpu_ticks(pid).unwrap_or(0)
+}
+
+/// A `kB` field (or a count) of `/proc/<pid>/status` (`pid` is `"self"` or a number), e.g.
+/// `VmRSS`, `VmHWM`, `Threads`.
+pub fn proc_status_field(pid: &str, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Whether `pid` exists and is not a zombie (from `/proc/<pid>/stat`).
+pub fn pid_alive(pid: impl std::fmt::Display) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// A millisecond sample as JSON: n, p50/p90/p99 (nearest rank), min, max, and the sorted
+/// samples themselves when `with_samples`.
+pub fn sample_json(mut xs: Vec<f64>, with_samples: bool) -> Value {
+    xs.sort_by(f64::total_cmp);
+    let mut v = json!({
+        "n": xs.len(),
+        "p50_ms": percentile(&xs, 50.0),
+        "p90_ms": percentile(&xs, 90.0),
+        "p99_ms": percentile(&xs, 99.0),
+        "min_ms": xs.first(),
+        "max_ms": xs.last(),
+    });
+    if with_samples {
+        v["samples_ms"] = json!(xs);
+    }
+    v
+}
+
+/// The control frame the QUIC benches send and echo: a `CommandResult` carrying `seq`.
+pub fn result_msg(seq: u64) -> NodeMessage {
+    NodeMessage {
+        msg: Some(node_message::Msg::Result(CommandResult {
+            command_id: seq,
+            ok: true,
+            message: String::new(),
+        })),
+    }
+}
+
+/// The sequence number of a frame built by [`result_msg`]; `None` for any other message.
+pub fn seq_of(m: &NodeMessage) -> Option<u64> {
+    match &m.msg {
+        Some(node_message::Msg::Result(r)) => Some(r.command_id),
+        _ => None,
+    }
+}
+
 /// Versions of the crates that matter, from the workspace Cargo.lock.
 pub fn versions() -> Value {
     let lock = include_str!("../../Cargo.lock");
@@ -230,10 +321,12 @@ pub fn out_dir() -> PathBuf {
 
 /// Writes `{bench, machine, versions, parameters, results}` to `<out_dir>/<name>.json`.
 pub fn write_json(name: &str, parameters: Value, results: Value) -> Result<PathBuf> {
-    let dir = out_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let path = dir.join(format!("{name}.json"));
-    let doc = json!({
+    write_doc(name, &report(name, parameters, results))
+}
+
+/// The document [`write_json`] writes, for a bench that adds its own top-level fields.
+pub fn report(name: &str, parameters: Value, results: Value) -> Value {
+    json!({
         "bench": name,
         "unix_time": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -243,8 +336,15 @@ pub fn write_json(name: &str, parameters: Value, results: Value) -> Result<PathB
         "versions": versions(),
         "parameters": parameters,
         "results": results,
-    });
-    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
+    })
+}
+
+/// Writes `doc` (pretty) to `<out_dir>/<name>.json`.
+pub fn write_doc(name: &str, doc: &Value) -> Result<PathBuf> {
+    let dir = out_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(doc)?)
         .with_context(|| format!("write {}", path.display()))?;
     Ok(path)
 }

@@ -30,6 +30,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
 
+use crate::time::now_ms;
+
 pub use body::{SpecFormat, deploy_body, parse_spec_text};
 pub use render::{format_age, format_log_entry, render_table};
 
@@ -900,8 +902,4 @@ fn print_json(out: &mut impl Write, v: &Value) -> Result<(), ClientError> {
     let text = serde_json::to_string_pretty(v).map_err(|e| ClientError::Decode(e.to_string()))?;
     writeln!(out, "{text}")?;
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }

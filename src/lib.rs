@@ -9,4 +9,5 @@ pub mod config;
 pub mod node;
 pub mod scheduler;
 pub mod spec;
+pub mod time;
 pub mod wire;

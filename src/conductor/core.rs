@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -24,14 +24,11 @@ use super::view::{
     AssignedRef, ClusterView, ConnectionView, CpuView, DeploymentView, NodeView, StatusView,
 };
 use crate::scheduler::{self, Strategy};
+use crate::time::millis;
 use crate::wire;
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+/// Re-exported for the API handlers (the one definition is [`crate::time::now_ms`]).
+pub use crate::time::now_ms;
 
 /// Parses a stored specification; the error is a one-line reason naming the fields.
 fn parse_spec(specification: &Value) -> Result<crate::spec::DeploymentSpec, String> {
@@ -942,10 +939,8 @@ impl Core {
     }
 
     fn sched_nodes(&self, now: i64) -> Vec<scheduler::NodeView> {
-        let suspect = u64::try_from(self.cfg.suspect_after.as_millis()).unwrap_or(u64::MAX);
-        let grace = u64::try_from(self.cfg.grace.as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_sub(suspect);
+        let suspect = millis(self.cfg.suspect_after);
+        let grace = millis(self.cfg.grace).saturating_sub(suspect);
         self.nodes
             .iter()
             .map(|(id, n)| scheduler::NodeView {

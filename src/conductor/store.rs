@@ -19,7 +19,7 @@ mod migrate;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -626,13 +626,6 @@ pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
         }
     }
     StoreError::Db(e)
-}
-
-/// Current Unix time in milliseconds (0 if the clock is before 1970).
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn found(rows_affected: u64) -> Result<(), StoreError> {

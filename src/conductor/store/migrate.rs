@@ -16,7 +16,8 @@ use std::collections::BTreeSet;
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
-use super::{StoreError, db_err, now_ms};
+use super::{StoreError, db_err};
+use crate::time::now_ms;
 
 /// Name of the counter row (in `counters`) holding the generation high-water mark.
 pub(super) const GENERATION_COUNTER: &str = "generation_high_water";

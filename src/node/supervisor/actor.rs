@@ -139,8 +139,10 @@ impl Actor {
         });
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    /// Monotonic milliseconds since this actor started (the restart tracker's clock; not
+    /// the wall clock, so a clock step cannot reset or stretch a restart window).
+    fn elapsed_ms(&self) -> u64 {
+        crate::time::millis(self.base.elapsed())
     }
 
     fn budget(&self) -> Budget {
@@ -206,7 +208,7 @@ impl Actor {
                 Err(e) => return self.on_start_failure(format!("spawn failed: {e}")),
             };
         let pid = process.pid();
-        self.tracker.on_start(self.now_ms());
+        self.tracker.on_start(self.elapsed_ms());
         let (unhealthy_tx, unhealthy) = mpsc::channel(1);
         let mut health = JoinSet::new();
         if let Some(check) = spec.health_check.clone() {
@@ -235,7 +237,7 @@ impl Actor {
 
     fn on_start_failure(&mut self, cause: String) {
         self.log(LogStream::System, cause.clone());
-        let decision = self.tracker.on_failure(self.now_ms(), &self.budget());
+        let decision = self.tracker.on_failure(self.elapsed_ms(), &self.budget());
         self.apply_decision(decision, cause);
     }
 
@@ -254,7 +256,7 @@ impl Actor {
         let desired = self.cur.running;
         let decision = self
             .tracker
-            .on_exit(self.now_ms(), code, &self.budget(), desired);
+            .on_exit(self.elapsed_ms(), code, &self.budget(), desired);
         let state = match (desired, code) {
             (false, _) => RunState::Stopped,
             (true, 0) => RunState::Exited,
@@ -272,7 +274,7 @@ impl Actor {
 
     async fn on_unhealthy(&mut self, detail: String) {
         let cause = format!("health check failed: {detail}");
-        let decision = self.tracker.on_failure(self.now_ms(), &self.budget());
+        let decision = self.tracker.on_failure(self.elapsed_ms(), &self.budget());
         self.stop_running("failed health check").await;
         self.apply_decision(decision, cause);
     }

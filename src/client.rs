@@ -30,6 +30,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
 
+use crate::model::{CurrentState, DesiredState};
 use crate::time::now_ms;
 
 pub use body::{SpecFormat, deploy_body, parse_spec_text};
@@ -175,10 +176,10 @@ pub struct Deployment {
     pub name: String,
     /// RUNNING or STOPPED.
     #[serde(default)]
-    pub desired_state: String,
+    pub desired_state: DesiredState,
     /// The observed state, if known.
     #[serde(default)]
-    pub current_state: Option<String>,
+    pub current_state: Option<CurrentState>,
     /// EXEC or DOCKER.
     #[serde(default)]
     pub kind: String,
@@ -204,7 +205,7 @@ pub struct Deployment {
 pub struct RunStatus {
     /// Runtime state.
     #[serde(default)]
-    pub state: Option<String>,
+    pub state: Option<CurrentState>,
     /// Process id.
     #[serde(default)]
     pub pid: Option<i64>,
@@ -465,18 +466,18 @@ pub async fn nodes(api: &str, json: bool, out: &mut impl Write) -> Result<Exit, 
 
 /// `symphony stop`: sets `desired_state: STOPPED`; prints the full id.
 pub async fn stop(api: &str, id: &str, out: &mut impl Write) -> Result<Exit, ClientError> {
-    set_desired(api, id, "STOPPED", out).await
+    set_desired(api, id, DesiredState::Stopped, out).await
 }
 
 /// `symphony start`: sets `desired_state: RUNNING`; prints the full id.
 pub async fn start(api: &str, id: &str, out: &mut impl Write) -> Result<Exit, ClientError> {
-    set_desired(api, id, "RUNNING", out).await
+    set_desired(api, id, DesiredState::Running, out).await
 }
 
 async fn set_desired(
     api: &str,
     id: &str,
-    state: &str,
+    state: DesiredState,
     out: &mut impl Write,
 ) -> Result<Exit, ClientError> {
     let client = Client::new(api)?;

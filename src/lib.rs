@@ -6,6 +6,7 @@ pub mod cli;
 pub mod client;
 pub mod conductor;
 pub mod config;
+pub mod model;
 pub mod node;
 pub mod scheduler;
 pub mod spec;

@@ -11,6 +11,7 @@
 use serde_json::{Map, Value, json};
 
 use super::{ClientError, DeployArgs};
+use crate::model::DesiredState;
 
 /// How a spec file is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,10 +93,10 @@ pub fn deploy_body(args: &DeployArgs, file: Option<Value>) -> Result<Value, Clie
         Some(_) => return Err(usage("the deployment name must be a string")),
     }
     if args.desired_stopped {
-        obj.insert("desired_state".into(), json!("STOPPED"));
+        obj.insert("desired_state".into(), json!(DesiredState::Stopped));
     } else {
         obj.entry("desired_state")
-            .or_insert_with(|| json!("RUNNING"));
+            .or_insert_with(|| json!(DesiredState::Running));
     }
     obj.entry("kind").or_insert_with(|| json!("EXEC"));
     merge_extras(obj, args)?;

@@ -98,9 +98,8 @@ pub const PS_HEADERS: [&str; 7] = [
 pub fn ps_row(d: &Deployment, now_ms: i64) -> Vec<String> {
     let current = d
         .current_state
-        .clone()
-        .or_else(|| d.status.as_ref().and_then(|s| s.state.clone()))
-        .unwrap_or_else(|| "-".to_owned());
+        .or_else(|| d.status.as_ref().and_then(|s| s.state))
+        .map_or_else(|| "-".to_owned(), |s| s.as_str().to_owned());
     let node = match (&d.assigned_node_id, &d.assignment_reason) {
         (Some(node), _) => node.clone(),
         (None, Some(reason)) => format!("({reason})"),
@@ -115,7 +114,7 @@ pub fn ps_row(d: &Deployment, now_ms: i64) -> Vec<String> {
     vec![
         short_id(&d.id),
         d.name.clone(),
-        d.desired_state.clone(),
+        d.desired_state.as_str().to_owned(),
         current,
         node,
         restarts,
@@ -227,6 +226,7 @@ pub fn format_log_entry(entry: &LogEntry) -> String {
 mod tests {
     use super::*;
     use crate::client::{Deployment, RunStatus};
+    use crate::model::{CurrentState, DesiredState};
 
     #[test]
     fn table_aligns_columns_and_trims_trailing_space() {
@@ -301,7 +301,7 @@ mod tests {
         Deployment {
             id: id.to_owned(),
             name: name.to_owned(),
-            desired_state: "RUNNING".to_owned(),
+            desired_state: DesiredState::Running,
             current_state: None,
             kind: "EXEC".to_owned(),
             created_at_ms: 1_000_000,
@@ -315,10 +315,10 @@ mod tests {
     #[test]
     fn ps_rows_fall_back_sensibly() {
         let mut running = dep("0123456789abcdef0123456789abcdef", "web");
-        running.current_state = Some("RUNNING".to_owned());
+        running.current_state = Some(CurrentState::Running);
         running.assigned_node_id = Some("node-a".to_owned());
         running.status = Some(RunStatus {
-            state: Some("RUNNING".to_owned()),
+            state: Some(CurrentState::Running),
             restart_count: Some(3),
             ..RunStatus::default()
         });

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use super::core::{CoreError, CoreHandle, CoreMsg, DeploymentPatch, EnvPatch, now_ms};
 use super::loghub::{LogHub, LogLine};
 use super::store::{CondaEnvRecord, DeploymentRecord};
+use crate::model::DesiredState;
 use crate::spec::FieldError;
 
 /// What handlers share.
@@ -229,8 +230,9 @@ async fn create_deployment(
             kind: "missing".into(),
         });
     }
-    let desired = opt_enum(&m, "desired_state", &["RUNNING", "STOPPED"], &mut errs)
-        .unwrap_or_else(|| "RUNNING".into());
+    let desired = opt_enum(&m, "desired_state", &DesiredState::NAMES, &mut errs)
+        .and_then(|s| DesiredState::from_name(&s))
+        .unwrap_or_default();
     let kind =
         opt_enum(&m, "kind", &["EXEC", "DOCKER"], &mut errs).unwrap_or_else(|| "EXEC".into());
     if kind == "DOCKER" {
@@ -317,7 +319,8 @@ async fn patch_deployment(
     let m = parse_body(&body)?;
     let mut errs = Vec::new();
     let name = opt_str(&m, "name", 1, 200, &mut errs);
-    let desired = opt_enum(&m, "desired_state", &["RUNNING", "STOPPED"], &mut errs);
+    let desired = opt_enum(&m, "desired_state", &DesiredState::NAMES, &mut errs)
+        .and_then(|s| DesiredState::from_name(&s));
     let spec = match m.get("specification") {
         None | Some(Value::Null) => None,
         Some(s) => Some(s.clone()),

@@ -23,6 +23,7 @@ use super::store::{
 use super::view::{
     AssignedRef, ClusterView, ConnectionView, CpuView, DeploymentView, NodeView, StatusView,
 };
+use crate::model::{CurrentState, DesiredState};
 use crate::scheduler::{self, Strategy};
 use crate::time::millis;
 use crate::wire;
@@ -59,7 +60,7 @@ type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
 #[derive(Debug)]
 pub struct DeploymentPatch {
     pub name: Option<String>,
-    pub desired_state: Option<String>,
+    pub desired_state: Option<DesiredState>,
     pub specification: Option<Value>,
 }
 
@@ -494,7 +495,7 @@ impl Core {
             deployment_id: d.id.clone(),
             generation,
             name: d.name.clone(),
-            desired_running: d.desired_state == "RUNNING",
+            desired_running: d.desired_state == DesiredState::Running,
             specification_json: d.specification.to_string(),
             command_id,
             log_seq_floor,
@@ -569,7 +570,7 @@ impl Core {
                 // scheduler again (it may land on the same node, with a new generation).
                 Some((
                     a.clone(),
-                    new.desired_state == "STOPPED" || placement_changed,
+                    new.desired_state == DesiredState::Stopped || placement_changed,
                 ))
             }
             _ => None,
@@ -676,7 +677,7 @@ impl Core {
         let users: Vec<&str> = self
             .deployments
             .values()
-            .filter(|d| d.desired_state != "STOPPED")
+            .filter(|d| d.desired_state != DesiredState::Stopped)
             .filter(|d| {
                 self.specs.get(&d.id).is_some_and(|s| {
                     s.as_ref()
@@ -967,7 +968,7 @@ impl Core {
                 scheduler::DeploymentView {
                     id: d.id.clone(),
                     created_at_ms: u64::try_from(d.created_at_ms).unwrap_or(0),
-                    desired_running: d.desired_state == "RUNNING" && spec.is_some(),
+                    desired_running: d.desired_state == DesiredState::Running && spec.is_some(),
                     node_group: spec.and_then(|s| s.node_group.clone()),
                     capacity_requests: spec
                         .map(|s| s.capacity_requests.clone())
@@ -1064,7 +1065,7 @@ impl Core {
                     })
                 });
                 let status = reported.map(|r| StatusView {
-                    state: r.status.state.clone(),
+                    state: CurrentState::from_wire(&r.status.state),
                     pid: r.status.pid,
                     restart_count: r.status.restart_count,
                     last_exit_code: r.status.last_exit_code,
@@ -1076,21 +1077,19 @@ impl Core {
                 });
                 let invalid = self.specs.get(&d.id).and_then(|s| s.as_ref().err());
                 let current = if invalid.is_some() {
-                    Some("FAILED".to_owned())
-                } else if d.desired_state == "STOPPED" && assignment.is_none() {
-                    Some("STOPPED".to_owned())
+                    CurrentState::Failed
+                } else if d.desired_state == DesiredState::Stopped && assignment.is_none() {
+                    CurrentState::Stopped
                 } else {
-                    match reported {
-                        Some(r) => Some(match r.status.state.as_str() {
-                            "BACKOFF" => "CRASHED".to_owned(),
-                            s => s.to_owned(),
-                        }),
-                        None => Some("PENDING".to_owned()),
+                    match reported.map(|r| CurrentState::from_wire(&r.status.state)) {
+                        Some(CurrentState::Backoff) => CurrentState::Crashed,
+                        Some(s) => s,
+                        None => CurrentState::Pending,
                     }
                 };
                 let reason = if let Some(why) = invalid {
                     Some(format!("Invalid Spec: {why}"))
-                } else if assignment.is_some() || d.desired_state == "STOPPED" {
+                } else if assignment.is_some() || d.desired_state == DesiredState::Stopped {
                     None
                 } else if !any_online {
                     Some("No Node".to_owned())
@@ -1113,8 +1112,8 @@ impl Core {
                 Arc::new(DeploymentView {
                     id: d.id.clone(),
                     name: d.name.clone(),
-                    desired_state: d.desired_state.clone(),
-                    current_state: current,
+                    desired_state: d.desired_state,
+                    current_state: Some(current),
                     kind: d.kind.clone(),
                     specification: spec,
                     created_at_ms: d.created_at_ms,

@@ -30,6 +30,8 @@ use sqlx::sqlite::{
 
 use migrate::GENERATION_COUNTER;
 
+use crate::model::DesiredState;
+
 /// File name of the database inside the storage folder given to [`Store::open`].
 pub const DB_FILE_NAME: &str = "symphony.db";
 
@@ -39,8 +41,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pool size for the file-backed store (WAL allows concurrent readers and one writer).
 const FILE_POOL_SIZE: u32 = 4;
 
-/// Allowed values of [`DeploymentRecord::desired_state`].
-pub const DESIRED_STATES: [&str; 2] = ["RUNNING", "STOPPED"];
 /// Allowed values of [`DeploymentRecord::kind`].
 pub const DEPLOYMENT_KINDS: [&str; 2] = ["EXEC", "DOCKER"];
 /// Allowed values of [`CondaEnvRecord::manager`].
@@ -90,8 +90,8 @@ pub struct DeploymentRecord {
     pub id: String,
     /// Human name; not unique, any string.
     pub name: String,
-    /// `RUNNING` or `STOPPED` (see [`DESIRED_STATES`]).
-    pub desired_state: String,
+    /// `RUNNING` or `STOPPED`.
+    pub desired_state: DesiredState,
     /// `EXEC` or `DOCKER` (see [`DEPLOYMENT_KINDS`]).
     pub kind: String,
     /// The full specification, stored as compact JSON text.
@@ -271,7 +271,7 @@ impl Store {
         )
         .bind(&d.id)
         .bind(&d.name)
-        .bind(&d.desired_state)
+        .bind(d.desired_state.as_str())
         .bind(&d.kind)
         .bind(spec)
         .bind(d.created_at_ms)
@@ -292,7 +292,7 @@ impl Store {
              specification = $4, updated_at_ms = $5 WHERE id = $6",
         )
         .bind(&d.name)
-        .bind(&d.desired_state)
+        .bind(d.desired_state.as_str())
         .bind(&d.kind)
         .bind(spec)
         .bind(d.updated_at_ms)
@@ -648,7 +648,6 @@ fn check_one_of(field: &'static str, value: &str, allowed: &[&str]) -> Result<()
 }
 
 fn check_deployment(d: &DeploymentRecord) -> Result<(), StoreError> {
-    check_one_of("desired_state", &d.desired_state, &DESIRED_STATES)?;
     check_one_of("kind", &d.kind, &DEPLOYMENT_KINDS)
 }
 
@@ -667,6 +666,13 @@ fn generation_from_db(generation: i64) -> Result<u64, StoreError> {
     u64::try_from(generation).map_err(|_| StoreError::Invalid {
         field: "generation",
         value: generation.to_string(),
+    })
+}
+
+fn desired_state(name: &str) -> Result<DesiredState, StoreError> {
+    DesiredState::from_name(name).ok_or_else(|| StoreError::Invalid {
+        field: "desired_state",
+        value: name.to_owned(),
     })
 }
 
@@ -689,7 +695,7 @@ fn deployment_from_row(row: &SqliteRow) -> Result<DeploymentRecord, StoreError> 
     Ok(DeploymentRecord {
         id: text(row, "id")?,
         name: text(row, "name")?,
-        desired_state: text(row, "desired_state")?,
+        desired_state: desired_state(&text(row, "desired_state")?)?,
         kind: text(row, "kind")?,
         specification: json(row, "specification")?,
         created_at_ms: int(row, "created_at_ms")?,

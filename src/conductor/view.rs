@@ -8,11 +8,12 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::store::CondaEnvRecord;
+use crate::model::{CurrentState, DesiredState};
 
 /// What a node last reported about a deployment.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StatusView {
-    pub state: String,
+    pub state: CurrentState,
     pub pid: Option<u32>,
     pub restart_count: u32,
     pub last_exit_code: Option<i32>,
@@ -28,8 +29,8 @@ pub struct StatusView {
 pub struct DeploymentView {
     pub id: String,
     pub name: String,
-    pub desired_state: String,
-    pub current_state: Option<String>,
+    pub desired_state: DesiredState,
+    pub current_state: Option<CurrentState>,
     pub kind: String,
     /// Secrets masked (shared with the core's cache of masked specs).
     pub specification: Arc<serde_json::Value>,

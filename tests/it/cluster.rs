@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+use symphony::model::CurrentState;
 
 use crate::support::{Cluster, alive, pid_of, sh, until};
 
@@ -114,7 +115,7 @@ async fn concurrent_creates_never_overcommit() {
         .wait("3 running, 9 without capacity", |v| {
             v.deployments
                 .iter()
-                .filter(|d| d.current_state.as_deref() == Some("RUNNING"))
+                .filter(|d| d.current_state == Some(CurrentState::Running))
                 .count()
                 == 3
                 && v.deployments
@@ -245,7 +246,7 @@ async fn a_spec_change_reaches_the_node_with_a_new_generation() {
                 .and_then(|d| d.status.as_ref())
                 .is_some_and(|s| {
                     s.generation > gen1
-                        && s.state == "RUNNING"
+                        && s.state == CurrentState::Running
                         && s.pid.is_some_and(|p| u64::from(p) != pid1)
                 })
         })
@@ -364,7 +365,7 @@ async fn state_survives_a_conductor_restart_and_processes_keep_running() {
             v.nodes.get("n1").is_some_and(|n| n.state == "online")
                 && v.deployment(&id)
                     .and_then(|d| d.status.as_ref())
-                    .is_some_and(|s| s.state == "RUNNING")
+                    .is_some_and(|s| s.state == CurrentState::Running)
         })
         .await;
     let st = view.deployment(&id).unwrap().status.clone().unwrap();
@@ -411,7 +412,7 @@ async fn a_partition_past_the_grace_period_reschedules_and_fences_the_old_copy()
                 d.assigned_node_id.as_deref() == Some("b")
                     && d.status
                         .as_ref()
-                        .is_some_and(|s| s.node_id == "b" && s.state == "RUNNING")
+                        .is_some_and(|s| s.node_id == "b" && s.state == CurrentState::Running)
             })
         })
         .await;
@@ -449,7 +450,7 @@ async fn a_node_restart_comes_back_with_its_local_state() {
             v.deployment(&id)
                 .and_then(|d| d.status.as_ref())
                 .is_some_and(|s| {
-                    s.state == "RUNNING" && s.pid.is_some_and(|p| u64::from(p) != pid1)
+                    s.state == CurrentState::Running && s.pid.is_some_and(|p| u64::from(p) != pid1)
                 })
         })
         .await;
@@ -513,7 +514,7 @@ async fn an_invalid_stored_spec_fails_only_that_deployment() {
     let bad = symphony::conductor::store::DeploymentRecord {
         id: "badbadbadbadbadbadbadbadbadbad00".into(),
         name: "bad".into(),
-        desired_state: "RUNNING".into(),
+        desired_state: symphony::model::DesiredState::Running,
         kind: "EXEC".into(),
         specification: json!({"spec": {"config": {"command": "not a list"}}}),
         created_at_ms: 1,

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use serde_json::json;
+use symphony::model::CurrentState;
 
 use crate::support::{Cluster, alive, pid_of, until};
 
@@ -222,7 +223,7 @@ async fn a_scheduled_restart_replaces_the_process_without_counting_as_a_failure(
             v.deployment(&id)
                 .and_then(|d| d.status.as_ref())
                 .is_some_and(|s| {
-                    s.state == "RUNNING" && s.pid.is_some_and(|p| u64::from(p) != first)
+                    s.state == CurrentState::Running && s.pid.is_some_and(|p| u64::from(p) != first)
                 })
         })
         .await;

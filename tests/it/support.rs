@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use symphony::conductor::view::ClusterView;
 use symphony::conductor::{Conductor, ConductorConfig};
+use symphony::model::CurrentState;
 use symphony::node::agent::NodeConfig;
 use symphony_net::TransportSettings;
 use symphony_net::impair::UdpProxy;
@@ -198,7 +199,7 @@ impl Cluster {
         let view = self
             .wait(&format!("{id} {state}"), |v| {
                 v.deployment(id)
-                    .is_some_and(|d| d.current_state.as_deref() == Some(state))
+                    .is_some_and(|d| d.current_state.map(CurrentState::as_str) == Some(state))
             })
             .await;
         json!(view.deployment(id).unwrap())

@@ -12,7 +12,7 @@ fn deployment(id: &str, name: &str, created_at_ms: i64) -> DeploymentRecord {
     DeploymentRecord {
         id: id.to_owned(),
         name: name.to_owned(),
-        desired_state: "RUNNING".to_owned(),
+        desired_state: DesiredState::Running,
         kind: "EXEC".to_owned(),
         specification: json!({"config": {"command": ["sleep", "60"], "env_name": null}}),
         created_at_ms,
@@ -80,14 +80,14 @@ async fn deployment_round_trip_and_order() {
 
     let mut changed = a.clone();
     changed.name = "renamed".to_owned();
-    changed.desired_state = "STOPPED".to_owned();
+    changed.desired_state = DesiredState::Stopped;
     changed.specification = json!({"replaced": true});
     changed.updated_at_ms = 5_000;
     changed.created_at_ms = 9_999; // ignored by update
     store.update_deployment(&changed).await.unwrap();
     let got = store.get_deployment("a").await.unwrap().unwrap();
     assert_eq!(got.name, "renamed");
-    assert_eq!(got.desired_state, "STOPPED");
+    assert_eq!(got.desired_state, DesiredState::Stopped);
     assert_eq!(got.specification, json!({"replaced": true}));
     assert_eq!(got.updated_at_ms, 5_000);
     assert_eq!(got.created_at_ms, 1_000);
@@ -121,7 +121,7 @@ async fn current_state_name_and_spec_are_plain_data() {
     // Original bug B4: a row whose *value* was "current_state" broke every read path.
     let (_dir, store) = file_store().await;
     let mut named = deployment("current_state", "current_state", 10);
-    named.desired_state = "STOPPED".to_owned();
+    named.desired_state = DesiredState::Stopped;
     let mut in_spec = deployment("d2", "other", 20);
     in_spec.specification = json!({"current_state": "current_state", "list": ["current_state"]});
     store.insert_deployment(&named).await.unwrap();
@@ -229,16 +229,9 @@ async fn duplicates_conflict() {
 #[tokio::test]
 async fn invalid_enum_values_are_refused() {
     let (_dir, store) = file_store().await;
+    // An invalid desired_state cannot be built (`DesiredState`); reading one is refused by
+    // `an_unknown_stored_desired_state_is_refused` below.
     let mut d = deployment("a", "x", 1);
-    d.desired_state = "running".to_owned();
-    assert!(matches!(
-        store.insert_deployment(&d).await,
-        Err(StoreError::Invalid {
-            field: "desired_state",
-            ..
-        })
-    ));
-    d.desired_state = "RUNNING".to_owned();
     d.kind = "VM".to_owned();
     assert!(matches!(
         store.insert_deployment(&d).await,
@@ -279,6 +272,18 @@ async fn invalid_enum_values_are_refused() {
             .is_some_and(|e| e.is_check_violation()),
         "{err:?}"
     );
+}
+
+#[test]
+fn an_unknown_stored_desired_state_is_refused() {
+    assert_eq!(desired_state("STOPPED").unwrap(), DesiredState::Stopped);
+    assert!(matches!(
+        desired_state("running"),
+        Err(StoreError::Invalid {
+            field: "desired_state",
+            ..
+        })
+    ));
 }
 
 #[tokio::test]

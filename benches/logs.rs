@@ -208,8 +208,9 @@ impl Env {
         let view = tokio::time::timeout(
             DEADLINE,
             self.rx.wait_for(|v| {
-                v.deployment(id)
-                    .is_some_and(|d| d.current_state.as_deref() == Some("RUNNING"))
+                v.deployment(id).is_some_and(|d| {
+                    d.current_state == Some(symphony::model::CurrentState::Running)
+                })
             }),
         )
         .await??

@@ -453,8 +453,9 @@ async fn bench_e2e(count: usize) -> anyhow::Result<Value> {
             let view = tokio::time::timeout(
                 DEADLINE,
                 rx.wait_for(|v| {
-                    v.deployment(&id)
-                        .is_some_and(|d| d.current_state.as_deref() == Some("RUNNING"))
+                    v.deployment(&id).is_some_and(|d| {
+                        d.current_state == Some(symphony::model::CurrentState::Running)
+                    })
                 }),
             )
             .await??

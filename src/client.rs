@@ -18,7 +18,7 @@ pub mod render;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
@@ -30,9 +30,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
 
-use crate::model::{CurrentState, DesiredState};
+use crate::model::{DesiredState, NodeId};
 use crate::time::now_ms;
 
+/// The API's JSON shapes, shared with the conductor (see [`crate::model`]).
+pub use crate::model::{Deployment, Node, NodeList, RunStatus};
 pub use body::{SpecFormat, deploy_body, parse_spec_text};
 pub use render::{format_age, format_log_entry, render_table};
 
@@ -164,153 +166,6 @@ pub fn finish(result: Result<Exit, ClientError>, err: &mut impl Write) -> Exit {
             e.exit()
         }
     }
-}
-
-/// One deployment as the API returns it (unknown fields ignored, most fields optional).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Deployment {
-    /// Deployment id.
-    pub id: String,
-    /// User-chosen name.
-    #[serde(default)]
-    pub name: String,
-    /// RUNNING or STOPPED.
-    #[serde(default)]
-    pub desired_state: DesiredState,
-    /// The observed state, if known.
-    #[serde(default)]
-    pub current_state: Option<CurrentState>,
-    /// EXEC or DOCKER.
-    #[serde(default)]
-    pub kind: String,
-    /// Creation time, unix ms.
-    #[serde(default)]
-    pub created_at_ms: i64,
-    /// Last update time, unix ms.
-    #[serde(default)]
-    pub updated_at_ms: i64,
-    /// The node it is placed on.
-    #[serde(default)]
-    pub assigned_node_id: Option<String>,
-    /// Why it is not placed.
-    #[serde(default)]
-    pub assignment_reason: Option<String>,
-    /// The node's last runtime report.
-    #[serde(default)]
-    pub status: Option<RunStatus>,
-}
-
-/// The runtime status block of a deployment.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct RunStatus {
-    /// Runtime state.
-    #[serde(default)]
-    pub state: Option<CurrentState>,
-    /// Process id.
-    #[serde(default)]
-    pub pid: Option<i64>,
-    /// Restarts so far.
-    #[serde(default)]
-    pub restart_count: Option<u64>,
-    /// Last exit code.
-    #[serde(default)]
-    pub last_exit_code: Option<i64>,
-    /// Free-text reason.
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-/// `GET /nodes` body.
-#[derive(Debug, Clone, Deserialize)]
-pub struct NodesResponse {
-    /// Node snapshots by id (sorted).
-    pub nodes: BTreeMap<String, NodeSnapshot>,
-}
-
-/// One node, as far as the `nodes` table needs it.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct NodeSnapshot {
-    /// Node id.
-    #[serde(default)]
-    pub node_id: String,
-    /// Node groups.
-    #[serde(default)]
-    pub groups: Vec<String>,
-    /// Capacity per class.
-    #[serde(default)]
-    pub capacities_total: BTreeMap<String, f64>,
-    /// Capacity in use per class.
-    #[serde(default)]
-    pub total_capacities_used: BTreeMap<String, f64>,
-    /// online, suspect or lost.
-    #[serde(default)]
-    pub state: Option<String>,
-    /// CPU figures.
-    #[serde(default)]
-    pub cpu: Option<NodeCpu>,
-    /// Memory figures.
-    #[serde(default)]
-    pub memory: Option<NodeMemory>,
-    /// GPUs (only counted).
-    #[serde(default)]
-    pub gpus: Vec<Value>,
-    /// The QUIC connection, if connected.
-    #[serde(default)]
-    pub connection: Option<NodeConnection>,
-}
-
-/// `cpu` block of a node.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct NodeCpu {
-    /// `cpu.dynamic`.
-    #[serde(default)]
-    pub dynamic: Option<NodeCpuDynamic>,
-}
-
-/// `cpu.dynamic`.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct NodeCpuDynamic {
-    /// Whole-machine CPU use, percent.
-    #[serde(default)]
-    pub total_percent: Option<f64>,
-}
-
-/// `memory` block of a node.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct NodeMemory {
-    /// `memory.static`.
-    #[serde(default, rename = "static")]
-    pub r#static: Option<NodeMemoryStatic>,
-    /// `memory.dynamic`.
-    #[serde(default)]
-    pub dynamic: Option<NodeMemoryDynamic>,
-}
-
-/// `memory.static`.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct NodeMemoryStatic {
-    /// Total RAM in bytes.
-    #[serde(default)]
-    pub total_bytes: Option<f64>,
-}
-
-/// `memory.dynamic`.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct NodeMemoryDynamic {
-    /// Used RAM in bytes.
-    #[serde(default)]
-    pub used_bytes: Option<f64>,
-}
-
-/// `connection` block of a node.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct NodeConnection {
-    /// Peer address as seen by the conductor.
-    #[serde(default)]
-    pub remote_addr: Option<String>,
-    /// Smoothed RTT in ms.
-    #[serde(default)]
-    pub rtt_ms: Option<f64>,
 }
 
 /// One log line from the logs WebSocket.
@@ -451,15 +306,15 @@ pub async fn nodes(api: &str, json: bool, out: &mut impl Write) -> Result<Exit, 
         print_json(out, &raw)?;
         return Ok(Exit::Ok);
     }
-    let parsed: NodesResponse =
+    let parsed: NodeList =
         serde_json::from_value(raw).map_err(|e| ClientError::Decode(e.to_string()))?;
     let snapshots = parsed.nodes.into_iter().map(|(id, mut n)| {
         if n.node_id.is_empty() {
-            n.node_id = id;
+            n.node_id = NodeId::from(id);
         }
         n
     });
-    let snapshots: Vec<NodeSnapshot> = snapshots.collect();
+    let snapshots: Vec<Node> = snapshots.collect();
     out.write_all(render::render_nodes(&snapshots).as_bytes())?;
     Ok(Exit::Ok)
 }

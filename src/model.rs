@@ -1,5 +1,6 @@
 //! The typed model shared by the conductor and its clients: ids, generations, the desired and
-//! observed states of a deployment, and the JSON shapes of the HTTP API.
+//! observed states of a deployment, and the JSON shapes of the HTTP API ([`Deployment`],
+//! [`Node`], ...), which the conductor's view serializes and `crate::client` deserializes.
 //!
 //! Invariants:
 //! - every type here serializes to exactly the JSON the API has always produced: the ids and
@@ -11,9 +12,12 @@
 //!   failing, so a newer node or conductor never breaks an older reader.
 
 use std::borrow::Borrow;
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Declares a string id newtype: transparent in serde, displayed as the bare string, and
 /// usable where a `&str` key is looked up (`Borrow<str>`).
@@ -255,6 +259,223 @@ impl fmt::Display for CurrentState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The JSON shapes of the HTTP API
+// ---------------------------------------------------------------------------------------------
+//
+// The conductor's view (`crate::conductor::view`) builds and serializes these; the client
+// (`crate::client`) deserializes the same types. Each struct is `#[serde(default)]`: the
+// conductor always writes every field, and a reader tolerates a conductor that omits one, or
+// writes `null` for a float (NaN).
+// Fields of the node usage blocks are declared in alphabetical order, the order the API has
+// always written them in.
+
+/// One deployment: `GET /deployments/{id}`, each item of `GET /deployments` and of the
+/// `/ws/updates` snapshot (the original's `DeploymentResponse`, enriched).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Deployment {
+    pub id: DeploymentId,
+    pub name: String,
+    pub desired_state: DesiredState,
+    /// Always set by this conductor; nullable in the API.
+    pub current_state: Option<CurrentState>,
+    /// `EXEC` or `DOCKER`.
+    pub kind: String,
+    /// As stored, secrets masked (shared with the core's cache of masked specs).
+    pub specification: Arc<Value>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub assigned_node_id: Option<NodeId>,
+    /// Why it is not placed: `No Node`, `No Group`, `No Env`, `No Capacity`, `Invalid Spec: ...`.
+    pub assignment_reason: Option<String>,
+    pub status: Option<RunStatus>,
+}
+
+/// What the node last reported about a deployment (`status`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunStatus {
+    pub state: CurrentState,
+    pub pid: Option<u32>,
+    pub restart_count: u32,
+    /// Negative: killed by that signal.
+    pub last_exit_code: Option<i32>,
+    pub reason: Option<String>,
+    pub generation: Generation,
+    pub started_at_ms: Option<i64>,
+    pub stopped_at_ms: Option<i64>,
+    pub node_id: NodeId,
+}
+
+/// `GET /nodes`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeList {
+    /// By node id.
+    pub nodes: BTreeMap<String, Node>,
+}
+
+/// One node (the original's `NodeSnapshot`, plus liveness and connection facts).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Node {
+    pub node_id: NodeId,
+    /// `online`, `suspect` or `lost`.
+    pub state: String,
+    pub groups: Vec<String>,
+    pub capacities_total: BTreeMap<String, i64>,
+    /// Reserved by the conductor's own assignments.
+    pub total_capacities_used: BTreeMap<String, i64>,
+    /// ISO-8601 UTC.
+    pub last_heartbeat: Option<String>,
+    pub dynamic_timestamp_unix_ms: Option<i64>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub cpu: NodeCpu,
+    #[serde(deserialize_with = "null_as_default")]
+    pub memory: NodeMemory,
+    pub storage_mounts: Vec<StorageMount>,
+    pub gpus: Vec<Gpu>,
+    pub assigned_deployments: Vec<AssignedRef>,
+    pub conda_envs: Vec<String>,
+    /// Online: the scheduler places work here.
+    pub schedulable: bool,
+    pub missing_conda_envs: Vec<String>,
+    /// What went wrong in the node's last env work (a failed create, an env kept because a
+    /// deployment uses it), one line per env; empty when all went well.
+    pub env_problems: Vec<String>,
+    pub connection: Option<NodeConnection>,
+}
+
+/// A deployment assigned to a node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AssignedRef {
+    pub id: DeploymentId,
+    pub name: String,
+}
+
+/// `cpu`: what the node has and, once it sent a heartbeat, what it uses.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeCpu {
+    #[serde(rename = "static")]
+    pub static_: CpuStatic,
+    pub dynamic: Option<CpuDynamic>,
+}
+
+/// `cpu.static`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CpuStatic {
+    pub logical_cores: u32,
+    pub max_millicores_total: u64,
+}
+
+/// `cpu.dynamic`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CpuDynamic {
+    pub per_core: Vec<CoreUsage>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub total_percent: f64,
+}
+
+/// One core in `cpu.dynamic.per_core`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CoreUsage {
+    pub core_id: u32,
+    #[serde(deserialize_with = "null_as_default")]
+    pub used_percent: f64,
+}
+
+/// `memory`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeMemory {
+    #[serde(rename = "static")]
+    pub static_: MemoryStatic,
+    pub dynamic: Option<MemoryDynamic>,
+}
+
+/// `memory.static`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemoryStatic {
+    /// 0 when the node has not reported its resources.
+    pub total_bytes: u64,
+}
+
+/// `memory.dynamic`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemoryDynamic {
+    pub available_bytes: u64,
+    pub buffers_bytes: u64,
+    pub cached_bytes: u64,
+    pub free_bytes: u64,
+    pub used_bytes: u64,
+    #[serde(deserialize_with = "null_as_default")]
+    pub used_percent: f64,
+}
+
+/// One item of `storage_mounts`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StorageMount {
+    pub available_bytes: u64,
+    pub fs_type: String,
+    pub mount_point: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    #[serde(deserialize_with = "null_as_default")]
+    pub used_percent: f64,
+}
+
+/// One item of `gpus`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Gpu {
+    pub index: u32,
+    pub mem_free_bytes: u64,
+    pub mem_total_bytes: u64,
+    pub mem_used_bytes: u64,
+    #[serde(deserialize_with = "null_as_default")]
+    pub mem_util_percent: f64,
+    pub name: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub power_w: f64,
+    #[serde(deserialize_with = "null_as_default")]
+    pub temperature_c: f64,
+    #[serde(deserialize_with = "null_as_default")]
+    pub util_percent: f64,
+}
+
+/// `connection`: facts about the node's QUIC connection.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeConnection {
+    pub remote_addr: String,
+    pub connected_since_ms: i64,
+    #[serde(deserialize_with = "null_as_default")]
+    pub rtt_ms: f64,
+    /// QUIC migrations (NAT rebinding, new address) without reconnecting.
+    pub path_changes: u64,
+    pub reconnects: u64,
+}
+
+/// Reads `null` as the type's default. The conductor writes `null` for a float that is not a
+/// number (serde_json's rule; e.g. the used percentage of an empty file system), and never
+/// for the usage blocks, which older readers accepted as `null`.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 #[cfg(test)]

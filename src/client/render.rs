@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, SecondsFormat};
 
-use super::{Deployment, LogEntry, NodeSnapshot};
+use super::{Deployment, LogEntry, Node};
 
 /// Gap between two columns.
 const COLUMN_GAP: &str = "  ";
@@ -73,15 +73,9 @@ pub fn format_age(seconds: i64) -> String {
     }
 }
 
-/// Formats a number without a trailing `.0` when it is integral, else with up to two decimals.
-pub fn format_number(value: f64) -> String {
-    if value.is_finite() && value.fract() == 0.0 && value.abs() < 1e15 {
-        format!("{value:.0}")
-    } else {
-        let s = format!("{value:.2}");
-        let s = s.trim_end_matches('0').trim_end_matches('.');
-        s.to_owned()
-    }
+/// Bytes as a float, for display in GiB (exact below 2^53 bytes).
+fn bytes_f64(bytes: u64) -> f64 {
+    bytes as f64
 }
 
 /// The first eight characters of an id, as shown by `ps`.
@@ -98,18 +92,17 @@ pub const PS_HEADERS: [&str; 7] = [
 pub fn ps_row(d: &Deployment, now_ms: i64) -> Vec<String> {
     let current = d
         .current_state
-        .or_else(|| d.status.as_ref().and_then(|s| s.state))
+        .or_else(|| d.status.as_ref().map(|s| s.state))
         .map_or_else(|| "-".to_owned(), |s| s.as_str().to_owned());
     let node = match (&d.assigned_node_id, &d.assignment_reason) {
-        (Some(node), _) => node.clone(),
+        (Some(node), _) => node.to_string(),
         (None, Some(reason)) => format!("({reason})"),
         (None, None) => "-".to_owned(),
     };
     let restarts = d
         .status
         .as_ref()
-        .and_then(|s| s.restart_count)
-        .map_or_else(|| "-".to_owned(), |n| n.to_string());
+        .map_or_else(|| "-".to_owned(), |s| s.restart_count.to_string());
     let age = format_age(now_ms.saturating_sub(d.created_at_ms) / 1000);
     vec![
         short_id(&d.id),
@@ -134,7 +127,7 @@ pub const NODES_HEADERS: [&str; 9] = [
 ];
 
 /// One `nodes` row.
-pub fn nodes_row(n: &NodeSnapshot) -> Vec<String> {
+pub fn nodes_row(n: &Node) -> Vec<String> {
     let dash = || "-".to_owned();
     let groups = if n.groups.is_empty() {
         dash()
@@ -152,29 +145,23 @@ pub fn nodes_row(n: &NodeSnapshot) -> Vec<String> {
         classes
             .into_iter()
             .map(|class| {
-                let used = n.total_capacities_used.get(class).copied().unwrap_or(0.0);
-                let total = n.capacities_total.get(class).copied().unwrap_or(0.0);
-                format!("{class} {}/{}", format_number(used), format_number(total))
+                let used = n.total_capacities_used.get(class).copied().unwrap_or(0);
+                let total = n.capacities_total.get(class).copied().unwrap_or(0);
+                format!("{class} {used}/{total}")
             })
             .collect::<Vec<_>>()
             .join(", ")
     };
     let cpu = n
         .cpu
+        .dynamic
         .as_ref()
-        .and_then(|c| c.dynamic.as_ref())
-        .and_then(|d| d.total_percent)
-        .map_or_else(dash, |p| format!("{p:.1}"));
-    let mem_total = n
-        .memory
-        .as_ref()
-        .and_then(|m| m.r#static.as_ref())
-        .and_then(|s| s.total_bytes);
-    let mem_used = n
-        .memory
-        .as_ref()
-        .and_then(|m| m.dynamic.as_ref())
-        .and_then(|d| d.used_bytes);
+        .map_or_else(dash, |d| format!("{:.1}", d.total_percent));
+    // 0 bytes: the node has not reported its resources.
+    let mem_total = Some(n.memory.static_.total_bytes)
+        .filter(|&t| t > 0)
+        .map(bytes_f64);
+    let mem_used = n.memory.dynamic.as_ref().map(|d| bytes_f64(d.used_bytes));
     let mem = match (mem_used, mem_total) {
         (Some(u), Some(t)) => format!("{:.1}/{:.1} GiB", u / GIB, t / GIB),
         (None, Some(t)) => format!("-/{:.1} GiB", t / GIB),
@@ -183,16 +170,19 @@ pub fn nodes_row(n: &NodeSnapshot) -> Vec<String> {
     let rtt = n
         .connection
         .as_ref()
-        .and_then(|c| c.rtt_ms)
-        .map_or_else(dash, |r| format!("{r:.1}ms"));
+        .map_or_else(dash, |c| format!("{:.1}ms", c.rtt_ms));
     let address = n
         .connection
         .as_ref()
-        .and_then(|c| c.remote_addr.clone())
-        .unwrap_or_else(dash);
+        .map_or_else(dash, |c| c.remote_addr.clone());
+    let state = if n.state.is_empty() {
+        dash()
+    } else {
+        n.state.clone()
+    };
     vec![
-        n.node_id.clone(),
-        n.state.clone().unwrap_or_else(dash),
+        n.node_id.to_string(),
+        state,
         groups,
         capacity,
         cpu,
@@ -204,7 +194,7 @@ pub fn nodes_row(n: &NodeSnapshot) -> Vec<String> {
 }
 
 /// The whole `nodes` table, one row per node in the given order.
-pub fn render_nodes<'a>(nodes: impl IntoIterator<Item = &'a NodeSnapshot>) -> String {
+pub fn render_nodes<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> String {
     let rows: Vec<Vec<String>> = nodes.into_iter().map(nodes_row).collect();
     render_table(&NODES_HEADERS, &rows)
 }
@@ -288,27 +278,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn numbers_drop_integral_fractions() {
-        assert_eq!(format_number(2.0), "2");
-        assert_eq!(format_number(0.0), "0");
-        assert_eq!(format_number(1.5), "1.5");
-        assert_eq!(format_number(0.25), "0.25");
-        assert_eq!(format_number(1.0 / 3.0), "0.33");
-    }
-
     fn dep(id: &str, name: &str) -> Deployment {
         Deployment {
-            id: id.to_owned(),
+            id: id.into(),
             name: name.to_owned(),
             desired_state: DesiredState::Running,
             current_state: None,
             kind: "EXEC".to_owned(),
             created_at_ms: 1_000_000,
             updated_at_ms: 1_000_000,
-            assigned_node_id: None,
-            assignment_reason: None,
-            status: None,
+            ..Deployment::default()
         }
     }
 
@@ -316,10 +295,10 @@ mod tests {
     fn ps_rows_fall_back_sensibly() {
         let mut running = dep("0123456789abcdef0123456789abcdef", "web");
         running.current_state = Some(CurrentState::Running);
-        running.assigned_node_id = Some("node-a".to_owned());
+        running.assigned_node_id = Some("node-a".into());
         running.status = Some(RunStatus {
-            state: Some(CurrentState::Running),
-            restart_count: Some(3),
+            state: CurrentState::Running,
+            restart_count: 3,
             ..RunStatus::default()
         });
         let mut pending = dep("fedcba98-7654-3210", "batch");

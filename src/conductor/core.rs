@@ -20,10 +20,8 @@ use super::loghub::LogHub;
 use super::store::{
     AssignmentRecord, CondaEnvRecord, DeploymentRecord, NodeRecord, Store, StoreError,
 };
-use super::view::{
-    AssignedRef, ClusterView, ConnectionView, CpuView, DeploymentView, NodeView, StatusView,
-};
-use crate::model::{CurrentState, DesiredState};
+use super::view::{self, AssignedRef, ClusterView, Deployment, NodeConnection};
+use crate::model::{DeploymentId, DesiredState};
 use crate::scheduler::{self, Strategy};
 use crate::time::millis;
 use crate::wire;
@@ -1042,6 +1040,7 @@ impl Core {
         }
     }
 
+    /// Builds the API's view of the cluster (the pure parts are in [`view`]) and publishes it.
     fn publish(&mut self, nodes: &[scheduler::NodeView]) {
         self.dirty = false;
         self.published_states = nodes.iter().map(|n| n.state).collect();
@@ -1053,7 +1052,7 @@ impl Core {
             .any(|n| n.state == scheduler::NodeState::Online);
 
         let mut masked = HashMap::with_capacity(self.deployments.len());
-        let mut deployments: Vec<Arc<DeploymentView>> = self
+        let mut deployments: Vec<Arc<Deployment>> = self
             .deployments
             .values()
             .map(|d| {
@@ -1064,42 +1063,6 @@ impl Core {
                         a.node_id == r.node_id && a.generation == r.status.generation
                     })
                 });
-                let status = reported.map(|r| StatusView {
-                    state: CurrentState::from_wire(&r.status.state),
-                    pid: r.status.pid,
-                    restart_count: r.status.restart_count,
-                    last_exit_code: r.status.last_exit_code,
-                    reason: (!r.status.reason.is_empty()).then(|| r.status.reason.clone()),
-                    generation: r.status.generation,
-                    started_at_ms: r.status.started_at_ms,
-                    stopped_at_ms: r.status.stopped_at_ms,
-                    node_id: r.node_id.clone(),
-                });
-                let invalid = self.specs.get(&d.id).and_then(|s| s.as_ref().err());
-                let current = if invalid.is_some() {
-                    CurrentState::Failed
-                } else if d.desired_state == DesiredState::Stopped && assignment.is_none() {
-                    CurrentState::Stopped
-                } else {
-                    match reported.map(|r| CurrentState::from_wire(&r.status.state)) {
-                        Some(CurrentState::Backoff) => CurrentState::Crashed,
-                        Some(s) => s,
-                        None => CurrentState::Pending,
-                    }
-                };
-                let reason = if let Some(why) = invalid {
-                    Some(format!("Invalid Spec: {why}"))
-                } else if assignment.is_some() || d.desired_state == DesiredState::Stopped {
-                    None
-                } else if !any_online {
-                    Some("No Node".to_owned())
-                } else {
-                    Some(
-                        reasons
-                            .get(&d.id)
-                            .map_or_else(|| "Pending".to_owned(), ToString::to_string),
-                    )
-                };
                 let spec = match self.masked_specs.get(&d.id) {
                     Some((at, spec)) if *at == d.updated_at_ms => spec.clone(),
                     _ => {
@@ -1109,19 +1072,19 @@ impl Core {
                     }
                 };
                 masked.insert(d.id.clone(), (d.updated_at_ms, spec.clone()));
-                Arc::new(DeploymentView {
-                    id: d.id.clone(),
-                    name: d.name.clone(),
-                    desired_state: d.desired_state,
-                    current_state: Some(current),
-                    kind: d.kind.clone(),
-                    specification: spec,
-                    created_at_ms: d.created_at_ms,
-                    updated_at_ms: d.updated_at_ms,
-                    assigned_node_id: assignment.map(|a| a.node_id.clone()),
-                    assignment_reason: reason,
-                    status,
-                })
+                let facts = view::DeploymentFacts {
+                    record: d,
+                    invalid: self
+                        .specs
+                        .get(&d.id)
+                        .and_then(|s| s.as_ref().err())
+                        .map(String::as_str),
+                    assignment,
+                    reported: reported.map(|r| (r.node_id.as_str(), &r.status)),
+                    unplaced: reasons.get(&d.id).copied(),
+                    any_online,
+                };
+                Arc::new(view::deployment(facts, spec))
             })
             .collect();
         self.masked_specs = masked;
@@ -1138,7 +1101,7 @@ impl Core {
                 .entry(a.node_id.as_str())
                 .or_default()
                 .push(AssignedRef {
-                    id: dep.clone(),
+                    id: DeploymentId::from(dep.as_str()),
                     name: self
                         .deployments
                         .get(dep)
@@ -1147,78 +1110,31 @@ impl Core {
         }
         let mut node_views = BTreeMap::new();
         for (sn, (id, n)) in nodes.iter().zip(&self.nodes) {
-            let state = match sn.state {
-                scheduler::NodeState::Online => "online",
-                scheduler::NodeState::Suspect => "suspect",
-                scheduler::NodeState::Lost => "lost",
-            };
             let assigned = assigned_to.remove(id.as_str()).unwrap_or_default();
-            let missing: Vec<String> = defined.difference(&n.env_names).cloned().collect();
-            let no_resources = wire::StaticResources::default();
-            let res = n.resources.as_ref().unwrap_or(&no_resources);
-            let hb = n.usage.as_ref();
-            let gpus = if let Some(hb) = &hb {
-                &hb.gpus
-            } else {
-                &res.gpus
+            let connection = n.conn.as_ref().map(|c| {
+                let f = c.session.facts();
+                NodeConnection {
+                    remote_addr: f.remote.to_string(),
+                    connected_since_ms: c.connected_at_ms,
+                    rtt_ms: f.rtt.as_secs_f64() * 1000.0,
+                    path_changes: f.path_changes,
+                    reconnects: n.connections.saturating_sub(1),
+                }
+            });
+            let facts = view::NodeFacts {
+                id,
+                state: sn.state,
+                groups: &n.groups,
+                capacities_total: &n.capacities_total,
+                reserved: reserved.get(id),
+                last_heartbeat_ms: n.last_heartbeat_ms,
+                resources: n.resources.as_ref(),
+                usage: n.usage.as_ref(),
+                env_names: &n.env_names,
+                defined_envs: &defined,
+                env_problems: &n.env_problems,
             };
-            node_views.insert(
-                id.clone(),
-                NodeView {
-                    node_id: id.clone(),
-                    state: state.to_owned(),
-                    groups: n.groups.clone(),
-                    capacities_total: n.capacities_total.clone(),
-                    total_capacities_used: reserved.get(id).cloned().unwrap_or_default(),
-                    last_heartbeat: n.last_heartbeat_ms.and_then(|ms| {
-                        chrono::DateTime::from_timestamp_millis(ms)
-                            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-                    }),
-                    dynamic_timestamp_unix_ms: hb.as_ref().map(|h| h.timestamp_unix_ms),
-                    cpu: CpuView {
-                        static_: serde_json::json!({"logical_cores": res.logical_cores, "max_millicores_total": res.logical_cores * 1000}),
-                        dynamic: hb.as_ref().map_or(Value::Null, |h| serde_json::json!({
-                            "total_percent": h.cpu_total_percent,
-                            "per_core": h.per_core.iter().map(|c| serde_json::json!({"core_id": c.core_id, "used_percent": c.used_percent})).collect::<Vec<_>>(),
-                        })),
-                    },
-                    memory: CpuView {
-                        static_: serde_json::json!({"total_bytes": res.memory_total_bytes}),
-                        dynamic: hb.as_ref().map_or(Value::Null, |h| serde_json::json!({
-                            "used_bytes": h.mem_used_bytes, "available_bytes": h.mem_available_bytes,
-                            "used_percent": h.mem_used_percent, "free_bytes": h.mem_free_bytes,
-                            "buffers_bytes": h.mem_buffers_bytes, "cached_bytes": h.mem_cached_bytes,
-                        })),
-                    },
-                    storage_mounts: hb.as_ref().map_or(&res.storage, |h| &h.storage).iter().map(|m| serde_json::json!({
-                        "mount_point": m.mount_point, "fs_type": m.fs_type, "total_bytes": m.total_bytes,
-                        "used_bytes": m.used_bytes, "available_bytes": m.available_bytes, "used_percent": m.used_percent,
-                    })).collect(),
-                    gpus: gpus.iter().map(|g| serde_json::json!({
-                        "index": g.index, "name": g.name, "mem_total_bytes": g.mem_total_bytes,
-                        "util_percent": g.util_percent, "mem_util_percent": g.mem_util_percent,
-                        "mem_used_bytes": g.mem_used_bytes, "mem_free_bytes": g.mem_free_bytes,
-                        "temperature_c": g.temperature_c, "power_w": g.power_w,
-                    })).collect(),
-                    assigned_deployments: assigned,
-                    conda_envs: n.env_names.iter().cloned().collect(),
-                    // What the scheduler uses: an online node takes any deployment whose group,
-                    // env and capacity fit (the original's "has every env" notion misled).
-                    schedulable: sn.state == scheduler::NodeState::Online,
-                    missing_conda_envs: missing,
-                    env_problems: n.env_problems.clone(),
-                    connection: n.conn.as_ref().map(|c| {
-                        let f = c.session.facts();
-                        ConnectionView {
-                            remote_addr: f.remote.to_string(),
-                            connected_since_ms: c.connected_at_ms,
-                            rtt_ms: f.rtt.as_secs_f64() * 1000.0,
-                            path_changes: f.path_changes,
-                            reconnects: n.connections.saturating_sub(1),
-                        }
-                    }),
-                },
-            );
+            node_views.insert(id.clone(), view::node(facts, assigned, connection));
         }
         let mut envs: Vec<CondaEnvRecord> = self.envs.values().cloned().collect();
         envs.sort_by(|a, b| {

@@ -245,7 +245,7 @@ async fn a_spec_change_reaches_the_node_with_a_new_generation() {
             v.deployment(&id)
                 .and_then(|d| d.status.as_ref())
                 .is_some_and(|s| {
-                    s.generation > gen1
+                    s.generation.get() > gen1
                         && s.state == CurrentState::Running
                         && s.pid.is_some_and(|p| u64::from(p) != pid1)
                 })
@@ -370,7 +370,7 @@ async fn state_survives_a_conductor_restart_and_processes_keep_running() {
         .await;
     let st = view.deployment(&id).unwrap().status.clone().unwrap();
     assert_eq!(
-        (u64::from(st.pid.unwrap()), st.generation),
+        (u64::from(st.pid.unwrap()), st.generation.get()),
         (pid, generation),
         "same process, same generation"
     );
@@ -417,7 +417,11 @@ async fn a_partition_past_the_grace_period_reschedules_and_fences_the_old_copy()
         })
         .await;
     let st = view.deployment(&id).unwrap().status.clone().unwrap();
-    assert!(st.generation > old_gen, "{} > {old_gen}", st.generation);
+    assert!(
+        st.generation.get() > old_gen,
+        "{} > {old_gen}",
+        st.generation
+    );
     let new_pid = u64::from(st.pid.unwrap());
     assert!(alive(old_pid), "a kept running its copy while unreachable");
 

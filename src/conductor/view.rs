@@ -583,4 +583,38 @@ mod tests {
         documented.sort_unstable();
         assert_eq!(keys, documented);
     }
+
+    /// The OpenAPI document lists exactly the states these types can hold.
+    #[test]
+    fn openapi_state_enums_match_the_types() {
+        let doc: Value = serde_json::from_str(include_str!("openapi.json")).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let names = |v: &Value| -> BTreeSet<String> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect()
+        };
+        let shown: BTreeSet<String> = CurrentState::ALL
+            .iter()
+            .filter(|s| **s != CurrentState::Backoff)
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        let current = &schemas["Deployment"]["properties"]["current_state"]["enum"];
+        assert_eq!(names(current), shown);
+        let reported: BTreeSet<String> = CurrentState::ALL
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        assert_eq!(
+            names(&schemas["Status"]["properties"]["state"]["enum"]),
+            reported
+        );
+        let desired: BTreeSet<String> = DesiredState::NAMES.map(str::to_owned).into();
+        for schema in ["DeploymentCreate", "DeploymentPatch", "Deployment"] {
+            let e = &schemas[schema]["properties"]["desired_state"]["enum"];
+            assert_eq!(names(e), desired, "{schema}");
+        }
+    }
 }

@@ -275,7 +275,7 @@ fn bench_pure(p: &Params) -> Value {
         let mut last = None;
         for _ in 0..p.reps {
             let t = Instant::now();
-            let plan = scheduler::plan(&nodes, &deployments, 1, strategy);
+            let plan = scheduler::plan(&nodes, &deployments, scheduler::Generation(1), strategy);
             times.push(t.elapsed().as_secs_f64());
             last = Some(plan);
         }

@@ -131,6 +131,12 @@ impl Generation {
     pub fn get(self) -> u64 {
         self.0
     }
+
+    /// The generation after this one (saturating: 2^64 assignments never happen).
+    #[must_use]
+    pub fn next(self) -> Self {
+        Self(self.0.saturating_add(1))
+    }
 }
 
 impl fmt::Display for Generation {

@@ -27,6 +27,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
+pub use crate::model::Generation;
+
 #[cfg(test)]
 mod tests;
 
@@ -112,7 +114,7 @@ pub struct Assignment {
     /// The node the deployment is assigned to.
     pub node_id: String,
     /// The generation of this assignment; a newer generation elsewhere fences this one.
-    pub generation: u64,
+    pub generation: Generation,
 }
 
 /// A deployment, as the conductor converts it for one scheduling pass.
@@ -172,7 +174,7 @@ pub struct Placement {
     /// The node it goes to.
     pub node_id: String,
     /// Its fresh generation (never reused).
-    pub generation: u64,
+    pub generation: Generation,
 }
 
 /// The outcome of one scheduling pass. All lists are in processing order (oldest first).
@@ -185,7 +187,7 @@ pub struct Plan {
     /// Desired-RUNNING deployments left without a node, and why.
     pub unplaced: Vec<(String, Unplaced)>,
     /// The generation counter after this pass: persist it and pass it to the next [`plan`].
-    pub next_generation: u64,
+    pub next_generation: Generation,
 }
 
 /// Decides placements for every desired-RUNNING deployment without a live assignment.
@@ -195,7 +197,7 @@ pub struct Plan {
 pub fn plan(
     nodes: &[NodeView],
     deployments: &[DeploymentView],
-    next_generation: u64,
+    next_generation: Generation,
     strategy: Strategy,
 ) -> Plan {
     let mut state = State::new(nodes, deployments);
@@ -222,8 +224,7 @@ pub fn plan(
                     node_id: state.slots[choice.slot].node.id.clone(),
                     generation: out.next_generation,
                 });
-                // Unreachable in practice (2^64 placements); saturating keeps it panic-free.
-                out.next_generation = out.next_generation.saturating_add(1);
+                out.next_generation = out.next_generation.next();
             }
             Err(why) => out.unplaced.push((dep.id.clone(), why)),
         }

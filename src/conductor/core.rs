@@ -21,7 +21,7 @@ use super::store::{
     AssignmentRecord, CondaEnvRecord, DeploymentRecord, NodeRecord, Store, StoreError,
 };
 use super::view::{self, AssignedRef, ClusterView, Deployment, NodeConnection};
-use crate::model::{DeploymentId, DesiredState};
+use crate::model::{DeploymentId, DesiredState, Generation};
 use crate::scheduler::{self, Strategy};
 use crate::time::millis;
 use crate::wire;
@@ -158,7 +158,7 @@ struct Core {
     assignments: HashMap<String, scheduler::Assignment>,
     nodes: BTreeMap<String, Node>,
     reported: HashMap<String, Reported>,
-    next_generation: u64,
+    next_generation: Generation,
     next_command: u64,
     view: watch::Sender<Arc<ClusterView>>,
     /// Each deployment's specification with secrets masked, as of its `updated_at_ms`
@@ -179,7 +179,7 @@ struct Core {
     /// Node liveness as of the last scheduling pass.
     scheduled_states: Vec<scheduler::NodeState>,
     /// Stale copies already told to stop: (node, deployment, generation).
-    fenced: BTreeSet<(String, String, u64)>,
+    fenced: BTreeSet<(String, String, Generation)>,
 }
 
 /// Handle to the core for the API and sessions.
@@ -268,7 +268,7 @@ pub async fn start(
             .collect(),
         nodes: BTreeMap::new(),
         reported: HashMap::new(),
-        next_generation: snap.max_generation + 1,
+        next_generation: snap.max_generation.next(),
         next_command: 1,
         view: view_tx,
         masked_specs: HashMap::new(),
@@ -480,7 +480,11 @@ impl Core {
         }
     }
 
-    fn assign_msg(&mut self, id: &str, generation: u64) -> Option<wire::conductor_message::Msg> {
+    fn assign_msg(
+        &mut self,
+        id: &str,
+        generation: Generation,
+    ) -> Option<wire::conductor_message::Msg> {
         let command_id = self.command_id();
         let log_seq_floor = self
             .logs
@@ -491,7 +495,7 @@ impl Core {
         let d = self.deployments.get(id)?;
         Some(wire::conductor_message::Msg::Assign(wire::Assign {
             deployment_id: d.id.clone(),
-            generation,
+            generation: generation.get(),
             name: d.name.clone(),
             desired_running: d.desired_state == DesiredState::Running,
             specification_json: d.specification.to_string(),
@@ -500,14 +504,14 @@ impl Core {
         }))
     }
 
-    fn unassign(&mut self, node_id: &str, deployment_id: &str, generation: u64) {
+    fn unassign(&mut self, node_id: &str, deployment_id: &str, generation: Generation) {
         // Its status reports while it stops are expected: no second Unassign, no fencing log.
         self.fenced
             .insert((node_id.to_owned(), deployment_id.to_owned(), generation));
         let command_id = self.command_id();
         let msg = wire::conductor_message::Msg::Unassign(wire::Unassign {
             deployment_id: deployment_id.to_owned(),
-            generation,
+            generation: generation.get(),
             command_id,
         });
         self.send_to(node_id, msg);
@@ -592,7 +596,7 @@ impl Core {
                 self.store
                     .apply_placements(std::slice::from_ref(&rec), &[], generation)
                     .await?;
-                self.next_generation += 1;
+                self.next_generation = generation.next();
                 Some((a.node_id.clone(), generation))
             }
             None => None,
@@ -805,7 +809,7 @@ impl Core {
             self.reconcile_status(&node_id, st).await;
         }
         // Resend what this node should run (idempotent by generation).
-        let mine: Vec<(String, u64)> = self
+        let mine: Vec<(String, Generation)> = self
             .assignments
             .iter()
             .filter(|(_, a)| a.node_id == node_id)
@@ -831,17 +835,18 @@ impl Core {
     /// Accepts a status from a node, or fences it off when the node should not hold it.
     async fn reconcile_status(&mut self, node_id: &str, st: wire::DeploymentStatus) {
         let id = st.deployment_id.clone();
-        if st.generation >= self.next_generation {
+        let held = Generation(st.generation);
+        if held >= self.next_generation {
             // Only possible after the store was restored from an older copy: never hand out a
             // generation a node has already seen.
-            self.next_generation = st.generation + 1;
-            if let Err(e) = self.store.bump_generation(st.generation).await {
+            self.next_generation = held.next();
+            if let Err(e) = self.store.bump_generation(held).await {
                 tracing::error!(error = %e, "could not persist the generation counter");
             }
         }
         let ours = self.assignments.get(&id).cloned();
         match ours {
-            Some(a) if a.node_id == node_id && a.generation == st.generation => {
+            Some(a) if a.node_id == node_id && a.generation == held => {
                 self.reported.insert(
                     id,
                     Reported {
@@ -851,13 +856,13 @@ impl Core {
                 );
                 self.changed = true;
             }
-            Some(a) if a.node_id == node_id && st.generation < a.generation => {
+            Some(a) if a.node_id == node_id && held < a.generation => {
                 // An older generation on the right node: the Assign we (re)send replaces it.
             }
             Some(a) if a.node_id == node_id => {
                 // The node holds a newer generation than our records (restored store): move the
                 // assignment past it so the node accepts our Assign.
-                tracing::warn!(%node_id, %id, held = st.generation, assigned = a.generation, "node holds a newer generation; re-issuing");
+                tracing::warn!(%node_id, %id, %held, assigned = %a.generation, "node holds a newer generation; re-issuing");
                 if let Err(e) = self.reassign_here(&id, node_id).await {
                     tracing::error!(%id, error = %e, "could not persist a new generation");
                 }
@@ -865,12 +870,9 @@ impl Core {
             _ => {
                 // One Unassign per stale copy: its further status reports (while it stops) need
                 // no second one; a new Hello clears this so a copy that survived is fenced again.
-                if self
-                    .fenced
-                    .insert((node_id.to_owned(), id.clone(), st.generation))
-                {
-                    tracing::info!(%node_id, %id, generation = st.generation, "fencing: node holds a copy it should not; unassigning");
-                    self.unassign(node_id, &id, st.generation);
+                if self.fenced.insert((node_id.to_owned(), id.clone(), held)) {
+                    tracing::info!(%node_id, %id, generation = %held, "fencing: node holds a copy it should not; unassigning");
+                    self.unassign(node_id, &id, held);
                 }
             }
         }
@@ -887,7 +889,7 @@ impl Core {
         self.store
             .apply_placements(std::slice::from_ref(&rec), &[], generation)
             .await?;
-        self.next_generation += 1;
+        self.next_generation = generation.next();
         self.assignments.insert(
             id.to_owned(),
             scheduler::Assignment {
@@ -1003,7 +1005,11 @@ impl Core {
             .collect();
         if let Err(e) = self
             .store
-            .apply_placements(&set, &clear, plan.next_generation.saturating_sub(1))
+            .apply_placements(
+                &set,
+                &clear,
+                Generation(plan.next_generation.get().saturating_sub(1)),
+            )
             .await
         {
             tracing::error!(error = %e, "could not persist placements; not acting on them");
@@ -1026,7 +1032,7 @@ impl Core {
             }
         }
         for p in plan.placements {
-            tracing::info!(deployment = %p.deployment_id, node = %p.node_id, generation = p.generation, "placed");
+            tracing::info!(deployment = %p.deployment_id, node = %p.node_id, generation = %p.generation, "placed");
             self.assignments.insert(
                 p.deployment_id.clone(),
                 scheduler::Assignment {
@@ -1060,7 +1066,7 @@ impl Core {
                 // Only a report about the current assignment describes what runs now.
                 let reported = self.reported.get(&d.id).filter(|r| {
                     assignment.is_some_and(|a| {
-                        a.node_id == r.node_id && a.generation == r.status.generation
+                        a.node_id == r.node_id && a.generation == Generation(r.status.generation)
                     })
                 });
                 let spec = match self.masked_specs.get(&d.id) {

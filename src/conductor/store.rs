@@ -30,7 +30,7 @@ use sqlx::sqlite::{
 
 use migrate::GENERATION_COUNTER;
 
-use crate::model::DesiredState;
+use crate::model::{DesiredState, Generation};
 
 /// File name of the database inside the storage folder given to [`Store::open`].
 pub const DB_FILE_NAME: &str = "symphony.db";
@@ -129,7 +129,7 @@ pub struct AssignmentRecord {
     /// The node it is placed on.
     pub node_id: String,
     /// Generation of this placement; at most `i64::MAX`.
-    pub generation: u64,
+    pub generation: Generation,
 }
 
 /// A node registration (static facts only; live usage is not durable).
@@ -159,7 +159,7 @@ pub struct StoreSnapshot {
     /// As [`Store::list_nodes`].
     pub nodes: Vec<NodeRecord>,
     /// As [`Store::max_generation`].
-    pub max_generation: u64,
+    pub max_generation: Generation,
 }
 
 /// Handle to the durable store; cheap to clone (it wraps a connection pool).
@@ -419,7 +419,8 @@ impl Store {
     /// counter to at least `a.generation`, in one transaction. [`StoreError::NotFound`] if the
     /// deployment does not exist.
     pub async fn set_assignment(&self, a: &AssignmentRecord) -> Result<(), StoreError> {
-        self.apply_placements(std::slice::from_ref(a), &[], 0).await
+        self.apply_placements(std::slice::from_ref(a), &[], Generation::default())
+            .await
     }
 
     /// Removes the assignment of a deployment; a no-op if it has none.
@@ -455,7 +456,7 @@ impl Store {
     }
 
     /// The highest generation ever issued (survives deletes and restarts; never decreases).
-    pub async fn max_generation(&self) -> Result<u64, StoreError> {
+    pub async fn max_generation(&self) -> Result<Generation, StoreError> {
         let row = sqlx::query(SELECT_GENERATION)
             .bind(GENERATION_COUNTER)
             .fetch_one(&self.pool)
@@ -465,7 +466,7 @@ impl Store {
     }
 
     /// Raises the generation counter to `at_least`; a lower value leaves it unchanged.
-    pub async fn bump_generation(&self, at_least: u64) -> Result<(), StoreError> {
+    pub async fn bump_generation(&self, at_least: Generation) -> Result<(), StoreError> {
         let at_least = generation_to_db(at_least)?;
         sqlx::query(BUMP_GENERATION)
             .bind(at_least)
@@ -486,7 +487,7 @@ impl Store {
         &self,
         set: &[AssignmentRecord],
         clear: &[String],
-        generation_high_water: u64,
+        generation_high_water: Generation,
     ) -> Result<(), StoreError> {
         let mut high = generation_high_water;
         let mut checked = Vec::with_capacity(set.len());
@@ -655,18 +656,20 @@ fn check_env(e: &CondaEnvRecord) -> Result<(), StoreError> {
     check_one_of("manager", &e.manager, &ENV_MANAGERS)
 }
 
-fn generation_to_db(generation: u64) -> Result<i64, StoreError> {
-    i64::try_from(generation).map_err(|_| StoreError::Invalid {
+fn generation_to_db(generation: Generation) -> Result<i64, StoreError> {
+    i64::try_from(generation.get()).map_err(|_| StoreError::Invalid {
         field: "generation",
         value: generation.to_string(),
     })
 }
 
-fn generation_from_db(generation: i64) -> Result<u64, StoreError> {
-    u64::try_from(generation).map_err(|_| StoreError::Invalid {
-        field: "generation",
-        value: generation.to_string(),
-    })
+fn generation_from_db(generation: i64) -> Result<Generation, StoreError> {
+    u64::try_from(generation)
+        .map(Generation)
+        .map_err(|_| StoreError::Invalid {
+            field: "generation",
+            value: generation.to_string(),
+        })
 }
 
 fn desired_state(name: &str) -> Result<DesiredState, StoreError> {
@@ -735,7 +738,7 @@ fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
     })
 }
 
-fn generation_from_row(row: &SqliteRow) -> Result<u64, StoreError> {
+fn generation_from_row(row: &SqliteRow) -> Result<Generation, StoreError> {
     generation_from_db(int(row, "value")?)
 }
 

@@ -331,7 +331,7 @@ mod tests {
 
         let a = scheduler::Assignment {
             node_id: "n1".to_owned(),
-            generation: 7,
+            generation: Generation(7),
         };
         let st = wire::DeploymentStatus {
             deployment_id: "d1".to_owned(),

@@ -84,7 +84,7 @@ impl DepExt for DeploymentView {
     fn on(mut self, node: &str, generation: u64) -> Self {
         self.assignment = Some(Assignment {
             node_id: node.to_owned(),
-            generation,
+            generation: Generation(generation),
         });
         self
     }
@@ -111,7 +111,7 @@ fn render(p: &Plan) -> String {
 
 /// Plans with generation counter 100 and renders the result.
 fn check(nodes: &[NodeView], deps: &[DeploymentView], strategy: Strategy) -> String {
-    render(&plan(nodes, deps, 100, strategy))
+    render(&plan(nodes, deps, Generation(100), strategy))
 }
 
 /// Applies a plan to the deployments, as the conductor would.
@@ -427,14 +427,18 @@ fn deterministic_regardless_of_input_order() {
         .map(|i| dep(&format!("d{i}"), 10 + (i % 3)).req("A", 1).group("g"))
         .collect();
     for strategy in [Spread, Binpack] {
-        let first = plan(&nodes, &deps, 1, strategy);
+        let first = plan(&nodes, &deps, Generation(1), strategy);
         let mut rn = nodes.clone();
         rn.reverse();
         let mut rd = deps.clone();
         rd.reverse();
         rd.rotate_left(4);
-        assert_eq!(plan(&rn, &rd, 1, strategy), first, "{strategy}");
-        assert_eq!(plan(&nodes, &deps, 1, strategy), first, "{strategy}");
+        assert_eq!(plan(&rn, &rd, Generation(1), strategy), first, "{strategy}");
+        assert_eq!(
+            plan(&nodes, &deps, Generation(1), strategy),
+            first,
+            "{strategy}"
+        );
     }
     // Equal nodes, equal loads: the lowest id wins.
     assert_eq!(check(&nodes, &deps[..1], Spread), "d0 -> n1@100\nnext 101");
@@ -535,20 +539,20 @@ fn lost_replacement_gets_generation_above_the_old_one() {
     let nodes = vec![node("dead").state(Lost), node("b")];
     let deps = vec![dep("d1", 1).on("dead", 7)];
     // The conductor's counter is always past every generation it handed out.
-    let p = plan(&nodes, &deps, 8, Spread);
+    let p = plan(&nodes, &deps, Generation(8), Spread);
     assert_eq!(
         p.unassign,
         vec![(
             "d1".to_owned(),
             Assignment {
                 node_id: "dead".into(),
-                generation: 7
+                generation: Generation(7)
             }
         )]
     );
     assert_eq!(p.placements.len(), 1);
-    assert!(p.placements[0].generation > 7);
-    assert_eq!(p.next_generation, 9);
+    assert!(p.placements[0].generation > Generation(7));
+    assert_eq!(p.next_generation, Generation(9));
 }
 
 #[test]
@@ -633,7 +637,7 @@ fn reasons_agree_with_plan_after_it_is_applied() {
         dep("d6", 6).stopped(),
     ];
     for strategy in [Spread, Binpack] {
-        let p = plan(&nodes, &deps, 100, strategy);
+        let p = plan(&nodes, &deps, Generation(100), strategy);
         assert_eq!(p.placements.len(), 2, "{strategy}: {}", render(&p));
         let after = apply(&deps, &p);
         let want: BTreeMap<String, Unplaced> = p.unplaced.iter().cloned().collect();
@@ -705,10 +709,10 @@ fn large_pass_never_overcommits_and_generations_increase() {
         })
         .collect();
     for strategy in [Spread, Binpack] {
-        let p = plan(&nodes, &deps, 5_000, strategy);
-        let gens: Vec<u64> = p.placements.iter().map(|pl| pl.generation).collect();
+        let p = plan(&nodes, &deps, Generation(5_000), strategy);
+        let gens: Vec<u64> = p.placements.iter().map(|pl| pl.generation.get()).collect();
         assert!(gens.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(p.next_generation, 5_000 + gens.len() as u64);
+        assert_eq!(p.next_generation.get(), 5_000 + gens.len() as u64);
         // Every running deployment is accounted for exactly once.
         let kept = deps
             .iter()

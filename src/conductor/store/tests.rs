@@ -46,7 +46,7 @@ fn assignment(deployment_id: &str, node_id: &str, generation: u64) -> Assignment
     AssignmentRecord {
         deployment_id: deployment_id.to_owned(),
         node_id: node_id.to_owned(),
-        generation,
+        generation: Generation(generation),
     }
 }
 
@@ -258,7 +258,7 @@ async fn invalid_enum_values_are_refused() {
         })
     ));
     assert!(store.list_assignments().await.unwrap().is_empty());
-    assert_eq!(store.max_generation().await.unwrap(), 0);
+    assert_eq!(store.max_generation().await.unwrap().get(), 0);
     // The schema's CHECK constraints back the Rust-side checks up.
     let raw = sqlx::query(
         "INSERT INTO deployments (id, name, desired_state, kind, specification, \
@@ -356,7 +356,7 @@ async fn assignments_upsert_clear_and_generation() {
             .await
             .unwrap();
     }
-    assert_eq!(store.max_generation().await.unwrap(), 0);
+    assert_eq!(store.max_generation().await.unwrap().get(), 0);
     store
         .set_assignment(&assignment("a", "n1", 1))
         .await
@@ -379,7 +379,7 @@ async fn assignments_upsert_clear_and_generation() {
         Some(assignment("a", "n2", 3))
     );
     // set_assignment raises the counter.
-    assert_eq!(store.max_generation().await.unwrap(), 3);
+    assert_eq!(store.max_generation().await.unwrap().get(), 3);
 
     store.clear_assignment("a").await.unwrap();
     assert_eq!(store.get_assignment("a").await.unwrap(), None);
@@ -388,20 +388,23 @@ async fn assignments_upsert_clear_and_generation() {
         vec![assignment("b", "n1", 2)]
     );
     // Clearing does not lower the counter.
-    assert_eq!(store.max_generation().await.unwrap(), 3);
+    assert_eq!(store.max_generation().await.unwrap().get(), 3);
 }
 
 #[tokio::test]
 async fn generation_counter_never_goes_down() {
     let (_dir, store) = file_store().await;
-    store.bump_generation(10).await.unwrap();
-    assert_eq!(store.max_generation().await.unwrap(), 10);
-    store.bump_generation(4).await.unwrap();
-    assert_eq!(store.max_generation().await.unwrap(), 10);
-    store.bump_generation(11).await.unwrap();
-    assert_eq!(store.max_generation().await.unwrap(), 11);
-    store.apply_placements(&[], &[], 2).await.unwrap();
-    assert_eq!(store.max_generation().await.unwrap(), 11);
+    store.bump_generation(Generation(10)).await.unwrap();
+    assert_eq!(store.max_generation().await.unwrap().get(), 10);
+    store.bump_generation(Generation(4)).await.unwrap();
+    assert_eq!(store.max_generation().await.unwrap().get(), 10);
+    store.bump_generation(Generation(11)).await.unwrap();
+    assert_eq!(store.max_generation().await.unwrap().get(), 11);
+    store
+        .apply_placements(&[], &[], Generation(2))
+        .await
+        .unwrap();
+    assert_eq!(store.max_generation().await.unwrap().get(), 11);
     store
         .insert_deployment(&deployment("a", "a", 1))
         .await
@@ -411,15 +414,18 @@ async fn generation_counter_never_goes_down() {
         .set_assignment(&assignment("a", "n", 5))
         .await
         .unwrap();
-    assert_eq!(store.max_generation().await.unwrap(), 11);
+    assert_eq!(store.max_generation().await.unwrap().get(), 11);
     store.delete_deployment("a").await.unwrap();
-    assert_eq!(store.max_generation().await.unwrap(), 11);
+    assert_eq!(store.max_generation().await.unwrap().get(), 11);
     assert!(matches!(
-        store.bump_generation(u64::MAX).await,
+        store.bump_generation(Generation(u64::MAX)).await,
         Err(StoreError::Invalid { .. })
     ));
-    store.bump_generation(i64::MAX as u64).await.unwrap();
-    assert_eq!(store.max_generation().await.unwrap(), i64::MAX as u64);
+    store
+        .bump_generation(Generation(i64::MAX as u64))
+        .await
+        .unwrap();
+    assert_eq!(store.max_generation().await.unwrap().get(), i64::MAX as u64);
 }
 
 #[tokio::test]
@@ -435,7 +441,7 @@ async fn delete_deployment_removes_its_assignment_only() {
         .apply_placements(
             &[assignment("a", "n1", 7), assignment("b", "n1", 8)],
             &[],
-            0,
+            Generation(0),
         )
         .await
         .unwrap();
@@ -444,7 +450,7 @@ async fn delete_deployment_removes_its_assignment_only() {
         store.list_assignments().await.unwrap(),
         vec![assignment("b", "n1", 8)]
     );
-    assert_eq!(store.max_generation().await.unwrap(), 8);
+    assert_eq!(store.max_generation().await.unwrap().get(), 8);
 }
 
 #[tokio::test]
@@ -468,7 +474,7 @@ async fn apply_placements_sets_clears_and_bumps() {
         .apply_placements(
             &[assignment("c", "n2", 4), assignment("b", "n2", 5)],
             &["a".to_owned(), "missing".to_owned()],
-            20,
+            Generation(20),
         )
         .await
         .unwrap();
@@ -476,16 +482,20 @@ async fn apply_placements_sets_clears_and_bumps() {
         store.list_assignments().await.unwrap(),
         vec![assignment("b", "n2", 5), assignment("c", "n2", 4)]
     );
-    assert_eq!(store.max_generation().await.unwrap(), 20);
+    assert_eq!(store.max_generation().await.unwrap().get(), 20);
     // A set generation above the high-water mark raises the counter to it.
     store
-        .apply_placements(&[assignment("a", "n3", 30)], &[], 21)
+        .apply_placements(&[assignment("a", "n3", 30)], &[], Generation(21))
         .await
         .unwrap();
-    assert_eq!(store.max_generation().await.unwrap(), 30);
+    assert_eq!(store.max_generation().await.unwrap().get(), 30);
     // Clear before set: an id in both ends up assigned.
     store
-        .apply_placements(&[assignment("a", "n4", 31)], &["a".to_owned()], 0)
+        .apply_placements(
+            &[assignment("a", "n4", 31)],
+            &["a".to_owned()],
+            Generation(0),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -515,23 +525,31 @@ async fn apply_placements_is_atomic() {
         .apply_placements(
             &[assignment("b", "n2", 2), assignment("ghost", "n2", 3)],
             &["a".to_owned()],
-            50,
+            Generation(50),
         )
         .await;
     assert!(matches!(result, Err(StoreError::NotFound)), "{result:?}");
     assert_eq!(store.list_assignments().await.unwrap(), before);
-    assert_eq!(store.max_generation().await.unwrap(), 1);
+    assert_eq!(store.max_generation().await.unwrap().get(), 1);
 
     // An out-of-range generation is refused before anything is written.
     let result = store
-        .apply_placements(&[assignment("b", "n2", u64::MAX)], &["a".to_owned()], 0)
+        .apply_placements(
+            &[assignment("b", "n2", u64::MAX)],
+            &["a".to_owned()],
+            Generation(0),
+        )
         .await;
     assert!(matches!(result, Err(StoreError::Invalid { .. })));
     assert_eq!(store.list_assignments().await.unwrap(), before);
 
     // The store still works after a rolled-back transaction.
     store
-        .apply_placements(&[assignment("b", "n2", 2)], &["a".to_owned()], 0)
+        .apply_placements(
+            &[assignment("b", "n2", 2)],
+            &["a".to_owned()],
+            Generation(0),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -557,7 +575,7 @@ async fn everything_survives_reopen_and_migrations_are_idempotent() {
         store.insert_conda_env(&e).await.unwrap();
         store.upsert_node(&n).await.unwrap();
         store
-            .apply_placements(&[assignment("current_state", "n1", 7)], &[], 0)
+            .apply_placements(&[assignment("current_state", "n1", 7)], &[], Generation(0))
             .await
             .unwrap();
         store
@@ -579,7 +597,7 @@ async fn everything_survives_reopen_and_migrations_are_idempotent() {
                 conda_envs: vec![e.clone()],
                 assignments: vec![assignment("current_state", "n1", 7)],
                 nodes: vec![n.clone()],
-                max_generation: 9,
+                max_generation: Generation(9),
             }
         );
         let versions: Vec<i64> = sqlx::query("SELECT version FROM schema_version ORDER BY version")
@@ -666,7 +684,7 @@ async fn memory_store_works_and_is_private() {
         .unwrap();
     let clone = store.clone();
     assert_eq!(clone.list_deployments().await.unwrap().len(), 1);
-    assert_eq!(clone.max_generation().await.unwrap(), 4);
+    assert_eq!(clone.max_generation().await.unwrap().get(), 4);
     let other = Store::open_memory().await.unwrap();
     assert!(other.list_deployments().await.unwrap().is_empty());
 }

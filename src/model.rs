@@ -199,21 +199,22 @@ impl fmt::Display for DesiredState {
 pub enum CurrentState {
     /// Waiting for a node, or for the node's first report.
     Pending,
-    /// The process is being started (env, checkout, spawn).
+    /// Preparing (workspace, env) or spawning.
     Starting,
-    /// The process runs.
+    /// The process exists.
     Running,
-    /// A stop was sent; waiting for the process group to exit.
+    /// A stop is in progress (signal sent, waiting for the process group).
     Stopping,
-    /// Stopped on purpose.
+    /// Stopped on request, or the desired state is STOPPED.
     Stopped,
-    /// Exited on its own and will not be restarted.
+    /// Exited with code 0 and no restart is due.
     Exited,
-    /// Died and will be restarted (the API's name for a node's `BACKOFF`).
+    /// Exited non-zero (or by a signal) and no restart is due; the API also shows a node's
+    /// `BACKOFF` as `CRASHED`.
     Crashed,
-    /// Waiting out the restart backoff (as a node reports it).
+    /// Waiting for the backoff delay before the next start (as a node reports it).
     Backoff,
-    /// Gave up: invalid spec, restart budget spent, or the start failed.
+    /// Gave up: the restart budget is spent, the start failed, or the spec is invalid.
     Failed,
     /// A name this build does not know (a newer peer); shown as `UNKNOWN`.
     #[default]

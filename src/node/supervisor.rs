@@ -222,6 +222,9 @@ struct Desired {
 
 struct Slot {
     desired: watch::Sender<Desired>,
+    /// Written only by the deployment's actor, read by `status()`: the level truth behind the
+    /// events (which may be dropped). Not the node core's: it is the process's runtime state,
+    /// and a lock held for a copy never waits on IO.
     status: Arc<Mutex<DeploymentStatus>>,
     logs: LogBuffer,
     cancel: CancellationToken,
@@ -254,6 +257,9 @@ struct Table {
 #[derive(Clone)]
 pub struct Supervisor {
     shared: Arc<Shared>,
+    /// The slots by id. Held only to look up, insert or take out a slot (never across an
+    /// await); the node core decides what to apply and remove, the table only records which
+    /// actors exist, so the driver and background stops can reach them.
     table: Arc<Mutex<Table>>,
 }
 

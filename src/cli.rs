@@ -111,7 +111,7 @@ pub struct ApiArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct IdArgs {
-    /// Deployment id (a unique prefix is enough).
+    /// Deployment id, unique id prefix, or unique name (an id wins over a name).
     pub id: String,
     #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
     pub api: String,
@@ -119,7 +119,7 @@ pub struct IdArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct LogsArgs {
-    /// Deployment id (a unique prefix is enough).
+    /// Deployment id, unique id prefix, or unique name (an id wins over a name).
     pub id: String,
     /// Keep following new lines.
     #[arg(short, long)]

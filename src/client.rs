@@ -6,8 +6,8 @@
 //! error (see [`finish`]) and exits with [`Exit::code`]: 0 ok, 1 failure, 2 usage. Invariants:
 //! - nothing here panics on network, file or user input; every failure is a [`ClientError`];
 //! - a refused connection is always [`ClientError::Unreachable`], with one clear message;
-//! - id arguments accept a unique prefix (shorter than [`FULL_ID_LEN`]); an ambiguous prefix is a
-//!   usage error (exit 2) and lists the candidates;
+//! - deployment arguments take an id, a unique id prefix or a unique name (see
+//!   [`resolve_deployment`]); an ambiguous one is a usage error (exit 2) listing the candidates;
 //! - only plain `http://` is supported (no TLS in this client), and no proxy is ever used.
 //!
 //! Pure parts live in submodules: [`render`] (tables, ages, log lines) and [`body`] (the deploy
@@ -38,7 +38,8 @@ pub use crate::model::{Deployment, Node, NodeList, RunStatus};
 pub use body::{SpecFormat, deploy_body, parse_spec_text};
 pub use render::{format_age, format_log_entry, render_table};
 
-/// An id at least this long is used as is; shorter ones are resolved as prefixes.
+/// An argument at least this long that matches no listed id or name is sent as is (the server
+/// answers for it, e.g. a 404 for a deployment deleted meanwhile).
 pub const FULL_ID_LEN: usize = 32;
 
 /// Page size used when listing all deployments.
@@ -96,16 +97,17 @@ pub enum ClientError {
     /// Bad arguments (exit 2).
     #[error("{0}")]
     Usage(String),
-    /// An id prefix matches several deployments (exit 2).
-    #[error("id prefix '{prefix}' is ambiguous; it matches: {}", candidates.join(", "))]
+    /// An id prefix or a name matches several deployments (exit 2).
+    #[error("'{prefix}' is ambiguous; it matches: {}; give the id", candidates.join(", "))]
     AmbiguousId {
         /// What the user typed.
         prefix: String,
-        /// Matching ids (at most a handful, sorted).
+        /// Matching deployments (at most a handful, sorted by id): `id (name)`, or the id
+        /// alone where no name is known.
         candidates: Vec<String>,
     },
-    /// No deployment has this id or prefix.
-    #[error("no deployment matches '{0}'")]
+    /// No deployment has this id, id prefix or name.
+    #[error("no deployment has the id, id prefix or name '{0}'")]
     NoSuchDeployment(String),
     /// The conductor rejected the request body (HTTP 422); one `field.path: message` per entry.
     #[error("{}", .0.join("\n"))]
@@ -476,39 +478,63 @@ fn write_entries(out: &mut impl Write, entries: &[LogEntry]) -> std::io::Result<
     out.flush()
 }
 
-/// Resolves `prefix` against known ids: an exact match wins, otherwise the prefix must match
-/// exactly one id. Empty -> usage error; none -> [`ClientError::NoSuchDeployment`]; several ->
-/// [`ClientError::AmbiguousId`] with up to five sorted candidates.
+/// Resolves `prefix` against ids alone; see [`resolve_deployment`].
 pub fn resolve_prefix<'a>(
     prefix: &str,
     ids: impl IntoIterator<Item = &'a str>,
 ) -> Result<String, ClientError> {
-    if prefix.is_empty() {
+    resolve_deployment(prefix, ids.into_iter().map(|id| (id, None)))
+}
+
+/// Resolves what the user typed to one deployment id, given `(id, name)` of every deployment.
+/// In order: an exact id wins; then an id prefix matching exactly one id; then a name matching
+/// exactly one deployment. Empty -> usage error; nothing -> [`ClientError::NoSuchDeployment`];
+/// otherwise (several ids with that prefix and not exactly one with that name, or several with
+/// that name) -> [`ClientError::AmbiguousId`] listing up to five `id (name)`, sorted by id.
+pub fn resolve_deployment<'a>(
+    input: &str,
+    deployments: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+) -> Result<String, ClientError> {
+    if input.is_empty() {
         return Err(ClientError::Usage(
             "the deployment id must not be empty".into(),
         ));
     }
-    let mut matches: Vec<&str> = Vec::new();
-    for id in ids {
-        if id == prefix {
+    let mut by_prefix: BTreeMap<&str, Option<&str>> = BTreeMap::new();
+    let mut by_name: BTreeMap<&str, Option<&str>> = BTreeMap::new();
+    for (id, name) in deployments {
+        if id == input {
             return Ok(id.to_owned());
         }
-        if id.starts_with(prefix) && !matches.contains(&id) {
-            matches.push(id);
+        if id.starts_with(input) {
+            by_prefix.insert(id, name);
+        }
+        if name == Some(input) {
+            by_name.insert(id, name);
         }
     }
-    match matches.as_slice() {
-        [] => Err(ClientError::NoSuchDeployment(prefix.to_owned())),
-        [one] => Ok((*one).to_owned()),
-        _ => {
-            matches.sort_unstable();
-            matches.truncate(5);
-            Err(ClientError::AmbiguousId {
-                prefix: prefix.to_owned(),
-                candidates: matches.into_iter().map(str::to_owned).collect(),
+    let only = |m: &BTreeMap<&str, Option<&str>>| match m.keys().collect::<Vec<_>>().as_slice() {
+        [one] => Some((**one).to_owned()),
+        _ => None,
+    };
+    if let Some(id) = only(&by_prefix).or_else(|| only(&by_name)) {
+        return Ok(id);
+    }
+    if by_prefix.is_empty() && by_name.is_empty() {
+        return Err(ClientError::NoSuchDeployment(input.to_owned()));
+    }
+    by_prefix.append(&mut by_name);
+    Err(ClientError::AmbiguousId {
+        prefix: input.to_owned(),
+        candidates: by_prefix
+            .into_iter()
+            .take(5)
+            .map(|(id, name)| match name {
+                Some(n) if !n.is_empty() => format!("{id} ({n})"),
+                _ => id.to_owned(),
             })
-        }
-    }
+            .collect(),
+    })
 }
 
 /// A thin HTTP client bound to one conductor.
@@ -640,23 +666,27 @@ impl Client {
         Ok(all)
     }
 
-    /// A full id as is; a shorter one resolved as a prefix over all deployments.
-    async fn resolve_id(&self, id: &str) -> Result<String, ClientError> {
-        let id = id.trim();
-        if id.len() >= FULL_ID_LEN {
-            return Ok(id.to_owned());
-        }
-        if id.is_empty() {
-            return Err(ClientError::Usage(
-                "the deployment id must not be empty".into(),
-            ));
+    /// An id, unique id prefix or unique name resolved over all deployments
+    /// ([`resolve_deployment`]); a full-length argument that matches nothing is kept as is.
+    async fn resolve_id(&self, input: &str) -> Result<String, ClientError> {
+        let input = input.trim();
+        if input.is_empty() {
+            return resolve_deployment(input, []);
         }
         let all = self.list_deployments().await?;
-        resolve_prefix(
-            id,
-            all.iter()
-                .filter_map(|d| d.get("id").and_then(Value::as_str)),
-        )
+        let found = resolve_deployment(
+            input,
+            all.iter().filter_map(|d| {
+                let id = d.get("id").and_then(Value::as_str)?;
+                Some((id, d.get("name").and_then(Value::as_str)))
+            }),
+        );
+        match found {
+            Err(ClientError::NoSuchDeployment(_)) if input.len() >= FULL_ID_LEN => {
+                Ok(input.to_owned())
+            }
+            other => other,
+        }
     }
 }
 

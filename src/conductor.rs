@@ -72,6 +72,8 @@ pub struct Conductor {
     pub core: core::CoreHandle,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
+    /// The API's WebSocket tasks, awaited at shutdown so each socket gets its close frame.
+    sockets: tokio_util::task::TaskTracker,
 }
 
 impl Conductor {
@@ -123,10 +125,12 @@ impl Conductor {
             logs.clone(),
             cancel.child_token(),
         ));
+        let sockets = tokio_util::task::TaskTracker::new();
         let app = api::router(api::ApiState {
             core: core.clone(),
             logs,
             cancel: cancel.child_token(),
+            sockets: sockets.clone(),
         });
         let http_cancel = cancel.child_token();
         tasks.spawn(async move {
@@ -146,13 +150,20 @@ impl Conductor {
             core,
             cancel,
             tasks,
+            sockets,
         })
     }
 
-    /// Stops accepting, tells nodes `Shutdown`, flushes, and waits (bounded) for every task.
+    /// Stops accepting, tells nodes `Shutdown`, closes WebSockets (1001), flushes, and waits
+    /// (bounded) for every task.
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
-        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        self.sockets.close();
+        let sockets = self.sockets.clone();
+        let drain = async {
+            while self.tasks.join_next().await.is_some() {}
+            sockets.wait().await;
+        };
         if tokio::time::timeout(Duration::from_secs(5), drain)
             .await
             .is_err()

@@ -1,6 +1,8 @@
 //! The node agent: supervises deployments on this machine.
 
 pub mod agent;
+mod convert;
+pub mod core;
 pub mod envs;
 pub mod health;
 pub mod logs;

@@ -73,6 +73,67 @@ fn ambiguous_candidates_are_capped_and_sorted() {
 }
 
 #[test]
+fn names_resolve_too_and_ids_win_over_names() {
+    let ds = [
+        (ID_WEB, Some("web")),
+        (ID_BATCH, Some("batch")),
+        (ID_GPU, Some("tick")),
+        (ID_NEW, Some("tick")),
+        ("abcd0000", Some("bbbb")),
+        ("eeee0000", Some("aaaa1")),
+    ];
+    // A unique name.
+    assert_eq!(resolve_deployment("web", ds).unwrap(), ID_WEB);
+    assert_eq!(resolve_deployment("batch", ds).unwrap(), ID_BATCH);
+    // A unique id prefix wins over a name equal to it ("bbbb" names abcd0000, "aaaa1" names
+    // eeee0000).
+    assert_eq!(resolve_deployment("bbbb", ds).unwrap(), ID_GPU);
+    assert_eq!(resolve_deployment("aaaa1", ds).unwrap(), ID_WEB);
+    // An exact id wins over everything.
+    assert_eq!(resolve_deployment(ID_NEW, ds).unwrap(), ID_NEW);
+
+    // Two deployments named "tick": ambiguous, both listed with id and name, exit 2.
+    let err = resolve_deployment("tick", ds).unwrap_err();
+    match &err {
+        ClientError::AmbiguousId { prefix, candidates } => {
+            assert_eq!(prefix, "tick");
+            assert_eq!(
+                candidates,
+                &[format!("{ID_GPU} (tick)"), format!("{ID_NEW} (tick)")]
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(err.exit(), Exit::Usage);
+    let mut stderr = Vec::new();
+    assert_eq!(finish(Err(err), &mut stderr), Exit::Usage);
+    assert_eq!(
+        text(stderr),
+        format!(
+            "error: 'tick' is ambiguous; it matches: {ID_GPU} (tick), {ID_NEW} (tick); give the id\n"
+        )
+    );
+
+    // An ambiguous prefix that is also a unique name: the name.
+    let ds = [("a1", Some("x")), ("a2", Some("y")), ("b1", Some("a"))];
+    assert_eq!(resolve_deployment("a", ds).unwrap(), "b1");
+    // An ambiguous prefix that is also an ambiguous name: every candidate.
+    let ds = [("a1", Some("a")), ("a2", None), ("b1", Some("a"))];
+    match resolve_deployment("a", ds).unwrap_err() {
+        ClientError::AmbiguousId { candidates, .. } => {
+            assert_eq!(candidates, ["a1 (a)", "a2", "b1 (a)"]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let err = resolve_deployment("nope", ds).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "no deployment has the id, id prefix or name 'nope'"
+    );
+    assert_eq!(err.exit(), Exit::Failure);
+}
+
+#[test]
 fn validation_items_format_as_field_path() {
     let item = json!({"loc": ["body", "specification", "spec", "config", "command", 0],
                       "msg": "must be a string", "type": "x"});
@@ -547,6 +608,34 @@ async fn stop_start_rm_resolve_prefixes() {
         ]
     );
     assert_eq!(rec.deleted, [ID_BATCH]);
+}
+
+#[tokio::test]
+async fn every_id_argument_takes_a_name() {
+    let (api, mock) = start_mock().await;
+    let mut out = Vec::new();
+    assert_eq!(stop(&api, "web", &mut out).await.unwrap(), Exit::Ok);
+    assert_eq!(start(&api, "gpu-job", &mut out).await.unwrap(), Exit::Ok);
+    assert_eq!(rm(&api, "batch", &mut out).await.unwrap(), Exit::Ok);
+    let args = LogsArgs {
+        id: "web".into(),
+        follow: false,
+        ..LogsArgs::default()
+    };
+    logs_until(&api, &args, &mut Vec::new(), std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(text(out), format!("{ID_WEB}\n{ID_GPU}\n{ID_BATCH}\n"));
+    let rec = mock.rec.lock().unwrap();
+    assert_eq!(
+        rec.patched,
+        [
+            (ID_WEB.to_owned(), json!({"desired_state": "STOPPED"})),
+            (ID_GPU.to_owned(), json!({"desired_state": "RUNNING"})),
+        ]
+    );
+    assert_eq!(rec.deleted, [ID_BATCH]);
+    assert_eq!(rec.ws_queries[0].0, ID_WEB);
 }
 
 #[tokio::test]

@@ -4,17 +4,19 @@
 //! validated here (422 in FastAPI's `{"detail":[{"loc","msg","type"}]}` shape, naming the
 //! field) and then sent to the core, which persists before it replies.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
+use tokio_util::task::TaskTracker;
 
 use super::core::{CoreError, CoreHandle, CoreMsg, DeploymentPatch, EnvPatch, now_ms};
 use super::loghub::{LogHub, LogLine};
@@ -29,7 +31,25 @@ pub struct ApiState {
     pub logs: LogHub,
     /// Ends long-lived WebSocket tasks at shutdown.
     pub cancel: tokio_util::sync::CancellationToken,
+    /// The WebSocket tasks (axum spawns them detached): shutdown waits on this so that every
+    /// socket gets its close frame before the process exits.
+    pub sockets: TaskTracker,
 }
+
+/// WebSocket close codes (RFC 6455, section 7.4.1).
+pub mod close_code {
+    /// The socket's purpose is fulfilled (e.g. the deployment was deleted).
+    pub const NORMAL: u16 = 1000;
+    /// The server is going away.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The request breaks the server's policy (unknown deployment, bad query parameter).
+    pub const POLICY: u16 = 1008;
+}
+
+/// How long a closing socket waits for the peer's close reply.
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
+/// Largest error body the JSON error layer rewrites (framework rejections are one line).
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Largest accepted `specification` (compact JSON): it travels to the node in one frame.
 pub const MAX_SPEC_BYTES: usize = 256 * 1024;
@@ -64,7 +84,41 @@ pub fn router(state: ApiState) -> Router {
         .route("/ui/", get(ui))
         .route("/ui/{*path}", get(ui))
         .route("/", get(|| async { Redirect::temporary("/ui/") }))
+        .fallback(|| async { ApiError::detail(StatusCode::NOT_FOUND, "Not Found") })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Every error leaves in the documented `{"detail": ...}` shape: handlers and the extractors
+/// below already answer so; this catches what the framework answers by itself (405 with its
+/// `Allow` header, a body over the size limit, ...), keeping status and headers.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, MAX_ERROR_BODY)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let detail = if text.is_empty() {
+        status.canonical_reason().unwrap_or("Error").to_owned()
+    } else {
+        text
+    };
+    let mut out = ApiError::detail(status, &detail).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().append(name, value.clone());
+        }
+    }
+    out
 }
 
 /// An API error: a status code and FastAPI's `detail`.
@@ -72,6 +126,11 @@ pub fn router(state: ApiState) -> Router {
 pub struct ApiError(StatusCode, Value);
 
 impl ApiError {
+    /// `{"detail": msg}` with `status`.
+    fn detail(status: StatusCode, msg: &str) -> Self {
+        Self(status, json!(msg))
+    }
+
     fn invalid(errors: Vec<FieldError>) -> Self {
         Self(StatusCode::UNPROCESSABLE_ENTITY, json!(errors))
     }
@@ -105,6 +164,99 @@ impl From<CoreError> for ApiError {
                 Self(StatusCode::INTERNAL_SERVER_ERROR, json!("internal error"))
             }
         }
+    }
+}
+
+/// A path parameter; one that is not valid UTF-8 after percent-decoding is a 422 naming it
+/// (axum's own rejection is a plain-text 400).
+struct PathParam(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(Self(v)),
+            Err(e) => {
+                // The parameter's name, from the route template (`/deployments/{id}` -> id).
+                let name = parts
+                    .extensions
+                    .get::<MatchedPath>()
+                    .and_then(|m| m.as_str().rsplit_once('{'))
+                    .and_then(|(_, rest)| rest.split_once('}'))
+                    .map_or("path", |(name, _)| name)
+                    .to_owned();
+                Err(ApiError::field(
+                    &["path", &name],
+                    "string_type",
+                    &e.body_text(),
+                ))
+            }
+        }
+    }
+}
+
+/// A JSON object request body: not an object -> 422 naming `body`; a body over the size
+/// limit -> 413 (both in the `detail` shape).
+struct JsonObject(serde_json::Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let body = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::detail(e.status(), &e.body_text()))?;
+        parse_body(&body).map(Self)
+    }
+}
+
+/// The query string's parameters among `known` (others are ignored, as FastAPI does). A
+/// repeated one is a 422 naming it: which of the values was meant is a guess.
+fn query_params<'k>(
+    uri: &Uri,
+    known: &[&'k str],
+) -> Result<BTreeMap<&'k str, String>, Vec<FieldError>> {
+    let pairs = Query::<Vec<(String, String)>>::try_from_uri(uri)
+        .map(|Query(p)| p)
+        .unwrap_or_default();
+    let mut out = BTreeMap::new();
+    let mut errs = Vec::new();
+    for (key, value) in pairs {
+        let Some(k) = known.iter().find(|k| **k == key) else {
+            continue;
+        };
+        if out.insert(*k, value).is_some() && !errs.iter().any(|e: &FieldError| e.loc[1] == key) {
+            errs.push(FieldError {
+                loc: vec!["query".into(), key],
+                msg: "Parameter given more than once; give it once".into(),
+                kind: "duplicate_parameter".into(),
+            });
+        }
+    }
+    if errs.is_empty() { Ok(out) } else { Err(errs) }
+}
+
+/// An optional integer query parameter; one beyond the 64-bit range saturates (every
+/// integer is valid, and callers clamp anyway).
+fn query_int(
+    params: &BTreeMap<&str, String>,
+    key: &str,
+    default: i64,
+) -> Result<i64, Vec<FieldError>> {
+    use std::num::IntErrorKind;
+    let Some(s) = params.get(key) else {
+        return Ok(default);
+    };
+    match s.trim().parse::<i64>() {
+        Ok(n) => Ok(n),
+        Err(e) if *e.kind() == IntErrorKind::PosOverflow => Ok(i64::MAX),
+        Err(e) if *e.kind() == IntErrorKind::NegOverflow => Ok(i64::MIN),
+        Err(_) => Err(vec![FieldError {
+            loc: vec!["query".into(), key.into()],
+            msg: "Input should be a valid integer, unable to parse string as an integer".into(),
+            kind: "int_parsing".into(),
+        }]),
     }
 }
 
@@ -192,6 +344,24 @@ fn opt_enum(
     }
 }
 
+/// On create, `null` is not "absent" for the fields the document does not make nullable: each
+/// `(key, type, message)` given `null` is an error naming the field.
+fn refuse_nulls(
+    m: &serde_json::Map<String, Value>,
+    fields: &[(&str, &str, &str)],
+    errs: &mut Vec<FieldError>,
+) {
+    for (key, kind, msg) in fields {
+        if m.get(*key).is_some_and(Value::is_null) {
+            errs.push(FieldError {
+                loc: vec!["body".into(), (*key).into()],
+                msg: (*msg).into(),
+                kind: (*kind).into(),
+            });
+        }
+    }
+}
+
 fn validate_spec(spec: &Value, errs: &mut Vec<FieldError>) {
     let size = spec.to_string().len();
     if size > MAX_SPEC_BYTES {
@@ -218,10 +388,22 @@ fn deployment_json(state: &ApiState, id: &str) -> Result<Json<Value>, ApiError> 
 
 async fn create_deployment(
     State(st): State<ApiState>,
-    body: axum::body::Bytes,
+    JsonObject(m): JsonObject,
 ) -> Result<Response, ApiError> {
-    let m = parse_body(&body)?;
     let mut errs = Vec::new();
+    refuse_nulls(
+        &m,
+        &[
+            ("name", "string_type", "Input should be a valid string"),
+            (
+                "desired_state",
+                "enum",
+                "Input should be 'RUNNING' or 'STOPPED'",
+            ),
+            ("kind", "enum", "Input should be 'EXEC'"),
+        ],
+        &mut errs,
+    );
     let name = opt_str(&m, "name", 1, 200, &mut errs);
     if !m.contains_key("name") {
         errs.push(FieldError {
@@ -262,38 +444,19 @@ async fn create_deployment(
     Ok((StatusCode::CREATED, deployment_json(&st, &id)?).into_response())
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct Page {
-    limit: Option<String>,
-    offset: Option<String>,
-}
-
-fn page(p: &Page) -> Result<(usize, usize), ApiError> {
-    let int = |key: &str, v: &Option<String>, default: i64| -> Result<i64, ApiError> {
-        match v {
-            None => Ok(default),
-            Some(s) => s.trim().parse::<i64>().map_err(|_| {
-                ApiError::field(
-                    &["query", key],
-                    "int_parsing",
-                    "Input should be a valid integer, unable to parse string as an integer",
-                )
-            }),
-        }
-    };
-    let limit = int("limit", &p.limit, 100)?.clamp(1, 500);
-    let offset = int("offset", &p.offset, 0)?.max(0);
+/// `limit` (default 100, clamped to 1..=500) and `offset` (default 0, negative counts as 0).
+fn page(uri: &Uri) -> Result<(usize, usize), ApiError> {
+    let params = query_params(uri, &["limit", "offset"]).map_err(ApiError::invalid)?;
+    let limit = query_int(&params, "limit", 100).map_err(ApiError::invalid)?;
+    let offset = query_int(&params, "offset", 0).map_err(ApiError::invalid)?;
     Ok((
-        usize::try_from(limit).unwrap_or(100),
-        usize::try_from(offset).unwrap_or(0),
+        usize::try_from(limit.clamp(1, 500)).unwrap_or(100),
+        usize::try_from(offset.max(0)).unwrap_or(0),
     ))
 }
 
-async fn list_deployments(
-    State(st): State<ApiState>,
-    Query(p): Query<Page>,
-) -> Result<Json<Value>, ApiError> {
-    let (limit, offset) = page(&p)?;
+async fn list_deployments(State(st): State<ApiState>, uri: Uri) -> Result<Json<Value>, ApiError> {
+    let (limit, offset) = page(&uri)?;
     let view = st.core.view();
     Ok(Json(json!(
         view.deployments
@@ -306,17 +469,16 @@ async fn list_deployments(
 
 async fn get_deployment(
     State(st): State<ApiState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Json<Value>, ApiError> {
     deployment_json(&st, &id)
 }
 
 async fn patch_deployment(
     State(st): State<ApiState>,
-    Path(id): Path<String>,
-    body: axum::body::Bytes,
+    PathParam(id): PathParam,
+    JsonObject(m): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
-    let m = parse_body(&body)?;
     let mut errs = Vec::new();
     let name = opt_str(&m, "name", 1, 200, &mut errs);
     let desired = opt_enum(&m, "desired_state", &DesiredState::NAMES, &mut errs)
@@ -345,7 +507,7 @@ async fn patch_deployment(
 
 async fn delete_deployment(
     State(st): State<ApiState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<StatusCode, ApiError> {
     st.core.call(|r| CoreMsg::DeleteDeployment(id, r)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -390,7 +552,7 @@ fn packages(v: Option<&Value>, errs: &mut Vec<FieldError>) -> Option<Vec<String>
     let mut out = Vec::new();
     for (i, p) in items {
         let p = p.trim();
-        if p.len() > MAX_PACKAGE_LEN {
+        if p.chars().count() > MAX_PACKAGE_LEN {
             errs.push(FieldError {
                 loc: loc(i),
                 msg: format!("a package spec is at most {MAX_PACKAGE_LEN} characters"),
@@ -412,9 +574,8 @@ fn packages(v: Option<&Value>, errs: &mut Vec<FieldError>) -> Option<Vec<String>
 
 async fn create_env(
     State(st): State<ApiState>,
-    body: axum::body::Bytes,
+    JsonObject(m): JsonObject,
 ) -> Result<Response, ApiError> {
-    let m = parse_body(&body)?;
     let mut errs = Vec::new();
     for key in ["name", "python_version"] {
         if m.get(key).is_none_or(Value::is_null) {
@@ -425,6 +586,18 @@ async fn create_env(
             });
         }
     }
+    refuse_nulls(
+        &m,
+        &[
+            (
+                "packages",
+                "list_type",
+                "Input should be a valid list or string",
+            ),
+            ("manager", "enum", "Input should be 'conda' or 'uv'"),
+        ],
+        &mut errs,
+    );
     let name = opt_str(&m, "name", 1, 200, &mut errs);
     let python = opt_str(&m, "python_version", 1, 20, &mut errs);
     let script = opt_str(&m, "custom_script", 0, 2000, &mut errs)
@@ -451,11 +624,8 @@ async fn create_env(
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
-async fn list_envs(
-    State(st): State<ApiState>,
-    Query(p): Query<Page>,
-) -> Result<Json<Value>, ApiError> {
-    let (limit, offset) = page(&p)?;
+async fn list_envs(State(st): State<ApiState>, uri: Uri) -> Result<Json<Value>, ApiError> {
+    let (limit, offset) = page(&uri)?;
     Ok(Json(json!(
         st.core
             .view()
@@ -469,7 +639,7 @@ async fn list_envs(
 
 async fn get_env(
     State(st): State<ApiState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> Result<Json<Value>, ApiError> {
     let view = st.core.view();
     let env = view.conda_envs.iter().find(|e| e.name == name);
@@ -481,10 +651,9 @@ async fn get_env(
 
 async fn patch_env(
     State(st): State<ApiState>,
-    Path(name): Path<String>,
-    body: axum::body::Bytes,
+    PathParam(name): PathParam,
+    JsonObject(m): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
-    let m = parse_body(&body)?;
     let mut errs = Vec::new();
     if m.get("python_version").is_some_and(|v| !v.is_null()) {
         errs.push(FieldError {
@@ -518,12 +687,12 @@ async fn patch_env(
             )
         })
         .await?;
-    get_env(State(st), Path(name)).await
+    get_env(State(st), PathParam(name)).await
 }
 
 async fn delete_env(
     State(st): State<ApiState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> Result<StatusCode, ApiError> {
     st.core.call(|r| CoreMsg::DeleteEnv(name, r)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -531,7 +700,7 @@ async fn delete_env(
 
 async fn rerun_env(
     State(st): State<ApiState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> Result<Response, ApiError> {
     st.core.call(|r| CoreMsg::RerunEnv(name, r)).await?;
     Ok((StatusCode::ACCEPTED, Json(Value::Null)).into_response())
@@ -547,10 +716,39 @@ fn snapshot_frame(view: &super::view::ClusterView) -> String {
 }
 
 async fn ws_updates(State(st): State<ApiState>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| updates(socket, st))
+    let token = st.sockets.token();
+    ws.on_upgrade(move |socket| async move {
+        let _tracked = token;
+        updates(socket, st).await;
+    })
 }
 
-/// Pushes a snapshot at once and then on every change (at most 4 per second).
+/// Close reasons.
+const SHUTTING_DOWN: &str = "conductor shutting down";
+const DELETED: &str = "deployment deleted";
+
+/// Sends a close frame and waits (bounded) for the peer's reply, so that the peer sees `code`
+/// and `reason` instead of a dropped connection (1006).
+async fn close(mut socket: WebSocket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Pushes a snapshot at once and then on every change (at most 4 per second); at shutdown it
+/// closes with 1001.
 async fn updates(mut socket: WebSocket, st: ApiState) {
     let mut rx = st.core.subscribe();
     loop {
@@ -561,48 +759,99 @@ async fn updates(mut socket: WebSocket, st: ApiState) {
         // Wait for a change; client messages (pings, text) are read and ignored.
         loop {
             tokio::select! {
-                () = st.cancel.cancelled() => return,
-                changed = rx.changed() => if changed.is_err() { return } else { break },
+                biased;
+                () = st.cancel.cancelled() => {
+                    return close(socket, close_code::GOING_AWAY, SHUTTING_DOWN).await;
+                }
+                changed = rx.changed() => if changed.is_err() {
+                    // The core is gone: the conductor is stopping.
+                    return close(socket, close_code::GOING_AWAY, SHUTTING_DOWN).await;
+                } else {
+                    break;
+                },
                 msg = socket.recv() => match msg {
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                     _ => {}
                 },
             }
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::select! {
+            biased;
+            () = st.cancel.cancelled() => {
+                return close(socket, close_code::GOING_AWAY, SHUTTING_DOWN).await;
+            }
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
     }
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct LogQuery {
-    tail: Option<String>,
-    streams: Option<String>,
-}
-
-async fn ws_logs(
-    State(st): State<ApiState>,
-    Path(id): Path<String>,
-    Query(q): Query<LogQuery>,
-    ws: WebSocketUpgrade,
-) -> Response {
-    let tail = q
-        .tail
-        .as_deref()
-        .and_then(|t| t.trim().parse::<i64>().ok())
-        .unwrap_or(200)
-        .max(0);
-    let streams: BTreeSet<String> = q
-        .streams
+/// A log viewer's query: `tail` (backlog lines, default 200) and `streams` (a comma-separated
+/// filter; empty = all). A repeated parameter or a `tail` that is not a non-negative integer
+/// is refused with the reason.
+fn log_query(uri: &Uri) -> Result<(usize, BTreeSet<String>), String> {
+    let params = query_params(uri, &["tail", "streams"]).map_err(|errs| {
+        errs.iter()
+            .map(|e| format!("{}: {}", e.loc.last().map_or("", String::as_str), e.msg))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    let tail = match params.get("tail") {
+        None => 200,
+        Some(t) => t
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| format!("tail: expected a non-negative integer, got {t:?}"))?,
+    };
+    let streams = params
+        .get("streams")
+        .map(String::as_str)
         .unwrap_or_default()
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
         .collect();
-    ws.on_upgrade(move |socket| logs(socket, st, id, usize::try_from(tail).unwrap_or(0), streams))
+    Ok((tail, streams))
+}
+
+async fn ws_logs(
+    State(st): State<ApiState>,
+    PathParam(id): PathParam,
+    uri: Uri,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let query = log_query(&uri);
+    let token = st.sockets.token();
+    ws.on_upgrade(move |socket| async move {
+        let _tracked = token;
+        match query {
+            Ok((tail, streams)) => logs(socket, st, id, tail, streams).await,
+            Err(reason) => refuse(socket, &id, &reason).await,
+        }
+    })
+}
+
+/// A policy refusal: an error frame (what `symphony logs` prints) and a 1008 close.
+async fn refuse(mut socket: WebSocket, id: &str, reason: &str) {
+    let frame = json!({"deployment_id": id, "entries": [], "error": reason});
+    if socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .is_ok()
+    {
+        // A close reason is at most 123 bytes; the error frame above has it whole.
+        let end = reason
+            .char_indices()
+            .map(|(i, c)| i + c.len_utf8())
+            .take_while(|end| *end <= 123)
+            .last()
+            .unwrap_or(0);
+        close(socket, close_code::POLICY, &reason[..end]).await;
+    }
 }
 
 /// One viewer: its own backlog (`tail`), its own filter (`streams`), each line exactly once.
+/// Ends with 1000 when the deployment is deleted and 1001 at shutdown.
 async fn logs(
     mut socket: WebSocket,
     st: ApiState,
@@ -611,19 +860,12 @@ async fn logs(
     streams: BTreeSet<String>,
 ) {
     if st.core.view().deployment(&id).is_none() {
-        let frame = json!({"deployment_id": id, "entries": [], "error": "Deployment not found"});
-        let _ = socket.send(Message::Text(frame.to_string().into())).await;
-        let _ = socket
-            .send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                code: 1008,
-                reason: "Deployment not found".into(),
-            })))
-            .await;
-        return;
+        return refuse(socket, &id, "Deployment not found").await;
     }
     let wanted = |l: &LogLine| streams.is_empty() || streams.contains(&l.stream);
     let Some(sub) = st.logs.subscribe(&id) else {
-        return;
+        // Deleted between the look-up and the subscription.
+        return close(socket, close_code::NORMAL, DELETED).await;
     };
     let mut live = sub.live;
     let backlog: Vec<&LogLine> = sub
@@ -641,16 +883,25 @@ async fn logs(
     loop {
         let mut batch: Vec<Arc<LogLine>> = Vec::new();
         tokio::select! {
-            () = st.cancel.cancelled() => return,
+            biased;
+            () = st.cancel.cancelled() => {
+                return close(socket, close_code::GOING_AWAY, SHUTTING_DOWN).await;
+            }
             r = live.recv() => match r {
                 Ok(l) => batch.push(l),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     // A slow viewer: catch up from the ring instead of losing lines.
-                    let Some(sub) = st.logs.subscribe(&id) else { return };
+                    let Some(sub) = st.logs.subscribe(&id) else {
+                        return close(socket, close_code::NORMAL, DELETED).await;
+                    };
                     live = sub.live;
                     batch.extend(sub.backlog.into_iter().filter(|l| l.seq > last_seq));
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                // The hub dropped the deployment's ring: it was deleted (its last lines were
+                // received before this).
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return close(socket, close_code::NORMAL, DELETED).await;
+                }
             },
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,

@@ -232,9 +232,13 @@ pub struct Envs {
     work_dir: PathBuf,
     conda: Option<PathBuf>,
     uv: Option<PathBuf>,
-    /// Specs that failed, with their error, per env.
+    /// Specs that failed, with their error, per env (a cache of outcomes, so a failing spec is
+    /// not retried on every start; the node core keeps the problems it reports). Held only
+    /// for a lookup or an insert.
     failed: Mutex<HashMap<EnvKey, (SpecFingerprint, String)>>,
-    /// One async lock per env so that ensures of the same env never overlap.
+    /// One async lock per env so that an ensure and a removal of the same env never overlap
+    /// when `Envs` is called concurrently (its tests do; the agent's core runs env jobs one
+    /// at a time). The outer lock is held only to fetch or create an env's lock.
     locks: Mutex<HashMap<EnvKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Set while `conda env list` keeps failing, so the warning is logged once per outage.
     list_failing: AtomicBool,

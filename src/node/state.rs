@@ -31,6 +31,25 @@ struct FileRef<'a> {
     held: &'a [Held],
 }
 
+/// Where the node keeps what it holds. [`LocalState`] is the real one; tests put a slow or
+/// failing one in its place. Called off the async runtime (it may block on the disk).
+pub trait StateStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Reads the held deployments; nothing stored is an empty list.
+    fn load(&self) -> std::io::Result<Vec<Held>>;
+    /// Replaces the held deployments.
+    fn save(&self, held: &[Held]) -> std::io::Result<()>;
+}
+
+impl StateStore for LocalState {
+    fn load(&self) -> std::io::Result<Vec<Held>> {
+        LocalState::load(self)
+    }
+
+    fn save(&self, held: &[Held]) -> std::io::Result<()> {
+        LocalState::save(self, held)
+    }
+}
+
 /// The state file.
 #[derive(Debug, Clone)]
 pub struct LocalState {

@@ -222,6 +222,9 @@ struct Desired {
 
 struct Slot {
     desired: watch::Sender<Desired>,
+    /// Written only by the deployment's actor, read by `status()`: the level truth behind the
+    /// events (which may be dropped). Not the node core's: it is the process's runtime state,
+    /// and a lock held for a copy never waits on IO.
     status: Arc<Mutex<DeploymentStatus>>,
     logs: LogBuffer,
     cancel: CancellationToken,
@@ -254,6 +257,9 @@ struct Table {
 #[derive(Clone)]
 pub struct Supervisor {
     shared: Arc<Shared>,
+    /// The slots by id. Held only to look up, insert or take out a slot (never across an
+    /// await); the node core decides what to apply and remove, the table only records which
+    /// actors exist, so the driver and background stops can reach them.
     table: Arc<Mutex<Table>>,
 }
 
@@ -270,7 +276,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Ids become directory names: no separators, no dot names, not empty, printable.
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && id != "."
@@ -435,6 +441,7 @@ impl Supervisor {
     }
 
     /// The status of one deployment.
+    #[cfg(test)]
     pub fn status_of(&self, id: &str) -> Option<DeploymentStatus> {
         lock(&self.table).slots.get(id).map(snapshot_status)
     }
@@ -444,7 +451,9 @@ impl Supervisor {
         lock(&self.table).slots.get(id).map(|s| s.logs.clone())
     }
 
-    /// `(id, generation, desired_running, spec)` of every deployment, for persistence.
+    /// `(id, generation, desired_running, spec)` of every deployment (the node core keeps
+    /// its own copy of what it applied; tests compare).
+    #[cfg(test)]
     pub fn snapshot(&self) -> Vec<(String, u64, bool, DeploymentSpec)> {
         lock(&self.table)
             .slots
@@ -452,18 +461,6 @@ impl Supervisor {
             .map(|(id, slot)| {
                 let d = slot.desired.borrow();
                 (id.clone(), d.generation, d.running, d.spec.clone())
-            })
-            .collect()
-    }
-
-    /// `(id, env_name)` of every deployment that runs in a named env (no spec is cloned).
-    pub fn env_names(&self) -> Vec<(String, String)> {
-        lock(&self.table)
-            .slots
-            .iter()
-            .filter_map(|(id, slot)| {
-                let env = slot.desired.borrow().spec.env_name.clone()?;
-                Some((id.clone(), env))
             })
             .collect()
     }

@@ -633,3 +633,129 @@ async fn updates_socket_pushes_changes() {
     ws.close(None).await.unwrap();
     c.shutdown().await;
 }
+
+/// Every error is JSON in the documented `detail` shape with a documented status: query, path
+/// and body rejections, `null` where the document has no null, unknown paths and methods, a
+/// body over the limit, a plain GET on a WebSocket route.
+#[tokio::test]
+async fn every_error_is_json_in_the_detail_shape() {
+    let c = Cluster::start().await;
+    let (_, doc) = c.get("/openapi.json").await;
+    let invalid = json!({"$ref": "#/components/schemas/HTTPValidationError"});
+    let detail = json!({"$ref": "#/components/schemas/Detail"});
+    let big = json!({"name": "x", "specification": {"pad": "x".repeat(3 * 1024 * 1024)}});
+    // (method, path, body, status, schema, the named field for 422s)
+    type Case<'a> = (&'a str, &'a str, Option<Value>, u16, &'a Value, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "GET",
+            "/deployments?offset=1&offset=2",
+            None,
+            422,
+            &invalid,
+            "query.offset",
+        ),
+        (
+            "GET",
+            "/conda-envs?limit=1&limit=x&limit=3",
+            None,
+            422,
+            &invalid,
+            "query.limit",
+        ),
+        ("GET", "/deployments/%FF", None, 422, &invalid, "path.id"),
+        (
+            "DELETE",
+            "/conda-envs/%FF%FE",
+            None,
+            422,
+            &invalid,
+            "path.name",
+        ),
+        (
+            "POST",
+            "/conda-envs",
+            Some(json!({"name": "e", "python_version": "3.11", "packages": null})),
+            422,
+            &invalid,
+            "body.packages",
+        ),
+        (
+            "POST",
+            "/conda-envs",
+            Some(json!({"name": "e", "python_version": "3.11", "manager": null})),
+            422,
+            &invalid,
+            "body.manager",
+        ),
+        (
+            "POST",
+            "/deployments",
+            Some(json!({"name": null, "specification": {"spec": sh("true")}})),
+            422,
+            &invalid,
+            "body.name",
+        ),
+        (
+            "POST",
+            "/deployments",
+            Some(
+                json!({"name": "x", "desired_state": null, "specification": {"spec": sh("true")}}),
+            ),
+            422,
+            &invalid,
+            "body.desired_state",
+        ),
+        ("POST", "/deployments", Some(big.clone()), 413, &detail, ""),
+        ("PATCH", "/conda-envs/e", Some(big), 413, &detail, ""),
+        ("GET", "/no/such/path", None, 404, &detail, ""),
+        ("PUT", "/deployments", None, 405, &detail, ""),
+        ("GET", "/ws/updates", None, 400, &detail, ""),
+    ];
+    for (method, path, body, status, schema, field) in cases {
+        let mut req = c
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", c.api));
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {path}");
+        assert_eq!(
+            resp.headers()[reqwest::header::CONTENT_TYPE],
+            "application/json",
+            "{method} {path}"
+        );
+        if status == 405 {
+            let allow = resp.headers()[reqwest::header::ALLOW].to_str().unwrap();
+            assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+        }
+        let text = resp.text().await.unwrap();
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"));
+        let errs = schema_errors(&doc, schema, &v);
+        assert!(errs.is_empty(), "{method} {path}: {v} {errs:?}");
+        if status == 422 {
+            assert_eq!(locs(&v), [field], "{method} {path}");
+        }
+        // The status is documented for the operation (fallbacks have none).
+        let route = path.split('?').next().unwrap();
+        if let Some(op) = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(t, _)| {
+                let (a, b): (Vec<&str>, Vec<&str>) =
+                    (t.split('/').collect(), route.split('/').collect());
+                a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.starts_with('{') || x == y)
+            })
+            .and_then(|(_, item)| item.get(method.to_lowercase()))
+        {
+            assert!(
+                op["responses"].get(status.to_string()).is_some(),
+                "{method} {path}: {status} is not documented"
+            );
+        }
+    }
+    c.shutdown().await;
+}

@@ -446,3 +446,50 @@ fn cert_command_issues_a_node_certificate_from_the_ca() {
     assert_eq!(key.permissions().mode() & 0o777, 0o600);
     assert!(out_dir.join("ca.pem").exists() && out_dir.join("gpu-pod-1.pem").exists());
 }
+
+/// `symphony logs tick` for a deployment named `tick`: every command that takes a deployment
+/// takes its name; an ambiguous name lists the candidates and exits 2.
+#[tokio::test]
+async fn client_commands_take_a_deployment_name() {
+    let c = crate::support::Cluster::start().await;
+    let tick = c.deploy("tick", crate::support::sh("true")).await;
+    let dup_a = c.deploy("dup", crate::support::sh("true")).await;
+    let dup_b = c.deploy("dup", crate::support::sh("true")).await;
+    let api = c.api.clone();
+    let symphony = move |args: &'static [&'static str]| {
+        let api = api.clone();
+        tokio::task::spawn_blocking(move || run(&api, args))
+    };
+
+    let (code, out, err) = symphony(&["logs", "tick"]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "", "no lines yet");
+    let (code, out, err) = symphony(&["stop", "tick"]).await.unwrap();
+    assert_eq!((code, out.trim()), (0, tick.as_str()), "{err}");
+    let (_, d) = c.get(&format!("/deployments/{tick}")).await;
+    assert_eq!(d["desired_state"], "STOPPED");
+    let (code, out, err) = symphony(&["start", "tick"]).await.unwrap();
+    assert_eq!((code, out.trim()), (0, tick.as_str()), "{err}");
+
+    let (code, out, err) = symphony(&["rm", "dup"]).await.unwrap();
+    assert_eq!(code, 2, "{out}{err}");
+    let (first, second) = if dup_a < dup_b {
+        (&dup_a, &dup_b)
+    } else {
+        (&dup_b, &dup_a)
+    };
+    assert_eq!(
+        err.trim(),
+        format!(
+            "error: 'dup' is ambiguous; it matches: {first} (dup), {second} (dup); give the id"
+        )
+    );
+    let (code, _, err) = symphony(&["rm", "nothing-by-that-name"]).await.unwrap();
+    assert_eq!(code, 1, "{err}");
+
+    let (code, out, err) = symphony(&["rm", "tick"]).await.unwrap();
+    assert_eq!((code, out.trim()), (0, tick.as_str()), "{err}");
+    let (status, _) = c.get(&format!("/deployments/{tick}")).await;
+    assert_eq!(status, 404);
+    c.shutdown().await;
+}

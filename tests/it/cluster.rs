@@ -581,11 +581,21 @@ async fn a_patch_that_asks_for_more_capacity_is_placed_again_and_never_overcommi
 async fn a_slow_stop_never_holds_up_other_commands() {
     let mut c = Cluster::start().await;
     c.add_node("n1", &["local"], &[], false).await;
-    // Ignores SIGTERM: its removal takes the whole stop timeout (30 s) before SIGKILL.
+    // Ignores SIGTERM: its removal takes the whole stop timeout (30 s) before SIGKILL. It says
+    // when the trap is set (RUNNING comes at the spawn, before the shell has read its script).
+    let ready = c.dir.path().join("stubborn-ready");
+    let script = format!(
+        "trap '' TERM; touch {}; while true; do sleep 0.1; done",
+        ready.display()
+    );
     let stubborn = c
-        .deploy("stubborn", json!({"config": {"command": ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"]}, "stop_timeout_sec": 30}))
+        .deploy(
+            "stubborn",
+            json!({"config": {"command": ["sh", "-c", script]}, "stop_timeout_sec": 30}),
+        )
         .await;
     let pid = pid_of(&c.wait_state(&stubborn, "RUNNING").await);
+    until("the stubborn process ignores SIGTERM", || ready.exists()).await;
     assert_eq!(c.delete(&format!("/deployments/{stubborn}")).await.0, 204);
     // The node keeps taking commands while that process is still being stopped.
     let next = c.deploy("next", sh("sleep 1000")).await;

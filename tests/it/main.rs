@@ -8,4 +8,6 @@ mod api;
 mod cli;
 mod cluster;
 mod node;
+mod schemathesis;
+mod sockets;
 mod support;

@@ -235,3 +235,72 @@ async fn a_scheduled_restart_replaces_the_process_without_counting_as_a_failure(
     assert!(!crate::support::alive(first));
     c.shutdown().await;
 }
+
+/// A state store whose writes block until released (a disk that stalls on fsync).
+#[derive(Debug, Default)]
+struct StallingDisk {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    started: std::sync::atomic::AtomicUsize,
+    /// The ids of the last completed write.
+    written: std::sync::Mutex<Option<Vec<String>>>,
+}
+
+impl symphony::node::state::StateStore for StallingDisk {
+    fn load(&self) -> std::io::Result<Vec<symphony::node::state::Held>> {
+        Ok(Vec::new())
+    }
+
+    fn save(&self, held: &[symphony::node::state::Held]) -> std::io::Result<()> {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+        *self.written.lock().unwrap() = Some(held.iter().map(|h| h.id.clone()).collect());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_state_disk_delays_neither_commands_nor_heartbeats() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut c = Cluster::start().await;
+    let disk = std::sync::Arc::new(StallingDisk::default());
+    c.add_node_with_store("n1", disk.clone()).await;
+
+    let d1 = c.deploy("one", crate::support::sh("sleep 1000")).await;
+    c.wait_state(&d1, "RUNNING").await;
+    until("the first state write has started", || {
+        disk.started.load(SeqCst) >= 1
+    })
+    .await;
+    // The write is stuck: commands are still applied and answered ...
+    let d2 = c.deploy("two", crate::support::sh("sleep 1000")).await;
+    c.wait_state(&d2, "RUNNING").await;
+    // ... and heartbeats still arrive.
+    let beat = |v: &symphony::conductor::view::ClusterView| {
+        v.nodes.get("n1").and_then(|n| n.dynamic_timestamp_unix_ms)
+    };
+    let first = beat(&c.conductor().core.view());
+    c.wait("a heartbeat during the stall", |v| beat(v) > first)
+        .await;
+    let second = beat(&c.conductor().core.view());
+    c.wait("another heartbeat during the stall", |v| beat(v) > second)
+        .await;
+    assert_eq!(disk.started.load(SeqCst), 1, "one write at a time");
+    assert_eq!(*disk.written.lock().unwrap(), None, "still stalled");
+
+    // Released: the newest state is written (the writes in between coalesced).
+    *disk.open.lock().unwrap() = true;
+    disk.opened.notify_all();
+    let mut both = vec![d1.clone(), d2.clone()];
+    both.sort();
+    until("the newest state is written", || {
+        disk.written.lock().unwrap().as_ref() == Some(&both)
+    })
+    .await;
+    assert_eq!(disk.started.load(SeqCst), 2);
+    c.shutdown().await;
+}

@@ -11,6 +11,7 @@ use symphony::conductor::view::ClusterView;
 use symphony::conductor::{Conductor, ConductorConfig};
 use symphony::model::CurrentState;
 use symphony::node::agent::NodeConfig;
+use symphony::node::state::StateStore;
 use symphony_net::TransportSettings;
 use symphony_net::impair::UdpProxy;
 use tokio_util::sync::CancellationToken;
@@ -92,7 +93,13 @@ impl Cluster {
         caps: &[(&str, i64)],
         via_proxy: bool,
     ) {
-        self.start_agent(id, id, groups, caps, via_proxy).await;
+        self.start_agent(id, id, groups, caps, via_proxy, None)
+            .await;
+    }
+
+    /// Starts a node agent in-process that keeps its local state in `store`.
+    pub async fn add_node_with_store(&mut self, id: &str, store: Arc<dyn StateStore>) {
+        self.start_agent(id, id, &[], &[], false, Some(store)).await;
     }
 
     /// Starts another agent with `id`'s certificate but its own work dir (`instance`).
@@ -103,7 +110,8 @@ impl Cluster {
         groups: &[&str],
         caps: &[(&str, i64)],
     ) {
-        self.start_agent(id, instance, groups, caps, false).await;
+        self.start_agent(id, instance, groups, caps, false, None)
+            .await;
     }
 
     async fn start_agent(
@@ -113,6 +121,7 @@ impl Cluster {
         groups: &[&str],
         caps: &[(&str, i64)],
         via_proxy: bool,
+        store: Option<Arc<dyn StateStore>>,
     ) {
         let proxy = if via_proxy {
             Some(UdpProxy::start(self.quic_addr()).await.unwrap())
@@ -131,7 +140,11 @@ impl Cluster {
         cfg.heartbeat = Duration::from_millis(200);
         cfg.transport = fast_transport();
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(symphony::node::agent::run(cfg, cancel.clone()));
+        let task = tokio::spawn(symphony::node::agent::run_with_store(
+            cfg,
+            cancel.clone(),
+            store,
+        ));
         self.nodes.insert(
             id.to_owned(),
             Node {

@@ -4,7 +4,7 @@ use crate::node::monitor::{StaticResources, StorageUsage, UsageSample};
 use crate::node::supervisor::{DeploymentStatus, RunState};
 use crate::wire;
 
-pub(super) fn result_msg(command_id: u64, ok: bool, message: String) -> wire::NodeMessage {
+pub(crate) fn result_msg(command_id: u64, ok: bool, message: String) -> wire::NodeMessage {
     wire::NodeMessage {
         msg: Some(wire::node_message::Msg::Result(wire::CommandResult {
             command_id,
@@ -14,7 +14,7 @@ pub(super) fn result_msg(command_id: u64, ok: bool, message: String) -> wire::No
     }
 }
 
-pub(super) fn status_msg(
+pub(crate) fn status_msg(
     deployments: Vec<wire::DeploymentStatus>,
     removed: Vec<String>,
 ) -> wire::NodeMessage {
@@ -40,7 +40,7 @@ pub fn state_name(s: RunState) -> &'static str {
     }
 }
 
-pub(super) fn to_wire(s: &DeploymentStatus, log_offset: u64) -> wire::DeploymentStatus {
+pub(crate) fn to_wire(s: &DeploymentStatus, log_offset: u64) -> wire::DeploymentStatus {
     wire::DeploymentStatus {
         deployment_id: s.id.clone(),
         generation: s.generation,
@@ -70,7 +70,7 @@ fn mount_wire(m: &StorageUsage) -> wire::StorageMount {
     }
 }
 
-pub(super) fn static_wire(s: &StaticResources) -> wire::StaticResources {
+pub(crate) fn static_wire(s: &StaticResources) -> wire::StaticResources {
     wire::StaticResources {
         logical_cores: u32::try_from(s.logical_cores).unwrap_or(u32::MAX),
         memory_total_bytes: s.memory_total_bytes,
@@ -89,7 +89,7 @@ pub(super) fn static_wire(s: &StaticResources) -> wire::StaticResources {
     }
 }
 
-pub(super) fn heartbeat_wire(seq: u64, s: &UsageSample) -> wire::Heartbeat {
+pub(crate) fn heartbeat_wire(seq: u64, s: &UsageSample) -> wire::Heartbeat {
     wire::Heartbeat {
         seq,
         timestamp_unix_ms: s.timestamp_ms,

@@ -18,7 +18,7 @@ pub mod render;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;

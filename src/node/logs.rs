@@ -12,20 +12,27 @@
 //! - The ring holds at most `log_limit_lines` entries; the spool holds at most its byte cap,
 //!   dropping whole old segments and counting the dropped lines.
 //!
-//! The spool is written synchronously on push (one `write` per batch read from a pipe), which
-//! keeps ordering trivial; pushes never fail because of it (errors are counted and traced).
+//! - The ring is the authority for sequence numbers; the spool follows it. A push never waits
+//!   for the disk: it encodes the new entries and queues one write for the node's log IO thread
+//!   ([`SpoolWriter`]), in sequence order (queued under the buffer's lock). While the disk is
+//!   behind by more than [`MAX_PENDING_BYTES`], batches are not queued but counted as dropped
+//!   (the ring still has them); write errors are counted the same way. Reads that need the
+//!   spool run on the IO thread too, after the writes queued before them.
 
 mod spool;
+mod writer;
 
 use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 
 use self::spool::Spool;
+pub use self::writer::SpoolWriter;
 
 /// Default maximum length of one captured line, in bytes.
 pub const DEFAULT_MAX_LINE: usize = 16 * 1024;
@@ -36,6 +43,10 @@ pub const ENTRY_OVERHEAD: usize = 32;
 
 /// Default byte cap of one deployment's spool.
 pub const DEFAULT_SPOOL_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Encoded bytes of one spool that may wait for the IO thread; beyond that, batches are
+/// counted as dropped instead of queued (a slow disk must not grow memory without bound).
+pub const MAX_PENDING_BYTES: usize = 1024 * 1024;
 
 /// Where a log line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -153,7 +164,70 @@ struct Inner {
     ring: VecDeque<LogEntry>,
     limit: usize,
     last_seq: u64,
-    spool: Option<Spool>,
+    spool: Option<SpoolLink>,
+}
+
+fn lock_spool(spool: &Mutex<Spool>) -> MutexGuard<'_, Spool> {
+    spool.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A buffer's spool and the IO thread that writes it. The spool's mutex is taken only by jobs
+/// on the IO thread, one at a time, so it is never contended; it is a mutex because the
+/// jobs share the spool.
+#[derive(Debug, Clone)]
+struct SpoolLink {
+    spool: Arc<Mutex<Spool>>,
+    io: SpoolWriter,
+    /// Encoded bytes queued for the IO thread and not written yet.
+    pending: Arc<AtomicUsize>,
+    /// Lines not on disk (the spool's counter).
+    dropped: Arc<AtomicU64>,
+}
+
+impl SpoolLink {
+    /// Encodes `entries` and queues their write; skips them (counted as dropped) while more
+    /// than [`MAX_PENDING_BYTES`] wait. Called under the buffer's lock, so writes are queued
+    /// in sequence order.
+    fn append<'a>(&self, entries: impl Iterator<Item = &'a LogEntry>) {
+        let mut buf = Vec::new();
+        let mut first = None;
+        let mut last = 0;
+        let mut lines = 0u64;
+        for e in entries {
+            first.get_or_insert(e.seq);
+            last = e.seq;
+            if serde_json::to_writer(&mut buf, e).is_ok() {
+                buf.push(b'\n');
+                lines += 1;
+            }
+        }
+        let Some(first) = first else { return };
+        let count = last - first + 1;
+        let len = buf.len();
+        let pending = self.pending.load(Ordering::Relaxed);
+        // One batch over the limit is still written when nothing else waits.
+        if pending > 0 && pending + len > MAX_PENDING_BYTES {
+            self.dropped.fetch_add(count, Ordering::Relaxed);
+            return;
+        }
+        self.pending.fetch_add(len, Ordering::Relaxed);
+        let spool = Arc::clone(&self.spool);
+        let waiting = Arc::clone(&self.pending);
+        let queued = self.io.submit(move || {
+            lock_spool(&spool).append(first, last, &buf, lines);
+            waiting.fetch_sub(len, Ordering::Relaxed);
+        });
+        if !queued {
+            self.pending.fetch_sub(len, Ordering::Relaxed);
+            self.dropped.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Where a read is served from: the ring (already copied) or the spool.
+enum Source {
+    Ring(Vec<LogEntry>),
+    Spool(SpoolLink),
 }
 
 /// The log of one deployment: a ring of recent entries, the sequence counter, a watch of the
@@ -175,17 +249,29 @@ impl LogBuffer {
         })
     }
 
-    /// A buffer spooled under `dir` (created if needed) with at most `spool_bytes` on disk.
-    /// An existing spool is loaded: the sequence counter resumes after its last entry and the
-    /// ring is filled with its last `limit` entries.
-    pub fn open(dir: PathBuf, limit: usize, spool_bytes: u64) -> io::Result<Self> {
+    /// A buffer spooled under `dir` (created if needed) with at most `spool_bytes` on disk,
+    /// written by `io`. An existing spool is loaded (on the calling thread): the sequence
+    /// counter resumes after its last entry and the ring is filled with its last `limit`
+    /// entries.
+    pub fn open(
+        dir: PathBuf,
+        limit: usize,
+        spool_bytes: u64,
+        io: &SpoolWriter,
+    ) -> io::Result<Self> {
         let limit = limit.max(1);
         let (spool, recent, last_seq) = Spool::open(dir, spool_bytes, limit)?;
+        let link = SpoolLink {
+            dropped: spool.dropped_counter(),
+            spool: Arc::new(Mutex::new(spool)),
+            io: io.clone(),
+            pending: Arc::new(AtomicUsize::new(0)),
+        };
         Ok(Self::from_inner(Inner {
             ring: recent,
             limit,
             last_seq,
-            spool: Some(spool),
+            spool: Some(link),
         }))
     }
 
@@ -206,7 +292,8 @@ impl LogBuffer {
         self.push_batch(stream, std::iter::once(line.into()))
     }
 
-    /// Appends lines in order with one timestamp; returns the last sequence number.
+    /// Appends lines in order with one timestamp; returns the last sequence number. Never
+    /// waits for the disk (see the module docs).
     pub fn push_batch(&self, stream: LogStream, lines: impl IntoIterator<Item = String>) -> u64 {
         let timestamp_ms = chrono::Utc::now().timestamp_millis();
         let mut inner = self.lock();
@@ -262,48 +349,88 @@ impl LogBuffer {
 
     /// At most `max` entries with `seq > after`, oldest first. Served from the ring when it
     /// reaches back far enough, else from the spool. Lines dropped from both show as a gap
-    /// in the (otherwise contiguous) sequence numbers.
+    /// in the (otherwise contiguous) sequence numbers. Blocks the calling thread while the
+    /// spool is read: async code uses [`LogBuffer::since_within_async`].
     pub fn since(&self, after: u64, max: usize) -> Vec<LogEntry> {
         self.since_within(after, max, usize::MAX)
     }
 
     /// As [`LogBuffer::since`], and also stops before `max_bytes` (each entry counting its
     /// line plus [`ENTRY_OVERHEAD`]), always returning at least one entry when there is one:
-    /// the shipper's batches, without copying lines it would not send.
+    /// the shipper's batches, without copying lines it would not send. Blocks the calling
+    /// thread while the spool is read: async code uses [`LogBuffer::since_within_async`].
     pub fn since_within(&self, after: u64, max: usize, max_bytes: usize) -> Vec<LogEntry> {
-        let mut bytes = 0usize;
-        let mut fits = |i: usize, e: &LogEntry| {
-            bytes = bytes.saturating_add(e.line.len() + ENTRY_OVERHEAD);
-            i == 0 || bytes <= max_bytes
-        };
+        match self.source(after, max, max_bytes) {
+            Source::Ring(entries) => entries,
+            Source::Spool(link) => {
+                let spool = Arc::clone(&link.spool);
+                let read = link
+                    .io
+                    .run_blocking(move || lock_spool(&spool).read_since(after, max));
+                self.spool_answer(read.and_then(|r| r), after, max, max_bytes)
+            }
+        }
+    }
+
+    /// As [`LogBuffer::since_within`]; a read of the spool runs on the log IO thread while
+    /// this task waits, so no async worker blocks on the disk.
+    pub async fn since_within_async(
+        &self,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Vec<LogEntry> {
+        match self.source(after, max, max_bytes) {
+            Source::Ring(entries) => entries,
+            Source::Spool(link) => {
+                let spool = Arc::clone(&link.spool);
+                let read = link
+                    .io
+                    .run(move || lock_spool(&spool).read_since(after, max))
+                    .await;
+                self.spool_answer(read.and_then(|r| r), after, max, max_bytes)
+            }
+        }
+    }
+
+    /// The ring's answer, or the spool to read when the ring does not reach back to `after`.
+    fn source(&self, after: u64, max: usize, max_bytes: usize) -> Source {
         let inner = self.lock();
         let ring_covers = inner
             .ring
             .front()
             .is_none_or(|front| front.seq <= after.saturating_add(1));
-        if !ring_covers && let Some(spool) = &inner.spool {
-            match spool.read_since(after, max) {
-                Ok(entries) => {
-                    return entries
-                        .into_iter()
-                        .enumerate()
-                        .take_while(|(i, e)| fits(*i, e))
-                        .map(|(_, e)| e)
-                        .collect();
-                }
-                Err(error) => tracing::warn!(%error, "reading log spool failed"),
+        match &inner.spool {
+            Some(link) if !ring_covers => Source::Spool(link.clone()),
+            _ => Source::Ring(ring_since(&inner.ring, after, max, max_bytes)),
+        }
+    }
+
+    /// Cuts a spool read to the byte budget; falls back to the ring when the read failed or
+    /// found nothing (the lines after `after` were not spooled).
+    fn spool_answer(
+        &self,
+        read: io::Result<Vec<LogEntry>>,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Vec<LogEntry> {
+        match read {
+            Ok(entries) if !entries.is_empty() => {
+                let mut fits = budget(max_bytes);
+                entries
+                    .into_iter()
+                    .enumerate()
+                    .take_while(|(i, e)| fits(*i, e))
+                    .map(|(_, e)| e)
+                    .collect()
+            }
+            Ok(_) => ring_since(&self.lock().ring, after, max, max_bytes),
+            Err(error) => {
+                tracing::warn!(%error, "reading log spool failed");
+                ring_since(&self.lock().ring, after, max, max_bytes)
             }
         }
-        // Sequence numbers increase along the ring: find the start instead of scanning.
-        let start = inner.ring.partition_point(|e| e.seq <= after);
-        inner
-            .ring
-            .range(start..)
-            .take(max)
-            .enumerate()
-            .take_while(|(i, e)| fits(*i, e))
-            .map(|(_, e)| e.clone())
-            .collect()
     }
 
     /// The last `n` ring entries of the given streams (all streams when `streams` is `None`),
@@ -323,17 +450,68 @@ impl LogBuffer {
         out
     }
 
-    /// Lines the spool dropped to stay under its byte cap (0 without a spool).
+    /// Lines not in the spool although numbered (deleted to stay under its byte cap, skipped
+    /// while the disk was behind, lost to a write error); 0 without a spool.
     pub fn dropped_lines(&self) -> u64 {
-        self.lock().spool.as_ref().map_or(0, Spool::dropped_lines)
+        self.lock()
+            .spool
+            .as_ref()
+            .map_or(0, |link| link.dropped.load(Ordering::Relaxed))
     }
 
-    /// Deletes the spool files (the deployment is forgotten); the buffer keeps its ring.
-    pub fn delete_spool(&self) {
-        if let Some(spool) = self.lock().spool.take() {
-            spool.delete();
+    /// Waits until every line pushed so far is written (or counted as dropped), and records
+    /// on disk how far the sequence went, so a restart never reuses a number.
+    pub async fn flush(&self) {
+        let (link, last_seq) = {
+            let inner = self.lock();
+            (inner.spool.clone(), inner.last_seq)
+        };
+        if let Some(link) = link {
+            let spool = link.spool;
+            let _ = link
+                .io
+                .run(move || lock_spool(&spool).mark_reached(last_seq))
+                .await;
         }
     }
+
+    /// Deletes the spool files (the deployment is forgotten) after the writes queued before;
+    /// the buffer keeps its ring and stops spooling.
+    pub async fn delete_spool(&self) {
+        let link = self.lock().spool.take();
+        if let Some(link) = link {
+            let spool = link.spool;
+            let _ = link.io.run(move || lock_spool(&spool).delete()).await;
+        }
+    }
+}
+
+/// A byte-budget filter for `take_while` over `(index, entry)`: keeps the first entry always,
+/// then entries while their lines plus [`ENTRY_OVERHEAD`] fit in `max_bytes`.
+fn budget(max_bytes: usize) -> impl FnMut(usize, &LogEntry) -> bool {
+    let mut bytes = 0usize;
+    move |i, e| {
+        bytes = bytes.saturating_add(e.line.len() + ENTRY_OVERHEAD);
+        i == 0 || bytes <= max_bytes
+    }
+}
+
+/// At most `max` ring entries with `seq > after` within `max_bytes` (see [`budget`]).
+fn ring_since(
+    ring: &VecDeque<LogEntry>,
+    after: u64,
+    max: usize,
+    max_bytes: usize,
+) -> Vec<LogEntry> {
+    // Sequence numbers increase along the ring: find the start instead of scanning.
+    let start = ring.partition_point(|e| e.seq <= after);
+    let mut fits = budget(max_bytes);
+    ring.range(start..)
+        .take(max)
+        .enumerate()
+        .take_while(|(i, e)| fits(*i, e))
+        .map(|(_, e)| e.clone())
+        .collect()
 }
 
 /// Reads `reader` to its end, pushing lines of at most `max_line` bytes to `logs`.
@@ -379,6 +557,8 @@ pub async fn pump<R: AsyncRead + Unpin>(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn split(max: usize, chunks: &[&[u8]]) -> Vec<String> {
@@ -450,6 +630,77 @@ mod tests {
             serde_json::to_string(&LogStream::SystemAr).unwrap(),
             "\"system-ar\""
         );
+    }
+
+    /// Holds the log IO thread the way a stuck disk write would, until the returned sender
+    /// is dropped.
+    fn hold_io(io: &SpoolWriter) -> std::sync::mpsc::Sender<()> {
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        assert!(io.submit(move || {
+            started_tx.send(()).unwrap();
+            // Returns when the sender is dropped (also when the test panics).
+            let _ = release_rx.recv();
+        }));
+        started_rx.recv().unwrap();
+        release_tx
+    }
+
+    #[tokio::test]
+    async fn a_slow_spool_write_does_not_block_pushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slow");
+        let io = SpoolWriter::new();
+        let logs = LogBuffer::open(path.clone(), 100, 1 << 30, &io).unwrap();
+        let release = hold_io(&io);
+        // The IO thread is stuck: pushes still return (bounded, so a push that waits for the
+        // disk fails the test instead of hanging it), the ring has the lines, the disk not.
+        let pusher = logs.clone();
+        let pushed = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::task::spawn_blocking(move || {
+                (
+                    pusher.push(LogStream::Stdout, "first"),
+                    pusher.push_batch(LogStream::Stderr, vec!["second".into(), "third".into()]),
+                )
+            }),
+        )
+        .await
+        .expect("a push waited for the held spool write")
+        .unwrap();
+        assert_eq!(pushed, (1, 3));
+        let lines: Vec<String> = logs.since(0, 10).into_iter().map(|e| e.line).collect();
+        assert_eq!(lines, ["first", "second", "third"]);
+        let on_disk = |path: &std::path::Path| -> u64 {
+            std::fs::read_dir(path)
+                .unwrap()
+                .map(|d| d.unwrap().metadata().unwrap().len())
+                .sum()
+        };
+        assert_eq!(on_disk(&path), 0);
+        // Past MAX_PENDING_BYTES waiting, batches are counted as dropped instead of queued.
+        let big = "x".repeat(64 * 1024);
+        for _ in 0..20 {
+            logs.push(LogStream::Stdout, big.clone());
+        }
+        assert_eq!(logs.last_seq(), 23);
+        let dropped = logs.dropped_lines();
+        assert!(dropped > 0 && dropped < 20, "dropped {dropped}");
+        assert_eq!(logs.since(0, 100).len(), 23, "the ring has every line");
+
+        drop(release);
+        logs.flush().await;
+        assert!(on_disk(&path) > 0);
+        drop(logs);
+        // The spool has the lines that were queued, the count of the others, and the number
+        // the sequence reached.
+        let logs = LogBuffer::open(path, 1, 1 << 30, &io).unwrap();
+        assert_eq!(logs.last_seq(), 23);
+        assert_eq!(logs.dropped_lines(), dropped);
+        let spooled: Vec<u64> = logs.since(0, 100).iter().map(|e| e.seq).collect();
+        let expected: Vec<u64> = (1..=23 - dropped).collect();
+        assert_eq!(spooled, expected);
+        assert_eq!(logs.push(LogStream::System, "next"), 24);
     }
 
     #[tokio::test]

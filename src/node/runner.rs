@@ -31,9 +31,11 @@ use super::logs::{LogBuffer, LogStream, pump};
 /// How long to wait for the output pumps after the process group is gone.
 const PUMP_GRACE: Duration = Duration::from_secs(2);
 
-/// Poll interval while waiting for the rest of a process group to exit (the kernel offers no
-/// event for "group empty" for processes that are not our children).
-const GROUP_POLL: Duration = Duration::from_millis(20);
+/// First and longest pause between checks for the rest of a process group once its leader is
+/// gone (the kernel offers no event for "group empty" for processes that are not our
+/// children): the pause doubles from the first to the longest, never past the deadline.
+const GROUP_POLL_FIRST: Duration = Duration::from_millis(5);
+const GROUP_POLL_MAX: Duration = Duration::from_millis(100);
 
 /// What to run: program and arguments (no shell), working directory and the full environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,18 +203,21 @@ impl RunningProcess {
                 signal_group(pgid, Signal::SIGKILL);
                 killed = true;
             }
-        } else if group_alive(pgid) {
+        } else if group_alive(pgid).await {
             signal_group(pgid, signal);
         }
         let code = self.wait().await;
         // The leader is gone; wait for the rest of the group within the same deadline.
-        while group_alive(pgid) {
-            if Instant::now() >= deadline {
+        let mut pause = GROUP_POLL_FIRST;
+        while group_alive(pgid).await {
+            let now = Instant::now();
+            if now >= deadline {
                 signal_group(pgid, Signal::SIGKILL);
                 killed = true;
                 break;
             }
-            sleep(GROUP_POLL).await;
+            sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(GROUP_POLL_MAX);
         }
         let pumps = async { while self.pumps.join_next().await.is_some() {} };
         if timeout(PUMP_GRACE, pumps).await.is_err() {
@@ -232,13 +237,22 @@ fn signal_group(pgid: Pid, signal: Signal) {
 }
 
 /// Whether the group has a member that is not a zombie. Zombies count as gone: they hold no
-/// resources and are reaped by whoever adopted them.
-fn group_alive(pgid: Pid) -> bool {
+/// resources and are reaped by whoever adopted them (an init that does not reap would
+/// otherwise turn every stop into a SIGKILL at the deadline).
+///
+/// `killpg(pgid, 0)` answers "no member at all" with one syscall, which is the usual case
+/// right after the leader exits. Only when some member exists is `/proc` scanned for a live
+/// one, on the blocking pool: the scan reads a file per process and must not hold an async
+/// worker.
+async fn group_alive(pgid: Pid) -> bool {
     if killpg(pgid, None).is_err() {
         return false;
     }
-    // Without /proc, trust killpg.
-    group_has_live_member(pgid.as_raw()).unwrap_or(true)
+    let raw = pgid.as_raw();
+    // Without /proc (or if the scan cannot run), trust killpg.
+    tokio::task::spawn_blocking(move || group_has_live_member(raw).unwrap_or(true))
+        .await
+        .unwrap_or(true)
 }
 
 fn group_has_live_member(pgid: i32) -> io::Result<bool> {
@@ -393,6 +407,55 @@ mod tests {
             .unwrap();
         let gone = async {
             while process_alive(child) {
+                sleep(Duration::from_millis(10)).await;
+            }
+        };
+        timeout(Duration::from_secs(10), gone).await.unwrap();
+    }
+
+    async fn first_line_pid(logs: &LogBuffer) -> u32 {
+        let mut rx = logs.subscribe();
+        loop {
+            if let Some(e) = logs.since(0, 1).first() {
+                return e.line.parse().unwrap();
+            }
+            rx.changed().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn stop_ends_members_that_outlive_the_leader() {
+        // The member exits on the stop signal: no SIGKILL needed.
+        let logs = LogBuffer::in_memory(10);
+        let mut p = spawn(&sh("sleep 100 & echo $!"), &logs, 1024).unwrap();
+        assert_eq!(p.wait().await, 0);
+        let member = first_line_pid(&logs).await;
+        assert!(process_alive(member));
+        let report = p.stop(Signal::SIGTERM, Duration::from_secs(10)).await;
+        assert_eq!(
+            report,
+            StopReport {
+                code: 0,
+                killed: false
+            }
+        );
+        assert!(!process_alive(member));
+
+        // The member ignores it: SIGKILL at the deadline, reported.
+        let logs = LogBuffer::in_memory(10);
+        let mut p = spawn(&sh("trap '' TERM; sleep 100 & echo $!"), &logs, 1024).unwrap();
+        assert_eq!(p.wait().await, 0);
+        let member = first_line_pid(&logs).await;
+        let report = p.stop(Signal::SIGTERM, Duration::from_millis(300)).await;
+        assert_eq!(
+            report,
+            StopReport {
+                code: 0,
+                killed: true
+            }
+        );
+        let gone = async {
+            while process_alive(member) {
                 sleep(Duration::from_millis(10)).await;
             }
         };

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::logs::{DEFAULT_MAX_LINE, DEFAULT_SPOOL_BYTES, LogBuffer, LogStream};
+use super::logs::{DEFAULT_MAX_LINE, DEFAULT_SPOOL_BYTES, LogBuffer, LogStream, SpoolWriter};
 use crate::spec::{AutoRestart, DeploymentSpec};
 
 /// Capacity of the event channel.
@@ -237,6 +237,8 @@ struct Shared {
     hooks: Hooks,
     events: mpsc::Sender<DeploymentStatus>,
     dropped_events: AtomicU64,
+    /// The log IO thread every deployment's spool is written on.
+    spool_io: SpoolWriter,
 }
 
 impl Shared {
@@ -309,6 +311,7 @@ impl Supervisor {
             hooks,
             events: tx,
             dropped_events: AtomicU64::new(0),
+            spool_io: SpoolWriter::new(),
         });
         let table = Table {
             slots: BTreeMap::new(),
@@ -368,7 +371,12 @@ impl Supervisor {
         let config = &self.shared.config;
         let limit = desired.spec.log_limit_lines;
         let spool_dir = config.work_dir.join("logs").join(id);
-        let logs = match LogBuffer::open(spool_dir.clone(), limit, config.spool_bytes) {
+        let logs = match LogBuffer::open(
+            spool_dir.clone(),
+            limit,
+            config.spool_bytes,
+            &self.shared.spool_io,
+        ) {
             Ok(logs) => logs,
             Err(e) => {
                 let logs = LogBuffer::in_memory(limit);
@@ -427,7 +435,7 @@ impl Supervisor {
         };
         slot.cancel.cancel();
         let _ = slot.done.await;
-        slot.logs.delete_spool();
+        slot.logs.delete_spool().await;
         true
     }
 
@@ -474,18 +482,18 @@ impl Supervisor {
     /// actors. Log spools are kept (sequence numbers resume on the next start). Later
     /// `apply` calls fail with [`SupervisorError::ShutDown`].
     pub async fn shutdown(&self) {
-        let (dones, mut tasks) = {
+        let (dones, logs, mut tasks) = {
             let mut table = lock(&self.table);
             table.shut_down = true;
             let slots = std::mem::take(&mut table.slots);
-            let dones: Vec<_> = slots
+            let (dones, logs): (Vec<_>, Vec<_>) = slots
                 .into_values()
                 .map(|slot| {
                     slot.cancel.cancel();
-                    slot.done
+                    (slot.done, slot.logs)
                 })
-                .collect();
-            (dones, std::mem::take(&mut table.tasks))
+                .unzip();
+            (dones, logs, std::mem::take(&mut table.tasks))
         };
         futures_util::future::join_all(dones).await;
         while let Some(result) = tasks.join_next().await {
@@ -493,6 +501,8 @@ impl Supervisor {
                 tracing::error!(%error, "deployment actor failed");
             }
         }
+        // The last lines reach the disk before the node goes (sequence numbers resume there).
+        futures_util::future::join_all(logs.iter().map(LogBuffer::flush)).await;
     }
 }
 

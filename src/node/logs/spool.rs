@@ -3,16 +3,24 @@
 //!
 //! Invariants:
 //! - Segments hold contiguous, increasing sequence numbers; a newer segment starts after the
-//!   last entry of the previous one.
+//!   last entry of the previous one. A batch that does not follow the last written entry
+//!   (lines skipped while the disk was behind, or lost to a write error) starts a new segment,
+//!   so a gap lies only between segments.
 //! - The total size stays near the byte cap: when it is exceeded, whole oldest segments are
 //!   deleted (never the one being written) and their lines are counted as dropped.
+//! - Every sequence number up to the last one seen is either in a segment or counted as
+//!   dropped: on open, `dropped = last_seq - readable lines`.
 //! - Every open starts a new segment, so a line torn by a crash is never appended to; unreadable
 //!   lines are skipped when reading.
+//! - Only the log IO thread ([`super::SpoolWriter`]) calls the methods that write or read
+//!   segments after [`Spool::open`].
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::LogEntry;
 
@@ -32,7 +40,11 @@ pub(super) struct Spool {
     segments: VecDeque<Segment>,
     /// Open handle of the last segment, created lazily on the first append.
     current: Option<File>,
-    dropped: u64,
+    /// The sequence number the next append is expected to start with.
+    next_seq: u64,
+    /// Lines not on disk among those up to the last one seen (shared with the buffer, which
+    /// counts the lines it skips).
+    dropped: Arc<AtomicU64>,
     /// Set after a write error has been traced, so a full disk does not flood the trace.
     write_failed: bool,
 }
@@ -75,9 +87,6 @@ impl Spool {
                 }
             }
         }
-        let dropped = segments
-            .first()
-            .map_or(0, |s| s.first_seq.saturating_sub(1));
         // A segment's name proves that the sequence reached `first_seq - 1`, even when the
         // segment itself holds no readable line.
         let last_seq = segments
@@ -86,6 +95,8 @@ impl Spool {
             .chain(recent.back().map(|e| e.seq))
             .max()
             .unwrap_or(0);
+        let kept: u64 = segments.iter().map(|s| s.lines).sum();
+        let dropped = last_seq.saturating_sub(kept);
         // Empty segments would collide with the next segment's name: remove them.
         segments.retain(|s| {
             if s.lines > 0 {
@@ -101,32 +112,24 @@ impl Spool {
             cap_bytes: cap_bytes.max(1),
             segments: segments.into(),
             current: None,
-            dropped,
+            next_seq: last_seq + 1,
+            dropped: Arc::new(AtomicU64::new(dropped)),
             write_failed: false,
         };
         Ok((spool, recent, last_seq))
     }
 
-    /// Lines deleted to respect the byte cap (lines before the first kept segment).
-    pub(super) fn dropped_lines(&self) -> u64 {
-        self.dropped
+    /// The dropped-lines counter (lines not on disk: deleted for the byte cap, skipped, or
+    /// lost to a write error), shared with the buffer.
+    pub(super) fn dropped_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.dropped)
     }
 
-    /// Appends entries (contiguous, after everything already spooled). Errors are traced
-    /// once and otherwise ignored: the ring still has the lines.
-    pub(super) fn append<'a>(&mut self, entries: impl Iterator<Item = &'a LogEntry>) {
-        let mut buf = Vec::new();
-        let mut first = None;
-        let mut lines = 0u64;
-        for e in entries {
-            first.get_or_insert(e.seq);
-            if serde_json::to_writer(&mut buf, e).is_ok() {
-                buf.push(b'\n');
-                lines += 1;
-            }
-        }
-        let Some(first) = first else { return };
-        match self.write(first, &buf, lines) {
+    /// Appends `lines` encoded entries (`buf`: JSON lines) with sequence numbers `first` to
+    /// `last`, after everything already spooled. Errors are traced once and count the lines
+    /// as dropped: the ring still has them.
+    pub(super) fn append(&mut self, first: u64, last: u64, buf: &[u8], lines: u64) {
+        match self.write(first, buf, lines) {
             Ok(()) => self.write_failed = false,
             Err(error) => {
                 if !self.write_failed {
@@ -134,24 +137,49 @@ impl Spool {
                 }
                 self.write_failed = true;
                 self.current = None;
+                self.dropped.fetch_add(lines, Ordering::Relaxed);
+            }
+        }
+        self.next_seq = last + 1;
+    }
+
+    /// Records on disk that the sequence reached `last_seq` although the lines after the last
+    /// written one are not spooled (they were skipped): an empty segment named after the next
+    /// number, which [`Spool::open`] reads as "reached" so numbers are never reused.
+    pub(super) fn mark_reached(&mut self, last_seq: u64) {
+        if self.next_seq > last_seq {
+            return;
+        }
+        let next = last_seq + 1;
+        match self.start_segment(next) {
+            Ok(()) => self.next_seq = next,
+            Err(error) => {
+                tracing::warn!(%error, dir = %self.dir.display(), "log spool write failed");
+                self.current = None;
             }
         }
     }
 
+    fn start_segment(&mut self, first: u64) -> io::Result<()> {
+        let path = self.dir.join(format!("{first:020}.jsonl"));
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        self.current = Some(file);
+        self.segments.push_back(Segment {
+            first_seq: first,
+            path,
+            bytes: 0,
+            lines: 0,
+        });
+        Ok(())
+    }
+
     fn write(&mut self, first: u64, buf: &[u8], lines: u64) -> io::Result<()> {
         let segment_cap = (self.cap_bytes / 4).max(1);
-        let rotate =
-            self.current.is_none() || self.segments.back().is_none_or(|s| s.bytes >= segment_cap);
+        let rotate = self.current.is_none()
+            || first != self.next_seq
+            || self.segments.back().is_none_or(|s| s.bytes >= segment_cap);
         if rotate {
-            let path = self.dir.join(format!("{first:020}.jsonl"));
-            let file = OpenOptions::new().create(true).append(true).open(&path)?;
-            self.current = Some(file);
-            self.segments.push_back(Segment {
-                first_seq: first,
-                path,
-                bytes: 0,
-                lines: 0,
-            });
+            self.start_segment(first)?;
         }
         if let (Some(file), Some(seg)) = (self.current.as_mut(), self.segments.back_mut()) {
             file.write_all(buf)?;
@@ -172,10 +200,8 @@ impl Spool {
                 tracing::warn!(%error, path = %old.path.display(), "removing log segment failed");
             }
             total -= old.bytes;
-            self.dropped = self
-                .segments
-                .front()
-                .map_or(self.dropped + old.lines, |s| s.first_seq.saturating_sub(1));
+            // Gaps before the next segment were counted when the lines were skipped.
+            self.dropped.fetch_add(old.lines, Ordering::Relaxed);
         }
     }
 
@@ -201,9 +227,10 @@ impl Spool {
         Ok(out)
     }
 
-    /// Removes the spool directory.
-    pub(super) fn delete(self) {
-        drop(self.current);
+    /// Removes the spool directory; later appends fail (and count as dropped).
+    pub(super) fn delete(&mut self) {
+        self.current = None;
+        self.segments.clear();
         if let Err(error) = fs::remove_dir_all(&self.dir) {
             tracing::warn!(%error, dir = %self.dir.display(), "removing log spool failed");
         }
@@ -228,26 +255,30 @@ fn read_segment(path: &Path) -> io::Result<Vec<LogEntry>> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::super::{LogBuffer, LogStream};
+    use super::super::{LogBuffer, LogStream, SpoolWriter};
 
-    #[test]
-    fn seq_resumes_after_reopen_and_since_reads_the_spool() {
+    #[tokio::test]
+    async fn seq_resumes_after_reopen_and_since_reads_the_spool() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d1");
-        let logs = LogBuffer::open(path.clone(), 2, 1 << 20).unwrap();
+        let io = SpoolWriter::new();
+        let logs = LogBuffer::open(path.clone(), 2, 1 << 20, &io).unwrap();
         for i in 0..5 {
             logs.push(LogStream::Stdout, format!("line {i}"));
         }
-        // The ring keeps 2; since(0) comes from the spool.
+        // The ring keeps 2; since(0) comes from the spool, after the queued writes.
         let all = logs.since(0, 100);
         assert_eq!(
             all.iter().map(|e| e.seq).collect::<Vec<_>>(),
             [1, 2, 3, 4, 5]
         );
         assert_eq!(all[0].line, "line 0");
+        let async_read = logs.since_within_async(0, 100, usize::MAX).await;
+        assert_eq!(async_read, all);
+        logs.flush().await;
         drop(logs);
 
-        let logs = LogBuffer::open(path.clone(), 2, 1 << 20).unwrap();
+        let logs = LogBuffer::open(path.clone(), 2, 1 << 20, &io).unwrap();
         assert_eq!(logs.last_seq(), 5);
         assert_eq!(
             logs.tail(10, None)
@@ -261,19 +292,21 @@ mod tests {
             logs.since(2, 100).iter().map(|e| e.seq).collect::<Vec<_>>(),
             [3, 4, 5, 6]
         );
-        logs.delete_spool();
+        logs.delete_spool().await;
         assert!(!path.exists());
     }
 
-    #[test]
-    fn cap_drops_oldest_segments_and_counts_them() {
+    #[tokio::test]
+    async fn cap_drops_oldest_segments_and_counts_them() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d2");
+        let io = SpoolWriter::new();
         // Each entry is ~60 bytes as JSON; a 1000-byte cap keeps a few segments of ~250 bytes.
-        let logs = LogBuffer::open(path.clone(), 1000, 1000).unwrap();
+        let logs = LogBuffer::open(path.clone(), 1000, 1000, &io).unwrap();
         for i in 0..200 {
             logs.push(LogStream::Stderr, format!("entry number {i:04}"));
         }
+        logs.flush().await;
         let dropped = logs.dropped_lines();
         assert!(dropped > 150, "dropped {dropped}");
         let on_disk: u64 = std::fs::read_dir(&path)
@@ -282,7 +315,7 @@ mod tests {
             .sum();
         assert!(on_disk <= 1000 + 300, "spool holds {on_disk} bytes");
         drop(logs);
-        let logs = LogBuffer::open(path, 1000, 1000).unwrap();
+        let logs = LogBuffer::open(path, 1000, 1000, &io).unwrap();
         assert_eq!(logs.dropped_lines(), dropped);
         let kept = logs.since(0, 1000);
         assert_eq!(kept.first().unwrap().seq, dropped + 1);

@@ -41,6 +41,7 @@ use super::envs::{self, Envs};
 use super::monitor::{Monitor, UsageSample};
 use super::state::{Held, LocalState, StateStore};
 use super::supervisor::{Hooks, Supervisor, SupervisorConfig};
+use crate::model::DeploymentId;
 use crate::wire;
 
 /// Everything a node needs to run.
@@ -339,7 +340,7 @@ struct Conn {
     tx: mpsc::Sender<wire::NodeMessage>,
     pacer: Pacer,
     tasks: JoinSet<()>,
-    shippers: HashMap<String, CancellationToken>,
+    shippers: HashMap<DeploymentId, CancellationToken>,
 }
 
 impl Driver {
@@ -390,8 +391,8 @@ impl Driver {
                 running,
                 spec,
             } => {
-                if let Err(e) = self.sup.apply(&id, generation, running, spec) {
-                    tracing::warn!(%id, generation, error = %e, "could not apply");
+                if let Err(e) = self.sup.apply(&id, generation.get(), running, spec) {
+                    tracing::warn!(%id, %generation, error = %e, "could not apply");
                 }
             }
             Effect::Remove(id) => {
@@ -403,7 +404,11 @@ impl Driver {
             }
             Effect::Ship { id, resume, offset } => self.ship(id, resume, offset),
             Effect::StopShip(id) => {
-                if let Some(token) = self.conn.as_mut().and_then(|c| c.shippers.remove(&id)) {
+                if let Some(token) = self
+                    .conn
+                    .as_mut()
+                    .and_then(|c| c.shippers.remove(id.as_str()))
+                {
                     token.cancel();
                 }
             }
@@ -420,7 +425,7 @@ impl Driver {
         }
     }
 
-    fn ship(&mut self, id: String, resume: u64, offset: u64) {
+    fn ship(&mut self, id: DeploymentId, resume: u64, offset: u64) {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
@@ -433,7 +438,7 @@ impl Driver {
         }
         let shipper = Shipper {
             session: conn.session.clone(),
-            id,
+            id: id.into_string(),
             buffer,
             resume,
             offset,

@@ -1,7 +1,7 @@
 //! Conversions between the supervisor's and monitor's types and the wire types.
 
 use crate::node::monitor::{StaticResources, StorageUsage, UsageSample};
-use crate::node::supervisor::{DeploymentStatus, RunState};
+use crate::node::supervisor::{CurrentState, DeploymentStatus};
 use crate::wire;
 
 pub(crate) fn result_msg(command_id: u64, ok: bool, message: String) -> wire::NodeMessage {
@@ -26,25 +26,11 @@ pub(crate) fn status_msg(
     }
 }
 
-/// The wire name of a run state.
-pub fn state_name(s: RunState) -> &'static str {
-    match s {
-        RunState::Starting => "STARTING",
-        RunState::Running => "RUNNING",
-        RunState::Stopping => "STOPPING",
-        RunState::Stopped => "STOPPED",
-        RunState::Exited => "EXITED",
-        RunState::Crashed => "CRASHED",
-        RunState::Backoff => "BACKOFF",
-        RunState::Failed => "FAILED",
-    }
-}
-
 pub(crate) fn to_wire(s: &DeploymentStatus, log_offset: u64) -> wire::DeploymentStatus {
     wire::DeploymentStatus {
         deployment_id: s.id.clone(),
         generation: s.generation,
-        state: state_name(s.state).to_owned(),
+        state: s.state.as_str().to_owned(),
         pid: s.pid,
         restart_count: s.restart_count,
         last_exit_code: s.last_exit_code,
@@ -54,7 +40,7 @@ pub(crate) fn to_wire(s: &DeploymentStatus, log_offset: u64) -> wire::Deployment
         last_log_seq: s.last_log_seq + log_offset,
         desired_running: matches!(
             s.state,
-            RunState::Running | RunState::Starting | RunState::Backoff
+            CurrentState::Running | CurrentState::Starting | CurrentState::Backoff
         ),
     }
 }

@@ -39,6 +39,7 @@ use super::convert::{result_msg, status_msg, to_wire};
 use super::envs::{EnvDefinition, ManagerKind};
 use super::state::Held;
 use super::supervisor::{self, DeploymentStatus};
+use crate::model::{CurrentState, DeploymentId, Generation};
 use crate::spec::DeploymentSpec;
 use crate::wire;
 
@@ -67,7 +68,7 @@ pub enum Event {
     /// The supervisor dropped status events: here is everything it holds.
     Resync(Vec<DeploymentStatus>),
     /// A deployment's stop (from [`Effect::Remove`]) finished; its slot is free.
-    Removed(String),
+    Removed(DeploymentId),
     /// An env job (from [`Effect::Env`]) finished.
     EnvDone(EnvOutcome),
 }
@@ -113,22 +114,22 @@ pub enum Effect {
     Send(wire::NodeMessage),
     /// Set the desired state of a deployment in the supervisor.
     Apply {
-        id: String,
-        generation: u64,
+        id: DeploymentId,
+        generation: Generation,
         running: bool,
         spec: DeploymentSpec,
     },
     /// Stop and forget a deployment in the background, then report [`Event::Removed`].
-    Remove(String),
+    Remove(DeploymentId),
     /// Start shipping a deployment's logs on the current connection, after `resume` (the
     /// conductor's last sequence), adding `offset` to local sequence numbers.
     Ship {
-        id: String,
+        id: DeploymentId,
         resume: u64,
         offset: u64,
     },
     /// Stop shipping a deployment's logs.
-    StopShip(String),
+    StopShip(DeploymentId),
     /// Replace the local state file's contents (off the runtime; the latest wins).
     Persist(Vec<Held>),
     /// Run an env job in the background, then report [`Event::EnvDone`].
@@ -152,22 +153,22 @@ struct Leaving {
 pub struct NodeCore {
     me: Identity,
     /// What the supervisor holds (applied), by id.
-    held: BTreeMap<String, Held>,
+    held: BTreeMap<DeploymentId, Held>,
     /// Restored from local state, reported in Hello, applied once the conductor confirms.
-    restored: BTreeMap<String, Held>,
+    restored: BTreeMap<DeploymentId, Held>,
     /// Deployments whose spec this node cannot run: reported FAILED with the reason.
-    invalid: BTreeMap<String, wire::DeploymentStatus>,
+    invalid: BTreeMap<DeploymentId, wire::DeploymentStatus>,
     /// Deployments being stopped.
-    leaving: BTreeMap<String, Leaving>,
+    leaving: BTreeMap<DeploymentId, Leaving>,
     /// Latest unsent status per deployment (`None` = removed).
-    unsent: BTreeMap<String, Option<wire::DeploymentStatus>>,
+    unsent: BTreeMap<DeploymentId, Option<wire::DeploymentStatus>>,
     /// The local state changed since the last [`Effect::Persist`].
     state_changed: bool,
     connected: bool,
     /// The conductor's last log sequence per deployment (`LogResume`), on this connection.
     resume: Option<BTreeMap<String, u64>>,
     /// Deployments whose logs are shipped on this connection.
-    shipping: BTreeSet<String>,
+    shipping: BTreeSet<DeploymentId>,
     /// The envs the conductor defines, as of the newest `EnvEnsure`.
     env_wanted: BTreeSet<(ManagerKind, String)>,
     /// A complete env set arrived: envs created here that it lacks are on their way out.
@@ -245,7 +246,7 @@ impl NodeCore {
         for (id, st) in std::mem::take(&mut self.unsent) {
             match st {
                 Some(st) => up.push(st),
-                None => removed.push(id),
+                None => removed.push(id.into_string()),
             }
         }
         Some(Effect::Send(status_msg(up, removed)))
@@ -257,7 +258,7 @@ impl NodeCore {
             .keys()
             .chain(self.restored.keys())
             .chain(self.leaving.keys())
-            .map(String::as_str)
+            .map(DeploymentId::as_str)
             .collect()
     }
 
@@ -289,9 +290,9 @@ impl NodeCore {
             .collect();
         inventory.extend(self.invalid.values().cloned());
         inventory.extend(self.restored.values().map(|h| wire::DeploymentStatus {
-            deployment_id: h.id.clone(),
-            generation: h.generation,
-            state: "STOPPED".into(),
+            deployment_id: h.id.to_string(),
+            generation: h.generation.get(),
+            state: CurrentState::Stopped.as_str().into(),
             reason: "restored from local state; waiting for the conductor".into(),
             last_log_seq: h.log_offset,
             ..Default::default()
@@ -321,14 +322,14 @@ impl NodeCore {
             }
             Msg::LogResume(r) => {
                 self.resume = Some(r.last_seq.into_iter().collect());
-                let ids: Vec<String> = self.held.keys().cloned().collect();
+                let ids: Vec<DeploymentId> = self.held.keys().cloned().collect();
                 for id in ids {
                     self.ship(&id, fx);
                 }
             }
             Msg::Assign(a) => {
                 let command_id = a.command_id;
-                if let Some(l) = self.leaving.get_mut(&a.deployment_id) {
+                if let Some(l) = self.leaving.get_mut(a.deployment_id.as_str()) {
                     if l.waiting
                         .as_ref()
                         .is_none_or(|w| w.generation <= a.generation)
@@ -354,9 +355,10 @@ impl NodeCore {
     }
 
     fn assign(&mut self, a: wire::Assign, fx: &mut Vec<Effect>) -> Result<(), String> {
-        let id = a.deployment_id.clone();
+        let id = DeploymentId::from(a.deployment_id.as_str());
+        let generation = Generation(a.generation);
         if let Some(h) = self.held.get(&id)
-            && a.generation < h.generation
+            && generation < h.generation
         {
             return Err(format!(
                 "stale generation {} (holding {})",
@@ -364,7 +366,7 @@ impl NodeCore {
             ));
         }
         if !supervisor::valid_id(&id) {
-            return Err(format!("invalid deployment id {id:?}"));
+            return Err(format!("invalid deployment id {:?}", id.as_str()));
         }
         let spec = match parse_spec(&a.specification_json) {
             Ok(spec) => spec,
@@ -372,9 +374,9 @@ impl NodeCore {
                 // This node cannot run what is asked: FAILED at the new generation, and
                 // whatever older generation it still runs is stopped.
                 let st = wire::DeploymentStatus {
-                    deployment_id: id.clone(),
+                    deployment_id: a.deployment_id,
                     generation: a.generation,
-                    state: "FAILED".into(),
+                    state: CurrentState::Failed.as_str().into(),
                     reason: format!("invalid spec: {reason}"),
                     ..Default::default()
                 };
@@ -397,12 +399,12 @@ impl NodeCore {
             (None, None) => a.log_seq_floor,
         };
         let unchanged = self.held.get(&id).is_some_and(|h| {
-            h.generation == a.generation && h.desired_running == a.desired_running && h.spec == spec
+            h.generation == generation && h.desired_running == a.desired_running && h.spec == spec
         });
         if !unchanged {
             fx.push(Effect::Apply {
                 id: id.clone(),
-                generation: a.generation,
+                generation,
                 running: a.desired_running,
                 spec: spec.clone(),
             });
@@ -410,7 +412,7 @@ impl NodeCore {
                 id.clone(),
                 Held {
                     id: id.clone(),
-                    generation: a.generation,
+                    generation,
                     desired_running: a.desired_running,
                     spec,
                     log_offset,
@@ -421,7 +423,7 @@ impl NodeCore {
         if restored.is_some() || !unchanged {
             self.state_changed = true;
         }
-        tracing::info!(id, generation = a.generation, unchanged, "assign applied");
+        tracing::info!(%id, %generation, unchanged, "assign applied");
         self.ship(&id, fx);
         Ok(())
     }
@@ -444,17 +446,17 @@ impl NodeCore {
             return;
         }
         match self.held.get(id).map(|h| h.generation) {
-            Some(g) if g <= u.generation => self.start_removal(id, true, fx),
+            Some(g) if g <= Generation(u.generation) => self.start_removal(id, true, fx),
             Some(g) => {
                 tracing::info!(
                     id,
-                    held = g,
+                    held = %g,
                     asked = u.generation,
                     "ignoring unassign of an older generation"
                 );
             }
             None => {
-                self.unsent.insert(id.to_owned(), None);
+                self.unsent.insert(id.into(), None);
             }
         }
     }
@@ -463,13 +465,13 @@ impl NodeCore {
     /// arrive meanwhile wait for it.
     fn start_removal(&mut self, id: &str, report_removed: bool, fx: &mut Vec<Effect>) {
         if self.shipping.remove(id) {
-            fx.push(Effect::StopShip(id.to_owned()));
+            fx.push(Effect::StopShip(id.into()));
         }
         let Some(h) = self.held.remove(id) else {
             return;
         };
         self.leaving.insert(
-            id.to_owned(),
+            h.id.clone(),
             Leaving {
                 env: h.spec.env_name,
                 log_offset: h.log_offset,
@@ -477,7 +479,7 @@ impl NodeCore {
                 report_removed,
             },
         );
-        fx.push(Effect::Remove(id.to_owned()));
+        fx.push(Effect::Remove(h.id));
     }
 
     fn removed(&mut self, id: &str, fx: &mut Vec<Effect>) {
@@ -493,7 +495,7 @@ impl NodeCore {
                 }
             }
             None if l.report_removed => {
-                self.unsent.insert(id.to_owned(), None);
+                self.unsent.insert(id.into(), None);
             }
             None => {}
         }
@@ -501,9 +503,9 @@ impl NodeCore {
 
     fn status(&mut self, st: &DeploymentStatus) {
         // Late events of a deployment already gone are not news.
-        if self.held.contains_key(&st.id) || self.leaving.contains_key(&st.id) {
+        if self.held.contains_key(st.id.as_str()) || self.leaving.contains_key(st.id.as_str()) {
             let wire = to_wire(st, self.offset(&st.id));
-            self.unsent.insert(st.id.clone(), Some(wire));
+            self.unsent.insert(st.id.as_str().into(), Some(wire));
         }
     }
 
@@ -515,9 +517,9 @@ impl NodeCore {
             return;
         }
         let resume = resume.get(id).copied().unwrap_or(0);
-        self.shipping.insert(id.to_owned());
+        self.shipping.insert(id.into());
         fx.push(Effect::Ship {
-            id: id.to_owned(),
+            id: id.into(),
             resume,
             offset: self.offset(id),
         });

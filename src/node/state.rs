@@ -4,13 +4,14 @@
 
 use std::path::PathBuf;
 
+use crate::model::{DeploymentId, Generation};
 use crate::spec::DeploymentSpec;
 
 /// One held deployment.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Held {
-    pub id: String,
-    pub generation: u64,
+    pub id: DeploymentId,
+    pub generation: Generation,
     pub desired_running: bool,
     pub spec: DeploymentSpec,
     /// Added to the supervisor's log sequence numbers on the wire (see `Assign.log_seq_floor`).
@@ -108,7 +109,7 @@ mod tests {
         assert!(st.load().unwrap().is_empty());
         let held = vec![Held {
             id: "abc".into(),
-            generation: 7,
+            generation: Generation(7),
             desired_running: true,
             spec: DeploymentSpec::defaults_for(vec!["sleep".into(), "1".into()]),
             log_offset: 42,

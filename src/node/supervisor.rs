@@ -38,26 +38,9 @@ use crate::spec::{AutoRestart, DeploymentSpec};
 /// Capacity of the event channel.
 pub const EVENT_CAPACITY: usize = 1024;
 
-/// Runtime state of a deployment on this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum RunState {
-    /// Preparing (workspace, env) or spawning.
-    Starting,
-    /// The process exists.
-    Running,
-    /// A stop is in progress (signal sent, waiting).
-    Stopping,
-    /// Stopped on request, or desired state is STOPPED.
-    Stopped,
-    /// Exited with code 0 and no restart is due.
-    Exited,
-    /// Exited non-zero (or by a signal) and no restart is due.
-    Crashed,
-    /// Waiting for the backoff delay before the next start.
-    Backoff,
-    /// Gave up: the restart budget is spent. `reason` says why.
-    Failed,
-}
+/// Runtime state of a deployment on this node: the API's own state type. The supervisor
+/// sets only `STARTING` .. `FAILED` (never `PENDING` or `UNKNOWN`, which the conductor uses).
+pub use crate::model::CurrentState;
 
 /// What the node reports about one deployment.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -67,7 +50,7 @@ pub struct DeploymentStatus {
     /// Generation of the desired state this status belongs to.
     pub generation: u64,
     /// Current state.
-    pub state: RunState,
+    pub state: CurrentState,
     /// Pid of the running process (also its process group id).
     pub pid: Option<u32>,
     /// Automatic restarts (crash, health check, failed prepare/spawn) since the last fresh
@@ -391,9 +374,9 @@ impl Supervisor {
             id: id.to_owned(),
             generation: desired.generation,
             state: if desired.running {
-                RunState::Starting
+                CurrentState::Starting
             } else {
-                RunState::Stopped
+                CurrentState::Stopped
             },
             pid: None,
             restart_count: 0,

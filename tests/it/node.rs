@@ -258,7 +258,7 @@ impl symphony::node::state::StateStore for StallingDisk {
         while !*open {
             open = self.opened.wait(open).unwrap();
         }
-        *self.written.lock().unwrap() = Some(held.iter().map(|h| h.id.clone()).collect());
+        *self.written.lock().unwrap() = Some(held.iter().map(|h| h.id.to_string()).collect());
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use super::*;
-use crate::node::supervisor::RunState;
+use crate::node::supervisor::CurrentState;
 
 fn me() -> Identity {
     Identity {
@@ -77,7 +77,7 @@ fn refused(command_id: u64, why: &str) -> Effect {
 fn apply_in(id: &str, generation: u64, cmd: &str, env: Option<&str>) -> Effect {
     Effect::Apply {
         id: id.into(),
-        generation,
+        generation: Generation(generation),
         running: true,
         spec: spec(cmd, env),
     }
@@ -90,7 +90,7 @@ fn apply(id: &str, generation: u64, cmd: &str) -> Effect {
 fn held_in(id: &str, generation: u64, cmd: &str, env: Option<&str>, offset: u64) -> Held {
     Held {
         id: id.into(),
-        generation,
+        generation: Generation(generation),
         desired_running: true,
         spec: spec(cmd, env),
         log_offset: offset,
@@ -105,7 +105,7 @@ fn running(id: &str, generation: u64, pid: u32) -> DeploymentStatus {
     DeploymentStatus {
         id: id.into(),
         generation,
-        state: RunState::Running,
+        state: CurrentState::Running,
         pid: Some(pid),
         restart_count: 0,
         last_exit_code: None,
@@ -743,7 +743,7 @@ fn statuses_wait_while_disconnected_and_are_coalesced() {
     core.handle(Event::Connected { statuses: vec![] });
     let mut second = running("d1", 1, 43);
     core.handle(Event::Status(running("d1", 1, 42)));
-    second.state = RunState::Backoff;
+    second.state = CurrentState::Backoff;
     core.handle(Event::Status(second));
     assert_eq!(
         flushed(&mut core),

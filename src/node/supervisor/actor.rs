@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use super::{DeploymentStatus, Desired, NextFire, RunState, Shared, lock};
+use super::{CurrentState, DeploymentStatus, Desired, NextFire, Shared, lock};
 use crate::node::health;
 use crate::node::logs::{LogBuffer, LogStream};
 use crate::node::restart::{Budget, Decision, RestartTracker};
@@ -112,7 +112,7 @@ impl Actor {
         if self.cur.running {
             self.start().await;
         } else {
-            self.update(|s| s.state = RunState::Stopped);
+            self.update(|s| s.state = CurrentState::Stopped);
         }
         loop {
             tokio::select! {
@@ -134,7 +134,7 @@ impl Actor {
         }
         self.stop_running("supervisor shutdown or removal").await;
         self.update(|s| {
-            s.state = RunState::Stopped;
+            s.state = CurrentState::Stopped;
             s.pid = None;
         });
     }
@@ -154,7 +154,7 @@ impl Actor {
         self.logs.push(stream, line);
     }
 
-    fn state(&self) -> RunState {
+    fn state(&self) -> CurrentState {
         lock(&self.status).state
     }
 
@@ -173,7 +173,7 @@ impl Actor {
     async fn start(&mut self) {
         self.backoff_until = None;
         self.update(|s| {
-            s.state = RunState::Starting;
+            s.state = CurrentState::Starting;
             s.pid = None;
         });
         let spec = self.cur.spec.clone();
@@ -228,7 +228,7 @@ impl Actor {
         });
         self.log(LogStream::System, format!("started (pid {pid})"));
         self.update(|s| {
-            s.state = RunState::Running;
+            s.state = CurrentState::Running;
             s.pid = Some(pid);
             s.reason = None;
             s.started_at_ms = Some(wall_ms());
@@ -258,9 +258,9 @@ impl Actor {
             .tracker
             .on_exit(self.elapsed_ms(), code, &self.budget(), desired);
         let state = match (desired, code) {
-            (false, _) => RunState::Stopped,
-            (true, 0) => RunState::Exited,
-            (true, _) => RunState::Crashed,
+            (false, _) => CurrentState::Stopped,
+            (true, 0) => CurrentState::Exited,
+            (true, _) => CurrentState::Crashed,
         };
         self.update(|s| {
             s.state = state;
@@ -289,7 +289,7 @@ impl Actor {
                 self.backoff_until = Some(Instant::now() + delay);
                 let restarts = self.tracker.total_restarts();
                 self.update(|s| {
-                    s.state = RunState::Backoff;
+                    s.state = CurrentState::Backoff;
                     s.restart_count = restarts;
                     s.reason = Some(cause);
                 });
@@ -300,7 +300,7 @@ impl Actor {
                 self.backoff_until = None;
                 self.cron_at = None;
                 self.update(|s| {
-                    s.state = RunState::Failed;
+                    s.state = CurrentState::Failed;
                     s.reason = Some(reason);
                 });
             }
@@ -322,7 +322,7 @@ impl Actor {
                 running.stop_timeout.as_secs_f64()
             ),
         );
-        self.update(|s| s.state = RunState::Stopping);
+        self.update(|s| s.state = CurrentState::Stopping);
         let report = running
             .process
             .stop(running.signal, running.stop_timeout)
@@ -364,15 +364,15 @@ impl Actor {
             self.backoff_until = None;
             self.cron_at = None;
             self.stop_running("desired state is stopped").await;
-            if self.state() != RunState::Stopped {
+            if self.state() != CurrentState::Stopped {
                 self.update(|s| {
-                    s.state = RunState::Stopped;
+                    s.state = CurrentState::Stopped;
                     s.reason = Some("stopped on request".to_owned());
                 });
             }
             return;
         }
-        let fresh = spec_changed || !was_running || (newer && self.state() == RunState::Failed);
+        let fresh = spec_changed || !was_running || (newer && self.state() == CurrentState::Failed);
         if !fresh {
             return;
         }
@@ -414,7 +414,7 @@ impl Actor {
 
     fn arm_cron(&mut self) {
         self.cron_at = None;
-        if !self.cur.running || self.state() == RunState::Failed {
+        if !self.cur.running || self.state() == CurrentState::Failed {
             return;
         }
         let Some(next_fire) = &self.cron else {
@@ -443,7 +443,7 @@ impl Actor {
     async fn on_cron(&mut self) {
         self.cron_at = None;
         match self.state() {
-            RunState::Running | RunState::Exited | RunState::Crashed => {
+            CurrentState::Running | CurrentState::Exited | CurrentState::Crashed => {
                 self.log(
                     LogStream::SystemAr,
                     "scheduled restart triggered".to_owned(),

@@ -87,13 +87,13 @@ impl Harness {
         }
     }
 
-    async fn until_state(&mut self, id: &str, state: RunState) -> DeploymentStatus {
+    async fn until_state(&mut self, id: &str, state: CurrentState) -> DeploymentStatus {
         self.until(id, |s| s.state == state).await
     }
 
     /// Distinct consecutive states of `id` seen so far.
-    fn states(&self, id: &str) -> Vec<RunState> {
-        let mut out: Vec<RunState> = Vec::new();
+    fn states(&self, id: &str) -> Vec<CurrentState> {
+        let mut out: Vec<CurrentState> = Vec::new();
         for e in self.events.iter().filter(|e| e.id == id) {
             if out.last() != Some(&e.state) {
                 out.push(e.state);
@@ -102,7 +102,7 @@ impl Harness {
         out
     }
 
-    fn count(&self, id: &str, state: RunState) -> usize {
+    fn count(&self, id: &str, state: CurrentState) -> usize {
         self.states(id).iter().filter(|s| **s == state).count()
     }
 
@@ -160,15 +160,19 @@ async fn never_policy_reports_exit_code_and_stays_crashed() {
         h.sup.apply("d1", 1, true, s).unwrap(),
         ApplyOutcome::Created
     );
-    let st = h.until_state("d1", RunState::Crashed).await;
+    let st = h.until_state("d1", CurrentState::Crashed).await;
     assert_eq!(st.last_exit_code, Some(3));
     assert_eq!(st.restart_count, 0);
     assert_eq!(st.reason.as_deref(), Some("exit status 3"));
     assert_eq!(
         h.states("d1"),
-        [RunState::Starting, RunState::Running, RunState::Crashed]
+        [
+            CurrentState::Starting,
+            CurrentState::Running,
+            CurrentState::Crashed
+        ]
     );
-    assert_eq!(h.sup.status_of("d1").unwrap().state, RunState::Crashed);
+    assert_eq!(h.sup.status_of("d1").unwrap().state, CurrentState::Crashed);
     let system = h.lines("d1", LogStream::System);
     assert!(system[0].starts_with("started (pid "), "{system:?}");
     assert_eq!(system[1], "exited (code=3, exit status 3)");
@@ -180,15 +184,15 @@ async fn on_failure_clean_exit_and_signal_exit() {
     h.sup
         .apply("ok", 1, true, spec("exit 0", RestartKind::OnFailure))
         .unwrap();
-    let st = h.until_state("ok", RunState::Exited).await;
+    let st = h.until_state("ok", CurrentState::Exited).await;
     assert_eq!(st.last_exit_code, Some(0));
     h.sup
         .apply("sig", 1, true, spec("kill -TERM $$", RestartKind::Never))
         .unwrap();
-    let st = h.until_state("sig", RunState::Crashed).await;
+    let st = h.until_state("sig", CurrentState::Crashed).await;
     assert_eq!(st.last_exit_code, Some(-15));
     assert_eq!(st.reason.as_deref(), Some("terminated by signal SIGTERM"));
-    assert_eq!(h.count("ok", RunState::Running), 1);
+    assert_eq!(h.count("ok", CurrentState::Running), 1);
 }
 
 #[tokio::test]
@@ -197,7 +201,7 @@ async fn on_failure_backs_off_exponentially_then_fails_with_reason() {
     let mut s = spec("echo run; exit 3", RestartKind::OnFailure);
     s.max_restarts = 4;
     h.sup.apply("crash", 1, true, s).unwrap();
-    let st = h.until_state("crash", RunState::Failed).await;
+    let st = h.until_state("crash", CurrentState::Failed).await;
     let reason = st.reason.unwrap();
     assert!(
         reason.starts_with("max_restarts=4 in window=300s exceeded"),
@@ -206,8 +210,8 @@ async fn on_failure_backs_off_exponentially_then_fails_with_reason() {
     assert!(reason.contains("exit status 3"), "{reason}");
     assert_eq!(st.restart_count, 4);
     assert_eq!(st.last_exit_code, Some(3));
-    assert_eq!(h.count("crash", RunState::Running), 5);
-    assert_eq!(h.count("crash", RunState::Backoff), 4);
+    assert_eq!(h.count("crash", CurrentState::Running), 5);
+    assert_eq!(h.count("crash", CurrentState::Backoff), 4);
     assert_eq!(h.lines("crash", LogStream::Stdout), vec!["run"; 5]);
     let delays: Vec<String> = h
         .lines("crash", LogStream::System)
@@ -229,20 +233,20 @@ async fn always_restarts_clean_exits() {
     let mut s = spec("exit 0", RestartKind::Always);
     s.max_restarts = 1;
     h.sup.apply("a", 1, true, s).unwrap();
-    let st = h.until_state("a", RunState::Failed).await;
+    let st = h.until_state("a", CurrentState::Failed).await;
     assert_eq!(st.last_exit_code, Some(0));
-    assert_eq!(h.count("a", RunState::Running), 2);
+    assert_eq!(h.count("a", CurrentState::Running), 2);
     assert_eq!(
         h.states("a"),
         [
-            RunState::Starting,
-            RunState::Running,
-            RunState::Exited,
-            RunState::Backoff,
-            RunState::Starting,
-            RunState::Running,
-            RunState::Exited,
-            RunState::Failed
+            CurrentState::Starting,
+            CurrentState::Running,
+            CurrentState::Exited,
+            CurrentState::Backoff,
+            CurrentState::Starting,
+            CurrentState::Running,
+            CurrentState::Exited,
+            CurrentState::Failed
         ]
     );
 }
@@ -256,7 +260,7 @@ async fn stop_kills_a_term_ignoring_group_with_its_children() {
     );
     s.stop_timeout = Duration::from_millis(300);
     h.sup.apply("stubborn", 1, true, s.clone()).unwrap();
-    let running = h.until_state("stubborn", RunState::Running).await;
+    let running = h.until_state("stubborn", CurrentState::Running).await;
     let leader = running.pid.unwrap();
     let child: u32 = until_line(&h.sup, "stubborn", |e| e.stream == LogStream::Stdout)
         .await
@@ -268,7 +272,7 @@ async fn stop_kills_a_term_ignoring_group_with_its_children() {
         h.sup.apply("stubborn", 1, false, s).unwrap(),
         ApplyOutcome::Updated
     );
-    let st = h.until_state("stubborn", RunState::Stopped).await;
+    let st = h.until_state("stubborn", CurrentState::Stopped).await;
     assert_eq!(st.last_exit_code, Some(-9));
     assert!(st.pid.is_none());
     until_dead(child).await;
@@ -284,7 +288,7 @@ async fn stop_kills_a_term_ignoring_group_with_its_children() {
             .any(|l| l.contains("SIGKILL after the stop timeout"))
     );
     // Stopped on request: no restart despite the `always` policy.
-    assert_eq!(h.count("stubborn", RunState::Running), 1);
+    assert_eq!(h.count("stubborn", CurrentState::Running), 1);
 }
 
 #[tokio::test]
@@ -295,7 +299,7 @@ async fn a_huge_line_never_blocks_the_workload() {
         RestartKind::Never,
     );
     h.sup.apply("big", 1, true, s).unwrap();
-    h.until_state("big", RunState::Exited).await;
+    h.until_state("big", CurrentState::Exited).await;
     let out = h.lines("big", LogStream::Stdout);
     let (tail, chunks) = out.split_last().unwrap();
     assert_eq!(tail, "after3");
@@ -323,14 +327,14 @@ async fn failing_health_checks_restart_and_share_the_budget() {
         failure_threshold: 2,
     });
     h.sup.apply("hc", 1, true, s).unwrap();
-    let st = h.until_state("hc", RunState::Failed).await;
+    let st = h.until_state("hc", CurrentState::Failed).await;
     let reason = st.reason.unwrap();
     assert!(
         reason.starts_with("max_restarts=1 in window=300s exceeded"),
         "{reason}"
     );
     assert!(reason.contains("health check failed"), "{reason}");
-    assert_eq!(h.count("hc", RunState::Running), 2);
+    assert_eq!(h.count("hc", CurrentState::Running), 2);
     assert_eq!(st.restart_count, 1);
     // SIGTERM from the health restart: the process did not exit on its own.
     assert_eq!(st.last_exit_code, Some(-15));
@@ -360,13 +364,13 @@ async fn passing_tcp_health_check_keeps_the_process() {
         failure_threshold: 1,
     });
     h.sup.apply("tcp", 1, true, s).unwrap();
-    h.until_state("tcp", RunState::Running).await;
+    h.until_state("tcp", CurrentState::Running).await;
     until_line(&h.sup, "tcp", |e| {
         e.stream == LogStream::SystemHc && e.line == "health check passed"
     })
     .await;
     let st = h.sup.status_of("tcp").unwrap();
-    assert_eq!(st.state, RunState::Running);
+    assert_eq!(st.state, CurrentState::Running);
     assert_eq!(st.restart_count, 0);
     assert!(h.sup.remove("tcp").await);
     assert!(h.sup.status().is_empty());
@@ -395,9 +399,11 @@ async fn cron_restarts_do_not_charge_the_budget() {
         timezone: "UTC".into(),
     });
     h.sup.apply("cron", 1, true, s.clone()).unwrap();
-    let first = h.until_state("cron", RunState::Running).await.pid;
+    let first = h.until_state("cron", CurrentState::Running).await.pid;
     let second = h
-        .until("cron", |e| e.state == RunState::Running && e.pid != first)
+        .until("cron", |e| {
+            e.state == CurrentState::Running && e.pid != first
+        })
         .await;
     assert_eq!(second.restart_count, 0);
     until_dead(first.unwrap()).await;
@@ -413,7 +419,7 @@ async fn cron_restarts_do_not_charge_the_budget() {
         timezone: "UTC".into(),
     });
     h.sup.apply("bad", 1, true, bad).unwrap();
-    h.until_state("bad", RunState::Running).await;
+    h.until_state("bad", CurrentState::Running).await;
     assert_eq!(
         h.lines("bad", LogStream::SystemAr),
         ["auto restart disabled due to invalid config: bad cron"]
@@ -427,7 +433,7 @@ async fn generations_older_ignored_newer_replace() {
     let a = spec("exec sleep 100", RestartKind::Never);
     let b = spec("exec sleep 200", RestartKind::Never);
     h.sup.apply("g", 2, true, a.clone()).unwrap();
-    let pid1 = h.until_state("g", RunState::Running).await.pid.unwrap();
+    let pid1 = h.until_state("g", CurrentState::Running).await.pid.unwrap();
     assert_eq!(
         h.sup.apply("g", 1, true, b.clone()).unwrap(),
         ApplyOutcome::Stale { held: 2 }
@@ -441,7 +447,9 @@ async fn generations_older_ignored_newer_replace() {
         ApplyOutcome::Updated
     );
     let st = h
-        .until("g", |e| e.state == RunState::Running && e.pid != Some(pid1))
+        .until("g", |e| {
+            e.state == CurrentState::Running && e.pid != Some(pid1)
+        })
         .await;
     assert_eq!(st.generation, 3);
     until_dead(pid1).await;
@@ -456,15 +464,15 @@ async fn generations_older_ignored_newer_replace() {
         h.sup.apply("g", 4, false, b).unwrap(),
         ApplyOutcome::Updated
     );
-    h.until_state("g", RunState::Stopped).await;
-    let later: Vec<RunState> = h.events[seen..].iter().map(|e| e.state).collect();
+    h.until_state("g", CurrentState::Stopped).await;
+    let later: Vec<CurrentState> = h.events[seen..].iter().map(|e| e.state).collect();
     assert_eq!(
         later,
         [
-            RunState::Running,
-            RunState::Stopping,
-            RunState::Stopping,
-            RunState::Stopped
+            CurrentState::Running,
+            CurrentState::Stopping,
+            CurrentState::Stopping,
+            CurrentState::Stopped
         ],
         "generation bump, stop requested, exit recorded, stopped"
     );
@@ -524,9 +532,9 @@ async fn prepare_failures_are_retried_with_backoff() {
     let mut s = spec("echo $EXTRA-$MINE; exec sleep 100", RestartKind::Never);
     s.env.insert("MINE".into(), "y".into());
     h.sup.apply("p", 1, true, s).unwrap();
-    let st = h.until_state("p", RunState::Running).await;
+    let st = h.until_state("p", CurrentState::Running).await;
     assert_eq!(st.restart_count, 2);
-    assert_eq!(h.count("p", RunState::Backoff), 2);
+    assert_eq!(h.count("p", CurrentState::Backoff), 2);
     let system = h.lines("p", LogStream::System);
     assert!(
         system.contains(&"prepare failed: boom 1".to_owned()),
@@ -551,25 +559,25 @@ async fn prepare_and_spawn_failures_fail_after_the_budget() {
     let mut s = spec("true", RestartKind::Always);
     s.max_restarts = 2;
     h.sup.apply("p", 1, true, s).unwrap();
-    let st = h.until_state("p", RunState::Failed).await;
+    let st = h.until_state("p", CurrentState::Failed).await;
     let reason = st.reason.unwrap();
     assert!(
         reason.starts_with("max_restarts=2 in window=300s exceeded"),
         "{reason}"
     );
     assert!(reason.contains("prepare failed: boom 3"), "{reason}");
-    assert_eq!(h.count("p", RunState::Running), 0);
+    assert_eq!(h.count("p", CurrentState::Running), 0);
 
     let mut h = Harness::new();
     let mut s = spec("true", RestartKind::Never);
     s.command = vec!["/nonexistent/program".into()];
     s.max_restarts = 1;
     h.sup.apply("s", 1, true, s).unwrap();
-    let st = h.until_state("s", RunState::Failed).await;
+    let st = h.until_state("s", CurrentState::Failed).await;
     let reason = st.reason.unwrap();
     assert!(reason.contains("spawn failed"), "{reason}");
     assert!(reason.contains("/nonexistent/program"), "{reason}");
-    assert_eq!(h.count("s", RunState::Backoff), 1);
+    assert_eq!(h.count("s", CurrentState::Backoff), 1);
 }
 
 #[tokio::test]
@@ -578,7 +586,7 @@ async fn log_seq_increases_across_restarts_and_resumes_from_the_spool() {
     let mut s = spec("echo a; echo b; exit 1", RestartKind::OnFailure);
     s.max_restarts = 2;
     h.sup.apply("seq", 1, true, s.clone()).unwrap();
-    let st = h.until_state("seq", RunState::Failed).await;
+    let st = h.until_state("seq", CurrentState::Failed).await;
     let entries = h.sup.logs("seq").unwrap().since(0, 1000);
     let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
     let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
@@ -603,7 +611,7 @@ async fn log_seq_increases_across_restarts_and_resumes_from_the_spool() {
     assert!(resumed_from.len() >= seqs.len());
     loop {
         let e = rx.recv().await.unwrap();
-        if e.state == RunState::Exited {
+        if e.state == CurrentState::Exited {
             break;
         }
     }
@@ -624,19 +632,19 @@ async fn stopped_desired_state_starts_later_and_shutdown_stops_all() {
         h.sup.apply("x", 1, false, s.clone()).unwrap(),
         ApplyOutcome::Created
     );
-    h.until_state("x", RunState::Stopped).await;
-    assert_eq!(h.count("x", RunState::Running), 0);
+    h.until_state("x", CurrentState::Stopped).await;
+    assert_eq!(h.count("x", CurrentState::Running), 0);
     h.sup.apply("x", 1, true, s.clone()).unwrap();
-    let x = h.until_state("x", RunState::Running).await.pid.unwrap();
+    let x = h.until_state("x", CurrentState::Running).await.pid.unwrap();
     h.sup.apply("y", 1, true, s).unwrap();
-    let y = h.until_state("y", RunState::Running).await.pid.unwrap();
+    let y = h.until_state("y", CurrentState::Running).await.pid.unwrap();
     let mark = h.events.len();
     h.sup.shutdown().await;
     // Both were stopped in parallel; their events interleave.
     while ["x", "y"].iter().any(|id| {
         !h.events[mark..]
             .iter()
-            .any(|e| e.id == *id && e.state == RunState::Stopped)
+            .any(|e| e.id == *id && e.state == CurrentState::Stopped)
     }) {
         let e = h.rx.recv().await.unwrap();
         h.events.push(e);

@@ -1,6 +1,6 @@
 //! Conversions between the supervisor's and monitor's types and the wire types.
 
-use crate::node::monitor::{StaticResources, StorageUsage, UsageSample};
+use crate::node::monitor::{GpuInfo, GpuUsage, StaticResources, StorageUsage, UsageSample};
 use crate::node::supervisor::{CurrentState, DeploymentStatus};
 use crate::wire;
 
@@ -61,16 +61,7 @@ pub(crate) fn static_wire(s: &StaticResources) -> wire::StaticResources {
         logical_cores: u32::try_from(s.logical_cores).unwrap_or(u32::MAX),
         memory_total_bytes: s.memory_total_bytes,
         storage: s.storage.iter().map(mount_wire).collect(),
-        gpus: s
-            .gpus
-            .iter()
-            .map(|g| wire::Gpu {
-                index: g.index,
-                name: g.name.clone(),
-                mem_total_bytes: g.memory_total_bytes,
-                ..Default::default()
-            })
-            .collect(),
+        gpus: s.gpus.iter().map(gpu_info_wire).collect(),
         hostname: s.hostname.clone().unwrap_or_default(),
     }
 }
@@ -97,20 +88,32 @@ pub(crate) fn heartbeat_wire(seq: u64, s: &UsageSample) -> wire::Heartbeat {
         mem_buffers_bytes: s.memory.buffers_bytes,
         mem_cached_bytes: s.memory.cached_bytes,
         storage: s.storage.iter().map(mount_wire).collect(),
-        gpus: s
-            .gpus
-            .iter()
-            .map(|g| wire::Gpu {
-                index: g.index,
-                name: g.name.clone(),
-                mem_total_bytes: g.memory_total_bytes,
-                util_percent: g.utilization_gpu_percent.map_or(0.0, f64::from),
-                mem_util_percent: g.utilization_memory_percent.map_or(0.0, f64::from),
-                mem_used_bytes: g.memory_used_bytes,
-                mem_free_bytes: g.memory_free_bytes,
-                temperature_c: g.temperature_c.map_or(0.0, f64::from),
-                power_w: g.power_w.unwrap_or(0.0),
-            })
-            .collect(),
+        gpus: s.gpus.iter().map(gpu_usage_wire).collect(),
+    }
+}
+
+/// A GPU's identity on the wire (usage fields zero).
+fn gpu_wire(index: u32, name: &str, mem_total_bytes: u64) -> wire::Gpu {
+    wire::Gpu {
+        index,
+        name: name.to_owned(),
+        mem_total_bytes,
+        ..Default::default()
+    }
+}
+
+fn gpu_info_wire(g: &GpuInfo) -> wire::Gpu {
+    gpu_wire(g.index, &g.name, g.memory_total_bytes)
+}
+
+fn gpu_usage_wire(g: &GpuUsage) -> wire::Gpu {
+    wire::Gpu {
+        util_percent: g.utilization_gpu_percent.map_or(0.0, f64::from),
+        mem_util_percent: g.utilization_memory_percent.map_or(0.0, f64::from),
+        mem_used_bytes: g.memory_used_bytes,
+        mem_free_bytes: g.memory_free_bytes,
+        temperature_c: g.temperature_c.map_or(0.0, f64::from),
+        power_w: g.power_w.unwrap_or(0.0),
+        ..gpu_wire(g.index, &g.name, g.memory_total_bytes)
     }
 }

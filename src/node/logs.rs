@@ -171,6 +171,16 @@ fn lock_spool(spool: &Mutex<Spool>) -> MutexGuard<'_, Spool> {
     spool.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A read of the spool after `after`, to run on the log IO thread.
+fn spool_read(
+    link: &SpoolLink,
+    after: u64,
+    max: usize,
+) -> impl FnOnce() -> io::Result<Vec<LogEntry>> + Send + 'static {
+    let spool = Arc::clone(&link.spool);
+    move || lock_spool(&spool).read_since(after, max)
+}
+
 /// A buffer's spool and the IO thread that writes it. The spool's mutex is taken only by jobs
 /// on the IO thread, one at a time, so it is never contended; it is a mutex because the
 /// jobs share the spool.
@@ -363,10 +373,7 @@ impl LogBuffer {
         match self.source(after, max, max_bytes) {
             Source::Ring(entries) => entries,
             Source::Spool(link) => {
-                let spool = Arc::clone(&link.spool);
-                let read = link
-                    .io
-                    .run_blocking(move || lock_spool(&spool).read_since(after, max));
+                let read = link.io.run_blocking(spool_read(&link, after, max));
                 self.spool_answer(read.and_then(|r| r), after, max, max_bytes)
             }
         }
@@ -383,11 +390,7 @@ impl LogBuffer {
         match self.source(after, max, max_bytes) {
             Source::Ring(entries) => entries,
             Source::Spool(link) => {
-                let spool = Arc::clone(&link.spool);
-                let read = link
-                    .io
-                    .run(move || lock_spool(&spool).read_since(after, max))
-                    .await;
+                let read = link.io.run(spool_read(&link, after, max)).await;
                 self.spool_answer(read.and_then(|r| r), after, max, max_bytes)
             }
         }

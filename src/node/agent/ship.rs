@@ -62,7 +62,10 @@ impl Shipper {
                     ),
                 );
             }
-            let entries = buffer.since_within(after, LOG_BATCH, LOG_BATCH_BYTES);
+            // A read that reaches back into the spool runs on the log IO thread.
+            let entries = buffer
+                .since_within_async(after, LOG_BATCH, LOG_BATCH_BYTES)
+                .await;
             if entries.is_empty() {
                 tokio::select! {
                     biased;

@@ -19,6 +19,10 @@
 //! The original's idle node figure (0.1-0.2 % CPU on the reference VM) is quoted from
 //! `original-symphony.md` section 17, not re-measured. `BENCH_QUICK=1` runs a short smoke
 //! version. Results go to stdout and `<CARGO_TARGET_DIR or ./target>/bench/footprint.json`.
+//!
+//! Before/after: with `SYMPHONY_BIN_BEFORE` set to another build (e.g. of the previous commit),
+//! the separate layout also runs with that binary in the same session, and a table gives each
+//! process's RSS before, after and the ratio.
 
 mod common;
 
@@ -80,21 +84,41 @@ fn main() -> anyhow::Result<()> {
     );
     let ticks = common::clock_ticks();
     let rt = common::runtime()?;
+    let before_bin = std::env::var_os("SYMPHONY_BIN_BEFORE").map(PathBuf::from);
+    let before = match &before_bin {
+        Some(b) if b.is_file() => {
+            report["params"]["binary_before"] = json!(b.display().to_string());
+            Some(rt.block_on(split_layout(b, "before", &p, ticks))?)
+        }
+        Some(b) => anyhow::bail!("SYMPHONY_BIN_BEFORE: no binary at {}", b.display()),
+        None => None,
+    };
     let dev = rt.block_on(dev_layout(&bin, &p, ticks))?;
-    let split = rt.block_on(split_layout(&bin, &p, ticks))?;
+    let split = rt.block_on(split_layout(&bin, "split", &p, ticks))?;
 
     println!(
-        "\n{:<7} {:<16} {:<12} {:>9} {:>9} {:>8} {:>8}",
-        "layout", "process", "state", "RSS MiB", "peak MiB", "CPU %", "threads"
+        "\n{:<7} {:<16} {:<12} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "layout",
+        "process",
+        "state",
+        "RSS MiB",
+        "anon MiB",
+        "USS MiB",
+        "peak MiB",
+        "CPU %",
+        "threads"
     );
-    for m in dev.iter().chain(&split) {
+    let mib = |v: &Value| v.as_f64().unwrap_or(f64::NAN) / 1024.0;
+    for m in before.iter().flatten().chain(&dev).chain(&split) {
         println!(
-            "{:<7} {:<16} {:<12} {:>9.1} {:>9.1} {:>8.2} {:>8}",
+            "{:<7} {:<16} {:<12} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8}",
             m["layout"].as_str().unwrap_or(""),
             m["process"].as_str().unwrap_or(""),
             m["state"].as_str().unwrap_or(""),
-            m["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
-            m["hwm_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+            mib(&m["rss_kib"]),
+            mib(&m["rss_anon_kib"]),
+            mib(&m["private_kib"]),
+            mib(&m["hwm_kib"]),
             m["cpu_percent"].as_f64().unwrap_or(f64::NAN),
             m["threads"].as_u64().unwrap_or(0),
         );
@@ -104,10 +128,55 @@ fn main() -> anyhow::Result<()> {
         100.0 / ticks / p.window.as_secs_f64()
     );
     println!("original, idle node: {ORIGINAL_IDLE_NODE_CPU}");
-    report["results"] = json!(dev.into_iter().chain(split).collect::<Vec<_>>());
+    if let Some(before) = &before {
+        let rows = compare(before, &split);
+        println!(
+            "\nbefore/after (separate layout, RSS):\n{:<10} {:<12} {:>10} {:>10} {:>7}",
+            "process", "state", "before MiB", "after MiB", "ratio"
+        );
+        for r in &rows {
+            println!(
+                "{:<10} {:<12} {:>10.1} {:>10.1} {:>7.2}",
+                r["process"].as_str().unwrap_or(""),
+                r["state"].as_str().unwrap_or(""),
+                r["before_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+                r["after_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+                r["ratio"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+        report["comparison"] = json!(rows);
+    }
+    report["results"] = json!(
+        before
+            .into_iter()
+            .flatten()
+            .chain(dev)
+            .chain(split)
+            .collect::<Vec<_>>()
+    );
     let path = common::write_doc("footprint", &report)?;
     println!("\nwrote {}", path.display());
     Ok(())
+}
+
+/// One row per (process, state) measured by both binaries: RSS before, after, after/before.
+fn compare(before: &[Value], after: &[Value]) -> Vec<Value> {
+    after
+        .iter()
+        .filter_map(|a| {
+            let b = before
+                .iter()
+                .find(|b| b["process"] == a["process"] && b["state"] == a["state"])?;
+            let (bk, ak) = (b["rss_kib"].as_f64()?, a["rss_kib"].as_f64()?);
+            Some(json!({
+                "process": a["process"],
+                "state": a["state"],
+                "before_kib": bk,
+                "after_kib": ak,
+                "ratio": ak / bk,
+            }))
+        })
+        .collect()
 }
 
 struct Params {
@@ -172,6 +241,21 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("cannot read /proc/{pid}/stat"))
 }
 
+/// A `kB` field of `/proc/<pid>/smaps_rollup`.
+fn smaps_rollup_field(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Memory only this process maps (USS: private clean + private dirty): RSS without the
+/// pages of shared libraries that other processes map too.
+fn private_kib(pid: u32) -> Option<u64> {
+    Some(smaps_rollup_field(pid, "Private_Clean")? + smaps_rollup_field(pid, "Private_Dirty")?)
+}
+
 /// Measures every named process over the same window; one row per process.
 async fn measure(
     layout: &str,
@@ -197,6 +281,10 @@ async fn measure(
                 "state": state,
                 "rss_kib": common::proc_status_field(&id, "VmRSS"),
                 "hwm_kib": common::proc_status_field(&id, "VmHWM"),
+                "rss_anon_kib": common::proc_status_field(&id, "RssAnon"),
+                "rss_file_kib": common::proc_status_field(&id, "RssFile"),
+                "pss_kib": smaps_rollup_field(pid, "Pss"),
+                "private_kib": private_kib(pid),
                 "threads": common::proc_status_field(&id, "Threads"),
                 "cpu_seconds": used,
                 "window_s": secs,
@@ -322,7 +410,13 @@ async fn dev_layout(bin: &Path, p: &Params, ticks: f64) -> anyhow::Result<Vec<Va
     Ok(rows)
 }
 
-async fn split_layout(bin: &Path, p: &Params, ticks: f64) -> anyhow::Result<Vec<Value>> {
+/// The separate layout with `bin`; rows are labelled `layout`.
+async fn split_layout(
+    bin: &Path,
+    layout: &str,
+    p: &Params,
+    ticks: f64,
+) -> anyhow::Result<Vec<Value>> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let (http_port, quic_port) = (free_tcp_port()?, free_udp_port()?);
@@ -370,17 +464,17 @@ async fn split_layout(bin: &Path, p: &Params, ticks: f64) -> anyhow::Result<Vec<
     let (cpid, npid) = (conductor.pid(), node.pid());
     tokio::time::sleep(p.settle).await;
     let both = [("conductor", cpid), ("node", npid)];
-    let mut rows = measure("split", "idle", &both, p.window, ticks).await?;
+    let mut rows = measure(layout, "idle", &both, p.window, ticks).await?;
     let pids = load(&http, &api, p.deployments).await?;
     tokio::time::sleep(p.settle).await;
     let state = format!("{} running", p.deployments);
-    rows.extend(measure("split", &state, &both, p.window, ticks).await?);
+    rows.extend(measure(layout, &state, &both, p.window, ticks).await?);
     // The node first (it stops its workloads), then the conductor.
     drop(node);
     drop(conductor);
     let reaped = reap(&pids).await;
     if reaped > 0 {
-        println!("split: killed {reaped} workloads that outlived the node");
+        println!("{layout}: killed {reaped} workloads that outlived the node");
     }
     Ok(rows)
 }

@@ -187,10 +187,7 @@ fn parse_capacity(s: &str) -> Result<(String, i64), String> {
 /// Entry point; returns the process exit code (0 ok, 1 failure, 2 usage).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime(runs_only_a_node(&cli)) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("symphony: cannot start the runtime: {e}");
@@ -206,6 +203,52 @@ pub fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Worker threads of a process that runs only a node agent (at most; fewer on fewer cores).
+/// The agent is a handful of tasks (session, status, log pumps and shippers, health checks);
+/// one worker per core of a large host would only add memory (a stack and a malloc arena
+/// each) to a process whose job is to stay small. Blocking work (usage samples, git, group
+/// scans, spool IO) runs off the workers anyway.
+const NODE_WORKER_THREADS: usize = 2;
+
+/// How long an idle blocking-pool thread of a node-only process waits for more work before it
+/// ends. Usage samples every second keep one alive; bursts (many group scans or checkouts at
+/// once) do not keep their threads around.
+const NODE_BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The runtime: one worker per core, except for a process that runs only a node agent.
+fn runtime(node_only: bool) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if node_only {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        builder
+            .worker_threads(cores.min(NODE_WORKER_THREADS))
+            .thread_keep_alive(NODE_BLOCKING_KEEP_ALIVE);
+    }
+    builder.build()
+}
+
+/// Whether the command runs only a node agent: `symphony node`, or a config whose mode (after
+/// `--mode`) is `node`. A config that cannot be read counts as not a node (the error is
+/// reported later, on the usual path).
+fn runs_only_a_node(cli: &Cli) -> bool {
+    match &cli.command {
+        Some(Command::Node) => true,
+        Some(_) => false,
+        None => {
+            if let Some(mode) = cli.mode {
+                return mode == Mode::Node;
+            }
+            let path = cli.config.clone().or_else(|| {
+                let default = PathBuf::from("config.yaml");
+                default.exists().then_some(default)
+            });
+            path.and_then(|p| config::load(&p).ok())
+                .is_some_and(|(file, _)| file.mode == Mode::Node)
+        }
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -442,4 +485,49 @@ async fn client_command(cmd: Command) -> ExitCode {
         }
     };
     client::finish(result, &mut std::io::stderr()).into()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn node_only(args: &[&str]) -> bool {
+        runs_only_a_node(&Cli::try_parse_from(args).unwrap())
+    }
+
+    #[test]
+    fn only_node_commands_get_the_node_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("node.yaml");
+        for f in ["ca.pem", "n1.pem", "n1.key"] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        std::fs::write(
+            &node,
+            "mode: node\nnode:\n  node_id: n1\n  conductor_addr: 127.0.0.1:1\n  tls:\n    ca_file: ca.pem\n    cert_file: n1.pem\n    key_file: n1.key\n",
+        )
+        .unwrap();
+        let conductor = dir.path().join("conductor.yaml");
+        std::fs::write(&conductor, "mode: conductor\n").unwrap();
+        let (node, conductor) = (node.to_str().unwrap(), conductor.to_str().unwrap());
+
+        assert!(node_only(&["symphony", "node"]));
+        assert!(node_only(&["symphony", "--config", node]));
+        assert!(node_only(&[
+            "symphony", "--config", conductor, "--mode", "node"
+        ]));
+        assert!(!node_only(&["symphony", "--config", conductor]));
+        assert!(!node_only(&[
+            "symphony",
+            "--config",
+            node,
+            "--mode",
+            "conductor"
+        ]));
+        assert!(!node_only(&["symphony", "dev"]));
+        assert!(!node_only(&["symphony", "conductor"]));
+        assert!(!node_only(&["symphony", "--config", "/nonexistent/x.yaml"]));
+        assert!(!node_only(&["symphony", "ps"]));
+    }
 }

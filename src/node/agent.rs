@@ -425,11 +425,25 @@ impl Driver {
         }
     }
 
-    fn ship(&mut self, id: DeploymentId, resume: u64, offset: u64) {
-        let Some(conn) = self.conn.as_mut() else {
+    fn ship(&mut self, id: DeploymentId, resume: u64, mut offset: u64) {
+        if self.conn.is_none() {
+            return;
+        }
+        let Some(buffer) = self.sup.logs(&id) else {
             return;
         };
-        let Some(buffer) = self.sup.logs(&id) else {
+        // The conductor never holds more than was shipped, unless this node lost lines it had
+        // numbered (see `Event::LogsBehind`): then new lines must number above `resume`.
+        let local_last = buffer.last_seq();
+        if resume > offset + local_last {
+            offset = resume - local_last;
+            tracing::warn!(%id, resume, local_last, "the conductor holds lines this node's spool lost; numbering new lines above them");
+            self.handle(Event::LogsBehind {
+                id: id.clone(),
+                offset,
+            });
+        }
+        let Some(conn) = self.conn.as_mut() else {
             return;
         };
         let cancel = CancellationToken::new();

@@ -71,6 +71,11 @@ pub enum Event {
     Removed(DeploymentId),
     /// An env job (from [`Effect::Env`]) finished.
     EnvDone(EnvOutcome),
+    /// The conductor holds more of a deployment's lines than this node has (its spool lost
+    /// its tail: a hard kill with writes still queued, or a lost disk): from now on its local
+    /// sequence numbers are shifted by at least `offset`, so new lines number above what the
+    /// conductor holds instead of being taken for resends.
+    LogsBehind { id: DeploymentId, offset: u64 },
 }
 
 /// Slow env work, one job at a time (see [`Effect::Env`]).
@@ -228,6 +233,14 @@ impl NodeCore {
             }
             Event::Removed(id) => self.removed(&id, &mut fx),
             Event::EnvDone(outcome) => self.env_done(outcome, &mut fx),
+            Event::LogsBehind { id, offset } => {
+                if let Some(h) = self.held.get_mut(&id)
+                    && h.log_offset < offset
+                {
+                    h.log_offset = offset;
+                    self.state_changed = true;
+                }
+            }
         }
         self.recheck_kept_envs();
         self.next_env_job(&mut fx);

@@ -466,6 +466,68 @@ async fn a_node_restart_comes_back_with_its_local_state() {
     c.shutdown().await;
 }
 
+/// Reads a log WebSocket (backlog, then live frames) until a line equals `want`.
+async fn until_line(url: &str, want: &str) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let found = async {
+        loop {
+            if next_entries(&mut ws)
+                .await
+                .iter()
+                .any(|e| e["line"] == want)
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(crate::support::DEADLINE, found)
+        .await
+        .unwrap_or_else(|_| panic!("the conductor never got the line {want:?}"));
+}
+
+#[tokio::test]
+async fn a_node_that_lost_its_log_spool_numbers_new_lines_above_the_conductors() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let id = c
+        .deploy(
+            "spooled",
+            sh("for i in $(seq 1 30); do echo run$$-$i; done; sleep 1000"),
+        )
+        .await;
+    let url = format!(
+        "{}/ws/deployments/{id}/logs?tail=1000",
+        c.api.replace("http", "ws")
+    );
+    let first = pid_of(&c.wait_state(&id, "RUNNING").await);
+    until_line(&url, &format!("run{first}-30")).await;
+    c.stop_node("n1").await;
+    // The node loses its spool (a lost disk, or writes still queued when it was killed): its
+    // numbering restarts below what the conductor already holds.
+    std::fs::remove_dir_all(c.node_work_dir("n1").join("logs").join(&id)).unwrap();
+    c.add_node("n1", &["local"], &[], false).await;
+    let view = c
+        .wait("running again on n1", |v| {
+            v.deployment(&id)
+                .and_then(|d| d.status.as_ref())
+                .is_some_and(|s| {
+                    s.state == CurrentState::Running && s.pid.is_some_and(|p| u64::from(p) != first)
+                })
+        })
+        .await;
+    let second = view
+        .deployment(&id)
+        .unwrap()
+        .status
+        .as_ref()
+        .unwrap()
+        .pid
+        .unwrap();
+    // The second run's lines are new lines, not taken for resends of the first run's.
+    until_line(&url, &format!("run{second}-30")).await;
+    c.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_duplicate_identity_supersedes_the_older_connection_without_harm() {
     let mut c = Cluster::start().await;

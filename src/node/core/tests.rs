@@ -420,6 +420,28 @@ fn deployment_commands() {
             then: None,
         },
         Case {
+            name: "lines the conductor holds above this node's numbering raise the offset, persisted",
+            restored: vec![],
+            before: vec![assign("d1", 1, "a")],
+            event: Event::LogsBehind {
+                id: "d1".into(),
+                offset: 150,
+            },
+            effects: vec![Effect::Persist(vec![held("d1", 1, "a", 150)])],
+            then: None,
+        },
+        Case {
+            name: "the log offset never goes down",
+            restored: vec![],
+            before: vec![assign("d1", 1, "a")],
+            event: Event::LogsBehind {
+                id: "d1".into(),
+                offset: 50,
+            },
+            effects: vec![],
+            then: None,
+        },
+        Case {
             name: "a status of a deployment already gone is not sent",
             restored: vec![],
             before: vec![

@@ -449,15 +449,7 @@ async fn a_node_restart_comes_back_with_its_local_state() {
     c.stop_node("n1").await;
     assert!(!alive(pid1), "a node's own shutdown stops its workloads");
     c.add_node("n1", &["local"], &[], false).await;
-    let view = c
-        .wait("running again on n1", |v| {
-            v.deployment(&id)
-                .and_then(|d| d.status.as_ref())
-                .is_some_and(|s| {
-                    s.state == CurrentState::Running && s.pid.is_some_and(|p| u64::from(p) != pid1)
-                })
-        })
-        .await;
+    let view = c.wait_new_process(&id, pid1, "running again on n1").await;
     let d = view.deployment(&id).unwrap();
     assert_eq!(d.assigned_node_id.as_deref(), Some("n1"));
     // Exactly one process for it on this machine.
@@ -506,15 +498,7 @@ async fn a_node_that_lost_its_log_spool_numbers_new_lines_above_the_conductors()
     // numbering restarts below what the conductor already holds.
     std::fs::remove_dir_all(c.node_work_dir("n1").join("logs").join(&id)).unwrap();
     c.add_node("n1", &["local"], &[], false).await;
-    let view = c
-        .wait("running again on n1", |v| {
-            v.deployment(&id)
-                .and_then(|d| d.status.as_ref())
-                .is_some_and(|s| {
-                    s.state == CurrentState::Running && s.pid.is_some_and(|p| u64::from(p) != first)
-                })
-        })
-        .await;
+    let view = c.wait_new_process(&id, first, "running again on n1").await;
     let second = view
         .deployment(&id)
         .unwrap()

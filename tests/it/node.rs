@@ -5,7 +5,6 @@
 use std::path::Path;
 
 use serde_json::json;
-use symphony::model::CurrentState;
 
 use crate::support::{Cluster, alive, pid_of, until};
 
@@ -219,13 +218,7 @@ async fn a_scheduled_restart_replaces_the_process_without_counting_as_a_failure(
     let id = c.deploy("cron", spec).await;
     let first = pid_of(&c.wait_state(&id, "RUNNING").await);
     let view = c
-        .wait("restarted by its schedule", |v| {
-            v.deployment(&id)
-                .and_then(|d| d.status.as_ref())
-                .is_some_and(|s| {
-                    s.state == CurrentState::Running && s.pid.is_some_and(|p| u64::from(p) != first)
-                })
-        })
+        .wait_new_process(&id, first, "restarted by its schedule")
         .await;
     let st = view.deployment(&id).unwrap().status.clone().unwrap();
     assert_eq!(

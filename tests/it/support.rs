@@ -207,6 +207,19 @@ impl Cluster {
         }
     }
 
+    /// Waits until the deployment runs a process other than `old` (`what` says why it should)
+    /// and returns that snapshot.
+    pub async fn wait_new_process(&self, id: &str, old: u64, what: &str) -> Arc<ClusterView> {
+        self.wait(what, |v| {
+            v.deployment(id)
+                .and_then(|d| d.status.as_ref())
+                .is_some_and(|s| {
+                    s.state == CurrentState::Running && s.pid.is_some_and(|p| u64::from(p) != old)
+                })
+        })
+        .await
+    }
+
     /// Waits until the deployment's reported state is `state` and returns its view as JSON.
     pub async fn wait_state(&self, id: &str, state: &str) -> Value {
         let view = self

@@ -18,7 +18,7 @@
 mod prepare;
 mod ship;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -94,6 +94,8 @@ const BACKGROUND_GRACE: Duration = Duration::from_secs(30);
 /// Outgoing control messages queued per connection; a connection whose queue is full is
 /// closed (the conductor stopped reading) and resyncs on its next Hello.
 const SEND_QUEUE: usize = 4096;
+/// How long after a log shipper ended by itself it is started again.
+const SHIP_RETRY: Duration = Duration::from_secs(1);
 /// Status events taken per batch before the coalesced statuses are sent.
 const STATUS_BATCH: usize = 256;
 
@@ -203,6 +205,7 @@ pub async fn run_with_store(
         done: done_tx,
         state: state_tx,
         dropped_seen: 0,
+        later: VecDeque::new(),
     };
 
     let mut ccfg = ClientConfig::new(cfg.conductor_addr.clone(), cfg.tls.clone());
@@ -311,6 +314,8 @@ enum Input {
     Command(u64, wire::conductor_message::Msg),
     /// Connection `epoch` is gone.
     Lost(u64),
+    /// A log shipper on connection `epoch` ended by itself (its stream failed), a while ago.
+    ShipEnded(u64, DeploymentId),
 }
 
 /// Owns the core and everything its effects act on.
@@ -331,6 +336,8 @@ struct Driver {
     /// The newest local state, for the writer task.
     state: watch::Sender<Option<Arc<Vec<Held>>>>,
     dropped_seen: u64,
+    /// Events that effects gave rise to, fed to the core after the current effect list.
+    later: VecDeque<Event>,
 }
 
 /// The current connection: its outgoing queue, tasks and log shippers (all end with it).
@@ -344,9 +351,14 @@ struct Conn {
 }
 
 impl Driver {
+    /// Feeds an event to the core and carries out its effects; events that effects give
+    /// rise to are fed after the whole list (so the core's effects never interleave).
     fn handle(&mut self, event: Event) {
-        for effect in self.core.handle(event) {
-            self.execute(effect);
+        let mut next = Some(event);
+        while let Some(event) = next.take().or_else(|| self.later.pop_front()) {
+            for effect in self.core.handle(event) {
+                self.execute(effect);
+            }
         }
     }
 
@@ -357,7 +369,18 @@ impl Driver {
                 self.handle(Event::Command(msg));
             }
             Input::Lost(epoch) if current == Some(epoch) => self.disconnected(),
-            Input::Command(..) | Input::Lost(_) => {}
+            Input::ShipEnded(epoch, id) if current == Some(epoch) => {
+                if let Some(conn) = self.conn.as_mut()
+                    && conn
+                        .shippers
+                        .get(&id)
+                        .is_some_and(CancellationToken::is_cancelled)
+                {
+                    conn.shippers.remove(&id);
+                }
+                self.handle(Event::ShipEnded(id));
+            }
+            Input::Command(..) | Input::Lost(_) | Input::ShipEnded(..) => {}
         }
     }
 
@@ -438,7 +461,7 @@ impl Driver {
         if resume > offset + local_last {
             offset = resume - local_last;
             tracing::warn!(%id, resume, local_last, "the conductor holds lines this node's spool lost; numbering new lines above them");
-            self.handle(Event::LogsBehind {
+            self.later.push_back(Event::LogsBehind {
                 id: id.clone(),
                 offset,
             });
@@ -459,7 +482,21 @@ impl Driver {
             pacer: conn.pacer.clone(),
             cancel,
         };
-        conn.tasks.spawn(shipper.run());
+        // Shippers that ended are collected here, so a long connection does not pile them up.
+        while conn.tasks.try_join_next().is_some() {}
+        let (inputs, epoch) = (self.inputs.clone(), conn.epoch);
+        conn.tasks.spawn(async move {
+            let (id, cancel) = (shipper.id.clone(), shipper.cancel.clone());
+            shipper.run().await;
+            if cancel.is_cancelled() {
+                return;
+            }
+            // Its stream failed (e.g. the conductor turned it away): the core starts it again
+            // after a pause, never in a loop.
+            cancel.cancel();
+            tokio::time::sleep(SHIP_RETRY).await;
+            let _ = inputs.send(Input::ShipEnded(epoch, id.into())).await;
+        });
     }
 
     /// A new connection: its writer, reader, pacer and heartbeat tasks, then the Hello.

@@ -509,6 +509,17 @@ async fn a_node_that_lost_its_log_spool_numbers_new_lines_above_the_conductors()
         .unwrap();
     // The second run's lines are new lines, not taken for resends of the first run's.
     until_line(&url, &format!("run{second}-30")).await;
+    // And the raised numbering is kept in the node's local state for its next start.
+    c.stop_node("n1").await;
+    let held = symphony::node::state::LocalState::new(c.node_work_dir("n1").join("state.bin"))
+        .load()
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    assert!(
+        held[0].log_offset > 0,
+        "log offset kept: {}",
+        held[0].log_offset
+    );
     c.shutdown().await;
 }
 

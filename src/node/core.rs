@@ -146,6 +146,8 @@ pub enum Effect {
 /// A deployment on its way out: its process is stopping.
 #[derive(Debug, Clone, PartialEq)]
 struct Leaving {
+    /// The generation of the copy stopping: an Assign older than it is stale.
+    generation: Generation,
     /// Its env, in use until the process is gone.
     env: Option<String>,
     log_offset: u64,
@@ -350,6 +352,14 @@ impl NodeCore {
             Msg::Assign(a) => {
                 let command_id = a.command_id;
                 if let Some(l) = self.leaving.get_mut(a.deployment_id.as_str()) {
+                    if Generation(a.generation) < l.generation {
+                        let why = format!(
+                            "stale generation {} (stopping {})",
+                            a.generation, l.generation
+                        );
+                        fx.push(Effect::Send(result_msg(command_id, false, why)));
+                        return;
+                    }
                     if l.waiting
                         .as_ref()
                         .is_none_or(|w| w.generation <= a.generation)
@@ -493,6 +503,7 @@ impl NodeCore {
         self.leaving.insert(
             h.id.clone(),
             Leaving {
+                generation: h.generation,
                 env: h.spec.env_name,
                 log_offset: h.log_offset,
                 waiting: None,

@@ -312,6 +312,14 @@ fn deployment_commands() {
             then: None,
         },
         Case {
+            name: "an Assign older than the copy stopping is refused, not queued",
+            restored: vec![],
+            before: vec![assign("d1", 3, "a"), unassign("d1", 3)],
+            event: assign("d1", 2, "b"),
+            effects: vec![refused(20, "stale generation 2 (stopping 3)")],
+            then: None,
+        },
+        Case {
             name: "an Unassign cancels the Assign waiting for the stop",
             restored: vec![],
             before: vec![

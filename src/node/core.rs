@@ -221,6 +221,8 @@ impl NodeCore {
     /// Takes one event; returns what to do, in order.
     pub fn handle(&mut self, event: Event) -> Vec<Effect> {
         let mut fx = Vec::new();
+        // Only commands and finished stops change which deployments use an env.
+        let users_may_change = matches!(event, Event::Command(_) | Event::Removed(_));
         match event {
             Event::Connected { statuses } => self.connected(statuses, &mut fx),
             Event::Disconnected => {
@@ -251,7 +253,9 @@ impl NodeCore {
                 }
             }
         }
-        self.recheck_kept_envs();
+        if users_may_change {
+            self.recheck_kept_envs();
+        }
         self.next_env_job(&mut fx);
         if std::mem::take(&mut self.state_changed) {
             fx.push(Effect::Persist(self.local_state()));
@@ -274,7 +278,8 @@ impl NodeCore {
         Some(Effect::Send(status_msg(up, removed)))
     }
 
-    /// Ids of the deployments held, restored or stopping (for tests and diagnostics).
+    /// Ids of the deployments held, restored or stopping.
+    #[cfg(test)]
     pub fn known(&self) -> BTreeSet<&str> {
         self.held
             .keys()
@@ -306,8 +311,10 @@ impl NodeCore {
         self.shipping.clear();
         // Everything up to now is in the inventory.
         self.unsent.clear();
+        // Only what this node holds: a copy whose stop has begun is not reported again.
         let mut inventory: Vec<wire::DeploymentStatus> = statuses
             .iter()
+            .filter(|s| self.held.contains_key(s.id.as_str()))
             .map(|s| to_wire(s, self.offset(&s.id)))
             .collect();
         inventory.extend(self.invalid.values().cloned());

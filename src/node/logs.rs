@@ -360,7 +360,8 @@ impl LogBuffer {
     /// At most `max` entries with `seq > after`, oldest first. Served from the ring when it
     /// reaches back far enough, else from the spool. Lines dropped from both show as a gap
     /// in the (otherwise contiguous) sequence numbers. Blocks the calling thread while the
-    /// spool is read: async code uses [`LogBuffer::since_within_async`].
+    /// spool is read (tests; the node reads with [`LogBuffer::since_within_async`]).
+    #[cfg(test)]
     pub fn since(&self, after: u64, max: usize) -> Vec<LogEntry> {
         self.since_within(after, max, usize::MAX)
     }
@@ -368,7 +369,9 @@ impl LogBuffer {
     /// As [`LogBuffer::since`], and also stops before `max_bytes` (each entry counting its
     /// line plus [`ENTRY_OVERHEAD`]), always returning at least one entry when there is one:
     /// the shipper's batches, without copying lines it would not send. Blocks the calling
-    /// thread while the spool is read: async code uses [`LogBuffer::since_within_async`].
+    /// thread while the spool is read (tests; the node reads with
+    /// [`LogBuffer::since_within_async`]).
+    #[cfg(test)]
     pub fn since_within(&self, after: u64, max: usize, max_bytes: usize) -> Vec<LogEntry> {
         match self.source(after, max, max_bytes) {
             Source::Ring(entries) => entries,

@@ -755,8 +755,18 @@ fn run(cases: Vec<Case>) {
 fn hello_carries_the_inventory_and_replaces_unsent_statuses() {
     let mut core = NodeCore::new(me(), vec![held("r1", 4, "a", 7)], vec!["base".into()]);
     core.handle(bad_assign("bad", 2));
+    core.handle(Event::Command(wire::conductor_message::Msg::Assign(
+        wire::Assign {
+            deployment_id: "d1".into(),
+            generation: 3,
+            desired_running: true,
+            specification_json: spec_json("a", None),
+            ..Default::default()
+        },
+    )));
+    // "gone" is still in the process table (its stop has begun) but no longer held.
     let fx = core.handle(Event::Connected {
-        statuses: vec![running("d1", 3, 42)],
+        statuses: vec![running("d1", 3, 42), running("gone", 1, 43)],
     });
     let hello = hello_of(&fx);
     assert_eq!(hello.node_id, "n1");

@@ -78,7 +78,8 @@ impl SpoolWriter {
             .map_err(|_| io::Error::other("log IO thread unavailable"))
     }
 
-    /// As [`SpoolWriter::run`], blocking the calling thread (sync callers).
+    /// As [`SpoolWriter::run`], blocking the calling thread (tests' sync reads).
+    #[cfg(test)]
     pub(super) fn run_blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,

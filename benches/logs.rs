@@ -302,6 +302,8 @@ async fn run(
     )?;
     node_cfg.groups = vec!["local".into()];
     node_cfg.capacities_total = BTreeMap::from([("cpu".to_owned(), 2)]);
+    node_cfg.keeper =
+        symphony::node::runner::Launcher::Program(env!("CARGO_BIN_EXE_symphony").into());
     let cancel = CancellationToken::new();
     let node = node_rt.spawn(symphony::node::agent::run(node_cfg, cancel.clone()));
     let mut env = Env {

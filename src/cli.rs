@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -31,6 +33,11 @@ pub struct Cli {
     /// JSON log lines (overrides `logging.json`).
     #[arg(long, global = true)]
     pub log_json: bool,
+    /// Node: on SIGTERM or Ctrl-C, exit but leave the workloads running under their keepers,
+    /// for the next agent (an upgraded binary) to adopt. Without it they are stopped; SIGUSR2
+    /// always exits this way.
+    #[arg(long, global = true)]
+    pub keep_workloads: bool,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -285,6 +292,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     mode: Some(Mode::Conductor),
                     ..overrides
                 },
+                false,
             )
             .await
         }
@@ -295,14 +303,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     mode: Some(Mode::Node),
                     ..overrides
                 },
+                cli.keep_workloads,
             )
             .await
         }
         Some(cmd) => Ok(client_command(cmd).await),
         None => match cli.config {
-            Some(path) => from_config(Some(&path), overrides).await,
+            Some(path) => from_config(Some(&path), overrides, cli.keep_workloads).await,
             None if Path::new("config.yaml").exists() => {
-                from_config(Some(Path::new("config.yaml")), overrides).await
+                from_config(
+                    Some(Path::new("config.yaml")),
+                    overrides,
+                    cli.keep_workloads,
+                )
+                .await
             }
             None => {
                 eprintln!(
@@ -330,7 +344,11 @@ async fn shutdown_signal() {
     }
 }
 
-async fn from_config(path: Option<&Path>, overrides: Overrides) -> anyhow::Result<ExitCode> {
+async fn from_config(
+    path: Option<&Path>,
+    overrides: Overrides,
+    keep_workloads: bool,
+) -> anyhow::Result<ExitCode> {
     let (mut file, warnings) = match path {
         Some(p) => config::load(p)?,
         None => config::parse_str("", "defaults")?,
@@ -380,6 +398,8 @@ async fn from_config(path: Option<&Path>, overrides: Overrides) -> anyhow::Resul
                 heartbeat: n.heartbeat,
                 work_dir: n.work_dir.clone(),
                 transport,
+                keeper: crate::node::runner::Launcher::current_exe(),
+                keep_workloads: Arc::new(AtomicBool::new(keep_workloads)),
             };
             run_node_until_signal(cfg).await?;
         }
@@ -389,9 +409,23 @@ async fn from_config(path: Option<&Path>, overrides: Overrides) -> anyhow::Resul
 
 async fn run_node_until_signal(cfg: NodeConfig) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
+    let keep = cfg.keep_workloads.clone();
     let mut node = tokio::spawn(crate::node::agent::run(cfg, cancel.clone()));
+    let upgrade = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
     tokio::select! {
         () = shutdown_signal() => {
+            cancel.cancel();
+            node.await.context("node task")?
+        }
+        () = upgrade => {
+            keep.store(true, Ordering::SeqCst);
             cancel.cancel();
             node.await.context("node task")?
         }

@@ -5,6 +5,7 @@ mod convert;
 pub mod core;
 pub mod envs;
 pub mod health;
+pub mod keeper;
 pub mod logs;
 pub mod monitor;
 pub mod restart;

@@ -20,6 +20,7 @@ mod ship;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +40,7 @@ use super::convert::{heartbeat_wire, static_wire};
 use super::core::{Effect, EnvJob, EnvOutcome, Event, Identity, NodeCore};
 use super::envs::{self, Envs};
 use super::monitor::{Monitor, UsageSample};
+use super::runner::Launcher;
 use super::state::{Held, LocalState, StateStore};
 use super::supervisor::{Hooks, Supervisor, SupervisorConfig};
 use crate::model::DeploymentId;
@@ -60,6 +62,11 @@ pub struct NodeConfig {
     /// Workspaces, envs, log spools and local state live here.
     pub work_dir: PathBuf,
     pub transport: TransportSettings,
+    /// How workloads' keepers are started (the `symphony` binary; tests name it).
+    pub keeper: Launcher,
+    /// When set at the time the node is cancelled, the workloads keep running under their
+    /// keepers for the next agent to adopt (an upgrade in place); otherwise they are stopped.
+    pub keep_workloads: Arc<AtomicBool>,
 }
 
 impl NodeConfig {
@@ -84,6 +91,8 @@ impl NodeConfig {
             heartbeat: Duration::from_secs(1),
             work_dir: dir.join("work"),
             transport: TransportSettings::default(),
+            keeper: Launcher::current_exe(),
+            keep_workloads: Arc::new(AtomicBool::new(false)),
         })
     }
 }
@@ -150,9 +159,17 @@ pub async fn run_with_store(
         })),
     };
     let node_env: BTreeMap<String, String> = std::env::vars().collect();
-    let (sup, mut statuses) =
-        Supervisor::with_hooks(SupervisorConfig::new(cfg.work_dir.clone(), node_env), hooks);
-    tracing::info!(held = restored.len(), node_id = %cfg.node_id, "node agent started");
+    let mut sup_cfg = SupervisorConfig::new(cfg.work_dir.clone(), node_env);
+    sup_cfg.launcher = cfg.keeper.clone();
+    let (sup, mut statuses) = Supervisor::with_hooks(sup_cfg, hooks);
+    // Before anything starts: processes left by a previous agent are kept for adoption or
+    // stopped, so no deployment ever runs twice.
+    let wanted = restored
+        .iter()
+        .map(|h| (h.id.to_string(), h.desired_running))
+        .collect();
+    let adoptable = sup.recover(&wanted).await;
+    tracing::info!(held = restored.len(), adoptable = adoptable.len(), node_id = %cfg.node_id, "node agent started");
 
     let mut monitor = Monitor::new();
     let me = Identity {
@@ -243,8 +260,13 @@ pub async fn run_with_store(
         }
         d.flush();
     }
-    tracing::info!("node shutting down: stopping workloads");
-    sup.shutdown().await;
+    if cfg.keep_workloads.load(Ordering::SeqCst) && fatal.is_none() {
+        tracing::info!("node exiting for an upgrade: workloads keep running under their keepers");
+        sup.detach().await;
+    } else {
+        tracing::info!("node shutting down: stopping workloads");
+        sup.shutdown().await;
+    }
     d.jobs.close();
     let _ = tokio::time::timeout(BACKGROUND_GRACE, d.jobs.wait()).await;
     // Dropping the driver ends the connection's tasks and lets the writer finish.

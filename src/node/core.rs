@@ -421,8 +421,9 @@ impl NodeCore {
                 if self.held.contains_key(&id) {
                     self.start_removal(&id, false, fx);
                 }
-                if self.restored.remove(&id).is_some() {
-                    self.state_changed = true;
+                // A restored copy may still run (its keeper outlived the last agent): stop it.
+                if let Some(r) = self.restored.remove(&id) {
+                    self.leave(r, false, fx);
                 }
                 self.unsent.insert(id, Some(st));
                 return Err(reason);
@@ -468,8 +469,10 @@ impl NodeCore {
     fn unassign(&mut self, u: &wire::Unassign, fx: &mut Vec<Effect>) {
         let id = u.deployment_id.as_str();
         self.invalid.remove(id);
-        if self.restored.remove(id).is_some() {
-            self.state_changed = true;
+        if let Some(r) = self.restored.remove(id) {
+            // Its process may still run under its keeper: it leaves like a held one.
+            self.leave(r, true, fx);
+            return;
         }
         if let Some(l) = self.leaving.get_mut(id) {
             // Assigns waiting on the stop are cancelled by this Unassign too.
@@ -504,9 +507,13 @@ impl NodeCore {
         if self.shipping.remove(id) {
             fx.push(Effect::StopShip(id.into()));
         }
-        let Some(h) = self.held.remove(id) else {
-            return;
-        };
+        if let Some(h) = self.held.remove(id) {
+            self.leave(h, report_removed, fx);
+        }
+    }
+
+    /// Starts the stop of `h` (held, or restored and maybe still running under its keeper).
+    fn leave(&mut self, h: Held, report_removed: bool, fx: &mut Vec<Effect>) {
         self.leaving.insert(
             h.id.clone(),
             Leaving {

@@ -306,9 +306,15 @@ impl LogBuffer {
     /// waits for the disk (see the module docs).
     pub fn push_batch(&self, stream: LogStream, lines: impl IntoIterator<Item = String>) -> u64 {
         let timestamp_ms = chrono::Utc::now().timestamp_millis();
+        self.push_timed(lines.into_iter().map(|line| (stream, timestamp_ms, line)))
+    }
+
+    /// Appends `(stream, timestamp, line)` entries in order (lines a keeper read, with the
+    /// time it read them); returns the last sequence number. Never waits for the disk.
+    pub fn push_timed(&self, lines: impl IntoIterator<Item = (LogStream, i64, String)>) -> u64 {
         let mut inner = self.lock();
         let first = inner.ring.len();
-        for line in lines {
+        for (stream, timestamp_ms, line) in lines {
             inner.last_seq += 1;
             let entry = LogEntry {
                 seq: inner.last_seq,
@@ -336,6 +342,21 @@ impl LogBuffer {
             self.notify.send_replace(last);
         }
         last
+    }
+
+    /// Runs `job` after the spool writes queued so far, on the log IO thread (without a
+    /// spool: on the blocking pool). The keeper's cursor is saved this way, so it never runs
+    /// ahead of the lines on disk.
+    pub fn after_writes(&self, job: impl FnOnce() + Send + 'static) {
+        let link = self.lock().spool.clone();
+        match link {
+            Some(link) => {
+                link.io.submit(job);
+            }
+            None => {
+                tokio::task::spawn_blocking(job);
+            }
+        }
     }
 
     /// The sequence number of the last entry (0 when empty).

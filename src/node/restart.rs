@@ -92,6 +92,15 @@ impl RestartTracker {
         Self::default()
     }
 
+    /// A fresh tracker that goes on counting from `total` restarts (a process adopted after
+    /// an agent restart keeps its count; the window starts empty).
+    pub fn resumed(total: u32) -> Self {
+        Self {
+            total,
+            ..Self::default()
+        }
+    }
+
     /// Records that a process started at `now_ms`.
     pub fn on_start(&mut self, now_ms: u64) {
         self.last_start_ms = Some(now_ms);

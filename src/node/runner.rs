@@ -1,6 +1,10 @@
-//! Spawning and stopping deployment processes. [`command`] is the ONLY place in the node that
-//! builds an OS command: every child gets its own process group, an explicit cwd, an explicit
-//! full environment, stdin from /dev/null and no shell.
+//! Spawning and stopping deployment processes. [`std_command`] is the ONLY place in the node
+//! that builds a workload's OS command: every child gets its own process group, an explicit cwd,
+//! an explicit full environment, stdin from /dev/null and no shell.
+//!
+//! A deployment's process runs under a keeper ([`super::keeper`]): [`spawn`] starts one and
+//! [`adopt`] takes over one that a previous agent started. Either way a [`RunningProcess`] tails
+//! the keeper's outbox into the deployment's log and learns the exit from it.
 //!
 //! Invariants:
 //! - A child is the leader of its own process group (`pgid == pid`); signals go to the group,
@@ -10,26 +14,36 @@
 //!   same deadline, so no orphan survives a stop or a restart.
 //! - Exit codes follow the original: the exit status, or minus the signal number.
 //! - The children are never killed on drop (`kill_on_drop(false)`): dropping a handle must not
-//!   kill a workload by accident; only an explicit stop does.
+//!   kill a workload by accident; only an explicit stop does. [`RunningProcess::detach`] leaves
+//!   the keeper and its workload running for the next agent.
+//! - A process's run directory is removed only after its keeper is gone and its output is in
+//!   the log; while it exists, a restarted agent finds the process there.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::process::Child;
-use tokio::task::JoinSet;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 
-use super::logs::{LogBuffer, LogStream, pump};
+use super::keeper::{self, Launch, OutboxReader, ProcId, Rec, Record};
+use super::logs::{LogBuffer, LogStream};
 
-/// How long to wait for the output pumps after the process group is gone.
+/// How long to wait for the keeper (the rest of the output) after the process group is gone.
 const PUMP_GRACE: Duration = Duration::from_secs(2);
+/// How long a keeper may take to answer whether its workload started.
+const KEEPER_ANSWER: Duration = Duration::from_secs(30);
+/// Bytes of outbox read per step before the records are passed on.
+const READ_BYTES: usize = 256 * 1024;
 
 /// First and longest pause between checks for the rest of a process group once its leader is
 /// gone (the kernel offers no event for "group empty" for processes that are not our
@@ -38,7 +52,7 @@ const GROUP_POLL_FIRST: Duration = Duration::from_millis(5);
 const GROUP_POLL_MAX: Duration = Duration::from_millis(100);
 
 /// What to run: program and arguments (no shell), working directory and the full environment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessSpec {
     /// `command[0]` is the program (resolved through `PATH`), the rest its arguments.
     pub command: Vec<String>,
@@ -66,17 +80,20 @@ pub enum SpawnError {
     /// The child exited before its pid could be read.
     #[error("process exited before its pid was known")]
     NoPid,
+    /// The keeper refused or failed (its message, e.g. the workload's spawn error).
+    #[error("{0}")]
+    Keeper(String),
 }
 
-/// Builds the command for `spec`. THE ONE PLACE where the node creates OS commands: own process
-/// group, explicit cwd and environment, stdin null, stdout/stderr piped, no kill on drop.
-pub fn command(spec: &ProcessSpec) -> Result<tokio::process::Command, SpawnError> {
+/// Builds the command for `spec`. THE ONE PLACE where the node creates a workload's OS command:
+/// own process group, explicit cwd and environment, stdin null, stdout/stderr piped.
+pub fn std_command(spec: &ProcessSpec) -> Result<std::process::Command, SpawnError> {
     let (program, args) = spec.command.split_first().ok_or(SpawnError::EmptyCommand)?;
     #[allow(
         clippy::disallowed_methods,
-        reason = "runner::command is the one place that builds commands"
+        reason = "runner::std_command is the one place that builds commands"
     )]
-    let mut cmd = tokio::process::Command::new(program);
+    let mut cmd = std::process::Command::new(program);
     cmd.args(args)
         .current_dir(&spec.cwd)
         .env_clear()
@@ -84,9 +101,171 @@ pub fn command(spec: &ProcessSpec) -> Result<tokio::process::Command, SpawnError
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(false);
+        .process_group(0);
     Ok(cmd)
+}
+
+/// [`std_command`] for tokio, never killed on drop.
+pub fn command(spec: &ProcessSpec) -> Result<tokio::process::Command, SpawnError> {
+    let mut cmd = tokio::process::Command::from(std_command(spec)?);
+    cmd.kill_on_drop(false);
+    Ok(cmd)
+}
+
+/// How keepers are started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Launcher {
+    /// `<program> __keeper <dir>`: the `symphony` binary. Workloads outlive the agent.
+    Program(PathBuf),
+    /// In a thread of this process (unit tests): the same keeper, but it ends with the agent.
+    Thread,
+}
+
+impl Launcher {
+    /// This process's own binary, resolved now (after an upgrade replaced the file, the path
+    /// names the new binary, which is what new keepers should run).
+    pub fn current_exe() -> Self {
+        Self::Program(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("symphony")))
+    }
+}
+
+/// Creates a fresh run directory with its bell (a previous process's files are removed).
+fn fresh_run_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::create_dir_all(dir)?;
+    nix::unistd::mkfifo(
+        &dir.join(keeper::BELL),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )?;
+    Ok(())
+}
+
+/// Starts `launch` under a keeper in `dir` and returns the running process, tailing its output
+/// into `logs`.
+pub async fn spawn(
+    launcher: &Launcher,
+    dir: &Path,
+    launch: Launch,
+    logs: &LogBuffer,
+) -> Result<RunningProcess, SpawnError> {
+    if launch.process.command.is_empty() {
+        return Err(SpawnError::EmptyCommand);
+    }
+    let keeper_err =
+        |what: &str, e: &dyn std::fmt::Display| SpawnError::Keeper(format!("keeper: {what}: {e}"));
+    let owned = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || fresh_run_dir(&owned))
+        .await
+        .map_err(|e| keeper_err("preparing the run directory", &e))?
+        .map_err(|e| keeper_err(&format!("preparing {}", dir.display()), &e))?;
+    let (answer, keeper) = match launcher {
+        Launcher::Program(program) => {
+            let (answer, child) = start_keeper_process(program, dir, &launch).await?;
+            (answer, KeeperHandle::Child(child))
+        }
+        Launcher::Thread => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let owned = dir.to_path_buf();
+            let launch = launch.clone();
+            let thread = std::thread::spawn(move || {
+                let _ = keeper::serve(&owned, &launch, |r| {
+                    let _ = tx.send(r);
+                });
+            });
+            let answer = rx
+                .await
+                .unwrap_or_else(|_| Err("keeper: the keeper thread ended".into()));
+            (answer, KeeperHandle::Thread(thread))
+        }
+    };
+    let pid = answer.map_err(SpawnError::Keeper)?;
+    let record = tokio::task::spawn_blocking({
+        let dir = dir.to_path_buf();
+        move || Record::load(&dir)
+    })
+    .await
+    .ok()
+    .flatten()
+    .filter(|r| r.workload.is_some_and(|w| w.pid == pid))
+    .ok_or_else(|| SpawnError::Keeper(format!("keeper: no record in {}", dir.display())))?;
+    RunningProcess::attach(dir, record, 0, keeper, logs)
+        .map_err(|e| keeper_err("opening the bell", &e))
+}
+
+/// Starts `symphony __keeper <dir>`, hands it the launch and reads its answer.
+async fn start_keeper_process(
+    program: &Path,
+    dir: &Path,
+    launch: &Launch,
+) -> Result<(Result<u32, String>, tokio::process::Child), SpawnError> {
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the keeper is the node's own binary; the workload's command is built by std_command"
+    )]
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.arg(keeper::ARG)
+        .arg(dir)
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(false);
+    let mut child = cmd.spawn().map_err(|source| SpawnError::Spawn {
+        program: program.display().to_string(),
+        source,
+    })?;
+    let io_err = |e: io::Error| SpawnError::Keeper(format!("keeper: {e}"));
+    let json = serde_json::to_vec(launch).map_err(|e| SpawnError::Keeper(e.to_string()))?;
+    let mut stdin = child.stdin.take().ok_or(SpawnError::NoPid)?;
+    let stdout = child.stdout.take().ok_or(SpawnError::NoPid)?;
+    let talk = async move {
+        stdin.write_all(&json).await?;
+        drop(stdin);
+        let mut line = String::new();
+        tokio::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .await?;
+        Ok::<_, io::Error>(line)
+    };
+    let line = match timeout(KEEPER_ANSWER, talk).await {
+        Ok(Ok(line)) => line,
+        Ok(Err(e)) => return Err(io_err(e)),
+        Err(_) => {
+            let _ = child.start_kill();
+            return Err(SpawnError::Keeper("keeper: no answer in time".into()));
+        }
+    };
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        pid: Option<u32>,
+        error: Option<String>,
+    }
+    let answer = match serde_json::from_str::<Answer>(&line) {
+        Ok(Answer { pid: Some(pid), .. }) => Ok(pid),
+        Ok(Answer {
+            error: Some(error), ..
+        }) => Err(error),
+        _ => Err(format!("keeper: unexpected answer {:?}", line.trim())),
+    };
+    Ok((answer, child))
+}
+
+/// Takes over the process a previous agent started in `dir` (its keeper may have exited since:
+/// then the process is seen exiting at once, with its code when the keeper recorded it).
+pub fn adopt(dir: &Path, record: Record, logs: &LogBuffer) -> io::Result<RunningProcess> {
+    let cursor = read_cursor(dir);
+    RunningProcess::attach(dir, record, cursor, KeeperHandle::Adopted, logs)
+}
+
+fn read_cursor(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join(keeper::CURSOR))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The exit code of a status: the code, or minus the signal number.
@@ -109,6 +288,32 @@ pub fn describe_exit(code: i32) -> String {
     }
 }
 
+/// [`describe_exit`], or why the code is not known.
+pub fn describe_exit_opt(code: Option<i32>) -> String {
+    code.map_or_else(|| "exit status unknown (adopted)".to_owned(), describe_exit)
+}
+
+/// Kills the process group a record names, when its leader is still that very process (a
+/// keeper that cannot be adopted must not leave its workload behind).
+pub fn kill_left_group(record: &Record) {
+    if let Some(workload) = record.workload
+        && group_is_ours(workload)
+    {
+        signal_group(
+            Pid::from_raw(i32::try_from(workload.pid).unwrap_or(i32::MAX)),
+            Signal::SIGKILL,
+        );
+    }
+}
+
+/// Whether the process group led by `leader` may still exist as ours. A pid is not reused
+/// while a group of that id has members, so when the pid names a process with another start
+/// time, the old group is gone and the id belongs to someone else. When the pid names nothing,
+/// members of the old group may remain.
+pub fn group_is_ours(leader: ProcId) -> bool {
+    proc_stat(leader.pid).is_none_or(|s| s.start == leader.start)
+}
+
 /// The signal for a number, SIGTERM when the number is not a valid signal.
 pub fn signal_or_term(number: i32) -> Signal {
     Signal::try_from(number).unwrap_or(Signal::SIGTERM)
@@ -117,87 +322,117 @@ pub fn signal_or_term(number: i32) -> Signal {
 /// How a stop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StopReport {
-    /// Exit code of the group leader (negative = signal).
-    pub code: i32,
+    /// Exit code of the group leader (negative = signal); `None` when it cannot be known (the
+    /// keeper of an adopted process was killed).
+    pub code: Option<i32>,
     /// True when SIGKILL was needed (the leader or other members outlived the timeout).
     pub killed: bool,
 }
 
-/// A running deployment process and the tasks pumping its output into its log.
-#[derive(Debug)]
-pub struct RunningProcess {
-    child: Child,
-    pid: u32,
-    exit: Option<i32>,
-    pumps: JoinSet<()>,
+/// What the tail learned about the workload's exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExitSeen {
+    Running,
+    Code(i32),
+    /// The keeper is gone without a recorded exit.
+    Unknown,
 }
 
-/// Spawns `spec`, pumping stdout and stderr into `logs` with lines of at most `max_line` bytes.
-pub fn spawn(
-    spec: &ProcessSpec,
-    logs: &LogBuffer,
-    max_line: usize,
-) -> Result<RunningProcess, SpawnError> {
-    let mut cmd = command(spec)?;
-    let mut child = cmd.spawn().map_err(|source| SpawnError::Spawn {
-        program: spec.command.first().cloned().unwrap_or_default(),
-        source,
-    })?;
-    let Some(pid) = child.id() else {
-        return Err(SpawnError::NoPid);
-    };
-    let mut pumps = JoinSet::new();
-    if let Some(out) = child.stdout.take() {
-        pumps.spawn(pump(out, LogStream::Stdout, logs.clone(), max_line));
-    }
-    if let Some(err) = child.stderr.take() {
-        pumps.spawn(pump(err, LogStream::Stderr, logs.clone(), max_line));
-    }
-    Ok(RunningProcess {
-        child,
-        pid,
-        exit: None,
-        pumps,
-    })
+/// Who keeps the process.
+#[derive(Debug)]
+enum KeeperHandle {
+    /// A keeper process this agent started (dropping the handle leaves it running).
+    Child(tokio::process::Child),
+    /// A keeper thread (tests).
+    Thread(std::thread::JoinHandle<()>),
+    /// A keeper a previous agent started.
+    Adopted,
+}
+
+/// A running deployment process (under its keeper) and the task tailing its output.
+#[derive(Debug)]
+pub struct RunningProcess {
+    pid: u32,
+    dir: PathBuf,
+    record: Record,
+    keeper: KeeperHandle,
+    exit: watch::Receiver<ExitSeen>,
+    tail: Option<JoinHandle<()>>,
 }
 
 impl RunningProcess {
+    fn attach(
+        dir: &Path,
+        record: Record,
+        cursor: u64,
+        keeper: KeeperHandle,
+        logs: &LogBuffer,
+    ) -> io::Result<Self> {
+        let pid = record.workload.map_or(0, |w| w.pid);
+        let bell =
+            tokio::net::unix::pipe::OpenOptions::new().open_receiver(dir.join(keeper::BELL))?;
+        let (tx, exit) = watch::channel(ExitSeen::Running);
+        let tail = tokio::spawn(tail(dir.to_path_buf(), cursor, bell, logs.clone(), tx));
+        Ok(Self {
+            pid,
+            dir: dir.to_path_buf(),
+            record,
+            keeper,
+            exit,
+            tail: Some(tail),
+        })
+    }
+
     /// The leader's pid (also the process group id).
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// What the process was started with.
+    pub fn launch(&self) -> &Launch {
+        &self.record.launch
     }
 
     fn pgid(&self) -> Pid {
         Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX))
     }
 
-    /// Waits for the group leader to exit; returns its exit code. Cancel-safe, and returns at
-    /// once when the exit is already known.
-    pub async fn wait(&mut self) -> i32 {
-        if let Some(code) = self.exit {
-            return code;
+    /// Whether the process group can still be ours (see [`group_is_ours`]).
+    fn group_is_ours(&self) -> bool {
+        self.record.workload.is_some_and(group_is_ours)
+    }
+
+    /// Waits for the group leader to exit; returns its exit code, `None` when it cannot be
+    /// known. Cancel-safe, and returns at once when the exit is already known.
+    pub async fn wait(&mut self) -> Option<i32> {
+        match self.exit.wait_for(|e| *e != ExitSeen::Running).await {
+            Ok(seen) => match *seen {
+                ExitSeen::Code(code) => Some(code),
+                ExitSeen::Running | ExitSeen::Unknown => None,
+            },
+            // The tail ended without a word (aborted): nothing more will be learned.
+            Err(_) => None,
         }
-        let code = match self.child.wait().await {
-            Ok(status) => exit_code(status),
-            Err(error) => {
-                // Practically impossible after a successful spawn; make sure nothing survives.
-                tracing::error!(%error, pid = self.pid, "waiting for child failed");
-                signal_group(self.pgid(), Signal::SIGKILL);
-                -(Signal::SIGKILL as i32)
-            }
-        };
-        self.exit = Some(code);
-        code
     }
 
     /// Stops the process group: `signal`, then SIGKILL after `stop_timeout`. Also used after
-    /// the leader exited on its own, to end the members it left behind. Waits for the output
-    /// pumps so every line is in the log when this returns.
+    /// the leader exited on its own, to end the members it left behind. Waits for the keeper
+    /// so every line is in the log when this returns, then removes the run directory.
     pub async fn stop(&mut self, signal: Signal, stop_timeout: Duration) -> StopReport {
         let deadline = Instant::now() + stop_timeout;
         let pgid = self.pgid();
         let mut killed = false;
-        if self.exit.is_none() {
+        let exited = *self.exit.borrow() != ExitSeen::Running;
+        if !self.group_is_ours() {
+            // The pid names another process now: the group is long gone. Never signal it.
+            let code = self.wait().await;
+            self.finish_keeper().await;
+            return StopReport {
+                code,
+                killed: false,
+            };
+        }
+        if !exited {
             signal_group(pgid, signal);
             if timeout_at(deadline, self.wait()).await.is_err() {
                 signal_group(pgid, Signal::SIGKILL);
@@ -219,17 +454,203 @@ impl RunningProcess {
             sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(GROUP_POLL_MAX);
         }
-        let pumps = async { while self.pumps.join_next().await.is_some() {} };
-        if timeout(PUMP_GRACE, pumps).await.is_err() {
-            // A process that left the group still holds a pipe; stop reading it.
-            self.pumps.abort_all();
-        }
+        self.finish_keeper().await;
         StopReport { code, killed }
+    }
+
+    /// Waits for the keeper to end (the rest of the output is then in the log); a keeper held
+    /// up by a process that left the group is killed after [`PUMP_GRACE`]. Then the run
+    /// directory goes.
+    async fn finish_keeper(&mut self) {
+        if let Some(mut tail) = self.tail.take()
+            && timeout(PUMP_GRACE, &mut tail).await.is_err()
+        {
+            // (A keeper thread is this very process: it cannot be killed, only left.)
+            if !matches!(self.keeper, KeeperHandle::Thread(_)) {
+                kill_process(self.record.keeper);
+            }
+            if timeout(PUMP_GRACE, &mut tail).await.is_err() {
+                tail.abort();
+            }
+        }
+        match std::mem::replace(&mut self.keeper, KeeperHandle::Adopted) {
+            KeeperHandle::Child(mut child) => {
+                let _ = timeout(PUMP_GRACE, child.wait()).await;
+            }
+            KeeperHandle::Thread(thread) => {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            }
+            KeeperHandle::Adopted => {}
+        }
+        let dir = self.dir.clone();
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        if let Ok(Err(error)) = removed
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(%error, dir = %self.dir.display(), "removing a run directory failed");
+        }
+    }
+
+    /// Leaves the process to its keeper (the agent is being upgraded): stops reading its
+    /// output. The lines read so far are in the log and the cursor says where they end, so
+    /// the next agent goes on from there.
+    pub fn detach(mut self) {
+        if let Some(tail) = self.tail.take() {
+            tail.abort();
+        }
+    }
+}
+
+/// Tails the outbox of the keeper in `dir` into `logs` from `cursor`, until the keeper is gone
+/// and everything it wrote is read; reports the exit on `exit`.
+async fn tail(
+    dir: PathBuf,
+    cursor: u64,
+    bell: tokio::net::unix::pipe::Receiver,
+    logs: LogBuffer,
+    exit: watch::Sender<ExitSeen>,
+) {
+    let mut reader = Some(OutboxReader::new(&dir, cursor));
+    let mut keeper_gone = false;
+    let mut read_failed = false;
+    loop {
+        let Some(mut r) = reader.take() else { break };
+        let read = tokio::task::spawn_blocking(move || {
+            let batch = r.read(READ_BYTES);
+            (r, batch)
+        })
+        .await;
+        let Ok((r, batch)) = read else { break };
+        reader = Some(r);
+        match batch {
+            Ok(batch) => {
+                read_failed = false;
+                let full = !batch.recs.is_empty();
+                deliver(&dir, batch, &logs, &exit);
+                if full {
+                    // There may be more: read again before waiting (and let others run).
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            }
+            Err(error) if !read_failed => {
+                read_failed = true;
+                logs.push(
+                    LogStream::System,
+                    format!("reading the keeper's output failed: {error}"),
+                );
+            }
+            Err(_) => {}
+        }
+        if keeper_gone {
+            break;
+        }
+        keeper_gone = ring_or_gone(&bell).await;
+    }
+    if *exit.borrow() == ExitSeen::Running {
+        let dir = dir.clone();
+        let code = tokio::task::spawn_blocking(move || keeper::read_exit(&dir))
+            .await
+            .ok()
+            .flatten();
+        exit.send_replace(code.map_or(ExitSeen::Unknown, ExitSeen::Code));
+    }
+}
+
+/// Waits for the bell and empties it; true when the keeper is gone (end of file).
+async fn ring_or_gone(bell: &tokio::net::unix::pipe::Receiver) -> bool {
+    let mut scratch = [0u8; 512];
+    loop {
+        if bell.readable().await.is_err() {
+            return true;
+        }
+        let mut rang = false;
+        loop {
+            match bell.try_read(&mut scratch) {
+                Ok(0) => return true,
+                Ok(_) => rang = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
+        }
+        if rang {
+            return false;
+        }
+    }
+}
+
+/// Passes a batch of records on: lines to the log (with the keeper's times), the exit to the
+/// waiter, and the cursor to disk once the lines are in the spool.
+fn deliver(dir: &Path, batch: keeper::Batch, logs: &LogBuffer, exit: &watch::Sender<ExitSeen>) {
+    if batch.lost_bytes > 0 {
+        logs.push(
+            LogStream::System,
+            format!(
+                "{} bytes of output were lost while nobody read them (the keeper's outbox was full)",
+                batch.lost_bytes
+            ),
+        );
+    }
+    let mut exited = None;
+    logs.push_timed(batch.recs.into_iter().filter_map(|rec| match rec {
+        Rec::Line {
+            stream,
+            at_ms,
+            text,
+        } => Some((stream, at_ms, text)),
+        Rec::Exit { code, .. } => {
+            exited = Some(code);
+            None
+        }
+    }));
+    if let Some(code) = exited {
+        exit.send_replace(ExitSeen::Code(code));
+    }
+    let (dir, cursor) = (dir.to_path_buf(), batch.cursor);
+    logs.after_writes(move || save_cursor(&dir, cursor));
+}
+
+/// Records how far the outbox is in the log and deletes the segments read past.
+fn save_cursor(dir: &Path, cursor: u64) {
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(keeper::CURSOR))
+        // Fixed width, in place: one write, never a torn or shorter number.
+        .and_then(|f| f.write_all_at(format!("{cursor:020}\n").as_bytes(), 0));
+    if written.is_err() {
+        // The run directory is gone (the process ended) or the disk is failing: a restart
+        // reads from the last cursor that was written.
+        return;
+    }
+    if let Ok(starts) = keeper::segments(dir) {
+        for pair in starts.windows(2) {
+            if pair[1] <= cursor {
+                let _ = std::fs::remove_file(keeper::segment_path(dir, pair[0]));
+            }
+        }
+    }
+}
+
+/// SIGKILL to that very process (same pid and start time), never to anything else: not to a
+/// recycled pid, and never to pid 0 or -1, which would name whole groups.
+pub fn kill_process(p: ProcId) {
+    if let Ok(raw) = i32::try_from(p.pid)
+        && raw > 0
+        && p.alive()
+    {
+        let _ = nix::sys::signal::kill(Pid::from_raw(raw), Signal::SIGKILL);
     }
 }
 
 /// Sends `signal` to the group; a group that no longer exists is not an error.
 fn signal_group(pgid: Pid, signal: Signal) {
+    // 0 is the caller's own group and 1 is init's: never a workload's (a record without a pid).
+    if pgid.as_raw() <= 1 {
+        return;
+    }
     match killpg(pgid, signal) {
         Ok(()) | Err(Errno::ESRCH) => {}
         Err(error) => tracing::warn!(%error, pgid = pgid.as_raw(), ?signal, "killpg failed"),
@@ -257,19 +678,17 @@ async fn group_alive(pgid: Pid) -> bool {
 
 fn group_has_live_member(pgid: i32) -> io::Result<bool> {
     for dirent in std::fs::read_dir("/proc")? {
-        let path = dirent?.path();
-        let is_pid = path
+        let Some(pid) = dirent?
             .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
-        if !is_pid {
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
-        }
-        if let Ok(stat) = std::fs::read_to_string(path.join("stat"))
-            && let Some((state, group)) = parse_stat(&stat)
-            && group == pgid
-            && state != 'Z'
-            && state != 'X'
+        };
+        if let Some(stat) = proc_stat(pid)
+            && stat.pgrp == pgid
+            && stat.state != 'Z'
+            && stat.state != 'X'
         {
             return Ok(true);
         }
@@ -277,23 +696,38 @@ fn group_has_live_member(pgid: i32) -> io::Result<bool> {
     Ok(false)
 }
 
-/// State and process group from `/proc/<pid>/stat` (`pid (comm) state ppid pgrp ...`).
-fn parse_stat(stat: &str) -> Option<(char, i32)> {
+/// What the node reads of `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// `R`, `S`, `Z`, ...
+    pub state: char,
+    /// Process group.
+    pub pgrp: i32,
+    /// Start time in clock ticks after boot: with the pid, names one process for good.
+    pub start: u64,
+}
+
+/// The stat of process `pid`, if it exists.
+pub fn proc_stat(pid: u32) -> Option<Stat> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// `pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime
+/// stime cutime cstime priority nice threads itrealvalue starttime ...`
+fn parse_stat(stat: &str) -> Option<Stat> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let _ppid = fields.next()?;
-    let pgrp = fields.next()?.parse().ok()?;
-    Some((state, pgrp))
+    let fields: Vec<&str> = rest.split_whitespace().take(20).collect();
+    Some(Stat {
+        state: fields.first()?.chars().next()?,
+        pgrp: fields.get(2)?.parse().ok()?,
+        start: fields.get(19)?.parse().ok()?,
+    })
 }
 
 /// Whether `pid` names a live (non-zombie) process.
 #[cfg(test)]
 pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => parse_stat(&stat).is_some_and(|(state, _)| state != 'Z' && state != 'X'),
-        Err(_) => false,
-    }
+    proc_stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
 }
 
 /// Kills a process group with SIGKILL when dropped (also when the owning future is dropped
@@ -336,6 +770,37 @@ pub async fn run_to_exit(spec: &ProcessSpec, limit: Duration) -> Result<i32, Str
 mod tests {
     use super::*;
 
+    /// A launch of `spec` with default limits.
+    fn launch(spec: ProcessSpec, max_line: usize) -> Launch {
+        Launch {
+            id: "t".into(),
+            generation: 1,
+            spec: crate::spec::DeploymentSpec::defaults_for(spec.command.clone()),
+            restart_count: 0,
+            started_at_ms: 0,
+            process: spec,
+            max_line,
+            outbox_bytes: 1 << 20,
+        }
+    }
+
+    /// Starts `spec` under a keeper thread in a fresh run directory.
+    async fn try_start(
+        spec: ProcessSpec,
+        logs: &LogBuffer,
+        max_line: usize,
+    ) -> (tempfile::TempDir, Result<RunningProcess, SpawnError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let p = spawn(&Launcher::Thread, &run, launch(spec, max_line), logs).await;
+        (dir, p)
+    }
+
+    async fn start(spec: ProcessSpec, logs: &LogBuffer) -> (tempfile::TempDir, RunningProcess) {
+        let (dir, p) = try_start(spec, logs, 1024).await;
+        (dir, p.unwrap())
+    }
+
     fn sh(script: &str) -> ProcessSpec {
         ProcessSpec {
             command: vec!["/bin/sh".into(), "-c".into(), script.into()],
@@ -351,13 +816,13 @@ mod tests {
         spec.env.insert("FOO".into(), "bar".into());
         let dir = tempfile::tempdir().unwrap();
         spec.cwd = dir.path().to_path_buf();
-        let mut p = spawn(&spec, &logs, 1024).unwrap();
-        assert_eq!(p.wait().await, 7);
+        let (_run, mut p) = start(spec, &logs).await;
+        assert_eq!(p.wait().await, Some(7));
         let report = p.stop(Signal::SIGTERM, Duration::from_secs(1)).await;
         assert_eq!(
             report,
             StopReport {
-                code: 7,
+                code: Some(7),
                 killed: false
             }
         );
@@ -365,8 +830,8 @@ mod tests {
         let cwd = dir.path().canonicalize().unwrap();
         assert_eq!(lines, vec!["bar".to_owned(), cwd.display().to_string()]);
 
-        let mut p = spawn(&sh("kill -9 $$"), &logs, 1024).unwrap();
-        assert_eq!(p.wait().await, -9);
+        let (_run, mut p) = start(sh("kill -9 $$"), &logs).await;
+        assert_eq!(p.wait().await, Some(-9));
         assert_eq!(describe_exit(-9), "terminated by signal SIGKILL");
         assert_eq!(describe_exit(0), "completed");
         assert_eq!(describe_exit(3), "exit status 3");
@@ -378,11 +843,11 @@ mod tests {
         let mut spec = sh("true");
         spec.command = vec![];
         assert!(matches!(
-            spawn(&spec, &logs, 10),
+            try_start(spec.clone(), &logs, 10).await.1,
             Err(SpawnError::EmptyCommand)
         ));
         spec.command = vec!["/nonexistent/program".into()];
-        let err = spawn(&spec, &logs, 10).unwrap_err();
+        let err = try_start(spec, &logs, 10).await.1.unwrap_err();
         assert!(err.to_string().contains("/nonexistent/program"), "{err}");
     }
 
@@ -427,15 +892,15 @@ mod tests {
     async fn stop_ends_members_that_outlive_the_leader() {
         // The member exits on the stop signal: no SIGKILL needed.
         let logs = LogBuffer::in_memory(10);
-        let mut p = spawn(&sh("sleep 100 & echo $!"), &logs, 1024).unwrap();
-        assert_eq!(p.wait().await, 0);
+        let (_run, mut p) = start(sh("sleep 100 & echo $!"), &logs).await;
+        assert_eq!(p.wait().await, Some(0));
         let member = first_line_pid(&logs).await;
         assert!(process_alive(member));
         let report = p.stop(Signal::SIGTERM, Duration::from_secs(10)).await;
         assert_eq!(
             report,
             StopReport {
-                code: 0,
+                code: Some(0),
                 killed: false
             }
         );
@@ -443,14 +908,14 @@ mod tests {
 
         // The member ignores it: SIGKILL at the deadline, reported.
         let logs = LogBuffer::in_memory(10);
-        let mut p = spawn(&sh("trap '' TERM; sleep 100 & echo $!"), &logs, 1024).unwrap();
-        assert_eq!(p.wait().await, 0);
+        let (_run, mut p) = start(sh("trap '' TERM; sleep 100 & echo $!"), &logs).await;
+        assert_eq!(p.wait().await, Some(0));
         let member = first_line_pid(&logs).await;
         let report = p.stop(Signal::SIGTERM, Duration::from_millis(300)).await;
         assert_eq!(
             report,
             StopReport {
-                code: 0,
+                code: Some(0),
                 killed: true
             }
         );
@@ -464,7 +929,15 @@ mod tests {
 
     #[test]
     fn parses_proc_stat_with_odd_comm() {
-        assert_eq!(parse_stat("42 (a) b) S 1 42 42 0"), Some(('S', 42)));
+        let stat = "42 (a) b) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 777 0";
+        assert_eq!(
+            parse_stat(stat),
+            Some(Stat {
+                state: 'S',
+                pgrp: 42,
+                start: 777
+            })
+        );
         assert_eq!(parse_stat("garbage"), None);
     }
 }

@@ -32,7 +32,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::keeper::Record;
 use super::logs::{DEFAULT_MAX_LINE, DEFAULT_SPOOL_BYTES, LogBuffer, LogStream, SpoolWriter};
+use super::runner::{self, Launcher};
 use crate::spec::{AutoRestart, DeploymentSpec};
 
 /// Capacity of the event channel.
@@ -135,20 +137,39 @@ pub struct SupervisorConfig {
     pub node_env: BTreeMap<String, String>,
     /// Longest captured log line in bytes (longer lines are split).
     pub max_line_bytes: usize,
-    /// Byte cap of each deployment's log spool.
+    /// Byte cap of each deployment's log spool, and of its keeper's outbox.
     pub spool_bytes: u64,
+    /// How keepers are started.
+    pub launcher: Launcher,
 }
 
 impl SupervisorConfig {
-    /// Settings with default line and spool limits.
+    /// Settings with default line and spool limits; keepers run this binary (in unit tests:
+    /// threads).
     pub fn new(work_dir: PathBuf, node_env: BTreeMap<String, String>) -> Self {
         Self {
             work_dir,
             node_env,
             max_line_bytes: DEFAULT_MAX_LINE,
             spool_bytes: DEFAULT_SPOOL_BYTES,
+            #[cfg(not(test))]
+            launcher: Launcher::current_exe(),
+            #[cfg(test)]
+            launcher: Launcher::Thread,
         }
     }
+
+    /// The run directory of a deployment's process (see [`super::keeper`]).
+    pub fn run_dir(&self, id: &str) -> PathBuf {
+        self.work_dir.join("run").join(id)
+    }
+}
+
+/// A process a previous agent started, found in its run directory, not adopted yet.
+#[derive(Debug, Clone)]
+pub(crate) struct Orphan {
+    dir: PathBuf,
+    record: Record,
 }
 
 /// Pluggable behaviour: prepare hook and cron support.
@@ -222,6 +243,11 @@ struct Shared {
     dropped_events: AtomicU64,
     /// The log IO thread every deployment's spool is written on.
     spool_io: SpoolWriter,
+    /// Processes found by [`Supervisor::recover`], each waiting for its deployment's actor
+    /// (which adopts it) or for its removal (which stops it).
+    orphans: Mutex<BTreeMap<String, Orphan>>,
+    /// Set before an upgrade's shutdown: actors leave their processes to the keepers.
+    detach: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -295,6 +321,8 @@ impl Supervisor {
             events: tx,
             dropped_events: AtomicU64::new(0),
             spool_io: SpoolWriter::new(),
+            orphans: Mutex::new(BTreeMap::new()),
+            detach: std::sync::atomic::AtomicBool::new(false),
         });
         let table = Table {
             slots: BTreeMap::new(),
@@ -350,11 +378,11 @@ impl Supervisor {
         Ok(ApplyOutcome::Created)
     }
 
-    fn start_actor(&self, table: &mut Table, id: &str, desired: Desired) -> Slot {
+    /// The log of `id`: its spool, or (when the spool cannot be used) a ring in memory.
+    fn open_logs(&self, id: &str, limit: usize) -> LogBuffer {
         let config = &self.shared.config;
-        let limit = desired.spec.log_limit_lines;
         let spool_dir = config.work_dir.join("logs").join(id);
-        let logs = match LogBuffer::open(
+        match LogBuffer::open(
             spool_dir.clone(),
             limit,
             config.spool_bytes,
@@ -369,7 +397,12 @@ impl Supervisor {
                 );
                 logs
             }
-        };
+        }
+    }
+
+    fn start_actor(&self, table: &mut Table, id: &str, desired: Desired) -> Slot {
+        let logs = self.open_logs(id, desired.spec.log_limit_lines);
+        let orphan = lock(&self.shared.orphans).remove(id);
         let status = Arc::new(Mutex::new(DeploymentStatus {
             id: id.to_owned(),
             generation: desired.generation,
@@ -396,6 +429,7 @@ impl Supervisor {
             Arc::clone(&status),
             logs.clone(),
             cancel.clone(),
+            orphan,
         );
         table.tasks.spawn(async move {
             actor.run().await;
@@ -414,6 +448,13 @@ impl Supervisor {
     /// Returns false when the id is unknown.
     pub async fn remove(&self, id: &str) -> bool {
         let Some(slot) = lock(&self.table).slots.remove(id) else {
+            // Found after a restart and never applied: stop it all the same.
+            let orphan = lock(&self.shared.orphans).remove(id);
+            if let Some(orphan) = orphan {
+                let logs = self.stop_orphan(id, orphan).await;
+                logs.delete_spool().await;
+                return true;
+            }
             return false;
         };
         slot.cancel.cancel();
@@ -465,6 +506,24 @@ impl Supervisor {
     /// actors. Log spools are kept (sequence numbers resume on the next start). Later
     /// `apply` calls fail with [`SupervisorError::ShutDown`].
     pub async fn shutdown(&self) {
+        let orphans = std::mem::take(&mut *lock(&self.shared.orphans));
+        futures_util::future::join_all(
+            orphans
+                .into_iter()
+                .map(|(id, orphan)| async move { self.stop_orphan(&id, orphan).await }),
+        )
+        .await;
+        self.end_actors().await;
+    }
+
+    /// Ends every actor but leaves the processes running under their keepers, for the next
+    /// agent to adopt (an upgrade in place). The lines read so far are in the spools.
+    pub async fn detach(&self) {
+        self.shared.detach.store(true, Ordering::SeqCst);
+        self.end_actors().await;
+    }
+
+    async fn end_actors(&self) {
         let (dones, logs, mut tasks) = {
             let mut table = lock(&self.table);
             table.shut_down = true;
@@ -493,4 +552,115 @@ fn snapshot_status(slot: &Slot) -> DeploymentStatus {
     let mut status = lock(&slot.status).clone();
     status.last_log_seq = slot.logs.last_seq();
     status
+}
+
+impl Supervisor {
+    /// Finds the processes a previous agent left (kill -9, crash, upgrade) in the run
+    /// directories. Those of deployments in `wanted` (held in the local state, with their
+    /// desired running state) that should run wait for their actor, which adopts them. The
+    /// others (not held any more, or desired stopped) are stopped now, before anything is
+    /// started, so a deployment never runs twice. Returns the ids kept for adoption.
+    pub async fn recover(&self, wanted: &BTreeMap<String, bool>) -> Vec<String> {
+        let run = self.shared.config.work_dir.join("run");
+        let found = tokio::task::spawn_blocking(move || scan_run_dirs(&run))
+            .await
+            .unwrap_or_default();
+        let mut kept = Vec::new();
+        let mut stops = Vec::new();
+        for (id, dir, record) in found {
+            match record {
+                Some(record) if wanted.get(&id) == Some(&true) => {
+                    kept.push(id.clone());
+                    lock(&self.shared.orphans).insert(id, Orphan { dir, record });
+                }
+                Some(record) => stops.push((id, Orphan { dir, record })),
+                None => {
+                    // No workload was started there (or it cannot be found: see scan_run_dirs).
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                }
+            }
+        }
+        for (id, _) in &stops {
+            tracing::info!(deployment = %id, "stopping a process left by the previous agent: not held any more or desired stopped");
+        }
+        futures_util::future::join_all(
+            stops
+                .into_iter()
+                .map(|(id, orphan)| async move { self.stop_orphan(&id, orphan).await }),
+        )
+        .await;
+        kept
+    }
+
+    /// Adopts an orphan only to stop it (its output goes to its spool); returns its log.
+    async fn stop_orphan(&self, id: &str, orphan: Orphan) -> LogBuffer {
+        let spec = orphan.record.launch.spec.clone();
+        let logs = self.open_logs(id, spec.log_limit_lines);
+        match runner::adopt(&orphan.dir, orphan.record.clone(), &logs) {
+            Ok(mut process) => {
+                let report = process
+                    .stop(runner::signal_or_term(spec.stop_signal), spec.stop_timeout)
+                    .await;
+                logs.push(
+                    LogStream::System,
+                    format!(
+                        "stopped the process (pid {}) left by the previous agent: {}",
+                        process.pid(),
+                        runner::describe_exit_opt(report.code)
+                    ),
+                );
+            }
+            Err(e) => {
+                runner::kill_left_group(&orphan.record);
+                let _ = tokio::fs::remove_dir_all(&orphan.dir).await;
+                logs.push(
+                    LogStream::System,
+                    format!("killed the process group left by the previous agent ({e})"),
+                );
+            }
+        }
+        logs.flush().await;
+        logs
+    }
+}
+
+/// How long a keeper found without its workload's pid is given to write it (it was starting
+/// when the agent died).
+const RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The run directories under `run`, each with its record when a workload was started there.
+/// A keeper still starting is waited for; one that never names its workload is killed (it
+/// had not started it yet, or the process is lost to it).
+fn scan_run_dirs(run: &std::path::Path) -> Vec<(String, PathBuf, Option<Record>)> {
+    let Ok(entries) = std::fs::read_dir(run) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let dir = entry.path();
+        let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !valid_id(&id) || !dir.is_dir() {
+            continue;
+        }
+        let mut record = Record::load(&dir);
+        let deadline = std::time::Instant::now() + RECORD_WAIT;
+        while let Some(r) = &record
+            && r.workload.is_none()
+            && r.keeper.alive()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            record = Record::load(&dir);
+        }
+        if let Some(r) = &record
+            && r.workload.is_none()
+        {
+            runner::kill_process(r.keeper);
+            record = None;
+        }
+        found.push((id, dir, record));
+    }
+    found
 }

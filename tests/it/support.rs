@@ -132,6 +132,8 @@ impl Cluster {
         let ca = &self.conductor().ca;
         let mut cfg =
             NodeConfig::local(ca, addr, id, &self.dir.path().join("nodes").join(instance)).unwrap();
+        cfg.keeper =
+            symphony::node::runner::Launcher::Program(env!("CARGO_BIN_EXE_symphony").into());
         cfg.groups = groups.iter().map(|g| (*g).to_owned()).collect();
         cfg.capacities_total = caps
             .iter()
@@ -287,6 +289,137 @@ impl Cluster {
             c.shutdown().await;
         }
     }
+}
+
+/// A node agent run as a `symphony node` process, so that it can be killed with -9 and
+/// started again (its workloads live under keepers, not in the test process).
+pub struct NodeProcess {
+    pub config: std::path::PathBuf,
+    pub child: Option<std::process::Child>,
+}
+
+impl NodeProcess {
+    /// Starts `program` (a `symphony` binary) as node `id` of the cluster, with `extra`
+    /// arguments; the node's files are in `<cluster>/nodes/<id>`.
+    pub fn start(c: &Cluster, id: &str, program: &std::path::Path, extra: &[&str]) -> Self {
+        let dir = c.dir.path().join("nodes").join(id);
+        let files = c.conductor().ca.ensure_node_files(id, &dir).unwrap();
+        let config = dir.join("node.yaml");
+        let text = format!(
+            "mode: node\n\
+             logging: {{ level: {level} }}\n\
+             node:\n\
+             \x20 node_id: {id}\n\
+             \x20 conductor_addr: {addr}\n\
+             \x20 server_name: localhost\n\
+             \x20 groups: [local]\n\
+             \x20 heartbeat_sec: 0.2\n\
+             \x20 keep_alive_sec: 0.2\n\
+             \x20 idle_timeout_sec: 1.2\n\
+             \x20 work_dir: {work}\n\
+             \x20 tls: {{ ca_file: {ca}, cert_file: {cert}, key_file: {key} }}\n",
+            addr = c.quic_addr(),
+            level = std::env::var("SYMPHONY_TEST_AGENT_LOGS").unwrap_or_else(|_| "info".into()),
+            work = dir.join("work").display(),
+            ca = dir.join("ca.pem").display(),
+            cert = files.cert.display(),
+            key = files.key.display(),
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut p = Self {
+            config,
+            child: None,
+        };
+        p.restart(program, extra);
+        p
+    }
+
+    /// Starts the agent again (after a kill or an exit).
+    pub fn restart(&mut self, program: &std::path::Path, extra: &[&str]) {
+        assert!(self.child.is_none(), "the agent is still running");
+        let child = std::process::Command::new(program)
+            .arg("node")
+            .arg("--config")
+            .arg(&self.config)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(if std::env::var_os("SYMPHONY_TEST_AGENT_LOGS").is_some() {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::null()
+            })
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `kill -9` of the agent (what an OOM killer or a crash does); its keepers stay.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Sends `signal` and waits for the agent to exit.
+    pub async fn signal_and_wait(&mut self, signal: nix::sys::signal::Signal) {
+        let mut child = self.child.take().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+            signal,
+        )
+        .unwrap();
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "the agent exited with {status}");
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        // A failed test must not leave an agent behind (its keepers are stopped by the
+        // test's own cleanup of the processes it knows).
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0)),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The `symphony` binary under test.
+pub fn symphony_bin() -> std::path::PathBuf {
+    env!("CARGO_BIN_EXE_symphony").into()
+}
+
+/// Pids of live processes whose command line contains `needle` (a unique marker).
+pub fn pids_with(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for dirent in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = dirent
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) && alive(u64::from(pid)) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// A spec running `sh -c SCRIPT`.

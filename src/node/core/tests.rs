@@ -401,12 +401,32 @@ fn deployment_commands() {
             then: None,
         },
         Case {
-            name: "a restored deployment the conductor unassigns is dropped, never started",
+            name: "a restored deployment the conductor unassigns is stopped, never started (its keeper may still run it)",
             restored: vec![held("d1", 4, "a", 7)],
             before: vec![],
             event: unassign("d1", 4),
-            effects: vec![ok(41), Effect::Persist(vec![])],
+            effects: vec![Effect::Remove("d1".into()), ok(41), Effect::Persist(vec![])],
+            then: None,
+        },
+        Case {
+            name: "... and reported removed once its stop is done",
+            restored: vec![held("d1", 4, "a", 7)],
+            before: vec![unassign("d1", 4)],
+            event: Event::Removed("d1".into()),
+            effects: vec![],
             then: removed(&["d1"]),
+        },
+        Case {
+            name: "an Assign of a restored deployment that is stopping waits for the stop",
+            restored: vec![held("d1", 4, "a", 7)],
+            before: vec![unassign("d1", 4)],
+            event: assign("d1", 6, "b"),
+            effects: vec![Effect::Send(result_msg(
+                60,
+                true,
+                "applied once the previous copy has stopped".into(),
+            ))],
+            then: None,
         },
         Case {
             name: "a restored deployment moved meanwhile comes back at a newer generation",
@@ -684,11 +704,23 @@ fn envs() {
                 }),
             ],
             event: unassign("d1", 1),
-            effects: vec![
-                ok(11),
-                Effect::Env(EnvJob::ListCreated),
-                Effect::Persist(vec![]),
+            effects: vec![Effect::Remove("d1".into()), ok(11), Effect::Persist(vec![])],
+            then: None,
+        },
+        Case {
+            name: "... once its stop is done",
+            restored: vec![held_in("d1", 1, "a", Some("e1"), 0)],
+            before: vec![
+                env_ensure(true, &[]),
+                Event::EnvDone(EnvOutcome::Created(vec![uv("e1")])),
+                Event::EnvDone(EnvOutcome::Listed {
+                    names: vec![],
+                    created: vec![uv("e1")],
+                }),
+                unassign("d1", 1),
             ],
+            event: Event::Removed("d1".into()),
+            effects: vec![Effect::Env(EnvJob::ListCreated)],
             then: removed(&["d1"]),
         },
         Case {

@@ -20,11 +20,12 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use super::{CurrentState, DeploymentStatus, Desired, NextFire, Shared, lock};
+use super::{CurrentState, DeploymentStatus, Desired, NextFire, Orphan, Shared, lock};
 use crate::node::health;
+use crate::node::keeper::Launch;
 use crate::node::logs::{LogBuffer, LogStream};
 use crate::node::restart::{Budget, Decision, RestartTracker};
-use crate::node::runner::{self, ProcessSpec, RunningProcess, describe_exit, signal_or_term};
+use crate::node::runner::{self, ProcessSpec, RunningProcess, describe_exit_opt, signal_or_term};
 
 /// A live process with its health monitor.
 struct Running {
@@ -38,7 +39,7 @@ struct Running {
 }
 
 enum ProcEvent {
-    Exited(i32),
+    Exited(Option<i32>),
     Unhealthy(String),
 }
 
@@ -57,6 +58,8 @@ pub(super) struct Actor {
     backoff_until: Option<Instant>,
     cron: Option<NextFire>,
     cron_at: Option<Instant>,
+    /// The process a previous agent left for this deployment, adopted when the actor starts.
+    orphan: Option<Orphan>,
 }
 
 async fn next_proc_event(proc: &mut Option<Running>) -> ProcEvent {
@@ -88,6 +91,7 @@ impl Actor {
         status: Arc<Mutex<DeploymentStatus>>,
         logs: LogBuffer,
         cancel: CancellationToken,
+        orphan: Option<Orphan>,
     ) -> Self {
         let cur = desired_rx.borrow_and_update().clone();
         Self {
@@ -104,15 +108,21 @@ impl Actor {
             backoff_until: None,
             cron: None,
             cron_at: None,
+            orphan,
         }
     }
 
     pub(super) async fn run(mut self) {
         self.setup_cron();
-        if self.cur.running {
-            self.start().await;
-        } else {
-            self.update(|s| s.state = CurrentState::Stopped);
+        if let Some(orphan) = self.orphan.take() {
+            self.adopt(orphan).await;
+        }
+        if self.proc.is_none() && self.backoff_until.is_none() {
+            if self.cur.running {
+                self.start().await;
+            } else {
+                self.update(|s| s.state = CurrentState::Stopped);
+            }
         }
         loop {
             tokio::select! {
@@ -132,11 +142,94 @@ impl Actor {
                 () = sleep_until_opt(self.cron_at) => self.on_cron().await,
             }
         }
+        if self.shared.detach.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Some(running) = self.proc.take() {
+                self.log(
+                    LogStream::System,
+                    format!(
+                        "the agent exits for an upgrade; pid {} keeps running under its keeper",
+                        running.process.pid()
+                    ),
+                );
+                running.process.detach();
+            }
+            return;
+        }
         self.stop_running("supervisor shutdown or removal").await;
         self.update(|s| {
             s.state = CurrentState::Stopped;
             s.pid = None;
         });
+    }
+
+    /// Takes over the process a previous agent left: same pid, restart count and start time.
+    /// It is stopped at once if it does not run the spec wanted now (or should not run).
+    async fn adopt(&mut self, orphan: Orphan) {
+        let launch = orphan.record.launch.clone();
+        let process = match runner::adopt(&orphan.dir, orphan.record.clone(), &self.logs) {
+            Ok(process) => process,
+            Err(e) => {
+                runner::kill_left_group(&orphan.record);
+                let _ = tokio::fs::remove_dir_all(&orphan.dir).await;
+                self.log(
+                    LogStream::System,
+                    format!("could not adopt the process left by the previous agent ({e}); its group was killed"),
+                );
+                return;
+            }
+        };
+        let pid = process.pid();
+        self.tracker = RestartTracker::resumed(launch.restart_count);
+        self.tracker.on_start(self.elapsed_ms());
+        self.proc = Some(self.running(process, &launch.spec, launch.process.clone()));
+        self.log(
+            LogStream::System,
+            format!("adopted pid {pid}, left running by the previous agent"),
+        );
+        let restarts = launch.restart_count;
+        self.update(|s| {
+            s.state = CurrentState::Running;
+            s.pid = Some(pid);
+            s.restart_count = restarts;
+            s.reason = None;
+            s.started_at_ms = Some(launch.started_at_ms);
+        });
+        if !self.cur.running {
+            self.stop_running("desired state is stopped").await;
+            self.update(|s| s.state = CurrentState::Stopped);
+        } else if launch.spec != self.cur.spec {
+            self.stop_running("spec changed while the agent was down")
+                .await;
+            self.tracker = RestartTracker::new();
+            self.update(|s| s.restart_count = 0);
+            self.backoff_until = Some(Instant::now());
+        }
+    }
+
+    /// A process with its health monitor (when the spec has a check).
+    fn running(
+        &self,
+        process: RunningProcess,
+        spec: &crate::spec::DeploymentSpec,
+        process_spec: ProcessSpec,
+    ) -> Running {
+        let (unhealthy_tx, unhealthy) = mpsc::channel(1);
+        let mut health = JoinSet::new();
+        if let Some(check) = spec.health_check.clone() {
+            health.spawn(health::monitor(
+                check,
+                process_spec,
+                self.logs.clone(),
+                unhealthy_tx,
+            ));
+        }
+        Running {
+            process,
+            health,
+            unhealthy,
+            signal: signal_or_term(spec.stop_signal),
+            stop_timeout: spec.stop_timeout,
+        }
     }
 
     /// Monotonic milliseconds since this actor started (the restart tracker's clock; not
@@ -202,36 +295,32 @@ impl Actor {
             cwd: prepared.cwd,
             env,
         };
+        let launch = Launch {
+            id: self.id.clone(),
+            generation: self.cur.generation,
+            spec: spec.clone(),
+            restart_count: self.tracker.total_restarts(),
+            started_at_ms: wall_ms(),
+            process: process_spec.clone(),
+            max_line: self.shared.config.max_line_bytes,
+            outbox_bytes: self.shared.config.spool_bytes,
+        };
+        let started_at = launch.started_at_ms;
+        let dir = self.shared.config.run_dir(&self.id);
         let process =
-            match runner::spawn(&process_spec, &self.logs, self.shared.config.max_line_bytes) {
+            match runner::spawn(&self.shared.config.launcher, &dir, launch, &self.logs).await {
                 Ok(process) => process,
                 Err(e) => return self.on_start_failure(format!("spawn failed: {e}")),
             };
         let pid = process.pid();
         self.tracker.on_start(self.elapsed_ms());
-        let (unhealthy_tx, unhealthy) = mpsc::channel(1);
-        let mut health = JoinSet::new();
-        if let Some(check) = spec.health_check.clone() {
-            health.spawn(health::monitor(
-                check,
-                process_spec,
-                self.logs.clone(),
-                unhealthy_tx,
-            ));
-        }
-        self.proc = Some(Running {
-            process,
-            health,
-            unhealthy,
-            signal: signal_or_term(spec.stop_signal),
-            stop_timeout: spec.stop_timeout,
-        });
+        self.proc = Some(self.running(process, &spec, process_spec));
         self.log(LogStream::System, format!("started (pid {pid})"));
         self.update(|s| {
             s.state = CurrentState::Running;
             s.pid = Some(pid);
             s.reason = None;
-            s.started_at_ms = Some(wall_ms());
+            s.started_at_ms = Some(started_at);
         });
     }
 
@@ -241,7 +330,7 @@ impl Actor {
         self.apply_decision(decision, cause);
     }
 
-    async fn on_exit(&mut self, code: i32) {
+    async fn on_exit(&mut self, code: Option<i32>) {
         // Ends what the leader left behind in its group and drains the output first, so the
         // exit line comes after the last output line.
         if let Some(mut running) = self.proc.take() {
@@ -251,21 +340,28 @@ impl Actor {
                 .stop(running.signal, running.stop_timeout)
                 .await;
         }
-        let how = describe_exit(code);
-        self.log(LogStream::System, format!("exited (code={code}, {how})"));
+        let how = describe_exit_opt(code);
+        match code {
+            Some(code) => self.log(LogStream::System, format!("exited (code={code}, {how})")),
+            None => self.log(LogStream::System, format!("exited ({how})")),
+        }
         let desired = self.cur.running;
-        let decision = self
-            .tracker
-            .on_exit(self.elapsed_ms(), code, &self.budget(), desired);
+        // An exit nobody saw counts as a failure (the restart policy decides as for a crash).
+        let decision = self.tracker.on_exit(
+            self.elapsed_ms(),
+            code.unwrap_or(-1),
+            &self.budget(),
+            desired,
+        );
         let state = match (desired, code) {
             (false, _) => CurrentState::Stopped,
-            (true, 0) => CurrentState::Exited,
+            (true, Some(0)) => CurrentState::Exited,
             (true, _) => CurrentState::Crashed,
         };
         self.update(|s| {
             s.state = state;
             s.pid = None;
-            s.last_exit_code = Some(code);
+            s.last_exit_code = code;
             s.stopped_at_ms = Some(wall_ms());
             s.reason = Some(how.clone());
         });
@@ -333,14 +429,17 @@ impl Actor {
                 "process group killed with SIGKILL after the stop timeout".to_owned(),
             );
         }
-        let how = describe_exit(report.code);
+        let how = describe_exit_opt(report.code);
+        let code = report
+            .code
+            .map_or_else(String::new, |c| format!("code={c}, "));
         self.log(
             LogStream::System,
-            format!("exited (code={}, {how} after stop request)", report.code),
+            format!("exited ({code}{how} after stop request)"),
         );
         self.update(|s| {
             s.pid = None;
-            s.last_exit_code = Some(report.code);
+            s.last_exit_code = report.code;
             s.stopped_at_ms = Some(wall_ms());
             s.reason = Some(format!("{how} after stop request ({why})"));
         });

@@ -168,6 +168,16 @@ pub async fn run_with_store(
         .iter()
         .map(|h| (h.id.to_string(), h.desired_running))
         .collect();
+    let work_dir = cfg.work_dir.clone();
+    let steps = tokio::task::spawn_blocking(move || envs::kill_left_steps(&work_dir))
+        .await
+        .unwrap_or(0);
+    if steps > 0 {
+        tracing::info!(
+            steps,
+            "killed env provisioning steps the previous agent left running"
+        );
+    }
     let adoptable = sup.recover(&wanted).await;
     tracing::info!(held = restored.len(), adoptable = adoptable.len(), node_id = %cfg.node_id, "node agent started");
 

@@ -27,6 +27,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::keeper::ProcId;
+use super::runner;
+
 /// File written into a uv env as the last provisioning step.
 pub const UV_READY_MARKER: &str = ".symphony-env-ready";
 
@@ -339,7 +342,7 @@ impl Envs {
                 // The only processes this module starts: conda and uv, via tokio::process.
                 let mut cmd = tokio::process::Command::new(&binary);
                 cmd.args(["env", "remove", "-y", "-n", name]);
-                run_step(cmd, STEP_TIMEOUT, "conda env remove")
+                self.run_step(cmd, STEP_TIMEOUT, "conda env remove")
                     .await
                     .map_err(|e| format!("env {name}: {e}"))?;
                 match tokio::fs::remove_file(&record).await {
@@ -397,7 +400,7 @@ impl Envs {
         // The only processes this module starts: conda and uv, via tokio::process.
         let mut cmd = tokio::process::Command::new(binary);
         cmd.args(["env", "list", "--json"]);
-        match run_step(cmd, LIST_TIMEOUT, "conda env list").await {
+        match self.run_step(cmd, LIST_TIMEOUT, "conda env list").await {
             Ok(stdout) => match parse_conda_env_list(&stdout) {
                 Ok(names) => {
                     self.list_failing.store(false, Ordering::Relaxed);
@@ -548,7 +551,7 @@ impl Envs {
         };
         if exists {
             tracing::info!(env = name, "removing conda env for force_recreate");
-            run_step(
+            self.run_step(
                 conda(&["env", "remove", "-y", "-n", name]),
                 STEP_TIMEOUT,
                 "conda env remove",
@@ -558,32 +561,40 @@ impl Envs {
         }
         tracing::info!(env = name, python = %def.python_version, "creating conda env");
         let python = format!("python={}", def.python_version.trim());
-        let mut created = run_step(
-            conda(&["create", "-y", "-n", name, &python]),
-            STEP_TIMEOUT,
-            "conda create",
-        )
-        .await
-        .map(drop);
+        let mut created = self
+            .run_step(
+                conda(&["create", "-y", "-n", name, &python]),
+                STEP_TIMEOUT,
+                "conda create",
+            )
+            .await
+            .map(drop);
         if created.is_ok() && !def.packages.is_empty() {
             let mut cmd = conda(&["run", "-n", name, "python", "-m", "pip", "install"]);
             cmd.args(def.packages.iter().map(|p| p.trim()));
-            created = run_step(cmd, STEP_TIMEOUT, "pip install").await.map(drop);
+            created = self
+                .run_step(cmd, STEP_TIMEOUT, "pip install")
+                .await
+                .map(drop);
         }
         if created.is_ok()
             && let Some(script) = &def.custom_script
         {
             let cmd = conda(&["run", "-n", name, "bash", "-c", script]);
-            created = run_step(cmd, STEP_TIMEOUT, "custom_script").await.map(drop);
+            created = self
+                .run_step(cmd, STEP_TIMEOUT, "custom_script")
+                .await
+                .map(drop);
         }
         if let Err(e) = created {
             tracing::warn!(env = name, error = %e, "conda env creation failed; removing it");
-            if let Err(cleanup) = run_step(
-                conda(&["env", "remove", "-y", "-n", name]),
-                STEP_TIMEOUT,
-                "conda env remove",
-            )
-            .await
+            if let Err(cleanup) = self
+                .run_step(
+                    conda(&["env", "remove", "-y", "-n", name]),
+                    STEP_TIMEOUT,
+                    "conda env remove",
+                )
+                .await
             {
                 tracing::debug!(env = name, error = %cleanup, "cleanup of the failed env failed");
             }
@@ -645,7 +656,7 @@ impl Envs {
             cmd.args(args).current_dir(cwd).env("UV_NO_PROJECT", "1");
             cmd
         };
-        run_step(
+        self.run_step(
             uv(&[
                 "venv".as_ref(),
                 "--python".as_ref(),
@@ -665,7 +676,7 @@ impl Envs {
                 python.as_os_str(),
             ]);
             cmd.args(def.packages.iter().map(|p| p.trim()));
-            run_step(cmd, STEP_TIMEOUT, "uv pip install").await?;
+            self.run_step(cmd, STEP_TIMEOUT, "uv pip install").await?;
         }
         if let Some(script) = &def.custom_script {
             let (_, env) = wrap_command(
@@ -679,7 +690,7 @@ impl Envs {
             // bin first on PATH and VIRTUAL_ENV set.
             let mut cmd = tokio::process::Command::new("bash");
             cmd.arg("-c").arg(script).current_dir(cwd).envs(env);
-            run_step(cmd, STEP_TIMEOUT, "custom_script").await?;
+            self.run_step(cmd, STEP_TIMEOUT, "custom_script").await?;
         }
         tokio::fs::write(venv.join(UV_READY_MARKER), SpecFingerprint::of(def).json())
             .await
@@ -694,39 +705,100 @@ async fn remove_dir_if_present(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Runs one provisioning step to completion and returns its stdout; a non-zero exit, a spawn
-/// failure or a timeout is an error carrying the tail of the output.
-async fn run_step(
-    mut cmd: tokio::process::Command,
-    timeout: Duration,
-    what: &str,
-) -> Result<String, String> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("PIP_NO_INPUT", "1")
-        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-        .kill_on_drop(true);
-    let output = match tokio::time::timeout(timeout, cmd.output()).await {
-        Err(_) => return Err(format!("{what} timed out after {}s", timeout.as_secs())),
-        Ok(Err(e)) => return Err(format!("{what} could not start: {e}")),
-        Ok(Ok(output)) => output,
-    };
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    if output.status.success() {
-        return Ok(stdout);
+impl Envs {
+    /// Where running provisioning steps are recorded (see [`kill_left_steps`]).
+    fn steps_dir(&self) -> PathBuf {
+        self.work_dir.join("env-steps")
     }
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let combined = format!("{}\n{}", stdout.trim_end(), stderr.trim_end());
-    let combined = combined.trim();
-    let tail: String = {
-        let count = combined.chars().count();
-        combined
-            .chars()
-            .skip(count.saturating_sub(ERROR_TAIL_CHARS))
-            .collect()
+
+    /// Runs one provisioning step to completion and returns its stdout; a non-zero exit, a
+    /// spawn failure or a timeout is an error carrying the tail of the output.
+    ///
+    /// The step leads its own process group and is recorded in `<work_dir>/env-steps/<pid>`
+    /// while it runs: if the agent dies meanwhile, the next one kills the group before it
+    /// provisions again, so two installs never write one env at once. A timeout kills the
+    /// whole group.
+    async fn run_step(
+        &self,
+        mut cmd: tokio::process::Command,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<String, String> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("PIP_NO_INPUT", "1")
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("{what} could not start: {e}"))?;
+        let step = child.id().and_then(ProcId::of);
+        let record = step.map(|p| self.steps_dir().join(p.pid.to_string()));
+        if let (Some(p), Some(path)) = (step, &record) {
+            let written = async {
+                tokio::fs::create_dir_all(self.steps_dir()).await?;
+                tokio::fs::write(path, serde_json::to_vec(&p).map_err(std::io::Error::other)?).await
+            };
+            if let Err(error) = written.await {
+                tracing::warn!(%error, "could not record a provisioning step");
+            }
+        }
+        let result = tokio::time::timeout(timeout, child.wait_with_output()).await;
+        if result.is_err()
+            && let Some(p) = step
+        {
+            runner::kill_group_of(p);
+        }
+        if let Some(path) = record {
+            let _ = tokio::fs::remove_file(path).await;
+        }
+        let output = match result {
+            Err(_) => return Err(format!("{what} timed out after {}s", timeout.as_secs())),
+            Ok(Err(e)) => return Err(format!("{what} failed: {e}")),
+            Ok(Ok(output)) => output,
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if output.status.success() {
+            return Ok(stdout);
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let combined = format!("{}\n{}", stdout.trim_end(), stderr.trim_end());
+        let combined = combined.trim();
+        let tail: String = {
+            let count = combined.chars().count();
+            combined
+                .chars()
+                .skip(count.saturating_sub(ERROR_TAIL_CHARS))
+                .collect()
+        };
+        Err(format!("{what} failed ({}): {tail}", output.status))
+    }
+}
+
+/// Kills the process groups of provisioning steps a previous agent left running (it died
+/// during a provisioning), so that the env is provisioned again from a clean start.
+/// Returns how many were killed.
+pub fn kill_left_steps(work_dir: &Path) -> usize {
+    let dir = work_dir.join("env-steps");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
     };
-    Err(format!("{what} failed ({}): {tail}", output.status))
+    let mut killed = 0;
+    for entry in entries.filter_map(Result::ok) {
+        let step = std::fs::read(entry.path())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ProcId>(&b).ok());
+        if let Some(step) = step
+            && step.alive()
+        {
+            runner::kill_group_of(step);
+            killed += 1;
+        }
+        let _ = std::fs::remove_file(entry.path());
+    }
+    killed
 }
 
 /// Parses `conda env list --json`: envs under an `envs` folder by basename, the root prefix (the

@@ -293,14 +293,20 @@ pub fn describe_exit_opt(code: Option<i32>) -> String {
     code.map_or_else(|| "exit status unknown (adopted)".to_owned(), describe_exit)
 }
 
-/// Kills the process group a record names, when its leader is still that very process (a
+/// Kills the process group a record names, unless its id belongs to someone else now (a
 /// keeper that cannot be adopted must not leave its workload behind).
 pub fn kill_left_group(record: &Record) {
-    if let Some(workload) = record.workload
-        && group_is_ours(workload)
-    {
+    if let Some(workload) = record.workload {
+        kill_group_of(workload);
+    }
+}
+
+/// SIGKILL to the process group `leader` led, unless its id belongs to someone else now (see
+/// [`group_is_ours`]).
+pub fn kill_group_of(leader: ProcId) {
+    if group_is_ours(leader) {
         signal_group(
-            Pid::from_raw(i32::try_from(workload.pid).unwrap_or(i32::MAX)),
+            Pid::from_raw(i32::try_from(leader.pid).unwrap_or(i32::MAX)),
             Signal::SIGKILL,
         );
     }
@@ -371,8 +377,19 @@ impl RunningProcess {
         let pid = record.workload.map_or(0, |w| w.pid);
         let bell =
             tokio::net::unix::pipe::OpenOptions::new().open_receiver(dir.join(keeper::BELL))?;
+        // Looked at after the bell is open: a keeper alive then holds its end, and its exit
+        // shows as a hang-up; one already gone never will (Linux reports no hang-up on a FIFO
+        // whose writers left before the reader came), so it is not waited for.
+        let gone = matches!(keeper, KeeperHandle::Adopted) && !record.keeper.alive();
         let (tx, exit) = watch::channel(ExitSeen::Running);
-        let tail = tokio::spawn(tail(dir.to_path_buf(), cursor, bell, logs.clone(), tx));
+        let tail = tokio::spawn(tail(
+            dir.to_path_buf(),
+            cursor,
+            bell,
+            gone,
+            logs.clone(),
+            tx,
+        ));
         Ok(Self {
             pid,
             dir: dir.to_path_buf(),
@@ -507,11 +524,11 @@ async fn tail(
     dir: PathBuf,
     cursor: u64,
     bell: tokio::net::unix::pipe::Receiver,
+    mut keeper_gone: bool,
     logs: LogBuffer,
     exit: watch::Sender<ExitSeen>,
 ) {
     let mut reader = Some(OutboxReader::new(&dir, cursor));
-    let mut keeper_gone = false;
     let mut read_failed = false;
     loop {
         let Some(mut r) = reader.take() else { break };

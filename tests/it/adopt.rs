@@ -264,3 +264,59 @@ async fn an_upgrade_in_place_keeps_the_workloads_and_a_plain_sigterm_stops_them(
     assert!(pids_with("sleep 424231").is_empty());
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn kill9_during_an_env_provisioning_leaves_no_step_behind() {
+    if crate::node::which("uv").is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "uv must be installed in CI (.ci/run installs it)"
+        );
+        eprintln!("skipped: uv is not on PATH (pip install uv)");
+        return;
+    }
+    let c = Cluster::start().await;
+    let bin = symphony_bin();
+    let mut node = NodeProcess::start(&c, "k9env", &bin, &[]);
+    online(&c, "k9env").await;
+    // The env's script takes long the first time only, so the agent can be killed in it.
+    let once = c.dir.path().join("slow-once");
+    let script = format!(
+        "if [ ! -e {o} ]; then touch {o}; sleep 424.241; fi",
+        o = once.display()
+    );
+    let (status, env) = c
+        .post(
+            "/conda-envs",
+            json!({"name": "slowenv", "python_version": "3.11", "manager": "uv", "custom_script": script}),
+        )
+        .await;
+    assert_eq!(status, 201, "{env}");
+    let id = c
+        .deploy(
+            "in-env",
+            json!({"config": {"command": ["sleep", "424243"], "env_name": "slowenv"}}),
+        )
+        .await;
+    until("the provisioning step runs", || {
+        !pids_with("sleep 424.241").is_empty()
+    })
+    .await;
+    node.kill9();
+    assert!(
+        !pids_with("sleep 424.241").is_empty(),
+        "the step outlived its agent"
+    );
+    node.restart(&bin, &[]);
+    // The new agent kills the step it finds and provisions the env again from the start.
+    until("the left step is killed", || {
+        pids_with("sleep 424.241").is_empty()
+    })
+    .await;
+    c.wait_state(&id, "RUNNING").await;
+    assert_eq!(pids_with("sleep 424243").len(), 1);
+    c.delete(&format!("/deployments/{id}")).await;
+    until("deleted", || pids_with("sleep 424243").is_empty()).await;
+    node.signal_and_wait(Signal::SIGTERM).await;
+    c.shutdown().await;
+}

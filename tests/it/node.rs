@@ -200,7 +200,7 @@ async fn a_uv_environment_defined_over_the_api_is_used_by_a_deployment_and_remov
     c.shutdown().await;
 }
 
-fn which(bin: &str) -> Option<std::path::PathBuf> {
+pub fn which(bin: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)
             .map(|d| d.join(bin))

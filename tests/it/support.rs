@@ -400,8 +400,26 @@ pub fn symphony_bin() -> std::path::PathBuf {
     env!("CARGO_BIN_EXE_symphony").into()
 }
 
-/// Pids of live processes whose command line contains `needle` (a unique marker).
+/// Pids of the live processes whose command line contains `needle` (a unique marker) and
+/// whose parent's does not: one per copy of a workload, not counting a shell's forks that have
+/// not exec'd yet.
 pub fn pids_with(needle: &str) -> Vec<u32> {
+    let matches = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            String::from_utf8_lossy(&c)
+                .replace('\0', " ")
+                .contains(needle)
+        })
+    };
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
     let mut pids = Vec::new();
     for dirent in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = dirent
@@ -411,11 +429,7 @@ pub fn pids_with(needle: &str) -> Vec<u32> {
         else {
             continue;
         };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(needle) && alive(u64::from(pid)) {
+        if matches(pid) && alive(u64::from(pid)) && !parent(pid).is_some_and(matches) {
             pids.push(pid);
         }
     }

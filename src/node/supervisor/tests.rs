@@ -653,3 +653,110 @@ async fn stopped_desired_state_starts_later_and_shutdown_stops_all() {
     until_dead(y).await;
     assert!(h.sup.status().is_empty());
 }
+
+/// A run directory as a dead agent would have left it, naming `keeper` and `workload`.
+fn left_behind(h: &Harness, id: &str, spec: &DeploymentSpec, keeper: ProcId, workload: ProcId) {
+    let dir = h.dir.path().join("run").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    nix::unistd::mkfifo(
+        &dir.join(crate::node::keeper::BELL),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    let record = Record {
+        version: crate::node::keeper::VERSION,
+        launch: crate::node::keeper::Launch {
+            id: id.into(),
+            generation: 1,
+            spec: spec.clone(),
+            restart_count: 2,
+            started_at_ms: 0,
+            process: crate::node::runner::ProcessSpec {
+                command: spec.command.clone(),
+                cwd: h.dir.path().to_path_buf(),
+                env: BTreeMap::new(),
+            },
+            max_line: 1024,
+            outbox_bytes: 1 << 20,
+        },
+        keeper,
+        workload: Some(workload),
+    };
+    std::fs::write(
+        dir.join(crate::node::keeper::RECORD),
+        serde_json::to_vec(&record).unwrap(),
+    )
+    .unwrap();
+}
+
+use std::os::unix::process::CommandExt;
+
+use crate::node::keeper::ProcId;
+
+#[tokio::test]
+async fn a_recycled_pid_is_never_adopted_nor_signalled() {
+    let mut h = Harness::new();
+    // An unrelated process, leader of its own group, now holds the pids the record names
+    // (a different start time: the recorded processes are long gone).
+    #[allow(clippy::disallowed_methods)]
+    let mut stranger = std::process::Command::new("sleep")
+        .arg("1000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = stranger.id();
+    let real = ProcId::of(pid).unwrap();
+    let recycled = ProcId {
+        pid,
+        start: real.start + 1,
+    };
+    let wanted_spec = spec("sleep 1000", RestartKind::Always);
+    left_behind(&h, "kept", &wanted_spec, recycled, recycled);
+    left_behind(&h, "dropped", &wanted_spec, recycled, recycled);
+    let wanted = BTreeMap::from([("kept".to_owned(), true)]);
+    // "dropped" is stopped at once; its pid names the stranger, who is left alone.
+    assert_eq!(h.sup.recover(&wanted).await, vec!["kept".to_owned()]);
+    assert!(!h.dir.path().join("run").join("dropped").exists());
+    assert!(process_alive(pid), "the stranger was signalled");
+    // "kept": the keeper is gone and nothing says how its process ended, so it is not
+    // adopted; the restart policy starts a new process and the stranger is untouched.
+    h.sup.apply("kept", 1, true, wanted_spec).unwrap();
+    let running = h
+        .until("kept", |s| {
+            s.state == CurrentState::Running && s.pid.is_some_and(|p| p != pid)
+        })
+        .await;
+    assert!(process_alive(pid), "the stranger was signalled");
+    let seen: Vec<_> = h
+        .events
+        .iter()
+        .filter(|e| e.id == "kept")
+        .map(|e| (e.state, e.pid, e.last_exit_code))
+        .collect();
+    assert!(
+        seen.contains(&(CurrentState::Crashed, None, None)),
+        "the unknown exit is reported without a code: {seen:?}"
+    );
+    assert!(
+        running.restart_count >= 3,
+        "counting went on from the record"
+    );
+    let log: Vec<String> = h
+        .sup
+        .logs("kept")
+        .unwrap()
+        .tail(20, None)
+        .into_iter()
+        .map(|e| e.line)
+        .collect();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("exit status unknown (adopted)")),
+        "{log:?}"
+    );
+    h.sup.shutdown().await;
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
+}

@@ -294,6 +294,81 @@ async fn measure(
     Ok(out)
 }
 
+/// The keepers (`symphony __keeper <dir>`, one per workload) of the node whose files are
+/// under `dir`.
+fn keepers(dir: &Path) -> Vec<u32> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let needle = format!("\0__keeper\0{}", dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .collect()
+}
+
+/// One row for all the keepers over the window: their count, their memory per keeper (mean
+/// and largest RSS, mean PSS and private), and their CPU together.
+async fn measure_keepers(
+    layout: &str,
+    state: &str,
+    pids: &[u32],
+    window: Duration,
+    ticks: f64,
+) -> anyhow::Result<Value> {
+    let before: Vec<u64> = pids.iter().filter_map(|&p| cpu_ticks(p).ok()).collect();
+    let t = Instant::now();
+    tokio::time::sleep(window).await;
+    let secs = t.elapsed().as_secs_f64();
+    let after: Vec<u64> = pids.iter().filter_map(|&p| cpu_ticks(p).ok()).collect();
+    let used = after.iter().sum::<u64>().saturating_sub(before.iter().sum()) as f64 / ticks;
+    let field = |key: &str| -> Vec<f64> {
+        pids.iter()
+            .filter_map(|p| common::proc_status_field(&p.to_string(), key))
+            .map(|v| v as f64)
+            .collect()
+    };
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    let rss = field("VmRSS");
+    let pss: Vec<f64> = pids
+        .iter()
+        .filter_map(|&p| smaps_rollup_field(p, "Pss"))
+        .map(|v| v as f64)
+        .collect();
+    let private: Vec<f64> = pids
+        .iter()
+        .filter_map(|&p| private_kib(p))
+        .map(|v| v as f64)
+        .collect();
+    Ok(json!({
+        "layout": layout,
+        "process": format!("keeper (each of {})", pids.len()),
+        "state": state,
+        "keepers": pids.len(),
+        "rss_kib": mean(&rss),
+        "rss_max_kib": rss.iter().copied().fold(f64::NAN, f64::max),
+        "rss_anon_kib": mean(&field("RssAnon")),
+        "pss_kib": mean(&pss),
+        "private_kib": mean(&private),
+        "hwm_kib": field("VmHWM").iter().copied().fold(f64::NAN, f64::max),
+        "threads": 1,
+        "cpu_seconds": used,
+        "window_s": secs,
+        "cpu_percent": used / secs * 100.0,
+    }))
+}
+
 /// Polls `GET url` until `pred` holds (bounded).
 async fn wait_json(
     http: &reqwest::Client,
@@ -468,7 +543,13 @@ async fn split_layout(
     let pids = load(&http, &api, p.deployments).await?;
     tokio::time::sleep(p.settle).await;
     let state = format!("{} running", p.deployments);
-    rows.extend(measure(layout, &state, &both, p.window, ticks).await?);
+    let keeper_pids = keepers(d);
+    let (mut node_rows, keeper_row) = tokio::join!(
+        measure(layout, &state, &both, p.window, ticks),
+        measure_keepers(layout, &state, &keeper_pids, p.window, ticks),
+    );
+    rows.append(&mut node_rows?);
+    rows.push(keeper_row?);
     // The node first (it stops its workloads), then the conductor.
     drop(node);
     drop(conductor);

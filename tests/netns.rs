@@ -557,6 +557,57 @@ fn node_restart_restores_local_state_without_duplicates() {
 }
 
 #[test]
+fn node_kill9_adopts_its_workload_without_duplicates() {
+    scenario("node-kill9", short_idle(), async |bed: &mut Bed| {
+        online(bed, "n0").await;
+        let tok = token();
+        let id = bed.api.deploy("kept", &tok).await;
+        let (d0, pod) = running(bed, &id, &tok).await;
+        let pid = d0.pid.unwrap_or_default();
+        let before = online(bed, "n0").await;
+        // A crash of the agent: the workload lives on under its keeper.
+        bed.kill9("n0");
+        assert_eq!(
+            bed.workload_pids(pod, &tok),
+            vec![pid],
+            "the workload outlives its agent"
+        );
+        bed.start_node(0);
+        let after = until("n0 reconnects", WAIT, async || {
+            let n = bed.api.node("n0").await?;
+            if n.state == "online" && n.reconnects > before.reconnects {
+                Ok(n)
+            } else {
+                Err(format!("{n:?}"))
+            }
+        })
+        .await;
+        let d1 = until("the new agent adopts the workload", WAIT, async || {
+            let d = bed.api.deployment(&id).await?;
+            if d.state.as_deref() == Some("RUNNING") && d.pid == Some(pid) {
+                Ok(d)
+            } else {
+                Err(format!("{d:?}"))
+            }
+        })
+        .await;
+        assert_eq!(d1.generation, d0.generation, "adopted, not placed again");
+        assert_eq!(d1.restart_count, d0.restart_count, "adopted, not restarted");
+        assert_eq!(bed.workload_pids(pod, &tok), vec![pid], "exactly one copy");
+        say(&format!(
+            "node-kill9: pid {pid} adopted by the restarted agent, generation {:?} -> {:?}, restarts {:?} -> {:?}, reconnects {} -> {}, copies {:?}",
+            d0.generation,
+            d1.generation,
+            d0.restart_count,
+            d1.restart_count,
+            before.reconnects,
+            after.reconnects,
+            copies(bed, &tok)
+        ));
+    });
+}
+
+#[test]
 fn idle_node_behind_short_nat_timeout_still_reachable() {
     // Only QUIC keep-alives (default 5 s) flow while idle: heartbeats every 30 s, and a
     // suspect/grace window long enough that the quiet node stays online.

@@ -735,6 +735,21 @@ impl Bed {
         }
     }
 
+    /// `kill -9` of a process of the bed (what an OOM killer or a crash does); waits for it.
+    pub fn kill9(&mut self, name: &str) {
+        let p = self
+            .procs
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"));
+        let mut child = p
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("{name} is not running"));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// `conntrack -F` in the router: every NAT mapping is forgotten, so the next packet of
     /// each flow gets a fresh (random) public port.
     pub fn flush_conntrack(&self) {

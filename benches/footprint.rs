@@ -26,8 +26,9 @@
 
 mod common;
 
+use common::procs::{SplitCluster, free_tcp_port, free_udp_port, spawn, wait_json};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -36,9 +37,6 @@ use serde_json::{Value, json};
 
 /// The original's idle node CPU, quoted (original-symphony.md section 17).
 const ORIGINAL_IDLE_NODE_CPU: &str = "0.1-0.2 % of one core (quoted, not re-measured)";
-
-/// Upper bound for any awaited state.
-const DEADLINE: Duration = Duration::from_secs(60);
 
 fn main() -> anyhow::Result<()> {
     let quick = common::quick();
@@ -185,56 +183,6 @@ struct Params {
     deployments: usize,
 }
 
-/// A child `symphony` process, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Child(std::process::Child);
-
-impl Child {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.0.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        for _ in 0..300 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(bin: &Path, args: &[&str], dir: &Path, log: &str) -> anyhow::Result<Child> {
-    let out = std::fs::File::create(dir.join(log))?;
-    let err = out.try_clone()?;
-    let child = Command::new(bin)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()?;
-    Ok(Child(child))
-}
-
-fn free_tcp_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn free_udp_port() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// utime + stime of `pid`, in clock ticks (an error when the process is gone).
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     common::try_proc_cpu_ticks(&pid.to_string())
@@ -326,7 +274,11 @@ async fn measure_keepers(
     tokio::time::sleep(window).await;
     let secs = t.elapsed().as_secs_f64();
     let after: Vec<u64> = pids.iter().filter_map(|&p| cpu_ticks(p).ok()).collect();
-    let used = after.iter().sum::<u64>().saturating_sub(before.iter().sum()) as f64 / ticks;
+    let used = after
+        .iter()
+        .sum::<u64>()
+        .saturating_sub(before.iter().sum()) as f64
+        / ticks;
     let field = |key: &str| -> Vec<f64> {
         pids.iter()
             .filter_map(|p| common::proc_status_field(&p.to_string(), key))
@@ -367,26 +319,6 @@ async fn measure_keepers(
         "window_s": secs,
         "cpu_percent": used / secs * 100.0,
     }))
-}
-
-/// Polls `GET url` until `pred` holds (bounded).
-async fn wait_json(
-    http: &reqwest::Client,
-    url: &str,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Value> {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Ok(r) = http.get(url).send().await
-            && let Ok(v) = r.json::<Value>().await
-            && pred(&v)
-        {
-            return Ok(v);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Creates `n` `sleep 100000` deployments and waits until all are RUNNING; returns their pids.
@@ -494,48 +426,12 @@ async fn split_layout(
 ) -> anyhow::Result<Vec<Value>> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let (http_port, quic_port) = (free_tcp_port()?, free_udp_port()?);
-    std::fs::write(
-        d.join("conductor.yaml"),
-        format!(
-            "mode: conductor\nconductor:\n  listen: 127.0.0.1:{quic_port}\n  http_listen: 127.0.0.1:{http_port}\n  storage_dir: ./storage\n  tls:\n    cert_path: ./certs\n"
-        ),
-    )?;
-    let conductor = spawn(bin, &["--config", "conductor.yaml"], d, "conductor.log")?;
-    let api = format!("http://127.0.0.1:{http_port}");
-    let http = reqwest::Client::new();
-    wait_json(&http, &format!("{api}/nodes"), "the API", |v| {
-        v["nodes"].is_object()
-    })
-    .await?;
-    let out = Command::new(bin)
-        .args([
-            "cert",
-            "node",
-            "n1",
-            "--cert-path",
-            "./certs",
-            "--out",
-            "./n1",
-        ])
-        .current_dir(d)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "symphony cert node: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(
-        d.join("node.yaml"),
-        format!(
-            "mode: node\nnode:\n  node_id: n1\n  conductor_addr: 127.0.0.1:{quic_port}\n  server_name: localhost\n  groups: [local]\n  capacities_total: {{cpu: 2}}\n  heartbeat_sec: 1\n  work_dir: ./n1/work\n  tls:\n    ca_file: ./n1/ca.pem\n    cert_file: ./n1/n1.pem\n    key_file: ./n1/n1.key\n"
-        ),
-    )?;
-    let node = spawn(bin, &["--config", "node.yaml"], d, "node.log")?;
-    wait_json(&http, &format!("{api}/nodes"), "node n1 online", |v| {
-        v["nodes"]["n1"]["state"] == "online"
-    })
-    .await?;
+    let SplitCluster {
+        conductor,
+        node,
+        api,
+        http,
+    } = SplitCluster::start(bin, d, 1.0).await?;
     let (cpid, npid) = (conductor.pid(), node.pid());
     tokio::time::sleep(p.settle).await;
     let both = [("conductor", cpid), ("node", npid)];
@@ -544,12 +440,15 @@ async fn split_layout(
     tokio::time::sleep(p.settle).await;
     let state = format!("{} running", p.deployments);
     let keeper_pids = keepers(d);
-    let (mut node_rows, keeper_row) = tokio::join!(
+    let (node_rows, keeper_row) = tokio::join!(
         measure(layout, &state, &both, p.window, ticks),
         measure_keepers(layout, &state, &keeper_pids, p.window, ticks),
     );
-    rows.append(&mut node_rows?);
-    rows.push(keeper_row?);
+    rows.extend(node_rows?);
+    // A build from before keepers has none.
+    if !keeper_pids.is_empty() {
+        rows.push(keeper_row?);
+    }
     // The node first (it stops its workloads), then the conductor.
     drop(node);
     drop(conductor);

@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

@@ -122,10 +122,14 @@ pub enum Launcher {
 }
 
 impl Launcher {
-    /// This process's own binary, resolved now (after an upgrade replaced the file, the path
-    /// names the new binary, which is what new keepers should run).
+    /// `symphony-keeper` next to this process's binary (small: little memory per keeper),
+    /// else this binary itself (`symphony __keeper` does the same). Resolved now: after an
+    /// upgrade replaced the files, the path names the new binary, which is what new keepers
+    /// should run.
     pub fn current_exe() -> Self {
-        Self::Program(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("symphony")))
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("symphony"));
+        let small = exe.with_file_name("symphony-keeper");
+        Self::Program(if small.is_file() { small } else { exe })
     }
 }
 

@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::node::logs::LogStream;
@@ -71,9 +72,11 @@ impl OutboxWriter {
     }
 
     fn open_segment(&mut self, start: u64) {
+        // Owner-only: workloads print secrets too.
         let file = OpenOptions::new()
             .append(true)
             .create(true)
+            .mode(0o600)
             .open(segment_path(&self.dir, start))
             .ok();
         if file.is_some() && self.written.back() != Some(&start) {

@@ -126,6 +126,8 @@ pub async fn run_with_store(
         .with_context(|| format!("work dir {}", cfg.work_dir.display()))?;
     std::fs::create_dir_all(&cfg.work_dir)
         .with_context(|| format!("creating work dir {}", cfg.work_dir.display()))?;
+    // One agent per work dir: two would adopt, stop and restart each other's workloads.
+    let _lock = lock_work_dir(&cfg.work_dir)?;
     let store = store.unwrap_or_else(|| Arc::new(LocalState::new(cfg.work_dir.join("state.bin"))));
     let restored = {
         let store = store.clone();
@@ -313,6 +315,25 @@ async fn write_state(
             Err(e) => tracing::error!(error = %e, "local state writer failed"),
         }
     }
+}
+
+/// An exclusive lock on `<work_dir>/agent.lock`, held while the agent runs (the kernel drops
+/// it when the process ends, however it ends). Keepers do not inherit it (close-on-exec).
+fn lock_work_dir(work_dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = work_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "another node agent already runs with work dir {} ({}: {e})",
+            work_dir.display(),
+            path.display()
+        )
+    })
 }
 
 fn check_identity(cfg: &NodeConfig) -> anyhow::Result<()> {

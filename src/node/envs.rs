@@ -27,7 +27,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::keeper::ProcId;
+use nix::sys::signal::Signal;
+
 use super::runner;
 
 /// File written into a uv env as the last provisioning step.
@@ -734,26 +735,24 @@ impl Envs {
         let child = cmd
             .spawn()
             .map_err(|e| format!("{what} could not start: {e}"))?;
-        let step = child.id().and_then(ProcId::of);
-        let record = step.map(|p| self.steps_dir().join(p.pid.to_string()));
-        if let (Some(p), Some(path)) = (step, &record) {
+        let mut guard = StepGuard {
+            group: child.id().and_then(runner::Group::led_by),
+            record: None,
+        };
+        if let Some(group) = guard.group {
+            let path = self.steps_dir().join(group.pgid.to_string());
             let written = async {
                 tokio::fs::create_dir_all(self.steps_dir()).await?;
-                tokio::fs::write(path, serde_json::to_vec(&p).map_err(std::io::Error::other)?).await
+                let bytes = serde_json::to_vec(&group).map_err(std::io::Error::other)?;
+                tokio::fs::write(&path, bytes).await
             };
-            if let Err(error) = written.await {
-                tracing::warn!(%error, "could not record a provisioning step");
+            match written.await {
+                Ok(()) => guard.record = Some(path),
+                Err(error) => tracing::warn!(%error, "could not record a provisioning step"),
             }
         }
         let result = tokio::time::timeout(timeout, child.wait_with_output()).await;
-        if result.is_err()
-            && let Some(p) = step
-        {
-            runner::kill_group_of(p);
-        }
-        if let Some(path) = record {
-            let _ = tokio::fs::remove_file(path).await;
-        }
+        guard.finish(result.is_err()).await;
         let output = match result {
             Err(_) => return Err(format!("{what} timed out after {}s", timeout.as_secs())),
             Ok(Err(e)) => return Err(format!("{what} failed: {e}")),
@@ -777,9 +776,43 @@ impl Envs {
     }
 }
 
+/// A running provisioning step: its group, and its record in `<work_dir>/env-steps`. Dropped
+/// before it finished (the agent shuts down mid-step), it kills the whole group, not only the
+/// leader, and takes the record away.
+struct StepGuard {
+    group: Option<runner::Group>,
+    record: Option<PathBuf>,
+}
+
+impl StepGuard {
+    /// The step is over; `kill` ends what is left of its group (a timeout).
+    async fn finish(&mut self, kill: bool) {
+        if let Some(group) = self.group.take()
+            && kill
+        {
+            let _ = tokio::task::spawn_blocking(move || group.signal(Signal::SIGKILL)).await;
+        }
+        if let Some(path) = self.record.take() {
+            let _ = tokio::fs::remove_file(path).await;
+        }
+    }
+}
+
+impl Drop for StepGuard {
+    fn drop(&mut self) {
+        if let Some(group) = self.group.take() {
+            group.signal(Signal::SIGKILL);
+        }
+        if let Some(path) = self.record.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Kills the process groups of provisioning steps a previous agent left running (it died
-/// during a provisioning), so that the env is provisioned again from a clean start.
-/// Returns how many were killed.
+/// during a provisioning), so that the env is provisioned again from a clean start. A group
+/// is recognised by its id and session, so its members are found even when the step's leader
+/// is gone, and a recycled id is never taken for it. Returns how many were still running.
 pub fn kill_left_steps(work_dir: &Path) -> usize {
     let dir = work_dir.join("env-steps");
     let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -789,11 +822,11 @@ pub fn kill_left_steps(work_dir: &Path) -> usize {
     for entry in entries.filter_map(Result::ok) {
         let step = std::fs::read(entry.path())
             .ok()
-            .and_then(|b| serde_json::from_slice::<ProcId>(&b).ok());
+            .and_then(|b| serde_json::from_slice::<runner::Group>(&b).ok());
         if let Some(step) = step
             && step.alive()
         {
-            runner::kill_group_of(step);
+            step.signal(Signal::SIGKILL);
             killed += 1;
         }
         let _ = std::fs::remove_file(entry.path());

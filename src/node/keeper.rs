@@ -48,7 +48,7 @@ mod outbox;
 use self::outbox::OutboxWriter;
 pub use self::outbox::{Batch, OutboxReader, Rec, segment_path, segments};
 use super::logs::LineSplitter;
-use super::runner::{self, ProcessSpec, exit_code};
+use super::runner::{self, Group, ProcessSpec, exit_code};
 use crate::spec::DeploymentSpec;
 
 /// The hidden first argument that turns the `symphony` binary into a keeper.
@@ -115,9 +115,36 @@ pub struct Record {
     pub keeper: ProcId,
     /// `None` until the workload started.
     pub workload: Option<ProcId>,
+    /// The workload's process group and session, read when it started.
+    #[serde(default)]
+    pub group: Option<Group>,
 }
 
 impl Record {
+    /// The workload's process group: as recorded, else led by the workload in the keeper's
+    /// session (which the keeper process starts).
+    pub fn group(&self) -> Option<Group> {
+        self.group.or_else(|| {
+            Some(Group {
+                pgid: i32::try_from(self.workload?.pid).ok()?,
+                session: i32::try_from(self.keeper.pid).ok()?,
+            })
+        })
+    }
+
+    /// The keeper a record names, read even when the rest of it cannot be (another version
+    /// wrote it).
+    pub fn keeper_of(dir: &Path) -> Option<ProcId> {
+        #[derive(serde::Deserialize)]
+        struct Keeper {
+            keeper: ProcId,
+        }
+        let bytes = fs::read(dir.join(RECORD)).ok()?;
+        serde_json::from_slice::<Keeper>(&bytes)
+            .ok()
+            .map(|k| k.keeper)
+    }
+
     /// Reads `dir/keeper.json`; `None` when it is missing or unreadable.
     pub fn load(dir: &Path) -> Option<Self> {
         let bytes = fs::read(dir.join(RECORD)).ok()?;
@@ -150,13 +177,19 @@ pub fn main(dir: &Path) -> ExitCode {
     // the keeper.
     let _ = nix::unistd::setsid();
     let mut input = Vec::new();
-    let launch = io::stdin()
-        .read_to_end(&mut input)
-        .ok()
-        .and_then(|_| serde_json::from_slice::<Launch>(&input).ok());
-    let Some(launch) = launch else {
+    if io::stdin().read_to_end(&mut input).is_err() || input.is_empty() {
         // The agent went away before it said what to run: nothing was started.
         return ExitCode::FAILURE;
+    }
+    let launch = match serde_json::from_slice::<Launch>(&input) {
+        Ok(launch) => launch,
+        Err(e) => {
+            let line = serde_json::json!({
+                "error": format!("keeper: cannot read what to run ({e}); is this keeper from the same build as the agent?")
+            });
+            let _ = writeln!(io::stdout(), "{line}");
+            return ExitCode::FAILURE;
+        }
     };
     let answer = |result: Result<u32, String>| {
         let line = match result {
@@ -206,6 +239,7 @@ pub fn serve(
         launch: launch.clone(),
         keeper: me,
         workload: None,
+        group: None,
     };
     let record_path = dir.join(RECORD);
     let save = |record: &Record| -> io::Result<()> {
@@ -234,6 +268,7 @@ pub fn serve(
     };
     let pid = child.id();
     record.workload = Some(ProcId::of(pid).unwrap_or(ProcId { pid, start: 0 }));
+    record.group = Group::led_by(pid);
     // Without the pid on disk a later agent could not find the workload: better not to run it.
     if let Err(e) = save(&record) {
         let _ = nix::sys::signal::killpg(

@@ -345,16 +345,17 @@ impl LogBuffer {
     }
 
     /// Runs `job` after the spool writes queued so far, on the log IO thread (without a
-    /// spool: on the blocking pool). The keeper's cursor is saved this way, so it never runs
-    /// ahead of the lines on disk.
-    pub fn after_writes(&self, job: impl FnOnce() + Send + 'static) {
+    /// spool: on the blocking pool), and waits for it. The keeper's cursor is saved this way,
+    /// so it never runs ahead of the lines on disk, and a reader that waits for it never
+    /// queues more than one batch.
+    pub async fn after_writes(&self, job: impl FnOnce() + Send + 'static) {
         let link = self.lock().spool.clone();
         match link {
             Some(link) => {
-                link.io.submit(job);
+                let _ = link.io.run(job).await;
             }
             None => {
-                tokio::task::spawn_blocking(job);
+                let _ = tokio::task::spawn_blocking(job).await;
             }
         }
     }

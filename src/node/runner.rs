@@ -33,7 +33,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 
 use super::keeper::{self, Launch, OutboxReader, ProcId, Rec, Record};
 use super::logs::{LogBuffer, LogStream};
@@ -133,8 +133,12 @@ impl Launcher {
     }
 }
 
-/// Creates a fresh run directory with its bell (a previous process's files are removed).
+/// Creates a fresh run directory with its bell. A previous process's files are removed, and
+/// first whatever they name that still runs is killed: a start never leaves a copy behind.
 fn fresh_run_dir(dir: &Path) -> io::Result<()> {
+    if let Some(record) = Record::load(dir) {
+        kill_recorded(&record);
+    }
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -165,6 +169,8 @@ pub async fn spawn(
         .await
         .map_err(|e| keeper_err("preparing the run directory", &e))?
         .map_err(|e| keeper_err(&format!("preparing {}", dir.display()), &e))?;
+    // Open before the keeper starts, so that the keeper's end always shows as a hang-up.
+    let bell = open_bell(dir).map_err(|e| keeper_err("opening the bell", &e))?;
     let (answer, keeper) = match launcher {
         Launcher::Program(program) => {
             let (answer, child) = start_keeper_process(program, dir, &launch).await?;
@@ -174,29 +180,62 @@ pub async fn spawn(
             let (tx, rx) = tokio::sync::oneshot::channel();
             let owned = dir.to_path_buf();
             let launch = launch.clone();
+            let (done_tx, done) = tokio::sync::oneshot::channel();
             let thread = std::thread::spawn(move || {
                 let _ = keeper::serve(&owned, &launch, |r| {
                     let _ = tx.send(r);
                 });
+                let _ = done_tx.send(());
             });
             let answer = rx
                 .await
                 .unwrap_or_else(|_| Err("keeper: the keeper thread ended".into()));
-            (answer, KeeperHandle::Thread(thread))
+            (answer, KeeperHandle::Thread(thread, Some(done)))
         }
     };
-    let pid = answer.map_err(SpawnError::Keeper)?;
-    let record = tokio::task::spawn_blocking({
-        let dir = dir.to_path_buf();
-        move || Record::load(&dir)
+    let record = match answer {
+        Ok(pid) => tokio::task::spawn_blocking({
+            let dir = dir.to_path_buf();
+            move || Record::load(&dir)
+        })
+        .await
+        .ok()
+        .flatten()
+        .filter(|r| r.workload.is_some_and(|w| w.pid == pid))
+        .ok_or_else(|| format!("keeper: no record in {}", dir.display())),
+        Err(e) => Err(e),
+    };
+    match record {
+        Ok(record) => Ok(RunningProcess::attach(dir, record, 0, bell, keeper, logs)),
+        Err(e) => {
+            // Whatever the keeper started (if it got that far) must not outlive this failure:
+            // the next start would not know it.
+            abandon(dir, keeper).await;
+            Err(SpawnError::Keeper(e))
+        }
+    }
+}
+
+/// Ends a keeper whose start failed, and what it may have started.
+async fn abandon(dir: &Path, keeper: KeeperHandle) {
+    let dir = dir.to_path_buf();
+    let keeper_pid = match &keeper {
+        KeeperHandle::Child(child) => child.id(),
+        KeeperHandle::Thread(..) | KeeperHandle::Adopted => None,
+    };
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(pid) = keeper_pid.and_then(|p| i32::try_from(p).ok()) {
+            kill_session(pid);
+        }
+        if let Some(record) = Record::load(&dir) {
+            kill_recorded(&record);
+        }
     })
-    .await
-    .ok()
-    .flatten()
-    .filter(|r| r.workload.is_some_and(|w| w.pid == pid))
-    .ok_or_else(|| SpawnError::Keeper(format!("keeper: no record in {}", dir.display())))?;
-    RunningProcess::attach(dir, record, 0, keeper, logs)
-        .map_err(|e| keeper_err("opening the bell", &e))
+    .await;
+    if let KeeperHandle::Child(mut child) = keeper {
+        let _ = child.start_kill();
+        let _ = timeout(PUMP_GRACE, child.wait()).await;
+    }
 }
 
 /// Starts `symphony __keeper <dir>`, hands it the launch and reads its answer.
@@ -222,7 +261,6 @@ async fn start_keeper_process(
         program: program.display().to_string(),
         source,
     })?;
-    let io_err = |e: io::Error| SpawnError::Keeper(format!("keeper: {e}"));
     let json = serde_json::to_vec(launch).map_err(|e| SpawnError::Keeper(e.to_string()))?;
     let mut stdin = child.stdin.take().ok_or(SpawnError::NoPid)?;
     let stdout = child.stdout.take().ok_or(SpawnError::NoPid)?;
@@ -237,11 +275,8 @@ async fn start_keeper_process(
     };
     let line = match timeout(KEEPER_ANSWER, talk).await {
         Ok(Ok(line)) => line,
-        Ok(Err(e)) => return Err(io_err(e)),
-        Err(_) => {
-            let _ = child.start_kill();
-            return Err(SpawnError::Keeper("keeper: no answer in time".into()));
-        }
+        Ok(Err(e)) => return Ok((Err(format!("keeper: {e}")), child)),
+        Err(_) => return Ok((Err("keeper: no answer in time".into()), child)),
     };
     #[derive(serde::Deserialize)]
     struct Answer {
@@ -262,7 +297,19 @@ async fn start_keeper_process(
 /// then the process is seen exiting at once, with its code when the keeper recorded it).
 pub fn adopt(dir: &Path, record: Record, logs: &LogBuffer) -> io::Result<RunningProcess> {
     let cursor = read_cursor(dir);
-    RunningProcess::attach(dir, record, cursor, KeeperHandle::Adopted, logs)
+    let bell = open_bell(dir)?;
+    Ok(RunningProcess::attach(
+        dir,
+        record,
+        cursor,
+        bell,
+        KeeperHandle::Adopted,
+        logs,
+    ))
+}
+
+fn open_bell(dir: &Path) -> io::Result<tokio::net::unix::pipe::Receiver> {
+    tokio::net::unix::pipe::OpenOptions::new().open_receiver(dir.join(keeper::BELL))
 }
 
 fn read_cursor(dir: &Path) -> u64 {
@@ -297,31 +344,96 @@ pub fn describe_exit_opt(code: Option<i32>) -> String {
     code.map_or_else(|| "exit status unknown (adopted)".to_owned(), describe_exit)
 }
 
-/// Kills the process group a record names, unless its id belongs to someone else now (a
-/// keeper that cannot be adopted must not leave its workload behind).
-pub fn kill_left_group(record: &Record) {
-    if let Some(workload) = record.workload {
-        kill_group_of(workload);
+/// A process group as the node knows it: its id and the session it was started in. A process
+/// belongs to it only when both match. A group cannot span sessions, and a session id is not
+/// reused while the session has members, so a recycled id never passes for ours, not even
+/// when the group's leader is gone and another group took its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Group {
+    pub pgid: i32,
+    pub session: i32,
+}
+
+impl Group {
+    /// The group `leader` leads now (a process just started in a group of its own).
+    pub fn led_by(leader: u32) -> Option<Self> {
+        let stat = proc_stat(leader)?;
+        (i32::try_from(leader).ok()? == stat.pgrp).then_some(Self {
+            pgid: stat.pgrp,
+            session: stat.session,
+        })
+    }
+
+    fn is_member(&self, stat: &Stat) -> bool {
+        stat.pgrp == self.pgid
+            && stat.session == self.session
+            && stat.state != 'Z'
+            && stat.state != 'X'
+    }
+
+    /// Whether the group still has a live member (zombies count as gone: they hold nothing
+    /// and whoever adopted them reaps them). Blocking: may read `/proc`.
+    pub fn alive(&self) -> bool {
+        if self.pgid <= 1 || killpg(Pid::from_raw(self.pgid), None).is_err() {
+            return false;
+        }
+        // Usually the leader is there: one read.
+        if let Ok(leader) = u32::try_from(self.pgid)
+            && proc_stat(leader).is_some_and(|s| self.is_member(&s))
+        {
+            return true;
+        }
+        // Without /proc, trust killpg.
+        scan_proc(|_, s| self.is_member(s)).is_none_or(|found| !found.is_empty())
+    }
+
+    /// Sends `signal` to the group if it is still ours, checked just before. Blocking.
+    pub fn signal(&self, signal: Signal) {
+        if self.alive() {
+            signal_group(Pid::from_raw(self.pgid), signal);
+        }
     }
 }
 
-/// SIGKILL to the process group `leader` led, unless its id belongs to someone else now (see
-/// [`group_is_ours`]).
-pub fn kill_group_of(leader: ProcId) {
-    if group_is_ours(leader) {
-        signal_group(
-            Pid::from_raw(i32::try_from(leader.pid).unwrap_or(i32::MAX)),
-            Signal::SIGKILL,
-        );
+/// Pids of the processes whose stat passes `keep`; `None` without `/proc`.
+fn scan_proc(keep: impl Fn(u32, &Stat) -> bool) -> Option<Vec<u32>> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    Some(
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| proc_stat(pid).is_some_and(|s| keep(pid, &s)))
+            .collect(),
+    )
+}
+
+/// SIGKILL to every process of session `sid`: a keeper's session holds the keeper and every
+/// process it started (their groups included), so this ends all of it even when the keeper
+/// is gone. Never this process's own session, nor init's. Blocking.
+pub fn kill_session(sid: i32) {
+    let me = std::process::id();
+    let own = proc_stat(me).map(|s| s.session);
+    if sid <= 1 || u32::try_from(sid).is_ok_and(|s| s == me) || own == Some(sid) {
+        return;
+    }
+    for pid in scan_proc(|_, s| s.session == sid && s.state != 'Z').unwrap_or_default() {
+        if let Ok(raw) = i32::try_from(pid)
+            && raw > 1
+        {
+            let _ = nix::sys::signal::kill(Pid::from_raw(raw), Signal::SIGKILL);
+        }
     }
 }
 
-/// Whether the process group led by `leader` may still exist as ours. A pid is not reused
-/// while a group of that id has members, so when the pid names a process with another start
-/// time, the old group is gone and the id belongs to someone else. When the pid names nothing,
-/// members of the old group may remain.
-pub fn group_is_ours(leader: ProcId) -> bool {
-    proc_stat(leader.pid).is_none_or(|s| s.start == leader.start)
+/// Ends what a record names: the keeper's session (the keeper and all it started), and the
+/// workload's group (when the keeper was a thread of this process). Blocking.
+pub fn kill_recorded(record: &Record) {
+    if let Ok(sid) = i32::try_from(record.keeper.pid) {
+        kill_session(sid);
+    }
+    if let Some(group) = record.group() {
+        group.signal(Signal::SIGKILL);
+    }
 }
 
 /// The signal for a number, SIGTERM when the number is not a valid signal.
@@ -353,8 +465,11 @@ enum ExitSeen {
 enum KeeperHandle {
     /// A keeper process this agent started (dropping the handle leaves it running).
     Child(tokio::process::Child),
-    /// A keeper thread (tests).
-    Thread(std::thread::JoinHandle<()>),
+    /// A keeper thread (tests), and word of its end until the tail takes it.
+    Thread(
+        std::thread::JoinHandle<()>,
+        Option<tokio::sync::oneshot::Receiver<()>>,
+    ),
     /// A keeper a previous agent started.
     Adopted,
 }
@@ -371,37 +486,32 @@ pub struct RunningProcess {
 }
 
 impl RunningProcess {
+    /// Tails the keeper of `record` through `bell` (opened before a new keeper started, or
+    /// just now for an adopted one).
     fn attach(
         dir: &Path,
         record: Record,
         cursor: u64,
-        keeper: KeeperHandle,
+        bell: tokio::net::unix::pipe::Receiver,
+        mut keeper: KeeperHandle,
         logs: &LogBuffer,
-    ) -> io::Result<Self> {
+    ) -> Self {
         let pid = record.workload.map_or(0, |w| w.pid);
-        let bell =
-            tokio::net::unix::pipe::OpenOptions::new().open_receiver(dir.join(keeper::BELL))?;
-        // Looked at after the bell is open: a keeper alive then holds its end, and its exit
-        // shows as a hang-up; one already gone never will (Linux reports no hang-up on a FIFO
-        // whose writers left before the reader came), so it is not waited for.
-        let gone = matches!(keeper, KeeperHandle::Adopted) && !record.keeper.alive();
+        let end = match &mut keeper {
+            KeeperHandle::Thread(_, done) => done.take().map_or(KeeperEnd::Gone, KeeperEnd::Thread),
+            KeeperHandle::Child(_) => KeeperEnd::Bell,
+            KeeperHandle::Adopted => KeeperEnd::adopted(record.keeper),
+        };
         let (tx, exit) = watch::channel(ExitSeen::Running);
-        let tail = tokio::spawn(tail(
-            dir.to_path_buf(),
-            cursor,
-            bell,
-            gone,
-            logs.clone(),
-            tx,
-        ));
-        Ok(Self {
+        let tail = tokio::spawn(tail(dir.to_path_buf(), cursor, bell, end, logs.clone(), tx));
+        Self {
             pid,
             dir: dir.to_path_buf(),
             record,
             keeper,
             exit,
             tail: Some(tail),
-        })
+        }
     }
 
     /// The leader's pid (also the process group id).
@@ -412,15 +522,6 @@ impl RunningProcess {
     /// What the process was started with.
     pub fn launch(&self) -> &Launch {
         &self.record.launch
-    }
-
-    fn pgid(&self) -> Pid {
-        Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX))
-    }
-
-    /// Whether the process group can still be ours (see [`group_is_ours`]).
-    fn group_is_ours(&self) -> bool {
-        self.record.workload.is_some_and(group_is_ours)
     }
 
     /// Waits for the group leader to exit; returns its exit code, `None` when it cannot be
@@ -438,45 +539,51 @@ impl RunningProcess {
 
     /// Stops the process group: `signal`, then SIGKILL after `stop_timeout`. Also used after
     /// the leader exited on its own, to end the members it left behind. Waits for the keeper
-    /// so every line is in the log when this returns, then removes the run directory.
+    /// so every line is in the log when this returns, then removes the run directory. Every
+    /// wait is bounded: a keeper that cannot report (stopped, stuck on a dead disk) is killed,
+    /// and the exit is then unknown.
     pub async fn stop(&mut self, signal: Signal, stop_timeout: Duration) -> StopReport {
         let deadline = Instant::now() + stop_timeout;
-        let pgid = self.pgid();
+        let group = self.record.group();
         let mut killed = false;
         let exited = *self.exit.borrow() != ExitSeen::Running;
-        if !self.group_is_ours() {
-            // The pid names another process now: the group is long gone. Never signal it.
-            let code = self.wait().await;
-            self.finish_keeper().await;
-            return StopReport {
-                code,
-                killed: false,
-            };
-        }
-        if !exited {
-            signal_group(pgid, signal);
-            if timeout_at(deadline, self.wait()).await.is_err() {
-                signal_group(pgid, Signal::SIGKILL);
+        if let Some(g) = group {
+            signal_async(g, signal).await;
+            if !exited && timeout_at(deadline, self.wait()).await.is_err() {
+                signal_async(g, Signal::SIGKILL).await;
                 killed = true;
             }
-        } else if group_alive(pgid).await {
-            signal_group(pgid, signal);
         }
-        let code = self.wait().await;
+        let code = match timeout(PUMP_GRACE, self.wait()).await {
+            Ok(code) => code,
+            Err(_) => {
+                self.kill_keeper();
+                timeout(PUMP_GRACE, self.wait()).await.ok().flatten()
+            }
+        };
         // The leader is gone; wait for the rest of the group within the same deadline.
-        let mut pause = GROUP_POLL_FIRST;
-        while group_alive(pgid).await {
-            let now = Instant::now();
-            if now >= deadline {
-                signal_group(pgid, Signal::SIGKILL);
-                killed = true;
-                break;
+        if let Some(g) = group {
+            let mut pause = GROUP_POLL_FIRST;
+            while group_alive(g).await {
+                let now = Instant::now();
+                if now >= deadline {
+                    signal_async(g, Signal::SIGKILL).await;
+                    killed = true;
+                    break;
+                }
+                sleep(pause.min(deadline - now)).await;
+                pause = (pause * 2).min(GROUP_POLL_MAX);
             }
-            sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(GROUP_POLL_MAX);
         }
         self.finish_keeper().await;
         StopReport { code, killed }
+    }
+
+    /// SIGKILL to the keeper process (never to a keeper thread: that is this process).
+    fn kill_keeper(&self) {
+        if !matches!(self.keeper, KeeperHandle::Thread(..)) {
+            kill_process(self.record.keeper);
+        }
     }
 
     /// Waits for the keeper to end (the rest of the output is then in the log); a keeper held
@@ -486,10 +593,7 @@ impl RunningProcess {
         if let Some(mut tail) = self.tail.take()
             && timeout(PUMP_GRACE, &mut tail).await.is_err()
         {
-            // (A keeper thread is this very process: it cannot be killed, only left.)
-            if !matches!(self.keeper, KeeperHandle::Thread(_)) {
-                kill_process(self.record.keeper);
-            }
+            self.kill_keeper();
             if timeout(PUMP_GRACE, &mut tail).await.is_err() {
                 tail.abort();
             }
@@ -498,7 +602,7 @@ impl RunningProcess {
             KeeperHandle::Child(mut child) => {
                 let _ = timeout(PUMP_GRACE, child.wait()).await;
             }
-            KeeperHandle::Thread(thread) => {
+            KeeperHandle::Thread(thread, _) => {
                 let _ = tokio::task::spawn_blocking(move || thread.join()).await;
             }
             KeeperHandle::Adopted => {}
@@ -528,10 +632,11 @@ async fn tail(
     dir: PathBuf,
     cursor: u64,
     bell: tokio::net::unix::pipe::Receiver,
-    mut keeper_gone: bool,
+    mut end: KeeperEnd,
     logs: LogBuffer,
     exit: watch::Sender<ExitSeen>,
 ) {
+    let mut keeper_gone = matches!(end, KeeperEnd::Gone);
     let mut reader = Some(OutboxReader::new(&dir, cursor));
     let mut read_failed = false;
     loop {
@@ -547,7 +652,7 @@ async fn tail(
             Ok(batch) => {
                 read_failed = false;
                 let full = !batch.recs.is_empty();
-                deliver(&dir, batch, &logs, &exit);
+                deliver(&dir, batch, &logs, &exit).await;
                 if full {
                     // There may be more: read again before waiting (and let others run).
                     tokio::task::yield_now().await;
@@ -566,7 +671,10 @@ async fn tail(
         if keeper_gone {
             break;
         }
-        keeper_gone = ring_or_gone(&bell).await;
+        tokio::select! {
+            gone = ring_or_gone(&bell) => keeper_gone = gone,
+            () = end.ended() => keeper_gone = true,
+        }
     }
     if *exit.borrow() == ExitSeen::Running {
         let dir = dir.clone();
@@ -575,6 +683,61 @@ async fn tail(
             .ok()
             .flatten();
         exit.send_replace(code.map_or(ExitSeen::Unknown, ExitSeen::Code));
+    }
+}
+
+/// How long after adopting a keeper the tail looks once more whether it still runs.
+const ADOPT_RECHECK: Duration = Duration::from_secs(1);
+
+/// How the tail learns that the keeper is gone besides the bell's end of file. Linux reports
+/// no hang-up on a FIFO whose writers all left before the reader opened it. So a new keeper's
+/// bell is opened before the keeper starts (its end then always shows); an adopted keeper
+/// found dead is not waited for, and one found alive is looked at once more a moment later:
+/// alive then, it held the bell when the tail opened it (a keeper closes it only by exiting),
+/// so its end will show; dead then, it was exiting while the tail looked.
+enum KeeperEnd {
+    /// A keeper thread's word.
+    Thread(tokio::sync::oneshot::Receiver<()>),
+    /// An adopted keeper, to look at again at this instant.
+    Recheck(ProcId, Instant),
+    /// The bell's end of file says it.
+    Bell,
+    /// Gone already.
+    Gone,
+}
+
+impl KeeperEnd {
+    /// For an adopted keeper process, after its bell was opened.
+    fn adopted(keeper: ProcId) -> Self {
+        if keeper.alive() {
+            Self::Recheck(keeper, Instant::now() + ADOPT_RECHECK)
+        } else {
+            Self::Gone
+        }
+    }
+
+    /// Returns once the keeper is known gone (never when only the bell can say it).
+    async fn ended(&mut self) {
+        match self {
+            Self::Thread(done) => {
+                let _ = done.await;
+                *self = Self::Gone;
+            }
+            Self::Recheck(keeper, at) => {
+                sleep_until(*at).await;
+                let keeper = *keeper;
+                let alive = tokio::task::spawn_blocking(move || keeper.alive())
+                    .await
+                    .unwrap_or(true);
+                if alive {
+                    *self = Self::Bell;
+                    std::future::pending::<()>().await;
+                }
+                *self = Self::Gone;
+            }
+            Self::Bell => std::future::pending().await,
+            Self::Gone => {}
+        }
     }
 }
 
@@ -602,8 +765,16 @@ async fn ring_or_gone(bell: &tokio::net::unix::pipe::Receiver) -> bool {
 }
 
 /// Passes a batch of records on: lines to the log (with the keeper's times), the exit to the
-/// waiter, and the cursor to disk once the lines are in the spool.
-fn deliver(dir: &Path, batch: keeper::Batch, logs: &LogBuffer, exit: &watch::Sender<ExitSeen>) {
+/// waiter, and the cursor to disk once the lines are in the spool. Waits for the spool, so a
+/// backlog is read no faster than it is written. A batch the spool could not take (a full or
+/// failing disk) leaves the cursor where it was: the lines stay in the outbox (bounded), and a
+/// restart may show some twice rather than none.
+async fn deliver(
+    dir: &Path,
+    batch: keeper::Batch,
+    logs: &LogBuffer,
+    exit: &watch::Sender<ExitSeen>,
+) {
     if batch.lost_bytes > 0 {
         logs.push(
             LogStream::System,
@@ -614,6 +785,7 @@ fn deliver(dir: &Path, batch: keeper::Batch, logs: &LogBuffer, exit: &watch::Sen
         );
     }
     let mut exited = None;
+    let dropped_before = logs.dropped_lines();
     logs.push_timed(batch.recs.into_iter().filter_map(|rec| match rec {
         Rec::Line {
             stream,
@@ -629,7 +801,13 @@ fn deliver(dir: &Path, batch: keeper::Batch, logs: &LogBuffer, exit: &watch::Sen
         exit.send_replace(ExitSeen::Code(code));
     }
     let (dir, cursor) = (dir.to_path_buf(), batch.cursor);
-    logs.after_writes(move || save_cursor(&dir, cursor));
+    let spooled = logs.clone();
+    logs.after_writes(move || {
+        if spooled.dropped_lines() == dropped_before {
+            save_cursor(&dir, cursor);
+        }
+    })
+    .await;
 }
 
 /// Records how far the outbox is in the log and deletes the segments read past.
@@ -678,43 +856,16 @@ fn signal_group(pgid: Pid, signal: Signal) {
     }
 }
 
-/// Whether the group has a member that is not a zombie. Zombies count as gone: they hold no
-/// resources and are reaped by whoever adopted them (an init that does not reap would
-/// otherwise turn every stop into a SIGKILL at the deadline).
-///
-/// `killpg(pgid, 0)` answers "no member at all" with one syscall, which is the usual case
-/// right after the leader exits. Only when some member exists is `/proc` scanned for a live
-/// one, on the blocking pool: the scan reads a file per process and must not hold an async
-/// worker.
-async fn group_alive(pgid: Pid) -> bool {
-    if killpg(pgid, None).is_err() {
-        return false;
-    }
-    let raw = pgid.as_raw();
-    // Without /proc (or if the scan cannot run), trust killpg.
-    tokio::task::spawn_blocking(move || group_has_live_member(raw).unwrap_or(true))
+/// [`Group::alive`] on the blocking pool (it may scan `/proc`, a file per process).
+async fn group_alive(g: Group) -> bool {
+    tokio::task::spawn_blocking(move || g.alive())
         .await
         .unwrap_or(true)
 }
 
-fn group_has_live_member(pgid: i32) -> io::Result<bool> {
-    for dirent in std::fs::read_dir("/proc")? {
-        let Some(pid) = dirent?
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some(stat) = proc_stat(pid)
-            && stat.pgrp == pgid
-            && stat.state != 'Z'
-            && stat.state != 'X'
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+/// [`Group::signal`] on the blocking pool.
+async fn signal_async(g: Group, signal: Signal) {
+    let _ = tokio::task::spawn_blocking(move || g.signal(signal)).await;
 }
 
 /// What the node reads of `/proc/<pid>/stat`.
@@ -724,6 +875,8 @@ pub struct Stat {
     pub state: char,
     /// Process group.
     pub pgrp: i32,
+    /// Session.
+    pub session: i32,
     /// Start time in clock ticks after boot: with the pid, names one process for good.
     pub start: u64,
 }
@@ -741,6 +894,7 @@ fn parse_stat(stat: &str) -> Option<Stat> {
     Some(Stat {
         state: fields.first()?.chars().next()?,
         pgrp: fields.get(2)?.parse().ok()?,
+        session: fields.get(3)?.parse().ok()?,
         start: fields.get(19)?.parse().ok()?,
     })
 }
@@ -956,6 +1110,7 @@ mod tests {
             Some(Stat {
                 state: 'S',
                 pgrp: 42,
+                session: 42,
                 start: 777
             })
         );

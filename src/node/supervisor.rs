@@ -611,7 +611,8 @@ impl Supervisor {
                 );
             }
             Err(e) => {
-                runner::kill_left_group(&orphan.record);
+                let record = orphan.record.clone();
+                let _ = tokio::task::spawn_blocking(move || runner::kill_recorded(&record)).await;
                 let _ = tokio::fs::remove_dir_all(&orphan.dir).await;
                 logs.push(
                     LogStream::System,
@@ -629,8 +630,8 @@ impl Supervisor {
 const RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The run directories under `run`, each with its record when a workload was started there.
-/// A keeper still starting is waited for; one that never names its workload is killed (it
-/// had not started it yet, or the process is lost to it).
+/// A keeper still starting is waited for; one that never names its workload, or whose record
+/// cannot be read in full, is ended with everything in its session.
 fn scan_run_dirs(run: &std::path::Path) -> Vec<(String, PathBuf, Option<Record>)> {
     let Ok(entries) = std::fs::read_dir(run) else {
         return Vec::new();
@@ -645,6 +646,13 @@ fn scan_run_dirs(run: &std::path::Path) -> Vec<(String, PathBuf, Option<Record>)
             continue;
         }
         let mut record = Record::load(&dir);
+        if record.is_none()
+            && let Some(keeper) = Record::keeper_of(&dir)
+        {
+            // A record this agent cannot read in full (another version wrote it): what its
+            // keeper runs cannot be adopted, so it is ended, session and all.
+            runner::kill_session(i32::try_from(keeper.pid).unwrap_or(0));
+        }
         let deadline = std::time::Instant::now() + RECORD_WAIT;
         while let Some(r) = &record
             && r.workload.is_none()
@@ -657,7 +665,8 @@ fn scan_run_dirs(run: &std::path::Path) -> Vec<(String, PathBuf, Option<Record>)
         if let Some(r) = &record
             && r.workload.is_none()
         {
-            runner::kill_process(r.keeper);
+            // Still starting after the wait: end the keeper and whatever it began.
+            runner::kill_session(i32::try_from(r.keeper.pid).unwrap_or(0));
             record = None;
         }
         found.push((id, dir, record));

@@ -92,6 +92,15 @@ async fn kill9_of_the_agent_adopts_its_workloads_and_keeps_their_logs() {
         pids.insert(id.clone(), pid_of(&c.wait_state(id, "RUNNING").await));
     }
     let before = ticks(&log_until(&c, &l, |e| ticks(e).len() >= 20).await);
+    // One agent per work dir: a second one refuses to start.
+    let second = std::process::Command::new(&bin)
+        .args(["node", "--config"])
+        .arg(&node.config)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(said.contains("another node agent already runs"), "{said}");
     let agent = node.pid();
     node.kill9();
     offline(&c, "k9").await;

@@ -51,6 +51,8 @@ pub fn segments(dir: &Path) -> io::Result<Vec<u64>> {
 pub(super) struct OutboxWriter {
     dir: PathBuf,
     cap: u64,
+    /// Where segments are cut.
+    segment: u64,
     /// Start offsets of the segments written, oldest first (some may be deleted by the agent).
     written: VecDeque<u64>,
     /// The segment being written: its start, its file (None after a failed write), its length.
@@ -63,6 +65,7 @@ impl OutboxWriter {
         let mut writer = Self {
             dir: dir.to_path_buf(),
             cap: cap.max(1),
+            segment: segment_bytes(cap),
             written: VecDeque::new(),
             current: (0, None, 0),
             buf: Vec::new(),
@@ -104,12 +107,14 @@ impl OutboxWriter {
             return false;
         }
         let (start, ref file, len) = self.current;
-        if file.is_none() || (len > 0 && len + self.buf.len() as u64 > segment_bytes(self.cap)) {
-            // What reached the disk (after a failed write, less than counted) says where
-            // the next segment starts.
-            let on_disk = fs::metadata(segment_path(&self.dir, start)).map_or(len, |m| m.len());
-            if on_disk > 0 {
-                self.open_segment(start + on_disk);
+        if file.is_none() || (len > 0 && len + self.buf.len() as u64 > self.segment) {
+            // The next segment starts where this one ends as counted: after a failed write
+            // that is past what reached the disk, so a reader sees the lost bytes as a gap
+            // (and drops the torn record at the end of this one).
+            let on_disk = fs::metadata(segment_path(&self.dir, start)).map_or(0, |m| m.len());
+            let end = on_disk.max(len);
+            if end > 0 {
+                self.open_segment(start + end);
                 self.trim();
             } else {
                 self.open_segment(start);
@@ -123,13 +128,17 @@ impl OutboxWriter {
                     true
                 }
                 Err(_) => {
-                    // The disk is full or failing: these lines are lost; the next write
-                    // starts a new segment after whatever reached the disk.
+                    // The disk is full or failing: these lines are lost. They are counted
+                    // all the same, and the next write starts a new segment after them.
+                    *len += self.buf.len() as u64;
                     *file = None;
                     false
                 }
             },
-            None => false,
+            None => {
+                *len += self.buf.len() as u64;
+                false
+            }
         };
         self.buf.clear();
         wrote
@@ -191,6 +200,10 @@ pub struct OutboxReader {
     open: Option<(u64, File)>,
     /// Bytes of a record not complete yet.
     partial: Vec<u8>,
+    /// A newer segment was seen after the end of the open one: the open one is final, and
+    /// once read to its end again (the writer may have appended just before it rotated) the
+    /// reader moves on.
+    finishing: bool,
 }
 
 impl OutboxReader {
@@ -201,6 +214,7 @@ impl OutboxReader {
             cursor,
             open: None,
             partial: Vec::new(),
+            finishing: false,
         }
     }
 
@@ -226,11 +240,14 @@ impl OutboxReader {
                 self.take_records(&buf[..n], &mut batch.recs);
                 continue;
             }
-            // The end of this segment: go on only if a newer one exists (this one is done).
+            // The end of this segment: go on only if a newer one exists (this one is done),
+            // after one more read to its end.
             let start = *start;
             let newer = segments(&self.dir)?.into_iter().find(|&s| s > start);
             match newer {
+                Some(_) if !self.finishing => self.finishing = true,
                 Some(next) => {
+                    self.finishing = false;
                     let reached = self.cursor + self.partial.len() as u64;
                     batch.lost_bytes += next.saturating_sub(reached);
                     self.partial.clear();
@@ -273,6 +290,7 @@ impl OutboxReader {
         };
         file.seek(SeekFrom::Start(self.cursor - start))?;
         self.partial.clear();
+        self.finishing = false;
         self.open = Some((start, file));
         Ok(true)
     }
@@ -408,5 +426,50 @@ mod tests {
         let b = r.read(usize::MAX).unwrap();
         assert_eq!(lines(&b), ["stdout:hello", "exit:0"]);
         assert_eq!(b.cursor, 16);
+    }
+
+    #[test]
+    fn a_reader_racing_the_writer_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        const LINES: u64 = 60_000;
+        let writer = std::thread::spawn(move || {
+            // A cap never reached (nothing is trimmed), small segments: many rotations for the
+            // reader to race.
+            let mut w = OutboxWriter::create(&path, 1 << 30);
+            w.segment = 4096;
+            for i in 0..LINES {
+                w.line(b'o', 1, format!("{i:08}").as_bytes());
+                w.flush();
+            }
+            w.exit(1, 0);
+            w.flush();
+        });
+        let mut r = OutboxReader::new(dir.path(), 0);
+        let (mut got, mut lost) = (Vec::new(), 0u64);
+        'read: loop {
+            let batch = r.read(64 * 1024).unwrap();
+            lost += batch.lost_bytes;
+            for rec in batch.recs {
+                match rec {
+                    Rec::Line { text, .. } => got.push(text.parse::<u64>().unwrap()),
+                    Rec::Exit { .. } => break 'read,
+                }
+            }
+            // As the agent does: segments read past go.
+            let starts = segments(dir.path()).unwrap();
+            for pair in starts.windows(2) {
+                if pair[1] <= batch.cursor {
+                    let _ = fs::remove_file(segment_path(dir.path(), pair[0]));
+                }
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(lost, 0, "bytes skipped");
+        assert_eq!(
+            got,
+            (0..LINES).collect::<Vec<_>>(),
+            "every line, in order, once"
+        );
     }
 }

@@ -169,11 +169,12 @@ impl Actor {
         let process = match runner::adopt(&orphan.dir, orphan.record.clone(), &self.logs) {
             Ok(process) => process,
             Err(e) => {
-                runner::kill_left_group(&orphan.record);
+                let record = orphan.record.clone();
+                let _ = tokio::task::spawn_blocking(move || runner::kill_recorded(&record)).await;
                 let _ = tokio::fs::remove_dir_all(&orphan.dir).await;
                 self.log(
                     LogStream::System,
-                    format!("could not adopt the process left by the previous agent ({e}); its group was killed"),
+                    format!("could not adopt the process left by the previous agent ({e}); what it ran was killed"),
                 );
                 return;
             }

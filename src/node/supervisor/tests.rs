@@ -681,6 +681,7 @@ fn left_behind(h: &Harness, id: &str, spec: &DeploymentSpec, keeper: ProcId, wor
         },
         keeper,
         workload: Some(workload),
+        group: None,
     };
     std::fs::write(
         dir.join(crate::node::keeper::RECORD),
@@ -759,4 +760,52 @@ async fn a_recycled_pid_is_never_adopted_nor_signalled() {
     h.sup.shutdown().await;
     stranger.kill().unwrap();
     stranger.wait().unwrap();
+}
+
+#[tokio::test]
+async fn a_group_id_taken_by_another_session_is_never_signalled() {
+    let mut h = Harness::new();
+    // An unrelated group whose leader is gone: its id P names no process, but the group lives
+    // on in its member, in another session. A record that names P for a workload must not
+    // reach it.
+    #[allow(clippy::disallowed_methods)]
+    let out = std::process::Command::new("setsid")
+        .args(["sh", "-c", "sleep 1000 >/dev/null 2>&1 & echo $$ $!"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut ids = text.split_whitespace().map(|n| n.parse::<u32>().unwrap());
+    let (leader, member) = (ids.next().unwrap(), ids.next().unwrap());
+    assert!(!process_alive(leader) && process_alive(member));
+    let gone = ProcId {
+        pid: 999_999,
+        start: 1,
+    };
+    let workload = ProcId {
+        pid: leader,
+        start: 1,
+    };
+    let wanted_spec = spec("sleep 1000", RestartKind::Always);
+    left_behind(&h, "kept", &wanted_spec, gone, workload);
+    assert_eq!(
+        h.sup
+            .recover(&BTreeMap::from([("kept".to_owned(), true)]))
+            .await,
+        vec!["kept".to_owned()]
+    );
+    h.sup.apply("kept", 1, true, wanted_spec).unwrap();
+    h.until("kept", |s| {
+        s.state == CurrentState::Running && s.pid.is_some_and(|p| p != leader)
+    })
+    .await;
+    assert!(
+        process_alive(member),
+        "another session's process was signalled"
+    );
+    h.sup.shutdown().await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(member).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }

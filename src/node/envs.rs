@@ -740,13 +740,14 @@ impl Envs {
             record: None,
         };
         if let Some(group) = guard.group {
+            // Written at once, on this thread (a few bytes): the sooner it is on disk, the
+            // smaller the window in which a dying agent leaves a step nobody knows of.
             let path = self.steps_dir().join(group.pgid.to_string());
-            let written = async {
-                tokio::fs::create_dir_all(self.steps_dir()).await?;
+            let written = std::fs::create_dir_all(self.steps_dir()).and_then(|()| {
                 let bytes = serde_json::to_vec(&group).map_err(std::io::Error::other)?;
-                tokio::fs::write(&path, bytes).await
-            };
-            match written.await {
+                std::fs::write(&path, bytes)
+            });
+            match written {
                 Ok(()) => guard.record = Some(path),
                 Err(error) => tracing::warn!(%error, "could not record a provisioning step"),
             }

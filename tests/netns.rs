@@ -485,6 +485,19 @@ fn conductor_restart_keeps_workloads_and_applies_changes_on_return() {
     });
 }
 
+/// Waits until `node` is online again after more than `reconnects` reconnects.
+async fn reconnected(bed: &Bed, node: &str, reconnects: u64) -> NodeFacts {
+    until(&format!("{node} reconnects"), WAIT, async || {
+        let n = bed.api.node(node).await?;
+        if n.state == "online" && n.reconnects > reconnects {
+            Ok(n)
+        } else {
+            Err(format!("{n:?}"))
+        }
+    })
+    .await
+}
+
 #[test]
 fn node_restart_restores_local_state_without_duplicates() {
     scenario("node-restart", short_idle(), async |bed: &mut Bed| {
@@ -510,15 +523,7 @@ fn node_restart_restores_local_state_without_duplicates() {
             "nothing starts before the conductor confirms"
         );
         bed.restore(0);
-        let after = until("n0 reconnects", WAIT, async || {
-            let n = bed.api.node("n0").await?;
-            if n.state == "online" && n.reconnects > before.reconnects {
-                Ok(n)
-            } else {
-                Err(format!("{n:?}"))
-            }
-        })
-        .await;
+        let after = reconnected(bed, "n0", before.reconnects).await;
         let d1 = until(
             "the conductor confirms and the node runs its restored deployment",
             WAIT,
@@ -573,15 +578,7 @@ fn node_kill9_adopts_its_workload_without_duplicates() {
             "the workload outlives its agent"
         );
         bed.start_node(0);
-        let after = until("n0 reconnects", WAIT, async || {
-            let n = bed.api.node("n0").await?;
-            if n.state == "online" && n.reconnects > before.reconnects {
-                Ok(n)
-            } else {
-                Err(format!("{n:?}"))
-            }
-        })
-        .await;
+        let after = reconnected(bed, "n0", before.reconnects).await;
         let d1 = until("the new agent adopts the workload", WAIT, async || {
             let d = bed.api.deployment(&id).await?;
             if d.state.as_deref() == Some("RUNNING") && d.pid == Some(pid) {

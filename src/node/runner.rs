@@ -308,6 +308,13 @@ pub fn adopt(dir: &Path, record: Record, logs: &LogBuffer) -> io::Result<Running
     ))
 }
 
+/// Gives up a process a previous agent left that cannot be adopted: ends what its record names
+/// and removes its run directory.
+pub async fn discard(dir: &Path, record: Record) {
+    let _ = tokio::task::spawn_blocking(move || kill_recorded(&record)).await;
+    let _ = tokio::fs::remove_dir_all(dir).await;
+}
+
 fn open_bell(dir: &Path) -> io::Result<tokio::net::unix::pipe::Receiver> {
     tokio::net::unix::pipe::OpenOptions::new().open_receiver(dir.join(keeper::BELL))
 }

@@ -611,9 +611,7 @@ impl Supervisor {
                 );
             }
             Err(e) => {
-                let record = orphan.record.clone();
-                let _ = tokio::task::spawn_blocking(move || runner::kill_recorded(&record)).await;
-                let _ = tokio::fs::remove_dir_all(&orphan.dir).await;
+                runner::discard(&orphan.dir, orphan.record.clone()).await;
                 logs.push(
                     LogStream::System,
                     format!("killed the process group left by the previous agent ({e})"),

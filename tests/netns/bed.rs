@@ -708,17 +708,20 @@ impl Bed {
         self.spawn(&name, &ns, &["--config", cfg.to_str().unwrap()]);
     }
 
-    /// Sends SIGTERM to a process of the bed and waits (at most 20 s) for it to exit.
-    pub fn stop(&mut self, name: &str) -> ExitStatus {
-        let p = self
-            .procs
+    /// The running child `name`, taken out of the bed (it is about to end).
+    fn take_child(&mut self, name: &str) -> Child {
+        self.procs
             .iter_mut()
             .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no process {name}"));
-        let mut child = p
+            .unwrap_or_else(|| panic!("no process {name}"))
             .child
             .take()
-            .unwrap_or_else(|| panic!("{name} is not running"));
+            .unwrap_or_else(|| panic!("{name} is not running"))
+    }
+
+    /// Sends SIGTERM to a process of the bed and waits (at most 20 s) for it to exit.
+    pub fn stop(&mut self, name: &str) -> ExitStatus {
+        let mut child = self.take_child(name);
         let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
         let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -737,15 +740,7 @@ impl Bed {
 
     /// `kill -9` of a process of the bed (what an OOM killer or a crash does); waits for it.
     pub fn kill9(&mut self, name: &str) {
-        let p = self
-            .procs
-            .iter_mut()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no process {name}"));
-        let mut child = p
-            .child
-            .take()
-            .unwrap_or_else(|| panic!("{name} is not running"));
+        let mut child = self.take_child(name);
         let _ = child.kill();
         let _ = child.wait();
     }

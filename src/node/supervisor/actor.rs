@@ -169,9 +169,7 @@ impl Actor {
         let process = match runner::adopt(&orphan.dir, orphan.record.clone(), &self.logs) {
             Ok(process) => process,
             Err(e) => {
-                let record = orphan.record.clone();
-                let _ = tokio::task::spawn_blocking(move || runner::kill_recorded(&record)).await;
-                let _ = tokio::fs::remove_dir_all(&orphan.dir).await;
+                runner::discard(&orphan.dir, orphan.record.clone()).await;
                 self.log(
                     LogStream::System,
                     format!("could not adopt the process left by the previous agent ({e}); what it ran was killed"),

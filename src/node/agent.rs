@@ -328,11 +328,15 @@ fn lock_work_dir(work_dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-        anyhow::anyhow!(
-            "another node agent already runs with work dir {} ({}: {e})",
-            work_dir.display(),
-            path.display()
-        )
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            anyhow::anyhow!(
+                "another node agent already runs with work dir {} ({} is locked)",
+                work_dir.display(),
+                path.display()
+            )
+        } else {
+            anyhow::anyhow!("cannot lock {}: {e}", path.display())
+        }
     })
 }
 

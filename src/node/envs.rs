@@ -821,9 +821,16 @@ pub fn kill_left_steps(work_dir: &Path) -> usize {
     };
     let mut killed = 0;
     for entry in entries.filter_map(Result::ok) {
-        let step = std::fs::read(entry.path())
+        let bytes = std::fs::read(entry.path()).unwrap_or_default();
+        // A step recorded by the previous version (its leader only) counts while it lives.
+        let step = serde_json::from_slice::<runner::Group>(&bytes)
             .ok()
-            .and_then(|b| serde_json::from_slice::<runner::Group>(&b).ok());
+            .or_else(|| {
+                serde_json::from_slice::<super::keeper::ProcId>(&bytes)
+                    .ok()
+                    .filter(super::keeper::ProcId::alive)
+                    .and_then(|leader| runner::Group::led_by(leader.pid))
+            });
         if let Some(step) = step
             && step.alive()
         {

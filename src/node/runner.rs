@@ -381,7 +381,11 @@ impl Group {
     /// Whether the group still has a live member (zombies count as gone: they hold nothing
     /// and whoever adopted them reaps them). Blocking: may read `/proc`.
     pub fn alive(&self) -> bool {
-        if self.pgid <= 1 || killpg(Pid::from_raw(self.pgid), None).is_err() {
+        // Never this process's own group (an env step's id reused by a new agent's job).
+        if self.pgid <= 1
+            || self.pgid == nix::unistd::getpgrp().as_raw()
+            || killpg(Pid::from_raw(self.pgid), None).is_err()
+        {
             return false;
         }
         // Usually the leader is there: one read.
@@ -432,12 +436,27 @@ pub fn kill_session(sid: i32) {
     }
 }
 
+/// [`kill_session`] of the session `leader` (a keeper, which starts its own session) led,
+/// unless its id names another process now: a pid that names a process with another start
+/// time, or one outside its own session, is someone else's, and so is that session. A pid that
+/// names nothing may still be the id of our session's remaining members (a session id is not
+/// reused while it has members). Blocking.
+pub fn kill_session_of(leader: ProcId) {
+    let Ok(sid) = i32::try_from(leader.pid) else {
+        return;
+    };
+    if let Some(s) = proc_stat(leader.pid)
+        && (s.start != leader.start || s.session != sid)
+    {
+        return;
+    }
+    kill_session(sid);
+}
+
 /// Ends what a record names: the keeper's session (the keeper and all it started), and the
 /// workload's group (when the keeper was a thread of this process). Blocking.
 pub fn kill_recorded(record: &Record) {
-    if let Ok(sid) = i32::try_from(record.keeper.pid) {
-        kill_session(sid);
-    }
+    kill_session_of(record.keeper);
     if let Some(group) = record.group() {
         group.signal(Signal::SIGKILL);
     }
@@ -610,7 +629,8 @@ impl RunningProcess {
                 let _ = timeout(PUMP_GRACE, child.wait()).await;
             }
             KeeperHandle::Thread(thread, _) => {
-                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+                let join = tokio::task::spawn_blocking(move || thread.join());
+                let _ = timeout(PUMP_GRACE, join).await;
             }
             KeeperHandle::Adopted => {}
         }
@@ -645,6 +665,7 @@ async fn tail(
 ) {
     let mut keeper_gone = matches!(end, KeeperEnd::Gone);
     let mut reader = Some(OutboxReader::new(&dir, cursor));
+    let mut last_cursor = cursor;
     let mut read_failed = false;
     loop {
         let Some(mut r) = reader.take() else { break };
@@ -658,7 +679,10 @@ async fn tail(
         match batch {
             Ok(batch) => {
                 read_failed = false;
-                let full = !batch.recs.is_empty();
+                // Records, a gap or a cursor that moved (unreadable records): there may be more.
+                let full =
+                    !batch.recs.is_empty() || batch.lost_bytes > 0 || batch.cursor != last_cursor;
+                last_cursor = batch.cursor;
                 deliver(&dir, batch, &logs, &exit).await;
                 if full {
                     // There may be more: read again before waiting (and let others run).
@@ -693,15 +717,15 @@ async fn tail(
     }
 }
 
-/// How long after adopting a keeper the tail looks once more whether it still runs.
-const ADOPT_RECHECK: Duration = Duration::from_secs(1);
+/// How often the tail of an adopted keeper looks whether it still runs (see [`KeeperEnd`]).
+const ADOPT_RECHECK: Duration = Duration::from_secs(2);
 
 /// How the tail learns that the keeper is gone besides the bell's end of file. Linux reports
 /// no hang-up on a FIFO whose writers all left before the reader opened it. So a new keeper's
 /// bell is opened before the keeper starts (its end then always shows); an adopted keeper
-/// found dead is not waited for, and one found alive is looked at once more a moment later:
-/// alive then, it held the bell when the tail opened it (a keeper closes it only by exiting),
-/// so its end will show; dead then, it was exiting while the tail looked.
+/// found dead is not waited for, and one found alive is looked at again every
+/// [`ADOPT_RECHECK`] (one small `/proc` read): it may have been exiting while the tail opened
+/// the bell, and then only this tells.
 enum KeeperEnd {
     /// A keeper thread's word.
     Thread(tokio::sync::oneshot::Receiver<()>),
@@ -730,18 +754,14 @@ impl KeeperEnd {
                 let _ = done.await;
                 *self = Self::Gone;
             }
-            Self::Recheck(keeper, at) => {
+            Self::Recheck(keeper, at) => loop {
                 sleep_until(*at).await;
-                let keeper = *keeper;
-                let alive = tokio::task::spawn_blocking(move || keeper.alive())
-                    .await
-                    .unwrap_or(true);
-                if alive {
-                    *self = Self::Bell;
-                    std::future::pending::<()>().await;
+                if !keeper.alive() {
+                    *self = Self::Gone;
+                    return;
                 }
-                *self = Self::Gone;
-            }
+                *at = Instant::now() + ADOPT_RECHECK;
+            },
             Self::Bell => std::future::pending().await,
             Self::Gone => {}
         }
@@ -845,6 +865,7 @@ fn save_cursor(dir: &Path, cursor: u64) {
 pub fn kill_process(p: ProcId) {
     if let Ok(raw) = i32::try_from(p.pid)
         && raw > 0
+        && p.pid != std::process::id()
         && p.alive()
     {
         let _ = nix::sys::signal::kill(Pid::from_raw(raw), Signal::SIGKILL);
@@ -854,7 +875,7 @@ pub fn kill_process(p: ProcId) {
 /// Sends `signal` to the group; a group that no longer exists is not an error.
 fn signal_group(pgid: Pid, signal: Signal) {
     // 0 is the caller's own group and 1 is init's: never a workload's (a record without a pid).
-    if pgid.as_raw() <= 1 {
+    if pgid.as_raw() <= 1 || pgid == nix::unistd::getpgrp() {
         return;
     }
     match killpg(pgid, signal) {

@@ -649,7 +649,7 @@ fn scan_run_dirs(run: &std::path::Path) -> Vec<(String, PathBuf, Option<Record>)
         {
             // A record this agent cannot read in full (another version wrote it): what its
             // keeper runs cannot be adopted, so it is ended, session and all.
-            runner::kill_session(i32::try_from(keeper.pid).unwrap_or(0));
+            runner::kill_session_of(keeper);
         }
         let deadline = std::time::Instant::now() + RECORD_WAIT;
         while let Some(r) = &record
@@ -664,7 +664,7 @@ fn scan_run_dirs(run: &std::path::Path) -> Vec<(String, PathBuf, Option<Record>)
             && r.workload.is_none()
         {
             // Still starting after the wait: end the keeper and whatever it began.
-            runner::kill_session(i32::try_from(r.keeper.pid).unwrap_or(0));
+            runner::kill_session_of(r.keeper);
             record = None;
         }
         found.push((id, dir, record));

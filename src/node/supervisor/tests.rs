@@ -809,3 +809,48 @@ async fn a_group_id_taken_by_another_session_is_never_signalled() {
         nix::sys::signal::Signal::SIGKILL,
     );
 }
+
+#[tokio::test]
+async fn a_recycled_session_id_is_never_killed() {
+    let h = Harness::new();
+    // A stranger leading its own session holds the pid a dead keeper had.
+    #[allow(clippy::disallowed_methods)]
+    let mut stranger = std::process::Command::new("setsid")
+        .args(["sleep", "1000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = stranger.id();
+    let real = ProcId::of(pid).unwrap();
+    let recycled = ProcId {
+        pid,
+        start: real.start + 1,
+    };
+    // A keeper that never named its workload, and a record this version cannot read.
+    for (id, json) in [
+        (
+            "starting",
+            serde_json::json!({"version": 1, "keeper": recycled, "workload": null, "launch": null}),
+        ),
+        (
+            "unreadable",
+            serde_json::json!({"version": 99, "keeper": recycled}),
+        ),
+    ] {
+        let dir = h.dir.path().join("run").join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(crate::node::keeper::RECORD),
+            serde_json::to_vec(&json).unwrap(),
+        )
+        .unwrap();
+    }
+    let wanted = BTreeMap::from([("starting".to_owned(), true)]);
+    assert!(h.sup.recover(&wanted).await.is_empty());
+    assert!(process_alive(pid), "a stranger's session was killed");
+    assert!(!h.dir.path().join("run").join("starting").exists());
+    h.sup.shutdown().await;
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
+}

@@ -694,25 +694,33 @@ use std::os::unix::process::CommandExt;
 
 use crate::node::keeper::ProcId;
 
+/// An unrelated process (`argv`; with `own_group`, leader of its own group), and its pid as a
+/// record of a long gone process would name it: same pid, another start time.
+fn stranger(argv: &[&str], own_group: bool) -> (std::process::Child, ProcId) {
+    #[allow(clippy::disallowed_methods)]
+    let mut cmd = std::process::Command::new(argv[0]);
+    cmd.args(&argv[1..])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if own_group {
+        cmd.process_group(0);
+    }
+    let child = cmd.spawn().unwrap();
+    let real = ProcId::of(child.id()).unwrap();
+    let recycled = ProcId {
+        pid: real.pid,
+        start: real.start + 1,
+    };
+    (child, recycled)
+}
+
 #[tokio::test]
 async fn a_recycled_pid_is_never_adopted_nor_signalled() {
     let mut h = Harness::new();
     // An unrelated process, leader of its own group, now holds the pids the record names
     // (a different start time: the recorded processes are long gone).
-    #[allow(clippy::disallowed_methods)]
-    let mut stranger = std::process::Command::new("sleep")
-        .arg("1000")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
-        .unwrap();
-    let pid = stranger.id();
-    let real = ProcId::of(pid).unwrap();
-    let recycled = ProcId {
-        pid,
-        start: real.start + 1,
-    };
+    let (mut stranger, recycled) = stranger(&["sleep", "1000"], true);
+    let pid = recycled.pid;
     let wanted_spec = spec("sleep 1000", RestartKind::Always);
     left_behind(&h, "kept", &wanted_spec, recycled, recycled);
     left_behind(&h, "dropped", &wanted_spec, recycled, recycled);
@@ -814,19 +822,17 @@ async fn a_group_id_taken_by_another_session_is_never_signalled() {
 async fn a_recycled_session_id_is_never_killed() {
     let h = Harness::new();
     // A stranger leading its own session holds the pid a dead keeper had.
-    #[allow(clippy::disallowed_methods)]
-    let mut stranger = std::process::Command::new("setsid")
-        .args(["sleep", "1000"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = stranger.id();
-    let real = ProcId::of(pid).unwrap();
-    let recycled = ProcId {
-        pid,
-        start: real.start + 1,
+    let (mut stranger, recycled) = stranger(&["setsid", "sleep", "1000"], false);
+    let pid = recycled.pid;
+    // `setsid` (not a group leader here) makes its own session, then becomes `sleep`.
+    let own_session = || {
+        crate::node::runner::proc_stat(pid).map(|s| s.session) == Some(i32::try_from(pid).unwrap())
     };
+    let deadline = std::time::Instant::now() + WAIT;
+    while !own_session() {
+        assert!(std::time::Instant::now() < deadline, "setsid never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // A keeper that never named its workload, and a record this version cannot read.
     for (id, json) in [
         (

@@ -46,9 +46,10 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 mod outbox;
 
 use self::outbox::OutboxWriter;
-pub use self::outbox::{Batch, OutboxReader, Rec, segment_path, segments};
+pub use self::outbox::{Batch, OutboxReader, Rec, segment_path};
 use super::logs::LineSplitter;
 use super::runner::{self, Group, ProcessSpec, exit_code};
+use super::state::write_private;
 use crate::spec::DeploymentSpec;
 
 /// The hidden first argument that turns the `symphony` binary into a keeper.
@@ -157,19 +158,6 @@ pub fn read_exit(dir: &Path) -> Option<i32> {
     fs::read_to_string(dir.join(EXIT)).ok()?.trim().parse().ok()
 }
 
-/// Writes `bytes` to `path` atomically (temp file, then rename), readable by the owner only.
-pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    fs::rename(&tmp, path)
-}
-
 /// `symphony __keeper <dir>`: reads the launch from stdin, answers on stdout with one JSON
 /// line (`{"pid":N}` or `{"error":"..."}`), then keeps the workload until it is done.
 pub fn main(dir: &Path) -> ExitCode {
@@ -244,7 +232,7 @@ pub fn serve(
     let record_path = dir.join(RECORD);
     let save = |record: &Record| -> io::Result<()> {
         let bytes = serde_json::to_vec(record).map_err(io::Error::other)?;
-        write_private(&record_path, &bytes)
+        write_private(&record_path, &bytes, false)
     };
     if let Err(e) = save(&record) {
         ready(Err(format!(
@@ -337,7 +325,7 @@ pub fn serve(
         }
         if exit_ready && let Some(status) = child.try_wait()? {
             let code = exit_code(status);
-            let _ = write_private(&dir.join(EXIT), code.to_string().as_bytes());
+            let _ = write_private(&dir.join(EXIT), code.to_string().as_bytes(), false);
             outbox.exit(now, code);
             exited = true;
         }

@@ -224,11 +224,15 @@ async fn abandon(dir: &Path, keeper: KeeperHandle) {
         KeeperHandle::Thread(..) | KeeperHandle::Adopted => None,
     };
     let _ = tokio::task::spawn_blocking(move || {
-        if let Some(pid) = keeper_pid.and_then(|p| i32::try_from(p).ok()) {
-            kill_session(pid);
-        }
-        if let Some(record) = Record::load(&dir) {
-            kill_recorded(&record);
+        // A keeper process's session holds all it started; a keeper thread's workload is found
+        // through the record.
+        match keeper_pid.and_then(|p| i32::try_from(p).ok()) {
+            Some(pid) => kill_session(pid),
+            None => {
+                if let Some(record) = Record::load(&dir) {
+                    kill_recorded(&record);
+                }
+            }
         }
     })
     .await;
@@ -679,13 +683,13 @@ async fn tail(
         match batch {
             Ok(batch) => {
                 read_failed = false;
-                // Records, a gap or a cursor that moved (unreadable records): there may be more.
-                let full =
-                    !batch.recs.is_empty() || batch.lost_bytes > 0 || batch.cursor != last_cursor;
-                last_cursor = batch.cursor;
-                deliver(&dir, batch, &logs, &exit).await;
-                if full {
-                    // There may be more: read again before waiting (and let others run).
+                let more = batch.more;
+                if !batch.is_empty(last_cursor) {
+                    last_cursor = batch.cursor;
+                    deliver(&dir, batch, &logs, &exit).await;
+                }
+                if more {
+                    // The read stopped at its budget: read on before waiting (others first).
                     tokio::task::yield_now().await;
                     continue;
                 }
@@ -827,18 +831,18 @@ async fn deliver(
     if let Some(code) = exited {
         exit.send_replace(ExitSeen::Code(code));
     }
-    let (dir, cursor) = (dir.to_path_buf(), batch.cursor);
+    let (dir, cursor, passed) = (dir.to_path_buf(), batch.cursor, batch.passed);
     let spooled = logs.clone();
     logs.after_writes(move || {
         if spooled.dropped_lines() == dropped_before {
-            save_cursor(&dir, cursor);
+            save_cursor(&dir, cursor, &passed);
         }
     })
     .await;
 }
 
-/// Records how far the outbox is in the log and deletes the segments read past.
-fn save_cursor(dir: &Path, cursor: u64) {
+/// Records how far the outbox is in the log, then deletes the segments read past.
+fn save_cursor(dir: &Path, cursor: u64, passed: &[u64]) {
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -851,12 +855,8 @@ fn save_cursor(dir: &Path, cursor: u64) {
         // reads from the last cursor that was written.
         return;
     }
-    if let Ok(starts) = keeper::segments(dir) {
-        for pair in starts.windows(2) {
-            if pair[1] <= cursor {
-                let _ = std::fs::remove_file(keeper::segment_path(dir, pair[0]));
-            }
-        }
+    for &start in passed {
+        let _ = std::fs::remove_file(keeper::segment_path(dir, start));
     }
 }
 

@@ -82,19 +82,27 @@ impl LocalState {
         let bytes = postcard::to_allocvec(&FileRef { version: 2, held })
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         // Specs hold secrets (git tokens): owner-only, like key files.
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
+        write_private(&self.path, &bytes, true)
     }
+}
+
+/// Writes `bytes` to `path` atomically (a temp file beside it, then a rename), readable by the
+/// owner only; `durable` also waits for the disk (fsync) before the rename.
+pub fn write_private(path: &std::path::Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    if durable {
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

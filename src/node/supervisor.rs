@@ -611,7 +611,7 @@ impl Supervisor {
                 );
             }
             Err(e) => {
-                runner::discard(&orphan.dir, orphan.record.clone()).await;
+                runner::discard(&orphan.dir, orphan.record).await;
                 logs.push(
                     LogStream::System,
                     format!("killed the process group left by the previous agent ({e})"),

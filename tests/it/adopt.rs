@@ -10,6 +10,15 @@ use serde_json::{Value, json};
 
 use crate::support::{Cluster, NodeProcess, alive, pid_of, pids_with, sh, symphony_bin, until};
 
+/// A cluster and node agent `id` run as a `symphony node` process, online.
+async fn cluster_with_agent(id: &str) -> (Cluster, NodeProcess, std::path::PathBuf) {
+    let c = Cluster::start().await;
+    let bin = symphony_bin();
+    let node = NodeProcess::start(&c, id, &bin, &[]);
+    online(&c, id).await;
+    (c, node, bin)
+}
+
 async fn online(c: &Cluster, id: &str) {
     let id = id.to_owned();
     c.wait(&format!("{id} online"), |v| {
@@ -74,10 +83,7 @@ fn ticks(entries: &[Value]) -> Vec<u64> {
 
 #[tokio::test]
 async fn kill9_of_the_agent_adopts_its_workloads_and_keeps_their_logs() {
-    let c = Cluster::start().await;
-    let bin = symphony_bin();
-    let mut node = NodeProcess::start(&c, "k9", &bin, &[]);
-    online(&c, "k9").await;
+    let (c, mut node, bin) = cluster_with_agent("k9").await;
     let a = c.deploy("a", sh("exec sleep 424201")).await;
     let b = c.deploy("b", sh("exec sleep 424202")).await;
     // Marker 424203 in the script names the logger's process.
@@ -156,10 +162,7 @@ async fn kill9_of_the_agent_adopts_its_workloads_and_keeps_their_logs() {
 
 #[tokio::test]
 async fn a_workload_that_exits_while_its_agent_is_down_is_seen_exited_and_restarted_once() {
-    let c = Cluster::start().await;
-    let bin = symphony_bin();
-    let mut node = NodeProcess::start(&c, "k9exit", &bin, &[]);
-    online(&c, "k9exit").await;
+    let (c, mut node, bin) = cluster_with_agent("k9exit").await;
     let go = c.dir.path().join("go");
     // Exits 3 once `go` exists (and takes it away, so the restarted copy waits again).
     let script = format!(
@@ -195,10 +198,7 @@ async fn a_workload_that_exits_while_its_agent_is_down_is_seen_exited_and_restar
 
 #[tokio::test]
 async fn kill9_during_a_stop_and_during_a_start_never_leaves_two_copies() {
-    let c = Cluster::start().await;
-    let bin = symphony_bin();
-    let mut node = NodeProcess::start(&c, "k9stop", &bin, &[]);
-    online(&c, "k9stop").await;
+    let (c, mut node, bin) = cluster_with_agent("k9stop").await;
     // A workload that takes its time to stop: SIGTERM starts a 1.4 s shutdown.
     let mut spec =
         sh("m=424221; trap 'sleep 1.424221; exit 0' TERM; while true; do sleep 0.05; done");
@@ -284,10 +284,7 @@ async fn kill9_during_an_env_provisioning_leaves_no_step_behind() {
         eprintln!("skipped: uv is not on PATH (pip install uv)");
         return;
     }
-    let c = Cluster::start().await;
-    let bin = symphony_bin();
-    let mut node = NodeProcess::start(&c, "k9env", &bin, &[]);
-    online(&c, "k9env").await;
+    let (c, mut node, bin) = cluster_with_agent("k9env").await;
     // The env's script takes long the first time only, so the agent can be killed in it.
     let once = c.dir.path().join("slow-once");
     let script = format!(

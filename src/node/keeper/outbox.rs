@@ -33,7 +33,7 @@ pub fn segment_path(dir: &Path, start: u64) -> PathBuf {
 }
 
 /// The segments in `dir` by start offset, oldest first.
-pub fn segments(dir: &Path) -> io::Result<Vec<u64>> {
+fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     let mut starts: Vec<u64> = fs::read_dir(dir)?
         .filter_map(|d| d.ok())
         .filter_map(|d| {
@@ -188,6 +188,19 @@ pub struct Batch {
     pub lost_bytes: u64,
     /// The offset up to which everything has been read.
     pub cursor: u64,
+    /// Start offsets of the segments this read finished with (to delete once the cursor that
+    /// passed them is saved).
+    pub passed: Vec<u64>,
+    /// The read stopped at its byte budget: more may be there now.
+    pub more: bool,
+}
+
+impl Batch {
+    /// Whether the read changed anything (records, a gap, or a cursor that moved over
+    /// unreadable records).
+    pub fn is_empty(&self, cursor_before: u64) -> bool {
+        self.recs.is_empty() && self.lost_bytes == 0 && self.cursor == cursor_before
+    }
 }
 
 /// The agent's side: reads records from an offset on.
@@ -204,6 +217,8 @@ pub struct OutboxReader {
     /// once read to its end again (the writer may have appended just before it rotated) the
     /// reader moves on.
     finishing: bool,
+    /// Read buffer, kept between reads.
+    buf: Vec<u8>,
 }
 
 impl OutboxReader {
@@ -215,22 +230,35 @@ impl OutboxReader {
             open: None,
             partial: Vec::new(),
             finishing: false,
+            buf: vec![0u8; 64 * 1024],
         }
     }
 
     /// Reads complete records, about `max_bytes` of them at most. Blocking file IO.
     pub fn read(&mut self, max_bytes: usize) -> io::Result<Batch> {
         let mut batch = Batch::default();
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = self.read_into(&mut buf, max_bytes, &mut batch);
+        self.buf = buf;
+        result?;
+        batch.cursor = self.cursor;
+        Ok(batch)
+    }
+
+    fn read_into(&mut self, buf: &mut [u8], max_bytes: usize, batch: &mut Batch) -> io::Result<()> {
         let mut taken = 0usize;
-        while taken < max_bytes {
+        loop {
+            if taken >= max_bytes {
+                batch.more = true;
+                return Ok(());
+            }
             let Some((start, file)) = &mut self.open else {
-                if !self.open_next(&mut batch)? {
-                    break;
+                if !self.open_next(batch)? {
+                    return Ok(());
                 }
                 continue;
             };
-            let n = match file.read(&mut buf) {
+            let n = match file.read(buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -250,15 +278,14 @@ impl OutboxReader {
                     self.finishing = false;
                     let reached = self.cursor + self.partial.len() as u64;
                     batch.lost_bytes += next.saturating_sub(reached);
+                    batch.passed.push(start);
                     self.partial.clear();
                     self.cursor = next;
                     self.open = None;
                 }
-                None => break,
+                None => return Ok(()),
             }
         }
-        batch.cursor = self.cursor;
-        Ok(batch)
     }
 
     /// Opens the segment holding the cursor, or the oldest one after it (the bytes in between
@@ -457,11 +484,8 @@ mod tests {
                 }
             }
             // As the agent does: segments read past go.
-            let starts = segments(dir.path()).unwrap();
-            for pair in starts.windows(2) {
-                if pair[1] <= batch.cursor {
-                    let _ = fs::remove_file(segment_path(dir.path(), pair[0]));
-                }
+            for start in &batch.passed {
+                let _ = fs::remove_file(segment_path(dir.path(), *start));
             }
         }
         writer.join().unwrap();

@@ -169,7 +169,7 @@ impl Actor {
         let process = match runner::adopt(&orphan.dir, orphan.record.clone(), &self.logs) {
             Ok(process) => process,
             Err(e) => {
-                runner::discard(&orphan.dir, orphan.record.clone()).await;
+                runner::discard(&orphan.dir, orphan.record).await;
                 self.log(
                     LogStream::System,
                     format!("could not adopt the process left by the previous agent ({e}); what it ran was killed"),

@@ -12,49 +12,36 @@ use chrono::{DateTime, SecondsFormat};
 
 use super::{Deployment, LogEntry, Node};
 
-/// Gap between two columns.
-const COLUMN_GAP: &str = "  ";
+/// Spaces between two columns.
+const COLUMN_GAP: u16 = 2;
 
 /// Bytes in one GiB, for the memory column.
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
-/// Renders `headers` and `rows` as a left-aligned table.
+/// Renders `headers` and `rows` as a left-aligned table without borders (comfy-table).
 ///
-/// Column widths are measured in `char`s. Rows shorter than the header are padded with empty
-/// cells; extra cells beyond the header are ignored.
+/// Column widths are display widths. Rows shorter than the header are padded with empty
+/// cells; extra cells beyond the header are ignored. Control characters in cells become
+/// spaces, so a hostile name cannot add a line or break the layout.
 pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect()
     };
-    let header: Vec<String> = headers.iter().map(|h| clean(h)).collect();
-    let body: Vec<Vec<String>> = rows
-        .iter()
-        .map(|row| {
-            (0..header.len())
-                .map(|i| row.get(i).map(|c| clean(c)).unwrap_or_default())
-                .collect()
-        })
-        .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in &body {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
+    let mut table = comfy_table::Table::new();
+    table
+        .load_style(comfy_table::TableStyle::new())
+        .set_header(headers.iter().map(|h| clean(h)));
+    for row in rows {
+        table.add_row((0..headers.len()).map(|i| row.get(i).map(|c| clean(c)).unwrap_or_default()));
+    }
+    for column in table.column_iter_mut() {
+        column.set_padding((0, COLUMN_GAP));
     }
     let mut out = String::new();
-    for line in std::iter::once(&header).chain(body.iter()) {
-        let mut text = String::new();
-        for (i, (cell, width)) in line.iter().zip(&widths).enumerate() {
-            if i > 0 {
-                text.push_str(COLUMN_GAP);
-            }
-            text.push_str(cell);
-            let pad = width - cell.chars().count();
-            text.extend(std::iter::repeat_n(' ', pad));
-        }
-        out.push_str(text.trim_end());
+    for line in table.lines() {
+        out.push_str(line.trim_end());
         out.push('\n');
     }
     out

@@ -319,6 +319,61 @@ fn error_loc_is_a_full_fastapi_path() {
 }
 
 #[test]
+fn type_errors_never_quote_the_value() {
+    let err = parse(&with(
+        json!({ "max_restarts": "hunter2", "node_group": ["s3cret"] }),
+    ))
+    .unwrap_err();
+    assert_eq!(err.len(), 2, "{err:?}");
+    for e in &err {
+        assert!(
+            !e.msg.contains("hunter2") && !e.msg.contains("s3cret"),
+            "{e:?}"
+        );
+    }
+    assert_eq!(err[0].msg, "Input should be a valid string, got a list");
+    assert_eq!(err[1].msg, "Input should be a valid integer, got a string");
+}
+
+#[test]
+fn objects_must_be_mappings_not_lists_of_fields() {
+    // Serde's derived structs would read a list positionally; a declaration never means that.
+    assert_eq!(
+        errs(wrap(
+            json!({ "config": [["x"], null, null, null, null, null] })
+        )),
+        pairs(&[("spec.config", "dict_type")])
+    );
+    assert_eq!(
+        errs(with(json!({ "health_check": [null] }))),
+        pairs(&[("spec.health_check", "dict_type")])
+    );
+    assert_eq!(
+        errs(with(json!({ "restart_policy": ["always", 1] }))),
+        pairs(&[("spec.restart_policy", "value_error")])
+    );
+}
+
+#[test]
+fn checked_keeps_the_path_below_a_field() {
+    let c = Checked::<Vec<BTreeMap<String, i64>>>::from_value(json!([{ "a": 1 }, { "b": "x" }]));
+    let Checked::Bad(m) = c else {
+        panic!("expected a mismatch")
+    };
+    assert_eq!(
+        (m.path, m.kind),
+        (vec!["1".to_owned(), "b".to_owned()], "int_type")
+    );
+    let mut r = Report::default();
+    assert_eq!(
+        r.checked(&Checked::<bool>::from_value(json!(1)), &Loc::new(&["q"])),
+        None
+    );
+    assert_eq!(r.errors[0].loc, ["q"]);
+    assert_eq!(r.errors[0].kind, "bool_type");
+}
+
+#[test]
 fn minimal_spec_takes_every_default() {
     let spec = ok(with(json!({})));
     assert_eq!(
@@ -612,24 +667,46 @@ fn health_check_types() {
     );
 }
 
+/// The words of an exec probe's command given as one string.
+fn split(line: &str) -> Result<Vec<String>, Vec<(String, String)>> {
+    let input = with(json!({ "health_check": { "command": line } }));
+    match parse(&input) {
+        Ok(spec) => match spec.health_check.map(|hc| hc.probe) {
+            Some(HealthProbe::Exec { command }) => Ok(command),
+            other => panic!("expected an exec probe, got {other:?}"),
+        },
+        Err(_) => Err(errs(input)),
+    }
+}
+
 #[test]
-fn shell_split_follows_posix_quoting() {
-    assert_eq!(shell_split("  a  b\tc\n").unwrap(), ["a", "b", "c"]);
-    assert_eq!(shell_split("a'b c'd").unwrap(), ["ab cd"]);
+fn probe_command_strings_follow_posix_quoting() {
+    assert_eq!(split("  a  b\tc\n").unwrap(), ["a", "b", "c"]);
+    assert_eq!(split("a'b c'd").unwrap(), ["ab cd"]);
     assert_eq!(
-        shell_split(r#""a \"q\" \\ \$x \n""#).unwrap(),
+        split(r#""a \"q\" \\ \$x \n""#).unwrap(),
         [r#"a "q" \ $x \n"#]
     );
-    assert_eq!(shell_split(r"a\ b \'c").unwrap(), ["a b", "'c"]);
-    assert_eq!(shell_split("'' \"\"").unwrap(), ["", ""]);
+    assert_eq!(split(r"a\ b \'c").unwrap(), ["a b", "'c"]);
+    assert_eq!(split("x '' \"\"").unwrap(), ["x", "", ""]);
     assert_eq!(
-        shell_split("echo $HOME; rm -rf /").unwrap(),
+        split("echo $HOME; rm -rf /").unwrap(),
         ["echo", "$HOME;", "rm", "-rf", "/"]
     );
-    assert_eq!(shell_split("").unwrap(), Vec::<String>::new());
-    assert!(shell_split("'open").is_err());
-    assert!(shell_split("\"open").is_err());
-    assert!(shell_split("end\\").is_err());
+    // `#` starts a comment only at the start of a word.
+    assert_eq!(split("a#b #c d").unwrap(), ["a#b"]);
+    let too_short = pairs(&[("spec.health_check.command", "too_short")]);
+    assert_eq!(split("").unwrap_err(), too_short);
+    assert_eq!(split("# only a comment").unwrap_err(), too_short);
+    let bad = pairs(&[("spec.health_check.command", "value_error")]);
+    for line in ["'open", "\"open", "end\\"] {
+        assert_eq!(split(line).unwrap_err(), bad, "{line:?}");
+    }
+    // The first word (the program) must not be empty.
+    assert_eq!(
+        split("'' x").unwrap_err(),
+        pairs(&[("spec.health_check.command.0", "string_too_short")])
+    );
 }
 
 #[test]
@@ -815,11 +892,27 @@ fn cron_rejects_bad_expressions() {
         "a * * * *",
         "1,,2 * * * *",
         "@reboot",
-        "* * 1 * 1",
         "99999999999 * * * *",
     ] {
         assert!(cron_schedule(expr).is_err(), "{expr:?} should be rejected");
     }
+}
+
+#[test]
+fn cron_day_of_month_or_day_of_week() {
+    // Both restricted: fires when either matches (standard cron), not only when both do.
+    // From Wed 2024-05-29: Mon 3 June, the 1st of July, Mon 10 June...
+    let days: Vec<(u32, u32)> = upcoming("0 0 1 * 1", chrono_tz::UTC, utc(2024, 5, 29, 0, 0, 0), 6)
+        .iter()
+        .map(|t| (t.month(), t.day()))
+        .collect();
+    assert_eq!(days, [(6, 1), (6, 3), (6, 10), (6, 17), (6, 24), (7, 1)]);
+    // One of them unrestricted (even with a step): the other one alone decides.
+    let days: Vec<u32> = upcoming("0 0 */10 * *", chrono_tz::UTC, utc(2024, 6, 1, 1, 0, 0), 3)
+        .iter()
+        .map(|t| t.day())
+        .collect();
+    assert_eq!(days, [11, 21, 1]);
 }
 
 #[test]

@@ -18,10 +18,11 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use tokio_util::task::TaskTracker;
 
-use super::core::{CoreError, CoreHandle, CoreMsg, DeploymentPatch, EnvPatch, now_ms};
+mod bodies;
+
+use super::core::{CoreError, CoreHandle, CoreMsg, now_ms};
 use super::loghub::{LogHub, LogLine};
 use super::store::{CondaEnvRecord, DeploymentRecord};
-use crate::model::DesiredState;
 use crate::spec::FieldError;
 
 /// What handlers share.
@@ -276,107 +277,6 @@ fn parse_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
     }
 }
 
-/// Reads an optional string field with length bounds; `null` counts as absent.
-fn opt_str(
-    m: &serde_json::Map<String, Value>,
-    key: &str,
-    min: usize,
-    max: usize,
-    errs: &mut Vec<FieldError>,
-) -> Option<String> {
-    let loc = vec!["body".to_owned(), key.to_owned()];
-    match m.get(key) {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => {
-            let n = s.chars().count();
-            if n < min {
-                errs.push(FieldError {
-                    loc,
-                    msg: format!("String should have at least {min} character"),
-                    kind: "string_too_short".into(),
-                });
-                None
-            } else if n > max {
-                errs.push(FieldError {
-                    loc,
-                    msg: format!("String should have at most {max} characters"),
-                    kind: "string_too_long".into(),
-                });
-                None
-            } else {
-                Some(s.clone())
-            }
-        }
-        Some(_) => {
-            errs.push(FieldError {
-                loc,
-                msg: "Input should be a valid string".into(),
-                kind: "string_type".into(),
-            });
-            None
-        }
-    }
-}
-
-fn opt_enum(
-    m: &serde_json::Map<String, Value>,
-    key: &str,
-    allowed: &[&str],
-    errs: &mut Vec<FieldError>,
-) -> Option<String> {
-    let v = opt_str(m, key, 0, 64, errs)?;
-    if allowed.contains(&v.as_str()) {
-        Some(v)
-    } else {
-        errs.push(FieldError {
-            loc: vec!["body".into(), key.into()],
-            msg: format!(
-                "Input should be {}",
-                allowed
-                    .iter()
-                    .map(|a| format!("'{a}'"))
-                    .collect::<Vec<_>>()
-                    .join(" or ")
-            ),
-            kind: "enum".into(),
-        });
-        None
-    }
-}
-
-/// On create, `null` is not "absent" for the fields the document does not make nullable: each
-/// `(key, type, message)` given `null` is an error naming the field.
-fn refuse_nulls(
-    m: &serde_json::Map<String, Value>,
-    fields: &[(&str, &str, &str)],
-    errs: &mut Vec<FieldError>,
-) {
-    for (key, kind, msg) in fields {
-        if m.get(*key).is_some_and(Value::is_null) {
-            errs.push(FieldError {
-                loc: vec!["body".into(), (*key).into()],
-                msg: (*msg).into(),
-                kind: (*kind).into(),
-            });
-        }
-    }
-}
-
-fn validate_spec(spec: &Value, errs: &mut Vec<FieldError>) {
-    let size = spec.to_string().len();
-    if size > MAX_SPEC_BYTES {
-        errs.push(FieldError {
-            loc: vec!["body".into(), "specification".into()],
-            msg: format!("specification is {size} bytes; the limit is {MAX_SPEC_BYTES}"),
-            kind: "too_long".into(),
-        });
-        return;
-    }
-    if let Err(mut e) = crate::spec::parse(spec) {
-        errs.append(&mut e);
-    }
-}
-
 fn deployment_json(state: &ApiState, id: &str) -> Result<Json<Value>, ApiError> {
     let view = state.core.view();
     let d = view.deployment(id).ok_or(ApiError(
@@ -390,52 +290,14 @@ async fn create_deployment(
     State(st): State<ApiState>,
     JsonObject(m): JsonObject,
 ) -> Result<Response, ApiError> {
-    let mut errs = Vec::new();
-    refuse_nulls(
-        &m,
-        &[
-            ("name", "string_type", "Input should be a valid string"),
-            (
-                "desired_state",
-                "enum",
-                "Input should be 'RUNNING' or 'STOPPED'",
-            ),
-            ("kind", "enum", "Input should be 'EXEC'"),
-        ],
-        &mut errs,
-    );
-    let name = opt_str(&m, "name", 1, 200, &mut errs);
-    if !m.contains_key("name") {
-        errs.push(FieldError {
-            loc: vec!["body".into(), "name".into()],
-            msg: "Field required".into(),
-            kind: "missing".into(),
-        });
-    }
-    let desired = opt_enum(&m, "desired_state", &DesiredState::NAMES, &mut errs)
-        .and_then(|s| DesiredState::from_name(&s))
-        .unwrap_or_default();
-    let kind =
-        opt_enum(&m, "kind", &["EXEC", "DOCKER"], &mut errs).unwrap_or_else(|| "EXEC".into());
-    if kind == "DOCKER" {
-        errs.push(FieldError {
-            loc: vec!["body".into(), "kind".into()],
-            msg: "DOCKER deployments are not supported yet; use EXEC".into(),
-            kind: "value_error".into(),
-        });
-    }
-    let spec = m.get("specification").cloned().unwrap_or_else(|| json!({}));
-    validate_spec(&spec, &mut errs);
-    if !errs.is_empty() {
-        return Err(ApiError::invalid(errs));
-    }
+    let new = bodies::new_deployment(m).map_err(ApiError::invalid)?;
     let now = now_ms();
     let rec = DeploymentRecord {
         id: uuid::Uuid::new_v4().simple().to_string(),
-        name: name.unwrap_or_default(),
-        desired_state: desired,
-        kind,
-        specification: spec,
+        name: new.name,
+        desired_state: new.desired_state,
+        kind: new.kind,
+        specification: new.specification,
         created_at_ms: now,
         updated_at_ms: now,
     };
@@ -479,26 +341,7 @@ async fn patch_deployment(
     PathParam(id): PathParam,
     JsonObject(m): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
-    let mut errs = Vec::new();
-    let name = opt_str(&m, "name", 1, 200, &mut errs);
-    let desired = opt_enum(&m, "desired_state", &DesiredState::NAMES, &mut errs)
-        .and_then(|s| DesiredState::from_name(&s));
-    let spec = match m.get("specification") {
-        None | Some(Value::Null) => None,
-        Some(s) => Some(s.clone()),
-    };
-    if let Some(s) = spec.as_ref() {
-        // A masked token sent back by a client that round-trips a GET is restored by the core.
-        validate_spec(s, &mut errs);
-    }
-    if !errs.is_empty() {
-        return Err(ApiError::invalid(errs));
-    }
-    let patch = DeploymentPatch {
-        name,
-        desired_state: desired,
-        specification: spec,
-    };
+    let patch = bodies::deployment_patch(m).map_err(ApiError::invalid)?;
     st.core
         .call(|r| CoreMsg::PatchDeployment(id.clone(), patch, r))
         .await?;
@@ -517,105 +360,18 @@ async fn list_nodes(State(st): State<ApiState>) -> Json<Value> {
     Json(json!({ "nodes": st.core.view().nodes }))
 }
 
-fn packages(v: Option<&Value>, errs: &mut Vec<FieldError>) -> Option<Vec<String>> {
-    let loc = |i: Option<usize>| {
-        let mut l = vec!["body".to_owned(), "packages".to_owned()];
-        l.extend(i.map(|i| i.to_string()));
-        l
-    };
-    let items: Vec<(Option<usize>, &str)> = match v {
-        None | Some(Value::Null) => return None,
-        Some(Value::String(s)) => s.split([',', '\n']).map(|p| (None, p)).collect(),
-        Some(Value::Array(a)) => {
-            let mut items = Vec::new();
-            for (i, p) in a.iter().enumerate() {
-                match p.as_str() {
-                    Some(s) => items.push((Some(i), s)),
-                    None => errs.push(FieldError {
-                        loc: loc(Some(i)),
-                        msg: "Input should be a valid string".into(),
-                        kind: "string_type".into(),
-                    }),
-                }
-            }
-            items
-        }
-        Some(_) => {
-            errs.push(FieldError {
-                loc: loc(None),
-                msg: "Input should be a valid list".into(),
-                kind: "list_type".into(),
-            });
-            return None;
-        }
-    };
-    let mut out = Vec::new();
-    for (i, p) in items {
-        let p = p.trim();
-        if p.chars().count() > MAX_PACKAGE_LEN {
-            errs.push(FieldError {
-                loc: loc(i),
-                msg: format!("a package spec is at most {MAX_PACKAGE_LEN} characters"),
-                kind: "string_too_long".into(),
-            });
-        } else if !p.is_empty() {
-            out.push(p.to_owned());
-        }
-    }
-    if out.len() > MAX_PACKAGES {
-        errs.push(FieldError {
-            loc: loc(None),
-            msg: format!("at most {MAX_PACKAGES} packages"),
-            kind: "too_long".into(),
-        });
-    }
-    Some(out)
-}
-
 async fn create_env(
     State(st): State<ApiState>,
     JsonObject(m): JsonObject,
 ) -> Result<Response, ApiError> {
-    let mut errs = Vec::new();
-    for key in ["name", "python_version"] {
-        if m.get(key).is_none_or(Value::is_null) {
-            errs.push(FieldError {
-                loc: vec!["body".into(), key.into()],
-                msg: "Field required".into(),
-                kind: "missing".into(),
-            });
-        }
-    }
-    refuse_nulls(
-        &m,
-        &[
-            (
-                "packages",
-                "list_type",
-                "Input should be a valid list or string",
-            ),
-            ("manager", "enum", "Input should be 'conda' or 'uv'"),
-        ],
-        &mut errs,
-    );
-    let name = opt_str(&m, "name", 1, 200, &mut errs);
-    let python = opt_str(&m, "python_version", 1, 20, &mut errs);
-    let script = opt_str(&m, "custom_script", 0, 2000, &mut errs)
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty());
-    let manager =
-        opt_enum(&m, "manager", &["conda", "uv"], &mut errs).unwrap_or_else(|| "conda".into());
-    let pkgs = packages(m.get("packages"), &mut errs).unwrap_or_default();
-    if !errs.is_empty() {
-        return Err(ApiError::invalid(errs));
-    }
+    let new = bodies::new_env(m).map_err(ApiError::invalid)?;
     let now = now_ms();
     let rec = CondaEnvRecord {
-        name: name.unwrap_or_default(),
-        python_version: python.unwrap_or_default(),
-        packages: pkgs,
-        custom_script: script,
-        manager,
+        name: new.name,
+        python_version: new.python_version,
+        packages: new.packages,
+        custom_script: new.custom_script,
+        manager: new.manager,
         created_at_ms: now,
         updated_at_ms: now,
     };
@@ -654,38 +410,9 @@ async fn patch_env(
     PathParam(name): PathParam,
     JsonObject(m): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
-    let mut errs = Vec::new();
-    if m.get("python_version").is_some_and(|v| !v.is_null()) {
-        errs.push(FieldError {
-            loc: vec!["body".into(), "python_version".into()],
-            msg: "python_version cannot be changed; create a new env".into(),
-            kind: "value_error".into(),
-        });
-    }
-    let pkgs = packages(m.get("packages"), &mut errs);
-    let script = if m.contains_key("custom_script") {
-        Some(
-            opt_str(&m, "custom_script", 0, 2000, &mut errs)
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty()),
-        )
-    } else {
-        None
-    };
-    if !errs.is_empty() {
-        return Err(ApiError::invalid(errs));
-    }
+    let patch = bodies::env_patch(m).map_err(ApiError::invalid)?;
     st.core
-        .call(|r| {
-            CoreMsg::PatchEnv(
-                name.clone(),
-                EnvPatch {
-                    packages: pkgs,
-                    custom_script: script,
-                },
-                r,
-            )
-        })
+        .call(|r| CoreMsg::PatchEnv(name.clone(), patch, r))
         .await?;
     get_env(State(st), PathParam(name)).await
 }

@@ -30,6 +30,16 @@ pub enum Checked<T> {
 /// An optional field: absent and `null` are both `None`.
 pub type Opt<T> = Option<Checked<T>>;
 
+/// For `#[serde(default, deserialize_with = "given")]`: a field that may be left out but,
+/// when given, must not be `null` (a `null` is then a mismatch, not absence).
+pub fn given<'de, D, T>(d: D) -> Result<Opt<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    Checked::deserialize(d).map(Some)
+}
+
 /// Why a value did not deserialize: where below the field, the error kind, a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mismatch {
@@ -147,7 +157,7 @@ fn plain(got: &str) -> &str {
 }
 
 /// Serde's view of a JSON value, for `invalid_type` errors.
-pub(super) fn unexpected(v: &Value) -> Unexpected<'_> {
+pub fn unexpected(v: &Value) -> Unexpected<'_> {
     match v {
         Value::Null => Unexpected::Unit,
         Value::Bool(b) => Unexpected::Bool(*b),
@@ -308,6 +318,42 @@ impl Report {
         } else {
             Some(s.to_owned())
         }
+    }
+
+    /// A string of `min..=max` characters (no NUL bytes).
+    pub fn text_len(&mut self, s: &str, loc: &Loc, min: usize, max: usize) -> Option<String> {
+        let n = s.chars().count();
+        if n < min {
+            let msg = format!("String should have at least {min} character");
+            self.err(loc, "string_too_short", msg);
+            None
+        } else if n > max {
+            let msg = format!("String should have at most {max} characters");
+            self.err(loc, "string_too_long", msg);
+            None
+        } else {
+            self.text(s, loc, true)
+        }
+    }
+
+    /// An optional field holding one of `allowed` (any mismatch is an `enum` error).
+    pub fn one_of<'a>(
+        &mut self,
+        field: &Opt<String>,
+        loc: &Loc,
+        allowed: &[&'a str],
+    ) -> Option<&'a str> {
+        let value = field.as_ref()?;
+        let found = match value {
+            Checked::Ok(s) => allowed.iter().find(|a| **a == s).copied(),
+            Checked::Bad(_) => None,
+        };
+        if found.is_none() {
+            let names: Vec<String> = allowed.iter().map(|a| format!("'{a}'")).collect();
+            let msg = format!("Input should be {}", names.join(" or "));
+            self.err(loc, "enum", msg);
+        }
+        found
     }
 
     /// An optional non-empty string field.

@@ -37,10 +37,10 @@ fn spec_of(r: &mut Report, spec: &SpecWire, loc: &Loc) -> DeploymentSpec {
     let config = r.required(&spec.config, &config_loc).map(|Object(c)| c);
     if let Some(config) = config {
         let at = config_loc.at("command");
-        if let Some(words) = r.required(&config.command, &at) {
-            if let Some(cmd) = words_of(r, words, &at, false) {
-                out.command = cmd;
-            }
+        if let Some(words) = r.required(&config.command, &at)
+            && let Some(cmd) = words_of(r, words, &at, false)
+        {
+            out.command = cmd;
         }
         out.env_name = r.opt_text(&config.env_name, &config_loc.at("env_name"));
         out.git = git_of(r, config, &config_loc);

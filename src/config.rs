@@ -1,9 +1,11 @@
 //! Configuration files: the original's YAML keys plus ours, read into typed configs.
 //!
-//! One YAML file configures one process (`mode: conductor` or `mode: node`). The file is parsed
-//! with serde-saphyr into an untyped tree and then read key by key, so that every error names
+//! One YAML file configures one process (`mode: conductor` or `mode: node`). The file is
+//! deserialized with serde (serde-saphyr) into a typed file shape; a value of the wrong kind
+//! stops the read there. One validation pass then checks what types cannot express and
+//! collects every problem, so a file with several bad keys reports them all. Every error names
 //! the file and the dotted key (`node.yaml: node.capacities_total.GPU: expected a non-negative
-//! integer, got 1.5`) and every unknown key becomes a warning the caller logs (it never fails
+//! integer, got 1.5`), and every unknown key becomes a warning the caller logs (it never fails
 //! the load). Every key the original accepted is accepted here (see
 //! `reference/original-symphony.md` §2.2), with its bugs (B28) fixed:
 //!
@@ -25,6 +27,7 @@
 
 mod logging;
 mod read;
+mod shape;
 #[cfg(test)]
 mod tests;
 
@@ -211,29 +214,36 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// Checks that the TLS files exist; the error names the key and the path.
+    /// Checks that the TLS files exist; the error names each missing file's key and path.
     pub fn check_files(&self, origin: &str) -> Result<(), ConfigError> {
         let files = [
             ("node.tls.ca_file", &self.tls.ca_file),
             ("node.tls.cert_file", &self.tls.cert_file),
             ("node.tls.key_file", &self.tls.key_file),
         ];
-        for (key, path) in files {
-            if !path.is_file() {
-                let what = if path.exists() {
-                    "is not a file"
-                } else {
-                    "file not found"
-                };
-                return Err(ConfigError::key(
-                    origin,
-                    key,
-                    format!("{what}: {}", path.display()),
-                ));
-            }
+        let errors: Vec<(String, String)> = files
+            .iter()
+            .filter_map(|(key, path)| file_problem(path).map(|m| ((*key).to_owned(), m)))
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::from_errors(origin, errors))
         }
-        Ok(())
     }
+}
+
+/// Why `path` is not a readable-looking file (`file not found: ...`), if it isn't.
+fn file_problem(path: &Path) -> Option<String> {
+    if path.is_file() {
+        return None;
+    }
+    let what = if path.exists() {
+        "is not a file"
+    } else {
+        "file not found"
+    };
+    Some(format!("{what}: {}", path.display()))
 }
 
 /// A whole config file, checked and typed.
@@ -324,6 +334,14 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// Several keys are missing or have bad values; all of them are listed.
+    #[error("{}", list_errors(origin, errors))]
+    Invalid {
+        /// The file.
+        origin: String,
+        /// `(dotted key, what is wrong)`, in the order the file's keys were checked.
+        errors: Vec<(String, String)>,
+    },
     /// Logging could not be set up (bad level or bad `RUST_LOG`).
     #[error("logging: {0}")]
     Logging(String),
@@ -338,13 +356,37 @@ impl ConfigError {
         }
     }
 
-    /// The dotted key at fault, if the error is about one key.
+    /// One problem as [`ConfigError::Key`], several as [`ConfigError::Invalid`]; `errors`
+    /// must not be empty.
+    fn from_errors(origin: &str, mut errors: Vec<(String, String)>) -> Self {
+        if errors.len() == 1
+            && let Some((key, message)) = errors.pop()
+        {
+            return Self::key(origin, &key, message);
+        }
+        Self::Invalid {
+            origin: origin.to_owned(),
+            errors,
+        }
+    }
+
+    /// The dotted key at fault, if the error is about keys (the first one if several).
     pub fn key_name(&self) -> Option<&str> {
         match self {
             Self::Key { key, .. } => Some(key),
+            Self::Invalid { errors, .. } => errors.first().map(|(key, _)| key.as_str()),
             _ => None,
         }
     }
+}
+
+/// `{origin}: {key}: {message}` for each error, joined by `; `.
+fn list_errors(origin: &str, errors: &[(String, String)]) -> String {
+    let each: Vec<String> = errors
+        .iter()
+        .map(|(key, message)| format!("{origin}: {key}: {message}"))
+        .collect();
+    each.join("; ")
 }
 
 /// Reads and checks a config file. Relative paths in it (and relative defaults) are resolved

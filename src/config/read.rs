@@ -1,48 +1,32 @@
-//! Reads the untyped YAML tree key by key into the typed config.
+//! Reads config text into the typed config in two steps.
 //!
-//! The text is parsed by serde-saphyr into a `serde_json::Value`; each section is then read
-//! with a [`Ctx`] that knows the file (for messages) and the base folder (for paths). Each
-//! mapping's keys are checked against the known list, and the rest become warnings, never
-//! errors. Every error names the full dotted key.
+//! 1. serde-saphyr deserializes the text into the file shape ([`File`]). serde_path_to_error
+//!    names the dotted key of a type error (`node.groups[1]`, `node.capacities_total.GPU`);
+//!    serde_ignored reports the keys the shape does not know, which become warnings (with a
+//!    "did you mean" hint), never errors. A type error stops the read.
+//! 2. [`validate`] checks what types cannot say (ranges, formats, required keys, files) and
+//!    collects every problem with its key, in the order of the shape: `mode`, `logging`,
+//!    `conductor`, `node`, and within a section in the order its keys are listed there.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde::de::IgnoredAny;
 
+use super::shape::{self, ConductorFile, Count, File, NodeFile, NodeTlsFile, Secs, Str};
 use super::{
     ConductorConfig, ConfigError, FileConfig, LoggingConfig, Mode, NodeConfig, NodeTlsFiles,
-    Scheduling, normalize_level,
+    file_problem, normalize_level,
 };
 
-const TOP_KEYS: &[&str] = &["mode", "logging", "conductor", "node"];
-const LOGGING_KEYS: &[&str] = &["level", "json"];
-const CONDUCTOR_KEYS: &[&str] = &[
-    "listen",
-    "server",
-    "tls",
-    "http_listen",
-    "storage_dir",
-    "node_grace_sec",
-    "suspect_after_sec",
-    "scheduling",
-];
-const CONDUCTOR_TLS_KEYS: &[&str] = &["cert_path"];
-const NODE_KEYS: &[&str] = &[
-    "node_id",
-    "conductor_addr",
-    "server_name",
-    "groups",
-    "capacities_total",
-    "heartbeat_sec",
-    "tls",
-    "work_dir",
-    "keep_alive_sec",
-    "idle_timeout_sec",
-];
-const NODE_TLS_KEYS: &[&str] = &["ca_file", "cert_file", "key_file"];
+fn options() -> serde_saphyr::Options {
+    // Non-finite floats come through as strings, so that `.inf` is reported against its key.
+    serde_saphyr::options! {
+        non_finite_float_policy: serde_saphyr::NonFiniteFloatPolicy::AsString,
+    }
+}
 
 /// Parses `text` (from `origin`), resolving relative paths against `base`.
 pub(super) fn parse(
@@ -50,77 +34,80 @@ pub(super) fn parse(
     origin: &str,
     base: &Path,
 ) -> Result<(FileConfig, Vec<String>), ConfigError> {
-    // Non-finite floats come through as strings, so that `.inf` is reported against its key.
-    let options = serde_saphyr::options! {
-        non_finite_float_policy: serde_saphyr::NonFiniteFloatPolicy::AsString,
+    let syntax = |message: String| ConfigError::Syntax {
+        origin: origin.to_owned(),
+        message,
     };
-    let root: Value =
-        serde_saphyr::from_str_with_options(text, options).map_err(|e| ConfigError::Syntax {
-            origin: origin.to_owned(),
-            message: format!("not valid YAML: {e}"),
-        })?;
-    let empty = Map::new();
-    let top = match &root {
-        Value::Null => &empty,
-        Value::Object(map) => map,
-        other => {
-            return Err(ConfigError::Syntax {
-                origin: origin.to_owned(),
-                message: format!(
-                    "expected a mapping at the top level, got {}",
-                    describe(other)
-                ),
+    // Syntax first (duplicate keys included), so that an error below is about a value.
+    serde_saphyr::from_str_with_options::<IgnoredAny>(text, options())
+        .map_err(|e| syntax(format!("not valid YAML: {e}")))?;
+
+    let mut warnings = Vec::new();
+    let mut at = String::new();
+    let file = serde_saphyr::with_deserializer_from_str_with_options(text, options(), |de| {
+        let mut unknown = |path: serde_ignored::Path<'_>| warnings.push(unknown_key(origin, &path));
+        let de = serde_ignored::Deserializer::new(de, &mut unknown);
+        serde_path_to_error::deserialize::<_, Option<File>>(de).map_err(|e| {
+            at = dotted(e.path());
+            e.into_inner()
+        })
+    });
+    let file = match file {
+        Ok(file) => file.unwrap_or_default(),
+        Err(e) => {
+            let message = value_error(&e);
+            // The syntax was fine, so an error at the root is about the root's kind.
+            return Err(if at.is_empty() {
+                syntax(format!("{message} at the top level"))
+            } else {
+                ConfigError::key(origin, &at, message)
             });
         }
     };
-    let mut cx = Ctx {
-        origin,
-        base,
-        warnings: Vec::new(),
-    };
-    cx.warn_unknown(top, "", TOP_KEYS);
-
-    let logging_map = cx.mapping(top.get("logging"), "logging")?;
-    let conductor_map = cx.mapping(top.get("conductor"), "conductor")?;
-    let node_map = cx.mapping(top.get("node"), "node")?;
-
-    let mode = match cx.string(top.get("mode"), "mode")? {
-        Some(s) => s.parse::<Mode>().map_err(|m| cx.err("mode", m))?,
-        None if node_map.is_some() && conductor_map.is_none() => Mode::Node,
-        None => Mode::Conductor,
-    };
-    let logging = cx.logging(logging_map)?;
-    let conductor = match conductor_map {
-        Some(map) => Some(cx.conductor(map)?),
-        None if mode == Mode::Conductor => Some(ConductorConfig::with_defaults(base)),
-        None => None,
-    };
-    let node = match node_map {
-        Some(map) => Some(cx.node(map)?),
-        None if mode == Mode::Node => {
-            return Err(cx.err("node", "missing (required in node mode)"));
-        }
-        None => None,
-    };
-    if let (Mode::Node, Some(node)) = (mode, &node) {
-        node.check_files(origin)?;
-    }
-    let cfg = FileConfig {
-        mode,
-        logging,
-        conductor,
-        node,
-        origin: origin.to_owned(),
-        base_dir: base.to_owned(),
-    };
-    Ok((cfg, cx.warnings))
+    let cfg = validate(file, origin, base).map_err(|e| ConfigError::from_errors(origin, e))?;
+    Ok((cfg, warnings))
 }
 
-/// The reading context: file name, base folder, and the warnings so far.
-struct Ctx<'a> {
-    origin: &'a str,
-    base: &'a Path,
-    warnings: Vec<String>,
+/// What a type error says, without serde-saphyr's location (the key is named instead).
+fn value_error(e: &serde_saphyr::Error) -> String {
+    use serde_saphyr::Error as E;
+    match e.without_snippet() {
+        E::Message { msg, .. } => msg.clone(),
+        E::Unexpected { expected, .. } => match *expected {
+            "mapping start" => "expected a mapping".to_owned(),
+            "sequence start" => "expected a list".to_owned(),
+            other => format!("expected {other}"),
+        },
+        E::SerdeInvalidType {
+            unexpected,
+            expected,
+            ..
+        } => format!("expected {expected}, got {unexpected}"),
+        other => other.to_string(),
+    }
+}
+
+/// A serde_path_to_error path as a dotted key: `node.groups[1]`.
+fn dotted(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    path.iter().fold(String::new(), |out, seg| match seg {
+        Segment::Seq { index } => format!("{out}[{index}]"),
+        Segment::Map { key } | Segment::Enum { variant: key } => join(&out, key),
+        Segment::Unknown => out,
+    })
+}
+
+/// A serde_ignored path as a dotted key.
+fn dotted_ignored(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    match path {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", dotted_ignored(parent)),
+        P::Map { parent, key } => join(&dotted_ignored(parent), key),
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            dotted_ignored(parent)
+        }
+    }
 }
 
 fn join(prefix: &str, key: &str) -> String {
@@ -131,16 +118,23 @@ fn join(prefix: &str, key: &str) -> String {
     }
 }
 
-/// A short description of a value for messages: scalars verbatim, containers by kind.
-fn describe(v: &Value) -> String {
-    match v {
-        Value::Null => "nothing (null)".to_owned(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => format!("{s:?}"),
-        Value::Array(_) => "a list".to_owned(),
-        Value::Object(_) => "a mapping".to_owned(),
-    }
+/// The warning for an unknown key, with the nearest known key as a hint when one is close.
+fn unknown_key(origin: &str, path: &serde_ignored::Path<'_>) -> String {
+    let serde_ignored::Path::Map { parent, key } = path else {
+        return format!("{origin}: unknown key {} (ignored)", dotted_ignored(path));
+    };
+    let parent = dotted_ignored(parent);
+    let hint = shape::known_keys(&parent)
+        .iter()
+        .map(|cand| (distance(key, cand), cand))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, cand)| format!("; did you mean {}?", join(&parent, cand)))
+        .unwrap_or_default();
+    format!(
+        "{origin}: unknown key {} (ignored{hint})",
+        join(&parent, key)
+    )
 }
 
 /// Levenshtein distance, for "did you mean" hints on unknown keys.
@@ -158,226 +152,209 @@ fn distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-impl Ctx<'_> {
-    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError::key(self.origin, key, message)
-    }
-
-    fn warn_unknown(&mut self, map: &Map<String, Value>, prefix: &str, known: &[&str]) {
-        for k in map.keys().filter(|k| !known.contains(&k.as_str())) {
-            let hint = known
-                .iter()
-                .filter(|cand| distance(k, cand) <= 2)
-                .min_by_key(|cand| distance(k, cand))
-                .map(|cand| format!("; did you mean {}?", join(prefix, cand)))
-                .unwrap_or_default();
-            self.warnings.push(format!(
-                "{}: unknown key {} (ignored{hint})",
-                self.origin,
-                join(prefix, k)
-            ));
-        }
-    }
-
-    /// A mapping, or `None` when absent or null (`tls:` with nothing under it).
-    fn mapping<'v>(
-        &self,
-        v: Option<&'v Value>,
-        key: &str,
-    ) -> Result<Option<&'v Map<String, Value>>, ConfigError> {
-        match v {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Object(m)) => Ok(Some(m)),
-            Some(other) => {
-                Err(self.err(key, format!("expected a mapping, got {}", describe(other))))
+/// Checks the file shape and builds the config, or returns every problem as (key, message).
+/// In node mode the TLS files must exist.
+fn validate(file: File, origin: &str, base: &Path) -> Result<FileConfig, Vec<(String, String)>> {
+    let mut ck = Check {
+        base,
+        errors: Vec::new(),
+    };
+    let inferred = if file.node.is_some() && file.conductor.is_none() {
+        Mode::Node
+    } else {
+        Mode::Conductor
+    };
+    let mode = match file.mode {
+        Some(Str(s)) => s.parse().unwrap_or_else(|m: String| {
+            ck.fail("mode", m);
+            inferred
+        }),
+        None => inferred,
+    };
+    let mut logging = LoggingConfig::default();
+    if let Some(l) = file.logging {
+        if let Some(Str(level)) = l.level {
+            match normalize_level(&level) {
+                Some(level) => level.clone_into(&mut logging.level),
+                None => ck.fail(
+                    "logging.level",
+                    format!("expected trace, debug, info, warn or error, got {level:?}"),
+                ),
             }
         }
+        logging.json = l.json.is_some_and(|f| f.0);
+    }
+    let conductor = match file.conductor {
+        Some(c) => Some(ck.conductor(c)),
+        None if mode == Mode::Conductor => Some(ConductorConfig::with_defaults(base)),
+        None => None,
+    };
+    let node = match file.node {
+        Some(n) => Some(ck.node(n, mode == Mode::Node)),
+        None if mode == Mode::Node => {
+            ck.fail("node", "missing (required in node mode)");
+            None
+        }
+        None => None,
+    };
+    if !ck.errors.is_empty() {
+        return Err(ck.errors);
+    }
+    Ok(FileConfig {
+        mode,
+        logging,
+        conductor,
+        node,
+        origin: origin.to_owned(),
+        base_dir: base.to_owned(),
+    })
+}
+
+/// The validation pass: the base folder for paths, and the problems so far. A bad value is
+/// recorded and replaced by a stand-in so that the pass goes on.
+struct Check<'a> {
+    base: &'a Path,
+    errors: Vec<(String, String)>,
+}
+
+/// A trimmed string; empty means absent.
+fn optional(v: Option<Str>) -> Option<String> {
+    v.map(|Str(s)| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// Why `s` is not `host:port` (a name, an IPv4 address or `[IPv6]`, port 1-65535), if it isn't.
+fn host_port_problem(s: &str) -> Option<&'static str> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((h, p)) = rest.split_once("]:") else {
+            return Some("use [IPv6]:port");
+        };
+        if h.parse::<Ipv6Addr>().is_err() {
+            return Some("not an IPv6 address");
+        }
+        (h, p)
+    } else {
+        let Some((h, p)) = s.rsplit_once(':') else {
+            return Some("no port");
+        };
+        if h.contains(':') {
+            return Some("an IPv6 address needs brackets: [addr]:port");
+        }
+        (h, p)
+    };
+    if host.is_empty() || host.chars().any(char::is_whitespace) {
+        return Some("bad host");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => None,
+        _ => Some("the port must be 1-65535"),
+    }
+}
+
+impl Check<'_> {
+    fn fail(&mut self, key: &str, message: impl Into<String>) {
+        self.errors.push((key.to_owned(), message.into()));
     }
 
-    fn string(&self, v: Option<&Value>, key: &str) -> Result<Option<String>, ConfigError> {
-        match v {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other @ (Value::Number(_) | Value::Bool(_))) => Err(self.err(
+    /// A trimmed string that must be present and non-empty (`""` after an error).
+    fn required(&mut self, v: Option<Str>, key: &str) -> String {
+        match v.map(|Str(s)| s.trim().to_owned()) {
+            None => self.fail(key, "missing (required)"),
+            Some(s) if s.is_empty() => self.fail(key, "must not be empty"),
+            Some(s) => return s,
+        }
+        String::new()
+    }
+
+    /// A strictly positive number of seconds; `None` when absent or bad.
+    fn secs(&mut self, v: Option<Secs>, key: &str) -> Option<Duration> {
+        let Secs(secs) = v?;
+        let message = match Duration::try_from_secs_f64(secs) {
+            Ok(d) if !d.is_zero() => return Some(d),
+            Err(_) if secs > 0.0 && secs.is_finite() => format!("{secs} seconds is too long"),
+            _ => format!("expected a number of seconds greater than 0, got {secs}"),
+        };
+        self.fail(key, message);
+        None
+    }
+
+    /// Seconds that must be below `limit` (unless the limit's own key was bad).
+    fn secs_below(
+        &mut self,
+        v: Option<Secs>,
+        key: &str,
+        limit: (Duration, &str, bool),
+    ) -> Option<Duration> {
+        let (limit, limit_key, limit_ok) = limit;
+        let d = self.secs(v, key)?;
+        if limit_ok && d >= limit {
+            self.fail(
                 key,
                 format!(
-                    "expected a string, got {} (quote it: \"{other}\")",
-                    describe(other)
+                    "must be less than {limit_key} ({} s), got {} s",
+                    limit.as_secs_f64(),
+                    d.as_secs_f64()
                 ),
-            )),
-            Some(other) => {
-                Err(self.err(key, format!("expected a string, got {}", describe(other))))
-            }
+            );
         }
-    }
-
-    /// A string that must be present and non-empty.
-    fn required_string(&self, v: Option<&Value>, key: &str) -> Result<String, ConfigError> {
-        match self.string(v, key)? {
-            None => Err(self.err(key, "missing (required)")),
-            Some(s) if s.trim().is_empty() => Err(self.err(key, "must not be empty")),
-            Some(s) => Ok(s.trim().to_owned()),
-        }
-    }
-
-    fn bool(&self, v: Option<&Value>, key: &str, default: bool) -> Result<bool, ConfigError> {
-        match v {
-            None | Some(Value::Null) => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(other) => Err(self.err(
-                key,
-                format!("expected true or false, got {}", describe(other)),
-            )),
-        }
-    }
-
-    /// A strictly positive number of seconds; `None` when absent.
-    fn seconds(&self, v: Option<&Value>, key: &str) -> Result<Option<Duration>, ConfigError> {
-        let secs = match v {
-            None | Some(Value::Null) => return Ok(None),
-            Some(Value::Number(n)) => n.as_f64(),
-            Some(_) => None,
-        };
-        let bad = || {
-            let got = v.map_or_else(String::new, describe);
-            self.err(
-                key,
-                format!("expected a number of seconds greater than 0, got {got}"),
-            )
-        };
-        let secs = secs.filter(|s| s.is_finite() && *s > 0.0).ok_or_else(bad)?;
-        let d = Duration::try_from_secs_f64(secs)
-            .map_err(|_| self.err(key, format!("{secs} seconds is too long")))?;
-        if d.is_zero() {
-            return Err(bad());
-        }
-        Ok(Some(d))
+        Some(d)
     }
 
     /// An IP socket address (`0.0.0.0:50051`, `[::1]:8000`).
-    fn socket_addr(
-        &self,
-        v: Option<&Value>,
-        key: &str,
-        default: SocketAddr,
-    ) -> Result<SocketAddr, ConfigError> {
-        match self.string(v, key)? {
-            None => Ok(default),
-            Some(s) => s.trim().parse().map_err(|_| {
-                self.err(
-                    key,
-                    format!(
-                        "expected an IP address and port such as 0.0.0.0:50051 or [::]:50051, \
-                         got {s:?}"
-                    ),
-                )
-            }),
-        }
+    fn socket_addr(&mut self, v: Option<Str>, key: &str, default: SocketAddr) -> SocketAddr {
+        let Some(Str(s)) = v else { return default };
+        s.trim().parse().unwrap_or_else(|_| {
+            self.fail(
+                key,
+                format!(
+                    "expected an IP address and port such as 0.0.0.0:50051 or [::]:50051, \
+                     got {s:?}"
+                ),
+            );
+            default
+        })
     }
 
-    /// `host:port` with a name, an IPv4 address or a bracketed IPv6 address, port 1-65535.
-    fn host_port(&self, v: Option<&Value>, key: &str) -> Result<String, ConfigError> {
-        let s = self.required_string(v, key)?;
-        let bad = |why: &str| self.err(key, format!("expected host:port, got {s:?} ({why})"));
-        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (h, p) = rest
-                .split_once("]:")
-                .ok_or_else(|| bad("use [IPv6]:port"))?;
-            h.parse::<std::net::Ipv6Addr>()
-                .map_err(|_| bad("not an IPv6 address"))?;
-            (h, p)
-        } else {
-            let (h, p) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-            if h.contains(':') {
-                return Err(bad("an IPv6 address needs brackets: [addr]:port"));
-            }
-            (h, p)
-        };
-        if host.is_empty() || host.chars().any(char::is_whitespace) {
-            return Err(bad("bad host"));
+    /// A path, resolved against the config's folder when relative; `None` when absent or bad.
+    fn path(&mut self, v: Option<Str>, key: &str) -> Option<PathBuf> {
+        let Str(s) = v?;
+        if s.trim().is_empty() {
+            self.fail(key, "must not be empty");
+            return None;
         }
-        match port.parse::<u16>() {
-            Ok(p) if p > 0 => Ok(s),
-            _ => Err(bad("the port must be 1-65535")),
-        }
+        Some(self.base.join(s.trim()))
     }
 
-    /// A path, resolved against the config's folder when relative.
-    fn path(&self, v: Option<&Value>, key: &str) -> Result<Option<PathBuf>, ConfigError> {
-        match self.string(v, key)? {
-            None => Ok(None),
-            Some(s) if s.trim().is_empty() => Err(self.err(key, "must not be empty")),
-            Some(s) => Ok(Some(self.base.join(s.trim()))),
-        }
-    }
-
-    fn logging(&mut self, map: Option<&Map<String, Value>>) -> Result<LoggingConfig, ConfigError> {
-        let mut out = LoggingConfig::default();
-        let Some(map) = map else { return Ok(out) };
-        self.warn_unknown(map, "logging", LOGGING_KEYS);
-        if let Some(level) = self.string(map.get("level"), "logging.level")? {
-            out.level = normalize_level(&level)
-                .ok_or_else(|| {
-                    self.err(
-                        "logging.level",
-                        format!("expected trace, debug, info, warn or error, got {level:?}"),
-                    )
-                })?
-                .to_owned();
-        }
-        out.json = self.bool(map.get("json"), "logging.json", false)?;
-        Ok(out)
-    }
-
-    fn conductor(&mut self, map: &Map<String, Value>) -> Result<ConductorConfig, ConfigError> {
-        self.warn_unknown(map, "conductor", CONDUCTOR_KEYS);
+    fn conductor(&mut self, c: ConductorFile) -> ConductorConfig {
         let d = ConductorConfig::with_defaults(self.base);
-        let listen = self.socket_addr(map.get("listen"), "conductor.listen", d.listen)?;
-        let server = match self.string(map.get("server"), "conductor.server")? {
-            Some(s) if s.trim().is_empty() => None,
-            other => other.map(|s| s.trim().to_owned()),
-        };
-        let http_listen = self.socket_addr(
-            map.get("http_listen"),
-            "conductor.http_listen",
-            d.http_listen,
-        )?;
+        let listen = self.socket_addr(c.listen, "conductor.listen", d.listen);
+        let server = optional(c.server);
+        let cert_path = c.tls.and_then(|t| t.cert_path);
+        let cert_path = self.path(cert_path, "conductor.tls.cert_path");
+        let http_listen = self.socket_addr(c.http_listen, "conductor.http_listen", d.http_listen);
         let storage_dir = self
-            .path(map.get("storage_dir"), "conductor.storage_dir")?
+            .path(c.storage_dir, "conductor.storage_dir")
             .unwrap_or(d.storage_dir);
-        let cert_dir = match self.mapping(map.get("tls"), "conductor.tls")? {
-            Some(tls) => {
-                self.warn_unknown(tls, "conductor.tls", CONDUCTOR_TLS_KEYS);
-                self.path(tls.get("cert_path"), "conductor.tls.cert_path")?
-            }
-            None => None,
-        }
-        .unwrap_or_else(|| storage_dir.join("certs"));
-        let node_grace = self
-            .seconds(map.get("node_grace_sec"), "conductor.node_grace_sec")?
-            .unwrap_or(d.node_grace);
-        let suspect_after =
-            match self.seconds(map.get("suspect_after_sec"), "conductor.suspect_after_sec")? {
-                Some(s) if s >= node_grace => {
-                    return Err(self.err(
-                        "conductor.suspect_after_sec",
-                        format!(
-                            "must be less than conductor.node_grace_sec ({} s), got {} s",
-                            node_grace.as_secs_f64(),
-                            s.as_secs_f64()
-                        ),
-                    ));
-                }
-                Some(s) => s,
-                None => d.suspect_after.min(node_grace / 2),
-            };
-        let scheduling = match self.string(map.get("scheduling"), "conductor.scheduling")? {
-            None => Scheduling::Spread,
-            Some(s) => s
-                .parse()
-                .map_err(|m: String| self.err("conductor.scheduling", m))?,
+        let cert_dir = cert_path.unwrap_or_else(|| storage_dir.join("certs"));
+        let errors = self.errors.len();
+        let node_grace = self.secs(c.node_grace_sec, "conductor.node_grace_sec");
+        let grace_ok = self.errors.len() == errors;
+        let node_grace = node_grace.unwrap_or(d.node_grace);
+        let suspect_after = self
+            .secs_below(
+                c.suspect_after_sec,
+                "conductor.suspect_after_sec",
+                (node_grace, "conductor.node_grace_sec", grace_ok),
+            )
+            .unwrap_or_else(|| d.suspect_after.min(node_grace / 2));
+        let scheduling = match c.scheduling {
+            None => d.scheduling,
+            Some(Str(s)) => s.parse().unwrap_or_else(|m: String| {
+                self.fail("conductor.scheduling", m);
+                d.scheduling
+            }),
         };
-        Ok(ConductorConfig {
+        ConductorConfig {
             listen,
             server,
             cert_dir,
@@ -386,127 +363,115 @@ impl Ctx<'_> {
             node_grace,
             suspect_after,
             scheduling,
-        })
+        }
     }
 
-    fn node(&mut self, map: &Map<String, Value>) -> Result<NodeConfig, ConfigError> {
-        self.warn_unknown(map, "node", NODE_KEYS);
-        let node_id = self.required_string(map.get("node_id"), "node.node_id")?;
-        symphony_net::pki::validate_node_id(&node_id).map_err(|_| {
-            self.err(
+    fn node(&mut self, n: NodeFile, check_files: bool) -> NodeConfig {
+        let node_id = self.required(n.node_id, "node.node_id");
+        if !node_id.is_empty() && symphony_net::pki::validate_node_id(&node_id).is_err() {
+            self.fail(
                 "node.node_id",
                 format!("use 1-128 letters, digits, '.', '_' or '-', got {node_id:?}"),
-            )
-        })?;
-        let conductor_addr = self.host_port(map.get("conductor_addr"), "node.conductor_addr")?;
-        let server_name = match self.string(map.get("server_name"), "node.server_name")? {
-            Some(s) if s.trim().is_empty() => None,
-            other => other.map(|s| s.trim().to_owned()),
+            );
+        }
+        let conductor_addr = self.required(n.conductor_addr, "node.conductor_addr");
+        let bad_addr = if conductor_addr.is_empty() {
+            None
+        } else {
+            host_port_problem(&conductor_addr)
         };
-        let groups = self.groups(map.get("groups"))?;
-        let capacities_total = self.capacities(map.get("capacities_total"))?;
-        let heartbeat = self
-            .seconds(map.get("heartbeat_sec"), "node.heartbeat_sec")?
-            .unwrap_or(Duration::from_secs(1));
-        let tls = self.node_tls(map.get("tls"))?;
-        let work_dir = self
-            .path(map.get("work_dir"), "node.work_dir")?
-            .unwrap_or_else(|| self.base.join("symphony-node"));
-        let idle_timeout = self
-            .seconds(map.get("idle_timeout_sec"), "node.idle_timeout_sec")?
-            .unwrap_or(Duration::from_secs(20));
-        let keep_alive = match self.seconds(map.get("keep_alive_sec"), "node.keep_alive_sec")? {
-            Some(k) if k >= idle_timeout => {
-                return Err(self.err(
-                    "node.keep_alive_sec",
-                    format!(
-                        "must be less than node.idle_timeout_sec ({} s), got {} s",
-                        idle_timeout.as_secs_f64(),
-                        k.as_secs_f64()
-                    ),
-                ));
+        if let Some(why) = bad_addr {
+            self.fail(
+                "node.conductor_addr",
+                format!("expected host:port, got {conductor_addr:?} ({why})"),
+            );
+        }
+        let mut groups: Vec<String> = Vec::new();
+        for (i, Str(g)) in n.groups.unwrap_or_default().into_iter().enumerate() {
+            let g = g.trim();
+            if g.is_empty() {
+                self.fail(&format!("node.groups[{i}]"), "must not be empty");
+            } else if !groups.iter().any(|have| have == g) {
+                groups.push(g.to_owned());
             }
-            Some(k) => k,
-            None => Duration::from_secs(5).min(idle_timeout / 2),
-        };
-        Ok(NodeConfig {
+        }
+        let mut capacities_total = BTreeMap::new();
+        for (class, Count(count)) in n.capacities_total.unwrap_or_default() {
+            let key = format!("node.capacities_total.{class}");
+            if class.trim().is_empty() {
+                self.fail(&key, "the class name must not be empty");
+                continue;
+            }
+            if count < 0 {
+                self.fail(
+                    &key,
+                    format!("expected a non-negative integer, got {count}"),
+                );
+            } else {
+                capacities_total.insert(class, count);
+            }
+        }
+        let heartbeat = self.secs(n.heartbeat_sec, "node.heartbeat_sec");
+        let tls = self.node_tls(n.tls, check_files);
+        let work_dir = self
+            .path(n.work_dir, "node.work_dir")
+            .unwrap_or_else(|| self.base.join("symphony-node"));
+        let errors = self.errors.len();
+        let idle_timeout = self.secs(n.idle_timeout_sec, "node.idle_timeout_sec");
+        let idle_ok = self.errors.len() == errors;
+        let idle_timeout = idle_timeout.unwrap_or(Duration::from_secs(20));
+        let keep_alive = self
+            .secs_below(
+                n.keep_alive_sec,
+                "node.keep_alive_sec",
+                (idle_timeout, "node.idle_timeout_sec", idle_ok),
+            )
+            .unwrap_or_else(|| Duration::from_secs(5).min(idle_timeout / 2));
+        NodeConfig {
             node_id,
             conductor_addr,
-            server_name,
+            server_name: optional(n.server_name),
             groups,
             capacities_total,
-            heartbeat,
+            heartbeat: heartbeat.unwrap_or(Duration::from_secs(1)),
             tls,
             work_dir,
             keep_alive,
             idle_timeout,
-        })
-    }
-
-    fn groups(&self, v: Option<&Value>) -> Result<Vec<String>, ConfigError> {
-        let items = match v {
-            None | Some(Value::Null) => return Ok(Vec::new()),
-            Some(Value::Array(items)) => items,
-            Some(other) => {
-                return Err(self.err(
-                    "node.groups",
-                    format!("expected a list of strings, got {}", describe(other)),
-                ));
-            }
-        };
-        let mut out: Vec<String> = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let key = format!("node.groups[{i}]");
-            let g = self.required_string(Some(item), &key)?;
-            if !out.contains(&g) {
-                out.push(g);
-            }
         }
-        Ok(out)
     }
 
-    fn capacities(&self, v: Option<&Value>) -> Result<BTreeMap<String, i64>, ConfigError> {
-        let Some(map) = self.mapping(v, "node.capacities_total")? else {
-            return Ok(BTreeMap::new());
-        };
-        let mut out = BTreeMap::new();
-        for (class, value) in map {
-            let key = format!("node.capacities_total.{class}");
-            if class.trim().is_empty() {
-                return Err(self.err(&key, "the class name must not be empty"));
-            }
-            let n = match value {
-                Value::Number(n) => n.as_i64().filter(|n| *n >= 0),
-                _ => None,
-            };
-            let n = n.ok_or_else(|| {
-                self.err(
-                    &key,
-                    format!("expected a non-negative integer, got {}", describe(value)),
-                )
-            })?;
-            out.insert(class.clone(), n);
-        }
-        Ok(out)
-    }
-
-    fn node_tls(&mut self, v: Option<&Value>) -> Result<NodeTlsFiles, ConfigError> {
-        let Some(map) = self.mapping(v, "node.tls")? else {
-            return Err(self.err(
+    fn node_tls(&mut self, tls: Option<NodeTlsFile>, check_files: bool) -> NodeTlsFiles {
+        let Some(tls) = tls else {
+            self.fail(
                 "node.tls",
                 "missing (required: node.tls.ca_file, node.tls.cert_file, node.tls.key_file)",
-            ));
+            );
+            return NodeTlsFiles {
+                ca_file: PathBuf::new(),
+                cert_file: PathBuf::new(),
+                key_file: PathBuf::new(),
+            };
         };
-        self.warn_unknown(map, "node.tls", NODE_TLS_KEYS);
-        let file = |name: &str| -> Result<PathBuf, ConfigError> {
-            let key = format!("node.tls.{name}");
-            self.path(map.get(name), &key)?
-                .ok_or_else(|| self.err(&key, "missing (required)"))
+        NodeTlsFiles {
+            ca_file: self.tls_file(tls.ca_file, "node.tls.ca_file", check_files),
+            cert_file: self.tls_file(tls.cert_file, "node.tls.cert_file", check_files),
+            key_file: self.tls_file(tls.key_file, "node.tls.key_file", check_files),
+        }
+    }
+
+    /// A required TLS file, checked to exist when `check_file`.
+    fn tls_file(&mut self, v: Option<Str>, key: &str, check_file: bool) -> PathBuf {
+        if v.is_none() {
+            self.fail(key, "missing (required)");
+            return PathBuf::new();
+        }
+        let Some(path) = self.path(v, key) else {
+            return PathBuf::new();
         };
-        Ok(NodeTlsFiles {
-            ca_file: file("ca_file")?,
-            cert_file: file("cert_file")?,
-            key_file: file("key_file")?,
-        })
+        if let Some(problem) = file_problem(&path).filter(|_| check_file) {
+            self.fail(key, problem);
+        }
+        path
     }
 }

@@ -555,3 +555,87 @@ fn init_logging_is_idempotent() {
     init_logging("debug", true).unwrap();
     assert!(init_logging("loud", false).is_err());
 }
+
+#[test]
+fn several_bad_keys_are_all_reported() {
+    let dir = tls_dir();
+    let text = node_yaml(dir.path())
+        .replace("heartbeat_sec: 3.0", "heartbeat_sec: -1")
+        .replace("conductor.example.com:50051", "conductor.example.com")
+        .replace("level: DEBUG", "level: loud");
+    let e = parse_str(&text, "n.yaml").unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Invalid { errors, .. } if errors.len() == 3),
+        "{e:?}"
+    );
+    // Listed in the order of the file shape (mode, logging, conductor, node), not the file's.
+    assert_eq!(e.key_name(), Some("logging.level"));
+    let text = e.to_string();
+    let at: Vec<usize> = [
+        "n.yaml: logging.level: expected trace, debug, info, warn or error, got \"loud\"",
+        "n.yaml: node.conductor_addr: expected host:port, got \"conductor.example.com\" (no port)",
+        "n.yaml: node.heartbeat_sec: expected a number of seconds greater than 0, got -1",
+    ]
+    .iter()
+    .map(|part| {
+        text.find(part)
+            .unwrap_or_else(|| panic!("{part} not in {text}"))
+    })
+    .collect();
+    assert!(at.is_sorted(), "{text}");
+
+    // Every missing TLS file is named, not only the first.
+    std::fs::remove_file(dir.path().join("ca.pem")).unwrap();
+    std::fs::remove_file(dir.path().join("node.key")).unwrap();
+    let e = parse_str(&node_yaml(dir.path()), "n.yaml").unwrap_err();
+    let ConfigError::Invalid { errors, .. } = &e else {
+        panic!("{e:?}")
+    };
+    let keys: Vec<&str> = errors.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["node.tls.ca_file", "node.tls.key_file"]);
+}
+
+#[test]
+fn unknown_nested_keys_warn_with_their_dotted_path() {
+    let dir = tls_dir();
+    let text = node_yaml(dir.path())
+        .replace("  heartbeat_sec: 3.0\n", "  heartbeat_secs: 3.0\n")
+        .replace("  tls:\n", "  tls:\n    ca_flie: x\n    colour: red\n");
+    let (cfg, warnings) = parse_str(&text, "n.yaml").unwrap();
+    assert_eq!(cfg.node.unwrap().heartbeat, Duration::from_secs(1));
+    assert_eq!(
+        warnings,
+        vec![
+            "n.yaml: unknown key node.heartbeat_secs (ignored; did you mean node.heartbeat_sec?)",
+            "n.yaml: unknown key node.tls.ca_flie (ignored; did you mean node.tls.ca_file?)",
+            "n.yaml: unknown key node.tls.colour (ignored)",
+        ]
+    );
+}
+
+#[test]
+fn type_errors_deep_in_lists_and_maps_name_the_item() {
+    let dir = tls_dir();
+    let text = node_yaml(dir.path()).replace("[gpu, eu]", "[gpu, eu, 7]");
+    let e = parse_str(&text, "n.yaml").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "n.yaml: node.groups[2]: expected a string, got 7 (quote it: \"7\")"
+    );
+    let text = node_yaml(dir.path()).replace("[gpu, eu]", "[gpu, \" \"]");
+    assert_eq!(
+        parse_str(&text, "n.yaml").unwrap_err().to_string(),
+        "n.yaml: node.groups[1]: must not be empty"
+    );
+    let text = node_yaml(dir.path()).replace("CPU: 16", "CPU: \"16\"");
+    let e = parse_str(&text, "n.yaml").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "n.yaml: node.capacities_total.CPU: expected a non-negative integer, got \"16\""
+    );
+    let text = node_yaml(dir.path()).replace("GPU: 2", "GPU: -2");
+    assert_eq!(
+        parse_str(&text, "n.yaml").unwrap_err().to_string(),
+        "n.yaml: node.capacities_total.GPU: expected a non-negative integer, got -2"
+    );
+}

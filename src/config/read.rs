@@ -126,7 +126,7 @@ fn unknown_key(origin: &str, path: &serde_ignored::Path<'_>) -> String {
     let parent = dotted_ignored(parent);
     let hint = shape::known_keys(&parent)
         .iter()
-        .map(|cand| (distance(key, cand), cand))
+        .map(|cand| (strsim::levenshtein(key, cand), cand))
         .filter(|(d, _)| *d <= 2)
         .min_by_key(|(d, _)| *d)
         .map(|(_, cand)| format!("; did you mean {}?", join(&parent, cand)))
@@ -135,21 +135,6 @@ fn unknown_key(origin: &str, path: &serde_ignored::Path<'_>) -> String {
         "{origin}: unknown key {} (ignored{hint})",
         join(&parent, key)
     )
-}
-
-/// Levenshtein distance, for "did you mean" hints on unknown keys.
-fn distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 /// Checks the file shape and builds the config, or returns every problem as (key, message).

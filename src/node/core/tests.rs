@@ -278,7 +278,7 @@ fn deployment_commands() {
                 Effect::Remove("d1".into()),
                 refused(
                     20,
-                    "body.specification.spec.config.command: Input should be a valid list of strings, got a string",
+                    "body.specification.spec.config.command: Input should be a valid list, got a string",
                 ),
                 Effect::Persist(vec![]),
             ],

@@ -14,6 +14,9 @@ use super::{Deployment, LogEntry, Node};
 
 /// Spaces between two columns.
 const COLUMN_GAP: u16 = 2;
+/// Longest cell shown, in characters (comfy-table measures widths in `u16`; a cell near that
+/// would wrap and break one line per row).
+const MAX_CELL_CHARS: usize = 4096;
 
 /// Bytes in one GiB, for the memory column.
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -25,9 +28,15 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// spaces, so a hostile name cannot add a line or break the layout.
 pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let clean = |s: &str| -> String {
-        s.chars()
+        let mut out: String = s
+            .chars()
+            .take(MAX_CELL_CHARS)
             .map(|c| if c.is_control() { ' ' } else { c })
-            .collect()
+            .collect();
+        if s.chars().nth(MAX_CELL_CHARS).is_some() {
+            out.push('…');
+        }
+        out
     };
     let mut table = comfy_table::Table::new();
     table
@@ -226,13 +235,25 @@ mod tests {
     }
 
     #[test]
-    fn table_pads_short_rows_ignores_extra_cells_and_counts_chars() {
+    fn table_pads_short_rows_ignores_extra_cells_and_measures_display_width() {
         let rows = vec![
             vec!["é€".to_owned()],
             vec!["x".to_owned(), "y".to_owned(), "ignored".to_owned()],
         ];
         let t = render_table(&["A", "B"], &rows);
         assert_eq!(t, "A   B\né€\nx   y\n");
+    }
+
+    #[test]
+    fn table_keeps_one_line_per_row_for_huge_cells() {
+        let rows = vec![vec!["x".repeat(70_000), "y".to_owned()]];
+        let t = render_table(&["A", "B"], &rows);
+        assert_eq!(t.lines().count(), 2);
+        assert!(
+            t.lines().nth(1).is_some_and(|l| l.ends_with("…  y")),
+            "{}",
+            &t[t.len() - 20..]
+        );
     }
 
     #[test]

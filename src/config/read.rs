@@ -6,7 +6,9 @@
 //!    "did you mean" hint), never errors. A type error stops the read.
 //! 2. [`validate`] checks what types cannot say (ranges, formats, required keys, files) and
 //!    collects every problem with its key, in the order of the shape: `mode`, `logging`,
-//!    `conductor`, `node`, and within a section in the order its keys are listed there.
+//!    `conductor`, `node`, and within a section in the order its keys are listed there, except
+//!    that a limit is checked before the key it bounds (`node.idle_timeout_sec` before
+//!    `node.keep_alive_sec`).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv6Addr, SocketAddr};

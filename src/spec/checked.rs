@@ -105,7 +105,13 @@ impl Mismatch {
                 msg: "Field required".to_owned(),
             };
         }
-        let msg: String = message.chars().take(200).collect();
+        // Our own `expecting` texts (untagged and custom enums) are whole messages; anything
+        // else may quote the input (`invalid value: ...`), so it is not passed on.
+        let msg = if message.starts_with("Input should be") {
+            message.to_owned()
+        } else {
+            "Input has an unexpected value or shape".to_owned()
+        };
         Self {
             path,
             kind: "value_error",

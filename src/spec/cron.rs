@@ -1,23 +1,144 @@
-//! Cron: standard expressions on top of the `cron` crate, and the next fire time on a time
+//! Cron: standard expressions evaluated by the `cron` crate, and the next fire time on a time
 //! zone's wall clock.
 //!
-//! The crate parses and evaluates every field. What remains here, and why:
-//! - **Seconds.** The crate wants 6 fields (seconds first); a standard 5-field expression gets
-//!   `0` seconds prepended.
-//! - **Weekday numbers.** The crate numbers weekdays 1-7 from Sunday; standard cron numbers them
-//!   0-7 with both 0 and 7 meaning Sunday. The weekday field is expanded here and handed to the
-//!   crate as names (`SUN,MON`), so `1` is Monday and `5-7` is Friday to Sunday.
+//! The crate evaluates (next fire times, the year-2100 bound); reading the standard syntax
+//! stays here, because the crate's differs in ways that would change what users wrote:
+//! - **Weekday numbers.** The crate numbers weekdays 1-7 from Sunday; standard cron numbers
+//!   them 0-7 with both 0 and 7 meaning Sunday (`1` is Monday, `5-7` Friday to Sunday).
+//! - **Steps and names.** The crate refuses a step larger than the field (`*/60`, `0 */24`),
+//!   a name before a step (`JAN/3`) and mixed ranges (`JAN-3`), which standard cron and our
+//!   earlier releases accept (stored specs must keep parsing).
 //! - **Day-of-month OR day-of-week.** When both are restricted (neither starts with `*`),
 //!   standard cron fires when *either* matches; the crate requires both. Such an expression is
 //!   kept as two schedules (one per day field) and fires at the earlier of the two.
-//! - **`@midnight`**, which the crate does not know, alongside its other shorthands.
+//! - **Seconds** (the crate wants 6 fields) and **`@midnight`** (the crate lacks it).
+//!
+//! So each field is expanded here to the explicit list of its values (one-line errors naming
+//! the field) and the crate gets that list.
 
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 
-/// Weekday names in the order of standard cron's numbers (0 = Sunday).
+/// One field of a cron expression: its name, its range, and the names of its values.
+struct Field {
+    name: &'static str,
+    min: u32,
+    max: u32,
+    /// What `*` covers (the weekday field allows 7 but `*` means 0-6).
+    star_max: u32,
+    /// Three-letter names, the first one having the value `min`.
+    names: &'static [&'static str],
+}
+
 const WEEKDAYS: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+const MONTHS: [&str; 12] = [
+    "JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC",
+];
+
+const fn field(name: &'static str, min: u32, max: u32) -> Field {
+    Field {
+        name,
+        min,
+        max,
+        star_max: max,
+        names: &[],
+    }
+}
+
+const SECOND: Field = field("second", 0, 59);
+const MINUTE: Field = field("minute", 0, 59);
+const HOUR: Field = field("hour", 0, 23);
+const DAY_OF_MONTH: Field = field("day of month", 1, 31);
+const MONTH: Field = Field {
+    names: &MONTHS,
+    ..field("month", 1, 12)
+};
+const DAY_OF_WEEK: Field = Field {
+    star_max: 6,
+    names: &WEEKDAYS,
+    ..field("day of week", 0, 7)
+};
+
+impl Field {
+    fn value(&self, text: &str) -> Result<u32, String> {
+        let n = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+            text.parse::<u32>()
+                .map_err(|_| format!("{}: {text:?} is out of range", self.name))?
+        } else {
+            let upper = text.to_ascii_uppercase();
+            let idx = self
+                .names
+                .iter()
+                .position(|n| *n == upper)
+                .ok_or_else(|| format!("{}: {text:?} is not a number", self.name))?;
+            self.min + u32::try_from(idx).map_err(|e| e.to_string())?
+        };
+        if n < self.min || n > self.max {
+            return Err(format!(
+                "{}: {n} is out of range {}-{}",
+                self.name, self.min, self.max
+            ));
+        }
+        Ok(n)
+    }
+
+    /// Expands a field (`*`, lists, ranges `a-b`, steps `*/n`, `a-b/n`, `a/n`) to its values,
+    /// rendered for the crate: `*` when it covers the field, else the list.
+    fn expand(&self, text: &str) -> Result<String, String> {
+        let mut values = BTreeSet::new();
+        for item in text.split(',') {
+            let (base, step) = match item.split_once('/') {
+                Some((base, step)) => match step.parse::<u32>() {
+                    Ok(step) if step > 0 => (base, Some(step)),
+                    _ => return Err(format!("{}: bad step {step:?}", self.name)),
+                },
+                None => (item, None),
+            };
+            let (lo, hi) = match base.split_once('-') {
+                _ if base == "*" => (self.min, self.star_max),
+                Some((a, b)) => (self.value(a)?, self.value(b)?),
+                // `a/n` runs to the end of the field.
+                None => {
+                    let a = self.value(base)?;
+                    (
+                        a,
+                        if step.is_some() {
+                            self.star_max.max(a)
+                        } else {
+                            a
+                        },
+                    )
+                }
+            };
+            if lo > hi {
+                return Err(format!("{}: range {base:?} is reversed", self.name));
+            }
+            let step = usize::try_from(step.unwrap_or(1)).unwrap_or(usize::MAX);
+            values.extend((lo..=hi).step_by(step));
+        }
+        if self.names == WEEKDAYS {
+            // Standard 0-7 (0 and 7 = Sunday) to the crate's names.
+            let days: BTreeSet<usize> = values
+                .iter()
+                .filter_map(|d| usize::try_from(d % 7).ok())
+                .collect();
+            if days.len() == 7 {
+                return Ok("*".to_owned());
+            }
+            let names: Vec<&str> = days
+                .iter()
+                .filter_map(|d| WEEKDAYS.get(*d).copied())
+                .collect();
+            return Ok(names.join(","));
+        }
+        if (self.min..=self.star_max).all(|v| values.contains(&v)) {
+            return Ok("*".to_owned());
+        }
+        let items: Vec<String> = values.iter().map(u32::to_string).collect();
+        Ok(items.join(","))
+    }
+}
 
 /// A parsed standard cron expression: one `cron` schedule, or two whose union it is (the
 /// day-of-month OR day-of-week rule).
@@ -27,10 +148,9 @@ pub struct CronSchedule(Vec<cron::Schedule>);
 /// Converts a standard cron expression into a [`CronSchedule`].
 ///
 /// Accepted: 5 fields `minute hour day-of-month month day-of-week` (weekday 0-7, 0 and 7 =
-/// Sunday; month and weekday also accept names), or 6 fields with a leading seconds field
-/// (weekday numbers keep their standard meaning), or one of `@hourly`, `@daily`, `@midnight`,
-/// `@weekly`, `@monthly`, `@yearly`, `@annually`. Each field supports `*`, lists, ranges and
-/// steps; not `?`, `L`, `W` or `#`.
+/// Sunday; month and weekday also accept three-letter names), or 6 fields with a leading
+/// seconds field, or one of `@hourly`, `@daily`, `@midnight`, `@weekly`, `@monthly`, `@yearly`,
+/// `@annually`. Each field supports `*`, lists, ranges and steps; not `?`, `L`, `W` or `#`.
 pub fn cron_schedule(expr: &str) -> Result<CronSchedule, String> {
     let expanded = match expr.trim() {
         "@yearly" | "@annually" => "0 0 1 1 *",
@@ -51,71 +171,26 @@ pub fn cron_schedule(expr: &str) -> Result<CronSchedule, String> {
             ));
         }
     };
-    if [second, minute, hour, dom, month]
-        .iter()
-        .any(|f| f.contains('?'))
-    {
-        return Err("'?' is not supported; use '*'".to_owned());
-    }
-    let weekdays = weekdays(dow)?;
-    let one = |dom: &str, dow: &str| {
-        let text = format!("{second} {minute} {hour} {dom} {month} {dow}");
-        text.parse::<cron::Schedule>()
-            .map_err(|e| format!("{e} (as {text:?})"))
+    let head = format!(
+        "{} {} {}",
+        SECOND.expand(second)?,
+        MINUTE.expand(minute)?,
+        HOUR.expand(hour)?
+    );
+    let days = DAY_OF_MONTH.expand(dom)?;
+    let months = MONTH.expand(month)?;
+    let weekdays = DAY_OF_WEEK.expand(dow)?;
+    let one = |days: &str, weekdays: &str| {
+        format!("{head} {days} {months} {weekdays}")
+            .parse::<cron::Schedule>()
+            .map_err(|e| format!("{expr:?}: {}", e.to_string().replace('\n', " ")))
     };
     let schedules = if dom.starts_with('*') || dow.starts_with('*') {
-        vec![one(dom, &weekdays)?]
+        vec![one(&days, &weekdays)?]
     } else {
-        vec![one(dom, "*")?, one("*", &weekdays)?]
+        vec![one(&days, "*")?, one("*", &weekdays)?]
     };
     Ok(CronSchedule(schedules))
-}
-
-/// Expands a standard weekday field (`*`, lists, ranges, steps; numbers 0-7 or names) into the
-/// crate's form: `*` or a list of names.
-fn weekdays(field: &str) -> Result<String, String> {
-    let value = |text: &str| -> Result<usize, String> {
-        let upper = text.to_ascii_uppercase();
-        if let Some(i) = WEEKDAYS.iter().position(|n| *n == upper) {
-            return Ok(i);
-        }
-        match text.parse::<usize>() {
-            Ok(n) if n <= 7 => Ok(n),
-            Ok(n) => Err(format!("day of week: {n} is out of range 0-7")),
-            Err(_) => Err(format!(
-                "day of week: {text:?} is not a number or a day name"
-            )),
-        }
-    };
-    let mut days = BTreeSet::new();
-    for item in field.split(',') {
-        let (range, step) = match item.split_once('/') {
-            Some((range, step)) => match step.parse::<usize>() {
-                Ok(step) if step > 0 => (range, step),
-                _ => return Err(format!("day of week: bad step {step:?}")),
-            },
-            None => (item, 1),
-        };
-        let (lo, hi) = match range.split_once('-') {
-            _ if range == "*" => (0, 6),
-            Some((a, b)) => (value(a)?, value(b)?),
-            // `a/n` runs to the end of the week.
-            None if item.contains('/') => (value(range)?, 6.max(value(range)?)),
-            None => (value(range)?, value(range)?),
-        };
-        if lo > hi {
-            return Err(format!("day of week: range {range:?} is reversed"));
-        }
-        days.extend((lo..=hi).step_by(step).map(|d| d % 7));
-    }
-    if days.len() == 7 {
-        return Ok("*".to_owned());
-    }
-    let names: Vec<&str> = days
-        .iter()
-        .filter_map(|d| WEEKDAYS.get(*d).copied())
-        .collect();
-    Ok(names.join(","))
 }
 
 /// The first fire time of `schedule` strictly after `after`, evaluated on the wall clock of

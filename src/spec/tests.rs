@@ -206,6 +206,10 @@ fn bad_specs_report_exact_loc_and_type() {
             vec![("spec.health_check.command", "missing")],
         ),
         (
+            with(json!({ "health_check": { "command": 5 } })),
+            vec![("spec.health_check.command", "list_type")],
+        ),
+        (
             with(json!({ "health_check": { "type": "grpc" } })),
             vec![("spec.health_check.type", "enum")],
         ),
@@ -896,6 +900,34 @@ fn cron_rejects_bad_expressions() {
     ] {
         assert!(cron_schedule(expr).is_err(), "{expr:?} should be rejected");
     }
+}
+
+#[test]
+fn cron_keeps_what_standard_cron_accepts_and_the_crate_does_not() {
+    // Steps larger than the field, a name before a step, a name-to-number range.
+    let from = utc(2024, 1, 1, 0, 30, 0);
+    assert_eq!(
+        upcoming("*/60 * * * *", chrono_tz::UTC, from, 2),
+        [utc(2024, 1, 1, 1, 0, 0), utc(2024, 1, 1, 2, 0, 0)]
+    );
+    assert_eq!(
+        upcoming("0 */24 * * *", chrono_tz::UTC, from, 1),
+        [utc(2024, 1, 2, 0, 0, 0)]
+    );
+    let months: Vec<u32> = upcoming("0 0 1 JAN/3 *", chrono_tz::UTC, from, 4)
+        .iter()
+        .map(|t| t.month())
+        .collect();
+    assert_eq!(months, [4, 7, 10, 1]);
+    let months: Vec<u32> = upcoming("0 0 1 JAN-3 *", chrono_tz::UTC, from, 3)
+        .iter()
+        .map(|t| t.month())
+        .collect();
+    assert_eq!(months, [2, 3, 1]);
+    // Errors are one line naming the field.
+    let e = cron_schedule("60 * * * *").unwrap_err();
+    assert_eq!(e, "minute: 60 is out of range 0-59");
+    assert!(cron_schedule("* * * * +1").is_err());
 }
 
 #[test]

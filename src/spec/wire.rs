@@ -100,14 +100,21 @@ impl<'de> Deserialize<'de> for SignalWire {
 }
 
 /// A probe command: one string (split like a shell would, without running one) or a list.
-#[derive(Deserialize)]
-#[serde(
-    untagged,
-    expecting = "Input should be a command line or a list of strings"
-)]
 pub(super) enum CommandWire {
     Line(String),
     Words(Vec<Checked<String>>),
+}
+
+impl<'de> Deserialize<'de> for CommandWire {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Self::Line(s)),
+            Value::Array(items) => Ok(Self::Words(
+                items.into_iter().map(Checked::from_value).collect(),
+            )),
+            other => Err(de::Error::invalid_type(unexpected(&other), &"a sequence")),
+        }
+    }
 }
 
 /// `spec.health_check`; `type` may be left out and is inferred from the fields given.

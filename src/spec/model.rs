@@ -109,6 +109,26 @@ pub struct DeploymentSpec {
     pub auto_restart: Option<AutoRestart>,
 }
 
+/// The mesh part of a spec (`binds`, `connects`, `exposes`). Kept out of [`DeploymentSpec`]:
+/// the conductor acts on it (ports, variables); a node only sees the variables it yields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Services {
+    /// Services this deployment serves, in the order given; names are unique.
+    pub binds: Vec<Bind>,
+    /// Services it needs: each must be bound by some deployment of its namespace.
+    pub connects: Vec<String>,
+    /// Services it serves that are reachable from outside: each is one of `binds`.
+    pub exposes: Vec<String>,
+}
+
+/// One `binds` entry: a service name (a DNS label) and the port asked for, if fixed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub name: String,
+    /// `{"tensorboard": 6006}`; `None` = the conductor picks one.
+    pub port: Option<u16>,
+}
+
 /// What [`mask_secrets`] puts in place of a secret.
 pub const SECRET_MASK: &str = "********";
 
@@ -195,4 +215,20 @@ pub fn signal_number(name: &str) -> Option<i32> {
         _ => return None,
     };
     Some(sig as i32)
+}
+
+/// Whether `name` is a DNS label as service names must be: 1-63 characters of `a-z`, `0-9` and
+/// `-`, starting and ending with a letter or digit (the seed's rule).
+pub fn is_dns_label(name: &str) -> bool {
+    let b = name.as_bytes();
+    let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    (1..=63).contains(&b.len())
+        && b.first().is_some_and(inner)
+        && b.last().is_some_and(inner)
+        && b.iter().all(|c| inner(c) || *c == b'-')
+}
+
+/// The `SYMPH_<N>` prefix of a service's variables: the name upper-cased, `-` -> `_`.
+pub fn service_var_prefix(name: &str) -> String {
+    format!("SYMPH_{}", name.to_ascii_uppercase().replace('-', "_"))
 }

@@ -1073,3 +1073,71 @@ fn a_masked_token_is_not_restored_for_another_repository() {
     restore_secrets(&mut moved, &old);
     assert!(moved["spec"]["config"].get("token").is_none(), "{moved}");
 }
+
+fn services(specification: Value) -> Services {
+    match parse_with_services(&specification) {
+        Ok((_, s)) => s,
+        Err(e) => panic!("expected Ok for {specification}, got {e:#?}"),
+    }
+}
+
+#[test]
+fn services_take_names_fixed_ports_and_exposes() {
+    let s = services(with(json!({
+        "binds": ["replay-server", { "tensorboard": 6006 }],
+        "connects": ["replay-server", "param-server", "replay-server"],
+        "exposes": ["tensorboard"]
+    })));
+    assert_eq!(
+        s.binds,
+        [
+            Bind { name: "replay-server".into(), port: None },
+            Bind { name: "tensorboard".into(), port: Some(6006) },
+        ]
+    );
+    assert_eq!(s.connects, ["replay-server", "param-server"]);
+    assert_eq!(s.exposes, ["tensorboard"]);
+    assert_eq!(services(with(json!({}))), Services::default());
+    // The node's view (`parse`) is the same spec, services or not.
+    assert_eq!(
+        ok(with(json!({ "binds": ["a"] }))),
+        ok(with(json!({})))
+    );
+}
+
+#[test]
+fn bad_services_name_the_entry() {
+    let input = with(json!({
+        "binds": ["Replay_Server", { "x": 0 }, { "a": 1, "b": 2 }, 7, "ok", "ok", "-a"],
+        "connects": ["", "fine"],
+        "exposes": ["nobody"]
+    }));
+    assert_eq!(
+        errs(input),
+        pairs(&[
+            ("spec.binds.0", "value_error"),
+            ("spec.binds.1.x", "greater_than_equal"),
+            ("spec.binds.2", "value_error"),
+            ("spec.binds.3", "value_error"),
+            ("spec.binds.5", "value_error"),
+            ("spec.binds.6", "value_error"),
+            ("spec.connects.0", "value_error"),
+            ("spec.exposes.0", "value_error"),
+        ])
+    );
+    assert_eq!(
+        errs(with(json!({ "binds": "a" }))),
+        pairs(&[("spec.binds", "list_type")])
+    );
+}
+
+#[test]
+fn service_names_and_variables() {
+    for good in ["a", "replay-server", "x1", "1x", &"a".repeat(63)] {
+        assert!(is_dns_label(good), "{good}");
+    }
+    for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"a".repeat(64)] {
+        assert!(!is_dns_label(bad), "{bad}");
+    }
+    assert_eq!(service_var_prefix("replay-server"), "SYMPH_REPLAY_SERVER");
+}

@@ -19,14 +19,101 @@ use super::wire::*;
 ///
 /// Returns every problem found, not only the first.
 pub fn parse(specification: &Value) -> Result<DeploymentSpec, Vec<FieldError>> {
+    parse_with_services(specification).map(|(spec, _)| spec)
+}
+
+/// [`parse`], plus the mesh part of the spec (checked in the same pass).
+pub fn parse_with_services(
+    specification: &Value,
+) -> Result<(DeploymentSpec, Services), Vec<FieldError>> {
     let root = Loc::new(&["body", "specification"]);
     let mut r = Report::default();
     let parsed = Checked::<Object<Specification>>::from_value(specification.clone());
     let spec = r
         .checked(&parsed, &root)
         .and_then(|Object(s)| r.required(&s.spec, &root.at("spec")))
-        .map(|Object(spec)| spec_of(&mut r, spec, &root.at("spec")));
+        .map(|Object(spec)| {
+            let loc = root.at("spec");
+            (spec_of(&mut r, spec, &loc), services_of(&mut r, spec, &loc))
+        });
     r.finish(spec)
+}
+
+/// `binds`, `connects`, `exposes`: DNS-label names, a bound name once, fixed ports 1-65535,
+/// exposed names among the bound ones.
+fn services_of(r: &mut Report, spec: &SpecWire, loc: &Loc) -> Services {
+    let mut out = Services::default();
+    let name = |r: &mut Report, n: &str, at: &Loc| {
+        let ok = is_dns_label(n);
+        if !ok {
+            let msg = format!(
+                "{n:?} is not a valid service name: use 1-63 of a-z, 0-9 and '-', \
+                 starting and ending with a letter or digit"
+            );
+            r.err(at, "value_error", msg);
+        }
+        ok
+    };
+    let at = loc.at("binds");
+    for (i, bind) in r.opt(&spec.binds, &at).into_iter().flatten().enumerate() {
+        let at = at.at(i);
+        let bind = match r.checked(bind, &at) {
+            Some(BindWire::Name(n)) => name(r, n, &at).then(|| Bind {
+                name: n.clone(),
+                port: None,
+            }),
+            Some(BindWire::Fixed(map)) => match map.iter().next() {
+                Some((n, port)) if map.len() == 1 => {
+                    let pat = at.at(n);
+                    let port = r
+                        .checked(port, &pat)
+                        .and_then(|p| r.int_in(*p, &pat, 1, 65535))
+                        .and_then(|p| u16::try_from(p).ok());
+                    match (name(r, n, &at), port) {
+                        (true, Some(port)) => Some(Bind {
+                            name: n.clone(),
+                            port: Some(port),
+                        }),
+                        _ => None,
+                    }
+                }
+                _ => {
+                    r.err(&at, "value_error", "Input should be one {name: port} pair");
+                    None
+                }
+            },
+            None => None,
+        };
+        if let Some(bind) = bind {
+            if out.binds.iter().any(|b| b.name == bind.name) {
+                let msg = format!("service {:?} is bound twice", bind.name);
+                r.err(&at, "value_error", msg);
+            } else {
+                out.binds.push(bind);
+            }
+        }
+    }
+    let names = |r: &mut Report, field: &Opt<Vec<Checked<String>>>, key: &str, bound: &[Bind]| {
+        let at = loc.at(key);
+        let mut list: Vec<String> = Vec::new();
+        for (i, n) in r.opt(field, &at).into_iter().flatten().enumerate() {
+            let at = at.at(i);
+            let Some(n) = r.checked(n, &at) else { continue };
+            if !name(r, n, &at) || list.contains(n) {
+                continue;
+            }
+            if key == "exposes" && !bound.iter().any(|b| &b.name == n) {
+                let msg = format!("service {n:?} is exposed but not bound here; add it to binds");
+                r.err(&at, "value_error", msg);
+                continue;
+            }
+            list.push(n.clone());
+        }
+        list
+    };
+    out.connects = names(r, &spec.connects, "connects", &out.binds);
+    out.exposes = names(r, &spec.exposes, "exposes", &out.binds);
+    out
 }
 
 /// `spec`: each field with its default when absent.

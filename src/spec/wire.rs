@@ -32,6 +32,31 @@ pub(super) struct SpecWire {
     pub stop_timeout_sec: Opt<Seconds>,
     pub health_check: Opt<Object<HealthCheckWire>>,
     pub auto_restart: Opt<Object<AutoRestartWire>>,
+    pub binds: Opt<Vec<Checked<BindWire>>>,
+    pub connects: Opt<Vec<Checked<String>>>,
+    pub exposes: Opt<Vec<Checked<String>>>,
+}
+
+/// A `binds` entry: `"name"`, or `{"name": port}` for a fixed port.
+pub(super) enum BindWire {
+    Name(String),
+    Fixed(BTreeMap<String, Checked<Int>>),
+}
+
+impl<'de> Deserialize<'de> for BindWire {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Self::Name(s)),
+            Value::Object(m) => Ok(Self::Fixed(
+                m.into_iter()
+                    .map(|(k, v)| (k, Checked::from_value(v)))
+                    .collect(),
+            )),
+            _ => Err(de::Error::custom(
+                "Input should be a service name or {name: port}",
+            )),
+        }
+    }
 }
 
 /// `spec.config`.

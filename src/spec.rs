@@ -42,10 +42,11 @@ mod wire;
 pub use checked::{Checked, Int, Loc, Mismatch, Object, Opt, Report, Seconds, given, unexpected};
 pub use cron::{CronSchedule, cron_schedule, next_fire};
 pub use model::{
-    AutoRestart, DEFAULT_BACKOFF, DEFAULT_FAILURE_THRESHOLD, DEFAULT_HEALTH_PERIOD,
+    AutoRestart, Bind, DEFAULT_BACKOFF, DEFAULT_FAILURE_THRESHOLD, DEFAULT_HEALTH_PERIOD,
     DEFAULT_LOG_LIMIT_LINES, DEFAULT_MAX_RESTARTS, DEFAULT_RESTART_WINDOW, DEFAULT_STOP_TIMEOUT,
     DeploymentSpec, FieldError, GitSource, HealthCheck, HealthProbe, MAX_DURATION_SECS,
-    MAX_LOG_LIMIT_LINES, RestartKind, RestartPolicy, SECRET_MASK, SIGNAL_NAMES, signal_number,
+    MAX_LOG_LIMIT_LINES, RestartKind, RestartPolicy, SECRET_MASK, SIGNAL_NAMES, Services,
+    is_dns_label, service_var_prefix, signal_number,
 };
 pub use secrets::{mask_secrets, restore_secrets};
-pub use validate::parse;
+pub use validate::{parse, parse_with_services};

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod core;
 pub mod loghub;
+pub mod services;
 pub mod sessions;
 pub mod store;
 pub mod view;

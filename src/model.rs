@@ -325,6 +325,29 @@ pub struct NodeList {
     pub nodes: BTreeMap<String, Node>,
 }
 
+/// One bound service (`GET /services`): where every process of its namespace reaches it
+/// (`SYMPH_<NAME>_HOST/_PORT/_ADDR`), who binds it and who connects to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServiceInfo {
+    /// An experiment's name, or `default`.
+    pub namespace: String,
+    pub name: String,
+    /// Always `127.0.0.1`: every node makes the service reachable there.
+    pub host: String,
+    /// Unique in the cluster.
+    pub port: u16,
+    /// Reachable from outside the mesh.
+    pub exposed: bool,
+    /// The binder.
+    pub deployment_id: String,
+    pub deployment_name: String,
+    /// Where the binder is placed, if it is.
+    pub node_id: Option<String>,
+    /// Deployments that declare `connects` to it.
+    pub connectors: Vec<String>,
+}
+
 /// One node (the original's `NodeSnapshot`, plus liveness and connection facts).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

@@ -72,6 +72,7 @@ pub fn router(state: ApiState) -> Router {
                 .delete(delete_deployment),
         )
         .route("/nodes", get(list_nodes))
+        .route("/services", get(list_services))
         .route("/conda-envs", post(create_env).get(list_envs))
         .route(
             "/conda-envs/{name}",
@@ -156,6 +157,7 @@ impl From<CoreError> for ApiError {
         match e {
             CoreError::NotFound(m) => Self(StatusCode::NOT_FOUND, json!(m)),
             CoreError::Conflict(m) => Self(StatusCode::CONFLICT, json!(m)),
+            CoreError::Invalid(errors) => Self::invalid(errors),
             CoreError::Unavailable => Self(
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!("conductor is shutting down"),
@@ -354,6 +356,10 @@ async fn delete_deployment(
 ) -> Result<StatusCode, ApiError> {
     st.core.call(|r| CoreMsg::DeleteDeployment(id, r)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_services(State(st): State<ApiState>) -> Json<Value> {
+    Json(json!(st.core.view().services))
 }
 
 async fn list_nodes(State(st): State<ApiState>) -> Json<Value> {

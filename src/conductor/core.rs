@@ -17,6 +17,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::loghub::LogHub;
+use super::services::{
+    DEFAULT_NAMESPACE, DEFAULT_PORT_RANGE, SERVICE_HOST, Service, ServiceTable,
+};
 use super::store::{
     AssignmentRecord, CondaEnvRecord, DeploymentRecord, NodeRecord, Store, StoreError,
 };
@@ -50,6 +53,9 @@ pub enum CoreError {
     Store(#[from] StoreError),
     #[error("conductor is shutting down")]
     Unavailable,
+    /// The request is well-formed but conflicts with the cluster (a 422 naming the fields).
+    #[error("invalid: {0:?}")]
+    Invalid(Vec<crate::spec::FieldError>),
 }
 
 type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
@@ -180,7 +186,14 @@ struct Core {
     scheduled_states: Vec<scheduler::NodeState>,
     /// Stale copies already told to stop: (node, deployment, generation).
     fenced: BTreeSet<(String, String, Generation)>,
+    /// Every bound service (as stored).
+    services: ServiceTable,
+    /// The services each deployment connects to (from its spec), for the view.
+    connects: BTreeMap<String, Vec<String>>,
 }
+
+/// What a deployment binds (ports assigned) and connects to.
+type Planned = (Vec<Service>, Vec<String>);
 
 /// Handle to the core for the API and sessions.
 #[derive(Debug, Clone)]
@@ -280,7 +293,10 @@ pub async fn start(
         published_states: Vec::new(),
         scheduled_states: Vec::new(),
         fenced: BTreeSet::new(),
+        services: ServiceTable::new(snap.services, DEFAULT_PORT_RANGE),
+        connects: BTreeMap::new(),
     };
+    core.reconcile_services().await?;
     // Known nodes come back as not connected; their grace starts now (a conductor restart
     // must not make them lost at once).
     let now = now_ms();
@@ -501,6 +517,7 @@ impl Core {
             specification_json: d.specification.to_string(),
             command_id,
             log_seq_floor,
+            service_env: self.services.env(DEFAULT_NAMESPACE).into_iter().collect(),
         }))
     }
 
@@ -517,7 +534,50 @@ impl Core {
         self.send_to(node_id, msg);
     }
 
+    /// The services `id` would bind with `specification` (none if the spec is invalid: the
+    /// API refuses those, and a stored one fails on its node instead).
+    fn plan_services(&self, id: &str, specification: &Value) -> Result<Planned, CoreError> {
+        match crate::spec::parse_with_services(specification) {
+            Ok((_, decl)) => self
+                .services
+                .plan(DEFAULT_NAMESPACE, id, &decl)
+                .map(|binds| (binds, decl.connects))
+                .map_err(CoreError::Invalid),
+            Err(_) => Ok((Vec::new(), Vec::new())),
+        }
+    }
+
+    /// Records what `id` binds and connects to (after the store has it).
+    fn set_services(&mut self, id: &str, (binds, connects): Planned) {
+        self.services.set(id, binds);
+        if connects.is_empty() {
+            self.connects.remove(id);
+        } else {
+            self.connects.insert(id.to_owned(), connects);
+        }
+    }
+
+    /// Makes the stored services match every deployment's spec (a crash between writing a
+    /// deployment and its services leaves them behind; this catches up at start).
+    async fn reconcile_services(&mut self) -> Result<(), StoreError> {
+        let ids: Vec<String> = self.deployments.keys().cloned().collect();
+        for id in ids {
+            let Some(d) = self.deployments.get(&id) else { continue };
+            match self.plan_services(&id, &d.specification) {
+                Ok(plan) => {
+                    if plan.0 != self.services.of(&id) {
+                        self.store.set_services(&id, &plan.0).await?;
+                    }
+                    self.set_services(&id, plan);
+                }
+                Err(e) => tracing::warn!(deployment = %id, error = %e, "services not bound"),
+            }
+        }
+        Ok(())
+    }
+
     async fn create(&mut self, rec: DeploymentRecord) -> Result<(), CoreError> {
+        let services = self.plan_services(&rec.id, &rec.specification)?;
         self.store
             .insert_deployment(&rec)
             .await
@@ -525,6 +585,8 @@ impl Core {
                 StoreError::Conflict => CoreError::Conflict("Deployment already exists".into()),
                 e => e.into(),
             })?;
+        self.store.set_services(&rec.id, &services.0).await?;
+        self.set_services(&rec.id, services);
         self.specs
             .insert(rec.id.clone(), parse_spec(&rec.specification));
         self.logs.ensure(&rec.id);
@@ -577,9 +639,12 @@ impl Core {
             }
             _ => None,
         };
-        // Persist everything first; memory changes only once both writes succeeded, so a
+        let services = self.plan_services(id, &new.specification)?;
+        // Persist everything first; memory changes only once the writes succeeded, so a
         // failed PATCH can simply be retried.
         self.store.update_deployment(&new).await?;
+        self.store.set_services(id, &services.0).await?;
+        self.set_services(id, services);
         let regenerate = match &release {
             Some((a, true)) => {
                 self.store.clear_assignment(id).await?;
@@ -628,6 +693,8 @@ impl Core {
             return Err(CoreError::NotFound("Deployment not found"));
         }
         self.store.delete_deployment(id).await?;
+        self.services.remove(id);
+        self.connects.remove(id);
         self.deployments.remove(id);
         self.specs.remove(id);
         self.reported.remove(id);
@@ -1148,10 +1215,35 @@ impl Core {
                 .cmp(&a.created_at_ms)
                 .then_with(|| a.name.cmp(&b.name))
         });
+        let services = self
+            .services
+            .all()
+            .map(|s| crate::model::ServiceInfo {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                host: SERVICE_HOST.to_owned(),
+                port: s.port,
+                exposed: s.exposed,
+                deployment_id: s.deployment_id.clone(),
+                deployment_name: self
+                    .deployments
+                    .get(&s.deployment_id)
+                    .map(|d| d.name.clone())
+                    .unwrap_or_default(),
+                node_id: self.assignments.get(&s.deployment_id).map(|a| a.node_id.clone()),
+                connectors: self
+                    .connects
+                    .iter()
+                    .filter(|(_, names)| names.contains(&s.name))
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+            })
+            .collect();
         self.view.send_replace(Arc::new(ClusterView {
             deployments,
             nodes: node_views,
             conda_envs: envs,
+            services,
         }));
     }
 }

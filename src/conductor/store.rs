@@ -30,6 +30,7 @@ use sqlx::sqlite::{
 
 use migrate::GENERATION_COUNTER;
 
+use super::services::Service;
 use crate::model::{DesiredState, Generation};
 
 /// File name of the database inside the storage folder given to [`Store::open`].
@@ -160,6 +161,8 @@ pub struct StoreSnapshot {
     pub nodes: Vec<NodeRecord>,
     /// As [`Store::max_generation`].
     pub max_generation: Generation,
+    /// As [`Store::list_services`].
+    pub services: Vec<Service>,
 }
 
 /// Handle to the durable store; cheap to clone (it wraps a connection pool).
@@ -178,6 +181,8 @@ const SELECT_CONDA_ENVS: &str = "SELECT name, python_version, packages, custom_s
      created_at_ms, updated_at_ms FROM conda_envs ORDER BY created_at_ms DESC, name ASC";
 const SELECT_CONDA_ENV: &str = "SELECT name, python_version, packages, custom_script, manager, \
      created_at_ms, updated_at_ms FROM conda_envs WHERE name = $1";
+const SELECT_SERVICES: &str = "SELECT namespace, name, deployment_id, port, exposed \
+     FROM services ORDER BY namespace, name";
 const SELECT_ASSIGNMENTS: &str =
     "SELECT deployment_id, node_id, generation FROM assignments ORDER BY deployment_id ASC";
 const SELECT_ASSIGNMENT: &str =
@@ -303,15 +308,20 @@ impl Store {
         found(done.rows_affected())
     }
 
-    /// Deletes a deployment and its assignment in one transaction; [`StoreError::NotFound`] if
-    /// it does not exist. The generation counter is not lowered.
+    /// Deletes a deployment, its assignment and its services in one transaction;
+    /// [`StoreError::NotFound`] if it does not exist. The generation counter is not lowered.
     pub async fn delete_deployment(&self, id: &str) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        sqlx::query("DELETE FROM assignments WHERE deployment_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        for sql in [
+            "DELETE FROM assignments WHERE deployment_id = $1",
+            "DELETE FROM services WHERE deployment_id = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
         let done = sqlx::query("DELETE FROM deployments WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -338,6 +348,47 @@ impl Store {
             .await
             .map_err(db_err)?;
         rows.iter().map(deployment_from_row).collect()
+    }
+
+    // === services ===
+
+    /// Replaces the services `deployment_id` binds, in one transaction;
+    /// [`StoreError::Conflict`] if a name or port is another deployment's.
+    pub async fn set_services(
+        &self,
+        deployment_id: &str,
+        services: &[Service],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM services WHERE deployment_id = $1")
+            .bind(deployment_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        for s in services {
+            sqlx::query(
+                "INSERT INTO services (namespace, name, deployment_id, port, exposed) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&s.namespace)
+            .bind(&s.name)
+            .bind(deployment_id)
+            .bind(i64::from(s.port))
+            .bind(i64::from(s.exposed))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// Every bound service, by namespace and name.
+    pub async fn list_services(&self) -> Result<Vec<Service>, StoreError> {
+        let rows = sqlx::query(SELECT_SERVICES)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(service_from_row).collect()
     }
 
     // === conda envs ===
@@ -593,6 +644,10 @@ impl Store {
             .fetch_one(&mut *tx)
             .await
             .map_err(db_err)?;
+        let services = sqlx::query(SELECT_SERVICES)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
         Ok(StoreSnapshot {
             deployments: deployments
@@ -609,6 +664,10 @@ impl Store {
                 .collect::<Result<_, _>>()?,
             nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
             max_generation: generation_from_row(&generation)?,
+            services: services
+                .iter()
+                .map(service_from_row)
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -725,6 +784,20 @@ fn assignment_from_row(row: &SqliteRow) -> Result<AssignmentRecord, StoreError> 
         deployment_id: text(row, "deployment_id")?,
         node_id: text(row, "node_id")?,
         generation: generation_from_db(int(row, "generation")?)?,
+    })
+}
+
+fn service_from_row(row: &SqliteRow) -> Result<Service, StoreError> {
+    let port = int(row, "port")?;
+    Ok(Service {
+        namespace: text(row, "namespace")?,
+        name: text(row, "name")?,
+        deployment_id: text(row, "deployment_id")?,
+        port: u16::try_from(port).map_err(|_| StoreError::Invalid {
+            field: "services.port",
+            value: port.to_string(),
+        })?,
+        exposed: int(row, "exposed")? != 0,
     })
 }
 

@@ -29,6 +29,8 @@ pub struct ClusterView {
     pub nodes: BTreeMap<String, Node>,
     /// Newest first.
     pub conda_envs: Vec<CondaEnvRecord>,
+    /// By namespace and name.
+    pub services: Vec<crate::model::ServiceInfo>,
 }
 
 impl ClusterView {

@@ -406,7 +406,13 @@ impl NodeCore {
             return Err(format!("invalid deployment id {:?}", id.as_str()));
         }
         let spec = match parse_spec(&a.specification_json) {
-            Ok(spec) => spec,
+            Ok(mut spec) => {
+                // The namespace's service variables; the spec's own env wins.
+                for (k, v) in &a.service_env {
+                    spec.env.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                spec
+            }
             Err(reason) => {
                 // This node cannot run what is asked: FAILED at the new generation, and
                 // whatever older generation it still runs is stopped.

@@ -78,6 +78,20 @@ const MIGRATIONS: &[Migration] = &[Migration {
         )",
         "INSERT INTO counters (name, value) VALUES ('generation_high_water', 0)",
     ],
+}, Migration {
+    version: 2,
+    statements: &[
+        // One row per bound service; a port is unique cluster-wide.
+        "CREATE TABLE services (
+            namespace TEXT NOT NULL,
+            name TEXT NOT NULL,
+            deployment_id TEXT NOT NULL REFERENCES deployments (id) ON DELETE CASCADE,
+            port BIGINT NOT NULL UNIQUE CHECK (port BETWEEN 1 AND 65535),
+            exposed BIGINT NOT NULL CHECK (exposed IN (0, 1)),
+            PRIMARY KEY (namespace, name)
+        )",
+        "CREATE INDEX services_deployment_idx ON services (deployment_id)",
+    ],
 }];
 
 /// The newest schema version this binary knows.

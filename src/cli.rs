@@ -372,6 +372,7 @@ async fn from_config(
                 config::Scheduling::Spread => crate::scheduler::Strategy::Spread,
                 config::Scheduling::Binpack => crate::scheduler::Strategy::Binpack,
             };
+            cfg.service_ports = c.service_ports.clone();
             let conductor = Conductor::start(cfg).await?;
             eprintln!(
                 "conductor: API http://{}  QUIC {}",

@@ -41,6 +41,8 @@ pub struct ConductorConfig {
     pub strategy: Strategy,
     /// QUIC tunables.
     pub transport: TransportSettings,
+    /// Where mesh service ports come from.
+    pub service_ports: std::ops::RangeInclusive<u16>,
 }
 
 impl ConductorConfig {
@@ -56,6 +58,7 @@ impl ConductorConfig {
             grace: Duration::from_secs(30),
             strategy: Strategy::Spread,
             transport: TransportSettings::default(),
+            service_ports: services::DEFAULT_PORT_RANGE,
         }
     }
 }
@@ -111,6 +114,7 @@ impl Conductor {
             suspect_after: cfg.suspect_after,
             grace: cfg.grace,
             strategy: cfg.strategy,
+            service_ports: cfg.service_ports.clone(),
         };
         let core = core::start(
             store,

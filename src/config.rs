@@ -155,6 +155,9 @@ pub struct ConductorConfig {
     pub suspect_after: Duration,
     /// `conductor.scheduling`: `spread` (default) or `binpack`.
     pub scheduling: Scheduling,
+    /// `conductor.service_ports`: where mesh service ports come from, `LOW-HIGH`.
+    /// Default `7000-8999` (the seed's pool; ports are unique across the cluster).
+    pub service_ports: std::ops::RangeInclusive<u16>,
 }
 
 impl ConductorConfig {
@@ -170,6 +173,7 @@ impl ConductorConfig {
             node_grace: Duration::from_secs(30),
             suspect_after: Duration::from_secs(10),
             scheduling: Scheduling::Spread,
+            service_ports: crate::conductor::services::DEFAULT_PORT_RANGE,
         }
     }
 }

@@ -17,9 +17,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::loghub::LogHub;
-use super::services::{
-    DEFAULT_NAMESPACE, DEFAULT_PORT_RANGE, SERVICE_HOST, Service, ServiceTable,
-};
+use super::services::{DEFAULT_NAMESPACE, SERVICE_HOST, Service, ServiceTable};
 use super::store::{
     AssignmentRecord, CondaEnvRecord, DeploymentRecord, NodeRecord, Store, StoreError,
 };
@@ -119,6 +117,7 @@ pub struct CoreConfig {
     pub suspect_after: Duration,
     pub grace: Duration,
     pub strategy: Strategy,
+    pub service_ports: std::ops::RangeInclusive<u16>,
 }
 
 #[derive(Debug)]
@@ -246,6 +245,7 @@ pub async fn start(
     cancel: tokio_util::sync::CancellationToken,
 ) -> Result<CoreHandle, StoreError> {
     let snap = store.load_all().await?;
+    let ports = cfg.service_ports.clone();
     let (view_tx, view_rx) = watch::channel(Arc::new(ClusterView::default()));
     let mut core = Core {
         store,
@@ -293,7 +293,7 @@ pub async fn start(
         published_states: Vec::new(),
         scheduled_states: Vec::new(),
         fenced: BTreeSet::new(),
-        services: ServiceTable::new(snap.services, DEFAULT_PORT_RANGE),
+        services: ServiceTable::new(snap.services, ports),
         connects: BTreeMap::new(),
     };
     core.reconcile_services().await?;
@@ -562,7 +562,9 @@ impl Core {
     async fn reconcile_services(&mut self) -> Result<(), StoreError> {
         let ids: Vec<String> = self.deployments.keys().cloned().collect();
         for id in ids {
-            let Some(d) = self.deployments.get(&id) else { continue };
+            let Some(d) = self.deployments.get(&id) else {
+                continue;
+            };
             match self.plan_services(&id, &d.specification) {
                 Ok(plan) => {
                     if plan.0 != self.services.of(&id) {
@@ -1230,7 +1232,10 @@ impl Core {
                     .get(&s.deployment_id)
                     .map(|d| d.name.clone())
                     .unwrap_or_default(),
-                node_id: self.assignments.get(&s.deployment_id).map(|a| a.node_id.clone()),
+                node_id: self
+                    .assignments
+                    .get(&s.deployment_id)
+                    .map(|a| a.node_id.clone()),
                 connectors: self
                     .connects
                     .iter()

@@ -162,7 +162,8 @@ impl ServiceTable {
 
     /// Forgets what `deployment_id` binds.
     pub fn remove(&mut self, deployment_id: &str) {
-        self.services.retain(|_, s| s.deployment_id != deployment_id);
+        self.services
+            .retain(|_, s| s.deployment_id != deployment_id);
     }
 
     /// The variables every process of `namespace` gets: `SYMPH_<N>_HOST`, `_PORT` and
@@ -173,7 +174,10 @@ impl ServiceTable {
             let prefix = service_var_prefix(&s.name);
             env.insert(format!("{prefix}_HOST"), SERVICE_HOST.to_owned());
             env.insert(format!("{prefix}_PORT"), s.port.to_string());
-            env.insert(format!("{prefix}_ADDR"), format!("{SERVICE_HOST}:{}", s.port));
+            env.insert(
+                format!("{prefix}_ADDR"),
+                format!("{SERVICE_HOST}:{}", s.port),
+            );
         }
         env
     }
@@ -211,7 +215,11 @@ mod tests {
     fn ports_are_the_lowest_free_cluster_wide_and_fixed_ones_are_kept() {
         let mut t = ServiceTable::new(Vec::new(), 7000..=7003);
         let a = t
-            .plan("default", "a", &decl(&[("x", None), ("tb", Some(7001))], &[], &["tb"]))
+            .plan(
+                "default",
+                "a",
+                &decl(&[("x", None), ("tb", Some(7001))], &[], &["tb"]),
+            )
             .unwrap();
         // The fixed 7001 is seen before the automatic port is chosen.
         assert_eq!(ports(&a), [("x", 7000), ("tb", 7001)]);
@@ -223,7 +231,11 @@ mod tests {
         t.set("b", b);
         // A patch keeps the ports held for names still bound.
         let a2 = t
-            .plan("default", "a", &decl(&[("new", None), ("x", None)], &[], &[]))
+            .plan(
+                "default",
+                "a",
+                &decl(&[("new", None), ("x", None)], &[], &[]),
+            )
             .unwrap();
         assert_eq!(ports(&a2), [("new", 7001), ("x", 7000)]);
         t.set("a", a2);
@@ -250,7 +262,13 @@ mod tests {
                 "default",
                 "b",
                 &decl(
-                    &[("x", None), ("y", Some(9000)), ("z", None), ("w", None), ("v", None)],
+                    &[
+                        ("x", None),
+                        ("y", Some(9000)),
+                        ("z", None),
+                        ("w", None),
+                        ("v", None),
+                    ],
                     &["x", "nobody", "z"],
                     &[],
                 ),
@@ -262,8 +280,14 @@ mod tests {
             "{errors:?}"
         );
         // The same name in another namespace is another service.
-        assert!(t.plan("exp", "b", &decl(&[("x", None)], &["x"], &[])).is_ok());
+        assert!(
+            t.plan("exp", "b", &decl(&[("x", None)], &["x"], &[]))
+                .is_ok()
+        );
         // Connecting to a name bound in the same declaration is fine.
-        assert!(t.plan("default", "c", &decl(&[("q", None)], &["q", "x"], &[])).is_ok());
+        assert!(
+            t.plan("default", "c", &decl(&[("q", None)], &["q", "x"], &[]))
+                .is_ok()
+        );
     }
 }

@@ -139,6 +139,16 @@ fn unknown_key(origin: &str, path: &serde_ignored::Path<'_>) -> String {
     )
 }
 
+/// `LOW-HIGH` with 1 <= LOW <= HIGH <= 65535.
+fn port_range(s: &str) -> Option<std::ops::RangeInclusive<u16>> {
+    let (lo, hi) = s.trim().split_once('-')?;
+    let (lo, hi) = (
+        lo.trim().parse::<u16>().ok()?,
+        hi.trim().parse::<u16>().ok()?,
+    );
+    (lo >= 1 && lo <= hi).then_some(lo..=hi)
+}
+
 /// Checks the file shape and builds the config, or returns every problem as (key, message).
 /// In node mode the TLS files must exist.
 fn validate(file: File, origin: &str, base: &Path) -> Result<FileConfig, Vec<(String, String)>> {
@@ -341,6 +351,14 @@ impl Check<'_> {
                 d.scheduling
             }),
         };
+        let service_ports = match c.service_ports {
+            None => d.service_ports,
+            Some(Str(s)) => port_range(&s).unwrap_or_else(|| {
+                let m = format!("expected a port range such as 7000-8999, got {s:?}");
+                self.fail("conductor.service_ports", m);
+                d.service_ports
+            }),
+        };
         ConductorConfig {
             listen,
             server,
@@ -350,6 +368,7 @@ impl Check<'_> {
             node_grace,
             suspect_after,
             scheduling,
+            service_ports,
         }
     }
 

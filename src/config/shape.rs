@@ -35,6 +35,7 @@ pub(super) struct ConductorFile {
     pub node_grace_sec: Option<Secs>,
     pub suspect_after_sec: Option<Secs>,
     pub scheduling: Option<Str>,
+    pub service_ports: Option<Str>,
 }
 
 /// `conductor.tls`.

@@ -639,3 +639,16 @@ fn type_errors_deep_in_lists_and_maps_name_the_item() {
         "n.yaml: node.capacities_total.GPU: expected a non-negative integer, got -2"
     );
 }
+
+#[test]
+fn service_ports_are_a_range() {
+    let (cfg, warnings) = parse_str("conductor:\n  service_ports: 9000-9100\n", "c.yaml").unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(cfg.conductor.unwrap().service_ports, 9000..=9100);
+    let (cfg, _) = parse_str("mode: conductor\n", "c.yaml").unwrap();
+    assert_eq!(cfg.conductor.unwrap().service_ports, 7000..=8999);
+    for bad in ["9-1", "0-10", "7000", "a-b", "1-70000"] {
+        let e = err(&format!("conductor:\n  service_ports: \"{bad}\"\n"));
+        assert_eq!(e.key_name(), Some("conductor.service_ports"), "{bad}: {e}");
+    }
+}

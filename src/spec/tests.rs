@@ -1091,18 +1091,21 @@ fn services_take_names_fixed_ports_and_exposes() {
     assert_eq!(
         s.binds,
         [
-            Bind { name: "replay-server".into(), port: None },
-            Bind { name: "tensorboard".into(), port: Some(6006) },
+            Bind {
+                name: "replay-server".into(),
+                port: None
+            },
+            Bind {
+                name: "tensorboard".into(),
+                port: Some(6006)
+            },
         ]
     );
     assert_eq!(s.connects, ["replay-server", "param-server"]);
     assert_eq!(s.exposes, ["tensorboard"]);
     assert_eq!(services(with(json!({}))), Services::default());
     // The node's view (`parse`) is the same spec, services or not.
-    assert_eq!(
-        ok(with(json!({ "binds": ["a"] }))),
-        ok(with(json!({})))
-    );
+    assert_eq!(ok(with(json!({ "binds": ["a"] }))), ok(with(json!({}))));
 }
 
 #[test]

@@ -10,5 +10,6 @@ mod cli;
 mod cluster;
 mod node;
 mod schemathesis;
+mod services;
 mod sockets;
 mod support;

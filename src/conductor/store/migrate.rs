@@ -35,10 +35,11 @@ const CREATE_SCHEMA_VERSION: &str = "CREATE TABLE IF NOT EXISTS schema_version (
 )";
 
 /// All migrations, in ascending version order.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    statements: &[
-        "CREATE TABLE deployments (
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        statements: &[
+            "CREATE TABLE deployments (
             id TEXT PRIMARY KEY,
             name TEXT NOT NULL,
             desired_state TEXT NOT NULL CHECK (desired_state IN ('RUNNING', 'STOPPED')),
@@ -47,9 +48,9 @@ const MIGRATIONS: &[Migration] = &[Migration {
             created_at_ms BIGINT NOT NULL,
             updated_at_ms BIGINT NOT NULL
         )",
-        "CREATE INDEX deployments_name_idx ON deployments (name)",
-        "CREATE INDEX deployments_created_idx ON deployments (created_at_ms)",
-        "CREATE TABLE conda_envs (
+            "CREATE INDEX deployments_name_idx ON deployments (name)",
+            "CREATE INDEX deployments_created_idx ON deployments (created_at_ms)",
+            "CREATE TABLE conda_envs (
             name TEXT PRIMARY KEY,
             python_version TEXT NOT NULL,
             packages TEXT NOT NULL,
@@ -58,31 +59,32 @@ const MIGRATIONS: &[Migration] = &[Migration {
             created_at_ms BIGINT NOT NULL,
             updated_at_ms BIGINT NOT NULL
         )",
-        "CREATE TABLE assignments (
+            "CREATE TABLE assignments (
             deployment_id TEXT PRIMARY KEY
                 REFERENCES deployments (id) ON DELETE CASCADE,
             node_id TEXT NOT NULL,
             generation BIGINT NOT NULL CHECK (generation >= 0)
         )",
-        "CREATE INDEX assignments_node_idx ON assignments (node_id)",
-        "CREATE TABLE nodes (
+            "CREATE INDEX assignments_node_idx ON assignments (node_id)",
+            "CREATE TABLE nodes (
             node_id TEXT PRIMARY KEY,
             groups_json TEXT NOT NULL,
             capacities_total TEXT NOT NULL,
             first_seen_ms BIGINT NOT NULL,
             last_seen_ms BIGINT NOT NULL
         )",
-        "CREATE TABLE counters (
+            "CREATE TABLE counters (
             name TEXT PRIMARY KEY,
             value BIGINT NOT NULL
         )",
-        "INSERT INTO counters (name, value) VALUES ('generation_high_water', 0)",
-    ],
-}, Migration {
-    version: 2,
-    statements: &[
-        // One row per bound service; a port is unique cluster-wide.
-        "CREATE TABLE services (
+            "INSERT INTO counters (name, value) VALUES ('generation_high_water', 0)",
+        ],
+    },
+    Migration {
+        version: 2,
+        statements: &[
+            // One row per bound service; a port is unique cluster-wide.
+            "CREATE TABLE services (
             namespace TEXT NOT NULL,
             name TEXT NOT NULL,
             deployment_id TEXT NOT NULL REFERENCES deployments (id) ON DELETE CASCADE,
@@ -90,9 +92,10 @@ const MIGRATIONS: &[Migration] = &[Migration {
             exposed BIGINT NOT NULL CHECK (exposed IN (0, 1)),
             PRIMARY KEY (namespace, name)
         )",
-        "CREATE INDEX services_deployment_idx ON services (deployment_id)",
-    ],
-}];
+            "CREATE INDEX services_deployment_idx ON services (deployment_id)",
+        ],
+    },
+];
 
 /// The newest schema version this binary knows.
 pub(super) fn latest_version() -> i64 {

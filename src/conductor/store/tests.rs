@@ -598,6 +598,7 @@ async fn everything_survives_reopen_and_migrations_are_idempotent() {
                 assignments: vec![assignment("current_state", "n1", 7)],
                 nodes: vec![n.clone()],
                 max_generation: Generation(9),
+                services: Vec::new(),
             }
         );
         let versions: Vec<i64> = sqlx::query("SELECT version FROM schema_version ORDER BY version")
@@ -607,7 +608,7 @@ async fn everything_survives_reopen_and_migrations_are_idempotent() {
             .iter()
             .map(|r| r.get::<i64, _>("version"))
             .collect();
-        assert_eq!(versions, vec![Store::schema_version()]);
+        assert_eq!(versions, (1..=Store::schema_version()).collect::<Vec<_>>());
         let counters: i64 = sqlx::query("SELECT COUNT(*) AS n FROM counters")
             .fetch_one(&store.pool)
             .await
@@ -696,4 +697,46 @@ async fn open_fails_cleanly_when_dir_is_a_file() {
     std::fs::write(&file, b"x").unwrap();
     let err = Store::open(&file).await.unwrap_err();
     assert!(matches!(err, StoreError::Io(_)), "{err:?}");
+}
+
+fn service(name: &str, deployment_id: &str, port: u16) -> crate::conductor::services::Service {
+    crate::conductor::services::Service {
+        namespace: "default".to_owned(),
+        name: name.to_owned(),
+        deployment_id: deployment_id.to_owned(),
+        port,
+        exposed: port % 2 == 0,
+    }
+}
+
+#[tokio::test]
+async fn services_are_replaced_per_deployment_and_leave_with_it() {
+    let (_dir, store) = file_store().await;
+    for id in ["a", "b"] {
+        store
+            .insert_deployment(&deployment(id, id, 1))
+            .await
+            .unwrap();
+    }
+    let a = [service("x", "a", 7000), service("y", "a", 7001)];
+    store.set_services("a", &a).await.unwrap();
+    store
+        .set_services("b", &[service("z", "b", 7002)])
+        .await
+        .unwrap();
+    // A port (or a name) of another deployment is refused, and nothing of that write stays.
+    let clash = store.set_services("b", &[service("w", "b", 7000)]).await;
+    assert!(matches!(clash, Err(StoreError::Conflict)), "{clash:?}");
+    let names = |list: Vec<crate::conductor::services::Service>| -> Vec<(String, u16)> {
+        list.into_iter().map(|s| (s.name, s.port)).collect()
+    };
+    assert_eq!(
+        names(store.list_services().await.unwrap()),
+        [("x".into(), 7000), ("y".into(), 7001), ("z".into(), 7002)]
+    );
+    // Replacing drops what is no longer bound; deleting the deployment drops the rest.
+    store.set_services("a", &a[1..]).await.unwrap();
+    store.delete_deployment("b").await.unwrap();
+    let left = store.load_all().await.unwrap().services;
+    assert_eq!(left, [service("y", "a", 7001)]);
 }

@@ -38,6 +38,7 @@ fn assign_in(id: &str, generation: u64, cmd: &str, env: Option<&str>) -> Event {
         specification_json: spec_json(cmd, env),
         command_id: generation * 10,
         log_seq_floor: 100,
+        service_env: Default::default(),
     }))
 }
 

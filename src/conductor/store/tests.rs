@@ -705,7 +705,7 @@ fn service(name: &str, deployment_id: &str, port: u16) -> crate::conductor::serv
         name: name.to_owned(),
         deployment_id: deployment_id.to_owned(),
         port,
-        exposed: port % 2 == 0,
+        exposed: port.is_multiple_of(2),
     }
 }
 

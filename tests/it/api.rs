@@ -416,7 +416,8 @@ async fn openapi_matches_the_router_and_real_responses() {
         "git_ref": null, "env": {"A": "1"}}, "capacity_requests": {"slot": 1},
         "restart_policy": {"type": "on-failure", "backoff_seconds": 2}, "stop_signal": "SIGINT",
         "health_check": {"type": "tcp", "host": "127.0.0.1", "port": 9}, "auto_restart":
-        {"enabled": true, "cron": "0 3 * * *", "timezone": "Europe/Paris"}}});
+        {"enabled": true, "cron": "0 3 * * *", "timezone": "Europe/Paris"},
+        "binds": ["web", {"tb": 7777}], "connects": ["web"], "exposes": ["tb"]}});
     // (method, path, body): documented operations first with good input, then error cases.
     let calls: Vec<(&str, String, Option<Value>)> = vec![
         (
@@ -491,6 +492,7 @@ async fn openapi_matches_the_router_and_real_responses() {
         ("delete", format!("/deployments/{doomed}"), None),
         ("delete", "/deployments/nope".into(), None),
         ("get", "/nodes".into(), None),
+        ("get", "/services".into(), None),
         ("delete", "/conda-envs/e1".into(), None),
         ("delete", "/conda-envs/e1".into(), None),
         ("get", "/openapi.json".into(), None),

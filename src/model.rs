@@ -325,6 +325,10 @@ pub struct NodeList {
     pub nodes: BTreeMap<String, Node>,
 }
 
+/// How long a mesh connection is held while its service (or its binder's node) is not
+/// reachable yet, before it is reset.
+pub const TUNNEL_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One bound service (`GET /services`): where every process of its namespace reaches it
 /// (`SYMPH_<NAME>_HOST/_PORT/_ADDR`), who binds it and who connects to it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

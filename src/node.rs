@@ -12,4 +12,5 @@ pub mod restart;
 pub mod runner;
 pub mod state;
 pub mod supervisor;
+pub mod tunnels;
 pub mod workspace;

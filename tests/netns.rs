@@ -639,3 +639,111 @@ fn idle_node_behind_short_nat_timeout_still_reachable() {
         ));
     });
 }
+
+/// An echo server for the mesh scenarios: each connection's lines come back as `pong:<line>`.
+const ECHO_SERVER: &str = "import os, socket, threading
+def serve(c):
+    for line in c.makefile('rb'):
+        c.sendall(b'pong:' + line)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((os.environ['SYMPH_ECHO_HOST'], int(os.environ['SYMPH_ECHO_PORT'])))
+s.listen()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+";
+
+/// A client that opens ONE connection to `echo` and pings on it every 0.1 s, writing the
+/// count of right answers to the file named by its argument; any error ends it.
+const ECHO_CLIENT: &str = "import os, socket, sys, time
+host, port = os.environ['SYMPH_ECHO_ADDR'].rsplit(':', 1)
+for _ in range(300):
+    try:
+        c = socket.create_connection((host, int(port)), timeout=30)
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    sys.exit(2)
+f = c.makefile('rwb')
+n = 0
+while True:
+    f.write(b'ping\\n')
+    f.flush()
+    if f.readline() != b'pong:ping\\n':
+        sys.exit(3)
+    n += 1
+    with open(sys.argv[1] + '.tmp', 'w') as out:
+        out.write(str(n))
+    os.replace(sys.argv[1] + '.tmp', sys.argv[1])
+    time.sleep(0.1)
+";
+
+/// The client's count of answered pings (0 before the first).
+fn pings(path: &std::path::Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until the client has had `n` more answers than `from`, on its one connection.
+async fn pinged(path: &std::path::Path, from: u64, n: u64) -> u64 {
+    until(&format!("{} answers past {from}", n), WAIT, async || {
+        let now = pings(path);
+        if now >= from + n {
+            Ok(now)
+        } else {
+            Err(format!("{now} answers"))
+        }
+    })
+    .await
+}
+
+#[test]
+fn mesh_service_is_relayed_between_pods_and_survives_address_changes() {
+    let params = Params {
+        pods: 2,
+        ..Params::default()
+    };
+    scenario("mesh-relay", params, async |bed: &mut Bed| {
+        online(bed, "n0").await;
+        online(bed, "n1").await;
+        // The binder in one pod, the client in the other: each pod has its own loopback, so
+        // the only way between them is the tunnel through the conductor.
+        let server = bed
+            .api
+            .deploy_spec(
+                "echo-server",
+                json!({"config": {"command": ["python3", "-c", ECHO_SERVER]},
+                       "binds": ["echo"], "node_group": "n0"}),
+            )
+            .await;
+        let count = std::env::temp_dir().join(format!("symphony-mesh-{}", token()));
+        let client = bed
+            .api
+            .deploy_spec(
+                "echo-client",
+                json!({"config": {"command": ["python3", "-c", ECHO_CLIENT, count.to_str().unwrap()]},
+                       "connects": ["echo"], "node_group": "n1", "restart_policy": "never"}),
+            )
+            .await;
+        let first = pinged(&count, 0, 5).await;
+        // The same connection carries on across a NAT state flush and a new pod address
+        // of the client's pod (its node's connection migrates; the tunnel rides it).
+        bed.flush_conntrack();
+        let after_flush = pinged(&count, first, 10).await;
+        let new_ip = bed.change_pod_ip(1);
+        let after_move = pinged(&count, after_flush, 10).await;
+        let d = bed.api.deployment(&client).await.unwrap();
+        assert_eq!(d.state.as_deref(), Some("RUNNING"), "{d:?}");
+        let s = bed.api.deployment(&server).await.unwrap();
+        assert_eq!(s.assigned.as_deref(), Some("n0"), "{s:?}");
+        let _ = std::fs::remove_file(&count);
+        say(&format!(
+            "mesh-relay: {first} answers relayed n1 -> conductor -> n0, {after_flush} after a \
+             conntrack flush, {after_move} after n1 moved to {new_ip}, on one connection"
+        ));
+    });
+}

@@ -96,6 +96,8 @@ pub enum ConnectError {
 
 /// What the reconnect loop reports.
 #[derive(Debug)]
+// One event per connection: boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ClientEvent {
     /// A new connection is up: send Hello on its control stream.
     Connected {

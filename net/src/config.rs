@@ -6,9 +6,10 @@
 //!   bytes reach the wire. Flooding log streams could fill it with queued bytes and make a control
 //!   write wait for ACKs. Each log stream can hold at most its peer's stream credit
 //!   (`stream_receive_window`, roughly twice that counting read-but-unacked bytes), and the
-//!   conductor caps the number of concurrent uni streams (`max_uni_streams`). So
-//!   `send_window = 2 x max_uni_streams x stream_receive_window + control_headroom` can never be
-//!   filled by logs alone: control always finds window.
+//!   conductor caps the number of concurrent uni streams (`max_uni_streams`); tunnel bi-streams
+//!   are capped the same way (`max_tunnels`). So `send_window = 2 x (max_uni_streams +
+//!   max_tunnels) x stream_receive_window + control_headroom` can never be filled by logs and
+//!   tunnels: control always finds window.
 //! * The connection `receive_window` stays unlimited (quinn's default): a log stream the conductor
 //!   is slow to read must never hold back the control stream's credit.
 //! * Keep-alive 5 s keeps UDP NAT mappings (often 30 s, some 5 s) fresh from the node's side;
@@ -24,6 +25,8 @@ pub const ALPN: &[u8] = b"symphony/1";
 pub const PRIORITY_CONTROL: i32 = 100;
 /// Priority of the heartbeat stream.
 pub const PRIORITY_HEARTBEAT: i32 = 50;
+/// Priority of tunnel streams (mesh service connections): below heartbeats, above logs.
+pub const PRIORITY_TUNNEL: i32 = 25;
 /// Priority of log streams (lowest).
 pub const PRIORITY_LOG: i32 = 0;
 
@@ -39,6 +42,8 @@ pub struct TransportSettings {
     /// Concurrent uni streams the peer may open: heartbeat + one per active log source
     /// (default 512; idle log streams are closed by the node).
     pub max_uni_streams: u32,
+    /// Concurrent tunnel bi-streams the peer may open (default 256), besides control.
+    pub max_tunnels: u32,
     /// Send-window headroom reserved beyond what log streams can hold (default 8 MiB).
     pub control_headroom: u64,
     /// Largest frame accepted on any stream (default 1 MiB).
@@ -54,6 +59,7 @@ impl Default for TransportSettings {
             idle_timeout: Duration::from_secs(20),
             stream_receive_window: 256 * 1024,
             max_uni_streams: 512,
+            max_tunnels: 256,
             control_headroom: 8 * 1024 * 1024,
             max_frame_size: 1024 * 1024,
             path_poll_interval: Duration::from_secs(1),
@@ -64,7 +70,8 @@ impl Default for TransportSettings {
 impl TransportSettings {
     /// The connection-wide send window derived from the other settings (see module docs).
     pub fn send_window(&self) -> u64 {
-        2 * u64::from(self.max_uni_streams) * u64::from(self.stream_receive_window)
+        2 * (u64::from(self.max_uni_streams) + u64::from(self.max_tunnels))
+            * u64::from(self.stream_receive_window)
             + self.control_headroom
     }
 
@@ -77,8 +84,8 @@ impl TransportSettings {
         t.stream_receive_window(quinn::VarInt::from_u32(self.stream_receive_window));
         t.send_window(self.send_window());
         t.max_concurrent_uni_streams(quinn::VarInt::from_u32(self.max_uni_streams));
-        // Control is the only bi stream; allow a few for future per-request streams.
-        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4));
+        // The control stream plus the tunnels.
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_tunnels.saturating_add(1)));
         Arc::new(t)
     }
 }

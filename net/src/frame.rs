@@ -132,6 +132,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
     }
+
+    /// Unwraps the stream. Nothing is read ahead: the next byte is the one after the last
+    /// frame, so a stream may start with a frame and go on as raw bytes.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
 }
 
 #[cfg(test)]

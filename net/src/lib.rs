@@ -25,12 +25,12 @@ pub mod tls;
 
 pub use client::{Client, ClientConfig, ClientEvent, ConnectError};
 pub use close::CloseCode;
-pub use config::{ALPN, TransportSettings};
+pub use config::{ALPN, PRIORITY_TUNNEL, TransportSettings};
 pub use frame::{FrameError, FrameReader, FrameWriter};
 pub use pacing::{Pacer, PacerConfig, PacerStats};
 pub use pki::{CertFiles, CertificateAuthority, PemPair, PkiError, Validity};
 pub use server::{Accepted, NodeIdentity, Server, ServerError};
 pub use session::{
-    ConnectionFacts, Control, FrameReceiver, FrameSender, Session, SessionError, StreamKind,
+    ConnectionFacts, Control, FrameReceiver, FrameSender, Session, SessionError, StreamKind, Tunnel,
 };
 pub use tls::{TlsError, TlsMaterial};

@@ -14,8 +14,10 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::close::CloseCode;
-use crate::config::{PRIORITY_CONTROL, PRIORITY_HEARTBEAT, PRIORITY_LOG, TransportSettings};
-use crate::frame::{FrameReader, FrameWriter};
+use crate::config::{
+    PRIORITY_CONTROL, PRIORITY_HEARTBEAT, PRIORITY_LOG, PRIORITY_TUNNEL, TransportSettings,
+};
+use crate::frame::{FrameError, FrameReader, FrameWriter};
 
 /// What a uni stream carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +84,39 @@ pub struct Control {
     pub tx: FrameSender,
     /// Incoming frames.
     pub rx: FrameReceiver,
+}
+
+/// A tunnel: a bi-stream after the control stream, carrying one TCP connection of a mesh
+/// service. The application frames a header first ([`Tunnel::header`]) and then copies raw
+/// bytes both ways.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// Outgoing bytes.
+    pub send: quinn::SendStream,
+    /// Incoming bytes.
+    pub recv: quinn::RecvStream,
+    max_frame_size: usize,
+}
+
+impl Tunnel {
+    /// Sends the header frame.
+    pub async fn send_header<M: prost::Message>(&mut self, header: &M) -> Result<(), FrameError> {
+        let mut w = FrameWriter::new(&mut self.send, self.max_frame_size);
+        w.send(header).await
+    }
+
+    /// Both directions as one byte stream (for `tokio::io::copy_bidirectional`; shutting it
+    /// down finishes the send side).
+    pub fn into_io(self) -> tokio::io::Join<quinn::RecvStream, quinn::SendStream> {
+        tokio::io::join(self.recv, self.send)
+    }
+
+    /// Reads the header frame (`None`: the stream ended first).
+    pub async fn header<M: prost::Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
+        FrameReader::new(&mut self.recv, self.max_frame_size)
+            .recv()
+            .await
+    }
 }
 
 /// A uni stream whose kind has not been read yet.
@@ -180,6 +215,28 @@ impl Session {
             tx: FrameWriter::new(send, self.settings.max_frame_size),
             rx: FrameReader::new(recv, self.settings.max_frame_size),
         }
+    }
+
+    /// Opens a tunnel stream (tunnel priority: below heartbeats, above logs).
+    pub async fn open_tunnel(&self) -> Result<Tunnel, SessionError> {
+        let (send, recv) = self.conn.open_bi().await?;
+        let _ = send.set_priority(PRIORITY_TUNNEL);
+        Ok(Tunnel {
+            send,
+            recv,
+            max_frame_size: self.settings.max_frame_size,
+        })
+    }
+
+    /// Accepts the peer's next tunnel stream (after the control stream).
+    pub async fn accept_tunnel(&self) -> Result<Tunnel, SessionError> {
+        let (send, recv) = self.conn.accept_bi().await?;
+        let _ = send.set_priority(PRIORITY_TUNNEL);
+        Ok(Tunnel {
+            send,
+            recv,
+            max_frame_size: self.settings.max_frame_size,
+        })
     }
 
     /// Opens a uni stream of the given kind, with that kind's priority.

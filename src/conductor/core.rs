@@ -122,6 +122,8 @@ pub struct CoreConfig {
 
 #[derive(Debug)]
 struct Connection {
+    /// The mesh routes last sent on this connection (`None`: none yet).
+    routes: Option<Vec<wire::ServiceRoute>>,
     epoch: u64,
     tx: mpsc::Sender<wire::ConductorMessage>,
     session: symphony_net::Session,
@@ -496,11 +498,51 @@ impl Core {
         }
     }
 
+    /// The mesh routes of `node_id`: every service of the namespaces it runs a deployment
+    /// of, marked local when the binder is placed there.
+    fn routes_for(&self, node_id: &str) -> Vec<wire::ServiceRoute> {
+        let runs_any = self.assignments.values().any(|a| a.node_id == node_id);
+        if !runs_any {
+            return Vec::new();
+        }
+        self.services
+            .all()
+            .map(|s| wire::ServiceRoute {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                port: u32::from(s.port),
+                local: self
+                    .assignments
+                    .get(&s.deployment_id)
+                    .is_some_and(|a| a.node_id == node_id),
+            })
+            .collect()
+    }
+
+    /// Sends `node_id` its mesh routes if they changed since the last ones sent.
+    fn sync_routes(&mut self, node_id: &str) {
+        let routes = self.routes_for(node_id);
+        let Some(conn) = self.nodes.get_mut(node_id).and_then(|n| n.conn.as_mut()) else {
+            return;
+        };
+        if conn.routes.as_ref() == Some(&routes) {
+            return;
+        }
+        conn.routes = Some(routes.clone());
+        let msg = wire::conductor_message::Msg::ServiceRoutes(wire::ServiceRoutes { routes });
+        self.send_to(node_id, msg);
+    }
+
     fn assign_msg(
         &mut self,
         id: &str,
         generation: Generation,
     ) -> Option<wire::conductor_message::Msg> {
+        // The node learns which service ports are now its own before the process that binds
+        // them starts (it stops listening on them first).
+        if let Some(node_id) = self.assignments.get(id).map(|a| a.node_id.clone()) {
+            self.sync_routes(&node_id);
+        }
         let command_id = self.command_id();
         let log_seq_floor = self
             .logs
@@ -857,6 +899,7 @@ impl Core {
             tx,
             session,
             connected_at_ms: now,
+            routes: None,
         });
         let record = NodeRecord {
             node_id: node_id.clone(),
@@ -1118,6 +1161,15 @@ impl Core {
     /// Builds the API's view of the cluster (the pure parts are in [`view`]) and publishes it.
     fn publish(&mut self, nodes: &[scheduler::NodeView]) {
         self.dirty = false;
+        let connected: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.conn.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for node_id in connected {
+            self.sync_routes(&node_id);
+        }
         self.published_states = nodes.iter().map(|n| n.state).collect();
         let deps = self.sched_deployments();
         let reasons = scheduler::reasons(nodes, &deps);

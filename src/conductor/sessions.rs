@@ -2,9 +2,13 @@
 //! control messages both ways, heartbeats to the core, and log batches straight into the log
 //! hub (never through the core, so a log flood cannot delay scheduling).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use symphony_net::{Accepted, CloseCode, FrameError, FrameReceiver, Server, StreamKind};
+use symphony_net::{
+    Accepted, CloseCode, FrameError, FrameReceiver, Server, Session, StreamKind, Tunnel,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -16,15 +20,22 @@ use crate::wire;
 /// How long a node may take to send Hello after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The live session of each connected node (with its epoch), for relaying tunnels.
+type Registry = Arc<Mutex<HashMap<String, (u64, Session)>>>;
+
 /// Accepts node connections until `cancel`, then closes them all with `Shutdown`.
 pub async fn serve(mut server: Server, core: CoreHandle, logs: LogHub, cancel: CancellationToken) {
     let mut sessions = JoinSet::new();
+    let registry = Registry::default();
     loop {
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
             acc = server.accept() => match acc {
-                Some(acc) => { sessions.spawn(node_session(acc, core.clone(), logs.clone(), cancel.child_token())); }
+                Some(acc) => {
+                    let (core, logs, registry) = (core.clone(), logs.clone(), registry.clone());
+                    sessions.spawn(node_session(acc, core, logs, registry, cancel.child_token()));
+                }
                 None => break,
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
@@ -34,7 +45,13 @@ pub async fn serve(mut server: Server, core: CoreHandle, logs: LogHub, cancel: C
     sessions.shutdown().await;
 }
 
-async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: CancellationToken) {
+async fn node_session(
+    acc: Accepted,
+    core: CoreHandle,
+    logs: LogHub,
+    registry: Registry,
+    cancel: CancellationToken,
+) {
     let Accepted {
         identity,
         session,
@@ -76,6 +93,9 @@ async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: Can
     // Commands are small and the core never waits on this queue (it closes a node that stops
     // reading), so it is sized for a full resync of a large node after Hello.
     let (tx, mut rx) = mpsc::channel::<wire::ConductorMessage>(65_536);
+    if let Ok(mut r) = registry.lock() {
+        r.insert(node_id.clone(), (epoch, session.clone()));
+    }
     core.send(CoreMsg::NodeConnected(Box::new(NodeConnected {
         node_id: node_id.clone(),
         epoch,
@@ -162,9 +182,31 @@ async fn node_session(acc: Accepted, core: CoreHandle, logs: LogHub, cancel: Can
             streams.shutdown().await;
         });
     }
+    // Tunnels the node opens: each relayed to the binder's node.
+    {
+        let (core, session, registry) = (core.clone(), session.clone(), registry.clone());
+        tasks.spawn(async move {
+            let mut relays = JoinSet::new();
+            loop {
+                tokio::select! {
+                    t = session.accept_tunnel() => {
+                        let Ok(t) = t else { break };
+                        relays.spawn(relay(t, core.clone(), registry.clone()));
+                    }
+                    Some(_) = relays.join_next(), if !relays.is_empty() => {}
+                }
+            }
+            relays.shutdown().await;
+        });
+    }
     tokio::select! {
         () = cancel.cancelled() => session.close(CloseCode::Shutdown, "conductor shutting down"),
         _ = session.closed() => {}
+    }
+    if let Ok(mut r) = registry.lock()
+        && r.get(&node_id).is_some_and(|(e, _)| *e == epoch)
+    {
+        r.remove(&node_id);
     }
     core.send(CoreMsg::NodeDisconnected { node_id, epoch })
         .await;
@@ -218,5 +260,52 @@ async fn log_stream(mut rx: FrameReceiver, core: CoreHandle, logs: LogHub, node_
                 line: e.line,
             }),
         );
+    }
+}
+
+/// Relays one tunnel to the node that binds its service: waits (at most
+/// [`crate::model::TUNNEL_HOLD`]) until the service is placed on a connected node, opens a
+/// tunnel there naming the port, and copies both ways until both ends are done.
+async fn relay(mut from: Tunnel, core: CoreHandle, registry: Registry) {
+    let Ok(Some(open)) = from.header::<wire::TunnelOpen>().await else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + crate::model::TUNNEL_HOLD;
+    let mut view = core.subscribe();
+    let (session, port) = loop {
+        let placed = view
+            .borrow_and_update()
+            .services
+            .iter()
+            .find(|s| s.namespace == open.namespace && s.name == open.name)
+            .and_then(|s| Some((s.node_id.clone()?, s.port)));
+        let target = placed.and_then(|(node, port)| {
+            let r = registry.lock().ok()?;
+            r.get(&node).map(|(_, s)| (s.clone(), port))
+        });
+        if let Some(t) = target {
+            break t;
+        }
+        if tokio::time::timeout_at(deadline, view.changed())
+            .await
+            .is_err()
+        {
+            tracing::info!(service = %open.name, "no binder for a tunnel; resetting");
+            return;
+        }
+    };
+    let Ok(mut to) = session.open_tunnel().await else {
+        return;
+    };
+    let header = wire::TunnelOpen {
+        port: u32::from(port),
+        ..open
+    };
+    if to.send_header(&header).await.is_err() {
+        return;
+    }
+    let (mut a, mut b) = (from.into_io(), to.into_io());
+    if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+        tracing::debug!(error = %e, "relayed tunnel ended");
     }
 }

@@ -235,6 +235,7 @@ pub async fn run_with_store(
         state: state_tx,
         dropped_seen: 0,
         later: VecDeque::new(),
+        tunnels: super::tunnels::Tunnels::default(),
     };
 
     let mut ccfg = ClientConfig::new(cfg.conductor_addr.clone(), cfg.tls.clone());
@@ -395,6 +396,8 @@ struct Driver {
     dropped_seen: u64,
     /// Events that effects gave rise to, fed to the core after the current effect list.
     later: VecDeque<Event>,
+    /// Mesh listeners and the binder side of tunnels.
+    tunnels: super::tunnels::Tunnels,
 }
 
 /// The current connection: its outgoing queue, tasks and log shippers (all end with it).
@@ -456,6 +459,7 @@ impl Driver {
 
     fn execute(&mut self, effect: Effect) {
         match effect {
+            Effect::Routes(routes) => self.tunnels.set_routes(routes),
             Effect::Send(msg) => {
                 let Some(conn) = &self.conn else { return };
                 if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send(msg) {
@@ -579,6 +583,9 @@ impl Driver {
             self.usage.clone(),
             self.heartbeat,
         ));
+        if let Some(serve) = self.tunnels.connected(Some(session.clone())) {
+            tasks.spawn(serve);
+        }
         self.conn = Some(Conn {
             epoch,
             session,
@@ -600,6 +607,7 @@ impl Driver {
             }
             // Dropping the JoinSet aborts the connection's tasks.
         }
+        let _ = self.tunnels.connected(None);
         self.handle(Event::Disconnected);
     }
 }

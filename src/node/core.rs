@@ -141,6 +141,8 @@ pub enum Effect {
     Persist(Vec<Held>),
     /// Run an env job in the background, then report [`Event::EnvDone`].
     Env(EnvJob),
+    /// Make these mesh services reachable on 127.0.0.1 (the whole set).
+    Routes(Vec<wire::ServiceRoute>),
 }
 
 /// A deployment on its way out: its process is stopping.
@@ -388,6 +390,7 @@ impl NodeCore {
                 fx.push(Effect::Send(result_msg(u.command_id, true, String::new())));
             }
             Msg::EnvEnsure(e) => self.env_ensure(e),
+            Msg::ServiceRoutes(r) => fx.push(Effect::Routes(r.routes)),
         }
     }
 

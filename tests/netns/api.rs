@@ -147,6 +147,22 @@ impl Api {
         text(&v["id"]).unwrap_or_else(|| panic!("no id in {v}"))
     }
 
+    /// `POST /deployments` of `spec` (a whole `specification.spec`). Returns the id.
+    pub async fn deploy_spec(&self, name: &str, spec: Value) -> String {
+        let body = json!({"name": name, "specification": {"spec": spec}});
+        let resp = self
+            .http
+            .post(format!("{}/deployments", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        assert!(status.is_success(), "POST /deployments: {status} {v}");
+        text(&v["id"]).unwrap_or_else(|| panic!("no id in {v}"))
+    }
+
     /// `PATCH /deployments/{id}`.
     pub async fn patch(&self, id: &str, body: Value) -> DepFacts {
         let resp = self

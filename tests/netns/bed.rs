@@ -677,7 +677,7 @@ impl Bed {
              node:\n\
              \x20 node_id: {id}\n\
              \x20 conductor_addr: {CONDUCTOR_IP}:{QUIC_PORT}\n\
-             \x20 groups: [{GROUP}]\n\
+             \x20 groups: [{GROUP}, {id}]\n\
              \x20 capacities_total: {{ slot: 4 }}\n\
              \x20 work_dir: {work}\n\
              \x20 tls: {{ ca_file: {ca}, cert_file: {cert}, key_file: {key} }}\n",

@@ -67,6 +67,33 @@ pub enum Command {
     Start(IdArgs),
     /// Delete a deployment (stops it on its node).
     Rm(IdArgs),
+    /// List mesh services (port, binder, node, connectors).
+    Services(ApiArgs),
+    /// Forward a local TCP port to a mesh service through the conductor.
+    PortForward(PortForwardArgs),
+    /// Print (and open) the URL of an exposed mesh service.
+    Visit(VisitArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PortForwardArgs {
+    /// The service: `name`, or `namespace/name`.
+    pub service: String,
+    /// Local port on 127.0.0.1 (default: the service's own port).
+    pub local_port: Option<u16>,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VisitArgs {
+    /// The service: `name`, or `namespace/name`.
+    pub service: String,
+    /// Only print the URL.
+    #[arg(long)]
+    pub url_only: bool,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -503,6 +530,11 @@ async fn client_command(cmd: Command) -> ExitCode {
         }
         Command::Ps(a) => client::ps(&a.api, a.json, &mut out).await,
         Command::Nodes(a) => client::nodes(&a.api, a.json, &mut out).await,
+        Command::Services(a) => client::mesh::services(&a.api, a.json, &mut out).await,
+        Command::PortForward(a) => {
+            client::mesh::port_forward(&a.api, &a.service, a.local_port, &mut out).await
+        }
+        Command::Visit(a) => client::mesh::visit(&a.api, &a.service, a.url_only, &mut out).await,
         Command::Logs(a) => {
             let args = client::LogsArgs {
                 id: a.id,

@@ -124,14 +124,17 @@ impl Conductor {
             cancel.child_token(),
         )
         .await?;
+        let registry = sessions::Registry::default();
         tasks.spawn(sessions::serve(
             server,
             core.clone(),
             logs.clone(),
+            registry.clone(),
             cancel.child_token(),
         ));
         let sockets = tokio_util::task::TaskTracker::new();
         let app = api::router(api::ApiState {
+            sessions: registry,
             core: core.clone(),
             logs,
             cancel: cancel.child_token(),

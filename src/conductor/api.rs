@@ -13,12 +13,15 @@ use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, Req
 use axum::http::request::Parts;
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use tokio_util::task::TaskTracker;
 
 mod bodies;
+mod proxy;
+
+pub use proxy::TCP_UPGRADE;
 
 use super::core::{CoreError, CoreHandle, CoreMsg, now_ms};
 use super::loghub::{LogHub, LogLine};
@@ -35,6 +38,8 @@ pub struct ApiState {
     /// The WebSocket tasks (axum spawns them detached): shutdown waits on this so that every
     /// socket gets its close frame before the process exits.
     pub sockets: TaskTracker,
+    /// Connected nodes' sessions, for tunnels to mesh services.
+    pub sessions: super::sessions::Registry,
 }
 
 /// WebSocket close codes (RFC 6455, section 7.4.1).
@@ -73,6 +78,9 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/nodes", get(list_nodes))
         .route("/services", get(list_services))
+        .route("/services/{namespace}/{name}/", any(proxy::http))
+        .route("/services/{namespace}/{name}/{*rest}", any(proxy::http))
+        .route("/port-forward/{namespace}/{name}", get(proxy::tcp))
         .route("/conda-envs", post(create_env).get(list_envs))
         .route(
             "/conda-envs/{name}",
@@ -101,7 +109,8 @@ async fn json_errors(resp: Response) -> Response {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
+    let proxied = resp.extensions().get::<proxy::Proxied>().is_some();
+    if !(status.is_client_error() || status.is_server_error()) || is_json || proxied {
         return resp;
     }
     let (parts, body) = resp.into_parts();

@@ -20,13 +20,18 @@ use crate::wire;
 /// How long a node may take to send Hello after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The live session of each connected node (with its epoch), for relaying tunnels.
-type Registry = Arc<Mutex<HashMap<String, (u64, Session)>>>;
+/// The live session of each connected node (with its epoch), for opening tunnels.
+pub type Registry = Arc<Mutex<HashMap<String, (u64, Session)>>>;
 
 /// Accepts node connections until `cancel`, then closes them all with `Shutdown`.
-pub async fn serve(mut server: Server, core: CoreHandle, logs: LogHub, cancel: CancellationToken) {
+pub async fn serve(
+    mut server: Server,
+    core: CoreHandle,
+    logs: LogHub,
+    registry: Registry,
+    cancel: CancellationToken,
+) {
     let mut sessions = JoinSet::new();
-    let registry = Registry::default();
     loop {
         tokio::select! {
             biased;
@@ -263,13 +268,33 @@ async fn log_stream(mut rx: FrameReceiver, core: CoreHandle, logs: LogHub, node_
     }
 }
 
-/// Relays one tunnel to the node that binds its service: waits (at most
-/// [`crate::model::TUNNEL_HOLD`]) until the service is placed on a connected node, opens a
-/// tunnel there naming the port, and copies both ways until both ends are done.
+/// Relays one tunnel a node opened to the node that binds its service, copying both ways
+/// until both ends are done.
 async fn relay(mut from: Tunnel, core: CoreHandle, registry: Registry) {
     let Ok(Some(open)) = from.header::<wire::TunnelOpen>().await else {
         return;
     };
+    let to = match open_to_service(&core, &registry, &open.namespace, &open.name).await {
+        Ok(to) => to,
+        Err(e) => {
+            tracing::info!(service = %open.name, error = %e, "resetting a tunnel");
+            return;
+        }
+    };
+    let (mut a, mut b) = (from.into_io(), to.into_io());
+    if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+        tracing::debug!(error = %e, "relayed tunnel ended");
+    }
+}
+
+/// Opens a tunnel to the service `namespace/name` on its binder's node, waiting at most
+/// [`crate::model::TUNNEL_HOLD`] until the service is placed on a connected node.
+pub async fn open_to_service(
+    core: &CoreHandle,
+    registry: &Registry,
+    namespace: &str,
+    name: &str,
+) -> Result<Tunnel, String> {
     let deadline = tokio::time::Instant::now() + crate::model::TUNNEL_HOLD;
     let mut view = core.subscribe();
     let (session, port) = loop {
@@ -277,7 +302,7 @@ async fn relay(mut from: Tunnel, core: CoreHandle, registry: Registry) {
             .borrow_and_update()
             .services
             .iter()
-            .find(|s| s.namespace == open.namespace && s.name == open.name)
+            .find(|s| s.namespace == namespace && s.name == name)
             .and_then(|s| Some((s.node_id.clone()?, s.port)));
         let target = placed.and_then(|(node, port)| {
             let r = registry.lock().ok()?;
@@ -290,22 +315,15 @@ async fn relay(mut from: Tunnel, core: CoreHandle, registry: Registry) {
             .await
             .is_err()
         {
-            tracing::info!(service = %open.name, "no binder for a tunnel; resetting");
-            return;
+            return Err(format!("service {name:?} has no reachable binder"));
         }
     };
-    let Ok(mut to) = session.open_tunnel().await else {
-        return;
-    };
+    let mut to = session.open_tunnel().await.map_err(|e| e.to_string())?;
     let header = wire::TunnelOpen {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
         port: u32::from(port),
-        ..open
     };
-    if to.send_header(&header).await.is_err() {
-        return;
-    }
-    let (mut a, mut b) = (from.into_io(), to.into_io());
-    if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-        tracing::debug!(error = %e, "relayed tunnel ended");
-    }
+    to.send_header(&header).await.map_err(|e| e.to_string())?;
+    Ok(to)
 }

@@ -124,3 +124,130 @@ async fn a_connector_reaches_its_binder_through_symph_variables() {
     assert_eq!(c.get("/services").await.1[0]["deployment_id"], json!(other));
     c.shutdown().await;
 }
+
+/// An HTTP server for the `web` service: files from its folder, and `Upgrade: echo`
+/// switches the connection to echoing raw bytes (the shape of a WebSocket upgrade).
+const WEB: &str = "import os, http.server
+open('index.txt', 'w').write('hello-mesh')
+class H(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        if self.headers.get('Upgrade') != 'echo':
+            return super().do_GET()
+        self.send_response(101)
+        self.send_header('Upgrade', 'echo')
+        self.send_header('Connection', 'Upgrade')
+        self.end_headers()
+        self.wfile.flush()
+        while True:
+            b = self.rfile.read1(100)
+            if not b:
+                break
+            self.wfile.write(b)
+            self.wfile.flush()
+        self.close_connection = True
+http.server.ThreadingHTTPServer(('127.0.0.1', int(os.environ['SYMPH_WEB_PORT'])), H).serve_forever()
+";
+
+/// Sends `request` on a fresh connection to `addr` and reads the answer's head.
+async fn raw_head(addr: &str, request: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.unwrap());
+    }
+    (s, String::from_utf8(head).unwrap())
+}
+
+#[tokio::test]
+async fn exposed_services_are_reachable_through_the_conductor() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut c = Cluster::start_with(|cfg| cfg.service_ports = port..=port).await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let web = c
+        .deploy(
+            "web",
+            python(WEB, json!({ "binds": ["web"], "exposes": ["web"] })),
+        )
+        .await;
+    c.wait_state(&web, "RUNNING").await;
+
+    // HTTP through the proxy: the first request waits for the server to listen.
+    let url = format!("{}/services/default/web/index.txt?x=1", c.api);
+    let resp = c.http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "hello-mesh");
+    // The service's own errors come back as they are (not rewritten into `detail`).
+    let resp = c
+        .http
+        .get(format!("{}/services/default/web/nope", c.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let ct = resp.headers()[reqwest::header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(ct.starts_with("text/html"), "{ct}");
+    // Unknown (or unexposed) services are the conductor's 404.
+    let (status, body) = c.get("/services/default/nope/").await;
+    assert_eq!(
+        (status, body),
+        (404, json!({"detail": "Service not found or not exposed"}))
+    );
+
+    // An upgrade (what a WebSocket does) passes through, then bytes flow both ways.
+    let api = c.api.trim_start_matches("http://").to_owned();
+    let (mut s, head) = raw_head(
+        &api,
+        "GET /services/default/web/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"over the mesh").await.unwrap();
+    let mut echoed = [0u8; 13];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"over the mesh");
+
+    // `symphony port-forward web 0`: raw TCP from a local port to the service.
+    let mut pf = tokio::process::Command::new(crate::support::symphony_bin())
+        .args(["port-forward", "web", "0", "--api", &c.api])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(pf.stdout.take().unwrap())
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    let local = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    let (mut s, head) = raw_head(&local, "GET /index.txt HTTP/1.0\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    assert_eq!(body, "hello-mesh");
+    // `symphony visit --url-only` prints the proxy URL.
+    let visit = tokio::process::Command::new(crate::support::symphony_bin())
+        .args(["visit", "web", "--url-only", "--api", &c.api])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&visit.stdout).trim(),
+        format!("{}/services/default/web/", c.api)
+    );
+    pf.kill().await.unwrap();
+    c.shutdown().await;
+}

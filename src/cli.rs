@@ -428,6 +428,7 @@ async fn from_config(
                 transport,
                 keeper: crate::node::runner::Launcher::current_exe(),
                 keep_workloads: Arc::new(AtomicBool::new(keep_workloads)),
+                service_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             };
             run_node_until_signal(cfg).await?;
         }

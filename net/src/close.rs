@@ -15,17 +15,21 @@ pub enum CloseCode {
     ProtocolError,
     /// A frame exceeded the maximum frame size.
     FrameTooLarge,
+    /// A tunnel stream ended abruptly (its other side failed); used on streams, not
+    /// connections.
+    TunnelReset,
 }
 
 impl CloseCode {
     /// All codes, for tests and tables.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Shutdown,
         Self::Superseded,
         Self::AuthFailed,
         Self::VersionMismatch,
         Self::ProtocolError,
         Self::FrameTooLarge,
+        Self::TunnelReset,
     ];
 
     /// The numeric code on the wire.
@@ -37,6 +41,7 @@ impl CloseCode {
             Self::VersionMismatch => 3,
             Self::ProtocolError => 4,
             Self::FrameTooLarge => 5,
+            Self::TunnelReset => 6,
         }
     }
 
@@ -84,6 +89,7 @@ impl std::fmt::Display for CloseCode {
             Self::VersionMismatch => "version mismatch",
             Self::ProtocolError => "protocol error",
             Self::FrameTooLarge => "frame too large",
+            Self::TunnelReset => "tunnel reset",
         };
         f.write_str(s)
     }

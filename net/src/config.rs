@@ -7,9 +7,9 @@
 //!   write wait for ACKs. Each log stream can hold at most its peer's stream credit
 //!   (`stream_receive_window`, roughly twice that counting read-but-unacked bytes), and the
 //!   conductor caps the number of concurrent uni streams (`max_uni_streams`); tunnel bi-streams
-//!   are capped the same way (`max_tunnels`). So `send_window = 2 x (max_uni_streams +
-//!   max_tunnels) x stream_receive_window + control_headroom` can never be filled by logs and
-//!   tunnels: control always finds window.
+//!   are capped the same way (`max_tunnels` each way: a node may both open tunnels and accept
+//!   them). So `send_window = 2 x (max_uni_streams + 2 x max_tunnels) x stream_receive_window
+//!   + control_headroom` can never be filled by logs and tunnels: control always finds window.
 //! * The connection `receive_window` stays unlimited (quinn's default): a log stream the conductor
 //!   is slow to read must never hold back the control stream's credit.
 //! * Keep-alive 5 s keeps UDP NAT mappings (often 30 s, some 5 s) fresh from the node's side;
@@ -70,7 +70,7 @@ impl Default for TransportSettings {
 impl TransportSettings {
     /// The connection-wide send window derived from the other settings (see module docs).
     pub fn send_window(&self) -> u64 {
-        2 * (u64::from(self.max_uni_streams) + u64::from(self.max_tunnels))
+        2 * (u64::from(self.max_uni_streams) + 2 * u64::from(self.max_tunnels))
             * u64::from(self.stream_receive_window)
             + self.control_headroom
     }

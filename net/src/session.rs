@@ -105,10 +105,50 @@ impl Tunnel {
         w.send(header).await
     }
 
-    /// Both directions as one byte stream (for `tokio::io::copy_bidirectional`; shutting it
-    /// down finishes the send side).
+    /// Both directions as one byte stream (shutting it down finishes the send side), for a
+    /// protocol spoken over the tunnel (the conductor's HTTP proxy).
     pub fn into_io(self) -> tokio::io::Join<quinn::RecvStream, quinn::SendStream> {
         tokio::io::join(self.recv, self.send)
+    }
+
+    /// Ends the tunnel abruptly: the peer sees a reset, never a clean end of stream (which
+    /// could pass a cut-off transfer for a complete one).
+    pub fn reset(mut self) {
+        abort(&mut self.recv, &mut self.send);
+    }
+
+    /// Copies both ways between `other` and the tunnel until both directions are done (a
+    /// half-close is passed on). On an error the tunnel is reset and the error returned, so
+    /// the caller can reset `other` too.
+    pub async fn splice<S>(self, other: &mut S) -> std::io::Result<()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut io = tokio::io::join(self.recv, self.send);
+        match tokio::io::copy_bidirectional(other, &mut io).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let (mut recv, mut send) = io.into_inner();
+                abort(&mut recv, &mut send);
+                Err(e)
+            }
+        }
+    }
+
+    /// Copies both ways between two tunnels (the conductor's relay); an error resets both.
+    pub async fn splice_tunnel(self, other: Tunnel) -> std::io::Result<()> {
+        let mut a = tokio::io::join(self.recv, self.send);
+        let mut b = tokio::io::join(other.recv, other.send);
+        match tokio::io::copy_bidirectional(&mut a, &mut b).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                for io in [a, b] {
+                    let (mut recv, mut send) = io.into_inner();
+                    abort(&mut recv, &mut send);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Reads the header frame (`None`: the stream ended first).
@@ -117,6 +157,13 @@ impl Tunnel {
             .recv()
             .await
     }
+}
+
+/// Resets a tunnel's two halves with [`CloseCode::TunnelReset`].
+fn abort(recv: &mut quinn::RecvStream, send: &mut quinn::SendStream) {
+    let code = CloseCode::TunnelReset.varint();
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
 }
 
 /// A uni stream whose kind has not been read yet.

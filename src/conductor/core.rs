@@ -578,11 +578,18 @@ impl Core {
 
     /// The services `id` would bind with `specification` (none if the spec is invalid: the
     /// API refuses those, and a stored one fails on its node instead).
-    fn plan_services(&self, id: &str, specification: &Value) -> Result<Planned, CoreError> {
+    /// `check_connects`: refuse `connects` to names nothing binds (on create, and when the
+    /// spec changes; never for a stored spec whose binder went away since).
+    fn plan_services(
+        &self,
+        id: &str,
+        specification: &Value,
+        check_connects: bool,
+    ) -> Result<Planned, CoreError> {
         match crate::spec::parse_with_services(specification) {
             Ok((_, decl)) => self
                 .services
-                .plan(DEFAULT_NAMESPACE, id, &decl)
+                .plan(DEFAULT_NAMESPACE, id, &decl, check_connects)
                 .map(|binds| (binds, decl.connects))
                 .map_err(CoreError::Invalid),
             Err(_) => Ok((Vec::new(), Vec::new())),
@@ -607,7 +614,7 @@ impl Core {
             let Some(d) = self.deployments.get(&id) else {
                 continue;
             };
-            match self.plan_services(&id, &d.specification) {
+            match self.plan_services(&id, &d.specification, false) {
                 Ok(plan) => {
                     if plan.0 != self.services.of(&id) {
                         self.store.set_services(&id, &plan.0).await?;
@@ -621,7 +628,7 @@ impl Core {
     }
 
     async fn create(&mut self, rec: DeploymentRecord) -> Result<(), CoreError> {
-        let services = self.plan_services(&rec.id, &rec.specification)?;
+        let services = self.plan_services(&rec.id, &rec.specification, true)?;
         self.store
             .insert_deployment(&rec)
             .await
@@ -629,7 +636,11 @@ impl Core {
                 StoreError::Conflict => CoreError::Conflict("Deployment already exists".into()),
                 e => e.into(),
             })?;
-        self.store.set_services(&rec.id, &services.0).await?;
+        if let Err(e) = self.store.set_services(&rec.id, &services.0).await {
+            // Not created after all: nothing half-written stays behind.
+            let _ = self.store.delete_deployment(&rec.id).await;
+            return Err(e.into());
+        }
         self.set_services(&rec.id, services);
         self.specs
             .insert(rec.id.clone(), parse_spec(&rec.specification));
@@ -683,12 +694,12 @@ impl Core {
             }
             _ => None,
         };
-        let services = self.plan_services(id, &new.specification)?;
+        let spec_changed = new.specification != old.specification;
+        let services = self.plan_services(id, &new.specification, spec_changed)?;
         // Persist everything first; memory changes only once the writes succeeded, so a
         // failed PATCH can simply be retried.
         self.store.update_deployment(&new).await?;
         self.store.set_services(id, &services.0).await?;
-        self.set_services(id, services);
         let regenerate = match &release {
             Some((a, true)) => {
                 self.store.clear_assignment(id).await?;
@@ -712,6 +723,7 @@ impl Core {
         };
         self.specs.insert(id.to_owned(), new_spec);
         self.deployments.insert(id.to_owned(), new);
+        self.set_services(id, services);
         if matches!(release, Some((_, true))) {
             self.assignments.remove(id);
             self.reported.remove(id);

@@ -62,13 +62,14 @@ impl ServiceTable {
 
     /// The services `deployment_id` would bind with `decl`, or every reason it cannot (each
     /// naming its field): a name bound by another deployment, a fixed port in use, a connect
-    /// to a name nothing binds, no free port left. Ports it holds for names it still binds
+    /// to a name nothing binds (when `check_connects`), no free port left. Ports it holds for names it still binds
     /// are kept; new names get the lowest free port of the range.
     pub fn plan(
         &self,
         namespace: &str,
         deployment_id: &str,
         decl: &Services,
+        check_connects: bool,
     ) -> Result<Vec<Service>, Vec<FieldError>> {
         let root = Loc::new(&["body", "specification", "spec"]);
         let mut r = Report::default();
@@ -137,7 +138,7 @@ impl ServiceTable {
                 exposed: decl.exposes.contains(&bind.name),
             });
         }
-        for (i, name) in decl.connects.iter().enumerate() {
+        for (i, name) in decl.connects.iter().enumerate().filter(|_| check_connects) {
             let bound_here = decl.binds.iter().any(|b| &b.name == name);
             let key = (namespace.to_owned(), name.clone());
             if !bound_here && !self.services.contains_key(&key) {
@@ -219,6 +220,7 @@ mod tests {
                 "default",
                 "a",
                 &decl(&[("x", None), ("tb", Some(7001))], &[], &["tb"]),
+                true,
             )
             .unwrap();
         // The fixed 7001 is seen before the automatic port is chosen.
@@ -226,7 +228,9 @@ mod tests {
         assert!(a[1].exposed && !a[0].exposed);
         t.set("a", a);
         // Another namespace never gets the same port.
-        let b = t.plan("exp", "b", &decl(&[("x", None)], &[], &[])).unwrap();
+        let b = t
+            .plan("exp", "b", &decl(&[("x", None)], &[], &[]), true)
+            .unwrap();
         assert_eq!(ports(&b), [("x", 7002)]);
         t.set("b", b);
         // A patch keeps the ports held for names still bound.
@@ -235,6 +239,7 @@ mod tests {
                 "default",
                 "a",
                 &decl(&[("new", None), ("x", None)], &[], &[]),
+                true,
             )
             .unwrap();
         assert_eq!(ports(&a2), [("new", 7001), ("x", 7000)]);
@@ -254,7 +259,7 @@ mod tests {
         let mut t = ServiceTable::new(Vec::new(), 7000..=7001);
         t.set(
             "a",
-            t.plan("default", "a", &decl(&[("x", Some(9000))], &[], &[]))
+            t.plan("default", "a", &decl(&[("x", Some(9000))], &[], &[]), true)
                 .unwrap(),
         );
         let errors = t
@@ -272,6 +277,7 @@ mod tests {
                     &["x", "nobody", "z"],
                     &[],
                 ),
+                true,
             )
             .unwrap_err();
         assert_eq!(
@@ -281,13 +287,22 @@ mod tests {
         );
         // The same name in another namespace is another service.
         assert!(
-            t.plan("exp", "b", &decl(&[("x", None)], &["x"], &[]))
+            t.plan("exp", "b", &decl(&[("x", None)], &["x"], &[]), true)
                 .is_ok()
         );
         // Connecting to a name bound in the same declaration is fine.
         assert!(
-            t.plan("default", "c", &decl(&[("q", None)], &["q", "x"], &[]))
-                .is_ok()
+            t.plan(
+                "default",
+                "c",
+                &decl(&[("q", None)], &["q", "x"], &[]),
+                true
+            )
+            .is_ok()
         );
+        // A stored connector whose binder went away is still planned (not re-checked).
+        let gone = decl(&[], &["gone"], &[]);
+        assert!(t.plan("default", "d", &gone, false).is_ok());
+        assert!(t.plan("default", "d", &gone, true).is_err());
     }
 }

@@ -98,7 +98,9 @@ async fn node_session(
     // Commands are small and the core never waits on this queue (it closes a node that stops
     // reading), so it is sized for a full resync of a large node after Hello.
     let (tx, mut rx) = mpsc::channel::<wire::ConductorMessage>(65_536);
-    if let Ok(mut r) = registry.lock() {
+    if let Ok(mut r) = registry.lock()
+        && r.get(&node_id).is_none_or(|(e, _)| *e < epoch)
+    {
         r.insert(node_id.clone(), (epoch, session.clone()));
     }
     core.send(CoreMsg::NodeConnected(Box::new(NodeConnected {
@@ -271,19 +273,21 @@ async fn log_stream(mut rx: FrameReceiver, core: CoreHandle, logs: LogHub, node_
 /// Relays one tunnel a node opened to the node that binds its service, copying both ways
 /// until both ends are done.
 async fn relay(mut from: Tunnel, core: CoreHandle, registry: Registry) {
-    let Ok(Some(open)) = from.header::<wire::TunnelOpen>().await else {
+    let header = tokio::time::timeout(crate::model::TUNNEL_HOLD, from.header::<wire::TunnelOpen>());
+    let Ok(Ok(Some(open))) = header.await else {
+        from.reset();
         return;
     };
     let to = match open_to_service(&core, &registry, &open.namespace, &open.name).await {
         Ok(to) => to,
         Err(e) => {
             tracing::info!(service = %open.name, error = %e, "resetting a tunnel");
+            from.reset();
             return;
         }
     };
-    let (mut a, mut b) = (from.into_io(), to.into_io());
-    if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-        tracing::debug!(error = %e, "relayed tunnel ended");
+    if let Err(e) = from.splice_tunnel(to).await {
+        tracing::debug!(error = %e, "relayed tunnel ended abruptly");
     }
 }
 
@@ -318,12 +322,23 @@ pub async fn open_to_service(
             return Err(format!("service {name:?} has no reachable binder"));
         }
     };
-    let mut to = session.open_tunnel().await.map_err(|e| e.to_string())?;
     let header = wire::TunnelOpen {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         port: u32::from(port),
     };
-    to.send_header(&header).await.map_err(|e| e.to_string())?;
-    Ok(to)
+    // The binder's node takes a bounded number of tunnels at once: never wait past the hold.
+    let opened = tokio::time::timeout_at(deadline, async {
+        let mut to = session.open_tunnel().await.map_err(|e| e.to_string())?;
+        match to.send_header(&header).await {
+            Ok(()) => Ok(to),
+            Err(e) => {
+                to.reset();
+                Err(e.to_string())
+            }
+        }
+    });
+    opened
+        .await
+        .map_err(|_| format!("the node of service {name:?} takes no more tunnels now"))?
 }

@@ -67,6 +67,10 @@ pub struct NodeConfig {
     /// When set at the time the node is cancelled, the workloads keep running under their
     /// keepers for the next agent to adopt (an upgrade in place); otherwise they are stopped.
     pub keep_workloads: Arc<AtomicBool>,
+    /// The loopback address mesh services are reached at on this node (listen and connect).
+    /// `127.0.0.1` (what `SYMPH_*_HOST` says); another one only to run several agents on one
+    /// host (tests, benchmarks).
+    pub service_ip: std::net::IpAddr,
 }
 
 impl NodeConfig {
@@ -93,6 +97,7 @@ impl NodeConfig {
             transport: TransportSettings::default(),
             keeper: Launcher::current_exe(),
             keep_workloads: Arc::new(AtomicBool::new(false)),
+            service_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         })
     }
 }
@@ -235,7 +240,7 @@ pub async fn run_with_store(
         state: state_tx,
         dropped_seen: 0,
         later: VecDeque::new(),
-        tunnels: super::tunnels::Tunnels::default(),
+        tunnels: super::tunnels::Tunnels::new(cfg.service_ip),
     };
 
     let mut ccfg = ClientConfig::new(cfg.conductor_addr.clone(), cfg.tls.clone());

@@ -408,11 +408,32 @@ impl NodeCore {
         if !supervisor::valid_id(&id) {
             return Err(format!("invalid deployment id {:?}", id.as_str()));
         }
+        let same_generation = self
+            .held
+            .get(&id)
+            .map(|h| &h.spec)
+            .or_else(|| self.restored.get(&id).map(|r| &r.spec))
+            .filter(|_| {
+                self.held
+                    .get(&id)
+                    .map(|h| h.generation)
+                    .or_else(|| self.restored.get(&id).map(|r| r.generation))
+                    == Some(generation)
+            })
+            .map(|s| s.env.clone());
         let spec = match parse_spec(&a.specification_json) {
             Ok(mut spec) => {
-                // The namespace's service variables; the spec's own env wins.
-                for (k, v) in &a.service_env {
-                    spec.env.entry(k.clone()).or_insert_with(|| v.clone());
+                match same_generation {
+                    // The same generation again (a reconnect, a restarted agent): the process
+                    // keeps the variables it started with, so services bound since then do
+                    // not restart it.
+                    Some(env) => spec.env = env,
+                    // The namespace's service variables; the spec's own env wins.
+                    None => {
+                        for (k, v) in &a.service_env {
+                            spec.env.entry(k.clone()).or_insert_with(|| v.clone());
+                        }
+                    }
                 }
                 spec
             }

@@ -9,6 +9,7 @@
 //! connection and the other way round.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,8 @@ use crate::model::TUNNEL_HOLD as HOLD;
 /// The node's listeners and the ports it may connect to for the conductor.
 #[derive(Debug)]
 pub struct Tunnels {
+    /// Where services are listened for and connected to (127.0.0.1 but in tests).
+    ip: IpAddr,
     session: watch::Sender<Option<Session>>,
     /// Port -> (namespace, name) and its listener task.
     listeners: BTreeMap<u16, ((String, String), JoinHandle<()>)>,
@@ -32,9 +35,11 @@ pub struct Tunnels {
     local: Arc<Mutex<BTreeSet<u16>>>,
 }
 
-impl Default for Tunnels {
-    fn default() -> Self {
+impl Tunnels {
+    /// No listeners yet; services are reached at `ip`.
+    pub fn new(ip: IpAddr) -> Self {
         Self {
+            ip,
             session: watch::channel(None).0,
             listeners: BTreeMap::new(),
             local: Arc::default(),
@@ -55,8 +60,8 @@ impl Tunnels {
     /// serves the conductor's tunnels on it (it ends with the connection).
     pub fn connected(&self, session: Option<Session>) -> Option<impl Future<Output = ()> + use<>> {
         self.session.send_replace(session.clone());
-        let local = self.local.clone();
-        session.map(|s| serve_incoming(s, local))
+        let (local, ip) = (self.local.clone(), self.ip);
+        session.map(|s| serve_incoming(s, local, ip))
     }
 
     /// Replaces the set of services to make reachable.
@@ -87,55 +92,106 @@ impl Tunnels {
             if self.listeners.contains_key(&port) {
                 continue;
             }
-            let task = tokio::spawn(listen(port, service.clone(), self.session.subscribe()));
+            let addr = SocketAddr::new(self.ip, port);
+            let task = tokio::spawn(listen(addr, service.clone(), self.session.subscribe()));
             self.listeners.insert(port, (service, task));
         }
     }
 }
 
-/// Listens on `127.0.0.1:port` for a service bound elsewhere.
-async fn listen(port: u16, service: (String, String), session: watch::Receiver<Option<Session>>) {
-    let listener = match TcpListener::bind(("127.0.0.1", port)).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(port, service = %service.1, error = %e, "cannot listen for a mesh service");
-            return;
+/// Connections one listener carries at once; more are refused (reset) at once.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// Listens on `addr` (`127.0.0.1:PORT`) for a service bound elsewhere. The port may still be
+/// held for a moment (a binder that just moved away, the listener it replaces): binding is
+/// retried until it works or the route is withdrawn.
+async fn listen(
+    addr: SocketAddr,
+    service: (String, String),
+    session: watch::Receiver<Option<Session>>,
+) {
+    let port = addr.port();
+    let mut pause = Duration::from_millis(20);
+    let mut warned = false;
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(port, service = %service.1, error = %e, "cannot listen for a mesh service yet; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
         }
     };
     tracing::info!(port, service = %service.1, "listening for a mesh service bound elsewhere");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors and the like: do not spin.
+                tracing::debug!(port, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refuse(tcp);
             continue;
         };
-        let (service, mut session) = (service.clone(), session.clone());
+        let (service, session) = (service.clone(), session.clone());
         tokio::spawn(async move {
-            let s = match tokio::time::timeout(HOLD, session.wait_for(Option::is_some)).await {
-                Ok(Ok(current)) => current.clone(),
-                _ => None,
-            };
-            let Some(s) = s else { return };
-            let open = wire::TunnelOpen {
-                namespace: service.0,
-                name: service.1,
-                port: 0,
-            };
-            let Ok(mut t) = s.open_tunnel().await else {
-                tracing::info!(port, "no tunnel to the conductor");
-                return;
-            };
-            if t.send_header(&open).await.is_ok() {
-                splice(tcp, t).await;
-            }
+            let _slot = slot;
+            outgoing(tcp, service, session).await;
         });
     }
 }
 
+/// Carries one accepted connection to the conductor (waiting at most [`HOLD`] for a
+/// connection and a tunnel); reset if it cannot.
+async fn outgoing(
+    tcp: TcpStream,
+    (namespace, name): (String, String),
+    mut session: watch::Receiver<Option<Session>>,
+) {
+    let tunnel = tokio::time::timeout(HOLD, async {
+        let s = session.wait_for(Option::is_some).await.ok()?.clone()?;
+        let mut t = s.open_tunnel().await.ok()?;
+        let open = wire::TunnelOpen {
+            namespace,
+            name,
+            port: 0,
+        };
+        match t.send_header(&open).await {
+            Ok(()) => Some(t),
+            Err(_) => {
+                t.reset();
+                None
+            }
+        }
+    })
+    .await;
+    match tunnel {
+        Ok(Some(t)) => splice(tcp, t).await,
+        _ => {
+            tracing::info!("no tunnel to the conductor; resetting the connection");
+            refuse(tcp);
+        }
+    }
+}
+
 /// Serves the conductor's tunnels to services bound here until the connection ends.
-async fn serve_incoming(session: Session, local: Arc<Mutex<BTreeSet<u16>>>) {
+async fn serve_incoming(session: Session, local: Arc<Mutex<BTreeSet<u16>>>, ip: IpAddr) {
     while let Ok(mut t) = session.accept_tunnel().await {
         let local = local.clone();
         tokio::spawn(async move {
-            let Ok(Some(open)) = t.header::<wire::TunnelOpen>().await else {
+            let Ok(Ok(Some(open))) =
+                tokio::time::timeout(HOLD, t.header::<wire::TunnelOpen>()).await
+            else {
+                t.reset();
                 return;
             };
             let port = u16::try_from(open.port)
@@ -143,21 +199,24 @@ async fn serve_incoming(session: Session, local: Arc<Mutex<BTreeSet<u16>>>) {
                 .filter(|p| local.lock().is_ok_and(|l| l.contains(p)));
             let Some(port) = port else {
                 tracing::warn!(port = open.port, service = %open.name, "refusing a tunnel to a port not bound here");
+                t.reset();
                 return;
             };
-            if let Some(tcp) = connect_held(port).await {
-                splice(tcp, t).await;
+            match connect_held(SocketAddr::new(ip, port)).await {
+                Some(tcp) => splice(tcp, t).await,
+                None => t.reset(),
             }
         });
     }
 }
 
-/// Connects to `127.0.0.1:port`, retrying while nothing listens yet, for at most [`HOLD`].
-async fn connect_held(port: u16) -> Option<TcpStream> {
+/// Connects to `addr`, retrying while nothing listens yet, for at most [`HOLD`].
+async fn connect_held(addr: SocketAddr) -> Option<TcpStream> {
+    let port = addr.port();
     let deadline = tokio::time::Instant::now() + HOLD;
     let mut pause = Duration::from_millis(20);
     loop {
-        match TcpStream::connect(("127.0.0.1", port)).await {
+        match TcpStream::connect(addr).await {
             Ok(tcp) => return Some(tcp),
             Err(e) if tokio::time::Instant::now() + pause >= deadline => {
                 tracing::info!(port, error = %e, "mesh service not reachable; resetting");
@@ -171,11 +230,17 @@ async fn connect_held(port: u16) -> Option<TcpStream> {
     }
 }
 
-/// Copies both ways until both sides are done (a half-close is passed on).
+/// Closes a TCP connection with a reset (not a clean end), so its peer knows it failed.
+fn refuse(tcp: TcpStream) {
+    let _ = tcp.set_zero_linger();
+}
+
+/// Copies both ways until both sides are done (a half-close is passed on); a failure on
+/// either side resets the other.
 async fn splice(mut tcp: TcpStream, t: Tunnel) {
     let _ = tcp.set_nodelay(true);
-    let mut quic = t.into_io();
-    if let Err(e) = tokio::io::copy_bidirectional(&mut tcp, &mut quic).await {
-        tracing::debug!(error = %e, "tunnel ended");
+    if let Err(e) = t.splice(&mut tcp).await {
+        tracing::debug!(error = %e, "tunnel ended abruptly");
+        refuse(tcp);
     }
 }

@@ -67,7 +67,9 @@ fn services_of(r: &mut Report, spec: &SpecWire, loc: &Loc) -> Services {
                     let pat = at.at(n);
                     let port = r
                         .checked(port, &pat)
-                        .and_then(|p| r.int_in(*p, &pat, 1, 65535))
+                        // Unprivileged ports only: a service is a workload's, never
+                        // the node's own (sshd and the like).
+                        .and_then(|p| r.int_in(*p, &pat, 1024, 65535))
                         .and_then(|p| u16::try_from(p).ok());
                     match (name(r, n, &at), port) {
                         (true, Some(port)) => Some(Bind {

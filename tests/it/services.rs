@@ -115,9 +115,16 @@ async fn a_connector_reaches_its_binder_through_symph_variables() {
     // Ports and binders are stored: a restarted conductor has the same table.
     c.restart_conductor().await;
     assert_eq!(c.get("/services").await.1, services);
-    // A deleted binder frees its name and port.
+    // A deleted binder frees its name and port; its connector can still be changed.
     assert_eq!(c.delete(&format!("/deployments/{server}")).await.0, 204);
     assert_eq!(c.get("/services").await.1, json!([]));
+    let (status, resp) = c
+        .patch(
+            &format!("/deployments/{client}"),
+            json!({"desired_state": "STOPPED"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{resp}");
     let other = c
         .deploy("other", python("pass", json!({ "binds": ["other"] })))
         .await;
@@ -183,6 +190,14 @@ async fn exposed_services_are_reachable_through_the_conductor() {
     let resp = c.http.get(&url).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "hello-mesh");
+    // The path goes through as sent, percent-encoding included.
+    let resp = c
+        .http
+        .get(format!("{}/services/default/web/a%20b%3Fc.txt", c.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
     // The service's own errors come back as they are (not rewritten into `detail`).
     let resp = c
         .http

@@ -35,7 +35,15 @@ pub async fn http(
             .map(|(_, v)| v.clone())
             .unwrap_or_default()
     };
-    let (namespace, name, rest) = (get("namespace"), get("name"), get("rest"));
+    let (namespace, name) = (get("namespace"), get("name"));
+    // The path as sent (still percent-encoded), without the prefix.
+    let prefix = format!("/services/{namespace}/{name}");
+    let rest = req
+        .uri()
+        .path()
+        .strip_prefix(&prefix)
+        .unwrap_or("/")
+        .to_owned();
     let exposed = st
         .core
         .view()
@@ -80,10 +88,9 @@ pub async fn tcp(
         .await
         .map_err(|e| ApiError::detail(StatusCode::BAD_GATEWAY, &e))?;
     let client = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
+    st.sockets.spawn(async move {
         let Ok(client) = client.await else { return };
-        let (mut client, mut quic) = (TokioIo::new(client), tunnel.into_io());
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut quic).await;
+        let _ = tunnel.splice(&mut TokioIo::new(client)).await;
     });
     Ok(Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -93,8 +100,8 @@ pub async fn tcp(
         .unwrap_or_default())
 }
 
-/// Sends `req` (path rewritten to `/rest`) to the service over a fresh tunnel; passes an
-/// upgrade (WebSocket) through.
+/// Sends `req` (path rewritten to `rest`, which starts with `/`) to the service over a fresh
+/// tunnel; passes an upgrade (WebSocket) through.
 async fn forward(
     st: &ApiState,
     namespace: &str,
@@ -109,7 +116,7 @@ async fn forward(
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel.into_io()))
         .await
         .map_err(|e| bad_gateway(e.to_string()))?;
-    tokio::spawn(async move {
+    st.sockets.spawn(async move {
         let _ = conn.with_upgrades().await;
     });
     let query = req
@@ -133,7 +140,7 @@ async fn forward(
         && let Some(client_upgrade) = client_upgrade
     {
         let upstream = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
+        st.sockets.spawn(async move {
             let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream.await) else {
                 return;
             };

@@ -898,3 +898,53 @@ fn a_reconnect_during_env_provisioning_reports_on_the_new_connection() {
     let fx = core.handle(Event::Connected { statuses: vec![] });
     assert_eq!(hello_of(&fx).env_names, vec!["e1".to_owned()]);
 }
+
+/// An Assign carrying the namespace's service variables.
+fn assign_with_services(id: &str, generation: u64, cmd: &str) -> Event {
+    Event::Command(wire::conductor_message::Msg::Assign(wire::Assign {
+        deployment_id: id.into(),
+        generation,
+        name: id.into(),
+        desired_running: true,
+        specification_json: spec_json(cmd, None),
+        command_id: generation * 10,
+        log_seq_floor: 100,
+        service_env: [("SYMPH_DB_PORT".to_owned(), "7000".to_owned())].into(),
+    }))
+}
+
+#[test]
+fn service_variables_apply_to_a_new_generation_and_never_restart_a_held_one() {
+    // Held at generation 4 (restored after a restart); the conductor resends the same
+    // generation, now with a service bound since: the copy is taken back with the env it
+    // started with, and a later resend changes nothing either.
+    let mut core = NodeCore::new(me(), vec![held("r1", 4, "a", 7)], vec!["base".into()]);
+    core.handle(Event::Connected {
+        statuses: vec![running("r1", 4, 10)],
+    });
+    let fx = core.handle(assign_with_services("r1", 4, "a"));
+    let applied: Vec<_> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Apply { spec, .. } => Some(spec.env.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applied, [BTreeMap::new()], "{fx:?}");
+    let fx = core.handle(assign_with_services("r1", 4, "a"));
+    assert!(
+        !fx.iter().any(|e| matches!(e, Effect::Apply { .. })),
+        "{fx:?}"
+    );
+    // A new generation starts with the variables (the spec's own env would win).
+    let fx = core.handle(assign_with_services("r1", 5, "a"));
+    let env = fx.iter().find_map(|e| match e {
+        Effect::Apply { spec, .. } => Some(spec.env.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        env.and_then(|e| e.get("SYMPH_DB_PORT").cloned()).as_deref(),
+        Some("7000"),
+        "{fx:?}"
+    );
+}

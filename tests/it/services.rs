@@ -54,9 +54,8 @@ fn first_loc(resp: &Value) -> String {
         .unwrap_or_default()
 }
 
-#[tokio::test]
-async fn a_connector_reaches_its_binder_through_symph_variables() {
-    // One port in the pool, free on this machine.
+/// A cluster with one node and one port in the service pool (free on this machine).
+async fn one_port_cluster() -> (Cluster, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -64,6 +63,12 @@ async fn a_connector_reaches_its_binder_through_symph_variables() {
         .port();
     let mut c = Cluster::start_with(|cfg| cfg.service_ports = port..=port).await;
     c.add_node("n1", &["local"], &[], false).await;
+    (c, port)
+}
+
+#[tokio::test]
+async fn a_connector_reaches_its_binder_through_symph_variables() {
+    let (mut c, port) = one_port_cluster().await;
     let post = |name: &str, spec: Value| json!({ "name": name, "specification": { "spec": spec } });
 
     // Connecting to a service nobody binds is refused before anything runs.
@@ -170,13 +175,7 @@ async fn raw_head(addr: &str, request: &str) -> (tokio::net::TcpStream, String) 
 #[tokio::test]
 async fn exposed_services_are_reachable_through_the_conductor() {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut c = Cluster::start_with(|cfg| cfg.service_ports = port..=port).await;
-    c.add_node("n1", &["local"], &[], false).await;
+    let (c, _) = one_port_cluster().await;
     let web = c
         .deploy(
             "web",

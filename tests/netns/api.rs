@@ -126,25 +126,12 @@ impl Api {
 
     /// `POST /deployments` of `sleep <token>` in the test group, one `slot`. Returns the id.
     pub async fn deploy(&self, name: &str, token: &str) -> String {
-        let body = json!({
-            "name": name,
-            "specification": {"spec": {
-                "config": {"command": ["sleep", token]},
-                "node_group": super::bed::GROUP,
-                "capacity_requests": {"slot": 1},
-            }},
+        let spec = json!({
+            "config": {"command": ["sleep", token]},
+            "node_group": super::bed::GROUP,
+            "capacity_requests": {"slot": 1},
         });
-        let resp = self
-            .http
-            .post(format!("{}/deployments", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap();
-        assert!(status.is_success(), "POST /deployments: {status} {v}");
-        text(&v["id"]).unwrap_or_else(|| panic!("no id in {v}"))
+        self.deploy_spec(name, spec).await
     }
 
     /// `POST /deployments` of `spec` (a whole `specification.spec`). Returns the id.

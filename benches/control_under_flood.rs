@@ -59,6 +59,9 @@ enum Transport {
     Quic,
     /// QUIC with the node's adaptive log pacing (`symphony_net::Pacer`).
     QuicPaced,
+    /// QUIC where the flood is mesh tunnel streams (raw bytes at tunnel priority, unpaced)
+    /// instead of log streams.
+    QuicTunnel,
     Tcp,
 }
 
@@ -67,6 +70,7 @@ impl Transport {
         match self {
             Self::Quic => "quic",
             Self::QuicPaced => "quic+paced",
+            Self::QuicTunnel => "quic+tunnel",
             Self::Tcp => "tcp+tls",
         }
     }
@@ -75,6 +79,7 @@ impl Transport {
         match s {
             "quic" => Ok(Self::Quic),
             "quic-paced" | "quic+paced" => Ok(Self::QuicPaced),
+            "quic-tunnel" | "quic+tunnel" => Ok(Self::QuicTunnel),
             "tcp" | "tcp+tls" => Ok(Self::Tcp),
             other => bail!("unknown transport {other}"),
         }
@@ -164,6 +169,21 @@ async fn quic_server(listen: SocketAddr, tls: &TlsMaterial) -> Result<ServerSide
                 }
             });
             let session = acc.session;
+            {
+                let (session, counter) = (session.clone(), counter.clone());
+                conns.spawn(async move {
+                    let mut readers = JoinSet::new();
+                    while let Ok(mut t) = session.accept_tunnel().await {
+                        let counter = counter.clone();
+                        readers.spawn(async move {
+                            let mut buf = vec![0u8; 64 * 1024];
+                            while let Ok(Some(n)) = t.recv.read(&mut buf).await {
+                                counter.fetch_add(n as u64, Ordering::Relaxed);
+                            }
+                        });
+                    }
+                });
+            }
             let counter = counter.clone();
             conns.spawn(async move {
                 let mut readers = JoinSet::new();
@@ -434,8 +454,14 @@ async fn quic_client(
     level: usize,
     p: &Params,
     drained: Option<&AtomicU64>,
-    paced: bool,
+    transport: Transport,
 ) -> Result<RunResult> {
+    let paced = transport == Transport::QuicPaced;
+    let tunnel_floods = if transport == Transport::QuicTunnel {
+        level
+    } else {
+        0
+    };
     let mut cfg = ClientConfig::new(addr.to_string(), tls);
     cfg.server_name = Some("localhost".into());
     cfg.bind = bind;
@@ -460,7 +486,21 @@ async fn quic_client(
     // The pacer adapts until the connection closes; it is not one of the floods.
     let pacer_task = pacer.clone().map(|p| tokio::spawn(p.run()));
     let batch_len = batch.encoded_len() + 4;
-    for i in 0..level {
+    for _ in 0..tunnel_floods {
+        let mut t = session.open_tunnel().await?;
+        let stop = stop.clone();
+        floods.spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            loop {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    r = t.send.write_all(&chunk) => if r.is_err() { break },
+                }
+            }
+        });
+    }
+    for i in 0..level - tunnel_floods {
         let mut log = session.open_uni(StreamKind::Log).await?;
         log.send(&LogHeader {
             deployment_id: format!("dep-{i}"),
@@ -486,11 +526,6 @@ async fn quic_client(
     }
     // Skip the echo of the opening ping.
     let _ = rx.next_echo().await?;
-    let transport = if paced {
-        Transport::QuicPaced
-    } else {
-        Transport::Quic
-    };
     let res = measured(transport, level, p, drained, &mut tx, &mut rx).await;
     stop.cancel();
     while floods.join_next().await.is_some() {}
@@ -587,10 +622,10 @@ async fn run_one(transport: Transport, level: usize, p: &Params, pki: &Pki) -> R
     let listen: SocketAddr = "127.0.0.1:0".parse()?;
     let tls = pki.node_tls(&format!("bench-node-{level}"))?;
     match transport {
-        Transport::Quic | Transport::QuicPaced => {
+        Transport::Quic | Transport::QuicPaced | Transport::QuicTunnel => {
             let srv = quic_server(listen, &pki.server_tls()).await?;
-            let paced = transport == Transport::QuicPaced;
-            quic_client(srv.addr, listen, tls, level, p, Some(&srv.drained), paced).await
+            let drained = Some(&*srv.drained);
+            quic_client(srv.addr, listen, tls, level, p, drained, transport).await
         }
         Transport::Tcp => {
             let srv = tcp_server(listen, &pki.server_tls()).await?;
@@ -699,7 +734,12 @@ fn real_main() -> Result<()> {
         p.levels.clone()
     };
     for &level in &levels {
-        for transport in [Transport::Quic, Transport::QuicPaced, Transport::Tcp] {
+        for transport in [
+            Transport::Quic,
+            Transport::QuicPaced,
+            Transport::QuicTunnel,
+            Transport::Tcp,
+        ] {
             let r = rt
                 .block_on(run_one(transport, level, &p, &pki))
                 .with_context(|| format!("{} with {level} sources", transport.name()))?;
@@ -862,10 +902,16 @@ mod netns {
             p.levels.clone()
         };
         for &level in &levels {
-            for transport in [Transport::Quic, Transport::QuicPaced, Transport::Tcp] {
+            for transport in [
+                Transport::Quic,
+                Transport::QuicPaced,
+                Transport::QuicTunnel,
+                Transport::Tcp,
+            ] {
                 let t = match transport {
                     Transport::Quic => "quic",
                     Transport::QuicPaced => "quic-paced",
+                    Transport::QuicTunnel => "quic-tunnel",
                     Transport::Tcp => "tcp",
                 };
                 let r = one(&exe, t, &dir_s, level, p)
@@ -1015,7 +1061,9 @@ mod netns {
         let rt = common::runtime()?;
         rt.block_on(async move {
             let srv = match transport {
-                Transport::Quic | Transport::QuicPaced => quic_server(listen, &tls).await?,
+                Transport::Quic | Transport::QuicPaced | Transport::QuicTunnel => {
+                    quic_server(listen, &tls).await?
+                }
                 Transport::Tcp => tcp_server(listen, &tls).await?,
             };
             println!("ready");
@@ -1057,8 +1105,9 @@ mod netns {
         let rt = common::runtime()?;
         let r = rt.block_on(async {
             match transport {
-                Transport::Quic => quic_client(server, bind, tls, level, &p, None, false).await,
-                Transport::QuicPaced => quic_client(server, bind, tls, level, &p, None, true).await,
+                Transport::Quic | Transport::QuicPaced | Transport::QuicTunnel => {
+                    quic_client(server, bind, tls, level, &p, None, transport).await
+                }
                 Transport::Tcp => tcp_client(server, bind, tls, level, &p, None).await,
             }
         })?;

@@ -59,8 +59,8 @@ enum Transport {
     Quic,
     /// QUIC with the node's adaptive log pacing (`symphony_net::Pacer`).
     QuicPaced,
-    /// QUIC where the flood is mesh tunnel streams (raw bytes at tunnel priority, unpaced)
-    /// instead of log streams.
+    /// QUIC where the flood is mesh tunnel streams (raw bytes at tunnel priority, taking the
+    /// pacer's tokens as the node's tunnels do) instead of log streams.
     QuicTunnel,
     Tcp,
 }
@@ -456,7 +456,8 @@ async fn quic_client(
     drained: Option<&AtomicU64>,
     transport: Transport,
 ) -> Result<RunResult> {
-    let paced = transport == Transport::QuicPaced;
+    // Tunnel floods take the pacer's tokens, as the node's tunnels do.
+    let paced = matches!(transport, Transport::QuicPaced | Transport::QuicTunnel);
     let tunnel_floods = if transport == Transport::QuicTunnel {
         level
     } else {
@@ -488,10 +489,17 @@ async fn quic_client(
     let batch_len = batch.encoded_len() + 4;
     for _ in 0..tunnel_floods {
         let mut t = session.open_tunnel().await?;
-        let stop = stop.clone();
+        let (stop, pacer) = (stop.clone(), pacer.clone());
         floods.spawn(async move {
             let chunk = vec![7u8; 64 * 1024];
             loop {
+                if let Some(pacer) = &pacer {
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => break,
+                        () = pacer.acquire(chunk.len()) => {}
+                    }
+                }
                 tokio::select! {
                     biased;
                     () = stop.cancelled() => break,

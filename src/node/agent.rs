@@ -588,7 +588,10 @@ impl Driver {
             self.usage.clone(),
             self.heartbeat,
         ));
-        if let Some(serve) = self.tunnels.connected(Some(session.clone())) {
+        if let Some(serve) = self
+            .tunnels
+            .connected(Some((session.clone(), pacer.clone())))
+        {
             tasks.spawn(serve);
         }
         self.conn = Some(Conn {

@@ -13,12 +13,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use symphony_net::{Session, Tunnel};
+use symphony_net::{Pacer, Session, Tunnel};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::wire;
+
+/// The current connection to the conductor and its pacer.
+type Link = (Session, Pacer);
 
 /// How long a connection waits for its service (or for the conductor) before it is reset.
 use crate::model::TUNNEL_HOLD as HOLD;
@@ -28,7 +32,9 @@ use crate::model::TUNNEL_HOLD as HOLD;
 pub struct Tunnels {
     /// Where services are listened for and connected to (127.0.0.1 but in tests).
     ip: IpAddr,
-    session: watch::Sender<Option<Session>>,
+    /// The current connection and its pacer (tunnel bytes this node sends take its tokens,
+    /// like log bytes, so a tunnel flood does not fill the uplink's queue ahead of control).
+    session: watch::Sender<Option<Link>>,
     /// Port -> (namespace, name) and its listener task.
     listeners: BTreeMap<u16, ((String, String), JoinHandle<()>)>,
     /// Ports whose binder runs here (tunnels from the conductor may connect to these only).
@@ -58,10 +64,10 @@ impl Drop for Tunnels {
 impl Tunnels {
     /// A connection to the conductor is up (`None`: it is gone). Returns the task that
     /// serves the conductor's tunnels on it (it ends with the connection).
-    pub fn connected(&self, session: Option<Session>) -> Option<impl Future<Output = ()> + use<>> {
-        self.session.send_replace(session.clone());
+    pub fn connected(&self, link: Option<Link>) -> Option<impl Future<Output = ()> + use<>> {
+        self.session.send_replace(link.clone());
         let (local, ip) = (self.local.clone(), self.ip);
-        session.map(|s| serve_incoming(s, local, ip))
+        link.map(|link| serve_incoming(link, local, ip))
     }
 
     /// Replaces the set of services to make reachable.
@@ -108,7 +114,7 @@ const MAX_CONNECTIONS: usize = 1024;
 async fn listen(
     addr: SocketAddr,
     service: (String, String),
-    session: watch::Receiver<Option<Session>>,
+    session: watch::Receiver<Option<Link>>,
 ) {
     let port = addr.port();
     let mut pause = Duration::from_millis(20);
@@ -155,10 +161,10 @@ async fn listen(
 async fn outgoing(
     tcp: TcpStream,
     (namespace, name): (String, String),
-    mut session: watch::Receiver<Option<Session>>,
+    mut session: watch::Receiver<Option<Link>>,
 ) {
     let tunnel = tokio::time::timeout(HOLD, async {
-        let s = session.wait_for(Option::is_some).await.ok()?.clone()?;
+        let (s, pacer) = session.wait_for(Option::is_some).await.ok()?.clone()?;
         let mut t = s.open_tunnel().await.ok()?;
         let open = wire::TunnelOpen {
             namespace,
@@ -166,7 +172,7 @@ async fn outgoing(
             port: 0,
         };
         match t.send_header(&open).await {
-            Ok(()) => Some(t),
+            Ok(()) => Some((t, pacer)),
             Err(_) => {
                 t.reset();
                 None
@@ -175,7 +181,7 @@ async fn outgoing(
     })
     .await;
     match tunnel {
-        Ok(Some(t)) => splice(tcp, t).await,
+        Ok(Some((t, pacer))) => splice(tcp, t, pacer).await,
         _ => {
             tracing::info!("no tunnel to the conductor; resetting the connection");
             refuse(tcp);
@@ -184,9 +190,9 @@ async fn outgoing(
 }
 
 /// Serves the conductor's tunnels to services bound here until the connection ends.
-async fn serve_incoming(session: Session, local: Arc<Mutex<BTreeSet<u16>>>, ip: IpAddr) {
+async fn serve_incoming((session, pacer): Link, local: Arc<Mutex<BTreeSet<u16>>>, ip: IpAddr) {
     while let Ok(mut t) = session.accept_tunnel().await {
-        let local = local.clone();
+        let (local, pacer) = (local.clone(), pacer.clone());
         tokio::spawn(async move {
             let Ok(Ok(Some(open))) =
                 tokio::time::timeout(HOLD, t.header::<wire::TunnelOpen>()).await
@@ -203,7 +209,7 @@ async fn serve_incoming(session: Session, local: Arc<Mutex<BTreeSet<u16>>>, ip: 
                 return;
             };
             match connect_held(SocketAddr::new(ip, port)).await {
-                Some(tcp) => splice(tcp, t).await,
+                Some(tcp) => splice(tcp, t, pacer).await,
                 None => t.reset(),
             }
         });
@@ -235,12 +241,39 @@ fn refuse(tcp: TcpStream) {
     let _ = tcp.set_zero_linger();
 }
 
-/// Copies both ways until both sides are done (a half-close is passed on); a failure on
-/// either side resets the other.
-async fn splice(mut tcp: TcpStream, t: Tunnel) {
+/// Copies both ways until both sides are done (a half-close is passed on); what goes to the
+/// conductor takes the pacer's tokens first. A failure on either side resets the other.
+async fn splice(mut tcp: TcpStream, t: Tunnel, pacer: Pacer) {
     let _ = tcp.set_nodelay(true);
-    if let Err(e) = t.splice(&mut tcp).await {
+    let Tunnel {
+        mut send, mut recv, ..
+    } = t;
+    let (mut from_tcp, mut to_tcp) = tcp.split();
+    let up = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from_tcp.read(&mut buf).await?;
+            if n == 0 {
+                return send.finish().map_err(std::io::Error::other);
+            }
+            pacer.acquire(n).await;
+            send.write_all(&buf[..n]).await?;
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match recv.read(&mut buf).await.map_err(std::io::Error::other)? {
+                Some(n) => to_tcp.write_all(&buf[..n]).await?,
+                None => return to_tcp.shutdown().await,
+            }
+        }
+    };
+    if let Err(e) = tokio::try_join!(up, down) {
         tracing::debug!(error = %e, "tunnel ended abruptly");
+        let code = symphony_net::CloseCode::TunnelReset.varint();
+        let _ = send.reset(code);
+        let _ = recv.stop(code);
         refuse(tcp);
     }
 }

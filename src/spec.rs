@@ -39,7 +39,9 @@ mod tests;
 mod validate;
 mod wire;
 
-pub use checked::{Checked, Int, Loc, Mismatch, Object, Opt, Report, Seconds, given, unexpected};
+pub use checked::{
+    Checked, Int, LineOrList, Loc, Mismatch, Object, Opt, Report, Seconds, given, unexpected,
+};
 pub use cron::{CronSchedule, cron_schedule, next_fire};
 pub use model::{
     AutoRestart, Bind, DEFAULT_BACKOFF, DEFAULT_FAILURE_THRESHOLD, DEFAULT_HEALTH_PERIOD,

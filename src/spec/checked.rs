@@ -178,6 +178,28 @@ pub fn unexpected(v: &Value) -> Unexpected<'_> {
     }
 }
 
+/// One string (to be split by the field's own rule) or a list of strings: the loose form of
+/// a command line or a package list.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LineOrList {
+    /// One string.
+    Line(String),
+    /// A list, each item checked on its own.
+    List(Vec<Checked<String>>),
+}
+
+impl<'de> Deserialize<'de> for LineOrList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Self::Line(s)),
+            Value::Array(items) => Ok(Self::List(
+                items.into_iter().map(Checked::from_value).collect(),
+            )),
+            other => Err(de::Error::invalid_type(unexpected(&other), &"a sequence")),
+        }
+    }
+}
+
 /// A struct that must be written as a mapping. (Serde's derived structs also accept a list
 /// of their fields in order; a declaration never means that.)
 #[derive(Debug, Clone, PartialEq)]

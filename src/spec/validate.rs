@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{TimeZone, Utc};
 use serde_json::Value;
 
-use super::checked::{Checked, Int, Loc, Object, Opt, Report};
+use super::checked::{Checked, Int, LineOrList, Loc, Object, Opt, Report};
 use super::cron::{cron_schedule, next_fire};
 use super::model::*;
 use super::wire::*;
@@ -378,7 +378,7 @@ fn health_check_of(r: &mut Report, hc: &HealthCheckWire, loc: &Loc) -> Option<He
 fn exec_probe(r: &mut Report, hc: &HealthCheckWire, loc: &Loc) -> Option<HealthProbe> {
     let at = loc.at("command");
     let command = match r.required(&hc.command, &at)? {
-        CommandWire::Line(line) => {
+        LineOrList::Line(line) => {
             let Some(words) = shlex::split(line) else {
                 let msg = "Cannot split command: unterminated quote or trailing backslash";
                 r.err(&at, "value_error", msg);
@@ -394,7 +394,7 @@ fn exec_probe(r: &mut Report, hc: &HealthCheckWire, loc: &Loc) -> Option<HealthP
             }
             words
         }
-        CommandWire::Words(words) => words_of(r, words, &at, true)?,
+        LineOrList::List(words) => words_of(r, words, &at, true)?,
     };
     if command.first().is_some_and(String::is_empty) {
         let msg = "String should have at least 1 character";

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer};
 use serde_json::Value;
 
-use super::checked::{Checked, Int, Object, Opt, Seconds, unexpected};
+use super::checked::{Checked, Int, LineOrList, Object, Opt, Seconds, unexpected};
 
 /// The whole `specification` object; keys other than `spec` (`api_version`, `metadata`) are
 /// ignored.
@@ -125,22 +125,7 @@ impl<'de> Deserialize<'de> for SignalWire {
 }
 
 /// A probe command: one string (split like a shell would, without running one) or a list.
-pub(super) enum CommandWire {
-    Line(String),
-    Words(Vec<Checked<String>>),
-}
-
-impl<'de> Deserialize<'de> for CommandWire {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match Value::deserialize(d)? {
-            Value::String(s) => Ok(Self::Line(s)),
-            Value::Array(items) => Ok(Self::Words(
-                items.into_iter().map(Checked::from_value).collect(),
-            )),
-            other => Err(de::Error::invalid_type(unexpected(&other), &"a sequence")),
-        }
-    }
-}
+pub(super) type CommandWire = LineOrList;
 
 /// `spec.health_check`; `type` may be left out and is inferred from the fields given.
 #[derive(Deserialize)]

@@ -4,13 +4,12 @@
 //! (`crate::spec`), which `specification` is handed to.
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer};
 use serde_json::{Map, Value, json};
 
 use super::{MAX_PACKAGE_LEN, MAX_PACKAGES, MAX_SPEC_BYTES};
 use crate::conductor::core::{DeploymentPatch, EnvPatch};
 use crate::model::DesiredState;
-use crate::spec::{Checked, FieldError, Loc, Opt, Report, given, unexpected};
+use crate::spec::{FieldError, LineOrList, Loc, Opt, Report, given};
 
 /// `POST /deployments`. On create, a given `null` is a mismatch, not absence.
 #[derive(Deserialize)]
@@ -73,22 +72,7 @@ struct EnvPatchWire {
 }
 
 /// Packages: a list of strings, or one string separated by commas or newlines.
-enum Packages {
-    Line(String),
-    List(Vec<Checked<String>>),
-}
-
-impl<'de> Deserialize<'de> for Packages {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match Value::deserialize(d)? {
-            Value::String(s) => Ok(Self::Line(s)),
-            Value::Array(items) => Ok(Self::List(
-                items.into_iter().map(Checked::from_value).collect(),
-            )),
-            other => Err(de::Error::invalid_type(unexpected(&other), &"a sequence")),
-        }
-    }
-}
+type Packages = LineOrList;
 
 /// Deserializes a body object into its wire shape; only fails on a shape serde itself
 /// refuses (never for these all-`Checked` structs, but reported rather than assumed).
@@ -229,8 +213,8 @@ fn script(r: &mut Report, field: &Opt<Option<String>>) -> Option<Option<String>>
 fn packages(r: &mut Report, field: &Opt<Packages>) -> Option<Vec<String>> {
     let loc = body().at("packages");
     let items: Vec<(Loc, &str)> = match r.opt(field, &loc)? {
-        Packages::Line(s) => s.split([',', '\n']).map(|p| (loc.clone(), p)).collect(),
-        Packages::List(list) => list
+        LineOrList::Line(s) => s.split([',', '\n']).map(|p| (loc.clone(), p)).collect(),
+        LineOrList::List(list) => list
             .iter()
             .enumerate()
             .filter_map(|(i, p)| {

@@ -9,7 +9,7 @@
 //! generation. A node reporting a deployment it should not hold, or at an older generation, is
 //! told to drop it (`Unassign`), so a healed partition never leaves two copies running.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -500,8 +500,8 @@ impl Core {
 
     /// The mesh routes of `node_id`: every service of the namespaces it runs a deployment
     /// of, marked local when the binder is placed there.
-    fn routes_for(&self, node_id: &str) -> Vec<wire::ServiceRoute> {
-        let runs_any = self.assignments.values().any(|a| a.node_id == node_id);
+    /// `runs_any`: whether the node holds an assignment (the caller knows, without a scan).
+    fn routes_for(&self, node_id: &str, runs_any: bool) -> Vec<wire::ServiceRoute> {
         if !runs_any {
             return Vec::new();
         }
@@ -520,8 +520,8 @@ impl Core {
     }
 
     /// Sends `node_id` its mesh routes if they changed since the last ones sent.
-    fn sync_routes(&mut self, node_id: &str) {
-        let routes = self.routes_for(node_id);
+    fn sync_routes(&mut self, node_id: &str, runs_any: bool) {
+        let routes = self.routes_for(node_id, runs_any);
         let Some(conn) = self.nodes.get_mut(node_id).and_then(|n| n.conn.as_mut()) else {
             return;
         };
@@ -541,7 +541,7 @@ impl Core {
         // The node learns which service ports are now its own before the process that binds
         // them starts (it stops listening on them first).
         if let Some(node_id) = self.assignments.get(id).map(|a| a.node_id.clone()) {
-            self.sync_routes(&node_id);
+            self.sync_routes(&node_id, true);
         }
         let command_id = self.command_id();
         let log_seq_floor = self
@@ -1173,6 +1173,12 @@ impl Core {
     /// Builds the API's view of the cluster (the pure parts are in [`view`]) and publishes it.
     fn publish(&mut self, nodes: &[scheduler::NodeView]) {
         self.dirty = false;
+        // One pass over the assignments for all nodes (not one per node).
+        let running: HashSet<String> = self
+            .assignments
+            .values()
+            .map(|a| a.node_id.clone())
+            .collect();
         let connected: Vec<String> = self
             .nodes
             .iter()
@@ -1180,7 +1186,8 @@ impl Core {
             .map(|(id, _)| id.clone())
             .collect();
         for node_id in connected {
-            self.sync_routes(&node_id);
+            let runs_any = running.contains(&node_id);
+            self.sync_routes(&node_id, runs_any);
         }
         self.published_states = nodes.iter().map(|n| n.state).collect();
         let deps = self.sched_deployments();

@@ -408,19 +408,14 @@ impl NodeCore {
         if !supervisor::valid_id(&id) {
             return Err(format!("invalid deployment id {:?}", id.as_str()));
         }
+        // The env of the copy held (or restored) at this very generation, if any.
         let same_generation = self
             .held
             .get(&id)
-            .map(|h| &h.spec)
-            .or_else(|| self.restored.get(&id).map(|r| &r.spec))
-            .filter(|_| {
-                self.held
-                    .get(&id)
-                    .map(|h| h.generation)
-                    .or_else(|| self.restored.get(&id).map(|r| r.generation))
-                    == Some(generation)
-            })
-            .map(|s| s.env.clone());
+            .map(|h| (h.generation, &h.spec))
+            .or_else(|| self.restored.get(&id).map(|r| (r.generation, &r.spec)))
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, spec)| spec.env.clone());
         let spec = match parse_spec(&a.specification_json) {
             Ok(mut spec) => {
                 match same_generation {

@@ -400,6 +400,7 @@ async fn from_config(
                 config::Scheduling::Binpack => crate::scheduler::Strategy::Binpack,
             };
             cfg.service_ports = c.service_ports.clone();
+            cfg.direct_paths = c.direct_paths;
             let conductor = Conductor::start(cfg).await?;
             eprintln!(
                 "conductor: API http://{}  QUIC {}",

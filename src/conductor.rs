@@ -4,6 +4,7 @@
 pub mod api;
 pub mod core;
 pub mod loghub;
+pub mod paths;
 pub mod services;
 pub mod sessions;
 pub mod store;
@@ -43,6 +44,8 @@ pub struct ConductorConfig {
     pub transport: TransportSettings,
     /// Where mesh service ports come from.
     pub service_ports: std::ops::RangeInclusive<u16>,
+    /// Whether node pairs try direct connections for mesh tunnels (else: relay only).
+    pub direct_paths: bool,
 }
 
 impl ConductorConfig {
@@ -59,6 +62,7 @@ impl ConductorConfig {
             strategy: Strategy::Spread,
             transport: TransportSettings::default(),
             service_ports: services::DEFAULT_PORT_RANGE,
+            direct_paths: true,
         }
     }
 }
@@ -115,6 +119,7 @@ impl Conductor {
             grace: cfg.grace,
             strategy: cfg.strategy,
             service_ports: cfg.service_ports.clone(),
+            direct_paths: cfg.direct_paths,
         };
         let core = core::start(
             store,

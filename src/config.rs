@@ -158,6 +158,9 @@ pub struct ConductorConfig {
     /// `conductor.service_ports`: where mesh service ports come from, `LOW-HIGH`.
     /// Default `7000-8999` (the seed's pool; ports are unique across the cluster).
     pub service_ports: std::ops::RangeInclusive<u16>,
+    /// `conductor.direct_paths`: whether nodes try direct connections (hole punching) for
+    /// mesh tunnels; `false` relays everything through the conductor. Default `true`.
+    pub direct_paths: bool,
 }
 
 impl ConductorConfig {
@@ -174,6 +177,7 @@ impl ConductorConfig {
             suspect_after: Duration::from_secs(10),
             scheduling: Scheduling::Spread,
             service_ports: crate::conductor::services::DEFAULT_PORT_RANGE,
+            direct_paths: true,
         }
     }
 }

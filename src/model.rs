@@ -331,7 +331,7 @@ pub const TUNNEL_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One bound service (`GET /services`): where every process of its namespace reaches it
 /// (`SYMPH_<NAME>_HOST/_PORT/_ADDR`), who binds it and who connects to it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ServiceInfo {
     /// An experiment's name, or `default`.
@@ -350,6 +350,21 @@ pub struct ServiceInfo {
     pub node_id: Option<String>,
     /// Deployments that declare `connects` to it.
     pub connectors: Vec<String>,
+    /// For each node running a connector: the path its tunnels take to the binder.
+    pub paths: Vec<ServicePath>,
+}
+
+/// How tunnels from one node reach a service's binder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServicePath {
+    /// The connector's node.
+    pub node_id: String,
+    /// `direct` (a hole-punched connection between the two nodes), `relay` (through the
+    /// conductor) or `local` (same node: no tunnel).
+    pub path: String,
+    /// Round-trip time of that path, milliseconds (the relay's is the sum of both nodes'
+    /// round trips to the conductor); `null` while unknown.
+    pub rtt_ms: Option<f64>,
 }
 
 /// One node (the original's `NodeSnapshot`, plus liveness and connection facts).

@@ -8,6 +8,7 @@ pub mod health;
 pub mod keeper;
 pub mod logs;
 pub mod monitor;
+pub mod peers;
 pub mod restart;
 pub mod runner;
 pub mod state;

@@ -11,9 +11,12 @@
 //!   [`Client::rebind`] moves to a new local socket explicitly; the path monitor does so by
 //!   itself when a specifically bound local address disappears, or when nothing has been
 //!   received for two keep-alive periods (a fresh socket gets a fresh NAT mapping).
+//! * Direct paths to other nodes (the mesh): the same endpoint, and so the same UDP socket and
+//!   NAT mapping the conductor sees, also dials and accepts other nodes ([`Client::punch`],
+//!   [`Client::dial_peer`], [`Client::accept_peer`]), authenticated by node certificates.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -24,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 use crate::close::CloseCode;
 use crate::config::TransportSettings;
 use crate::session::{Control, Session, SessionError};
-use crate::tls::{TlsError, TlsMaterial, client_crypto};
+use crate::pki::node_id_from_cert;
+use crate::tls::{TlsError, TlsMaterial, client_crypto, peer_client_crypto, peer_server_crypto};
 
 /// How to reach the conductor.
 #[derive(Debug, Clone)]
@@ -92,6 +96,9 @@ pub enum ConnectError {
     /// Socket errors.
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// A peer's certificate named no node.
+    #[error("the peer's certificate names no node")]
+    Identity,
 }
 
 /// What the reconnect loop reports.
@@ -117,21 +124,137 @@ pub enum ClientEvent {
 #[derive(Debug)]
 pub struct Client {
     endpoint: quinn::Endpoint,
+    /// A second handle on the socket quinn uses (for the low-TTL punch packet).
+    socket: Mutex<std::net::UdpSocket>,
     cfg: ClientConfig,
     reconnects: AtomicU64,
+}
+
+/// TTL of the hole-punch packet: it leaves the node's own NAT (creating the mapping the peer
+/// will answer through) and dies at the next router, before it can reach the peer's NAT and
+/// spoil the mapping that NAT is about to make (see `round2.md`, the mesh).
+pub const PUNCH_TTL: i32 = 2;
+
+/// An incoming direct connection from another node, not yet handshaken.
+#[derive(Debug)]
+pub struct PeerIncoming {
+    incoming: quinn::Incoming,
+    settings: TransportSettings,
+}
+
+impl PeerIncoming {
+    /// Where it comes from.
+    pub fn remote(&self) -> SocketAddr {
+        self.incoming.remote_address()
+    }
+
+    /// Turns it away without a handshake.
+    pub fn refuse(self) {
+        self.incoming.refuse();
+    }
+
+    /// Completes the handshake (the dialer's certificate is checked against the CA) within
+    /// `timeout`; returns the dialer's node id and the session.
+    pub async fn handshake(self, timeout: Duration) -> Result<(String, Session), ConnectError> {
+        let connecting = self.incoming.accept()?;
+        let conn = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| ConnectError::Handshake(quinn::ConnectionError::TimedOut))??;
+        let id = conn
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+            .and_then(|chain| chain.first().and_then(|c| node_id_from_cert(c.as_ref()).ok()));
+        match id {
+            Some(id) => Ok((id, Session::new(conn, self.settings))),
+            None => {
+                conn.close(CloseCode::AuthFailed.varint(), b"no node identity");
+                Err(ConnectError::Identity)
+            }
+        }
+    }
 }
 
 impl Client {
     /// Creates the endpoint (binds the local socket).
     pub fn new(cfg: ClientConfig) -> Result<Self, ConnectError> {
-        let mut endpoint = quinn::Endpoint::client(cfg.bind)?;
+        let socket = std::net::UdpSocket::bind(cfg.bind)?;
+        let handle = socket.try_clone()?;
+        // Other nodes may dial this endpoint directly (the mesh); who may is checked by the
+        // caller of `accept_peer`.
+        let mut server = quinn::ServerConfig::with_crypto(peer_server_crypto(&cfg.tls)?);
+        server.transport_config(cfg.settings.transport_config());
+        server.migration(true);
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )?;
         let mut qc = quinn::ClientConfig::new(client_crypto(&cfg.tls)?);
         qc.transport_config(cfg.settings.transport_config());
         endpoint.set_default_client_config(qc);
         Ok(Self {
             endpoint,
+            socket: Mutex::new(handle),
             cfg,
             reconnects: AtomicU64::new(0),
+        })
+    }
+
+    /// Sends one small packet with TTL [`PUNCH_TTL`] to `peer` from the endpoint's socket:
+    /// it opens this node's NAT towards the peer's reflexive address without reaching it.
+    pub fn punch(&self, peer: SocketAddr) -> std::io::Result<()> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+        use std::os::fd::AsRawFd;
+        let socket = self
+            .socket
+            .lock()
+            .map_err(|_| std::io::Error::other("socket handle poisoned"))?;
+        let to = SockaddrStorage::from(peer);
+        let ttl: nix::libc::c_int = PUNCH_TTL;
+        let cmsgs = match peer {
+            SocketAddr::V4(_) => vec![ControlMessage::Ipv4Ttl(&ttl)],
+            // IPv6 hop limits are not set per packet here; the packet may travel further.
+            SocketAddr::V6(_) => Vec::new(),
+        };
+        // One zero byte: no QUIC endpoint takes it for a packet.
+        sendmsg(
+            socket.as_raw_fd(),
+            &[std::io::IoSlice::new(&[0])],
+            &cmsgs,
+            MsgFlags::empty(),
+            Some(&to),
+        )
+        .map_err(std::io::Error::from)?;
+        Ok(())
+    }
+
+    /// Dials another node at `addr` from this endpoint's socket; the handshake succeeds only if
+    /// the peer presents a node certificate of the CA for `peer_id`.
+    pub async fn dial_peer(
+        &self,
+        addr: SocketAddr,
+        peer_id: &str,
+        timeout: Duration,
+    ) -> Result<Session, ConnectError> {
+        let mut qc = quinn::ClientConfig::new(peer_client_crypto(&self.cfg.tls, peer_id)?);
+        qc.transport_config(self.cfg.settings.transport_config());
+        let connecting = self.endpoint.connect_with(qc, addr, "symphony-peer")?;
+        let conn = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| ConnectError::Handshake(quinn::ConnectionError::TimedOut))??;
+        Ok(Session::new(conn, self.cfg.settings.clone()))
+    }
+
+    /// The next incoming direct connection from another node (`None` once the endpoint is
+    /// closed).
+    pub async fn accept_peer(&self) -> Option<PeerIncoming> {
+        let incoming = self.endpoint.accept().await?;
+        Some(PeerIncoming {
+            incoming,
+            settings: self.cfg.settings.clone(),
         })
     }
 
@@ -149,7 +272,12 @@ impl Client {
     /// (no reconnect: QUIC path migration).
     pub fn rebind(&self, addr: SocketAddr) -> std::io::Result<()> {
         let socket = std::net::UdpSocket::bind(addr)?;
-        self.endpoint.rebind(socket)
+        let handle = socket.try_clone()?;
+        self.endpoint.rebind(socket)?;
+        if let Ok(mut s) = self.socket.lock() {
+            *s = handle;
+        }
+        Ok(())
     }
 
     /// One connection attempt: handshake, then open the control stream.

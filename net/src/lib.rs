@@ -23,7 +23,7 @@ pub mod server;
 pub mod session;
 pub mod tls;
 
-pub use client::{Client, ClientConfig, ClientEvent, ConnectError};
+pub use client::{Client, ClientConfig, ClientEvent, ConnectError, PUNCH_TTL, PeerIncoming};
 pub use close::CloseCode;
 pub use config::{ALPN, PRIORITY_TUNNEL, TransportSettings};
 pub use frame::{FrameError, FrameReader, FrameWriter};
@@ -33,4 +33,4 @@ pub use server::{Accepted, NodeIdentity, Server, ServerError};
 pub use session::{
     ConnectionFacts, Control, FrameReceiver, FrameSender, Session, SessionError, StreamKind, Tunnel,
 };
-pub use tls::{TlsError, TlsMaterial};
+pub use tls::{PEER_ALPN, TlsError, TlsMaterial};

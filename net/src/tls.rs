@@ -178,3 +178,127 @@ pub fn client_crypto(
         tls,
     )?))
 }
+
+/// ALPN of direct node-to-node connections (the mesh's direct path).
+pub const PEER_ALPN: &[u8] = b"symphony-peer/1";
+
+/// A node's crypto for direct connections it accepts: presents its node certificate and
+/// requires the dialer's, issued by the same CA. Which node may connect is checked after the
+/// handshake (the identity must be one the conductor told this node to expect).
+pub fn peer_server_crypto(
+    m: &TlsMaterial,
+) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(m.roots()?, provider.clone())
+            .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.chain()?, m.key()?)?;
+    tls.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    Ok(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(
+        tls,
+    )?))
+}
+
+/// A node's crypto for dialling another node: presents its node certificate, and accepts only
+/// a node certificate of the CA whose identity is `expected` (node certificates name a node in
+/// a URI SAN, not a DNS name, so rustls' name check cannot apply).
+pub fn peer_client_crypto(
+    m: &TlsMaterial,
+    expected: &str,
+) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = PeerVerifier {
+        roots: m.roots()?,
+        expected: expected.to_owned(),
+        provider: provider.clone(),
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(m.chain()?, m.key()?)?;
+    tls.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    Ok(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(
+        tls,
+    )?))
+}
+
+/// Verifies the accepting node: its chain leads to the CA (for client-auth use, as node
+/// certificates are issued), and its certificate names the expected node.
+#[derive(Debug)]
+struct PeerVerifier {
+    roots: Arc<rustls::RootCertStore>,
+    expected: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let invalid = |e: webpki::Error| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                rustls::OtherError(Arc::new(e)),
+            ))
+        };
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(invalid)?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &self.roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(invalid)?;
+        match crate::pki::node_id_from_cert(end_entity.as_ref()) {
+            Ok(id) if id == self.expected => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            _ => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -566,3 +566,124 @@ async fn control_never_waits_behind_a_log_flood() {
     while floods.join_next().await.is_some() {}
     drain.abort();
 }
+
+/// A node endpoint that only dials and accepts other nodes (no conductor needed).
+fn peer_node(pki: &Pki, id: &str) -> Client {
+    // The conductor address is never dialled here.
+    Client::new(client_cfg(
+        "127.0.0.1:9".parse().unwrap(),
+        pki.node_tls(id),
+        fast(),
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn nodes_connect_directly_and_each_checks_the_others_identity() {
+    let pki = Pki::new();
+    let (a, b) = (peer_node(&pki, "node-a"), peer_node(&pki, "node-b"));
+    let b_addr = b.local_addr().unwrap();
+    let accept = async {
+        let incoming = b.accept_peer().await.unwrap();
+        incoming.handshake(Duration::from_secs(5)).await
+    };
+    let (dialled, accepted) = tokio::join!(
+        a.dial_peer(b_addr, "node-b", Duration::from_secs(5)),
+        accept
+    );
+    let (dialled, (id, accepted)) = (dialled.unwrap(), accepted.unwrap());
+    assert_eq!(id, "node-a", "the acceptor learns who dialled");
+    // A tunnel both ways over the direct connection.
+    let mut t = dialled.open_tunnel().await.unwrap();
+    t.send.write_all(b"over the direct path").await.unwrap();
+    t.send.finish().unwrap();
+    let mut back = accepted.accept_tunnel().await.unwrap();
+    let got = back.recv.read_to_end(1024).await.unwrap();
+    assert_eq!(got, b"over the direct path");
+
+    // Dialling B while expecting another node fails on the dialler's side.
+    let wrong = a
+        .dial_peer(b_addr, "node-c", Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(wrong, Err(symphony_net::ConnectError::Handshake(_))),
+        "{wrong:?}"
+    );
+    // B saw that attempt too; it fails there as well (the dialler aborted).
+    let incoming = b.accept_peer().await.unwrap();
+    assert!(incoming.handshake(Duration::from_secs(5)).await.is_err());
+}
+
+#[tokio::test]
+async fn a_node_of_another_ca_cannot_connect_directly() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let b = peer_node(&pki, "node-b");
+    let b_addr = b.local_addr().unwrap();
+    // Trusts our CA, presents a certificate of another one, claims a name B expects.
+    let mut tls = other.node_tls("node-a");
+    tls.ca_pem = pki.ca.cert_pem().to_owned();
+    let intruder = Client::new(client_cfg("127.0.0.1:9".parse().unwrap(), tls, fast())).unwrap();
+    let accept = async {
+        let incoming = b.accept_peer().await.unwrap();
+        incoming.handshake(Duration::from_secs(5)).await
+    };
+    let (dialled, accepted) = tokio::join!(
+        intruder.dial_peer(b_addr, "node-b", Duration::from_secs(5)),
+        accept
+    );
+    assert!(accepted.is_err(), "B accepted a certificate of another CA");
+    if let Ok(s) = dialled {
+        // TLS 1.3: the dialler may finish first; B then closes the connection.
+        let _ = s.closed().await;
+    }
+    // And a node of our CA that is presented by a server of another CA is refused too.
+    let fake_b = {
+        let mut tls = other.node_tls("node-b");
+        tls.ca_pem = other.ca.cert_pem().to_owned();
+        Client::new(client_cfg("127.0.0.1:9".parse().unwrap(), tls, fast())).unwrap()
+    };
+    let a = peer_node(&pki, "node-a");
+    let fake_addr = fake_b.local_addr().unwrap();
+    let _accepting = tokio::spawn(async move {
+        while let Some(i) = fake_b.accept_peer().await {
+            let _ = i.handshake(Duration::from_secs(5)).await;
+        }
+    });
+    let res = a
+        .dial_peer(fake_addr, "node-b", Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(res, Err(symphony_net::ConnectError::Handshake(_))),
+        "{res:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_punch_packet_leaves_the_quic_socket_with_a_low_ttl() {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, setsockopt, sockopt};
+    use std::os::fd::AsRawFd;
+    let pki = Pki::new();
+    let a = peer_node(&pki, "node-a");
+    let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    setsockopt(&rx, sockopt::Ipv4RecvTtl, &true).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    a.punch(rx.local_addr().unwrap()).unwrap();
+    let mut buf = [0u8; 16];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!(nix::libc::c_int);
+    let msg = recvmsg::<SockaddrIn>(rx.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty())
+        .unwrap();
+    let from = msg.address.unwrap();
+    let ttls: Vec<i32> = msg
+        .cmsgs()
+        .unwrap()
+        .filter_map(|c| match c {
+            ControlMessageOwned::Ipv4Ttl(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ttls, vec![symphony_net::PUNCH_TTL]);
+    // From the endpoint's own socket (the NAT mapping the conductor sees).
+    assert_eq!(from.port(), a.local_addr().unwrap().port());
+}

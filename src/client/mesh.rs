@@ -46,6 +46,21 @@ fn find<'a>(services: &'a [ServiceInfo], wanted: &str) -> Result<&'a ServiceInfo
     }
 }
 
+/// Each connector node's path, e.g. `n1 direct 0.4ms, n2 relay 31ms`.
+fn paths_cell(paths: &[crate::model::ServicePath]) -> String {
+    if paths.is_empty() {
+        return "-".to_owned();
+    }
+    paths
+        .iter()
+        .map(|p| match p.rtt_ms {
+            Some(ms) => format!("{} {} {ms:.1}ms", p.node_id, p.path),
+            None => format!("{} {}", p.node_id, p.path),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `symphony services`: one row per bound service.
 pub async fn services(api: &str, json: bool, out: &mut impl Write) -> Result<Exit, ClientError> {
     let client = Client::new(api)?;
@@ -66,6 +81,7 @@ pub async fn services(api: &str, json: bool, out: &mut impl Write) -> Result<Exi
                 s.deployment_name.clone(),
                 s.node_id.clone().unwrap_or_else(|| "-".to_owned()),
                 s.connectors.len().to_string(),
+                paths_cell(&s.paths),
             ]
         })
         .collect();
@@ -77,6 +93,7 @@ pub async fn services(api: &str, json: bool, out: &mut impl Write) -> Result<Exi
         "BINDER",
         "NODE",
         "CONNECTORS",
+        "PATHS",
     ];
     out.write_all(render::render_table(&headers, &rows).as_bytes())?;
     Ok(Exit::Ok)

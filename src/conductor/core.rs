@@ -17,6 +17,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::loghub::LogHub;
+use super::paths::{self, PairState, Paths};
 use super::services::{DEFAULT_NAMESPACE, SERVICE_HOST, Service, ServiceTable};
 use super::store::{
     AssignmentRecord, CondaEnvRecord, DeploymentRecord, NodeRecord, Store, StoreError,
@@ -118,12 +119,14 @@ pub struct CoreConfig {
     pub grace: Duration,
     pub strategy: Strategy,
     pub service_ports: std::ops::RangeInclusive<u16>,
+    /// Try direct node-to-node paths for mesh tunnels (else relay only).
+    pub direct_paths: bool,
 }
 
 #[derive(Debug)]
 struct Connection {
     /// The mesh routes last sent on this connection (`None`: none yet).
-    routes: Option<Vec<wire::ServiceRoute>>,
+    routes: Option<wire::ServiceRoutes>,
     epoch: u64,
     tx: mpsc::Sender<wire::ConductorMessage>,
     session: symphony_net::Session,
@@ -191,6 +194,16 @@ struct Core {
     services: ServiceTable,
     /// The services each deployment connects to (from its spec), for the view.
     connects: BTreeMap<String, Vec<String>>,
+    /// Direct paths between the nodes of connectors and binders.
+    paths: Paths,
+}
+
+/// The reflexive address of a connected node (its connection's remote address).
+fn reflexive(nodes: &BTreeMap<String, Node>, node_id: &str) -> Option<std::net::SocketAddr> {
+    nodes
+        .get(node_id)
+        .and_then(|n| n.conn.as_ref())
+        .map(|c| c.session.connection().remote_address())
 }
 
 /// What a deployment binds (ports assigned) and connects to.
@@ -297,6 +310,9 @@ pub async fn start(
         fenced: BTreeSet::new(),
         services: ServiceTable::new(snap.services, ports),
         connects: BTreeMap::new(),
+        // Nonces grow across restarts, like epochs (an answer to an attempt of an earlier run
+        // never matches).
+        paths: Paths::new(u64::try_from(now_ms()).unwrap_or(0) * 1000),
     };
     core.reconcile_services().await?;
     // Known nodes come back as not connected; their grace starts now (a conductor restart
@@ -424,6 +440,7 @@ impl Core {
                 {
                     n.conn = None;
                     self.changed = true;
+                    self.paths.disconnected(&node_id, now_ms());
                     tracing::info!(%node_id, "node disconnected");
                 }
             }
@@ -458,6 +475,7 @@ impl Core {
             if publish {
                 self.publish(&nodes);
             }
+            self.drive_paths();
         }
         for (reply, r) in self.replies.drain(..) {
             let _ = reply.send(r);
@@ -507,21 +525,26 @@ impl Core {
         }
         self.services
             .all()
-            .map(|s| wire::ServiceRoute {
-                namespace: s.namespace.clone(),
-                name: s.name.clone(),
-                port: u32::from(s.port),
-                local: self
-                    .assignments
-                    .get(&s.deployment_id)
-                    .is_some_and(|a| a.node_id == node_id),
+            .map(|s| {
+                let binder = self.assignments.get(&s.deployment_id).map(|a| &a.node_id);
+                wire::ServiceRoute {
+                    namespace: s.namespace.clone(),
+                    name: s.name.clone(),
+                    port: u32::from(s.port),
+                    local: binder.is_some_and(|b| b == node_id),
+                    node_id: binder.cloned().unwrap_or_default(),
+                }
             })
             .collect()
     }
 
-    /// Sends `node_id` its mesh routes if they changed since the last ones sent.
+    /// Sends `node_id` its mesh routes (and the peers it may connect with directly) if they
+    /// changed since the last ones sent.
     fn sync_routes(&mut self, node_id: &str, runs_any: bool) {
-        let routes = self.routes_for(node_id, runs_any);
+        let routes = wire::ServiceRoutes {
+            routes: self.routes_for(node_id, runs_any),
+            peers: self.paths.peers_of(node_id),
+        };
         let Some(conn) = self.nodes.get_mut(node_id).and_then(|n| n.conn.as_mut()) else {
             return;
         };
@@ -529,8 +552,68 @@ impl Core {
             return;
         }
         conn.routes = Some(routes.clone());
-        let msg = wire::conductor_message::Msg::ServiceRoutes(wire::ServiceRoutes { routes });
-        self.send_to(node_id, msg);
+        self.send_to(node_id, wire::conductor_message::Msg::ServiceRoutes(routes));
+    }
+
+    /// The node pairs that should talk directly: a deployment placed on one connects to a
+    /// service whose binder is placed on the other.
+    fn wanted_pairs(&self) -> BTreeSet<paths::PairKey> {
+        if !self.cfg.direct_paths {
+            return BTreeSet::new();
+        }
+        let mut wanted = BTreeSet::new();
+        for (id, names) in &self.connects {
+            let Some(here) = self.assignments.get(id).map(|a| &a.node_id) else {
+                continue;
+            };
+            for s in self.services.all().filter(|s| names.contains(&s.name)) {
+                if let Some(there) = self.assignments.get(&s.deployment_id).map(|a| &a.node_id)
+                    && there != here
+                {
+                    wanted.insert(paths::key(here, there));
+                }
+            }
+        }
+        wanted
+    }
+
+    /// Starts due hole punches and times out stale ones.
+    fn drive_paths(&mut self) {
+        let nodes = &self.nodes;
+        let punches = self.paths.drive(now_ms(), |n| reflexive(nodes, n));
+        self.send_punches(punches);
+    }
+
+    fn send_punches(&mut self, punches: paths::Punches) {
+        for (node_id, punch) in punches {
+            tracing::debug!(%node_id, peer = %punch.peer_id, dial = punch.dial, "hole punch");
+            self.send_to(&node_id, wire::conductor_message::Msg::Punch(punch));
+        }
+    }
+
+    /// The path between a connector's node and the binder's node, and its RTT: the direct
+    /// connection's, or the sum of both nodes' RTTs to the conductor for the relay.
+    fn path_between(&self, here: &str, there: &str) -> crate::model::ServicePath {
+        let (path, rtt_ms) = if here == there {
+            ("local", Some(0.0))
+        } else if let Some(PairState::Direct { rtt_us, .. }) = self.paths.state(here, there) {
+            #[allow(clippy::cast_precision_loss)]
+            let ms = *rtt_us as f64 / 1000.0;
+            ("direct", Some(ms))
+        } else {
+            let rtt = |n: &str| {
+                self.nodes
+                    .get(n)
+                    .and_then(|n| n.conn.as_ref())
+                    .map(|c| c.session.connection().rtt().as_secs_f64() * 1000.0)
+            };
+            ("relay", rtt(here).zip(rtt(there)).map(|(a, b)| a + b))
+        };
+        crate::model::ServicePath {
+            node_id: here.to_owned(),
+            path: path.to_owned(),
+            rtt_ms,
+        }
     }
 
     fn assign_msg(
@@ -1059,6 +1142,14 @@ impl Core {
                     tracing::info!(%node_id, command_id = r.command_id, message = %r.message, "node refused a command");
                 }
             }
+            Msg::PeerPath(report) => {
+                let nodes = &self.nodes;
+                let punches = self
+                    .paths
+                    .report(node_id, &report, now_ms(), |n| reflexive(nodes, n));
+                self.send_punches(punches);
+                self.changed = true;
+            }
             Msg::Hello(_) => tracing::info!(%node_id, "ignoring a second hello"),
         }
     }
@@ -1170,6 +1261,22 @@ impl Core {
         }
     }
 
+    /// For each node that runs a connector of `s`, the path its tunnels take to the binder.
+    fn service_paths(&self, s: &Service) -> Vec<crate::model::ServicePath> {
+        let Some(there) = self.assignments.get(&s.deployment_id).map(|a| &a.node_id) else {
+            return Vec::new();
+        };
+        let here: BTreeSet<&String> = self
+            .connects
+            .iter()
+            .filter(|(_, names)| names.contains(&s.name))
+            .filter_map(|(id, _)| self.assignments.get(id).map(|a| &a.node_id))
+            .collect();
+        here.into_iter()
+            .map(|n| self.path_between(n, there))
+            .collect()
+    }
+
     /// Builds the API's view of the cluster (the pure parts are in [`view`]) and publishes it.
     fn publish(&mut self, nodes: &[scheduler::NodeView]) {
         self.dirty = false;
@@ -1185,6 +1292,8 @@ impl Core {
             .filter(|(_, n)| n.conn.is_some())
             .map(|(id, _)| id.clone())
             .collect();
+        let wanted = self.wanted_pairs();
+        self.paths.want(wanted, now_ms());
         for node_id in connected {
             let runs_any = running.contains(&node_id);
             self.sync_routes(&node_id, runs_any);
@@ -1313,6 +1422,7 @@ impl Core {
                     .filter(|(_, names)| names.contains(&s.name))
                     .map(|(id, _)| id.clone())
                     .collect(),
+                paths: self.service_paths(s),
             })
             .collect();
         self.view.send_replace(Arc::new(ClusterView {

@@ -359,7 +359,9 @@ impl Check<'_> {
                 d.service_ports
             }),
         };
+        let direct_paths = c.direct_paths.map_or(d.direct_paths, |f| f.0);
         ConductorConfig {
+            direct_paths,
             listen,
             server,
             cert_dir,

@@ -36,6 +36,7 @@ pub(super) struct ConductorFile {
     pub suspect_after_sec: Option<Secs>,
     pub scheduling: Option<Str>,
     pub service_ports: Option<Str>,
+    pub direct_paths: Option<Flag>,
 }
 
 /// `conductor.tls`.

@@ -226,6 +226,20 @@ pub async fn run_with_store(
     let writer = tokio::spawn(write_state(store, state_rx));
     let (input_tx, mut inputs) = mpsc::channel::<Input>(256);
     let (done_tx, mut done) = mpsc::unbounded_channel::<Event>();
+    let mut ccfg = ClientConfig::new(cfg.conductor_addr.clone(), cfg.tls.clone());
+    ccfg.server_name = cfg.server_name.clone();
+    ccfg.settings = cfg.transport.clone();
+    let client = Arc::new(Client::new(ccfg).context("creating the QUIC endpoint")?);
+    let direct = super::peers::PeerMap::default();
+    let tunnels = super::tunnels::Tunnels::new(cfg.service_ip, direct.clone());
+    let (peer_tx, mut peer_reports) = mpsc::unbounded_channel();
+    let peers = super::peers::Peers::new(
+        client.clone(),
+        direct,
+        tunnels.local_ports(),
+        cfg.service_ip,
+        peer_tx,
+    );
     let mut d = Driver {
         core: NodeCore::new(me, restored, env_names),
         sup: sup.clone(),
@@ -240,13 +254,10 @@ pub async fn run_with_store(
         state: state_tx,
         dropped_seen: 0,
         later: VecDeque::new(),
-        tunnels: super::tunnels::Tunnels::new(cfg.service_ip),
+        tunnels,
+        peers,
     };
 
-    let mut ccfg = ClientConfig::new(cfg.conductor_addr.clone(), cfg.tls.clone());
-    ccfg.server_name = cfg.server_name.clone();
-    ccfg.settings = cfg.transport.clone();
-    let client = Arc::new(Client::new(ccfg).context("creating the QUIC endpoint")?);
     let (mut conns, conn_task) = client.clone().run(cancel.child_token());
     let mut fatal = None;
     loop {
@@ -268,6 +279,9 @@ pub async fn run_with_store(
             Some(input) = inputs.recv() => d.input(input),
             Some(ev) = done.recv() => d.handle(ev),
             Some(st) = statuses.recv() => d.handle(Event::Status(st)),
+            Some(report) = peer_reports.recv() => d.execute(Effect::Send(wire::NodeMessage {
+                msg: Some(wire::node_message::Msg::PeerPath(report)),
+            })),
         }
         // Take the status changes that are ready too, then send them once.
         for _ in 0..STATUS_BATCH {
@@ -403,6 +417,8 @@ struct Driver {
     later: VecDeque<Event>,
     /// Mesh listeners and the binder side of tunnels.
     tunnels: super::tunnels::Tunnels,
+    /// Direct connections with other nodes.
+    peers: super::peers::Peers,
 }
 
 /// The current connection: its outgoing queue, tasks and log shippers (all end with it).
@@ -464,7 +480,11 @@ impl Driver {
 
     fn execute(&mut self, effect: Effect) {
         match effect {
-            Effect::Routes(routes) => self.tunnels.set_routes(routes),
+            Effect::Routes(r) => {
+                self.tunnels.set_routes(r.routes);
+                self.peers.set_allowed(r.peers);
+            }
+            Effect::Punch(p) => self.peers.punch(p),
             Effect::Send(msg) => {
                 let Some(conn) = &self.conn else { return };
                 if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send(msg) {

@@ -141,8 +141,11 @@ pub enum Effect {
     Persist(Vec<Held>),
     /// Run an env job in the background, then report [`Event::EnvDone`].
     Env(EnvJob),
-    /// Make these mesh services reachable on 127.0.0.1 (the whole set).
-    Routes(Vec<wire::ServiceRoute>),
+    /// Make these mesh services reachable on 127.0.0.1 (the whole set), and keep direct
+    /// connections with these peers only.
+    Routes(wire::ServiceRoutes),
+    /// Take part in a hole punch with another node.
+    Punch(wire::Punch),
 }
 
 /// A deployment on its way out: its process is stopping.
@@ -390,7 +393,8 @@ impl NodeCore {
                 fx.push(Effect::Send(result_msg(u.command_id, true, String::new())));
             }
             Msg::EnvEnsure(e) => self.env_ensure(e),
-            Msg::ServiceRoutes(r) => fx.push(Effect::Routes(r.routes)),
+            Msg::ServiceRoutes(r) => fx.push(Effect::Routes(r)),
+            Msg::Punch(p) => fx.push(Effect::Punch(p)),
         }
     }
 

@@ -1,7 +1,9 @@
 //! Mesh tunnels on a node. For each service whose binder runs on another node, the agent
-//! listens on `127.0.0.1:PORT` and carries every accepted TCP connection as a tunnel stream to
-//! the conductor, which splices it onto a tunnel to the binder's node; there the agent connects
-//! to the service on `127.0.0.1:PORT`. A binder on this node listens on the port itself.
+//! listens on `127.0.0.1:PORT` and carries every accepted TCP connection as a tunnel stream:
+//! straight to the binder's node when this node holds a direct connection with it
+//! ([`super::peers`]), else to the conductor, which splices it onto a tunnel to the binder's
+//! node. There the agent connects to the service on `127.0.0.1:PORT`. A binder on this node
+//! listens on the port itself.
 //!
 //! Invariants: the agent connects only to ports the conductor named as bound here (a tunnel
 //! naming another port is refused); a connection made before its binder is up is held for at
@@ -19,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::peers::PeerMap;
 use crate::wire;
 
 /// The current connection to the conductor and its pacer.
@@ -39,17 +42,36 @@ pub struct Tunnels {
     listeners: BTreeMap<u16, ((String, String), JoinHandle<()>)>,
     /// Ports whose binder runs here (tunnels from the conductor may connect to these only).
     local: Arc<Mutex<BTreeSet<u16>>>,
+    /// Where to reach each remote service directly: port -> the binder's node, and the
+    /// direct connections.
+    direct: Direct,
+}
+
+/// What a listener needs to go direct.
+#[derive(Debug, Clone)]
+struct Direct {
+    binders: Arc<Mutex<BTreeMap<u16, String>>>,
+    peers: PeerMap,
 }
 
 impl Tunnels {
-    /// No listeners yet; services are reached at `ip`.
-    pub fn new(ip: IpAddr) -> Self {
+    /// No listeners yet; services are reached at `ip`; direct connections are in `peers`.
+    pub fn new(ip: IpAddr, peers: PeerMap) -> Self {
         Self {
             ip,
             session: watch::channel(None).0,
             listeners: BTreeMap::new(),
             local: Arc::default(),
+            direct: Direct {
+                binders: Arc::default(),
+                peers,
+            },
         }
+    }
+
+    /// The ports bound on this node (shared: tunnels from peers check them too).
+    pub fn local_ports(&self) -> Arc<Mutex<BTreeSet<u16>>> {
+        self.local.clone()
     }
 }
 
@@ -74,6 +96,7 @@ impl Tunnels {
     pub fn set_routes(&mut self, routes: Vec<wire::ServiceRoute>) {
         let mut local = BTreeSet::new();
         let mut remote = BTreeMap::new();
+        let mut binders = BTreeMap::new();
         for r in routes {
             let Ok(port) = u16::try_from(r.port) else {
                 continue;
@@ -81,11 +104,17 @@ impl Tunnels {
             if r.local {
                 local.insert(port);
             } else {
+                if !r.node_id.is_empty() {
+                    binders.insert(port, r.node_id);
+                }
                 remote.insert(port, (r.namespace, r.name));
             }
         }
         if let Ok(mut l) = self.local.lock() {
             *l = local;
+        }
+        if let Ok(mut b) = self.direct.binders.lock() {
+            *b = binders;
         }
         self.listeners.retain(|port, (service, task)| {
             let keep = remote.get(port) == Some(service) && !task.is_finished();
@@ -99,7 +128,12 @@ impl Tunnels {
                 continue;
             }
             let addr = SocketAddr::new(self.ip, port);
-            let task = tokio::spawn(listen(addr, service.clone(), self.session.subscribe()));
+            let task = tokio::spawn(listen(
+                addr,
+                service.clone(),
+                self.session.subscribe(),
+                self.direct.clone(),
+            ));
             self.listeners.insert(port, (service, task));
         }
     }
@@ -115,6 +149,7 @@ async fn listen(
     addr: SocketAddr,
     service: (String, String),
     session: watch::Receiver<Option<Link>>,
+    direct: Direct,
 ) {
     let port = addr.port();
     let mut pause = Duration::from_millis(20);
@@ -148,36 +183,45 @@ async fn listen(
             refuse(tcp);
             continue;
         };
-        let (service, session) = (service.clone(), session.clone());
+        let (service, session, direct) = (service.clone(), session.clone(), direct.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            outgoing(tcp, service, session).await;
+            outgoing(tcp, service, port, session, direct).await;
         });
     }
 }
 
-/// Carries one accepted connection to the conductor (waiting at most [`HOLD`] for a
-/// connection and a tunnel); reset if it cannot.
+/// Carries one accepted connection straight to the binder's node if a direct connection with
+/// it is up, else to the conductor (waiting at most [`HOLD`] for a connection and a tunnel);
+/// reset if it cannot.
 async fn outgoing(
     tcp: TcpStream,
     (namespace, name): (String, String),
+    port: u16,
     mut session: watch::Receiver<Option<Link>>,
+    direct: Direct,
 ) {
+    let binder = direct.binders.lock().ok().and_then(|b| b.get(&port).cloned());
+    if let Some((s, pacer)) = binder.and_then(|b| direct.peers.get(&b)) {
+        let open = wire::TunnelOpen {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            port: u32::from(port),
+        };
+        match tokio::time::timeout(HOLD, open_with(&s, &open)).await {
+            Ok(Some(t)) => return splice(tcp, t, pacer).await,
+            // The direct connection is failing: the relay takes this one.
+            _ => tracing::debug!(port, "direct tunnel failed; relaying"),
+        }
+    }
     let tunnel = tokio::time::timeout(HOLD, async {
         let (s, pacer) = session.wait_for(Option::is_some).await.ok()?.clone()?;
-        let mut t = s.open_tunnel().await.ok()?;
         let open = wire::TunnelOpen {
             namespace,
             name,
             port: 0,
         };
-        match t.send_header(&open).await {
-            Ok(()) => Some((t, pacer)),
-            Err(_) => {
-                t.reset();
-                None
-            }
-        }
+        Some((open_with(&s, &open).await?, pacer))
     })
     .await;
     match tunnel {
@@ -189,8 +233,21 @@ async fn outgoing(
     }
 }
 
-/// Serves the conductor's tunnels to services bound here until the connection ends.
-async fn serve_incoming((session, pacer): Link, local: Arc<Mutex<BTreeSet<u16>>>, ip: IpAddr) {
+/// Opens a tunnel on `s` and sends its header.
+async fn open_with(s: &Session, open: &wire::TunnelOpen) -> Option<Tunnel> {
+    let mut t = s.open_tunnel().await.ok()?;
+    match t.send_header(open).await {
+        Ok(()) => Some(t),
+        Err(_) => {
+            t.reset();
+            None
+        }
+    }
+}
+
+/// Serves tunnels to services bound here (from the conductor, or from a peer over a direct
+/// connection) until the connection ends.
+pub(super) async fn serve_incoming((session, pacer): Link, local: Arc<Mutex<BTreeSet<u16>>>, ip: IpAddr) {
     while let Ok(mut t) = session.accept_tunnel().await {
         let (local, pacer) = (local.clone(), pacer.clone());
         tokio::spawn(async move {

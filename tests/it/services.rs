@@ -115,6 +115,7 @@ async fn a_connector_reaches_its_binder_through_symph_variables() {
             "namespace": "default", "name": "echo", "host": "127.0.0.1", "port": port,
             "exposed": false, "deployment_id": server, "deployment_name": "server",
             "node_id": "n1", "connectors": [client],
+            "paths": [{"node_id": "n1", "path": "local", "rtt_ms": 0.0}],
         }])
     );
     // Ports and binders are stored: a restarted conductor has the same table.
@@ -263,5 +264,126 @@ async fn exposed_services_are_reachable_through_the_conductor() {
         format!("{}/services/default/web/", c.api)
     );
     pf.kill().await.unwrap();
+    c.shutdown().await;
+}
+
+/// The `echo` server on the binder's node, listening where that node reaches services
+/// (`BIND_HOST`: two agents share this host, so each has its own loopback address).
+const SERVER_AT: &str = "import os, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((os.environ['BIND_HOST'], int(os.environ['SYMPH_ECHO_PORT'])))
+s.listen()
+while True:
+    c, _ = s.accept()
+    c.sendall(b'pong:' + c.recv(100))
+    c.close()
+";
+
+/// One round trip to the `echo` service at `addr`; `None` if the mesh reset it.
+async fn ping(addr: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"ping").await.ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.ok()?;
+    Some(answer).filter(|a| !a.is_empty())
+}
+
+/// Binder on n1, connector on n0 (two agents on this host: n1 reaches services at
+/// 127.0.0.2, n0 listens for them at 127.0.0.3). Returns the cluster, where n0 listens, and
+/// the path `/services` settles on for n0.
+async fn two_node_mesh(direct: bool) -> (Cluster, std::net::SocketAddr, Value) {
+    let port = std::net::TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut c = Cluster::start_with(|cfg| {
+        cfg.service_ports = port..=port;
+        cfg.direct_paths = direct;
+    })
+    .await;
+    c.add_node_at("n0", [127, 0, 0, 3].into()).await;
+    c.add_node_at("n1", [127, 0, 0, 2].into()).await;
+    let server = python(
+        SERVER_AT,
+        json!({ "binds": ["echo"], "node_group": "n1", "env": {"BIND_HOST": "127.0.0.2"} }),
+    );
+    let server = c.deploy("server", server).await;
+    let sleeper = json!({ "config": { "command": ["sleep", "1000"] }, "connects": ["echo"], "node_group": "n0" });
+    let connector = c.deploy("connector", sleeper).await;
+    c.wait_state(&server, "RUNNING").await;
+    c.wait_state(&connector, "RUNNING").await;
+    let want = if direct { "direct" } else { "relay" };
+    let view = c
+        .wait(&format!("the path from n0 is {want}"), |v| {
+            v.services
+                .first()
+                .is_some_and(|s| s.paths.first().is_some_and(|p| p.path == want))
+        })
+        .await;
+    let path = serde_json::to_value(&view.services[0].paths).unwrap();
+    (c, std::net::SocketAddr::from(([127, 0, 0, 3], port)), path)
+}
+
+#[tokio::test]
+async fn connectors_reach_a_binder_on_another_node_directly_even_while_the_conductor_is_away() {
+    let (mut c, addr, paths) = two_node_mesh(true).await;
+    assert_eq!(paths[0]["node_id"], "n0");
+    assert!(paths[0]["rtt_ms"].as_f64().is_some(), "{paths}");
+    // `/services` says so too.
+    let (_, services) = c.get("/services").await;
+    assert_eq!(services[0]["paths"], paths);
+    // The first connection may wait for the binder to listen.
+    let mut answer = None;
+    for _ in 0..100 {
+        answer = ping(addr).await;
+        if answer.is_some() {
+            break;
+        }
+    }
+    assert_eq!(answer.as_deref(), Some("pong:ping"));
+    // With the conductor gone no relay exists: only the direct path can carry this.
+    let conductor = c.conductor.take().unwrap();
+    conductor.shutdown().await;
+    assert_eq!(ping(addr).await.as_deref(), Some("pong:ping"));
+    // A new conductor learns the live direct path again (the nodes answer its punch at once).
+    c.conductor = Some(
+        symphony::conductor::Conductor::start(c.cfg.clone())
+            .await
+            .unwrap(),
+    );
+    c.wait("direct again after a conductor restart", |v| {
+        v.services
+            .first()
+            .is_some_and(|s| s.paths.first().is_some_and(|p| p.path == "direct"))
+    })
+    .await;
+    assert_eq!(ping(addr).await.as_deref(), Some("pong:ping"));
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_direct_paths_tunnels_are_relayed_and_need_the_conductor() {
+    let (mut c, addr, paths) = two_node_mesh(false).await;
+    assert_eq!(paths[0]["node_id"], "n0");
+    let mut answer = None;
+    for _ in 0..100 {
+        answer = ping(addr).await;
+        if answer.is_some() {
+            break;
+        }
+    }
+    assert_eq!(answer.as_deref(), Some("pong:ping"));
+    let conductor = c.conductor.take().unwrap();
+    conductor.shutdown().await;
+    // Held for a while, then reset: nothing carries it.
+    assert_eq!(ping(addr).await, None);
+    c.conductor = Some(
+        symphony::conductor::Conductor::start(c.cfg.clone())
+            .await
+            .unwrap(),
+    );
     c.shutdown().await;
 }

@@ -93,13 +93,21 @@ impl Cluster {
         caps: &[(&str, i64)],
         via_proxy: bool,
     ) {
-        self.start_agent(id, id, groups, caps, via_proxy, None)
+        self.start_agent(id, id, groups, caps, via_proxy, None, None)
+            .await;
+    }
+
+    /// Starts a node agent in-process (group = its id) that reaches mesh services at `ip`
+    /// (several nodes on one host: `NodeConfig::service_ip`).
+    pub async fn add_node_at(&mut self, id: &str, ip: std::net::IpAddr) {
+        self.start_agent(id, id, &[id], &[], false, None, Some(ip))
             .await;
     }
 
     /// Starts a node agent in-process that keeps its local state in `store`.
     pub async fn add_node_with_store(&mut self, id: &str, store: Arc<dyn StateStore>) {
-        self.start_agent(id, id, &[], &[], false, Some(store)).await;
+        self.start_agent(id, id, &[], &[], false, Some(store), None)
+            .await;
     }
 
     /// Starts another agent with `id`'s certificate but its own work dir (`instance`).
@@ -110,7 +118,7 @@ impl Cluster {
         groups: &[&str],
         caps: &[(&str, i64)],
     ) {
-        self.start_agent(id, instance, groups, caps, false, None)
+        self.start_agent(id, instance, groups, caps, false, None, None)
             .await;
     }
 
@@ -122,6 +130,7 @@ impl Cluster {
         caps: &[(&str, i64)],
         via_proxy: bool,
         store: Option<Arc<dyn StateStore>>,
+        service_ip: Option<std::net::IpAddr>,
     ) {
         let proxy = if via_proxy {
             Some(UdpProxy::start(self.quic_addr()).await.unwrap())
@@ -141,6 +150,9 @@ impl Cluster {
             .collect::<BTreeMap<_, _>>();
         cfg.heartbeat = Duration::from_millis(200);
         cfg.transport = fast_transport();
+        if let Some(ip) = service_ip {
+            cfg.service_ip = ip;
+        }
         let cancel = CancellationToken::new();
         let task = tokio::spawn(symphony::node::agent::run_with_store(
             cfg,

@@ -365,6 +365,9 @@ pub struct ServicePath {
     /// Round-trip time of that path, milliseconds (the relay's is the sum of both nodes'
     /// round trips to the conductor); `null` while unknown.
     pub rtt_ms: Option<f64>,
+    /// On the relay: why the last direct attempt failed (`null`: none failed yet, or direct
+    /// paths are off).
+    pub direct_error: Option<String>,
 }
 
 /// One node (the original's `NodeSnapshot`, plus liveness and connection facts).

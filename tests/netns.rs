@@ -27,7 +27,7 @@ mod bed;
 use std::time::{Duration, Instant};
 
 use api::{DepFacts, NodeFacts, WAIT, until};
-use bed::{Bed, NAT_WAN_IP, NAT_WAN_IP2, Params, say};
+use bed::{Bed, NAT_WAN_IP, NAT_WAN_IP2, Nat, Params, say};
 use serde_json::json;
 
 /// Runs one scenario on a fresh bed (or skips it, see the module docs).
@@ -701,28 +701,80 @@ async fn pinged(path: &std::path::Path, from: u64, n: u64) -> u64 {
     .await
 }
 
+/// The path `/services` shows for the connector node `node` of the `echo` service, once it
+/// satisfies `ok`.
+async fn echo_path(bed: &Bed, node: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    until(&format!("the path from {node} to echo"), WAIT, async || {
+        let services = bed.api.services().await?;
+        let path = services
+            .as_array()
+            .and_then(|l| l.iter().find(|s| s["name"] == "echo"))
+            .and_then(|s| s["paths"].as_array())
+            .and_then(|p| p.iter().find(|p| p["node_id"] == node))
+            .cloned();
+        match path {
+            Some(p) if ok(&p) => Ok(p),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+/// The seed's learner/agent pattern across two NATs: the server binds `echo` in pod 0 (behind
+/// the first NAT), `connects` from pod 1 (behind the second) make the pair wanted; returns the
+/// file the client counts its answers in.
+async fn learner_and_agent(bed: &Bed) -> (String, std::path::PathBuf) {
+    online(bed, "n0").await;
+    online(bed, "n1").await;
+    bed.api
+        .deploy_spec(
+            "echo-server",
+            json!({"config": {"command": ["python3", "-c", ECHO_SERVER]},
+                   "binds": ["echo"], "node_group": "n0"}),
+        )
+        .await;
+    let count = std::env::temp_dir().join(format!("symphony-mesh-{}", token()));
+    let client = bed
+        .api
+        .deploy_spec(
+            "echo-client",
+            json!({"config": {"command": ["python3", "-c", ECHO_CLIENT, count.to_str().unwrap()]},
+                   "connects": ["echo"], "node_group": "n1", "restart_policy": "never"}),
+        )
+        .await;
+    (client, count)
+}
+
 #[test]
-fn mesh_service_is_relayed_between_pods_and_survives_address_changes() {
+fn mesh_pods_behind_two_port_preserving_nats_talk_directly() {
     let params = Params {
         pods: 2,
+        nat: Nat::PortPreserving,
+        second_nat: Some(Nat::PortPreserving),
         ..Params::default()
     };
-    scenario("mesh-relay", params, async |bed: &mut Bed| {
+    scenario("mesh-direct", params, async |bed: &mut Bed| {
+        // A connector placed first makes the pair wanted; the client that counts starts once
+        // the direct path is up, so its one connection rides it.
         online(bed, "n0").await;
         online(bed, "n1").await;
-        // The binder in one pod, the client in the other: each pod has its own loopback, so
-        // the only way between them is the tunnel through the conductor.
-        let server = bed
-            .api
+        bed.api
             .deploy_spec(
                 "echo-server",
                 json!({"config": {"command": ["python3", "-c", ECHO_SERVER]},
                        "binds": ["echo"], "node_group": "n0"}),
             )
             .await;
+        bed.api
+            .deploy_spec(
+                "wants-echo",
+                json!({"config": {"command": ["sleep", token()]},
+                       "connects": ["echo"], "node_group": "n1"}),
+            )
+            .await;
+        let path = echo_path(bed, "n1", |p| p["path"] == "direct").await;
         let count = std::env::temp_dir().join(format!("symphony-mesh-{}", token()));
-        let client = bed
-            .api
+        bed.api
             .deploy_spec(
                 "echo-client",
                 json!({"config": {"command": ["python3", "-c", ECHO_CLIENT, count.to_str().unwrap()]},
@@ -730,20 +782,52 @@ fn mesh_service_is_relayed_between_pods_and_survives_address_changes() {
             )
             .await;
         let first = pinged(&count, 0, 5).await;
-        // The same connection carries on across a NAT state flush and a new pod address
-        // of the client's pod (its node's connection migrates; the tunnel rides it).
+        // Without the conductor there is no relay: only the direct path carries these.
+        bed.stop("conductor");
+        let without = pinged(&count, first, 10).await;
+        bed.start_conductor().await;
+        let again = echo_path(bed, "n1", |p| p["path"] == "direct").await;
+        let after = pinged(&count, without, 5).await;
+        let _ = std::fs::remove_file(&count);
+        say(&format!(
+            "mesh-direct: n1 (NAT 2) -> n0 (NAT 1) direct, rtt {} ms; {first} answers, \
+             {without} with the conductor stopped, {after} after it came back (rtt {} ms), \
+             on one connection",
+            path["rtt_ms"], again["rtt_ms"]
+        ));
+    });
+}
+
+#[test]
+fn mesh_falls_back_to_the_relay_behind_a_symmetric_nat_and_survives_address_changes() {
+    let params = Params {
+        pods: 2,
+        nat: Nat::PortPreserving,
+        second_nat: Some(Nat::Random),
+        ..Params::default()
+    };
+    scenario("mesh-relay", params, async |bed: &mut Bed| {
+        let (client, count) = learner_and_agent(bed).await;
+        let first = pinged(&count, 0, 5).await;
+        // The direct attempt fails (NAT 2 maps each destination to a new port): relay.
+        let path = echo_path(bed, "n1", |p| {
+            p["path"] == "relay" && p["direct_error"].is_string()
+        })
+        .await;
+        // The same connection carries on across a NAT state flush and a new pod address of
+        // the client's pod (its node's connection migrates; the tunnel rides it).
         bed.flush_conntrack();
         let after_flush = pinged(&count, first, 10).await;
         let new_ip = bed.change_pod_ip(1);
         let after_move = pinged(&count, after_flush, 10).await;
         let d = bed.api.deployment(&client).await.unwrap();
         assert_eq!(d.state.as_deref(), Some("RUNNING"), "{d:?}");
-        let s = bed.api.deployment(&server).await.unwrap();
-        assert_eq!(s.assigned.as_deref(), Some("n0"), "{s:?}");
         let _ = std::fs::remove_file(&count);
         say(&format!(
-            "mesh-relay: {first} answers relayed n1 -> conductor -> n0, {after_flush} after a \
-             conntrack flush, {after_move} after n1 moved to {new_ip}, on one connection"
+            "mesh-relay: direct refused ({}); {first} answers relayed n1 -> conductor -> n0, \
+             {after_flush} after a conntrack flush, {after_move} after n1 moved to {new_ip}, \
+             on one connection",
+            path["direct_error"]
         ));
     });
 }

@@ -594,6 +594,7 @@ impl Core {
     /// The path between a connector's node and the binder's node, and its RTT: the direct
     /// connection's, or the sum of both nodes' RTTs to the conductor for the relay.
     fn path_between(&self, here: &str, there: &str) -> crate::model::ServicePath {
+        let mut direct_error = None;
         let (path, rtt_ms) = if here == there {
             ("local", Some(0.0))
         } else if let Some(PairState::Direct { rtt_us, .. }) = self.paths.state(here, there) {
@@ -601,6 +602,9 @@ impl Core {
             let ms = *rtt_us as f64 / 1000.0;
             ("direct", Some(ms))
         } else {
+            if let Some(PairState::Relay { last_error, .. }) = self.paths.state(here, there) {
+                direct_error.clone_from(last_error);
+            }
             let rtt = |n: &str| {
                 self.nodes
                     .get(n)
@@ -613,6 +617,7 @@ impl Core {
             node_id: here.to_owned(),
             path: path.to_owned(),
             rtt_ms,
+            direct_error,
         }
     }
 

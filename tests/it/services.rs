@@ -115,7 +115,7 @@ async fn a_connector_reaches_its_binder_through_symph_variables() {
             "namespace": "default", "name": "echo", "host": "127.0.0.1", "port": port,
             "exposed": false, "deployment_id": server, "deployment_name": "server",
             "node_id": "n1", "connectors": [client],
-            "paths": [{"node_id": "n1", "path": "local", "rtt_ms": 0.0}],
+            "paths": [{"node_id": "n1", "path": "local", "rtt_ms": 0.0, "direct_error": null}],
         }])
     );
     // Ports and binders are stored: a restarted conductor has the same table.

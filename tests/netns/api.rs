@@ -100,6 +100,11 @@ impl Api {
         }
     }
 
+    /// `GET /services`.
+    pub async fn services(&self) -> Result<Value, String> {
+        self.get("/services").await
+    }
+
     /// `GET /nodes`.
     pub async fn nodes(&self) -> Result<Value, String> {
         self.get("/nodes").await

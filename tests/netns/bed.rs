@@ -14,8 +14,20 @@
 //!                                             pod ns i 100.64.0.{16i+2}/28 (node agent i + workloads)
 //! ```
 //!
+//! With [`Params::second_nat`], the last pod sits behind a second NAT on another network, and
+//! the public namespace routes between the two NATs (as the internet does; adjacent NATs on
+//! one segment defeat the low-TTL hole punch):
+//!
+//! ```text
+//!  public ns 192.0.2.1/24 ──veth── nat2 ns WAN 192.0.2.2/24 ── last pod 100.64.0.{16i+2}/28
+//! ```
+//!
+//! [`Params::nat`] and [`Params::second_nat`] choose each NAT's mapping: `masquerade random`
+//! (a new public port per destination, like a symmetric NAT; the default) or plain
+//! `masquerade` (keeps the source port when it can).
+//!
 //! The public namespace has no route to 100.64.0.0/24, so every node connection is outbound
-//! through the NAT. The test process reaches the conductor's HTTP API over the management veth
+//! through a NAT. The test process reaches the conductor's HTTP API over the management veth
 //! (root <-> public), never through the NAT.
 //!
 //! Invariants: a [`Bed`] owns everything it created; dropping it (also while a test panics)
@@ -44,6 +56,10 @@ pub const CONDUCTOR_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const NAT_WAN_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 /// The NAT's second WAN address (public-IP change).
 pub const NAT_WAN_IP2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
+/// The public namespace's address towards the second NAT.
+const ROUTER2_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The second NAT's public (WAN) address.
+pub const NAT2_WAN_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// Root side of the management link.
 const MGMT_HOST_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// Public-namespace side of the management link; the conductor's HTTP API listens here.
@@ -254,6 +270,28 @@ pub struct Params {
     pub idle_timeout_sec: Option<f64>,
     /// UDP conntrack timeouts (both `nf_conntrack_udp_timeout` and `_stream`) in the router.
     pub udp_conntrack_timeout_sec: Option<u32>,
+    /// How the (first) NAT maps ports.
+    pub nat: Nat,
+    /// Put the last pod behind a second NAT mapping this way (see the module docs).
+    pub second_nat: Option<Nat>,
+}
+
+/// How a NAT maps a pod's UDP port to a public one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// `masquerade random`: a fresh public port per mapping (so per destination).
+    Random,
+    /// `masquerade`: the pod's own port when it is free.
+    PortPreserving,
+}
+
+impl Nat {
+    fn rule(self) -> &'static str {
+        match self {
+            Nat::Random => "masquerade random",
+            Nat::PortPreserving => "masquerade",
+        }
+    }
 }
 
 impl Default for Params {
@@ -266,6 +304,8 @@ impl Default for Params {
             keep_alive_sec: None,
             idle_timeout_sec: None,
             udp_conntrack_timeout_sec: None,
+            nat: Nat::Random,
+            second_nat: None,
         }
     }
 }
@@ -281,6 +321,8 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     /// The address a pod-IP change moves to.
     alt_ip: Ipv4Addr,
+    /// The NAT namespace in front of it.
+    router: String,
     router_if: String,
     pod_if: String,
 }
@@ -321,11 +363,13 @@ impl Bed {
         let pods = (0..params.pods)
             .map(|i| {
                 let base = u8::try_from(16 * i).unwrap();
+                let second = params.second_nat.is_some() && i + 1 == params.pods;
                 Pod {
                     ns: format!("{prefix}-pod{i}"),
                     node_id: format!("n{i}"),
                     ip: Ipv4Addr::new(100, 64, 0, base + 2),
                     alt_ip: Ipv4Addr::new(100, 64, 0, base + 3),
+                    router: format!("{prefix}-nat{}", if second { "2" } else { "" }),
                     router_if: format!("l{tag}r{i}"),
                     pod_if: format!("l{tag}p{i}"),
                 }
@@ -438,9 +482,6 @@ impl Bed {
             ],
         );
         run("ip", &["-n", &public, "link", "set", &wc, "up"]);
-        self.sysctl(&router, "net.ipv4.conf.all.promote_secondaries", "1");
-        self.sysctl(&router, "net.ipv4.conf.default.promote_secondaries", "1");
-        self.sysctl(&router, "net.ipv4.ip_forward", "1");
         run(
             "ip",
             &[
@@ -454,35 +495,14 @@ impl Bed {
             ],
         );
         run("ip", &["-n", &router, "link", "set", &self.wan_if, "up"]);
-        if let Some(t) = self.params.udp_conntrack_timeout_sec {
-            self.sysctl(
-                &router,
-                "net.netfilter.nf_conntrack_udp_timeout",
-                &t.to_string(),
-            );
-            self.sysctl(
-                &router,
-                "net.netfilter.nf_conntrack_udp_timeout_stream",
-                &t.to_string(),
-            );
+        let wan = self.wan_if.clone();
+        self.setup_nat(&router, &wan, self.params.nat, "nat.nft");
+        if let Some(nat2) = self.params.second_nat {
+            self.build_second_nat(tag, nat2);
         }
-        // NAT: masquerade with random ports (a fresh conntrack entry gets a fresh port, so a
-        // flush really rebinds), and only established flows may enter from the WAN.
-        let rules = format!(
-            "table ip nat {{\n\
-             \tchain prerouting {{ type nat hook prerouting priority dstnat; }}\n\
-             \tchain postrouting {{ type nat hook postrouting priority srcnat; oifname \"{wan}\" masquerade random; }}\n\
-             }}\n\
-             table ip filter {{\n\
-             \tchain forward {{ type filter hook forward priority filter; iifname \"{wan}\" ct state established,related accept; iifname \"{wan}\" drop; }}\n\
-             }}\n",
-            wan = self.wan_if
-        );
-        let rules_file = self.dir.path().join("nat.nft");
-        std::fs::write(&rules_file, rules).unwrap();
-        self.ns_exec(&router, &["nft", "-f", rules_file.to_str().unwrap()]);
         // Pods.
         for (i, pod) in self.pods.clone().iter().enumerate() {
+            let router = pod.router.clone();
             self.add_ns(&pod.ns);
             let base = u8::try_from(16 * i).unwrap();
             let gw = Ipv4Addr::new(100, 64, 0, base + 1);
@@ -544,6 +564,72 @@ impl Bed {
                 ],
             );
         }
+    }
+
+    /// Makes `router` a NAT out of `wan_if`: forwarding, conntrack timeouts, the mapping, and
+    /// only established flows in from the WAN (endpoint-dependent filtering).
+    fn setup_nat(&self, router: &str, wan_if: &str, nat: Nat, rules_name: &str) {
+        self.sysctl(router, "net.ipv4.conf.all.promote_secondaries", "1");
+        self.sysctl(router, "net.ipv4.conf.default.promote_secondaries", "1");
+        self.sysctl(router, "net.ipv4.ip_forward", "1");
+        if let Some(t) = self.params.udp_conntrack_timeout_sec {
+            for key in [
+                "net.netfilter.nf_conntrack_udp_timeout",
+                "net.netfilter.nf_conntrack_udp_timeout_stream",
+            ] {
+                self.sysctl(router, key, &t.to_string());
+            }
+        }
+        // `masquerade random`: a fresh conntrack entry gets a fresh port, so a flush really
+        // rebinds; plain `masquerade` keeps the pod's port when it can.
+        let rules = format!(
+            "table ip nat {{\n\
+             \tchain prerouting {{ type nat hook prerouting priority dstnat; }}\n\
+             \tchain postrouting {{ type nat hook postrouting priority srcnat; oifname \"{wan_if}\" {mapping}; }}\n\
+             }}\n\
+             table ip filter {{\n\
+             \tchain forward {{ type filter hook forward priority filter; iifname \"{wan_if}\" ct state established,related accept; iifname \"{wan_if}\" drop; }}\n\
+             }}\n",
+            mapping = nat.rule(),
+        );
+        let rules_file = self.dir.path().join(rules_name);
+        std::fs::write(&rules_file, rules).unwrap();
+        self.ns_exec(router, &["nft", "-f", rules_file.to_str().unwrap()]);
+    }
+
+    /// The second NAT (see the module docs): its WAN on 192.0.2.0/24 towards the public
+    /// namespace, which now routes between the two NATs.
+    fn build_second_nat(&mut self, tag: &str, nat: Nat) {
+        let (public, router) = (self.ns_public.clone(), format!("{}2", self.ns_router));
+        self.add_ns(&router);
+        let (wan, wc) = (format!("v{tag}r"), format!("v{tag}c"));
+        run(
+            "ip",
+            &[
+                "link", "add", &wan, "netns", &router, "type", "veth", "peer", "name", &wc,
+                "netns", &public,
+            ],
+        );
+        run(
+            "ip",
+            &["-n", &public, "addr", "add", &format!("{ROUTER2_IP}/24"), "dev", &wc],
+        );
+        run("ip", &["-n", &public, "link", "set", &wc, "up"]);
+        self.sysctl(&public, "net.ipv4.ip_forward", "1");
+        run(
+            "ip",
+            &["-n", &router, "addr", "add", &format!("{NAT2_WAN_IP}/24"), "dev", &wan],
+        );
+        run("ip", &["-n", &router, "link", "set", &wan, "up"]);
+        let gw = ROUTER2_IP.to_string();
+        run("ip", &["-n", &router, "route", "add", "default", "via", &gw]);
+        // The first NAT reaches the second one's network through the public namespace.
+        let first = self.ns_router.clone();
+        run(
+            "ip",
+            &["-n", &first, "route", "add", "192.0.2.0/24", "via", &CONDUCTOR_IP.to_string()],
+        );
+        self.setup_nat(&router, &wan, nat, "nat2.nft");
     }
 
     /// Whether the public namespace (the conductor's) has a route to `ip`.
@@ -748,7 +834,13 @@ impl Bed {
     /// `conntrack -F` in the router: every NAT mapping is forgotten, so the next packet of
     /// each flow gets a fresh (random) public port.
     pub fn flush_conntrack(&self) {
-        self.ns_exec(&self.ns_router, &["conntrack", "-F"]);
+        let mut routers: Vec<&str> = self.pods.iter().map(|p| p.router.as_str()).collect();
+        routers.push(&self.ns_router);
+        routers.sort_unstable();
+        routers.dedup();
+        for r in routers {
+            self.ns_exec(r, &["conntrack", "-F"]);
+        }
     }
 
     /// Moves pod `i` to its alternate address (add the new one, delete the old primary; the
@@ -862,7 +954,7 @@ impl Bed {
             "ip",
             &[
                 "-n",
-                &self.ns_router,
+                &self.pods[i].router,
                 "link",
                 "set",
                 &self.pods[i].router_if,
@@ -877,7 +969,7 @@ impl Bed {
             "ip",
             &[
                 "-n",
-                &self.ns_router,
+                &self.pods[i].router,
                 "link",
                 "set",
                 &self.pods[i].router_if,

@@ -703,7 +703,11 @@ async fn pinged(path: &std::path::Path, from: u64, n: u64) -> u64 {
 
 /// The path `/services` shows for the connector node `node` of the `echo` service, once it
 /// satisfies `ok`.
-async fn echo_path(bed: &Bed, node: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+async fn echo_path(
+    bed: &Bed,
+    node: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     until(&format!("the path from {node} to echo"), WAIT, async || {
         let services = bed.api.services().await?;
         let path = services
@@ -782,9 +786,11 @@ fn mesh_pods_behind_two_port_preserving_nats_talk_directly() {
             )
             .await;
         let first = pinged(&count, 0, 5).await;
-        // Without the conductor there is no relay: only the direct path carries these.
-        bed.stop("conductor");
-        let without = pinged(&count, first, 10).await;
+        // Without the conductor there is no relay: only the direct path carries these. It
+        // dies without a word (kill -9), and the pings go on past two keep-alive periods
+        // (10 s), when a node whose conductor is silent would move its socket.
+        bed.kill9("conductor");
+        let without = pinged(&count, first, 150).await;
         bed.start_conductor().await;
         let again = echo_path(bed, "n1", |p| p["path"] == "direct").await;
         let after = pinged(&count, without, 5).await;

@@ -16,8 +16,8 @@
 //!   [`Client::dial_peer`], [`Client::accept_peer`]), authenticated by node certificates.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backoff::backoff::Backoff;
@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::close::CloseCode;
 use crate::config::TransportSettings;
-use crate::session::{Control, Session, SessionError};
 use crate::pki::node_id_from_cert;
+use crate::session::{Control, Session, SessionError};
 use crate::tls::{TlsError, TlsMaterial, client_crypto, peer_client_crypto, peer_server_crypto};
 
 /// How to reach the conductor.
@@ -126,6 +126,10 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     /// A second handle on the socket quinn uses (for the low-TTL punch packet).
     socket: Mutex<std::net::UdpSocket>,
+    /// Direct connections with other nodes on this endpoint (closed ones are pruned): while
+    /// they receive, the path monitor does not move the socket (a new NAT mapping would cut
+    /// them off), even if the conductor is silent.
+    peers: Mutex<Vec<quinn::Connection>>,
     cfg: ClientConfig,
     reconnects: AtomicU64,
 }
@@ -162,8 +166,15 @@ impl PeerIncoming {
             .map_err(|_| ConnectError::Handshake(quinn::ConnectionError::TimedOut))??;
         let id = conn
             .peer_identity()
-            .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
-            .and_then(|chain| chain.first().and_then(|c| node_id_from_cert(c.as_ref()).ok()));
+            .and_then(|any| {
+                any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|chain| {
+                chain
+                    .first()
+                    .and_then(|c| node_id_from_cert(c.as_ref()).ok())
+            });
         match id {
             Some(id) => Ok((id, Session::new(conn, self.settings))),
             None => {
@@ -198,6 +209,7 @@ impl Client {
         Ok(Self {
             endpoint,
             socket: Mutex::new(handle),
+            peers: Mutex::default(),
             cfg,
             reconnects: AtomicU64::new(0),
         })
@@ -208,16 +220,19 @@ impl Client {
     pub fn punch(&self, peer: SocketAddr) -> std::io::Result<()> {
         use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
         use std::os::fd::AsRawFd;
+        let peer = self.family_of_socket(peer)?;
         let socket = self
             .socket
             .lock()
             .map_err(|_| std::io::Error::other("socket handle poisoned"))?;
         let to = SockaddrStorage::from(peer);
         let ttl: nix::libc::c_int = PUNCH_TTL;
-        let cmsgs = match peer {
-            SocketAddr::V4(_) => vec![ControlMessage::Ipv4Ttl(&ttl)],
-            // IPv6 hop limits are not set per packet here; the packet may travel further.
-            SocketAddr::V6(_) => Vec::new(),
+        let cmsgs = match peer.ip() {
+            IpAddr::V4(_) => [ControlMessage::Ipv4Ttl(&ttl)],
+            // A v4-mapped address travels as IPv4 (the mapped form is only how a dual-stack
+            // socket names it); the IPv6 TTL applies to real IPv6.
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => [ControlMessage::Ipv4Ttl(&ttl)],
+            IpAddr::V6(_) => [ControlMessage::Ipv6HopLimit(&ttl)],
         };
         // One zero byte: no QUIC endpoint takes it for a packet.
         sendmsg(
@@ -239,13 +254,50 @@ impl Client {
         peer_id: &str,
         timeout: Duration,
     ) -> Result<Session, ConnectError> {
+        let addr = self.family_of_socket(addr)?;
         let mut qc = quinn::ClientConfig::new(peer_client_crypto(&self.cfg.tls, peer_id)?);
         qc.transport_config(self.cfg.settings.transport_config());
         let connecting = self.endpoint.connect_with(qc, addr, "symphony-peer")?;
         let conn = tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| ConnectError::Handshake(quinn::ConnectionError::TimedOut))??;
+        self.note_peer(&conn);
         Ok(Session::new(conn, self.cfg.settings.clone()))
+    }
+
+    /// `addr` as this endpoint's socket can reach it: an IPv4 address (also one a dual-stack
+    /// conductor saw as v4-mapped IPv6) for an IPv4 socket, a v4-mapped one for an IPv6 socket.
+    fn family_of_socket(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let local_v4 = self.endpoint.local_addr()?.is_ipv4();
+        let ip = addr.ip().to_canonical();
+        Ok(match (local_v4, ip) {
+            (true, IpAddr::V4(_)) | (false, IpAddr::V6(_)) => SocketAddr::new(ip, addr.port()),
+            (false, IpAddr::V4(v4)) => {
+                SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port())
+            }
+            (true, IpAddr::V6(_)) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "an IPv6 peer cannot be reached from an IPv4 socket",
+                ));
+            }
+        })
+    }
+
+    /// Remembers a direct connection for the path monitor (see `peers`).
+    fn note_peer(&self, conn: &quinn::Connection) {
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.retain(|c| c.close_reason().is_none());
+            peers.push(conn.clone());
+        }
+    }
+
+    /// Datagrams received so far on the live direct connections.
+    fn peers_rx(&self) -> u64 {
+        self.peers.lock().map_or(0, |mut peers| {
+            peers.retain(|c| c.close_reason().is_none());
+            peers.iter().map(|c| c.stats().udp_rx.datagrams).sum()
+        })
     }
 
     /// The next incoming direct connection from another node (`None` once the endpoint is
@@ -256,6 +308,18 @@ impl Client {
             incoming,
             settings: self.cfg.settings.clone(),
         })
+    }
+
+    /// Completes an incoming direct connection (see [`PeerIncoming::handshake`]); the
+    /// connection counts for the path monitor.
+    pub async fn handshake_peer(
+        &self,
+        incoming: PeerIncoming,
+        timeout: Duration,
+    ) -> Result<(String, Session), ConnectError> {
+        let (id, session) = incoming.handshake(timeout).await?;
+        self.note_peer(session.connection());
+        Ok((id, session))
     }
 
     /// The local socket address.
@@ -399,12 +463,17 @@ impl Client {
         let mut tick = tokio::time::interval(Duration::from_secs(1).min(keep_alive));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_rx = session.connection().stats().udp_rx.datagrams;
+        let mut last_peers_rx = self.peers_rx();
         let mut last_progress = tokio::time::Instant::now();
         loop {
             tick.tick().await;
             let rx = session.connection().stats().udp_rx.datagrams;
-            if rx != last_rx {
+            // Direct connections still receiving: the socket and its NAT mapping work, the
+            // conductor is what is silent (moving the socket would cut the peers off).
+            let peers_rx = self.peers_rx();
+            if rx != last_rx || peers_rx != last_peers_rx {
                 last_rx = rx;
+                last_peers_rx = peers_rx;
                 last_progress = tokio::time::Instant::now();
             }
             let bind_ip = self.cfg.bind.ip();

@@ -221,6 +221,9 @@ pub fn peer_client_crypto(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(m.chain()?, m.key()?)?;
     tls.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    // Every dial checks the peer's certificate: a resumed session would skip the verifier
+    // (and peers share one server name).
+    tls.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(
         tls,
     )?))
@@ -245,9 +248,9 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         let invalid = |e: webpki::Error| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                rustls::OtherError(Arc::new(e)),
-            ))
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
         };
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(invalid)?;
         cert.verify_for_usage(
@@ -261,7 +264,9 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
         )
         .map_err(invalid)?;
         match crate::pki::node_id_from_cert(end_entity.as_ref()) {
-            Ok(id) if id == self.expected => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            Ok(id) if id == self.expected => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
             _ => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForName,
             )),

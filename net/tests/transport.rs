@@ -602,9 +602,7 @@ async fn nodes_connect_directly_and_each_checks_the_others_identity() {
     assert_eq!(got, b"over the direct path");
 
     // Dialling B while expecting another node fails on the dialler's side.
-    let wrong = a
-        .dial_peer(b_addr, "node-c", Duration::from_secs(5))
-        .await;
+    let wrong = a.dial_peer(b_addr, "node-c", Duration::from_secs(5)).await;
     assert!(
         matches!(wrong, Err(symphony_net::ConnectError::Handshake(_))),
         "{wrong:?}"
@@ -661,7 +659,9 @@ async fn a_node_of_another_ca_cannot_connect_directly() {
 
 #[tokio::test]
 async fn the_punch_packet_leaves_the_quic_socket_with_a_low_ttl() {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, setsockopt, sockopt};
+    use nix::sys::socket::{
+        ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, setsockopt, sockopt,
+    };
     use std::os::fd::AsRawFd;
     let pki = Pki::new();
     let a = peer_node(&pki, "node-a");
@@ -672,8 +672,13 @@ async fn the_punch_packet_leaves_the_quic_socket_with_a_low_ttl() {
     let mut buf = [0u8; 16];
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
     let mut space = nix::cmsg_space!(nix::libc::c_int);
-    let msg = recvmsg::<SockaddrIn>(rx.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty())
-        .unwrap();
+    let msg = recvmsg::<SockaddrIn>(
+        rx.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .unwrap();
     let from = msg.address.unwrap();
     let ttls: Vec<i32> = msg
         .cmsgs()

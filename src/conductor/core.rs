@@ -203,7 +203,11 @@ fn reflexive(nodes: &BTreeMap<String, Node>, node_id: &str) -> Option<std::net::
     nodes
         .get(node_id)
         .and_then(|n| n.conn.as_ref())
-        .map(|c| c.session.connection().remote_address())
+        // A dual-stack conductor sees IPv4 nodes as v4-mapped IPv6; peers dial the plain form.
+        .map(|c| {
+            let a = c.session.connection().remote_address();
+            std::net::SocketAddr::new(a.ip().to_canonical(), a.port())
+        })
 }
 
 /// What a deployment binds (ports assigned) and connects to.
@@ -1149,11 +1153,16 @@ impl Core {
             }
             Msg::PeerPath(report) => {
                 let nodes = &self.nodes;
-                let punches = self
+                let (punches, path_changed) = self
                     .paths
                     .report(node_id, &report, now_ms(), |n| reflexive(nodes, n));
                 self.send_punches(punches);
-                self.changed = true;
+                // A new path shows at once; an RTT refresh with the next tick's publish.
+                if path_changed {
+                    self.changed = true;
+                } else {
+                    self.dirty = true;
+                }
             }
             Msg::Hello(_) => tracing::info!(%node_id, "ignoring a second hello"),
         }

@@ -158,58 +158,22 @@ impl Paths {
         out
     }
 
-    /// Takes `from`'s report on its path with `r.peer_id`.
+    /// Takes `from`'s report on its path with `r.peer_id`. Also says whether the pair's path
+    /// changed (an RTT refresh of a direct pair does not).
     pub fn report(
         &mut self,
         from: &str,
         r: &wire::PeerPath,
         now_ms: i64,
         addr: impl Fn(&str) -> Option<SocketAddr>,
-    ) -> Punches {
-        use wire::peer_path::State;
+    ) -> (Punches, bool) {
         let k = key(from, &r.peer_id);
-        let side = usize::from(from != k.0);
         let Some(pair) = self.pairs.get_mut(&k) else {
-            return Vec::new();
+            return (Vec::new(), false);
         };
-        let current = match pair.state {
-            PairState::Punching { nonce, .. } | PairState::Direct { nonce, .. } => nonce,
-            PairState::Relay { .. } => return Vec::new(),
-        };
-        if r.nonce != current {
-            return Vec::new();
-        }
-        match State::try_from(r.state).unwrap_or(State::Unspecified) {
-            State::Punched => {
-                if let PairState::Punching { punched, .. } = &mut pair.state
-                    && !punched[side]
-                {
-                    punched[side] = true;
-                    if punched == &[true, true] {
-                        // Both NATs are open towards each other: the lower id dials now.
-                        if let Some(peer_addr) = addr(&k.1) {
-                            return vec![(k.0.clone(), punch(&k.1, peer_addr, current, true))];
-                        }
-                        fail(pair, now_ms, "the peer disconnected".into());
-                    }
-                }
-            }
-            State::Up => {
-                pair.state = PairState::Direct {
-                    nonce: current,
-                    rtt_us: r.rtt_us,
-                };
-                pair.failures = 0;
-            }
-            State::Down => {
-                if matches!(pair.state, PairState::Direct { .. }) {
-                    pair.failures = 0;
-                }
-                fail(pair, now_ms, r.reason.clone());
-            }
-            State::Unspecified => {}
-        }
-        Vec::new()
+        let before = std::mem::discriminant(&pair.state);
+        let punches = take_report(&k, pair, from, r, now_ms, addr);
+        (punches, std::mem::discriminant(&pair.state) != before)
     }
 
     /// `node` lost its connection: an attempt it takes part in cannot finish (a direct
@@ -221,6 +185,57 @@ impl Paths {
             }
         }
     }
+}
+
+/// Applies one report to `pair` (`k`: its key); returns the dial order once both punched.
+fn take_report(
+    k: &PairKey,
+    pair: &mut Pair,
+    from: &str,
+    r: &wire::PeerPath,
+    now_ms: i64,
+    addr: impl Fn(&str) -> Option<SocketAddr>,
+) -> Punches {
+    use wire::peer_path::State;
+    let side = usize::from(from != k.0);
+    let current = match pair.state {
+        PairState::Punching { nonce, .. } | PairState::Direct { nonce, .. } => nonce,
+        PairState::Relay { .. } => return Vec::new(),
+    };
+    if r.nonce != current {
+        return Vec::new();
+    }
+    match State::try_from(r.state).unwrap_or(State::Unspecified) {
+        State::Punched => {
+            if let PairState::Punching { punched, .. } = &mut pair.state
+                && !punched[side]
+            {
+                punched[side] = true;
+                if punched == &[true, true] {
+                    // Both NATs are open towards each other: the lower id dials now.
+                    if let Some(peer_addr) = addr(&k.1) {
+                        return vec![(k.0.clone(), punch(&k.1, peer_addr, current, true))];
+                    }
+                    fail(pair, now_ms, "the peer disconnected".into());
+                }
+            }
+        }
+        State::Up => {
+            pair.state = PairState::Direct {
+                nonce: current,
+                rtt_us: r.rtt_us,
+            };
+            pair.failures = 0;
+        }
+        State::Down => {
+            if matches!(pair.state, PairState::Direct { .. }) {
+                pair.failures = 0;
+            }
+            fail(pair, now_ms, r.reason.clone());
+        }
+        State::Unspecified => {}
+    }
+    Vec::new()
 }
 
 fn punch(peer: &str, peer_addr: SocketAddr, nonce: u64, dial: bool) -> wire::Punch {
@@ -287,9 +302,17 @@ mod tests {
         // Nothing new while the attempt runs.
         assert!(p.drive(1, addr).is_empty());
         // One side punched: nobody dials yet; the same report twice changes nothing.
-        assert!(p.report("b", &report("a", 101, State::Punched), 2, addr).is_empty());
-        assert!(p.report("b", &report("a", 101, State::Punched), 2, addr).is_empty());
-        let dial = p.report("a", &report("b", 101, State::Punched), 3, addr);
+        assert!(
+            p.report("b", &report("a", 101, State::Punched), 2, addr)
+                .0
+                .is_empty()
+        );
+        assert!(
+            p.report("b", &report("a", 101, State::Punched), 2, addr)
+                .0
+                .is_empty()
+        );
+        let (dial, _) = p.report("a", &report("b", 101, State::Punched), 3, addr);
         assert_eq!(dial.len(), 1);
         assert_eq!(dial[0].0, "a", "the lower id dials");
         assert!(dial[0].1.dial);

@@ -31,6 +31,8 @@ use crate::wire::peer_path::State;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a live connection reports its RTT.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// Direct handshakes served at once (each costs a key exchange and a signature).
+const MAX_HANDSHAKES: usize = 16;
 
 /// One live direct connection.
 #[derive(Debug, Clone)]
@@ -67,8 +69,12 @@ struct Inner {
     live: PeerMap,
     /// Peers the conductor named.
     allowed: Mutex<BTreeSet<String>>,
-    /// The latest attempt per peer (an accepted connection answers it).
-    pending: Mutex<HashMap<String, u64>>,
+    /// The latest attempt per peer and the peer's address (an accepted connection answers
+    /// it, and must come from that address).
+    pending: Mutex<HashMap<String, (u64, SocketAddr)>>,
+    /// Peers being dialled now (one dial per peer at a time).
+    dialing: Mutex<BTreeSet<String>>,
+    handshakes: Arc<tokio::sync::Semaphore>,
     reports: mpsc::UnboundedSender<wire::PeerPath>,
     /// Ports bound on this node, and where services listen (for tunnels from peers).
     local: Arc<Mutex<BTreeSet<u16>>>,
@@ -97,6 +103,8 @@ impl Peers {
             live,
             allowed: Mutex::default(),
             pending: Mutex::default(),
+            dialing: Mutex::default(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             reports,
             local,
             ip,
@@ -108,7 +116,15 @@ impl Peers {
 
     /// The peers the conductor names now: connections with others are closed.
     pub fn set_allowed(&self, peers: Vec<String>) {
-        let allowed: BTreeSet<String> = peers.into_iter().collect();
+        // Lock order: `allowed`, then `live` (as in `register`), so a connection being
+        // registered for a peer removed here cannot slip in after the pruning.
+        let Ok(mut allowed) = self.inner.allowed.lock() else {
+            return;
+        };
+        *allowed = peers.into_iter().collect();
+        if let Ok(mut pending) = self.inner.pending.lock() {
+            pending.retain(|peer, _| allowed.contains(peer));
+        }
         if let Ok(mut map) = self.inner.live.0.lock() {
             map.retain(|peer, d| {
                 let keep = allowed.contains(peer);
@@ -118,18 +134,22 @@ impl Peers {
                 keep
             });
         }
-        if let Ok(mut a) = self.inner.allowed.lock() {
-            *a = allowed;
-        }
     }
 
     /// Takes part in attempt `p` (see the module docs).
     pub fn punch(&self, p: wire::Punch) {
         let inner = &self.inner;
         let Ok(addr) = p.peer_addr.parse::<SocketAddr>() else {
-            inner.report(&p.peer_id, p.nonce, State::Down, 0, "bad peer address".into());
+            inner.report(
+                &p.peer_id,
+                p.nonce,
+                State::Down,
+                0,
+                "bad peer address".into(),
+            );
             return;
         };
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         if let Some(d) = inner.live.entry(&p.peer_id) {
             // Already connected (e.g. the conductor restarted): this attempt is answered.
             d.nonce.store(p.nonce, Ordering::Relaxed);
@@ -137,7 +157,7 @@ impl Peers {
             return;
         }
         if let Ok(mut pending) = inner.pending.lock() {
-            pending.insert(p.peer_id.clone(), p.nonce);
+            pending.insert(p.peer_id.clone(), (p.nonce, addr));
         }
         if let Err(e) = inner.client.punch(addr) {
             inner.report(&p.peer_id, p.nonce, State::Down, 0, format!("punch: {e}"));
@@ -147,9 +167,21 @@ impl Peers {
             inner.report(&p.peer_id, p.nonce, State::Punched, 0, String::new());
             return;
         }
+        let first = inner
+            .dialing
+            .lock()
+            .is_ok_and(|mut d| d.insert(p.peer_id.clone()));
+        if !first {
+            // A dial of this peer is under way; its outcome answers (under its own nonce).
+            return;
+        }
         let inner = inner.clone();
         tokio::spawn(async move {
-            match inner.client.dial_peer(addr, &p.peer_id, DIAL_TIMEOUT).await {
+            let dialled = inner.client.dial_peer(addr, &p.peer_id, DIAL_TIMEOUT).await;
+            if let Ok(mut d) = inner.dialing.lock() {
+                d.remove(&p.peer_id);
+            }
+            match dialled {
                 Ok(session) => register(&inner, p.peer_id, session, p.nonce),
                 Err(e) => {
                     tracing::info!(peer = %p.peer_id, %addr, error = %e, "no direct path; the relay carries on");
@@ -208,21 +240,29 @@ async fn accept_loop(inner: Arc<Inner>) {
                 None => return,
             },
         };
-        let expecting = inner.allowed.lock().is_ok_and(|a| !a.is_empty());
-        if !expecting {
+        // Only from an address a punch named (the peer's reflexive address), and a bounded
+        // number at once: anyone can send an Initial to this socket.
+        let from = incoming.remote();
+        let from_ip = from.ip().to_canonical();
+        let expected = inner
+            .pending
+            .lock()
+            .is_ok_and(|p| p.values().any(|(_, a)| a.ip() == from_ip));
+        let slot = inner.handshakes.clone().try_acquire_owned();
+        let (true, Ok(slot)) = (expected, slot) else {
             incoming.refuse();
             continue;
-        }
+        };
         let inner = inner.clone();
         tokio::spawn(async move {
-            let from = incoming.remote();
-            match incoming.handshake(DIAL_TIMEOUT).await {
+            let _slot = slot;
+            match inner.client.handshake_peer(incoming, DIAL_TIMEOUT).await {
                 Ok((peer, session)) if inner.allowed(&peer) => {
                     let nonce = inner
                         .pending
                         .lock()
                         .ok()
-                        .and_then(|p| p.get(&peer).copied())
+                        .and_then(|p| p.get(&peer).map(|(n, _)| *n))
                         .unwrap_or(0);
                     register(&inner, peer, session, nonce);
                 }
@@ -238,20 +278,28 @@ async fn accept_loop(inner: Arc<Inner>) {
 
 /// Makes `session` the live connection with `peer` and serves it until it ends.
 fn register(inner: &Arc<Inner>, peer: String, session: Session, nonce: u64) {
-    if !inner.allowed(&peer) {
-        session.close(CloseCode::Shutdown, "no longer a peer");
-        return;
-    }
     let pacer = Pacer::new(session.connection().clone(), PacerConfig::default());
     let direct = Direct {
         session: session.clone(),
         pacer: pacer.clone(),
         nonce: Arc::new(AtomicU64::new(nonce)),
     };
-    if let Ok(mut map) = inner.live.0.lock()
-        && let Some(old) = map.insert(peer.clone(), direct.clone())
     {
-        old.session.close(CloseCode::Superseded, "a newer direct connection");
+        // Lock order: `allowed`, then `live` (as in `set_allowed`).
+        let allowed = inner.allowed.lock().is_ok_and(|a| {
+            a.contains(&peer)
+                && inner.live.0.lock().is_ok_and(|mut map| {
+                    if let Some(old) = map.insert(peer.clone(), direct.clone()) {
+                        old.session
+                            .close(CloseCode::Superseded, "a newer direct connection");
+                    }
+                    true
+                })
+        });
+        if !allowed {
+            session.close(CloseCode::Shutdown, "not a peer");
+            return;
+        }
     }
     tracing::info!(%peer, remote = %session.facts().remote, "direct path up");
     inner.report_up(&peer, &direct);
@@ -278,12 +326,19 @@ fn register(inner: &Arc<Inner>, peer: String, session: Session, nonce: u64) {
         };
         session.close(CloseCode::Shutdown, "direct path ended");
         let stable = session.connection().stable_id();
-        if let Ok(mut map) = inner.live.0.lock()
-            && map
+        let current = inner.live.0.lock().is_ok_and(|mut map| {
+            let ours = map
                 .get(&peer)
-                .is_some_and(|d| d.session.connection().stable_id() == stable)
-        {
-            map.remove(&peer);
+                .is_some_and(|d| d.session.connection().stable_id() == stable);
+            if ours {
+                map.remove(&peer);
+            }
+            ours
+        });
+        if !current {
+            // Replaced by a newer connection, or dropped because the peer is no longer
+            // named: nothing to tell the conductor.
+            return;
         }
         tracing::info!(%peer, reason = %why, "direct path down; the relay carries new tunnels");
         inner.report(

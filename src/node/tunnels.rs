@@ -139,6 +139,9 @@ impl Tunnels {
     }
 }
 
+/// How long opening a tunnel on a direct connection may take before the relay takes over.
+const DIRECT_OPEN: Duration = Duration::from_secs(2);
+
 /// Connections one listener carries at once; more are refused (reset) at once.
 const MAX_CONNECTIONS: usize = 1024;
 
@@ -201,14 +204,18 @@ async fn outgoing(
     mut session: watch::Receiver<Option<Link>>,
     direct: Direct,
 ) {
-    let binder = direct.binders.lock().ok().and_then(|b| b.get(&port).cloned());
+    let binder = direct
+        .binders
+        .lock()
+        .ok()
+        .and_then(|b| b.get(&port).cloned());
     if let Some((s, pacer)) = binder.and_then(|b| direct.peers.get(&b)) {
         let open = wire::TunnelOpen {
             namespace: namespace.clone(),
             name: name.clone(),
             port: u32::from(port),
         };
-        match tokio::time::timeout(HOLD, open_with(&s, &open)).await {
+        match tokio::time::timeout(DIRECT_OPEN, open_with(&s, &open)).await {
             Ok(Some(t)) => return splice(tcp, t, pacer).await,
             // The direct connection is failing: the relay takes this one.
             _ => tracing::debug!(port, "direct tunnel failed; relaying"),
@@ -247,7 +254,11 @@ async fn open_with(s: &Session, open: &wire::TunnelOpen) -> Option<Tunnel> {
 
 /// Serves tunnels to services bound here (from the conductor, or from a peer over a direct
 /// connection) until the connection ends.
-pub(super) async fn serve_incoming((session, pacer): Link, local: Arc<Mutex<BTreeSet<u16>>>, ip: IpAddr) {
+pub(super) async fn serve_incoming(
+    (session, pacer): Link,
+    local: Arc<Mutex<BTreeSet<u16>>>,
+    ip: IpAddr,
+) {
     while let Ok(mut t) = session.accept_tunnel().await {
         let (local, pacer) = (local.clone(), pacer.clone());
         tokio::spawn(async move {

@@ -304,8 +304,10 @@ async fn two_node_mesh(direct: bool) -> (Cluster, std::net::SocketAddr, Value) {
         cfg.direct_paths = direct;
     })
     .await;
-    c.add_node_at("n0", [127, 0, 0, 3].into()).await;
-    c.add_node_at("n1", [127, 0, 0, 2].into()).await;
+    c.add_node_at("n0", &["n0"], [127, 0, 0, 3].into(), false)
+        .await;
+    c.add_node_at("n1", &["n1"], [127, 0, 0, 2].into(), false)
+        .await;
     let server = python(
         SERVER_AT,
         json!({ "binds": ["echo"], "node_group": "n1", "env": {"BIND_HOST": "127.0.0.2"} }),
@@ -385,5 +387,95 @@ async fn without_direct_paths_tunnels_are_relayed_and_need_the_conductor() {
             .await
             .unwrap(),
     );
+    c.shutdown().await;
+}
+
+/// An `echo` server that listens on the first of `BIND_HOSTS` it can (the binder may run on
+/// either of two nodes of this host; an old copy may still hold the first address).
+const SERVER_ANY: &str = "import os, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+for h in os.environ['BIND_HOSTS'].split():
+    try:
+        s.bind((h, int(os.environ['SYMPH_ECHO_PORT'])))
+        break
+    except OSError:
+        pass
+s.listen()
+while True:
+    c, _ = s.accept()
+    c.sendall(b'pong:' + c.recv(100))
+    c.close()
+";
+
+/// Pings through `addr` until an answer comes (the binder may be starting), at most ~30 s.
+async fn ping_until_answered(addr: std::net::SocketAddr) -> Option<String> {
+    for _ in 0..3 {
+        if let Some(a) = ping(addr).await {
+            return Some(a);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_service_whose_node_is_lost_comes_back_where_its_binder_is_rescheduled() {
+    let port = std::net::TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut c = Cluster::start_with(|cfg| {
+        cfg.service_ports = port..=port;
+        cfg.suspect_after = std::time::Duration::from_millis(300);
+        cfg.grace = std::time::Duration::from_millis(1500);
+    })
+    .await;
+    c.add_node_at("n0", &["n0"], [127, 0, 0, 3].into(), false)
+        .await;
+    // n1 reaches the conductor through a proxy the test can cut.
+    c.add_node_at("n1", &["b"], [127, 0, 0, 2].into(), true)
+        .await;
+    let server = python(
+        SERVER_ANY,
+        json!({ "binds": ["echo"], "node_group": "b", "env": {"BIND_HOSTS": "127.0.0.2 127.0.0.4"} }),
+    );
+    let server = c.deploy("server", server).await;
+    let sleeper = json!({ "config": { "command": ["sleep", "1000"] }, "connects": ["echo"], "node_group": "n0" });
+    c.deploy("connector", sleeper).await;
+    c.wait("echo bound on n1", |v| {
+        v.services
+            .first()
+            .is_some_and(|s| s.node_id.as_deref() == Some("n1"))
+    })
+    .await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 3], port));
+    assert_eq!(
+        ping_until_answered(addr).await.as_deref(),
+        Some("pong:ping")
+    );
+
+    // The second node of the group joins, then n1 vanishes without a word.
+    c.add_node_at("n2", &["b"], [127, 0, 0, 4].into(), false)
+        .await;
+    c.proxy("n1").set_blackhole(true);
+    let view = c
+        .wait("echo rescheduled to n2", |v| {
+            v.services
+                .first()
+                .is_some_and(|s| s.node_id.as_deref() == Some("n2"))
+        })
+        .await;
+    assert_eq!(
+        view.services[0].port, port,
+        "a service keeps its port when it moves"
+    );
+    c.wait_state(&server, "RUNNING").await;
+    // The connector's node reaches the new binder through the same address.
+    assert_eq!(
+        ping_until_answered(addr).await.as_deref(),
+        Some("pong:ping")
+    );
+    c.proxy("n1").set_blackhole(false);
     c.shutdown().await;
 }

@@ -97,10 +97,16 @@ impl Cluster {
             .await;
     }
 
-    /// Starts a node agent in-process (group = its id) that reaches mesh services at `ip`
-    /// (several nodes on one host: `NodeConfig::service_ip`).
-    pub async fn add_node_at(&mut self, id: &str, ip: std::net::IpAddr) {
-        self.start_agent(id, id, &[id], &[], false, None, Some(ip))
+    /// Starts a node agent in-process in `groups` that reaches mesh services at `ip`
+    /// (several nodes on one host: `NodeConfig::service_ip`); `via_proxy` as in `add_node`.
+    pub async fn add_node_at(
+        &mut self,
+        id: &str,
+        groups: &[&str],
+        ip: std::net::IpAddr,
+        via_proxy: bool,
+    ) {
+        self.start_agent(id, id, groups, &[], via_proxy, None, Some(ip))
             .await;
     }
 

@@ -612,22 +612,49 @@ impl Bed {
         );
         run(
             "ip",
-            &["-n", &public, "addr", "add", &format!("{ROUTER2_IP}/24"), "dev", &wc],
+            &[
+                "-n",
+                &public,
+                "addr",
+                "add",
+                &format!("{ROUTER2_IP}/24"),
+                "dev",
+                &wc,
+            ],
         );
         run("ip", &["-n", &public, "link", "set", &wc, "up"]);
         self.sysctl(&public, "net.ipv4.ip_forward", "1");
         run(
             "ip",
-            &["-n", &router, "addr", "add", &format!("{NAT2_WAN_IP}/24"), "dev", &wan],
+            &[
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("{NAT2_WAN_IP}/24"),
+                "dev",
+                &wan,
+            ],
         );
         run("ip", &["-n", &router, "link", "set", &wan, "up"]);
         let gw = ROUTER2_IP.to_string();
-        run("ip", &["-n", &router, "route", "add", "default", "via", &gw]);
+        run(
+            "ip",
+            &["-n", &router, "route", "add", "default", "via", &gw],
+        );
         // The first NAT reaches the second one's network through the public namespace.
         let first = self.ns_router.clone();
         run(
             "ip",
-            &["-n", &first, "route", "add", "192.0.2.0/24", "via", &CONDUCTOR_IP.to_string()],
+            &[
+                "-n",
+                &first,
+                "route",
+                "add",
+                "192.0.2.0/24",
+                "via",
+                &CONDUCTOR_IP.to_string(),
+            ],
         );
         self.setup_nat(&router, &wan, nat, "nat2.nft");
     }

@@ -208,6 +208,7 @@ async fn deploy(http: &reqwest::Client, api: &str, name: &str, spec: Value) -> R
 struct Mesh {
     conductor: Conductor,
     cancel: CancellationToken,
+    agents: Vec<tokio::task::JoinHandle<Result<()>>>,
     pod: Option<tokio::process::Child>,
     _dir: tempfile::TempDir,
 }
@@ -231,17 +232,17 @@ impl Mesh {
                 symphony::node::runner::Launcher::Program(env!("CARGO_BIN_EXE_symphony").into());
             Ok(cfg)
         };
-        tokio::spawn(symphony::node::agent::run(
+        let mut agents = vec![tokio::spawn(symphony::node::agent::run(
             node("b", BINDER_IP)?,
             cancel.clone(),
-        ));
+        ))];
         let pod = if tbf {
             Some(netns::start_node(&conductor, dir.path())?)
         } else {
-            tokio::spawn(symphony::node::agent::run(
+            agents.push(tokio::spawn(symphony::node::agent::run(
                 node("c", CONNECTOR_IP)?,
                 cancel.clone(),
-            ));
+            )));
             None
         };
         let api = format!("http://{}", conductor.http_addr);
@@ -289,16 +290,29 @@ impl Mesh {
         Ok(Self {
             conductor,
             cancel,
+            agents,
             pod,
             _dir: dir,
         })
     }
 
+    /// Stops the agents (they stop their workloads) and the conductor.
     async fn stop(mut self) {
         if let Some(mut pod) = self.pod.take() {
-            let _ = pod.kill().await;
+            if let Some(pid) = pod.id().and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            if tokio::time::timeout(DEADLINE, pod.wait()).await.is_err() {
+                let _ = pod.kill().await;
+            }
         }
         self.cancel.cancel();
+        for a in self.agents.drain(..) {
+            let _ = tokio::time::timeout(DEADLINE, a).await;
+        }
         self.conductor.shutdown().await;
     }
 }
@@ -469,7 +483,7 @@ mod netns {
 
     impl Bed {
         pub fn up() -> Result<Self> {
-            let _ = sh(&["ip", "netns", "del", NS]);
+            clean();
             sh(&["ip", "netns", "add", NS])?;
             let bed = Bed;
             sh(&[
@@ -511,9 +525,28 @@ mod netns {
 
     impl Drop for Bed {
         fn drop(&mut self) {
-            // Deleting the namespace destroys the veth pair (both ends).
-            let _ = sh(&["ip", "netns", "del", NS]);
+            clean();
         }
+    }
+
+    /// Kills whatever still runs in the namespace (it would keep the namespace, and so the
+    /// veth pair, alive), then deletes both.
+    fn clean() {
+        if let Ok(out) = std::process::Command::new("ip")
+            .args(["netns", "pids", NS])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        let _ = sh(&["ip", "netns", "del", NS]);
+        let _ = sh(&["ip", "link", "del", "stun0"]);
     }
 
     /// Starts the connector's node (`c`) as a `symphony` process in the pod.

@@ -192,13 +192,14 @@ async fn node_session(
     // Tunnels the node opens: each relayed to the binder's node.
     {
         let (core, session, registry) = (core.clone(), session.clone(), registry.clone());
+        let node_id = node_id.clone();
         tasks.spawn(async move {
             let mut relays = JoinSet::new();
             loop {
                 tokio::select! {
                     t = session.accept_tunnel() => {
                         let Ok(t) = t else { break };
-                        relays.spawn(relay(t, core.clone(), registry.clone()));
+                        relays.spawn(relay(t, node_id.clone(), core.clone(), registry.clone()));
                     }
                     Some(_) = relays.join_next(), if !relays.is_empty() => {}
                 }
@@ -271,13 +272,25 @@ async fn log_stream(mut rx: FrameReceiver, core: CoreHandle, logs: LogHub, node_
 }
 
 /// Relays one tunnel a node opened to the node that binds its service, copying both ways
-/// until both ends are done.
-async fn relay(mut from: Tunnel, core: CoreHandle, registry: Registry) {
+/// until both ends are done. Only a node that runs a deployment (and so was given the
+/// namespace's routes) may reach its services.
+async fn relay(mut from: Tunnel, node_id: String, core: CoreHandle, registry: Registry) {
     let header = tokio::time::timeout(crate::model::TUNNEL_HOLD, from.header::<wire::TunnelOpen>());
     let Ok(Ok(Some(open))) = header.await else {
         from.reset();
         return;
     };
+    let runs_any = core
+        .subscribe()
+        .borrow()
+        .deployments
+        .iter()
+        .any(|d| d.assigned_node_id.as_deref() == Some(node_id.as_str()));
+    if !runs_any {
+        tracing::warn!(%node_id, service = %open.name, "refusing a tunnel from a node that runs no deployment");
+        from.reset();
+        return;
+    }
     let to = match open_to_service(&core, &registry, &open.namespace, &open.name).await {
         Ok(to) => to,
         Err(e) => {

@@ -652,3 +652,14 @@ fn service_ports_are_a_range() {
         assert_eq!(e.key_name(), Some("conductor.service_ports"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn direct_paths_default_on_and_take_a_boolean() {
+    let (cfg, _) = parse_str("mode: conductor\n", "c.yaml").unwrap();
+    assert!(cfg.conductor.unwrap().direct_paths);
+    let (cfg, warnings) = parse_str("conductor:\n  direct_paths: false\n", "c.yaml").unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert!(!cfg.conductor.unwrap().direct_paths);
+    let e = err("conductor:\n  direct_paths: sometimes\n");
+    assert_eq!(e.key_name(), Some("conductor.direct_paths"), "{e}");
+}

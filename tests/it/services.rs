@@ -479,3 +479,54 @@ async fn a_service_whose_node_is_lost_comes_back_where_its_binder_is_rescheduled
     c.proxy("n1").set_blackhole(false);
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_node_that_runs_nothing_cannot_reach_services_through_the_relay() {
+    use symphony::wire;
+    let (c, _) = one_port_cluster().await;
+    let server = c
+        .deploy("server", python(SERVER, json!({ "binds": ["echo"] })))
+        .await;
+    c.wait_state(&server, "RUNNING").await;
+    // A node with a valid certificate that runs no deployment, speaking the protocol itself.
+    let dir = tempfile::tempdir().unwrap();
+    let files = c
+        .conductor()
+        .ca
+        .ensure_node_files("idle", dir.path())
+        .unwrap();
+    let tls =
+        symphony_net::TlsMaterial::from_files(&dir.path().join("ca.pem"), &files.cert, &files.key)
+            .unwrap();
+    let mut cfg = symphony_net::ClientConfig::new(c.quic_addr().to_string(), tls);
+    cfg.server_name = Some("localhost".into());
+    cfg.settings = crate::support::fast_transport();
+    let client = symphony_net::Client::new(cfg).unwrap();
+    let (session, mut control) = client.connect().await.unwrap();
+    let hello = wire::NodeMessage {
+        msg: Some(wire::node_message::Msg::Hello(wire::Hello {
+            protocol_version: wire::ProtocolVersion::Current as u32,
+            node_id: "idle".into(),
+            ..Default::default()
+        })),
+    };
+    control.tx.send(&hello).await.unwrap();
+    let ack: Option<wire::ConductorMessage> = control.rx.recv().await.unwrap();
+    assert!(ack.is_some());
+    let mut t = session.open_tunnel().await.unwrap();
+    let open = wire::TunnelOpen {
+        namespace: "default".into(),
+        name: "echo".into(),
+        port: 0,
+    };
+    t.send_header(&open).await.unwrap();
+    let (mut recv, mut send) = (t.recv, t.send);
+    let _ = send.write_all(b"ping").await;
+    let read = recv.read_to_end(1024).await;
+    assert!(
+        read.is_err(),
+        "the relay carried a tunnel for a node that runs nothing: {read:?}"
+    );
+    session.close(symphony_net::CloseCode::Shutdown, "done");
+    c.shutdown().await;
+}

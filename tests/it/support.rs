@@ -28,6 +28,19 @@ pub fn fast_transport() -> TransportSettings {
     }
 }
 
+/// How to start an in-process agent (see `Cluster::start_agent`).
+#[derive(Default)]
+struct Agent<'a> {
+    groups: &'a [&'a str],
+    caps: &'a [(&'a str, i64)],
+    /// Reach the conductor through an impairment proxy.
+    via_proxy: bool,
+    /// Keep the local state here (default: the agent's file).
+    store: Option<Arc<dyn StateStore>>,
+    /// Reach mesh services at this address (default 127.0.0.1).
+    service_ip: Option<std::net::IpAddr>,
+}
+
 pub struct Node {
     cancel: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -93,8 +106,13 @@ impl Cluster {
         caps: &[(&str, i64)],
         via_proxy: bool,
     ) {
-        self.start_agent(id, id, groups, caps, via_proxy, None, None)
-            .await;
+        let agent = Agent {
+            groups,
+            caps,
+            via_proxy,
+            ..Agent::default()
+        };
+        self.start_agent(id, id, agent).await;
     }
 
     /// Starts a node agent in-process in `groups` that reaches mesh services at `ip`
@@ -106,14 +124,22 @@ impl Cluster {
         ip: std::net::IpAddr,
         via_proxy: bool,
     ) {
-        self.start_agent(id, id, groups, &[], via_proxy, None, Some(ip))
-            .await;
+        let agent = Agent {
+            groups,
+            via_proxy,
+            service_ip: Some(ip),
+            ..Agent::default()
+        };
+        self.start_agent(id, id, agent).await;
     }
 
     /// Starts a node agent in-process that keeps its local state in `store`.
     pub async fn add_node_with_store(&mut self, id: &str, store: Arc<dyn StateStore>) {
-        self.start_agent(id, id, &[], &[], false, Some(store), None)
-            .await;
+        let agent = Agent {
+            store: Some(store),
+            ..Agent::default()
+        };
+        self.start_agent(id, id, agent).await;
     }
 
     /// Starts another agent with `id`'s certificate but its own work dir (`instance`).
@@ -124,20 +150,22 @@ impl Cluster {
         groups: &[&str],
         caps: &[(&str, i64)],
     ) {
-        self.start_agent(id, instance, groups, caps, false, None, None)
-            .await;
+        let agent = Agent {
+            groups,
+            caps,
+            ..Agent::default()
+        };
+        self.start_agent(id, instance, agent).await;
     }
 
-    async fn start_agent(
-        &mut self,
-        id: &str,
-        instance: &str,
-        groups: &[&str],
-        caps: &[(&str, i64)],
-        via_proxy: bool,
-        store: Option<Arc<dyn StateStore>>,
-        service_ip: Option<std::net::IpAddr>,
-    ) {
+    async fn start_agent(&mut self, id: &str, instance: &str, agent: Agent<'_>) {
+        let Agent {
+            groups,
+            caps,
+            via_proxy,
+            store,
+            service_ip,
+        } = agent;
         let proxy = if via_proxy {
             Some(UdpProxy::start(self.quic_addr()).await.unwrap())
         } else {

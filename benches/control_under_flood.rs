@@ -806,20 +806,7 @@ mod netns {
     const NS_SERVER: &str = "symbench-srv";
     const NS_CLIENT: &str = "symbench-cli";
 
-    fn sh(args: &[&str]) -> Result<()> {
-        let out = std::process::Command::new(args[0])
-            .args(&args[1..])
-            .output()
-            .with_context(|| format!("spawn {}", args[0]))?;
-        if !out.status.success() {
-            bail!(
-                "{}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
+    use super::common::sh;
 
     fn teardown() {
         for ns in [NS_SERVER, NS_CLIENT] {

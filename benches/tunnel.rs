@@ -452,20 +452,7 @@ mod netns {
     pub const RATE: &str = "50mbit";
     const NS: &str = "symbench-tunnel";
 
-    fn sh(args: &[&str]) -> Result<()> {
-        let out = std::process::Command::new(args[0])
-            .args(&args[1..])
-            .output()
-            .with_context(|| format!("spawn {}", args[0]))?;
-        if !out.status.success() {
-            bail!(
-                "{}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
+    use super::common::sh;
 
     /// Why the tbf link cannot run here, if it cannot.
     pub fn available() -> Result<(), String> {

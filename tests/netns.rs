@@ -730,13 +730,23 @@ async fn echo_path(
 async fn learner_and_agent(bed: &Bed) -> (String, std::path::PathBuf) {
     online(bed, "n0").await;
     online(bed, "n1").await;
+    echo_server(bed).await;
+    echo_client(bed).await
+}
+
+/// The `echo` server (binds it) in pod 0.
+async fn echo_server(bed: &Bed) -> String {
     bed.api
         .deploy_spec(
             "echo-server",
             json!({"config": {"command": ["python3", "-c", ECHO_SERVER]},
                    "binds": ["echo"], "node_group": "n0"}),
         )
-        .await;
+        .await
+}
+
+/// The counting client (connects to `echo`) in pod 1; returns it and its count file.
+async fn echo_client(bed: &Bed) -> (String, std::path::PathBuf) {
     let count = std::env::temp_dir().join(format!("symphony-mesh-{}", token()));
     let client = bed
         .api
@@ -762,13 +772,7 @@ fn mesh_pods_behind_two_port_preserving_nats_talk_directly() {
         // the direct path is up, so its one connection rides it.
         online(bed, "n0").await;
         online(bed, "n1").await;
-        bed.api
-            .deploy_spec(
-                "echo-server",
-                json!({"config": {"command": ["python3", "-c", ECHO_SERVER]},
-                       "binds": ["echo"], "node_group": "n0"}),
-            )
-            .await;
+        echo_server(bed).await;
         bed.api
             .deploy_spec(
                 "wants-echo",
@@ -777,14 +781,7 @@ fn mesh_pods_behind_two_port_preserving_nats_talk_directly() {
             )
             .await;
         let path = echo_path(bed, "n1", |p| p["path"] == "direct").await;
-        let count = std::env::temp_dir().join(format!("symphony-mesh-{}", token()));
-        bed.api
-            .deploy_spec(
-                "echo-client",
-                json!({"config": {"command": ["python3", "-c", ECHO_CLIENT, count.to_str().unwrap()]},
-                       "connects": ["echo"], "node_group": "n1", "restart_policy": "never"}),
-            )
-            .await;
+        let (_, count) = echo_client(bed).await;
         let first = pinged(&count, 0, 5).await;
         // Without the conductor there is no relay: only the direct path carries these. It
         // dies without a word (kill -9), and the pings go on past two keep-alive periods

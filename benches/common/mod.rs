@@ -199,6 +199,22 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Runs a command (the netns set-ups); fails with its stderr.
+pub fn sh(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("spawn {}", args[0]))?;
+    if !out.status.success() {
+        return Err(anyhow!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
 /// `getconf CLK_TCK`, 100 if that fails (the Linux value everywhere in practice).
 pub fn clock_ticks() -> f64 {
     std::process::Command::new("getconf")

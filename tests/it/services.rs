@@ -54,13 +54,18 @@ fn first_loc(resp: &Value) -> String {
         .unwrap_or_default()
 }
 
-/// A cluster with one node and one port in the service pool (free on this machine).
-async fn one_port_cluster() -> (Cluster, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A TCP port free on `ip` now.
+fn free_port_on(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+/// A cluster with one node and one port in the service pool (free on this machine).
+async fn one_port_cluster() -> (Cluster, u16) {
+    let port = free_port_on("127.0.0.1");
     let mut c = Cluster::start_with(|cfg| cfg.service_ports = port..=port).await;
     c.add_node("n1", &["local"], &[], false).await;
     (c, port)
@@ -267,12 +272,18 @@ async fn exposed_services_are_reachable_through_the_conductor() {
     c.shutdown().await;
 }
 
-/// The `echo` server on the binder's node, listening where that node reaches services
-/// (`BIND_HOST`: two agents share this host, so each has its own loopback address).
-const SERVER_AT: &str = "import os, socket
+/// An `echo` server that listens on the first of `BIND_HOSTS` it can (agents on this host reach
+/// services at their own loopback addresses; a binder that may run on either of two nodes
+/// tries both, and an old copy may still hold the first).
+const SERVER_ANY: &str = "import os, socket
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((os.environ['BIND_HOST'], int(os.environ['SYMPH_ECHO_PORT'])))
+for h in os.environ['BIND_HOSTS'].split():
+    try:
+        s.bind((h, int(os.environ['SYMPH_ECHO_PORT'])))
+        break
+    except OSError:
+        pass
 s.listen()
 while True:
     c, _ = s.accept()
@@ -294,11 +305,7 @@ async fn ping(addr: std::net::SocketAddr) -> Option<String> {
 /// 127.0.0.2, n0 listens for them at 127.0.0.3). Returns the cluster, where n0 listens, and
 /// the path `/services` settles on for n0.
 async fn two_node_mesh(direct: bool) -> (Cluster, std::net::SocketAddr, Value) {
-    let port = std::net::TcpListener::bind("127.0.0.2:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port_on("127.0.0.2");
     let mut c = Cluster::start_with(|cfg| {
         cfg.service_ports = port..=port;
         cfg.direct_paths = direct;
@@ -309,8 +316,8 @@ async fn two_node_mesh(direct: bool) -> (Cluster, std::net::SocketAddr, Value) {
     c.add_node_at("n1", &["n1"], [127, 0, 0, 2].into(), false)
         .await;
     let server = python(
-        SERVER_AT,
-        json!({ "binds": ["echo"], "node_group": "n1", "env": {"BIND_HOST": "127.0.0.2"} }),
+        SERVER_ANY,
+        json!({ "binds": ["echo"], "node_group": "n1", "env": {"BIND_HOSTS": "127.0.0.2"} }),
     );
     let server = c.deploy("server", server).await;
     let sleeper = json!({ "config": { "command": ["sleep", "1000"] }, "connects": ["echo"], "node_group": "n0" });
@@ -390,24 +397,6 @@ async fn without_direct_paths_tunnels_are_relayed_and_need_the_conductor() {
     c.shutdown().await;
 }
 
-/// An `echo` server that listens on the first of `BIND_HOSTS` it can (the binder may run on
-/// either of two nodes of this host; an old copy may still hold the first address).
-const SERVER_ANY: &str = "import os, socket
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-for h in os.environ['BIND_HOSTS'].split():
-    try:
-        s.bind((h, int(os.environ['SYMPH_ECHO_PORT'])))
-        break
-    except OSError:
-        pass
-s.listen()
-while True:
-    c, _ = s.accept()
-    c.sendall(b'pong:' + c.recv(100))
-    c.close()
-";
-
 /// Pings through `addr` until an answer comes (the binder may be starting), at most ~30 s.
 async fn ping_until_answered(addr: std::net::SocketAddr) -> Option<String> {
     for _ in 0..3 {
@@ -420,11 +409,7 @@ async fn ping_until_answered(addr: std::net::SocketAddr) -> Option<String> {
 
 #[tokio::test]
 async fn a_service_whose_node_is_lost_comes_back_where_its_binder_is_rescheduled() {
-    let port = std::net::TcpListener::bind("127.0.0.2:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port_on("127.0.0.2");
     let mut c = Cluster::start_with(|cfg| {
         cfg.service_ports = port..=port;
         cfg.suspect_after = std::time::Duration::from_millis(300);

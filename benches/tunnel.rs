@@ -152,6 +152,39 @@ struct Measured {
     rtt_p99_ms: f64,
     /// CPU seconds of this process per Gbit carried by the throughput rows (loopback only).
     cpu_s_per_gbit: Option<f64>,
+    /// The connector's node's control-connection RTT as the conductor sees it (QUIC's
+    /// smoothed RTT, `/nodes`), idle and while this path carried the rows (tbf only).
+    #[serde(default)]
+    control_rtt: Option<ControlRtt>,
+}
+
+/// Control RTT samples in milliseconds.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct ControlRtt {
+    idle_p50_ms: f64,
+    loaded_p50_ms: f64,
+    loaded_p99_ms: f64,
+    samples: usize,
+}
+
+/// Samples node `c`'s connection RTT from `/nodes` every 100 ms until `stop`, sorted.
+async fn control_rtts(api: String, stop: CancellationToken) -> Vec<f64> {
+    let http = reqwest::Client::new();
+    let mut out = Vec::new();
+    loop {
+        if let Ok(resp) = http.get(format!("{api}/nodes")).send().await
+            && let Ok(v) = resp.json::<Value>().await
+            && let Some(rtt) = v["nodes"]["c"]["connection"]["rtt_ms"].as_f64()
+        {
+            out.push(rtt);
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    out.sort_by(f64::total_cmp);
+    out
 }
 
 /// Measures a path to `addr`, waiting (bounded) until something answers there first.
@@ -175,6 +208,7 @@ async fn measure(addr: SocketAddr, bytes: usize, pings: usize) -> Result<Measure
         rtt_p50_ms: common::percentile(&rtt, 50.0),
         rtt_p99_ms: common::percentile(&rtt, 99.0),
         cpu_s_per_gbit: Some(cpu / gbit),
+        control_rtt: None,
     })
 }
 
@@ -346,9 +380,29 @@ async fn link(tbf: bool, bytes: usize, pings: usize) -> Result<BTreeMap<&'static
     out.insert("plain", run(plain).await.context("plain TCP")?);
     for (label, direct) in [("relay", false), ("direct", true)] {
         let mesh = Mesh::start(direct, port, tbf).await.context(label)?;
+        let api = format!("http://{}", mesh.conductor.http_addr);
+        // Two seconds of the idle link first (the conductor publishes RTTs twice a second).
+        let stop = CancellationToken::new();
+        let idle = tokio::spawn(control_rtts(api.clone(), stop.clone()));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.cancel();
+        let idle = idle.await?;
+        let stop = CancellationToken::new();
+        let loaded = tokio::spawn(control_rtts(api, stop.clone()));
         let m = run(through).await.context(label);
+        stop.cancel();
+        let loaded = loaded.await?;
         mesh.stop().await;
-        out.insert(label, m?);
+        let mut m = m?;
+        if tbf && !idle.is_empty() && !loaded.is_empty() {
+            m.control_rtt = Some(ControlRtt {
+                idle_p50_ms: common::percentile(&idle, 50.0),
+                loaded_p50_ms: common::percentile(&loaded, 50.0),
+                loaded_p99_ms: common::percentile(&loaded, 99.0),
+                samples: loaded.len(),
+            });
+        }
+        out.insert(label, m);
     }
     Ok(out)
 }
@@ -386,6 +440,26 @@ fn rows(results: &BTreeMap<&'static str, Measured>) -> Vec<Vec<String>> {
             common::ms(f(d)),
             format!("+{}", common::ms(f(r) - f(p))),
             format!("+{}", common::ms(f(d) - f(p))),
+        ]);
+    }
+    if let (Some(rc), Some(dc)) = (&r.control_rtt, &d.control_rtt) {
+        rows.push(vec![
+            "node control RTT idle p50 / loaded p50 / p99 ms".into(),
+            "-".into(),
+            format!(
+                "{} / {} / {}",
+                common::ms(rc.idle_p50_ms),
+                common::ms(rc.loaded_p50_ms),
+                common::ms(rc.loaded_p99_ms)
+            ),
+            format!(
+                "{} / {} / {}",
+                common::ms(dc.idle_p50_ms),
+                common::ms(dc.loaded_p50_ms),
+                common::ms(dc.loaded_p99_ms)
+            ),
+            String::new(),
+            String::new(),
         ]);
     }
     if let (Some(pc), Some(rc), Some(dc)) = (p.cpu_s_per_gbit, r.cpu_s_per_gbit, d.cpu_s_per_gbit) {

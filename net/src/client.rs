@@ -188,7 +188,7 @@ impl PeerIncoming {
 impl Client {
     /// Creates the endpoint (binds the local socket).
     pub fn new(cfg: ClientConfig) -> Result<Self, ConnectError> {
-        let socket = std::net::UdpSocket::bind(cfg.bind)?;
+        let socket = bind_udp(cfg.bind)?;
         let handle = socket.try_clone()?;
         // Other nodes may dial this endpoint directly (the mesh); who may is checked by the
         // caller of `accept_peer`.
@@ -335,7 +335,7 @@ impl Client {
     /// Moves every connection of this endpoint to a new local socket bound to `addr`
     /// (no reconnect: QUIC path migration).
     pub fn rebind(&self, addr: SocketAddr) -> std::io::Result<()> {
-        let socket = std::net::UdpSocket::bind(addr)?;
+        let socket = bind_udp(addr)?;
         let handle = socket.try_clone()?;
         self.endpoint.rebind(socket)?;
         if let Ok(mut s) = self.socket.lock() {
@@ -497,6 +497,21 @@ impl Client {
             }
         }
     }
+}
+
+/// A UDP socket bound to `addr`; an IPv6 one also takes IPv4 (dual-stack), whatever the
+/// host's `bindv6only` says.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 fn unspecified_like(ip: IpAddr) -> IpAddr {

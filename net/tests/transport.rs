@@ -692,3 +692,29 @@ async fn the_punch_packet_leaves_the_quic_socket_with_a_low_ttl() {
     // From the endpoint's own socket (the NAT mapping the conductor sees).
     assert_eq!(from.port(), a.local_addr().unwrap().port());
 }
+
+#[tokio::test]
+async fn a_dual_stack_node_reaches_an_ipv4_peer_and_punches_it() {
+    let pki = Pki::new();
+    let b = peer_node(&pki, "node-b");
+    let b_addr = b.local_addr().unwrap();
+    // Bound to [::]: the socket must take IPv4 too (the conductor names peers by IPv4).
+    let mut cfg = client_cfg(
+        "127.0.0.1:9".parse().unwrap(),
+        pki.node_tls("node-a"),
+        fast(),
+    );
+    cfg.bind = "[::]:0".parse().unwrap();
+    let a = Client::new(cfg).unwrap();
+    a.punch(b_addr).unwrap();
+    let accept = async {
+        let incoming = b.accept_peer().await.unwrap();
+        incoming.handshake(Duration::from_secs(5)).await
+    };
+    let (dialled, accepted) = tokio::join!(
+        a.dial_peer(b_addr, "node-b", Duration::from_secs(5)),
+        accept
+    );
+    dialled.unwrap();
+    assert_eq!(accepted.unwrap().0, "node-a");
+}

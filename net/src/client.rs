@@ -126,10 +126,10 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     /// A second handle on the socket quinn uses (for the low-TTL punch packet).
     socket: Mutex<std::net::UdpSocket>,
-    /// Direct connections with other nodes on this endpoint (closed ones are pruned): while
-    /// they receive, the path monitor does not move the socket (a new NAT mapping would cut
-    /// them off), even if the conductor is silent.
-    peers: Mutex<Vec<quinn::Connection>>,
+    /// Datagrams received so far on the node's direct connections (set by the node, which
+    /// owns them): while they receive, the path monitor does not move the socket (a new NAT
+    /// mapping would cut them off), even if the conductor is silent.
+    peer_activity: Mutex<Option<Activity>>,
     cfg: ClientConfig,
     reconnects: AtomicU64,
 }
@@ -138,6 +138,20 @@ pub struct Client {
 /// will answer through) and dies at the next router, before it can reach the peer's NAT and
 /// spoil the mapping that NAT is about to make (see `round2.md`, the mesh).
 pub const PUNCH_TTL: i32 = 2;
+
+/// Counts the datagrams received on a node's direct connections (see
+/// [`Client::set_peer_activity`]).
+pub type PeerActivity = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// A [`PeerActivity`] that `Client` can hold and print.
+#[derive(Clone)]
+struct Activity(PeerActivity);
+
+impl std::fmt::Debug for Activity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerActivity")
+    }
+}
 
 /// An incoming direct connection from another node, not yet handshaken.
 #[derive(Debug)]
@@ -152,9 +166,14 @@ impl PeerIncoming {
         self.incoming.remote_address()
     }
 
-    /// Turns it away without a handshake.
+    /// Turns it away without a handshake (the peer is told).
     pub fn refuse(self) {
         self.incoming.refuse();
+    }
+
+    /// Drops it without a word (for sources nobody expects: scanners get no answer).
+    pub fn ignore(self) {
+        self.incoming.ignore();
     }
 
     /// Completes the handshake (the dialer's certificate is checked against the CA) within
@@ -209,7 +228,7 @@ impl Client {
         Ok(Self {
             endpoint,
             socket: Mutex::new(handle),
-            peers: Mutex::default(),
+            peer_activity: Mutex::default(),
             cfg,
             reconnects: AtomicU64::new(0),
         })
@@ -261,7 +280,6 @@ impl Client {
         let conn = tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| ConnectError::Handshake(quinn::ConnectionError::TimedOut))??;
-        self.note_peer(&conn);
         Ok(Session::new(conn, self.cfg.settings.clone()))
     }
 
@@ -284,20 +302,18 @@ impl Client {
         })
     }
 
-    /// Remembers a direct connection for the path monitor (see `peers`).
-    fn note_peer(&self, conn: &quinn::Connection) {
-        if let Ok(mut peers) = self.peers.lock() {
-            peers.retain(|c| c.close_reason().is_none());
-            peers.push(conn.clone());
+    /// Tells the path monitor how to count the datagrams the node's direct connections
+    /// received (see `peer_activity`).
+    pub fn set_peer_activity(&self, count: PeerActivity) {
+        if let Ok(mut a) = self.peer_activity.lock() {
+            *a = Some(Activity(count));
         }
     }
 
     /// Datagrams received so far on the live direct connections.
     fn peers_rx(&self) -> u64 {
-        self.peers.lock().map_or(0, |mut peers| {
-            peers.retain(|c| c.close_reason().is_none());
-            peers.iter().map(|c| c.stats().udp_rx.datagrams).sum()
-        })
+        let count = self.peer_activity.lock().ok().and_then(|a| a.clone());
+        count.map_or(0, |f| (f.0)())
     }
 
     /// The next incoming direct connection from another node (`None` once the endpoint is
@@ -308,18 +324,6 @@ impl Client {
             incoming,
             settings: self.cfg.settings.clone(),
         })
-    }
-
-    /// Completes an incoming direct connection (see [`PeerIncoming::handshake`]); the
-    /// connection counts for the path monitor.
-    pub async fn handshake_peer(
-        &self,
-        incoming: PeerIncoming,
-        timeout: Duration,
-    ) -> Result<(String, Session), ConnectError> {
-        let (id, session) = incoming.handshake(timeout).await?;
-        self.note_peer(session.connection());
-        Ok((id, session))
     }
 
     /// The local socket address.
@@ -346,16 +350,21 @@ impl Client {
 
     /// One connection attempt: handshake, then open the control stream.
     pub async fn connect(&self) -> Result<(Session, Control), ConnectError> {
-        let addr = tokio::net::lookup_host(&self.cfg.server)
+        // An IPv4 socket reaches IPv4 addresses only; a (dual-stack) IPv6 one reaches both,
+        // IPv6 preferred.
+        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.cfg.server)
             .await
             .map_err(|e| ConnectError::Resolve(self.cfg.server.clone(), e.to_string()))?
-            .find(|a| a.is_ipv4() == self.cfg.bind.is_ipv4())
-            .ok_or_else(|| {
-                ConnectError::Resolve(
-                    self.cfg.server.clone(),
-                    "no address of the bound family".into(),
-                )
-            })?;
+            .filter(|a| a.is_ipv4() || !self.cfg.bind.is_ipv4())
+            .collect();
+        addrs.sort_by_key(SocketAddr::is_ipv4);
+        let addr = addrs.first().copied().ok_or_else(|| {
+            ConnectError::Resolve(
+                self.cfg.server.clone(),
+                "no address of the bound family".into(),
+            )
+        })?;
+        let addr = self.family_of_socket(addr)?;
         let name = self
             .cfg
             .server_name

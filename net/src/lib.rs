@@ -23,7 +23,9 @@ pub mod server;
 pub mod session;
 pub mod tls;
 
-pub use client::{Client, ClientConfig, ClientEvent, ConnectError, PUNCH_TTL, PeerIncoming};
+pub use client::{
+    Client, ClientConfig, ClientEvent, ConnectError, PUNCH_TTL, PeerActivity, PeerIncoming,
+};
 pub use close::CloseCode;
 pub use config::{ALPN, PRIORITY_TUNNEL, TransportSettings};
 pub use frame::{FrameError, FrameReader, FrameWriter};

@@ -520,8 +520,9 @@ impl Core {
         }
     }
 
-    /// The mesh routes of `node_id`: every service of the namespaces it runs a deployment
-    /// of, marked local when the binder is placed there.
+    /// The mesh routes of `node_id`: every service (ports are unique in the cluster; with
+    /// experiments this becomes the services of the namespaces it runs a deployment of),
+    /// marked local when the binder is placed there.
     /// `runs_any`: whether the node holds an assignment (the caller knows, without a scan).
     fn routes_for(&self, node_id: &str, runs_any: bool) -> Vec<wire::ServiceRoute> {
         if !runs_any {

@@ -283,9 +283,9 @@ async fn relay(mut from: Tunnel, node_id: String, core: CoreHandle, registry: Re
     let runs_any = core
         .subscribe()
         .borrow()
-        .deployments
-        .iter()
-        .any(|d| d.assigned_node_id.as_deref() == Some(node_id.as_str()));
+        .nodes
+        .get(&node_id)
+        .is_some_and(|n| !n.assigned_deployments.is_empty());
     if !runs_any {
         tracing::warn!(%node_id, service = %open.name, "refusing a tunnel from a node that runs no deployment");
         from.reset();

@@ -56,6 +56,15 @@ impl PeerMap {
             .map(|d| (d.session.clone(), d.pacer.clone()))
     }
 
+    /// Datagrams received so far on the live connections.
+    fn received(&self) -> u64 {
+        self.0.lock().map_or(0, |map| {
+            map.values()
+                .map(|d| d.session.connection().stats().udp_rx.datagrams)
+                .sum()
+        })
+    }
+
     fn entry(&self, node: &str) -> Option<Direct> {
         let map = self.0.lock().ok()?;
         map.get(node).filter(|d| !d.session.is_closed()).cloned()
@@ -72,8 +81,9 @@ struct Inner {
     /// The latest attempt per peer and the peer's address (an accepted connection answers
     /// it, and must come from that address).
     pending: Mutex<HashMap<String, (u64, SocketAddr)>>,
-    /// Peers being dialled now (one dial per peer at a time).
-    dialing: Mutex<BTreeSet<String>>,
+    /// Peers being dialled now (one dial per peer at a time), with the latest attempt's
+    /// nonce (the dial's outcome answers that one).
+    dialing: Mutex<HashMap<String, u64>>,
     handshakes: Arc<tokio::sync::Semaphore>,
     reports: mpsc::UnboundedSender<wire::PeerPath>,
     /// Ports bound on this node, and where services listen (for tunnels from peers).
@@ -110,6 +120,10 @@ impl Peers {
             ip,
             cancel: CancellationToken::new(),
         });
+        let live = inner.live.clone();
+        inner
+            .client
+            .set_peer_activity(Arc::new(move || live.received()));
         tokio::spawn(accept_loop(inner.clone()));
         Self { inner }
     }
@@ -170,22 +184,25 @@ impl Peers {
         let first = inner
             .dialing
             .lock()
-            .is_ok_and(|mut d| d.insert(p.peer_id.clone()));
+            .is_ok_and(|mut d| d.insert(p.peer_id.clone(), p.nonce).is_none());
         if !first {
-            // A dial of this peer is under way; its outcome answers (under its own nonce).
+            // A dial of this peer is under way; its outcome answers this attempt.
             return;
         }
         let inner = inner.clone();
         tokio::spawn(async move {
             let dialled = inner.client.dial_peer(addr, &p.peer_id, DIAL_TIMEOUT).await;
-            if let Ok(mut d) = inner.dialing.lock() {
-                d.remove(&p.peer_id);
-            }
+            let nonce = inner
+                .dialing
+                .lock()
+                .ok()
+                .and_then(|mut d| d.remove(&p.peer_id))
+                .unwrap_or(p.nonce);
             match dialled {
-                Ok(session) => register(&inner, p.peer_id, session, p.nonce),
+                Ok(session) => register(&inner, p.peer_id, session, nonce),
                 Err(e) => {
                     tracing::info!(peer = %p.peer_id, %addr, error = %e, "no direct path; the relay carries on");
-                    inner.report(&p.peer_id, p.nonce, State::Down, 0, e.to_string());
+                    inner.report(&p.peer_id, nonce, State::Down, 0, e.to_string());
                 }
             }
         });
@@ -248,15 +265,21 @@ async fn accept_loop(inner: Arc<Inner>) {
             .pending
             .lock()
             .is_ok_and(|p| p.values().any(|(_, a)| a.ip() == from_ip));
-        let slot = inner.handshakes.clone().try_acquire_owned();
-        let (true, Ok(slot)) = (expected, slot) else {
+        if !expected {
+            // Peers are expected from the address the conductor saw them at (a NAT that
+            // picks another public IP per destination defeats this; the relay carries on).
+            tracing::info!(%from, "ignoring a direct handshake from an address no punch named");
+            incoming.ignore();
+            continue;
+        }
+        let Ok(slot) = inner.handshakes.clone().try_acquire_owned() else {
             incoming.refuse();
             continue;
         };
         let inner = inner.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            match inner.client.handshake_peer(incoming, DIAL_TIMEOUT).await {
+            match incoming.handshake(DIAL_TIMEOUT).await {
                 Ok((peer, session)) if inner.allowed(&peer) => {
                     let nonce = inner
                         .pending
@@ -278,6 +301,10 @@ async fn accept_loop(inner: Arc<Inner>) {
 
 /// Makes `session` the live connection with `peer` and serves it until it ends.
 fn register(inner: &Arc<Inner>, peer: String, session: Session, nonce: u64) {
+    if inner.cancel.is_cancelled() {
+        session.close(CloseCode::Shutdown, "node shutting down");
+        return;
+    }
     let pacer = Pacer::new(session.connection().clone(), PacerConfig::default());
     let direct = Direct {
         session: session.clone(),

@@ -268,7 +268,7 @@ async fn accept_loop(inner: Arc<Inner>) {
         if !expected {
             // Peers are expected from the address the conductor saw them at (a NAT that
             // picks another public IP per destination defeats this; the relay carries on).
-            tracing::info!(%from, "ignoring a direct handshake from an address no punch named");
+            tracing::debug!(%from, "ignoring a direct handshake from an address no punch named");
             incoming.ignore();
             continue;
         }

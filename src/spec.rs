@@ -31,6 +31,7 @@
 
 mod checked;
 mod cron;
+mod experiment;
 mod model;
 mod secrets;
 #[cfg(test)]
@@ -43,6 +44,9 @@ pub use checked::{
     Checked, Int, LineOrList, Loc, Mismatch, Object, Opt, Report, Seconds, given, unexpected,
 };
 pub use cron::{CronSchedule, cron_schedule, next_fire};
+pub use experiment::{
+    Experiment, MAX_REPLICAS, OnFailure, Placement, Process, parse_experiment, with_user,
+};
 pub use model::{
     AutoRestart, Bind, DEFAULT_BACKOFF, DEFAULT_FAILURE_THRESHOLD, DEFAULT_HEALTH_PERIOD,
     DEFAULT_LOG_LIMIT_LINES, DEFAULT_MAX_RESTARTS, DEFAULT_RESTART_WINDOW, DEFAULT_STOP_TIMEOUT,

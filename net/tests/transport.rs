@@ -578,19 +578,31 @@ fn peer_node(pki: &Pki, id: &str) -> Client {
     .unwrap()
 }
 
+/// `a` dials `b` expecting `expected` while `b` accepts: both outcomes.
+async fn dial_and_accept(
+    a: &Client,
+    b: &Client,
+    expected: &str,
+) -> (
+    Result<symphony_net::Session, symphony_net::ConnectError>,
+    Result<(String, symphony_net::Session), symphony_net::ConnectError>,
+) {
+    let accept = async {
+        let incoming = b.accept_peer().await.unwrap();
+        incoming.handshake(Duration::from_secs(5)).await
+    };
+    tokio::join!(
+        a.dial_peer(b.local_addr().unwrap(), expected, Duration::from_secs(5)),
+        accept
+    )
+}
+
 #[tokio::test]
 async fn nodes_connect_directly_and_each_checks_the_others_identity() {
     let pki = Pki::new();
     let (a, b) = (peer_node(&pki, "node-a"), peer_node(&pki, "node-b"));
     let b_addr = b.local_addr().unwrap();
-    let accept = async {
-        let incoming = b.accept_peer().await.unwrap();
-        incoming.handshake(Duration::from_secs(5)).await
-    };
-    let (dialled, accepted) = tokio::join!(
-        a.dial_peer(b_addr, "node-b", Duration::from_secs(5)),
-        accept
-    );
+    let (dialled, accepted) = dial_and_accept(&a, &b, "node-b").await;
     let (dialled, (id, accepted)) = (dialled.unwrap(), accepted.unwrap());
     assert_eq!(id, "node-a", "the acceptor learns who dialled");
     // A tunnel both ways over the direct connection.
@@ -617,19 +629,11 @@ async fn a_node_of_another_ca_cannot_connect_directly() {
     let pki = Pki::new();
     let other = Pki::new();
     let b = peer_node(&pki, "node-b");
-    let b_addr = b.local_addr().unwrap();
     // Trusts our CA, presents a certificate of another one, claims a name B expects.
     let mut tls = other.node_tls("node-a");
     tls.ca_pem = pki.ca.cert_pem().to_owned();
     let intruder = Client::new(client_cfg("127.0.0.1:9".parse().unwrap(), tls, fast())).unwrap();
-    let accept = async {
-        let incoming = b.accept_peer().await.unwrap();
-        incoming.handshake(Duration::from_secs(5)).await
-    };
-    let (dialled, accepted) = tokio::join!(
-        intruder.dial_peer(b_addr, "node-b", Duration::from_secs(5)),
-        accept
-    );
+    let (dialled, accepted) = dial_and_accept(&intruder, &b, "node-b").await;
     assert!(accepted.is_err(), "B accepted a certificate of another CA");
     if let Ok(s) = dialled {
         // TLS 1.3: the dialler may finish first; B then closes the connection.
@@ -707,14 +711,7 @@ async fn a_dual_stack_node_reaches_an_ipv4_peer_and_punches_it() {
     cfg.bind = "[::]:0".parse().unwrap();
     let a = Client::new(cfg).unwrap();
     a.punch(b_addr).unwrap();
-    let accept = async {
-        let incoming = b.accept_peer().await.unwrap();
-        incoming.handshake(Duration::from_secs(5)).await
-    };
-    let (dialled, accepted) = tokio::join!(
-        a.dial_peer(b_addr, "node-b", Duration::from_secs(5)),
-        accept
-    );
+    let (dialled, accepted) = dial_and_accept(&a, &b, "node-b").await;
     dialled.unwrap();
     assert_eq!(accepted.unwrap().0, "node-a");
 }

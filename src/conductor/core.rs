@@ -599,24 +599,26 @@ impl Core {
     /// The path between a connector's node and the binder's node, and its RTT: the direct
     /// connection's, or the sum of both nodes' RTTs to the conductor for the relay.
     fn path_between(&self, here: &str, there: &str) -> crate::model::ServicePath {
-        let mut direct_error = None;
-        let (path, rtt_ms) = if here == there {
-            ("local", Some(0.0))
-        } else if let Some(PairState::Direct { rtt_us, .. }) = self.paths.state(here, there) {
+        let rtt = |n: &str| {
+            self.nodes
+                .get(n)
+                .and_then(|n| n.conn.as_ref())
+                .map(|c| c.session.connection().rtt().as_secs_f64() * 1000.0)
+        };
+        let (path, rtt_ms, direct_error) = match self.paths.state(here, there) {
+            _ if here == there => ("local", Some(0.0), None),
             #[allow(clippy::cast_precision_loss)]
-            let ms = *rtt_us as f64 / 1000.0;
-            ("direct", Some(ms))
-        } else {
-            if let Some(PairState::Relay { last_error, .. }) = self.paths.state(here, there) {
-                direct_error.clone_from(last_error);
+            Some(PairState::Direct { rtt_us, .. }) => {
+                ("direct", Some(*rtt_us as f64 / 1000.0), None)
             }
-            let rtt = |n: &str| {
-                self.nodes
-                    .get(n)
-                    .and_then(|n| n.conn.as_ref())
-                    .map(|c| c.session.connection().rtt().as_secs_f64() * 1000.0)
-            };
-            ("relay", rtt(here).zip(rtt(there)).map(|(a, b)| a + b))
+            state => {
+                let error = match state {
+                    Some(PairState::Relay { last_error, .. }) => last_error.clone(),
+                    _ => None,
+                };
+                let relay = rtt(here).zip(rtt(there)).map(|(a, b)| a + b);
+                ("relay", relay, error)
+            }
         };
         crate::model::ServicePath {
             node_id: here.to_owned(),

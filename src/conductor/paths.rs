@@ -124,11 +124,6 @@ impl Paths {
         self.pairs.get(&key(a, b)).map(|p| &p.state)
     }
 
-    /// Whether the pair of `a` and `b` is direct now.
-    pub fn is_direct(&self, a: &str, b: &str) -> bool {
-        matches!(self.state(a, b), Some(PairState::Direct { .. }))
-    }
-
     /// Starts the attempts that are due (both nodes connected: `addr` gives a connected
     /// node's reflexive address) and gives up on attempts past [`PUNCH_TIMEOUT_MS`].
     pub fn drive(&mut self, now_ms: i64, addr: impl Fn(&str) -> Option<SocketAddr>) -> Punches {
@@ -283,6 +278,10 @@ mod tests {
         }
     }
 
+    fn is_direct(p: &Paths) -> bool {
+        matches!(p.state("a", "b"), Some(PairState::Direct { .. }))
+    }
+
     fn wanted(pairs: &[(&str, &str)]) -> BTreeSet<PairKey> {
         pairs.iter().map(|(a, b)| key(a, b)).collect()
     }
@@ -316,7 +315,7 @@ mod tests {
         assert_eq!(dial.len(), 1);
         assert_eq!(dial[0].0, "a", "the lower id dials");
         assert!(dial[0].1.dial);
-        assert!(!p.is_direct("a", "b"));
+        assert!(!is_direct(&p));
         p.report("b", &report("a", 101, State::Up), 4, addr);
         assert_eq!(
             p.state("a", "b"),
@@ -334,7 +333,7 @@ mod tests {
         p.drive(0, addr);
         // An answer to another attempt changes nothing.
         p.report("a", &report("b", 99, State::Up), 1, addr);
-        assert!(!p.is_direct("a", "b"));
+        assert!(!is_direct(&p));
         p.report("a", &report("b", 1, State::Down), 1_000, addr);
         assert!(matches!(
             p.state("a", "b"),
@@ -357,7 +356,7 @@ mod tests {
         p.want(wanted(&[("a", "b")]), 0);
         p.drive(0, addr);
         p.report("a", &report("b", 1, State::Up), 1, addr);
-        assert!(p.is_direct("a", "b"));
+        assert!(is_direct(&p));
         p.report("b", &report("a", 1, State::Down), 100, addr);
         assert!(matches!(
             p.state("a", "b"),

@@ -154,6 +154,8 @@ fn make_deployments(n: usize, rng: &mut StdRng) -> Vec<DeploymentView> {
                 capacity_requests: requests,
                 env_name: None,
                 assignment: None,
+                colocate: None,
+                gang: None,
             }
         })
         .collect()

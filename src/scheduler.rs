@@ -134,6 +134,13 @@ pub struct DeploymentView {
     pub env_name: Option<String>,
     /// The conductor's current assignment, if any.
     pub assignment: Option<Assignment>,
+    /// Deployments with the same key run on one node: they are placed together, in one pass,
+    /// or not at all (an experiment's process group). A member that already runs pins the
+    /// others to its node.
+    pub colocate: Option<String>,
+    /// Deployments with the same key are placed all in one pass or none (an experiment with
+    /// `placement: gang`): a 16-actor job never runs with 9.
+    pub gang: Option<String>,
 }
 
 /// Why a desired-RUNNING deployment has no node. Checked in this order.
@@ -153,6 +160,10 @@ pub enum Unplaced {
     /// No eligible node has enough unreserved capacity.
     #[serde(rename = "No Capacity")]
     NoCapacity,
+    /// It would fit, but another member of its gang does not (nothing of a gang is placed
+    /// until all of it fits).
+    #[serde(rename = "Waiting For Gang")]
+    WaitingForGang,
 }
 
 impl fmt::Display for Unplaced {
@@ -162,6 +173,7 @@ impl fmt::Display for Unplaced {
             Unplaced::NoGroup => "No Group",
             Unplaced::NoEnv => "No Env",
             Unplaced::NoCapacity => "No Capacity",
+            Unplaced::WaitingForGang => "Waiting For Gang",
         })
     }
 }
@@ -193,7 +205,9 @@ pub struct Plan {
 /// Decides placements for every desired-RUNNING deployment without a live assignment.
 ///
 /// `next_generation` is the first generation to hand out; each placement takes the next one.
-/// Deterministic: the same inputs (in any order) give the same plan.
+/// Deterministic: the same inputs (in any order) give the same plan. A unit (a `gang`, or a
+/// `colocate` group outside a gang) is decided when its oldest member needing a node comes up:
+/// every member that needs one is placed in that step, or none is.
 pub fn plan(
     nodes: &[NodeView],
     deployments: &[DeploymentView],
@@ -205,6 +219,7 @@ pub fn plan(
         next_generation,
         ..Plan::default()
     };
+    let mut units_done: BTreeSet<(bool, &str)> = BTreeSet::new();
     for i in 0..state.order.len() {
         let dep = state.order[i];
         if let Some(a) = &dep.assignment {
@@ -216,20 +231,35 @@ pub fn plan(
         if !dep.desired_running {
             continue;
         }
-        match state.choose(dep, strategy) {
-            Ok(choice) => {
-                state.commit(dep, choice);
-                out.placements.push(Placement {
-                    deployment_id: dep.id.clone(),
-                    node_id: state.slots[choice.slot].node.id.clone(),
-                    generation: out.next_generation,
-                });
-                out.next_generation = out.next_generation.next();
+        let decided = match unit_of(dep) {
+            None => vec![(dep, state.place(&[dep], None, strategy))],
+            Some(unit) if units_done.insert(unit) => state.place_unit(unit, strategy),
+            Some(_) => continue,
+        };
+        for (d, result) in decided {
+            match result {
+                Ok(slot) => {
+                    out.placements.push(Placement {
+                        deployment_id: d.id.clone(),
+                        node_id: state.slots[slot].node.id.clone(),
+                        generation: out.next_generation,
+                    });
+                    out.next_generation = out.next_generation.next();
+                }
+                Err(why) => out.unplaced.push((d.id.clone(), why)),
             }
-            Err(why) => out.unplaced.push((dep.id.clone(), why)),
         }
     }
     out
+}
+
+/// The unit a deployment is decided with: `(true, gang)` or `(false, colocate group)`.
+fn unit_of(dep: &DeploymentView) -> Option<(bool, &str)> {
+    match (filter_of(&dep.gang), filter_of(&dep.colocate)) {
+        (Some(g), _) => Some((true, g)),
+        (None, Some(c)) => Some((false, c)),
+        (None, None) => None,
+    }
 }
 
 /// Capacity held on each node by the current assignments of desired-RUNNING deployments.
@@ -259,27 +289,23 @@ pub fn reserved(
 /// Why `deployment_id` has no node right now, given the current assignments.
 ///
 /// `None` when it is unknown, desired STOPPED, assigned to an Online or Suspect node, or would
-/// fit now (a pass would place it). Uses the same filter as [`plan`] against the capacity
-/// reserved by the current assignments, so after the conductor applies a plan this agrees
-/// with that plan's `unplaced` list. For many deployments use [`reasons`] (one index build).
+/// fit now (a pass would place it): the reasons are those of a fresh [`plan`] over the same
+/// inputs, so after the conductor applies a plan they agree with that plan's `unplaced` list.
+/// For many deployments use [`reasons`] (one pass).
 pub fn reason_for(
     nodes: &[NodeView],
     deployments: &[DeploymentView],
     deployment_id: &str,
 ) -> Option<Unplaced> {
-    let state = State::new(nodes, deployments);
-    let dep = state.order.iter().find(|d| d.id == deployment_id)?;
-    state.reason(dep)
+    reasons(nodes, deployments).remove(deployment_id)
 }
 
 /// [`reason_for`] for every deployment at once: deployment id -> reason, only for those that
 /// have one.
 pub fn reasons(nodes: &[NodeView], deployments: &[DeploymentView]) -> BTreeMap<String, Unplaced> {
-    let state = State::new(nodes, deployments);
-    state
-        .order
-        .iter()
-        .filter_map(|d| state.reason(d).map(|why| (d.id.clone(), why)))
+    plan(nodes, deployments, Generation(0), Strategy::Spread)
+        .unplaced
+        .into_iter()
         .collect()
 }
 
@@ -310,6 +336,7 @@ pub fn liveness(
 }
 
 /// One node's running tally during a pass.
+#[derive(Clone)]
 struct Slot<'a> {
     node: &'a NodeView,
     /// Class -> amount reserved by live assignments and by placements made in this pass.
@@ -338,6 +365,19 @@ struct State<'a> {
     by_group: BTreeMap<&'a str, Vec<usize>>,
     /// Deduplicated deployments, oldest first (created_at_ms, then id).
     order: Vec<&'a DeploymentView>,
+}
+
+/// The summed positive requests of deployments placed together, by class.
+fn sum_requests<'d>(deps: &[&'d DeploymentView]) -> Vec<(&'d str, i64)> {
+    if let [one] = deps {
+        return positive_requests(one).collect();
+    }
+    let mut sum: BTreeMap<&str, i64> = BTreeMap::new();
+    for (class, amount) in deps.iter().flat_map(|d| positive_requests(d)) {
+        let held = sum.entry(class).or_insert(0);
+        *held = held.saturating_add(amount);
+    }
+    sum.into_iter().collect()
 }
 
 /// The positive requests of a deployment (0 and negative amounts always fit and hold nothing).
@@ -438,11 +478,11 @@ impl<'a> State<'a> {
         (self.slots[i].node.state != NodeState::Lost).then_some(i)
     }
 
-    /// The load of `slot` after adding `dep`, or `None` if `dep` does not fit there.
-    fn load_after(&self, slot: usize, dep: &DeploymentView) -> Option<f64> {
+    /// The load of `slot` after adding `requests`, or `None` if they do not fit there.
+    fn load_after(&self, slot: usize, requests: &[(&str, i64)]) -> Option<f64> {
         let s = &self.slots[slot];
         let mut load = s.load;
-        for (class, amount) in positive_requests(dep) {
+        for &(class, amount) in requests {
             let total = s.node.capacities_total.get(class).copied().unwrap_or(0);
             let held = s.reserved.get(class).copied().unwrap_or(0);
             if amount > total.saturating_sub(held) {
@@ -454,29 +494,56 @@ impl<'a> State<'a> {
         Some(load)
     }
 
-    /// Filter then score: the best node for `dep`, or the first reason it has none.
-    fn choose(&self, dep: &DeploymentView, strategy: Strategy) -> Result<Choice, Unplaced> {
+    /// Filter then score: the best node for `deps` all together (one node, the sum of their
+    /// requests, every one's group and env), or the first reason there is none. `pinned`: the
+    /// node they must go to (where a member of their group runs already).
+    fn choose(
+        &self,
+        deps: &[&DeploymentView],
+        pinned: Option<usize>,
+        strategy: Strategy,
+    ) -> Result<Choice, Unplaced> {
         if self.online.is_empty() {
             return Err(Unplaced::NoNode);
         }
-        let candidates: &[usize] = match filter_of(&dep.node_group) {
-            None => &self.online,
-            Some(g) => self.by_group.get(g).map(Vec::as_slice).unwrap_or(&[]),
+        let pinned_slot;
+        let candidates: &[usize] = match pinned {
+            Some(p) if self.slots[p].node.state == NodeState::Online => {
+                pinned_slot = [p];
+                &pinned_slot
+            }
+            // Its group's node is away: the rest waits for it.
+            Some(_) => return Err(Unplaced::NoNode),
+            None => match deps.iter().find_map(|d| filter_of(&d.node_group)) {
+                None => &self.online,
+                Some(g) => self.by_group.get(g).map(Vec::as_slice).unwrap_or(&[]),
+            },
         };
-        if candidates.is_empty() {
-            return Err(Unplaced::NoGroup);
-        }
-        let env = filter_of(&dep.env_name);
+        let in_groups = |slot: usize| {
+            deps.iter().all(|d| {
+                filter_of(&d.node_group)
+                    .is_none_or(|g| self.slots[slot].node.groups.iter().any(|n| n == g))
+            })
+        };
+        let has_envs = |slot: usize| {
+            deps.iter().all(|d| {
+                filter_of(&d.env_name).is_none_or(|e| self.slots[slot].node.conda_envs.contains(e))
+            })
+        };
+        let requests = sum_requests(deps);
+        let mut grouped = false;
         let mut env_matched = false;
         let mut best: Option<Choice> = None;
         for &slot in candidates {
-            if let Some(env) = env
-                && !self.slots[slot].node.conda_envs.contains(env)
-            {
+            if !in_groups(slot) {
+                continue;
+            }
+            grouped = true;
+            if !has_envs(slot) {
                 continue;
             }
             env_matched = true;
-            let Some(load_after) = self.load_after(slot, dep) else {
+            let Some(load_after) = self.load_after(slot, &requests) else {
                 continue;
             };
             let candidate = Choice { slot, load_after };
@@ -487,9 +554,104 @@ impl<'a> State<'a> {
         }
         match best {
             Some(choice) => Ok(choice),
+            None if !grouped => Err(Unplaced::NoGroup),
             None if !env_matched => Err(Unplaced::NoEnv),
             None => Err(Unplaced::NoCapacity),
         }
+    }
+
+    /// Chooses a node for `deps` together and reserves them there.
+    fn place(
+        &mut self,
+        deps: &[&'a DeploymentView],
+        pinned: Option<usize>,
+        strategy: Strategy,
+    ) -> Result<usize, Unplaced> {
+        let choice = self.choose(deps, pinned, strategy)?;
+        for dep in deps {
+            self.commit(dep, choice);
+        }
+        Ok(choice.slot)
+    }
+
+    /// Decides every member of `unit` that needs a node: each colocate group on one node (the
+    /// node of a member that runs, if one does), the rest one by one, the largest requests
+    /// first. In a gang, one failure undoes the others' reservations and holds all of them
+    /// back.
+    #[allow(clippy::type_complexity)]
+    fn place_unit(
+        &mut self,
+        unit: (bool, &str),
+        strategy: Strategy,
+    ) -> Vec<(&'a DeploymentView, Result<usize, Unplaced>)> {
+        let members: Vec<&'a DeploymentView> = self
+            .order
+            .iter()
+            .copied()
+            .filter(|d| unit_of(d) == Some(unit))
+            .collect();
+        let needs = |d: &DeploymentView| {
+            d.desired_running
+                && d.assignment
+                    .as_ref()
+                    .is_none_or(|a| self.live_slot(a).is_none())
+        };
+        // Blocks: a colocate group, or a member on its own; in the order of their oldest.
+        let mut blocks: Vec<(Option<&str>, Vec<&'a DeploymentView>)> = Vec::new();
+        for d in members.iter().copied().filter(|d| needs(d)) {
+            match filter_of(&d.colocate) {
+                Some(c) => match blocks.iter_mut().find(|(k, _)| *k == Some(c)) {
+                    Some((_, b)) => b.push(d),
+                    None => blocks.push((Some(c), vec![d])),
+                },
+                None => blocks.push((None, vec![d])),
+            }
+        }
+        // The largest first (then the oldest): small members must not take the room a large
+        // one needs when all of them would fit.
+        blocks.sort_by_key(|(_, b)| {
+            std::cmp::Reverse(
+                sum_requests(b)
+                    .iter()
+                    .fold(0i64, |acc, (_, v)| acc.saturating_add(*v)),
+            )
+        });
+        let before = unit.0.then(|| self.slots.clone());
+        let mut out = Vec::new();
+        let mut failed = false;
+        for (key, block) in blocks {
+            // Where a member of this colocate group already runs.
+            let pinned = key.and_then(|k| {
+                members
+                    .iter()
+                    .filter(|d| filter_of(&d.colocate) == Some(k) && d.desired_running)
+                    .filter_map(|d| d.assignment.as_ref())
+                    .find_map(|a| self.live_slot(a))
+            });
+            let result = self.place(&block, pinned, strategy);
+            failed |= result.is_err();
+            out.extend(block.into_iter().map(|d| (d, result)));
+        }
+        if failed && let Some(before) = before {
+            self.slots = before;
+            for (_, result) in &mut out {
+                if result.is_ok() {
+                    *result = Err(Unplaced::WaitingForGang);
+                }
+            }
+        }
+        out
+    }
+
+    /// Reserves `dep` on the chosen slot.
+    fn commit(&mut self, dep: &'a DeploymentView, choice: Choice) {
+        let slot = &mut self.slots[choice.slot];
+        for (class, amount) in positive_requests(dep) {
+            let held = slot.reserved.entry(class).or_insert(0);
+            *held = held.saturating_add(amount);
+        }
+        slot.load = choice.load_after;
+        slot.count += 1;
     }
 
     /// Whether `a` beats `b` under `strategy` (a total order: ids are unique).
@@ -505,29 +667,5 @@ impl<'a> State<'a> {
             Strategy::Binpack => b.load_after.total_cmp(&a.load_after).then(by_id),
         };
         order == Ordering::Less
-    }
-
-    /// Reserves `dep` on the chosen slot.
-    fn commit(&mut self, dep: &'a DeploymentView, choice: Choice) {
-        let slot = &mut self.slots[choice.slot];
-        for (class, amount) in positive_requests(dep) {
-            let held = slot.reserved.entry(class).or_insert(0);
-            *held = held.saturating_add(amount);
-        }
-        slot.load = choice.load_after;
-        slot.count += 1;
-    }
-
-    /// Why `dep` has no node given the current reservations (see [`reason_for`]).
-    fn reason(&self, dep: &DeploymentView) -> Option<Unplaced> {
-        if !dep.desired_running {
-            return None;
-        }
-        if let Some(a) = &dep.assignment
-            && self.live_slot(a).is_some()
-        {
-            return None;
-        }
-        self.choose(dep, Strategy::Spread).err()
     }
 }

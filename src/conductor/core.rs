@@ -1207,6 +1207,8 @@ impl Core {
                         .unwrap_or_default(),
                     env_name: spec.and_then(|s| s.env_name.clone()),
                     assignment: self.assignments.get(&d.id).cloned(),
+                    colocate: None,
+                    gang: None,
                 }
             })
             .collect()

@@ -53,6 +53,8 @@ fn dep(id: &str, t: u64) -> DeploymentView {
         capacity_requests: BTreeMap::new(),
         env_name: None,
         assignment: None,
+        colocate: None,
+        gang: None,
     }
 }
 
@@ -62,6 +64,8 @@ trait DepExt {
     fn env(self, e: &str) -> Self;
     fn stopped(self) -> Self;
     fn on(self, node: &str, generation: u64) -> Self;
+    fn colocate(self, key: &str) -> Self;
+    fn gang(self, key: &str) -> Self;
 }
 
 impl DepExt for DeploymentView {
@@ -79,6 +83,14 @@ impl DepExt for DeploymentView {
     }
     fn stopped(mut self) -> Self {
         self.desired_running = false;
+        self
+    }
+    fn colocate(mut self, key: &str) -> Self {
+        self.colocate = Some(key.to_owned());
+        self
+    }
+    fn gang(mut self, key: &str) -> Self {
+        self.gang = Some(key.to_owned());
         self
     }
     fn on(mut self, node: &str, generation: u64) -> Self {
@@ -767,4 +779,135 @@ fn display_and_parse() {
         serde_json::from_str::<Strategy>("\"binpack\"").unwrap(),
         Binpack
     );
+}
+
+#[test]
+fn process_groups_share_a_node_or_wait_together() {
+    run_cases(vec![
+        Case {
+            name: "a group goes where all of it fits, not where the first member would",
+            nodes: vec![node("a").cap("A", 2), node("b").cap("A", 4)],
+            deps: vec![
+                dep("g1", 1).req("A", 2).colocate("x/g"),
+                dep("g2", 1).req("A", 2).colocate("x/g"),
+                dep("solo", 2).req("A", 1),
+            ],
+            strategy: Spread,
+            expect: "g1 -> b@100\ng2 -> b@101\nsolo -> a@102\nnext 103",
+        },
+        Case {
+            name: "a group that fits on no single node places none of it",
+            nodes: vec![node("a").cap("A", 2), node("b").cap("A", 2)],
+            deps: vec![
+                dep("g1", 1).req("A", 2).colocate("x/g"),
+                dep("g2", 1).req("A", 2).colocate("x/g"),
+                dep("solo", 2).req("A", 2),
+            ],
+            strategy: Spread,
+            expect: "solo -> a@100\ng1: No Capacity\ng2: No Capacity\nnext 101",
+        },
+        Case {
+            name: "a member that runs pins the others to its node",
+            nodes: vec![node("a").cap("A", 4), node("b").cap("A", 8)],
+            deps: vec![
+                dep("g1", 1).req("A", 1).colocate("x/g").on("a", 7),
+                dep("g2", 2).req("A", 2).colocate("x/g"),
+                dep("g3", 3).req("A", 2).colocate("x/g"),
+            ],
+            strategy: Spread,
+            expect: "g2: No Capacity\ng3: No Capacity\nnext 100",
+        },
+        Case {
+            name: "every member's node group and env must hold on the shared node",
+            nodes: vec![
+                node("a").group("gpu").env("torch"),
+                node("b").group("gpu"),
+                node("c").env("torch"),
+            ],
+            deps: vec![
+                dep("g1", 1).group("gpu").colocate("x/g"),
+                dep("g2", 1).env("torch").colocate("x/g"),
+            ],
+            strategy: Binpack,
+            expect: "g1 -> a@100\ng2 -> a@101\nnext 102",
+        },
+        Case {
+            name: "groups of different experiments are different groups",
+            nodes: vec![node("a").cap("A", 2), node("b").cap("A", 2)],
+            deps: vec![
+                dep("x1", 1).req("A", 2).colocate("x/g"),
+                dep("y1", 2).req("A", 2).colocate("y/g"),
+            ],
+            strategy: Spread,
+            expect: "x1 -> a@100\ny1 -> b@101\nnext 102",
+        },
+    ]);
+}
+
+#[test]
+fn a_gang_is_placed_whole_or_not_at_all() {
+    let agents = |n: usize, t: u64| -> Vec<DeploymentView> {
+        (0..n)
+            .map(|i| dep(&format!("agent-{i}"), t).req("A", 1).gang("rl"))
+            .collect()
+    };
+    let mut deps = vec![dep("learner", 1).req("A", 2).gang("rl").colocate("rl/t")];
+    deps.extend(agents(3, 1));
+    deps.push(dep("other", 2).req("A", 1));
+    run_cases(vec![
+        Case {
+            name: "it fits: all in one pass",
+            nodes: vec![node("a").cap("A", 3), node("b").cap("A", 3)],
+            deps: deps.clone(),
+            strategy: Spread,
+            expect: "learner -> a@100\nagent-0 -> b@101\nagent-1 -> b@102\nagent-2 -> a@103\n\
+                     other -> b@104\nnext 105",
+        },
+        Case {
+            name: "one agent does not fit: nothing is placed, that one says why, \
+                    and what comes after still gets the capacity",
+            nodes: vec![node("a").cap("A", 2), node("b").cap("A", 2)],
+            deps: deps.clone(),
+            strategy: Spread,
+            expect: "other -> a@100\nlearner: Waiting For Gang\nagent-0: Waiting For Gang\n\
+                     agent-1: Waiting For Gang\nagent-2: No Capacity\nnext 101",
+        },
+    ]);
+    // A node joins: the whole gang goes at once; the reasons agree with the plan.
+    let nodes = vec![node("a").cap("A", 2), node("b").cap("A", 2)];
+    let first = plan(&nodes, &deps, Generation(1), Spread);
+    let deps = apply(&deps, &first);
+    assert_eq!(
+        reasons(&nodes, &deps).get("agent-2"),
+        Some(&Unplaced::NoCapacity)
+    );
+    assert_eq!(
+        reasons(&nodes, &deps).get("agent-0"),
+        Some(&Unplaced::WaitingForGang)
+    );
+    let nodes = vec![
+        node("a").cap("A", 2),
+        node("b").cap("A", 2),
+        node("c").cap("A", 2),
+    ];
+    let second = plan(&nodes, &deps, first.next_generation, Spread);
+    assert_eq!(second.placements.len(), 4, "{}", render(&second));
+    assert!(second.unplaced.is_empty());
+    let deps = apply(&deps, &second);
+    assert!(reasons(&nodes, &deps).is_empty());
+    // One member's node is lost: only that member is placed again.
+    let nodes = vec![
+        node("a").cap("A", 2).state(NodeState::Lost),
+        node("b").cap("A", 4),
+        node("c").cap("A", 4),
+    ];
+    let third = plan(&nodes, &deps, second.next_generation, Spread);
+    let moved: Vec<&str> = third.unassign.iter().map(|(id, _)| id.as_str()).collect();
+    let placed: Vec<&str> = third
+        .placements
+        .iter()
+        .map(|p| p.deployment_id.as_str())
+        .collect();
+    assert_eq!(moved, placed, "{}", render(&third));
+    assert!(!moved.is_empty() && third.unplaced.is_empty());
 }

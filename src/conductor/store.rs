@@ -32,6 +32,7 @@ use migrate::GENERATION_COUNTER;
 
 use super::services::Service;
 use crate::model::{DesiredState, Generation};
+use crate::spec::{OnFailure, Placement};
 
 /// File name of the database inside the storage folder given to [`Store::open`].
 pub const DB_FILE_NAME: &str = "symphony.db";
@@ -148,6 +149,32 @@ pub struct NodeRecord {
     pub last_seen_ms: i64,
 }
 
+/// An experiment: its declaration as launched and its processes, each a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExperimentRecord {
+    /// Unique name (primary key); also the namespace of its services.
+    pub name: String,
+    /// The declaration as it was launched (JSON).
+    pub declaration: serde_json::Value,
+    pub placement: Placement,
+    /// Launch time, Unix milliseconds.
+    pub created_at_ms: i64,
+    /// In declaration order (replicas expanded).
+    pub processes: Vec<ProcessRecord>,
+}
+
+/// One process of an experiment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    /// Unique in its experiment.
+    pub name: String,
+    /// Its process group (members share a node).
+    pub group: Option<String>,
+    pub on_failure: OnFailure,
+    /// The deployment that runs it (must exist).
+    pub deployment_id: String,
+}
+
 /// Everything the store holds, read in one transaction (for the core's start-up).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StoreSnapshot {
@@ -163,6 +190,8 @@ pub struct StoreSnapshot {
     pub max_generation: Generation,
     /// As [`Store::list_services`].
     pub services: Vec<Service>,
+    /// As [`Store::list_experiments`].
+    pub experiments: Vec<ExperimentRecord>,
 }
 
 /// Handle to the durable store; cheap to clone (it wraps a connection pool).
@@ -183,6 +212,14 @@ const SELECT_CONDA_ENV: &str = "SELECT name, python_version, packages, custom_sc
      created_at_ms, updated_at_ms FROM conda_envs WHERE name = $1";
 const SELECT_SERVICES: &str = "SELECT namespace, name, deployment_id, port, exposed \
      FROM services ORDER BY namespace, name";
+const SELECT_EXPERIMENTS: &str = "SELECT name, declaration, placement, created_at_ms \
+     FROM experiments ORDER BY created_at_ms DESC, name ASC";
+const SELECT_PROCESSES: &str = "SELECT deployment_id, experiment, process, process_group, \
+     on_failure FROM experiment_processes ORDER BY experiment, position";
+const INSERT_DEPLOYMENT: &str = "INSERT INTO deployments (id, name, desired_state, kind, \
+     specification, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+const INSERT_SERVICE: &str = "INSERT INTO services (namespace, name, deployment_id, port, \
+     exposed) VALUES ($1, $2, $3, $4, $5)";
 const SELECT_ASSIGNMENTS: &str =
     "SELECT deployment_id, node_id, generation FROM assignments ORDER BY deployment_id ASC";
 const SELECT_ASSIGNMENT: &str =
@@ -268,23 +305,8 @@ impl Store {
 
     /// Inserts a new deployment; [`StoreError::Conflict`] if the id exists.
     pub async fn insert_deployment(&self, d: &DeploymentRecord) -> Result<(), StoreError> {
-        check_deployment(d)?;
-        let spec = serde_json::to_string(&d.specification).map_err(StoreError::Json)?;
-        sqlx::query(
-            "INSERT INTO deployments (id, name, desired_state, kind, specification, \
-             created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&d.id)
-        .bind(&d.name)
-        .bind(d.desired_state.as_str())
-        .bind(&d.kind)
-        .bind(spec)
-        .bind(d.created_at_ms)
-        .bind(d.updated_at_ms)
-        .execute(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(())
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        insert_deployment_on(&mut conn, d).await
     }
 
     /// Replaces every field of an existing deployment except `id` and `created_at_ms`;
@@ -366,18 +388,7 @@ impl Store {
             .await
             .map_err(db_err)?;
         for s in services {
-            sqlx::query(
-                "INSERT INTO services (namespace, name, deployment_id, port, exposed) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(&s.namespace)
-            .bind(&s.name)
-            .bind(deployment_id)
-            .bind(i64::from(s.port))
-            .bind(i64::from(s.exposed))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            insert_service_on(&mut tx, deployment_id, s).await?;
         }
         tx.commit().await.map_err(db_err)
     }
@@ -389,6 +400,74 @@ impl Store {
             .await
             .map_err(db_err)?;
         rows.iter().map(service_from_row).collect()
+    }
+
+    // === experiments ===
+
+    /// Writes an experiment with its deployments and their services in one transaction.
+    /// With `replace`, an experiment of the same name goes first (its deployments, their
+    /// assignments and services with it); without, an existing name is
+    /// [`StoreError::Conflict`].
+    pub async fn launch_experiment(
+        &self,
+        e: &ExperimentRecord,
+        deployments: &[DeploymentRecord],
+        services: &[Service],
+        replace: bool,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        if replace {
+            delete_experiment_on(&mut tx, &e.name).await?;
+        }
+        let placement = e.placement.as_str();
+        let declaration = serde_json::to_string(&e.declaration).map_err(StoreError::Json)?;
+        sqlx::query(
+            "INSERT INTO experiments (name, declaration, placement, created_at_ms) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&e.name)
+        .bind(declaration)
+        .bind(placement)
+        .bind(e.created_at_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        for d in deployments {
+            insert_deployment_on(&mut tx, d).await?;
+        }
+        for (position, p) in (0_i64..).zip(&e.processes) {
+            sqlx::query(
+                "INSERT INTO experiment_processes (deployment_id, experiment, process, \
+                 process_group, on_failure, position) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&p.deployment_id)
+            .bind(&e.name)
+            .bind(&p.name)
+            .bind(&p.group)
+            .bind(p.on_failure.as_str())
+            .bind(position)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        for s in services {
+            insert_service_on(&mut tx, &s.deployment_id, s).await?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// Deletes an experiment and its deployments (with their assignments and services) in one
+    /// transaction; [`StoreError::NotFound`] if it does not exist.
+    pub async fn delete_experiment(&self, name: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        found(delete_experiment_on(&mut tx, name).await?)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// All experiments, newest first, each with its processes in declaration order.
+    pub async fn list_experiments(&self) -> Result<Vec<ExperimentRecord>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        experiments_on(&mut conn).await
     }
 
     // === conda envs ===
@@ -648,6 +727,7 @@ impl Store {
             .fetch_all(&mut *tx)
             .await
             .map_err(db_err)?;
+        let experiments = experiments_on(&mut tx).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(StoreSnapshot {
             deployments: deployments
@@ -668,11 +748,117 @@ impl Store {
                 .iter()
                 .map(service_from_row)
                 .collect::<Result<_, _>>()?,
+            experiments,
         })
     }
 }
 
 // === helpers ===
+
+async fn insert_deployment_on(
+    conn: &mut sqlx::SqliteConnection,
+    d: &DeploymentRecord,
+) -> Result<(), StoreError> {
+    check_deployment(d)?;
+    let spec = serde_json::to_string(&d.specification).map_err(StoreError::Json)?;
+    sqlx::query(INSERT_DEPLOYMENT)
+        .bind(&d.id)
+        .bind(&d.name)
+        .bind(d.desired_state.as_str())
+        .bind(&d.kind)
+        .bind(spec)
+        .bind(d.created_at_ms)
+        .bind(d.updated_at_ms)
+        .execute(conn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+async fn insert_service_on(
+    conn: &mut sqlx::SqliteConnection,
+    deployment_id: &str,
+    s: &Service,
+) -> Result<(), StoreError> {
+    sqlx::query(INSERT_SERVICE)
+        .bind(&s.namespace)
+        .bind(&s.name)
+        .bind(deployment_id)
+        .bind(i64::from(s.port))
+        .bind(i64::from(s.exposed))
+        .execute(conn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+/// Deletes an experiment's deployments (the rest cascades) and the experiment; the number of
+/// experiment rows deleted.
+async fn delete_experiment_on(
+    conn: &mut sqlx::SqliteConnection,
+    name: &str,
+) -> Result<u64, StoreError> {
+    sqlx::query(
+        "DELETE FROM deployments WHERE id IN \
+         (SELECT deployment_id FROM experiment_processes WHERE experiment = $1)",
+    )
+    .bind(name)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    let done = sqlx::query("DELETE FROM experiments WHERE name = $1")
+        .bind(name)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    Ok(done.rows_affected())
+}
+
+async fn experiments_on(
+    conn: &mut sqlx::SqliteConnection,
+) -> Result<Vec<ExperimentRecord>, StoreError> {
+    let rows = sqlx::query(SELECT_EXPERIMENTS)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let placement = text(row, "placement")?;
+        out.push(ExperimentRecord {
+            name: text(row, "name")?,
+            declaration: json(row, "declaration")?,
+            placement: Placement::from_name(&placement).ok_or(StoreError::Invalid {
+                field: "experiments.placement",
+                value: placement,
+            })?,
+            created_at_ms: int(row, "created_at_ms")?,
+            processes: Vec::new(),
+        });
+    }
+    let rows = sqlx::query(SELECT_PROCESSES)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    for row in &rows {
+        let experiment = text(row, "experiment")?;
+        let on_failure = text(row, "on_failure")?;
+        let p = ProcessRecord {
+            name: text(row, "process")?,
+            group: row
+                .try_get::<Option<String>, _>("process_group")
+                .map_err(db_err)?,
+            on_failure: OnFailure::from_name(&on_failure).ok_or(StoreError::Invalid {
+                field: "experiment_processes.on_failure",
+                value: on_failure,
+            })?,
+            deployment_id: text(row, "deployment_id")?,
+        };
+        if let Some(e) = out.iter_mut().find(|e| e.name == experiment) {
+            e.processes.push(p);
+        }
+    }
+    Ok(out)
+}
 
 /// Maps a sqlx error, turning key violations into the store's meaning: a duplicate key is
 /// [`StoreError::Conflict`], a missing referenced row (foreign key) is [`StoreError::NotFound`].

@@ -45,6 +45,23 @@ pub enum Placement {
     Gang,
 }
 
+impl Placement {
+    /// The declaration's (and the store's) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Spread => "spread",
+            Placement::Gang => "gang",
+        }
+    }
+
+    /// The placement named `name`, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Placement::Spread, Placement::Gang]
+            .into_iter()
+            .find(|p| p.as_str() == name)
+    }
+}
+
 /// What a failed process does to the rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -53,6 +70,23 @@ pub enum OnFailure {
     Restart,
     /// The whole experiment is stopped (one dead rank makes the rest useless).
     StopExperiment,
+}
+
+impl OnFailure {
+    /// The declaration's (and the store's) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Restart => "restart",
+            OnFailure::StopExperiment => "stop-experiment",
+        }
+    }
+
+    /// The policy named `name`, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [OnFailure::Restart, OnFailure::StopExperiment]
+            .into_iter()
+            .find(|p| p.as_str() == name)
+    }
 }
 
 /// A validated experiment, replicas expanded.
@@ -125,16 +159,15 @@ pub fn parse_experiment(decl: &Value, user: Option<&str>) -> Result<Experiment, 
             .opt(&w.placement, &root.at("placement"))
             .map(String::as_str)
         {
-            None | Some("spread") => Placement::Spread,
-            Some("gang") => Placement::Gang,
-            Some(other) => {
+            None => Placement::Spread,
+            Some(name) => Placement::from_name(name).unwrap_or_else(|| {
                 r.err(
                     &root.at("placement"),
                     "value_error",
-                    format!("expected spread or gang, got {other:?}"),
+                    format!("expected spread or gang, got {name:?}"),
                 );
                 Placement::Spread
-            }
+            }),
         };
         let processes = processes(&mut r, &w.processes, &root.at("processes"));
         Some(Experiment {
@@ -206,18 +239,18 @@ fn process(r: &mut Report, p: &Map<String, Value>, at: &Loc) -> Vec<Process> {
         },
     };
     let on_failure = match p.get("on_failure") {
-        None | Some(Value::Null) => OnFailure::Restart,
-        Some(Value::String(s)) if s == "restart" => OnFailure::Restart,
-        Some(Value::String(s)) if s == "stop-experiment" => OnFailure::StopExperiment,
-        Some(_) => {
-            r.err(
-                &at.at("on_failure"),
-                "value_error",
-                "expected restart or stop-experiment",
-            );
-            OnFailure::Restart
-        }
-    };
+        None | Some(Value::Null) => Some(OnFailure::Restart),
+        Some(Value::String(s)) => OnFailure::from_name(s),
+        Some(_) => None,
+    }
+    .unwrap_or_else(|| {
+        r.err(
+            &at.at("on_failure"),
+            "value_error",
+            "expected restart or stop-experiment",
+        );
+        OnFailure::Restart
+    });
     let spec: Map<String, Value> = p
         .iter()
         .filter(|(k, _)| !PROCESS_KEYS.contains(&k.as_str()))

@@ -95,6 +95,28 @@ const MIGRATIONS: &[Migration] = &[
             "CREATE INDEX services_deployment_idx ON services (deployment_id)",
         ],
     },
+    Migration {
+        version: 3,
+        statements: &[
+            // An experiment: its declaration as launched (the seed's "experiment folder").
+            "CREATE TABLE experiments (
+            name TEXT PRIMARY KEY,
+            declaration TEXT NOT NULL,
+            placement TEXT NOT NULL CHECK (placement IN ('spread', 'gang')),
+            created_at_ms BIGINT NOT NULL
+        )",
+            // Its processes: one deployment each, leaving with the deployment or the experiment.
+            "CREATE TABLE experiment_processes (
+            deployment_id TEXT PRIMARY KEY REFERENCES deployments (id) ON DELETE CASCADE,
+            experiment TEXT NOT NULL REFERENCES experiments (name) ON DELETE CASCADE,
+            process TEXT NOT NULL,
+            process_group TEXT,
+            on_failure TEXT NOT NULL CHECK (on_failure IN ('restart', 'stop-experiment')),
+            position BIGINT NOT NULL,
+            UNIQUE (experiment, process)
+        )",
+        ],
+    },
 ];
 
 /// The newest schema version this binary knows.

@@ -599,6 +599,7 @@ async fn everything_survives_reopen_and_migrations_are_idempotent() {
                 nodes: vec![n.clone()],
                 max_generation: Generation(9),
                 services: Vec::new(),
+                experiments: Vec::new(),
             }
         );
         let versions: Vec<i64> = sqlx::query("SELECT version FROM schema_version ORDER BY version")
@@ -739,4 +740,85 @@ async fn services_are_replaced_per_deployment_and_leave_with_it() {
     store.delete_deployment("b").await.unwrap();
     let left = store.load_all().await.unwrap().services;
     assert_eq!(left, [service("y", "a", 7001)]);
+}
+
+fn experiment(name: &str, ids: &[&str], at: i64) -> ExperimentRecord {
+    ExperimentRecord {
+        name: name.to_owned(),
+        declaration: json!({"name": name, "processes": ids}),
+        placement: Placement::Gang,
+        created_at_ms: at,
+        processes: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| ProcessRecord {
+                name: format!("p{i}"),
+                group: (i == 0).then(|| "g".to_owned()),
+                on_failure: if i == 0 {
+                    OnFailure::StopExperiment
+                } else {
+                    OnFailure::Restart
+                },
+                deployment_id: (*id).to_owned(),
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn experiments_are_written_and_removed_whole() {
+    let (dir, store) = file_store().await;
+    let deps = |ids: &[&str]| -> Vec<DeploymentRecord> {
+        ids.iter().map(|id| deployment(id, id, 5)).collect()
+    };
+    let mut svc = service("s", "e1", 7000);
+    svc.namespace = "rl".to_owned();
+    let rl = experiment("rl", &["e1", "e2"], 10);
+    store
+        .launch_experiment(&rl, &deps(&["e1", "e2"]), std::slice::from_ref(&svc), false)
+        .await
+        .unwrap();
+    store
+        .apply_placements(&[assignment("e1", "n1", 3)], &[], Generation(3))
+        .await
+        .unwrap();
+    // The same name again is a conflict and writes nothing (not even its deployments).
+    let again = experiment("rl", &["f1"], 11);
+    let r = store
+        .launch_experiment(&again, &deps(&["f1"]), &[], false)
+        .await;
+    assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
+    assert_eq!(store.list_deployments().await.unwrap().len(), 2);
+    // A failure half-way (a port taken) leaves nothing either.
+    let mut clash = service("t", "x1", 7000);
+    clash.namespace = "other".to_owned();
+    let r = store
+        .launch_experiment(&experiment("other", &["x1"], 12), &deps(&["x1"]), &[clash], false)
+        .await;
+    assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
+    assert_eq!(store.list_experiments().await.unwrap(), [rl.clone()]);
+    store.close().await;
+    // It survives a reopen, processes in order.
+    let store = Store::open(dir.path()).await.unwrap();
+    let snap = store.load_all().await.unwrap();
+    assert_eq!(snap.experiments, [rl]);
+    assert_eq!(snap.services, [svc]);
+    // Replacing removes the old deployments with their assignments and services.
+    store
+        .launch_experiment(&again, &deps(&["f1"]), &[], true)
+        .await
+        .unwrap();
+    let snap = store.load_all().await.unwrap();
+    let ids: Vec<String> = snap.deployments.into_iter().map(|d| d.id).collect();
+    assert_eq!(ids, ["f1"]);
+    assert!(snap.assignments.is_empty() && snap.services.is_empty());
+    assert_eq!(snap.experiments, [again]);
+    // Deleting takes the deployments along; an unknown name is not found.
+    store.delete_experiment("rl").await.unwrap();
+    assert!(store.load_all().await.unwrap().deployments.is_empty());
+    assert!(store.list_experiments().await.unwrap().is_empty());
+    assert!(matches!(
+        store.delete_experiment("rl").await,
+        Err(StoreError::NotFound)
+    ));
 }

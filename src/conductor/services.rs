@@ -11,8 +11,7 @@ use std::ops::RangeInclusive;
 
 use crate::spec::{FieldError, Loc, Report, Services, service_var_prefix};
 
-/// The namespace of deployments outside an experiment.
-pub const DEFAULT_NAMESPACE: &str = "default";
+pub use crate::spec::DEFAULT_NAMESPACE;
 
 /// Where automatic ports come from (the seed's pool; fixed ports may be anywhere).
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 7000..=8999;

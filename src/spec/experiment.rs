@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Map, Value};
 
 use super::checked::{Checked, Int, Loc, Object, Opt, Report};
-use super::model::{FieldError, Services, is_dns_label};
+use super::model::{DEFAULT_NAMESPACE, FieldError, Services, is_dns_label};
 use super::validate::parse_with_services;
 
 /// Largest `replicas`.
@@ -103,6 +103,8 @@ pub struct Experiment {
 pub struct Process {
     /// Unique in the experiment (`agent-3` for a replica).
     pub name: String,
+    /// Its position in the declaration's `processes` (shared by a process's replicas).
+    pub index: usize,
     pub group: Option<String>,
     pub on_failure: OnFailure,
     /// The deployment's `spec` (a replica's carries `SYMPHONY_REPLICA_INDEX` and
@@ -155,6 +157,13 @@ pub fn parse_experiment(decl: &Value, user: Option<&str>) -> Result<Experiment, 
                 format!("{n:?} is not a valid experiment name: use 1-63 of a-z, 0-9 and '-'"),
             );
         }
+        if name.as_deref() == Some(DEFAULT_NAMESPACE) {
+            r.err(
+                &root.at("name"),
+                "value_error",
+                format!("{DEFAULT_NAMESPACE:?} is the namespace of deployments outside experiments; pick another name"),
+            );
+        }
         let placement = match r
             .opt(&w.placement, &root.at("placement"))
             .map(String::as_str)
@@ -169,7 +178,10 @@ pub fn parse_experiment(decl: &Value, user: Option<&str>) -> Result<Experiment, 
                 Placement::Spread
             }),
         };
-        let processes = processes(&mut r, &w.processes, &root.at("processes"));
+        let mut processes = processes(&mut r, &w.processes, &root.at("processes"));
+        if let Some(n) = &name {
+            name_processes(n, &mut processes);
+        }
         Some(Experiment {
             name: name?,
             placement,
@@ -195,7 +207,7 @@ fn processes(r: &mut Report, field: &Opt<Vec<ProcessWire>>, loc: &Loc) -> Vec<Pr
     for (i, p) in list.iter().enumerate() {
         let at = loc.at(i);
         if let Some(Object(p)) = r.checked(p, &at) {
-            out.extend(process(r, p, &at).into_iter().map(|p| (at.clone(), p)));
+            out.extend(process(r, p, &at, i).into_iter().map(|p| (at.clone(), p)));
         }
     }
     across(r, &out);
@@ -203,7 +215,7 @@ fn processes(r: &mut Report, field: &Opt<Vec<ProcessWire>>, loc: &Loc) -> Vec<Pr
 }
 
 /// One declared process: its own fields, its spec, its replicas.
-fn process(r: &mut Report, p: &Map<String, Value>, at: &Loc) -> Vec<Process> {
+fn process(r: &mut Report, p: &Map<String, Value>, at: &Loc, index: usize) -> Vec<Process> {
     let text = |r: &mut Report, key: &str| -> Option<String> {
         match p.get(key) {
             None | Some(Value::Null) => None,
@@ -276,6 +288,7 @@ fn process(r: &mut Report, p: &Map<String, Value>, at: &Loc) -> Vec<Process> {
     let Some(n) = replicas else {
         return vec![Process {
             name,
+            index,
             group,
             on_failure,
             spec: Value::Object(spec),
@@ -293,18 +306,11 @@ fn process(r: &mut Report, p: &Map<String, Value>, at: &Loc) -> Vec<Process> {
     (0..n)
         .map(|i| {
             let mut spec = spec.clone();
-            let env = spec
-                .entry("env")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(env) = env {
-                env.insert(
-                    "SYMPHONY_REPLICA_INDEX".into(),
-                    Value::String(i.to_string()),
-                );
-                env.insert("SYMPHONY_REPLICAS".into(), Value::String(n.to_string()));
-            }
+            add_env(&mut spec, "SYMPHONY_REPLICA_INDEX", &i.to_string());
+            add_env(&mut spec, "SYMPHONY_REPLICAS", &n.to_string());
             Process {
                 name: format!("{name}-{i}"),
+                index,
                 group: group.clone(),
                 on_failure,
                 spec: Value::Object(spec),
@@ -312,6 +318,38 @@ fn process(r: &mut Report, p: &Map<String, Value>, at: &Loc) -> Vec<Process> {
             }
         })
         .collect()
+}
+
+/// Adds a variable to a process's environment: to `env` if that is a mapping, else to
+/// `config.env` if that is one (a spec's `env` wins over `config.env`, so a new `env` would
+/// hide the user's), else to a new `env`.
+fn add_env(spec: &mut Map<String, Value>, key: &str, value: &str) {
+    let in_config = !spec.get("env").is_some_and(Value::is_object)
+        && spec
+            .get("config")
+            .and_then(|c| c.get("env"))
+            .is_some_and(Value::is_object);
+    let env = if in_config {
+        spec.get_mut("config").and_then(|c| c.get_mut("env"))
+    } else {
+        Some(
+            spec.entry("env")
+                .or_insert_with(|| Value::Object(Map::new())),
+        )
+    };
+    if let Some(Value::Object(env)) = env {
+        env.insert(key.to_owned(), Value::String(value.to_owned()));
+    }
+}
+
+/// Every process knows its experiment and name (`SYMPHONY_EXPERIMENT`, `SYMPHONY_PROCESS`).
+fn name_processes(experiment: &str, processes: &mut [Process]) {
+    for p in processes {
+        if let Value::Object(spec) = &mut p.spec {
+            add_env(spec, "SYMPHONY_EXPERIMENT", experiment);
+            add_env(spec, "SYMPHONY_PROCESS", &p.name);
+        }
+    }
 }
 
 /// Names unique, each service bound once (and each fixed port used once), every `connects`
@@ -338,6 +376,27 @@ fn across(r: &mut Report, processes: &[(Loc, Process)]) {
             {
                 let msg = format!("port {port} is taken by service {other:?} already");
                 r.err(&at.at("binds").at(j), "value_error", msg);
+            }
+        }
+    }
+    // A process group shares a node: its members cannot ask for different node groups.
+    let mut node_groups: BTreeMap<&str, (&str, Option<&Value>)> = BTreeMap::new();
+    for (at, p) in processes {
+        let Some(g) = p.group.as_deref() else {
+            continue;
+        };
+        let asked = p.spec.get("node_group").filter(|v| !v.is_null());
+        match node_groups.get(g) {
+            Some((first, theirs)) if *theirs != asked => {
+                let msg = format!(
+                    "process {:?} asks for another node_group than process {first:?} of its group {g:?} (a group shares one node)",
+                    p.name
+                );
+                r.err(&at.at("node_group"), "value_error", msg);
+            }
+            Some(_) => {}
+            None => {
+                node_groups.insert(g, (&p.name, asked));
             }
         }
     }
@@ -406,7 +465,20 @@ mod tests {
         assert_eq!(agent.on_failure, OnFailure::StopExperiment);
         assert_eq!(
             agent.spec["env"],
-            json!({"SEED": "1", "SYMPHONY_REPLICA_INDEX": "1", "SYMPHONY_REPLICAS": "3"})
+            json!({"SEED": "1", "SYMPHONY_REPLICA_INDEX": "1", "SYMPHONY_REPLICAS": "3",
+                   "SYMPHONY_EXPERIMENT": "rl-run", "SYMPHONY_PROCESS": "agent-1"})
+        );
+        assert_eq!((learner.index, agent.index), (0, 1));
+        // Variables go where the user's are: `config.env` when that is the mapping given.
+        let mut d = rl(1);
+        d["processes"][1]["config"]["env"] = d["processes"][1]["env"].take();
+        d["processes"][1].as_object_mut().unwrap().remove("env");
+        let e = parse_experiment(&d, None).unwrap();
+        assert!(e.processes[1].spec.get("env").is_none());
+        assert_eq!(e.processes[1].spec["config"]["env"]["SEED"], "1");
+        assert_eq!(
+            e.processes[1].spec["config"]["env"]["SYMPHONY_REPLICAS"],
+            "1"
         );
         assert!(agent.spec.get("replicas").is_none());
         assert_eq!(
@@ -493,6 +565,15 @@ mod tests {
             "body.processes"
         );
         assert_eq!(errors(&json!([1]))[0].0, "body");
+        let default = json!({"name": "default", "processes": [{"name": "a", "config": {"command": ["true"]}}]});
+        assert_eq!(errors(&default)[0].0, "body.name");
+        // Members of one process group must agree on the node group.
+        let split = json!({"name": "x", "processes": [
+            {"name": "a", "group": "g", "node_group": "gpu", "config": {"command": ["true"]}},
+            {"name": "b", "group": "g", "config": {"command": ["true"]}},
+            {"name": "c", "group": "h", "config": {"command": ["true"]}},
+        ]});
+        assert_eq!(errors(&split)[0].0, "body.processes.1.node_group");
         assert_eq!(errors(&json!({"processes": []}))[0].0, "body.name");
     }
 }

@@ -109,6 +109,10 @@ pub struct DeploymentSpec {
     pub auto_restart: Option<AutoRestart>,
 }
 
+/// The namespace of deployments outside an experiment (an experiment's services live in a
+/// namespace named after it).
+pub const DEFAULT_NAMESPACE: &str = "default";
+
 /// The mesh part of a spec (`binds`, `connects`, `exposes`). Kept out of [`DeploymentSpec`]:
 /// the conductor acts on it (ports, variables); a node only sees the variables it yields.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -793,7 +793,12 @@ async fn experiments_are_written_and_removed_whole() {
     let mut clash = service("t", "x1", 7000);
     clash.namespace = "other".to_owned();
     let r = store
-        .launch_experiment(&experiment("other", &["x1"], 12), &deps(&["x1"]), &[clash], false)
+        .launch_experiment(
+            &experiment("other", &["x1"], 12),
+            &deps(&["x1"]),
+            &[clash],
+            false,
+        )
         .await;
     assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
     assert_eq!(store.list_experiments().await.unwrap(), [rl.clone()]);

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::conductor::{Conductor, ConductorConfig};
 use crate::config::{self, Mode, Overrides};
+use crate::model::DesiredState;
 use crate::node::agent::NodeConfig;
 use symphony_net::{CertificateAuthority, TlsMaterial, TransportSettings};
 
@@ -72,7 +73,84 @@ pub enum Command {
     /// Forward a local TCP port to a mesh service through the conductor.
     PortForward(PortForwardArgs),
     /// Print (and open) the URL of an exposed mesh service.
+    #[command(alias = "vi")]
     Visit(VisitArgs),
+    /// Experiments: launch one from a file, list, stop, start, delete.
+    #[command(subcommand)]
+    Exp(ExpCommand),
+    /// List experiments.
+    Ls(ApiArgs),
+    /// The processes of an experiment (or of all): group, name, ready, restarts, state, node.
+    #[command(alias = "process")]
+    P(ProcessArgs),
+    /// Delete experiments (their processes stop, their services go).
+    #[command(alias = "d")]
+    Delete(DeleteArgs),
+    /// Delete every experiment whose name matches a glob pattern (`rl-*`).
+    #[command(alias = "db")]
+    DeleteBatch(DeleteArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExpCommand {
+    /// Launch an experiment from a YAML or JSON declaration.
+    Launch(LaunchArgs),
+    /// List experiments (as `symphony ls`).
+    Ls(ApiArgs),
+    /// Stop every process of an experiment.
+    Stop(ExpNameArgs),
+    /// Start every process of an experiment again.
+    Start(ExpNameArgs),
+    /// Delete experiments (as `symphony delete`).
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LaunchArgs {
+    /// The declaration (`.yaml`, `.yml` or `.json`).
+    pub file: PathBuf,
+    /// Replace an experiment of the same name.
+    #[arg(long)]
+    pub force: bool,
+    /// Prefix the experiment's name with `USER-` (unless it starts with it already).
+    #[arg(long, env = "SYMPHONY_USER")]
+    pub user: Option<String>,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExpNameArgs {
+    /// The experiment.
+    pub name: String,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProcessArgs {
+    /// Only this experiment.
+    pub experiment: Option<String>,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    /// Experiment names (`delete`), or glob patterns (`delete-batch`).
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    /// Do not ask for confirmation.
+    #[arg(short, long)]
+    pub yes: bool,
+    /// Only print what would be deleted.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -549,6 +627,35 @@ async fn client_command(cmd: Command) -> ExitCode {
         Command::Stop(a) => client::stop(&a.api, &a.id, &mut out).await,
         Command::Start(a) => client::start(&a.api, &a.id, &mut out).await,
         Command::Rm(a) => client::rm(&a.api, &a.id, &mut out).await,
+        Command::Exp(ExpCommand::Launch(a)) => {
+            client::experiments::launch(&a.api, &a.file, a.force, a.user.as_deref(), &mut out).await
+        }
+        Command::Ls(a) | Command::Exp(ExpCommand::Ls(a)) => {
+            client::experiments::ls(&a.api, a.json, &mut out).await
+        }
+        Command::Exp(ExpCommand::Stop(a)) => {
+            client::experiments::set_state(&a.api, &a.name, DesiredState::Stopped, &mut out).await
+        }
+        Command::Exp(ExpCommand::Start(a)) => {
+            client::experiments::set_state(&a.api, &a.name, DesiredState::Running, &mut out).await
+        }
+        Command::P(a) => {
+            client::experiments::processes(&a.api, a.experiment.as_deref(), a.json, &mut out).await
+        }
+        Command::Delete(a) | Command::Exp(ExpCommand::Delete(a)) => {
+            let opts = client::experiments::DeleteOptions {
+                yes: a.yes,
+                dry_run: a.dry_run,
+            };
+            client::experiments::delete(&a.api, &a.names, opts, &mut out).await
+        }
+        Command::DeleteBatch(a) => {
+            let opts = client::experiments::DeleteOptions {
+                yes: a.yes,
+                dry_run: a.dry_run,
+            };
+            client::experiments::delete_batch(&a.api, &a.names, opts, &mut out).await
+        }
         Command::Dev(_) | Command::Conductor | Command::Node | Command::Cert(_) => {
             return ExitCode::from(2);
         }

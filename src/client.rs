@@ -14,6 +14,7 @@
 //! request body from a spec file or flags).
 
 pub mod body;
+pub mod experiments;
 pub mod mesh;
 pub mod render;
 #[cfg(test)]
@@ -395,7 +396,14 @@ async fn logs_inner(
     backlog_wait: Duration,
 ) -> Result<Exit, ClientError> {
     let client = Client::new(api)?;
-    let id = client.resolve_id(&args.id).await?;
+    // A deployment (id, prefix, name), else an experiment's process (`EXP/PROC`, `GROUP/PROC`,
+    // `PROC`).
+    let id = match client.resolve_id(&args.id).await {
+        Err(ClientError::NoSuchDeployment(_)) => {
+            experiments::resolve_logs_target(&client, &args.id).await?
+        }
+        other => other?,
+    };
     let mut url = client.url(&["ws", "deployments", &id, "logs"])?;
     {
         let mut q = url.query_pairs_mut();

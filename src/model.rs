@@ -354,6 +354,53 @@ pub struct ServiceInfo {
     pub paths: Vec<ServicePath>,
 }
 
+/// An experiment (`GET /experiments`): its state, derived from its processes, and each
+/// process as `symphony p` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExperimentInfo {
+    pub name: String,
+    /// `spread` or `gang`.
+    pub placement: String,
+    /// `pending` (nothing started yet), `running` (every process that should run does, or
+    /// finished), `degraded` (some do not), `failed` (stopped by a failed process, or every
+    /// process failed), `stopped` (stopped on request).
+    pub state: String,
+    /// Why it is not running: the process that failed, or what keeps it pending.
+    pub reason: Option<String>,
+    pub created_at_ms: i64,
+    /// In declaration order.
+    pub processes: Vec<ExperimentProcess>,
+    /// The services of its namespace (the `SYMPH_*` variables every process gets).
+    pub services: Vec<String>,
+    /// The declaration as launched, secrets masked (only on `GET /experiments/{name}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub declaration: Option<Arc<Value>>,
+}
+
+/// One process of an experiment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExperimentProcess {
+    pub name: String,
+    pub group: Option<String>,
+    /// `restart` or `stop-experiment`.
+    pub on_failure: String,
+    /// The deployment that runs it (its logs are the deployment's).
+    pub deployment_id: String,
+    pub desired_state: DesiredState,
+    pub current_state: CurrentState,
+    /// Running (and past its start).
+    pub ready: bool,
+    pub restarts: u32,
+    pub last_exit_code: Option<i32>,
+    /// Since when it is in its current state (started or stopped), if known.
+    pub since_ms: Option<i64>,
+    pub node_id: Option<String>,
+    /// Why it is not placed, or the node's reason for its state.
+    pub reason: Option<String>,
+}
+
 /// How tunnels from one node reach a service's binder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServicePath {

@@ -51,8 +51,8 @@ pub use model::{
     AutoRestart, Bind, DEFAULT_BACKOFF, DEFAULT_FAILURE_THRESHOLD, DEFAULT_HEALTH_PERIOD,
     DEFAULT_LOG_LIMIT_LINES, DEFAULT_MAX_RESTARTS, DEFAULT_NAMESPACE, DEFAULT_RESTART_WINDOW,
     DEFAULT_STOP_TIMEOUT, DeploymentSpec, FieldError, GitSource, HealthCheck, HealthProbe,
-    MAX_DURATION_SECS, MAX_LOG_LIMIT_LINES, RestartKind, RestartPolicy, SECRET_MASK, SIGNAL_NAMES,
-    Services, is_dns_label, service_var_prefix, signal_number,
+    MAX_DURATION_SECS, MAX_LOG_LIMIT_LINES, RestartKind, RestartPolicy, SECRET_MASK, SERVICE_HOST,
+    SIGNAL_NAMES, Services, is_dns_label, service_var_prefix, signal_number,
 };
 pub use secrets::{mask_secrets, restore_secrets};
 pub use validate::{parse, parse_with_services};

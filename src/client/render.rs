@@ -69,6 +69,21 @@ pub fn format_age(seconds: i64) -> String {
     }
 }
 
+/// Formats a duration in milliseconds with one decimal in its largest unit: `12.0s`, `3.5m`,
+/// `23.2h`, `4.1d` (the seed's `running: 23.2h`). Negative counts as 0.
+pub fn format_duration(ms: i64) -> String {
+    let s = ms.max(0) as f64 / 1000.0;
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{:.1}m", s / 60.0)
+    } else if s < 86_400.0 {
+        format!("{:.1}h", s / 3600.0)
+    } else {
+        format!("{:.1}d", s / 86_400.0)
+    }
+}
+
 /// Bytes as a float, for display in GiB (exact below 2^53 bytes).
 fn bytes_f64(bytes: u64) -> f64 {
     bytes as f64

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio_util::task::TaskTracker;
 
 mod bodies;
+mod experiments;
 mod proxy;
 
 pub use proxy::TCP_UPGRADE;
@@ -75,6 +76,16 @@ pub fn router(state: ApiState) -> Router {
             get(get_deployment)
                 .patch(patch_deployment)
                 .delete(delete_deployment),
+        )
+        .route(
+            "/experiments",
+            post(experiments::launch).get(experiments::list),
+        )
+        .route(
+            "/experiments/{name}",
+            get(experiments::get)
+                .patch(experiments::patch)
+                .delete(experiments::delete),
         )
         .route("/nodes", get(list_nodes))
         .route("/services", get(list_services))

@@ -18,15 +18,18 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::loghub::LogHub;
 use super::paths::{self, PairState, Paths};
-use super::services::{DEFAULT_NAMESPACE, SERVICE_HOST, Service, ServiceTable};
+use super::services::{SERVICE_HOST, Service, ServiceTable};
 use super::store::{
-    AssignmentRecord, CondaEnvRecord, DeploymentRecord, NodeRecord, Store, StoreError,
+    AssignmentRecord, CondaEnvRecord, DeploymentRecord, ExperimentRecord, NodeRecord, Store,
+    StoreError,
 };
 use super::view::{self, AssignedRef, ClusterView, Deployment, NodeConnection};
 use crate::model::{DeploymentId, DesiredState, Generation};
 use crate::scheduler::{self, Strategy};
 use crate::time::millis;
 use crate::wire;
+
+mod experiments;
 
 /// Re-exported for the API handlers (the one definition is [`crate::time::now_ms`]).
 pub use crate::time::now_ms;
@@ -74,9 +77,22 @@ pub struct EnvPatch {
     pub custom_script: Option<Option<String>>,
 }
 
+/// An experiment to launch (its declaration already parsed and checked on its own).
+#[derive(Debug)]
+pub struct Launch {
+    pub experiment: crate::spec::Experiment,
+    /// As the user sent it (stored, and shown by `GET /experiments/{name}`).
+    pub declaration: Value,
+    /// Replace an experiment of the same name (else that is a conflict).
+    pub force: bool,
+}
+
 /// Messages the core handles.
 #[derive(Debug)]
 pub enum CoreMsg {
+    LaunchExperiment(Box<Launch>, Reply<()>),
+    PatchExperiment(String, DesiredState, Reply<()>),
+    DeleteExperiment(String, Reply<()>),
     CreateDeployment(DeploymentRecord, Reply<()>),
     PatchDeployment(String, DeploymentPatch, Reply<()>),
     DeleteDeployment(String, Reply<()>),
@@ -196,6 +212,12 @@ struct Core {
     connects: BTreeMap<String, Vec<String>>,
     /// Direct paths between the nodes of connectors and binders.
     paths: Paths,
+    /// By name.
+    experiments: BTreeMap<String, ExperimentRecord>,
+    /// Deployment id -> (experiment, index of its process), for every experiment's process.
+    members: HashMap<String, (String, usize)>,
+    /// Each experiment's declaration with its secrets masked, for the view.
+    declarations: HashMap<String, Arc<Value>>,
 }
 
 /// The reflexive address of a connected node (its connection's remote address).
@@ -317,7 +339,15 @@ pub async fn start(
         // Nonces grow across restarts, like epochs (an answer to an attempt of an earlier run
         // never matches).
         paths: Paths::new(u64::try_from(now_ms()).unwrap_or(0) * 1000),
+        experiments: snap
+            .experiments
+            .into_iter()
+            .map(|e| (e.name.clone(), e))
+            .collect(),
+        members: HashMap::new(),
+        declarations: HashMap::new(),
     };
+    core.index_members();
     core.reconcile_services().await?;
     // Known nodes come back as not connected; their grace starts now (a conductor restart
     // must not make them lost at once).
@@ -377,6 +407,18 @@ impl Core {
     /// replying) are only noted here and done by [`Core::flush`].
     async fn handle(&mut self, msg: CoreMsg) {
         match msg {
+            CoreMsg::LaunchExperiment(launch, reply) => {
+                let r = self.launch(*launch).await;
+                self.answer(reply, r, true);
+            }
+            CoreMsg::PatchExperiment(name, desired, reply) => {
+                let r = self.set_experiment_state(&name, desired, None).await;
+                self.answer(reply, r, true);
+            }
+            CoreMsg::DeleteExperiment(name, reply) => {
+                let r = self.delete_experiment(&name).await;
+                self.answer(reply, r, true);
+            }
             CoreMsg::CreateDeployment(rec, reply) => {
                 let r = self.create(rec).await;
                 self.answer(reply, r, true);
@@ -654,7 +696,11 @@ impl Core {
             specification_json: d.specification.to_string(),
             command_id,
             log_seq_floor,
-            service_env: self.services.env(DEFAULT_NAMESPACE).into_iter().collect(),
+            service_env: self
+                .services
+                .env(self.namespace_of(id))
+                .into_iter()
+                .collect(),
         }))
     }
 
@@ -684,7 +730,7 @@ impl Core {
         match crate::spec::parse_with_services(specification) {
             Ok((_, decl)) => self
                 .services
-                .plan(DEFAULT_NAMESPACE, id, &decl, check_connects)
+                .plan(self.namespace_of(id), id, &decl, check_connects)
                 .map(|binds| (binds, decl.connects))
                 .map_err(CoreError::Invalid),
             Err(_) => Ok((Vec::new(), Vec::new())),
@@ -843,7 +889,19 @@ impl Core {
         if !self.deployments.contains_key(id) {
             return Err(CoreError::NotFound("Deployment not found"));
         }
+        if let Some((e, p)) = self.process_of(id) {
+            return Err(CoreError::Conflict(format!(
+                "deployment {id} is process {:?} of experiment {:?}: delete the experiment, or stop the process",
+                p.name, e.name
+            )));
+        }
         self.store.delete_deployment(id).await?;
+        self.forget(id);
+        Ok(())
+    }
+
+    /// Drops a deleted deployment from memory and stops it on its node.
+    fn forget(&mut self, id: &str) {
         self.services.remove(id);
         self.connects.remove(id);
         self.deployments.remove(id);
@@ -853,7 +911,6 @@ impl Core {
         if let Some(a) = self.assignments.remove(id) {
             self.unassign(&a.node_id, id, a.generation);
         }
-        Ok(())
     }
 
     async fn create_env(&mut self, rec: CondaEnvRecord) -> Result<(), CoreError> {
@@ -1066,14 +1123,27 @@ impl Core {
         let ours = self.assignments.get(&id).cloned();
         match ours {
             Some(a) if a.node_id == node_id && a.generation == held => {
+                let newly = self.reported.get(&id).is_none_or(|r| {
+                    r.status.state != st.state || r.status.generation != st.generation
+                });
+                let watch = newly
+                    && self.members.contains_key(&id)
+                    && self
+                        .deployments
+                        .get(&id)
+                        .is_some_and(|d| d.desired_state == DesiredState::Running);
+                let (state, reason) = (st.state.clone(), st.reason.clone());
                 self.reported.insert(
-                    id,
+                    id.clone(),
                     Reported {
                         node_id: node_id.to_owned(),
                         status: st,
                     },
                 );
                 self.changed = true;
+                if watch {
+                    self.on_process_status(&id, &state, &reason).await;
+                }
             }
             Some(a) if a.node_id == node_id && held < a.generation => {
                 // An older generation on the right node: the Assign we (re)send replaces it.
@@ -1207,8 +1277,19 @@ impl Core {
                         .unwrap_or_default(),
                     env_name: spec.and_then(|s| s.env_name.clone()),
                     assignment: self.assignments.get(&d.id).cloned(),
-                    colocate: None,
-                    gang: None,
+                    colocate: self.members.get(&d.id).and_then(|(e, i)| {
+                        let group = self.experiments.get(e)?.processes.get(*i)?.group.as_ref()?;
+                        Some(format!("{e}/{group}"))
+                    }),
+                    gang: self
+                        .members
+                        .get(&d.id)
+                        .filter(|(e, _)| {
+                            self.experiments
+                                .get(e)
+                                .is_some_and(|e| e.placement == crate::spec::Placement::Gang)
+                        })
+                        .map(|(e, _)| e.clone()),
                 }
             })
             .collect()
@@ -1416,6 +1497,7 @@ impl Core {
                 .cmp(&a.created_at_ms)
                 .then_with(|| a.name.cmp(&b.name))
         });
+        let experiments = self.experiment_views(&deployments);
         let services = self
             .services
             .all()
@@ -1449,6 +1531,7 @@ impl Core {
             nodes: node_views,
             conda_envs: envs,
             services,
+            experiments,
         }));
     }
 }

@@ -11,13 +11,10 @@ use std::ops::RangeInclusive;
 
 use crate::spec::{FieldError, Loc, Report, Services, service_var_prefix};
 
-pub use crate::spec::DEFAULT_NAMESPACE;
+pub use crate::spec::{DEFAULT_NAMESPACE, SERVICE_HOST};
 
 /// Where automatic ports come from (the seed's pool; fixed ports may be anywhere).
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 7000..=8999;
-
-/// The host every process reaches a service at.
-pub const SERVICE_HOST: &str = "127.0.0.1";
 
 /// One bound service.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -159,6 +159,9 @@ pub struct ExperimentRecord {
     pub placement: Placement,
     /// Launch time, Unix milliseconds.
     pub created_at_ms: i64,
+    /// Set when a failed process stopped the whole experiment (`on_failure:
+    /// stop-experiment`); cleared when it is started again.
+    pub failed_reason: Option<String>,
     /// In declaration order (replicas expanded).
     pub processes: Vec<ProcessRecord>,
 }
@@ -212,8 +215,8 @@ const SELECT_CONDA_ENV: &str = "SELECT name, python_version, packages, custom_sc
      created_at_ms, updated_at_ms FROM conda_envs WHERE name = $1";
 const SELECT_SERVICES: &str = "SELECT namespace, name, deployment_id, port, exposed \
      FROM services ORDER BY namespace, name";
-const SELECT_EXPERIMENTS: &str = "SELECT name, declaration, placement, created_at_ms \
-     FROM experiments ORDER BY created_at_ms DESC, name ASC";
+const SELECT_EXPERIMENTS: &str = "SELECT name, declaration, placement, created_at_ms, \
+     failed_reason FROM experiments ORDER BY created_at_ms DESC, name ASC";
 const SELECT_PROCESSES: &str = "SELECT deployment_id, experiment, process, process_group, \
      on_failure FROM experiment_processes ORDER BY experiment, position";
 const INSERT_DEPLOYMENT: &str = "INSERT INTO deployments (id, name, desired_state, kind, \
@@ -422,13 +425,14 @@ impl Store {
         let placement = e.placement.as_str();
         let declaration = serde_json::to_string(&e.declaration).map_err(StoreError::Json)?;
         sqlx::query(
-            "INSERT INTO experiments (name, declaration, placement, created_at_ms) \
-             VALUES ($1, $2, $3, $4)",
+            "INSERT INTO experiments (name, declaration, placement, created_at_ms, \
+             failed_reason) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(&e.name)
         .bind(declaration)
         .bind(placement)
         .bind(e.created_at_ms)
+        .bind(&e.failed_reason)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -462,6 +466,22 @@ impl Store {
         let mut tx = self.begin_write().await?;
         found(delete_experiment_on(&mut tx, name).await?)?;
         tx.commit().await.map_err(db_err)
+    }
+
+    /// Records (or clears) why a failed process stopped the experiment;
+    /// [`StoreError::NotFound`] if it does not exist.
+    pub async fn set_experiment_failed(
+        &self,
+        name: &str,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE experiments SET failed_reason = $1 WHERE name = $2")
+            .bind(reason)
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        found(done.rows_affected())
     }
 
     /// All experiments, newest first, each with its processes in declaration order.
@@ -832,6 +852,9 @@ async fn experiments_on(
                 value: placement,
             })?,
             created_at_ms: int(row, "created_at_ms")?,
+            failed_reason: row
+                .try_get::<Option<String>, _>("failed_reason")
+                .map_err(db_err)?,
             processes: Vec::new(),
         });
     }

@@ -11,13 +11,13 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::store::{CondaEnvRecord, DeploymentRecord};
+use super::store::{CondaEnvRecord, DeploymentRecord, ExperimentRecord};
 pub use crate::model::{
     AssignedRef, CoreUsage, CpuDynamic, CpuStatic, CurrentState, Deployment, DesiredState, Gpu,
     MemoryDynamic, MemoryStatic, Node, NodeConnection, NodeCpu, NodeMemory, RunStatus,
     StorageMount,
 };
-use crate::model::{DeploymentId, Generation, NodeId};
+use crate::model::{DeploymentId, ExperimentInfo, ExperimentProcess, Generation, NodeId};
 use crate::scheduler::{self, Unplaced};
 use crate::wire;
 
@@ -31,6 +31,8 @@ pub struct ClusterView {
     pub conda_envs: Vec<CondaEnvRecord>,
     /// By namespace and name.
     pub services: Vec<crate::model::ServiceInfo>,
+    /// Newest first (declarations left out; the API adds one on `GET /experiments/{name}`).
+    pub experiments: Vec<Arc<ExperimentInfo>>,
 }
 
 impl ClusterView {
@@ -242,6 +244,104 @@ fn gpu(g: &wire::Gpu) -> Gpu {
         power_w: g.power_w,
         temperature_c: g.temperature_c,
         util_percent: g.util_percent,
+    }
+}
+
+/// The API's view of an experiment, from its processes' deployment views (`find` looks one
+/// up by id) and the names of the services of its namespace.
+pub fn experiment<'a>(
+    e: &ExperimentRecord,
+    find: impl Fn(&str) -> Option<&'a Deployment>,
+    services: Vec<String>,
+) -> ExperimentInfo {
+    let processes: Vec<ExperimentProcess> = e
+        .processes
+        .iter()
+        .map(|p| {
+            let d = find(&p.deployment_id);
+            let status = d.and_then(|d| d.status.as_ref());
+            let current = d
+                .and_then(|d| d.current_state)
+                .unwrap_or(CurrentState::Pending);
+            let since_ms = status.and_then(|s| match s.state {
+                CurrentState::Running | CurrentState::Starting => s.started_at_ms,
+                _ => s.stopped_at_ms.or(s.started_at_ms),
+            });
+            ExperimentProcess {
+                name: p.name.clone(),
+                group: p.group.clone(),
+                on_failure: p.on_failure.as_str().to_owned(),
+                deployment_id: p.deployment_id.clone(),
+                desired_state: d.map_or(DesiredState::Running, |d| d.desired_state),
+                current_state: current,
+                ready: current == CurrentState::Running,
+                restarts: status.map_or(0, |s| s.restart_count),
+                last_exit_code: status.and_then(|s| s.last_exit_code),
+                since_ms,
+                node_id: d.and_then(|d| d.assigned_node_id.as_ref().map(ToString::to_string)),
+                reason: d
+                    .and_then(|d| d.assignment_reason.clone())
+                    .or_else(|| status.and_then(|s| s.reason.clone())),
+            }
+        })
+        .collect();
+    let (state, reason) = experiment_state(e.failed_reason.as_deref(), &processes);
+    ExperimentInfo {
+        name: e.name.clone(),
+        placement: e.placement.as_str().to_owned(),
+        state: state.to_owned(),
+        reason,
+        created_at_ms: e.created_at_ms,
+        processes,
+        services,
+        declaration: None,
+    }
+}
+
+/// An experiment's state and reason, derived from its processes (see
+/// [`ExperimentInfo::state`]).
+fn experiment_state(
+    failed_reason: Option<&str>,
+    processes: &[ExperimentProcess],
+) -> (&'static str, Option<String>) {
+    use CurrentState as C;
+    let wanted: Vec<&ExperimentProcess> = processes
+        .iter()
+        .filter(|p| p.desired_state == DesiredState::Running)
+        .collect();
+    if let Some(why) = failed_reason {
+        return ("failed", Some(why.to_owned()));
+    }
+    if wanted.is_empty() {
+        return ("stopped", None);
+    }
+    let fine = |p: &ExperimentProcess| matches!(p.current_state, C::Running | C::Exited);
+    let waiting = Unplaced::WaitingForGang.to_string();
+    // What keeps the rest back: each process that is not fine, with its reason (members
+    // waiting for their gang only point at the one that does not fit).
+    let list: Vec<String> = wanted
+        .iter()
+        .filter(|p| !fine(p) && p.reason.as_deref() != Some(waiting.as_str()))
+        .map(|p| match &p.reason {
+            Some(r) => format!("{}: {r}", p.name),
+            None => format!("{}: {}", p.name, p.current_state.as_str().to_lowercase()),
+        })
+        .collect();
+    let reason = (!list.is_empty()).then(|| list.join("; "));
+    if wanted.iter().all(|p| fine(p)) {
+        ("running", None)
+    } else if wanted
+        .iter()
+        .all(|p| matches!(p.current_state, C::Failed | C::Crashed))
+    {
+        ("failed", reason)
+    } else if wanted
+        .iter()
+        .all(|p| matches!(p.current_state, C::Pending | C::Starting))
+    {
+        ("pending", reason)
+    } else {
+        ("degraded", reason)
     }
 }
 
@@ -617,6 +717,64 @@ mod tests {
         for schema in ["DeploymentCreate", "DeploymentPatch", "Deployment"] {
             let e = &schemas[schema]["properties"]["desired_state"]["enum"];
             assert_eq!(names(e), desired, "{schema}");
+        }
+    }
+
+    #[test]
+    fn experiment_state_follows_its_processes() {
+        use CurrentState as C;
+        let p =
+            |name: &str, desired: DesiredState, state: C, reason: Option<&str>| ExperimentProcess {
+                name: name.to_owned(),
+                desired_state: desired,
+                current_state: state,
+                reason: reason.map(str::to_owned),
+                ..ExperimentProcess::default()
+            };
+        let run = DesiredState::Running;
+        let stop = DesiredState::Stopped;
+        let cases = [
+            (
+                vec![p("a", run, C::Running, None), p("b", run, C::Exited, None)],
+                None,
+                "running",
+                None,
+            ),
+            (
+                vec![
+                    p("a", run, C::Pending, Some("Waiting For Gang")),
+                    p("b", run, C::Pending, Some("No Capacity")),
+                ],
+                None,
+                "pending",
+                Some("b: No Capacity"),
+            ),
+            (
+                vec![
+                    p("a", run, C::Running, None),
+                    p("b", run, C::Backoff, Some("exit 3")),
+                ],
+                None,
+                "degraded",
+                Some("b: exit 3"),
+            ),
+            (
+                vec![p("a", run, C::Failed, None), p("b", stop, C::Stopped, None)],
+                None,
+                "failed",
+                Some("a: failed"),
+            ),
+            (vec![p("a", stop, C::Stopped, None)], None, "stopped", None),
+            (
+                vec![p("a", stop, C::Stopped, None)],
+                Some("a failed"),
+                "failed",
+                Some("a failed"),
+            ),
+        ];
+        for (procs, failed, state, reason) in cases {
+            let got = experiment_state(failed, &procs);
+            assert_eq!(got, (state, reason.map(str::to_owned)), "{procs:?}");
         }
     }
 }

@@ -256,6 +256,7 @@ pub async fn run_with_store(
         later: VecDeque::new(),
         tunnels,
         peers,
+        service_ip: cfg.service_ip,
     };
 
     let (mut conns, conn_task) = client.clone().run(cancel.child_token());
@@ -419,6 +420,8 @@ struct Driver {
     tunnels: super::tunnels::Tunnels,
     /// Direct connections with other nodes.
     peers: super::peers::Peers,
+    /// Where this node serves mesh services (see [`NodeConfig::service_ip`]).
+    service_ip: std::net::IpAddr,
 }
 
 /// The current connection: its outgoing queue, tasks and log shippers (all end with it).
@@ -429,6 +432,25 @@ struct Conn {
     pacer: Pacer,
     tasks: JoinSet<()>,
     shippers: HashMap<DeploymentId, CancellationToken>,
+}
+
+/// Points the `SYMPH_*_HOST` / `_ADDR` variables at the address this node serves mesh
+/// services on, when that is not the usual `127.0.0.1` (several agents on one host), so the
+/// programs read the right place unchanged.
+fn localize_service_env(env: &mut std::collections::HashMap<String, String>, ip: std::net::IpAddr) {
+    let usual = crate::spec::SERVICE_HOST;
+    if ip.to_string() == usual {
+        return;
+    }
+    for (k, v) in env.iter_mut() {
+        if k.ends_with("_HOST") && v == usual {
+            *v = ip.to_string();
+        } else if k.ends_with("_ADDR")
+            && let Some(port) = v.strip_prefix(usual).and_then(|r| r.strip_prefix(':'))
+        {
+            *v = std::net::SocketAddr::new(ip, port.parse().unwrap_or(0)).to_string();
+        }
+    }
 }
 
 impl Driver {
@@ -446,7 +468,10 @@ impl Driver {
     fn input(&mut self, input: Input) {
         let current = self.conn.as_ref().map(|c| c.epoch);
         match input {
-            Input::Command(epoch, msg) if current == Some(epoch) => {
+            Input::Command(epoch, mut msg) if current == Some(epoch) => {
+                if let wire::conductor_message::Msg::Assign(a) = &mut msg {
+                    localize_service_env(&mut a.service_env, self.service_ip);
+                }
                 self.handle(Event::Command(msg));
             }
             Input::Lost(epoch) if current == Some(epoch) => self.disconnected(),

@@ -113,6 +113,9 @@ pub struct DeploymentSpec {
 /// namespace named after it).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// The host every process reaches a service at (`SYMPH_<NAME>_HOST`).
+pub const SERVICE_HOST: &str = "127.0.0.1";
+
 /// The mesh part of a spec (`binds`, `connects`, `exposes`). Kept out of [`DeploymentSpec`]:
 /// the conductor acts on it (ports, variables); a node only sees the variables it yields.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -418,6 +418,11 @@ async fn openapi_matches_the_router_and_real_responses() {
         "health_check": {"type": "tcp", "host": "127.0.0.1", "port": 9}, "auto_restart":
         {"enabled": true, "cron": "0 3 * * *", "timezone": "Europe/Paris"},
         "binds": ["web", {"tb": 7777}], "connects": ["web"], "exposes": ["tb"]}});
+    let rl = json!({"name": "rl", "placement": "gang", "processes": [
+        {"name": "learner", "group": "t", "config": {"command": ["sleep", "1000"], "token": "s3cret",
+         "git_repo": null}, "binds": ["replay"]},
+        {"name": "agent", "replicas": 2, "on_failure": "stop-experiment",
+         "config": {"command": ["sleep", "1000"]}, "connects": ["replay"]}]});
     // (method, path, body): documented operations first with good input, then error cases.
     let calls: Vec<(&str, String, Option<Value>)> = vec![
         (
@@ -491,6 +496,33 @@ async fn openapi_matches_the_router_and_real_responses() {
         ),
         ("delete", format!("/deployments/{doomed}"), None),
         ("delete", "/deployments/nope".into(), None),
+        ("post", "/experiments".into(), Some(rl.clone())),
+        ("post", "/experiments".into(), Some(rl.clone())),
+        (
+            "post",
+            "/experiments".into(),
+            Some(json!({"name": "x", "processes": "nope"})),
+        ),
+        ("get", "/experiments".into(), None),
+        ("get", "/experiments/rl".into(), None),
+        ("get", "/experiments/nope".into(), None),
+        (
+            "patch",
+            "/experiments/rl".into(),
+            Some(json!({"desired_state": "STOPPED"})),
+        ),
+        (
+            "patch",
+            "/experiments/rl".into(),
+            Some(json!({"desired_state": "PAUSED"})),
+        ),
+        (
+            "patch",
+            "/experiments/nope".into(),
+            Some(json!({"desired_state": "RUNNING"})),
+        ),
+        ("delete", "/experiments/rl".into(), None),
+        ("delete", "/experiments/nope".into(), None),
         ("get", "/nodes".into(), None),
         ("get", "/services".into(), None),
         ("get", "/services/default/nope/".into(), None),

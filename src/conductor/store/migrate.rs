@@ -103,7 +103,8 @@ const MIGRATIONS: &[Migration] = &[
             name TEXT PRIMARY KEY,
             declaration TEXT NOT NULL,
             placement TEXT NOT NULL CHECK (placement IN ('spread', 'gang')),
-            created_at_ms BIGINT NOT NULL
+            created_at_ms BIGINT NOT NULL,
+            failed_reason TEXT
         )",
             // Its processes: one deployment each, leaving with the deployment or the experiment.
             "CREATE TABLE experiment_processes (

@@ -748,6 +748,7 @@ fn experiment(name: &str, ids: &[&str], at: i64) -> ExperimentRecord {
         declaration: json!({"name": name, "processes": ids}),
         placement: Placement::Gang,
         created_at_ms: at,
+        failed_reason: None,
         processes: ids
             .iter()
             .enumerate()
@@ -801,7 +802,7 @@ async fn experiments_are_written_and_removed_whole() {
         )
         .await;
     assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
-    assert_eq!(store.list_experiments().await.unwrap(), [rl.clone()]);
+    assert_eq!(store.list_experiments().await.unwrap(), std::slice::from_ref(&rl));
     store.close().await;
     // It survives a reopen, processes in order.
     let store = Store::open(dir.path()).await.unwrap();
@@ -818,6 +819,16 @@ async fn experiments_are_written_and_removed_whole() {
     assert_eq!(ids, ["f1"]);
     assert!(snap.assignments.is_empty() && snap.services.is_empty());
     assert_eq!(snap.experiments, [again]);
+    store
+        .set_experiment_failed("rl", Some("p0 failed"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_experiments().await.unwrap()[0]
+            .failed_reason
+            .as_deref(),
+        Some("p0 failed")
+    );
     // Deleting takes the deployments along; an unknown name is not found.
     store.delete_experiment("rl").await.unwrap();
     assert!(store.load_all().await.unwrap().deployments.is_empty());

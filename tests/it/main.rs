@@ -8,6 +8,7 @@ mod adopt;
 mod api;
 mod cli;
 mod cluster;
+mod experiments;
 mod node;
 mod schemathesis;
 mod services;

@@ -133,6 +133,23 @@ impl Cluster {
         self.start_agent(id, id, agent).await;
     }
 
+    /// Starts a node agent in-process with capacities `caps` that reaches mesh services at
+    /// `ip` (several nodes on one host).
+    pub async fn add_node_with_caps_at(
+        &mut self,
+        id: &str,
+        caps: &[(&str, i64)],
+        ip: std::net::IpAddr,
+    ) {
+        let agent = Agent {
+            groups: &[],
+            caps,
+            service_ip: Some(ip),
+            ..Agent::default()
+        };
+        self.start_agent(id, id, agent).await;
+    }
+
     /// Starts a node agent in-process that keeps its local state in `store`.
     pub async fn add_node_with_store(&mut self, id: &str, store: Arc<dyn StateStore>) {
         let agent = Agent {

@@ -802,7 +802,10 @@ async fn experiments_are_written_and_removed_whole() {
         )
         .await;
     assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
-    assert_eq!(store.list_experiments().await.unwrap(), std::slice::from_ref(&rl));
+    assert_eq!(
+        store.list_experiments().await.unwrap(),
+        std::slice::from_ref(&rl)
+    );
     store.close().await;
     // It survives a reopen, processes in order.
     let store = Store::open(dir.path()).await.unwrap();

@@ -23,6 +23,8 @@
 mod api;
 #[path = "netns/bed.rs"]
 mod bed;
+#[path = "it/rl_example.rs"]
+mod rl_example;
 
 use std::time::{Duration, Instant};
 
@@ -831,6 +833,108 @@ fn mesh_falls_back_to_the_relay_behind_a_symmetric_nat_and_survives_address_chan
              {after_flush} after a conntrack flush, {after_move} after n1 moved to {new_ip}, \
              on one connection",
             path["direct_error"]
+        ));
+    });
+}
+
+#[test]
+fn experiment_rl_example_runs_across_two_nated_pods() {
+    let params = Params {
+        pods: 2,
+        nat: Nat::PortPreserving,
+        second_nat: Some(Nat::PortPreserving),
+        ..Params::default()
+    };
+    scenario("experiment-rl", params, async |bed: &mut Bed| {
+        online(bed, "n0").await;
+        online(bed, "n1").await;
+        // The learner in pod 0 (behind NAT 1), the agents in pod 1 (behind NAT 2): every
+        // round trip crosses both NATs, as written for the seed (SYMPH_* only).
+        let agents = 3;
+        let decl = json!({"name": "rl", "placement": "gang", "processes": [
+            {"name": "learner", "node_group": "n0",
+             "binds": ["replay-server", "parameter-server"],
+             "config": {"command": ["python3", "-c", rl_example::LEARNER]}},
+            {"name": "agent", "replicas": agents, "node_group": "n1", "restart_policy": "never",
+             "connects": ["replay-server", "parameter-server"],
+             "config": {"command": ["python3", "-c", rl_example::AGENT]}},
+        ]});
+        bed.api.launch(&decl).await;
+        let e = until("every agent's round trips", WAIT, async || {
+            let e = bed.api.experiment("rl").await?;
+            let done = e["processes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["current_state"] == "EXITED")
+                .count();
+            if done == agents {
+                Ok(e)
+            } else {
+                Err(format!("{done} agents done: {e}"))
+            }
+        })
+        .await;
+        for p in e["processes"].as_array().unwrap() {
+            if p["name"] == "learner" {
+                assert_eq!(p["node_id"], "n0", "{e}");
+            } else {
+                assert_eq!(
+                    (&p["node_id"], &p["last_exit_code"]),
+                    (&json!("n1"), &json!(0)),
+                    "{e}"
+                );
+            }
+        }
+        let paths = bed.api.services().await.unwrap();
+        // `symphony p` from outside shows every process; `symphony d` removes them all.
+        let cli = async |args: &[&str]| {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_symphony"))
+                .args(args)
+                .args(["--api", bed.api.base()])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .unwrap();
+            assert!(out.status.success(), "{args:?}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let table = cli(&["p", "rl"]).await;
+        assert_eq!(table.lines().count(), 1 + 1 + agents, "{table}");
+        assert_eq!(cli(&["d", "rl", "--yes"]).await.trim(), "deleted rl");
+        until("the experiment's deployments gone", WAIT, async || {
+            let list = bed.api.deployments().await?;
+            if list.as_array().is_some_and(Vec::is_empty) {
+                Ok(())
+            } else {
+                Err(format!("{list}"))
+            }
+        })
+        .await;
+        let learner_pids = || {
+            bed::ns_pids(&bed.pods[0].ns)
+                .into_iter()
+                .filter(|p| {
+                    bed::cmdline(*p)
+                        .is_some_and(|c| c.iter().any(|a| a.contains("parameter-server")))
+                })
+                .count()
+        };
+        until("the learner stopped", WAIT, async || match learner_pids() {
+            0 => Ok(()),
+            n => Err(format!("{n} learner processes")),
+        })
+        .await;
+        say(&format!(
+            "experiment-rl: learner behind NAT 1, {agents} agents behind NAT 2, every round \
+             trip through SYMPH_* answered; paths {}; `symphony d` removed it all",
+            paths
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| format!("{} {}", s["name"], s["paths"]))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     });
 }

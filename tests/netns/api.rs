@@ -100,6 +100,36 @@ impl Api {
         }
     }
 
+    /// `GET /experiments/{name}`.
+    pub async fn experiment(&self, name: &str) -> Result<Value, String> {
+        self.get(&format!("/experiments/{name}")).await
+    }
+
+    /// `GET /deployments` (the first page).
+    pub async fn deployments(&self) -> Result<Value, String> {
+        self.get("/deployments").await
+    }
+
+    /// `POST /experiments`; returns the experiment.
+    pub async fn launch(&self, declaration: &Value) -> Value {
+        let resp = self
+            .http
+            .post(format!("{}/experiments", self.base))
+            .json(declaration)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        assert!(status.is_success(), "POST /experiments: {status} {v}");
+        v
+    }
+
+    /// The API's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// `GET /services`.
     pub async fn services(&self) -> Result<Value, String> {
         self.get("/services").await

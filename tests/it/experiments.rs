@@ -282,7 +282,7 @@ async fn stop_experiment_on_failure_stops_the_rest() {
     let mut c = Cluster::start().await;
     c.add_node("n1", &["local"], &[], false).await;
     let decl = json!({"name": "ddp", "processes": [
-        {"name": "rank", "replicas": 2, "config": {"command": ["sleep", "1000"]}},
+        {"name": "rank", "replicas": 2, "config": {"command": ["sleep", "1000"], "token": "tok-s3cret"}},
         {"name": "flaky", "on_failure": "stop-experiment", "restart_policy": "never",
          "config": {"command": ["sh", "-c", "exit 7"]}},
         {"name": "bystander", "restart_policy": "never", "config": {"command": ["sh", "-c", "exit 1"]}},
@@ -290,6 +290,15 @@ async fn stop_experiment_on_failure_stops_the_rest() {
     let (status, e) = c.post("/experiments?user=sarah", decl.clone()).await;
     assert_eq!(status, 201, "{e}");
     assert_eq!(e["name"], "sarah-ddp");
+    // Secrets are masked in the declaration and in the processes' deployments.
+    assert_eq!(
+        e["declaration"]["processes"][0]["config"]["token"],
+        "********"
+    );
+    for path in ["/experiments/sarah-ddp", "/experiments", "/deployments"] {
+        let body = c.get(path).await.1.to_string();
+        assert!(!body.contains("tok-s3cret"), "{path}: {body}");
+    }
     let e = wait_experiment(&c, "sarah-ddp", "failed").await;
     let reason = e["reason"].as_str().unwrap();
     assert!(
@@ -299,6 +308,12 @@ async fn stop_experiment_on_failure_stops_the_rest() {
     for p in e["processes"].as_array().unwrap() {
         assert_eq!(p["desired_state"], "STOPPED", "{e}");
     }
+    // All of it is stored: a restarted conductor shows the same experiment and reason.
+    c.restart_conductor().await;
+    let again = wait_experiment(&c, "sarah-ddp", "failed").await;
+    assert_eq!(again["reason"], e["reason"]);
+    assert_eq!(again["processes"], e["processes"]);
+    assert_eq!(again["declaration"], e["declaration"]);
     // Launching again with force replaces it; a failing process with the default policy
     // does not stop the others.
     let mut quiet = decl.clone();

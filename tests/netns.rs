@@ -901,6 +901,9 @@ fn experiment_rl_example_runs_across_two_nated_pods() {
         };
         let table = cli(&["p", "rl"]).await;
         assert_eq!(table.lines().count(), 1 + 1 + agents, "{table}");
+        // Logs shipped from behind NAT 2, by EXP/PROC.
+        let logs = cli(&["logs", "rl/agent-1", "--tail", "5"]).await;
+        assert!(logs.contains("round trip ok 1 of 3"), "{logs}");
         assert_eq!(cli(&["d", "rl", "--yes"]).await.trim(), "deleted rl");
         until("the experiment's deployments gone", WAIT, async || {
             let list = bed.api.deployments().await?;

@@ -304,8 +304,12 @@ async fn kill9_during_an_env_provisioning_leaves_no_step_behind() {
             json!({"config": {"command": ["sleep", "424243"], "env_name": "slowenv"}}),
         )
         .await;
-    until("the provisioning step runs", || {
+    // Killed once the step is recorded: the agent writes the record right after the spawn,
+    // and a kill in that instant (microseconds) would leave a step nobody knows of.
+    let steps = c.dir.path().join("nodes/k9env/work/env-steps");
+    until("the provisioning step runs, recorded", || {
         !pids_with("sleep 424.241").is_empty()
+            && std::fs::read_dir(&steps).is_ok_and(|mut d| d.next().is_some())
     })
     .await;
     node.kill9();

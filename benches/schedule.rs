@@ -225,6 +225,32 @@ fn audit(
     (over, wrong_group)
 }
 
+/// Gangs with some but not all desired-RUNNING members placed, and colocate groups placed on
+/// more than one node.
+fn audit_units(deployments: &[DeploymentView], placements: &[(usize, usize)]) -> (usize, usize) {
+    let placed: BTreeMap<usize, usize> = placements.iter().copied().collect();
+    let mut gangs: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    let mut groups: BTreeMap<&str, BTreeSet<usize>> = BTreeMap::new();
+    for (i, d) in deployments
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.desired_running)
+    {
+        if let Some(g) = &d.gang {
+            let e = gangs.entry(g).or_default();
+            e.0 += 1;
+            e.1 += usize::from(placed.contains_key(&i));
+        }
+        if let (Some(c), Some(node)) = (&d.colocate, placed.get(&i)) {
+            groups.entry(c).or_default().insert(*node);
+        }
+    }
+    (
+        gangs.values().filter(|(n, p)| *p > 0 && p < n).count(),
+        groups.values().filter(|nodes| nodes.len() > 1).count(),
+    )
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
@@ -319,6 +345,70 @@ fn bench_pure(p: &Params) -> Value {
                 "unplaced_reasons": reasons,
                 "over_committed": over,
                 "wrong_group": wrong,
+            }),
+        );
+    }
+
+    // The same deployments as experiments: gangs of 100 (placed whole or not at all), each
+    // with a process group of 4 that must share a node.
+    let units: Vec<DeploymentView> = deployments
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DeploymentView {
+            gang: Some(format!("exp-{}", i / 100)),
+            colocate: (i % 100 < 4).then(|| format!("exp-{}/g", i / 100)),
+            ..d.clone()
+        })
+        .collect();
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..p.reps {
+        let t = Instant::now();
+        let plan = scheduler::plan(&nodes, &units, scheduler::Generation(1), Strategy::Spread);
+        times.push(t.elapsed().as_secs_f64());
+        last = Some(plan);
+    }
+    if let Some(plan) = last {
+        let placements: Vec<(usize, usize)> = plan
+            .placements
+            .iter()
+            .filter_map(|pl| {
+                Some((
+                    *dep_index.get(pl.deployment_id.as_str())?,
+                    *index.get(pl.node_id.as_str())?,
+                ))
+            })
+            .collect();
+        let (over, wrong) = audit(&nodes, &units, &placements);
+        let (split_gangs, split_groups) = audit_units(&units, &placements);
+        let med = median(times.clone());
+        rows.push((
+            "symphony gangs".to_owned(),
+            med,
+            plan.placements.len(),
+            over,
+            wrong,
+            plan.unplaced.len(),
+        ));
+        println!(
+            "\nas 100 gangs of 100 (a group of 4 in each): {split_gangs} gangs placed in part, \
+             {split_groups} groups split across nodes"
+        );
+        results.insert(
+            "spread_gangs".to_owned(),
+            json!({
+                "median_s": med,
+                "times_s": times,
+                "placed": plan.placements.len(),
+                "unplaced": plan.unplaced.len(),
+                "over_committed": over,
+                "wrong_group": wrong,
+                "gangs_placed_in_part": split_gangs,
+                "groups_split": split_groups,
+                "time_vs_spread": med / results
+                    .get("spread")
+                    .and_then(|r| r["median_s"].as_f64())
+                    .unwrap_or(f64::NAN),
             }),
         );
     }

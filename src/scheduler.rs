@@ -296,14 +296,20 @@ pub fn reason_for(
     nodes: &[NodeView],
     deployments: &[DeploymentView],
     deployment_id: &str,
+    strategy: Strategy,
 ) -> Option<Unplaced> {
-    reasons(nodes, deployments).remove(deployment_id)
+    reasons(nodes, deployments, strategy).remove(deployment_id)
 }
 
 /// [`reason_for`] for every deployment at once: deployment id -> reason, only for those that
-/// have one.
-pub fn reasons(nodes: &[NodeView], deployments: &[DeploymentView]) -> BTreeMap<String, Unplaced> {
-    plan(nodes, deployments, Generation(0), Strategy::Spread)
+/// have one. `strategy` is the one the conductor plans with: whether a gang fits can depend on
+/// where its first members go.
+pub fn reasons(
+    nodes: &[NodeView],
+    deployments: &[DeploymentView],
+    strategy: Strategy,
+) -> BTreeMap<String, Unplaced> {
+    plan(nodes, deployments, Generation(0), strategy)
         .unplaced
         .into_iter()
         .collect()
@@ -365,6 +371,8 @@ struct State<'a> {
     by_group: BTreeMap<&'a str, Vec<usize>>,
     /// Deduplicated deployments, oldest first (created_at_ms, then id).
     order: Vec<&'a DeploymentView>,
+    /// Each unit's members (see [`unit_of`]), oldest first.
+    units: BTreeMap<(bool, &'a str), Vec<&'a DeploymentView>>,
 }
 
 /// The summed positive requests of deployments placed together, by class.
@@ -463,12 +471,19 @@ impl<'a> State<'a> {
                 })
                 .fold(0.0, f64::max);
         }
+        let mut units: BTreeMap<(bool, &str), Vec<&DeploymentView>> = BTreeMap::new();
+        for dep in &order {
+            if let Some(unit) = unit_of(dep) {
+                units.entry(unit).or_default().push(dep);
+            }
+        }
         State {
             slots,
             by_id,
             online,
             by_group,
             order,
+            units,
         }
     }
 
@@ -584,56 +599,65 @@ impl<'a> State<'a> {
         unit: (bool, &str),
         strategy: Strategy,
     ) -> Vec<(&'a DeploymentView, Result<usize, Unplaced>)> {
-        let members: Vec<&'a DeploymentView> = self
-            .order
-            .iter()
-            .copied()
-            .filter(|d| unit_of(d) == Some(unit))
-            .collect();
-        let needs = |d: &DeploymentView| {
-            d.desired_running
-                && d.assignment
-                    .as_ref()
-                    .is_none_or(|a| self.live_slot(a).is_none())
-        };
+        let members: &[&'a DeploymentView] = self.units.get(&unit).map_or(&[], Vec::as_slice);
+        // Per colocate group: the node where a member already runs.
+        let mut pinned: BTreeMap<&str, usize> = BTreeMap::new();
         // Blocks: a colocate group, or a member on its own; in the order of their oldest.
-        let mut blocks: Vec<(Option<&str>, Vec<&'a DeploymentView>)> = Vec::new();
-        for d in members.iter().copied().filter(|d| needs(d)) {
-            match filter_of(&d.colocate) {
-                Some(c) => match blocks.iter_mut().find(|(k, _)| *k == Some(c)) {
-                    Some((_, b)) => b.push(d),
-                    None => blocks.push((Some(c), vec![d])),
+        let mut blocks: Vec<Vec<&'a DeploymentView>> = Vec::new();
+        let mut block_of: BTreeMap<&str, usize> = BTreeMap::new();
+        for &d in members.iter().filter(|d| d.desired_running) {
+            let live = d.assignment.as_ref().and_then(|a| self.live_slot(a));
+            match (filter_of(&d.colocate), live) {
+                (Some(c), Some(slot)) => {
+                    pinned.entry(c).or_insert(slot);
+                }
+                (None, Some(_)) => {}
+                (Some(c), None) => match block_of.get(c) {
+                    Some(&i) => blocks[i].push(d),
+                    None => {
+                        block_of.insert(c, blocks.len());
+                        blocks.push(vec![d]);
+                    }
                 },
-                None => blocks.push((None, vec![d])),
+                (None, None) => blocks.push(vec![d]),
             }
         }
         // The largest first (then the oldest): small members must not take the room a large
         // one needs when all of them would fit.
-        blocks.sort_by_key(|(_, b)| {
+        blocks.sort_by_cached_key(|b| {
             std::cmp::Reverse(
                 sum_requests(b)
                     .iter()
                     .fold(0i64, |acc, (_, v)| acc.saturating_add(*v)),
             )
         });
-        let before = unit.0.then(|| self.slots.clone());
+        // A gang's undo log: each slot it touched, as it was before.
+        let mut saved: BTreeMap<usize, Slot<'a>> = BTreeMap::new();
         let mut out = Vec::new();
         let mut failed = false;
-        for (key, block) in blocks {
-            // Where a member of this colocate group already runs.
-            let pinned = key.and_then(|k| {
-                members
-                    .iter()
-                    .filter(|d| filter_of(&d.colocate) == Some(k) && d.desired_running)
-                    .filter_map(|d| d.assignment.as_ref())
-                    .find_map(|a| self.live_slot(a))
-            });
-            let result = self.place(&block, pinned, strategy);
+        for block in blocks {
+            let pin = filter_of(&block[0].colocate).and_then(|c| pinned.get(c).copied());
+            let result = match self.choose(&block, pin, strategy) {
+                Ok(choice) => {
+                    if unit.0 {
+                        saved
+                            .entry(choice.slot)
+                            .or_insert_with(|| self.slots[choice.slot].clone());
+                    }
+                    for dep in &block {
+                        self.commit(dep, choice);
+                    }
+                    Ok(choice.slot)
+                }
+                Err(why) => Err(why),
+            };
             failed |= result.is_err();
             out.extend(block.into_iter().map(|d| (d, result)));
         }
-        if failed && let Some(before) = before {
-            self.slots = before;
+        if unit.0 && failed {
+            for (i, slot) in saved {
+                self.slots[i] = slot;
+            }
             for (_, result) in &mut out {
                 if result.is_ok() {
                     *result = Err(Unplaced::WaitingForGang);

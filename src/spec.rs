@@ -45,7 +45,8 @@ pub use checked::{
 };
 pub use cron::{CronSchedule, cron_schedule, next_fire};
 pub use experiment::{
-    Experiment, MAX_REPLICAS, OnFailure, Placement, Process, parse_experiment, with_user,
+    Experiment, MAX_PROCESSES, MAX_REPLICAS, OnFailure, Placement, Process, parse_experiment,
+    with_user,
 };
 pub use model::{
     AutoRestart, Bind, DEFAULT_BACKOFF, DEFAULT_FAILURE_THRESHOLD, DEFAULT_HEALTH_PERIOD,

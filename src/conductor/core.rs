@@ -425,6 +425,9 @@ impl Core {
             }
             CoreMsg::PatchDeployment(id, patch, reply) => {
                 let r = self.patch(&id, patch).await;
+                if r.is_ok() {
+                    self.process_started(&id).await;
+                }
                 self.answer(reply, r, true);
             }
             CoreMsg::DeleteDeployment(id, reply) => {
@@ -1400,7 +1403,7 @@ impl Core {
         }
         self.published_states = nodes.iter().map(|n| n.state).collect();
         let deps = self.sched_deployments();
-        let reasons = scheduler::reasons(nodes, &deps);
+        let reasons = scheduler::reasons(nodes, &deps, self.cfg.strategy);
         let reserved = scheduler::reserved(nodes, &deps);
         let any_online = nodes
             .iter()

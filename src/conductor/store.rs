@@ -468,6 +468,48 @@ impl Store {
         tx.commit().await.map_err(db_err)
     }
 
+    /// Sets every process of an experiment to `desired` and records (or clears) why it
+    /// failed, in one transaction; stopped processes lose their assignments (STOPPED is not
+    /// placed). [`StoreError::NotFound`] if it does not exist.
+    pub async fn set_experiment_state(
+        &self,
+        name: &str,
+        desired: DesiredState,
+        failed_reason: Option<&str>,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query("UPDATE experiments SET failed_reason = $1 WHERE name = $2")
+            .bind(failed_reason)
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        found(done.rows_affected())?;
+        sqlx::query(
+            "UPDATE deployments SET desired_state = $2, updated_at_ms = $3 \
+             WHERE desired_state <> $2 AND id IN \
+             (SELECT deployment_id FROM experiment_processes WHERE experiment = $1)",
+        )
+        .bind(name)
+        .bind(desired.as_str())
+        .bind(at_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if desired == DesiredState::Stopped {
+            sqlx::query(
+                "DELETE FROM assignments WHERE deployment_id IN \
+                 (SELECT deployment_id FROM experiment_processes WHERE experiment = $1)",
+            )
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
     /// Records (or clears) why a failed process stopped the experiment;
     /// [`StoreError::NotFound`] if it does not exist.
     pub async fn set_experiment_failed(

@@ -446,9 +446,12 @@ fn localize_service_env(env: &mut std::collections::HashMap<String, String>, ip:
         if k.ends_with("_HOST") && v == usual {
             *v = ip.to_string();
         } else if k.ends_with("_ADDR")
-            && let Some(port) = v.strip_prefix(usual).and_then(|r| r.strip_prefix(':'))
+            && let Some(Ok(port)) = v
+                .strip_prefix(usual)
+                .and_then(|r| r.strip_prefix(':'))
+                .map(str::parse::<u16>)
         {
-            *v = std::net::SocketAddr::new(ip, port.parse().unwrap_or(0)).to_string();
+            *v = std::net::SocketAddr::new(ip, port).to_string();
         }
     }
 }
@@ -776,5 +779,41 @@ async fn env_job(envs: &Envs, job: EnvJob) -> EnvOutcome {
             names: envs.list_all_envs().await,
             created: envs.created().await,
         },
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_variables_point_at_the_node_service_address() {
+        let env = |pairs: &[(&str, &str)]| -> std::collections::HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let given = env(&[
+            ("SYMPH_DB_HOST", "127.0.0.1"),
+            ("SYMPH_DB_PORT", "7000"),
+            ("SYMPH_DB_ADDR", "127.0.0.1:7000"),
+            ("SYMPH_ODD_ADDR", "127.0.0.1:x"),
+        ]);
+        let mut same = given.clone();
+        localize_service_env(&mut same, std::net::Ipv4Addr::LOCALHOST.into());
+        assert_eq!(same, given);
+        let mut moved = given.clone();
+        localize_service_env(&mut moved, std::net::Ipv4Addr::new(127, 0, 0, 3).into());
+        assert_eq!(
+            moved,
+            env(&[
+                ("SYMPH_DB_HOST", "127.0.0.3"),
+                ("SYMPH_DB_PORT", "7000"),
+                ("SYMPH_DB_ADDR", "127.0.0.3:7000"),
+                ("SYMPH_ODD_ADDR", "127.0.0.1:x"),
+            ])
+        );
     }
 }

@@ -653,10 +653,10 @@ fn reasons_agree_with_plan_after_it_is_applied() {
         assert_eq!(p.placements.len(), 2, "{strategy}: {}", render(&p));
         let after = apply(&deps, &p);
         let want: BTreeMap<String, Unplaced> = p.unplaced.iter().cloned().collect();
-        assert_eq!(reasons(&nodes, &after), want, "{strategy}");
+        assert_eq!(reasons(&nodes, &after, strategy), want, "{strategy}");
         for d in &deps {
             assert_eq!(
-                reason_for(&nodes, &after, &d.id),
+                reason_for(&nodes, &after, &d.id, strategy),
                 want.get(&d.id).copied(),
                 "{}",
                 d.id
@@ -668,9 +668,12 @@ fn reasons_agree_with_plan_after_it_is_applied() {
         assert_eq!(again.unplaced, p.unplaced);
     }
     // Before the plan is applied, the lost-node deployment would fit: no reason.
-    assert_eq!(reason_for(&nodes, &deps, "d1"), None);
-    assert_eq!(reason_for(&nodes, &deps, "d4"), Some(Unplaced::NoGroup));
-    assert_eq!(reason_for(&nodes, &deps, "unknown"), None);
+    assert_eq!(reason_for(&nodes, &deps, "d1", Spread), None);
+    assert_eq!(
+        reason_for(&nodes, &deps, "d4", Spread),
+        Some(Unplaced::NoGroup)
+    );
+    assert_eq!(reason_for(&nodes, &deps, "unknown", Spread), None);
 }
 
 // ---------- robustness ----------
@@ -878,11 +881,11 @@ fn a_gang_is_placed_whole_or_not_at_all() {
     let first = plan(&nodes, &deps, Generation(1), Spread);
     let deps = apply(&deps, &first);
     assert_eq!(
-        reasons(&nodes, &deps).get("agent-2"),
+        reasons(&nodes, &deps, Spread).get("agent-2"),
         Some(&Unplaced::NoCapacity)
     );
     assert_eq!(
-        reasons(&nodes, &deps).get("agent-0"),
+        reasons(&nodes, &deps, Spread).get("agent-0"),
         Some(&Unplaced::WaitingForGang)
     );
     let nodes = vec![
@@ -894,7 +897,7 @@ fn a_gang_is_placed_whole_or_not_at_all() {
     assert_eq!(second.placements.len(), 4, "{}", render(&second));
     assert!(second.unplaced.is_empty());
     let deps = apply(&deps, &second);
-    assert!(reasons(&nodes, &deps).is_empty());
+    assert!(reasons(&nodes, &deps, Spread).is_empty());
     // One member's node is lost: only that member is placed again.
     let nodes = vec![
         node("a").cap("A", 2).state(NodeState::Lost),

@@ -35,6 +35,9 @@ use super::validate::parse_with_services;
 /// Largest `replicas`.
 pub const MAX_REPLICAS: i64 = 1000;
 
+/// Most processes in one experiment, replicas expanded.
+pub const MAX_PROCESSES: usize = 10_000;
+
 /// Where an experiment's processes may go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -206,9 +209,20 @@ fn processes(r: &mut Report, field: &Opt<Vec<ProcessWire>>, loc: &Loc) -> Vec<Pr
     let mut out: Vec<(Loc, Process)> = Vec::new();
     for (i, p) in list.iter().enumerate() {
         let at = loc.at(i);
+        if out.len() > MAX_PROCESSES {
+            // Nothing past the limit is expanded (each replica is a copy of its spec).
+            let msg =
+                format!("an experiment has at most {MAX_PROCESSES} processes (replicas counted)");
+            r.err(&at, "value_error", msg);
+            break;
+        }
         if let Some(Object(p)) = r.checked(p, &at) {
             out.extend(process(r, p, &at, i).into_iter().map(|p| (at.clone(), p)));
         }
+    }
+    if out.len() > MAX_PROCESSES {
+        let msg = format!("an experiment has at most {MAX_PROCESSES} processes (replicas counted)");
+        r.err(loc, "value_error", msg);
     }
     across(r, &out);
     out.into_iter().map(|(_, p)| p).collect()
@@ -332,10 +346,14 @@ fn add_env(spec: &mut Map<String, Value>, key: &str, value: &str) {
     let env = if in_config {
         spec.get_mut("config").and_then(|c| c.get_mut("env"))
     } else {
-        Some(
-            spec.entry("env")
-                .or_insert_with(|| Value::Object(Map::new())),
-        )
+        // Absent or `null` (YAML `env:` with nothing after it): a new mapping.
+        let env = spec
+            .entry("env")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if env.is_null() {
+            *env = Value::Object(Map::new());
+        }
+        Some(env)
     };
     if let Some(Value::Object(env)) = env {
         env.insert(key.to_owned(), Value::String(value.to_owned()));
@@ -385,7 +403,10 @@ fn across(r: &mut Report, processes: &[(Loc, Process)]) {
         let Some(g) = p.group.as_deref() else {
             continue;
         };
-        let asked = p.spec.get("node_group").filter(|v| !v.is_null());
+        let asked = p
+            .spec
+            .get("node_group")
+            .filter(|v| !v.is_null() && v.as_str() != Some(""));
         match node_groups.get(g) {
             Some((first, theirs)) if *theirs != asked => {
                 let msg = format!(
@@ -574,6 +595,14 @@ mod tests {
             {"name": "c", "group": "h", "config": {"command": ["true"]}},
         ]});
         assert_eq!(errors(&split)[0].0, "body.processes.1.node_group");
+        // Too many processes once replicas are expanded; the rest is not even expanded.
+        let many: Vec<Value> = (0..20)
+            .map(|i| json!({"name": format!("p{i}"), "replicas": 1000, "config": {"command": ["true"]}}))
+            .collect();
+        let errs = errors(&json!({"name": "x", "processes": many}));
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!(errs[0].0, "body.processes.11");
+        assert_eq!(errs[1].0, "body.processes");
         assert_eq!(errors(&json!({"processes": []}))[0].0, "body.name");
     }
 }

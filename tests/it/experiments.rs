@@ -314,6 +314,20 @@ async fn stop_experiment_on_failure_stops_the_rest() {
     assert_eq!(again["reason"], e["reason"]);
     assert_eq!(again["processes"], e["processes"]);
     assert_eq!(again["declaration"], e["declaration"]);
+    // Starting one process on its own lifts the failure: the state follows the processes.
+    let rank = process(&again, "rank-0")["deployment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = c
+        .patch(
+            &format!("/deployments/{rank}"),
+            json!({"desired_state": "RUNNING"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let e = wait_experiment(&c, "sarah-ddp", "running").await;
+    assert!(e["reason"].is_null(), "{e}");
     // Launching again with force replaces it; a failing process with the default policy
     // does not stop the others.
     let mut quiet = decl.clone();
@@ -408,6 +422,11 @@ async fn bad_declarations_are_refused_naming_the_field_and_create_nothing() {
             json!({"name": "x", "processes": [p("a", json!({"replicas": 0}))]}),
             "body.processes.0.replicas",
             "",
+        ),
+        (
+            json!({"name": "x", "processes": [p("a", json!({"env": {"BIG": "x".repeat(300_000)}}))]}),
+            "body.processes.0",
+            "at most 262144",
         ),
     ];
     for (decl, loc, msg) in cases {

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiState, JsonObject, PathParam, query_params};
+use super::{ApiError, ApiState, JsonObject, MAX_SPEC_BYTES, PathParam, query_params};
 use crate::conductor::core::{CoreMsg, Launch};
 use crate::model::DesiredState;
 use crate::spec::{FieldError, Loc, Report, is_dns_label, parse_experiment};
@@ -97,6 +97,18 @@ pub(super) async fn launch(
     let (force, user) = launch_options(&uri).map_err(ApiError::invalid)?;
     let decl = declaration(&headers, &body)?;
     let experiment = parse_experiment(&decl, user.as_deref()).map_err(ApiError::invalid)?;
+    // Each process's spec travels to its node in one frame, like a deployment's.
+    let mut r = Report::default();
+    let mut seen = std::collections::BTreeSet::new();
+    for p in &experiment.processes {
+        let size = serde_json::to_vec(&json!({ "spec": p.spec })).map_or(usize::MAX, |b| b.len());
+        if size > MAX_SPEC_BYTES && seen.insert(p.index) {
+            let at = Loc::new(&["body", "processes"]).at(p.index);
+            let msg = format!("the process's spec is {size} bytes; at most {MAX_SPEC_BYTES}");
+            r.err(&at, "value_error", msg);
+        }
+    }
+    r.finish(Some(())).map_err(ApiError::invalid)?;
     let name = experiment.name.clone();
     let launch = Launch {
         experiment,

@@ -197,8 +197,9 @@ impl Core {
         r.finish(Some(())).map_err(CoreError::Invalid)
     }
 
-    /// Stops or starts every process of an experiment. `failed`: why a failed process
-    /// stopped it (recorded, and shown as its reason); starting clears that.
+    /// Stops or starts every process of an experiment, in one store transaction. `failed`:
+    /// why a failed process stopped it (recorded, and shown as its reason); starting clears
+    /// that.
     pub(super) async fn set_experiment_state(
         &mut self,
         name: &str,
@@ -213,23 +214,58 @@ impl Core {
             .iter()
             .map(|p| p.deployment_id.clone())
             .collect();
-        if e.failed_reason != failed {
-            self.store
-                .set_experiment_failed(name, failed.as_deref())
-                .await?;
-            if let Some(e) = self.experiments.get_mut(name) {
-                e.failed_reason = failed;
+        let now = now_ms();
+        self.store
+            .set_experiment_state(name, desired, failed.as_deref(), now)
+            .await?;
+        // Written: memory follows, as `patch` does for one deployment.
+        for id in &ids {
+            if let Some(d) = self.deployments.get_mut(id)
+                && d.desired_state != desired
+            {
+                d.desired_state = desired;
+                d.updated_at_ms = now;
+            }
+            if desired == DesiredState::Stopped {
+                self.reported.remove(id);
+                if let Some(a) = self.assignments.remove(id) {
+                    self.unassign(&a.node_id, id, a.generation);
+                }
             }
         }
-        for id in ids {
-            let patch = super::DeploymentPatch {
-                name: None,
-                desired_state: Some(desired),
-                specification: None,
-            };
-            self.patch(&id, patch).await?;
+        if let Some(e) = self.experiments.get_mut(name) {
+            e.failed_reason = failed;
         }
+        self.changed = true;
+        self.needs_schedule = true;
         Ok(())
+    }
+
+    /// A process of a failed experiment was started on its own: the experiment is no longer
+    /// stopped by that failure (its state follows its processes again, and `on_failure` acts
+    /// again).
+    pub(super) async fn process_started(&mut self, id: &str) {
+        let running = self
+            .deployments
+            .get(id)
+            .is_some_and(|d| d.desired_state == DesiredState::Running);
+        let Some((e, _)) = self.process_of(id) else {
+            return;
+        };
+        if !running || e.failed_reason.is_none() {
+            return;
+        }
+        let name = e.name.clone();
+        match self.store.set_experiment_failed(&name, None).await {
+            Ok(()) => {
+                if let Some(e) = self.experiments.get_mut(&name) {
+                    e.failed_reason = None;
+                }
+            }
+            Err(e) => {
+                tracing::error!(experiment = %name, error = %e, "could not clear the failure")
+            }
+        }
     }
 
     /// Deletes an experiment: its processes stop on their nodes, its services go.
@@ -303,16 +339,19 @@ impl Core {
             .filter(|d| self.members.contains_key(d.id.as_str()))
             .map(|d| (d.id.as_str(), d.as_ref()))
             .collect();
+        let mut by_namespace: std::collections::HashMap<&str, Vec<String>> =
+            std::collections::HashMap::new();
+        for s in self.services.all() {
+            by_namespace
+                .entry(s.namespace.as_str())
+                .or_default()
+                .push(s.name.clone());
+        }
         let mut out: Vec<_> = self
             .experiments
             .values()
             .map(|e| {
-                let services = self
-                    .services
-                    .all()
-                    .filter(|s| s.namespace == e.name)
-                    .map(|s| s.name.clone())
-                    .collect();
+                let services = by_namespace.remove(e.name.as_str()).unwrap_or_default();
                 let mut info =
                     crate::conductor::view::experiment(e, |id| by_id.get(id).copied(), services);
                 info.declaration = self.declarations.get(&e.name).cloned();

@@ -832,6 +832,32 @@ async fn experiments_are_written_and_removed_whole() {
             .as_deref(),
         Some("p0 failed")
     );
+    // Stopping sets every process STOPPED and drops their assignments in one go.
+    store
+        .apply_placements(&[assignment("f1", "n1", 12)], &[], Generation(12))
+        .await
+        .unwrap();
+    store
+        .set_experiment_state("rl", DesiredState::Stopped, Some("p0 failed"), 99)
+        .await
+        .unwrap();
+    let snap = store.load_all().await.unwrap();
+    assert!(snap.assignments.is_empty());
+    assert_eq!(snap.deployments[0].desired_state, DesiredState::Stopped);
+    assert_eq!(snap.deployments[0].updated_at_ms, 99);
+    store
+        .set_experiment_state("rl", DesiredState::Running, None, 100)
+        .await
+        .unwrap();
+    let snap = store.load_all().await.unwrap();
+    assert_eq!(snap.deployments[0].desired_state, DesiredState::Running);
+    assert_eq!(snap.experiments[0].failed_reason, None);
+    assert!(matches!(
+        store
+            .set_experiment_state("nope", DesiredState::Running, None, 1)
+            .await,
+        Err(StoreError::NotFound)
+    ));
     // Deleting takes the deployments along; an unknown name is not found.
     store.delete_experiment("rl").await.unwrap();
     assert!(store.load_all().await.unwrap().deployments.is_empty());

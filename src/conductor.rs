@@ -4,6 +4,7 @@
 pub mod api;
 pub mod core;
 pub mod loghub;
+pub mod metrics;
 pub mod paths;
 pub mod services;
 pub mod sessions;

@@ -100,6 +100,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/conda-envs/{name}/rerun", post(rerun_env))
         .route("/ws/updates", get(ws_updates))
         .route("/ws/deployments/{id}/logs", get(ws_logs))
+        .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/ui", get(|| async { Redirect::temporary("/ui/") }))
         .route("/ui/", get(ui))
@@ -376,6 +377,16 @@ async fn delete_deployment(
 ) -> Result<StatusCode, ApiError> {
     st.core.call(|r| CoreMsg::DeleteDeployment(id, r)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /metrics`: the Prometheus exposition.
+async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
+    let view = st.core.view();
+    let text = super::metrics::render(st.core.metrics(), &view).map_err(|e| {
+        tracing::error!(error = %e, "could not encode the metrics");
+        ApiError::detail(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    })?;
+    Ok(([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 async fn list_services(State(st): State<ApiState>) -> Json<Value> {

@@ -218,6 +218,11 @@ struct Core {
     members: HashMap<String, (String, usize)>,
     /// Each experiment's declaration with its secrets masked, for the view.
     declarations: HashMap<String, Arc<Value>>,
+    /// Counters and histograms for `/metrics`.
+    metrics: Arc<super::metrics::Metrics>,
+    /// Deployments created (or started again) and not yet reported RUNNING: since when (for
+    /// the POST -> RUNNING histogram).
+    awaiting_running: HashMap<String, i64>,
 }
 
 /// The reflexive address of a connected node (its connection's remote address).
@@ -241,12 +246,18 @@ pub struct CoreHandle {
     tx: mpsc::Sender<CoreMsg>,
     view: watch::Receiver<Arc<ClusterView>>,
     epochs: Arc<std::sync::atomic::AtomicU64>,
+    metrics: Arc<super::metrics::Metrics>,
 }
 
 impl CoreHandle {
     /// The latest published snapshot.
     pub fn view(&self) -> Arc<ClusterView> {
         self.view.borrow().clone()
+    }
+
+    /// The core's counters and histograms (for `/metrics`).
+    pub fn metrics(&self) -> &super::metrics::Metrics {
+        &self.metrics
     }
 
     /// A receiver that wakes on every publish.
@@ -346,6 +357,8 @@ pub async fn start(
             .collect(),
         members: HashMap::new(),
         declarations: HashMap::new(),
+        metrics: Arc::new(super::metrics::Metrics::default()),
+        awaiting_running: HashMap::new(),
     };
     core.index_members();
     core.reconcile_services().await?;
@@ -376,6 +389,7 @@ pub async fn start(
         // Epochs keep increasing across conductor restarts: start above anything handed out
         // before (microseconds since the epoch; connections arrive far slower than that).
         epochs: Arc::new((u64::try_from(now_ms()).unwrap_or(0) * 1000).into()),
+        metrics: core.metrics.clone(),
     };
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -789,6 +803,10 @@ impl Core {
         self.specs
             .insert(rec.id.clone(), parse_spec(&rec.specification));
         self.logs.ensure(&rec.id);
+        if rec.desired_state == DesiredState::Running {
+            self.awaiting_running
+                .insert(rec.id.clone(), rec.created_at_ms);
+        }
         self.deployments.insert(rec.id.clone(), rec);
         Ok(())
     }
@@ -861,11 +879,18 @@ impl Core {
                     .apply_placements(std::slice::from_ref(&rec), &[], generation)
                     .await?;
                 self.next_generation = generation.next();
+                self.metrics.placements.inc();
                 Some((a.node_id.clone(), generation))
             }
             None => None,
         };
         self.specs.insert(id.to_owned(), new_spec);
+        if new.desired_state == DesiredState::Stopped {
+            self.awaiting_running.remove(id);
+        } else if old.desired_state == DesiredState::Stopped {
+            self.awaiting_running
+                .insert(id.to_owned(), new.updated_at_ms);
+        }
         self.deployments.insert(id.to_owned(), new);
         self.set_services(id, services);
         if matches!(release, Some((_, true))) {
@@ -905,6 +930,7 @@ impl Core {
 
     /// Drops a deleted deployment from memory and stops it on its node.
     fn forget(&mut self, id: &str) {
+        self.awaiting_running.remove(id);
         self.services.remove(id);
         self.connects.remove(id);
         self.deployments.remove(id);
@@ -1061,6 +1087,7 @@ impl Core {
         node.env_names = hello.env_names.iter().cloned().collect();
         node.last_seen_ms = now;
         node.connections += 1;
+        self.metrics.connections.inc();
         node.conn = Some(Connection {
             epoch,
             tx,
@@ -1135,6 +1162,21 @@ impl Core {
                         .deployments
                         .get(&id)
                         .is_some_and(|d| d.desired_state == DesiredState::Running);
+                let previous = self.reported.get(&id).map(|r| &r.status);
+                if let Some(p) = previous.filter(|p| p.generation == st.generation)
+                    && st.restart_count > p.restart_count
+                {
+                    self.metrics
+                        .restarts
+                        .inc_by(u64::from(st.restart_count - p.restart_count));
+                }
+                if st.state == crate::model::CurrentState::Running.as_str()
+                    && let Some(since) = self.awaiting_running.remove(&id)
+                {
+                    #[allow(clippy::cast_precision_loss)]
+                    let secs = now_ms().saturating_sub(since).max(0) as f64 / 1000.0;
+                    self.metrics.post_to_running.observe(secs);
+                }
                 let (state, reason) = (st.state.clone(), st.reason.clone());
                 self.reported.insert(
                     id.clone(),
@@ -1182,6 +1224,7 @@ impl Core {
             .apply_placements(std::slice::from_ref(&rec), &[], generation)
             .await?;
         self.next_generation = generation.next();
+        self.metrics.placements.inc();
         self.assignments.insert(
             id.to_owned(),
             scheduler::Assignment {
@@ -1235,6 +1278,7 @@ impl Core {
                 self.send_punches(punches);
                 // A new path shows at once; an RTT refresh with the next tick's publish.
                 if path_changed {
+                    self.metrics.path_changes.inc();
                     self.changed = true;
                 } else {
                     self.dirty = true;
@@ -1301,7 +1345,11 @@ impl Core {
     /// Runs the scheduler, persists its decisions, then tells the nodes.
     async fn schedule(&mut self, nodes: &[scheduler::NodeView]) {
         let deps = self.sched_deployments();
+        let started = std::time::Instant::now();
         let plan = scheduler::plan(nodes, &deps, self.next_generation, self.cfg.strategy);
+        self.metrics
+            .scheduling_pass
+            .observe(started.elapsed().as_secs_f64());
         if plan.placements.is_empty() && plan.unassign.is_empty() {
             return;
         }
@@ -1349,6 +1397,7 @@ impl Core {
                 self.reported.remove(id);
             }
         }
+        self.metrics.placements.inc_by(plan.placements.len() as u64);
         for p in plan.placements {
             tracing::info!(deployment = %p.deployment_id, node = %p.node_id, generation = %p.generation, "placed");
             self.assignments.insert(

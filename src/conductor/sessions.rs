@@ -258,7 +258,13 @@ async fn log_stream(mut rx: FrameReceiver, core: CoreHandle, logs: LogHub, node_
         let _ = rx.get_mut().stop(CloseCode::ProtocolError.varint());
         return;
     }
+    let metrics = core.metrics();
     while let Ok(Some(batch)) = rx.recv::<wire::LogBatch>().await {
+        metrics.log_lines.inc_by(batch.entries.len() as u64);
+        metrics
+            .log_bytes
+            .inc_by(batch.entries.iter().map(|e| e.line.len() as u64).sum());
+        metrics.log_lines_dropped.inc_by(batch.dropped);
         logs.append(
             &id,
             batch.entries.into_iter().map(|e| LogLine {

@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 mod experiments;
 mod node;
+mod prometheus;
 mod rl_example;
 mod schemathesis;
 mod services;

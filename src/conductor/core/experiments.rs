@@ -150,6 +150,8 @@ impl Core {
             self.specs
                 .insert(rec.id.clone(), parse_spec(&rec.specification));
             self.logs.ensure(&rec.id);
+            self.awaiting_running
+                .insert(rec.id.clone(), rec.created_at_ms);
             self.deployments.insert(rec.id.clone(), rec);
         }
         tracing::info!(experiment = %name, processes = record.processes.len(), replaced = old.is_some(), "experiment launched");
@@ -225,6 +227,12 @@ impl Core {
             {
                 d.desired_state = desired;
                 d.updated_at_ms = now;
+                if desired == DesiredState::Running {
+                    self.awaiting_running.insert(id.clone(), now);
+                }
+            }
+            if desired == DesiredState::Stopped {
+                self.awaiting_running.remove(id);
             }
             if desired == DesiredState::Stopped {
                 self.reported.remove(id);

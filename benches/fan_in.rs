@@ -616,11 +616,113 @@ fn real_main() -> Result<()> {
         p.window.as_secs(),
         p.heartbeat.as_secs()
     );
+    let scrape = scrape_cost(if common::quick() {
+        &[100, 1000]
+    } else {
+        &[100, 1000, 5000]
+    })?;
     let path = common::write_json(
         "fan_in",
         p.json(),
-        json!({ "sizes": results.iter().map(SizeResult::json).collect::<Vec<_>>() }),
+        json!({
+            "sizes": results.iter().map(SizeResult::json).collect::<Vec<_>>(),
+            "metrics_scrape": scrape,
+        }),
     )?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// The conductor's `/metrics` for a fleet of `n` nodes, each with the heartbeat above (16
+/// cores, 2 mounts, 1 GPU) and 3 capacity classes: time to render the exposition (median of 5)
+/// and its size, beside `GET /nodes` (the JSON a poller would fetch instead) for the same view.
+fn scrape_cost(sizes: &[usize]) -> Result<Value> {
+    use std::collections::{BTreeMap, BTreeSet};
+    use symphony::conductor::metrics::{Metrics, render};
+    use symphony::conductor::view::{self, ClusterView, NodeFacts};
+
+    let heartbeat = heartbeat_frame(0).heartbeat.unwrap_or_default();
+    let caps = BTreeMap::from([
+        ("cpu".to_owned(), 16),
+        ("gpu".to_owned(), 1),
+        ("mem".to_owned(), 64),
+    ]);
+    let reserved = BTreeMap::from([("cpu".to_owned(), 4), ("gpu".to_owned(), 1)]);
+    let groups = vec!["gpu".to_owned()];
+    let none = BTreeSet::new();
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for &n in sizes {
+        let mut v = ClusterView::default();
+        for i in 0..n {
+            let id = format!("node-{i:05}");
+            let facts = NodeFacts {
+                id: &id,
+                state: symphony::scheduler::NodeState::Online,
+                groups: &groups,
+                capacities_total: &caps,
+                reserved: Some(&reserved),
+                last_heartbeat_ms: Some(heartbeat.timestamp_unix_ms),
+                resources: None,
+                usage: Some(&heartbeat),
+                env_names: &none,
+                defined_envs: &none,
+                env_problems: &[],
+            };
+            let conn = view::NodeConnection {
+                remote_addr: "203.0.113.7:40000".into(),
+                rtt_ms: 31.0,
+                ..view::NodeConnection::default()
+            };
+            v.nodes
+                .insert(id.clone(), view::node(facts, Vec::new(), Some(conn)));
+        }
+        let metrics = Metrics::default();
+        let (mut scrape, mut nodes_json) = (Vec::new(), Vec::new());
+        let (mut scrape_bytes, mut json_bytes) = (0, 0);
+        for _ in 0..5 {
+            let t = Instant::now();
+            let text = render(&metrics, &v).map_err(|e| anyhow!("render: {e}"))?;
+            scrape.push(t.elapsed().as_secs_f64() * 1e3);
+            scrape_bytes = text.len();
+            let t = Instant::now();
+            let body = serde_json::to_vec(&json!({ "nodes": v.nodes }))?;
+            nodes_json.push(t.elapsed().as_secs_f64() * 1e3);
+            json_bytes = body.len();
+        }
+        scrape.sort_by(f64::total_cmp);
+        nodes_json.sort_by(f64::total_cmp);
+        let (sm, jm) = (scrape[2], nodes_json[2]);
+        rows.push(vec![
+            n.to_string(),
+            common::ms(sm),
+            format!("{:.2}", scrape_bytes as f64 / 1e6),
+            common::ms(jm),
+            format!("{:.2}", json_bytes as f64 / 1e6),
+            format!("{:.2}x", jm / sm),
+        ]);
+        out.push(json!({
+            "nodes": n,
+            "render_ms_median": sm,
+            "render_ms": scrape,
+            "exposition_bytes": scrape_bytes,
+            "nodes_json_ms_median": jm,
+            "nodes_json_bytes": json_bytes,
+        }));
+    }
+    println!(
+        "/metrics for a fleet (render only, median of 5), beside GET /nodes' JSON for the same view\n{}\n",
+        common::table(
+            &[
+                "nodes",
+                "metrics ms",
+                "metrics MB",
+                "/nodes ms",
+                "/nodes MB",
+                "ratio"
+            ],
+            &rows
+        )
+    );
+    Ok(json!(out))
 }

@@ -4,24 +4,7 @@
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::support::{Cluster, sh};
-
-fn locs(body: &Value) -> Vec<String> {
-    body["detail"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no detail list in {body}"))
-        .iter()
-        .map(|e| {
-            e["loc"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p.as_str().unwrap())
-                .collect::<Vec<_>>()
-                .join(".")
-        })
-        .collect()
-}
+use crate::support::{Cluster, locs, sh};
 
 #[tokio::test]
 async fn bad_input_gets_422_naming_the_field() {
@@ -361,15 +344,7 @@ async fn the_ui_route_serves_only_its_own_assets() {
     );
     let text = c.http.get(url).send().await.unwrap().text().await.unwrap();
     assert!(!text.contains("PRIVATE KEY"));
-    let index = c
-        .http
-        .get(format!("{}/ui/", c.api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let index = c.text("/ui/").await;
     assert!(index.contains("<title>Symphony</title>"));
     c.shutdown().await;
 }

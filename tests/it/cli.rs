@@ -5,18 +5,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{alive, until};
+use crate::support::{alive, free_port, until};
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_symphony")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn free_udp_port() -> u16 {

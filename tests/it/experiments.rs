@@ -7,7 +7,7 @@
 use serde_json::{Value, json};
 
 use crate::rl_example::{AGENT, LEARNER};
-use crate::support::{Cluster, alive, symphony_bin, until};
+use crate::support::{Cluster, alive, locs, symphony_bin, until};
 
 /// The seed's RL example as YAML: a learner (group `trainer`, with an evaluator beside it)
 /// and `agents` agents, gang-placed.
@@ -358,26 +358,6 @@ async fn stop_experiment_on_failure_stops_the_rest() {
     // Only the new launch's deployments exist.
     assert_eq!(c.get("/deployments").await.1.as_array().unwrap().len(), 4);
     c.shutdown().await;
-}
-
-fn locs(resp: &Value) -> Vec<String> {
-    resp["detail"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no detail list: {resp}"))
-        .iter()
-        .map(|e| {
-            e["loc"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| match p {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join(".")
-        })
-        .collect()
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use crate::support::{Cluster, sh};
+use crate::support::{Cluster, free_port, sh};
 
 /// How long Prometheus may take to start and scrape (it scrapes every second here).
 const PROMETHEUS_WAIT: Duration = Duration::from_secs(60);
@@ -23,14 +23,6 @@ fn found(tool: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The value of an instant query's single result, once Prometheus has one.
@@ -83,15 +75,7 @@ async fn prometheus_scrapes_the_fleet_from_the_conductor() {
     let id = c.deploy("counted", sh("sleep 1000")).await;
     c.wait_state(&id, "RUNNING").await;
 
-    let text = c
-        .http
-        .get(format!("{}/metrics", c.api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = c.text("/metrics").await;
     if found("promtool") {
         let mut check = tokio::process::Command::new("promtool")
             .args(["check", "metrics"])
@@ -192,15 +176,7 @@ async fn metrics_count_placements_restarts_logs_and_connections() {
     // Log lines arrive on their own streams, after the states: poll the counter (bounded).
     let deadline = tokio::time::Instant::now() + PROMETHEUS_WAIT;
     let text = loop {
-        let text = c
-            .http
-            .get(format!("{}/metrics", c.api))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = c.text("/metrics").await;
         if series(&text)
             .get("symphony_log_lines_received_total")
             .is_some_and(|&n| n >= 6.0)

@@ -315,6 +315,12 @@ impl Cluster {
         )
     }
 
+    /// The body of `GET path` as text (a page, the metrics exposition).
+    pub async fn text(&self, path: &str) -> String {
+        let resp = self.http.get(format!("{}{path}", self.api)).send().await;
+        resp.unwrap().text().await.unwrap()
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         self.request(reqwest::Method::GET, path, None).await
     }
@@ -497,6 +503,36 @@ pub fn pids_with(needle: &str) -> Vec<u32> {
         }
     }
     pids
+}
+
+/// A TCP port free on 127.0.0.1 now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `loc` of each entry of a 422's `detail`, joined with dots (indexes as numbers).
+pub fn locs(body: &Value) -> Vec<String> {
+    body["detail"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no detail list in {body}"))
+        .iter()
+        .map(|e| {
+            e["loc"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| match p {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(".")
+        })
+        .collect()
 }
 
 /// A spec running `sh -c SCRIPT`.

@@ -223,6 +223,9 @@ struct Core {
     /// Deployments created (or started again) and not yet reported RUNNING: since when (for
     /// the POST -> RUNNING histogram).
     awaiting_running: HashMap<String, i64>,
+    /// Experiments a failed process should have stopped, whose store write failed: retried on
+    /// every tick (experiment -> why).
+    stops_due: BTreeMap<String, String>,
 }
 
 /// The reflexive address of a connected node (its connection's remote address).
@@ -359,6 +362,7 @@ pub async fn start(
         declarations: HashMap::new(),
         metrics: Arc::new(super::metrics::Metrics::default()),
         awaiting_running: HashMap::new(),
+        stops_due: BTreeMap::new(),
     };
     core.index_members();
     core.reconcile_services().await?;
@@ -521,6 +525,9 @@ impl Core {
     /// so a client that reads after its write sees it).
     async fn flush(&mut self) {
         let ticked = std::mem::take(&mut self.ticked);
+        if ticked && !self.stops_due.is_empty() {
+            self.retry_stops().await;
+        }
         let needs_schedule = std::mem::take(&mut self.needs_schedule);
         let mut publish = std::mem::take(&mut self.changed);
         if ticked || needs_schedule || publish {

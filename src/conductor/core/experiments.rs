@@ -328,13 +328,29 @@ impl Core {
             )
         };
         tracing::info!(experiment = %name, %why, "stopping experiment");
-        if let Err(e) = self
-            .set_experiment_state(&name, DesiredState::Stopped, Some(why))
-            .await
-        {
-            tracing::error!(experiment = %name, error = %e, "could not stop the experiment");
+        self.stops_due.insert(name, why);
+        self.retry_stops().await;
+    }
+
+    /// Stops the experiments a failed process should stop (`on_failure: stop-experiment`);
+    /// one whose write fails stays due and is tried again on the next tick.
+    pub(super) async fn retry_stops(&mut self) {
+        for (name, why) in std::mem::take(&mut self.stops_due) {
+            let still = self
+                .experiments
+                .get(&name)
+                .is_some_and(|e| e.failed_reason.is_none());
+            if !still {
+                continue;
+            }
+            if let Err(e) = self
+                .set_experiment_state(&name, DesiredState::Stopped, Some(why.clone()))
+                .await
+            {
+                tracing::error!(experiment = %name, error = %e, "could not stop the experiment; retrying");
+                self.stops_due.insert(name, why);
+            }
         }
-        self.needs_schedule = true;
     }
 
     /// The experiments as the API shows them (newest first), from the deployments' views.

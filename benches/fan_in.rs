@@ -677,6 +677,7 @@ fn scrape_cost(sizes: &[usize]) -> Result<Value> {
             v.nodes
                 .insert(id.clone(), view::node(facts, Vec::new(), Some(conn)));
         }
+        let v = Arc::new(v);
         let metrics = Metrics::default();
         let (mut scrape, mut nodes_json) = (Vec::new(), Vec::new());
         let (mut scrape_bytes, mut json_bytes) = (0, 0);

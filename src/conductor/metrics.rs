@@ -6,12 +6,15 @@
 //! gauges computed at scrape time from the published snapshot ([`render`]), so they can never
 //! disagree with `GET /nodes` and `GET /deployments`.
 
-use std::sync::atomic::AtomicU64;
+use std::collections::BTreeMap;
 
-use prometheus_client::encoding::prometheus_text;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeMetric, MetricEncoder, prometheus_text,
+};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -119,133 +122,256 @@ impl Default for Metrics {
     }
 }
 
-type Labels = Vec<(&'static str, String)>;
-type GaugeF = Gauge<f64, AtomicU64>;
-
-/// A family of float gauges, registered under `symphony_<name>`.
-fn gauges(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, GaugeF> {
-    let family = Family::<Labels, GaugeF>::default();
-    registry.register(name, help, family.clone());
-    family
+/// Writes one gauge family: its description, then each series `fill` puts.
+fn gauge_family(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    fill: impl FnOnce(&mut Series<'_>) -> std::fmt::Result,
+) -> std::fmt::Result {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    fill(&mut Series(metric))
 }
 
-/// Sets one gauge of `family`.
-fn set(family: &Family<Labels, GaugeF>, labels: Labels, value: f64) {
-    family.get_or_create(&labels).set(value);
+/// The series of one family being written.
+struct Series<'a>(MetricEncoder<'a>);
+
+impl Series<'_> {
+    fn put(&mut self, labels: &[(&str, &str)], value: f64) -> std::fmt::Result {
+        ConstGauge::new(value).encode(self.0.encode_family(&labels)?)
+    }
+}
+
+/// The gauges of a snapshot, written series by series on each scrape (no per-scrape
+/// registry of families: 5 000 nodes make about 80 000 series).
+#[derive(Debug)]
+struct Fleet(std::sync::Arc<ClusterView>);
+
+impl Collector for Fleet {
+    #[allow(clippy::cast_precision_loss, clippy::too_many_lines)]
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let view = &self.0;
+        gauge_family(
+            &mut e,
+            "symphony_nodes",
+            "Nodes by state (online, suspect, lost)",
+            |s| {
+                for state in ["online", "suspect", "lost"] {
+                    let n = view.nodes.values().filter(|n| n.state == state).count();
+                    s.put(&[("state", state)], n as f64)?;
+                }
+                Ok(())
+            },
+        )?;
+        let mut by_state: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        for d in &view.deployments {
+            let current = d.current_state.map_or("UNKNOWN", |c| c.as_str());
+            *by_state
+                .entry((d.desired_state.as_str(), current))
+                .or_default() += 1;
+        }
+        gauge_family(
+            &mut e,
+            "symphony_deployments",
+            "Deployments by desired and current state",
+            |s| {
+                for ((desired, current), n) in &by_state {
+                    s.put(
+                        &[("desired_state", desired), ("current_state", current)],
+                        *n as f64,
+                    )?;
+                }
+                Ok(())
+            },
+        )?;
+        let mut experiments: BTreeMap<&str, usize> = BTreeMap::new();
+        for x in &view.experiments {
+            *experiments.entry(x.state.as_str()).or_default() += 1;
+        }
+        gauge_family(
+            &mut e,
+            "symphony_experiments",
+            "Experiments by state",
+            |s| {
+                for (state, n) in &experiments {
+                    s.put(&[("state", state)], *n as f64)?;
+                }
+                Ok(())
+            },
+        )?;
+        let nodes = || view.nodes.iter().map(|(id, n)| (id.as_str(), n));
+        gauge_family(
+            &mut e,
+            "symphony_node_online",
+            "1 when the node is online",
+            |s| {
+                nodes().try_for_each(|(id, n)| {
+                    s.put(&[("node", id)], f64::from(u8::from(n.state == "online")))
+                })
+            },
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_node_capacity",
+            "Capacity a node offers, per class",
+            |s| {
+                nodes().try_for_each(|(id, n)| {
+                    n.capacities_total.iter().try_for_each(|(class, &v)| {
+                        s.put(&[("node", id), ("class", class)], v as f64)
+                    })
+                })
+            },
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_node_capacity_reserved",
+            "Capacity reserved by the node's assignments, per class",
+            |s| {
+                nodes().try_for_each(|(id, n)| {
+                    n.capacities_total.keys().try_for_each(|class| {
+                        let held = n.total_capacities_used.get(class).copied().unwrap_or(0);
+                        s.put(&[("node", id), ("class", class)], held as f64)
+                    })
+                })
+            },
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_node_cpu_percent",
+            "CPU use, all cores",
+            |s| {
+                nodes().try_for_each(|(id, n)| match &n.cpu.dynamic {
+                    Some(d) => s.put(&[("node", id)], d.total_percent),
+                    None => Ok(()),
+                })
+            },
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_node_memory_used_bytes",
+            "Memory in use",
+            |s| {
+                nodes().try_for_each(|(id, n)| match &n.memory.dynamic {
+                    Some(m) => s.put(&[("node", id)], m.used_bytes as f64),
+                    None => Ok(()),
+                })
+            },
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_node_memory_total_bytes",
+            "Memory installed",
+            |s| {
+                nodes()
+                    .filter(|(_, n)| n.memory.static_.total_bytes > 0)
+                    .try_for_each(|(id, n)| {
+                        s.put(&[("node", id)], n.memory.static_.total_bytes as f64)
+                    })
+            },
+        )?;
+        type Mount = crate::model::StorageMount;
+        let disks = |s: &mut Series<'_>, f: fn(&Mount) -> u64| {
+            nodes().try_for_each(|(id, n)| {
+                n.storage_mounts.iter().try_for_each(|m| {
+                    s.put(&[("node", id), ("mount", &m.mount_point)], f(m) as f64)
+                })
+            })
+        };
+        gauge_family(
+            &mut e,
+            "symphony_node_disk_used_bytes",
+            "Disk space used, per mount",
+            |s| disks(s, |m| m.used_bytes),
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_node_disk_total_bytes",
+            "Disk size, per mount",
+            |s| disks(s, |m| m.total_bytes),
+        )?;
+        type G = crate::model::Gpu;
+        let gpus = |s: &mut Series<'_>, f: fn(&G) -> f64| {
+            nodes().try_for_each(|(id, n)| {
+                n.gpus.iter().try_for_each(|g| {
+                    let index = g.index.to_string();
+                    s.put(&[("node", id), ("gpu", &index)], f(g))
+                })
+            })
+        };
+        gauge_family(
+            &mut e,
+            "symphony_node_gpu_utilization_percent",
+            "GPU use",
+            |s| gpus(s, |g| g.util_percent),
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_node_gpu_memory_used_bytes",
+            "GPU memory in use",
+            |s| gpus(s, |g| g.mem_used_bytes as f64),
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_node_gpu_memory_total_bytes",
+            "GPU memory",
+            |s| gpus(s, |g| g.mem_total_bytes as f64),
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_node_gpu_temperature_celsius",
+            "GPU temperature",
+            |s| gpus(s, |g| g.temperature_c),
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_node_gpu_power_watts",
+            "GPU power draw",
+            |s| gpus(s, |g| g.power_w),
+        )?;
+        type C = crate::model::NodeConnection;
+        let conns = |s: &mut Series<'_>, f: fn(&C) -> f64| {
+            nodes().try_for_each(|(id, n)| match &n.connection {
+                Some(c) => s.put(&[("node", id)], f(c)),
+                None => Ok(()),
+            })
+        };
+        gauge_family(
+            &mut e,
+            "symphony_node_rtt_seconds",
+            "Round trip of the node's connection (QUIC's estimate)",
+            |s| conns(s, |c| c.rtt_ms / 1000.0),
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_node_reconnects",
+            "Times the node connected again since the conductor started",
+            |s| conns(s, |c| c.reconnects as f64),
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_node_path_migrations",
+            "Address changes (NAT rebinding, new IP) on the node's current connection",
+            |s| conns(s, |c| c.path_changes as f64),
+        )
+    }
 }
 
 /// The whole exposition: the core's counters and histograms, then the gauges of `view`.
-#[allow(clippy::cast_precision_loss)]
-pub fn render(metrics: &Metrics, view: &ClusterView) -> Result<String, std::fmt::Error> {
-    let mut out = String::with_capacity(4096 + view.nodes.len() * 2048);
+pub fn render(
+    metrics: &Metrics,
+    view: &std::sync::Arc<ClusterView>,
+) -> Result<String, std::fmt::Error> {
+    let mut out = String::with_capacity(4096 + view.nodes.len() * 1536);
     prometheus_text::encode(&mut out, &metrics.registry)?;
-
-    let mut r = Registry::with_prefix("symphony");
-    let nodes = gauges(&mut r, "nodes", "Nodes by state (online, suspect, lost)");
-    for state in ["online", "suspect", "lost"] {
-        let n = view.nodes.values().filter(|n| n.state == state).count();
-        set(&nodes, vec![("state", state.to_owned())], n as f64);
-    }
-    let deployments = gauges(
-        &mut r,
-        "deployments",
-        "Deployments by desired and current state",
-    );
-    for d in &view.deployments {
-        let labels = vec![
-            ("desired_state", d.desired_state.as_str().to_owned()),
-            (
-                "current_state",
-                d.current_state.map_or("UNKNOWN", |s| s.as_str()).to_owned(),
-            ),
-        ];
-        deployments.get_or_create(&labels).inc_by(1.0);
-    }
-    let experiments = gauges(&mut r, "experiments", "Experiments by state");
-    for e in &view.experiments {
-        experiments
-            .get_or_create(&vec![("state", e.state.clone())])
-            .inc_by(1.0);
-    }
-
-    let capacity = gauges(&mut r, "node_capacity", "Capacity a node offers, per class");
-    let reserved = gauges(
-        &mut r,
-        "node_capacity_reserved",
-        "Capacity reserved by the node's assignments, per class",
-    );
-    let online = gauges(&mut r, "node_online", "1 when the node is online");
-    let cpu = gauges(&mut r, "node_cpu_percent", "CPU use, all cores");
-    let mem_used = gauges(&mut r, "node_memory_used_bytes", "Memory in use");
-    let mem_total = gauges(&mut r, "node_memory_total_bytes", "Memory installed");
-    let disk_used = gauges(&mut r, "node_disk_used_bytes", "Disk space used, per mount");
-    let disk_total = gauges(&mut r, "node_disk_total_bytes", "Disk size, per mount");
-    let gpu_util = gauges(&mut r, "node_gpu_utilization_percent", "GPU use");
-    let gpu_mem = gauges(&mut r, "node_gpu_memory_used_bytes", "GPU memory in use");
-    let gpu_mem_total = gauges(&mut r, "node_gpu_memory_total_bytes", "GPU memory");
-    let gpu_temp = gauges(&mut r, "node_gpu_temperature_celsius", "GPU temperature");
-    let gpu_power = gauges(&mut r, "node_gpu_power_watts", "GPU power draw");
-    let rtt = gauges(
-        &mut r,
-        "node_rtt_seconds",
-        "Round trip of the node's connection (QUIC's estimate)",
-    );
-    let reconnects = gauges(
-        &mut r,
-        "node_reconnects",
-        "Times the node connected again since the conductor started",
-    );
-    let migrations = gauges(
-        &mut r,
-        "node_path_migrations",
-        "Address changes (NAT rebinding, new IP) on the node's current connection",
-    );
-    for (id, n) in &view.nodes {
-        let node = || vec![("node", id.clone())];
-        set(&online, node(), f64::from(u8::from(n.state == "online")));
-        for (class, &total) in &n.capacities_total {
-            let labels = vec![("node", id.clone()), ("class", class.clone())];
-            set(&capacity, labels.clone(), total as f64);
-            let held = n.total_capacities_used.get(class).copied().unwrap_or(0);
-            set(&reserved, labels, held as f64);
-        }
-        if let Some(d) = &n.cpu.dynamic {
-            set(&cpu, node(), d.total_percent);
-        }
-        if n.memory.static_.total_bytes > 0 {
-            set(&mem_total, node(), n.memory.static_.total_bytes as f64);
-        }
-        if let Some(m) = &n.memory.dynamic {
-            set(&mem_used, node(), m.used_bytes as f64);
-        }
-        for s in &n.storage_mounts {
-            let labels = vec![("node", id.clone()), ("mount", s.mount_point.clone())];
-            set(&disk_used, labels.clone(), s.used_bytes as f64);
-            set(&disk_total, labels, s.total_bytes as f64);
-        }
-        for g in &n.gpus {
-            let labels = vec![("node", id.clone()), ("gpu", g.index.to_string())];
-            set(&gpu_util, labels.clone(), g.util_percent);
-            set(&gpu_mem, labels.clone(), g.mem_used_bytes as f64);
-            set(&gpu_mem_total, labels.clone(), g.mem_total_bytes as f64);
-            set(&gpu_temp, labels.clone(), g.temperature_c);
-            set(&gpu_power, labels, g.power_w);
-        }
-        if let Some(c) = &n.connection {
-            set(&rtt, node(), c.rtt_ms / 1000.0);
-            set(&reconnects, node(), c.reconnects as f64);
-            set(&migrations, node(), c.path_changes as f64);
-        }
-    }
-    prometheus_text::encode(&mut out, &r)?;
+    let mut fleet = Registry::default();
+    fleet.register_collector(Box::new(Fleet(view.clone())));
+    prometheus_text::encode(&mut out, &fleet)?;
     Ok(out)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::model::{Gpu, Node, NodeConnection, NodeId};
 
@@ -274,7 +400,7 @@ mod tests {
             ..Gpu::default()
         });
         view.nodes.insert("gpu-1".to_owned(), n);
-        let text = render(&m, &view).unwrap();
+        let text = render(&m, &std::sync::Arc::new(view)).unwrap();
         for line in [
             "symphony_placements_total 1",
             "symphony_scheduling_pass_seconds_count 1",

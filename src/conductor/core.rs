@@ -1170,12 +1170,16 @@ impl Core {
                         .get(&id)
                         .is_some_and(|d| d.desired_state == DesiredState::Running);
                 let previous = self.reported.get(&id).map(|r| &r.status);
-                if let Some(p) = previous.filter(|p| p.generation == st.generation)
-                    && st.restart_count > p.restart_count
-                {
+                if let Some(p) = previous.filter(|p| p.generation == st.generation) {
+                    // Only increases seen between two reports of one generation count: a
+                    // count accumulated before this conductor heard of it is not counted
+                    // twice after a restart.
                     self.metrics
                         .restarts
-                        .inc_by(u64::from(st.restart_count - p.restart_count));
+                        .inc_by(u64::from(st.restart_count.saturating_sub(p.restart_count)));
+                    self.metrics.health_failures.inc_by(u64::from(
+                        st.health_failures.saturating_sub(p.health_failures),
+                    ));
                 }
                 if st.state == crate::model::CurrentState::Running.as_str()
                     && let Some(since) = self.awaiting_running.remove(&id)

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub placements: Counter,
     /// Process restarts nodes reported (the increase of a deployment's restart count).
     pub restarts: Counter,
+    /// Health checks nodes found failing (each restarted its process).
+    pub health_failures: Counter,
     /// Node connections accepted (a reconnect counts again).
     pub connections: Counter,
     /// Direct paths between nodes that came up or went down.
@@ -53,6 +55,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("symphony");
         let placements = Counter::default();
         let restarts = Counter::default();
+        let health_failures = Counter::default();
         let connections = Counter::default();
         let path_changes = Counter::default();
         let log_lines = Counter::default();
@@ -71,6 +74,11 @@ impl Default for Metrics {
             "restarts",
             "Process restarts reported by nodes",
             restarts.clone(),
+        );
+        registry.register(
+            "health_check_failures",
+            "Health checks nodes found failing (each restarted its process)",
+            health_failures.clone(),
         );
         registry.register(
             "node_connections",
@@ -111,6 +119,7 @@ impl Default for Metrics {
             registry,
             placements,
             restarts,
+            health_failures,
             connections,
             path_changes,
             log_lines,

@@ -38,6 +38,7 @@ pub(crate) fn to_wire(s: &DeploymentStatus, log_offset: u64) -> wire::Deployment
         started_at_ms: s.started_at_ms,
         stopped_at_ms: s.stopped_at_ms,
         last_log_seq: s.last_log_seq + log_offset,
+        health_failures: s.health_failures,
         desired_running: matches!(
             s.state,
             CurrentState::Running | CurrentState::Starting | CurrentState::Backoff

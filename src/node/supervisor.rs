@@ -68,6 +68,8 @@ pub struct DeploymentStatus {
     pub stopped_at_ms: Option<i64>,
     /// Sequence number of the last log entry.
     pub last_log_seq: u64,
+    /// Times a health check found the process unhealthy (since this actor started).
+    pub health_failures: u32,
 }
 
 /// Result of a successful prepare: where and what to run.
@@ -418,6 +420,7 @@ impl Supervisor {
             started_at_ms: None,
             stopped_at_ms: None,
             last_log_seq: logs.last_seq(),
+            health_failures: 0,
         }));
         let (desired_tx, desired_rx) = watch::channel(desired);
         let cancel = CancellationToken::new();

@@ -173,6 +173,18 @@ async fn metrics_count_placements_restarts_logs_and_connections() {
     .await;
     let sleeper = c.deploy("sleeper", sh("sleep 1000")).await;
     c.wait_state(&sleeper, "RUNNING").await;
+    // A process its health check keeps finding unhealthy (each failure restarts it).
+    let mut sick = sh("sleep 1000");
+    sick["health_check"] = serde_json::json!({"type": "exec", "command": ["false"],
+        "period_seconds": 0.1, "initial_delay_seconds": 0, "failure_threshold": 1});
+    sick["restart_policy"] = serde_json::json!({"type": "always", "backoff_seconds": 0.1});
+    let sick = c.deploy("sick", sick).await;
+    c.wait("two health-check restarts", |v| {
+        v.deployment(&sick)
+            .and_then(|d| d.status.as_ref())
+            .is_some_and(|s| s.restart_count >= 2)
+    })
+    .await;
     // Log lines arrive on their own streams, after the states: poll the counter (bounded).
     let deadline = tokio::time::Instant::now() + PROMETHEUS_WAIT;
     let text = loop {
@@ -195,7 +207,8 @@ async fn metrics_count_placements_restarts_logs_and_connections() {
         assert!(v >= min, "{name} = {v}, want >= {min}\n{text}");
     };
     at_least("symphony_placements_total", 2.0);
-    at_least("symphony_restarts_total", 2.0);
+    at_least("symphony_restarts_total", 4.0);
+    at_least("symphony_health_check_failures_total", 1.0);
     at_least("symphony_node_connections_total", 1.0);
     at_least("symphony_log_bytes_received_total", 18.0);
     at_least("symphony_scheduling_pass_seconds_count", 1.0);

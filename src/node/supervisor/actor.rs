@@ -369,6 +369,7 @@ impl Actor {
 
     async fn on_unhealthy(&mut self, detail: String) {
         let cause = format!("health check failed: {detail}");
+        self.update(|s| s.health_failures = s.health_failures.saturating_add(1));
         let decision = self.tracker.on_failure(self.elapsed_ms(), &self.budget());
         self.stop_running("failed health check").await;
         self.apply_decision(decision, cause);

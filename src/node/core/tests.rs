@@ -114,6 +114,7 @@ fn running(id: &str, generation: u64, pid: u32) -> DeploymentStatus {
         started_at_ms: None,
         stopped_at_ms: None,
         last_log_seq: 5,
+        health_failures: 0,
     }
 }
 

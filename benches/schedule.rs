@@ -225,6 +225,41 @@ fn audit(
     (over, wrong_group)
 }
 
+/// `reps` fresh passes: their times (s) and the last plan.
+fn timed_plans(
+    nodes: &[NodeView],
+    deployments: &[DeploymentView],
+    strategy: Strategy,
+    reps: usize,
+) -> (Vec<f64>, Option<scheduler::Plan>) {
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..reps {
+        let t = Instant::now();
+        let plan = scheduler::plan(nodes, deployments, scheduler::Generation(1), strategy);
+        times.push(t.elapsed().as_secs_f64());
+        last = Some(plan);
+    }
+    (times, last)
+}
+
+/// A plan's placements as (deployment index, node index).
+fn pairs(
+    plan: &scheduler::Plan,
+    dep_index: &BTreeMap<&str, usize>,
+    index: &BTreeMap<&str, usize>,
+) -> Vec<(usize, usize)> {
+    plan.placements
+        .iter()
+        .filter_map(|pl| {
+            Some((
+                *dep_index.get(pl.deployment_id.as_str())?,
+                *index.get(pl.node_id.as_str())?,
+            ))
+        })
+        .collect()
+}
+
 /// Gangs with some but not all desired-RUNNING members placed, and colocate groups placed on
 /// more than one node.
 fn audit_units(deployments: &[DeploymentView], placements: &[(usize, usize)]) -> (usize, usize) {
@@ -299,25 +334,9 @@ fn bench_pure(p: &Params) -> Value {
     results.insert("supply_online".to_owned(), json!(supply));
     results.insert("demand_desired_running".to_owned(), json!(demand));
     for strategy in [Strategy::Spread, Strategy::Binpack] {
-        let mut times = Vec::new();
-        let mut last = None;
-        for _ in 0..p.reps {
-            let t = Instant::now();
-            let plan = scheduler::plan(&nodes, &deployments, scheduler::Generation(1), strategy);
-            times.push(t.elapsed().as_secs_f64());
-            last = Some(plan);
-        }
+        let (times, last) = timed_plans(&nodes, &deployments, strategy, p.reps);
         let Some(plan) = last else { continue };
-        let placements: Vec<(usize, usize)> = plan
-            .placements
-            .iter()
-            .filter_map(|pl| {
-                Some((
-                    *dep_index.get(pl.deployment_id.as_str())?,
-                    *index.get(pl.node_id.as_str())?,
-                ))
-            })
-            .collect();
+        let placements = pairs(&plan, &dep_index, &index);
         let (over, wrong) = audit(&nodes, &deployments, &placements);
         let med = median(times.clone());
         let placed = plan.placements.len();
@@ -360,25 +379,9 @@ fn bench_pure(p: &Params) -> Value {
             ..d.clone()
         })
         .collect();
-    let mut times = Vec::new();
-    let mut last = None;
-    for _ in 0..p.reps {
-        let t = Instant::now();
-        let plan = scheduler::plan(&nodes, &units, scheduler::Generation(1), Strategy::Spread);
-        times.push(t.elapsed().as_secs_f64());
-        last = Some(plan);
-    }
+    let (times, last) = timed_plans(&nodes, &units, Strategy::Spread, p.reps);
     if let Some(plan) = last {
-        let placements: Vec<(usize, usize)> = plan
-            .placements
-            .iter()
-            .filter_map(|pl| {
-                Some((
-                    *dep_index.get(pl.deployment_id.as_str())?,
-                    *index.get(pl.node_id.as_str())?,
-                ))
-            })
-            .collect();
+        let placements = pairs(&plan, &dep_index, &index);
         let (over, wrong) = audit(&nodes, &units, &placements);
         let (split_gangs, split_groups) = audit_units(&units, &placements);
         let med = median(times.clone());

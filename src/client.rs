@@ -257,16 +257,7 @@ pub async fn deploy(
     }
     let file = match &args.file {
         None => None,
-        Some(path) => {
-            let spec_err = |message: String| ClientError::SpecFile {
-                path: path.clone(),
-                message,
-            };
-            let text = tokio::fs::read_to_string(path)
-                .await
-                .map_err(|e| spec_err(e.to_string()))?;
-            Some(parse_spec_text(&text, SpecFormat::from_path(path)).map_err(spec_err)?)
-        }
+        Some(path) => Some(read_spec_file(path).await?),
     };
     let body = deploy_body(args, file)?;
     let client = Client::new(api)?;
@@ -283,6 +274,18 @@ pub async fn deploy(
         writeln!(out, "{id}")?;
     }
     Ok(Exit::Ok)
+}
+
+/// Reads a JSON or YAML file (by extension, else JSON then YAML) holding a mapping.
+async fn read_spec_file(path: &std::path::Path) -> Result<Value, ClientError> {
+    let spec_err = |message: String| ClientError::SpecFile {
+        path: path.to_owned(),
+        message,
+    };
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| spec_err(e.to_string()))?;
+    parse_spec_text(&text, SpecFormat::from_path(path)).map_err(spec_err)
 }
 
 /// `symphony ps`: lists deployments as a table (or the raw JSON array with `--json`).

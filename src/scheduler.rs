@@ -232,7 +232,7 @@ pub fn plan(
             continue;
         }
         let decided = match unit_of(dep) {
-            None => vec![(dep, state.place(&[dep], None, strategy))],
+            None => vec![(dep, state.place(&[dep], None, strategy, None))],
             Some(unit) if units_done.insert(unit) => state.place_unit(unit, strategy),
             Some(_) => continue,
         };
@@ -576,13 +576,19 @@ impl<'a> State<'a> {
     }
 
     /// Chooses a node for `deps` together and reserves them there.
+    /// `undo`: where to keep the chosen slot as it was before, once (a gang's undo log).
     fn place(
         &mut self,
         deps: &[&'a DeploymentView],
         pinned: Option<usize>,
         strategy: Strategy,
+        undo: Option<&mut BTreeMap<usize, Slot<'a>>>,
     ) -> Result<usize, Unplaced> {
         let choice = self.choose(deps, pinned, strategy)?;
+        if let Some(undo) = undo {
+            undo.entry(choice.slot)
+                .or_insert_with(|| self.slots[choice.slot].clone());
+        }
         for dep in deps {
             self.commit(dep, choice);
         }
@@ -637,20 +643,8 @@ impl<'a> State<'a> {
         let mut failed = false;
         for block in blocks {
             let pin = filter_of(&block[0].colocate).and_then(|c| pinned.get(c).copied());
-            let result = match self.choose(&block, pin, strategy) {
-                Ok(choice) => {
-                    if unit.0 {
-                        saved
-                            .entry(choice.slot)
-                            .or_insert_with(|| self.slots[choice.slot].clone());
-                    }
-                    for dep in &block {
-                        self.commit(dep, choice);
-                    }
-                    Ok(choice.slot)
-                }
-                Err(why) => Err(why),
-            };
+            let undo = unit.0.then_some(&mut saved);
+            let result = self.place(&block, pin, strategy, undo);
             failed |= result.is_err();
             out.extend(block.into_iter().map(|d| (d, result)));
         }

@@ -8,7 +8,7 @@ use std::path::Path;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::{Client, ClientError, Exit, SpecFormat, parse_spec_text, print_json, render};
+use super::{Client, ClientError, Exit, print_json, read_spec_file, render};
 use crate::model::{DesiredState, ExperimentInfo, ExperimentProcess};
 use crate::time::now_ms;
 
@@ -27,14 +27,7 @@ pub async fn launch(
     user: Option<&str>,
     out: &mut impl Write,
 ) -> Result<Exit, ClientError> {
-    let spec_err = |message: String| ClientError::SpecFile {
-        path: file.to_owned(),
-        message,
-    };
-    let text = tokio::fs::read_to_string(file)
-        .await
-        .map_err(|e| spec_err(e.to_string()))?;
-    let decl = parse_spec_text(&text, SpecFormat::from_path(file)).map_err(spec_err)?;
+    let decl = read_spec_file(file).await?;
     let client = Client::new(api)?;
     let mut query = vec![("force", force.to_string())];
     if let Some(u) = user.filter(|u| !u.is_empty()) {

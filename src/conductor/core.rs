@@ -214,9 +214,10 @@ struct Core {
     paths: Paths,
     /// By name.
     experiments: BTreeMap<String, ExperimentRecord>,
-    /// Deployment id -> (experiment, index of its process), for every experiment's process.
-    members: HashMap<String, (String, usize)>,
-    /// Each experiment's declaration with its secrets masked, for the view.
+    /// Derived from `experiments` (see `Core::reindex`): each process's deployment id ->
+    /// its place and scheduling unit.
+    members: HashMap<String, experiments::Member>,
+    /// Derived from `experiments`: each declaration with its secrets masked, for the view.
     declarations: HashMap<String, Arc<Value>>,
     /// Counters and histograms for `/metrics`.
     metrics: Arc<super::metrics::Metrics>,
@@ -364,7 +365,7 @@ pub async fn start(
         awaiting_running: HashMap::new(),
         stops_due: BTreeMap::new(),
     };
-    core.index_members();
+    core.reindex();
     core.reconcile_services().await?;
     // Known nodes come back as not connected; their grace starts now (a conductor restart
     // must not make them lost at once).
@@ -586,9 +587,9 @@ impl Core {
         }
     }
 
-    /// The mesh routes of `node_id`: every service (ports are unique in the cluster; with
-    /// experiments this becomes the services of the namespaces it runs a deployment of),
-    /// marked local when the binder is placed there.
+    /// The mesh routes of `node_id`: every service of every namespace (ports are unique in
+    /// the cluster, so a node can listen for all of them), marked local when the binder is
+    /// placed there.
     /// `runs_any`: whether the node holds an assignment (the caller knows, without a scan).
     fn routes_for(&self, node_id: &str, runs_any: bool) -> Vec<wire::ServiceRoute> {
         if !runs_any {
@@ -1160,17 +1161,18 @@ impl Core {
         let ours = self.assignments.get(&id).cloned();
         match ours {
             Some(a) if a.node_id == node_id && a.generation == held => {
-                let newly = self.reported.get(&id).is_none_or(|r| {
-                    r.status.state != st.state || r.status.generation != st.generation
-                });
-                let watch = newly
+                let previous = self
+                    .reported
+                    .get(&id)
+                    .map(|r| &r.status)
+                    .filter(|p| p.generation == st.generation);
+                let watch = previous.is_none_or(|p| p.state != st.state)
                     && self.members.contains_key(&id)
                     && self
                         .deployments
                         .get(&id)
                         .is_some_and(|d| d.desired_state == DesiredState::Running);
-                let previous = self.reported.get(&id).map(|r| &r.status);
-                if let Some(p) = previous.filter(|p| p.generation == st.generation) {
+                if let Some(p) = previous {
                     // Only increases seen between two reports of one generation count: a
                     // count accumulated before this conductor heard of it is not counted
                     // twice after a restart.
@@ -1335,19 +1337,8 @@ impl Core {
                         .unwrap_or_default(),
                     env_name: spec.and_then(|s| s.env_name.clone()),
                     assignment: self.assignments.get(&d.id).cloned(),
-                    colocate: self.members.get(&d.id).and_then(|(e, i)| {
-                        let group = self.experiments.get(e)?.processes.get(*i)?.group.as_ref()?;
-                        Some(format!("{e}/{group}"))
-                    }),
-                    gang: self
-                        .members
-                        .get(&d.id)
-                        .filter(|(e, _)| {
-                            self.experiments
-                                .get(e)
-                                .is_some_and(|e| e.placement == crate::spec::Placement::Gang)
-                        })
-                        .map(|(e, _)| e.clone()),
+                    colocate: self.members.get(&d.id).and_then(|m| m.colocate.clone()),
+                    gang: self.members.get(&d.id).and_then(|m| m.gang.clone()),
                 }
             })
             .collect()

@@ -10,11 +10,20 @@ use serde_json::{Value, json};
 
 use super::{ApiError, ApiState, JsonObject, MAX_SPEC_BYTES, PathParam, query_params};
 use crate::conductor::core::{CoreMsg, Launch};
-use crate::model::DesiredState;
+use crate::model::{DesiredState, ExperimentInfo};
 use crate::spec::{FieldError, Loc, Report, is_dns_label, parse_experiment};
 
 /// Largest accepted declaration (a thousand replicas of a small process fit many times).
 pub const MAX_DECLARATION_BYTES: usize = 1024 * 1024;
+
+/// An experiment's JSON; `declaration` only when asked for.
+fn to_json(e: &ExperimentInfo, declaration: bool) -> Value {
+    let mut v = json!(e);
+    if !declaration && let Some(m) = v.as_object_mut() {
+        m.remove("declaration");
+    }
+    v
+}
 
 /// The experiment as the API shows it; `declaration` only when asked for.
 fn experiment_json(st: &ApiState, name: &str, declaration: bool) -> Result<Json<Value>, ApiError> {
@@ -27,11 +36,7 @@ fn experiment_json(st: &ApiState, name: &str, declaration: bool) -> Result<Json<
             StatusCode::NOT_FOUND,
             json!("Experiment not found"),
         ))?;
-    let mut v = json!(e);
-    if !declaration && let Some(m) = v.as_object_mut() {
-        m.remove("declaration");
-    }
-    Ok(Json(v))
+    Ok(Json(to_json(e, declaration)))
 }
 
 /// `force` and `user` from the query string.
@@ -124,17 +129,7 @@ pub(super) async fn launch(
 /// `GET /experiments`: newest first, without declarations.
 pub(super) async fn list(State(st): State<ApiState>) -> Json<Value> {
     let view = st.core.view();
-    let list: Vec<Value> = view
-        .experiments
-        .iter()
-        .map(|e| {
-            let mut v = json!(e);
-            if let Some(m) = v.as_object_mut() {
-                m.remove("declaration");
-            }
-            v
-        })
-        .collect();
+    let list: Vec<Value> = view.experiments.iter().map(|e| to_json(e, false)).collect();
     Json(Value::Array(list))
 }
 

@@ -10,43 +10,63 @@ use super::{Core, CoreError, Launch, Planned, now_ms, parse_spec};
 use crate::conductor::services::{DEFAULT_NAMESPACE, ServiceTable};
 use crate::conductor::store::{DeploymentRecord, ExperimentRecord, ProcessRecord, StoreError};
 use crate::model::{CurrentState, DesiredState};
-use crate::spec::{Loc, OnFailure, Report};
+use crate::spec::{Loc, OnFailure, Placement, Report};
+
+/// Where a process's deployment belongs, and its scheduling unit (computed once per change of
+/// the experiments, not per scheduling pass).
+#[derive(Debug)]
+pub(super) struct Member {
+    experiment: String,
+    /// Its position in the experiment's processes.
+    index: usize,
+    /// `experiment/group` for a process of a group.
+    pub(super) colocate: Option<String>,
+    /// The experiment's name when it is placed as a gang.
+    pub(super) gang: Option<String>,
+}
 
 impl Core {
-    /// Rebuilds the deployment -> process index (after experiments change), and the masked
-    /// declarations of experiments loaded from the store.
-    pub(super) fn index_members(&mut self) {
-        for e in self.experiments.values() {
-            if !self.declarations.contains_key(&e.name) {
+    /// Rebuilds what is derived from the experiments (after they change): the deployment ->
+    /// process index and the masked declarations.
+    pub(super) fn reindex(&mut self) {
+        self.declarations = self
+            .experiments
+            .values()
+            .map(|e| {
                 let masked = masked_declaration(&e.declaration);
-                self.declarations
-                    .insert(e.name.clone(), std::sync::Arc::new(masked));
-            }
-        }
+                (e.name.clone(), std::sync::Arc::new(masked))
+            })
+            .collect();
         self.members = self
             .experiments
             .values()
             .flat_map(|e| {
-                e.processes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| (p.deployment_id.clone(), (e.name.clone(), i)))
+                let gang = (e.placement == Placement::Gang).then(|| e.name.clone());
+                e.processes.iter().enumerate().map(move |(index, p)| {
+                    let member = Member {
+                        experiment: e.name.clone(),
+                        index,
+                        colocate: p.group.as_ref().map(|g| format!("{}/{g}", e.name)),
+                        gang: gang.clone(),
+                    };
+                    (p.deployment_id.clone(), member)
+                })
             })
             .collect();
     }
 
     /// The experiment and process a deployment runs, if it is one's.
     pub(super) fn process_of(&self, id: &str) -> Option<(&ExperimentRecord, &ProcessRecord)> {
-        let (e, i) = self.members.get(id)?;
-        let e = self.experiments.get(e)?;
-        Some((e, e.processes.get(*i)?))
+        let m = self.members.get(id)?;
+        let e = self.experiments.get(&m.experiment)?;
+        Some((e, e.processes.get(m.index)?))
     }
 
     /// The services namespace of a deployment: its experiment's name, or `default`.
     pub(super) fn namespace_of(&self, id: &str) -> &str {
         self.members
             .get(id)
-            .map_or(DEFAULT_NAMESPACE, |(e, _)| e.as_str())
+            .map_or(DEFAULT_NAMESPACE, |m| m.experiment.as_str())
     }
 
     /// Launches an experiment: checks what only the cluster knows (env names, node groups,
@@ -155,12 +175,8 @@ impl Core {
             self.deployments.insert(rec.id.clone(), rec);
         }
         tracing::info!(experiment = %name, processes = record.processes.len(), replaced = old.is_some(), "experiment launched");
-        self.declarations.insert(
-            name.clone(),
-            std::sync::Arc::new(masked_declaration(&record.declaration)),
-        );
         self.experiments.insert(name, record);
-        self.index_members();
+        self.reindex();
         Ok(())
     }
 
@@ -233,8 +249,6 @@ impl Core {
             }
             if desired == DesiredState::Stopped {
                 self.awaiting_running.remove(id);
-            }
-            if desired == DesiredState::Stopped {
                 self.reported.remove(id);
                 if let Some(a) = self.assignments.remove(id) {
                     self.unassign(&a.node_id, id, a.generation);
@@ -286,7 +300,6 @@ impl Core {
             Err(StoreError::NotFound) => return Err(CoreError::NotFound("Experiment not found")),
             Err(e) => return Err(e.into()),
         }
-        self.declarations.remove(name);
         if let Some(e) = self.experiments.remove(name) {
             for p in &e.processes {
                 if self.deployments.contains_key(&p.deployment_id) {
@@ -294,7 +307,7 @@ impl Core {
                 }
             }
         }
-        self.index_members();
+        self.reindex();
         tracing::info!(experiment = %name, "experiment deleted");
         Ok(())
     }

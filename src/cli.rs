@@ -60,6 +60,8 @@ pub enum Command {
     Ps(ApiArgs),
     /// Show (and follow) a deployment's logs.
     Logs(LogsArgs),
+    /// Show (and follow) the events log: what happened, when and why.
+    Events(EventsArgs),
     /// List nodes.
     Nodes(ApiArgs),
     /// Set a deployment's desired state to STOPPED.
@@ -242,6 +244,30 @@ pub struct LogsArgs {
     /// Only these streams (stdout, stderr, system, system-hc, system-ar).
     #[arg(long, value_delimiter = ',')]
     pub streams: Vec<String>,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// Keep following new events (reconnecting, without gaps, if the conductor restarts).
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only this deployment's (id, unique id prefix or name; a deleted one by its full id).
+    #[arg(long, short = 'd')]
+    pub deployment: Option<String>,
+    /// Only this node's.
+    #[arg(long, short = 'n')]
+    pub node: Option<String>,
+    /// Only this kind (deployment.exited), or all of a type (deployment).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// How many past events first (1-1000).
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
     #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
     pub api: String,
 }
@@ -479,6 +505,7 @@ async fn from_config(
             };
             cfg.service_ports = c.service_ports.clone();
             cfg.direct_paths = c.direct_paths;
+            cfg.events = c.events;
             let conductor = Conductor::start(cfg).await?;
             eprintln!(
                 "conductor: API http://{}  QUIC {}",
@@ -610,6 +637,17 @@ async fn client_command(cmd: Command) -> ExitCode {
         }
         Command::Ps(a) => client::ps(&a.api, a.json, &mut out).await,
         Command::Nodes(a) => client::nodes(&a.api, a.json, &mut out).await,
+        Command::Events(a) => {
+            let args = client::events::EventsArgs {
+                follow: a.follow,
+                deployment: a.deployment,
+                node: a.node,
+                kind: a.kind,
+                limit: a.limit,
+                json: a.json,
+            };
+            client::events::events(&a.api, &args, &mut out).await
+        }
         Command::Services(a) => client::mesh::services(&a.api, a.json, &mut out).await,
         Command::PortForward(a) => {
             client::mesh::port_forward(&a.api, &a.service, a.local_port, &mut out).await

@@ -14,6 +14,7 @@
 //! request body from a spec file or flags).
 
 pub mod body;
+pub mod events;
 pub mod experiments;
 pub mod mesh;
 pub mod render;

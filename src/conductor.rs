@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod core;
+pub mod events;
 pub mod loghub;
 pub mod metrics;
 pub mod paths;
@@ -47,6 +48,8 @@ pub struct ConductorConfig {
     pub service_ports: std::ops::RangeInclusive<u16>,
     /// Whether node pairs try direct connections for mesh tunnels (else: relay only).
     pub direct_paths: bool,
+    /// Retention of the events log (`keep: 0` turns it off).
+    pub events: events::Retention,
 }
 
 impl ConductorConfig {
@@ -64,6 +67,7 @@ impl ConductorConfig {
             transport: TransportSettings::default(),
             service_ports: services::DEFAULT_PORT_RANGE,
             direct_paths: true,
+            events: events::Retention::default(),
         }
     }
 }
@@ -121,6 +125,7 @@ impl Conductor {
             strategy: cfg.strategy,
             service_ports: cfg.service_ports.clone(),
             direct_paths: cfg.direct_paths,
+            events: cfg.events,
         };
         let core = core::start(
             store,

@@ -161,6 +161,9 @@ pub struct ConductorConfig {
     /// `conductor.direct_paths`: whether nodes try direct connections (hole punching) for
     /// mesh tunnels; `false` relays everything through the conductor. Default `true`.
     pub direct_paths: bool,
+    /// `conductor.events_keep` (newest events kept, 0 turns the events log off; default
+    /// 100 000) and `conductor.events_max_age_sec` (older events are dropped; default 7 days).
+    pub events: crate::conductor::events::Retention,
 }
 
 impl ConductorConfig {
@@ -178,6 +181,7 @@ impl ConductorConfig {
             scheduling: Scheduling::Spread,
             service_ports: crate::conductor::services::DEFAULT_PORT_RANGE,
             direct_paths: true,
+            events: crate::conductor::events::Retention::default(),
         }
     }
 }

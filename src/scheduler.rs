@@ -93,6 +93,17 @@ pub enum NodeState {
     Lost,
 }
 
+impl NodeState {
+    /// The API's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Online => "online",
+            NodeState::Suspect => "suspect",
+            NodeState::Lost => "lost",
+        }
+    }
+}
+
 /// A node, as the conductor converts it for one scheduling pass.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeView {

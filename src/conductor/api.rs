@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio_util::task::TaskTracker;
 
 mod bodies;
+mod events;
 mod experiments;
 mod proxy;
 
@@ -87,7 +88,10 @@ pub fn router(state: ApiState) -> Router {
                 .patch(experiments::patch)
                 .delete(experiments::delete),
         )
+        .route("/deployments/{id}/events", get(events::of_deployment))
+        .route("/events", get(events::list))
         .route("/nodes", get(list_nodes))
+        .route("/nodes/{id}/events", get(events::of_node))
         .route("/services", get(list_services))
         .route("/services/{namespace}/{name}/", any(proxy::http))
         .route("/services/{namespace}/{name}/{*rest}", any(proxy::http))
@@ -100,6 +104,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/conda-envs/{name}/rerun", post(rerun_env))
         .route("/ws/updates", get(ws_updates))
         .route("/ws/deployments/{id}/logs", get(ws_logs))
+        .route("/ws/events", get(events::ws))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/ui", get(|| async { Redirect::temporary("/ui/") }))

@@ -13,15 +13,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::events::{Event, Feed, Journal, NewEvent};
 use super::loghub::LogHub;
 use super::paths::{self, PairState, Paths};
 use super::services::{SERVICE_HOST, Service, ServiceTable};
 use super::store::{
-    AssignmentRecord, CondaEnvRecord, DeploymentRecord, ExperimentRecord, NodeRecord, Store,
-    StoreError,
+    AssignmentChange, AssignmentRecord, CondaEnvRecord, DeploymentRecord, ExperimentRecord,
+    NodeRecord, Store, StoreError,
 };
 use super::view::{self, AssignedRef, ClusterView, Deployment, NodeConnection};
 use crate::model::{DeploymentId, DesiredState, Generation};
@@ -30,6 +31,7 @@ use crate::time::millis;
 use crate::wire;
 
 mod experiments;
+mod narrate;
 
 /// Re-exported for the API handlers (the one definition is [`crate::time::now_ms`]).
 pub use crate::time::now_ms;
@@ -137,6 +139,8 @@ pub struct CoreConfig {
     pub service_ports: std::ops::RangeInclusive<u16>,
     /// Try direct node-to-node paths for mesh tunnels (else relay only).
     pub direct_paths: bool,
+    /// How much of the events log to keep (`keep: 0` turns it off).
+    pub events: super::events::Retention,
 }
 
 #[derive(Debug)]
@@ -163,6 +167,19 @@ struct Node {
     conn: Option<Connection>,
     connections: u64,
     first_seen_ms: i64,
+    /// The connection's remote address as last seen (a change is a path change).
+    remote: Option<std::net::SocketAddr>,
+}
+
+/// What the events already said about derived states (a change is an event).
+#[derive(Debug, Default)]
+struct Said {
+    /// Each node's liveness.
+    node_states: HashMap<String, scheduler::NodeState>,
+    /// Why each deployment waits for a node.
+    unplaced: HashMap<String, scheduler::Unplaced>,
+    /// Each service: whether it is up, and the path from each connector's node.
+    services: HashMap<(String, String), (bool, BTreeMap<String, String>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +244,10 @@ struct Core {
     /// Experiments a failed process should have stopped, whose store write failed: retried on
     /// every tick (experiment -> why).
     stops_due: BTreeMap<String, String>,
+    /// The events log's ids and its observed events not yet written.
+    journal: Journal,
+    /// Derived states the events have described.
+    said: Said,
 }
 
 /// The reflexive address of a connected node (its connection's remote address).
@@ -244,6 +265,9 @@ fn reflexive(nodes: &BTreeMap<String, Node>, node_id: &str) -> Option<std::net::
 /// What a deployment binds (ports assigned) and connects to.
 type Planned = (Vec<Service>, Vec<String>);
 
+/// How often events past the retention are dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 /// Handle to the core for the API and sessions.
 #[derive(Debug, Clone)]
 pub struct CoreHandle {
@@ -251,6 +275,7 @@ pub struct CoreHandle {
     view: watch::Receiver<Arc<ClusterView>>,
     epochs: Arc<std::sync::atomic::AtomicU64>,
     metrics: Arc<super::metrics::Metrics>,
+    events: Feed,
 }
 
 impl CoreHandle {
@@ -262,6 +287,11 @@ impl CoreHandle {
     /// The core's counters and histograms (for `/metrics`).
     pub fn metrics(&self) -> &super::metrics::Metrics {
         &self.metrics
+    }
+
+    /// The events log (stored and live).
+    pub fn events(&self) -> &Feed {
+        &self.events
     }
 
     /// A receiver that wakes on every publish.
@@ -302,6 +332,14 @@ pub async fn start(
 ) -> Result<CoreHandle, StoreError> {
     let snap = store.load_all().await?;
     let ports = cfg.service_ports.clone();
+    let journal = Journal::new(snap.event_high_water, cfg.events.keep > 0);
+    let feed = Feed::new(store.clone(), journal.sender());
+    tasks.spawn(super::events::prune(
+        store.clone(),
+        cfg.events,
+        PRUNE_EVERY,
+        cancel.clone(),
+    ));
     let (view_tx, view_rx) = watch::channel(Arc::new(ClusterView::default()));
     let mut core = Core {
         store,
@@ -364,6 +402,8 @@ pub async fn start(
         metrics: Arc::new(super::metrics::Metrics::default()),
         awaiting_running: HashMap::new(),
         stops_due: BTreeMap::new(),
+        journal,
+        said: Said::default(),
     };
     core.reindex();
     core.reconcile_services().await?;
@@ -386,6 +426,8 @@ pub async fn start(
         core.logs.ensure(id);
     }
     let nodes = core.sched_nodes(now_ms());
+    // Liveness at start is where the story resumes, not a change.
+    core.said.node_states = nodes.iter().map(|n| (n.id.clone(), n.state)).collect();
     core.publish(&nodes);
     let (tx, rx) = mpsc::channel(1024);
     let handle = CoreHandle {
@@ -395,6 +437,7 @@ pub async fn start(
         // before (microseconds since the epoch; connections arrive far slower than that).
         epochs: Arc::new((u64::try_from(now_ms()).unwrap_or(0) * 1000).into()),
         metrics: core.metrics.clone(),
+        events: feed,
     };
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -510,10 +553,256 @@ impl Core {
                     self.changed = true;
                     self.paths.disconnected(&node_id, now_ms());
                     tracing::info!(%node_id, "node disconnected");
+                    self.journal.note(
+                        "node.disconnected",
+                        super::events::object("node", &node_id),
+                        format!("node {node_id} disconnected"),
+                        json!({"epoch": epoch}),
+                    );
                 }
             }
             CoreMsg::Tick => self.ticked = true,
         }
+    }
+
+    /// Runs one store write with the events waiting to be written and `own` (the change's),
+    /// all in its transaction, and publishes them once it committed.
+    async fn persist<T>(
+        &mut self,
+        own: Vec<NewEvent>,
+        write: impl AsyncFnOnce(&Store, &[Event]) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let batch = self.journal.batch(own);
+        let r = write(&self.store, &batch.events).await;
+        if r.is_ok() {
+            self.journal.written(batch);
+        } else {
+            self.journal.unwritten(batch);
+        }
+        r
+    }
+
+    /// Node liveness changes since the last flush (suspect, lost, back).
+    fn narrate_liveness(&mut self, nodes: &[scheduler::NodeView]) {
+        use scheduler::NodeState;
+        for n in nodes {
+            let before = self.said.node_states.insert(n.id.clone(), n.state);
+            let (kind, message) = match (before, n.state) {
+                (Some(b), s) if b == s => continue,
+                // A node first seen connects: its `node.connected` says so.
+                (None, _) => continue,
+                (_, NodeState::Suspect) => ("node.suspect", "suspect (silent or disconnected)"),
+                (_, NodeState::Lost) => ("node.lost", "lost: its deployments are re-placed"),
+                (_, NodeState::Online) => ("node.back", "back online"),
+            };
+            self.journal.note(
+                kind,
+                super::events::object("node", &n.id),
+                format!("node {} {message}", n.id),
+                json!({"from": before.map(|b| b.as_str()), "to": n.state.as_str()}),
+            );
+        }
+    }
+
+    /// What an env report says changed on a node: envs that appeared (created there), went
+    /// (removed there), and new problems (a failed create or removal).
+    fn narrate_envs(&mut self, node_id: &str, report: &wire::EnvReport) {
+        let Some(n) = self.nodes.get(node_id) else {
+            return;
+        };
+        let now: BTreeSet<&String> = report.env_names.iter().collect();
+        let mut events = Vec::new();
+        for name in now.iter().filter(|e| !n.env_names.contains(**e)) {
+            events.push(narrate::env(
+                "env.ready",
+                name,
+                format!("env {name} ready on {node_id}"),
+                json!({"node": node_id}),
+            ));
+        }
+        for name in n.env_names.iter().filter(|e| !now.contains(e)) {
+            events.push(narrate::env(
+                "env.removed",
+                name,
+                format!("env {name} removed from {node_id}"),
+                json!({"node": node_id}),
+            ));
+        }
+        for problem in report
+            .problems
+            .iter()
+            .filter(|p| !n.env_problems.contains(p))
+        {
+            // Problems read "env NAME: ...".
+            let name = problem
+                .strip_prefix("env ")
+                .and_then(|rest| rest.split([':', ' ']).next())
+                .unwrap_or_default();
+            events.push(narrate::env(
+                "env.failed",
+                name,
+                format!("on {node_id}: {problem}"),
+                json!({"node": node_id, "problem": problem}),
+            ));
+        }
+        for ev in events {
+            self.journal.note(ev.kind, ev.object, ev.message, ev.fields);
+        }
+    }
+
+    /// The events a scheduling pass brings: moves off lost nodes, then placements with why
+    /// that node.
+    fn placement_events(&self, plan: &scheduler::Plan) -> Vec<NewEvent> {
+        let name = |id: &str| self.deployments.get(id).map_or("", |d| d.name.as_str());
+        let mut out = Vec::with_capacity(plan.unassign.len() + plan.placements.len());
+        for (id, old) in &plan.unassign {
+            out.push(narrate::deployment(
+                "deployment.evicted",
+                id,
+                format!("{} moved off node {} (lost)", name(id), old.node_id),
+                json!({"name": name(id), "node": old.node_id, "generation": old.generation}),
+            ));
+        }
+        for p in &plan.placements {
+            let id = p.deployment_id.as_str();
+            let spec = self.specs.get(id).and_then(|s| s.as_ref().ok());
+            let member = self.members.get(id);
+            let rule = match self.cfg.strategy {
+                Strategy::Spread => "spread: the eligible node with the lowest load after it",
+                Strategy::Binpack => "binpack: the fullest eligible node it still fits on",
+            };
+            let why = match (
+                member.and_then(|m| m.colocate.as_deref()),
+                member.and_then(|m| m.gang.as_deref()),
+            ) {
+                (Some(group), _) => format!("with its process group {group} ({rule})"),
+                (None, Some(gang)) => format!("gang {gang}: every member fits at once ({rule})"),
+                (None, None) => rule.to_owned(),
+            };
+            out.push(narrate::deployment(
+                "deployment.placed",
+                id,
+                format!(
+                    "{} placed on {} (generation {}): {why}",
+                    name(id),
+                    p.node_id,
+                    p.generation
+                ),
+                json!({
+                    "name": name(id),
+                    "node": p.node_id,
+                    "generation": p.generation,
+                    "why": why,
+                    "node_group": spec.and_then(|s| s.node_group.clone()),
+                    "env_name": spec.and_then(|s| s.env_name.clone()),
+                    "requests": spec.map(|s| &s.capacity_requests),
+                }),
+            ));
+        }
+        out
+    }
+
+    /// A connected node whose remote address changed (QUIC migration: a NAT rebinding or a
+    /// new IP) since it was last looked at.
+    fn narrate_paths(&mut self) {
+        for (id, n) in &mut self.nodes {
+            let Some(c) = &n.conn else { continue };
+            let remote = c.session.facts().remote;
+            let Some(before) = n.remote.replace(remote).filter(|b| *b != remote) else {
+                continue;
+            };
+            self.journal.note(
+                "node.path_changed",
+                super::events::object("node", id),
+                format!("node {id} path changed: {before} -> {remote}"),
+                json!({"from": before.to_string(), "to": remote.to_string()}),
+            );
+        }
+    }
+
+    /// Why deployments wait for a node, said when the reason appears or changes.
+    fn narrate_unplaced(&mut self, reasons: &BTreeMap<String, scheduler::Unplaced>) {
+        self.said.unplaced.retain(|id, _| reasons.contains_key(id));
+        for (id, reason) in reasons {
+            if self.said.unplaced.insert(id.clone(), *reason) == Some(*reason) {
+                continue;
+            }
+            let name = self.deployments.get(id).map_or("", |d| d.name.as_str());
+            self.journal.note(
+                "deployment.unplaced",
+                super::events::object("deployment", id),
+                format!("{name} waits for a node: {reason}"),
+                json!({"name": name, "reason": reason.to_string()}),
+            );
+        }
+    }
+
+    /// Services going up or down, and each connector node's path switching (direct, relay).
+    fn narrate_services(
+        &mut self,
+        services: &[crate::model::ServiceInfo],
+        deployments: &[Arc<Deployment>],
+    ) {
+        let running: HashSet<&str> = deployments
+            .iter()
+            .filter(|d| d.current_state == Some(crate::model::CurrentState::Running))
+            .map(|d| d.id.as_str())
+            .collect();
+        let mut now = HashMap::with_capacity(services.len());
+        for s in services {
+            let up = s.node_id.is_some() && running.contains(s.deployment_id.as_str());
+            let paths: BTreeMap<String, String> = s
+                .paths
+                .iter()
+                .map(|p| (p.node_id.clone(), p.path.clone()))
+                .collect();
+            now.insert((s.namespace.clone(), s.name.clone()), (up, paths));
+        }
+        let old = std::mem::take(&mut self.said.services);
+        for ((ns, name), (up, paths)) in &now {
+            let object = super::events::object("service", &format!("{ns}/{name}"));
+            let (was_up, was_paths) = old
+                .get(&(ns.clone(), name.clone()))
+                .map_or((false, None), |(u, p)| (*u, Some(p)));
+            if *up != was_up {
+                let (kind, verb) = if *up {
+                    ("service.up", "up")
+                } else {
+                    ("service.down", "down")
+                };
+                self.journal.note(
+                    kind,
+                    object.clone(),
+                    format!("service {ns}/{name} {verb}"),
+                    json!({}),
+                );
+            }
+            for (node, path) in paths {
+                let before = was_paths.and_then(|p| p.get(node));
+                if before != Some(path) {
+                    self.journal.note(
+                        "service.path_changed",
+                        object.clone(),
+                        match before {
+                            Some(b) => format!("service {ns}/{name} from {node}: {b} -> {path}"),
+                            None => format!("service {ns}/{name} from {node}: {path}"),
+                        },
+                        json!({"node": node, "from": before, "to": path}),
+                    );
+                }
+            }
+        }
+        for ((ns, name), (was_up, _)) in &old {
+            if *was_up && !now.contains_key(&(ns.clone(), name.clone())) {
+                self.journal.note(
+                    "service.down",
+                    super::events::object("service", &format!("{ns}/{name}")),
+                    format!("service {ns}/{name} down (gone)"),
+                    json!({}),
+                );
+            }
+        }
+        self.said.services = now;
     }
 
     fn answer(&mut self, reply: Reply<()>, r: Result<(), CoreError>, schedule: bool) {
@@ -535,6 +824,7 @@ impl Core {
             // One view of the nodes for the whole flush (scheduling changes no node).
             let nodes = self.sched_nodes(now_ms());
             let states: Vec<scheduler::NodeState> = nodes.iter().map(|n| n.state).collect();
+            self.narrate_liveness(&nodes);
             // Everything that can change a placement schedules at once; the timer only
             // matters when a node's liveness changed (suspect, lost).
             if needs_schedule || (ticked && states != self.scheduled_states) {
@@ -547,6 +837,14 @@ impl Core {
                 self.publish(&nodes);
             }
             self.drive_paths();
+        }
+        if self.journal.has_pending()
+            && let Err(e) = self
+                .persist(Vec::new(), async |s, ev| s.append_events(ev).await)
+                .await
+        {
+            // They stay pending and go with the next write.
+            tracing::warn!(error = %e, "could not write events");
         }
         for (reply, r) in self.replies.drain(..) {
             let _ = reply.send(r);
@@ -795,18 +1093,24 @@ impl Core {
 
     async fn create(&mut self, rec: DeploymentRecord) -> Result<(), CoreError> {
         let services = self.plan_services(&rec.id, &rec.specification, true)?;
-        self.store
-            .insert_deployment(&rec)
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict => CoreError::Conflict("Deployment already exists".into()),
-                e => e.into(),
-            })?;
-        if let Err(e) = self.store.set_services(&rec.id, &services.0).await {
-            // Not created after all: nothing half-written stays behind.
-            let _ = self.store.delete_deployment(&rec.id).await;
-            return Err(e.into());
-        }
+        let ev = narrate::deployment(
+            "deployment.created",
+            &rec.id,
+            format!(
+                "{} created (desired {})",
+                rec.name,
+                rec.desired_state.as_str()
+            ),
+            json!({"name": rec.name, "desired_state": rec.desired_state.as_str()}),
+        );
+        self.persist(vec![ev], async |s, ev| {
+            s.insert_deployment(&rec, &services.0, ev).await
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict => CoreError::Conflict("Deployment already exists".into()),
+            e => e.into(),
+        })?;
         self.set_services(&rec.id, services);
         self.specs
             .insert(rec.id.clone(), parse_spec(&rec.specification));
@@ -866,31 +1170,70 @@ impl Core {
         };
         let spec_changed = new.specification != old.specification;
         let services = self.plan_services(id, &new.specification, spec_changed)?;
-        // Persist everything first; memory changes only once the writes succeeded, so a
-        // failed PATCH can simply be retried.
-        self.store.update_deployment(&new).await?;
-        self.store.set_services(id, &services.0).await?;
-        let regenerate = match &release {
-            Some((a, true)) => {
-                self.store.clear_assignment(id).await?;
-                self.unassign(&a.node_id, id, a.generation);
-                None
-            }
+        let mut changed = Vec::new();
+        if new.name != old.name {
+            changed.push("name");
+        }
+        if new.desired_state != old.desired_state {
+            changed.push("desired_state");
+        }
+        if spec_changed {
+            changed.push("specification");
+        }
+        let mut events = vec![narrate::deployment(
+            "deployment.updated",
+            id,
+            if new.desired_state == old.desired_state {
+                format!("{} updated ({})", new.name, changed.join(", "))
+            } else {
+                format!(
+                    "{} updated: desired {} -> {}",
+                    new.name,
+                    old.desired_state.as_str(),
+                    new.desired_state.as_str()
+                )
+            },
+            json!({"name": new.name, "changed": changed, "desired_state": new.desired_state.as_str()}),
+        )];
+        let assignment = match &release {
+            Some((_, true)) => AssignmentChange::Clear,
             Some((a, false)) => {
-                let generation = self.next_generation;
                 let rec = AssignmentRecord {
                     deployment_id: id.to_owned(),
                     node_id: a.node_id.clone(),
-                    generation,
+                    generation: self.next_generation,
                 };
-                self.store
-                    .apply_placements(std::slice::from_ref(&rec), &[], generation)
-                    .await?;
-                self.next_generation = generation.next();
-                self.metrics.placements.inc();
-                Some((a.node_id.clone(), generation))
+                events.push(narrate::deployment(
+                    "deployment.placed",
+                    id,
+                    format!(
+                        "{} placed on {} again (generation {}): its spec changed, its request did not",
+                        new.name, a.node_id, rec.generation
+                    ),
+                    json!({"name": new.name, "node": a.node_id, "generation": rec.generation,
+                        "why": "same node: the spec changed but not its request, group or env"}),
+                ));
+                AssignmentChange::Set(rec)
             }
-            None => None,
+            None => AssignmentChange::Keep,
+        };
+        // Persist everything first, in one transaction; memory changes only once it
+        // committed, so a failed PATCH can simply be retried.
+        self.persist(events, async |s, ev| {
+            s.patch_deployment(&new, &services.0, &assignment, ev).await
+        })
+        .await?;
+        let regenerate = match (&release, assignment) {
+            (Some((a, true)), _) => {
+                self.unassign(&a.node_id, id, a.generation);
+                None
+            }
+            (_, AssignmentChange::Set(rec)) => {
+                self.next_generation = rec.generation.next();
+                self.metrics.placements.inc();
+                Some((rec.node_id, rec.generation))
+            }
+            _ => None,
         };
         self.specs.insert(id.to_owned(), new_spec);
         if new.desired_state == DesiredState::Stopped {
@@ -931,7 +1274,19 @@ impl Core {
                 p.name, e.name
             )));
         }
-        self.store.delete_deployment(id).await?;
+        let name = self
+            .deployments
+            .get(id)
+            .map(|d| d.name.clone())
+            .unwrap_or_default();
+        let ev = narrate::deployment(
+            "deployment.deleted",
+            id,
+            format!("{name} deleted"),
+            json!({"name": name}),
+        );
+        self.persist(vec![ev], async |s, ev| s.delete_deployment(id, ev).await)
+            .await?;
         self.forget(id);
         Ok(())
     }
@@ -951,8 +1306,17 @@ impl Core {
     }
 
     async fn create_env(&mut self, rec: CondaEnvRecord) -> Result<(), CoreError> {
-        self.store
-            .insert_conda_env(&rec)
+        let ev = narrate::env(
+            "env.defined",
+            &rec.name,
+            format!(
+                "env {} defined ({}, python {})",
+                rec.name, rec.manager, rec.python_version
+            ),
+            json!({"manager": rec.manager, "python_version": rec.python_version,
+                "packages": rec.packages.len()}),
+        );
+        self.persist(vec![ev], async |s, ev| s.insert_conda_env(&rec, ev).await)
             .await
             .map_err(|e| match e {
                 StoreError::Conflict => {
@@ -976,7 +1340,14 @@ impl Core {
             env.custom_script = s;
         }
         env.updated_at_ms = now_ms();
-        self.store.update_conda_env(&env).await?;
+        let ev = narrate::env(
+            "env.updated",
+            name,
+            format!("env {name} changed; nodes recreate it"),
+            json!({"packages": env.packages.len()}),
+        );
+        self.persist(vec![ev], async |s, ev| s.update_conda_env(&env, ev).await)
+            .await?;
         self.envs.insert(name.to_owned(), env.clone());
         self.broadcast_env(&env, true);
         Ok(())
@@ -1006,7 +1377,16 @@ impl Core {
                 users.join(", ")
             )));
         }
-        match self.store.delete_conda_env(name).await {
+        let ev = narrate::env(
+            "env.deleted",
+            name,
+            format!("env {name} deleted; nodes remove it"),
+            json!({}),
+        );
+        match self
+            .persist(vec![ev], async |s, ev| s.delete_conda_env(name, ev).await)
+            .await
+        {
             Ok(()) => {}
             Err(StoreError::NotFound) => return Err(CoreError::NotFound("Conda env not found")),
             Err(e) => return Err(e.into()),
@@ -1095,6 +1475,9 @@ impl Core {
         node.env_names = hello.env_names.iter().cloned().collect();
         node.last_seen_ms = now;
         node.connections += 1;
+        let remote = session.facts().remote;
+        node.remote = Some(remote);
+        let reconnects = node.connections - 1;
         self.metrics.connections.inc();
         node.conn = Some(Connection {
             epoch,
@@ -1110,7 +1493,17 @@ impl Core {
             first_seen_ms: node.first_seen_ms,
             last_seen_ms: now,
         };
-        if let Err(e) = self.store.upsert_node(&record).await {
+        let ev = narrate::node(
+            "node.connected",
+            &node_id,
+            format!("node {node_id} connected from {remote}"),
+            json!({"address": remote.to_string(), "epoch": epoch, "reconnects": reconnects,
+                "inventory": hello.inventory.len()}),
+        );
+        if let Err(e) = self
+            .persist(vec![ev], async |s, ev| s.upsert_node(&record, ev).await)
+            .await
+        {
             tracing::warn!(%node_id, error = %e, "could not persist node");
         }
         tracing::info!(%node_id, epoch, inventory = hello.inventory.len(), "node connected");
@@ -1120,7 +1513,7 @@ impl Core {
         let mut held = BTreeSet::new();
         for st in hello.inventory {
             held.insert(st.deployment_id.clone());
-            self.reconcile_status(&node_id, st).await;
+            self.reconcile_status(&node_id, st, true).await;
         }
         // Resend what this node should run (idempotent by generation).
         let mine: Vec<(String, Generation)> = self
@@ -1147,7 +1540,14 @@ impl Core {
     }
 
     /// Accepts a status from a node, or fences it off when the node should not hold it.
-    async fn reconcile_status(&mut self, node_id: &str, st: wire::DeploymentStatus) {
+    /// `inventory`: it comes with the node's Hello (a first report from there is where the
+    /// story resumes, not news).
+    async fn reconcile_status(
+        &mut self,
+        node_id: &str,
+        st: wire::DeploymentStatus,
+        inventory: bool,
+    ) {
         let id = st.deployment_id.clone();
         let held = Generation(st.generation);
         if held >= self.next_generation {
@@ -1182,6 +1582,12 @@ impl Core {
                     self.metrics.health_failures.inc_by(u64::from(
                         st.health_failures.saturating_sub(p.health_failures),
                     ));
+                }
+                if previous.is_some() || !inventory {
+                    let name = self.deployments.get(&id).map_or("", |d| d.name.as_str());
+                    for ev in narrate::status(name, node_id, previous, &st) {
+                        self.journal.note(ev.kind, ev.object, ev.message, ev.fields);
+                    }
                 }
                 if st.state == crate::model::CurrentState::Running.as_str()
                     && let Some(since) = self.awaiting_running.remove(&id)
@@ -1219,6 +1625,14 @@ impl Core {
                 // no second one; a new Hello clears this so a copy that survived is fenced again.
                 if self.fenced.insert((node_id.to_owned(), id.clone(), held)) {
                     tracing::info!(%node_id, %id, generation = %held, "fencing: node holds a copy it should not; unassigning");
+                    self.journal.note(
+                        "deployment.fenced",
+                        super::events::object("deployment", &id),
+                        format!(
+                            "node {node_id} holds a copy (generation {held}) it should not; told to stop it"
+                        ),
+                        json!({"node": node_id, "generation": held, "assigned": ours.map(|a| json!({"node": a.node_id, "generation": a.generation}))}),
+                    );
                     self.unassign(node_id, &id, held);
                 }
             }
@@ -1233,9 +1647,20 @@ impl Core {
             node_id: node_id.to_owned(),
             generation,
         };
-        self.store
-            .apply_placements(std::slice::from_ref(&rec), &[], generation)
-            .await?;
+        let ev = narrate::deployment(
+            "deployment.placed",
+            id,
+            format!(
+                "placed on {node_id} again (generation {generation}): the node held a newer generation than the conductor's records"
+            ),
+            json!({"node": node_id, "generation": generation,
+                "why": "the node already runs it at a newer generation (restored store)"}),
+        );
+        self.persist(vec![ev], async |s, ev| {
+            s.apply_placements(std::slice::from_ref(&rec), &[], generation, ev)
+                .await
+        })
+        .await?;
         self.next_generation = generation.next();
         self.metrics.placements.inc();
         self.assignments.insert(
@@ -1257,7 +1682,7 @@ impl Core {
         match msg {
             Msg::Status(update) => {
                 for st in update.deployments {
-                    self.reconcile_status(node_id, st).await;
+                    self.reconcile_status(node_id, st, false).await;
                 }
                 for id in update.removed {
                     self.fenced.retain(|(n, d, _)| !(n == node_id && *d == id));
@@ -1271,6 +1696,7 @@ impl Core {
                 for problem in &report.problems {
                     tracing::warn!(%node_id, %problem, "env work on a node went wrong");
                 }
+                self.narrate_envs(node_id, &report);
                 if let Some(n) = self.nodes.get_mut(node_id) {
                     n.env_names = report.env_names.into_iter().collect();
                     n.env_problems = report.problems;
@@ -1371,13 +1797,12 @@ impl Core {
             .map(|(id, _)| id.clone())
             .filter(|id| !placed.contains(id.as_str()))
             .collect();
+        let events = self.placement_events(&plan);
+        let high = Generation(plan.next_generation.get().saturating_sub(1));
         if let Err(e) = self
-            .store
-            .apply_placements(
-                &set,
-                &clear,
-                Generation(plan.next_generation.get().saturating_sub(1)),
-            )
+            .persist(events, async |s, ev| {
+                s.apply_placements(&set, &clear, high, ev).await
+            })
             .await
         {
             tracing::error!(error = %e, "could not persist placements; not acting on them");
@@ -1455,6 +1880,7 @@ impl Core {
         self.published_states = nodes.iter().map(|n| n.state).collect();
         let deps = self.sched_deployments();
         let reasons = scheduler::reasons(nodes, &deps, self.cfg.strategy);
+        self.narrate_unplaced(&reasons);
         let reserved = scheduler::reserved(nodes, &deps);
         let any_online = nodes
             .iter()
@@ -1552,7 +1978,7 @@ impl Core {
                 .then_with(|| a.name.cmp(&b.name))
         });
         let experiments = self.experiment_views(&deployments);
-        let services = self
+        let services: Vec<crate::model::ServiceInfo> = self
             .services
             .all()
             .map(|s| crate::model::ServiceInfo {
@@ -1580,6 +2006,8 @@ impl Core {
                 paths: self.service_paths(s),
             })
             .collect();
+        self.narrate_services(&services, &deployments);
+        self.narrate_paths();
         self.view.send_replace(Arc::new(ClusterView {
             deployments,
             nodes: node_views,

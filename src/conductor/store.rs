@@ -13,7 +13,9 @@
 //!   least the generation of every assignment ever written through this store, so a generation
 //!   handed out after a restart is never reused even if assignments were deleted;
 //! - multi-row writes ([`Store::apply_placements`], [`Store::delete_deployment`]) run in one
-//!   transaction: the caller persists first, then acts on the cluster.
+//!   transaction: the caller persists first, then acts on the cluster;
+//! - every write the core makes takes the events that record it ([`super::events`]) and writes
+//!   them, with the event counter, in the same transaction.
 
 mod migrate;
 
@@ -28,8 +30,9 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
-use migrate::GENERATION_COUNTER;
+use migrate::{EVENT_COUNTER, GENERATION_COUNTER};
 
+use super::events::{Event, Filter};
 use super::services::Service;
 use crate::model::{DesiredState, Generation};
 use crate::spec::{OnFailure, Placement};
@@ -195,6 +198,19 @@ pub struct StoreSnapshot {
     pub services: Vec<Service>,
     /// As [`Store::list_experiments`].
     pub experiments: Vec<ExperimentRecord>,
+    /// The highest event id ever written.
+    pub event_high_water: u64,
+}
+
+/// What [`Store::patch_deployment`] does to the deployment's assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssignmentChange {
+    /// Leave it.
+    Keep,
+    /// Remove it.
+    Clear,
+    /// Replace it (raising the generation counter to its generation).
+    Set(AssignmentRecord),
 }
 
 /// Handle to the durable store; cheap to clone (it wraps a connection pool).
@@ -229,12 +245,14 @@ const SELECT_ASSIGNMENT: &str =
     "SELECT deployment_id, node_id, generation FROM assignments WHERE deployment_id = $1";
 const SELECT_NODES: &str = "SELECT node_id, groups_json, capacities_total, first_seen_ms, \
      last_seen_ms FROM nodes ORDER BY node_id ASC";
-const SELECT_GENERATION: &str = "SELECT value FROM counters WHERE name = $1";
+/// Reads a counter row (the generation's or the events').
+const SELECT_COUNTER: &str = "SELECT value FROM counters WHERE name = $1";
 const UPSERT_ASSIGNMENT: &str = "INSERT INTO assignments (deployment_id, node_id, generation) \
      VALUES ($1, $2, $3) ON CONFLICT (deployment_id) DO UPDATE SET \
      node_id = excluded.node_id, generation = excluded.generation";
-/// Portable "raise to at least" (no two-argument MAX/GREATEST, which differ between databases).
-const BUMP_GENERATION: &str = "UPDATE counters SET value = CASE WHEN value < $1 THEN $1 \
+/// Portable "raise to at least" (no two-argument MAX/GREATEST, which differ between databases);
+/// raises any counter row, the generation's or the events'.
+const BUMP_COUNTER: &str = "UPDATE counters SET value = CASE WHEN value < $1 THEN $1 \
      ELSE value END WHERE name = $2";
 
 impl Store {
@@ -306,17 +324,35 @@ impl Store {
 
     // === deployments ===
 
-    /// Inserts a new deployment; [`StoreError::Conflict`] if the id exists.
-    pub async fn insert_deployment(&self, d: &DeploymentRecord) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(db_err)?;
-        insert_deployment_on(&mut conn, d).await
+    /// Inserts a new deployment with the services it binds, in one transaction;
+    /// [`StoreError::Conflict`] if the id, a service name or a port exists.
+    pub async fn insert_deployment(
+        &self,
+        d: &DeploymentRecord,
+        services: &[Service],
+        events: &[Event],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        insert_deployment_on(&mut tx, d).await?;
+        for s in services {
+            insert_service_on(&mut tx, &d.id, s).await?;
+        }
+        finish(tx, events).await
     }
 
-    /// Replaces every field of an existing deployment except `id` and `created_at_ms`;
+    /// In one transaction: replaces every field of an existing deployment except `id` and
+    /// `created_at_ms`, replaces the services it binds, and changes its assignment as told;
     /// [`StoreError::NotFound`] if it does not exist.
-    pub async fn update_deployment(&self, d: &DeploymentRecord) -> Result<(), StoreError> {
+    pub async fn patch_deployment(
+        &self,
+        d: &DeploymentRecord,
+        services: &[Service],
+        assignment: &AssignmentChange,
+        events: &[Event],
+    ) -> Result<(), StoreError> {
         check_deployment(d)?;
         let spec = serde_json::to_string(&d.specification).map_err(StoreError::Json)?;
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE deployments SET name = $1, desired_state = $2, kind = $3, \
              specification = $4, updated_at_ms = $5 WHERE id = $6",
@@ -327,15 +363,35 @@ impl Store {
         .bind(spec)
         .bind(d.updated_at_ms)
         .bind(&d.id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        found(done.rows_affected())
+        found(done.rows_affected())?;
+        sqlx::query("DELETE FROM services WHERE deployment_id = $1")
+            .bind(&d.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        for s in services {
+            insert_service_on(&mut tx, &d.id, s).await?;
+        }
+        match assignment {
+            AssignmentChange::Keep => {}
+            AssignmentChange::Clear => {
+                sqlx::query("DELETE FROM assignments WHERE deployment_id = $1")
+                    .bind(&d.id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            }
+            AssignmentChange::Set(a) => set_assignment_on(&mut tx, a).await?,
+        }
+        finish(tx, events).await
     }
 
     /// Deletes a deployment, its assignment and its services in one transaction;
     /// [`StoreError::NotFound`] if it does not exist. The generation counter is not lowered.
-    pub async fn delete_deployment(&self, id: &str) -> Result<(), StoreError> {
+    pub async fn delete_deployment(&self, id: &str, events: &[Event]) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
         for sql in [
             "DELETE FROM assignments WHERE deployment_id = $1",
@@ -353,7 +409,7 @@ impl Store {
             .await
             .map_err(db_err)?;
         found(done.rows_affected())?;
-        tx.commit().await.map_err(db_err)
+        finish(tx, events).await
     }
 
     /// One deployment by id.
@@ -417,6 +473,7 @@ impl Store {
         deployments: &[DeploymentRecord],
         services: &[Service],
         replace: bool,
+        events: &[Event],
     ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
         if replace {
@@ -457,15 +514,15 @@ impl Store {
         for s in services {
             insert_service_on(&mut tx, &s.deployment_id, s).await?;
         }
-        tx.commit().await.map_err(db_err)
+        finish(tx, events).await
     }
 
     /// Deletes an experiment and its deployments (with their assignments and services) in one
     /// transaction; [`StoreError::NotFound`] if it does not exist.
-    pub async fn delete_experiment(&self, name: &str) -> Result<(), StoreError> {
+    pub async fn delete_experiment(&self, name: &str, events: &[Event]) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
         found(delete_experiment_on(&mut tx, name).await?)?;
-        tx.commit().await.map_err(db_err)
+        finish(tx, events).await
     }
 
     /// Sets every process of an experiment to `desired` and records (or clears) why it
@@ -477,6 +534,7 @@ impl Store {
         desired: DesiredState,
         failed_reason: Option<&str>,
         at_ms: i64,
+        events: &[Event],
     ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
         let done = sqlx::query("UPDATE experiments SET failed_reason = $1 WHERE name = $2")
@@ -507,7 +565,7 @@ impl Store {
             .await
             .map_err(db_err)?;
         }
-        tx.commit().await.map_err(db_err)
+        finish(tx, events).await
     }
 
     /// Records (or clears) why a failed process stopped the experiment;
@@ -516,14 +574,17 @@ impl Store {
         &self,
         name: &str,
         reason: Option<&str>,
+        events: &[Event],
     ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query("UPDATE experiments SET failed_reason = $1 WHERE name = $2")
             .bind(reason)
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        found(done.rows_affected())
+        found(done.rows_affected())?;
+        finish(tx, events).await
     }
 
     /// All experiments, newest first, each with its processes in declaration order.
@@ -535,9 +596,14 @@ impl Store {
     // === conda envs ===
 
     /// Inserts a new env; [`StoreError::Conflict`] if the name exists.
-    pub async fn insert_conda_env(&self, e: &CondaEnvRecord) -> Result<(), StoreError> {
+    pub async fn insert_conda_env(
+        &self,
+        e: &CondaEnvRecord,
+        events: &[Event],
+    ) -> Result<(), StoreError> {
         check_env(e)?;
         let packages = serde_json::to_string(&e.packages).map_err(StoreError::Json)?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO conda_envs (name, python_version, packages, custom_script, manager, \
              created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -549,17 +615,22 @@ impl Store {
         .bind(&e.manager)
         .bind(e.created_at_ms)
         .bind(e.updated_at_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        Ok(())
+        finish(tx, events).await
     }
 
     /// Replaces every field of an existing env except `name` and `created_at_ms`;
     /// [`StoreError::NotFound`] if it does not exist.
-    pub async fn update_conda_env(&self, e: &CondaEnvRecord) -> Result<(), StoreError> {
+    pub async fn update_conda_env(
+        &self,
+        e: &CondaEnvRecord,
+        events: &[Event],
+    ) -> Result<(), StoreError> {
         check_env(e)?;
         let packages = serde_json::to_string(&e.packages).map_err(StoreError::Json)?;
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE conda_envs SET python_version = $1, packages = $2, custom_script = $3, \
              manager = $4, updated_at_ms = $5 WHERE name = $6",
@@ -570,20 +641,23 @@ impl Store {
         .bind(&e.manager)
         .bind(e.updated_at_ms)
         .bind(&e.name)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        found(done.rows_affected())
+        found(done.rows_affected())?;
+        finish(tx, events).await
     }
 
     /// Deletes an env; [`StoreError::NotFound`] if it does not exist.
-    pub async fn delete_conda_env(&self, name: &str) -> Result<(), StoreError> {
+    pub async fn delete_conda_env(&self, name: &str, events: &[Event]) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query("DELETE FROM conda_envs WHERE name = $1")
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        found(done.rows_affected())
+        found(done.rows_affected())?;
+        finish(tx, events).await
     }
 
     /// One env by name.
@@ -611,7 +685,7 @@ impl Store {
     /// counter to at least `a.generation`, in one transaction. [`StoreError::NotFound`] if the
     /// deployment does not exist.
     pub async fn set_assignment(&self, a: &AssignmentRecord) -> Result<(), StoreError> {
-        self.apply_placements(std::slice::from_ref(a), &[], Generation::default())
+        self.apply_placements(std::slice::from_ref(a), &[], Generation::default(), &[])
             .await
     }
 
@@ -649,7 +723,7 @@ impl Store {
 
     /// The highest generation ever issued (survives deletes and restarts; never decreases).
     pub async fn max_generation(&self) -> Result<Generation, StoreError> {
-        let row = sqlx::query(SELECT_GENERATION)
+        let row = sqlx::query(SELECT_COUNTER)
             .bind(GENERATION_COUNTER)
             .fetch_one(&self.pool)
             .await
@@ -660,7 +734,7 @@ impl Store {
     /// Raises the generation counter to `at_least`; a lower value leaves it unchanged.
     pub async fn bump_generation(&self, at_least: Generation) -> Result<(), StoreError> {
         let at_least = generation_to_db(at_least)?;
-        sqlx::query(BUMP_GENERATION)
+        sqlx::query(BUMP_COUNTER)
             .bind(at_least)
             .bind(GENERATION_COUNTER)
             .execute(&self.pool)
@@ -680,6 +754,7 @@ impl Store {
         set: &[AssignmentRecord],
         clear: &[String],
         generation_high_water: Generation,
+        events: &[Event],
     ) -> Result<(), StoreError> {
         let mut high = generation_high_water;
         let mut checked = Vec::with_capacity(set.len());
@@ -706,22 +781,23 @@ impl Store {
                 .await
                 .map_err(db_err)?;
         }
-        sqlx::query(BUMP_GENERATION)
+        sqlx::query(BUMP_COUNTER)
             .bind(high)
             .bind(GENERATION_COUNTER)
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+        finish(tx, events).await
     }
 
     // === nodes ===
 
     /// Inserts or updates a node registration. On update `first_seen_ms` keeps its stored
     /// value; groups, capacities and `last_seen_ms` are replaced.
-    pub async fn upsert_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
+    pub async fn upsert_node(&self, n: &NodeRecord, events: &[Event]) -> Result<(), StoreError> {
         let groups = serde_json::to_string(&n.groups).map_err(StoreError::Json)?;
         let capacities = serde_json::to_string(&n.capacities_total).map_err(StoreError::Json)?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO nodes (node_id, groups_json, capacities_total, first_seen_ms, \
              last_seen_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (node_id) DO UPDATE SET \
@@ -733,10 +809,10 @@ impl Store {
         .bind(capacities)
         .bind(n.first_seen_ms)
         .bind(n.last_seen_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        Ok(())
+        finish(tx, events).await
     }
 
     /// Removes a node registration; [`StoreError::NotFound`] if absent. Its assignments are
@@ -757,6 +833,77 @@ impl Store {
             .await
             .map_err(db_err)?;
         rows.iter().map(node_from_row).collect()
+    }
+
+    // === events ===
+
+    /// Writes observed events (see [`super::events`]) in one transaction.
+    pub async fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
+        let tx = self.begin_write().await?;
+        finish(tx, events).await
+    }
+
+    /// Events matching `f`, oldest first: the first `limit` after `f.after`, or without
+    /// `after` the newest `limit`.
+    pub async fn list_events(&self, f: &Filter) -> Result<Vec<Event>, StoreError> {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "SELECT id, at_ms, kind, object, message, fields FROM events WHERE id > ",
+        );
+        q.push_bind(i64::try_from(f.after.unwrap_or(0)).unwrap_or(i64::MAX));
+        // A family (no separator) is a range, so it uses the index and needs no LIKE escaping:
+        // `node/` <= object < `node0` ('0' follows '/'), `deployment.` <= kind < `deployment/`.
+        for (column, value, sep, next) in
+            [("object", &f.object, "/", "0"), ("kind", &f.kind, ".", "/")]
+        {
+            match value {
+                None => {}
+                Some(v) if v.contains(sep) => {
+                    q.push(format!(" AND {column} = ")).push_bind(v.clone());
+                }
+                Some(v) => {
+                    q.push(format!(" AND {column} >= "))
+                        .push_bind(format!("{v}{sep}"))
+                        .push(format!(" AND {column} < "))
+                        .push_bind(format!("{v}{next}"));
+                }
+            }
+        }
+        let newest = f.after.is_none();
+        q.push(if newest {
+            " ORDER BY id DESC LIMIT "
+        } else {
+            " ORDER BY id ASC LIMIT "
+        })
+        .push_bind(i64::from(f.limit.min(super::events::MAX_LIMIT)));
+        let rows = q.build().fetch_all(&self.pool).await.map_err(db_err)?;
+        let mut out = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        if newest {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    /// Keeps the newest `keep` events and none at or before `before_ms`; the number dropped.
+    /// The id counter stays where it is.
+    pub async fn prune_events(&self, keep: u64, before_ms: i64) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let high = event_high_water_on(&mut tx).await?;
+        let below = i64::try_from(high.saturating_sub(keep)).unwrap_or(i64::MAX);
+        let by_count = sqlx::query("DELETE FROM events WHERE id <= $1")
+            .bind(below)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let by_age = sqlx::query("DELETE FROM events WHERE at_ms <= $1")
+            .bind(before_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(by_count.rows_affected() + by_age.rows_affected())
     }
 
     // === whole state ===
@@ -780,7 +927,7 @@ impl Store {
             .fetch_all(&mut *tx)
             .await
             .map_err(db_err)?;
-        let generation = sqlx::query(SELECT_GENERATION)
+        let generation = sqlx::query(SELECT_COUNTER)
             .bind(GENERATION_COUNTER)
             .fetch_one(&mut *tx)
             .await
@@ -790,6 +937,7 @@ impl Store {
             .await
             .map_err(db_err)?;
         let experiments = experiments_on(&mut tx).await?;
+        let event_high_water = event_high_water_on(&mut tx).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(StoreSnapshot {
             deployments: deployments
@@ -811,11 +959,92 @@ impl Store {
                 .map(service_from_row)
                 .collect::<Result<_, _>>()?,
             experiments,
+            event_high_water,
         })
     }
 }
 
 // === helpers ===
+
+/// Writes `events` (and raises the event counter to the last id) in `tx`, then commits.
+async fn finish(
+    mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    events: &[Event],
+) -> Result<(), StoreError> {
+    for e in events {
+        let fields = serde_json::to_string(&e.fields).map_err(StoreError::Json)?;
+        sqlx::query(
+            "INSERT INTO events (id, at_ms, kind, object, message, fields) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(event_id_to_db(e.id)?)
+        .bind(e.at_ms)
+        .bind(&e.kind)
+        .bind(&e.object)
+        .bind(&e.message)
+        .bind(fields)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    }
+    if let Some(last) = events.last() {
+        sqlx::query(BUMP_COUNTER)
+            .bind(event_id_to_db(last.id)?)
+            .bind(EVENT_COUNTER)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+    }
+    tx.commit().await.map_err(db_err)
+}
+
+fn event_id_to_db(id: u64) -> Result<i64, StoreError> {
+    i64::try_from(id).map_err(|_| StoreError::Invalid {
+        field: "events.id",
+        value: id.to_string(),
+    })
+}
+
+async fn event_high_water_on(conn: &mut sqlx::SqliteConnection) -> Result<u64, StoreError> {
+    let row = sqlx::query(SELECT_COUNTER)
+        .bind(EVENT_COUNTER)
+        .fetch_one(conn)
+        .await
+        .map_err(db_err)?;
+    Ok(u64::try_from(int(&row, "value")?).unwrap_or(0))
+}
+
+fn event_from_row(row: &SqliteRow) -> Result<Event, StoreError> {
+    Ok(Event {
+        id: u64::try_from(int(row, "id")?).unwrap_or(0),
+        at_ms: int(row, "at_ms")?,
+        kind: text(row, "kind")?,
+        object: text(row, "object")?,
+        message: text(row, "message")?,
+        fields: json(row, "fields")?,
+    })
+}
+
+async fn set_assignment_on(
+    conn: &mut sqlx::SqliteConnection,
+    a: &AssignmentRecord,
+) -> Result<(), StoreError> {
+    let generation = generation_to_db(a.generation)?;
+    sqlx::query(UPSERT_ASSIGNMENT)
+        .bind(&a.deployment_id)
+        .bind(&a.node_id)
+        .bind(generation)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    sqlx::query(BUMP_COUNTER)
+        .bind(generation)
+        .bind(GENERATION_COUNTER)
+        .execute(conn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
 
 async fn insert_deployment_on(
     conn: &mut sqlx::SqliteConnection,

@@ -156,11 +156,7 @@ pub fn node(
     assigned: Vec<AssignedRef>,
     connection: Option<NodeConnection>,
 ) -> Node {
-    let state = match f.state {
-        scheduler::NodeState::Online => "online",
-        scheduler::NodeState::Suspect => "suspect",
-        scheduler::NodeState::Lost => "lost",
-    };
+    let state = f.state.as_str();
     let no_resources = wire::StaticResources::default();
     let res = f.resources.unwrap_or(&no_resources);
     let hb = f.usage;

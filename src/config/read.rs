@@ -360,8 +360,22 @@ impl Check<'_> {
             }),
         };
         let direct_paths = c.direct_paths.map_or(d.direct_paths, |f| f.0);
+        let keep = match c.events_keep {
+            None => d.events.keep,
+            Some(Count(n)) => u64::try_from(n).unwrap_or_else(|_| {
+                self.fail(
+                    "conductor.events_keep",
+                    format!("expected 0 or more, got {n}"),
+                );
+                d.events.keep
+            }),
+        };
+        let max_age = self
+            .secs(c.events_max_age_sec, "conductor.events_max_age_sec")
+            .unwrap_or(d.events.max_age);
         ConductorConfig {
             direct_paths,
+            events: crate::conductor::events::Retention { keep, max_age },
             listen,
             server,
             cert_dir,

@@ -37,6 +37,8 @@ pub(super) struct ConductorFile {
     pub scheduling: Option<Str>,
     pub service_ports: Option<Str>,
     pub direct_paths: Option<Flag>,
+    pub events_keep: Option<Count>,
+    pub events_max_age_sec: Option<Secs>,
 }
 
 /// `conductor.tls`.

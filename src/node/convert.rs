@@ -39,6 +39,9 @@ pub(crate) fn to_wire(s: &DeploymentStatus, log_offset: u64) -> wire::Deployment
         stopped_at_ms: s.stopped_at_ms,
         last_log_seq: s.last_log_seq + log_offset,
         health_failures: s.health_failures,
+        healthy: s.healthy,
+        cron_restarts: s.cron_restarts,
+        restart_at_ms: s.restart_at_ms,
         desired_running: matches!(
             s.state,
             CurrentState::Running | CurrentState::Starting | CurrentState::Backoff

@@ -95,13 +95,23 @@ async fn http_get(url: &str) -> Result<(), String> {
     }
 }
 
-/// Watches one process. Sends one message (the last failure) on `restart` after
-/// `failure_threshold` consecutive failures, then returns. Runs until then or until dropped.
+/// What [`monitor`] tells the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The first probe of this process passed.
+    Healthy,
+    /// `failure_threshold` probes in a row failed (the last failure's detail): restart it.
+    Unhealthy(String),
+}
+
+/// Watches one process. Sends [`Verdict::Healthy`] when a probe first passes, and
+/// [`Verdict::Unhealthy`] after `failure_threshold` consecutive failures, then returns. Runs
+/// until then or until dropped.
 pub async fn monitor(
     check: HealthCheck,
     exec_base: ProcessSpec,
     logs: LogBuffer,
-    restart: mpsc::Sender<String>,
+    verdicts: mpsc::Sender<Verdict>,
 ) {
     let threshold = check.failure_threshold.max(1);
     let period = check.period.max(MIN_PERIOD);
@@ -114,6 +124,8 @@ pub async fn monitor(
             Ok(()) => {
                 if !ever_healthy {
                     logs.push(LogStream::SystemHc, "health check passed");
+                    // The receiver is gone only when the process is being torn down anyway.
+                    let _ = verdicts.send(Verdict::Healthy).await;
                 } else if failures > 0 {
                     logs.push(
                         LogStream::SystemHc,
@@ -136,8 +148,7 @@ pub async fn monitor(
                             "unhealthy after {failures} consecutive failures, requesting restart"
                         ),
                     );
-                    // The receiver is gone only when the process is being torn down anyway.
-                    let _ = restart.send(detail).await;
+                    let _ = verdicts.send(Verdict::Unhealthy(detail)).await;
                     return;
                 }
             }
@@ -315,7 +326,10 @@ mod tests {
             failure_threshold: 3,
         };
         let task = tokio::spawn(monitor(check, base(), logs.clone(), tx));
-        let detail = rx.recv().await.unwrap();
+        assert_eq!(rx.recv().await.unwrap(), Verdict::Healthy);
+        let Verdict::Unhealthy(detail) = rx.recv().await.unwrap() else {
+            panic!("the second verdict is the failure");
+        };
         assert!(detail.contains("code 1"), "{detail}");
         task.await.unwrap();
         let lines: Vec<String> = logs.since(0, 100).into_iter().map(|e| e.line).collect();

@@ -70,6 +70,12 @@ pub struct DeploymentStatus {
     pub last_log_seq: u64,
     /// Times a health check found the process unhealthy (since this actor started).
     pub health_failures: u32,
+    /// The health check's verdict on the current process (`None`: no check, or no probe yet).
+    pub healthy: Option<bool>,
+    /// Scheduled (cron) restarts done (since this actor started).
+    pub cron_restarts: u32,
+    /// In BACKOFF: when the next start is due (ms since the Unix epoch).
+    pub restart_at_ms: Option<i64>,
 }
 
 /// Result of a successful prepare: where and what to run.
@@ -421,6 +427,9 @@ impl Supervisor {
             stopped_at_ms: None,
             last_log_seq: logs.last_seq(),
             health_failures: 0,
+            healthy: None,
+            cron_restarts: 0,
+            restart_at_ms: None,
         }));
         let (desired_tx, desired_rx) = watch::channel(desired);
         let cancel = CancellationToken::new();

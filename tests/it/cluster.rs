@@ -437,6 +437,46 @@ async fn a_partition_past_the_grace_period_reschedules_and_fences_the_old_copy()
     let d = view.deployment(&id).unwrap();
     assert_eq!(d.assigned_node_id.as_deref(), Some("b"));
     assert!(view.nodes["a"].assigned_deployments.is_empty());
+
+    // The events log tells it: a went suspect, then lost, then came back; the deployment
+    // moved off a, was placed on b, and a's stale copy was fenced.
+    let kinds = |e: &[Value]| -> Vec<String> {
+        e.iter()
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let node_story = c
+        .wait_events("object=node/a&after=0", "a back", |e| {
+            kinds(e).iter().any(|k| k == "node.back")
+        })
+        .await;
+    let k = kinds(&node_story);
+    let pos = |what: &str| k.iter().position(|x| x == what).unwrap_or(usize::MAX);
+    assert!(
+        pos("node.suspect") < pos("node.lost") && pos("node.lost") < pos("node.back"),
+        "{k:?}"
+    );
+    let story = c
+        .wait_events(&format!("object=deployment/{id}&after=0"), "fenced", |e| {
+            kinds(e).iter().any(|k| k == "deployment.fenced")
+        })
+        .await;
+    let evicted = story
+        .iter()
+        .find(|e| e["kind"] == "deployment.evicted")
+        .unwrap();
+    assert_eq!(evicted["fields"]["node"], "a");
+    let placed: Vec<&Value> = story
+        .iter()
+        .filter(|e| e["kind"] == "deployment.placed")
+        .collect();
+    assert_eq!(placed.last().unwrap()["fields"]["node"], "b");
+    let fenced = story
+        .iter()
+        .find(|e| e["kind"] == "deployment.fenced")
+        .unwrap();
+    assert_eq!(fenced["fields"]["node"], "a");
+    assert_eq!(fenced["fields"]["generation"], old_gen);
     c.shutdown().await;
 }
 
@@ -581,7 +621,7 @@ async fn an_invalid_stored_spec_fails_only_that_deployment() {
         created_at_ms: 1,
         updated_at_ms: 1,
     };
-    store.insert_deployment(&bad).await.unwrap();
+    store.insert_deployment(&bad, &[], &[]).await.unwrap();
     store.close().await;
     c.conductor = Some(
         symphony::conductor::Conductor::start(c.cfg.clone())

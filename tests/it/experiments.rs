@@ -300,6 +300,19 @@ async fn stop_experiment_on_failure_stops_the_rest() {
         assert!(!body.contains("tok-s3cret"), "{path}: {body}");
     }
     let e = wait_experiment(&c, "sarah-ddp", "failed").await;
+    let story = c
+        .wait_events(
+            "object=experiment/sarah-ddp&after=0",
+            "launched, failed",
+            |e| e.iter().any(|e| e["kind"] == "experiment.failed"),
+        )
+        .await;
+    assert_eq!(story[0]["kind"], "experiment.launched", "{story:?}");
+    assert_eq!(story[0]["fields"]["processes"], 4);
+    assert!(
+        story[1]["message"].as_str().unwrap().contains("flaky"),
+        "{story:?}"
+    );
     let reason = e["reason"].as_str().unwrap();
     assert!(
         reason.contains("flaky") && reason.contains("stop-experiment"),

@@ -8,6 +8,7 @@ mod adopt;
 mod api;
 mod cli;
 mod cluster;
+mod events;
 mod experiments;
 mod node;
 mod prometheus;

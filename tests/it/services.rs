@@ -341,6 +341,26 @@ async fn connectors_reach_a_binder_on_another_node_directly_even_while_the_condu
     let (mut c, addr, paths) = two_node_mesh(true).await;
     assert_eq!(paths[0]["node_id"], "n0");
     assert!(paths[0]["rtt_ms"].as_f64().is_some(), "{paths}");
+    // The events log has the service going up and n0's path ending direct.
+    let story = c
+        .wait_events(
+            "object=service/default/echo&after=0",
+            "up, then direct",
+            |e| {
+                e.iter().any(|e| e["kind"] == "service.up")
+                    && e.iter()
+                        .rev()
+                        .find(|e| e["kind"] == "service.path_changed")
+                        .is_some_and(|e| {
+                            e["fields"]["node"] == "n0" && e["fields"]["to"] == "direct"
+                        })
+            },
+        )
+        .await;
+    assert!(
+        !story.iter().any(|e| e["kind"] == "service.down"),
+        "{story:?}"
+    );
     // `/services` says so too.
     let (_, services) = c.get("/services").await;
     assert_eq!(services[0]["paths"], paths);

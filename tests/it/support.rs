@@ -337,6 +337,39 @@ impl Cluster {
         self.request(reqwest::Method::DELETE, path, None).await
     }
 
+    /// Reads `GET /events?QUERY` until `pred` holds for the list, waking on every committed
+    /// event (no polling); returns the list.
+    pub async fn wait_events(
+        &self,
+        query: &str,
+        what: &str,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let mut live = self.conductor().core.events().subscribe();
+        let mut last = Vec::new();
+        let res = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let (status, body) = self.get(&format!("/events?{query}")).await;
+                assert_eq!(status, 200, "{body}");
+                last = body.as_array().cloned().unwrap_or_default();
+                if pred(&last) {
+                    return;
+                }
+                // Lagging is fine: the next read is from the store anyway.
+                let _ = live.recv().await;
+            }
+        })
+        .await;
+        if res.is_err() {
+            let kinds: Vec<String> = last
+                .iter()
+                .map(|e| format!("{} {} {}", e["id"], e["kind"], e["message"]))
+                .collect();
+            panic!("timed out waiting for events: {what}\nlast read: {kinds:#?}");
+        }
+        last
+    }
+
     /// Creates a deployment and returns its id.
     pub async fn deploy(&self, name: &str, spec: Value) -> String {
         let (status, body) = self

@@ -150,15 +150,41 @@ impl Core {
                 .collect(),
         };
         let services: Vec<_> = plans.iter().flat_map(|(b, _)| b.iter().cloned()).collect();
-        self.store
-            .launch_experiment(&record, &records, &services, force)
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict => CoreError::Conflict(format!(
-                    "experiment {name} already exists, or one of its ports was taken meanwhile"
-                )),
-                e => e.into(),
-            })?;
+        let mut events = vec![experiment_event(
+            "experiment.launched",
+            &name,
+            format!(
+                "experiment {name} launched: {} processes ({}){}",
+                record.processes.len(),
+                record.placement.as_str(),
+                if old.is_some() {
+                    ", replacing the previous one"
+                } else {
+                    ""
+                }
+            ),
+            json!({"processes": record.processes.len(), "placement": record.placement.as_str(),
+                "replaced": old.is_some()}),
+        )];
+        events.extend(record.processes.iter().map(|p| {
+            super::narrate::deployment(
+                "deployment.created",
+                &p.deployment_id,
+                format!("{} created (process of experiment {name})", p.name),
+                json!({"name": p.name, "experiment": name, "desired_state": "RUNNING"}),
+            )
+        }));
+        self.persist(events, async |s, ev| {
+            s.launch_experiment(&record, &records, &services, force, ev)
+                .await
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict => CoreError::Conflict(format!(
+                "experiment {name} already exists, or one of its ports was taken meanwhile"
+            )),
+            e => e.into(),
+        })?;
         // Written: now memory follows.
         for p in old.iter().flat_map(|o| &o.processes) {
             if self.deployments.contains_key(&p.deployment_id) {
@@ -233,9 +259,24 @@ impl Core {
             .map(|p| p.deployment_id.clone())
             .collect();
         let now = now_ms();
-        self.store
-            .set_experiment_state(name, desired, failed.as_deref(), now)
-            .await?;
+        let ev = experiment_event(
+            if failed.is_some() {
+                "experiment.failed"
+            } else {
+                "experiment.updated"
+            },
+            name,
+            match &failed {
+                Some(why) => format!("experiment {name} stopped: {why}"),
+                None => format!("experiment {name}: desired {}", desired.as_str()),
+            },
+            json!({"desired_state": desired.as_str(), "reason": failed}),
+        );
+        self.persist(vec![ev], async |s, ev| {
+            s.set_experiment_state(name, desired, failed.as_deref(), now, ev)
+                .await
+        })
+        .await?;
         // Written: memory follows, as `patch` does for one deployment.
         for id in &ids {
             if let Some(d) = self.deployments.get_mut(id)
@@ -278,7 +319,20 @@ impl Core {
             return;
         }
         let name = e.name.clone();
-        match self.store.set_experiment_failed(&name, None).await {
+        let ev = experiment_event(
+            "experiment.updated",
+            &name,
+            format!(
+                "experiment {name}: a process was started again; the failure no longer stops it"
+            ),
+            json!({"process": id}),
+        );
+        match self
+            .persist(vec![ev], async |s, ev| {
+                s.set_experiment_failed(&name, None, ev).await
+            })
+            .await
+        {
             Ok(()) => {
                 if let Some(e) = self.experiments.get_mut(&name) {
                     e.failed_reason = None;
@@ -295,7 +349,16 @@ impl Core {
         if !self.experiments.contains_key(name) {
             return Err(CoreError::NotFound("Experiment not found"));
         }
-        match self.store.delete_experiment(name).await {
+        let ev = experiment_event(
+            "experiment.deleted",
+            name,
+            format!("experiment {name} deleted"),
+            json!({}),
+        );
+        match self
+            .persist(vec![ev], async |s, ev| s.delete_experiment(name, ev).await)
+            .await
+        {
             Ok(()) => {}
             Err(StoreError::NotFound) => return Err(CoreError::NotFound("Experiment not found")),
             Err(e) => return Err(e.into()),
@@ -415,4 +478,18 @@ pub fn masked_declaration(declaration: &Value) -> Value {
         }
     }
     out
+}
+
+fn experiment_event(
+    kind: &'static str,
+    name: &str,
+    message: String,
+    fields: serde_json::Value,
+) -> crate::conductor::events::NewEvent {
+    crate::conductor::events::NewEvent::new(
+        kind,
+        crate::conductor::events::object("experiment", name),
+        message,
+        fields,
+    )
 }

@@ -21,6 +21,8 @@ use crate::time::now_ms;
 
 /// Name of the counter row (in `counters`) holding the generation high-water mark.
 pub(super) const GENERATION_COUNTER: &str = "generation_high_water";
+/// Name of the counter row holding the highest event id ever written.
+pub(super) const EVENT_COUNTER: &str = "event_high_water";
 
 /// One schema step: its version and the statements that produce it.
 struct Migration {
@@ -116,6 +118,25 @@ const MIGRATIONS: &[Migration] = &[
             position BIGINT NOT NULL,
             UNIQUE (experiment, process)
         )",
+        ],
+    },
+    Migration {
+        version: 4,
+        statements: &[
+            // The events log. Ids come from the core (see `conductor::events`); the counter
+            // keeps the highest written, so pruning every row never lets an id be reused.
+            "CREATE TABLE events (
+            id BIGINT PRIMARY KEY,
+            at_ms BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            object TEXT NOT NULL,
+            message TEXT NOT NULL,
+            fields TEXT NOT NULL
+        )",
+            "CREATE INDEX events_object_idx ON events (object, id)",
+            "CREATE INDEX events_kind_idx ON events (kind, id)",
+            "CREATE INDEX events_at_idx ON events (at_ms)",
+            "INSERT INTO counters (name, value) VALUES ('event_high_water', 0)",
         ],
     },
 ];

@@ -65,7 +65,7 @@ async fn deployment_round_trip_and_order() {
     // Same created_at_ms as `b`: the tie is broken by id ascending.
     let d = deployment("0d", "tie", 3_000);
     for rec in [&a, &b, &c, &d] {
-        store.insert_deployment(rec).await.unwrap();
+        store.insert_deployment(rec, &[], &[]).await.unwrap();
     }
     assert_eq!(store.get_deployment("a").await.unwrap(), Some(a.clone()));
     assert_eq!(store.get_deployment("nope").await.unwrap(), None);
@@ -84,7 +84,10 @@ async fn deployment_round_trip_and_order() {
     changed.specification = json!({"replaced": true});
     changed.updated_at_ms = 5_000;
     changed.created_at_ms = 9_999; // ignored by update
-    store.update_deployment(&changed).await.unwrap();
+    store
+        .patch_deployment(&changed, &[], &AssignmentChange::Keep, &[])
+        .await
+        .unwrap();
     let got = store.get_deployment("a").await.unwrap().unwrap();
     assert_eq!(got.name, "renamed");
     assert_eq!(got.desired_state, DesiredState::Stopped);
@@ -92,7 +95,7 @@ async fn deployment_round_trip_and_order() {
     assert_eq!(got.updated_at_ms, 5_000);
     assert_eq!(got.created_at_ms, 1_000);
 
-    store.delete_deployment("a").await.unwrap();
+    store.delete_deployment("a", &[]).await.unwrap();
     assert_eq!(store.get_deployment("a").await.unwrap(), None);
     assert_eq!(store.list_deployments().await.unwrap().len(), 3);
 }
@@ -101,7 +104,7 @@ async fn deployment_round_trip_and_order() {
 async fn spec_is_stored_as_compact_json_text() {
     let (_dir, store) = file_store().await;
     store
-        .insert_deployment(&deployment("a", "x", 1))
+        .insert_deployment(&deployment("a", "x", 1), &[], &[])
         .await
         .unwrap();
     let raw: String = sqlx::query("SELECT specification FROM deployments WHERE id = $1")
@@ -124,8 +127,8 @@ async fn current_state_name_and_spec_are_plain_data() {
     named.desired_state = DesiredState::Stopped;
     let mut in_spec = deployment("d2", "other", 20);
     in_spec.specification = json!({"current_state": "current_state", "list": ["current_state"]});
-    store.insert_deployment(&named).await.unwrap();
-    store.insert_deployment(&in_spec).await.unwrap();
+    store.insert_deployment(&named, &[], &[]).await.unwrap();
+    store.insert_deployment(&in_spec, &[], &[]).await.unwrap();
 
     assert_eq!(
         store.get_deployment("current_state").await.unwrap(),
@@ -148,7 +151,7 @@ async fn current_state_name_and_spec_are_plain_data() {
     let mut env_named = env("current_state", 1);
     env_named.packages = vec!["current_state".to_owned()];
     env_named.custom_script = Some("current_state".to_owned());
-    store.insert_conda_env(&env_named).await.unwrap();
+    store.insert_conda_env(&env_named, &[]).await.unwrap();
     assert_eq!(
         store.get_conda_env("current_state").await.unwrap(),
         Some(env_named.clone())
@@ -157,15 +160,18 @@ async fn current_state_name_and_spec_are_plain_data() {
     let mut n = node("current_state");
     n.groups = vec!["current_state".to_owned()];
     n.capacities_total = BTreeMap::from([("current_state".to_owned(), 1)]);
-    store.upsert_node(&n).await.unwrap();
+    store.upsert_node(&n, &[]).await.unwrap();
     assert_eq!(store.list_nodes().await.unwrap(), vec![n]);
 
     let snapshot = store.load_all().await.unwrap();
     assert_eq!(snapshot.deployments.len(), 2);
 
     named.name = "renamed".to_owned();
-    store.update_deployment(&named).await.unwrap();
-    store.delete_deployment("current_state").await.unwrap();
+    store
+        .patch_deployment(&named, &[], &AssignmentChange::Keep, &[])
+        .await
+        .unwrap();
+    store.delete_deployment("current_state", &[]).await.unwrap();
     assert_eq!(store.list_deployments().await.unwrap(), vec![in_spec]);
     assert!(store.list_assignments().await.unwrap().is_empty());
 }
@@ -174,19 +180,21 @@ async fn current_state_name_and_spec_are_plain_data() {
 async fn unknown_ids_are_not_found() {
     let (_dir, store) = file_store().await;
     assert!(matches!(
-        store.update_deployment(&deployment("x", "x", 1)).await,
+        store
+            .patch_deployment(&deployment("x", "x", 1), &[], &AssignmentChange::Keep, &[])
+            .await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.delete_deployment("x").await,
+        store.delete_deployment("x", &[]).await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.update_conda_env(&env("e", 1)).await,
+        store.update_conda_env(&env("e", 1), &[]).await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.delete_conda_env("e").await,
+        store.delete_conda_env("e", &[]).await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
@@ -206,21 +214,23 @@ async fn unknown_ids_are_not_found() {
 #[tokio::test]
 async fn duplicates_conflict() {
     let (_dir, store) = file_store().await;
-    store.insert_conda_env(&env("py", 1)).await.unwrap();
+    store.insert_conda_env(&env("py", 1), &[]).await.unwrap();
     let mut other = env("py", 2);
     other.python_version = "3.10".to_owned();
     assert!(matches!(
-        store.insert_conda_env(&other).await,
+        store.insert_conda_env(&other, &[]).await,
         Err(StoreError::Conflict)
     ));
     assert_eq!(store.get_conda_env("py").await.unwrap(), Some(env("py", 1)));
 
     store
-        .insert_deployment(&deployment("a", "x", 1))
+        .insert_deployment(&deployment("a", "x", 1), &[], &[])
         .await
         .unwrap();
     assert!(matches!(
-        store.insert_deployment(&deployment("a", "y", 2)).await,
+        store
+            .insert_deployment(&deployment("a", "y", 2), &[], &[])
+            .await,
         Err(StoreError::Conflict)
     ));
     assert_eq!(store.list_deployments().await.unwrap().len(), 1);
@@ -234,20 +244,20 @@ async fn invalid_enum_values_are_refused() {
     let mut d = deployment("a", "x", 1);
     d.kind = "VM".to_owned();
     assert!(matches!(
-        store.insert_deployment(&d).await,
+        store.insert_deployment(&d, &[], &[]).await,
         Err(StoreError::Invalid { field: "kind", .. })
     ));
     let mut e = env("e", 1);
     e.manager = "pip".to_owned();
     assert!(matches!(
-        store.insert_conda_env(&e).await,
+        store.insert_conda_env(&e, &[]).await,
         Err(StoreError::Invalid {
             field: "manager",
             ..
         })
     ));
     store
-        .insert_deployment(&deployment("a", "x", 1))
+        .insert_deployment(&deployment("a", "x", 1), &[], &[])
         .await
         .unwrap();
     assert!(matches!(
@@ -294,8 +304,8 @@ async fn conda_env_round_trip_and_order() {
     new.custom_script = None;
     new.packages = vec![];
     new.manager = "conda".to_owned();
-    store.insert_conda_env(&old).await.unwrap();
-    store.insert_conda_env(&new).await.unwrap();
+    store.insert_conda_env(&old, &[]).await.unwrap();
+    store.insert_conda_env(&new, &[]).await.unwrap();
     assert_eq!(
         store.list_conda_envs().await.unwrap(),
         vec![new.clone(), old.clone()]
@@ -307,11 +317,11 @@ async fn conda_env_round_trip_and_order() {
     changed.custom_script = None;
     changed.updated_at_ms = 50;
     changed.created_at_ms = 77; // ignored
-    store.update_conda_env(&changed).await.unwrap();
+    store.update_conda_env(&changed, &[]).await.unwrap();
     changed.created_at_ms = 1;
     assert_eq!(store.get_conda_env("old").await.unwrap(), Some(changed));
 
-    store.delete_conda_env("old").await.unwrap();
+    store.delete_conda_env("old", &[]).await.unwrap();
     assert_eq!(store.get_conda_env("old").await.unwrap(), None);
     assert_eq!(store.list_conda_envs().await.unwrap().len(), 1);
 }
@@ -323,8 +333,8 @@ async fn node_upsert_keeps_first_seen() {
     let mut n0 = node("n0");
     n0.groups = vec![];
     n0.capacities_total = BTreeMap::new();
-    store.upsert_node(&n1).await.unwrap();
-    store.upsert_node(&n0).await.unwrap();
+    store.upsert_node(&n1, &[]).await.unwrap();
+    store.upsert_node(&n0, &[]).await.unwrap();
     assert_eq!(
         store.list_nodes().await.unwrap(),
         vec![n0.clone(), n1.clone()]
@@ -335,7 +345,7 @@ async fn node_upsert_keeps_first_seen() {
     again.last_seen_ms = 1_000;
     again.groups = vec!["cpu".to_owned()];
     again.capacities_total.insert("mem".to_owned(), 64);
-    store.upsert_node(&again).await.unwrap();
+    store.upsert_node(&again, &[]).await.unwrap();
     let stored = store.list_nodes().await.unwrap();
     assert_eq!(stored.len(), 2);
     assert_eq!(stored[1].first_seen_ms, 100);
@@ -352,7 +362,7 @@ async fn assignments_upsert_clear_and_generation() {
     let (_dir, store) = file_store().await;
     for id in ["a", "b"] {
         store
-            .insert_deployment(&deployment(id, id, 1))
+            .insert_deployment(&deployment(id, id, 1), &[], &[])
             .await
             .unwrap();
     }
@@ -401,12 +411,12 @@ async fn generation_counter_never_goes_down() {
     store.bump_generation(Generation(11)).await.unwrap();
     assert_eq!(store.max_generation().await.unwrap().get(), 11);
     store
-        .apply_placements(&[], &[], Generation(2))
+        .apply_placements(&[], &[], Generation(2), &[])
         .await
         .unwrap();
     assert_eq!(store.max_generation().await.unwrap().get(), 11);
     store
-        .insert_deployment(&deployment("a", "a", 1))
+        .insert_deployment(&deployment("a", "a", 1), &[], &[])
         .await
         .unwrap();
     // An assignment with an old generation does not lower the counter either.
@@ -415,7 +425,7 @@ async fn generation_counter_never_goes_down() {
         .await
         .unwrap();
     assert_eq!(store.max_generation().await.unwrap().get(), 11);
-    store.delete_deployment("a").await.unwrap();
+    store.delete_deployment("a", &[]).await.unwrap();
     assert_eq!(store.max_generation().await.unwrap().get(), 11);
     assert!(matches!(
         store.bump_generation(Generation(u64::MAX)).await,
@@ -433,7 +443,7 @@ async fn delete_deployment_removes_its_assignment_only() {
     let (_dir, store) = file_store().await;
     for id in ["a", "b"] {
         store
-            .insert_deployment(&deployment(id, id, 1))
+            .insert_deployment(&deployment(id, id, 1), &[], &[])
             .await
             .unwrap();
     }
@@ -442,10 +452,11 @@ async fn delete_deployment_removes_its_assignment_only() {
             &[assignment("a", "n1", 7), assignment("b", "n1", 8)],
             &[],
             Generation(0),
+            &[],
         )
         .await
         .unwrap();
-    store.delete_deployment("a").await.unwrap();
+    store.delete_deployment("a", &[]).await.unwrap();
     assert_eq!(
         store.list_assignments().await.unwrap(),
         vec![assignment("b", "n1", 8)]
@@ -458,7 +469,7 @@ async fn apply_placements_sets_clears_and_bumps() {
     let (_dir, store) = file_store().await;
     for id in ["a", "b", "c"] {
         store
-            .insert_deployment(&deployment(id, id, 1))
+            .insert_deployment(&deployment(id, id, 1), &[], &[])
             .await
             .unwrap();
     }
@@ -475,6 +486,7 @@ async fn apply_placements_sets_clears_and_bumps() {
             &[assignment("c", "n2", 4), assignment("b", "n2", 5)],
             &["a".to_owned(), "missing".to_owned()],
             Generation(20),
+            &[],
         )
         .await
         .unwrap();
@@ -485,7 +497,7 @@ async fn apply_placements_sets_clears_and_bumps() {
     assert_eq!(store.max_generation().await.unwrap().get(), 20);
     // A set generation above the high-water mark raises the counter to it.
     store
-        .apply_placements(&[assignment("a", "n3", 30)], &[], Generation(21))
+        .apply_placements(&[assignment("a", "n3", 30)], &[], Generation(21), &[])
         .await
         .unwrap();
     assert_eq!(store.max_generation().await.unwrap().get(), 30);
@@ -495,6 +507,7 @@ async fn apply_placements_sets_clears_and_bumps() {
             &[assignment("a", "n4", 31)],
             &["a".to_owned()],
             Generation(0),
+            &[],
         )
         .await
         .unwrap();
@@ -509,7 +522,7 @@ async fn apply_placements_is_atomic() {
     let (_dir, store) = file_store().await;
     for id in ["a", "b"] {
         store
-            .insert_deployment(&deployment(id, id, 1))
+            .insert_deployment(&deployment(id, id, 1), &[], &[])
             .await
             .unwrap();
     }
@@ -526,6 +539,7 @@ async fn apply_placements_is_atomic() {
             &[assignment("b", "n2", 2), assignment("ghost", "n2", 3)],
             &["a".to_owned()],
             Generation(50),
+            &[],
         )
         .await;
     assert!(matches!(result, Err(StoreError::NotFound)), "{result:?}");
@@ -538,6 +552,7 @@ async fn apply_placements_is_atomic() {
             &[assignment("b", "n2", u64::MAX)],
             &["a".to_owned()],
             Generation(0),
+            &[],
         )
         .await;
     assert!(matches!(result, Err(StoreError::Invalid { .. })));
@@ -549,6 +564,7 @@ async fn apply_placements_is_atomic() {
             &[assignment("b", "n2", 2)],
             &["a".to_owned()],
             Generation(0),
+            &[],
         )
         .await
         .unwrap();
@@ -567,15 +583,23 @@ async fn everything_survives_reopen_and_migrations_are_idempotent() {
     let n = node("n1");
     {
         let store = Store::open(&nested).await.unwrap();
-        store.insert_deployment(&d).await.unwrap();
+        store.insert_deployment(&d, &[], &[]).await.unwrap();
         store
-            .insert_deployment(&deployment("gone", "gone", 1))
+            .insert_deployment(&deployment("gone", "gone", 1), &[], &[])
             .await
             .unwrap();
-        store.insert_conda_env(&e).await.unwrap();
-        store.upsert_node(&n).await.unwrap();
+        store.insert_conda_env(&e, &[]).await.unwrap();
         store
-            .apply_placements(&[assignment("current_state", "n1", 7)], &[], Generation(0))
+            .upsert_node(&n, &[event(1, "node.connected", "node/n1", 10)])
+            .await
+            .unwrap();
+        store
+            .apply_placements(
+                &[assignment("current_state", "n1", 7)],
+                &[],
+                Generation(0),
+                &[],
+            )
             .await
             .unwrap();
         store
@@ -583,7 +607,7 @@ async fn everything_survives_reopen_and_migrations_are_idempotent() {
             .await
             .unwrap();
         // Deleting the highest-generation assignment must not lose the counter.
-        store.delete_deployment("gone").await.unwrap();
+        store.delete_deployment("gone", &[]).await.unwrap();
         store.close().await;
     }
     assert!(nested.join(DB_FILE_NAME).is_file());
@@ -600,6 +624,7 @@ async fn everything_survives_reopen_and_migrations_are_idempotent() {
                 max_generation: Generation(9),
                 services: Vec::new(),
                 experiments: Vec::new(),
+                event_high_water: 1,
             }
         );
         let versions: Vec<i64> = sqlx::query("SELECT version FROM schema_version ORDER BY version")
@@ -615,7 +640,7 @@ async fn everything_survives_reopen_and_migrations_are_idempotent() {
             .await
             .unwrap()
             .get("n");
-        assert_eq!(counters, 1);
+        assert_eq!(counters, 2, "the generation's and the events'");
         store.close().await;
     }
 }
@@ -677,7 +702,7 @@ async fn file_uses_wal_normal_sync_and_foreign_keys() {
 async fn memory_store_works_and_is_private() {
     let store = Store::open_memory().await.unwrap();
     store
-        .insert_deployment(&deployment("a", "a", 1))
+        .insert_deployment(&deployment("a", "a", 1), &[], &[])
         .await
         .unwrap();
     store
@@ -715,7 +740,7 @@ async fn services_are_replaced_per_deployment_and_leave_with_it() {
     let (_dir, store) = file_store().await;
     for id in ["a", "b"] {
         store
-            .insert_deployment(&deployment(id, id, 1))
+            .insert_deployment(&deployment(id, id, 1), &[], &[])
             .await
             .unwrap();
     }
@@ -737,7 +762,7 @@ async fn services_are_replaced_per_deployment_and_leave_with_it() {
     );
     // Replacing drops what is no longer bound; deleting the deployment drops the rest.
     store.set_services("a", &a[1..]).await.unwrap();
-    store.delete_deployment("b").await.unwrap();
+    store.delete_deployment("b", &[]).await.unwrap();
     let left = store.load_all().await.unwrap().services;
     assert_eq!(left, [service("y", "a", 7001)]);
 }
@@ -776,17 +801,23 @@ async fn experiments_are_written_and_removed_whole() {
     svc.namespace = "rl".to_owned();
     let rl = experiment("rl", &["e1", "e2"], 10);
     store
-        .launch_experiment(&rl, &deps(&["e1", "e2"]), std::slice::from_ref(&svc), false)
+        .launch_experiment(
+            &rl,
+            &deps(&["e1", "e2"]),
+            std::slice::from_ref(&svc),
+            false,
+            &[],
+        )
         .await
         .unwrap();
     store
-        .apply_placements(&[assignment("e1", "n1", 3)], &[], Generation(3))
+        .apply_placements(&[assignment("e1", "n1", 3)], &[], Generation(3), &[])
         .await
         .unwrap();
     // The same name again is a conflict and writes nothing (not even its deployments).
     let again = experiment("rl", &["f1"], 11);
     let r = store
-        .launch_experiment(&again, &deps(&["f1"]), &[], false)
+        .launch_experiment(&again, &deps(&["f1"]), &[], false, &[])
         .await;
     assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
     assert_eq!(store.list_deployments().await.unwrap().len(), 2);
@@ -799,6 +830,7 @@ async fn experiments_are_written_and_removed_whole() {
             &deps(&["x1"]),
             &[clash],
             false,
+            &[],
         )
         .await;
     assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
@@ -814,7 +846,7 @@ async fn experiments_are_written_and_removed_whole() {
     assert_eq!(snap.services, [svc]);
     // Replacing removes the old deployments with their assignments and services.
     store
-        .launch_experiment(&again, &deps(&["f1"]), &[], true)
+        .launch_experiment(&again, &deps(&["f1"]), &[], true, &[])
         .await
         .unwrap();
     let snap = store.load_all().await.unwrap();
@@ -823,7 +855,7 @@ async fn experiments_are_written_and_removed_whole() {
     assert!(snap.assignments.is_empty() && snap.services.is_empty());
     assert_eq!(snap.experiments, [again]);
     store
-        .set_experiment_failed("rl", Some("p0 failed"))
+        .set_experiment_failed("rl", Some("p0 failed"), &[])
         .await
         .unwrap();
     assert_eq!(
@@ -834,11 +866,11 @@ async fn experiments_are_written_and_removed_whole() {
     );
     // Stopping sets every process STOPPED and drops their assignments in one go.
     store
-        .apply_placements(&[assignment("f1", "n1", 12)], &[], Generation(12))
+        .apply_placements(&[assignment("f1", "n1", 12)], &[], Generation(12), &[])
         .await
         .unwrap();
     store
-        .set_experiment_state("rl", DesiredState::Stopped, Some("p0 failed"), 99)
+        .set_experiment_state("rl", DesiredState::Stopped, Some("p0 failed"), 99, &[])
         .await
         .unwrap();
     let snap = store.load_all().await.unwrap();
@@ -846,7 +878,7 @@ async fn experiments_are_written_and_removed_whole() {
     assert_eq!(snap.deployments[0].desired_state, DesiredState::Stopped);
     assert_eq!(snap.deployments[0].updated_at_ms, 99);
     store
-        .set_experiment_state("rl", DesiredState::Running, None, 100)
+        .set_experiment_state("rl", DesiredState::Running, None, 100, &[])
         .await
         .unwrap();
     let snap = store.load_all().await.unwrap();
@@ -854,16 +886,154 @@ async fn experiments_are_written_and_removed_whole() {
     assert_eq!(snap.experiments[0].failed_reason, None);
     assert!(matches!(
         store
-            .set_experiment_state("nope", DesiredState::Running, None, 1)
+            .set_experiment_state("nope", DesiredState::Running, None, 1, &[])
             .await,
         Err(StoreError::NotFound)
     ));
     // Deleting takes the deployments along; an unknown name is not found.
-    store.delete_experiment("rl").await.unwrap();
+    store.delete_experiment("rl", &[]).await.unwrap();
     assert!(store.load_all().await.unwrap().deployments.is_empty());
     assert!(store.list_experiments().await.unwrap().is_empty());
     assert!(matches!(
-        store.delete_experiment("rl").await,
+        store.delete_experiment("rl", &[]).await,
         Err(StoreError::NotFound)
     ));
+}
+
+fn event(id: u64, kind: &str, object: &str, at_ms: i64) -> Event {
+    Event {
+        id,
+        at_ms,
+        kind: kind.into(),
+        object: object.into(),
+        message: format!("{kind} {object}"),
+        fields: json!({"n": id}),
+    }
+}
+
+fn ids(events: &[Event]) -> Vec<u64> {
+    events.iter().map(|e| e.id).collect()
+}
+
+#[tokio::test]
+async fn events_commit_with_their_change_or_not_at_all() {
+    let store = Store::open_memory().await.unwrap();
+    store
+        .insert_deployment(
+            &deployment("a", "a", 1),
+            &[],
+            &[event(1, "deployment.created", "deployment/a", 1)],
+        )
+        .await
+        .unwrap();
+    // The same id again: the change fails, and so does its event.
+    let dup = store
+        .insert_deployment(
+            &deployment("a", "a", 2),
+            &[],
+            &[event(2, "deployment.created", "deployment/a", 2)],
+        )
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict)), "{dup:?}");
+    // A change that fails half-way (an unknown deployment's assignment) leaves no event.
+    let bad = store
+        .apply_placements(
+            &[assignment("ghost", "n1", 5)],
+            &[],
+            Generation(5),
+            &[event(2, "deployment.placed", "deployment/ghost", 3)],
+        )
+        .await;
+    assert!(matches!(bad, Err(StoreError::NotFound)), "{bad:?}");
+    let all = Filter {
+        after: Some(0),
+        limit: 100,
+        ..Filter::default()
+    };
+    let got = store.list_events(&all).await.unwrap();
+    assert_eq!(got, vec![event(1, "deployment.created", "deployment/a", 1)]);
+    assert_eq!(store.load_all().await.unwrap().event_high_water, 1);
+    // Patch and delete carry theirs.
+    store
+        .patch_deployment(
+            &deployment("a", "b", 1),
+            &[],
+            &AssignmentChange::Set(assignment("a", "n1", 4)),
+            &[event(2, "deployment.updated", "deployment/a", 4)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.max_generation().await.unwrap(), Generation(4));
+    store
+        .delete_deployment("a", &[event(3, "deployment.deleted", "deployment/a", 5)])
+        .await
+        .unwrap();
+    assert_eq!(ids(&store.list_events(&all).await.unwrap()), [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn events_filter_page_and_prune_without_reusing_ids() {
+    let store = Store::open_memory().await.unwrap();
+    let mut batch = Vec::new();
+    for id in 1..=10_u64 {
+        let (kind, object) = match id % 3 {
+            0 => ("node.lost", "node/n1"),
+            1 => ("deployment.started", "deployment/a"),
+            _ => ("deployment.exited", "deployment/ab"),
+        };
+        batch.push(event(id, kind, object, i64::try_from(id).unwrap() * 100));
+    }
+    store.append_events(&batch).await.unwrap();
+    let read = |after: Option<u64>, object: Option<&str>, kind: Option<&str>, limit: u32| {
+        let f = Filter {
+            after,
+            object: object.map(Into::into),
+            kind: kind.map(Into::into),
+            limit,
+        };
+        let store = store.clone();
+        async move { ids(&store.list_events(&f).await.unwrap()) }
+    };
+    assert_eq!(read(Some(0), None, None, 3).await, [1, 2, 3]);
+    assert_eq!(read(Some(8), None, None, 100).await, [9, 10]);
+    // Without `after`: the newest, still oldest first.
+    assert_eq!(read(None, None, None, 3).await, [8, 9, 10]);
+    assert_eq!(
+        read(Some(0), Some("deployment/a"), None, 100).await,
+        [1, 4, 7, 10]
+    );
+    assert_eq!(
+        read(Some(0), Some("deployment"), None, 100).await,
+        [1, 2, 4, 5, 7, 8, 10]
+    );
+    assert_eq!(
+        read(Some(0), Some("node"), Some("node"), 100).await,
+        [3, 6, 9]
+    );
+    assert_eq!(
+        read(Some(0), None, Some("deployment.exited"), 100).await,
+        [2, 5, 8]
+    );
+    assert!(read(Some(0), Some("deploy"), None, 100).await.is_empty());
+    assert!(
+        read(Some(0), None, Some("deployment.exit"), 100)
+            .await
+            .is_empty()
+    );
+    // A family is not a prefix: `node` is not `nodes/..`.
+    store
+        .append_events(&[event(11, "nodes.x", "nodes/x", 1100)])
+        .await
+        .unwrap();
+    assert_eq!(read(Some(0), Some("node"), None, 100).await, [3, 6, 9]);
+
+    // Keep the newest 5, and nothing at or before 750 ms.
+    assert_eq!(store.prune_events(5, 0).await.unwrap(), 6);
+    assert_eq!(read(Some(0), None, None, 100).await, [7, 8, 9, 10, 11]);
+    store.prune_events(100, 800).await.unwrap();
+    assert_eq!(read(Some(0), None, None, 100).await, [9, 10, 11]);
+    store.prune_events(0, 0).await.unwrap();
+    assert!(read(Some(0), None, None, 100).await.is_empty());
+    // Everything pruned, the counter stays: the next id is never an old one.
+    assert_eq!(store.load_all().await.unwrap().event_high_water, 11);
 }

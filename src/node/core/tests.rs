@@ -115,6 +115,9 @@ fn running(id: &str, generation: u64, pid: u32) -> DeploymentStatus {
         stopped_at_ms: None,
         last_log_seq: 5,
         health_failures: 0,
+        healthy: None,
+        cron_restarts: 0,
+        restart_at_ms: None,
     }
 }
 

@@ -32,7 +32,7 @@ struct Running {
     process: RunningProcess,
     /// Dropping it aborts the monitor.
     health: JoinSet<()>,
-    unhealthy: mpsc::Receiver<String>,
+    verdicts: mpsc::Receiver<health::Verdict>,
     /// Stop settings of the spec the process was started with.
     signal: Signal,
     stop_timeout: Duration,
@@ -40,7 +40,7 @@ struct Running {
 
 enum ProcEvent {
     Exited(Option<i32>),
-    Unhealthy(String),
+    Health(health::Verdict),
 }
 
 /// See the module docs.
@@ -68,7 +68,7 @@ async fn next_proc_event(proc: &mut Option<Running>) -> ProcEvent {
     };
     tokio::select! {
         code = running.process.wait() => ProcEvent::Exited(code),
-        Some(detail) = running.unhealthy.recv() => ProcEvent::Unhealthy(detail),
+        Some(verdict) = running.verdicts.recv() => ProcEvent::Health(verdict),
     }
 }
 
@@ -136,7 +136,12 @@ impl Actor {
                 }
                 event = next_proc_event(&mut self.proc) => match event {
                     ProcEvent::Exited(code) => self.on_exit(code).await,
-                    ProcEvent::Unhealthy(detail) => self.on_unhealthy(detail).await,
+                    ProcEvent::Health(health::Verdict::Unhealthy(detail)) => {
+                        self.on_unhealthy(detail).await;
+                    }
+                    ProcEvent::Health(health::Verdict::Healthy) => {
+                        self.update(|s| s.healthy = Some(true));
+                    }
                 },
                 () = sleep_until_opt(self.backoff_until) => self.start().await,
                 () = sleep_until_opt(self.cron_at) => self.on_cron().await,
@@ -212,20 +217,20 @@ impl Actor {
         spec: &crate::spec::DeploymentSpec,
         process_spec: ProcessSpec,
     ) -> Running {
-        let (unhealthy_tx, unhealthy) = mpsc::channel(1);
+        let (verdict_tx, verdicts) = mpsc::channel(2);
         let mut health = JoinSet::new();
         if let Some(check) = spec.health_check.clone() {
             health.spawn(health::monitor(
                 check,
                 process_spec,
                 self.logs.clone(),
-                unhealthy_tx,
+                verdict_tx,
             ));
         }
         Running {
             process,
             health,
-            unhealthy,
+            verdicts,
             signal: signal_or_term(spec.stop_signal),
             stop_timeout: spec.stop_timeout,
         }
@@ -267,6 +272,7 @@ impl Actor {
         self.update(|s| {
             s.state = CurrentState::Starting;
             s.pid = None;
+            s.restart_at_ms = None;
         });
         let spec = self.cur.spec.clone();
         // A clone, so that waiting on it leaves the change for the main loop to handle.
@@ -320,6 +326,7 @@ impl Actor {
             s.pid = Some(pid);
             s.reason = None;
             s.started_at_ms = Some(started_at);
+            s.healthy = None;
         });
     }
 
@@ -369,7 +376,10 @@ impl Actor {
 
     async fn on_unhealthy(&mut self, detail: String) {
         let cause = format!("health check failed: {detail}");
-        self.update(|s| s.health_failures = s.health_failures.saturating_add(1));
+        self.update(|s| {
+            s.health_failures = s.health_failures.saturating_add(1);
+            s.healthy = Some(false);
+        });
         let decision = self.tracker.on_failure(self.elapsed_ms(), &self.budget());
         self.stop_running("failed health check").await;
         self.apply_decision(decision, cause);
@@ -384,10 +394,12 @@ impl Actor {
                 );
                 self.backoff_until = Some(Instant::now() + delay);
                 let restarts = self.tracker.total_restarts();
+                let at = wall_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(0));
                 self.update(|s| {
                     s.state = CurrentState::Backoff;
                     s.restart_count = restarts;
                     s.reason = Some(cause);
+                    s.restart_at_ms = Some(at);
                 });
             }
             Decision::GiveUp { reason } => {
@@ -547,6 +559,7 @@ impl Actor {
                     LogStream::SystemAr,
                     "scheduled restart triggered".to_owned(),
                 );
+                self.update(|s| s.cron_restarts = s.cron_restarts.saturating_add(1));
                 self.stop_running("scheduled restart").await;
                 self.start().await;
             }

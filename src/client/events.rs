@@ -1,0 +1,236 @@
+//! `symphony events`: the conductor's events log, one line each (`<time> <kind> <object>
+//! <message>`); with `--follow` it keeps printing new ones and, when the connection drops (a
+//! conductor restart), reconnects from the last id it printed, so nothing is missed or repeated.
+
+use std::future::Future;
+use std::io::Write;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat};
+use futures_util::StreamExt;
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite;
+
+use super::{Client, ClientError, Exit, ws_error};
+
+/// The longest wait between two reconnect attempts of `--follow`.
+const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// What `symphony events` shows.
+#[derive(Debug, Clone, Default)]
+pub struct EventsArgs {
+    /// Keep following new events.
+    pub follow: bool,
+    /// Only this deployment's (id, id prefix or name).
+    pub deployment: Option<String>,
+    /// Only this node's.
+    pub node: Option<String>,
+    /// Only this kind, or a family (`deployment`).
+    pub kind: Option<String>,
+    /// How many past events first.
+    pub limit: u32,
+    /// One JSON object per line instead of text.
+    pub json: bool,
+}
+
+/// One event as the API returns it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Event {
+    /// Monotonic id.
+    pub id: u64,
+    /// When, unix ms.
+    pub at_ms: i64,
+    /// `<type>.<verb>`.
+    pub kind: String,
+    /// `<type>/<id>`.
+    pub object: String,
+    /// One line.
+    pub message: String,
+    /// Details.
+    #[serde(default)]
+    pub fields: Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct Frame {
+    #[serde(default)]
+    events: Vec<Value>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// `<RFC3339 time> <kind> <object> <message>`, the object shortened to 12 characters of id.
+pub fn format_event(e: &Event) -> String {
+    let time = DateTime::from_timestamp_millis(e.at_ms).map_or_else(
+        || e.at_ms.to_string(),
+        |t| t.to_rfc3339_opts(SecondsFormat::Millis, true),
+    );
+    let object = match e.object.split_once('/') {
+        Some(("deployment", id)) => format!("deployment/{}", super::render::short_id(id)),
+        _ => e.object.clone(),
+    };
+    format!("{time} {:<26} {object:<24} {}", e.kind, e.message)
+}
+
+/// `symphony events`; runs until Ctrl-C with `follow`.
+pub async fn events(
+    api: &str,
+    args: &EventsArgs,
+    out: &mut impl Write,
+) -> Result<Exit, ClientError> {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    events_until(api, args, out, ctrl_c).await
+}
+
+/// [`events`] with an explicit stop signal instead of Ctrl-C (for embedding and tests).
+pub async fn events_until(
+    api: &str,
+    args: &EventsArgs,
+    out: &mut impl Write,
+    stop: impl Future<Output = ()>,
+) -> Result<Exit, ClientError> {
+    let client = Client::new(api)?;
+    let object = match (&args.deployment, &args.node) {
+        (Some(_), Some(_)) => {
+            return Err(ClientError::Usage(
+                "give --deployment or --node, not both".into(),
+            ));
+        }
+        (Some(d), None) => Some(format!("deployment/{}", client.resolve_id(d).await?)),
+        (None, Some(n)) => Some(format!("node/{n}")),
+        (None, None) => None,
+    };
+    let mut query = vec![("limit", args.limit.clamp(1, 1000).to_string())];
+    if let Some(o) = &object {
+        query.push(("object", o.clone()));
+    }
+    if let Some(k) = &args.kind {
+        query.push(("kind", k.clone()));
+    }
+    let past: Vec<Value> = client
+        .request(Method::GET, &["events"], &query, None)
+        .await?;
+    let mut last = print(out, &past, args.json)?.unwrap_or(0);
+    if !args.follow {
+        return Ok(Exit::Ok);
+    }
+    if last == 0 {
+        // Nothing matched yet: follow from the newest event of all.
+        let newest: Vec<Value> = client
+            .request(Method::GET, &["events"], &[("limit", "1".into())], None)
+            .await?;
+        last = newest.first().and_then(|e| e["id"].as_u64()).unwrap_or(0);
+    }
+    let mut stop = std::pin::pin!(stop);
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let mut url = client.url(&["ws", "events"])?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("after", &last.to_string());
+            if let Some(o) = &object {
+                q.append_pair("object", o);
+            }
+            if let Some(k) = &args.kind {
+                q.append_pair("kind", k);
+            }
+        }
+        url.set_scheme("ws")
+            .map_err(|()| ClientError::Usage(format!("cannot make a WebSocket URL from {api}")))?;
+        let connected = tokio::select! {
+            c = tokio_tungstenite::connect_async(url.as_str()) => c,
+            () = &mut stop => return Ok(Exit::Ok),
+        };
+        match connected {
+            Ok((mut ws, _)) => {
+                wait = Duration::from_millis(100);
+                let ended = loop {
+                    let next = tokio::select! {
+                        m = ws.next() => m,
+                        () = &mut stop => {
+                            let _ = ws.close(None).await;
+                            return Ok(Exit::Ok);
+                        }
+                    };
+                    let text = match next {
+                        None | Some(Ok(tungstenite::Message::Close(_)) | Err(_)) => break Ok(()),
+                        Some(Ok(tungstenite::Message::Text(t))) => t.as_str().to_owned(),
+                        Some(Ok(_)) => continue,
+                    };
+                    let frame: Frame = serde_json::from_str(&text)
+                        .map_err(|e| ClientError::Decode(format!("event frame: {e}")))?;
+                    if let Some(error) = frame.error {
+                        break Err(ClientError::Usage(error));
+                    }
+                    if let Some(id) = print(out, &frame.events, args.json)? {
+                        last = id;
+                    }
+                };
+                ended?;
+            }
+            // Not there (yet, or any more): the conductor may be restarting.
+            Err(e) => match ws_error(api, e) {
+                ClientError::Unreachable { .. } | ClientError::Transport(_) => {}
+                other => return Err(other),
+            },
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = &mut stop => return Ok(Exit::Ok),
+        }
+        wait = (wait * 2).min(MAX_RECONNECT_WAIT);
+    }
+}
+
+/// Prints events; the last id printed.
+fn print(out: &mut impl Write, events: &[Value], json: bool) -> Result<Option<u64>, ClientError> {
+    let mut last = None;
+    for v in events {
+        let e: Event = serde_json::from_value(v.clone())
+            .map_err(|e| ClientError::Decode(format!("event: {e}")))?;
+        let line = if json {
+            v.to_string()
+        } else {
+            format_event(&e)
+        };
+        match writeln!(out, "{line}") {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(last),
+            Err(e) => return Err(e.into()),
+        }
+        last = Some(e.id);
+    }
+    out.flush()?;
+    Ok(last)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_line_has_time_kind_short_object_and_message() {
+        let e = Event {
+            id: 7,
+            at_ms: 0,
+            kind: "deployment.exited".into(),
+            object: "deployment/0123456789abcdef0123456789abcdef".into(),
+            message: "web: exited with code 1".into(),
+            fields: Value::Null,
+        };
+        let line = format_event(&e);
+        assert!(
+            line.starts_with("1970-01-01T00:00:00.000Z deployment.exited"),
+            "{line}"
+        );
+        assert!(line.contains("deployment/0123456789ab "), "{line}");
+        assert!(line.ends_with("web: exited with code 1"), "{line}");
+    }
+}

@@ -125,6 +125,7 @@ fn heartbeat_frame(seq: u64) -> TimedHeartbeat {
                 temperature_c: 61.0,
                 power_w: 550.0,
             }],
+            deployment_gpus: Vec::new(),
         }),
         sent_unix_us: common::unix_us(),
     }
@@ -654,6 +655,7 @@ fn scrape_cost(sizes: &[usize]) -> Result<Value> {
     let mut out = Vec::new();
     for &n in sizes {
         let mut v = ClusterView::default();
+        let metrics = Metrics::default();
         for i in 0..n {
             let id = format!("node-{i:05}");
             let facts = NodeFacts {
@@ -676,9 +678,25 @@ fn scrape_cost(sizes: &[usize]) -> Result<Value> {
             };
             v.nodes
                 .insert(id.clone(), view::node(facts, Vec::new(), Some(conn)));
+            // Every node has a control-RTT histogram and runs one deployment on its GPU.
+            metrics.observe_rtt(&id, std::time::Duration::from_millis(31));
+            v.deployments.push(Arc::new(symphony::model::Deployment {
+                id: format!("{i:032x}").into(),
+                name: format!("train-{i}"),
+                status: Some(symphony::model::RunStatus {
+                    node_id: id.as_str().into(),
+                    gpus: vec![symphony::model::GpuUse {
+                        gpu_index: 0,
+                        memory_bytes: 40 << 30,
+                        util_percent: Some(87.0),
+                        processes: 1,
+                    }],
+                    ..symphony::model::RunStatus::default()
+                }),
+                ..symphony::model::Deployment::default()
+            }));
         }
         let v = Arc::new(v);
-        let metrics = Metrics::default();
         let (mut scrape, mut nodes_json) = (Vec::new(), Vec::new());
         let (mut scrape_bytes, mut json_bytes) = (0, 0);
         for _ in 0..5 {

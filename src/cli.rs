@@ -57,7 +57,7 @@ pub enum Command {
     /// Create a deployment from a spec file, or from a name and a command.
     Deploy(DeployArgs),
     /// List deployments.
-    Ps(ApiArgs),
+    Ps(PsArgs),
     /// Show (and follow) a deployment's logs.
     Logs(LogsArgs),
     /// Show (and follow) the events log: what happened, when and why.
@@ -246,6 +246,15 @@ pub struct LogsArgs {
     pub streams: Vec<String>,
     #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
     pub api: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PsArgs {
+    /// Also each deployment's pid and GPU use (memory and utilisation of its own processes).
+    #[arg(long, short = 'w')]
+    pub wide: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -535,6 +544,7 @@ async fn from_config(
                 keeper: crate::node::runner::Launcher::current_exe(),
                 keep_workloads: Arc::new(AtomicBool::new(keep_workloads)),
                 service_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                gpu_processes: None,
             };
             run_node_until_signal(cfg).await?;
         }
@@ -635,7 +645,7 @@ async fn client_command(cmd: Command) -> ExitCode {
             };
             client::deploy(&a.api, &args, &mut out).await
         }
-        Command::Ps(a) => client::ps(&a.api, a.json, &mut out).await,
+        Command::Ps(a) => client::ps(&a.api.api, a.api.json, a.wide, &mut out).await,
         Command::Nodes(a) => client::nodes(&a.api, a.json, &mut out).await,
         Command::Events(a) => {
             let args = client::events::EventsArgs {

@@ -289,8 +289,14 @@ async fn read_spec_file(path: &std::path::Path) -> Result<Value, ClientError> {
     parse_spec_text(&text, SpecFormat::from_path(path)).map_err(spec_err)
 }
 
-/// `symphony ps`: lists deployments as a table (or the raw JSON array with `--json`).
-pub async fn ps(api: &str, json: bool, out: &mut impl Write) -> Result<Exit, ClientError> {
+/// `symphony ps`: lists deployments as a table (or the raw JSON array with `--json`); `wide`
+/// adds each one's pid and GPU use.
+pub async fn ps(
+    api: &str,
+    json: bool,
+    wide: bool,
+    out: &mut impl Write,
+) -> Result<Exit, ClientError> {
     let client = Client::new(api)?;
     let raw = client.list_deployments().await?;
     if json {
@@ -302,7 +308,7 @@ pub async fn ps(api: &str, json: bool, out: &mut impl Write) -> Result<Exit, Cli
         .map(serde_json::from_value::<Deployment>)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ClientError::Decode(e.to_string()))?;
-    out.write_all(render::render_ps(&deployments, now_ms()).as_bytes())?;
+    out.write_all(render::render_ps(&deployments, now_ms(), wide).as_bytes())?;
     Ok(Exit::Ok)
 }
 

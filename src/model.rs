@@ -315,6 +315,23 @@ pub struct RunStatus {
     pub started_at_ms: Option<i64>,
     pub stopped_at_ms: Option<i64>,
     pub node_id: NodeId,
+    /// GPU use of its processes, per GPU of its node (empty without GPUs).
+    pub gpus: Vec<GpuUse>,
+}
+
+/// A deployment's use of one GPU: NVML's compute processes in its process group.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GpuUse {
+    /// NVML device index on its node.
+    pub gpu_index: u32,
+    /// GPU memory its processes hold.
+    pub memory_bytes: u64,
+    /// SM utilisation of its processes (summed, at most 100); `None` where the driver gives
+    /// no per-process figures.
+    pub util_percent: Option<f64>,
+    /// Its processes on this GPU.
+    pub processes: u32,
 }
 
 /// `GET /nodes`.

@@ -61,7 +61,7 @@ struct Frame {
     error: Option<String>,
 }
 
-/// `<RFC3339 time> <kind> <object> <message>`, the object shortened to 12 characters of id.
+/// `<RFC3339 time> <kind> <object> <message>`, a deployment's id shortened.
 pub fn format_event(e: &Event) -> String {
     let time = DateTime::from_timestamp_millis(e.at_ms).map_or_else(
         || e.at_ms.to_string(),
@@ -113,20 +113,25 @@ pub async fn events_until(
     if let Some(k) = &args.kind {
         query.push(("kind", k.clone()));
     }
-    let past: Vec<Value> = client
-        .request(Method::GET, &["events"], &query, None)
-        .await?;
-    let mut last = print(out, &past, args.json)?.unwrap_or(0);
-    if !args.follow {
-        return Ok(Exit::Ok);
-    }
-    if last == 0 {
-        // Nothing matched yet: follow from the newest event of all.
+    // Following starts after the newest event of all as of now (read first: whatever comes
+    // after it, matching or not, is followed).
+    let newest = if args.follow {
         let newest: Vec<Value> = client
             .request(Method::GET, &["events"], &[("limit", "1".into())], None)
             .await?;
-        last = newest.first().and_then(|e| e["id"].as_u64()).unwrap_or(0);
+        newest.first().and_then(|e| e["id"].as_u64()).unwrap_or(0)
+    } else {
+        0
+    };
+    let past: Vec<Value> = client
+        .request(Method::GET, &["events"], &query, None)
+        .await?;
+    let Printed { last, closed } = print(out, &past, args.json)?;
+    if !args.follow || closed {
+        return Ok(Exit::Ok);
     }
+    // The history may have reached past `newest` (events since): go on from what was printed.
+    let mut last = last.unwrap_or(0).max(newest);
     let mut stop = std::pin::pin!(stop);
     let mut wait = Duration::from_millis(100);
     loop {
@@ -149,7 +154,6 @@ pub async fn events_until(
         };
         match connected {
             Ok((mut ws, _)) => {
-                wait = Duration::from_millis(100);
                 let ended = loop {
                     let next = tokio::select! {
                         m = ws.next() => m,
@@ -168,8 +172,15 @@ pub async fn events_until(
                     if let Some(error) = frame.error {
                         break Err(ClientError::Usage(error));
                     }
-                    if let Some(id) = print(out, &frame.events, args.json)? {
+                    // Connected for real: the next drop starts the backoff afresh.
+                    wait = Duration::from_millis(100);
+                    let printed = print(out, &frame.events, args.json)?;
+                    if let Some(id) = printed.last {
                         last = id;
+                    }
+                    if printed.closed {
+                        let _ = ws.close(None).await;
+                        return Ok(Exit::Ok);
                     }
                 };
                 ended?;
@@ -188,8 +199,16 @@ pub async fn events_until(
     }
 }
 
-/// Prints events; the last id printed.
-fn print(out: &mut impl Write, events: &[Value], json: bool) -> Result<Option<u64>, ClientError> {
+/// What [`print`] did.
+struct Printed {
+    /// The last id printed.
+    last: Option<u64>,
+    /// The reader went away (`symphony events -f | head`): a normal end.
+    closed: bool,
+}
+
+/// Prints events.
+fn print(out: &mut impl Write, events: &[Value], json: bool) -> Result<Printed, ClientError> {
     let mut last = None;
     for v in events {
         let e: Event = serde_json::from_value(v.clone())
@@ -201,13 +220,21 @@ fn print(out: &mut impl Write, events: &[Value], json: bool) -> Result<Option<u6
         };
         match writeln!(out, "{line}") {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(last),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                return Ok(Printed { last, closed: true });
+            }
             Err(e) => return Err(e.into()),
         }
         last = Some(e.id);
     }
-    out.flush()?;
-    Ok(last)
+    match out.flush() {
+        Ok(()) => Ok(Printed {
+            last,
+            closed: false,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Printed { last, closed: true }),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
@@ -230,7 +257,7 @@ mod tests {
             line.starts_with("1970-01-01T00:00:00.000Z deployment.exited"),
             "{line}"
         );
-        assert!(line.contains("deployment/0123456789ab "), "{line}");
+        assert!(line.contains("deployment/01234567 "), "{line}");
         assert!(line.ends_with("web: exited with code 1"), "{line}");
     }
 }

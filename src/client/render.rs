@@ -126,10 +126,57 @@ pub fn ps_row(d: &Deployment, now_ms: i64) -> Vec<String> {
     ]
 }
 
-/// The whole `ps` table.
-pub fn render_ps(deployments: &[Deployment], now_ms: i64) -> String {
-    let rows: Vec<Vec<String>> = deployments.iter().map(|d| ps_row(d, now_ms)).collect();
-    render_table(&PS_HEADERS, &rows)
+/// Extra columns of `ps --wide`: the process and its GPU use (memory and SM utilisation of
+/// its own processes, per GPU, e.g. `0:3.2GiB/41%`).
+pub const PS_WIDE_HEADERS: [&str; 2] = ["PID", "GPU"];
+
+/// The `ps --wide` cells of one deployment.
+pub fn ps_wide_cells(d: &Deployment) -> [String; 2] {
+    let status = d.status.as_ref();
+    let pid = status
+        .and_then(|s| s.pid)
+        .map_or_else(|| "-".to_owned(), |p| p.to_string());
+    let gpus: Vec<String> = status
+        .map(|s| s.gpus.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|g| {
+            let util = g
+                .util_percent
+                .map_or_else(|| "-".to_owned(), |u| format!("{u:.0}%"));
+            format!(
+                "{}:{:.1}GiB/{util}",
+                g.gpu_index,
+                bytes_f64(g.memory_bytes) / GIB
+            )
+        })
+        .collect();
+    let gpu = if gpus.is_empty() {
+        "-".to_owned()
+    } else {
+        gpus.join(",")
+    };
+    [pid, gpu]
+}
+
+/// The whole `ps` table; `wide` adds [`PS_WIDE_HEADERS`].
+pub fn render_ps(deployments: &[Deployment], now_ms: i64, wide: bool) -> String {
+    let rows: Vec<Vec<String>> = deployments
+        .iter()
+        .map(|d| {
+            let mut row = ps_row(d, now_ms);
+            if wide {
+                row.extend(ps_wide_cells(d));
+            }
+            row
+        })
+        .collect();
+    if wide {
+        let headers: Vec<&str> = PS_HEADERS.iter().chain(&PS_WIDE_HEADERS).copied().collect();
+        render_table(&headers, &rows)
+    } else {
+        render_table(&PS_HEADERS, &rows)
+    }
 }
 
 /// Headers of the `nodes` table.
@@ -348,7 +395,29 @@ mod tests {
         assert_eq!(ps_row(&bare, 1_000_000 + 5_000)[0], "short");
         assert_eq!(ps_row(&bare, 1_000_000 + 5_000)[6], "5s");
 
-        let table = render_ps(&[running, pending], now);
+        let mut gpu = running.clone();
+        if let Some(s) = gpu.status.as_mut() {
+            s.pid = Some(77);
+            s.gpus = vec![
+                crate::model::GpuUse {
+                    gpu_index: 0,
+                    memory_bytes: 3 << 30,
+                    util_percent: Some(41.0),
+                    processes: 2,
+                },
+                crate::model::GpuUse {
+                    gpu_index: 1,
+                    memory_bytes: 1 << 29,
+                    util_percent: None,
+                    processes: 1,
+                },
+            ];
+        }
+        assert_eq!(ps_wide_cells(&gpu), ["77", "0:3.0GiB/41%,1:0.5GiB/-"]);
+        assert_eq!(ps_wide_cells(&pending), ["-", "-"]);
+        let wide = render_ps(std::slice::from_ref(&gpu), now, true);
+        assert!(wide.lines().next().unwrap().ends_with("PID  GPU"), "{wide}");
+        let table = render_ps(&[running, pending], now, false);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("ID        NAME   DESIRED"));

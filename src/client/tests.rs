@@ -194,7 +194,7 @@ fn finish_prints_validation_lines_plainly_and_maps_exits() {
 #[tokio::test]
 async fn bad_base_urls_are_usage_errors() {
     for api in ["not a url", "https://127.0.0.1:1", "ftp://x", "mailto:a@b"] {
-        let err = ps(api, false, &mut Vec::new()).await.unwrap_err();
+        let err = ps(api, false, false, &mut Vec::new()).await.unwrap_err();
         assert_eq!(err.exit(), Exit::Usage, "{api}: {err}");
     }
 }
@@ -420,7 +420,7 @@ async fn dead_api() -> String {
 async fn ps_prints_a_table_in_server_order() {
     let (api, mock) = start_mock().await;
     let mut out = Vec::new();
-    assert_eq!(ps(&api, false, &mut out).await.unwrap(), Exit::Ok);
+    assert_eq!(ps(&api, false, false, &mut out).await.unwrap(), Exit::Ok);
     let out = text(out);
     let expected = render_table(
         &render::PS_HEADERS,
@@ -459,7 +459,7 @@ async fn ps_prints_a_table_in_server_order() {
 async fn ps_json_prints_the_raw_array() {
     let (api, _mock) = start_mock().await;
     let mut out = Vec::new();
-    ps(&api, true, &mut out).await.unwrap();
+    ps(&api, true, false, &mut out).await.unwrap();
     let v: Value = serde_json::from_slice(&out).unwrap();
     let arr = v.as_array().unwrap();
     assert_eq!(arr.len(), 3);
@@ -743,7 +743,7 @@ async fn logs_of_a_silent_deployment_end_quietly() {
 async fn unreachable_conductor_has_a_clear_message() {
     let api = dead_api().await;
     let expected = format!("cannot reach the conductor at {api}: is `symphony dev` running?");
-    let err = ps(&api, false, &mut Vec::new()).await.unwrap_err();
+    let err = ps(&api, false, false, &mut Vec::new()).await.unwrap_err();
     assert_eq!(err.to_string(), expected);
     assert_eq!(err.exit(), Exit::Failure);
     let err = nodes(&api, false, &mut Vec::new()).await.unwrap_err();

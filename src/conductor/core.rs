@@ -169,6 +169,10 @@ struct Node {
     first_seen_ms: i64,
     /// The connection's remote address as last seen (a change is a path change).
     remote: Option<std::net::SocketAddr>,
+    /// Known from the store when the conductor started.
+    known_at_start: bool,
+    /// An env report arrived since the conductor started.
+    env_reported: bool,
 }
 
 /// What the events already said about derived states (a change is an event).
@@ -180,6 +184,11 @@ struct Said {
     unplaced: HashMap<String, scheduler::Unplaced>,
     /// Each service: whether it is up, and the path from each connector's node.
     services: HashMap<(String, String), (bool, BTreeMap<String, String>)>,
+    /// Copies the conductor itself told a node to stop (node, deployment) -> the deployment's
+    /// name and the copy's last report: their reports while they stop are still its story.
+    released: HashMap<(String, String), (String, wire::DeploymentStatus)>,
+    /// The first publish after a start happened (what it found was not news).
+    primed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -418,6 +427,7 @@ pub async fn start(
                 capacities_total: n.capacities_total,
                 last_seen_ms: now,
                 first_seen_ms: n.first_seen_ms,
+                known_at_start: true,
                 ..Node::default()
             },
         );
@@ -512,6 +522,12 @@ impl Core {
                 let r = match self.envs.get(&name).cloned() {
                     Some(env) => {
                         self.broadcast_env(&env, true);
+                        self.journal.note(narrate::env(
+                            "env.rerun",
+                            &name,
+                            format!("env {name}: every node recreates it"),
+                            json!({"nodes": self.nodes.len()}),
+                        ));
                         Ok(())
                     }
                     None => Err(CoreError::NotFound("Conda env not found")),
@@ -540,6 +556,9 @@ impl Core {
                         n.last_seen_ms = now;
                         n.last_heartbeat_ms = Some(now);
                         n.usage = Some(hb);
+                        if let Some(c) = &n.conn {
+                            self.metrics.observe_rtt(&node_id, c.session.facts().rtt);
+                        }
                     }
                     // Usage is published with the next tick; it changes nothing else.
                     self.dirty = true;
@@ -553,12 +572,12 @@ impl Core {
                     self.changed = true;
                     self.paths.disconnected(&node_id, now_ms());
                     tracing::info!(%node_id, "node disconnected");
-                    self.journal.note(
+                    self.journal.note(narrate::node(
                         "node.disconnected",
-                        super::events::object("node", &node_id),
+                        &node_id,
                         format!("node {node_id} disconnected"),
                         json!({"epoch": epoch}),
-                    );
+                    ));
                 }
             }
             CoreMsg::Tick => self.ticked = true,
@@ -578,38 +597,77 @@ impl Core {
             self.journal.written(batch);
         } else {
             self.journal.unwritten(batch);
+            // Whatever failed, the observed events must not fail every later write with it:
+            // they go alone now, or are dropped.
+            if self.journal.has_pending() {
+                let pending = self.journal.batch(Vec::new());
+                match self.store.append_events(&pending.events).await {
+                    Ok(()) => self.journal.written(pending),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        dropped = pending.events.len(),
+                        "could not write observed events; dropping them"
+                    ),
+                }
+            }
         }
         r
     }
 
-    /// Node liveness changes since the last flush (suspect, lost, back).
+    /// Writes the observed events that wait, if any.
+    async fn write_pending(&mut self) {
+        if self.journal.has_pending()
+            && let Err(e) = self
+                .persist(Vec::new(), async |s, ev| s.append_events(ev).await)
+                .await
+        {
+            tracing::warn!(error = %e, "could not write events");
+        }
+    }
+
+    /// Node liveness changes since the last flush (suspect, lost, back). A node known from
+    /// before a conductor start is followed from its first connection (its `node.connected`
+    /// says it is there), or from being lost if it never comes back.
     fn narrate_liveness(&mut self, nodes: &[scheduler::NodeView]) {
         use scheduler::NodeState;
         for n in nodes {
-            let before = self.said.node_states.insert(n.id.clone(), n.state);
+            let before = self.said.node_states.get(&n.id).copied();
+            if before == Some(n.state) {
+                continue;
+            }
+            let seen = self.nodes.get(&n.id).is_some_and(|x| x.connections > 0);
+            if before.is_none() && !seen && n.state != NodeState::Lost {
+                continue;
+            }
+            self.said.node_states.insert(n.id.clone(), n.state);
             let (kind, message) = match (before, n.state) {
-                (Some(b), s) if b == s => continue,
-                // A node first seen connects: its `node.connected` says so.
-                (None, _) => continue,
+                // First seen: its `node.connected` says so.
+                (None, NodeState::Online | NodeState::Suspect) => continue,
                 (_, NodeState::Suspect) => ("node.suspect", "suspect (silent or disconnected)"),
                 (_, NodeState::Lost) => ("node.lost", "lost: its deployments are re-placed"),
                 (_, NodeState::Online) => ("node.back", "back online"),
             };
-            self.journal.note(
+            self.journal.note(narrate::node(
                 kind,
-                super::events::object("node", &n.id),
+                &n.id,
                 format!("node {} {message}", n.id),
-                json!({"from": before.map(|b| b.as_str()), "to": n.state.as_str()}),
-            );
+                json!({"from": before.map(scheduler::NodeState::as_str), "to": n.state.as_str()}),
+            ));
         }
     }
 
     /// What an env report says changed on a node: envs that appeared (created there), went
     /// (removed there), and new problems (a failed create or removal).
     fn narrate_envs(&mut self, node_id: &str, report: &wire::EnvReport) {
-        let Some(n) = self.nodes.get(node_id) else {
+        let Some(n) = self.nodes.get_mut(node_id) else {
             return;
         };
+        // A node known from before a conductor start repeats what it reported then: its first
+        // report is where the story resumes.
+        let resumed = !std::mem::replace(&mut n.env_reported, true) && n.known_at_start;
+        if resumed {
+            return;
+        }
         let now: BTreeSet<&String> = report.env_names.iter().collect();
         let mut events = Vec::new();
         for name in now.iter().filter(|e| !n.env_names.contains(**e)) {
@@ -646,7 +704,7 @@ impl Core {
             ));
         }
         for ev in events {
-            self.journal.note(ev.kind, ev.object, ev.message, ev.fields);
+            self.journal.note(ev);
         }
     }
 
@@ -711,98 +769,127 @@ impl Core {
             let Some(before) = n.remote.replace(remote).filter(|b| *b != remote) else {
                 continue;
             };
-            self.journal.note(
+            self.journal.note(narrate::node(
                 "node.path_changed",
-                super::events::object("node", id),
+                id,
                 format!("node {id} path changed: {before} -> {remote}"),
                 json!({"from": before.to_string(), "to": remote.to_string()}),
-            );
+            ));
         }
     }
 
     /// Why deployments wait for a node, said when the reason appears or changes.
     fn narrate_unplaced(&mut self, reasons: &BTreeMap<String, scheduler::Unplaced>) {
-        self.said.unplaced.retain(|id, _| reasons.contains_key(id));
+        if self.said.unplaced.len() != reasons.len()
+            || self
+                .said
+                .unplaced
+                .keys()
+                .any(|id| !reasons.contains_key(id))
+        {
+            self.said.unplaced.retain(|id, _| reasons.contains_key(id));
+        }
         for (id, reason) in reasons {
-            if self.said.unplaced.insert(id.clone(), *reason) == Some(*reason) {
+            if self.said.unplaced.get(id) == Some(reason) {
                 continue;
             }
+            self.said.unplaced.insert(id.clone(), *reason);
             let name = self.deployments.get(id).map_or("", |d| d.name.as_str());
-            self.journal.note(
+            self.journal.note(narrate::deployment(
                 "deployment.unplaced",
-                super::events::object("deployment", id),
+                id,
                 format!("{name} waits for a node: {reason}"),
                 json!({"name": name, "reason": reason.to_string()}),
-            );
+            ));
         }
     }
 
-    /// Services going up or down, and each connector node's path switching (direct, relay).
-    fn narrate_services(
-        &mut self,
-        services: &[crate::model::ServiceInfo],
-        deployments: &[Arc<Deployment>],
-    ) {
-        let running: HashSet<&str> = deployments
-            .iter()
-            .filter(|d| d.current_state == Some(crate::model::CurrentState::Running))
-            .map(|d| d.id.as_str())
-            .collect();
-        let mut now = HashMap::with_capacity(services.len());
+    /// Services going up or down, and the path from each connector's node switching (direct,
+    /// relay). At most one service per port of the pool (2 000 by default), so a look at each
+    /// per publish is cheap.
+    fn narrate_services(&mut self, services: &[crate::model::ServiceInfo]) {
+        let reported = &self.reported;
+        let running = |id: &str, node: &str| {
+            reported.get(id).is_some_and(|r| {
+                r.node_id == node && r.status.state == crate::model::CurrentState::Running.as_str()
+            })
+        };
+        let mut seen = 0;
         for s in services {
-            let up = s.node_id.is_some() && running.contains(s.deployment_id.as_str());
-            let paths: BTreeMap<String, String> = s
-                .paths
-                .iter()
-                .map(|p| (p.node_id.clone(), p.path.clone()))
-                .collect();
-            now.insert((s.namespace.clone(), s.name.clone()), (up, paths));
-        }
-        let old = std::mem::take(&mut self.said.services);
-        for ((ns, name), (up, paths)) in &now {
-            let object = super::events::object("service", &format!("{ns}/{name}"));
-            let (was_up, was_paths) = old
-                .get(&(ns.clone(), name.clone()))
-                .map_or((false, None), |(u, p)| (*u, Some(p)));
-            if *up != was_up {
-                let (kind, verb) = if *up {
+            let up = s
+                .node_id
+                .as_deref()
+                .is_some_and(|n| running(&s.deployment_id, n));
+            let key = (s.namespace.clone(), s.name.clone());
+            let said = self.said.services.entry(key).or_default();
+            seen += 1;
+            let object =
+                || super::events::object("service", &format!("{}/{}", s.namespace, s.name));
+            let mut events = Vec::new();
+            if said.0 != up {
+                said.0 = up;
+                let (kind, verb) = if up {
                     ("service.up", "up")
                 } else {
                     ("service.down", "down")
                 };
-                self.journal.note(
+                events.push(NewEvent::new(
                     kind,
-                    object.clone(),
-                    format!("service {ns}/{name} {verb}"),
-                    json!({}),
-                );
+                    object(),
+                    format!("service {}/{} {verb}", s.namespace, s.name),
+                    json!({"deployment": s.deployment_id, "node": s.node_id}),
+                ));
             }
-            for (node, path) in paths {
-                let before = was_paths.and_then(|p| p.get(node));
-                if before != Some(path) {
-                    self.journal.note(
-                        "service.path_changed",
-                        object.clone(),
-                        match before {
-                            Some(b) => format!("service {ns}/{name} from {node}: {b} -> {path}"),
-                            None => format!("service {ns}/{name} from {node}: {path}"),
-                        },
-                        json!({"node": node, "from": before, "to": path}),
-                    );
+            for p in &s.paths {
+                if said.1.get(&p.node_id) == Some(&p.path) {
+                    continue;
+                }
+                let before = said.1.insert(p.node_id.clone(), p.path.clone());
+                let from = before
+                    .as_deref()
+                    .map_or(String::new(), |b| format!("{b} -> "));
+                events.push(NewEvent::new(
+                    "service.path_changed",
+                    object(),
+                    format!(
+                        "service {}/{} from {}: {from}{}",
+                        s.namespace, s.name, p.node_id, p.path
+                    ),
+                    json!({"node": p.node_id, "from": before, "to": p.path}),
+                ));
+            }
+            for ev in events {
+                self.journal.note(ev);
+            }
+        }
+        if seen != self.said.services.len() {
+            let now: HashSet<(&str, &str)> = services
+                .iter()
+                .map(|s| (s.namespace.as_str(), s.name.as_str()))
+                .collect();
+            let gone: Vec<(String, String)> = self
+                .said
+                .services
+                .keys()
+                .filter(|(ns, n)| !now.contains(&(ns.as_str(), n.as_str())))
+                .cloned()
+                .collect();
+            for (ns, name) in gone {
+                if self
+                    .said
+                    .services
+                    .remove(&(ns.clone(), name.clone()))
+                    .is_some_and(|s| s.0)
+                {
+                    self.journal.note(NewEvent::new(
+                        "service.down",
+                        super::events::object("service", &format!("{ns}/{name}")),
+                        format!("service {ns}/{name} down (gone)"),
+                        json!({}),
+                    ));
                 }
             }
         }
-        for ((ns, name), (was_up, _)) in &old {
-            if *was_up && !now.contains_key(&(ns.clone(), name.clone())) {
-                self.journal.note(
-                    "service.down",
-                    super::events::object("service", &format!("{ns}/{name}")),
-                    format!("service {ns}/{name} down (gone)"),
-                    json!({}),
-                );
-            }
-        }
-        self.said.services = now;
     }
 
     fn answer(&mut self, reply: Reply<()>, r: Result<(), CoreError>, schedule: bool) {
@@ -834,18 +921,14 @@ impl Core {
             // Usage arrived or a node's liveness changed since the last publish?
             publish |= ticked && (self.dirty || states != self.published_states);
             if publish {
+                // What the view is about to show is in the events log first (a client that
+                // sees RUNNING finds the `deployment.started` that says so).
+                self.write_pending().await;
                 self.publish(&nodes);
             }
             self.drive_paths();
         }
-        if self.journal.has_pending()
-            && let Err(e) = self
-                .persist(Vec::new(), async |s, ev| s.append_events(ev).await)
-                .await
-        {
-            // They stay pending and go with the next write.
-            tracing::warn!(error = %e, "could not write events");
-        }
+        self.write_pending().await;
         for (reply, r) in self.replies.drain(..) {
             let _ = reply.send(r);
         }
@@ -1031,6 +1114,23 @@ impl Core {
         // Its status reports while it stops are expected: no second Unassign, no fencing log.
         self.fenced
             .insert((node_id.to_owned(), deployment_id.to_owned(), generation));
+        // ... and they tell how it ended (exited, stopped): keep its last report to narrate
+        // them against.
+        if let Some(r) = self
+            .reported
+            .get(deployment_id)
+            .filter(|r| r.node_id == node_id && r.status.generation == generation.get())
+        {
+            let name = self
+                .deployments
+                .get(deployment_id)
+                .map(|d| d.name.clone())
+                .unwrap_or_default();
+            self.said.released.insert(
+                (node_id.to_owned(), deployment_id.to_owned()),
+                (name, r.status.clone()),
+            );
+        }
         let command_id = self.command_id();
         let msg = wire::conductor_message::Msg::Unassign(wire::Unassign {
             deployment_id: deployment_id.to_owned(),
@@ -1193,7 +1293,8 @@ impl Core {
                     new.desired_state.as_str()
                 )
             },
-            json!({"name": new.name, "changed": changed, "desired_state": new.desired_state.as_str()}),
+            json!({"name": new.name, "changed": changed, "desired_state": new.desired_state.as_str(),
+                "released_from": release.as_ref().filter(|(_, clear)| *clear).map(|(a, _)| &a.node_id)}),
         )];
         let assignment = match &release {
             Some((_, true)) => AssignmentChange::Clear,
@@ -1293,6 +1394,9 @@ impl Core {
 
     /// Drops a deleted deployment from memory and stops it on its node.
     fn forget(&mut self, id: &str) {
+        if let Some(a) = self.assignments.remove(id) {
+            self.unassign(&a.node_id, id, a.generation);
+        }
         self.awaiting_running.remove(id);
         self.services.remove(id);
         self.connects.remove(id);
@@ -1300,9 +1404,6 @@ impl Core {
         self.specs.remove(id);
         self.reported.remove(id);
         self.logs.remove(id);
-        if let Some(a) = self.assignments.remove(id) {
-            self.unassign(&a.node_id, id, a.generation);
-        }
     }
 
     async fn create_env(&mut self, rec: CondaEnvRecord) -> Result<(), CoreError> {
@@ -1583,10 +1684,17 @@ impl Core {
                         st.health_failures.saturating_sub(p.health_failures),
                     ));
                 }
-                if previous.is_some() || !inventory {
+                // Narrated against the node's last report of any generation: its counters
+                // (health failures, cron restarts) live as long as the node's copy.
+                let told = self
+                    .reported
+                    .get(&id)
+                    .filter(|r| r.node_id == node_id)
+                    .map(|r| &r.status);
+                if told.is_some() || !inventory {
                     let name = self.deployments.get(&id).map_or("", |d| d.name.as_str());
-                    for ev in narrate::status(name, node_id, previous, &st) {
-                        self.journal.note(ev.kind, ev.object, ev.message, ev.fields);
+                    for ev in narrate::status(name, node_id, told, &st) {
+                        self.journal.note(ev);
                     }
                 }
                 if st.state == crate::model::CurrentState::Running.as_str()
@@ -1623,16 +1731,28 @@ impl Core {
             _ => {
                 // One Unassign per stale copy: its further status reports (while it stops) need
                 // no second one; a new Hello clears this so a copy that survived is fenced again.
+                let key = (node_id.to_owned(), id.clone());
+                if let Some((name, told)) = self
+                    .said
+                    .released
+                    .get_mut(&key)
+                    .filter(|(_, t)| t.generation == st.generation)
+                {
+                    for ev in narrate::status(name, node_id, Some(told), &st) {
+                        self.journal.note(ev);
+                    }
+                    *told = st.clone();
+                }
                 if self.fenced.insert((node_id.to_owned(), id.clone(), held)) {
                     tracing::info!(%node_id, %id, generation = %held, "fencing: node holds a copy it should not; unassigning");
-                    self.journal.note(
+                    self.journal.note(narrate::deployment(
                         "deployment.fenced",
-                        super::events::object("deployment", &id),
+                        &id,
                         format!(
                             "node {node_id} holds a copy (generation {held}) it should not; told to stop it"
                         ),
                         json!({"node": node_id, "generation": held, "assigned": ours.map(|a| json!({"node": a.node_id, "generation": a.generation}))}),
-                    );
+                    ));
                     self.unassign(node_id, &id, held);
                 }
             }
@@ -1686,6 +1806,7 @@ impl Core {
                 }
                 for id in update.removed {
                     self.fenced.retain(|(n, d, _)| !(n == node_id && *d == id));
+                    self.said.released.remove(&(node_id.to_owned(), id.clone()));
                     if self.reported.get(&id).is_some_and(|r| r.node_id == node_id) {
                         self.reported.remove(&id);
                         self.changed = true;
@@ -1880,12 +2001,29 @@ impl Core {
         self.published_states = nodes.iter().map(|n| n.state).collect();
         let deps = self.sched_deployments();
         let reasons = scheduler::reasons(nodes, &deps, self.cfg.strategy);
+        // What the first publish after a start finds is where the story resumes.
+        self.journal.quiet = !self.said.primed;
         self.narrate_unplaced(&reasons);
         let reserved = scheduler::reserved(nodes, &deps);
         let any_online = nodes
             .iter()
             .any(|n| n.state == scheduler::NodeState::Online);
 
+        // GPU use per deployment, from the heartbeat of the node it is assigned to.
+        let mut gpus: HashMap<&str, Vec<wire::DeploymentGpu>> = HashMap::new();
+        for (node_id, n) in &self.nodes {
+            for g in n.usage.iter().flat_map(|u| &u.deployment_gpus) {
+                if self
+                    .assignments
+                    .get(&g.deployment_id)
+                    .is_some_and(|a| &a.node_id == node_id)
+                {
+                    gpus.entry(g.deployment_id.as_str())
+                        .or_default()
+                        .push(g.clone());
+                }
+            }
+        }
         let mut masked = HashMap::with_capacity(self.deployments.len());
         let mut deployments: Vec<Arc<Deployment>> = self
             .deployments
@@ -1918,6 +2056,7 @@ impl Core {
                     reported: reported.map(|r| (r.node_id.as_str(), &r.status)),
                     unplaced: reasons.get(&d.id).copied(),
                     any_online,
+                    gpus: gpus.get(d.id.as_str()).map_or(&[], Vec::as_slice),
                 };
                 Arc::new(view::deployment(facts, spec))
             })
@@ -2006,8 +2145,10 @@ impl Core {
                 paths: self.service_paths(s),
             })
             .collect();
-        self.narrate_services(&services, &deployments);
+        self.narrate_services(&services);
         self.narrate_paths();
+        self.journal.quiet = false;
+        self.said.primed = true;
         self.view.send_replace(Arc::new(ClusterView {
             deployments,
             nodes: node_views,

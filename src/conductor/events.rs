@@ -31,6 +31,8 @@ const LIVE_CAPACITY: usize = 4096;
 pub const MAX_LIMIT: u32 = 1000;
 /// Events one read returns by default.
 pub const DEFAULT_LIMIT: u32 = 100;
+/// Most observed events that wait for a write.
+const MAX_PENDING: usize = 100_000;
 
 /// One recorded event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +113,9 @@ impl Default for Retention {
 pub struct Journal {
     next_id: u64,
     enabled: bool,
+    /// Observed events are not recorded (the core's first look after a start, where the
+    /// state it finds is where the story resumes, not news).
+    pub quiet: bool,
     pending: Vec<Event>,
     live: broadcast::Sender<Arc<Event>>,
 }
@@ -131,6 +136,7 @@ impl Journal {
         Self {
             next_id: high_water.saturating_add(1),
             enabled,
+            quiet: false,
             pending: Vec::new(),
             live: broadcast::channel(LIVE_CAPACITY).0,
         }
@@ -141,7 +147,13 @@ impl Journal {
         self.live.clone()
     }
 
-    fn make(&mut self, kind: &str, object: String, message: String, fields: Value) -> Event {
+    fn make(
+        &mut self,
+        kind: &'static str,
+        object: String,
+        message: String,
+        fields: Value,
+    ) -> Event {
         let id = self.next_id;
         self.next_id += 1;
         Event {
@@ -154,10 +166,18 @@ impl Journal {
         }
     }
 
-    /// Records an observed event; it is written with the next transaction.
-    pub fn note(&mut self, kind: &str, object: String, message: String, fields: Value) {
-        if self.enabled {
-            let e = self.make(kind, object, message, fields);
+    /// Records an observed event; it is written with the next transaction. At most
+    /// [`MAX_PENDING`] wait (a store that keeps failing must not grow this without bound); the
+    /// oldest go first.
+    pub fn note(&mut self, e: NewEvent) {
+        if self.enabled && !self.quiet {
+            if self.pending.len() >= MAX_PENDING {
+                self.pending.remove(0);
+                tracing::warn!(
+                    "events log: too many events wait to be written; dropping the oldest"
+                );
+            }
+            let e = self.make(e.kind, e.object, e.message, e.fields);
             self.pending.push(e);
         }
     }
@@ -325,7 +345,7 @@ mod tests {
     fn ids_follow_the_high_water_and_a_failed_write_gives_back_only_its_own() {
         let mut j = Journal::new(41, true);
         let mut live = j.sender().subscribe();
-        j.note("a.b", "a/1".into(), "seen".into(), json!({}));
+        j.note(NewEvent::new("a.b", "a/1".into(), "seen".into(), json!({})));
         let b = j.batch(own(2));
         assert_eq!(
             b.events.iter().map(|e| e.id).collect::<Vec<_>>(),
@@ -345,9 +365,9 @@ mod tests {
         assert_eq!(live.try_recv().unwrap().id, 42);
         assert_eq!(live.try_recv().unwrap().id, 43);
         // Observed events noted while a write was out come after the given-back ones.
-        j.note("a.b", "a/1".into(), String::new(), json!({}));
+        j.note(NewEvent::new("a.b", "a/1".into(), String::new(), json!({})));
         let b = j.batch(own(1));
-        j.note("a.c", "a/1".into(), String::new(), json!({}));
+        j.note(NewEvent::new("a.c", "a/1".into(), String::new(), json!({})));
         j.unwritten(b);
         let b = j.batch(Vec::new());
         let ids: Vec<u64> = b.events.iter().map(|e| e.id).collect();
@@ -359,7 +379,7 @@ mod tests {
     #[test]
     fn a_disabled_journal_records_nothing() {
         let mut j = Journal::new(0, false);
-        j.note("a.b", "a/1".into(), String::new(), json!({}));
+        j.note(NewEvent::new("a.b", "a/1".into(), String::new(), json!({})));
         assert!(!j.has_pending());
         assert!(j.batch(own(3)).events.is_empty());
     }

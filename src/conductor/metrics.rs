@@ -14,6 +14,7 @@ use prometheus_client::encoding::{
 };
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -48,6 +49,22 @@ pub struct Metrics {
     pub scheduling_pass: Histogram,
     /// A deployment's creation to its first RUNNING report, seconds.
     pub post_to_running: Histogram,
+    /// Each node's control round trip (its connection's RTT, sampled at every heartbeat),
+    /// seconds, by `node`.
+    pub control_rtt: Family<Vec<(&'static str, String)>, Histogram>,
+}
+
+/// Buckets of [`Metrics::control_rtt`]: few, since there is one histogram per node (5 000 nodes
+/// must stay a small scrape): LAN, region, continent, world, broken.
+const RTT_BUCKETS: [f64; 5] = [0.002, 0.02, 0.1, 0.3, 1.0];
+
+impl Metrics {
+    /// Records one control round trip of `node`.
+    pub fn observe_rtt(&self, node: &str, rtt: std::time::Duration) {
+        self.control_rtt
+            .get_or_create(&vec![("node", node.to_owned())])
+            .observe(rtt.as_secs_f64());
+    }
 }
 
 impl Default for Metrics {
@@ -65,6 +82,8 @@ impl Default for Metrics {
         let scheduling_pass = Histogram::new(exponential_buckets(0.000_05, 2.0, 20));
         // 1 ms .. ~65 s, doubling.
         let post_to_running = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        let control_rtt: Family<Vec<(&'static str, String)>, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(RTT_BUCKETS));
         registry.register(
             "placements",
             "Assignments made (placements, re-placements, new generations)",
@@ -115,8 +134,14 @@ impl Default for Metrics {
             "From a deployment's creation to its first RUNNING report",
             post_to_running.clone(),
         );
+        registry.register(
+            "node_control_rtt_seconds",
+            "Control round trip per node (its connection's RTT at each heartbeat)",
+            control_rtt.clone(),
+        );
         Self {
             registry,
+            control_rtt,
             placements,
             restarts,
             health_failures,
@@ -337,6 +362,35 @@ impl Collector for Fleet {
             "GPU power draw",
             |s| gpus(s, |g| g.power_w),
         )?;
+        let deployment_gpus = |s: &mut Series<'_>, f: fn(&crate::model::GpuUse) -> Option<f64>| {
+            view.deployments.iter().try_for_each(|d| {
+                let Some(st) = &d.status else { return Ok(()) };
+                st.gpus.iter().try_for_each(|g| match f(g) {
+                    Some(v) => s.put(
+                        &[
+                            ("deployment", d.id.as_str()),
+                            ("name", &d.name),
+                            ("node", st.node_id.as_str()),
+                            ("gpu", &g.gpu_index.to_string()),
+                        ],
+                        v,
+                    ),
+                    None => Ok(()),
+                })
+            })
+        };
+        gauge_family(
+            &mut e,
+            "symphony_deployment_gpu_memory_bytes",
+            "GPU memory a deployment's processes hold, per GPU",
+            |s| deployment_gpus(s, |g| Some(g.memory_bytes as f64)),
+        )?;
+        gauge_family(
+            &mut e,
+            "symphony_deployment_gpu_utilization_percent",
+            "SM utilisation of a deployment's processes, per GPU (where the driver gives it)",
+            |s| deployment_gpus(s, |g| g.util_percent),
+        )?;
         type C = crate::model::NodeConnection;
         let conns = |s: &mut Series<'_>, f: fn(&C) -> f64| {
             nodes().try_for_each(|(id, n)| match &n.connection {
@@ -409,6 +463,23 @@ mod tests {
             ..Gpu::default()
         });
         view.nodes.insert("gpu-1".to_owned(), n);
+        view.deployments
+            .push(std::sync::Arc::new(crate::model::Deployment {
+                id: "d1".into(),
+                name: "train".to_owned(),
+                status: Some(crate::model::RunStatus {
+                    node_id: "gpu-1".into(),
+                    gpus: vec![crate::model::GpuUse {
+                        gpu_index: 0,
+                        memory_bytes: 1024,
+                        util_percent: Some(40.0),
+                        processes: 1,
+                    }],
+                    ..crate::model::RunStatus::default()
+                }),
+                ..crate::model::Deployment::default()
+            }));
+        m.observe_rtt("gpu-1", std::time::Duration::from_millis(15));
         let text = render(&m, &std::sync::Arc::new(view)).unwrap();
         for line in [
             "symphony_placements_total 1",
@@ -421,6 +492,10 @@ mod tests {
             "symphony_node_gpu_temperature_celsius{node=\"gpu-1\",gpu=\"0\"} 71",
             "symphony_node_rtt_seconds{node=\"gpu-1\"} 0.0125",
             "symphony_node_reconnects{node=\"gpu-1\"} 2",
+            "symphony_deployment_gpu_memory_bytes{deployment=\"d1\",name=\"train\",node=\"gpu-1\",gpu=\"0\"} 1024",
+            "symphony_deployment_gpu_utilization_percent{deployment=\"d1\",name=\"train\",node=\"gpu-1\",gpu=\"0\"} 40",
+            "symphony_node_control_rtt_seconds_bucket{node=\"gpu-1\",le=\"0.02\"} 1",
+            "symphony_node_control_rtt_seconds_count{node=\"gpu-1\"} 1",
         ] {
             assert!(
                 text.lines()

@@ -367,14 +367,7 @@ impl Store {
         .await
         .map_err(db_err)?;
         found(done.rows_affected())?;
-        sqlx::query("DELETE FROM services WHERE deployment_id = $1")
-            .bind(&d.id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        for s in services {
-            insert_service_on(&mut tx, &d.id, s).await?;
-        }
+        replace_services_on(&mut tx, &d.id, services).await?;
         match assignment {
             AssignmentChange::Keep => {}
             AssignmentChange::Clear => {
@@ -441,14 +434,7 @@ impl Store {
         services: &[Service],
     ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        sqlx::query("DELETE FROM services WHERE deployment_id = $1")
-            .bind(deployment_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        for s in services {
-            insert_service_on(&mut tx, deployment_id, s).await?;
-        }
+        replace_services_on(&mut tx, deployment_id, services).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -773,13 +759,7 @@ impl Store {
                 .map_err(db_err)?;
         }
         for (a, generation) in set.iter().zip(checked) {
-            sqlx::query(UPSERT_ASSIGNMENT)
-                .bind(&a.deployment_id)
-                .bind(&a.node_id)
-                .bind(generation)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
+            upsert_assignment_on(&mut tx, a, generation).await?;
         }
         sqlx::query(BUMP_COUNTER)
             .bind(high)
@@ -1025,18 +1005,28 @@ fn event_from_row(row: &SqliteRow) -> Result<Event, StoreError> {
     })
 }
 
+async fn upsert_assignment_on(
+    conn: &mut sqlx::SqliteConnection,
+    a: &AssignmentRecord,
+    generation: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(UPSERT_ASSIGNMENT)
+        .bind(&a.deployment_id)
+        .bind(&a.node_id)
+        .bind(generation)
+        .execute(conn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+/// Sets one assignment and raises the generation counter to its generation.
 async fn set_assignment_on(
     conn: &mut sqlx::SqliteConnection,
     a: &AssignmentRecord,
 ) -> Result<(), StoreError> {
     let generation = generation_to_db(a.generation)?;
-    sqlx::query(UPSERT_ASSIGNMENT)
-        .bind(&a.deployment_id)
-        .bind(&a.node_id)
-        .bind(generation)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
+    upsert_assignment_on(&mut *conn, a, generation).await?;
     sqlx::query(BUMP_COUNTER)
         .bind(generation)
         .bind(GENERATION_COUNTER)
@@ -1080,6 +1070,23 @@ async fn insert_service_on(
         .execute(conn)
         .await
         .map_err(db_err)?;
+    Ok(())
+}
+
+/// Replaces the services `deployment_id` binds.
+async fn replace_services_on(
+    conn: &mut sqlx::SqliteConnection,
+    deployment_id: &str,
+    services: &[Service],
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM services WHERE deployment_id = $1")
+        .bind(deployment_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    for s in services {
+        insert_service_on(&mut *conn, deployment_id, s).await?;
+    }
     Ok(())
 }
 

@@ -55,6 +55,8 @@ pub struct DeploymentFacts<'a> {
     pub unplaced: Option<Unplaced>,
     /// Whether any node is online.
     pub any_online: bool,
+    /// Its GPU use, from its node's last heartbeat.
+    pub gpus: &'a [wire::DeploymentGpu],
 }
 
 /// The API's view of one deployment; `specification` is the masked spec.
@@ -70,6 +72,16 @@ pub fn deployment(f: DeploymentFacts<'_>, specification: Arc<Value>) -> Deployme
         started_at_ms: s.started_at_ms,
         stopped_at_ms: s.stopped_at_ms,
         node_id: NodeId::from(node_id),
+        gpus: f
+            .gpus
+            .iter()
+            .map(|g| crate::model::GpuUse {
+                gpu_index: g.gpu_index,
+                memory_bytes: g.memory_bytes,
+                util_percent: g.util_percent,
+                processes: g.processes,
+            })
+            .collect(),
     });
     Deployment {
         id: DeploymentId::from(d.id.as_str()),
@@ -397,6 +409,7 @@ mod tests {
             reported: None,
             unplaced: None,
             any_online: false,
+            gpus: &[],
         };
         let reason = |f: DeploymentFacts<'_>| deployment(f, spec.clone()).assignment_reason;
         assert_eq!(reason(facts).as_deref(), Some("No Node"));
@@ -458,7 +471,7 @@ mod tests {
                 "assignment_reason": null,
                 "status": {"state": "BACKOFF", "pid": 42, "restart_count": 2, "last_exit_code": -9,
                            "reason": null, "generation": 7, "started_at_ms": 10,
-                           "stopped_at_ms": null, "node_id": "n1"}
+                           "stopped_at_ms": null, "node_id": "n1", "gpus": []}
             })
         );
         // The client reads exactly what the conductor writes.
@@ -519,6 +532,7 @@ mod tests {
                 ..mount
             }],
             gpus: vec![gpu],
+            deployment_gpus: Vec::new(),
         };
         (res, hb)
     }

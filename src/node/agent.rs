@@ -71,6 +71,8 @@ pub struct NodeConfig {
     /// `127.0.0.1` (what `SYMPH_*_HOST` says); another one only to run several agents on one
     /// host (tests, benchmarks).
     pub service_ip: std::net::IpAddr,
+    /// Where the processes on the GPUs come from; `None`: NVML (tests put a fake here).
+    pub gpu_processes: Option<Arc<dyn super::monitor::GpuProcessSource>>,
 }
 
 impl NodeConfig {
@@ -98,6 +100,7 @@ impl NodeConfig {
             keeper: Launcher::current_exe(),
             keep_workloads: Arc::new(AtomicBool::new(false)),
             service_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            gpu_processes: None,
         })
     }
 }
@@ -189,6 +192,9 @@ pub async fn run_with_store(
     tracing::info!(held = restored.len(), adoptable = adoptable.len(), node_id = %cfg.node_id, "node agent started");
 
     let mut monitor = Monitor::new();
+    if let Some(source) = cfg.gpu_processes.clone() {
+        monitor.set_gpu_processes(source);
+    }
     let me = Identity {
         node_id: cfg.node_id.clone(),
         groups: cfg.groups.clone(),
@@ -200,7 +206,7 @@ pub async fn run_with_store(
     let mut tasks = JoinSet::new();
     // Usage sampling, about once per heartbeat period, off the async workers.
     {
-        let (period, cancel) = (cfg.heartbeat, cancel.clone());
+        let (period, cancel, sup) = (cfg.heartbeat, cancel.clone(), sup.clone());
         tasks.spawn(async move {
             // Only this task samples; the lock is what lets the sample move to a blocking
             // thread and back.
@@ -213,9 +219,21 @@ pub async fn run_with_store(
                     _ = tick.tick() => {}
                 }
                 let m = monitor.clone();
-                let sample =
-                    tokio::task::spawn_blocking(move || m.lock().ok().map(|mut m| m.sample()))
-                        .await;
+                // Each running deployment's process leads its own process group.
+                let leaders: HashMap<u32, String> = sup
+                    .status()
+                    .into_iter()
+                    .filter_map(|s| Some((s.pid?, s.id)))
+                    .collect();
+                let sample = tokio::task::spawn_blocking(move || {
+                    let mut s = m.lock().ok().map(|mut m| m.sample())?;
+                    if !s.gpu_processes.is_empty() {
+                        s.deployment_gpus =
+                            super::monitor::per_deployment(&s.gpu_processes, &leaders, group_of);
+                    }
+                    Some(s)
+                })
+                .await;
                 if let Ok(Some(s)) = sample {
                     usage_tx.send_replace(Some(s));
                 }
@@ -780,6 +798,14 @@ async fn env_job(envs: &Envs, job: EnvJob) -> EnvOutcome {
             created: envs.created().await,
         },
     }
+}
+
+/// The process group of `pid` (`None` once it is gone).
+fn group_of(pid: u32) -> Option<u32> {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?);
+    nix::unistd::getpgid(Some(pid))
+        .ok()
+        .and_then(|g| u32::try_from(g.as_raw()).ok())
 }
 
 #[cfg(test)]

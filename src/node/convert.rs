@@ -93,6 +93,17 @@ pub(crate) fn heartbeat_wire(seq: u64, s: &UsageSample) -> wire::Heartbeat {
         mem_cached_bytes: s.memory.cached_bytes,
         storage: s.storage.iter().map(mount_wire).collect(),
         gpus: s.gpus.iter().map(gpu_usage_wire).collect(),
+        deployment_gpus: s
+            .deployment_gpus
+            .iter()
+            .map(|d| wire::DeploymentGpu {
+                deployment_id: d.deployment_id.clone(),
+                gpu_index: d.gpu_index,
+                memory_bytes: d.memory_bytes,
+                util_percent: d.util_percent,
+                processes: d.processes,
+            })
+            .collect(),
     }
 }
 

@@ -13,8 +13,10 @@
 //! - CPU percentages are deltas between two refreshes: the first sample after construction may
 //!   read 0; later samples (>= 200 ms apart) are meaningful.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
@@ -96,6 +98,135 @@ pub struct UsageSample {
     pub storage: Vec<StorageUsage>,
     /// NVIDIA GPUs (empty without NVML).
     pub gpus: Vec<GpuUsage>,
+    /// The processes on the GPUs (empty without NVML).
+    pub gpu_processes: Vec<GpuProcess>,
+    /// GPU use per deployment (the caller maps `gpu_processes`, see [`per_deployment`]).
+    pub deployment_gpus: Vec<DeploymentGpu>,
+}
+
+/// One process on a GPU, as the driver sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GpuProcess {
+    /// NVML device index.
+    pub gpu_index: u32,
+    /// Host pid.
+    pub pid: u32,
+    /// GPU memory it holds, where the driver says.
+    pub memory_bytes: Option<u64>,
+    /// Percent of the last sample period its kernels ran on the SMs, where the driver offers
+    /// per-process figures.
+    pub sm_util_percent: Option<u32>,
+}
+
+/// GPU use of one deployment on one GPU.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeploymentGpu {
+    /// The deployment.
+    pub deployment_id: String,
+    /// NVML device index.
+    pub gpu_index: u32,
+    /// GPU memory its processes hold.
+    pub memory_bytes: u64,
+    /// Its processes' SM utilisation summed (at most 100); `None` without per-process figures.
+    pub util_percent: Option<f64>,
+    /// How many of its processes use this GPU.
+    pub processes: u32,
+}
+
+/// Where the processes on the GPUs come from: NVML on a real node, a fake in tests. NVML's
+/// device utilisation alone misleads (one busy loop reads 100 %), so use is reported per
+/// process and mapped to deployments.
+pub trait GpuProcessSource: Send + Sync + std::fmt::Debug {
+    /// The processes using a GPU now.
+    fn processes(&self) -> Vec<GpuProcess>;
+}
+
+/// [`GpuProcessSource`] over NVML: running compute processes with their memory, and the
+/// per-process SM utilisation since the previous call where the driver offers it.
+#[derive(Debug)]
+struct NvmlProcesses {
+    nvml: Arc<Nvml>,
+    /// NVML's timestamp (µs) of the newest utilisation sample seen.
+    last_seen_us: AtomicU64,
+}
+
+impl GpuProcessSource for NvmlProcesses {
+    fn processes(&self) -> Vec<GpuProcess> {
+        let Ok(count) = self.nvml.device_count() else {
+            return Vec::new();
+        };
+        let since = self.last_seen_us.load(Ordering::Relaxed);
+        let mut newest = since;
+        let mut out = Vec::new();
+        for i in 0..count {
+            let Ok(device) = self.nvml.device_by_index(i) else {
+                continue;
+            };
+            let index = device.index().unwrap_or(i);
+            // Not supported on every GPU or driver: then memory only.
+            let util: HashMap<u32, u32> = device
+                .process_utilization_stats(since)
+                .map(|samples| {
+                    samples
+                        .into_iter()
+                        .map(|s| {
+                            newest = newest.max(s.timestamp);
+                            (s.pid, s.sm_util)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for p in device.running_compute_processes().unwrap_or_default() {
+                out.push(GpuProcess {
+                    gpu_index: index,
+                    pid: p.pid,
+                    memory_bytes: match p.used_gpu_memory {
+                        nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => Some(b),
+                        nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
+                    },
+                    sm_util_percent: util.get(&p.pid).copied().or_else(|| {
+                        // Sampled, but idle in the period: 0 rather than unknown.
+                        (!util.is_empty()).then_some(0)
+                    }),
+                });
+            }
+        }
+        self.last_seen_us.store(newest, Ordering::Relaxed);
+        out
+    }
+}
+
+/// Sums GPU processes per deployment and GPU. `leaders` maps a deployment's process-group id
+/// (its process's pid) to the deployment; `group_of` gives a pid's process group (children of a
+/// workload share its group). Processes of no deployment are left out.
+pub fn per_deployment(
+    processes: &[GpuProcess],
+    leaders: &HashMap<u32, String>,
+    group_of: impl Fn(u32) -> Option<u32>,
+) -> Vec<DeploymentGpu> {
+    let mut by: BTreeMap<(&str, u32), DeploymentGpu> = BTreeMap::new();
+    for p in processes {
+        let owner = leaders
+            .get(&p.pid)
+            .or_else(|| group_of(p.pid).and_then(|g| leaders.get(&g)));
+        let Some(id) = owner else { continue };
+        let e = by
+            .entry((id.as_str(), p.gpu_index))
+            .or_insert_with(|| DeploymentGpu {
+                deployment_id: id.clone(),
+                gpu_index: p.gpu_index,
+                memory_bytes: 0,
+                util_percent: Some(0.0),
+                processes: 0,
+            });
+        e.memory_bytes += p.memory_bytes.unwrap_or(0);
+        e.util_percent = match (e.util_percent, p.sm_util_percent) {
+            (Some(sum), Some(u)) => Some((sum + f64::from(u)).min(100.0)),
+            _ => None,
+        };
+        e.processes += 1;
+    }
+    by.into_values().collect()
 }
 
 /// CPU busy percentages (0..=100).
@@ -173,8 +304,10 @@ pub struct GpuUsage {
 pub struct Monitor {
     system: Option<System>,
     disks: Option<Disks>,
-    nvml: Option<Nvml>,
+    nvml: Option<Arc<Nvml>>,
     nvml_error: Option<String>,
+    /// The processes on the GPUs (NVML's, or a test's fake).
+    gpu_processes: Option<Arc<dyn GpuProcessSource>>,
     /// Set while NVML device queries fail, so the failure is logged once per outage.
     gpu_query_failing: bool,
 }
@@ -219,20 +352,32 @@ impl Monitor {
             }
         };
         let (nvml, nvml_error) = match Nvml::init() {
-            Ok(nvml) => (Some(nvml), None),
+            Ok(nvml) => (Some(Arc::new(nvml)), None),
             Err(e) => {
                 let reason = format!("NVML unavailable: {e}");
                 tracing::debug!(%reason, "no NVIDIA GPUs will be reported");
                 (None, Some(reason))
             }
         };
+        let gpu_processes = nvml.as_ref().map(|nvml| {
+            Arc::new(NvmlProcesses {
+                nvml: nvml.clone(),
+                last_seen_us: AtomicU64::new(0),
+            }) as Arc<dyn GpuProcessSource>
+        });
         Self {
             system,
             disks,
             nvml,
             nvml_error,
+            gpu_processes,
             gpu_query_failing: false,
         }
+    }
+
+    /// Takes the GPU processes from `source` instead (a test's fake).
+    pub fn set_gpu_processes(&mut self, source: Arc<dyn GpuProcessSource>) {
+        self.gpu_processes = Some(source);
     }
 
     /// Why GPUs are not reported (NVML failed to load or init), or `None` when NVML works.
@@ -288,6 +433,12 @@ impl Monitor {
             memory: self.memory_usage(),
             storage: self.storage_usage(),
             gpus: self.gpu_usage(),
+            gpu_processes: self
+                .gpu_processes
+                .as_ref()
+                .map(|s| s.processes())
+                .unwrap_or_default(),
+            deployment_gpus: Vec::new(),
         }
     }
 
@@ -564,6 +715,52 @@ mod tests {
         let json = serde_json::to_string(&info).unwrap();
         let back: StaticResources = serde_json::from_str(&json).unwrap();
         assert_eq!(back, info);
+    }
+
+    #[test]
+    fn gpu_processes_add_up_per_deployment_and_gpu() {
+        let p = |gpu_index, pid, memory_bytes, sm_util_percent| GpuProcess {
+            gpu_index,
+            pid,
+            memory_bytes,
+            sm_util_percent,
+        };
+        let leaders = HashMap::from([(10, "a".to_owned()), (20, "b".to_owned())]);
+        // 11 and 12 are children in a's group; 99 belongs to nobody.
+        let group_of = |pid: u32| match pid {
+            11 | 12 => Some(10),
+            99 => Some(99),
+            _ => None,
+        };
+        let got = per_deployment(
+            &[
+                p(0, 10, Some(100), Some(30)),
+                p(0, 11, Some(50), Some(80)),
+                p(1, 12, None, None),
+                p(0, 20, Some(7), Some(0)),
+                p(0, 99, Some(1000), Some(90)),
+            ],
+            &leaders,
+            group_of,
+        );
+        let dg = |id: &str, gpu_index, memory_bytes, util_percent, processes| DeploymentGpu {
+            deployment_id: id.to_owned(),
+            gpu_index,
+            memory_bytes,
+            util_percent,
+            processes,
+        };
+        assert_eq!(
+            got,
+            [
+                // Summed, and capped at 100 %.
+                dg("a", 0, 150, Some(100.0), 2),
+                // No per-process figures: unknown, not 0.
+                dg("a", 1, 0, None, 1),
+                dg("b", 0, 7, Some(0.0), 1),
+            ]
+        );
+        assert!(per_deployment(&[], &leaders, group_of).is_empty());
     }
 
     #[test]

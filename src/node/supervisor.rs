@@ -70,7 +70,8 @@ pub struct DeploymentStatus {
     pub last_log_seq: u64,
     /// Times a health check found the process unhealthy (since this actor started).
     pub health_failures: u32,
-    /// The health check's verdict on the current process (`None`: no check, or no probe yet).
+    /// The health check's last verdict (`None`: no check, or no probe yet); `Some(false)`
+    /// stays until a probe of a later process passes.
     pub healthy: Option<bool>,
     /// Scheduled (cron) restarts done (since this actor started).
     pub cron_restarts: u32,

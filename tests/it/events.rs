@@ -207,6 +207,14 @@ async fn following_events_survives_a_conductor_restart_without_gaps_or_repeats()
     crate::support::until("history printed", || out.ids().len() >= before.len()).await;
 
     c.restart_conductor().await;
+    // What a restarted conductor finds is not news: only the node's connection is.
+    let high = *before.last().unwrap();
+    let resumed = c
+        .wait_events(&format!("after={high}"), "n1 connected again", |e| {
+            kinds(e).contains(&"node.connected")
+        })
+        .await;
+    assert_eq!(kinds(&resumed), ["node.connected"], "{resumed:?}");
     // Events while it reconnects, and after.
     let b = c.deploy("after", sh("sleep 1000")).await;
     c.wait_state(&b, "RUNNING").await;
@@ -236,5 +244,89 @@ async fn following_events_survives_a_conductor_restart_without_gaps_or_repeats()
         printed.len() >= all.len() && end.starts_with(&printed),
         "{printed:?} vs {end:?}"
     );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn stopping_and_changing_a_spec_tell_how_the_old_process_ended() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let id = c.deploy("web", sh("sleep 1000")).await;
+    c.wait_state(&id, "RUNNING").await;
+    let q = format!("object=deployment/{id}&after=0");
+    let count = |e: &[Value], k: &str| kinds(e).iter().filter(|x| **x == k).count();
+
+    // A spec change that keeps the request: the same node, a new generation, a new process.
+    let (status, _) = c
+        .patch(
+            &format!("/deployments/{id}"),
+            json!({"specification": {"spec": {"config": {"command": ["sh", "-c", "sleep 999"]}}}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let story = c
+        .wait_events(&q, "the new process started", |e| {
+            count(e, "deployment.started") == 2
+        })
+        .await;
+    let k = kinds(&story);
+    assert!(
+        in_order(
+            &k,
+            &[
+                "deployment.created",
+                "deployment.placed",
+                "deployment.started",
+                "deployment.updated",
+                "deployment.placed",
+                "deployment.started",
+            ]
+        ),
+        "{k:?}"
+    );
+    // Nothing that did not happen (counters carried over from the old generation).
+    for never in [
+        "deployment.unhealthy",
+        "deployment.scheduled_restart",
+        "deployment.failed",
+    ] {
+        assert_eq!(count(&story, never), 0, "{never}: {k:?}");
+    }
+
+    // A stop: the node's reports while its copy stops still tell the story.
+    let (status, _) = c
+        .patch(
+            &format!("/deployments/{id}"),
+            json!({"desired_state": "STOPPED"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let story = c
+        .wait_events(&q, "stopped", |e| kinds(e).contains(&"deployment.stopped"))
+        .await;
+    let k = kinds(&story);
+    assert!(
+        in_order(
+            &k,
+            &[
+                "deployment.updated",
+                "deployment.exited",
+                "deployment.stopped"
+            ]
+        ),
+        "{k:?}"
+    );
+    let updated = story
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "deployment.updated")
+        .unwrap();
+    assert_eq!(updated["fields"]["released_from"], "n1", "{updated}");
+    let exited = story
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "deployment.exited")
+        .unwrap();
+    assert_eq!(exited["fields"]["signal"], 15, "{exited}");
     c.shutdown().await;
 }

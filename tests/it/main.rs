@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 mod events;
 mod experiments;
+mod gpus;
 mod node;
 mod prometheus;
 mod rl_example;

@@ -39,6 +39,8 @@ struct Agent<'a> {
     store: Option<Arc<dyn StateStore>>,
     /// Reach mesh services at this address (default 127.0.0.1).
     service_ip: Option<std::net::IpAddr>,
+    /// The GPU processes it sees (default: NVML's).
+    gpus: Option<Arc<dyn symphony::node::monitor::GpuProcessSource>>,
 }
 
 pub struct Node {
@@ -150,6 +152,20 @@ impl Cluster {
         self.start_agent(id, id, agent).await;
     }
 
+    /// Starts a node agent in-process whose GPU processes come from `gpus` (a fake NVML).
+    pub async fn add_node_with_gpus(
+        &mut self,
+        id: &str,
+        gpus: Arc<dyn symphony::node::monitor::GpuProcessSource>,
+    ) {
+        let agent = Agent {
+            groups: &["local"],
+            gpus: Some(gpus),
+            ..Agent::default()
+        };
+        self.start_agent(id, id, agent).await;
+    }
+
     /// Starts a node agent in-process that keeps its local state in `store`.
     pub async fn add_node_with_store(&mut self, id: &str, store: Arc<dyn StateStore>) {
         let agent = Agent {
@@ -182,6 +198,7 @@ impl Cluster {
             via_proxy,
             store,
             service_ip,
+            gpus,
         } = agent;
         let proxy = if via_proxy {
             Some(UdpProxy::start(self.quic_addr()).await.unwrap())
@@ -204,6 +221,7 @@ impl Cluster {
         if let Some(ip) = service_ip {
             cfg.service_ip = ip;
         }
+        cfg.gpu_processes = gpus;
         let cancel = CancellationToken::new();
         let task = tokio::spawn(symphony::node::agent::run_with_store(
             cfg,

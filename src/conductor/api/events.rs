@@ -10,7 +10,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::{ApiError, ApiState, PathParam, SHUTTING_DOWN, close, close_code, query_params};
 use crate::conductor::events::{DEFAULT_LIMIT, Event, Filter, MAX_LIMIT, object};
@@ -217,9 +217,14 @@ async fn follow(mut socket: WebSocket, st: ApiState, f: Filter) {
                 _ => continue,
             },
         }
+        let mut lagged = false;
         while batch.len() < MAX_LIMIT as usize {
             match live.try_recv() {
                 Ok(e) => batch.push(e),
+                Err(TryRecvError::Lagged(_)) => {
+                    lagged = true;
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -228,13 +233,22 @@ async fn follow(mut socket: WebSocket, st: ApiState, f: Filter) {
             .map(AsRef::as_ref)
             .filter(|e| e.id > last)
             .collect();
-        let Some(end) = fresh.last().map(|e| e.id) else {
-            continue;
-        };
-        last = end;
-        let wanted: Vec<&Event> = fresh.into_iter().filter(|e| f.matches(e)).collect();
-        if !wanted.is_empty() && !send(&mut socket, &wanted).await {
-            return;
+        if let Some(end) = fresh.last().map(|e| e.id) {
+            last = end;
+            let wanted: Vec<&Event> = fresh.into_iter().filter(|e| f.matches(e)).collect();
+            if !wanted.is_empty() && !send(&mut socket, &wanted).await {
+                return;
+            }
+        }
+        if lagged {
+            // Events fell out of the live feed: the rest comes from the store.
+            live = st.core.events().subscribe();
+            match replay(&mut socket, &st, &f, last).await {
+                Some(l) => last = l,
+                None => {
+                    return close(socket, close_code::GOING_AWAY, "events unavailable").await;
+                }
+            }
         }
     }
 }

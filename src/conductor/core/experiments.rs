@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 
-use super::{Core, CoreError, Launch, Planned, now_ms, parse_spec};
+use super::{Core, CoreError, Launch, Planned, narrate, now_ms, parse_spec};
 use crate::conductor::services::{DEFAULT_NAMESPACE, ServiceTable};
 use crate::conductor::store::{DeploymentRecord, ExperimentRecord, ProcessRecord, StoreError};
 use crate::model::{CurrentState, DesiredState};
@@ -150,7 +150,7 @@ impl Core {
                 .collect(),
         };
         let services: Vec<_> = plans.iter().flat_map(|(b, _)| b.iter().cloned()).collect();
-        let mut events = vec![experiment_event(
+        let mut events = vec![narrate::experiment(
             "experiment.launched",
             &name,
             format!(
@@ -166,8 +166,19 @@ impl Core {
             json!({"processes": record.processes.len(), "placement": record.placement.as_str(),
                 "replaced": old.is_some()}),
         )];
+        events.extend(old.iter().flat_map(|o| &o.processes).map(|p| {
+            narrate::deployment(
+                "deployment.deleted",
+                &p.deployment_id,
+                format!(
+                    "{} deleted (its experiment {name} was launched again)",
+                    p.name
+                ),
+                json!({"name": p.name, "experiment": name}),
+            )
+        }));
         events.extend(record.processes.iter().map(|p| {
-            super::narrate::deployment(
+            narrate::deployment(
                 "deployment.created",
                 &p.deployment_id,
                 format!("{} created (process of experiment {name})", p.name),
@@ -259,7 +270,7 @@ impl Core {
             .map(|p| p.deployment_id.clone())
             .collect();
         let now = now_ms();
-        let ev = experiment_event(
+        let ev = narrate::experiment(
             if failed.is_some() {
                 "experiment.failed"
             } else {
@@ -272,7 +283,29 @@ impl Core {
             },
             json!({"desired_state": desired.as_str(), "reason": failed}),
         );
-        self.persist(vec![ev], async |s, ev| {
+        let mut events = vec![ev];
+        for p in &e.processes {
+            let Some(d) = self
+                .deployments
+                .get(&p.deployment_id)
+                .filter(|d| d.desired_state != desired)
+            else {
+                continue;
+            };
+            events.push(narrate::deployment(
+                "deployment.updated",
+                &d.id,
+                format!(
+                    "{}: desired {} -> {} (experiment {name})",
+                    p.name,
+                    d.desired_state.as_str(),
+                    desired.as_str()
+                ),
+                json!({"name": p.name, "changed": ["desired_state"], "desired_state": desired.as_str(),
+                    "experiment": name}),
+            ));
+        }
+        self.persist(events, async |s, ev| {
             s.set_experiment_state(name, desired, failed.as_deref(), now, ev)
                 .await
         })
@@ -290,10 +323,10 @@ impl Core {
             }
             if desired == DesiredState::Stopped {
                 self.awaiting_running.remove(id);
-                self.reported.remove(id);
                 if let Some(a) = self.assignments.remove(id) {
                     self.unassign(&a.node_id, id, a.generation);
                 }
+                self.reported.remove(id);
             }
         }
         if let Some(e) = self.experiments.get_mut(name) {
@@ -319,7 +352,7 @@ impl Core {
             return;
         }
         let name = e.name.clone();
-        let ev = experiment_event(
+        let ev = narrate::experiment(
             "experiment.updated",
             &name,
             format!(
@@ -346,17 +379,25 @@ impl Core {
 
     /// Deletes an experiment: its processes stop on their nodes, its services go.
     pub(super) async fn delete_experiment(&mut self, name: &str) -> Result<(), CoreError> {
-        if !self.experiments.contains_key(name) {
+        let Some(e) = self.experiments.get(name) else {
             return Err(CoreError::NotFound("Experiment not found"));
-        }
-        let ev = experiment_event(
+        };
+        let mut events = vec![narrate::experiment(
             "experiment.deleted",
             name,
             format!("experiment {name} deleted"),
             json!({}),
-        );
+        )];
+        events.extend(e.processes.iter().map(|p| {
+            narrate::deployment(
+                "deployment.deleted",
+                &p.deployment_id,
+                format!("{} deleted (with its experiment {name})", p.name),
+                json!({"name": p.name, "experiment": name}),
+            )
+        }));
         match self
-            .persist(vec![ev], async |s, ev| s.delete_experiment(name, ev).await)
+            .persist(events, async |s, ev| s.delete_experiment(name, ev).await)
             .await
         {
             Ok(()) => {}
@@ -478,18 +519,4 @@ pub fn masked_declaration(declaration: &Value) -> Value {
         }
     }
     out
-}
-
-fn experiment_event(
-    kind: &'static str,
-    name: &str,
-    message: String,
-    fields: serde_json::Value,
-) -> crate::conductor::events::NewEvent {
-    crate::conductor::events::NewEvent::new(
-        kind,
-        crate::conductor::events::object("experiment", name),
-        message,
-        fields,
-    )
 }

@@ -23,6 +23,27 @@ pub(super) fn env(kind: &'static str, name: &str, message: String, fields: Value
     NewEvent::new(kind, object("env", name), message, fields)
 }
 
+/// Whether a report says a process runs or is about to.
+fn was_active(s: &wire::DeploymentStatus) -> bool {
+    matches!(
+        CurrentState::from_wire(&s.state),
+        CurrentState::Running
+            | CurrentState::Starting
+            | CurrentState::Stopping
+            | CurrentState::Backoff
+    )
+}
+
+/// An experiment's event.
+pub(super) fn experiment(
+    kind: &'static str,
+    name: &str,
+    message: String,
+    fields: Value,
+) -> NewEvent {
+    NewEvent::new(kind, object("experiment", name), message, fields)
+}
+
 /// The events between two reports of one deployment's generation on `node_id` (`prev`:
 /// `None` for the first report of a generation). Starts and exits are found by their
 /// timestamps, not by the state, so a start and exit that fell between two reports (the node
@@ -86,10 +107,7 @@ pub(super) fn status(
             base(json!({"reason": st.reason, "health_failures": st.health_failures})),
         ));
     }
-    if st.healthy == Some(true)
-        && prev.is_some_and(|p| p.healthy != Some(true))
-        && st.health_failures > 0
-    {
+    if st.healthy == Some(true) && prev.is_some_and(|p| p.healthy == Some(false)) {
         out.push(deployment(
             "deployment.recovered",
             id,
@@ -138,7 +156,9 @@ pub(super) fn status(
                 format!("{name} FAILED: {}", st.reason),
                 base(json!({"reason": st.reason, "restarts": st.restart_count})),
             )),
-            CurrentState::Stopped if prev.is_some() || st.stopped_at_ms.is_some() => {
+            // Only a stop of something that ran or was about to (stopping a FAILED or EXITED
+            // deployment changes nothing on its node).
+            CurrentState::Stopped if stopped || prev.is_some_and(was_active) => {
                 out.push(deployment(
                     "deployment.stopped",
                     id,
@@ -255,6 +275,10 @@ mod tests {
         stopped.last_exit_code = Some(-15);
         let e = status("job", "n1", Some(&run), &stopped);
         assert_eq!(kinds(&e), ["deployment.exited", "deployment.stopped"]);
+        // Stopping what had failed already says nothing.
+        let mut stopped_failed = failed.clone();
+        stopped_failed.state = "STOPPED".into();
+        assert!(status("job", "n1", Some(&failed), &stopped_failed).is_empty());
         // A fresh STOPPED generation that never ran says nothing.
         assert!(status("job", "n1", None, &st("STOPPED")).is_empty());
     }

@@ -260,6 +260,9 @@ impl Actor {
         let snapshot = {
             let mut status = lock(&self.status);
             f(&mut status);
+            if status.state != CurrentState::Backoff {
+                status.restart_at_ms = None;
+            }
             status.last_log_seq = self.logs.last_seq();
             status.clone()
         };
@@ -272,7 +275,6 @@ impl Actor {
         self.update(|s| {
             s.state = CurrentState::Starting;
             s.pid = None;
-            s.restart_at_ms = None;
         });
         let spec = self.cur.spec.clone();
         // A clone, so that waiting on it leaves the change for the main loop to handle.
@@ -326,7 +328,6 @@ impl Actor {
             s.pid = Some(pid);
             s.reason = None;
             s.started_at_ms = Some(started_at);
-            s.healthy = None;
         });
     }
 

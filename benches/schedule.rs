@@ -62,7 +62,11 @@ fn main() -> anyhow::Result<()> {
     let pure = bench_pure(&params);
 
     let rt = common::runtime()?;
-    let e2e = rt.block_on(bench_e2e(params.e2e_deployments))?;
+    let e2e = rt.block_on(bench_e2e(params.e2e_deployments, true, true))?;
+    let events_ab = rt.block_on(events_ab(
+        if quick { 1 } else { 3 },
+        params.e2e_deployments / 2,
+    ))?;
 
     let mut report = common::report(
         "schedule",
@@ -76,7 +80,7 @@ fn main() -> anyhow::Result<()> {
             "e2e_command": ["sleep", "1000"],
             "e2e_heartbeat_ms": 1000,
         }),
-        json!({ "scheduler": pure, "end_to_end": e2e }),
+        json!({ "scheduler": pure, "end_to_end": e2e, "events_ab": events_ab }),
     );
     report["baseline_quoted"] = json!({ "original_post_to_running": ORIGINAL_POST_TO_RUNNING });
     let path = common::write_doc("schedule", &report)?;
@@ -492,9 +496,45 @@ fn bench_pure(p: &Params) -> Value {
 // ---------------------------------------------------------------------------------------------
 // (b) end to end
 
-async fn bench_e2e(count: usize) -> anyhow::Result<Value> {
+/// POST -> RUNNING with the events log off (`conductor.events_keep: 0`) and on, alternated
+/// `rounds` times with `count` deployments each; pooled medians and their ratio.
+async fn events_ab(rounds: usize, count: usize) -> anyhow::Result<Value> {
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for (events, into) in [(false, &mut off), (true, &mut on)] {
+            let r = bench_e2e(count, events, false).await?;
+            let samples = r["post_to_running"]["samples_ms"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_f64).collect::<Vec<_>>())
+                .unwrap_or_default();
+            into.extend(samples);
+        }
+    }
+    let (off, on) = (
+        common::sample_json(off, false),
+        common::sample_json(on, false),
+    );
+    let ratio =
+        on["p50_ms"].as_f64().unwrap_or(f64::NAN) / off["p50_ms"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "\nevents log A/B, POST -> RUNNING, {rounds} x {count} each, alternated: off p50 {:.2} ms p90 {:.2} ms; on p50 {:.2} ms p90 {:.2} ms; on/off {ratio:.3}",
+        off["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        off["p90_ms"].as_f64().unwrap_or(f64::NAN),
+        on["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        on["p90_ms"].as_f64().unwrap_or(f64::NAN),
+    );
+    Ok(
+        json!({"rounds": rounds, "per_round": count, "events_off": off, "events_on": on, "p50_ratio_on_off": ratio}),
+    )
+}
+
+/// One end-to-end run; `events`: the events log on (the default) or off; `print`: the table.
+async fn bench_e2e(count: usize, events: bool, print: bool) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir()?;
     let mut cfg = ConductorConfig::local(dir.path().join("storage"));
+    if !events {
+        cfg.events.keep = 0;
+    }
     cfg.quic_listen = "127.0.0.1:0".parse()?;
     cfg.http_listen = "127.0.0.1:0".parse()?;
     let conductor = Conductor::start(cfg).await?;
@@ -593,8 +633,11 @@ async fn bench_e2e(count: usize) -> anyhow::Result<Value> {
     result?;
 
     let post = common::sample_json(post_ms, false);
-    let running = common::sample_json(running_ms, false);
+    let running = common::sample_json(running_ms, !print);
     let delete = common::sample_json(delete_ms, false);
+    if !print {
+        return Ok(json!({"post_to_running": running}));
+    }
     println!("\n(b) end to end, conductor + 1 node in-process, {count} x `sleep 1000`, sequential");
     println!(
         "{:<34} {:>9} {:>9} {:>9} {:>9}",

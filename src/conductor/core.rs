@@ -436,8 +436,6 @@ pub async fn start(
         core.logs.ensure(id);
     }
     let nodes = core.sched_nodes(now_ms());
-    // Liveness at start is where the story resumes, not a change.
-    core.said.node_states = nodes.iter().map(|n| (n.id.clone(), n.state)).collect();
     core.publish(&nodes);
     let (tx, rx) = mpsc::channel(1024);
     let handle = CoreHandle {

@@ -663,3 +663,22 @@ fn direct_paths_default_on_and_take_a_boolean() {
     let e = err("conductor:\n  direct_paths: sometimes\n");
     assert_eq!(e.key_name(), Some("conductor.direct_paths"), "{e}");
 }
+
+#[test]
+fn events_retention_has_defaults_and_names_a_bad_key() {
+    let (cfg, _) = parse_str("mode: conductor\n", "c.yaml").unwrap();
+    let events = cfg.conductor.unwrap().events;
+    assert_eq!(events, crate::conductor::events::Retention::default());
+    let (cfg, warnings) = parse_str(
+        "conductor:\n  events_keep: 0\n  events_max_age_sec: 3600\n",
+        "c.yaml",
+    )
+    .unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let events = cfg.conductor.unwrap().events;
+    assert_eq!((events.keep, events.max_age.as_secs()), (0, 3600));
+    let e = err("conductor:\n  events_keep: -1\n");
+    assert_eq!(e.key_name(), Some("conductor.events_keep"), "{e}");
+    let e = err("conductor:\n  events_max_age_sec: 0\n");
+    assert_eq!(e.key_name(), Some("conductor.events_max_age_sec"), "{e}");
+}

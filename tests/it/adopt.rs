@@ -254,6 +254,8 @@ async fn an_upgrade_in_place_keeps_the_workloads_and_a_plain_sigterm_stops_them(
     let pid = pid_of(&c.wait_state(&id, "RUNNING").await);
     node.signal_and_wait(Signal::SIGTERM).await;
     assert!(alive(pid), "the workload outlived the agent");
+    // The next `online` must be the new agent's connection, not the old one's.
+    offline(&c, "upg").await;
     let new = bin_dir.path().join("symphony.new");
     std::fs::copy(symphony_bin(), &new).unwrap();
     std::fs::rename(&new, &bin).unwrap();
@@ -264,6 +266,7 @@ async fn an_upgrade_in_place_keeps_the_workloads_and_a_plain_sigterm_stops_them(
     // SIGUSR2 is the same upgrade intent without the flag.
     node.signal_and_wait(Signal::SIGUSR2).await;
     assert!(alive(pid));
+    offline(&c, "upg").await;
     node.restart(&bin, &[]);
     online(&c, "upg").await;
     running_with(&c, &id, pid).await;

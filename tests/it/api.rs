@@ -506,6 +506,15 @@ async fn openapi_matches_the_router_and_real_responses() {
         ("delete", "/conda-envs/e1".into(), None),
         ("delete", "/conda-envs/e1".into(), None),
         ("get", "/metrics".into(), None),
+        ("get", "/events?after=0&limit=1000".into(), None),
+        (
+            "get",
+            "/events?kind=deployment&object=deployment".into(),
+            None,
+        ),
+        ("get", "/events?limit=0".into(), None),
+        ("get", format!("/deployments/{kept}/events?after=0"), None),
+        ("get", "/nodes/n1/events?kind=node.connected".into(), None),
         ("get", "/openapi.json".into(), None),
     ];
     let mut covered = std::collections::BTreeSet::new();
@@ -585,6 +594,14 @@ async fn openapi_matches_the_router_and_real_responses() {
         serde_json::from_str(&logs.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
     assert!(!frame["entries"].as_array().unwrap().is_empty(), "{frame}");
     let schema = json!({"$ref": "#/components/schemas/LogFrame"});
+    problems.extend(schema_errors(&doc, &schema, &frame));
+    let (mut events, _) = tokio_tungstenite::connect_async(format!("{ws}/ws/events?after=0"))
+        .await
+        .unwrap();
+    let frame: Value =
+        serde_json::from_str(&events.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
+    assert!(!frame["events"].as_array().unwrap().is_empty(), "{frame}");
+    let schema = json!({"$ref": "#/components/schemas/EventFrame"});
     problems.extend(schema_errors(&doc, &schema, &frame));
 
     assert!(problems.is_empty(), "{problems:#?}");

@@ -119,12 +119,12 @@ async fn the_rl_example_runs_across_two_nodes_and_goes_with_one_delete() {
     // Every agent completed its round trips (exit 0), whichever node it landed on; the
     // learner still serves.
     let e = c
-        .wait("every agent exited", |v| {
+        .wait("every agent and the evaluator exited", |v| {
             v.experiments.iter().any(|e| {
                 e.name == "rl"
                     && e.processes
                         .iter()
-                        .filter(|p| p.name.starts_with("agent-"))
+                        .filter(|p| p.name != "learner")
                         .all(|p| p.current_state.as_str() == "EXITED")
             })
         })

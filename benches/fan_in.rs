@@ -10,7 +10,8 @@
 //! divided by N). Heartbeat processing latency = conductor receive time minus the node's send
 //! timestamp carried in the frame (same machine clock), after the frame is decoded.
 //! Run: `cargo bench --bench fan_in` (N = 100, 1000; `BENCH_FANIN_MAX=5000` adds 5000;
-//! `BENCH_QUICK=1` runs N = 100 with a short window).
+//! `BENCH_QUICK=1` runs N = 100 with a short window; `BENCH_SCRAPE_ONLY=1` runs only the
+//! `/metrics` part, for 100, 1 000 and 5 000 nodes).
 
 mod common;
 
@@ -61,6 +62,9 @@ impl Params {
             .unwrap_or(0);
         if max >= 5000 && !quick {
             sizes.push(5000);
+        }
+        if std::env::var_os("BENCH_SCRAPE_ONLY").is_some() {
+            sizes.clear();
         }
         Self {
             sizes,
@@ -617,11 +621,13 @@ fn real_main() -> Result<()> {
         p.window.as_secs(),
         p.heartbeat.as_secs()
     );
-    let scrape = scrape_cost(if common::quick() {
-        &[100, 1000]
-    } else {
-        &[100, 1000, 5000]
-    })?;
+    let scrape = scrape_cost(
+        if common::quick() && std::env::var_os("BENCH_SCRAPE_ONLY").is_none() {
+            &[100, 1000]
+        } else {
+            &[100, 1000, 5000]
+        },
+    )?;
     let path = common::write_json(
         "fan_in",
         p.json(),

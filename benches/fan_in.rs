@@ -623,9 +623,9 @@ fn real_main() -> Result<()> {
     );
     let scrape = scrape_cost(
         if common::quick() && std::env::var_os("BENCH_SCRAPE_ONLY").is_none() {
-            &[100, 1000]
+            &[(100, false), (1000, false)]
         } else {
-            &[100, 1000, 5000]
+            &[(100, false), (1000, false), (5000, false), (5000, true)]
         },
     )?;
     let path = common::write_json(
@@ -643,7 +643,7 @@ fn real_main() -> Result<()> {
 /// The conductor's `/metrics` for a fleet of `n` nodes, each with the heartbeat above (16
 /// cores, 2 mounts, 1 GPU) and 3 capacity classes: time to render the exposition (median of 5)
 /// and its size, beside `GET /nodes` (the JSON a poller would fetch instead) for the same view.
-fn scrape_cost(sizes: &[usize]) -> Result<Value> {
+fn scrape_cost(sizes: &[(usize, bool)]) -> Result<Value> {
     use std::collections::{BTreeMap, BTreeSet};
     use symphony::conductor::metrics::{Metrics, render};
     use symphony::conductor::view::{self, ClusterView, NodeFacts};
@@ -659,7 +659,7 @@ fn scrape_cost(sizes: &[usize]) -> Result<Value> {
     let none = BTreeSet::new();
     let mut rows = Vec::new();
     let mut out = Vec::new();
-    for &n in sizes {
+    for &(n, gpu_deployments) in sizes {
         let mut v = ClusterView::default();
         let metrics = Metrics::default();
         for i in 0..n {
@@ -684,8 +684,12 @@ fn scrape_cost(sizes: &[usize]) -> Result<Value> {
             };
             v.nodes
                 .insert(id.clone(), view::node(facts, Vec::new(), Some(conn)));
-            // Every node has a control-RTT histogram and runs one deployment on its GPU.
+            // Every node has a control-RTT histogram (and, in the second 5 000 row, runs one
+            // deployment on its GPU: two more series per node).
             metrics.observe_rtt(&id, std::time::Duration::from_millis(31));
+            if !gpu_deployments {
+                continue;
+            }
             v.deployments.push(Arc::new(symphony::model::Deployment {
                 id: format!("{i:032x}").into(),
                 name: format!("train-{i}"),
@@ -719,7 +723,11 @@ fn scrape_cost(sizes: &[usize]) -> Result<Value> {
         nodes_json.sort_by(f64::total_cmp);
         let (sm, jm) = (scrape[2], nodes_json[2]);
         rows.push(vec![
-            n.to_string(),
+            if gpu_deployments {
+                format!("{n} + {n} GPU deployments")
+            } else {
+                n.to_string()
+            },
             common::ms(sm),
             format!("{:.2}", scrape_bytes as f64 / 1e6),
             common::ms(jm),
@@ -728,6 +736,7 @@ fn scrape_cost(sizes: &[usize]) -> Result<Value> {
         ]);
         out.push(json!({
             "nodes": n,
+            "gpu_deployments": if gpu_deployments { n } else { 0 },
             "render_ms_median": sm,
             "render_ms": scrape,
             "exposition_bytes": scrape_bytes,

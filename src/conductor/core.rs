@@ -919,13 +919,12 @@ impl Core {
             // Usage arrived or a node's liveness changed since the last publish?
             publish |= ticked && (self.dirty || states != self.published_states);
             if publish {
-                // What the view is about to show is in the events log first (a client that
-                // sees RUNNING finds the `deployment.started` that says so).
-                self.write_pending().await;
                 self.publish(&nodes);
             }
             self.drive_paths();
         }
+        // Observed events go right after the publish (off the path to it: a client waiting
+        // for RUNNING does not wait for this write), before the batch's replies.
         self.write_pending().await;
         for (reply, r) in self.replies.drain(..) {
             let _ = reply.send(r);

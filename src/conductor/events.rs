@@ -3,14 +3,16 @@
 //! The core records an [`Event`] for every state change it makes or learns (a deployment
 //! placed, a process exited, a node lost...). Invariants:
 //!
-//! - ids are handed out by the core alone, one after another, and never reused: the highest
-//!   written is kept in `counters.event_high_water`, which retention never lowers, so ids stay
-//!   monotonic across restarts even when every row was pruned;
+//! - ids are handed out by the core alone, one after another, and never reused: the next id
+//!   follows the larger of the newest row and `counters.event_high_water`, which pruning raises
+//!   to the newest id before it deletes rows, so ids stay monotonic across restarts even when
+//!   every row was pruned (writes do not touch the counter: one statement less per write);
 //! - an event that records a stored change is written in the same transaction as the change
 //!   (the store's write methods take the events to add); an event about something only
 //!   observed (a process started on a node) waits in the [`Journal`] and goes with the next
-//!   transaction, or with the core's flush. Pending events always go first, so events become
-//!   visible in id order and a reader that saw id N has seen everything below N;
+//!   transaction, or at the end of the core's flush (after its publish, so the path to RUNNING
+//!   never waits for it). Pending events always go first, so events become visible in id order
+//!   and a reader that saw id N has seen everything below N;
 //! - live subscribers get an event only after it is committed, so replaying from the store
 //!   and then following the live feed (skipping ids already seen) misses nothing and
 //!   repeats nothing.

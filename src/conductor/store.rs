@@ -871,6 +871,14 @@ impl Store {
     pub async fn prune_events(&self, keep: u64, before_ms: i64) -> Result<u64, StoreError> {
         let mut tx = self.begin_write().await?;
         let high = event_high_water_on(&mut tx).await?;
+        // The counter keeps the newest id before rows go (writes do not touch it: the high
+        // water is the larger of it and the newest row).
+        sqlx::query(BUMP_COUNTER)
+            .bind(event_id_to_db(high)?)
+            .bind(EVENT_COUNTER)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
         let below = i64::try_from(high.saturating_sub(keep)).unwrap_or(i64::MAX);
         let by_count = sqlx::query("DELETE FROM events WHERE id <= $1")
             .bind(below)
@@ -946,7 +954,7 @@ impl Store {
 
 // === helpers ===
 
-/// Writes `events` (and raises the event counter to the last id) in `tx`, then commits.
+/// Writes `events` in `tx`, then commits.
 async fn finish(
     mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
     events: &[Event],
@@ -967,14 +975,6 @@ async fn finish(
         .await
         .map_err(db_err)?;
     }
-    if let Some(last) = events.last() {
-        sqlx::query(BUMP_COUNTER)
-            .bind(event_id_to_db(last.id)?)
-            .bind(EVENT_COUNTER)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-    }
     tx.commit().await.map_err(db_err)
 }
 
@@ -988,10 +988,16 @@ fn event_id_to_db(id: u64) -> Result<i64, StoreError> {
 async fn event_high_water_on(conn: &mut sqlx::SqliteConnection) -> Result<u64, StoreError> {
     let row = sqlx::query(SELECT_COUNTER)
         .bind(EVENT_COUNTER)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    let counter = int(&row, "value")?;
+    let row = sqlx::query("SELECT MAX(id) AS id FROM events")
         .fetch_one(conn)
         .await
         .map_err(db_err)?;
-    Ok(u64::try_from(int(&row, "value")?).unwrap_or(0))
+    let newest = row.try_get::<Option<i64>, _>("id").map_err(db_err)?;
+    Ok(u64::try_from(counter.max(newest.unwrap_or(0))).unwrap_or(0))
 }
 
 fn event_from_row(row: &SqliteRow) -> Result<Event, StoreError> {

@@ -202,8 +202,12 @@ async fn following_events_survives_a_conductor_restart_without_gaps_or_repeats()
         })
     };
     // It printed the history so far.
-    let (_, past) = c.get("/events?after=0&limit=1000").await;
-    let before = ids(past.as_array().unwrap());
+    let past = c
+        .wait_events("after=0&limit=1000", "a started", |e| {
+            kinds(e).contains(&"deployment.started")
+        })
+        .await;
+    let before = ids(&past);
     crate::support::until("history printed", || out.ids().len() >= before.len()).await;
 
     c.restart_conductor().await;

@@ -123,8 +123,8 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 4,
         statements: &[
-            // The events log. Ids come from the core (see `conductor::events`); the counter
-            // keeps the highest written, so pruning every row never lets an id be reused.
+            // The events log. Ids come from the core (see `conductor::events`); pruning raises
+            // the counter to the newest id first, so pruning every row never lets one be reused.
             "CREATE TABLE events (
             id BIGINT PRIMARY KEY,
             at_ms BIGINT NOT NULL,

@@ -379,13 +379,14 @@ pub async fn rm(api: &str, id: &str, out: &mut impl Write) -> Result<Exit, Clien
 /// Without `follow` it prints the backlog (the first frame) and returns; with `follow` it runs
 /// until the server closes the socket or Ctrl-C.
 pub async fn logs(api: &str, args: &LogsArgs, out: &mut impl Write) -> Result<Exit, ClientError> {
-    let ctrl_c = async {
-        // If the handler cannot be installed, just never stop on Ctrl-C (the default kills us).
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    logs_until(api, args, out, ctrl_c).await
+    logs_until(api, args, out, ctrl_c()).await
+}
+
+/// Ends at Ctrl-C; if the handler cannot be installed, never (the default kills us).
+async fn ctrl_c() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// [`logs`] with an explicit stop signal instead of Ctrl-C (for embedding and tests).

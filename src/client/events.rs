@@ -36,22 +36,7 @@ pub struct EventsArgs {
 }
 
 /// One event as the API returns it.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Event {
-    /// Monotonic id.
-    pub id: u64,
-    /// When, unix ms.
-    pub at_ms: i64,
-    /// `<type>.<verb>`.
-    pub kind: String,
-    /// `<type>/<id>`.
-    pub object: String,
-    /// One line.
-    pub message: String,
-    /// Details.
-    #[serde(default)]
-    pub fields: Value,
-}
+pub use crate::conductor::events::Event;
 
 #[derive(Debug, Deserialize)]
 struct Frame {
@@ -80,12 +65,7 @@ pub async fn events(
     args: &EventsArgs,
     out: &mut impl Write,
 ) -> Result<Exit, ClientError> {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    events_until(api, args, out, ctrl_c).await
+    events_until(api, args, out, super::ctrl_c()).await
 }
 
 /// [`events`] with an explicit stop signal instead of Ctrl-C (for embedding and tests).
@@ -250,7 +230,7 @@ mod tests {
             kind: "deployment.exited".into(),
             object: "deployment/0123456789abcdef0123456789abcdef".into(),
             message: "web: exited with code 1".into(),
-            fields: Value::Null,
+            fields: serde_json::Value::Null,
         };
         let line = format_event(&e);
         assert!(

@@ -601,8 +601,14 @@ async fn ws_logs(
 }
 
 /// A policy refusal: an error frame (what `symphony logs` prints) and a 1008 close.
-async fn refuse(mut socket: WebSocket, id: &str, reason: &str) {
+async fn refuse(socket: WebSocket, id: &str, reason: &str) {
     let frame = json!({"deployment_id": id, "entries": [], "error": reason});
+    refuse_with(socket, &frame, reason).await;
+}
+
+/// Sends `frame` (an error frame that holds `reason` whole), then a policy close with `reason`
+/// cut to what a close frame holds.
+async fn refuse_with(mut socket: WebSocket, frame: &Value, reason: &str) {
     if socket
         .send(Message::Text(frame.to_string().into()))
         .await

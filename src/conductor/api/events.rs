@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use super::{ApiError, ApiState, PathParam, SHUTTING_DOWN, close, close_code, query_params};
+use super::{
+    ApiError, ApiState, PathParam, SHUTTING_DOWN, close, close_code, query_params, refuse_with,
+};
 use crate::conductor::events::{DEFAULT_LIMIT, Event, Filter, MAX_LIMIT, object};
 use crate::spec::{FieldError, Loc, Report};
 
@@ -104,23 +106,11 @@ pub(super) async fn ws(State(st): State<ApiState>, uri: Uri, ws: WebSocketUpgrad
                     .map(|e| format!("{}: {}", e.loc.last().map_or("", String::as_str), e.msg))
                     .collect::<Vec<_>>()
                     .join("; ");
-                refuse(socket, &reason).await;
+                let frame = json!({"events": [], "error": reason});
+                refuse_with(socket, &frame, &reason).await;
             }
         }
     })
-}
-
-async fn refuse(mut socket: WebSocket, reason: &str) {
-    let frame = json!({"events": [], "error": reason}).to_string();
-    if socket.send(Message::Text(frame.into())).await.is_ok() {
-        let end = reason
-            .char_indices()
-            .map(|(i, c)| i + c.len_utf8())
-            .take_while(|end| *end <= 123)
-            .last()
-            .unwrap_or(0);
-        close(socket, close_code::POLICY, &reason[..end]).await;
-    }
 }
 
 async fn send(socket: &mut WebSocket, events: &[&Event]) -> bool {

@@ -44,6 +44,15 @@ struct Frame {
     events: Vec<Value>,
     #[serde(default)]
     error: Option<String>,
+    /// Events after `after` and before `before` that retention dropped.
+    #[serde(default)]
+    pruned: Option<Pruned>,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+struct Pruned {
+    after: u64,
+    before: u64,
 }
 
 /// `<RFC3339 time> <kind> <object> <message>`, a deployment's id shortened.
@@ -151,6 +160,22 @@ pub async fn events_until(
                         .map_err(|e| ClientError::Decode(format!("event frame: {e}")))?;
                     if let Some(error) = frame.error {
                         break Err(ClientError::Usage(error));
+                    }
+                    if let Some(p) = &frame.pruned {
+                        // Said, not skipped: the reader knows what it cannot have.
+                        let line = if args.json {
+                            serde_json::json!({ "pruned": p }).to_string()
+                        } else {
+                            format!(
+                                "# events {}..{} were dropped by retention (conductor.events_keep, events_max_age_sec)",
+                                p.after + 1,
+                                p.before - 1
+                            )
+                        };
+                        if writeln!(out, "{line}").is_err() {
+                            let _ = ws.close(None).await;
+                            return Ok(Exit::Ok);
+                        }
                     }
                     // Connected for real: the next drop starts the backoff afresh.
                     wait = Duration::from_millis(100);

@@ -270,6 +270,11 @@ impl Feed {
         self.store.list_events(filter).await
     }
 
+    /// The id of the oldest event kept (what retention left).
+    pub async fn oldest(&self) -> Result<Option<u64>, StoreError> {
+        self.store.oldest_event_id().await
+    }
+
     /// Subscribes to committed events (subscribe before reading the store, so nothing falls
     /// between the read and the subscription).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {

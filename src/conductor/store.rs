@@ -866,6 +866,16 @@ impl Store {
         Ok(out)
     }
 
+    /// The id of the oldest event kept, if any.
+    pub async fn oldest_event_id(&self) -> Result<Option<u64>, StoreError> {
+        let row = sqlx::query("SELECT MIN(id) AS id FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let id = row.try_get::<Option<i64>, _>("id").map_err(db_err)?;
+        Ok(id.and_then(|i| u64::try_from(i).ok()))
+    }
+
     /// Keeps the newest `keep` events and none at or before `before_ms`; the number dropped.
     /// The id counter stays where it is.
     pub async fn prune_events(&self, keep: u64, before_ms: i64) -> Result<u64, StoreError> {

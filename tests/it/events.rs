@@ -334,3 +334,50 @@ async fn stopping_and_changing_a_spec_tell_how_the_old_process_ended() {
     assert_eq!(exited["fields"]["signal"], 15, "{exited}");
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_replay_from_before_what_retention_kept_says_what_is_gone() {
+    use futures_util::StreamExt;
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let id = c.deploy("web", sh("sleep 1000")).await;
+    c.wait_state(&id, "RUNNING").await;
+    let all = c
+        .wait_events("after=0", "web started", |e| {
+            kinds(e).contains(&"deployment.started")
+        })
+        .await;
+    let newest = *ids(&all).last().unwrap();
+    // Retention keeps the newest 2 (the store beside the running conductor, as its pruner does).
+    let store = symphony::conductor::store::Store::open(&c.cfg.storage_dir)
+        .await
+        .unwrap();
+    store.prune_events(2, 0).await.unwrap();
+    store.close().await;
+    let ws = c.api.replace("http", "ws");
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("{ws}/ws/events?after=0"))
+        .await
+        .unwrap();
+    let first: Value =
+        serde_json::from_str(&socket.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
+    assert_eq!(
+        first["pruned"],
+        json!({"after": 0, "before": newest - 1}),
+        "{first}"
+    );
+    let second: Value =
+        serde_json::from_str(&socket.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
+    assert_eq!(
+        ids(second["events"].as_array().unwrap()),
+        [newest - 1, newest]
+    );
+    // From inside what was kept: no such frame.
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(format!("{ws}/ws/events?after={}", newest - 2))
+            .await
+            .unwrap();
+    let first: Value =
+        serde_json::from_str(&socket.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
+    assert!(first.get("pruned").is_none(), "{first}");
+    c.shutdown().await;
+}

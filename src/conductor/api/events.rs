@@ -92,7 +92,8 @@ pub(super) async fn of_node(
 }
 
 /// `/ws/events?after=ID&object=&kind=`: the stored events after `ID` (none without it), then
-/// live ones, in frames `{"events": [...]}`.
+/// live ones, in frames `{"events": [...]}`. When retention dropped events after `ID`, a first
+/// frame says which: `{"events": [], "pruned": {"after": ID, "before": OLDEST}}`.
 pub(super) async fn ws(State(st): State<ApiState>, uri: Uri, ws: WebSocketUpgrade) -> Response {
     let f = filter(&uri, None);
     let token = st.sockets.token();
@@ -170,6 +171,20 @@ async fn follow(mut socket: WebSocket, st: ApiState, f: Filter) {
     // Subscribe before reading the store: whatever commits meanwhile is in one or the other,
     // and ids at or below `last` are skipped.
     let mut live = st.core.events().subscribe();
+    if let Some(after) = f.after
+        && let Ok(Some(oldest)) = st.core.events().oldest().await
+        && oldest > after.saturating_add(1)
+    {
+        // Retention dropped some of what was asked for: say so rather than skip it silently.
+        let frame = json!({"events": [], "pruned": {"after": after, "before": oldest}});
+        if socket
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
     let start = match f.after {
         Some(after) => replay(&mut socket, &st, &f, after).await,
         // Only what comes next: start at the newest event now.

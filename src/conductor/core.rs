@@ -189,6 +189,9 @@ struct Said {
     released: HashMap<(String, String), (String, wire::DeploymentStatus)>,
     /// The first publish after a start happened (what it found was not news).
     primed: bool,
+    /// Deployments whose first report in this conductor's life came in a Hello since the last
+    /// publish: what they show (a service up) is where the story resumes.
+    resumed: HashSet<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -819,11 +822,15 @@ impl Core {
                 .as_deref()
                 .is_some_and(|n| running(&s.deployment_id, n));
             let key = (s.namespace.clone(), s.name.clone());
+            let resumed = self.said.resumed.contains(&s.deployment_id);
             let said = self.said.services.entry(key).or_default();
             seen += 1;
             let object =
                 || super::events::object("service", &format!("{}/{}", s.namespace, s.name));
             let mut events = Vec::new();
+            if said.0 != up && resumed {
+                said.0 = up;
+            }
             if said.0 != up {
                 said.0 = up;
                 let (kind, verb) = if up {
@@ -1688,6 +1695,9 @@ impl Core {
                     .get(&id)
                     .filter(|r| r.node_id == node_id)
                     .map(|r| &r.status);
+                if told.is_none() && inventory {
+                    self.said.resumed.insert(id.clone());
+                }
                 if told.is_some() || !inventory {
                     let name = self.deployments.get(&id).map_or("", |d| d.name.as_str());
                     for ev in narrate::status(name, node_id, told, &st) {
@@ -2146,6 +2156,7 @@ impl Core {
         self.narrate_paths();
         self.journal.quiet = false;
         self.said.primed = true;
+        self.said.resumed.clear();
         self.view.send_replace(Arc::new(ClusterView {
             deployments,
             nodes: node_views,

@@ -373,6 +373,8 @@ async fn connectors_reach_a_binder_on_another_node_directly_even_while_the_condu
         }
     }
     assert_eq!(answer.as_deref(), Some("pong:ping"));
+    let (_, newest) = c.get("/events?limit=1").await;
+    let high = newest[0]["id"].as_u64().unwrap();
     // With the conductor gone no relay exists: only the direct path can carry this.
     let conductor = c.conductor.take().unwrap();
     conductor.shutdown().await;
@@ -390,6 +392,18 @@ async fn connectors_reach_a_binder_on_another_node_directly_even_while_the_condu
     })
     .await;
     assert_eq!(ping(addr).await.as_deref(), Some("pong:ping"));
+    // The service never went down, so a restarted conductor does not say it came up.
+    let after = c
+        .wait_events(
+            &format!("after={high}&object=service"),
+            "the direct path again",
+            |e| e.iter().any(|e| e["fields"]["to"] == "direct"),
+        )
+        .await;
+    assert!(
+        !after.iter().any(|e| e["kind"] == "service.up"),
+        "{after:?}"
+    );
     c.shutdown().await;
 }
 

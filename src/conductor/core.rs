@@ -173,6 +173,9 @@ struct Node {
     known_at_start: bool,
     /// An env report arrived since the conductor started.
     env_reported: bool,
+    /// The envs the node itself last said it has (`env_names` also drops a deleted env at
+    /// once, before the node removed it).
+    reported_envs: BTreeSet<String>,
 }
 
 /// What the events already said about derived states (a change is an event).
@@ -663,6 +666,10 @@ impl Core {
         let Some(n) = self.nodes.get_mut(node_id) else {
             return;
         };
+        let before = std::mem::replace(
+            &mut n.reported_envs,
+            report.env_names.iter().cloned().collect(),
+        );
         // A node known from before a conductor start repeats what it reported then: its first
         // report is where the story resumes.
         let resumed = !std::mem::replace(&mut n.env_reported, true) && n.known_at_start;
@@ -671,7 +678,7 @@ impl Core {
         }
         let now: BTreeSet<&String> = report.env_names.iter().collect();
         let mut events = Vec::new();
-        for name in now.iter().filter(|e| !n.env_names.contains(**e)) {
+        for name in now.iter().filter(|e| !before.contains(**e)) {
             events.push(narrate::env(
                 "env.ready",
                 name,
@@ -679,7 +686,31 @@ impl Core {
                 json!({"node": node_id}),
             ));
         }
-        for name in n.env_names.iter().filter(|e| !now.contains(e)) {
+        // Problems read "env NAME: ...".
+        let env_of = |problem: &str| -> String {
+            problem
+                .strip_prefix("env ")
+                .and_then(|rest| rest.split([':', ' ']).next())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let troubled: BTreeSet<String> = report.problems.iter().map(|p| env_of(p)).collect();
+        // Gone from the node: no longer offered, and not kept (a kept env is still on its disk;
+        // it goes, and is said to, when its problem clears).
+        let was_there: BTreeSet<String> = before
+            .iter()
+            .cloned()
+            .chain(
+                n.env_problems
+                    .iter()
+                    .filter(|p| p.contains("kept"))
+                    .map(|p| env_of(p)),
+            )
+            .collect();
+        for name in was_there
+            .iter()
+            .filter(|e| !now.contains(e) && !troubled.contains(*e))
+        {
             events.push(narrate::env(
                 "env.removed",
                 name,
@@ -692,14 +723,10 @@ impl Core {
             .iter()
             .filter(|p| !n.env_problems.contains(p))
         {
-            // Problems read "env NAME: ...".
-            let name = problem
-                .strip_prefix("env ")
-                .and_then(|rest| rest.split([':', ' ']).next())
-                .unwrap_or_default();
+            let name = env_of(problem);
             events.push(narrate::env(
-                "env.failed",
-                name,
+                "env.problem",
+                &name,
                 format!("on {node_id}: {problem}"),
                 json!({"node": node_id, "problem": problem}),
             ));
@@ -1578,6 +1605,7 @@ impl Core {
         node.capacities_total = hello.capacities_total.clone().into_iter().collect();
         node.resources = hello.resources.clone();
         node.env_names = hello.env_names.iter().cloned().collect();
+        node.reported_envs.clone_from(&node.env_names);
         node.last_seen_ms = now;
         node.connections += 1;
         let remote = session.facts().remote;

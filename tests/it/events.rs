@@ -381,3 +381,63 @@ async fn a_replay_from_before_what_retention_kept_says_what_is_gone() {
     assert!(first.get("pruned").is_none(), "{first}");
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_failing_health_check_and_its_recovery_are_events() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let mark = c.dir.path().join("healthy");
+    let mut spec = sh("sleep 1000");
+    spec["health_check"] = json!({"type": "exec",
+        "command": ["sh", "-c", format!("test -f {}", mark.display())],
+        "period_seconds": 0.05, "initial_delay_seconds": 0, "failure_threshold": 2});
+    spec["restart_policy"] = json!({"type": "always", "backoff_seconds": 0.05});
+    let id = c.deploy("sick", spec).await;
+    let q = format!("object=deployment/{id}&after=0");
+    let story = c
+        .wait_events(&q, "unhealthy", |e| {
+            kinds(e).contains(&"deployment.unhealthy")
+        })
+        .await;
+    let unhealthy = story
+        .iter()
+        .find(|e| e["kind"] == "deployment.unhealthy")
+        .unwrap();
+    assert!(
+        unhealthy["message"]
+            .as_str()
+            .unwrap()
+            .contains("health check failed"),
+        "{unhealthy}"
+    );
+    assert!(
+        !kinds(&story).contains(&"deployment.recovered"),
+        "{story:?}"
+    );
+    // Now the check passes: the next process is healthy again.
+    std::fs::write(&mark, b"").unwrap();
+    let story = c
+        .wait_events(&q, "recovered", |e| {
+            kinds(e).contains(&"deployment.recovered")
+        })
+        .await;
+    let k = kinds(&story);
+    assert!(
+        in_order(
+            &k,
+            &[
+                "deployment.unhealthy",
+                "deployment.restarting",
+                "deployment.started",
+                "deployment.recovered"
+            ]
+        ),
+        "{k:?}"
+    );
+    assert_eq!(
+        k.iter().filter(|x| **x == "deployment.recovered").count(),
+        1,
+        "{k:?}"
+    );
+    c.shutdown().await;
+}

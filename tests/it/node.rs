@@ -114,6 +114,18 @@ async fn a_uv_environment_defined_over_the_api_is_used_by_a_deployment_and_remov
         envs.iter().any(|e| e == "sixenv") && envs.iter().any(|e| e == "spare")
     })
     .await;
+    let env_kinds = |e: &[serde_json::Value]| -> Vec<String> {
+        e.iter()
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let story = c
+        .wait_events("object=env/sixenv&after=0", "sixenv ready on n1", |e| {
+            env_kinds(e).iter().any(|k| k == "env.ready")
+        })
+        .await;
+    assert_eq!(env_kinds(&story), ["env.defined", "env.ready"], "{story:?}");
+    assert_eq!(story[1]["fields"]["node"], "n1");
     // On SIGTERM it waits for `release` before it exits, so the env is deleted while it still
     // runs; it touches `ready` once the handler is in place.
     let script = "import os, signal, six, sys, time\n\
@@ -185,6 +197,26 @@ async fn a_uv_environment_defined_over_the_api_is_used_by_a_deployment_and_remov
     .await;
     assert!(!alive(pid));
     assert!(!uv_dir.join("sixenv").exists());
+    let story = c
+        .wait_events("object=env/sixenv&after=0", "sixenv removed from n1", |e| {
+            env_kinds(e).iter().any(|k| k == "env.removed")
+        })
+        .await;
+    assert_eq!(
+        env_kinds(&story),
+        [
+            "env.defined",
+            "env.ready",
+            "env.deleted",
+            "env.problem",
+            "env.removed"
+        ],
+        "{story:?}"
+    );
+    assert!(
+        story[3]["message"].as_str().unwrap().contains("kept"),
+        "{story:?}"
+    );
     assert!(uv_dir.join("spare").exists(), "other envs are kept");
 
     // A node that was away when an env was deleted removes it when it comes back.

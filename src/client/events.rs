@@ -167,9 +167,9 @@ pub async fn events_until(
                             serde_json::json!({ "pruned": p }).to_string()
                         } else {
                             format!(
-                                "# events {}..{} were dropped by retention (conductor.events_keep, events_max_age_sec)",
-                                p.after + 1,
-                                p.before - 1
+                                "# events {}..{} were dropped by retention before they could be shown (conductor.events_keep, events_max_age_sec; some may not have matched the filter)",
+                                p.after.saturating_add(1),
+                                p.before.saturating_sub(1)
                             )
                         };
                         if writeln!(out, "{line}").is_err() {

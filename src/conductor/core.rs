@@ -195,6 +195,8 @@ struct Said {
     /// Deployments whose first report in this conductor's life came in a Hello since the last
     /// publish: what they show (a service up) is where the story resumes.
     resumed: HashSet<String>,
+    /// Assignments loaded from the store at start that have not reported yet.
+    loaded: HashSet<(String, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -425,7 +427,19 @@ pub async fn start(
     // Known nodes come back as not connected; their grace starts now (a conductor restart
     // must not make them lost at once).
     let now = now_ms();
+    core.said.loaded = core
+        .assignments
+        .iter()
+        .map(|(id, a)| (id.clone(), a.generation.get()))
+        .collect();
+    let lost_after = i64::try_from(core.cfg.grace.as_millis()).unwrap_or(i64::MAX);
     for n in snap.nodes {
+        // Lost before this start: already said (its deployments went elsewhere then).
+        if now.saturating_sub(n.last_seen_ms) > lost_after {
+            core.said
+                .node_states
+                .insert(n.node_id.clone(), scheduler::NodeState::Lost);
+        }
         core.nodes.insert(
             n.node_id,
             Node {
@@ -595,27 +609,37 @@ impl Core {
         own: Vec<NewEvent>,
         write: impl AsyncFnOnce(&Store, &[Event]) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        let with_own = !own.is_empty();
         let batch = self.journal.batch(own);
         let r = write(&self.store, &batch.events).await;
-        if r.is_ok() {
+        let Err(e) = &r else {
             self.journal.written(batch);
-        } else {
-            self.journal.unwritten(batch);
-            // Whatever failed, the observed events must not fail every later write with it:
-            // they go alone now, or are dropped.
-            if self.journal.has_pending() {
-                let pending = self.journal.batch(Vec::new());
-                match self.store.append_events(&pending.events).await {
-                    Ok(()) => self.journal.written(pending),
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        dropped = pending.events.len(),
-                        "could not write observed events; dropping them"
-                    ),
-                }
+            return r;
+        };
+        let unwritable = matches!(e, StoreError::Conflict);
+        self.journal.unwritten(batch);
+        if with_own && self.journal.has_pending() {
+            // The change failed; its observed events must not fail with it: they go alone.
+            let pending = self.journal.batch(Vec::new());
+            match self.store.append_events(&pending.events).await {
+                Ok(()) => self.journal.written(pending),
+                // A clash of ids can never succeed: drop them, or they would fail every
+                // later write. Anything else may pass next time: they wait (bounded).
+                Err(StoreError::Conflict) => self.drop_pending(pending.events.len()),
+                Err(_) => self.journal.unwritten(pending),
             }
+        } else if unwritable && !with_own {
+            let n = self.journal.batch(Vec::new()).events.len();
+            self.drop_pending(n);
         }
         r
+    }
+
+    fn drop_pending(&self, dropped: usize) {
+        tracing::warn!(
+            dropped,
+            "observed events clash with stored ones (another conductor on this database?); dropped"
+        );
     }
 
     /// Writes the observed events that wait, if any.
@@ -639,8 +663,9 @@ impl Core {
             if before == Some(n.state) {
                 continue;
             }
+            // Not connected since this conductor started: only its loss is news.
             let seen = self.nodes.get(&n.id).is_some_and(|x| x.connections > 0);
-            if before.is_none() && !seen && n.state != NodeState::Lost {
+            if !seen && n.state != NodeState::Lost {
                 continue;
             }
             self.said.node_states.insert(n.id.clone(), n.state);
@@ -670,12 +695,10 @@ impl Core {
             &mut n.reported_envs,
             report.env_names.iter().cloned().collect(),
         );
-        // A node known from before a conductor start repeats what it reported then: its first
-        // report is where the story resumes.
+        // A node known from before a conductor start repeats the problems it reported then:
+        // its first report's problems are where the story resumes (its envs are compared with
+        // its Hello's).
         let resumed = !std::mem::replace(&mut n.env_reported, true) && n.known_at_start;
-        if resumed {
-            return;
-        }
         let now: BTreeSet<&String> = report.env_names.iter().collect();
         let mut events = Vec::new();
         for name in now.iter().filter(|e| !before.contains(**e)) {
@@ -721,7 +744,7 @@ impl Core {
         for problem in report
             .problems
             .iter()
-            .filter(|p| !n.env_problems.contains(p))
+            .filter(|p| !resumed && !n.env_problems.contains(p))
         {
             let name = env_of(problem);
             events.push(narrate::env(
@@ -1648,6 +1671,11 @@ impl Core {
             held.insert(st.deployment_id.clone());
             self.reconcile_status(&node_id, st, true).await;
         }
+        // Copies it released and no longer holds are gone (their `removed` may have been lost
+        // with the old connection).
+        self.said
+            .released
+            .retain(|(n, d), _| n != &node_id || held.contains(d));
         // Resend what this node should run (idempotent by generation).
         let mine: Vec<(String, Generation)> = self
             .assignments
@@ -1723,10 +1751,13 @@ impl Core {
                     .get(&id)
                     .filter(|r| r.node_id == node_id)
                     .map(|r| &r.status);
-                if told.is_none() && inventory {
+                // A copy placed before this conductor started, first heard of in a Hello: where
+                // its story resumes. (A placement of this run whose first report was lost with
+                // a connection is still news.)
+                let loaded = self.said.loaded.remove(&(id.clone(), st.generation));
+                if told.is_none() && inventory && loaded {
                     self.said.resumed.insert(id.clone());
-                }
-                if told.is_some() || !inventory {
+                } else {
                     let name = self.deployments.get(&id).map_or("", |d| d.name.as_str());
                     for ev in narrate::status(name, node_id, told, &st) {
                         self.journal.note(ev);
@@ -1778,16 +1809,25 @@ impl Core {
                     }
                     *told = st.clone();
                 }
+                let released = self
+                    .said
+                    .released
+                    .get(&key)
+                    .is_some_and(|(_, t)| t.generation == st.generation);
                 if self.fenced.insert((node_id.to_owned(), id.clone(), held)) {
-                    tracing::info!(%node_id, %id, generation = %held, "fencing: node holds a copy it should not; unassigning");
-                    self.journal.note(narrate::deployment(
-                        "deployment.fenced",
-                        &id,
-                        format!(
-                            "node {node_id} holds a copy (generation {held}) it should not; told to stop it"
-                        ),
-                        json!({"node": node_id, "generation": held, "assigned": ours.map(|a| json!({"node": a.node_id, "generation": a.generation}))}),
-                    ));
+                    // A copy it was told to stop that is still stopping (told again after a
+                    // reconnect) is no news; any other is a stale copy fenced off.
+                    if !released {
+                        tracing::info!(%node_id, %id, generation = %held, "fencing: node holds a copy it should not; unassigning");
+                        self.journal.note(narrate::deployment(
+                            "deployment.fenced",
+                            &id,
+                            format!(
+                                "node {node_id} holds a copy (generation {held}) it should not; told to stop it"
+                            ),
+                            json!({"node": node_id, "generation": held, "assigned": ours.map(|a| json!({"node": a.node_id, "generation": a.generation}))}),
+                        ));
+                    }
                     self.unassign(node_id, &id, held);
                 }
             }
@@ -1972,6 +2012,11 @@ impl Core {
             // A lost node may still be connected (silent, not gone): fence it now rather
             // than at its next Hello.
             self.unassign(&old.node_id, id, old.generation);
+            // Its copy was not told in time: if the node comes back holding it, that is news
+            // (`deployment.fenced`), not a stop running its course.
+            self.said
+                .released
+                .remove(&(old.node_id.clone(), id.clone()));
             if self
                 .reported
                 .get(id)

@@ -207,6 +207,11 @@ pub async fn run_with_store(
     // Usage sampling, about once per heartbeat period, off the async workers.
     {
         let (period, cancel, sup) = (cfg.heartbeat, cancel.clone(), sup.clone());
+        // NVML's pids are the host's: in a pid namespace of its own the node cannot map them.
+        let host_pids = cfg.gpu_processes.is_some() || super::monitor::in_host_pid_namespace();
+        if !host_pids {
+            tracing::info!("in a pid namespace of its own: no GPU use per deployment");
+        }
         tasks.spawn(async move {
             // Only this task samples; the lock is what lets the sample move to a blocking
             // thread and back.
@@ -227,7 +232,7 @@ pub async fn run_with_store(
                     .collect();
                 let sample = tokio::task::spawn_blocking(move || {
                     let mut s = m.lock().ok().map(|mut m| m.sample())?;
-                    if !s.gpu_processes.is_empty() {
+                    if !s.gpu_processes.is_empty() && host_pids {
                         s.deployment_gpus =
                             super::monitor::per_deployment(&s.gpu_processes, &leaders, group_of);
                     }

@@ -16,7 +16,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
@@ -146,36 +145,46 @@ pub trait GpuProcessSource: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 struct NvmlProcesses {
     nvml: Arc<Nvml>,
-    /// NVML's timestamp (µs) of the newest utilisation sample seen.
-    last_seen_us: AtomicU64,
+    /// Per device: NVML's timestamp (µs) of the newest utilisation sample seen.
+    last_seen_us: std::sync::Mutex<HashMap<u32, u64>>,
 }
 
 impl GpuProcessSource for NvmlProcesses {
     fn processes(&self) -> Vec<GpuProcess> {
+        use nvml_wrapper::error::NvmlError;
         let Ok(count) = self.nvml.device_count() else {
             return Vec::new();
         };
-        let since = self.last_seen_us.load(Ordering::Relaxed);
-        let mut newest = since;
+        let Ok(mut last_seen) = self.last_seen_us.lock() else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for i in 0..count {
             let Ok(device) = self.nvml.device_by_index(i) else {
                 continue;
             };
             let index = device.index().unwrap_or(i);
-            // Not supported on every GPU or driver: then memory only.
-            let util: HashMap<u32, u32> = device
-                .process_utilization_stats(since)
-                .map(|samples| {
-                    samples
-                        .into_iter()
-                        .map(|s| {
-                            newest = newest.max(s.timestamp);
-                            (s.pid, s.sm_util)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let since = last_seen.get(&index).copied().unwrap_or(0);
+            // Per pid, its newest sample since the last call. `None`: no per-process figures on
+            // this GPU or driver (memory only); no sample since then reads as idle.
+            let util: Option<HashMap<u32, (u64, u32)>> =
+                match device.process_utilization_stats(since) {
+                    Ok(samples) => {
+                        let mut newest: HashMap<u32, (u64, u32)> = HashMap::new();
+                        for s in samples {
+                            let e = newest.entry(s.pid).or_insert((s.timestamp, s.sm_util));
+                            if s.timestamp >= e.0 {
+                                *e = (s.timestamp, s.sm_util);
+                            }
+                        }
+                        if let Some(t) = newest.values().map(|(t, _)| *t).max() {
+                            last_seen.insert(index, t);
+                        }
+                        Some(newest)
+                    }
+                    Err(NvmlError::NotFound) => Some(HashMap::new()),
+                    Err(_) => None,
+                };
             for p in device.running_compute_processes().unwrap_or_default() {
                 out.push(GpuProcess {
                     gpu_index: index,
@@ -184,16 +193,26 @@ impl GpuProcessSource for NvmlProcesses {
                         nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => Some(b),
                         nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
                     },
-                    sm_util_percent: util.get(&p.pid).copied().or_else(|| {
-                        // Sampled, but idle in the period: 0 rather than unknown.
-                        (!util.is_empty()).then_some(0)
-                    }),
+                    sm_util_percent: util
+                        .as_ref()
+                        .map(|u| u.get(&p.pid).map_or(0, |(_, sm)| *sm)),
                 });
             }
         }
-        self.last_seen_us.store(newest, Ordering::Relaxed);
         out
     }
+}
+
+/// Whether this process sees the host's pids (NVML reports host pids: in a container with its
+/// own pid namespace they would name other processes). From `NSpid` in `/proc/self/status`:
+/// one entry means the initial namespace.
+pub fn in_host_pid_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .is_none_or(|pids| pids.split_whitespace().count() == 1)
+    })
 }
 
 /// Sums GPU processes per deployment and GPU. `leaders` maps a deployment's process-group id
@@ -362,7 +381,7 @@ impl Monitor {
         let gpu_processes = nvml.as_ref().map(|nvml| {
             Arc::new(NvmlProcesses {
                 nvml: nvml.clone(),
-                last_seen_us: AtomicU64::new(0),
+                last_seen_us: std::sync::Mutex::new(HashMap::new()),
             }) as Arc<dyn GpuProcessSource>
         });
         Self {

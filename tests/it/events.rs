@@ -237,6 +237,29 @@ async fn following_events_survives_a_conductor_restart_without_gaps_or_repeats()
         all.len() > before.len() && all[..before.len()] == before[..],
         "ids after the restart continue the old ones: {all:?}"
     );
+    // Nothing the restart merely found was told later either: `a` did not start again, the
+    // node did not come "back" or get lost.
+    let (_, since) = c.get(&format!("/events?after={high}&limit=1000")).await;
+    let since = since.as_array().unwrap();
+    for e in since {
+        let k = e["kind"].as_str().unwrap();
+        assert!(
+            !matches!(
+                k,
+                "node.back" | "node.lost" | "node.suspect" | "deployment.fenced"
+            ),
+            "{e}"
+        );
+        if e["object"] == format!("deployment/{a}") {
+            assert!(
+                matches!(
+                    k,
+                    "deployment.deleted" | "deployment.exited" | "deployment.stopped"
+                ),
+                "{e}"
+            );
+        }
+    }
     crate::support::until("the follower caught up", || out.ids().len() >= all.len()).await;
     stop_tx.send(()).unwrap();
     follower.await.unwrap().unwrap();

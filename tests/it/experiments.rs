@@ -7,7 +7,7 @@
 use serde_json::{Value, json};
 
 use crate::rl_example::{AGENT, LEARNER};
-use crate::support::{Cluster, alive, locs, symphony_bin, until};
+use crate::support::{Cluster, alive, free_port_range, locs, symphony_bin, until};
 
 /// The seed's RL example as YAML: a learner (group `trainer`, with an evaluator beside it)
 /// and `agents` agents, gang-placed.
@@ -96,7 +96,7 @@ fn process<'a>(e: &'a Value, name: &str) -> &'a Value {
 
 #[tokio::test]
 async fn the_rl_example_runs_across_two_nodes_and_goes_with_one_delete() {
-    let mut c = Cluster::start().await;
+    let mut c = Cluster::start_with(|cfg| cfg.service_ports = free_port_range(8)).await;
     c.add_node_with_caps_at("n0", &[("slot", 3)], [127, 0, 0, 3].into())
         .await;
     c.add_node_with_caps_at("n1", &[("slot", 3)], [127, 0, 0, 2].into())
@@ -215,7 +215,7 @@ async fn the_rl_example_runs_across_two_nodes_and_goes_with_one_delete() {
 
 #[tokio::test]
 async fn a_gang_waits_with_its_reason_and_starts_whole_when_a_node_joins() {
-    let mut c = Cluster::start().await;
+    let mut c = Cluster::start_with(|cfg| cfg.service_ports = free_port_range(8)).await;
     c.add_node_with_caps_at("n0", &[("slot", 3)], [127, 0, 0, 3].into())
         .await;
     let (status, e) = c.request(reqwest::Method::POST, "/experiments", None).await;
@@ -279,7 +279,7 @@ async fn a_gang_waits_with_its_reason_and_starts_whole_when_a_node_joins() {
 
 #[tokio::test]
 async fn stop_experiment_on_failure_stops_the_rest() {
-    let mut c = Cluster::start().await;
+    let mut c = Cluster::start_with(|cfg| cfg.service_ports = free_port_range(8)).await;
     c.add_node("n1", &["local"], &[], false).await;
     let decl = json!({"name": "ddp", "processes": [
         {"name": "rank", "replicas": 2, "config": {"command": ["sleep", "1000"], "token": "tok-s3cret"}},
@@ -375,7 +375,7 @@ async fn stop_experiment_on_failure_stops_the_rest() {
 
 #[tokio::test]
 async fn bad_declarations_are_refused_naming_the_field_and_create_nothing() {
-    let mut c = Cluster::start().await;
+    let mut c = Cluster::start_with(|cfg| cfg.service_ports = free_port_range(8)).await;
     c.add_node("n1", &["gpu"], &[], false).await;
     let p = |name: &str, extra: Value| {
         let mut p = json!({"name": name, "config": {"command": ["true"]}});

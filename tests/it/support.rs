@@ -565,6 +565,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` consecutive ports free on 127.0.0.1 now, for a cluster's service port pool (clusters of
+/// tests that run at once must not hand out the same ports).
+pub fn free_port_range(n: u16) -> std::ops::RangeInclusive<u16> {
+    loop {
+        let start = free_port();
+        let Some(end) = start.checked_add(n - 1) else {
+            continue;
+        };
+        if (start..=end).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return start..=end;
+        }
+    }
+}
+
 /// The `loc` of each entry of a 422's `detail`, joined with dots (indexes as numbers).
 pub fn locs(body: &Value) -> Vec<String> {
     body["detail"]

@@ -415,28 +415,21 @@ async fn logs_inner(
         }
         other => other?,
     };
-    let mut url = client.url(&["ws", "deployments", &id, "logs"])?;
-    {
-        let mut q = url.query_pairs_mut();
-        if let Some(tail) = args.tail {
-            q.append_pair("tail", &tail.to_string());
-        }
-        let streams: Vec<&str> = args
-            .streams
-            .iter()
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        if !streams.is_empty() {
-            q.append_pair("streams", &streams.join(","));
-        }
+    let streams: Vec<&str> = args
+        .streams
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut query = Vec::new();
+    if let Some(tail) = args.tail {
+        query.push(("tail", tail.to_string()));
     }
-    if url.query() == Some("") {
-        url.set_query(None);
+    if !streams.is_empty() {
+        query.push(("streams", streams.join(",")));
     }
-    url.set_scheme("ws")
-        .map_err(|()| ClientError::Usage(format!("cannot make a WebSocket URL from {api}")))?;
+    let url = client.ws_url(&["ws", "deployments", &id, "logs"], &query)?;
 
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
@@ -584,6 +577,18 @@ impl Client {
             base,
             http,
         })
+    }
+
+    /// The `ws://` URL of `segments` with `query` (none when empty).
+    fn ws_url(&self, segments: &[&str], query: &[(&str, String)]) -> Result<Url, ClientError> {
+        let mut url = self.url(segments)?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        url.set_scheme("ws").map_err(|()| {
+            ClientError::Usage(format!("cannot make a WebSocket URL from {}", self.api))
+        })?;
+        Ok(url)
     }
 
     /// `base` + percent-encoded path segments.

@@ -124,19 +124,10 @@ pub async fn events_until(
     let mut stop = std::pin::pin!(stop);
     let mut wait = Duration::from_millis(100);
     loop {
-        let mut url = client.url(&["ws", "events"])?;
-        {
-            let mut q = url.query_pairs_mut();
-            q.append_pair("after", &last.to_string());
-            if let Some(o) = &object {
-                q.append_pair("object", o);
-            }
-            if let Some(k) = &args.kind {
-                q.append_pair("kind", k);
-            }
-        }
-        url.set_scheme("ws")
-            .map_err(|()| ClientError::Usage(format!("cannot make a WebSocket URL from {api}")))?;
+        let mut query = vec![("after", last.to_string())];
+        query.extend(object.iter().map(|o| ("object", o.clone())));
+        query.extend(args.kind.iter().map(|k| ("kind", k.clone())));
+        let url = client.ws_url(&["ws", "events"], &query)?;
         let connected = tokio::select! {
             c = tokio_tungstenite::connect_async(url.as_str()) => c,
             () = &mut stop => return Ok(Exit::Ok),

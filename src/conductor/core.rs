@@ -612,34 +612,41 @@ impl Core {
         let with_own = !own.is_empty();
         let batch = self.journal.batch(own);
         let r = write(&self.store, &batch.events).await;
-        let Err(e) = &r else {
-            self.journal.written(batch);
-            return r;
+        let clash = match &r {
+            Ok(_) => {
+                self.journal.written(batch);
+                return r;
+            }
+            Err(e) => matches!(e, StoreError::Conflict),
         };
-        let unwritable = matches!(e, StoreError::Conflict);
         self.journal.unwritten(batch);
-        if with_own && self.journal.has_pending() {
+        let clash = if with_own && self.journal.has_pending() {
             // The change failed; its observed events must not fail with it: they go alone.
             let pending = self.journal.batch(Vec::new());
             match self.store.append_events(&pending.events).await {
-                Ok(()) => self.journal.written(pending),
-                // A clash of ids can never succeed: drop them, or they would fail every
-                // later write. Anything else may pass next time: they wait (bounded).
-                Err(StoreError::Conflict) => self.drop_pending(pending.events.len()),
-                Err(_) => self.journal.unwritten(pending),
+                Ok(()) => {
+                    self.journal.written(pending);
+                    false
+                }
+                Err(e) => {
+                    self.journal.unwritten(pending);
+                    matches!(e, StoreError::Conflict)
+                }
             }
-        } else if unwritable && !with_own {
-            let n = self.journal.batch(Vec::new()).events.len();
-            self.drop_pending(n);
+        } else {
+            // Only observed events were written: a clash was theirs.
+            clash && !with_own
+        };
+        // A clash of ids can never succeed: drop them, or they would fail every later write.
+        // Anything else may pass next time: they wait (bounded).
+        if clash && self.journal.has_pending() {
+            let dropped = self.journal.discard_pending();
+            tracing::warn!(
+                dropped,
+                "observed events clash with stored ones (another conductor on this database?); dropped"
+            );
         }
         r
-    }
-
-    fn drop_pending(&self, dropped: usize) {
-        tracing::warn!(
-            dropped,
-            "observed events clash with stored ones (another conductor on this database?); dropped"
-        );
     }
 
     /// Writes the observed events that wait, if any.
@@ -811,18 +818,20 @@ impl Core {
         out
     }
 
-    /// A connected node whose remote address changed (QUIC migration: a NAT rebinding or a
-    /// new IP) since it was last looked at.
-    fn narrate_paths(&mut self) {
-        for (id, n) in &mut self.nodes {
-            let Some(c) = &n.conn else { continue };
-            let remote = c.session.facts().remote;
-            let Some(before) = n.remote.replace(remote).filter(|b| *b != remote) else {
+    /// Connected nodes whose remote address changed (QUIC migration: a NAT rebinding or a
+    /// new IP) since they were last looked at (`moved`: found by the publish, which reads
+    /// each connection's facts anyway).
+    fn narrate_paths(&mut self, moved: Vec<(String, std::net::SocketAddr)>) {
+        for (id, remote) in moved {
+            let Some(n) = self.nodes.get_mut(&id) else {
+                continue;
+            };
+            let Some(before) = n.remote.replace(remote) else {
                 continue;
             };
             self.journal.note(narrate::node(
                 "node.path_changed",
-                id,
+                &id,
                 format!("node {id} path changed: {before} -> {remote}"),
                 json!({"from": before.to_string(), "to": remote.to_string()}),
             ));
@@ -831,15 +840,7 @@ impl Core {
 
     /// Why deployments wait for a node, said when the reason appears or changes.
     fn narrate_unplaced(&mut self, reasons: &BTreeMap<String, scheduler::Unplaced>) {
-        if self.said.unplaced.len() != reasons.len()
-            || self
-                .said
-                .unplaced
-                .keys()
-                .any(|id| !reasons.contains_key(id))
-        {
-            self.said.unplaced.retain(|id, _| reasons.contains_key(id));
-        }
+        self.said.unplaced.retain(|id, _| reasons.contains_key(id));
         for (id, reason) in reasons {
             if self.said.unplaced.get(id) == Some(reason) {
                 continue;
@@ -865,7 +866,6 @@ impl Core {
                 r.node_id == node && r.status.state == crate::model::CurrentState::Running.as_str()
             })
         };
-        let mut seen = 0;
         for s in services {
             let up = s
                 .node_id
@@ -874,15 +874,13 @@ impl Core {
             let key = (s.namespace.clone(), s.name.clone());
             let resumed = self.said.resumed.contains(&s.deployment_id);
             let said = self.said.services.entry(key).or_default();
-            seen += 1;
             let object =
                 || super::events::object("service", &format!("{}/{}", s.namespace, s.name));
             let mut events = Vec::new();
-            if said.0 != up && resumed {
-                said.0 = up;
-            }
-            if said.0 != up {
-                said.0 = up;
+            let changed = said.0 != up;
+            said.0 = up;
+            // A binder first heard of in a Hello since the last publish changed nothing.
+            if changed && !resumed {
                 let (kind, verb) = if up {
                     ("service.up", "up")
                 } else {
@@ -917,7 +915,7 @@ impl Core {
                 self.journal.note(ev);
             }
         }
-        if seen != self.said.services.len() {
+        if services.len() != self.said.services.len() {
             let now: HashSet<(&str, &str)> = services
                 .iter()
                 .map(|s| (s.namespace.as_str(), s.name.as_str()))
@@ -1798,22 +1796,21 @@ impl Core {
                 // One Unassign per stale copy: its further status reports (while it stops) need
                 // no second one; a new Hello clears this so a copy that survived is fenced again.
                 let key = (node_id.to_owned(), id.clone());
-                if let Some((name, told)) = self
+                let released = match self
                     .said
                     .released
                     .get_mut(&key)
                     .filter(|(_, t)| t.generation == st.generation)
                 {
-                    for ev in narrate::status(name, node_id, Some(told), &st) {
-                        self.journal.note(ev);
+                    Some((name, told)) => {
+                        for ev in narrate::status(name, node_id, Some(told), &st) {
+                            self.journal.note(ev);
+                        }
+                        *told = st.clone();
+                        true
                     }
-                    *told = st.clone();
-                }
-                let released = self
-                    .said
-                    .released
-                    .get(&key)
-                    .is_some_and(|(_, t)| t.generation == st.generation);
+                    None => false,
+                };
                 if self.fenced.insert((node_id.to_owned(), id.clone(), held)) {
                     // A copy it was told to stop that is still stopping (told again after a
                     // reconnect) is no news; any other is a stale copy fenced off.
@@ -2090,7 +2087,7 @@ impl Core {
             .any(|n| n.state == scheduler::NodeState::Online);
 
         // GPU use per deployment, from the heartbeat of the node it is assigned to.
-        let mut gpus: HashMap<&str, Vec<wire::DeploymentGpu>> = HashMap::new();
+        let mut gpus: HashMap<&str, Vec<&wire::DeploymentGpu>> = HashMap::new();
         for (node_id, n) in &self.nodes {
             for g in n.usage.iter().flat_map(|u| &u.deployment_gpus) {
                 if self
@@ -2098,9 +2095,7 @@ impl Core {
                     .get(&g.deployment_id)
                     .is_some_and(|a| &a.node_id == node_id)
                 {
-                    gpus.entry(g.deployment_id.as_str())
-                        .or_default()
-                        .push(g.clone());
+                    gpus.entry(g.deployment_id.as_str()).or_default().push(g);
                 }
             }
         }
@@ -2163,10 +2158,15 @@ impl Core {
                 });
         }
         let mut node_views = BTreeMap::new();
+        // Connected nodes whose remote address changed since the last look.
+        let mut moved = Vec::new();
         for (sn, (id, n)) in nodes.iter().zip(&self.nodes) {
             let assigned = assigned_to.remove(id.as_str()).unwrap_or_default();
             let connection = n.conn.as_ref().map(|c| {
                 let f = c.session.facts();
+                if n.remote != Some(f.remote) {
+                    moved.push((id.clone(), f.remote));
+                }
                 NodeConnection {
                     remote_addr: f.remote.to_string(),
                     connected_since_ms: c.connected_at_ms,
@@ -2226,7 +2226,7 @@ impl Core {
             })
             .collect();
         self.narrate_services(&services);
-        self.narrate_paths();
+        self.narrate_paths(moved);
         self.journal.quiet = false;
         self.said.primed = true;
         self.said.resumed.clear();

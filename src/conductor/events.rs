@@ -184,6 +184,11 @@ impl Journal {
         }
     }
 
+    /// Drops the observed events that wait (they can never be written); how many.
+    pub fn discard_pending(&mut self) -> usize {
+        std::mem::take(&mut self.pending).len()
+    }
+
     /// Whether observed events wait to be written.
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()

@@ -56,7 +56,7 @@ pub struct DeploymentFacts<'a> {
     /// Whether any node is online.
     pub any_online: bool,
     /// Its GPU use, from its node's last heartbeat.
-    pub gpus: &'a [wire::DeploymentGpu],
+    pub gpus: &'a [&'a wire::DeploymentGpu],
 }
 
 /// The API's view of one deployment; `specification` is the masked spec.

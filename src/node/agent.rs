@@ -223,16 +223,16 @@ pub async fn run_with_store(
                     () = cancel.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let m = monitor.clone();
-                // Each running deployment's process leads its own process group.
-                let leaders: HashMap<u32, String> = sup
-                    .status()
-                    .into_iter()
-                    .filter_map(|s| Some((s.pid?, s.id)))
-                    .collect();
+                let (m, sup) = (monitor.clone(), sup.clone());
                 let sample = tokio::task::spawn_blocking(move || {
                     let mut s = m.lock().ok().map(|mut m| m.sample())?;
                     if !s.gpu_processes.is_empty() && host_pids {
+                        // Each running deployment's process leads its own process group.
+                        let leaders: HashMap<u32, String> = sup
+                            .status()
+                            .into_iter()
+                            .filter_map(|s| Some((s.pid?, s.id)))
+                            .collect();
                         s.deployment_gpus =
                             super::monitor::per_deployment(&s.gpu_processes, &leaders, group_of);
                     }

@@ -195,6 +195,7 @@ async fn follow(mut socket: WebSocket, st: ApiState, f: Filter) {
     };
     loop {
         let mut batch: Vec<Arc<Event>> = Vec::new();
+        let mut lagged = false;
         tokio::select! {
             biased;
             () = st.cancel.cancelled() => {
@@ -202,17 +203,7 @@ async fn follow(mut socket: WebSocket, st: ApiState, f: Filter) {
             }
             r = live.recv() => match r {
                 Ok(e) => batch.push(e),
-                Err(RecvError::Lagged(_)) => {
-                    // Too slow for the live feed: catch up from the store, then go on.
-                    live = st.core.events().subscribe();
-                    match replay(&mut socket, &st, &f, last).await {
-                        Some(l) => last = l,
-                        None => {
-                            return close(socket, close_code::GOING_AWAY, "events unavailable").await;
-                        }
-                    }
-                    continue;
-                }
+                Err(RecvError::Lagged(_)) => lagged = true,
                 Err(RecvError::Closed) => {
                     return close(socket, close_code::GOING_AWAY, SHUTTING_DOWN).await;
                 }
@@ -222,8 +213,7 @@ async fn follow(mut socket: WebSocket, st: ApiState, f: Filter) {
                 _ => continue,
             },
         }
-        let mut lagged = false;
-        while batch.len() < MAX_LIMIT as usize {
+        while !lagged && batch.len() < MAX_LIMIT as usize {
             match live.try_recv() {
                 Ok(e) => batch.push(e),
                 Err(TryRecvError::Lagged(_)) => {
@@ -246,7 +236,7 @@ async fn follow(mut socket: WebSocket, st: ApiState, f: Filter) {
             }
         }
         if lagged {
-            // Events fell out of the live feed: the rest comes from the store.
+            // Too slow for the live feed: events fell out of it; the rest comes from the store.
             live = st.core.events().subscribe();
             match replay(&mut socket, &st, &f, last).await {
                 Some(l) => last = l,

@@ -131,6 +131,9 @@ pub struct Client {
     /// mapping would cut them off), even if the conductor is silent.
     peer_activity: Mutex<Option<Activity>>,
     cfg: ClientConfig,
+    /// The TLS material in use: replaced when the node renews its certificate (the next
+    /// handshake uses the new one; live connections are untouched).
+    tls: Mutex<(TlsMaterial, quinn::ClientConfig)>,
     reconnects: AtomicU64,
 }
 
@@ -224,14 +227,38 @@ impl Client {
         )?;
         let mut qc = quinn::ClientConfig::new(client_crypto(&cfg.tls)?);
         qc.transport_config(cfg.settings.transport_config());
-        endpoint.set_default_client_config(qc);
+        endpoint.set_default_client_config(qc.clone());
         Ok(Self {
             endpoint,
             socket: Mutex::new(handle),
             peer_activity: Mutex::default(),
+            tls: Mutex::new((cfg.tls.clone(), qc)),
             cfg,
             reconnects: AtomicU64::new(0),
         })
+    }
+
+    /// Uses `tls` (a renewed certificate) for every handshake from now on: with the conductor,
+    /// with peers this node dials, and with peers that dial it. Connections already up keep
+    /// their keys.
+    pub fn set_tls(&self, tls: TlsMaterial) -> Result<(), ConnectError> {
+        let mut qc = quinn::ClientConfig::new(client_crypto(&tls)?);
+        qc.transport_config(self.cfg.settings.transport_config());
+        let mut server = quinn::ServerConfig::with_crypto(peer_server_crypto(&tls)?);
+        server.transport_config(self.cfg.settings.transport_config());
+        server.migration(true);
+        self.endpoint.set_server_config(Some(server));
+        if let Ok(mut t) = self.tls.lock() {
+            *t = (tls, qc);
+        }
+        Ok(())
+    }
+
+    fn current_tls(&self) -> (TlsMaterial, quinn::ClientConfig) {
+        match self.tls.lock() {
+            Ok(t) => t.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
     }
 
     /// Sends one small packet with TTL [`PUNCH_TTL`] to `peer` from the endpoint's socket:
@@ -274,7 +301,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<Session, ConnectError> {
         let addr = self.family_of_socket(addr)?;
-        let mut qc = quinn::ClientConfig::new(peer_client_crypto(&self.cfg.tls, peer_id)?);
+        let mut qc = quinn::ClientConfig::new(peer_client_crypto(&self.current_tls().0, peer_id)?);
         qc.transport_config(self.cfg.settings.transport_config());
         let connecting = self.endpoint.connect_with(qc, addr, "symphony-peer")?;
         let conn = tokio::time::timeout(timeout, connecting)
@@ -370,7 +397,9 @@ impl Client {
             .server_name
             .clone()
             .unwrap_or_else(|| self.cfg.host().to_owned());
-        let connecting = self.endpoint.connect(addr, &name)?;
+        let connecting = self
+            .endpoint
+            .connect_with(self.current_tls().1, addr, &name)?;
         let conn = tokio::time::timeout(self.cfg.settings.idle_timeout, connecting)
             .await
             .map_err(|_| ConnectError::Handshake(quinn::ConnectionError::TimedOut))??;
@@ -550,4 +579,54 @@ mod tests {
             assert_eq!(ClientConfig::new(server, tls.clone()).host(), host);
         }
     }
+}
+
+/// Dials `server` on ALPN `symphony-enroll/1`, trusting only a CA whose SHA-256 is `pin`
+/// (checked in the handshake, before anything is sent), sends `request` and returns the
+/// conductor's one reply.
+pub async fn enroll<Req, Rep>(
+    server: &str,
+    pin: [u8; 32],
+    request: &Req,
+    settings: &TransportSettings,
+) -> Result<Rep, ConnectError>
+where
+    Req: prost::Message,
+    Rep: prost::Message + Default,
+{
+    let addr = tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| ConnectError::Resolve(server.to_owned(), e.to_string()))?
+        .next()
+        .ok_or_else(|| ConnectError::Resolve(server.to_owned(), "no address".into()))?;
+    let bind = if addr.is_ipv4() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+    } else {
+        SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0)
+    };
+    let mut endpoint = quinn::Endpoint::client(bind)?;
+    let mut qc = quinn::ClientConfig::new(crate::tls::enroll_client_crypto(pin)?);
+    qc.transport_config(settings.transport_config());
+    endpoint.set_default_client_config(qc);
+    let connecting = endpoint.connect(addr, crate::pki::DEFAULT_SERVER_NAMES[1])?;
+    let conn = tokio::time::timeout(settings.idle_timeout, connecting)
+        .await
+        .map_err(|_| ConnectError::Handshake(quinn::ConnectionError::TimedOut))??;
+    let session = Session::new(conn, settings.clone());
+    let mut control = session.open_control().await?;
+    let reply = async {
+        control.tx.send(request).await?;
+        control.rx.recv::<Rep>().await
+    };
+    let reply = tokio::time::timeout(settings.idle_timeout, reply)
+        .await
+        .map_err(|_| ConnectError::Handshake(quinn::ConnectionError::TimedOut))?
+        .map_err(|e| ConnectError::Io(std::io::Error::other(e.to_string())))?;
+    session.close(CloseCode::Shutdown, "enrolled");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    reply.ok_or_else(|| {
+        ConnectError::Io(std::io::Error::other(
+            "the conductor closed the enrollment stream without a reply",
+        ))
+    })
 }

@@ -18,11 +18,13 @@ pub enum CloseCode {
     /// A tunnel stream ended abruptly (its other side failed); used on streams, not
     /// connections.
     TunnelReset,
+    /// The node's certificate was revoked: it must not reconnect (it needs a new join token).
+    Revoked,
 }
 
 impl CloseCode {
     /// All codes, for tests and tables.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Shutdown,
         Self::Superseded,
         Self::AuthFailed,
@@ -30,6 +32,7 @@ impl CloseCode {
         Self::ProtocolError,
         Self::FrameTooLarge,
         Self::TunnelReset,
+        Self::Revoked,
     ];
 
     /// The numeric code on the wire.
@@ -42,6 +45,7 @@ impl CloseCode {
             Self::ProtocolError => 4,
             Self::FrameTooLarge => 5,
             Self::TunnelReset => 6,
+            Self::Revoked => 7,
         }
     }
 
@@ -59,7 +63,7 @@ impl CloseCode {
     /// `Superseded` reaching a live connection means another live process holds this node's
     /// identity: re-dialling would make the two take the connection from each other forever.
     pub fn should_reconnect(self) -> bool {
-        !matches!(self, Self::Superseded)
+        !matches!(self, Self::Superseded | Self::Revoked)
     }
 
     /// Whether retrying soon is pointless: auth and version refusals do not heal until an
@@ -90,6 +94,7 @@ impl std::fmt::Display for CloseCode {
             Self::ProtocolError => "protocol error",
             Self::FrameTooLarge => "frame too large",
             Self::TunnelReset => "tunnel reset",
+            Self::Revoked => "certificate revoked",
         };
         f.write_str(s)
     }
@@ -109,6 +114,7 @@ mod tests {
         assert_eq!(CloseCode::from_code(999), None);
         assert!(CloseCode::Shutdown.should_reconnect());
         assert!(!CloseCode::Superseded.should_reconnect());
+        assert!(!CloseCode::Revoked.should_reconnect());
         assert!(CloseCode::AuthFailed.should_reconnect() && CloseCode::AuthFailed.retry_slowly());
         assert!(
             CloseCode::VersionMismatch.should_reconnect()

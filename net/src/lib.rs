@@ -31,8 +31,8 @@ pub use config::{ALPN, PRIORITY_TUNNEL, TransportSettings};
 pub use frame::{FrameError, FrameReader, FrameWriter};
 pub use pacing::{Pacer, PacerConfig, PacerStats};
 pub use pki::{CertFiles, CertificateAuthority, PemPair, PkiError, Validity};
-pub use server::{Accepted, NodeIdentity, Server, ServerError};
+pub use server::{Accepted, Enrollment, NodeIdentity, Server, ServerError};
 pub use session::{
     ConnectionFacts, Control, FrameReceiver, FrameSender, Session, SessionError, StreamKind, Tunnel,
 };
-pub use tls::{PEER_ALPN, TlsError, TlsMaterial};
+pub use tls::{ENROLL_ALPN, PEER_ALPN, RevokedSet, TlsError, TlsMaterial};

@@ -168,6 +168,20 @@ pub struct Validity {
 }
 
 impl Validity {
+    /// From one minute ago (clock skew) until `d` from now.
+    pub fn lasting(d: std::time::Duration) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            not_before: now - TimeDuration::minutes(1),
+            not_after: now + d,
+        }
+    }
+
+    /// The end, in milliseconds since the Unix epoch.
+    pub fn not_after_ms(&self) -> i64 {
+        i64::try_from(self.not_after.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+    }
+
     /// From one minute ago for `days` days.
     pub fn days(days: i64) -> Self {
         let now = OffsetDateTime::now_utc();
@@ -310,16 +324,30 @@ impl CertificateAuthority {
     /// Issues a client certificate for one node; its identity is `node_id`.
     pub fn issue_node(&self, node_id: &str, validity: Validity) -> Result<PemPair, PkiError> {
         validate_node_id(node_id)?;
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(
-            format!("{NODE_URI_PREFIX}{node_id}").try_into()?,
-        )];
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, node_id);
-        params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign_leaf(params, validity)
+        self.sign_leaf(node_params(node_id)?, validity)
+    }
+
+    /// SHA-256 of the CA certificate (DER): what a join token pins.
+    pub fn fingerprint(&self) -> Result<[u8; 32], PkiError> {
+        fingerprint_pem(&self.cert_pem)
+    }
+
+    /// Signs a node's certificate signing request for `node_id`: only the CSR's public key is
+    /// taken (its signature is checked, so the requester holds the private key); the identity,
+    /// key usages and validity are ours, whatever the CSR asked for.
+    pub fn sign_node_csr(
+        &self,
+        csr_pem: &str,
+        node_id: &str,
+        validity: Validity,
+    ) -> Result<String, PkiError> {
+        validate_node_id(node_id)?;
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        csr.params = node_params(node_id)?;
+        csr.params.use_authority_key_identifier_extension = true;
+        csr.params.not_before = validity.not_before;
+        csr.params.not_after = validity.not_after;
+        Ok(csr.signed_by(&self.issuer)?.pem())
     }
 
     /// Makes sure `server.pem`/`server.key` exist in `dir` (reused when present).
@@ -356,6 +384,106 @@ impl CertificateAuthority {
         }
         Ok(files)
     }
+}
+
+/// A node certificate's fields: identity in the URI SAN (and the CN), client auth only.
+fn node_params(node_id: &str) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(
+        format!("{NODE_URI_PREFIX}{node_id}").try_into()?,
+    )];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node_id);
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(params)
+}
+
+/// SHA-256 of a DER certificate.
+pub fn fingerprint_der(der: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// SHA-256 of the first certificate in a PEM text.
+pub fn fingerprint_pem(pem: &str) -> Result<[u8; 32], PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
+        PkiError::Pem {
+            path: PathBuf::from("<certificate>"),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(fingerprint_der(&der))
+}
+
+/// A fresh key pair and a CSR for it (the identity in it is ignored by the signer): the
+/// private key PEM stays with the caller.
+pub fn new_key_and_csr() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    csr_for_key(&key).map(|csr| (key.serialize_pem(), csr))
+}
+
+/// A CSR signed by the key in `key_pem` (proves possession of that key).
+pub fn csr_for_key_pem(key_pem: &str) -> Result<String, PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::Pem {
+        path: PathBuf::from("<key>"),
+        reason: e.to_string(),
+    })?;
+    csr_for_key(&key)
+}
+
+fn csr_for_key(key: &KeyPair) -> Result<String, PkiError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "symphony-node");
+    params.distinguished_name = dn;
+    Ok(params.serialize_request(key)?.pem()?)
+}
+
+/// What the conductor needs to know of a certificate a node presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFacts {
+    /// The node id in it.
+    pub node_id: String,
+    /// End of validity, ms since the epoch.
+    pub not_after_ms: i64,
+    /// The subject public key (raw bits).
+    pub public_key: Vec<u8>,
+}
+
+/// Reads a node certificate's identity, expiry and public key, checking that `ca_pem`'s key
+/// signed it (expiry is not checked: the caller decides what an expired certificate may do).
+pub fn node_cert_facts(cert_pem: &str, ca_pem: &str) -> Result<CertFacts, PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::*;
+    let pem_err = |reason: String| PkiError::Pem {
+        path: PathBuf::from("<certificate>"),
+        reason,
+    };
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| pem_err(e.to_string()))?;
+    let ca_der = rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| pem_err(e.to_string()))?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| pem_err(e.to_string()))?;
+    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| pem_err(e.to_string()))?;
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| pem_err("not signed by this conductor's CA".into()))?;
+    Ok(CertFacts {
+        node_id: node_id_from_cert(&der)?,
+        not_after_ms: cert.validity().not_after.timestamp().saturating_mul(1000),
+        public_key: cert.public_key().subject_public_key.data.to_vec(),
+    })
+}
+
+/// The public key (raw bits) of a CSR whose signature is valid.
+pub fn csr_public_key(csr_pem: &str) -> Result<Vec<u8>, PkiError> {
+    use rcgen::PublicKeyData;
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+    Ok(csr.public_key.der_bytes().to_vec())
 }
 
 /// Extracts the node id from a DER certificate (URI SAN `urn:symphony:node:<id>`).

@@ -16,7 +16,8 @@ use crate::close::CloseCode;
 use crate::config::TransportSettings;
 use crate::pki::node_id_from_cert;
 use crate::session::{Control, Session};
-use crate::tls::{TlsError, TlsMaterial, server_crypto};
+use crate::session::{FrameReceiver, FrameSender};
+use crate::tls::{ENROLL_ALPN, RevokedSet, TlsError, TlsMaterial, server_crypto};
 
 /// Who is on the other end, from its certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -34,6 +35,20 @@ pub struct Accepted {
     pub session: Session,
     /// Its control stream.
     pub control: Control,
+}
+
+/// A node asking to join (ALPN `symphony-enroll/1`): its first bi-stream carries one request
+/// and one reply; the connection has no verified identity.
+#[derive(Debug)]
+pub struct Enrollment {
+    /// Where it came from.
+    pub remote: SocketAddr,
+    /// The reply goes here.
+    pub tx: FrameSender,
+    /// The request comes from here.
+    pub rx: FrameReceiver,
+    /// The connection (closed by the caller once the reply is sent).
+    pub connection: quinn::Connection,
 }
 
 /// Server setup failures.
@@ -69,20 +84,34 @@ pub struct ServerStats {
 pub struct Server {
     endpoint: quinn::Endpoint,
     accepted: mpsc::Receiver<Accepted>,
+    enrollments: Option<mpsc::Receiver<Enrollment>>,
     stats: Arc<ServerStats>,
     _tasks: JoinSet<()>,
 }
 
 impl Server {
-    /// Binds `listen` and starts accepting.
+    /// Binds `listen` and starts accepting (no node is revoked).
     pub fn bind(
         listen: SocketAddr,
         tls: &TlsMaterial,
         settings: TransportSettings,
     ) -> Result<Self, ServerError> {
+        Self::bind_revoking(listen, tls, settings, RevokedSet::default())
+    }
+
+    /// Binds `listen` and starts accepting; certificates of nodes in `revoked` are refused.
+    pub fn bind_revoking(
+        listen: SocketAddr,
+        tls: &TlsMaterial,
+        settings: TransportSettings,
+        revoked: RevokedSet,
+    ) -> Result<Self, ServerError> {
         let stats = Arc::new(ServerStats::default());
-        let mut config =
-            quinn::ServerConfig::with_crypto(server_crypto(tls, stats.resumed_handshakes.clone())?);
+        let mut config = quinn::ServerConfig::with_crypto(server_crypto(
+            tls,
+            stats.resumed_handshakes.clone(),
+            revoked.clone(),
+        )?);
         config.transport_config(settings.transport_config());
         config.migration(true);
         let endpoint =
@@ -91,11 +120,20 @@ impl Server {
                 source,
             })?;
         let (tx, accepted) = mpsc::channel(64);
+        let (enroll_tx, enrollments) = mpsc::channel(256);
         let mut tasks = JoinSet::new();
-        tasks.spawn(accept_loop(endpoint.clone(), tx, settings, stats.clone()));
+        let ctx = Ctx {
+            tx,
+            enroll_tx,
+            settings,
+            stats: stats.clone(),
+            revoked,
+        };
+        tasks.spawn(accept_loop(endpoint.clone(), ctx));
         Ok(Self {
             endpoint,
             accepted,
+            enrollments: Some(enrollments),
             stats,
             _tasks: tasks,
         })
@@ -109,6 +147,12 @@ impl Server {
     /// The next verified connection; `None` once the endpoint is closed.
     pub async fn accept(&mut self) -> Option<Accepted> {
         self.accepted.recv().await
+    }
+
+    /// The nodes asking to join, in arrival order (once: later calls get `None`). Until it is
+    /// taken, enrollment connections wait in a bounded queue.
+    pub fn take_enrollments(&mut self) -> Option<mpsc::Receiver<Enrollment>> {
+        self.enrollments.take()
     }
 
     /// Counters of the endpoint's handshakes.
@@ -130,18 +174,23 @@ impl Server {
     }
 }
 
-async fn accept_loop(
-    endpoint: quinn::Endpoint,
+/// What every handshake task needs.
+#[derive(Debug, Clone)]
+struct Ctx {
     tx: mpsc::Sender<Accepted>,
+    enroll_tx: mpsc::Sender<Enrollment>,
     settings: TransportSettings,
     stats: Arc<ServerStats>,
-) {
+    revoked: RevokedSet,
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, ctx: Ctx) {
     let mut handshakes = JoinSet::new();
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                handshakes.spawn(handshake(incoming, tx.clone(), settings.clone(), stats.clone()));
+                handshakes.spawn(handshake(incoming, ctx.clone()));
             }
             Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
         }
@@ -149,12 +198,14 @@ async fn accept_loop(
     handshakes.shutdown().await;
 }
 
-async fn handshake(
-    incoming: quinn::Incoming,
-    tx: mpsc::Sender<Accepted>,
-    settings: TransportSettings,
-    stats: Arc<ServerStats>,
-) {
+async fn handshake(incoming: quinn::Incoming, ctx: Ctx) {
+    let Ctx {
+        tx,
+        enroll_tx,
+        settings,
+        stats,
+        revoked,
+    } = ctx;
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(settings.idle_timeout, incoming).await {
         Ok(Ok(conn)) => conn,
@@ -169,6 +220,33 @@ async fn handshake(
             return;
         }
     };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    if alpn.as_deref() == Some(ENROLL_ALPN) {
+        let control = match Session::new(conn.clone(), settings.clone())
+            .accept_control(settings.idle_timeout)
+            .await
+        {
+            Ok(c) => c,
+            Err(_) => {
+                conn.close(CloseCode::ProtocolError.varint(), b"no enrollment request");
+                return;
+            }
+        };
+        let e = Enrollment {
+            remote,
+            tx: control.tx,
+            rx: control.rx,
+            connection: conn,
+        };
+        if let Err(mpsc::error::SendError(e)) = enroll_tx.send(e).await {
+            e.connection
+                .close(CloseCode::Shutdown.varint(), b"conductor shutting down");
+        }
+        return;
+    }
     let node_id = conn
         .peer_identity()
         .and_then(|any| {
@@ -185,6 +263,13 @@ async fn handshake(
         );
         return;
     };
+    // A resumed TLS session skips the certificate verifier: check revocation here too.
+    if revoked.read().map_or(true, |set| set.contains(&node_id)) {
+        stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%remote, %node_id, "revoked node refused");
+        conn.close(CloseCode::Revoked.varint(), b"node certificate revoked");
+        return;
+    }
     let session = Session::new(conn, settings.clone());
     let control = match session.accept_control(settings.idle_timeout).await {
         Ok(c) => c,

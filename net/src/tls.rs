@@ -77,6 +77,15 @@ impl TlsMaterial {
         Ok(Arc::new(roots))
     }
 
+    fn roots_der(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        CertificateDer::pem_slice_iter(self.ca_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Pem {
+                what: "ca".into(),
+                reason: e.to_string(),
+            })
+    }
+
     fn chain(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
@@ -138,22 +147,38 @@ impl rustls::server::StoresServerSessions for CountingSessionStore {
     }
 }
 
-/// The conductor's QUIC crypto: requires a client certificate issued by the CA. `resumed`
-/// counts handshakes that resumed an earlier session (a reconnecting node skips the
-/// certificate exchange; its identity comes from the resumed session).
+/// ALPN of enrollment connections: server-authenticated only, one join request each.
+pub const ENROLL_ALPN: &[u8] = b"symphony-enroll/1";
+
+/// Node ids whose certificates are refused (revoked), shared by the conductor's certificate
+/// verifier and whoever revokes.
+pub type RevokedSet = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
+
+/// The conductor's QUIC crypto. On ALPN `symphony/1` a client certificate issued by the CA is
+/// required (the server refuses a connection without one once the handshake is done), and one
+/// naming a revoked node is refused in the handshake; on [`ENROLL_ALPN`] a node without a
+/// certificate may ask to join. The chain sent includes the CA certificate, so an enrolling
+/// node can check it against the hash its token pins. `resumed` counts handshakes that resumed
+/// an earlier session (a reconnecting node skips the certificate exchange; its identity comes
+/// from the resumed session).
 pub fn server_crypto(
     m: &TlsMaterial,
     resumed: Arc<AtomicU64>,
+    revoked: RevokedSet,
 ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
     let provider = provider();
-    let verifier =
+    let inner =
         rustls::server::WebPkiClientVerifier::builder_with_provider(m.roots()?, provider.clone())
+            .allow_unauthenticated()
             .build()?;
+    let verifier = Arc::new(RevocationCheck { inner, revoked });
+    let mut chain = m.chain()?;
+    chain.extend(m.roots_der()?);
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(m.chain()?, m.key()?)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+        .with_single_cert(chain, m.key()?)?;
+    tls.alpn_protocols = vec![ALPN.to_vec(), ENROLL_ALPN.to_vec()];
     tls.session_storage = Arc::new(CountingSessionStore {
         inner: rustls::server::ServerSessionMemoryCache::new(256),
         resumed,
@@ -271,6 +296,174 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
                 rustls::CertificateError::NotValidForName,
             )),
         }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The client-certificate verifier of the conductor: the CA's chain check, then a refusal of
+/// certificates whose node is revoked.
+#[derive(Debug)]
+struct RevocationCheck {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    revoked: RevokedSet,
+}
+
+impl rustls::server::danger::ClientCertVerifier for RevocationCheck {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let revoked = crate::pki::node_id_from_cert(end_entity.as_ref())
+            .is_ok_and(|id| self.revoked.read().map_or(true, |set| set.contains(&id)));
+        if revoked {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// An enrolling node's crypto: no client certificate; the server's chain must include a CA
+/// certificate whose SHA-256 is `pin`, and the server certificate must chain to it and name
+/// `server_name`. Nothing is sent before this check passes (it runs in the handshake).
+pub fn enroll_client_crypto(
+    pin: [u8; 32],
+) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = PinVerifier {
+        pin,
+        provider: provider.clone(),
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
+    tls.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(
+        tls,
+    )?))
+}
+
+/// Trusts the server only through the CA certificate whose hash a join token pins.
+#[derive(Debug)]
+struct PinVerifier {
+    pin: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let Some(ca) = intermediates
+            .iter()
+            .find(|c| crate::pki::fingerprint_der(c.as_ref()) == self.pin)
+        else {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        };
+        // The pin names the CA; any server certificate it issued is the conductor's (node
+        // certificates are for client auth only and fail this check). No name check: a pod
+        // may reach the conductor by an address its certificate does not list.
+        let invalid = |e: webpki::Error| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        };
+        let anchor = webpki::anchor_from_trusted_cert(ca).map_err(invalid)?;
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(invalid)?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &[anchor],
+            &[],
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(invalid)?;
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

@@ -39,6 +39,9 @@ pub struct Cli {
     /// always exits this way.
     #[arg(long, global = true)]
     pub keep_workloads: bool,
+    /// API token for client commands (when the conductor requires one).
+    #[arg(long, global = true, env = "SYMPHONY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -49,8 +52,15 @@ pub enum Command {
     Dev(DevArgs),
     /// Run a conductor (from --config, or defaults).
     Conductor,
-    /// Run a node (from --config).
-    Node,
+    /// Run a node: from --config, or joining with a token (`--join` and `--conductor`, or
+    /// `SYMPHONY_JOIN_TOKEN` and `SYMPHONY_CONDUCTOR`); `symphony node revoke ID` revokes one.
+    Node(NodeArgs),
+    /// Join tokens: how a pod becomes a node.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// API tokens and their roles.
+    #[command(subcommand)]
+    ApiToken(ApiTokenCommand),
     /// Certificates.
     #[command(subcommand)]
     Cert(CertCommand),
@@ -174,6 +184,119 @@ pub struct VisitArgs {
     pub url_only: bool,
     #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
     pub api: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    #[command(subcommand)]
+    pub action: Option<NodeAction>,
+    /// Join token (from `symphony token create`); needed only the first time.
+    #[arg(long = "join", env = "SYMPHONY_JOIN_TOKEN", hide_env_values = true)]
+    pub join: Option<String>,
+    /// The conductor's QUIC address, `host:port`.
+    #[arg(long, env = "SYMPHONY_CONDUCTOR")]
+    pub conductor: Option<String>,
+    /// Work dir (workspaces, logs, state, and the identity the node got when it joined).
+    #[arg(long, default_value = "./symphony-node", env = "SYMPHONY_WORK_DIR")]
+    pub work_dir: PathBuf,
+    /// The node id to ask for (default: the token's prefix and a unique suffix).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Groups to claim (default: every group the token allows).
+    #[arg(long, value_delimiter = ',')]
+    pub groups: Vec<String>,
+    /// Capacity classes, e.g. `--capacity gpu=1` (default: cpu = the number of cores).
+    #[arg(long = "capacity", value_parser = parse_capacity)]
+    pub capacities: Vec<(String, i64)>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeAction {
+    /// Revoke a node: its connection closes, its certificate is refused, its work moves.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+        api: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token (printed once).
+    Create {
+        /// Groups nodes joining with it may claim.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Lifetime: seconds, or with a unit (`30m`, `1h`, `7d`).
+        #[arg(long, default_value = "1h", value_parser = parse_duration_secs)]
+        ttl: u64,
+        /// How many nodes may join with it (default: any number until it expires).
+        #[arg(long)]
+        uses: Option<u64>,
+        /// New node ids are this prefix and a unique suffix.
+        #[arg(long)]
+        node_id_prefix: Option<String>,
+        #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+        api: String,
+    },
+    /// List join tokens (never their secrets).
+    Ls(ApiArgs),
+    /// Revoke a join token.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+        api: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiTokenCommand {
+    /// Create an API token (printed once): through the API (an admin's token), or with
+    /// `--storage DIR` straight into the conductor's store on its host (the first admin).
+    Create {
+        /// `admin`, `operator` or `viewer`.
+        #[arg(long)]
+        role: String,
+        /// A unique name; events record writes under it.
+        #[arg(long)]
+        name: String,
+        /// The conductor's storage folder (bootstrap, on the conductor's host).
+        #[arg(long)]
+        storage: Option<PathBuf>,
+        #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+        api: String,
+    },
+    /// List API tokens (never their secrets).
+    Ls(ApiArgs),
+    /// Revoke an API token.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+        api: String,
+    },
+}
+
+/// `90`, `90s`, `30m`, `1h`, `7d` -> seconds.
+fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a duration such as 3600, 30m, 1h or 7d, got {s:?}"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} is out of range"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -382,7 +505,7 @@ fn runtime(node_only: bool) -> std::io::Result<tokio::runtime::Runtime> {
 /// reported later, on the usual path).
 fn runs_only_a_node(cli: &Cli) -> bool {
     match &cli.command {
-        Some(Command::Node) => true,
+        Some(Command::Node(a)) => a.action.is_none(),
         Some(_) => false,
         None => {
             if let Some(mode) = cli.mode {
@@ -404,7 +527,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         log_level: cli.log_level.clone(),
         log_json: cli.log_json.then_some(true),
     };
+    if let Some(t) = cli.token.clone() {
+        crate::client::use_token(t);
+    }
     match cli.command {
+        Some(Command::Node(NodeArgs {
+            action: Some(NodeAction::Revoke { id, reason, api }),
+            ..
+        })) => {
+            let mut out = std::io::stdout();
+            let r = crate::client::trust::node_revoke(&api, &id, reason.as_deref(), &mut out).await;
+            Ok(crate::client::finish(r, &mut std::io::stderr()).into())
+        }
+        Some(Command::Node(args)) if args.join.is_some() || args.conductor.is_some() => {
+            config::init_logging(cli.log_level.as_deref().unwrap_or("info"), cli.log_json)?;
+            join_and_run(args, cli.keep_workloads)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Some(Command::ApiToken(ApiTokenCommand::Create {
+            role,
+            name,
+            storage: Some(storage),
+            ..
+        })) => bootstrap_api_token(&storage, &name, &role).await,
         Some(Command::Dev(args)) => {
             config::init_logging(cli.log_level.as_deref().unwrap_or("info"), cli.log_json)?;
             dev(args).await.map(|()| ExitCode::SUCCESS)
@@ -436,7 +582,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await
         }
-        Some(Command::Node) => {
+        Some(Command::Node(_)) => {
             from_config(
                 cli.config.as_deref(),
                 Overrides {
@@ -515,6 +661,9 @@ async fn from_config(
             cfg.service_ports = c.service_ports.clone();
             cfg.direct_paths = c.direct_paths;
             cfg.events = c.events;
+            cfg.api_auth = c.api_auth;
+            cfg.node_cert_ttl = c.node_cert_ttl;
+            cfg.renew_grace = c.renew_grace;
             let conductor = Conductor::start(cfg).await?;
             eprintln!(
                 "conductor: API http://{}  QUIC {}",
@@ -545,6 +694,12 @@ async fn from_config(
                 keep_workloads: Arc::new(AtomicBool::new(keep_workloads)),
                 service_ip: std::net::Ipv4Addr::LOCALHOST.into(),
                 gpu_processes: None,
+                identity: Some(crate::node::join::IdentityFiles {
+                    cert: n.tls.cert_file.clone(),
+                    key: n.tls.key_file.clone(),
+                    ca: n.tls.ca_file.clone(),
+                    record: n.work_dir.join("identity").join("node.json"),
+                }),
             };
             run_node_until_signal(cfg).await?;
         }
@@ -576,6 +731,80 @@ async fn run_node_until_signal(cfg: NodeConfig) -> anyhow::Result<()> {
         }
         r = &mut node => r.context("node task")?,
     }
+}
+
+/// `symphony node --join TOKEN --conductor HOST:PORT`: enrolls (or reuses the identity of an
+/// earlier enrollment in the work dir) and runs the node.
+async fn join_and_run(args: NodeArgs, keep_workloads: bool) -> anyhow::Result<()> {
+    let conductor = args.conductor.clone().context(
+        "--conductor (or SYMPHONY_CONDUCTOR) is needed: the conductor's QUIC address, host:port",
+    )?;
+    let files = crate::node::join::IdentityFiles::in_work_dir(&args.work_dir);
+    let transport = TransportSettings::default();
+    let request = crate::node::join::JoinRequest {
+        token: args.join.clone(),
+        conductor: conductor.clone(),
+        node_id: args.node_id.clone(),
+        groups: args.groups.clone(),
+    };
+    let (enrolled, tls) = crate::node::join::identity(&files, &request, &transport).await?;
+    let capacities: BTreeMap<String, i64> = if args.capacities.is_empty() {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        BTreeMap::from([("cpu".to_owned(), i64::try_from(cpus).unwrap_or(1))])
+    } else {
+        args.capacities.into_iter().collect()
+    };
+    let groups = if args.groups.is_empty() {
+        enrolled.groups.clone()
+    } else {
+        args.groups.clone()
+    };
+    let cfg = NodeConfig {
+        node_id: enrolled.node_id.clone(),
+        conductor_addr: conductor,
+        server_name: Some(crate::node::join::SERVER_NAME.to_owned()),
+        tls,
+        groups,
+        capacities_total: capacities,
+        heartbeat: std::time::Duration::from_secs(1),
+        work_dir: args.work_dir.clone(),
+        transport,
+        keeper: crate::node::runner::Launcher::current_exe(),
+        keep_workloads: Arc::new(AtomicBool::new(keep_workloads)),
+        service_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        gpu_processes: None,
+        identity: Some(files),
+    };
+    run_node_until_signal(cfg).await
+}
+
+/// `symphony api-token create --storage DIR`: the first admin token, written straight into the
+/// conductor's store on its host (no API call, so no token is needed to make one).
+async fn bootstrap_api_token(storage: &Path, name: &str, role: &str) -> anyhow::Result<ExitCode> {
+    use crate::conductor::trust;
+    let role = trust::Role::from_name(role)
+        .with_context(|| format!("--role: expected admin, operator or viewer, got {role:?}"))?;
+    let store = crate::conductor::store::Store::open(storage)
+        .await
+        .with_context(|| format!("opening the store in {}", storage.display()))?;
+    let (id, secret) = trust::new_id_and_secret();
+    let rec = trust::ApiTokenRecord {
+        id: id.clone(),
+        name: name.to_owned(),
+        role,
+        secret_hash: trust::hash_secret(&secret),
+        created_at_ms: crate::time::now_ms(),
+        revoked_at_ms: None,
+    };
+    match store.insert_api_token(&rec, &[]).await {
+        Ok(()) => {}
+        Err(crate::conductor::store::StoreError::Conflict) => {
+            anyhow::bail!("an API token named {name:?} exists")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    println!("{}", trust::encode_api_token(&id, &secret));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `symphony dev`: conductor + one local node, certificates created on first start.
@@ -704,7 +933,39 @@ async fn client_command(cmd: Command) -> ExitCode {
             };
             client::experiments::delete_batch(&a.api, &a.names, opts, &mut out).await
         }
-        Command::Dev(_) | Command::Conductor | Command::Node | Command::Cert(_) => {
+        Command::Token(TokenCommand::Create {
+            groups,
+            ttl,
+            uses,
+            node_id_prefix,
+            api,
+        }) => {
+            client::trust::token_create(
+                &api,
+                &groups,
+                ttl,
+                uses,
+                node_id_prefix.as_deref(),
+                &mut out,
+            )
+            .await
+        }
+        Command::Token(TokenCommand::Ls(a)) => {
+            client::trust::token_ls(&a.api, a.json, &mut out).await
+        }
+        Command::Token(TokenCommand::Revoke { id, api }) => {
+            client::trust::token_revoke(&api, &id, &mut out).await
+        }
+        Command::ApiToken(ApiTokenCommand::Create {
+            role, name, api, ..
+        }) => client::trust::api_token_create(&api, &name, &role, &mut out).await,
+        Command::ApiToken(ApiTokenCommand::Ls(a)) => {
+            client::trust::api_token_ls(&a.api, a.json, &mut out).await
+        }
+        Command::ApiToken(ApiTokenCommand::Revoke { id, api }) => {
+            client::trust::api_token_revoke(&api, &id, &mut out).await
+        }
+        Command::Dev(_) | Command::Conductor | Command::Node(_) | Command::Cert(_) => {
             return ExitCode::from(2);
         }
     };

@@ -20,6 +20,7 @@ pub mod mesh;
 pub mod render;
 #[cfg(test)]
 mod tests;
+pub mod trust;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -431,7 +432,7 @@ async fn logs_inner(
     }
     let url = client.ws_url(&["ws", "deployments", &id, "logs"], &query)?;
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+    let (mut ws, _) = tokio_tungstenite::connect_async(client.ws_request(&url)?)
         .await
         .map_err(|e| ws_error(api, e))?;
 
@@ -550,11 +551,21 @@ pub fn resolve_deployment<'a>(
     })
 }
 
+/// The API token every client command sends (`--token` or `SYMPHONY_TOKEN`), set once by the
+/// CLI before any command runs.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes every later request carry `token` (first call wins).
+pub fn use_token(token: String) {
+    let _ = TOKEN.set(token);
+}
+
 /// A thin HTTP client bound to one conductor.
 struct Client {
     api: String,
     base: Url,
     http: reqwest::Client,
+    token: Option<String>,
 }
 
 impl Client {
@@ -576,7 +587,26 @@ impl Client {
             api: api.to_owned(),
             base,
             http,
+            token: TOKEN.get().cloned(),
         })
+    }
+
+    /// A WebSocket handshake request for `url`, with the token when there is one.
+    fn ws_request(
+        &self,
+        url: &Url,
+    ) -> Result<tungstenite::handshake::client::Request, ClientError> {
+        use tungstenite::client::IntoClientRequest;
+        let mut req = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| ClientError::Usage(format!("bad WebSocket URL {url}: {e}")))?;
+        if let Some(t) = &self.token
+            && let Ok(v) = format!("Bearer {t}").parse()
+        {
+            req.headers_mut().insert("authorization", v);
+        }
+        Ok(req)
     }
 
     /// The `ws://` URL of `segments` with `query` (none when empty).
@@ -610,6 +640,9 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<reqwest::Response, ClientError> {
         let mut req = self.http.request(method, self.url(segments)?);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         if !query.is_empty() {
             req = req.query(query);
         }

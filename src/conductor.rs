@@ -2,6 +2,7 @@
 //! one actor per node connection (`sessions`), the log hub, and the HTTP/WebSocket API.
 
 pub mod api;
+pub mod auth;
 pub mod core;
 pub mod events;
 pub mod loghub;
@@ -10,6 +11,7 @@ pub mod paths;
 pub mod services;
 pub mod sessions;
 pub mod store;
+pub mod trust;
 pub mod view;
 
 use std::net::SocketAddr;
@@ -50,6 +52,13 @@ pub struct ConductorConfig {
     pub direct_paths: bool,
     /// Retention of the events log (`keep: 0` turns it off).
     pub events: events::Retention,
+    /// Lifetime of the node certificates this conductor signs (enrollment, renewal).
+    pub node_cert_ttl: Duration,
+    /// How long after its certificate expired a node may still renew it with its key.
+    pub renew_grace: Duration,
+    /// Whether API calls need a token (`None`: only when HTTP listens beyond loopback, where
+    /// starting without it is refused).
+    pub api_auth: Option<bool>,
 }
 
 impl ConductorConfig {
@@ -68,9 +77,17 @@ impl ConductorConfig {
             service_ports: services::DEFAULT_PORT_RANGE,
             direct_paths: true,
             events: events::Retention::default(),
+            node_cert_ttl: DEFAULT_NODE_CERT_TTL,
+            renew_grace: DEFAULT_RENEW_GRACE,
+            api_auth: None,
         }
     }
 }
+
+/// Default lifetime of node certificates signed at enrollment and renewal.
+pub const DEFAULT_NODE_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default window after expiry in which a node may renew with its key.
+pub const DEFAULT_RENEW_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A running conductor.
 #[derive(Debug)]
@@ -108,7 +125,25 @@ impl Conductor {
             &server_files.cert,
             &server_files.key,
         )?;
-        let server = Server::bind(cfg.quic_listen, &tls, cfg.transport.clone())
+        let auth_required = match cfg.api_auth {
+            Some(on) => on,
+            None if cfg.http_listen.ip().is_loopback() => false,
+            None => anyhow::bail!(
+                "conductor.api_auth: the HTTP API listens on {}, beyond loopback, so it must \
+                 require tokens: set `api_auth: true` (and create one with `symphony api-token \
+                 create --role admin --name NAME`), or listen on 127.0.0.1",
+                cfg.http_listen
+            ),
+        };
+        let revoked = symphony_net::RevokedSet::default();
+        let trust = core::TrustState::new(
+            CertificateAuthority::load(&symphony_net::CertFiles::in_dir(&cfg.cert_dir, "ca"))?,
+            revoked.clone(),
+            store.list_node_trust().await?,
+            cfg.node_cert_ttl,
+            cfg.renew_grace,
+        )?;
+        let server = Server::bind_revoking(cfg.quic_listen, &tls, cfg.transport.clone(), revoked)
             .with_context(|| format!("binding QUIC on {}", cfg.quic_listen))?;
         let quic_addr = server.local_addr()?;
         let http = tokio::net::TcpListener::bind(cfg.http_listen)
@@ -127,10 +162,12 @@ impl Conductor {
             direct_paths: cfg.direct_paths,
             events: cfg.events,
         };
+        let auth = auth::Auth::new(store.clone(), auth_required);
         let core = core::start(
             store,
             core_cfg,
             logs.clone(),
+            trust,
             &mut tasks,
             cancel.child_token(),
         )
@@ -150,6 +187,7 @@ impl Conductor {
             logs,
             cancel: cancel.child_token(),
             sockets: sockets.clone(),
+            auth,
         });
         let http_cancel = cancel.child_token();
         tasks.spawn(async move {

@@ -164,6 +164,15 @@ pub struct ConductorConfig {
     /// `conductor.events_keep` (newest events kept, 0 turns the events log off; default
     /// 100 000) and `conductor.events_max_age_sec` (older events are dropped; default 7 days).
     pub events: crate::conductor::events::Retention,
+    /// `conductor.api_auth`: whether API calls need a token. Default: no on a loopback
+    /// `http_listen`; beyond loopback the conductor refuses to start unless it is `true`.
+    pub api_auth: Option<bool>,
+    /// `conductor.node_cert_ttl_sec`: lifetime of node certificates signed at enrollment and
+    /// renewal. Default 24 h; > 0.
+    pub node_cert_ttl: Duration,
+    /// `conductor.renew_grace_sec`: how long after expiry a node may renew with its key.
+    /// Default 7 days; > 0.
+    pub renew_grace: Duration,
 }
 
 impl ConductorConfig {
@@ -182,6 +191,9 @@ impl ConductorConfig {
             service_ports: crate::conductor::services::DEFAULT_PORT_RANGE,
             direct_paths: true,
             events: crate::conductor::events::Retention::default(),
+            api_auth: None,
+            node_cert_ttl: crate::conductor::DEFAULT_NODE_CERT_TTL,
+            renew_grace: crate::conductor::DEFAULT_RENEW_GRACE,
         }
     }
 }

@@ -463,6 +463,25 @@ pub struct Node {
     /// deployment uses it), one line per env; empty when all went well.
     pub env_problems: Vec<String>,
     pub connection: Option<NodeConnection>,
+    /// What the conductor knows of the node's certificate (`None`: nothing recorded, a
+    /// certificate made with `symphony cert node` that was never renewed).
+    pub certificate: Option<NodeCertificate>,
+}
+
+/// A node's certificate as the conductor knows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeCertificate {
+    /// `valid`, `expired` or `revoked`.
+    pub state: String,
+    /// Why it is not valid.
+    pub reason: Option<String>,
+    /// End of the newest certificate issued, Unix ms.
+    pub not_after_ms: Option<i64>,
+    /// Groups the node may claim (`None`: any).
+    pub allowed_groups: Option<Vec<String>>,
+    /// The join token it enrolled with.
+    pub token_id: Option<String>,
 }
 
 /// A deployment assigned to a node.

@@ -156,9 +156,9 @@ pub async fn port_forward(
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((tcp, _)) = accepted else { continue };
-                let url = url.clone();
+                let (url, token) = (url.clone(), client.token.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = forward_one(tcp, &url).await {
+                    if let Err(e) = forward_one(tcp, &url, token.as_deref()).await {
                         eprintln!("port-forward: {e}");
                     }
                 });
@@ -169,7 +169,7 @@ pub async fn port_forward(
 }
 
 /// One forwarded connection: an HTTP upgrade to the conductor, then raw bytes both ways.
-async fn forward_one(mut local: TcpStream, url: &Url) -> Result<(), String> {
+async fn forward_one(mut local: TcpStream, url: &Url, token: Option<&str>) -> Result<(), String> {
     let host = url.host_str().ok_or("no host in the API URL")?;
     let port = url
         .port_or_known_default()
@@ -177,8 +177,9 @@ async fn forward_one(mut local: TcpStream, url: &Url) -> Result<(), String> {
     let mut up = TcpStream::connect((host, port))
         .await
         .map_err(|e| e.to_string())?;
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: upgrade\r\nUpgrade: {}\r\n\r\n",
+        "GET {} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: upgrade\r\nUpgrade: {}\r\n{auth}\r\n",
         url.path(),
         crate::conductor::api::TCP_UPGRADE
     );

@@ -22,6 +22,7 @@ mod bodies;
 mod events;
 mod experiments;
 mod proxy;
+mod trust;
 
 pub use proxy::TCP_UPGRADE;
 
@@ -42,7 +43,12 @@ pub struct ApiState {
     pub sockets: TaskTracker,
     /// Connected nodes' sessions, for tunnels to mesh services.
     pub sessions: super::sessions::Registry,
+    /// API tokens and roles.
+    pub auth: super::auth::Auth,
 }
+
+/// The OpenAPI document (roles per operation are read from it, see `auth`).
+pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// WebSocket close codes (RFC 6455, section 7.4.1).
 pub mod close_code {
@@ -92,6 +98,26 @@ pub fn router(state: ApiState) -> Router {
         .route("/events", get(events::list))
         .route("/nodes", get(list_nodes))
         .route("/nodes/{id}/events", get(events::of_node))
+        .route("/nodes/{id}/revoke", post(trust::revoke_node))
+        .route(
+            "/tokens",
+            post(trust::create_join_token).get(trust::list_join_tokens),
+        )
+        .route(
+            "/tokens/{id}",
+            axum::routing::delete(trust::revoke_join_token),
+        )
+        .route(
+            "/api-tokens",
+            post(trust::create_api_token).get(trust::list_api_tokens),
+        )
+        .route(
+            "/api-tokens/{id}",
+            axum::routing::delete(trust::revoke_api_token),
+        )
+        .route("/auth/login", post(trust::login))
+        .route("/auth/logout", post(trust::logout))
+        .route("/auth/whoami", get(trust::whoami))
         .route("/services", get(list_services))
         .route("/services/{namespace}/{name}/", any(proxy::http))
         .route("/services/{namespace}/{name}/{*rest}", any(proxy::http))
@@ -111,6 +137,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/ui/", get(ui))
         .route("/ui/{*path}", get(ui))
         .route("/", get(|| async { Redirect::temporary("/ui/") }))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::auth::authorize,
+        ))
         .fallback(|| async { ApiError::detail(StatusCode::NOT_FOUND, "Not Found") })
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
@@ -738,7 +768,7 @@ async fn ui(path: Option<Path<String>>) -> Response {
 /// The OpenAPI 3.1 document (`openapi.json` next to this file), with this build's version.
 /// `tests/it/api.rs` checks it against the router and real responses.
 async fn openapi() -> Response {
-    match serde_json::from_str::<Value>(include_str!("openapi.json")) {
+    match serde_json::from_str::<Value>(OPENAPI) {
         Ok(mut doc) => {
             doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
             Json(doc).into_response()

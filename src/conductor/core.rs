@@ -32,6 +32,9 @@ use crate::wire;
 
 mod experiments;
 mod narrate;
+pub mod trust;
+
+pub use trust::{TrustMsg, TrustState};
 
 /// Re-exported for the API handlers (the one definition is [`crate::time::now_ms`]).
 pub use crate::time::now_ms;
@@ -63,6 +66,12 @@ pub enum CoreError {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
+
+tokio::task_local! {
+    /// The name of the API token a request runs under (set by the API's auth middleware):
+    /// [`CoreHandle::call`] sends it with the request, and the events it causes record it.
+    pub static ACTOR: String;
+}
 
 /// A deployment change requested over the API (already validated).
 #[derive(Debug)]
@@ -118,6 +127,10 @@ pub enum CoreMsg {
         epoch: u64,
     },
     Tick,
+    /// Join tokens, enrollment, renewal, revocation, API tokens.
+    Trust(TrustMsg),
+    /// A request made with an API token: the events it causes name the token.
+    As(String, Box<CoreMsg>),
 }
 
 /// A node session that finished its Hello.
@@ -265,6 +278,10 @@ struct Core {
     journal: Journal,
     /// Derived states the events have described.
     said: Said,
+    /// Certificates, join tokens, revocation.
+    trust: TrustState,
+    /// The API token whose request is being handled (recorded in its events).
+    by: Option<String>,
 }
 
 /// The reflexive address of a connected node (its connection's remote address).
@@ -293,6 +310,7 @@ pub struct CoreHandle {
     epochs: Arc<std::sync::atomic::AtomicU64>,
     metrics: Arc<super::metrics::Metrics>,
     events: Feed,
+    store: Store,
 }
 
 impl CoreHandle {
@@ -304,6 +322,11 @@ impl CoreHandle {
     /// The core's counters and histograms (for `/metrics`).
     pub fn metrics(&self) -> &super::metrics::Metrics {
         &self.metrics
+    }
+
+    /// The store, for reads the published view does not carry (token lists).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The events log (stored and live).
@@ -324,8 +347,13 @@ impl CoreHandle {
     /// Sends a command and waits for its reply.
     pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> CoreMsg) -> Result<T, CoreError> {
         let (tx, rx) = oneshot::channel();
+        let msg = make(tx);
+        let msg = match ACTOR.try_with(Clone::clone) {
+            Ok(by) => CoreMsg::As(by, Box::new(msg)),
+            Err(_) => msg,
+        };
         self.tx
-            .send(make(tx))
+            .send(msg)
             .await
             .map_err(|_| CoreError::Unavailable)?;
         rx.await.map_err(|_| CoreError::Unavailable)?
@@ -344,6 +372,7 @@ pub async fn start(
     store: Store,
     cfg: CoreConfig,
     logs: LogHub,
+    trust: TrustState,
     tasks: &mut tokio::task::JoinSet<()>,
     cancel: tokio_util::sync::CancellationToken,
 ) -> Result<CoreHandle, StoreError> {
@@ -421,6 +450,8 @@ pub async fn start(
         stops_due: BTreeMap::new(),
         journal,
         said: Said::default(),
+        trust,
+        by: None,
     };
     core.reindex();
     core.reconcile_services().await?;
@@ -466,6 +497,7 @@ pub async fn start(
         epochs: Arc::new((u64::try_from(now_ms()).unwrap_or(0) * 1000).into()),
         metrics: core.metrics.clone(),
         events: feed,
+        store: core.store.clone(),
     };
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -599,6 +631,12 @@ impl Core {
                 }
             }
             CoreMsg::Tick => self.ticked = true,
+            CoreMsg::Trust(t) => self.trust_msg(t).await,
+            CoreMsg::As(by, msg) => {
+                self.by = Some(by);
+                Box::pin(self.handle(*msg)).await;
+                self.by = None;
+            }
         }
     }
 
@@ -609,6 +647,14 @@ impl Core {
         own: Vec<NewEvent>,
         write: impl AsyncFnOnce(&Store, &[Event]) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        let mut own = own;
+        if let Some(by) = &self.by {
+            for e in &mut own {
+                if let Some(f) = e.fields.as_object_mut() {
+                    f.insert("by".into(), Value::String(by.clone()));
+                }
+            }
+        }
         let with_own = !own.is_empty();
         let batch = self.journal.batch(own);
         let r = write(&self.store, &batch.events).await;
@@ -1602,6 +1648,11 @@ impl Core {
             tx,
             session,
         } = c;
+        if let Some(why) = self.hello_refusal(&node_id, &hello.groups) {
+            tracing::warn!(%node_id, %why, "refusing a node's hello");
+            session.close(symphony_net::CloseCode::AuthFailed, &why);
+            return;
+        }
         let now = now_ms();
         let node = self.nodes.entry(node_id.clone()).or_insert_with(|| Node {
             first_seen_ms: now,
@@ -1917,6 +1968,8 @@ impl Core {
                 }
             }
             Msg::Hello(_) => tracing::info!(%node_id, "ignoring a second hello"),
+            // Answered by the node's session (see `sessions`), never queued here.
+            Msg::Renew(_) => {}
         }
     }
 
@@ -1930,13 +1983,18 @@ impl Core {
                 groups: n.groups.clone(),
                 capacities_total: n.capacities_total.clone(),
                 conda_envs: n.env_names.clone(),
-                state: scheduler::liveness(
-                    u64::try_from(n.last_seen_ms).unwrap_or(0),
-                    n.conn.is_some(),
-                    u64::try_from(now).unwrap_or(0),
-                    suspect,
-                    grace,
-                ),
+                // A revoked node is lost at once: its deployments go elsewhere, fenced.
+                state: if self.trust.is_revoked(id) {
+                    scheduler::NodeState::Lost
+                } else {
+                    scheduler::liveness(
+                        u64::try_from(n.last_seen_ms).unwrap_or(0),
+                        n.conn.is_some(),
+                        u64::try_from(now).unwrap_or(0),
+                        suspect,
+                        grace,
+                    )
+                },
             })
             .collect()
     }
@@ -2188,7 +2246,13 @@ impl Core {
                 defined_envs: &defined,
                 env_problems: &n.env_problems,
             };
-            node_views.insert(id.clone(), view::node(facts, assigned, connection));
+            let mut v = view::node(facts, assigned, connection);
+            v.certificate = self
+                .trust
+                .nodes
+                .get(id)
+                .map(|t| view::certificate(t, now_ms()));
+            node_views.insert(id.clone(), v);
         }
         let mut envs: Vec<CondaEnvRecord> = self.envs.values().cloned().collect();
         envs.sort_by(|a, b| {

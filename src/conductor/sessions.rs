@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use symphony_net::{
-    Accepted, CloseCode, FrameError, FrameReceiver, Server, Session, StreamKind, Tunnel,
+    Accepted, CloseCode, Enrollment, FrameError, FrameReceiver, Server, Session, StreamKind, Tunnel,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::core::{CoreHandle, CoreMsg, NodeConnected};
+use super::core::{CoreHandle, CoreMsg, NodeConnected, TrustMsg};
 use super::loghub::{LogHub, LogLine};
 use crate::wire;
 
@@ -32,10 +32,20 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let mut sessions = JoinSet::new();
+    let mut enrollments = server.take_enrollments();
     loop {
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
+            e = async { match enrollments.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            } } => match e {
+                Some(e) => {
+                    sessions.spawn(enroll(e, core.clone()));
+                }
+                None => enrollments = None,
+            },
             acc = server.accept() => match acc {
                 Some(acc) => {
                     let (core, logs, registry) = (core.clone(), logs.clone(), registry.clone());
@@ -48,6 +58,50 @@ pub async fn serve(
     }
     server.shutdown(Duration::from_secs(2)).await;
     sessions.shutdown().await;
+}
+
+/// Answers one node asking to join: its request goes to the core, which checks the token and
+/// signs; the reply goes back, and the connection ends once the node has read it.
+async fn enroll(e: Enrollment, core: CoreHandle) {
+    let Enrollment {
+        remote,
+        mut tx,
+        mut rx,
+        connection,
+    } = e;
+    let request = match tokio::time::timeout(HELLO_TIMEOUT, rx.recv::<wire::EnrollRequest>()).await
+    {
+        Ok(Ok(Some(r))) => r,
+        _ => {
+            connection.close(
+                CloseCode::ProtocolError.varint(),
+                b"expected a join request",
+            );
+            return;
+        }
+    };
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+    core.send(CoreMsg::Trust(TrustMsg::Enroll {
+        request,
+        remote,
+        reply: reply_tx,
+    }))
+    .await;
+    let reply = reply_rx.await.unwrap_or_else(|_| wire::EnrollReply {
+        error: "conductor shutting down".into(),
+        ..wire::EnrollReply::default()
+    });
+    if reply.error.is_empty() {
+        tracing::info!(%remote, node_id = %reply.node_id, "node enrolled");
+    } else {
+        tracing::info!(%remote, error = %reply.error, "enrollment refused");
+    }
+    if tx.send(&reply).await.is_ok() {
+        let _ = tx.get_mut().finish();
+        // The node closes once it has the reply; closing first could drop it.
+        let _ = tokio::time::timeout(HELLO_TIMEOUT, connection.closed()).await;
+    }
+    connection.close(CloseCode::Shutdown.varint(), b"done");
 }
 
 async fn node_session(
@@ -103,6 +157,7 @@ async fn node_session(
     {
         r.insert(node_id.clone(), (epoch, session.clone()));
     }
+    let commands = tx.clone();
     core.send(CoreMsg::NodeConnected(Box::new(NodeConnected {
         node_id: node_id.clone(),
         epoch,
@@ -138,6 +193,29 @@ async fn node_session(
         tasks.spawn(async move {
             loop {
                 match ctl_rx.recv::<wire::NodeMessage>().await {
+                    Ok(Some(wire::NodeMessage {
+                        msg: Some(wire::node_message::Msg::Renew(r)),
+                    })) => {
+                        // Answered off this loop: control messages keep flowing meanwhile.
+                        let (core, node_id, commands) =
+                            (core.clone(), node_id.clone(), commands.clone());
+                        tokio::spawn(async move {
+                            let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+                            core.send(CoreMsg::Trust(TrustMsg::Renew {
+                                node_id,
+                                csr_pem: r.csr_pem,
+                                reply: reply_tx,
+                            }))
+                            .await;
+                            if let Ok(reply) = reply_rx.await {
+                                let _ = commands
+                                    .send(wire::ConductorMessage {
+                                        msg: Some(wire::conductor_message::Msg::Renewed(reply)),
+                                    })
+                                    .await;
+                            }
+                        });
+                    }
                     Ok(Some(wire::NodeMessage { msg: Some(msg) })) => {
                         core.send(CoreMsg::NodeMessage {
                             node_id: node_id.clone(),

@@ -18,6 +18,7 @@
 //!   them, with the event counter, in the same transaction.
 
 mod migrate;
+mod trust;
 
 use std::collections::BTreeMap;
 use std::path::Path;

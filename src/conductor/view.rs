@@ -14,8 +14,8 @@ use serde_json::Value;
 use super::store::{CondaEnvRecord, DeploymentRecord, ExperimentRecord};
 pub use crate::model::{
     AssignedRef, CoreUsage, CpuDynamic, CpuStatic, CurrentState, Deployment, DesiredState, Gpu,
-    MemoryDynamic, MemoryStatic, Node, NodeConnection, NodeCpu, NodeMemory, RunStatus,
-    StorageMount,
+    MemoryDynamic, MemoryStatic, Node, NodeCertificate, NodeConnection, NodeCpu, NodeMemory,
+    RunStatus, StorageMount,
 };
 use crate::model::{DeploymentId, ExperimentInfo, ExperimentProcess, Generation, NodeId};
 use crate::scheduler::{self, Unplaced};
@@ -227,6 +227,19 @@ pub fn node(
         missing_conda_envs: f.defined_envs.difference(f.env_names).cloned().collect(),
         env_problems: f.env_problems.to_vec(),
         connection,
+        certificate: None,
+    }
+}
+
+/// What `/nodes` says of a node's certificate.
+pub fn certificate(t: &crate::conductor::trust::NodeTrust, now_ms: i64) -> NodeCertificate {
+    let (state, reason) = t.state(now_ms);
+    NodeCertificate {
+        state: state.to_owned(),
+        reason,
+        not_after_ms: t.not_after_ms,
+        allowed_groups: t.groups.as_ref().map(|g| g.iter().cloned().collect()),
+        token_id: t.token_id.clone(),
     }
 }
 

@@ -373,9 +373,18 @@ impl Check<'_> {
         let max_age = self
             .secs(c.events_max_age_sec, "conductor.events_max_age_sec")
             .unwrap_or(d.events.max_age);
+        let node_cert_ttl = self
+            .secs(c.node_cert_ttl_sec, "conductor.node_cert_ttl_sec")
+            .unwrap_or(d.node_cert_ttl);
+        let renew_grace = self
+            .secs(c.renew_grace_sec, "conductor.renew_grace_sec")
+            .unwrap_or(d.renew_grace);
         ConductorConfig {
             direct_paths,
             events: crate::conductor::events::Retention { keep, max_age },
+            api_auth: c.api_auth.map(|f| f.0),
+            node_cert_ttl,
+            renew_grace,
             listen,
             server,
             cert_dir,

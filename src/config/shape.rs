@@ -39,6 +39,9 @@ pub(super) struct ConductorFile {
     pub direct_paths: Option<Flag>,
     pub events_keep: Option<Count>,
     pub events_max_age_sec: Option<Secs>,
+    pub api_auth: Option<Flag>,
+    pub node_cert_ttl_sec: Option<Secs>,
+    pub renew_grace_sec: Option<Secs>,
 }
 
 /// `conductor.tls`.

@@ -73,6 +73,8 @@ pub struct NodeConfig {
     pub service_ip: std::net::IpAddr,
     /// Where the processes on the GPUs come from; `None`: NVML (tests put a fake here).
     pub gpu_processes: Option<Arc<dyn super::monitor::GpuProcessSource>>,
+    /// Where a renewed certificate and key are saved (`None`: kept in memory only).
+    pub identity: Option<super::join::IdentityFiles>,
 }
 
 impl NodeConfig {
@@ -101,6 +103,12 @@ impl NodeConfig {
             keep_workloads: Arc::new(AtomicBool::new(false)),
             service_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             gpu_processes: None,
+            identity: Some(super::join::IdentityFiles {
+                cert: files.cert,
+                key: files.key,
+                ca: dir.join("ca.pem"),
+                record: dir.join("node.json"),
+            }),
         })
     }
 }
@@ -280,6 +288,7 @@ pub async fn run_with_store(
         tunnels,
         peers,
         service_ip: cfg.service_ip,
+        renewal: super::renew::Renewal::new(client.clone(), cfg.tls.clone(), cfg.identity.clone()),
     };
 
     let (mut conns, conn_task) = client.clone().run(cancel.child_token());
@@ -292,6 +301,11 @@ pub async fn run_with_store(
                 Some(ClientEvent::Connected { session, control }) => d.connected(session, control),
                 Some(ClientEvent::Refused(code, why)) => {
                     tracing::error!(%code, %why, "the conductor refused this node; workloads keep running, retrying slowly");
+                }
+                Some(ClientEvent::Fatal(CloseCode::Revoked, why)) => {
+                    tracing::error!(%why, "this node was revoked; stopping its workloads");
+                    fatal = Some(format!("this node was revoked by the conductor ({why}); join again with a new token"));
+                    break;
                 }
                 Some(ClientEvent::Fatal(code, why)) => {
                     tracing::error!(%code, %why, "another process took over this node's identity; stopping");
@@ -306,6 +320,12 @@ pub async fn run_with_store(
             Some(report) = peer_reports.recv() => d.execute(Effect::Send(wire::NodeMessage {
                 msg: Some(wire::node_message::Msg::PeerPath(report)),
             })),
+            () = tokio::time::sleep_until(d.renewal.due()) => {
+                // Not connected: the request is dropped and asked again later.
+                if let Some(m) = d.renewal.request() {
+                    d.execute(Effect::Send(m));
+                }
+            }
         }
         // Take the status changes that are ready too, then send them once.
         for _ in 0..STATUS_BATCH {
@@ -445,6 +465,8 @@ struct Driver {
     peers: super::peers::Peers,
     /// Where this node serves mesh services (see [`NodeConfig::service_ip`]).
     service_ip: std::net::IpAddr,
+    /// The node certificate's live renewal.
+    renewal: super::renew::Renewal,
 }
 
 /// The current connection: its outgoing queue, tasks and log shippers (all end with it).
@@ -494,6 +516,11 @@ impl Driver {
     fn input(&mut self, input: Input) {
         let current = self.conn.as_ref().map(|c| c.epoch);
         match input {
+            Input::Command(epoch, wire::conductor_message::Msg::Renewed(r))
+                if current == Some(epoch) =>
+            {
+                self.renewal.answer(r);
+            }
             Input::Command(epoch, mut msg) if current == Some(epoch) => {
                 if let wire::conductor_message::Msg::Assign(a) = &mut msg {
                     localize_service_env(&mut a.service_env, self.service_ip);

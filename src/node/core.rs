@@ -351,6 +351,8 @@ impl NodeCore {
     fn command(&mut self, msg: wire::conductor_message::Msg, fx: &mut Vec<Effect>) {
         use wire::conductor_message::Msg;
         match msg {
+            // The driver renews certificates (it owns the endpoint and the files).
+            Msg::Renewed(_) => {}
             Msg::HelloAck(ack) => {
                 tracing::info!(epoch = ack.session_epoch, "registered with the conductor");
             }

@@ -139,6 +139,44 @@ const MIGRATIONS: &[Migration] = &[
             "INSERT INTO counters (name, value) VALUES ('event_high_water', 0)",
         ],
     },
+    Migration {
+        version: 5,
+        statements: &[
+            // Trust. Secrets are never stored, only their SHA-256 (hex).
+            "CREATE TABLE join_tokens (
+            id TEXT PRIMARY KEY,
+            secret_hash TEXT NOT NULL,
+            groups_json TEXT NOT NULL,
+            node_id_prefix TEXT NOT NULL,
+            max_uses BIGINT,
+            uses BIGINT NOT NULL,
+            expires_at_ms BIGINT NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            revoked_at_ms BIGINT
+        )",
+            "CREATE TABLE api_tokens (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            role TEXT NOT NULL CHECK (role IN ('admin', 'operator', 'viewer')),
+            secret_hash TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            revoked_at_ms BIGINT
+        )",
+            // What the conductor knows of each node's certificate: the groups its join token
+            // allowed (NULL: any, a certificate made with `symphony cert node`), the newest
+            // certificate's end, and whether the node is revoked.
+            "CREATE TABLE node_trust (
+            node_id TEXT PRIMARY KEY,
+            token_id TEXT,
+            groups_json TEXT,
+            not_after_ms BIGINT,
+            enrolled_at_ms BIGINT NOT NULL,
+            renewed_at_ms BIGINT,
+            revoked_at_ms BIGINT,
+            revoke_reason TEXT
+        )",
+        ],
+    },
 ];
 
 /// The newest schema version this binary knows.

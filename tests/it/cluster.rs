@@ -609,9 +609,7 @@ async fn an_invalid_stored_spec_fails_only_that_deployment() {
     c.wait_state(&good, "RUNNING").await;
     // Written behind the API's back (e.g. by an older version): the conductor must cope.
     c.conductor.take().unwrap().shutdown().await;
-    let store = symphony::conductor::store::Store::open(&c.cfg.storage_dir)
-        .await
-        .unwrap();
+    let store = c.open_store().await;
     let bad = symphony::conductor::store::DeploymentRecord {
         id: "badbadbadbadbadbadbadbadbadbad00".into(),
         name: "bad".into(),

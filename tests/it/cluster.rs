@@ -551,7 +551,10 @@ async fn a_node_that_lost_its_log_spool_numbers_new_lines_above_the_conductors()
     until_line(&url, &format!("run{second}-30")).await;
     // And the raised numbering is kept in the node's local state for its next start.
     c.stop_node("n1").await;
-    let held = symphony::node::state::LocalState::new(c.node_work_dir("n1").join("state.bin"))
+    let work_dir = c.node_work_dir("n1");
+    let key =
+        symphony::seal::SealKey::load_or_create(&work_dir.join(symphony::seal::KEY_FILE)).unwrap();
+    let held = symphony::node::state::LocalState::new(work_dir.join("state.bin"), key)
         .load()
         .unwrap();
     assert_eq!(held.len(), 1);

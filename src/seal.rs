@@ -299,7 +299,7 @@ mod tests {
         let key = SealKey::generate().unwrap();
         let sealed = key.seal("ghp_s3cret").unwrap();
         let mut raw = BASE64URL_NOPAD
-            .decode(sealed[PREFIX.len()..].as_bytes())
+            .decode(&sealed.as_bytes()[PREFIX.len()..])
             .unwrap();
         for i in [0, NONCE_LEN, raw.len() - 1] {
             raw[i] ^= 1;

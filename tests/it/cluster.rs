@@ -641,6 +641,63 @@ async fn an_invalid_stored_spec_fails_only_that_deployment() {
 }
 
 #[tokio::test]
+async fn a_token_the_conductors_key_does_not_open_fails_only_that_deployment() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let good = c.deploy("good", sh("sleep 1000")).await;
+    let good_pid = pid_of(&c.wait_state(&good, "RUNNING").await);
+    let config = |token: &str| {
+        json!({"config": {"command": ["sleep", "1000"],
+            "git_repo": "https://example.invalid/r.git", "token": token}})
+    };
+    let private = c.deploy("private", config("tok-LOST-KEY")).await;
+    // The key file is replaced (another conductor's, a partial restore): the stored token no
+    // longer opens. The conductor still starts, and only that deployment fails, saying why.
+    c.conductor.take().unwrap().shutdown().await;
+    let key_file = c.cfg.storage_dir.join(symphony::seal::KEY_FILE);
+    std::fs::write(&key_file, [7u8; symphony::seal::KEY_LEN]).unwrap();
+    c.conductor = Some(
+        symphony::conductor::Conductor::start(c.cfg.clone())
+            .await
+            .unwrap(),
+    );
+    let d = c.wait_state(&private, "FAILED").await;
+    let reason = d["assignment_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("token") && reason.contains("secrets.key"),
+        "{d}"
+    );
+    let (_, one) = c.get(&format!("/deployments/{private}")).await;
+    assert_eq!(one["specification"]["spec"]["config"]["token"], "********");
+    let g = c.wait_state(&good, "RUNNING").await;
+    assert_eq!(pid_of(&g), good_pid);
+    // Sending the token again repairs it.
+    assert_eq!(
+        c.patch(
+            &format!("/deployments/{private}"),
+            json!({"specification": {"spec": config("tok-SENT-AGAIN")}})
+        )
+        .await
+        .0,
+        200
+    );
+    c.wait("the repaired deployment valid again", |v| {
+        v.deployment(&private).is_some_and(|d| {
+            !d.assignment_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("secrets.key"))
+        })
+    })
+    .await;
+    let stored = c.open_store().await.get_deployment(&private).await.unwrap();
+    assert_eq!(
+        stored.unwrap().specification["spec"]["config"]["token"],
+        "tok-SENT-AGAIN"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_patch_that_asks_for_more_capacity_is_placed_again_and_never_overcommits() {
     let mut c = Cluster::start().await;
     c.add_node("n1", &["local"], &[("slot", 2)], false).await;

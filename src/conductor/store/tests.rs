@@ -1072,7 +1072,7 @@ async fn tokens_are_sealed_on_disk_and_plain_to_callers() {
         {"name": "p1", "config": {"command": ["true"]}}]});
     let b = with_token(deployment("b", "b", 2), "tok-LAUNCHED-3");
     store
-        .launch_experiment(&e, &[b.clone()], &[], false, &[])
+        .launch_experiment(&e, std::slice::from_ref(&b), &[], false, &[])
         .await
         .unwrap();
     let mut patched = a.clone();

@@ -32,7 +32,7 @@ pub struct ConductorConfig {
     pub quic_listen: SocketAddr,
     /// HTTP/WebSocket API listen address.
     pub http_listen: SocketAddr,
-    /// Folder of the SQLite database.
+    /// Folder of the SQLite database and of the key that seals its secrets (`secrets.key`).
     pub storage_dir: PathBuf,
     /// Folder of the CA and server certificate.
     pub cert_dir: PathBuf,
@@ -109,7 +109,12 @@ pub struct Conductor {
 impl Conductor {
     /// Opens the store, creates or loads the PKI, binds both listeners and starts serving.
     pub async fn start(cfg: ConductorConfig) -> anyhow::Result<Self> {
-        let store = store::Store::open(&cfg.storage_dir)
+        // Secrets (git tokens) are sealed in the store with this key; a database without it
+        // reveals none.
+        let key_path = cfg.storage_dir.join(crate::seal::KEY_FILE);
+        let key = crate::seal::SealKey::load_or_create(&key_path)
+            .with_context(|| format!("secrets key {}", key_path.display()))?;
+        let store = store::Store::open(&cfg.storage_dir, key)
             .await
             .with_context(|| format!("opening the store in {}", cfg.storage_dir.display()))?;
         let ca = CertificateAuthority::load_or_create(&cfg.cert_dir)

@@ -9,6 +9,7 @@ pub mod config;
 pub mod model;
 pub mod node;
 pub mod scheduler;
+pub mod seal;
 pub mod spec;
 pub mod time;
 pub mod wire;

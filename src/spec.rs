@@ -27,7 +27,8 @@
 //!   expression yields `None`.
 //! - `config.token` is a secret: [`mask_secrets`] hides it in API output and
 //!   [`restore_secrets`] keeps a round-tripped mask from overwriting the real value; a type
-//!   error never quotes a value.
+//!   error never quotes a value. [`token_slot`] and [`declaration_token_slots`] find it for
+//!   sealing at rest ([`crate::seal`]).
 
 mod checked;
 mod cron;
@@ -55,5 +56,5 @@ pub use model::{
     MAX_DURATION_SECS, MAX_LOG_LIMIT_LINES, RestartKind, RestartPolicy, SECRET_MASK, SERVICE_HOST,
     SIGNAL_NAMES, Services, is_dns_label, service_var_prefix, signal_number,
 };
-pub use secrets::{mask_secrets, restore_secrets};
+pub use secrets::{declaration_token_slots, mask_secrets, restore_secrets, token_slot};
 pub use validate::{parse, parse_with_services};

@@ -39,8 +39,21 @@ pub use trust::{TrustMsg, TrustState};
 /// Re-exported for the API handlers (the one definition is [`crate::time::now_ms`]).
 pub use crate::time::now_ms;
 
-/// Parses a stored specification; the error is a one-line reason naming the fields.
+/// Parses a stored specification; the error is a one-line reason naming the fields. A token
+/// still sealed is one the store could not open (another key sealed it): the deployment fails
+/// with that reason rather than send a node a token it cannot use.
 fn parse_spec(specification: &Value) -> Result<crate::spec::DeploymentSpec, String> {
+    if specification
+        .pointer("/spec/config/token")
+        .and_then(Value::as_str)
+        .is_some_and(crate::seal::is_sealed)
+    {
+        return Err(format!(
+            "spec.config.token: sealed with another key than this conductor's {} (was the key \
+             file replaced?); send the token again",
+            crate::seal::KEY_FILE
+        ));
+    }
     crate::spec::parse(specification).map_err(|errs| {
         errs.iter()
             .map(|e| format!("{}: {}", e.loc.join("."), e.msg))

@@ -15,7 +15,12 @@
 //! - multi-row writes ([`Store::apply_placements`], [`Store::delete_deployment`]) run in one
 //!   transaction: the caller persists first, then acts on the cluster;
 //! - every write the core makes takes the events that record it ([`super::events`]) and writes
-//!   them, with the event counter, in the same transaction.
+//!   them, with the event counter, in the same transaction;
+//! - git tokens (`spec.config.token` of a specification, `processes[i].config.token` of an
+//!   experiment declaration) are sealed with the store's [`SealKey`] on every write and opened
+//!   on every read, so callers only ever see plaintext and the database never holds one. A
+//!   token that does not open (the key file was replaced) is left sealed, with a warning naming
+//!   the record and the key; the core then fails that deployment alone, with a reason.
 
 mod migrate;
 mod trust;
@@ -36,7 +41,8 @@ use migrate::{EVENT_COUNTER, GENERATION_COUNTER};
 use super::events::{Event, Filter};
 use super::services::Service;
 use crate::model::{DesiredState, Generation};
-use crate::spec::{OnFailure, Placement};
+use crate::seal::{SealError, SealKey};
+use crate::spec::{OnFailure, Placement, declaration_token_slots, token_slot};
 
 /// File name of the database inside the storage folder given to [`Store::open`].
 pub const DB_FILE_NAME: &str = "symphony.db";
@@ -87,6 +93,9 @@ pub enum StoreError {
     /// Filesystem error while preparing the storage folder.
     #[error("storage folder error")]
     Io(#[source] std::io::Error),
+    /// A secret could not be sealed.
+    #[error("sealing a secret")]
+    Seal(#[source] SealError),
 }
 
 /// A deployment as stored. `current_state` is not stored: it is observed, not desired.
@@ -218,6 +227,8 @@ pub enum AssignmentChange {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Seals the secrets this store writes and opens those it reads.
+    key: SealKey,
 }
 
 // === SQL ===
@@ -257,11 +268,13 @@ const BUMP_COUNTER: &str = "UPDATE counters SET value = CASE WHEN value < $1 THE
      ELSE value END WHERE name = $2";
 
 impl Store {
-    /// Opens (creating if missing) `dir/symphony.db` and brings its schema up to date.
+    /// Opens (creating if missing) `dir/symphony.db` and brings its schema up to date; `key`
+    /// seals the secrets it holds (the conductor keeps it in `dir/secrets.key`). Tokens an
+    /// older version stored in clear are sealed now (see [`Store::seal_plaintext_tokens`]).
     ///
     /// Creates `dir` if needed. The connection uses WAL, `synchronous=NORMAL`, foreign keys and
     /// a busy timeout.
-    pub async fn open(dir: &Path) -> Result<Store, StoreError> {
+    pub async fn open(dir: &Path, key: SealKey) -> Result<Store, StoreError> {
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(StoreError::Io)?;
@@ -277,7 +290,15 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(db_err)?;
-        Self::from_pool(pool).await
+        let store = Self::from_pool(pool, key).await?;
+        let sealed = store.seal_plaintext_tokens().await?;
+        if sealed > 0 {
+            tracing::info!(
+                records = sealed,
+                "sealed the git tokens an older version stored in clear"
+            );
+        }
+        Ok(store)
     }
 
     /// Opens a fresh private in-memory database (for tests). It lives as long as the returned
@@ -295,12 +316,63 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(db_err)?;
-        Self::from_pool(pool).await
+        let key = SealKey::generate().map_err(StoreError::Seal)?;
+        Self::from_pool(pool, key).await
     }
 
-    async fn from_pool(pool: SqlitePool) -> Result<Store, StoreError> {
+    async fn from_pool(pool: SqlitePool, key: SealKey) -> Result<Store, StoreError> {
         migrate::migrate(&pool).await?;
-        Ok(Store { pool })
+        Ok(Store { pool, key })
+    }
+
+    /// Seals every git token still in clear (rows an older version wrote) in one
+    /// transaction; returns the number of rows rewritten. When it rewrote any, the old
+    /// plaintext is scrubbed from the files too: a `VACUUM` (no free page keeps a copy) and a
+    /// truncating WAL checkpoint (no WAL frame does) follow.
+    pub async fn seal_plaintext_tokens(&self) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let mut rewritten = 0;
+        for (select, update, key_column, column, secrets) in [
+            (
+                "SELECT id, specification FROM deployments",
+                "UPDATE deployments SET specification = $1 WHERE id = $2",
+                "id",
+                "specification",
+                Secrets::Specification,
+            ),
+            (
+                "SELECT name, declaration FROM experiments",
+                "UPDATE experiments SET declaration = $1 WHERE name = $2",
+                "name",
+                "declaration",
+                Secrets::Declaration,
+            ),
+        ] {
+            let rows = sqlx::query(select)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            for row in &rows {
+                let mut value: serde_json::Value = json(row, column)?;
+                if !secrets.any_in_clear(&mut value) {
+                    continue;
+                }
+                sqlx::query(update)
+                    .bind(secrets.sealed(&self.key, &value)?)
+                    .bind(text(row, key_column)?)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                rewritten += 1;
+            }
+        }
+        tx.commit().await.map_err(db_err)?;
+        if rewritten > 0 {
+            for sql in ["VACUUM", "PRAGMA wal_checkpoint(TRUNCATE)"] {
+                sqlx::query(sql).execute(&self.pool).await.map_err(db_err)?;
+            }
+        }
+        Ok(rewritten)
     }
 
     /// The schema version this binary writes (the database is migrated to it on open).
@@ -334,7 +406,7 @@ impl Store {
         events: &[Event],
     ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        insert_deployment_on(&mut tx, d).await?;
+        insert_deployment_on(&mut tx, d, &self.key).await?;
         for s in services {
             insert_service_on(&mut tx, &d.id, s).await?;
         }
@@ -352,7 +424,7 @@ impl Store {
         events: &[Event],
     ) -> Result<(), StoreError> {
         check_deployment(d)?;
-        let spec = serde_json::to_string(&d.specification).map_err(StoreError::Json)?;
+        let spec = Secrets::Specification.sealed(&self.key, &d.specification)?;
         let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE deployments SET name = $1, desired_state = $2, kind = $3, \
@@ -413,7 +485,9 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err)?;
-        row.as_ref().map(deployment_from_row).transpose()
+        row.as_ref()
+            .map(|r| deployment_from_row(r, &self.key))
+            .transpose()
     }
 
     /// All deployments, newest first (`created_at_ms` descending, then `id` ascending).
@@ -422,7 +496,9 @@ impl Store {
             .fetch_all(&self.pool)
             .await
             .map_err(db_err)?;
-        rows.iter().map(deployment_from_row).collect()
+        rows.iter()
+            .map(|r| deployment_from_row(r, &self.key))
+            .collect()
     }
 
     // === services ===
@@ -467,7 +543,7 @@ impl Store {
             delete_experiment_on(&mut tx, &e.name).await?;
         }
         let placement = e.placement.as_str();
-        let declaration = serde_json::to_string(&e.declaration).map_err(StoreError::Json)?;
+        let declaration = Secrets::Declaration.sealed(&self.key, &e.declaration)?;
         sqlx::query(
             "INSERT INTO experiments (name, declaration, placement, created_at_ms, \
              failed_reason) VALUES ($1, $2, $3, $4, $5)",
@@ -481,7 +557,7 @@ impl Store {
         .await
         .map_err(db_err)?;
         for d in deployments {
-            insert_deployment_on(&mut tx, d).await?;
+            insert_deployment_on(&mut tx, d, &self.key).await?;
         }
         for (position, p) in (0_i64..).zip(&e.processes) {
             sqlx::query(
@@ -577,7 +653,7 @@ impl Store {
     /// All experiments, newest first, each with its processes in declaration order.
     pub async fn list_experiments(&self) -> Result<Vec<ExperimentRecord>, StoreError> {
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
-        experiments_on(&mut conn).await
+        experiments_on(&mut conn, &self.key).await
     }
 
     // === conda envs ===
@@ -935,13 +1011,13 @@ impl Store {
             .fetch_all(&mut *tx)
             .await
             .map_err(db_err)?;
-        let experiments = experiments_on(&mut tx).await?;
+        let experiments = experiments_on(&mut tx, &self.key).await?;
         let event_high_water = event_high_water_on(&mut tx).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(StoreSnapshot {
             deployments: deployments
                 .iter()
-                .map(deployment_from_row)
+                .map(|r| deployment_from_row(r, &self.key))
                 .collect::<Result<_, _>>()?,
             conda_envs: conda_envs
                 .iter()
@@ -1056,9 +1132,10 @@ async fn set_assignment_on(
 async fn insert_deployment_on(
     conn: &mut sqlx::SqliteConnection,
     d: &DeploymentRecord,
+    key: &SealKey,
 ) -> Result<(), StoreError> {
     check_deployment(d)?;
-    let spec = serde_json::to_string(&d.specification).map_err(StoreError::Json)?;
+    let spec = Secrets::Specification.sealed(key, &d.specification)?;
     sqlx::query(INSERT_DEPLOYMENT)
         .bind(&d.id)
         .bind(&d.name)
@@ -1131,6 +1208,7 @@ async fn delete_experiment_on(
 
 async fn experiments_on(
     conn: &mut sqlx::SqliteConnection,
+    key: &SealKey,
 ) -> Result<Vec<ExperimentRecord>, StoreError> {
     let rows = sqlx::query(SELECT_EXPERIMENTS)
         .fetch_all(&mut *conn)
@@ -1139,9 +1217,12 @@ async fn experiments_on(
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         let placement = text(row, "placement")?;
+        let name = text(row, "name")?;
+        let mut declaration = json(row, "declaration")?;
+        Secrets::Declaration.open(key, &mut declaration, &format!("experiment/{name}"));
         out.push(ExperimentRecord {
-            name: text(row, "name")?,
-            declaration: json(row, "declaration")?,
+            name,
+            declaration,
             placement: Placement::from_name(&placement).ok_or(StoreError::Invalid {
                 field: "experiments.placement",
                 value: placement,
@@ -1257,13 +1338,67 @@ fn json<T: serde::de::DeserializeOwned>(
     serde_json::from_str(&text(row, column)?).map_err(StoreError::Json)
 }
 
-fn deployment_from_row(row: &SqliteRow) -> Result<DeploymentRecord, StoreError> {
+/// Where a JSON column keeps git tokens.
+#[derive(Debug, Clone, Copy)]
+enum Secrets {
+    /// A deployment's `specification`: `spec.config.token`.
+    Specification,
+    /// An experiment's `declaration`: `processes[i].config.token`.
+    Declaration,
+}
+
+impl Secrets {
+    /// Calls `f` on every token slot of `value`.
+    fn each<E>(
+        self,
+        value: &mut serde_json::Value,
+        f: impl FnMut(&mut serde_json::Value) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match self {
+            Self::Specification => token_slot(value).into_iter().try_for_each(f),
+            Self::Declaration => declaration_token_slots(value).try_for_each(f),
+        }
+    }
+
+    /// `value` as stored: compact JSON, its tokens sealed.
+    fn sealed(self, key: &SealKey, value: &serde_json::Value) -> Result<String, StoreError> {
+        let mut value = value.clone();
+        self.each(&mut value, |t| key.seal_value(t))
+            .map_err(StoreError::Seal)?;
+        serde_json::to_string(&value).map_err(StoreError::Json)
+    }
+
+    /// Opens the tokens of `value` (read from the store) in place; one that does not open
+    /// stays sealed, with a warning naming `object` and the key.
+    fn open(self, key: &SealKey, value: &mut serde_json::Value, object: &str) {
+        let _ = self.each(value, |t| {
+            if let Err(e) = key.open_value(t) {
+                tracing::warn!(%object, error = %e, "a stored git token does not open; it stays sealed (a deployment with it fails until its token is sent again)");
+            }
+            Ok::<(), ()>(())
+        });
+    }
+
+    /// Whether any token of `value` is a plaintext string.
+    fn any_in_clear(self, value: &mut serde_json::Value) -> bool {
+        self.each(value, |t| match t.as_str() {
+            Some(s) if !crate::seal::is_sealed(s) => Err(()),
+            _ => Ok(()),
+        })
+        .is_err()
+    }
+}
+
+fn deployment_from_row(row: &SqliteRow, key: &SealKey) -> Result<DeploymentRecord, StoreError> {
+    let id = text(row, "id")?;
+    let mut specification = json(row, "specification")?;
+    Secrets::Specification.open(key, &mut specification, &format!("deployment/{id}"));
     Ok(DeploymentRecord {
-        id: text(row, "id")?,
+        id,
         name: text(row, "name")?,
         desired_state: desired_state(&text(row, "desired_state")?)?,
         kind: text(row, "kind")?,
-        specification: json(row, "specification")?,
+        specification,
         created_at_ms: int(row, "created_at_ms")?,
         updated_at_ms: int(row, "updated_at_ms")?,
     })

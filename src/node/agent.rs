@@ -144,7 +144,12 @@ pub async fn run_with_store(
         .with_context(|| format!("creating work dir {}", cfg.work_dir.display()))?;
     // One agent per work dir: two would adopt, stop and restart each other's workloads.
     let _lock = lock_work_dir(&cfg.work_dir)?;
-    let store = store.unwrap_or_else(|| Arc::new(LocalState::new(cfg.work_dir.join("state.bin"))));
+    // Git tokens are sealed with this key in the local state and the keepers' records.
+    let key_path = cfg.work_dir.join(crate::seal::KEY_FILE);
+    let key = crate::seal::SealKey::load_or_create(&key_path)
+        .with_context(|| format!("secrets key {}", key_path.display()))?;
+    let store = store
+        .unwrap_or_else(|| Arc::new(LocalState::new(cfg.work_dir.join("state.bin"), key.clone())));
     let restored = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.load())
@@ -177,7 +182,7 @@ pub async fn run_with_store(
         })),
     };
     let node_env: BTreeMap<String, String> = std::env::vars().collect();
-    let mut sup_cfg = SupervisorConfig::new(cfg.work_dir.clone(), node_env);
+    let mut sup_cfg = SupervisorConfig::new(cfg.work_dir.clone(), node_env, key);
     sup_cfg.launcher = cfg.keeper.clone();
     let (sup, mut statuses) = Supervisor::with_hooks(sup_cfg, hooks);
     // Before anything starts: processes left by a previous agent are kept for adoption or

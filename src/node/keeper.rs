@@ -50,6 +50,7 @@ pub use self::outbox::{Batch, OutboxReader, Rec, segment_path};
 use super::logs::LineSplitter;
 use super::runner::{self, Group, ProcessSpec, exit_code};
 use super::state::write_private;
+use crate::seal::{SealError, SealKey};
 use crate::spec::DeploymentSpec;
 
 /// The hidden first argument that turns the `symphony` binary into a keeper.
@@ -81,6 +82,17 @@ pub struct Launch {
     pub max_line: usize,
     /// Byte cap of the outbox.
     pub outbox_bytes: u64,
+}
+
+impl Launch {
+    /// This launch as the keeper gets it and its record keeps it: the git token sealed with
+    /// the node's key (the keeper itself never needs the token).
+    pub fn sealed(mut self, key: &SealKey) -> Result<Self, SealError> {
+        if let Some(git) = &mut self.spec.git {
+            key.seal_option(&mut git.token)?;
+        }
+        Ok(self)
+    }
 }
 
 /// A process named by its pid and its start time (clock ticks after boot, from
@@ -146,7 +158,20 @@ impl Record {
             .map(|k| k.keeper)
     }
 
-    /// Reads `dir/keeper.json`; `None` when it is missing or unreadable.
+    /// Opens the git token sealed in the launch. One that does not open (another key sealed
+    /// it) is dropped, with a warning: the launch then differs from the spec held, so the
+    /// process is restarted with that spec rather than adopted.
+    pub fn open_secrets(&mut self, key: &SealKey) {
+        if let Err(e) = super::state::open_token(key, &mut self.launch.spec) {
+            tracing::warn!(deployment = %self.launch.id, error = %e, "the git token in a keeper's record does not open; it is dropped");
+            if let Some(git) = &mut self.launch.spec.git {
+                git.token = None;
+            }
+        }
+    }
+
+    /// Reads `dir/keeper.json`; `None` when it is missing or unreadable (a sealed token stays
+    /// sealed: see [`Record::open_secrets`]).
     pub fn load(dir: &Path) -> Option<Self> {
         let bytes = fs::read(dir.join(RECORD)).ok()?;
         serde_json::from_slice(&bytes).ok()

@@ -1,10 +1,13 @@
 //! The node's local state (postcard, in its work dir): which deployments it holds, at which
 //! generation, with which spec, so a restarted agent comes back knowing what it ran and tells
-//! the conductor in its Hello. Written atomically (temp file + rename).
+//! the conductor in its Hello. Written atomically (temp file + rename), 0600, with every git
+//! token sealed with the node's key (`<work_dir>/secrets.key`, see [`crate::seal`]).
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 
 use crate::model::{DeploymentId, Generation};
+use crate::seal::SealKey;
 use crate::spec::DeploymentSpec;
 
 /// One held deployment.
@@ -55,18 +58,32 @@ impl StateStore for LocalState {
 #[derive(Debug, Clone)]
 pub struct LocalState {
     path: PathBuf,
+    /// Seals the git tokens of the specs held.
+    key: SealKey,
 }
 
 impl LocalState {
-    pub fn new(path: PathBuf) -> Self {
-        Self { path }
+    pub fn new(path: PathBuf, key: SealKey) -> Self {
+        Self { path, key }
     }
 
-    /// Reads the held deployments; a missing file is an empty list.
+    /// Reads the held deployments; a missing file is an empty list. A deployment whose token
+    /// does not open (another key sealed it) is left out, with a warning: the conductor then
+    /// sends it again, token and all, and the process a previous agent left for it is stopped.
     pub fn load(&self) -> std::io::Result<Vec<Held>> {
         match std::fs::read(&self.path) {
             Ok(bytes) => match postcard::from_bytes::<File>(&bytes) {
-                Ok(f) => Ok(f.held),
+                Ok(f) => Ok(f
+                    .held
+                    .into_iter()
+                    .filter_map(|mut h| match open_token(&self.key, &mut h.spec) {
+                        Ok(()) => Some(h),
+                        Err(e) => {
+                            tracing::warn!(path = %self.path.display(), deployment = %h.id, error = %e, "a held deployment's git token does not open; it is left out of the local state");
+                            None
+                        }
+                    })
+                    .collect()),
                 Err(e) => {
                     tracing::warn!(path = %self.path.display(), error = %e, "unreadable local state; starting empty");
                     Ok(Vec::new())
@@ -79,10 +96,41 @@ impl LocalState {
 
     /// Replaces the held deployments.
     pub fn save(&self, held: &[Held]) -> std::io::Result<()> {
-        let bytes = postcard::to_allocvec(&FileRef { version: 2, held })
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        // Specs hold secrets (git tokens): owner-only, like key files.
+        let held: Cow<'_, [Held]> = if held.iter().any(|h| token(&h.spec).is_some()) {
+            let mut sealed = held.to_vec();
+            for h in &mut sealed {
+                if let Some(git) = &mut h.spec.git {
+                    self.key
+                        .seal_option(&mut git.token)
+                        .map_err(std::io::Error::other)?;
+                }
+            }
+            Cow::Owned(sealed)
+        } else {
+            Cow::Borrowed(held)
+        };
+        let bytes = postcard::to_allocvec(&FileRef {
+            version: 2,
+            held: &held,
+        })
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        // Specs hold secrets (git tokens, sealed): owner-only, like key files.
         write_private(&self.path, &bytes, true)
+    }
+}
+
+fn token(spec: &DeploymentSpec) -> Option<&str> {
+    spec.git.as_ref()?.token.as_deref()
+}
+
+/// Opens the git token of `spec` in place (a plaintext one, from an older version, is kept).
+pub(crate) fn open_token(
+    key: &SealKey,
+    spec: &mut DeploymentSpec,
+) -> Result<(), crate::seal::SealError> {
+    match &mut spec.git {
+        Some(git) => key.open_option(&mut git.token),
+        None => Ok(()),
     }
 }
 
@@ -110,10 +158,14 @@ pub fn write_private(path: &std::path::Path, bytes: &[u8], durable: bool) -> std
 mod tests {
     use super::*;
 
+    fn key(dir: &std::path::Path) -> SealKey {
+        SealKey::load_or_create(&dir.join(crate::seal::KEY_FILE)).unwrap()
+    }
+
     #[test]
     fn round_trip_and_missing_file() {
         let dir = tempfile::tempdir().unwrap();
-        let st = LocalState::new(dir.path().join("state.bin"));
+        let st = LocalState::new(dir.path().join("state.bin"), key(dir.path()));
         assert!(st.load().unwrap().is_empty());
         let held = vec![Held {
             id: "abc".into(),
@@ -130,5 +182,72 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod sealed_tests {
+    use super::*;
+    use crate::spec::GitSource;
+
+    fn held(id: &str, token: Option<&str>) -> Held {
+        let mut spec = DeploymentSpec::defaults_for(vec!["sleep".into(), "1".into()]);
+        spec.git = Some(GitSource {
+            repo: "https://example.invalid/r.git".into(),
+            git_ref: None,
+            token: token.map(str::to_owned),
+        });
+        Held {
+            id: id.into(),
+            generation: Generation(1),
+            desired_running: true,
+            spec,
+            log_offset: 0,
+        }
+    }
+
+    #[test]
+    fn tokens_are_sealed_in_the_file_and_opened_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.bin");
+        let key = SealKey::load_or_create(&dir.path().join(crate::seal::KEY_FILE)).unwrap();
+        let st = LocalState::new(path.clone(), key.clone());
+        let held = vec![held("a", Some("tok-NODE-STATE-7")), held("b", None)];
+        st.save(&held).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let needle = b"tok-NODE-STATE-7";
+        assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+        assert!(
+            bytes
+                .windows(crate::seal::PREFIX.len())
+                .any(|w| w == crate::seal::PREFIX.as_bytes())
+        );
+        // A reload (a restarted agent, the same key file) gets the token back.
+        let again = LocalState::new(
+            path.clone(),
+            SealKey::load_or_create(&dir.path().join(crate::seal::KEY_FILE)).unwrap(),
+        );
+        assert_eq!(again.load().unwrap(), held);
+        // With another key, the deployment whose token does not open is left out; the rest
+        // loads.
+        let other = LocalState::new(path, SealKey::generate().unwrap());
+        assert_eq!(other.load().unwrap(), vec![held[1].clone()]);
+    }
+
+    #[test]
+    fn a_state_file_with_tokens_in_clear_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.bin");
+        let held = vec![held("a", Some("tok-OLD"))];
+        // As an older version wrote it.
+        let bytes = postcard::to_allocvec(&FileRef {
+            version: 2,
+            held: &held,
+        })
+        .unwrap();
+        write_private(&path, &bytes, false).unwrap();
+        let st = LocalState::new(path, SealKey::generate().unwrap());
+        assert_eq!(st.load().unwrap(), held);
     }
 }

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::keeper::Record;
 use super::logs::{DEFAULT_MAX_LINE, DEFAULT_SPOOL_BYTES, LogBuffer, LogStream, SpoolWriter};
 use super::runner::{self, Launcher};
+use crate::seal::SealKey;
 use crate::spec::{AutoRestart, DeploymentSpec};
 
 /// Capacity of the event channel.
@@ -150,15 +151,18 @@ pub struct SupervisorConfig {
     pub spool_bytes: u64,
     /// How keepers are started.
     pub launcher: Launcher,
+    /// Seals the git token in each keeper's record (`keeper.json`).
+    pub secrets: SealKey,
 }
 
 impl SupervisorConfig {
     /// Settings with default line and spool limits; keepers run this binary (in unit tests:
     /// threads).
-    pub fn new(work_dir: PathBuf, node_env: BTreeMap<String, String>) -> Self {
+    pub fn new(work_dir: PathBuf, node_env: BTreeMap<String, String>, secrets: SealKey) -> Self {
         Self {
             work_dir,
             node_env,
+            secrets,
             max_line_bytes: DEFAULT_MAX_LINE,
             spool_bytes: DEFAULT_SPOOL_BYTES,
             #[cfg(not(test))]
@@ -575,7 +579,8 @@ impl Supervisor {
     /// started, so a deployment never runs twice. Returns the ids kept for adoption.
     pub async fn recover(&self, wanted: &BTreeMap<String, bool>) -> Vec<String> {
         let run = self.shared.config.work_dir.join("run");
-        let found = tokio::task::spawn_blocking(move || scan_run_dirs(&run))
+        let key = self.shared.config.secrets.clone();
+        let found = tokio::task::spawn_blocking(move || scan_run_dirs(&run, &key))
             .await
             .unwrap_or_default();
         let mut kept = Vec::new();
@@ -640,10 +645,11 @@ impl Supervisor {
 /// when the agent died).
 const RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The run directories under `run`, each with its record when a workload was started there.
-/// A keeper still starting is waited for; one that never names its workload, or whose record
-/// cannot be read in full, is ended with everything in its session.
-fn scan_run_dirs(run: &std::path::Path) -> Vec<(String, PathBuf, Option<Record>)> {
+/// The run directories under `run`, each with its record when a workload was started there
+/// (its git token opened with `key`). A keeper still starting is waited for; one that never
+/// names its workload, or whose record cannot be read in full, is ended with everything in its
+/// session.
+fn scan_run_dirs(run: &std::path::Path, key: &SealKey) -> Vec<(String, PathBuf, Option<Record>)> {
     let Ok(entries) = std::fs::read_dir(run) else {
         return Vec::new();
     };
@@ -679,6 +685,9 @@ fn scan_run_dirs(run: &std::path::Path) -> Vec<(String, PathBuf, Option<Record>)
             // Still starting after the wait: end the keeper and whatever it began.
             runner::kill_session_of(r.keeper);
             record = None;
+        }
+        if let Some(r) = &mut record {
+            r.open_secrets(key);
         }
         found.push((id, dir, record));
     }

@@ -4,11 +4,22 @@ use serde_json::Value;
 
 use super::model::SECRET_MASK;
 
-fn token_slot(specification: &mut Value) -> Option<&mut Value> {
+/// `spec.config.token` of a stored specification, if it has one.
+pub fn token_slot(specification: &mut Value) -> Option<&mut Value> {
     specification
         .get_mut("spec")?
         .get_mut("config")?
         .get_mut("token")
+}
+
+/// Every `processes[i].config.token` of an experiment declaration.
+pub fn declaration_token_slots(declaration: &mut Value) -> impl Iterator<Item = &mut Value> {
+    declaration
+        .get_mut("processes")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get_mut("config")?.get_mut("token"))
 }
 
 /// Replaces `spec.config.token` (when present and not null) with [`SECRET_MASK`].

@@ -333,3 +333,98 @@ async fn kill9_during_an_env_provisioning_leaves_no_step_behind() {
     node.signal_and_wait(Signal::SIGTERM).await;
     c.shutdown().await;
 }
+
+/// The files under `dir` (recursively) holding `needle`.
+fn files_holding(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                todo.push(path);
+            } else if kind.is_file()
+                && std::fs::read(&path)
+                    .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn git_tokens_are_sealed_at_rest_and_a_restarted_conductor_and_agent_open_them() {
+    const TOKEN: &str = "tok-AT-REST-5f3a9c1e";
+    let (mut c, mut node, bin) = cluster_with_agent("sealed").await;
+    let repo = c.dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    crate::node::make_repo(&repo);
+    let spec = json!({"config": {"command": ["sh", "-c", "exec sleep 424251"],
+        "git_repo": repo.display().to_string(), "token": TOKEN}});
+    let id = c.deploy("private", spec).await;
+    let pid = pid_of(&c.wait_state(&id, "RUNNING").await);
+    let (_, one) = c.get(&format!("/deployments/{id}")).await;
+    assert_eq!(one["specification"]["spec"]["config"]["token"], "********");
+
+    // The node got the real token: its state file, opened with its key, holds it.
+    let work = c.dir.path().join("nodes/sealed/work");
+    let key_file = work.join(symphony::seal::KEY_FILE);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let key = symphony::seal::SealKey::load_or_create(&key_file).unwrap();
+    let state = symphony::node::state::LocalState::new(work.join("state.bin"), key.clone());
+    until("the node's state holds the deployment", || {
+        state.load().unwrap().len() == 1
+    })
+    .await;
+    let held = state.load().unwrap();
+    let token = |spec: &symphony::spec::DeploymentSpec| spec.git.as_ref().unwrap().token.clone();
+    assert_eq!(token(&held[0].spec).as_deref(), Some(TOKEN));
+    // The keeper's record holds it sealed.
+    let mut record = symphony::node::keeper::Record::load(&work.join("run").join(&id)).unwrap();
+    let sealed = token(&record.launch.spec).unwrap();
+    assert!(symphony::seal::is_sealed(&sealed), "{sealed}");
+    record.open_secrets(&key);
+    assert_eq!(token(&record.launch.spec).as_deref(), Some(TOKEN));
+    // No file of the conductor or the node holds it in clear (database, WAL, state, records).
+    assert_eq!(
+        files_holding(c.dir.path(), TOKEN),
+        Vec::<std::path::PathBuf>::new()
+    );
+
+    // A restarted conductor opens it again (the deployment stays as it is), and a restarted
+    // agent opens its state and the keeper's record alike: the same process is adopted, not
+    // restarted for a spec that looks changed.
+    node.kill9();
+    offline(&c, "sealed").await;
+    c.restart_conductor().await;
+    node.restart(&bin, &[]);
+    online(&c, "sealed").await;
+    let d = running_with(&c, &id, pid).await;
+    assert_eq!(d["status"]["restart_count"], 0, "{d}");
+    assert_eq!(pids_with("sleep 424251").len(), 1);
+    let stored = c
+        .open_store()
+        .await
+        .get_deployment(&id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.specification["spec"]["config"]["token"], TOKEN);
+    assert_eq!(
+        files_holding(c.dir.path(), TOKEN),
+        Vec::<std::path::PathBuf>::new()
+    );
+    c.delete(&format!("/deployments/{id}")).await;
+    until("deleted", || pids_with("sleep 424251").is_empty()).await;
+    node.signal_and_wait(Signal::SIGTERM).await;
+    c.shutdown().await;
+}

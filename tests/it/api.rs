@@ -302,9 +302,7 @@ async fn secrets_never_leave_the_conductor() {
         .0,
         200
     );
-    let store = symphony::conductor::store::Store::open(&c.cfg.storage_dir)
-        .await
-        .unwrap();
+    let store = c.open_store().await;
     let stored = store.get_deployment(&id).await.unwrap().unwrap();
     assert_eq!(
         stored.specification["spec"]["config"]["token"],

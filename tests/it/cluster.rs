@@ -551,7 +551,10 @@ async fn a_node_that_lost_its_log_spool_numbers_new_lines_above_the_conductors()
     until_line(&url, &format!("run{second}-30")).await;
     // And the raised numbering is kept in the node's local state for its next start.
     c.stop_node("n1").await;
-    let held = symphony::node::state::LocalState::new(c.node_work_dir("n1").join("state.bin"))
+    let work_dir = c.node_work_dir("n1");
+    let key =
+        symphony::seal::SealKey::load_or_create(&work_dir.join(symphony::seal::KEY_FILE)).unwrap();
+    let held = symphony::node::state::LocalState::new(work_dir.join("state.bin"), key)
         .load()
         .unwrap();
     assert_eq!(held.len(), 1);
@@ -609,9 +612,7 @@ async fn an_invalid_stored_spec_fails_only_that_deployment() {
     c.wait_state(&good, "RUNNING").await;
     // Written behind the API's back (e.g. by an older version): the conductor must cope.
     c.conductor.take().unwrap().shutdown().await;
-    let store = symphony::conductor::store::Store::open(&c.cfg.storage_dir)
-        .await
-        .unwrap();
+    let store = c.open_store().await;
     let bad = symphony::conductor::store::DeploymentRecord {
         id: "badbadbadbadbadbadbadbadbadbad00".into(),
         name: "bad".into(),
@@ -636,6 +637,63 @@ async fn an_invalid_stored_spec_fails_only_that_deployment() {
     assert_eq!(d["assigned_node_id"], Value::Null);
     let g = c.wait_state(&good, "RUNNING").await;
     assert_eq!(g["assigned_node_id"], "n1");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_the_conductors_key_does_not_open_fails_only_that_deployment() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let good = c.deploy("good", sh("sleep 1000")).await;
+    let good_pid = pid_of(&c.wait_state(&good, "RUNNING").await);
+    let config = |token: &str| {
+        json!({"config": {"command": ["sleep", "1000"],
+            "git_repo": "https://example.invalid/r.git", "token": token}})
+    };
+    let private = c.deploy("private", config("tok-LOST-KEY")).await;
+    // The key file is replaced (another conductor's, a partial restore): the stored token no
+    // longer opens. The conductor still starts, and only that deployment fails, saying why.
+    c.conductor.take().unwrap().shutdown().await;
+    let key_file = c.cfg.storage_dir.join(symphony::seal::KEY_FILE);
+    std::fs::write(&key_file, [7u8; symphony::seal::KEY_LEN]).unwrap();
+    c.conductor = Some(
+        symphony::conductor::Conductor::start(c.cfg.clone())
+            .await
+            .unwrap(),
+    );
+    let d = c.wait_state(&private, "FAILED").await;
+    let reason = d["assignment_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("token") && reason.contains("secrets.key"),
+        "{d}"
+    );
+    let (_, one) = c.get(&format!("/deployments/{private}")).await;
+    assert_eq!(one["specification"]["spec"]["config"]["token"], "********");
+    let g = c.wait_state(&good, "RUNNING").await;
+    assert_eq!(pid_of(&g), good_pid);
+    // Sending the token again repairs it.
+    assert_eq!(
+        c.patch(
+            &format!("/deployments/{private}"),
+            json!({"specification": {"spec": config("tok-SENT-AGAIN")}})
+        )
+        .await
+        .0,
+        200
+    );
+    c.wait("the repaired deployment valid again", |v| {
+        v.deployment(&private).is_some_and(|d| {
+            !d.assignment_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("secrets.key"))
+        })
+    })
+    .await;
+    let stored = c.open_store().await.get_deployment(&private).await.unwrap();
+    assert_eq!(
+        stored.unwrap().specification["spec"]["config"]["token"],
+        "tok-SENT-AGAIN"
+    );
     c.shutdown().await;
 }
 

@@ -372,9 +372,7 @@ async fn a_replay_from_before_what_retention_kept_says_what_is_gone() {
         .await;
     let newest = *ids(&all).last().unwrap();
     // Retention keeps the newest 2 (the store beside the running conductor, as its pruner does).
-    let store = symphony::conductor::store::Store::open(&c.cfg.storage_dir)
-        .await
-        .unwrap();
+    let store = c.open_store().await;
     store.prune_events(2, 0).await.unwrap();
     store.close().await;
     let ws = c.api.replace("http", "ws");

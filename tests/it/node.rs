@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::support::{Cluster, alive, pid_of, until};
 
 /// A repository with `main` (v1), a tag `t1` on it, a branch `dev` (v2) and a later `main` (v3).
-fn make_repo(dir: &Path) -> (String, String) {
+pub(crate) fn make_repo(dir: &Path) -> (String, String) {
     let repo = git2::Repository::init(dir).unwrap();
     let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
     let commit = |msg: &str,

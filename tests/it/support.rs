@@ -262,6 +262,16 @@ impl Cluster {
             .expect("node started with a proxy")
     }
 
+    /// The conductor's store, opened beside it (or while it is down) with its secrets key.
+    pub async fn open_store(&self) -> symphony::conductor::store::Store {
+        let dir = &self.cfg.storage_dir;
+        let key =
+            symphony::seal::SealKey::load_or_create(&dir.join(symphony::seal::KEY_FILE)).unwrap();
+        symphony::conductor::store::Store::open(dir, key)
+            .await
+            .unwrap()
+    }
+
     pub async fn restart_conductor(&mut self) {
         let c = self.conductor.take().expect("running");
         c.shutdown().await;

@@ -50,9 +50,14 @@ fn assignment(deployment_id: &str, node_id: &str, generation: u64) -> Assignment
     }
 }
 
+/// The key a conductor keeps beside its database in `dir`.
+fn key_in(dir: &std::path::Path) -> SealKey {
+    SealKey::load_or_create(&dir.join(crate::seal::KEY_FILE)).unwrap()
+}
+
 async fn file_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).await.unwrap();
+    let store = Store::open(dir.path(), key_in(dir.path())).await.unwrap();
     (dir, store)
 }
 
@@ -582,7 +587,7 @@ async fn everything_survives_reopen_and_migrations_are_idempotent() {
     let e = env("py312", 6);
     let n = node("n1");
     {
-        let store = Store::open(&nested).await.unwrap();
+        let store = Store::open(&nested, key_in(&nested)).await.unwrap();
         store.insert_deployment(&d, &[], &[]).await.unwrap();
         store
             .insert_deployment(&deployment("gone", "gone", 1), &[], &[])
@@ -612,7 +617,7 @@ async fn everything_survives_reopen_and_migrations_are_idempotent() {
     }
     assert!(nested.join(DB_FILE_NAME).is_file());
     for _ in 0..2 {
-        let store = Store::open(&nested).await.unwrap();
+        let store = Store::open(&nested, key_in(&nested)).await.unwrap();
         let snapshot = store.load_all().await.unwrap();
         assert_eq!(
             snapshot,
@@ -649,7 +654,7 @@ async fn everything_survives_reopen_and_migrations_are_idempotent() {
 async fn newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let store = Store::open(dir.path()).await.unwrap();
+        let store = Store::open(dir.path(), key_in(dir.path())).await.unwrap();
         sqlx::query("INSERT INTO schema_version (version, applied_at_ms) VALUES ($1, 0)")
             .bind(Store::schema_version() + 1)
             .execute(&store.pool)
@@ -657,7 +662,9 @@ async fn newer_schema_is_refused() {
             .unwrap();
         store.close().await;
     }
-    let err = Store::open(dir.path()).await.unwrap_err();
+    let err = Store::open(dir.path(), key_in(dir.path()))
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, StoreError::SchemaTooNew { found, supported }
             if found == Store::schema_version() + 1 && supported == Store::schema_version()),
@@ -721,7 +728,9 @@ async fn open_fails_cleanly_when_dir_is_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
-    let err = Store::open(&file).await.unwrap_err();
+    let err = Store::open(&file, SealKey::generate().unwrap())
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Io(_)), "{err:?}");
 }
 
@@ -840,7 +849,7 @@ async fn experiments_are_written_and_removed_whole() {
     );
     store.close().await;
     // It survives a reopen, processes in order.
-    let store = Store::open(dir.path()).await.unwrap();
+    let store = Store::open(dir.path(), key_in(dir.path())).await.unwrap();
     let snap = store.load_all().await.unwrap();
     assert_eq!(snap.experiments, [rl]);
     assert_eq!(snap.services, [svc]);
@@ -1036,4 +1045,175 @@ async fn events_filter_page_and_prune_without_reusing_ids() {
     assert!(read(Some(0), None, None, 100).await.is_empty());
     // Everything pruned, the counter stays: the next id is never an old one.
     assert_eq!(store.load_all().await.unwrap().event_high_water, 11);
+}
+
+/// Whether `needle` appears in any file of `dir` (the database, its WAL, anything).
+fn any_file_contains(dir: &std::path::Path, needle: &str) -> bool {
+    std::fs::read_dir(dir).unwrap().any(|e| {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap_or_default();
+        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+    })
+}
+
+fn with_token(mut d: DeploymentRecord, token: &str) -> DeploymentRecord {
+    d.specification = json!({"spec": {"config": {"command": ["true"],
+        "git_repo": "https://example.invalid/r.git", "token": token}}});
+    d
+}
+
+#[tokio::test]
+async fn tokens_are_sealed_on_disk_and_plain_to_callers() {
+    let (dir, store) = file_store().await;
+    let a = with_token(deployment("a", "a", 1), "tok-INSERTED-1");
+    store.insert_deployment(&a, &[], &[]).await.unwrap();
+    let mut e = experiment("x", &["b"], 2);
+    e.declaration = json!({"name": "x", "processes": [
+        {"name": "p0", "config": {"command": ["true"], "token": "tok-DECLARED-2"}},
+        {"name": "p1", "config": {"command": ["true"]}}]});
+    let b = with_token(deployment("b", "b", 2), "tok-LAUNCHED-3");
+    store
+        .launch_experiment(&e, std::slice::from_ref(&b), &[], false, &[])
+        .await
+        .unwrap();
+    let mut patched = a.clone();
+    patched.specification["spec"]["config"]["token"] = json!("tok-PATCHED-4");
+    store
+        .patch_deployment(&patched, &[], &AssignmentChange::Keep, &[])
+        .await
+        .unwrap();
+    // Callers see plaintext, whichever way they read.
+    assert_eq!(
+        store.get_deployment("a").await.unwrap(),
+        Some(patched.clone())
+    );
+    let all = store.load_all().await.unwrap();
+    assert_eq!(all.deployments, vec![b.clone(), patched.clone()]);
+    assert_eq!(all.experiments, vec![e.clone()]);
+    assert_eq!(store.list_experiments().await.unwrap(), vec![e.clone()]);
+    // The rows hold sealed values.
+    let spec: String = sqlx::query("SELECT specification FROM deployments WHERE id = 'a'")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap()
+        .get(0);
+    let spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
+    let sealed = spec["spec"]["config"]["token"].as_str().unwrap();
+    assert!(crate::seal::is_sealed(sealed), "{sealed}");
+    assert_eq!(
+        spec["spec"]["config"]["git_repo"],
+        "https://example.invalid/r.git"
+    );
+    // No file in the folder holds any token, before or after a checkpoint.
+    for token in [
+        "tok-INSERTED-1",
+        "tok-DECLARED-2",
+        "tok-LAUNCHED-3",
+        "tok-PATCHED-4",
+    ] {
+        assert!(!any_file_contains(dir.path(), token), "{token} on disk");
+    }
+    store.close().await;
+    for token in [
+        "tok-INSERTED-1",
+        "tok-DECLARED-2",
+        "tok-LAUNCHED-3",
+        "tok-PATCHED-4",
+    ] {
+        assert!(!any_file_contains(dir.path(), token), "{token} on disk");
+    }
+    // The same key (the file beside the database) opens them after a restart.
+    let store = Store::open(dir.path(), key_in(dir.path())).await.unwrap();
+    assert_eq!(store.get_deployment("a").await.unwrap(), Some(patched));
+    assert_eq!(store.list_experiments().await.unwrap(), vec![e]);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn tokens_an_older_version_left_in_clear_are_sealed_at_open() {
+    let (dir, store) = file_store().await;
+    store
+        .insert_deployment(&deployment("a", "a", 1), &[], &[])
+        .await
+        .unwrap();
+    store
+        .launch_experiment(
+            &experiment("x", &["b"], 2),
+            &[deployment("b", "b", 2)],
+            &[],
+            false,
+            &[],
+        )
+        .await
+        .unwrap();
+    // Written behind the store's back, as a version without sealing did.
+    let clear = with_token(deployment("a", "a", 1), "tok-OLD-CLEAR-1");
+    sqlx::query("UPDATE deployments SET specification = $1 WHERE id = 'a'")
+        .bind(serde_json::to_string(&clear.specification).unwrap())
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    let declaration = json!({"name": "x", "processes": [
+        {"name": "p0", "config": {"command": ["true"], "token": "tok-OLD-CLEAR-2"}}]});
+    sqlx::query("UPDATE experiments SET declaration = $1 WHERE name = 'x'")
+        .bind(declaration.to_string())
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    // Plaintext is still read as it is.
+    assert_eq!(
+        store.get_deployment("a").await.unwrap(),
+        Some(clear.clone())
+    );
+    store.close().await;
+    assert!(any_file_contains(dir.path(), "tok-OLD-CLEAR-1"));
+
+    let store = Store::open(dir.path(), key_in(dir.path())).await.unwrap();
+    for token in ["tok-OLD-CLEAR-1", "tok-OLD-CLEAR-2"] {
+        assert!(
+            !any_file_contains(dir.path(), token),
+            "{token} left on disk"
+        );
+    }
+    assert_eq!(store.get_deployment("a").await.unwrap(), Some(clear));
+    assert_eq!(
+        store.list_experiments().await.unwrap()[0].declaration,
+        declaration
+    );
+    // Nothing is left to seal.
+    assert_eq!(store.seal_plaintext_tokens().await.unwrap(), 0);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_token_sealed_with_another_key_stays_sealed_and_the_rest_loads() {
+    let (dir, store) = file_store().await;
+    store
+        .insert_deployment(&with_token(deployment("a", "a", 1), "tok-LOST"), &[], &[])
+        .await
+        .unwrap();
+    store
+        .insert_deployment(&deployment("b", "b", 2), &[], &[])
+        .await
+        .unwrap();
+    store.close().await;
+    let store = Store::open(dir.path(), SealKey::generate().unwrap())
+        .await
+        .unwrap();
+    let all = store.load_all().await.unwrap();
+    assert_eq!(all.deployments.len(), 2);
+    let a = all.deployments.iter().find(|d| d.id == "a").unwrap();
+    let token = a.specification["spec"]["config"]["token"].as_str().unwrap();
+    assert!(crate::seal::is_sealed(token), "{token}");
+    assert!(all.deployments.contains(&deployment("b", "b", 2)));
+    // Written back (a PATCH keeping the token), it stays as it was: the right key still opens
+    // it later.
+    store
+        .patch_deployment(a, &[], &AssignmentChange::Keep, &[])
+        .await
+        .unwrap();
+    store.close().await;
+    let store = Store::open(dir.path(), key_in(dir.path())).await.unwrap();
+    let a = store.get_deployment("a").await.unwrap().unwrap();
+    assert_eq!(a.specification["spec"]["config"]["token"], "tok-LOST");
+    store.close().await;
 }

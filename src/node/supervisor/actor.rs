@@ -314,6 +314,11 @@ impl Actor {
         };
         let started_at = launch.started_at_ms;
         let dir = self.shared.config.run_dir(&self.id);
+        // The keeper's record (on disk) gets the git token sealed.
+        let launch = match launch.sealed(&self.shared.config.secrets) {
+            Ok(launch) => launch,
+            Err(e) => return self.on_start_failure(format!("spawn failed: {e}")),
+        };
         let process =
             match runner::spawn(&self.shared.config.launcher, &dir, launch, &self.logs).await {
                 Ok(process) => process,

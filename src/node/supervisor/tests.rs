@@ -119,7 +119,11 @@ impl Harness {
 }
 
 fn config(dir: &tempfile::TempDir) -> SupervisorConfig {
-    SupervisorConfig::new(dir.path().to_path_buf(), std::env::vars().collect())
+    SupervisorConfig::new(
+        dir.path().to_path_buf(),
+        std::env::vars().collect(),
+        crate::seal::SealKey::load_or_create(&dir.path().join(crate::seal::KEY_FILE)).unwrap(),
+    )
 }
 
 /// Waits until a log line of `id` satisfies `pred`.

@@ -784,7 +784,10 @@ async fn bootstrap_api_token(storage: &Path, name: &str, role: &str) -> anyhow::
     use crate::conductor::trust;
     let role = trust::Role::from_name(role)
         .with_context(|| format!("--role: expected admin, operator or viewer, got {role:?}"))?;
-    let store = crate::conductor::store::Store::open(storage)
+    let key_path = storage.join("secrets.key");
+    let key = crate::seal::SealKey::load_or_create(&key_path)
+        .with_context(|| format!("secrets key {}", key_path.display()))?;
+    let store = crate::conductor::store::Store::open(storage, key)
         .await
         .with_context(|| format!("opening the store in {}", storage.display()))?;
     let (id, secret) = trust::new_id_and_secret();

@@ -130,14 +130,15 @@ static ROLES: LazyLock<HashMap<(String, String), Option<Role>>> = LazyLock::new(
         let Some(item) = item.as_object() else {
             continue;
         };
-        let route = item
-            .get("x-axum-route")
-            .and_then(Value::as_str)
-            .unwrap_or(path);
         for (method, op) in item {
             let Some(role) = op.get("x-symphony-role").and_then(Value::as_str) else {
                 continue;
             };
+            // The router's template where it differs from the document's (a wildcard).
+            let route = op
+                .get("x-axum-route")
+                .and_then(Value::as_str)
+                .unwrap_or(path);
             let role = if role == "public" {
                 None
             } else {

@@ -1664,6 +1664,12 @@ impl Core {
         if let Some(why) = self.hello_refusal(&node_id, &hello.groups) {
             tracing::warn!(%node_id, %why, "refusing a node's hello");
             session.close(symphony_net::CloseCode::AuthFailed, &why);
+            self.journal.note(narrate::node(
+                "node.refused",
+                &node_id,
+                format!("node {node_id} refused: {why}"),
+                json!({"reason": why, "groups": hello.groups}),
+            ));
             return;
         }
         let now = now_ms();

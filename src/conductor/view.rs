@@ -704,6 +704,7 @@ mod tests {
             "missing_conda_envs",
             "env_problems",
             "connection",
+            "certificate",
         ];
         documented.sort_unstable();
         assert_eq!(keys, documented);

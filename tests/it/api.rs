@@ -514,6 +514,45 @@ async fn openapi_matches_the_router_and_real_responses() {
         ("get", format!("/deployments/{kept}/events?after=0"), None),
         ("get", "/nodes/n1/events?kind=node.connected".into(), None),
         ("get", "/openapi.json".into(), None),
+        (
+            "post",
+            "/tokens".into(),
+            Some(json!({"groups": ["gpu"], "ttl_sec": 60, "uses": 1, "node_id_prefix": "p-"})),
+        ),
+        ("post", "/tokens".into(), Some(json!({"ttl_sec": 0}))),
+        ("post", "/tokens".into(), Some(json!({"groupz": []}))),
+        ("get", "/tokens".into(), None),
+        ("delete", "/tokens/nope".into(), None),
+        (
+            "post",
+            "/api-tokens".into(),
+            Some(json!({"name": "ci", "role": "viewer"})),
+        ),
+        (
+            "post",
+            "/api-tokens".into(),
+            Some(json!({"name": "ci", "role": "viewer"})),
+        ),
+        (
+            "post",
+            "/api-tokens".into(),
+            Some(json!({"name": "x", "role": "root"})),
+        ),
+        ("get", "/api-tokens".into(), None),
+        ("delete", "/api-tokens/nope".into(), None),
+        (
+            "post",
+            "/nodes/nope/revoke".into(),
+            Some(json!({"reason": "x"})),
+        ),
+        (
+            "post",
+            "/auth/login".into(),
+            Some(json!({"token": "SYMA1.a.b"})),
+        ),
+        ("post", "/auth/login".into(), Some(json!({}))),
+        ("post", "/auth/logout".into(), None),
+        ("get", "/auth/whoami".into(), None),
     ];
     let mut covered = std::collections::BTreeSet::new();
     let mut problems = Vec::new();

@@ -18,3 +18,4 @@ mod schemathesis;
 mod services;
 mod sockets;
 mod support;
+mod trust;

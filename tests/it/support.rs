@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use symphony::conductor::core::{CoreMsg, TrustMsg};
+use symphony::conductor::trust::Role;
 use symphony::conductor::view::ClusterView;
 use symphony::conductor::{Conductor, ConductorConfig};
 use symphony::model::CurrentState;
@@ -241,6 +243,91 @@ impl Cluster {
             v.nodes.get(&id).is_some_and(|n| n.state == "online")
         })
         .await;
+    }
+
+    /// An API token made by the core (as `POST /api-tokens` does).
+    pub async fn api_token(&self, name: &str, role: Role) -> String {
+        let (_, token) = self
+            .conductor()
+            .core
+            .call(|reply| {
+                CoreMsg::Trust(TrustMsg::CreateApiToken {
+                    name: name.to_owned(),
+                    role,
+                    reply,
+                })
+            })
+            .await
+            .unwrap();
+        token
+    }
+
+    /// A join token made by the core (as `POST /tokens` does).
+    pub async fn join_token(&self, groups: &[&str], ttl: Duration, uses: Option<i64>) -> String {
+        let (_, token) = self
+            .conductor()
+            .core
+            .call(|reply| {
+                CoreMsg::Trust(TrustMsg::CreateJoinToken {
+                    groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+                    ttl,
+                    uses,
+                    node_id_prefix: "pod-".into(),
+                    reply,
+                })
+            })
+            .await
+            .unwrap();
+        token
+    }
+
+    /// Enrolls a node with `token` into the work dir `dir/joined/<instance>` (what `symphony
+    /// node --join` does), returning its config (not started).
+    pub async fn enroll(
+        &self,
+        instance: &str,
+        token: &str,
+        groups: &[&str],
+    ) -> anyhow::Result<NodeConfig> {
+        let work_dir = self.dir.path().join("joined").join(instance);
+        let files = symphony::node::join::IdentityFiles::in_work_dir(&work_dir);
+        let req = symphony::node::join::JoinRequest {
+            token: Some(token.to_owned()),
+            conductor: self.quic_addr().to_string(),
+            node_id: None,
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        };
+        let (rec, tls) = symphony::node::join::identity(&files, &req, &fast_transport()).await?;
+        let ca = &self.conductor().ca;
+        let mut cfg = NodeConfig::local(ca, self.quic_addr(), &rec.node_id, &work_dir)?;
+        cfg.tls = tls;
+        cfg.server_name = Some(symphony::node::join::SERVER_NAME.into());
+        cfg.identity = Some(files);
+        cfg.groups = rec.groups;
+        cfg.keeper =
+            symphony::node::runner::Launcher::Program(env!("CARGO_BIN_EXE_symphony").into());
+        cfg.heartbeat = Duration::from_millis(200);
+        cfg.transport = fast_transport();
+        Ok(cfg)
+    }
+
+    /// Starts an agent from `cfg` under `key` (not waiting for it to come online).
+    pub fn run_agent(&mut self, key: &str, cfg: NodeConfig) {
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(symphony::node::agent::run(cfg, cancel.clone()));
+        self.nodes.insert(
+            key.to_owned(),
+            Node {
+                cancel,
+                task,
+                proxy: None,
+            },
+        );
+    }
+
+    /// Takes a node agent out of the cluster's list (to await its end).
+    pub fn take_node(&mut self, key: &str) -> Node {
+        self.nodes.remove(key).expect("known node")
     }
 
     /// Stops a node agent (its workloads are stopped too) and waits for it to end.

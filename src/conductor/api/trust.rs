@@ -44,13 +44,23 @@ fn opt_str(m: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError
 fn opt_u64(m: &Map<String, Value>, key: &str) -> Result<Option<u64>, ApiError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().filter(|n| *n > 0).map(Some).ok_or_else(|| {
-            ApiError::field(
-                &["body", key],
-                "greater_than",
-                "Input should be a positive integer",
-            )
-        }),
+        // JSON Schema's integers include `3.0`.
+        Some(v) => v
+            .as_u64()
+            .or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 1.0 && *f < 9.0e15)
+                    .map(|f| f as u64)
+            })
+            .filter(|n| *n > 0)
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::field(
+                    &["body", key],
+                    "greater_than",
+                    "Input should be a positive integer",
+                )
+            }),
     }
 }
 

@@ -187,6 +187,55 @@ fn node_behind_nat_registers_and_runs() {
     });
 }
 
+/// A pod that has only the two environment variables of a pod template joins through the
+/// NAT: it enrolls (the CA pinned in the token), connects with its new certificate, gets the
+/// token's groups, and runs a deployment placed by one of them.
+#[test]
+fn a_pod_joins_through_the_nat_with_two_environment_variables() {
+    scenario("join", Params::default(), async |bed: &mut Bed| {
+        online(bed, "n0").await;
+        let join = bed.api.join_token(&["joined"]).await;
+        bed.start_joining_node("joiner", 0, &join);
+        let (id, n) = until("the joined pod is online", WAIT, async || {
+            let all = bed.api.nodes().await?;
+            let id = all["nodes"]
+                .as_object()
+                .and_then(|m| m.keys().find(|k| k.starts_with("node-")).cloned())
+                .ok_or_else(|| format!("no joined node yet: {all}"))?;
+            let n = bed.api.node(&id).await?;
+            if n.state == "online" && n.connected {
+                Ok((id, n))
+            } else {
+                Err(format!("{n:?}"))
+            }
+        })
+        .await;
+        assert_eq!(n.remote.unwrap().ip(), NAT_WAN_IP, "{n:?}");
+        let tok = token();
+        let dep = bed
+            .api
+            .deploy_spec(
+                "on-joined",
+                json!({"config": {"command": ["sleep", tok]}, "node_group": "joined"}),
+            )
+            .await;
+        let d = until("it runs on the joined pod", WAIT, async || {
+            let d = bed.api.deployment(&dep).await?;
+            match (d.state.as_deref(), d.pid) {
+                (Some("RUNNING"), Some(pid)) if bed.workload_pids(0, &tok).contains(&pid) => Ok(d),
+                _ => Err(format!("{d:?}")),
+            }
+        })
+        .await;
+        assert_eq!(d.assigned.as_deref(), Some(id.as_str()));
+        say(&format!(
+            "join: {id} joined from {} and runs pid {}",
+            n.remote.unwrap(),
+            d.pid.unwrap()
+        ));
+    });
+}
+
 // `masquerade random` picks the new public port at random: the one-in-~64k chance that it
 // equals the old one would make this test time out (no address change to see).
 #[test]
@@ -892,6 +941,7 @@ fn experiment_rl_example_runs_across_two_nated_pods() {
             let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_symphony"))
                 .args(args)
                 .args(["--api", bed.api.base()])
+                .env("SYMPHONY_TOKEN", bed.api.token())
                 .stdin(std::process::Stdio::null())
                 .output()
                 .await

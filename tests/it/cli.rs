@@ -485,3 +485,105 @@ async fn client_commands_take_a_deployment_name() {
     assert_eq!(status, 404);
     c.shutdown().await;
 }
+
+/// A pod's whole path as a user runs it: the first admin token made on the conductor's host
+/// against its store, a join token through the API with it, a `symphony node` that has only
+/// the two environment variables, and its revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_joins_with_two_environment_variables_and_is_revoked() {
+    let c = crate::support::Cluster::start_with(|cfg| cfg.api_auth = Some(true)).await;
+    let storage = c.cfg.storage_dir.to_str().unwrap().to_owned();
+    let api = c.api.clone();
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let api = api.clone();
+        move || {
+            run(
+                &api,
+                &[
+                    "api-token",
+                    "create",
+                    "--role",
+                    "admin",
+                    "--name",
+                    "first",
+                    "--storage",
+                    &storage,
+                ],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let admin = out.trim().to_owned();
+    assert!(admin.starts_with("SYMA1."), "{out}");
+
+    // Without the token the API refuses; with it a join token is made.
+    let (code, _, err) = run(&api, &["token", "create", "--uses", "1"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("API token"), "{err}");
+    let out = Command::new(bin())
+        .args(["token", "create", "--groups", "gpu", "--uses", "1"])
+        .env("SYMPHONY_API", &api)
+        .env("SYMPHONY_TOKEN", &admin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let join = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(join.starts_with("SYM1."), "{join}");
+
+    let work = tempfile::tempdir().unwrap();
+    let child = Command::new(bin())
+        .arg("node")
+        .current_dir(work.path())
+        .env("SYMPHONY_JOIN_TOKEN", &join)
+        .env("SYMPHONY_CONDUCTOR", c.quic_addr().to_string())
+        .env_remove("SYMPHONY_API")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Child(child);
+    let view = c
+        .wait("the pod online", |v| {
+            v.nodes
+                .values()
+                .any(|n| n.node_id.as_str().starts_with("node-") && n.state == "online")
+        })
+        .await;
+    let node = view
+        .nodes
+        .values()
+        .find(|n| n.node_id.as_str().starts_with("node-"))
+        .unwrap();
+    assert_eq!(node.groups, ["gpu"]);
+    let id = node.node_id.to_string();
+    // The key stays in the pod, owner-only; the token is not needed again.
+    let key = work.path().join("symphony-node/identity/node.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let out = Command::new(bin())
+        .args(["node", "revoke", &id, "--reason", "pod returned"])
+        .env("SYMPHONY_API", &api)
+        .env("SYMPHONY_TOKEN", &admin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = tokio::task::spawn_blocking(move || child.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(!status.success(), "a revoked node exits with an error");
+    c.shutdown().await;
+}

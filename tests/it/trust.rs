@@ -430,3 +430,48 @@ async fn revocation_closes_the_connection_and_moves_the_work() {
     );
     c.shutdown().await;
 }
+
+/// A node whose certificate expired while it was away renews it with its key within the
+/// grace window (same node id, a valid certificate after); past the window it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_is_renewed_within_the_grace_window_only() {
+    // Certificates that are expired as soon as they are made.
+    let mut c = Cluster::start_with(|cfg| cfg.node_cert_ttl = Duration::from_millis(1)).await;
+    let token = c.join_token(&[], Duration::from_secs(600), Some(1)).await;
+    let cfg = c.enroll("away", &token, &[]).await.unwrap();
+    let id = cfg.node_id.clone();
+    let files = cfg.identity.clone().unwrap();
+    let expired_cert = std::fs::read_to_string(&files.cert).unwrap();
+    let key = std::fs::read_to_string(&files.key).unwrap();
+    // The conductor now signs for an hour; the node comes back with its expired certificate
+    // (the token is used up: only the key proves who it is).
+    c.cfg.node_cert_ttl = Duration::from_secs(3600);
+    c.restart_conductor().await;
+    let req = JoinRequest {
+        token: None,
+        conductor: c.quic_addr().to_string(),
+        node_id: None,
+        groups: vec![],
+    };
+    let (rec, tls) = identity(&files, &req, &fast_transport()).await.unwrap();
+    assert_eq!(rec.node_id, id);
+    assert_ne!(tls.cert_pem, expired_cert);
+    assert_eq!(tls.key_pem, key, "the key stays");
+    let (_, events) = c
+        .get(&format!("/events?object=node/{id}&kind=node.renewed"))
+        .await;
+    assert_eq!(events.as_array().unwrap().len(), 1, "{events}");
+
+    // Past the grace window: refused, the files are left as they were.
+    std::fs::write(&files.cert, &expired_cert).unwrap();
+    c.cfg.renew_grace = Duration::from_millis(1);
+    c.restart_conductor().await;
+    let req = JoinRequest {
+        conductor: c.quic_addr().to_string(),
+        ..req
+    };
+    let err = identity(&files, &req, &fast_transport()).await.unwrap_err();
+    assert!(format!("{err:#}").contains("new token"), "{err:#}");
+    assert_eq!(std::fs::read_to_string(&files.cert).unwrap(), expired_cert);
+    c.shutdown().await;
+}

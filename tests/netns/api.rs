@@ -34,6 +34,7 @@ pub async fn until<T>(
 #[derive(Debug, Clone)]
 pub struct Api {
     base: String,
+    token: String,
     http: reqwest::Client,
 }
 
@@ -71,17 +72,30 @@ fn text(v: &Value) -> Option<String> {
 }
 
 impl Api {
-    /// An API at `base` (`http://ip:port`), bypassing any proxy settings.
-    pub fn new(base: &str) -> Self {
+    /// An API at `base` (`http://ip:port`) that sends `token` (the conductor listens beyond
+    /// loopback, so it requires one), bypassing any proxy settings.
+    pub fn new(base: &str, token: &str) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .no_proxy()
             .timeout(Duration::from_secs(5))
             .build()
             .unwrap();
         Self {
             base: base.to_owned(),
+            token: token.to_owned(),
             http,
         }
+    }
+
+    /// The API token requests carry (for the CLI: `SYMPHONY_TOKEN`).
+    pub fn token(&self) -> &str {
+        &self.token
     }
 
     async fn get(&self, path: &str) -> Result<Value, String> {
@@ -170,6 +184,21 @@ impl Api {
     }
 
     /// `POST /deployments` of `spec` (a whole `specification.spec`). Returns the id.
+    /// `POST /tokens`: a join token for `groups` (one use), as `symphony token create` makes.
+    pub async fn join_token(&self, groups: &[&str]) -> String {
+        let resp = self
+            .http
+            .post(format!("{}/tokens", self.base))
+            .json(&json!({"groups": groups, "uses": 1}))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        assert!(status.is_success(), "POST /tokens: {status} {v}");
+        text(&v["token"]).unwrap_or_else(|| panic!("no token in {v}"))
+    }
+
     pub async fn deploy_spec(&self, name: &str, spec: Value) -> String {
         let body = json!({"name": name, "specification": {"spec": spec}});
         let resp = self

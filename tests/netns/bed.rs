@@ -378,7 +378,7 @@ impl Bed {
         let mut bed = Self {
             scenario,
             params,
-            api: Api::new(&format!("http://{MGMT_CONDUCTOR_IP}:{HTTP_PORT}")),
+            api: Api::new(&format!("http://{MGMT_CONDUCTOR_IP}:{HTTP_PORT}"), ""),
             pods,
             ns_public: format!("{prefix}-pub"),
             ns_router: format!("{prefix}-nat"),
@@ -393,6 +393,26 @@ impl Bed {
             _serial: serial,
         };
         bed.build_network(&tag);
+        // The API listens beyond loopback: the first admin token is made on the conductor's
+        // host, against its store, before it starts (what an operator does).
+        let storage = bed.dir().join("conductor").join("storage");
+        let admin = run(
+            bed.bin,
+            &[
+                "api-token",
+                "create",
+                "--role",
+                "admin",
+                "--name",
+                "bed",
+                "--storage",
+                storage.to_str().unwrap(),
+            ],
+        );
+        bed.api = Api::new(
+            &format!("http://{MGMT_CONDUCTOR_IP}:{HTTP_PORT}"),
+            admin.trim(),
+        );
         bed.start_conductor().await;
         for i in 0..bed.pods.len() {
             bed.issue_cert(i);
@@ -675,6 +695,28 @@ impl Bed {
     }
 
     fn spawn(&mut self, name: &str, ns: &str, args: &[&str]) {
+        self.spawn_env(name, ns, args, &[]);
+    }
+
+    /// Starts a node in pod `i`'s namespace as a pod template would: `symphony node` with only
+    /// `SYMPHONY_JOIN_TOKEN` and `SYMPHONY_CONDUCTOR` (and a work dir of its own).
+    pub fn start_joining_node(&mut self, name: &str, i: usize, join_token: &str) {
+        let ns = self.pods[i].ns.clone();
+        let work = self.dir().join(name);
+        std::fs::create_dir_all(&work).unwrap();
+        let conductor = format!("{CONDUCTOR_IP}:{QUIC_PORT}");
+        self.spawn_env(
+            name,
+            &ns,
+            &["node", "--work-dir", work.to_str().unwrap()],
+            &[
+                ("SYMPHONY_JOIN_TOKEN", join_token),
+                ("SYMPHONY_CONDUCTOR", &conductor),
+            ],
+        );
+    }
+
+    fn spawn_env(&mut self, name: &str, ns: &str, args: &[&str], env: &[(&str, &str)]) {
         assert!(
             self.procs
                 .iter()
@@ -691,6 +733,7 @@ impl Bed {
         let child = Command::new("ip")
             .args(["netns", "exec", ns, self.bin])
             .args(args)
+            .envs(env.iter().copied())
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out)
@@ -717,6 +760,7 @@ impl Bed {
              \x20 listen: {CONDUCTOR_IP}:{QUIC_PORT}\n\
              \x20 server: {CONDUCTOR_IP}\n\
              \x20 http_listen: {MGMT_CONDUCTOR_IP}:{HTTP_PORT}\n\
+             \x20 api_auth: true\n\
              \x20 storage_dir: {storage}\n\
              \x20 tls: {{ cert_path: {certs} }}\n\
              \x20 node_grace_sec: {grace}\n\

@@ -42,6 +42,9 @@ pub struct Cli {
     /// API token for client commands (when the conductor requires one).
     #[arg(long, global = true, env = "SYMPHONY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A CA certificate (PEM) to trust for an `https://` API, besides the system's.
+    #[arg(long, global = true, env = "SYMPHONY_CA")]
+    pub ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -530,6 +533,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(t) = cli.token.clone() {
         crate::client::use_token(t);
     }
+    if let Some(ca) = &cli.ca {
+        let pem = std::fs::read_to_string(ca).with_context(|| format!("--ca {}", ca.display()))?;
+        crate::client::trust_ca(pem);
+    }
     match cli.command {
         Some(Command::Node(NodeArgs {
             action: Some(NodeAction::Revoke { id, reason, api }),
@@ -662,12 +669,15 @@ async fn from_config(
             cfg.direct_paths = c.direct_paths;
             cfg.events = c.events;
             cfg.api_auth = c.api_auth;
+            cfg.api_tls.clone_from(&c.api_tls);
             cfg.node_cert_ttl = c.node_cert_ttl;
             cfg.renew_grace = c.renew_grace;
             let conductor = Conductor::start(cfg).await?;
             eprintln!(
-                "conductor: API http://{}  QUIC {}",
-                conductor.http_addr, conductor.quic_addr
+                "conductor: API {}://{}  QUIC {}",
+                if conductor.https { "https" } else { "http" },
+                conductor.http_addr,
+                conductor.quic_addr
             );
             shutdown_signal().await;
             conductor.shutdown().await;

@@ -432,7 +432,8 @@ async fn logs_inner(
     }
     let url = client.ws_url(&["ws", "deployments", &id, "logs"], &query)?;
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(client.ws_request(&url)?)
+    let mut ws = client
+        .ws_connect(&url)
         .await
         .map_err(|e| ws_error(api, e))?;
 
@@ -560,27 +561,73 @@ pub fn use_token(token: String) {
     let _ = TOKEN.set(token);
 }
 
+/// A CA (PEM) to trust for an `https://` API besides the system's roots (`--ca`).
+static CA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Trusts `pem` for an `https://` API (first call wins).
+pub fn trust_ca(pem: String) {
+    let _ = CA.set(pem);
+}
+
+/// The TLS setup of an `https://` API (HTTPS, WSS, port-forward): the system's roots and the
+/// `--ca` certificate.
+fn tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, ClientError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(pem) = CA.get() {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| ClientError::Usage(format!("--ca: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Usage(format!("--ca: {e}")))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ClientError::Transport(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
 /// A thin HTTP client bound to one conductor.
 struct Client {
     api: String,
     base: Url,
     http: reqwest::Client,
     token: Option<String>,
+    /// For an `https://` API.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Client {
     fn new(api: &str) -> Result<Client, ClientError> {
         let base = Url::parse(api)
             .map_err(|e| ClientError::Usage(format!("invalid conductor URL '{api}': {e}")))?;
-        if base.scheme() != "http" || base.cannot_be_a_base() {
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
             return Err(ClientError::Usage(format!(
-                "invalid conductor URL '{api}': only http://HOST:PORT is supported"
+                "invalid conductor URL '{api}': use http://HOST:PORT or https://HOST:PORT"
             )));
         }
-        let http = reqwest::Client::builder()
+        let tls = if base.scheme() == "https" {
+            Some(tls_config()?)
+        } else {
+            None
+        };
+        let mut builder = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT);
+        if let Some(t) = &tls {
+            builder = builder.use_preconfigured_tls((**t).clone());
+        }
+        let http = builder
             .build()
             .map_err(|e| ClientError::Transport(error_chain(&e)))?;
         Ok(Client {
@@ -588,7 +635,27 @@ impl Client {
             base,
             http,
             token: TOKEN.get().cloned(),
+            tls,
         })
+    }
+
+    /// Opens a WebSocket to `url` (over TLS for an `https://` API).
+    async fn ws_connect(
+        &self,
+        url: &Url,
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        tungstenite::Error,
+    > {
+        let req = self
+            .ws_request(url)
+            .map_err(|e| tungstenite::Error::Io(std::io::Error::other(e.to_string())))?;
+        let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+        tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector)
+            .await
+            .map(|(ws, _)| ws)
     }
 
     /// A WebSocket handshake request for `url`, with the token when there is one.
@@ -615,7 +682,8 @@ impl Client {
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
-        url.set_scheme("ws").map_err(|()| {
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        url.set_scheme(scheme).map_err(|()| {
             ClientError::Usage(format!("cannot make a WebSocket URL from {}", self.api))
         })?;
         Ok(url)

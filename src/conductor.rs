@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod core;
 pub mod events;
+pub mod https;
 pub mod loghub;
 pub mod metrics;
 pub mod paths;
@@ -59,6 +60,17 @@ pub struct ConductorConfig {
     /// Whether API calls need a token (`None`: only when HTTP listens beyond loopback, where
     /// starting without it is refused).
     pub api_auth: Option<bool>,
+    /// Serve the API over HTTPS with this certificate chain and key (PEM files).
+    pub api_tls: Option<ApiTls>,
+}
+
+/// The API's HTTPS certificate and key files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTls {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
 }
 
 impl ConductorConfig {
@@ -80,6 +92,7 @@ impl ConductorConfig {
             node_cert_ttl: DEFAULT_NODE_CERT_TTL,
             renew_grace: DEFAULT_RENEW_GRACE,
             api_auth: None,
+            api_tls: None,
         }
     }
 }
@@ -89,11 +102,28 @@ pub const DEFAULT_NODE_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default window after expiry in which a node may renew with its key.
 pub const DEFAULT_RENEW_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Serves the API on `listener` until `cancel`.
+async fn serve_http<L>(listener: L, app: axum::Router, cancel: CancellationToken)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let shutdown = async move { cancel.cancelled().await };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "http server failed");
+    }
+}
+
 /// A running conductor.
 #[derive(Debug)]
 pub struct Conductor {
     /// Where the API listens.
     pub http_addr: SocketAddr,
+    /// Whether the API speaks HTTPS.
+    pub https: bool,
     /// Where nodes connect.
     pub quic_addr: SocketAddr,
     /// The CA (to issue node certificates in-process, e.g. for `symphony dev`).
@@ -155,6 +185,11 @@ impl Conductor {
             .await
             .with_context(|| format!("binding HTTP on {}", cfg.http_listen))?;
         let http_addr = http.local_addr()?;
+        let https = cfg
+            .api_tls
+            .as_ref()
+            .map(|t| https::server_config(&t.cert, &t.key))
+            .transpose()?;
 
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -195,18 +230,20 @@ impl Conductor {
             auth,
         });
         let http_cancel = cancel.child_token();
-        tasks.spawn(async move {
-            let shutdown = async move { http_cancel.cancelled().await };
-            if let Err(e) = axum::serve(http, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "http server failed");
+        let is_https = https.is_some();
+        match https {
+            Some(config) => {
+                let listener = https::TlsListener::new(http, config)?;
+                tasks.spawn(serve_http(listener, app, http_cancel));
             }
-        });
+            None => {
+                tasks.spawn(serve_http(http, app, http_cancel));
+            }
+        }
         tracing::info!(%http_addr, %quic_addr, "conductor started");
         Ok(Self {
             http_addr,
+            https: is_https,
             quic_addr,
             ca,
             core,

@@ -167,6 +167,9 @@ pub struct ConductorConfig {
     /// `conductor.api_auth`: whether API calls need a token. Default: no on a loopback
     /// `http_listen`; beyond loopback the conductor refuses to start unless it is `true`.
     pub api_auth: Option<bool>,
+    /// `conductor.api_tls.cert_file` and `.key_file`: serve the API over HTTPS (both PEM
+    /// files must exist). Default: plain HTTP.
+    pub api_tls: Option<crate::conductor::ApiTls>,
     /// `conductor.node_cert_ttl_sec`: lifetime of node certificates signed at enrollment and
     /// renewal. Default 24 h; > 0.
     pub node_cert_ttl: Duration,
@@ -192,6 +195,7 @@ impl ConductorConfig {
             direct_paths: true,
             events: crate::conductor::events::Retention::default(),
             api_auth: None,
+            api_tls: None,
             node_cert_ttl: crate::conductor::DEFAULT_NODE_CERT_TTL,
             renew_grace: crate::conductor::DEFAULT_RENEW_GRACE,
         }

@@ -129,7 +129,7 @@ pub async fn events_until(
         query.extend(args.kind.iter().map(|k| ("kind", k.clone())));
         let url = client.ws_url(&["ws", "events"], &query)?;
         let connected = tokio::select! {
-            c = tokio_tungstenite::connect_async(client.ws_request(&url)?) => c,
+            c = client.ws_connect(&url) => c.map(|ws| (ws, ())),
             () = &mut stop => return Ok(Exit::Ok),
         };
         match connected {

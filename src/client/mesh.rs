@@ -156,9 +156,9 @@ pub async fn port_forward(
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((tcp, _)) = accepted else { continue };
-                let (url, token) = (url.clone(), client.token.clone());
+                let (url, token, tls) = (url.clone(), client.token.clone(), client.tls.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = forward_one(tcp, &url, token.as_deref()).await {
+                    if let Err(e) = forward_one(tcp, &url, token.as_deref(), tls).await {
                         eprintln!("port-forward: {e}");
                     }
                 });
@@ -169,14 +169,46 @@ pub async fn port_forward(
 }
 
 /// One forwarded connection: an HTTP upgrade to the conductor, then raw bytes both ways.
-async fn forward_one(mut local: TcpStream, url: &Url, token: Option<&str>) -> Result<(), String> {
+async fn forward_one(
+    local: TcpStream,
+    url: &Url,
+    token: Option<&str>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+) -> Result<(), String> {
     let host = url.host_str().ok_or("no host in the API URL")?;
     let port = url
         .port_or_known_default()
         .ok_or("no port in the API URL")?;
-    let mut up = TcpStream::connect((host, port))
+    let up = TcpStream::connect((host, port))
         .await
         .map_err(|e| e.to_string())?;
+    let _ = up.set_nodelay(true);
+    match tls {
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                .map_err(|e| e.to_string())?;
+            let up = tokio_rustls::TlsConnector::from(config)
+                .connect(name, up)
+                .await
+                .map_err(|e| e.to_string())?;
+            forward_over(local, up, url, host, port, token).await
+        }
+        None => forward_over(local, up, url, host, port, token).await,
+    }
+}
+
+/// The upgrade request and the copy, over a plain or TLS connection to the conductor.
+async fn forward_over<S>(
+    mut local: TcpStream,
+    mut up: S,
+    url: &Url,
+    host: &str,
+    port: u16,
+    token: Option<&str>,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: upgrade\r\nUpgrade: {}\r\n{auth}\r\n",
@@ -201,7 +233,6 @@ async fn forward_one(mut local: TcpStream, url: &Url, token: Option<&str>) -> Re
         return Err(format!("the conductor refused: {status}"));
     }
     let _ = local.set_nodelay(true);
-    let _ = up.set_nodelay(true);
     tokio::io::copy_bidirectional(&mut local, &mut up)
         .await
         .map(|_| ())

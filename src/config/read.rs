@@ -373,6 +373,31 @@ impl Check<'_> {
         let max_age = self
             .secs(c.events_max_age_sec, "conductor.events_max_age_sec")
             .unwrap_or(d.events.max_age);
+        let api_tls = c.api_tls.and_then(|t| {
+            let cert = self.path(t.cert_file, "conductor.api_tls.cert_file");
+            let key = self.path(t.key_file, "conductor.api_tls.key_file");
+            match (cert, key) {
+                (Some(cert), Some(key)) => {
+                    for (k, p) in [
+                        ("conductor.api_tls.cert_file", &cert),
+                        ("conductor.api_tls.key_file", &key),
+                    ] {
+                        if let Some(m) = super::file_problem(p) {
+                            self.fail(k, m);
+                        }
+                    }
+                    Some(crate::conductor::ApiTls { cert, key })
+                }
+                (None, _) => {
+                    self.fail("conductor.api_tls.cert_file", "required with api_tls");
+                    None
+                }
+                (_, None) => {
+                    self.fail("conductor.api_tls.key_file", "required with api_tls");
+                    None
+                }
+            }
+        });
         let node_cert_ttl = self
             .secs(c.node_cert_ttl_sec, "conductor.node_cert_ttl_sec")
             .unwrap_or(d.node_cert_ttl);
@@ -383,6 +408,7 @@ impl Check<'_> {
             direct_paths,
             events: crate::conductor::events::Retention { keep, max_age },
             api_auth: c.api_auth.map(|f| f.0),
+            api_tls,
             node_cert_ttl,
             renew_grace,
             listen,

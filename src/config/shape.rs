@@ -40,6 +40,7 @@ pub(super) struct ConductorFile {
     pub events_keep: Option<Count>,
     pub events_max_age_sec: Option<Secs>,
     pub api_auth: Option<Flag>,
+    pub api_tls: Option<ApiTlsFile>,
     pub node_cert_ttl_sec: Option<Secs>,
     pub renew_grace_sec: Option<Secs>,
 }
@@ -48,6 +49,13 @@ pub(super) struct ConductorFile {
 #[derive(Debug, serde::Deserialize)]
 pub(super) struct ConductorTlsFile {
     pub cert_path: Option<Str>,
+}
+
+/// `conductor.api_tls`: HTTPS for the API.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct ApiTlsFile {
+    pub cert_file: Option<Str>,
+    pub key_file: Option<Str>,
 }
 
 /// `node`.

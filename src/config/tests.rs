@@ -682,3 +682,33 @@ fn events_retention_has_defaults_and_names_a_bad_key() {
     let e = err("conductor:\n  events_max_age_sec: 0\n");
     assert_eq!(e.key_name(), Some("conductor.events_max_age_sec"), "{e}");
 }
+
+#[test]
+fn trust_keys_have_defaults_and_name_a_bad_key() {
+    let (cfg, _) = parse_str("mode: conductor\n", "c.yaml").unwrap();
+    let c = cfg.conductor.unwrap();
+    assert_eq!(c.api_auth, None);
+    assert_eq!(c.api_tls, None);
+    assert_eq!(c.node_cert_ttl, crate::conductor::DEFAULT_NODE_CERT_TTL);
+    assert_eq!(c.renew_grace, crate::conductor::DEFAULT_RENEW_GRACE);
+    let (cfg, warnings) = parse_str(
+        "conductor:\n  api_auth: true\n  node_cert_ttl_sec: 3600\n  renew_grace_sec: 60\n",
+        "c.yaml",
+    )
+    .unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let c = cfg.conductor.unwrap();
+    assert_eq!(c.api_auth, Some(true));
+    assert_eq!(
+        (c.node_cert_ttl.as_secs(), c.renew_grace.as_secs()),
+        (3600, 60)
+    );
+    let e = err("conductor:\n  node_cert_ttl_sec: 0\n");
+    assert_eq!(e.key_name(), Some("conductor.node_cert_ttl_sec"), "{e}");
+    let e = err("conductor:\n  api_tls: { cert_file: /nonexistent/api.pem }\n");
+    assert_eq!(e.key_name(), Some("conductor.api_tls.key_file"), "{e}");
+    let e = err(
+        "conductor:\n  api_tls: { cert_file: /nonexistent/api.pem, key_file: /nonexistent/k }\n",
+    );
+    assert!(e.to_string().contains("conductor.api_tls.cert_file"), "{e}");
+}

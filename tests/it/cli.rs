@@ -587,3 +587,78 @@ async fn a_pod_joins_with_two_environment_variables_and_is_revoked() {
     assert!(!status.success(), "a revoked node exits with an error");
     c.shutdown().await;
 }
+
+/// HTTPS for the API: the CLI reaches it with `--ca` (HTTPS for requests, WSS for logs), a
+/// client that does not trust the certificate is refused, plain HTTP gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_over_https() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = symphony_net::CertificateAuthority::load_or_create(certs.path()).unwrap();
+    let pair = ca
+        .issue_server(&["127.0.0.1".into()], symphony_net::Validity::days(1))
+        .unwrap();
+    let (cert, key) = (certs.path().join("api.pem"), certs.path().join("api.key"));
+    std::fs::write(&cert, &pair.cert_pem).unwrap();
+    symphony_net::pki::write_private(&key, &pair.key_pem).unwrap();
+    let ca_file = certs.path().join("ca.pem");
+    let mut c = crate::support::Cluster::start_with(|cfg| {
+        cfg.api_tls = Some(symphony::conductor::ApiTls {
+            cert: cert.clone(),
+            key: key.clone(),
+        });
+    })
+    .await;
+    c.http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    c.add_node("n1", &[], &[], false).await;
+    let https = c.api.clone();
+    assert!(https.starts_with("https://"), "{https}");
+    let id = c
+        .deploy("hello", crate::support::sh("echo over-tls; sleep 1000"))
+        .await;
+    c.wait_state(&id, "RUNNING").await;
+    let ca_arg = ca_file.to_str().unwrap().to_owned();
+    let cli = move |args: Vec<String>| {
+        let https = https.clone();
+        let ca_arg = ca_arg.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new(bin())
+                .args(&args)
+                .env("SYMPHONY_API", &https)
+                .env("SYMPHONY_CA", &ca_arg)
+                .output()
+                .unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let (code, out, err) = cli(vec!["ps".into()]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("hello"), "{out}");
+    let (code, out, err) = cli(vec!["logs".into(), id.clone()]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("over-tls"), "{out}");
+    // Without the CA the certificate is not trusted.
+    let out = Command::new(bin())
+        .args(["ps"])
+        .env(
+            "SYMPHONY_API",
+            format!("https://{}", c.conductor().http_addr),
+        )
+        .env_remove("SYMPHONY_CA")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{}/nodes", c.conductor().http_addr))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+    c.shutdown().await;
+}

@@ -83,7 +83,8 @@ impl Cluster {
         // Keep the ports across restarts.
         cfg.quic_listen = conductor.quic_addr;
         cfg.http_listen = conductor.http_addr;
-        let api = format!("http://{}", conductor.http_addr);
+        let scheme = if conductor.https { "https" } else { "http" };
+        let api = format!("{scheme}://{}", conductor.http_addr);
         Self {
             dir,
             cfg,

@@ -220,6 +220,9 @@ pub enum NodeAction {
         id: String,
         #[arg(long)]
         reason: Option<String>,
+        /// Also revoke the join token it enrolled with.
+        #[arg(long)]
+        revoke_token: bool,
         #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
         api: String,
     },
@@ -539,11 +542,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Some(Command::Node(NodeArgs {
-            action: Some(NodeAction::Revoke { id, reason, api }),
+            action:
+                Some(NodeAction::Revoke {
+                    id,
+                    reason,
+                    revoke_token,
+                    api,
+                }),
             ..
         })) => {
             let mut out = std::io::stdout();
-            let r = crate::client::trust::node_revoke(&api, &id, reason.as_deref(), &mut out).await;
+            let r = crate::client::trust::node_revoke(
+                &api,
+                &id,
+                reason.as_deref(),
+                revoke_token,
+                &mut out,
+            )
+            .await;
             Ok(crate::client::finish(r, &mut std::io::stderr()).into())
         }
         Some(Command::Node(args)) if args.join.is_some() || args.conductor.is_some() => {
@@ -684,6 +700,14 @@ async fn from_config(
         }
         Mode::Node => {
             let n = file.node_config()?;
+            let identity = crate::node::join::IdentityFiles {
+                cert: n.tls.cert_file.clone(),
+                key: n.tls.key_file.clone(),
+                ca: n.tls.ca_file.clone(),
+                record: n.work_dir.join("identity").join("node.json"),
+            };
+            // A renewal a crash interrupted is finished (or dropped) before the files are read.
+            identity.recover()?;
             let tls = TlsMaterial::from_files(&n.tls.ca_file, &n.tls.cert_file, &n.tls.key_file)?;
             let transport = TransportSettings {
                 keep_alive: n.keep_alive,
@@ -704,12 +728,7 @@ async fn from_config(
                 keep_workloads: Arc::new(AtomicBool::new(keep_workloads)),
                 service_ip: std::net::Ipv4Addr::LOCALHOST.into(),
                 gpu_processes: None,
-                identity: Some(crate::node::join::IdentityFiles {
-                    cert: n.tls.cert_file.clone(),
-                    key: n.tls.key_file.clone(),
-                    ca: n.tls.ca_file.clone(),
-                    record: n.work_dir.join("identity").join("node.json"),
-                }),
+                identity: Some(identity),
             };
             run_node_until_signal(cfg).await?;
         }

@@ -202,7 +202,12 @@ impl Conductor {
             direct_paths: cfg.direct_paths,
             events: cfg.events,
         };
-        let auth = auth::Auth::new(store.clone(), auth_required);
+        let auth = auth::Auth::new(
+            store.clone(),
+            auth_required,
+            cfg.http_listen.ip().is_loopback(),
+            https.is_some(),
+        );
         let core = core::start(
             store,
             core_cfg,

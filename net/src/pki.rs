@@ -486,6 +486,13 @@ pub fn csr_public_key(csr_pem: &str) -> Result<Vec<u8>, PkiError> {
     Ok(csr.public_key.der_bytes().to_vec())
 }
 
+/// The end of a DER certificate's validity, in seconds since the Unix epoch.
+pub fn not_after_unix(der: &[u8]) -> Option<i64> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// Extracts the node id from a DER certificate (URI SAN `urn:symphony:node:<id>`).
 pub fn node_id_from_cert(der: &[u8]) -> Result<String, PkiError> {
     use x509_parser::prelude::*;

@@ -247,13 +247,14 @@ async fn handshake(incoming: quinn::Incoming, ctx: Ctx) {
         }
         return;
     }
-    let node_id = conn
+    let leaf = conn
         .peer_identity()
         .and_then(|any| {
             any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
                 .ok()
         })
-        .and_then(|chain| chain.first().and_then(|leaf| node_id_from_cert(leaf).ok()));
+        .and_then(|chain| chain.first().cloned());
+    let node_id = leaf.as_ref().and_then(|l| node_id_from_cert(l).ok());
     let Some(node_id) = node_id else {
         stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%remote, "certificate carries no node identity");
@@ -263,7 +264,18 @@ async fn handshake(incoming: quinn::Incoming, ctx: Ctx) {
         );
         return;
     };
-    // A resumed TLS session skips the certificate verifier: check revocation here too.
+    // A resumed TLS session skips the certificate verifier (and rustls hands out new tickets
+    // carrying the old chain): check expiry and revocation here too.
+    let expired = leaf
+        .as_ref()
+        .and_then(|l| crate::pki::not_after_unix(l))
+        .is_some_and(|t| t <= time::OffsetDateTime::now_utc().unix_timestamp());
+    if expired {
+        stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%remote, %node_id, "expired certificate refused (resumed session)");
+        conn.close(CloseCode::AuthFailed.varint(), b"node certificate expired");
+        return;
+    }
     if revoked.read().map_or(true, |set| set.contains(&node_id)) {
         stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%remote, %node_id, "revoked node refused");

@@ -159,6 +159,7 @@ pub async fn node_revoke(
     api: &str,
     id: &str,
     reason: Option<&str>,
+    revoke_token: bool,
     out: &mut impl Write,
 ) -> Result<Exit, ClientError> {
     let client = Client::new(api)?;
@@ -167,9 +168,16 @@ pub async fn node_revoke(
             Method::POST,
             &["nodes", id, "revoke"],
             &[],
-            Some(&json!({"reason": reason})),
+            Some(&json!({"reason": reason, "revoke_token": revoke_token})),
         )
         .await?;
     writeln!(out, "node {id} revoked")?;
+    if !revoke_token {
+        writeln!(
+            out,
+            "(its join token can still enroll new nodes; `symphony token revoke ID`, or \
+             --revoke-token next time)"
+        )?;
+    }
     Ok(Exit::Ok)
 }

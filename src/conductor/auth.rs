@@ -43,6 +43,9 @@ pub struct Principal {
     pub token: bool,
 }
 
+/// Most tokens kept in the lookup cache (it is emptied when full).
+const CACHE_MAX: usize = 10_000;
+
 /// Token checks, shared by the API handlers.
 #[derive(Debug, Clone)]
 pub struct Auth {
@@ -53,19 +56,31 @@ pub struct Auth {
 struct Inner {
     store: Store,
     required: bool,
-    cache: Mutex<HashMap<String, (Instant, Option<ApiTokenRecord>)>>,
+    /// The API listens on loopback only: without tokens, only loopback host names are served
+    /// (a DNS-rebound name pointing at 127.0.0.1 is refused).
+    loopback: bool,
+    /// The API speaks HTTPS (the login cookie is `Secure`).
+    https: bool,
+    cache: Mutex<HashMap<String, (Instant, ApiTokenRecord)>>,
 }
 
 impl Auth {
     /// `required: false` lets every request in as `local` admin (a loopback conductor).
-    pub fn new(store: Store, required: bool) -> Self {
+    pub fn new(store: Store, required: bool, loopback: bool, https: bool) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
                 required,
+                loopback,
+                https,
                 cache: Mutex::default(),
             }),
         }
+    }
+
+    /// Whether the login cookie must be `Secure`.
+    pub fn https(&self) -> bool {
+        self.inner.https
     }
 
     /// Whether requests need a token.
@@ -83,14 +98,23 @@ impl Auth {
     /// The principal a token names, or why not (a 401's detail).
     pub async fn check(&self, token: &str) -> Result<Principal, &'static str> {
         let (id, secret) = parse_api_token(token).ok_or("malformed API token")?;
+        // Ids are 16 base32 characters: anything else is not worth a store read.
+        let well_formed = id.len() == 16
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
+        if !well_formed {
+            return Err("invalid or revoked API token");
+        }
         let cached = self.inner.cache.lock().ok().and_then(|c| {
             c.get(id)
                 .filter(|(at, _)| at.elapsed() < CACHE_FOR)
                 .map(|(_, r)| r.clone())
         });
         let rec = match cached {
-            Some(r) => r,
+            Some(r) => Some(r),
             None => {
+                // Misses are not cached: unknown ids cannot grow the cache.
                 let r = match self.inner.store.get_api_token(id).await {
                     Ok(r) => Some(r),
                     Err(StoreError::NotFound) => None,
@@ -99,7 +123,10 @@ impl Auth {
                         return Err("token check unavailable");
                     }
                 };
-                if let Ok(mut c) = self.inner.cache.lock() {
+                if let (Some(r), Ok(mut c)) = (&r, self.inner.cache.lock()) {
+                    if c.len() >= CACHE_MAX {
+                        c.clear();
+                    }
                     c.insert(id.to_owned(), (Instant::now(), r.clone()));
                 }
                 r
@@ -177,8 +204,19 @@ pub fn required_role(method: &Method, template: &str) -> Option<Role> {
     on_path.into_iter().max().unwrap_or(Some(Role::Admin))
 }
 
-/// The token a request carries, if any.
-fn token_of(headers: &HeaderMap) -> Option<String> {
+/// Where a request's token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// `Authorization: Bearer` or the WebSocket subprotocol: the caller holds the token.
+    Held,
+    /// The login cookie: the browser sends it for any page of this origin, including a
+    /// service's page served through the proxy, so it is worth at most `operator` (what
+    /// anyone who can deploy such a page has anyway); admin actions need the token itself.
+    Cookie,
+}
+
+/// The token a request carries, if any, and where it came from.
+fn token_of(headers: &HeaderMap) -> Option<(String, Source)> {
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -188,13 +226,13 @@ fn token_of(headers: &HeaderMap) -> Option<String> {
             .strip_prefix("Bearer ")
             .or_else(|| v.strip_prefix("bearer "))
         {
-            return Some(t.trim().to_owned());
+            return Some((t.trim().to_owned(), Source::Held));
         }
     }
     if let Some(t) =
         ws_protocols(headers).find_map(|p| p.strip_prefix("bearer.").map(str::to_owned))
     {
-        return Some(t);
+        return Some((t, Source::Held));
     }
     headers
         .get_all(header::COOKIE)
@@ -203,8 +241,79 @@ fn token_of(headers: &HeaderMap) -> Option<String> {
         .flat_map(|v| v.split(';'))
         .find_map(|kv| {
             let (k, v) = kv.trim().split_once('=')?;
-            (k == COOKIE).then(|| v.to_owned())
+            (k == COOKIE).then(|| (v.to_owned(), Source::Cookie))
         })
+}
+
+/// Removes every credential of ours from a request the proxy passes to a service (the
+/// `Authorization` header, the login cookie, a `bearer.` WebSocket subprotocol), so that no
+/// workload ever sees a token.
+pub fn strip_request_credentials(headers: &mut HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    let cookies: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty() && kv.split_once('=').is_none_or(|(k, _)| k != COOKIE))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !cookies.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+    if headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
+        let protocols: Vec<String> = ws_protocols(headers)
+            .filter(|p| !p.starts_with("bearer."))
+            .map(str::to_owned)
+            .collect();
+        headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
+        if !protocols.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&protocols.join(", "))
+        {
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+        }
+    }
+}
+
+/// Removes a service's attempt to set our login cookie from a proxied response.
+pub fn strip_response_credentials(headers: &mut HeaderMap) {
+    let keep: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| {
+            v.to_str().map_or(true, |s| {
+                s.split_once('=')
+                    .is_none_or(|(k, _)| !k.trim().eq_ignore_ascii_case(COOKIE))
+            })
+        })
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for v in keep {
+        headers.append(header::SET_COOKIE, v);
+    }
+}
+
+/// Whether the `Host` header names this machine's loopback (`localhost`, `127.0.0.1`,
+/// `[::1]`, any port).
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        // HTTP/1.0 without Host: only a local client sends that.
+        return true;
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn ws_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
@@ -265,6 +374,14 @@ pub async fn authorize(State(st): State<ApiState>, mut req: Request, next: Next)
     let need = required_role(req.method(), &template);
     let offered_protocol = ws_protocols(req.headers()).any(|p| p == WS_PROTOCOL);
     let principal = if !st.auth.required() {
+        if st.auth.inner.loopback && !loopback_host(req.headers()) {
+            // Without tokens the API trusts whoever reaches it: a page whose name was made
+            // to resolve to 127.0.0.1 (DNS rebinding) must not be one of them.
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "this conductor serves loopback names only (Host must be localhost or a loopback address)",
+            );
+        }
         Principal {
             name: "local".into(),
             role: Role::Admin,
@@ -277,8 +394,13 @@ pub async fn authorize(State(st): State<ApiState>, mut req: Request, next: Next)
                 role: Role::Viewer,
                 token: false,
             },
-            (_, Some(t)) => match st.auth.check(&t).await {
-                Ok(p) => p,
+            (_, Some((t, source))) => match st.auth.check(&t).await {
+                Ok(mut p) => {
+                    if source == Source::Cookie {
+                        p.role = p.role.min(Role::Operator);
+                    }
+                    p
+                }
                 Err(why) => return refuse(StatusCode::UNAUTHORIZED, why),
             },
             (Some(_), None) => {
@@ -305,7 +427,10 @@ pub async fn authorize(State(st): State<ApiState>, mut req: Request, next: Next)
     } else {
         next.run(req).await
     };
-    if offered_protocol && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    if offered_protocol
+        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && !resp.headers().contains_key(header::SEC_WEBSOCKET_PROTOCOL)
+    {
         resp.headers_mut().insert(
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static(WS_PROTOCOL),
@@ -358,14 +483,47 @@ mod tests {
             header::COOKIE,
             "a=b; symphony_token=SYMA1.c.d".parse().unwrap(),
         );
-        assert_eq!(token_of(&h).as_deref(), Some("SYMA1.c.d"));
+        assert_eq!(token_of(&h), Some(("SYMA1.c.d".into(), Source::Cookie)));
         h.insert(
             header::SEC_WEBSOCKET_PROTOCOL,
             "symphony, bearer.SYMA1.e.f".parse().unwrap(),
         );
-        assert_eq!(token_of(&h).as_deref(), Some("SYMA1.e.f"));
+        assert_eq!(token_of(&h), Some(("SYMA1.e.f".into(), Source::Held)));
         h.insert(header::AUTHORIZATION, "Bearer SYMA1.g.h".parse().unwrap());
-        assert_eq!(token_of(&h).as_deref(), Some("SYMA1.g.h"));
+        assert_eq!(token_of(&h), Some(("SYMA1.g.h".into(), Source::Held)));
+        // What the proxy passes on keeps none of it.
+        strip_request_credentials(&mut h);
+        assert_eq!(token_of(&h), None);
+        assert_eq!(h[header::COOKIE], "a=b");
+        assert_eq!(h[header::SEC_WEBSOCKET_PROTOCOL], "symphony");
+        let mut r = HeaderMap::new();
+        r.append(
+            header::SET_COOKIE,
+            "symphony_token=x; Path=/".parse().unwrap(),
+        );
+        r.append(header::SET_COOKIE, "theirs=1".parse().unwrap());
+        strip_response_credentials(&mut r);
+        assert_eq!(r.get_all(header::SET_COOKIE).iter().count(), 1);
+        assert_eq!(r[header::SET_COOKIE], "theirs=1");
+    }
+
+    #[test]
+    fn only_loopback_names_without_tokens() {
+        let mut h = HeaderMap::new();
+        for ok in [
+            "localhost:8000",
+            "127.0.0.1:8000",
+            "[::1]:8000",
+            "127.0.0.1",
+            "LOCALHOST",
+        ] {
+            h.insert(header::HOST, ok.parse().unwrap());
+            assert!(loopback_host(&h), "{ok}");
+        }
+        for bad in ["evil.example:8000", "10.0.0.1:8000", "evil.example"] {
+            h.insert(header::HOST, bad.parse().unwrap());
+            assert!(!loopback_host(&h), "{bad}");
+        }
     }
 
     #[test]

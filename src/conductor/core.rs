@@ -1663,7 +1663,12 @@ impl Core {
         } = c;
         if let Some(why) = self.hello_refusal(&node_id, &hello.groups) {
             tracing::warn!(%node_id, %why, "refusing a node's hello");
-            session.close(symphony_net::CloseCode::AuthFailed, &why);
+            let code = if self.trust.is_revoked(&node_id) {
+                symphony_net::CloseCode::Revoked
+            } else {
+                symphony_net::CloseCode::AuthFailed
+            };
+            session.close(code, &why);
             self.journal.note(narrate::node(
                 "node.refused",
                 &node_id,

@@ -19,6 +19,11 @@ use crate::wire;
 
 /// How long a node may take to send Hello after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Enrollments handled at once (more wait; each is a handshake, a store read and, when the
+/// token is good, a signature and a store write).
+const MAX_ENROLLING: usize = 64;
+/// A node may ask for a new certificate at most this often.
+const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The live session of each connected node (with its epoch), for opening tunnels.
 pub type Registry = Arc<Mutex<HashMap<String, (u64, Session)>>>;
@@ -33,6 +38,7 @@ pub async fn serve(
 ) {
     let mut sessions = JoinSet::new();
     let mut enrollments = server.take_enrollments();
+    let enrolling = Arc::new(tokio::sync::Semaphore::new(MAX_ENROLLING));
     loop {
         tokio::select! {
             biased;
@@ -42,7 +48,7 @@ pub async fn serve(
                 None => std::future::pending().await,
             } } => match e {
                 Some(e) => {
-                    sessions.spawn(enroll(e, core.clone()));
+                    sessions.spawn(enroll(e, core.clone(), enrolling.clone()));
                 }
                 None => enrollments = None,
             },
@@ -62,7 +68,10 @@ pub async fn serve(
 
 /// Answers one node asking to join: its request goes to the core, which checks the token and
 /// signs; the reply goes back, and the connection ends once the node has read it.
-async fn enroll(e: Enrollment, core: CoreHandle) {
+async fn enroll(e: Enrollment, core: CoreHandle, enrolling: Arc<tokio::sync::Semaphore>) {
+    let Ok(_permit) = enrolling.acquire_owned().await else {
+        return;
+    };
     let Enrollment {
         remote,
         mut tx,
@@ -80,17 +89,25 @@ async fn enroll(e: Enrollment, core: CoreHandle) {
             return;
         }
     };
-    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
-    core.send(CoreMsg::Trust(TrustMsg::Enroll {
-        request,
-        remote,
-        reply: reply_tx,
-    }))
-    .await;
-    let reply = reply_rx.await.unwrap_or_else(|_| wire::EnrollReply {
-        error: "conductor shutting down".into(),
-        ..wire::EnrollReply::default()
-    });
+    let reply = match known_token(&core, &request).await {
+        Some(why) => wire::EnrollReply {
+            error: why.into(),
+            ..wire::EnrollReply::default()
+        },
+        None => {
+            let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+            core.send(CoreMsg::Trust(TrustMsg::Enroll {
+                request,
+                remote,
+                reply: reply_tx,
+            }))
+            .await;
+            reply_rx.await.unwrap_or_else(|_| wire::EnrollReply {
+                error: "conductor shutting down".into(),
+                ..wire::EnrollReply::default()
+            })
+        }
+    };
     if reply.error.is_empty() {
         tracing::info!(%remote, node_id = %reply.node_id, "node enrolled");
     } else {
@@ -102,6 +119,20 @@ async fn enroll(e: Enrollment, core: CoreHandle) {
         let _ = tokio::time::timeout(HELLO_TIMEOUT, connection.closed()).await;
     }
     connection.close(CloseCode::Shutdown.varint(), b"done");
+}
+
+/// Why a join request is refused before it reaches the core (an unknown token or a wrong
+/// secret: junk costs one store read here, none of the core's time). The core checks again.
+async fn known_token(core: &CoreHandle, request: &wire::EnrollRequest) -> Option<&'static str> {
+    let Some(wire::enroll_request::How::Join(j)) = &request.how else {
+        return None;
+    };
+    match core.store().get_join_token(&j.token_id).await {
+        Ok(t) if super::trust::secret_matches(&j.secret, &t.secret_hash) => None,
+        Ok(_) | Err(super::store::StoreError::NotFound) => Some("unknown join token"),
+        // The core reports store failures with the rest.
+        Err(_) => None,
+    }
 }
 
 async fn node_session(
@@ -191,11 +222,24 @@ async fn node_session(
         let (core, session, node_id) = (core.clone(), session.clone(), node_id.clone());
         let mut ctl_rx = control.rx;
         tasks.spawn(async move {
+            let mut last_renew: Option<tokio::time::Instant> = None;
             loop {
                 match ctl_rx.recv::<wire::NodeMessage>().await {
                     Ok(Some(wire::NodeMessage {
                         msg: Some(wire::node_message::Msg::Renew(r)),
                     })) => {
+                        if last_renew.is_some_and(|t| t.elapsed() < MIN_RENEW_INTERVAL) {
+                            let _ = commands.try_send(wire::ConductorMessage {
+                                msg: Some(wire::conductor_message::Msg::Renewed(
+                                    wire::RenewReply {
+                                        error: "renewal asked too soon after the last one".into(),
+                                        ..wire::RenewReply::default()
+                                    },
+                                )),
+                            });
+                            continue;
+                        }
+                        last_renew = Some(tokio::time::Instant::now());
                         // Answered off this loop: control messages keep flowing meanwhile.
                         let (core, node_id, commands) =
                             (core.clone(), node_id.clone(), commands.clone());

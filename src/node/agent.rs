@@ -113,6 +113,12 @@ impl NodeConfig {
     }
 }
 
+/// How often a node away past its certificate's expiry tries to renew it with its key.
+const OFFLINE_RENEW_RETRY: Duration = Duration::from_secs(60);
+
+/// Environment variables workloads never inherit from the agent.
+const CREDENTIAL_VARS: [&str; 2] = ["SYMPHONY_JOIN_TOKEN", "SYMPHONY_TOKEN"];
+
 /// How long shutdown waits for background work (stops of removed deployments) and for the
 /// last state write.
 const BACKGROUND_GRACE: Duration = Duration::from_secs(30);
@@ -181,7 +187,11 @@ pub async fn run_with_store(
             )
         })),
     };
-    let node_env: BTreeMap<String, String> = std::env::vars().collect();
+    // Workloads inherit the agent's environment, but never its credentials (a pod template's
+    // join token could enroll more nodes).
+    let node_env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| !CREDENTIAL_VARS.contains(&k.as_str()))
+        .collect();
     let mut sup_cfg = SupervisorConfig::new(cfg.work_dir.clone(), node_env, key);
     sup_cfg.launcher = cfg.keeper.clone();
     let (sup, mut statuses) = Supervisor::with_hooks(sup_cfg, hooks);
@@ -297,6 +307,8 @@ pub async fn run_with_store(
     };
 
     let (mut conns, conn_task) = client.clone().run(cancel.child_token());
+    // Certificates renewed after expiry while away (over the enrollment ALPN).
+    let (renewed_tx, mut renewed_offline) = mpsc::channel::<TlsMaterial>(1);
     let mut fatal = None;
     loop {
         tokio::select! {
@@ -326,11 +338,27 @@ pub async fn run_with_store(
                 msg: Some(wire::node_message::Msg::PeerPath(report)),
             })),
             () = tokio::time::sleep_until(d.renewal.due()) => {
-                // Not connected: the request is dropped and asked again later.
-                if let Some(m) = d.renewal.request() {
+                if d.conn.is_none() && d.renewal.expired() {
+                    // Away past expiry: every handshake is refused; renew with the key.
+                    d.renewal.postpone(OFFLINE_RENEW_RETRY);
+                    if let Some(files) = cfg.identity.clone() {
+                        let (tls, tx) = (d.renewal.tls().clone(), renewed_tx.clone());
+                        let (conductor, settings) = (cfg.conductor_addr.clone(), cfg.transport.clone());
+                        tasks.spawn(async move {
+                            match super::join::renew_expired(&files, &tls, &conductor, &settings).await {
+                                Ok(t) => {
+                                    let _ = tx.send(t).await;
+                                }
+                                Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not renew the expired certificate"),
+                            }
+                        });
+                    }
+                } else if let Some(m) = d.renewal.request() {
+                    // Not connected: the request is dropped and asked again later.
                     d.execute(Effect::Send(m));
                 }
             }
+            Some(tls) = renewed_offline.recv() => d.renewal.adopt(tls),
         }
         // Take the status changes that are ready too, then send them once.
         for _ in 0..STATUS_BATCH {

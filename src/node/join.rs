@@ -47,21 +47,66 @@ impl IdentityFiles {
         }
     }
 
-    /// Writes a new certificate and key, each written beside and then renamed into place (the
-    /// key 0600), so a reader never sees half a file.
+    fn commit_marker(&self) -> PathBuf {
+        self.cert.with_extension("commit")
+    }
+
+    fn pending(&self) -> (PathBuf, PathBuf) {
+        (
+            self.key.with_extension("key.new"),
+            self.cert.with_extension("pem.new"),
+        )
+    }
+
+    /// Replaces the certificate and key together: both are written beside (the key 0600) and
+    /// synced, a commit marker is synced, then both are renamed into place and the marker
+    /// removed. A crash before the marker leaves the old pair ([`IdentityFiles::recover`]
+    /// drops the new files); after it, recovery finishes the renames. Never a new key with an
+    /// old certificate.
     pub fn write(&self, cert_pem: &str, key_pem: &str) -> anyhow::Result<()> {
-        if let Some(dir) = self.cert.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = self
+            .cert
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (key_new, cert_new) = self.pending();
+        pki::write_private(&key_new, key_pem)?;
+        sync(&key_new)?;
+        std::fs::write(&cert_new, cert_pem)
+            .with_context(|| format!("writing {}", cert_new.display()))?;
+        sync(&cert_new)?;
+        let marker = self.commit_marker();
+        std::fs::write(&marker, b"").with_context(|| format!("writing {}", marker.display()))?;
+        sync(&marker)?;
+        sync(&dir)?;
+        self.recover()
+    }
+
+    /// Finishes or drops a replacement a crash interrupted (see [`IdentityFiles::write`]).
+    pub fn recover(&self) -> anyhow::Result<()> {
+        let (key_new, cert_new) = self.pending();
+        let marker = self.commit_marker();
+        if marker.exists() {
+            for (from, to) in [(&key_new, &self.key), (&cert_new, &self.cert)] {
+                if from.exists() {
+                    std::fs::rename(from, to)
+                        .with_context(|| format!("replacing {}", to.display()))?;
+                }
+            }
+            std::fs::remove_file(&marker)
+                .with_context(|| format!("removing {}", marker.display()))?;
+        } else {
+            for f in [&key_new, &cert_new] {
+                if f.exists() {
+                    std::fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
+                }
+            }
         }
-        let key_tmp = self.key.with_extension("key.new");
-        pki::write_private(&key_tmp, key_pem)?;
-        let cert_tmp = self.cert.with_extension("pem.new");
-        std::fs::write(&cert_tmp, cert_pem)
-            .with_context(|| format!("writing {}", cert_tmp.display()))?;
-        std::fs::rename(&key_tmp, &self.key)
-            .with_context(|| format!("replacing {}", self.key.display()))?;
-        std::fs::rename(&cert_tmp, &self.cert)
-            .with_context(|| format!("replacing {}", self.cert.display()))?;
+        if let Some(dir) = self.cert.parent()
+            && dir.exists()
+        {
+            sync(dir)?;
+        }
         Ok(())
     }
 
@@ -69,6 +114,13 @@ impl IdentityFiles {
     pub fn material(&self) -> anyhow::Result<TlsMaterial> {
         Ok(TlsMaterial::from_files(&self.ca, &self.cert, &self.key)?)
     }
+}
+
+/// Flushes a file (or a folder's entries) to disk.
+fn sync(path: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", path.display()))
 }
 
 /// What the conductor decided at enrollment, kept beside the certificate.
@@ -102,6 +154,7 @@ pub async fn identity(
     req: &JoinRequest,
     settings: &TransportSettings,
 ) -> anyhow::Result<(Enrolled, TlsMaterial)> {
+    files.recover()?;
     if files.cert.exists() && files.record.exists() {
         let text = std::fs::read_to_string(&files.record)
             .with_context(|| format!("reading {}", files.record.display()))?;
@@ -160,7 +213,7 @@ pub async fn identity(
 
 /// Renews an expired certificate over the enrollment ALPN: the old certificate and a CSR
 /// signed by the same key (which proves the node holds it).
-async fn renew_expired(
+pub async fn renew_expired(
     files: &IdentityFiles,
     tls: &TlsMaterial,
     conductor: &str,
@@ -186,4 +239,50 @@ async fn renew_expired(
     }
     files.write(&reply.cert_pem, &tls.key_pem)?;
     files.material()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path) -> IdentityFiles {
+        IdentityFiles::in_work_dir(dir)
+    }
+
+    #[test]
+    fn a_replacement_is_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = files(dir.path());
+        f.write("cert-1", "key-1").unwrap();
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+        assert_eq!(
+            (read(&f.cert), read(&f.key)),
+            ("cert-1".into(), "key-1".into())
+        );
+        // A crash before the commit marker: the new files are dropped, the old pair stays.
+        let (key_new, cert_new) = f.pending();
+        std::fs::write(&key_new, "key-2").unwrap();
+        std::fs::write(&cert_new, "cert-2").unwrap();
+        f.recover().unwrap();
+        assert_eq!(
+            (read(&f.cert), read(&f.key)),
+            ("cert-1".into(), "key-1".into())
+        );
+        assert!(!key_new.exists() && !cert_new.exists());
+        // A crash after the marker and the key's rename: recovery finishes with the cert.
+        std::fs::write(&cert_new, "cert-3").unwrap();
+        std::fs::write(&f.key, "key-3").unwrap();
+        std::fs::write(f.commit_marker(), "").unwrap();
+        f.recover().unwrap();
+        assert_eq!(
+            (read(&f.cert), read(&f.key)),
+            ("cert-3".into(), "key-3".into())
+        );
+        assert!(!f.commit_marker().exists());
+        use std::os::unix::fs::PermissionsExt;
+        f.write("cert-4", "key-4").unwrap();
+        let mode = std::fs::metadata(&f.key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }

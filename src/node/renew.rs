@@ -27,8 +27,11 @@ pub struct Renewal {
     tls: TlsMaterial,
     /// When to ask next.
     due: Instant,
-    /// The key of the request in flight.
-    pending_key: Option<String>,
+    /// End of the certificate in use (Unix ms; 0: unknown).
+    not_after_ms: i64,
+    /// The key and CSR of the request in flight: a retry sends the same CSR, so a late answer
+    /// still matches the key kept.
+    pending: Option<(String, String)>,
     /// Renewals done (for tests and logs).
     done: u64,
 }
@@ -46,25 +49,33 @@ fn delay_until_renewal(not_after_ms: i64, now_ms: i64) -> Duration {
 impl Renewal {
     /// Renews the certificate in `tls` (kept in `files` when given).
     pub fn new(client: Arc<Client>, tls: TlsMaterial, files: Option<IdentityFiles>) -> Self {
-        let due = Instant::now() + Self::delay(&tls);
+        let not_after_ms = Self::not_after(&tls);
         Self {
             client,
             files,
             tls,
-            due,
-            pending_key: None,
+            due: Instant::now() + Self::delay(not_after_ms),
+            not_after_ms,
+            pending: None,
             done: 0,
         }
     }
 
-    fn delay(tls: &TlsMaterial) -> Duration {
+    fn not_after(tls: &TlsMaterial) -> i64 {
         match pki::node_cert_facts(&tls.cert_pem, &tls.ca_pem) {
-            Ok(f) => delay_until_renewal(f.not_after_ms, now_ms()),
+            Ok(f) => f.not_after_ms,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the node certificate's expiry; not renewing it");
-                Duration::from_secs(365 * 24 * 3600)
+                0
             }
         }
+    }
+
+    fn delay(not_after_ms: i64) -> Duration {
+        if not_after_ms == 0 {
+            return Duration::from_secs(365 * 24 * 3600);
+        }
+        delay_until_renewal(not_after_ms, now_ms())
     }
 
     /// When the next request is due.
@@ -72,24 +83,42 @@ impl Renewal {
         self.due
     }
 
-    /// The request to send now (a fresh key's CSR); asked again later if no answer comes.
+    /// Whether the certificate in use has expired (handshakes with it are refused: only a
+    /// renewal with the key, over the enrollment ALPN, helps).
+    pub fn expired(&self) -> bool {
+        self.not_after_ms != 0 && now_ms() >= self.not_after_ms
+    }
+
+    /// The TLS material in use.
+    pub fn tls(&self) -> &TlsMaterial {
+        &self.tls
+    }
+
+    /// Asks again after `d` (an offline renewal is under way).
+    pub fn postpone(&mut self, d: Duration) {
+        self.due = Instant::now() + d;
+    }
+
+    /// The request to send now (a CSR for a fresh key, or the one still unanswered); asked
+    /// again later if no answer comes.
     pub fn request(&mut self) -> Option<wire::NodeMessage> {
         self.due = Instant::now() + ANSWER_WAIT;
-        match pki::new_key_and_csr() {
-            Ok((key, csr_pem)) => {
-                self.pending_key = Some(key);
-                tracing::info!("renewing the node certificate");
-                Some(wire::NodeMessage {
-                    msg: Some(wire::node_message::Msg::Renew(wire::RenewRequest {
-                        csr_pem,
-                    })),
-                })
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot make a key for renewal");
-                None
+        if self.pending.is_none() {
+            match pki::new_key_and_csr() {
+                Ok(pair) => self.pending = Some(pair),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot make a key for renewal");
+                    return None;
+                }
             }
         }
+        let (_, csr_pem) = self.pending.clone()?;
+        tracing::info!("renewing the node certificate");
+        Some(wire::NodeMessage {
+            msg: Some(wire::node_message::Msg::Renew(wire::RenewRequest {
+                csr_pem,
+            })),
+        })
     }
 
     /// Takes the conductor's answer: the new certificate goes to the files and to the
@@ -100,7 +129,7 @@ impl Renewal {
             self.due = Instant::now() + RETRY_REFUSED;
             return;
         }
-        let Some(key_pem) = self.pending_key.take() else {
+        let Some((key_pem, _)) = self.pending.take() else {
             return;
         };
         let tls = TlsMaterial {
@@ -116,12 +145,28 @@ impl Renewal {
         if let Some(files) = &self.files
             && let Err(e) = files.write(&tls.cert_pem, &tls.key_pem)
         {
-            tracing::warn!(error = %e, "could not save the renewed certificate; a restart uses the old one");
+            tracing::warn!(error = %format!("{e:#}"), "could not save the renewed certificate; a restart uses the old one");
         }
         self.done += 1;
-        self.due = Instant::now() + delay_until_renewal(r.not_after_ms, now_ms());
+        self.not_after_ms = r.not_after_ms;
+        self.due = Instant::now() + Self::delay(r.not_after_ms);
         tracing::info!(not_after_ms = r.not_after_ms, "node certificate renewed");
         self.tls = tls;
+    }
+
+    /// Takes a certificate renewed another way (after expiry, over the enrollment ALPN; the
+    /// files are written already).
+    pub fn adopt(&mut self, tls: TlsMaterial) {
+        if let Err(e) = self.client.set_tls(tls.clone()) {
+            tracing::warn!(error = %e, "the renewed certificate is unusable");
+            return;
+        }
+        self.not_after_ms = Self::not_after(&tls);
+        self.due = Instant::now() + Self::delay(self.not_after_ms);
+        self.pending = None;
+        self.done += 1;
+        self.tls = tls;
+        tracing::info!("node certificate renewed after it expired");
     }
 
     /// Renewals done so far.

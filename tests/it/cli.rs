@@ -536,6 +536,16 @@ async fn a_pod_joins_with_two_environment_variables_and_is_revoked() {
     let join = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(join.starts_with("SYM1."), "{join}");
 
+    let mut c = c;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {admin}").parse().unwrap(),
+    );
+    c.http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
     let work = tempfile::tempdir().unwrap();
     let child = Command::new(bin())
         .arg("node")
@@ -569,6 +579,21 @@ async fn a_pod_joins_with_two_environment_variables_and_is_revoked() {
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
         0o600
     );
+
+    // Workloads never inherit the pod's join token.
+    let seen = work.path().join("seen");
+    let mut spec = crate::support::sh(&format!(
+        "echo \"tok=${{SYMPHONY_JOIN_TOKEN:-none}}\" > {}; sleep 1000",
+        seen.display()
+    ));
+    spec["node_group"] = json!("gpu");
+    let d = c.deploy("env-check", spec).await;
+    c.wait_state(&d, "RUNNING").await;
+    until("the workload wrote what it saw", || {
+        std::fs::read_to_string(&seen).is_ok_and(|t| t.ends_with('\n'))
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&seen).unwrap().trim(), "tok=none");
 
     let out = Command::new(bin())
         .args(["node", "revoke", &id, "--reason", "pod returned"])

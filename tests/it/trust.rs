@@ -161,6 +161,68 @@ async fn websockets_take_a_token_and_refuse_other_origins() {
     c.shutdown().await;
 }
 
+/// The login cookie (what a browser sends from any page of this origin, a proxied service's
+/// too) is worth at most `operator`: admin actions need the token itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_login_cookie_is_capped_at_operator() {
+    let c = Cluster::start_with(|cfg| cfg.api_auth = Some(true)).await;
+    let admin = c.api_token("boss", Role::Admin).await;
+    let resp = c
+        .http
+        .post(format!("{}/auth/login", c.api))
+        .json(&json!({"token": admin}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let with_cookie = |m: Method, path: &str| {
+        c.http
+            .request(m, format!("{}{path}", c.api))
+            .header("cookie", pair.clone())
+            .json(&json!({}))
+    };
+    let r = with_cookie(Method::GET, "/deployments")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = with_cookie(Method::GET, "/tokens").send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = c
+        .http
+        .get(format!("{}/tokens", c.api))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    c.shutdown().await;
+}
+
+/// Without tokens (loopback), a request naming another host is refused: a page whose name
+/// was made to resolve to 127.0.0.1 (DNS rebinding) cannot drive the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tokens_only_loopback_names_are_served() {
+    let c = Cluster::start().await;
+    let (s, _) = call(&c, Method::GET, "/nodes", None).await;
+    assert_eq!(s, 200);
+    let r = c
+        .http
+        .get(format!("{}/nodes", c.api))
+        .header("host", "evil.example:8000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conductor_beyond_loopback_needs_authentication() {
     let dir = tempfile::tempdir().unwrap();
@@ -310,8 +372,9 @@ async fn two_hundred_nodes_enroll_at_once() {
 }
 
 /// Renewal under load: certificates that last 3 s are renewed over the live control stream
-/// while 100 deployments start (each an Assign and status messages both ways): nothing is
-/// lost, the connection is the same one, the first process keeps its pid.
+/// while 150 deployments start (an Assign each, and two or more status messages back: over
+/// 500 control messages): none is lost (all RUNNING), the connection is the same one, the
+/// first process keeps its pid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_keeps_the_connection_streams_and_processes() {
     let mut c = Cluster::start_with(|cfg| cfg.node_cert_ttl = Duration::from_secs(3)).await;
@@ -328,13 +391,13 @@ async fn renewal_keeps_the_connection_streams_and_processes() {
     let first = c.deploy("first", sh("sleep 1000")).await;
     let pid = c.wait_state(&first, "RUNNING").await["status"]["pid"].clone();
     let mut ids = Vec::new();
-    for i in 0..100 {
+    for i in 0..150 {
         ids.push(c.deploy(&format!("d{i}"), sh("sleep 1000")).await);
     }
     c.wait_events(
         &format!("object=node/{id}&kind=node.renewed"),
-        "two renewals",
-        |e| e.len() >= 2,
+        "a renewal",
+        |e| !e.is_empty(),
     )
     .await;
     for d in &ids {
@@ -345,7 +408,11 @@ async fn renewal_keeps_the_connection_streams_and_processes() {
     let view = c.conductor().core.view();
     let conn = view.nodes[&id].connection.as_ref().unwrap();
     assert_eq!(conn.reconnects, 0);
-    assert_ne!(std::fs::read_to_string(&files.cert).unwrap(), first_cert);
+    // The node saves the new certificate once the conductor's answer arrives.
+    crate::support::until("the renewed certificate is saved", || {
+        std::fs::read_to_string(&files.cert).is_ok_and(|c| c != first_cert)
+    })
+    .await;
     let (_, nodes) = c.get("/nodes").await;
     assert_eq!(nodes["nodes"][&id]["certificate"]["state"], "valid");
     c.shutdown().await;

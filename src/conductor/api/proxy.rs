@@ -126,6 +126,8 @@ async fn forward(
         .unwrap_or_default();
     let path = format!("/{rest}{query}");
     *req.uri_mut() = path.parse().map_err(|_| bad_gateway("bad path".into()))?;
+    // A workload never sees a caller's token.
+    crate::conductor::auth::strip_request_credentials(req.headers_mut());
     let prefix = format!("/services/{namespace}/{name}");
     if let Ok(v) = HeaderValue::from_str(&prefix) {
         req.headers_mut().insert("x-forwarded-prefix", v);
@@ -150,6 +152,7 @@ async fn forward(
     }
     // Our side speaks HTTP/1.1 whatever the service answered with.
     *resp.version_mut() = axum::http::Version::HTTP_11;
+    crate::conductor::auth::strip_response_credentials(resp.headers_mut());
     resp.extensions_mut().insert(Proxied);
     Ok(resp.map(Body::new).into_response())
 }

@@ -218,13 +218,25 @@ pub(super) async fn revoke_node(
     PathParam(node_id): PathParam,
     JsonObject(m): JsonObject,
 ) -> Result<StatusCode, ApiError> {
-    unknown_fields(&m, &["reason"])?;
+    unknown_fields(&m, &["reason", "revoke_token"])?;
     let reason = opt_str(&m, "reason")?.unwrap_or_else(|| "revoked by an operator".into());
+    let revoke_token = match m.get("revoke_token") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::field(
+                &["body", "revoke_token"],
+                "bool_type",
+                "Input should be a valid boolean",
+            ));
+        }
+    };
     st.core
         .call(|reply| {
             CoreMsg::Trust(TrustMsg::RevokeNode {
                 node_id,
                 reason,
+                revoke_token,
                 reply,
             })
         })
@@ -246,7 +258,8 @@ pub(super) async fn login(
         .check(&token)
         .await
         .map_err(|why| ApiError::detail(StatusCode::UNAUTHORIZED, why))?;
-    let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict");
+    let secure = if st.auth.https() { "; Secure" } else { "" };
+    let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
     let mut r = Json(json!({"name": p.name, "role": p.role})).into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         r.headers_mut().insert(header::SET_COOKIE, v);

@@ -111,6 +111,9 @@ pub enum TrustMsg {
     RevokeNode {
         node_id: String,
         reason: String,
+        /// Also revoke the join token it enrolled with (a pod that still has the token in its
+        /// environment could otherwise join again under a new id).
+        revoke_token: bool,
         reply: Reply<()>,
     },
     /// A node asking to join (or to renew an expired certificate) on the enrollment ALPN.
@@ -181,9 +184,10 @@ impl Core {
             TrustMsg::RevokeNode {
                 node_id,
                 reason,
+                revoke_token,
                 reply,
             } => {
-                let r = self.revoke_node(&node_id, reason).await;
+                let r = self.revoke_node(&node_id, reason, revoke_token).await;
                 self.answer(reply, r, true);
             }
             TrustMsg::Enroll {
@@ -326,10 +330,16 @@ impl Core {
                     j.node_id, token.node_id_prefix
                 ));
             }
-            let taken = match self.trust.nodes.get(&j.node_id) {
-                Some(n) => n.revoked_at_ms.is_some() || n.token_id.as_deref() != Some(&token.id),
-                None => self.nodes.contains_key(&j.node_id),
-            };
+            // The same token may enroll the same id again (a pod made anew from its
+            // template), but never take it from a node that is connected.
+            let connected = self.nodes.get(&j.node_id).is_some_and(|n| n.conn.is_some());
+            let taken = connected
+                || match self.trust.nodes.get(&j.node_id) {
+                    Some(n) => {
+                        n.revoked_at_ms.is_some() || n.token_id.as_deref() != Some(&token.id)
+                    }
+                    None => self.nodes.contains_key(&j.node_id),
+                };
             if taken {
                 return refused(format!(
                     "node id {:?} is taken (or revoked); leave it out to get a fresh one",
@@ -487,9 +497,31 @@ impl Core {
         Ok((cert_pem, not_after_ms))
     }
 
-    async fn revoke_node(&mut self, node_id: &str, reason: String) -> Result<(), CoreError> {
+    async fn revoke_node(
+        &mut self,
+        node_id: &str,
+        reason: String,
+        revoke_token: bool,
+    ) -> Result<(), CoreError> {
         if !self.nodes.contains_key(node_id) && !self.trust.nodes.contains_key(node_id) {
             return Err(CoreError::NotFound("Node not found"));
+        }
+        let token = self
+            .trust
+            .nodes
+            .get(node_id)
+            .and_then(|n| n.token_id.clone())
+            .filter(|_| revoke_token);
+        if let Some(t) = token {
+            let ev = token_event(
+                "token.revoked",
+                &t,
+                format!("join token {t} revoked with node {node_id}"),
+            );
+            self.persist(vec![ev], async |s, ev| {
+                s.revoke_join_token(&t, now_ms(), ev).await
+            })
+            .await?;
         }
         if self.trust.is_revoked(node_id) {
             return Ok(());

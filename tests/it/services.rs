@@ -227,7 +227,7 @@ async fn exposed_services_are_reachable_through_the_conductor() {
     let api = c.api.trim_start_matches("http://").to_owned();
     let (mut s, head) = raw_head(
         &api,
-        "GET /services/default/web/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        "GET /services/default/web/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");

@@ -762,6 +762,16 @@ async fn run_node_until_signal(cfg: NodeConfig) -> anyhow::Result<()> {
     }
 }
 
+/// The capacities given, or `cpu` = the number of cores when none were.
+fn capacities_or_cores(given: Vec<(String, i64)>) -> BTreeMap<String, i64> {
+    if given.is_empty() {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        BTreeMap::from([("cpu".to_owned(), i64::try_from(cpus).unwrap_or(1))])
+    } else {
+        given.into_iter().collect()
+    }
+}
+
 /// `symphony node --join TOKEN --conductor HOST:PORT`: enrolls (or reuses the identity of an
 /// earlier enrollment in the work dir) and runs the node.
 async fn join_and_run(args: NodeArgs, keep_workloads: bool) -> anyhow::Result<()> {
@@ -777,12 +787,7 @@ async fn join_and_run(args: NodeArgs, keep_workloads: bool) -> anyhow::Result<()
         groups: args.groups.clone(),
     };
     let (enrolled, tls) = crate::node::join::identity(&files, &request, &transport).await?;
-    let capacities: BTreeMap<String, i64> = if args.capacities.is_empty() {
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        BTreeMap::from([("cpu".to_owned(), i64::try_from(cpus).unwrap_or(1))])
-    } else {
-        args.capacities.into_iter().collect()
-    };
+    let capacities = capacities_or_cores(args.capacities);
     let groups = if args.groups.is_empty() {
         enrolled.groups.clone()
     } else {
@@ -846,12 +851,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     cfg.http_listen = args.http;
     cfg.quic_listen = args.quic;
     let conductor = Conductor::start(cfg).await?;
-    let capacities: BTreeMap<String, i64> = if args.capacities.is_empty() {
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        BTreeMap::from([("cpu".to_owned(), i64::try_from(cpus).unwrap_or(1))])
-    } else {
-        args.capacities.into_iter().collect()
-    };
+    let capacities = capacities_or_cores(args.capacities);
     let node_dir = storage.join("nodes").join(&args.node_id);
     let mut node_cfg =
         NodeConfig::local(&conductor.ca, conductor.quic_addr, &args.node_id, &node_dir)?;

@@ -559,28 +559,6 @@ fn unspecified_like(ip: IpAddr) -> IpAddr {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_part_of_server_address() {
-        let tls = TlsMaterial {
-            ca_pem: String::new(),
-            cert_pem: String::new(),
-            key_pem: String::new(),
-        };
-        for (server, host) in [
-            ("localhost:50051", "localhost"),
-            ("10.0.0.1:1", "10.0.0.1"),
-            ("[::1]:5", "::1"),
-            ("name", "name"),
-        ] {
-            assert_eq!(ClientConfig::new(server, tls.clone()).host(), host);
-        }
-    }
-}
-
 /// Dials `server` on ALPN `symphony-enroll/1`, trusting only a CA whose SHA-256 is `pin`
 /// (checked in the handshake, before anything is sent), sends `request` and returns the
 /// conductor's one reply.
@@ -629,4 +607,26 @@ where
             "the conductor closed the enrollment stream without a reply",
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_part_of_server_address() {
+        let tls = TlsMaterial {
+            ca_pem: String::new(),
+            cert_pem: String::new(),
+            key_pem: String::new(),
+        };
+        for (server, host) in [
+            ("localhost:50051", "localhost"),
+            ("10.0.0.1:1", "10.0.0.1"),
+            ("[::1]:5", "::1"),
+            ("name", "name"),
+        ] {
+            assert_eq!(ClientConfig::new(server, tls.clone()).host(), host);
+        }
+    }
 }

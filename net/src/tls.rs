@@ -235,9 +235,11 @@ pub fn peer_client_crypto(
     expected: &str,
 ) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, TlsError> {
     let provider = provider();
-    let verifier = PeerVerifier {
-        roots: m.roots()?,
-        expected: expected.to_owned(),
+    let verifier = ServerVerifier {
+        expect: Expect::Node {
+            roots: m.roots()?,
+            id: expected.to_owned(),
+        },
         provider: provider.clone(),
     };
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -254,16 +256,32 @@ pub fn peer_client_crypto(
     )?))
 }
 
-/// Verifies the accepting node: its chain leads to the CA (for client-auth use, as node
-/// certificates are issued), and its certificate names the expected node.
+/// Who a server this end dials must be.
 #[derive(Debug)]
-struct PeerVerifier {
-    roots: Arc<rustls::RootCertStore>,
-    expected: String,
+enum Expect {
+    /// Another node: its chain leads to the CA (for client-auth use, as node certificates
+    /// are issued) and its certificate names `id`.
+    Node {
+        roots: Arc<rustls::RootCertStore>,
+        id: String,
+    },
+    /// The conductor, seen by a node without a certificate yet: the chain it sends includes
+    /// a CA certificate whose SHA-256 is the pin, and its server certificate chains to it.
+    /// No name check: a pod may reach the conductor by an address its certificate does not
+    /// list; the pinned CA issues server certificates to the conductor only (node
+    /// certificates are for client auth and fail the usage check).
+    PinnedCa([u8; 32]),
+}
+
+/// Verifies a server's certificate by [`Expect`] (rustls' own verifier checks DNS names,
+/// which node certificates and pinned conductors do not use).
+#[derive(Debug)]
+struct ServerVerifier {
+    expect: Expect,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
+impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -278,24 +296,51 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
             )))
         };
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(invalid)?;
-        cert.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
-            &self.roots.roots,
-            intermediates,
-            now,
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(invalid)?;
-        match crate::pki::node_id_from_cert(end_entity.as_ref()) {
-            Ok(id) if id == self.expected => {
-                Ok(rustls::client::danger::ServerCertVerified::assertion())
+        let algs = self.provider.signature_verification_algorithms.all;
+        match &self.expect {
+            Expect::Node { roots, id } => {
+                cert.verify_for_usage(
+                    algs,
+                    &roots.roots,
+                    intermediates,
+                    now,
+                    webpki::KeyUsage::client_auth(),
+                    None,
+                    None,
+                )
+                .map_err(invalid)?;
+                match crate::pki::node_id_from_cert(end_entity.as_ref()) {
+                    Ok(found) if found == *id => {}
+                    _ => {
+                        return Err(rustls::Error::InvalidCertificate(
+                            rustls::CertificateError::NotValidForName,
+                        ));
+                    }
+                }
             }
-            _ => Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName,
-            )),
+            Expect::PinnedCa(pin) => {
+                let Some(ca) = intermediates
+                    .iter()
+                    .find(|c| crate::pki::fingerprint_der(c.as_ref()) == *pin)
+                else {
+                    return Err(rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::ApplicationVerificationFailure,
+                    ));
+                };
+                let anchor = webpki::anchor_from_trusted_cert(ca).map_err(invalid)?;
+                cert.verify_for_usage(
+                    algs,
+                    &[anchor],
+                    &[],
+                    now,
+                    webpki::KeyUsage::server_auth(),
+                    None,
+                    None,
+                )
+                .map_err(invalid)?;
+            }
         }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -403,8 +448,8 @@ pub fn enroll_client_crypto(
     pin: [u8; 32],
 ) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, TlsError> {
     let provider = provider();
-    let verifier = PinVerifier {
-        pin,
+    let verifier = ServerVerifier {
+        expect: Expect::PinnedCa(pin),
         provider: provider.clone(),
     };
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -417,86 +462,4 @@ pub fn enroll_client_crypto(
     Ok(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(
         tls,
     )?))
-}
-
-/// Trusts the server only through the CA certificate whose hash a join token pins.
-#[derive(Debug)]
-struct PinVerifier {
-    pin: [u8; 32],
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let Some(ca) = intermediates
-            .iter()
-            .find(|c| crate::pki::fingerprint_der(c.as_ref()) == self.pin)
-        else {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ));
-        };
-        // The pin names the CA; any server certificate it issued is the conductor's (node
-        // certificates are for client auth only and fail this check). No name check: a pod
-        // may reach the conductor by an address its certificate does not list.
-        let invalid = |e: webpki::Error| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-                Arc::new(e),
-            )))
-        };
-        let anchor = webpki::anchor_from_trusted_cert(ca).map_err(invalid)?;
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(invalid)?;
-        cert.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
-            &[anchor],
-            &[],
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(invalid)?;
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

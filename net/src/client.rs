@@ -559,6 +559,9 @@ fn unspecified_like(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// How long an enrolling node waits for the conductor's answer.
+const ENROLL_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Dials `server` on ALPN `symphony-enroll/1`, trusting only a CA whose SHA-256 is `pin`
 /// (checked in the handshake, before anything is sent), sends `request` and returns the
 /// conductor's one reply.
@@ -596,7 +599,9 @@ where
         control.tx.send(request).await?;
         control.rx.recv::<Rep>().await
     };
-    let reply = tokio::time::timeout(settings.idle_timeout, reply)
+    // The conductor answers joins in turn (one store commit each): a node that arrives with
+    // hundreds of others waits longer than a handshake would.
+    let reply = tokio::time::timeout(ENROLL_REPLY_TIMEOUT, reply)
         .await
         .map_err(|_| ConnectError::Handshake(quinn::ConnectionError::TimedOut))?
         .map_err(|e| ConnectError::Io(std::io::Error::other(e.to_string())))?;

@@ -752,15 +752,53 @@ fn log_frame(deployment_id: &str, entries: &[&LogLine]) -> String {
     .unwrap_or_default()
 }
 
-const INDEX_HTML: &str = include_str!("ui/index.html");
+/// The web UI's files (plain HTML, CSS and JavaScript modules written here), compiled into
+/// the binary.
+#[derive(rust_embed::Embed)]
+#[folder = "src/conductor/ui/"]
+struct UiAssets;
+
+/// What the UI's pages may load: only this origin's files and API (no inline script or
+/// style, no other host), and nobody may frame them.
+const UI_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+    connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 /// Serves only embedded assets: the path is never joined to a folder (the original served
-/// `/etc/passwd` here). Unknown paths get the SPA's index.
+/// any file of the host this way). A path with an extension that is not an asset is a 404;
+/// any other path under `/ui/` is a page of the app (its router reads the URL).
 async fn ui(path: Option<Path<String>>) -> Response {
-    let _ = path;
+    let path = path.map(|Path(p)| p).unwrap_or_default();
+    let (name, file) = match UiAssets::get(&path) {
+        Some(f) if !path.is_empty() => (path.as_str(), f),
+        _ if path
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| last.contains('.')) =>
+        {
+            return ApiError::detail(StatusCode::NOT_FOUND, "Not Found").into_response();
+        }
+        _ => match UiAssets::get("index.html") {
+            Some(f) => ("index.html", f),
+            None => return ApiError::detail(StatusCode::NOT_FOUND, "Not Found").into_response(),
+        },
+    };
+    let content_type = match name.rsplit_once('.').map(|(_, ext)| ext) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        _ => "application/octet-stream",
+    };
     (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        INDEX_HTML,
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CONTENT_SECURITY_POLICY, UI_CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        file.data,
     )
         .into_response()
 }

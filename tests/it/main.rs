@@ -19,3 +19,4 @@ mod services;
 mod sockets;
 mod support;
 mod trust;
+mod ui;

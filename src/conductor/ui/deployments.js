@@ -1,0 +1,129 @@
+// The deployments page: a live table (rows keyed by id, only changed cells touched), a create
+// form whose 422s land on the field they name, and row actions (start/stop, delete).
+
+import { h, setText } from './dom.js';
+import { api, fieldErrors } from './api.js';
+
+const COLUMNS = ['name', 'id', 'node', 'desired', 'current', 'restarts', 'actions'];
+
+function commandOf(text) {
+  const t = text.trim();
+  if (t.startsWith('[')) return JSON.parse(t);
+  return ['sh', '-c', t];
+}
+
+function createForm(canWrite) {
+  if (!canWrite) return null;
+  const errors = {};
+  const field = (name, label, input) => {
+    errors[name] = h('span', { class: 'error', 'data-error-for': name });
+    return h('label', {}, label, input, errors[name]);
+  };
+  const name = h('input', { name: 'name', required: true, maxlength: 200, placeholder: 'hello' });
+  const command = h('input', { name: 'command', required: true, placeholder: 'while true; do date; sleep 1; done' });
+  const group = h('input', { name: 'node_group', placeholder: '(any)' });
+  const status = h('span', { class: 'status', role: 'status' });
+  const form = h('form', { id: 'create', class: 'card' },
+    h('h2', {}, 'New deployment'),
+    field('name', 'Name', name),
+    field('spec.config.command', 'Command', command),
+    field('spec.node_group', 'Group', group),
+    h('button', { type: 'submit' }, 'Create'), status);
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    for (const e of Object.values(errors)) setText(e, '');
+    setText(status, '');
+    let cmd;
+    try { cmd = commandOf(command.value); } catch (e) {
+      setText(errors['spec.config.command'], 'not a JSON list: ' + e.message);
+      return;
+    }
+    const spec = { config: { command: cmd } };
+    if (group.value.trim()) spec.node_group = group.value.trim();
+    try {
+      const d = await api('POST', '/deployments', { name: name.value, specification: { spec } });
+      setText(status, 'created ' + d.id.slice(0, 8));
+      form.reset();
+    } catch (err) {
+      // Each 422 goes to the field whose name is the longest prefix of its location.
+      let placed = false;
+      for (const [loc, msg] of Object.entries(fieldErrors(err))) {
+        const key = loc.replace(/^specification\./, '');
+        const slot = Object.keys(errors)
+          .filter((f) => key === f || key.startsWith(f + '.'))
+          .sort((a, b) => b.length - a.length)[0];
+        if (slot) { setText(errors[slot], msg); placed = true; }
+      }
+      if (!placed) setText(status, err.message);
+    }
+  });
+  return form;
+}
+
+export function deploymentsPage(main, live, who) {
+  const canWrite = who.role !== 'viewer';
+  const search = h('input', { type: 'search', id: 'search', placeholder: 'search name or id' });
+  const tbody = h('tbody');
+  const count = h('span', { class: 'count' });
+  const table = h('table', { id: 'deployments' },
+    h('thead', {}, h('tr', {}, COLUMNS.map((c) => h('th', {}, c)))), tbody);
+  main.replaceChildren(h('section', {}, createForm(canWrite), h('div', { class: 'bar' }, search, count), table));
+  const rows = new Map();
+
+  function rowFor(d) {
+    let r = rows.get(d.id);
+    if (r) return r;
+    const cells = Object.fromEntries(COLUMNS.map((c) => [c, h('td', { 'data-col': c })]));
+    const toggle = h('button', { class: 'toggle' });
+    toggle.addEventListener('click', async () => {
+      const want = r.desired === 'RUNNING' ? 'STOPPED' : 'RUNNING';
+      toggle.disabled = true;
+      try { await api('PATCH', '/deployments/' + d.id, { desired_state: want }); }
+      catch (err) { setText(r.cells.actions.querySelector('.status') || toggle, err.message); }
+      finally { toggle.disabled = false; }
+    });
+    const del = h('button', { class: 'delete' }, 'Delete');
+    del.addEventListener('click', async () => {
+      if (del.dataset.armed !== '1') { del.dataset.armed = '1'; setText(del, 'Confirm delete'); return; }
+      del.disabled = true;
+      try { await api('DELETE', '/deployments/' + d.id); } catch (err) { setText(del, err.message); }
+    });
+    if (canWrite) cells.actions.append(toggle, ' ', del);
+    const tr = h('tr', { 'data-id': d.id }, Object.values(cells));
+    r = { tr, cells, toggle, desired: null };
+    rows.set(d.id, r);
+    return r;
+  }
+
+  function render(frame) {
+    const q = search.value.trim().toLowerCase();
+    const seen = new Set();
+    let shown = 0;
+    let prev = null;
+    for (const d of frame.deployments) {
+      seen.add(d.id);
+      const r = rowFor(d);
+      const match = !q || d.name.toLowerCase().includes(q) || d.id.startsWith(q);
+      r.tr.hidden = !match;
+      if (match) shown += 1;
+      setText(r.cells.name, d.name);
+      setText(r.cells.id, d.id.slice(0, 8));
+      setText(r.cells.node, d.assigned_node_id ?? ('unassigned' + (d.assignment_reason ? ': ' + d.assignment_reason : '')));
+      setText(r.cells.desired, d.desired_state);
+      setText(r.cells.current, d.current_state ?? '');
+      setText(r.cells.restarts, d.status ? d.status.restart_count ?? 0 : '');
+      r.desired = d.desired_state;
+      setText(r.toggle, d.desired_state === 'RUNNING' ? 'Stop' : 'Start');
+      // Keep the server's order (newest first) without moving rows that are in place.
+      const want = prev ? prev.nextSibling : tbody.firstChild;
+      if (want !== r.tr) tbody.insertBefore(r.tr, want);
+      prev = r.tr;
+    }
+    for (const [id, r] of rows) {
+      if (!seen.has(id)) { r.tr.remove(); rows.delete(id); }
+    }
+    setText(count, `${shown} of ${frame.deployments.length}`);
+  }
+  search.addEventListener('input', () => live.last && render(live.last));
+  return live.subscribe(render);
+}

@@ -1,0 +1,297 @@
+//! The web UI in a real browser: headless Chromium driven through chromedriver (WebDriver).
+//!
+//! Without `chromedriver`/`chromium` the tests say they are skipped, except under `CI=true`
+//! (`.ci/run` installs both), where a missing browser is a failure. Screenshots of each page
+//! go to `target/ui-shots/`.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use crate::support::{Cluster, free_port, sh};
+
+/// How long a page may take to show what the test waits for.
+const PAGE_WAIT: Duration = Duration::from_secs(20);
+
+/// chromedriver on a free port, and a browser session on it; both end with the value.
+struct Browser {
+    client: Client,
+    driver: tokio::process::Child,
+}
+
+impl Browser {
+    /// `None` (with the reason printed) when no browser is installed outside CI.
+    async fn start() -> Option<Browser> {
+        let driver_bin = ["chromedriver", "/usr/lib/chromium/chromedriver"]
+            .into_iter()
+            .find(|b| {
+                std::process::Command::new(b)
+                    .arg("--version")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            });
+        let Some(driver_bin) = driver_bin else {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+            assert!(
+                !ci,
+                "chromedriver is not installed (CI=true): apt-get install chromium chromium-driver"
+            );
+            eprintln!(
+                "SKIPPED: chromedriver/chromium not installed (apt-get install chromium chromium-driver)"
+            );
+            return None;
+        };
+        let port = free_port();
+        let driver = tokio::process::Command::new(driver_bin)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver starts");
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                "--disable-background-networking", "--disable-dev-shm-usage",
+                "--window-size=1280,900"]}),
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = tokio::time::Instant::now() + PAGE_WAIT;
+        let client = loop {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match ClientBuilder::new(connector)
+                .capabilities(caps.clone())
+                .connect(&url)
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) => {
+                    // chromedriver is still starting: it has no event to wait on.
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no browser session: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        Some(Browser { client, driver })
+    }
+
+    /// Runs `script` (a function body returning JSON) until `pred` holds for its value.
+    async fn until(&self, what: &str, script: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + PAGE_WAIT;
+        let mut last = Value::Null;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(v) = self.client.execute(script, vec![]).await {
+                if pred(&v) {
+                    return v;
+                }
+                last = v;
+            }
+            // The page changes on its own (a WebSocket frame): read it again shortly.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}; last: {last}");
+    }
+
+    async fn screenshot(&self, name: &str) {
+        let png = self.client.screenshot().await.expect("screenshot");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-shots");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+    }
+
+    async fn close(mut self) {
+        let _ = self.client.close().await;
+        let _ = self.driver.kill().await;
+    }
+}
+
+/// The table's rows as `{id, name, current, desired}`.
+const ROWS: &str = "return [...document.querySelectorAll('#deployments tbody tr')].map(tr => ({
+    id: tr.dataset.id,
+    name: tr.querySelector('[data-col=name]').textContent,
+    current: tr.querySelector('[data-col=current]').textContent,
+    desired: tr.querySelector('[data-col=desired]').textContent,
+    hidden: tr.hidden}));";
+
+fn row<'a>(rows: &'a Value, name: &str) -> Option<&'a Value> {
+    rows.as_array()?.iter().find(|r| r["name"] == name)
+}
+
+/// Create through the form and watch it run without a reload; a bad field shows the API's
+/// 422 on that field; stop and start from the row; delete with its confirmation; a name that
+/// is markup is shown as text and runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_page_creates_runs_stops_and_deletes_live() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    b.client
+        .goto(&format!("{}/ui/", c.api))
+        .await
+        .expect("the UI loads");
+    let form = b.client.find(Locator::Css("#create")).await.unwrap();
+    form.find(Locator::Css("input[name=name]"))
+        .await
+        .unwrap()
+        .send_keys("from-the-form")
+        .await
+        .unwrap();
+    form.find(Locator::Css("input[name=command]"))
+        .await
+        .unwrap()
+        .send_keys("sleep 1000")
+        .await
+        .unwrap();
+    form.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let rows = b
+        .until("the new deployment RUNNING in the table", ROWS, |v| {
+            row(v, "from-the-form").is_some_and(|r| r["current"] == "RUNNING")
+        })
+        .await;
+    let id = row(&rows, "from-the-form").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, d) = c.get(&format!("/deployments/{id}")).await;
+    assert_eq!(d["current_state"], "RUNNING", "{d}");
+    b.screenshot("deployments").await;
+
+    // A command the API refuses: its 422 lands on the command field.
+    form.find(Locator::Css("input[name=name]"))
+        .await
+        .unwrap()
+        .send_keys("bad")
+        .await
+        .unwrap();
+    form.find(Locator::Css("input[name=command]"))
+        .await
+        .unwrap()
+        .send_keys("[1, 2]")
+        .await
+        .unwrap();
+    form.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.until(
+        "the 422 on the command field",
+        "return document.querySelector('[data-error-for=\"spec.config.command\"]').textContent;",
+        |v| v.as_str().is_some_and(|s| !s.is_empty()),
+    )
+    .await;
+
+    // Stop, then start again, from the row.
+    let toggle = format!("tr[data-id=\"{id}\"] button.toggle");
+    b.client
+        .find(Locator::Css(&toggle))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.until("desired STOPPED", ROWS, |v| {
+        row(v, "from-the-form").is_some_and(|r| r["desired"] == "STOPPED")
+    })
+    .await;
+    b.client
+        .find(Locator::Css(&toggle))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.until("RUNNING again", ROWS, |v| {
+        row(v, "from-the-form")
+            .is_some_and(|r| r["desired"] == "RUNNING" && r["current"] == "RUNNING")
+    })
+    .await;
+
+    // Markup in a name is text: no element made, no script run.
+    let evil = "<img src=x onerror=alert(1)>";
+    c.deploy(evil, sh("sleep 1000")).await;
+    b.until("the markup-named row", ROWS, |v| row(v, evil).is_some())
+        .await;
+    let imgs = b
+        .client
+        .execute(
+            "return document.querySelectorAll('#deployments img').length;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(imgs, json!(0));
+    assert!(
+        b.client.get_alert_text().await.is_err(),
+        "no alert may be open"
+    );
+
+    // Delete asks to confirm, then the row goes.
+    let del = format!("tr[data-id=\"{id}\"] button.delete");
+    for _ in 0..2 {
+        b.client
+            .find(Locator::Css(&del))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+    b.until("the row gone", ROWS, |v| row(v, "from-the-form").is_none())
+        .await;
+    let (status, _) = c.get(&format!("/deployments/{id}")).await;
+    assert_eq!(status, 404);
+    b.close().await;
+    c.shutdown().await;
+}
+
+/// With tokens on, the UI asks for one, signs in (cookie), and shows the live table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_signs_in_with_a_token() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let c = Cluster::start_with(|cfg| cfg.api_auth = Some(true)).await;
+    let token = c
+        .api_token("browser", symphony::conductor::trust::Role::Operator)
+        .await;
+    b.client.goto(&format!("{}/ui/", c.api)).await.unwrap();
+    let login = b.client.find(Locator::Css("#login")).await.unwrap();
+    login
+        .find(Locator::Css("input[name=token]"))
+        .await
+        .unwrap()
+        .send_keys(&token)
+        .await
+        .unwrap();
+    login
+        .find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.until(
+        "the deployments page after sign-in",
+        "return !!document.querySelector('#deployments') && document.getElementById('who').textContent;",
+        |v| v.as_str().is_some_and(|s| s.contains("browser")),
+    )
+    .await;
+    b.screenshot("login-then-deployments").await;
+    b.close().await;
+    c.shutdown().await;
+}

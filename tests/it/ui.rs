@@ -295,3 +295,97 @@ async fn the_ui_signs_in_with_a_token() {
     b.close().await;
     c.shutdown().await;
 }
+
+/// A deployment's page: its state, live log lines, its events; the events page follows the
+/// cluster live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployments_page_shows_live_logs_and_events() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[], false).await;
+    let id = c
+        .deploy(
+            "ticker",
+            sh("i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"),
+        )
+        .await;
+    c.wait_state(&id, "RUNNING").await;
+    b.client
+        .goto(&format!("{}/ui/deployments/{id}", c.api))
+        .await
+        .unwrap();
+    let lines = b
+        .until(
+            "log lines arriving",
+            "return [...document.querySelectorAll('#logs .line')].map(d => d.textContent);",
+            |v| v.as_array().is_some_and(|a| a.len() >= 3),
+        )
+        .await;
+    let all: Vec<&str> = lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(all.iter().any(|l| l.contains("[stdout] tick 1")), "{all:?}");
+    assert!(
+        all.iter().any(|l| l.contains("[system] started")),
+        "{all:?}"
+    );
+    // More arrive while the page is open (live, not a reload).
+    let seen = lines.as_array().unwrap().len();
+    b.until(
+        "more lines",
+        "return document.querySelectorAll('#logs .line').length;",
+        |v| v.as_u64().is_some_and(|n| n as usize > seen),
+    )
+    .await;
+    b.until(
+        "the started event",
+        "return [...document.querySelectorAll('#events li')].map(li => li.dataset.kind);",
+        |v| {
+            v.as_array()
+                .is_some_and(|a| a.iter().any(|k| k == "deployment.started"))
+        },
+    )
+    .await;
+    let state = b
+        .client
+        .execute(
+            "return document.querySelector('[data-fact=current]').textContent;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(state, json!("RUNNING"));
+    b.screenshot("deployment").await;
+
+    // The events page: a deployment made now shows up without a reload.
+    b.client
+        .goto(&format!("{}/ui/events", c.api))
+        .await
+        .unwrap();
+    b.until(
+        "the timeline",
+        "return document.querySelectorAll('#timeline li').length;",
+        |v| v.as_u64().is_some_and(|n| n > 0),
+    )
+    .await;
+    c.deploy("late", sh("sleep 1000")).await;
+    b.until(
+        "the new deployment's event",
+        "return [...document.querySelectorAll('#timeline li')].map(li => li.textContent);",
+        |v| {
+            v.as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|t| t.as_str().is_some_and(|t| t.contains("late created")))
+            })
+        },
+    )
+    .await;
+    b.screenshot("events").await;
+    b.close().await;
+    c.shutdown().await;
+}

@@ -6,6 +6,8 @@ import { api, ApiError } from './api.js';
 import { Live } from './live.js';
 import { deploymentsPage } from './deployments.js';
 import { nodesPage } from './nodes.js';
+import { detailPage } from './detail.js';
+import { eventsPage } from './events.js';
 
 const main = document.getElementById('main');
 const banner = document.getElementById('banner');
@@ -51,7 +53,10 @@ function route(who) {
   for (const a of document.querySelectorAll('[data-nav]')) {
     a.classList.toggle('active', a.getAttribute('href') === path);
   }
+  const detail = path.match(/^\/ui\/deployments\/([^/]+)$/);
   if (path === '/ui/nodes') unsubscribe = nodesPage(main, live);
+  else if (path === '/ui/events') unsubscribe = eventsPage(main);
+  else if (detail) unsubscribe = detailPage(main, live, decodeURIComponent(detail[1]));
   else unsubscribe = deploymentsPage(main, live, who);
 }
 

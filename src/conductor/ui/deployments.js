@@ -74,6 +74,8 @@ export function deploymentsPage(main, live, who) {
     let r = rows.get(d.id);
     if (r) return r;
     const cells = Object.fromEntries(COLUMNS.map((c) => [c, h('td', { 'data-col': c })]));
+    const link = h('a', { href: '/ui/deployments/' + encodeURIComponent(d.id), 'data-nav': true });
+    cells.name.append(link);
     const toggle = h('button', { class: 'toggle' });
     toggle.addEventListener('click', async () => {
       const want = r.desired === 'RUNNING' ? 'STOPPED' : 'RUNNING';
@@ -90,7 +92,7 @@ export function deploymentsPage(main, live, who) {
     });
     if (canWrite) cells.actions.append(toggle, ' ', del);
     const tr = h('tr', { 'data-id': d.id }, Object.values(cells));
-    r = { tr, cells, toggle, desired: null };
+    r = { tr, cells, link, toggle, desired: null };
     rows.set(d.id, r);
     return r;
   }
@@ -106,7 +108,7 @@ export function deploymentsPage(main, live, who) {
       const match = !q || d.name.toLowerCase().includes(q) || d.id.startsWith(q);
       r.tr.hidden = !match;
       if (match) shown += 1;
-      setText(r.cells.name, d.name);
+      setText(r.link, d.name);
       setText(r.cells.id, d.id.slice(0, 8));
       setText(r.cells.node, d.assigned_node_id ?? ('unassigned' + (d.assignment_reason ? ': ' + d.assignment_reason : '')));
       setText(r.cells.desired, d.desired_state);

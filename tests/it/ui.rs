@@ -389,3 +389,73 @@ async fn a_deployments_page_shows_live_logs_and_events() {
     b.close().await;
     c.shutdown().await;
 }
+
+/// Envs: create through the form (a bad field shows the API's 422 on it), then delete with
+/// its confirmation. No node runs, so nothing is built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envs_are_created_and_deleted_from_the_page() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let c = Cluster::start().await;
+    b.client.goto(&format!("{}/ui/envs", c.api)).await.unwrap();
+    let form = b.client.find(Locator::Css("#create-env")).await.unwrap();
+    let fill = async |name: &str, value: &str| {
+        let input = form
+            .find(Locator::Css(&format!("input[name={name}]")))
+            .await
+            .unwrap();
+        input.clear().await.unwrap();
+        input.send_keys(value).await.unwrap();
+    };
+    // No python version: the API's 422 lands on that field.
+    fill("name", "torch").await;
+    form.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.until(
+        "the 422 on python_version",
+        "return document.querySelector('[data-error-for=python_version]').textContent;",
+        |v| v.as_str().is_some_and(|s| !s.is_empty()),
+    )
+    .await;
+    fill("python_version", "3.11").await;
+    fill("packages", "six, requests").await;
+    form.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let rows =
+        "return [...document.querySelectorAll('#envs tbody tr')].map(tr => tr.dataset.name);";
+    b.until("the env listed", rows, |v| {
+        v.as_array().is_some_and(|a| a.iter().any(|n| n == "torch"))
+    })
+    .await;
+    let (status, env) = c.get("/conda-envs/torch").await;
+    assert_eq!(status, 200, "{env}");
+    assert_eq!(env["packages"], json!(["six", "requests"]));
+    b.screenshot("envs").await;
+    for _ in 0..2 {
+        b.client
+            .find(Locator::Css("tr[data-name=torch] button.delete"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+    b.until("the env gone", rows, |v| {
+        v.as_array()
+            .is_some_and(|a| !a.iter().any(|n| n == "torch"))
+    })
+    .await;
+    let (status, _) = c.get("/conda-envs/torch").await;
+    assert_eq!(status, 404);
+    b.close().await;
+    c.shutdown().await;
+}

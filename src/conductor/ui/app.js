@@ -8,6 +8,7 @@ import { deploymentsPage } from './deployments.js';
 import { nodesPage } from './nodes.js';
 import { detailPage } from './detail.js';
 import { eventsPage } from './events.js';
+import { envsPage } from './envs.js';
 
 const main = document.getElementById('main');
 const banner = document.getElementById('banner');
@@ -56,6 +57,7 @@ function route(who) {
   const detail = path.match(/^\/ui\/deployments\/([^/]+)$/);
   if (path === '/ui/nodes') unsubscribe = nodesPage(main, live);
   else if (path === '/ui/events') unsubscribe = eventsPage(main);
+  else if (path === '/ui/envs') unsubscribe = envsPage(main, live, who);
   else if (detail) unsubscribe = detailPage(main, live, decodeURIComponent(detail[1]));
   else unsubscribe = deploymentsPage(main, live, who);
 }

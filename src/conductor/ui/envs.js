@@ -1,0 +1,91 @@
+// Envs (conda/uv): the definitions, where each is ready or has a problem (from the nodes'
+// reports in the live snapshot), create with the API's 422 on its field, rerun, delete.
+
+import { h, setText } from './dom.js';
+import { api, fieldErrors } from './api.js';
+
+export function envsPage(main, live, who) {
+  const canWrite = who.role !== 'viewer';
+  const tbody = h('tbody');
+  const table = h('table', { id: 'envs' },
+    h('thead', {}, h('tr', {}, ['name', 'manager', 'python', 'packages', 'ready on', 'problems', 'actions'].map((c) => h('th', {}, c)))),
+    tbody);
+  const errors = {};
+  const field = (name, label, input) => {
+    errors[name] = h('span', { class: 'error', 'data-error-for': name });
+    return h('label', {}, label, input, errors[name]);
+  };
+  const name = h('input', { name: 'name', placeholder: 'torch' });
+  const python = h('input', { name: 'python_version', placeholder: '3.11' });
+  const packages = h('input', { name: 'packages', placeholder: 'numpy, torch==2.4' });
+  const manager = h('select', { name: 'manager' }, h('option', { value: 'uv' }, 'uv'), h('option', { value: 'conda' }, 'conda'));
+  const status = h('span', { class: 'status', role: 'status' });
+  const form = canWrite ? h('form', { id: 'create-env', class: 'card' }, h('h2', {}, 'New env'),
+    field('name', 'Name', name), field('python_version', 'Python', python),
+    field('packages', 'Packages', packages), field('manager', 'Manager', manager),
+    h('button', { type: 'submit' }, 'Create'), status) : null;
+  main.replaceChildren(h('section', {}, form, table));
+
+  let defs = [];
+  let nodes = {};
+  const rows = new Map();
+  function render() {
+    const seen = new Set();
+    for (const e of defs) {
+      seen.add(e.name);
+      let r = rows.get(e.name);
+      if (!r) {
+        const cells = [0, 1, 2, 3, 4, 5, 6].map(() => h('td'));
+        if (canWrite) {
+          const rerun = h('button', { class: 'rerun' }, 'Rerun');
+          rerun.addEventListener('click', () => api('POST', `/conda-envs/${encodeURIComponent(e.name)}/rerun`).catch((err) => setText(rerun, err.message)));
+          const del = h('button', { class: 'delete' }, 'Delete');
+          del.addEventListener('click', async () => {
+            if (del.dataset.armed !== '1') { del.dataset.armed = '1'; setText(del, 'Confirm delete'); return; }
+            try { await api('DELETE', `/conda-envs/${encodeURIComponent(e.name)}`); refresh(); } catch (err) { setText(del, err.message); }
+          });
+          cells[6].append(rerun, ' ', del);
+        }
+        r = { tr: h('tr', { 'data-name': e.name }, cells), cells };
+        rows.set(e.name, r);
+        tbody.append(r.tr);
+      }
+      const ready = Object.values(nodes).filter((n) => n.conda_envs.includes(e.name)).map((n) => n.node_id);
+      const problems = Object.values(nodes).flatMap((n) => n.env_problems.filter((p) => p.includes(e.name)).map((p) => `${n.node_id}: ${p}`));
+      setText(r.cells[0], e.name);
+      setText(r.cells[1], e.manager);
+      setText(r.cells[2], e.python_version);
+      setText(r.cells[3], e.packages.join(', '));
+      setText(r.cells[4], ready.join(', '));
+      setText(r.cells[5], problems.join('; '));
+    }
+    for (const [n, r] of rows) if (!seen.has(n)) { r.tr.remove(); rows.delete(n); }
+  }
+  let fetching = false;
+  async function refresh() {
+    if (fetching) return;
+    fetching = true;
+    try { defs = await api('GET', '/conda-envs?limit=1000'); render(); } catch { /* the banner tells */ }
+    finally { fetching = false; }
+  }
+  if (form) form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    for (const e of Object.values(errors)) setText(e, '');
+    setText(status, '');
+    try {
+      await api('POST', '/conda-envs', { name: name.value, python_version: python.value, packages: packages.value, manager: manager.value });
+      setText(status, 'created ' + name.value);
+      form.reset();
+      refresh();
+    } catch (err) {
+      let placed = false;
+      for (const [loc, msg] of Object.entries(fieldErrors(err))) {
+        const slot = errors[loc.split('.')[0]];
+        if (slot) { setText(slot, msg); placed = true; }
+      }
+      if (!placed) setText(status, err.message);
+    }
+  });
+  refresh();
+  return live.subscribe((frame) => { nodes = frame.nodes; render(); refresh(); });
+}

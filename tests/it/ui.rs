@@ -459,3 +459,46 @@ async fn envs_are_created_and_deleted_from_the_page() {
     b.close().await;
     c.shutdown().await;
 }
+
+/// Nodes: reserved vs total capacity beside measured use, a bar per core with real values,
+/// and a history chart that grows with the heartbeats (no reload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_page_shows_capacity_and_live_charts() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["gpu"], &[("slot", 4)], false).await;
+    let id = c
+        .deploy(
+            "holds-a-slot",
+            json!({"config": {"command": ["sleep", "1000"]}, "capacity_requests": {"slot": 1}}),
+        )
+        .await;
+    c.wait_state(&id, "RUNNING").await;
+    b.client.goto(&format!("{}/ui/nodes", c.api)).await.unwrap();
+    let capacity = b
+        .until(
+            "the node's capacity",
+            "const d = document.querySelector('article[data-id=n1] [data-fact=capacity]'); return d ? d.textContent : '';",
+            |v| v.as_str().is_some_and(|s| s.contains("slot: 1 / 4 reserved") && s.contains("measured: cpu")),
+        )
+        .await;
+    assert!(!capacity.as_str().unwrap().contains("cpu ?"), "{capacity}");
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    b.until(
+        "a bar per core",
+        "return document.querySelectorAll('article[data-id=n1] .cores .meter').length;",
+        |v| v.as_u64() == Some(cores as u64),
+    )
+    .await;
+    b.until(
+        "the CPU history growing",
+        "const s = document.querySelector('article[data-id=n1] [data-chart=cpu] svg'); return s ? Number(s.dataset.samples) : 0;",
+        |v| v.as_u64().is_some_and(|n| n >= 3),
+    )
+    .await;
+    b.screenshot("nodes").await;
+    b.close().await;
+    c.shutdown().await;
+}

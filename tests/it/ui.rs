@@ -502,3 +502,103 @@ async fn the_nodes_page_shows_capacity_and_live_charts() {
     b.close().await;
     c.shutdown().await;
 }
+
+/// A conductor restart: the page shows the banner, reconnects by itself, and is live again
+/// (a deployment made after the restart appears without a reload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conductor_restart_shows_the_banner_and_recovers() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let mut c = Cluster::start().await;
+    c.deploy("before", json!({"config": {"command": ["true"]}}))
+        .await;
+    b.client.goto(&format!("{}/ui/", c.api)).await.unwrap();
+    b.until("the table", ROWS, |v| row(v, "before").is_some())
+        .await;
+    c.restart_conductor().await;
+    b.until(
+        "the page noticed the socket closing",
+        "return window.symphonyDisconnects || 0;",
+        |v| v.as_u64().is_some_and(|n| n >= 1),
+    )
+    .await;
+    c.deploy("after", json!({"config": {"command": ["true"]}}))
+        .await;
+    b.until("live again after the restart", ROWS, |v| {
+        row(v, "after").is_some() && row(v, "before").is_some()
+    })
+    .await;
+    let hidden = b
+        .client
+        .execute("return document.getElementById('banner').hidden;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(hidden, json!(true), "the banner goes once reconnected");
+    b.close().await;
+    c.shutdown().await;
+}
+
+/// Scale: 500 deployments (what one live snapshot carries) render once, then each update
+/// touches only what changed. Prints the browser's own timings (tests assert no timing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deployments_table_at_scale() {
+    const N: usize = 500;
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let c = Cluster::start().await;
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let (status, body) = c
+            .post(
+                "/deployments",
+                json!({"name": format!("d{i:04}"), "desired_state": "STOPPED",
+                       "specification": {"spec": {"config": {"command": ["true"]}}}}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    b.client.goto(&format!("{}/ui/", c.api)).await.unwrap();
+    b.until(
+        "every row",
+        "return document.querySelectorAll('#deployments tbody tr').length;",
+        |v| v.as_u64() == Some(N as u64),
+    )
+    .await;
+    let first = b
+        .client
+        .execute("return window.symphonyRender;", vec![])
+        .await
+        .unwrap();
+    // Twenty updates, each a PATCH of one deployment's name (the page must show each).
+    for (k, id) in ids.iter().take(20).enumerate() {
+        c.patch(
+            &format!("/deployments/{id}"),
+            json!({"name": format!("renamed-{k}")}),
+        )
+        .await;
+    }
+    b.until("the renames shown", ROWS, |v| {
+        row(v, "renamed-19").is_some()
+    })
+    .await;
+    let after = b
+        .client
+        .execute("return window.symphonyRender;", vec![])
+        .await
+        .unwrap();
+    let updates = after["count"].as_f64().unwrap() - first["count"].as_f64().unwrap();
+    let per_update = (after["total_ms"].as_f64().unwrap() - first["total_ms"].as_f64().unwrap())
+        / updates.max(1.0);
+    eprintln!(
+        "UI at {N} deployments: first render done {:.0} ms after navigation (its render {:.1} ms); {updates} updates, {per_update:.2} ms each on average, max {:.1} ms",
+        first["first_at_ms"].as_f64().unwrap(),
+        first["max_ms"].as_f64().unwrap(),
+        after["max_ms"].as_f64().unwrap()
+    );
+    assert!(updates >= 1.0, "{after}");
+    b.close().await;
+    c.shutdown().await;
+}

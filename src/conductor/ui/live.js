@@ -31,6 +31,8 @@ export class Live {
       for (const fn of this.listeners) fn(frame);
     };
     ws.onclose = () => {
+      // Counted for the browser tests (and anyone curious in the console).
+      window.symphonyDisconnects = (window.symphonyDisconnects || 0) + 1;
       this.banner.textContent = 'Connection to the conductor lost; reconnecting…';
       this.banner.hidden = false;
       setTimeout(() => this.connect(), this.delay);

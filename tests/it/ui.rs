@@ -602,3 +602,53 @@ async fn the_deployments_table_at_scale() {
     b.close().await;
     c.shutdown().await;
 }
+
+/// Experiments (processes by group with their nodes and states) and services (binder and
+/// connectors) as launched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experiments_and_services_pages() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let ports = crate::support::free_port_range(8);
+    let mut c = Cluster::start_with(|cfg| cfg.service_ports = ports).await;
+    c.add_node("n1", &[], &[], false).await;
+    let (status, body) = c
+        .post(
+            "/experiments",
+            json!({"name": "rl", "processes": [
+                {"name": "learner", "group": "train", "config": {"command": ["sleep", "1000"]},
+                 "binds": ["replay"]},
+                {"name": "agent", "replicas": 2, "config": {"command": ["sleep", "1000"]},
+                 "connects": ["replay"]}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    b.client
+        .goto(&format!("{}/ui/experiments", c.api))
+        .await
+        .unwrap();
+    b.until(
+        "three processes RUNNING",
+        "return [...document.querySelectorAll('article[data-name=rl] tbody tr')].map(tr => tr.children[3].textContent);",
+        |v| v.as_array().is_some_and(|a| a.len() == 3 && a.iter().all(|s| s == "RUNNING")),
+    )
+    .await;
+    b.screenshot("experiments").await;
+    b.client
+        .goto(&format!("{}/ui/services", c.api))
+        .await
+        .unwrap();
+    let row = b
+        .until(
+            "the replay service",
+            "const tr = document.querySelector('tr[data-service=\"rl/replay\"]'); return tr ? [...tr.children].map(td => td.textContent) : null;",
+            |v| v.is_array(),
+        )
+        .await;
+    assert_eq!(row[3], "rl/learner", "{row}");
+    assert_eq!(row[5], "2", "{row}");
+    b.screenshot("services").await;
+    b.close().await;
+    c.shutdown().await;
+}

@@ -9,6 +9,7 @@ import { nodesPage } from './nodes.js';
 import { detailPage } from './detail.js';
 import { eventsPage } from './events.js';
 import { envsPage } from './envs.js';
+import { experimentsPage, servicesPage } from './mesh.js';
 
 const main = document.getElementById('main');
 const banner = document.getElementById('banner');
@@ -58,6 +59,8 @@ function route(who) {
   if (path === '/ui/nodes') unsubscribe = nodesPage(main, live);
   else if (path === '/ui/events') unsubscribe = eventsPage(main);
   else if (path === '/ui/envs') unsubscribe = envsPage(main, live, who);
+  else if (path === '/ui/experiments') unsubscribe = experimentsPage(main, live, who);
+  else if (path === '/ui/services') unsubscribe = servicesPage(main, live);
   else if (detail) unsubscribe = detailPage(main, live, decodeURIComponent(detail[1]));
   else unsubscribe = deploymentsPage(main, live, who);
 }

@@ -98,6 +98,17 @@ impl Browser {
         panic!("timed out waiting for {what}; last: {last}");
     }
 
+    /// The element `css` names, once the page has made it (pages render after their first
+    /// API answer).
+    async fn el(&self, css: &str) -> fantoccini::elements::Element {
+        self.client
+            .wait()
+            .at_most(PAGE_WAIT)
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
+    }
+
     async fn screenshot(&self, name: &str) {
         let png = self.client.screenshot().await.expect("screenshot");
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-shots");
@@ -137,7 +148,7 @@ async fn deployments_page_creates_runs_stops_and_deletes_live() {
         .goto(&format!("{}/ui/", c.api))
         .await
         .expect("the UI loads");
-    let form = b.client.find(Locator::Css("#create")).await.unwrap();
+    let form = b.el("#create").await;
     form.find(Locator::Css("input[name=name]"))
         .await
         .unwrap()
@@ -197,24 +208,12 @@ async fn deployments_page_creates_runs_stops_and_deletes_live() {
 
     // Stop, then start again, from the row.
     let toggle = format!("tr[data-id=\"{id}\"] button.toggle");
-    b.client
-        .find(Locator::Css(&toggle))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.el(&toggle).await.click().await.unwrap();
     b.until("desired STOPPED", ROWS, |v| {
         row(v, "from-the-form").is_some_and(|r| r["desired"] == "STOPPED")
     })
     .await;
-    b.client
-        .find(Locator::Css(&toggle))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.el(&toggle).await.click().await.unwrap();
     b.until("RUNNING again", ROWS, |v| {
         row(v, "from-the-form")
             .is_some_and(|r| r["desired"] == "RUNNING" && r["current"] == "RUNNING")
@@ -243,13 +242,7 @@ async fn deployments_page_creates_runs_stops_and_deletes_live() {
     // Delete asks to confirm, then the row goes.
     let del = format!("tr[data-id=\"{id}\"] button.delete");
     for _ in 0..2 {
-        b.client
-            .find(Locator::Css(&del))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        b.el(&del).await.click().await.unwrap();
     }
     b.until("the row gone", ROWS, |v| row(v, "from-the-form").is_none())
         .await;
@@ -270,7 +263,7 @@ async fn the_ui_signs_in_with_a_token() {
         .api_token("browser", symphony::conductor::trust::Role::Operator)
         .await;
     b.client.goto(&format!("{}/ui/", c.api)).await.unwrap();
-    let login = b.client.find(Locator::Css("#login")).await.unwrap();
+    let login = b.el("#login").await;
     login
         .find(Locator::Css("input[name=token]"))
         .await
@@ -399,7 +392,7 @@ async fn envs_are_created_and_deleted_from_the_page() {
     };
     let c = Cluster::start().await;
     b.client.goto(&format!("{}/ui/envs", c.api)).await.unwrap();
-    let form = b.client.find(Locator::Css("#create-env")).await.unwrap();
+    let form = b.el("#create-env").await;
     let fill = async |name: &str, value: &str| {
         let input = form
             .find(Locator::Css(&format!("input[name={name}]")))
@@ -441,10 +434,8 @@ async fn envs_are_created_and_deleted_from_the_page() {
     assert_eq!(env["packages"], json!(["six", "requests"]));
     b.screenshot("envs").await;
     for _ in 0..2 {
-        b.client
-            .find(Locator::Css("tr[data-name=torch] button.delete"))
+        b.el("tr[data-name=torch] button.delete")
             .await
-            .unwrap()
             .click()
             .await
             .unwrap();
@@ -649,6 +640,113 @@ async fn experiments_and_services_pages() {
     assert_eq!(row[3], "rl/learner", "{row}");
     assert_eq!(row[5], "2", "{row}");
     b.screenshot("services").await;
+    b.close().await;
+    c.shutdown().await;
+}
+
+/// The form's common fields reach the spec (the git token stays secret: masked in the API,
+/// never on the page), and the whole spec is edited as JSON on the deployment's page: a bad
+/// field lists the API's 422, a good edit runs a new generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spec_is_made_by_the_form_and_edited_as_json() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["local"], &[("slot", 4)], false).await;
+    b.client.goto(&format!("{}/ui/", c.api)).await.unwrap();
+    let form = b.el("#create").await;
+    for (name, value) in [
+        ("name", "full"),
+        ("command", "sleep 1000"),
+        ("env", "A=1, B=two"),
+        ("capacity", "slot=2"),
+        ("token", "s3cret-token"),
+        ("cron", "0 3 * * *"),
+        ("timezone", "Europe/Paris"),
+    ] {
+        form.find(Locator::Css(&format!("input[name={name}]")))
+            .await
+            .unwrap()
+            .send_keys(value)
+            .await
+            .unwrap();
+    }
+    form.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let rows = b
+        .until("the deployment RUNNING", ROWS, |v| {
+            row(v, "full").is_some_and(|r| r["current"] == "RUNNING")
+        })
+        .await;
+    let id = row(&rows, "full").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, d) = c.get(&format!("/deployments/{id}")).await;
+    let spec = &d["specification"]["spec"];
+    assert_eq!(spec["config"]["env"], json!({"A": "1", "B": "two"}), "{d}");
+    assert_eq!(spec["capacity_requests"], json!({"slot": 2}), "{d}");
+    assert_eq!(spec["auto_restart"]["timezone"], "Europe/Paris", "{d}");
+    assert_ne!(spec["config"]["token"], "s3cret-token", "masked: {d}");
+
+    b.client
+        .goto(&format!("{}/ui/deployments/{id}", c.api))
+        .await
+        .unwrap();
+    b.until(
+        "the spec shown",
+        "return document.getElementById('spec').textContent;",
+        |v| v.as_str().is_some_and(|s| s.contains("capacity_requests")),
+    )
+    .await;
+    let page = b.client.source().await.unwrap();
+    assert!(!page.contains("s3cret-token"), "the token reached the page");
+    let edit = |spec: Value| {
+        let text = serde_json::to_string(&spec).unwrap();
+        let b = &b;
+        async move {
+            b.client
+                .execute(
+                    "document.getElementById('spec-edit').value = arguments[0];",
+                    vec![json!(text)],
+                )
+                .await
+                .unwrap();
+            b.el("#edit-spec button[type=submit]")
+                .await
+                .click()
+                .await
+                .unwrap();
+        }
+    };
+    edit(json!({"spec": {"config": {"command": ["sleep", "1000"]},
+                         "restart_policy": {"type": "sometimes"}}}))
+    .await;
+    b.until(
+        "the 422 listed",
+        "return [...document.querySelectorAll('#spec-errors li')].map(li => li.textContent);",
+        |v| {
+            v.as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|t| t.as_str().is_some_and(|t| t.contains("restart_policy")))
+            })
+        },
+    )
+    .await;
+    edit(json!({"spec": {"config": {"command": ["sleep", "999"]}}})).await;
+    c.wait(&format!("{id} runs its new command"), |v| {
+        v.deployment(&id).is_some_and(|d| {
+            d.status.as_ref().is_some_and(|s| {
+                s.generation.get() >= 2 && s.state == symphony::model::CurrentState::Running
+            })
+        })
+    })
+    .await;
     b.close().await;
     c.shutdown().await;
 }

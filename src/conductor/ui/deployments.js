@@ -12,6 +12,17 @@ function commandOf(text) {
   return ['sh', '-c', t];
 }
 
+/** `a=1, b=2` -> `{a: 1, b: 2}` (numbers where they parse). */
+function pairs(text, numbers) {
+  const out = {};
+  for (const part of text.split(',').map((x) => x.trim()).filter(Boolean)) {
+    const [k, ...rest] = part.split('=');
+    const v = rest.join('=').trim();
+    out[k.trim()] = numbers && /^-?\d+$/.test(v) ? Number(v) : v;
+  }
+  return out;
+}
+
 function createForm(canWrite) {
   if (!canWrite) return null;
   const errors = {};
@@ -19,15 +30,36 @@ function createForm(canWrite) {
     errors[name] = h('span', { class: 'error', 'data-error-for': name });
     return h('label', {}, label, input, errors[name]);
   };
+  const input = (name, placeholder, type = 'text') => h('input', { name, placeholder, type });
   const name = h('input', { name: 'name', required: true, maxlength: 200, placeholder: 'hello' });
   const command = h('input', { name: 'command', required: true, placeholder: 'while true; do date; sleep 1; done' });
-  const group = h('input', { name: 'node_group', placeholder: '(any)' });
+  const group = input('node_group', '(any)');
+  const envName = input('env_name', 'conda/uv env');
+  const env = input('env', 'A=1, B=2');
+  const capacity = input('capacity', 'gpu=1, cpu=4');
+  const restart = h('select', { name: 'restart' }, ['', 'always', 'on-failure', 'never'].map((v) => h('option', { value: v }, v || '(default)')));
+  const gitRepo = input('git_repo', 'https://github.com/org/repo');
+  const gitRef = input('git_ref', 'main, a tag or a SHA');
+  const token = input('token', 'git token (kept secret)', 'password');
+  const health = input('health', 'tcp:PORT or http://127.0.0.1:PORT/path');
+  const cron = input('cron', '0 3 * * *');
+  const tz = input('timezone', 'UTC');
   const status = h('span', { class: 'status', role: 'status' });
   const form = h('form', { id: 'create', class: 'card' },
     h('h2', {}, 'New deployment'),
     field('name', 'Name', name),
     field('spec.config.command', 'Command', command),
     field('spec.node_group', 'Group', group),
+    field('spec.config.env_name', 'Env', envName),
+    field('spec.config.env', 'Variables', env),
+    field('spec.capacity_requests', 'Capacity', capacity),
+    field('spec.restart_policy', 'Restart', restart),
+    field('spec.config.git_repo', 'Git repo', gitRepo),
+    field('spec.config.git_ref', 'Git ref', gitRef),
+    field('spec.config.token', 'Git token', token),
+    field('spec.health_check', 'Health check', health),
+    field('spec.auto_restart', 'Cron restart', cron),
+    field('spec.auto_restart.timezone', 'Time zone', tz),
     h('button', { type: 'submit' }, 'Create'), status);
   form.addEventListener('submit', async (ev) => {
     ev.preventDefault();
@@ -38,8 +70,21 @@ function createForm(canWrite) {
       setText(errors['spec.config.command'], 'not a JSON list: ' + e.message);
       return;
     }
-    const spec = { config: { command: cmd } };
-    if (group.value.trim()) spec.node_group = group.value.trim();
+    const config = { command: cmd };
+    const spec = { config };
+    const v = (el) => el.value.trim();
+    if (v(group)) spec.node_group = v(group);
+    if (v(envName)) config.env_name = v(envName);
+    if (v(env)) config.env = pairs(v(env), false);
+    if (v(capacity)) spec.capacity_requests = pairs(v(capacity), true);
+    if (restart.value) spec.restart_policy = { type: restart.value };
+    if (v(gitRepo)) config.git_repo = v(gitRepo);
+    if (v(gitRef)) config.git_ref = v(gitRef);
+    if (token.value) config.token = token.value;
+    const hc = v(health);
+    if (hc.startsWith('tcp:')) spec.health_check = { type: 'tcp', host: '127.0.0.1', port: Number(hc.slice(4)) };
+    else if (hc) spec.health_check = { type: 'http', url: hc };
+    if (v(cron)) spec.auto_restart = { enabled: true, cron: v(cron), timezone: v(tz) || 'UTC' };
     try {
       const d = await api('POST', '/deployments', { name: name.value, specification: { spec } });
       setText(status, 'created ' + d.id.slice(0, 8));

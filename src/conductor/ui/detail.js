@@ -2,7 +2,7 @@
 // live) and its logs (live, with stream filter, pause/follow, search, download and a cap).
 
 import { h, setText } from './dom.js';
-import { api } from './api.js';
+import { api, fieldErrors } from './api.js';
 
 const LINE_CAP = 5000;
 const STREAMS = ['stdout', 'stderr', 'system'];
@@ -39,7 +39,36 @@ export function detailPage(main, live, id) {
       search, pause, download, logState),
     logBox,
     h('h3', {}, 'Events'), events,
-    h('h3', {}, 'Specification'), spec));
+    h('h3', {}, 'Specification'), spec, editor()));
+
+  // The whole specification as JSON: edited in place, PATCHed, the API's 422s listed by field
+  // (the git token stays masked; sent back unchanged it is kept, for the same repository).
+  function editor() {
+    const area = h('textarea', { id: 'spec-edit', rows: 14, spellcheck: 'false' });
+    const errs = h('ul', { id: 'spec-errors', class: 'error' });
+    const save = h('button', { type: 'submit' }, 'Save specification');
+    const form = h('form', { id: 'edit-spec' }, area, save, errs);
+    area.addEventListener('focus', () => { if (!area.value) area.value = spec.textContent; }, { once: true });
+    form.addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      errs.replaceChildren();
+      let parsed;
+      try { parsed = JSON.parse(area.value || spec.textContent); } catch (e) {
+        errs.append(h('li', {}, 'not JSON: ' + e.message));
+        return;
+      }
+      try {
+        await api('PATCH', '/deployments/' + encodeURIComponent(id), { specification: parsed });
+        errs.append(h('li', { class: 'ok' }, 'saved'));
+        area.value = '';
+      } catch (err) {
+        const list = Object.entries(fieldErrors(err));
+        if (list.length === 0) errs.append(h('li', {}, err.message));
+        for (const [loc, msg] of list) errs.append(h('li', { 'data-loc': loc }, `${loc}: ${msg}`));
+      }
+    });
+    return form;
+  }
 
   const lines = [];
   let paused = false;

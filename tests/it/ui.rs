@@ -209,8 +209,24 @@ async fn deployments_page_creates_runs_stops_and_deletes_live() {
     // Stop, then start again, from the row.
     let toggle = format!("tr[data-id=\"{id}\"] button.toggle");
     b.el(&toggle).await.click().await.unwrap();
-    b.until("desired STOPPED", ROWS, |v| {
-        row(v, "from-the-form").is_some_and(|r| r["desired"] == "STOPPED")
+    b.until("stopped", ROWS, |v| {
+        row(v, "from-the-form")
+            .is_some_and(|r| r["desired"] == "STOPPED" && r["current"] == "STOPPED")
+    })
+    .await;
+    // The state filter hides what does not match, and shows it again.
+    let pick = "const s = document.getElementById('filter-state'); s.value = arguments[0]; s.dispatchEvent(new Event('change'));";
+    b.client
+        .execute(pick, vec![json!("RUNNING")])
+        .await
+        .unwrap();
+    b.until("hidden by the filter", ROWS, |v| {
+        row(v, "from-the-form").is_some_and(|r| r["hidden"] == true)
+    })
+    .await;
+    b.client.execute(pick, vec![json!("")]).await.unwrap();
+    b.until("shown again", ROWS, |v| {
+        row(v, "from-the-form").is_some_and(|r| r["hidden"] == false)
     })
     .await;
     b.el(&toggle).await.click().await.unwrap();

@@ -108,11 +108,25 @@ function createForm(canWrite) {
 export function deploymentsPage(main, live, who) {
   const canWrite = who.role !== 'viewer';
   const search = h('input', { type: 'search', id: 'search', placeholder: 'search name or id' });
+  const choice = (id, label) => h('select', { id }, h('option', { value: '' }, label));
+  const stateFilter = choice('filter-state', 'any state');
+  const nodeFilter = choice('filter-node', 'any node');
+  const groupFilter = choice('filter-group', 'any group');
+  /** Keeps a select's options equal to `values` (sorted), leaving its choice alone. */
+  function options(select, values) {
+    const want = [...values].sort();
+    const have = [...select.options].slice(1).map((o) => o.value);
+    if (want.join('\u0000') === have.join('\u0000')) return;
+    const chosen = select.value;
+    select.replaceChildren(select.options[0], ...want.map((v) => h('option', { value: v }, v)));
+    select.value = want.includes(chosen) ? chosen : '';
+  }
   const tbody = h('tbody');
   const count = h('span', { class: 'count' });
   const table = h('table', { id: 'deployments' },
     h('thead', {}, h('tr', {}, COLUMNS.map((c) => h('th', {}, c)))), tbody);
-  main.replaceChildren(h('section', {}, createForm(canWrite), h('div', { class: 'bar' }, search, count), table));
+  main.replaceChildren(h('section', {}, createForm(canWrite),
+    h('div', { class: 'bar' }, search, stateFilter, nodeFilter, groupFilter, count), table));
   const rows = new Map();
 
   function rowFor(d) {
@@ -157,13 +171,23 @@ export function deploymentsPage(main, live, who) {
 
   function renderRows(frame) {
     const q = search.value.trim().toLowerCase();
+    const states = new Set();
+    const nodes = new Set(Object.keys(frame.nodes));
+    const groups = new Set();
     const seen = new Set();
     let shown = 0;
     let prev = null;
     for (const d of frame.deployments) {
       seen.add(d.id);
       const r = rowFor(d);
-      const match = !q || d.name.toLowerCase().includes(q) || d.id.startsWith(q);
+      const state = d.current_state ?? 'PENDING';
+      const group = d.specification && d.specification.spec ? d.specification.spec.node_group : null;
+      states.add(state);
+      if (group) groups.add(group);
+      const match = (!q || d.name.toLowerCase().includes(q) || d.id.startsWith(q))
+        && (!stateFilter.value || state === stateFilter.value)
+        && (!nodeFilter.value || d.assigned_node_id === nodeFilter.value)
+        && (!groupFilter.value || group === groupFilter.value);
       r.tr.hidden = !match;
       if (match) shown += 1;
       setText(r.link, d.name);
@@ -183,7 +207,12 @@ export function deploymentsPage(main, live, who) {
       if (!seen.has(id)) { r.tr.remove(); rows.delete(id); }
     }
     setText(count, `${shown} of ${frame.deployments.length}`);
+    options(stateFilter, new Set([...states, 'RUNNING', 'STOPPED', 'PENDING', 'FAILED']));
+    options(nodeFilter, nodes);
+    options(groupFilter, groups);
   }
-  search.addEventListener('input', () => live.last && render(live.last));
+  for (const el of [search, stateFilter, nodeFilter, groupFilter]) {
+    el.addEventListener(el === search ? 'input' : 'change', () => live.last && render(live.last));
+  }
   return live.subscribe(render);
 }

@@ -122,6 +122,26 @@ impl Browser {
     }
 }
 
+/// Types `value` into the input `name` of `form`.
+async fn fill(form: &fantoccini::elements::Element, name: &str, value: &str) {
+    form.find(Locator::Css(&format!("input[name={name}]")))
+        .await
+        .unwrap()
+        .send_keys(value)
+        .await
+        .unwrap();
+}
+
+/// Presses the form's submit button.
+async fn submit(form: &fantoccini::elements::Element) {
+    form.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
 /// The table's rows as `{id, name, current, desired}`.
 const ROWS: &str = "return [...document.querySelectorAll('#deployments tbody tr')].map(tr => ({
     id: tr.dataset.id,
@@ -149,24 +169,9 @@ async fn deployments_page_creates_runs_stops_and_deletes_live() {
         .await
         .expect("the UI loads");
     let form = b.el("#create").await;
-    form.find(Locator::Css("input[name=name]"))
-        .await
-        .unwrap()
-        .send_keys("from-the-form")
-        .await
-        .unwrap();
-    form.find(Locator::Css("input[name=command]"))
-        .await
-        .unwrap()
-        .send_keys("sleep 1000")
-        .await
-        .unwrap();
-    form.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    fill(&form, "name", "from-the-form").await;
+    fill(&form, "command", "sleep 1000").await;
+    submit(&form).await;
     let rows = b
         .until("the new deployment RUNNING in the table", ROWS, |v| {
             row(v, "from-the-form").is_some_and(|r| r["current"] == "RUNNING")
@@ -181,24 +186,9 @@ async fn deployments_page_creates_runs_stops_and_deletes_live() {
     b.screenshot("deployments").await;
 
     // A command the API refuses: its 422 lands on the command field.
-    form.find(Locator::Css("input[name=name]"))
-        .await
-        .unwrap()
-        .send_keys("bad")
-        .await
-        .unwrap();
-    form.find(Locator::Css("input[name=command]"))
-        .await
-        .unwrap()
-        .send_keys("[1, 2]")
-        .await
-        .unwrap();
-    form.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    fill(&form, "name", "bad").await;
+    fill(&form, "command", "[1, 2]").await;
+    submit(&form).await;
     b.until(
         "the 422 on the command field",
         "return document.querySelector('[data-error-for=\"spec.config.command\"]').textContent;",
@@ -280,20 +270,8 @@ async fn the_ui_signs_in_with_a_token() {
         .await;
     b.client.goto(&format!("{}/ui/", c.api)).await.unwrap();
     let login = b.el("#login").await;
-    login
-        .find(Locator::Css("input[name=token]"))
-        .await
-        .unwrap()
-        .send_keys(&token)
-        .await
-        .unwrap();
-    login
-        .find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    fill(&login, "token", &token).await;
+    submit(&login).await;
     b.until(
         "the deployments page after sign-in",
         "return !!document.querySelector('#deployments') && document.getElementById('who').textContent;",
@@ -409,36 +387,18 @@ async fn envs_are_created_and_deleted_from_the_page() {
     let c = Cluster::start().await;
     b.client.goto(&format!("{}/ui/envs", c.api)).await.unwrap();
     let form = b.el("#create-env").await;
-    let fill = async |name: &str, value: &str| {
-        let input = form
-            .find(Locator::Css(&format!("input[name={name}]")))
-            .await
-            .unwrap();
-        input.clear().await.unwrap();
-        input.send_keys(value).await.unwrap();
-    };
     // No python version: the API's 422 lands on that field.
-    fill("name", "torch").await;
-    form.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    fill(&form, "name", "torch").await;
+    submit(&form).await;
     b.until(
         "the 422 on python_version",
         "return document.querySelector('[data-error-for=python_version]').textContent;",
         |v| v.as_str().is_some_and(|s| !s.is_empty()),
     )
     .await;
-    fill("python_version", "3.11").await;
-    fill("packages", "six, requests").await;
-    form.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    fill(&form, "python_version", "3.11").await;
+    fill(&form, "packages", "six, requests").await;
+    submit(&form).await;
     let rows =
         "return [...document.querySelectorAll('#envs tbody tr')].map(tr => tr.dataset.name);";
     b.until("the env listed", rows, |v| {
@@ -681,19 +641,9 @@ async fn the_spec_is_made_by_the_form_and_edited_as_json() {
         ("cron", "0 3 * * *"),
         ("timezone", "Europe/Paris"),
     ] {
-        form.find(Locator::Css(&format!("input[name={name}]")))
-            .await
-            .unwrap()
-            .send_keys(value)
-            .await
-            .unwrap();
+        fill(&form, name, value).await;
     }
-    form.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    submit(&form).await;
     let rows = b
         .until("the deployment RUNNING", ROWS, |v| {
             row(v, "full").is_some_and(|r| r["current"] == "RUNNING")

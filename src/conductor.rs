@@ -17,6 +17,7 @@ pub mod view;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -126,8 +127,9 @@ pub struct Conductor {
     pub https: bool,
     /// Where nodes connect.
     pub quic_addr: SocketAddr,
-    /// The CA (to issue node certificates in-process, e.g. for `symphony dev`).
-    pub ca: CertificateAuthority,
+    /// The CA (to issue node certificates in-process, e.g. for `symphony dev`); the core
+    /// signs enrollments and renewals with the same one.
+    pub ca: Arc<CertificateAuthority>,
     /// Handle to the core (tests, embedding).
     pub core: core::CoreHandle,
     cancel: CancellationToken,
@@ -147,8 +149,10 @@ impl Conductor {
         let store = store::Store::open(&cfg.storage_dir, key)
             .await
             .with_context(|| format!("opening the store in {}", cfg.storage_dir.display()))?;
-        let ca = CertificateAuthority::load_or_create(&cfg.cert_dir)
-            .with_context(|| format!("certificate authority in {}", cfg.cert_dir.display()))?;
+        let ca = Arc::new(
+            CertificateAuthority::load_or_create(&cfg.cert_dir)
+                .with_context(|| format!("certificate authority in {}", cfg.cert_dir.display()))?,
+        );
         let mut names = cfg.server_names.clone();
         names.push("127.0.0.1".into());
         if !cfg.quic_listen.ip().is_unspecified() {
@@ -172,7 +176,7 @@ impl Conductor {
         };
         let revoked = symphony_net::RevokedSet::default();
         let trust = core::TrustState::new(
-            CertificateAuthority::load(&symphony_net::CertFiles::in_dir(&cfg.cert_dir, "ca"))?,
+            ca.clone(),
             revoked.clone(),
             store.list_node_trust().await?,
             cfg.node_cert_ttl,

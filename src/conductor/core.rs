@@ -657,10 +657,9 @@ impl Core {
     /// all in its transaction, and publishes them once it committed.
     async fn persist<T>(
         &mut self,
-        own: Vec<NewEvent>,
+        mut own: Vec<NewEvent>,
         write: impl AsyncFnOnce(&Store, &[Event]) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut own = own;
         if let Some(by) = &self.by {
             for e in &mut own {
                 if let Some(f) = e.fields.as_object_mut() {
@@ -1661,13 +1660,8 @@ impl Core {
             tx,
             session,
         } = c;
-        if let Some(why) = self.hello_refusal(&node_id, &hello.groups) {
+        if let Some((code, why)) = self.hello_refusal(&node_id, &hello.groups) {
             tracing::warn!(%node_id, %why, "refusing a node's hello");
-            let code = if self.trust.is_revoked(&node_id) {
-                symphony_net::CloseCode::Revoked
-            } else {
-                symphony_net::CloseCode::AuthFailed
-            };
             session.close(code, &why);
             self.journal.note(narrate::node(
                 "node.refused",

@@ -89,15 +89,16 @@ async fn enroll(e: Enrollment, core: CoreHandle, enrolling: Arc<tokio::sync::Sem
             return;
         }
     };
-    let reply = match known_token(&core, &request).await {
-        Some(why) => wire::EnrollReply {
+    let reply = match join_token(&core, &request).await {
+        Err(why) => wire::EnrollReply {
             error: why.into(),
             ..wire::EnrollReply::default()
         },
-        None => {
+        Ok(token) => {
             let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
             core.send(CoreMsg::Trust(TrustMsg::Enroll {
                 request,
+                token,
                 remote,
                 reply: reply_tx,
             }))
@@ -121,17 +122,23 @@ async fn enroll(e: Enrollment, core: CoreHandle, enrolling: Arc<tokio::sync::Sem
     connection.close(CloseCode::Shutdown.varint(), b"done");
 }
 
-/// Why a join request is refused before it reaches the core (an unknown token or a wrong
-/// secret: junk costs one store read here, none of the core's time). The core checks again.
-async fn known_token(core: &CoreHandle, request: &wire::EnrollRequest) -> Option<&'static str> {
+/// The join token a request names, its secret checked here (an unknown token or a wrong
+/// secret costs one store read in this task and none of the core's time); `Ok(None)` for a
+/// request that names no token (a renewal after expiry).
+async fn join_token(
+    core: &CoreHandle,
+    request: &wire::EnrollRequest,
+) -> Result<Option<Box<super::trust::JoinTokenRecord>>, &'static str> {
     let Some(wire::enroll_request::How::Join(j)) = &request.how else {
-        return None;
+        return Ok(None);
     };
     match core.store().get_join_token(&j.token_id).await {
-        Ok(t) if super::trust::secret_matches(&j.secret, &t.secret_hash) => None,
-        Ok(_) | Err(super::store::StoreError::NotFound) => Some("unknown join token"),
-        // The core reports store failures with the rest.
-        Err(_) => None,
+        Ok(t) if super::trust::secret_matches(&j.secret, &t.secret_hash) => Ok(Some(Box::new(t))),
+        Ok(_) | Err(super::store::StoreError::NotFound) => Err("unknown join token"),
+        Err(e) => {
+            tracing::error!(error = %e, "store failure reading a join token");
+            Err("conductor store unavailable")
+        }
     }
 }
 

@@ -59,8 +59,8 @@ impl std::fmt::Display for Role {
 
 /// SHA-256 of a secret, hex: what the store keeps.
 pub fn hash_secret(secret: &str) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    data_encoding::HEXLOWER
+        .encode(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref())
 }
 
 /// Whether `secret` hashes to `stored` (compared in constant time).

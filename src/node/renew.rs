@@ -32,8 +32,6 @@ pub struct Renewal {
     /// The key and CSR of the request in flight: a retry sends the same CSR, so a late answer
     /// still matches the key kept.
     pending: Option<(String, String)>,
-    /// Renewals done (for tests and logs).
-    done: u64,
 }
 
 /// When to renew a certificate that ends at `not_after_ms`: after 60-73 % of what is left.
@@ -57,7 +55,6 @@ impl Renewal {
             due: Instant::now() + Self::delay(not_after_ms),
             not_after_ms,
             pending: None,
-            done: 0,
         }
     }
 
@@ -147,7 +144,6 @@ impl Renewal {
         {
             tracing::warn!(error = %format!("{e:#}"), "could not save the renewed certificate; a restart uses the old one");
         }
-        self.done += 1;
         self.not_after_ms = r.not_after_ms;
         self.due = Instant::now() + Self::delay(r.not_after_ms);
         tracing::info!(not_after_ms = r.not_after_ms, "node certificate renewed");
@@ -164,14 +160,8 @@ impl Renewal {
         self.not_after_ms = Self::not_after(&tls);
         self.due = Instant::now() + Self::delay(self.not_after_ms);
         self.pending = None;
-        self.done += 1;
         self.tls = tls;
         tracing::info!("node certificate renewed after it expired");
-    }
-
-    /// Renewals done so far.
-    pub fn renewed(&self) -> u64 {
-        self.done
     }
 }
 

@@ -2,6 +2,7 @@
 //! revocation, API tokens. Every change is persisted with its event before anyone is told.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -12,9 +13,7 @@ use tokio::sync::oneshot;
 use super::{Core, CoreError, Reply, narrate};
 use crate::conductor::events::{NewEvent, object};
 use crate::conductor::store::StoreError;
-use crate::conductor::trust::{
-    self, ApiTokenRecord, JoinToken, JoinTokenRecord, NodeTrust, Role, secret_matches,
-};
+use crate::conductor::trust::{self, ApiTokenRecord, JoinToken, JoinTokenRecord, NodeTrust, Role};
 use crate::time::{millis, now_ms};
 use crate::wire;
 
@@ -24,7 +23,7 @@ const SUFFIX_LEN: usize = 8;
 /// The conductor's trust state: the CA that signs, the revoked set the TLS verifier reads,
 /// and each node's record.
 pub struct TrustState {
-    ca: CertificateAuthority,
+    ca: Arc<CertificateAuthority>,
     ca_pem: String,
     ca_pin: [u8; 32],
     revoked: RevokedSet,
@@ -45,7 +44,7 @@ impl TrustState {
     /// From the CA, the set the verifier reads (filled here from `nodes`), and the stored
     /// records.
     pub fn new(
-        ca: CertificateAuthority,
+        ca: Arc<CertificateAuthority>,
         revoked: RevokedSet,
         nodes: Vec<NodeTrust>,
         cert_ttl: Duration,
@@ -70,6 +69,24 @@ impl TrustState {
             cert_ttl,
             renew_grace,
         })
+    }
+
+    /// The node's record, or a fresh one for a node with a certificate made by hand (`symphony
+    /// cert node`: no token, any group).
+    fn record(&self, node_id: &str, now_ms: i64) -> NodeTrust {
+        self.nodes
+            .get(node_id)
+            .cloned()
+            .unwrap_or_else(|| NodeTrust {
+                node_id: node_id.to_owned(),
+                token_id: None,
+                groups: None,
+                not_after_ms: None,
+                enrolled_at_ms: now_ms,
+                renewed_at_ms: None,
+                revoked_at_ms: None,
+                revoke_reason: None,
+            })
     }
 
     /// Whether the node is revoked.
@@ -119,6 +136,9 @@ pub enum TrustMsg {
     /// A node asking to join (or to renew an expired certificate) on the enrollment ALPN.
     Enroll {
         request: wire::EnrollRequest,
+        /// The join token the request names, read (and its secret checked) by the session
+        /// task, so junk never reaches the core; `None` for a renewal after expiry.
+        token: Option<Box<JoinTokenRecord>>,
         remote: std::net::SocketAddr,
         reply: oneshot::Sender<wire::EnrollReply>,
     },
@@ -192,13 +212,21 @@ impl Core {
             }
             TrustMsg::Enroll {
                 request,
+                token,
                 remote,
                 reply,
             } => {
-                let r = match request.how {
-                    Some(wire::enroll_request::How::Join(j)) => self.join(j, remote).await,
-                    Some(wire::enroll_request::How::RenewExpired(r)) => self.renew_expired(r).await,
-                    None => refused("empty enrollment request"),
+                let r = match (request.how, token) {
+                    (Some(wire::enroll_request::How::Join(j)), Some(t)) => {
+                        self.join(j, *t, remote).await
+                    }
+                    (Some(wire::enroll_request::How::Join(_)), None) => {
+                        refused("unknown join token")
+                    }
+                    (Some(wire::enroll_request::How::RenewExpired(r)), _) => {
+                        self.renew_expired(r).await
+                    }
+                    (None, _) => refused("empty enrollment request"),
                 };
                 let _ = reply.send(r);
             }
@@ -292,20 +320,15 @@ impl Core {
         Ok((rec, trust::encode_api_token(&id, &secret)))
     }
 
+    /// `token` was read and its secret checked by the session task; its use count and
+    /// revocation are checked again by the store in the enrollment's transaction.
     async fn join(
         &mut self,
         j: wire::JoinWithToken,
+        token: JoinTokenRecord,
         remote: std::net::SocketAddr,
     ) -> wire::EnrollReply {
         let now = now_ms();
-        let token = match self.store.get_join_token(&j.token_id).await {
-            Ok(t) if secret_matches(&j.secret, &t.secret_hash) => t,
-            Ok(_) | Err(StoreError::NotFound) => return refused("unknown join token"),
-            Err(e) => {
-                tracing::error!(error = %e, "store failure reading a join token");
-                return refused("conductor store unavailable");
-            }
-        };
         if let Some(why) = token.refusal(now) {
             return refused(why);
         }
@@ -462,22 +485,10 @@ impl Core {
         }
         let (cert_pem, not_after_ms) = self.trust.sign(csr_pem, node_id)?;
         let now = now_ms();
-        let rec = match self.trust.nodes.get(node_id) {
-            Some(n) => NodeTrust {
-                not_after_ms: Some(not_after_ms),
-                renewed_at_ms: Some(now),
-                ..n.clone()
-            },
-            None => NodeTrust {
-                node_id: node_id.to_owned(),
-                token_id: None,
-                groups: None,
-                not_after_ms: Some(not_after_ms),
-                enrolled_at_ms: now,
-                renewed_at_ms: Some(now),
-                revoked_at_ms: None,
-                revoke_reason: None,
-            },
+        let rec = NodeTrust {
+            not_after_ms: Some(not_after_ms),
+            renewed_at_ms: Some(now),
+            ..self.trust.record(node_id, now)
         };
         let ev = narrate::node(
             "node.renewed",
@@ -527,23 +538,10 @@ impl Core {
             return Ok(());
         }
         let now = now_ms();
-        let rec = match self.trust.nodes.get(node_id) {
-            Some(n) => n.clone(),
-            None => NodeTrust {
-                node_id: node_id.to_owned(),
-                token_id: None,
-                groups: None,
-                not_after_ms: None,
-                enrolled_at_ms: now,
-                renewed_at_ms: None,
-                revoked_at_ms: None,
-                revoke_reason: None,
-            },
-        };
         let rec = NodeTrust {
             revoked_at_ms: Some(now),
             revoke_reason: Some(reason.clone()),
-            ..rec
+            ..self.trust.record(node_id, now)
         };
         let ev = narrate::node(
             "node.revoked",
@@ -567,14 +565,23 @@ impl Core {
         Ok(())
     }
 
-    /// Why a connecting node's Hello must be refused by its trust record, if it must.
-    pub(super) fn hello_refusal(&self, node_id: &str, groups: &[String]) -> Option<String> {
+    /// Why a connecting node's Hello must be refused by its trust record, if it must, with
+    /// the close code to tell it.
+    pub(super) fn hello_refusal(
+        &self,
+        node_id: &str,
+        groups: &[String],
+    ) -> Option<(CloseCode, String)> {
         let n = self.trust.nodes.get(node_id)?;
         if n.revoked_at_ms.is_some() {
-            return Some("node certificate revoked".into());
+            return Some((CloseCode::Revoked, "node certificate revoked".into()));
         }
-        n.forbidden_group(groups)
-            .map(|g| format!("group {g:?} is not allowed by this node's join token"))
+        n.forbidden_group(groups).map(|g| {
+            (
+                CloseCode::AuthFailed,
+                format!("group {g:?} is not allowed by this node's join token"),
+            )
+        })
     }
 }
 

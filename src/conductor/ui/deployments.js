@@ -2,7 +2,8 @@
 // form whose 422s land on the field they name, and row actions (start/stop, delete).
 
 import { h, setText } from './dom.js';
-import { api, fieldErrors } from './api.js';
+import { api } from './api.js';
+import { deleteButton, fields } from './form.js';
 
 const COLUMNS = ['name', 'id', 'node', 'desired', 'current', 'restarts', 'actions'];
 
@@ -25,11 +26,8 @@ function pairs(text, numbers) {
 
 function createForm(canWrite) {
   if (!canWrite) return null;
-  const errors = {};
-  const field = (name, label, input) => {
-    errors[name] = h('span', { class: 'error', 'data-error-for': name });
-    return h('label', {}, label, input, errors[name]);
-  };
+  const errors = fields((loc) => loc.replace(/^specification\./, ''));
+  const field = errors.field;
   const input = (name, placeholder, type = 'text') => h('input', { name, placeholder, type });
   const name = h('input', { name: 'name', required: true, maxlength: 200, placeholder: 'hello' });
   const command = h('input', { name: 'command', required: true, placeholder: 'while true; do date; sleep 1; done' });
@@ -63,11 +61,11 @@ function createForm(canWrite) {
     h('button', { type: 'submit' }, 'Create'), status);
   form.addEventListener('submit', async (ev) => {
     ev.preventDefault();
-    for (const e of Object.values(errors)) setText(e, '');
+    errors.clear();
     setText(status, '');
     let cmd;
     try { cmd = commandOf(command.value); } catch (e) {
-      setText(errors['spec.config.command'], 'not a JSON list: ' + e.message);
+      errors.set('spec.config.command', 'not a JSON list: ' + e.message);
       return;
     }
     const config = { command: cmd };
@@ -90,16 +88,7 @@ function createForm(canWrite) {
       setText(status, 'created ' + d.id.slice(0, 8));
       form.reset();
     } catch (err) {
-      // Each 422 goes to the field whose name is the longest prefix of its location.
-      let placed = false;
-      for (const [loc, msg] of Object.entries(fieldErrors(err))) {
-        const key = loc.replace(/^specification\./, '');
-        const slot = Object.keys(errors)
-          .filter((f) => key === f || key.startsWith(f + '.'))
-          .sort((a, b) => b.length - a.length)[0];
-        if (slot) { setText(errors[slot], msg); placed = true; }
-      }
-      if (!placed) setText(status, err.message);
+      if (!errors.show(err)) setText(status, err.message);
     }
   });
   return form;
@@ -143,12 +132,7 @@ export function deploymentsPage(main, live, who) {
       catch (err) { setText(r.cells.actions.querySelector('.status') || toggle, err.message); }
       finally { toggle.disabled = false; }
     });
-    const del = h('button', { class: 'delete' }, 'Delete');
-    del.addEventListener('click', async () => {
-      if (del.dataset.armed !== '1') { del.dataset.armed = '1'; setText(del, 'Confirm delete'); return; }
-      del.disabled = true;
-      try { await api('DELETE', '/deployments/' + d.id); } catch (err) { setText(del, err.message); }
-    });
+    const del = deleteButton(() => api('DELETE', '/deployments/' + d.id));
     if (canWrite) cells.actions.append(toggle, ' ', del);
     const tr = h('tr', { 'data-id': d.id }, Object.values(cells));
     r = { tr, cells, link, toggle, desired: null };

@@ -2,7 +2,8 @@
 // reports in the live snapshot), create with the API's 422 on its field, rerun, delete.
 
 import { h, setText } from './dom.js';
-import { api, fieldErrors } from './api.js';
+import { api } from './api.js';
+import { deleteButton, fields } from './form.js';
 
 export function envsPage(main, live, who) {
   const canWrite = who.role !== 'viewer';
@@ -10,11 +11,8 @@ export function envsPage(main, live, who) {
   const table = h('table', { id: 'envs' },
     h('thead', {}, h('tr', {}, ['name', 'manager', 'python', 'packages', 'ready on', 'problems', 'actions'].map((c) => h('th', {}, c)))),
     tbody);
-  const errors = {};
-  const field = (name, label, input) => {
-    errors[name] = h('span', { class: 'error', 'data-error-for': name });
-    return h('label', {}, label, input, errors[name]);
-  };
+  const errors = fields();
+  const field = errors.field;
   const name = h('input', { name: 'name', placeholder: 'torch' });
   const python = h('input', { name: 'python_version', placeholder: '3.11' });
   const packages = h('input', { name: 'packages', placeholder: 'numpy, torch==2.4' });
@@ -39,10 +37,9 @@ export function envsPage(main, live, who) {
         if (canWrite) {
           const rerun = h('button', { class: 'rerun' }, 'Rerun');
           rerun.addEventListener('click', () => api('POST', `/conda-envs/${encodeURIComponent(e.name)}/rerun`).catch((err) => setText(rerun, err.message)));
-          const del = h('button', { class: 'delete' }, 'Delete');
-          del.addEventListener('click', async () => {
-            if (del.dataset.armed !== '1') { del.dataset.armed = '1'; setText(del, 'Confirm delete'); return; }
-            try { await api('DELETE', `/conda-envs/${encodeURIComponent(e.name)}`); refresh(); } catch (err) { setText(del, err.message); }
+          const del = deleteButton(async () => {
+            await api('DELETE', `/conda-envs/${encodeURIComponent(e.name)}`);
+            refresh();
           });
           cells[6].append(rerun, ' ', del);
         }
@@ -70,7 +67,7 @@ export function envsPage(main, live, who) {
   }
   if (form) form.addEventListener('submit', async (ev) => {
     ev.preventDefault();
-    for (const e of Object.values(errors)) setText(e, '');
+    errors.clear();
     setText(status, '');
     try {
       await api('POST', '/conda-envs', { name: name.value, python_version: python.value, packages: packages.value, manager: manager.value });
@@ -78,12 +75,7 @@ export function envsPage(main, live, who) {
       form.reset();
       refresh();
     } catch (err) {
-      let placed = false;
-      for (const [loc, msg] of Object.entries(fieldErrors(err))) {
-        const slot = errors[loc.split('.')[0]];
-        if (slot) { setText(slot, msg); placed = true; }
-      }
-      if (!placed) setText(status, err.message);
+      if (!errors.show(err)) setText(status, err.message);
     }
   });
   refresh();

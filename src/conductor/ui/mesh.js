@@ -4,6 +4,7 @@
 
 import { h, setText } from './dom.js';
 import { api } from './api.js';
+import { deleteButton } from './form.js';
 
 /** Re-reads `path` (at most one read in flight) and renders it into `body`. */
 function polled(live, path, render) {
@@ -28,11 +29,7 @@ export function experimentsPage(main, live, who) {
         const want = e.state === 'stopped' ? 'RUNNING' : 'STOPPED';
         const toggle = h('button', { class: 'toggle' }, want === 'RUNNING' ? 'Start' : 'Stop');
         toggle.addEventListener('click', () => api('PATCH', `/experiments/${encodeURIComponent(e.name)}`, { desired_state: want }).catch((err) => setText(toggle, err.message)));
-        const del = h('button', { class: 'delete' }, 'Delete');
-        del.addEventListener('click', () => {
-          if (del.dataset.armed !== '1') { del.dataset.armed = '1'; setText(del, 'Confirm delete'); return; }
-          api('DELETE', `/experiments/${encodeURIComponent(e.name)}`).catch((err) => setText(del, err.message));
-        });
+        const del = deleteButton(() => api('DELETE', `/experiments/${encodeURIComponent(e.name)}`));
         actions.push(toggle, ' ', del);
       }
       const groups = new Map();

@@ -23,6 +23,7 @@ mod events;
 mod experiments;
 mod proxy;
 mod trust;
+mod updates;
 
 pub use proxy::TCP_UPGRADE;
 
@@ -128,7 +129,7 @@ pub fn router(state: ApiState) -> Router {
             get(get_env).patch(patch_env).delete(delete_env),
         )
         .route("/conda-envs/{name}/rerun", post(rerun_env))
-        .route("/ws/updates", get(ws_updates))
+        .route("/ws/updates", get(updates::ws))
         .route("/ws/deployments/{id}/logs", get(ws_logs))
         .route("/ws/events", get(events::ws))
         .route("/metrics", get(metrics))
@@ -255,18 +256,53 @@ impl<S: Send + Sync> FromRequestParts<S> for PathParam {
     }
 }
 
-/// A JSON object request body: not an object -> 422 naming `body`; a body over the size
-/// limit -> 413 (both in the `detail` shape).
+/// A JSON object request body, or a YAML one under `Content-Type: application/yaml` (also
+/// `application/x-yaml`, `text/yaml`): not an object -> 422 naming `body`; a body over the
+/// size limit -> 413 (both in the `detail` shape).
 struct JsonObject(serde_json::Map<String, Value>);
 
 impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let yaml = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|t| {
+                let t = t.trim();
+                ["application/yaml", "application/x-yaml", "text/yaml"]
+                    .iter()
+                    .any(|y| t.eq_ignore_ascii_case(y))
+            });
         let body = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::detail(e.status(), &e.body_text()))?;
-        parse_body(&body).map(Self)
+        if yaml {
+            parse_yaml_body(&body).map(Self)
+        } else {
+            parse_body(&body).map(Self)
+        }
+    }
+}
+
+/// A YAML body: the same values as JSON (mappings with string keys, sequences, scalars).
+fn parse_yaml_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::field(&["body"], "yaml_invalid", &format!("not UTF-8: {e}")))?;
+    match serde_saphyr::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::field(
+            &["body"],
+            "model_attributes_type",
+            "Input should be a valid dictionary or object",
+        )),
+        Err(e) => Err(ApiError::field(
+            &["body"],
+            "yaml_invalid",
+            &format!("YAML error: {e}"),
+        )),
     }
 }
 
@@ -505,23 +541,6 @@ async fn rerun_env(
     Ok((StatusCode::ACCEPTED, Json(Value::Null)).into_response())
 }
 
-fn snapshot_frame(view: &super::view::ClusterView) -> String {
-    json!({
-        "type": "snapshot",
-        "deployments": view.deployments.iter().take(500).collect::<Vec<_>>(),
-        "nodes": view.nodes,
-    })
-    .to_string()
-}
-
-async fn ws_updates(State(st): State<ApiState>, ws: WebSocketUpgrade) -> Response {
-    let token = st.sockets.token();
-    ws.on_upgrade(move |socket| async move {
-        let _tracked = token;
-        updates(socket, st).await;
-    })
-}
-
 /// Close reasons.
 const SHUTTING_DOWN: &str = "conductor shutting down";
 const DELETED: &str = "deployment deleted";
@@ -544,44 +563,6 @@ async fn close(mut socket: WebSocket, code: u16, reason: &str) {
         }
     })
     .await;
-}
-
-/// Pushes a snapshot at once and then on every change (at most 4 per second); at shutdown it
-/// closes with 1001.
-async fn updates(mut socket: WebSocket, st: ApiState) {
-    let mut rx = st.core.subscribe();
-    loop {
-        let frame = snapshot_frame(&rx.borrow_and_update());
-        if socket.send(Message::Text(frame.into())).await.is_err() {
-            return;
-        }
-        // Wait for a change; client messages (pings, text) are read and ignored.
-        loop {
-            tokio::select! {
-                biased;
-                () = st.cancel.cancelled() => {
-                    return close(socket, close_code::GOING_AWAY, SHUTTING_DOWN).await;
-                }
-                changed = rx.changed() => if changed.is_err() {
-                    // The core is gone: the conductor is stopping.
-                    return close(socket, close_code::GOING_AWAY, SHUTTING_DOWN).await;
-                } else {
-                    break;
-                },
-                msg = socket.recv() => match msg {
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                    _ => {}
-                },
-            }
-        }
-        tokio::select! {
-            biased;
-            () = st.cancel.cancelled() => {
-                return close(socket, close_code::GOING_AWAY, SHUTTING_DOWN).await;
-            }
-            () = tokio::time::sleep(Duration::from_millis(250)) => {}
-        }
-    }
 }
 
 /// A log viewer's query: `tail` (backlog lines, default 200) and `streams` (a comma-separated

@@ -623,6 +623,25 @@ async fn openapi_matches_the_router_and_real_responses() {
         serde_json::from_str(&updates.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
     let schema = json!({"$ref": "#/components/schemas/UpdateFrame"});
     problems.extend(schema_errors(&doc, &schema, &frame));
+    // Delta frames: a snapshot, then a delta once something changes.
+    let (mut deltas, _) = tokio_tungstenite::connect_async(format!("{ws}/ws/updates?frames=delta"))
+        .await
+        .unwrap();
+    let frame: Value =
+        serde_json::from_str(&deltas.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
+    problems.extend(schema_errors(&doc, &schema, &frame));
+    let (status, _) = c
+        .patch(
+            &format!("/deployments/{kept}"),
+            json!({"name": "kept-renamed"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let frame: Value =
+        serde_json::from_str(&deltas.next().await.unwrap().unwrap().into_text().unwrap()).unwrap();
+    assert_eq!(frame["type"], "delta", "{frame}");
+    let schema = json!({"$ref": "#/components/schemas/DeltaFrame"});
+    problems.extend(schema_errors(&doc, &schema, &frame));
     let (mut logs, _) =
         tokio_tungstenite::connect_async(format!("{ws}/ws/deployments/{kept}/logs?tail=10"))
             .await
@@ -827,5 +846,73 @@ async fn every_error_is_json_in_the_detail_shape() {
             );
         }
     }
+    c.shutdown().await;
+}
+
+/// A deployment written as YAML (`Content-Type: application/yaml`) is the same deployment as
+/// its JSON; bad YAML is a 422 naming the body and the place; a YAML list is not an object.
+#[tokio::test]
+async fn deployments_are_created_and_patched_from_yaml() {
+    let c = Cluster::start().await;
+    let send = |method: reqwest::Method, path: String, text: &'static str| {
+        let req = c
+            .http
+            .request(method, format!("{}{path}", c.api))
+            .header("content-type", "application/yaml")
+            .body(text);
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let yaml = "name: from-yaml\ndesired_state: STOPPED\nspecification:\n  spec:\n    config:\n      command: [sleep, \"1000\"]\n      env: {A: \"1\"}\n    capacity_requests:\n      slot: 2\n";
+    let (status, created) = send(reqwest::Method::POST, "/deployments".into(), yaml).await;
+    assert_eq!(status, 201, "{created}");
+    let spec = &created["specification"]["spec"];
+    assert_eq!(spec["config"]["command"], json!(["sleep", "1000"]));
+    assert_eq!(spec["config"]["env"], json!({"A": "1"}));
+    assert_eq!(spec["capacity_requests"], json!({"slot": 2}));
+    assert_eq!(created["desired_state"], "STOPPED");
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    let (status, patched) = send(
+        reqwest::Method::PATCH,
+        format!("/deployments/{id}"),
+        "name: renamed # a comment\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["name"], "renamed");
+    assert_eq!(
+        patched["specification"]["spec"]["capacity_requests"]["slot"],
+        2
+    );
+
+    // Bad YAML: 422 on the body, saying where.
+    let (status, body) = send(
+        reqwest::Method::POST,
+        "/deployments".into(),
+        "name: x\nspecification: {spec: [\n",
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(locs(&body), ["body"], "{body}");
+    assert_eq!(body["detail"][0]["type"], "yaml_invalid", "{body}");
+    assert!(
+        body["detail"][0]["msg"].as_str().unwrap().contains("line"),
+        "{body}"
+    );
+    // A list is not a body; the spec's own rules apply as for JSON.
+    let (status, body) = send(reqwest::Method::POST, "/deployments".into(), "- a\n").await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = send(
+        reqwest::Method::POST,
+        "/deployments".into(),
+        "name: y\nspecification:\n  spec:\n    config:\n      command: [sleep, 1000]\n",
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(locs(&body).iter().any(|l| l.contains("command")), "{body}");
     c.shutdown().await;
 }

@@ -9,7 +9,7 @@ use symphony::node::monitor::{GpuProcess, GpuProcessSource};
 use crate::support::{Cluster, pid_of, sh};
 
 #[derive(Debug, Default)]
-struct FakeNvml(Mutex<Vec<GpuProcess>>);
+pub(crate) struct FakeNvml(pub(crate) Mutex<Vec<GpuProcess>>);
 
 impl GpuProcessSource for FakeNvml {
     fn processes(&self) -> Vec<GpuProcess> {

@@ -279,6 +279,16 @@ async fn the_ui_signs_in_with_a_token() {
     )
     .await;
     b.screenshot("login-then-deployments").await;
+    // An operator sees no tokens page and no revoke buttons.
+    let hidden = b
+        .client
+        .execute(
+            "return document.getElementById('nav-tokens').hidden;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(hidden, json!(true));
     b.close().await;
     c.shutdown().await;
 }
@@ -428,7 +438,8 @@ async fn envs_are_created_and_deleted_from_the_page() {
 }
 
 /// Nodes: reserved vs total capacity beside measured use, a bar per core with real values,
-/// and a history chart that grows with the heartbeats (no reload).
+/// and a history chart that grows with the heartbeats (no reload); a deployment's GPU use in
+/// the deployments table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nodes_page_shows_capacity_and_live_charts() {
     let Some(b) = Browser::start().await else {
@@ -466,6 +477,30 @@ async fn the_nodes_page_shows_capacity_and_live_charts() {
     )
     .await;
     b.screenshot("nodes").await;
+
+    // A deployment's GPU use (from its node's NVML, a fake here) in the deployments table.
+    let fake = std::sync::Arc::new(crate::gpus::FakeNvml::default());
+    c.add_node_with_gpus("g1", fake.clone()).await;
+    let train = c
+        .deploy(
+            "trains",
+            json!({"config": {"command": ["sleep", "1000"]}, "node_group": "local"}),
+        )
+        .await;
+    let leader = crate::support::pid_of(&c.wait_state(&train, "RUNNING").await);
+    *fake.0.lock().unwrap() = vec![symphony::node::monitor::GpuProcess {
+        gpu_index: 0,
+        pid: u32::try_from(leader).unwrap(),
+        memory_bytes: Some(3 << 29),
+        sm_util_percent: Some(40),
+    }];
+    b.client.goto(&format!("{}/ui/", c.api)).await.unwrap();
+    b.until(
+        "its GPU use in the table",
+        &format!("const td = document.querySelector('tr[data-id=\"{train}\"] [data-col=gpu]'); return td ? td.textContent : '';"),
+        |v| v == "GPU 0: 1.5 GiB 40%",
+    )
+    .await;
     b.close().await;
     c.shutdown().await;
 }
@@ -624,7 +659,7 @@ async fn experiments_and_services_pages() {
 /// never on the page), and the whole spec is edited as JSON on the deployment's page: a bad
 /// field lists the API's 422, a good edit runs a new generation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_spec_is_made_by_the_form_and_edited_as_json() {
+async fn the_spec_is_made_by_the_form_and_edited_as_json_and_yaml() {
     let Some(b) = Browser::start().await else {
         return;
     };
@@ -672,14 +707,29 @@ async fn the_spec_is_made_by_the_form_and_edited_as_json() {
     .await;
     let page = b.client.source().await.unwrap();
     assert!(!page.contains("s3cret-token"), "the token reached the page");
-    let edit = |spec: Value| {
-        let text = serde_json::to_string(&spec).unwrap();
+    // The editor starts from the deployment as YAML (what a user sees on focus).
+    let shown = b
+        .client
+        .execute(
+            "const a = document.querySelector('#edit-spec textarea'); a.focus(); return a.value;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let shown = shown.as_str().unwrap_or_default().to_owned();
+    assert!(
+        shown.starts_with("name: full\nspecification:\n  spec:\n"),
+        "{shown}"
+    );
+    assert!(shown.contains("timezone: Europe/Paris"), "{shown}");
+    assert!(!shown.contains("s3cret-token"), "{shown}");
+    let edit = |format: &'static str, text: String| {
         let b = &b;
         async move {
             b.client
                 .execute(
-                    "document.getElementById('spec-edit').value = arguments[0];",
-                    vec![json!(text)],
+                    "const f = document.getElementById('edit-spec'); f.querySelector('select[name=format]').value = arguments[0]; f.querySelector('textarea').value = arguments[1];",
+                    vec![json!(format), json!(text)],
                 )
                 .await
                 .unwrap();
@@ -690,12 +740,44 @@ async fn the_spec_is_made_by_the_form_and_edited_as_json() {
                 .unwrap();
         }
     };
-    edit(json!({"spec": {"config": {"command": ["sleep", "1000"]},
-                         "restart_policy": {"type": "sometimes"}}}))
+    // The YAML the page showed, edited and saved as YAML: the page's YAML reads back as the
+    // same values (the env, capacity and masked token kept), with the new command.
+    let yaml = shown.replace(
+        "command: [sh, \"-c\", \"sleep 1000\"]",
+        "command: [sleep, \"998\"]",
+    );
+    assert!(
+        yaml.contains("\"998\""),
+        "the command line was not found in {shown}"
+    );
+    edit("yaml", yaml).await;
+    c.wait(&format!("{id} runs the YAML's command"), |v| {
+        v.deployment(&id).is_some_and(|d| {
+            d.status.as_ref().is_some_and(|s| {
+                s.generation.get() >= 2 && s.state == symphony::model::CurrentState::Running
+            })
+        })
+    })
+    .await;
+    let (_, d) = c.get(&format!("/deployments/{id}")).await;
+    let spec = &d["specification"]["spec"];
+    assert_eq!(spec["config"]["command"], json!(["sleep", "998"]), "{d}");
+    assert_eq!(spec["config"]["env"], json!({"A": "1", "B": "two"}), "{d}");
+    assert_eq!(spec["capacity_requests"], json!({"slot": 2}), "{d}");
+    assert!(
+        spec["config"]["token"].is_string(),
+        "the masked token kept: {d}"
+    );
+    let as_json = |spec: Value| serde_json::to_string(&json!({"specification": spec})).unwrap();
+    edit(
+        "json",
+        as_json(json!({"spec": {"config": {"command": ["sleep", "1000"]},
+                                "restart_policy": {"type": "sometimes"}}})),
+    )
     .await;
     b.until(
         "the 422 listed",
-        "return [...document.querySelectorAll('#spec-errors li')].map(li => li.textContent);",
+        "return [...document.querySelectorAll('#edit-spec li')].map(li => li.textContent);",
         |v| {
             v.as_array().is_some_and(|a| {
                 a.iter()
@@ -704,15 +786,125 @@ async fn the_spec_is_made_by_the_form_and_edited_as_json() {
         },
     )
     .await;
-    edit(json!({"spec": {"config": {"command": ["sleep", "999"]}}})).await;
+    edit(
+        "json",
+        as_json(json!({"spec": {"config": {"command": ["sleep", "999"]}}})),
+    )
+    .await;
     c.wait(&format!("{id} runs its new command"), |v| {
         v.deployment(&id).is_some_and(|d| {
             d.status.as_ref().is_some_and(|s| {
-                s.generation.get() >= 2 && s.state == symphony::model::CurrentState::Running
+                s.generation.get() >= 3 && s.state == symphony::model::CurrentState::Running
             })
         })
     })
     .await;
+    let (_, raw) = c.get("/deployments").await;
+    assert!(!raw.to_string().contains("s3cret-token"));
+    b.screenshot("deployment-edit").await;
+    b.close().await;
+    c.shutdown().await;
+}
+
+/// Tokens (what an admin sees): a join token made on the page is shown once and works for a
+/// real enrollment, its uses follow; the node is revoked from the nodes page; an API token is
+/// made and revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_makes_and_revokes_tokens_and_nodes() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let mut c = Cluster::start().await;
+    b.client
+        .goto(&format!("{}/ui/tokens", c.api))
+        .await
+        .unwrap();
+    let form = b.el("#create-join-token").await;
+    fill(&form, "groups", "gpu").await;
+    fill(&form, "uses", "1").await;
+    submit(&form).await;
+    let token = b
+        .until(
+            "the new join token shown once",
+            "const s = document.querySelector('#create-join-token [data-secret] code'); return s ? s.textContent : '';",
+            |v| v.as_str().is_some_and(|t| t.starts_with("SYM1.")),
+        )
+        .await;
+    let token = token.as_str().unwrap().to_owned();
+    let states = "return [...document.querySelectorAll('#join-tokens tbody tr')].map(tr => tr.querySelector('[data-col=state]').textContent);";
+    b.until("listed as active", states, |v| v == &json!(["active"]))
+        .await;
+    let page = b.client.source().await.unwrap();
+    let secret = token.rsplit('.').next().unwrap();
+    assert_eq!(
+        page.matches(secret).count(),
+        1,
+        "only the one-time display holds the secret"
+    );
+    // The token from the page enrolls a node; the page shows it used up.
+    let cfg = c.enroll("pod", &token, &["gpu"]).await.unwrap();
+    let node_id = cfg.node_id.clone();
+    c.run_agent("pod", cfg);
+    b.until("used up once the node joined", states, |v| {
+        v == &json!(["used up"])
+    })
+    .await;
+    b.screenshot("tokens").await;
+
+    // The node is revoked from its card (asks to confirm first).
+    b.client.goto(&format!("{}/ui/nodes", c.api)).await.unwrap();
+    let button = format!("article[data-id=\"{node_id}\"] button.revoke");
+    for _ in 0..2 {
+        b.el(&button).await.click().await.unwrap();
+    }
+    c.wait("the node revoked", |v| {
+        v.nodes.get(&node_id).is_some_and(|n| {
+            n.certificate
+                .as_ref()
+                .is_some_and(|cert| cert.state == "revoked")
+        })
+    })
+    .await;
+    b.until(
+        "the revoke button gone",
+        &format!("const b = document.querySelector('{button}'); return b ? b.hidden : null;"),
+        |v| v == &json!(true),
+    )
+    .await;
+
+    // An API token: made, shown once, revoked.
+    b.client
+        .goto(&format!("{}/ui/tokens", c.api))
+        .await
+        .unwrap();
+    let form = b.el("#create-api-token").await;
+    fill(&form, "name", "ci").await;
+    submit(&form).await;
+    b.until(
+        "the new API token shown once",
+        "const s = document.querySelector('#create-api-token [data-secret] code'); return s ? s.textContent : '';",
+        |v| v.as_str().is_some_and(|t| t.starts_with("SYMA1.")),
+    )
+    .await;
+    let api_states = "return [...document.querySelectorAll('#api-tokens tbody tr')].map(tr => tr.children[1].textContent + ' ' + tr.children[2].textContent + ' ' + tr.querySelector('[data-col=state]').textContent);";
+    b.until("listed", api_states, |v| v == &json!(["ci viewer active"]))
+        .await;
+    for _ in 0..2 {
+        b.el("#api-tokens button.revoke")
+            .await
+            .click()
+            .await
+            .unwrap();
+    }
+    b.until("revoked", api_states, |v| {
+        v.as_array()
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .is_some_and(|s| s.starts_with("ci viewer revoked"))
+    })
+    .await;
+    let (_, list) = c.get("/api-tokens").await;
+    assert!(list[0]["revoked_at_ms"].is_i64(), "{list}");
     b.close().await;
     c.shutdown().await;
 }

@@ -8,9 +8,13 @@ export class ApiError extends Error {
   }
 }
 
-export async function api(method, path, body) {
+/** `body`: a value sent as JSON, or text sent as is when `contentType` is given. */
+export async function api(method, path, body, contentType) {
   const opts = { method, headers: {}, credentials: 'same-origin' };
-  if (body !== undefined) {
+  if (contentType) {
+    opts.headers['content-type'] = contentType;
+    opts.body = body;
+  } else if (body !== undefined) {
     opts.headers['content-type'] = 'application/json';
     opts.body = JSON.stringify(body);
   }
@@ -32,4 +36,26 @@ export function fieldErrors(err) {
     }
   }
   return out;
+}
+
+/**
+ * Wraps `read` (async) so that calls run it at most once per `gapMs`, one at a time; a call
+ * that comes meanwhile runs once afterwards (live updates can arrive four times a second).
+ */
+export function paced(read, gapMs = 1000) {
+  let running = false;
+  let again = false;
+  let last = 0;
+  const run = async () => {
+    if (running) { again = true; return; }
+    running = true;
+    const wait = last + gapMs - Date.now();
+    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+    last = Date.now();
+    try { await read(); } catch { /* the banner tells */ } finally {
+      running = false;
+      if (again) { again = false; run(); }
+    }
+  };
+  return run;
 }

@@ -10,6 +10,7 @@ import { detailPage } from './detail.js';
 import { eventsPage } from './events.js';
 import { envsPage } from './envs.js';
 import { experimentsPage, servicesPage } from './mesh.js';
+import { tokensPage } from './tokens.js';
 
 const main = document.getElementById('main');
 const banner = document.getElementById('banner');
@@ -45,6 +46,8 @@ async function start() {
     return;
   }
   document.getElementById('who').textContent = who.auth_required ? `${who.name} (${who.role})` : '';
+  // What the role cannot do is not shown.
+  document.getElementById('nav-tokens').hidden = who.role !== 'admin';
   if (!live) live = new Live(banner);
   route(who);
 }
@@ -56,7 +59,8 @@ function route(who) {
     a.classList.toggle('active', a.getAttribute('href') === path);
   }
   const detail = path.match(/^\/ui\/deployments\/([^/]+)$/);
-  if (path === '/ui/nodes') unsubscribe = nodesPage(main, live);
+  if (path === '/ui/nodes') unsubscribe = nodesPage(main, live, who);
+  else if (path === '/ui/tokens' && who.role === 'admin') unsubscribe = tokensPage(main, live);
   else if (path === '/ui/events') unsubscribe = eventsPage(main);
   else if (path === '/ui/envs') unsubscribe = envsPage(main, live, who);
   else if (path === '/ui/experiments') unsubscribe = experimentsPage(main, live, who);

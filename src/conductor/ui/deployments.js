@@ -4,8 +4,15 @@
 import { h, setText } from './dom.js';
 import { api } from './api.js';
 import { deleteButton, fields } from './form.js';
+import { bodyEditor } from './editor.js';
 
-const COLUMNS = ['name', 'id', 'node', 'desired', 'current', 'restarts', 'actions'];
+const COLUMNS = ['name', 'id', 'node', 'desired', 'current', 'restarts', 'gpu', 'actions'];
+
+/** `GPU 0: 12.5 GiB 80%` per GPU its processes use. */
+export function gpuText(status) {
+  return (status && status.gpus || []).map((g) => `GPU ${g.gpu_index}: ${(g.memory_bytes / 2 ** 30).toFixed(1)} GiB`
+    + (g.util_percent === null || g.util_percent === undefined ? '' : ` ${Math.round(g.util_percent)}%`)).join(', ');
+}
 
 function commandOf(text) {
   const t = text.trim();
@@ -114,8 +121,15 @@ export function deploymentsPage(main, live, who) {
   const count = h('span', { class: 'count' });
   const table = h('table', { id: 'deployments' },
     h('thead', {}, h('tr', {}, COLUMNS.map((c) => h('th', {}, c)))), tbody);
-  main.replaceChildren(h('section', {}, createForm(canWrite),
-    h('div', { class: 'bar' }, search, stateFilter, nodeFilter, groupFilter, count), table));
+  const empty = h('p', { class: 'empty', hidden: true }, canWrite
+    ? 'No deployments yet. Create one with the form above, or with `symphony deploy`.'
+    : 'No deployments yet.');
+  // The whole body as YAML or JSON, for what the form does not cover.
+  const raw = canWrite ? h('details', { class: 'card' }, h('summary', {}, 'New deployment from YAML or JSON'),
+    bodyEditor({ id: 'create-raw', method: 'POST', path: '/deployments', label: 'Create',
+      initial: () => ({ name: 'hello', desired_state: 'RUNNING', specification: { spec: { config: { command: ['sh', '-c', 'while true; do date; sleep 1; done'] }, restart_policy: { type: 'always' } } } }) })) : null;
+  main.replaceChildren(h('section', {}, createForm(canWrite), raw,
+    h('div', { class: 'bar' }, search, stateFilter, nodeFilter, groupFilter, count), table, empty));
   const rows = new Map();
 
   function rowFor(d) {
@@ -135,65 +149,95 @@ export function deploymentsPage(main, live, who) {
     const del = deleteButton(() => api('DELETE', '/deployments/' + d.id));
     if (canWrite) cells.actions.append(toggle, ' ', del);
     const tr = h('tr', { 'data-id': d.id }, Object.values(cells));
-    r = { tr, cells, link, toggle, desired: null };
+    r = { tr, cells, link, toggle, desired: null, match: false };
     rows.set(d.id, r);
     return r;
   }
 
-  function render(frame) {
+  function render(frame, change) {
     const started = performance.now();
-    renderRows(frame);
+    if (change && change.deployments && !change.order) renderSome(frame, change);
+    else renderRows(frame);
     // Render costs, for the browser tests' scale measurement.
     const ms = performance.now() - started;
-    const m = (window.symphonyRender ||= { count: 0, first_at_ms: null, last_ms: 0, max_ms: 0, total_ms: 0 });
+    const m = (window.symphonyRender ||= { count: 0, first_at_ms: null, last_ms: 0, max_ms: 0, total_ms: 0, partial: 0 });
     m.count += 1;
+    if (change && change.deployments && !change.order) m.partial += 1;
     m.last_ms = ms;
     m.max_ms = Math.max(m.max_ms, ms);
     m.total_ms += ms;
     if (m.first_at_ms === null) m.first_at_ms = performance.now();
   }
 
-  function renderRows(frame) {
+  let shown = 0;
+  const states = new Set(['RUNNING', 'STOPPED', 'PENDING', 'FAILED']);
+  const groups = new Set();
+
+  /** Fills a row from `d`; returns whether it passes the search and filters. */
+  function fill(r, d) {
     const q = search.value.trim().toLowerCase();
-    const states = new Set();
-    const nodes = new Set(Object.keys(frame.nodes));
-    const groups = new Set();
+    const state = d.current_state ?? 'PENDING';
+    const group = d.specification && d.specification.spec ? d.specification.spec.node_group : null;
+    states.add(state);
+    if (group) groups.add(group);
+    const match = (!q || d.name.toLowerCase().includes(q) || d.id.startsWith(q))
+      && (!stateFilter.value || state === stateFilter.value)
+      && (!nodeFilter.value || d.assigned_node_id === nodeFilter.value)
+      && (!groupFilter.value || group === groupFilter.value);
+    r.tr.hidden = !match;
+    setText(r.link, d.name);
+    setText(r.cells.id, d.id.slice(0, 8));
+    setText(r.cells.node, d.assigned_node_id ?? ('unassigned' + (d.assignment_reason ? ': ' + d.assignment_reason : '')));
+    setText(r.cells.desired, d.desired_state);
+    setText(r.cells.current, d.current_state ?? '');
+    setText(r.cells.restarts, d.status ? d.status.restart_count ?? 0 : '');
+    setText(r.cells.gpu, gpuText(d.status));
+    r.desired = d.desired_state;
+    setText(r.toggle, d.desired_state === 'RUNNING' ? 'Stop' : 'Start');
+    if (match !== r.match) shown += match ? 1 : -1;
+    r.match = match;
+    return match;
+  }
+
+  function counts(total) {
+    setText(count, `${shown} of ${total}`);
+    empty.hidden = total !== 0;
+    options(stateFilter, states);
+    options(groupFilter, groups);
+  }
+
+  /** Only the rows of `ids` changed (no creation, deletion or reordering). */
+  function renderSome(frame, change) {
+    for (const id of change.deployments) {
+      const r = rows.get(id);
+      const d = live.byId.get(id);
+      if (r && d) fill(r, d);
+    }
+    if (change.nodes.size) options(nodeFilter, new Set(Object.keys(frame.nodes)));
+    counts(rows.size);
+  }
+
+  function renderRows(frame) {
     const seen = new Set();
-    let shown = 0;
     let prev = null;
     for (const d of frame.deployments) {
       seen.add(d.id);
       const r = rowFor(d);
-      const state = d.current_state ?? 'PENDING';
-      const group = d.specification && d.specification.spec ? d.specification.spec.node_group : null;
-      states.add(state);
-      if (group) groups.add(group);
-      const match = (!q || d.name.toLowerCase().includes(q) || d.id.startsWith(q))
-        && (!stateFilter.value || state === stateFilter.value)
-        && (!nodeFilter.value || d.assigned_node_id === nodeFilter.value)
-        && (!groupFilter.value || group === groupFilter.value);
-      r.tr.hidden = !match;
-      if (match) shown += 1;
-      setText(r.link, d.name);
-      setText(r.cells.id, d.id.slice(0, 8));
-      setText(r.cells.node, d.assigned_node_id ?? ('unassigned' + (d.assignment_reason ? ': ' + d.assignment_reason : '')));
-      setText(r.cells.desired, d.desired_state);
-      setText(r.cells.current, d.current_state ?? '');
-      setText(r.cells.restarts, d.status ? d.status.restart_count ?? 0 : '');
-      r.desired = d.desired_state;
-      setText(r.toggle, d.desired_state === 'RUNNING' ? 'Stop' : 'Start');
+      fill(r, d);
       // Keep the server's order (newest first) without moving rows that are in place.
       const want = prev ? prev.nextSibling : tbody.firstChild;
       if (want !== r.tr) tbody.insertBefore(r.tr, want);
       prev = r.tr;
     }
     for (const [id, r] of rows) {
-      if (!seen.has(id)) { r.tr.remove(); rows.delete(id); }
+      if (!seen.has(id)) {
+        if (r.match) shown -= 1;
+        r.tr.remove();
+        rows.delete(id);
+      }
     }
-    setText(count, `${shown} of ${frame.deployments.length}`);
-    options(stateFilter, new Set([...states, 'RUNNING', 'STOPPED', 'PENDING', 'FAILED']));
-    options(nodeFilter, nodes);
-    options(groupFilter, groups);
+    options(nodeFilter, new Set(Object.keys(frame.nodes)));
+    counts(frame.deployments.length);
   }
   for (const el of [search, stateFilter, nodeFilter, groupFilter]) {
     el.addEventListener(el === search ? 'input' : 'change', () => live.last && render(live.last));

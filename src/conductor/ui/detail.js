@@ -2,7 +2,9 @@
 // live) and its logs (live, with stream filter, pause/follow, search, download and a cap).
 
 import { h, setText } from './dom.js';
-import { api, fieldErrors } from './api.js';
+import { api } from './api.js';
+import { bodyEditor, toYaml } from './editor.js';
+import { gpuText } from './deployments.js';
 
 const LINE_CAP = 5000;
 const STREAMS = ['stdout', 'stderr', 'system'];
@@ -39,36 +41,12 @@ export function detailPage(main, live, id) {
       search, pause, download, logState),
     logBox,
     h('h3', {}, 'Events'), events,
-    h('h3', {}, 'Specification'), spec, editor()));
-
-  // The whole specification as JSON: edited in place, PATCHed, the API's 422s listed by field
-  // (the git token stays masked; sent back unchanged it is kept, for the same repository).
-  function editor() {
-    const area = h('textarea', { id: 'spec-edit', rows: 14, spellcheck: 'false' });
-    const errs = h('ul', { id: 'spec-errors', class: 'error' });
-    const save = h('button', { type: 'submit' }, 'Save specification');
-    const form = h('form', { id: 'edit-spec' }, area, save, errs);
-    area.addEventListener('focus', () => { if (!area.value) area.value = spec.textContent; }, { once: true });
-    form.addEventListener('submit', async (ev) => {
-      ev.preventDefault();
-      errs.replaceChildren();
-      let parsed;
-      try { parsed = JSON.parse(area.value || spec.textContent); } catch (e) {
-        errs.append(h('li', {}, 'not JSON: ' + e.message));
-        return;
-      }
-      try {
-        await api('PATCH', '/deployments/' + encodeURIComponent(id), { specification: parsed });
-        errs.append(h('li', { class: 'ok' }, 'saved'));
-        area.value = '';
-      } catch (err) {
-        const list = Object.entries(fieldErrors(err));
-        if (list.length === 0) errs.append(h('li', {}, err.message));
-        for (const [loc, msg] of list) errs.append(h('li', { 'data-loc': loc }, `${loc}: ${msg}`));
-      }
-    });
-    return form;
-  }
+    h('h3', {}, 'Specification'), spec,
+    h('h3', {}, 'Edit'),
+    // The PATCH body as YAML or JSON: the git token stays masked; sent back unchanged it is
+    // kept (for the same repository).
+    bodyEditor({ id: 'edit-spec', method: 'PATCH', path: '/deployments/' + encodeURIComponent(id), label: 'Save',
+      initial: () => { const d = live.byId.get(id); return d ? { name: d.name, specification: d.specification } : null; } })));
 
   const lines = [];
   let paused = false;
@@ -147,8 +125,9 @@ export function detailPage(main, live, id) {
   }).catch(() => {});
 
   let specShown = null;
-  const unsubscribe = live.subscribe((frame) => {
-    const d = frame.deployments.find((x) => x.id === id);
+  const unsubscribe = live.subscribe((frame, change) => {
+    if (!change.all && !change.deployments.has(id)) return;
+    const d = live.byId.get(id);
     if (!d) { setText(facts.current, 'deleted'); return; }
     const st = d.status || {};
     setText(facts.name, d.name);
@@ -159,10 +138,10 @@ export function detailPage(main, live, id) {
     setText(facts.restarts, st.restart_count ?? '');
     setText(facts['last exit'], st.last_exit_code ?? '');
     setText(facts.reason, st.reason ?? d.assignment_reason ?? '');
-    setText(facts.gpu, (st.gpus || []).map((g) => `GPU ${g.gpu_index}: ${(g.memory_bytes / 2 ** 20).toFixed(0)} MiB`).join(', '));
+    setText(facts.gpu, gpuText(st));
     if (d.updated_at_ms !== specShown) {
       specShown = d.updated_at_ms;
-      setText(spec, JSON.stringify(d.specification, null, 2));
+      setText(spec, toYaml(d.specification));
     }
   });
   return () => {

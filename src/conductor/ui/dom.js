@@ -21,3 +21,29 @@ export function setText(el, text) {
   const t = text === undefined || text === null ? '' : String(text);
   if (el.textContent !== t) el.textContent = t;
 }
+
+/**
+ * Keeps `parent`'s children one element per item, in order (keyed by `key(item)`), building
+ * an item's element again only when the item changed (an armed button elsewhere stays armed).
+ */
+export function keyed(parent, items, key, build) {
+  const old = new Map([...parent.children].map((el) => [el.symphonyKey, el]));
+  let prev = null;
+  for (const item of items) {
+    const k = key(item);
+    const json = JSON.stringify(item);
+    let el = old.get(k);
+    old.delete(k);
+    if (!el || el.symphonyJson !== json) {
+      const fresh = build(item);
+      fresh.symphonyKey = k;
+      fresh.symphonyJson = json;
+      if (el) el.replaceWith(fresh);
+      el = fresh;
+    }
+    const want = prev ? prev.nextSibling : parent.firstChild;
+    if (want !== el) parent.insertBefore(el, want);
+    prev = el;
+  }
+  for (const el of old.values()) el.remove();
+}

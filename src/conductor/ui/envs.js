@@ -2,7 +2,7 @@
 // reports in the live snapshot), create with the API's 422 on its field, rerun, delete.
 
 import { h, setText } from './dom.js';
-import { api } from './api.js';
+import { api, paced } from './api.js';
 import { deleteButton, fields } from './form.js';
 
 export function envsPage(main, live, who) {
@@ -58,13 +58,7 @@ export function envsPage(main, live, who) {
     }
     for (const [n, r] of rows) if (!seen.has(n)) { r.tr.remove(); rows.delete(n); }
   }
-  let fetching = false;
-  async function refresh() {
-    if (fetching) return;
-    fetching = true;
-    try { defs = await api('GET', '/conda-envs?limit=1000'); render(); } catch { /* the banner tells */ }
-    finally { fetching = false; }
-  }
+  const refresh = paced(async () => { defs = await api('GET', '/conda-envs?limit=1000'); render(); });
   if (form) form.addEventListener('submit', async (ev) => {
     ev.preventDefault();
     errors.clear();
@@ -79,5 +73,8 @@ export function envsPage(main, live, who) {
     }
   });
   refresh();
-  return live.subscribe((frame) => { nodes = frame.nodes; render(); refresh(); });
+  return live.subscribe((frame, change) => {
+    nodes = frame.nodes;
+    if (change.all || change.nodes.size) { render(); refresh(); }
+  });
 }

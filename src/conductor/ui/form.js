@@ -37,11 +37,11 @@ export function fields(key = (loc) => loc) {
 }
 
 /** A `Delete` button: the first click asks to confirm, the second runs `action`; a failure
- * is shown on the button. */
-export function deleteButton(action) {
-  const b = h('button', { class: 'delete' }, 'Delete');
+ * is shown on the button. `label` and `cls` make other such buttons (`Revoke`). */
+export function deleteButton(action, label = 'Delete', cls = 'delete') {
+  const b = h('button', { class: cls }, label);
   b.addEventListener('click', async () => {
-    if (b.dataset.armed !== '1') { b.dataset.armed = '1'; setText(b, 'Confirm delete'); return; }
+    if (b.dataset.armed !== '1') { b.dataset.armed = '1'; setText(b, 'Confirm ' + label.toLowerCase()); return; }
     b.disabled = true;
     try { await action(); } catch (err) { setText(b, err.message); b.disabled = false; }
   });

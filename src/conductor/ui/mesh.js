@@ -1,20 +1,15 @@
 // Experiments (processes by group, with their nodes and states; stop/start/delete) and
 // services (binder, connectors, the path each connector's tunnels take; exposed ones link
-// to the conductor's proxy). Both lists are read again when the live snapshot changes.
+// to the conductor's proxy). Both lists are read again (paced) when the live state changes; an
+// item's element is rebuilt only when the item changed.
 
-import { h, setText } from './dom.js';
-import { api } from './api.js';
+import { h, keyed, setText } from './dom.js';
+import { api, paced } from './api.js';
 import { deleteButton } from './form.js';
 
-/** Re-reads `path` (at most one read in flight) and renders it into `body`. */
+/** Re-reads `path` (paced) when the live state changes and renders it. */
 function polled(live, path, render) {
-  let busy = false;
-  const read = async () => {
-    if (busy) return;
-    busy = true;
-    try { render(await api('GET', path)); } catch { /* the banner tells */ } finally { busy = false; }
-  };
-  read();
+  const read = paced(async () => render(await api('GET', path)));
   return live.subscribe(() => read());
 }
 
@@ -23,7 +18,7 @@ export function experimentsPage(main, live, who) {
   const list = h('div', { id: 'experiments' });
   main.replaceChildren(h('section', {}, list));
   return polled(live, '/experiments', (exps) => {
-    list.replaceChildren(...exps.map((e) => {
+    keyed(list, exps, (e) => e.name, (e) => {
       const actions = [];
       if (canWrite) {
         const want = e.state === 'stopped' ? 'RUNNING' : 'STOPPED';
@@ -45,7 +40,7 @@ export function experimentsPage(main, live, who) {
             h('td', {}, g),
             h('td', {}, h('a', { href: '/ui/deployments/' + encodeURIComponent(p.deployment_id), 'data-nav': true }, p.name)),
             h('td', {}, p.node_id ?? ''), h('td', {}, p.current_state), h('td', {}, p.restarts), h('td', {}, p.last_exit_code ?? '')))))));
-    }));
+    });
   });
 }
 
@@ -54,11 +49,11 @@ export function servicesPage(main, live) {
   main.replaceChildren(h('section', {}, h('table', { id: 'services' },
     h('thead', {}, h('tr', {}, ['namespace', 'service', 'port', 'binder', 'node', 'connectors', 'paths', 'exposed'].map((c) => h('th', {}, c)))), tbody)));
   return polled(live, '/services', (services) => {
-    tbody.replaceChildren(...services.map((s) => h('tr', { 'data-service': `${s.namespace}/${s.name}` },
+    keyed(tbody, services, (s) => `${s.namespace}/${s.name}`, (s) => h('tr', { 'data-service': `${s.namespace}/${s.name}` },
       h('td', {}, s.namespace), h('td', {}, s.name), h('td', {}, s.port),
       h('td', {}, h('a', { href: '/ui/deployments/' + encodeURIComponent(s.deployment_id), 'data-nav': true }, s.deployment_name)),
       h('td', {}, s.node_id ?? ''), h('td', {}, s.connectors.length),
       h('td', {}, s.paths.map((p) => `${p.node_id}: ${p.path}${p.rtt_ms != null ? ` (${p.rtt_ms.toFixed(1)} ms)` : ''}`).join(', ')),
-      h('td', {}, s.exposed ? h('a', { href: `/services/${encodeURIComponent(s.namespace)}/${encodeURIComponent(s.name)}/` }, 'open') : ''))));
+      h('td', {}, s.exposed ? h('a', { href: `/services/${encodeURIComponent(s.namespace)}/${encodeURIComponent(s.name)}/` }, 'open') : '')));
   });
 }

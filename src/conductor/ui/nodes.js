@@ -4,6 +4,8 @@
 
 import { h, setText } from './dom.js';
 import { sparkline } from './chart.js';
+import { api } from './api.js';
+import { deleteButton } from './form.js';
 
 const HISTORY = 120;
 const GiB = 2 ** 30;
@@ -19,7 +21,7 @@ function bar(percent) {
   return el;
 }
 
-function card(id) {
+function card(id, admin) {
   const f = {};
   for (const k of ['state', 'groups', 'connection', 'capacity', 'cpu', 'memory', 'disks', 'certificate', 'deployments', 'problems']) f[k] = h('dd', { 'data-fact': k });
   const dl = h('dl', { class: 'facts' }, Object.entries(f).map(([k, dd]) => [h('dt', {}, k), dd]));
@@ -27,11 +29,13 @@ function card(id) {
   const cpuChart = h('div', { class: 'chart', 'data-chart': 'cpu' });
   const memBar = bar(0);
   const gpus = h('div', { class: 'gpus' });
-  const el = h('article', { class: 'node card', 'data-id': id }, h('h2', {}, id), dl,
+  // Revoking is for admins: its certificate stops working at once and its work moves.
+  const revoke = admin ? deleteButton(() => api('POST', `/nodes/${encodeURIComponent(id)}/revoke`, { reason: 'revoked from the web UI' }), 'Revoke', 'revoke') : null;
+  const el = h('article', { class: 'node card', 'data-id': id }, h('h2', {}, id, ' ', revoke), dl,
     h('div', { class: 'charts' }, h('div', {}, h('h4', {}, 'CPU per core'), cores),
       h('div', {}, h('h4', {}, 'CPU total (history)'), cpuChart),
       h('div', {}, h('h4', {}, 'memory'), memBar)), gpus);
-  return { el, f, cores, cpuChart, memBar, gpus, coreBars: [], gpuCards: new Map(), cpuHist: [], gpuHist: new Map(), lastTs: null };
+  return { el, revoke, f, cores, cpuChart, memBar, gpus, coreBars: [], gpuCards: new Map(), cpuHist: [], gpuHist: new Map(), lastTs: null };
 }
 
 function update(c, n) {
@@ -50,6 +54,7 @@ function update(c, n) {
   setText(c.f.memory, mem.dynamic ? `${gib(mem.dynamic.used_bytes)} / ${gib(mem.static.total_bytes)} GiB` : `${gib(mem.static.total_bytes)} GiB`);
   c.memBar.set(memUse);
   setText(c.f.disks, n.storage_mounts.map((m) => `${m.mount_point} ${pct(m.used_percent)} of ${gib(m.total_bytes)} GiB`).join(', '));
+  if (c.revoke) c.revoke.hidden = Boolean(n.certificate && n.certificate.state === 'revoked');
   setText(c.f.certificate, n.certificate ? n.certificate.state + (n.certificate.reason ? ': ' + n.certificate.reason : '') : '');
   setText(c.f.deployments, n.assigned_deployments.map((d) => d.name).join(', '));
   setText(c.f.problems, n.env_problems.join('; '));
@@ -71,6 +76,7 @@ function update(c, n) {
       if (hist.length > HISTORY) hist.shift();
       c.gpuHist.set(g.index, hist);
     }
+    c.redraw = true;
   }
   for (const g of n.gpus) {
     let gc = c.gpuCards.get(g.index);
@@ -81,20 +87,33 @@ function update(c, n) {
       c.gpus.append(gc.el);
     }
     setText(gc.text, `${g.name}: ${pct(g.util_percent)} util, ${gib(g.mem_used_bytes)} / ${gib(g.mem_total_bytes)} GiB, ${g.temperature_c.toFixed(0)} °C, ${g.power_w.toFixed(0)} W`);
-    gc.chart.replaceChildren(sparkline(c.gpuHist.get(g.index) || [], 100));
+    if (c.redraw || !gc.chart.firstChild) gc.chart.replaceChildren(sparkline(c.gpuHist.get(g.index) || [], 100));
   }
+  c.redraw = false;
 }
 
-export function nodesPage(main, live) {
+export function nodesPage(main, live, who) {
+  const admin = who.role === 'admin';
   const list = h('div', { id: 'nodes' });
   main.replaceChildren(h('section', {}, list));
   const cards = new Map();
-  return live.subscribe((frame) => {
+  return live.subscribe((frame, change) => {
+    if (!change.all) {
+      // Only the nodes that changed or went.
+      for (const id of change.nodes) {
+        const n = frame.nodes[id];
+        const c = cards.get(id);
+        if (!n) { if (c) { c.el.remove(); cards.delete(id); } continue; }
+        if (c) update(c, n);
+        else { const fresh = card(id, admin); cards.set(id, fresh); list.append(fresh.el); update(fresh, n); }
+      }
+      return;
+    }
     const seen = new Set();
     for (const n of Object.values(frame.nodes)) {
       seen.add(n.node_id);
       let c = cards.get(n.node_id);
-      if (!c) { c = card(n.node_id); cards.set(n.node_id, c); list.append(c.el); }
+      if (!c) { c = card(n.node_id, admin); cards.set(n.node_id, c); list.append(c.el); }
       update(c, n);
     }
     for (const [id, c] of cards) if (!seen.has(id)) { c.el.remove(); cards.delete(id); }

@@ -6,6 +6,7 @@
 
 mod adopt;
 mod api;
+mod browser;
 mod cli;
 mod cluster;
 mod events;

@@ -4,132 +4,20 @@
 //! (`.ci/run` installs both), where a missing browser is a failure. Screenshots of each page
 //! go to `target/ui-shots/`.
 
-use std::process::Stdio;
-use std::time::Duration;
-
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::Locator;
 use serde_json::{Value, json};
 
-use crate::support::{Cluster, free_port, sh};
+use crate::browser::Browser;
+use crate::support::{Cluster, sh};
 
-/// How long a page may take to show what the test waits for.
-const PAGE_WAIT: Duration = Duration::from_secs(20);
-
-/// chromedriver on a free port, and a browser session on it; both end with the value.
-struct Browser {
-    client: Client,
-    driver: tokio::process::Child,
-}
-
-impl Browser {
-    /// `None` (with the reason printed) when no browser is installed outside CI.
-    async fn start() -> Option<Browser> {
-        let driver_bin = ["chromedriver", "/usr/lib/chromium/chromedriver"]
-            .into_iter()
-            .find(|b| {
-                std::process::Command::new(b)
-                    .arg("--version")
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            });
-        let Some(driver_bin) = driver_bin else {
-            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-            assert!(
-                !ci,
-                "chromedriver is not installed (CI=true): apt-get install chromium chromium-driver"
-            );
-            eprintln!(
-                "SKIPPED: chromedriver/chromium not installed (apt-get install chromium chromium-driver)"
-            );
-            return None;
-        };
-        let port = free_port();
-        let driver = tokio::process::Command::new(driver_bin)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("chromedriver starts");
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                "--disable-background-networking", "--disable-dev-shm-usage",
-                "--window-size=1280,900"]}),
-        );
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = tokio::time::Instant::now() + PAGE_WAIT;
-        let client = loop {
-            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-            match ClientBuilder::new(connector)
-                .capabilities(caps.clone())
-                .connect(&url)
-                .await
-            {
-                Ok(c) => break c,
-                Err(e) => {
-                    // chromedriver is still starting: it has no event to wait on.
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "no browser session: {e}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        };
-        Some(Browser { client, driver })
-    }
-
-    /// Runs `script` (a function body returning JSON) until `pred` holds for its value.
-    async fn until(&self, what: &str, script: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + PAGE_WAIT;
-        let mut last = Value::Null;
-        while tokio::time::Instant::now() < deadline {
-            if let Ok(v) = self.client.execute(script, vec![]).await {
-                if pred(&v) {
-                    return v;
-                }
-                last = v;
-            }
-            // The page changes on its own (a WebSocket frame): read it again shortly.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("timed out waiting for {what}; last: {last}");
-    }
-
-    /// The element `css` names, once the page has made it (pages render after their first
-    /// API answer).
-    async fn el(&self, css: &str) -> fantoccini::elements::Element {
-        self.client
-            .wait()
-            .at_most(PAGE_WAIT)
-            .for_element(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
-    }
-
-    async fn screenshot(&self, name: &str) {
-        let png = self.client.screenshot().await.expect("screenshot");
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-shots");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
-    }
-
-    async fn close(mut self) {
-        let _ = self.client.close().await;
-        let _ = self.driver.kill().await;
-    }
-}
-
-/// Types `value` into the input `name` of `form`.
+/// Types `value` into the input `name` of `form`, in place of what it held.
 async fn fill(form: &fantoccini::elements::Element, name: &str, value: &str) {
-    form.find(Locator::Css(&format!("input[name={name}]")))
-        .await
-        .unwrap()
-        .send_keys(value)
+    let input = form
+        .find(Locator::Css(&format!("input[name={name}]")))
         .await
         .unwrap();
+    input.clear().await.unwrap();
+    input.send_keys(value).await.unwrap();
 }
 
 /// Presses the form's submit button.
@@ -244,6 +132,24 @@ async fn deployments_page_creates_runs_stops_and_deletes_live() {
         b.client.get_alert_text().await.is_err(),
         "no alert may be open"
     );
+
+    // The whole body written as YAML in the page's editor.
+    b.client
+        .execute(
+            "document.querySelector('#create-raw').closest('details').open = true; const f = document.getElementById('create-raw'); f.querySelector('select[name=format]').value = 'yaml'; f.querySelector('textarea').value = arguments[0];",
+            vec![json!("name: from-yaml\nspecification:\n  spec:\n    config:\n      command: [sleep, \"1000\"]\n")],
+        )
+        .await
+        .unwrap();
+    b.el("#create-raw button[type=submit]")
+        .await
+        .click()
+        .await
+        .unwrap();
+    b.until("the YAML's deployment RUNNING", ROWS, |v| {
+        row(v, "from-yaml").is_some_and(|r| r["current"] == "RUNNING")
+    })
+    .await;
 
     // Delete asks to confirm, then the row goes.
     let del = format!("tr[data-id=\"{id}\"] button.delete");
@@ -390,7 +296,7 @@ async fn a_deployments_page_shows_live_logs_and_events() {
 /// Envs: create through the form (a bad field shows the API's 422 on it), then delete with
 /// its confirmation. No node runs, so nothing is built.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envs_are_created_and_deleted_from_the_page() {
+async fn envs_are_created_edited_and_deleted_from_the_page() {
     let Some(b) = Browser::start().await else {
         return;
     };
@@ -418,6 +324,40 @@ async fn envs_are_created_and_deleted_from_the_page() {
     let (status, env) = c.get("/conda-envs/torch").await;
     assert_eq!(status, 200, "{env}");
     assert_eq!(env["packages"], json!(["six", "requests"]));
+    // Edit: the form takes the env's values; a bad package is a 422 on that field; then saved.
+    b.el("tr[data-name=torch] button.edit")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let shown = b
+        .until(
+            "the form filled for editing",
+            "return [document.querySelector('#create-env input[name=packages]').value, document.querySelector('#create-env input[name=name]').disabled];",
+            |v| v[0] == "six, requests",
+        )
+        .await;
+    assert_eq!(shown[1], json!(true), "the name is fixed");
+    fill(&form, "packages", &format!("six, {}", "x".repeat(600))).await;
+    submit(&form).await;
+    b.until(
+        "the 422 on packages",
+        "return document.querySelector('[data-error-for=packages]').textContent;",
+        |v| v.as_str().is_some_and(|s| !s.is_empty()),
+    )
+    .await;
+    fill(&form, "packages", "six, requests, idna").await;
+    fill(&form, "custom_script", "echo ready").await;
+    submit(&form).await;
+    b.until(
+        "the new packages listed",
+        "const tr = document.querySelector('#envs tr[data-name=torch]'); return tr ? tr.children[3].textContent : '';",
+        |v| v == "six, requests, idna",
+    )
+    .await;
+    let (_, env) = c.get("/conda-envs/torch").await;
+    assert_eq!(env["packages"], json!(["six", "requests", "idna"]), "{env}");
+    assert_eq!(env["custom_script"], "echo ready", "{env}");
     b.screenshot("envs").await;
     for _ in 0..2 {
         b.el("tr[data-name=torch] button.delete")
@@ -541,11 +481,12 @@ async fn a_conductor_restart_shows_the_banner_and_recovers() {
     c.shutdown().await;
 }
 
-/// Scale: 500 deployments (what one live snapshot carries) render once, then each update
-/// touches only what changed. Prints the browser's own timings (tests assert no timing).
+/// Scale: 1 000 deployments render once (one snapshot frame), then every later frame is a
+/// delta that touches only the rows it names. Prints the browser's own timings (tests assert
+/// no timing; `benches/ui.rs` compares them with full snapshots).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deployments_table_at_scale() {
-    const N: usize = 500;
+    const N: usize = 1000;
     let Some(b) = Browser::start().await else {
         return;
     };
@@ -571,9 +512,13 @@ async fn the_deployments_table_at_scale() {
     .await;
     let first = b
         .client
-        .execute("return window.symphonyRender;", vec![])
+        .execute(
+            "return [window.symphonyRender, window.symphonyPartial || 0];",
+            vec![],
+        )
         .await
         .unwrap();
+    let (first, partial_before) = (first[0].clone(), first[1].as_f64().unwrap());
     // Twenty updates, each a PATCH of one deployment's name (the page must show each).
     for (k, id) in ids.iter().take(20).enumerate() {
         c.patch(
@@ -588,9 +533,13 @@ async fn the_deployments_table_at_scale() {
     .await;
     let after = b
         .client
-        .execute("return window.symphonyRender;", vec![])
+        .execute(
+            "return [window.symphonyRender, window.symphonyPartial || 0];",
+            vec![],
+        )
         .await
         .unwrap();
+    let (after, partial_after) = (after[0].clone(), after[1].as_f64().unwrap());
     let updates = after["count"].as_f64().unwrap() - first["count"].as_f64().unwrap();
     let per_update = (after["total_ms"].as_f64().unwrap() - first["total_ms"].as_f64().unwrap())
         / updates.max(1.0);
@@ -601,6 +550,11 @@ async fn the_deployments_table_at_scale() {
         after["max_ms"].as_f64().unwrap()
     );
     assert!(updates >= 1.0, "{after}");
+    assert_eq!(
+        partial_after - partial_before,
+        updates,
+        "every frame after the first touched only its rows"
+    );
     b.close().await;
     c.shutdown().await;
 }
@@ -801,6 +755,15 @@ async fn the_spec_is_made_by_the_form_and_edited_as_json_and_yaml() {
     .await;
     let (_, raw) = c.get("/deployments").await;
     assert!(!raw.to_string().contains("s3cret-token"));
+    b.until(
+        "the page's spec follows the edit",
+        "return document.getElementById('spec').textContent;",
+        |v| {
+            v.as_str()
+                .is_some_and(|s| s.contains("command: [sleep, \"999\"]"))
+        },
+    )
+    .await;
     b.screenshot("deployment-edit").await;
     b.close().await;
     c.shutdown().await;

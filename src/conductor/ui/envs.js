@@ -1,5 +1,6 @@
 // Envs (conda/uv): the definitions, where each is ready or has a problem (from the nodes'
-// reports in the live snapshot), create with the API's 422 on its field, rerun, delete.
+// reports in the live state), create and edit (packages, script) with the API's 422 on its
+// field, rerun, delete.
 
 import { h, setText } from './dom.js';
 import { api, paced } from './api.js';
@@ -17,11 +18,33 @@ export function envsPage(main, live, who) {
   const python = h('input', { name: 'python_version', placeholder: '3.11' });
   const packages = h('input', { name: 'packages', placeholder: 'numpy, torch==2.4' });
   const manager = h('select', { name: 'manager' }, h('option', { value: 'uv' }, 'uv'), h('option', { value: 'conda' }, 'conda'));
+  const script = h('input', { name: 'custom_script', placeholder: 'pip install -e . (optional)' });
   const status = h('span', { class: 'status', role: 'status' });
-  const form = canWrite ? h('form', { id: 'create-env', class: 'card' }, h('h2', {}, 'New env'),
+  const title = h('h2', {}, 'New env');
+  const save = h('button', { type: 'submit' }, 'Create');
+  const cancel = h('button', { type: 'button', class: 'cancel', hidden: true }, 'Cancel');
+  const form = canWrite ? h('form', { id: 'create-env', class: 'card' }, title,
     field('name', 'Name', name), field('python_version', 'Python', python),
     field('packages', 'Packages', packages), field('manager', 'Manager', manager),
-    h('button', { type: 'submit' }, 'Create'), status) : null;
+    field('custom_script', 'Script', script), save, cancel, status) : null;
+  // Editing reuses the form: name, Python and manager are fixed once made.
+  let editing = null;
+  function edit(e) {
+    editing = e ? e.name : null;
+    if (form) form.reset();
+    errors.clear();
+    for (const el of [name, python, manager]) el.disabled = Boolean(e);
+    cancel.hidden = !e;
+    setText(title, e ? 'Edit env ' + e.name : 'New env');
+    setText(save, e ? 'Save' : 'Create');
+    if (!e) return;
+    name.value = e.name;
+    python.value = e.python_version;
+    manager.value = e.manager;
+    packages.value = e.packages.join(', ');
+    script.value = e.custom_script || '';
+  }
+  cancel.addEventListener('click', () => edit(null));
   main.replaceChildren(h('section', {}, form, table));
 
   let defs = [];
@@ -41,7 +64,9 @@ export function envsPage(main, live, who) {
             await api('DELETE', `/conda-envs/${encodeURIComponent(e.name)}`);
             refresh();
           });
-          cells[6].append(rerun, ' ', del);
+          const change = h('button', { class: 'edit' }, 'Edit');
+          change.addEventListener('click', () => edit(defs.find((d) => d.name === e.name)));
+          cells[6].append(change, ' ', rerun, ' ', del);
         }
         r = { tr: h('tr', { 'data-name': e.name }, cells), cells };
         rows.set(e.name, r);
@@ -64,9 +89,14 @@ export function envsPage(main, live, who) {
     errors.clear();
     setText(status, '');
     try {
-      await api('POST', '/conda-envs', { name: name.value, python_version: python.value, packages: packages.value, manager: manager.value });
-      setText(status, 'created ' + name.value);
-      form.reset();
+      if (editing) {
+        await api('PATCH', `/conda-envs/${encodeURIComponent(editing)}`, { packages: packages.value, custom_script: script.value });
+        setText(status, 'saved ' + editing);
+      } else {
+        await api('POST', '/conda-envs', { name: name.value, python_version: python.value, packages: packages.value, manager: manager.value, custom_script: script.value || null });
+        setText(status, 'created ' + name.value);
+      }
+      edit(null);
       refresh();
     } catch (err) {
       if (!errors.show(err)) setText(status, err.message);

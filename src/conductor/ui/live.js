@@ -45,7 +45,10 @@ export class Live {
 
   connect() {
     const scheme = location.protocol === 'https:' ? 'wss://' : 'ws://';
-    const ws = new WebSocket(scheme + location.host + '/ws/updates?frames=delta');
+    // `?frames=snapshot` on the page's URL asks for the original's full frames (the bench's
+    // baseline); the page then renders everything on every frame.
+    const frames = new URLSearchParams(location.search).get('frames') === 'snapshot' ? 'snapshot' : 'delta';
+    const ws = new WebSocket(scheme + location.host + '/ws/updates?frames=' + frames);
     ws.onopen = () => {
       this.delay = 250;
       this.banner.hidden = true;
@@ -53,9 +56,19 @@ export class Live {
     ws.onmessage = (ev) => {
       let frame;
       try { frame = JSON.parse(ev.data); } catch { return; }
+      const started = performance.now();
       const change = this.apply(frame);
       if (!change) return;
       for (const fn of this.listeners) fn(this.last, change);
+      // What each frame cost the page (parse excluded), for the browser tests and the bench.
+      const ms = performance.now() - started;
+      const m = (window.symphonyRender ||= { count: 0, first_at_ms: null, last_ms: 0, max_ms: 0, total_ms: 0, bytes: 0 });
+      m.count += 1;
+      m.bytes += ev.data.length;
+      m.last_ms = ms;
+      m.max_ms = Math.max(m.max_ms, ms);
+      m.total_ms += ms;
+      if (m.first_at_ms === null) m.first_at_ms = performance.now();
     };
     ws.onclose = () => {
       // Counted for the browser tests (and anyone curious in the console).

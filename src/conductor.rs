@@ -9,6 +9,7 @@ pub mod https;
 pub mod loghub;
 pub mod metrics;
 pub mod paths;
+pub mod runs;
 pub mod services;
 pub mod sessions;
 pub mod store;

@@ -40,6 +40,7 @@ mod secrets;
 mod tests;
 mod validate;
 mod wire;
+mod workflow;
 
 pub use checked::{
     Checked, Int, LineOrList, Loc, Mismatch, Object, Opt, Report, Seconds, given, unexpected,
@@ -58,3 +59,6 @@ pub use model::{
 };
 pub use secrets::{declaration_token_slots, mask_secrets, restore_secrets, token_slot};
 pub use validate::{parse, parse_with_services};
+pub use workflow::{
+    MAX_ATTEMPTS, MAX_RESULT_BYTES, MAX_TASKS, Retries, RetryOn, Task, Workflow, parse_workflow,
+};

@@ -291,7 +291,20 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
 fn parse_yaml_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
     let text = std::str::from_utf8(body)
         .map_err(|e| ApiError::field(&["body"], "yaml_invalid", &format!("not UTF-8: {e}")))?;
-    match serde_saphyr::from_str::<Value>(text) {
+    // Tighter than the crate's defaults: a 2 MiB body may not expand (aliases) much further.
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_total_scalar_bytes: 4 * 1024 * 1024,
+            max_nodes: 100_000,
+            max_events: 200_000,
+            max_aliases: 1_000,
+            max_anchors: 1_000,
+        },
+        alias_limits: serde_saphyr::alias_limits! {
+            max_total_replayed_events: 10_000,
+        },
+    };
+    match serde_saphyr::from_str_with_options::<Value>(text, options) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(ApiError::field(
             &["body"],

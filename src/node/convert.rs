@@ -42,6 +42,8 @@ pub(crate) fn to_wire(s: &DeploymentStatus, log_offset: u64) -> wire::Deployment
         healthy: s.healthy,
         cron_restarts: s.cron_restarts,
         restart_at_ms: s.restart_at_ms,
+        result: s.result.clone().and_then(Result::ok),
+        result_error: s.result.clone().and_then(Result::err).unwrap_or_default(),
         desired_running: matches!(
             s.state,
             CurrentState::Running | CurrentState::Starting | CurrentState::Backoff

@@ -78,6 +78,10 @@ pub struct DeploymentStatus {
     pub cron_restarts: u32,
     /// In BACKOFF: when the next start is due (ms since the Unix epoch).
     pub restart_at_ms: Option<i64>,
+    /// After an exit: what the process wrote to `$SYMPHONY_OUTPUT` (JSON text, at most
+    /// [`crate::spec::MAX_RESULT_BYTES`]), or why it could not be taken.
+    #[serde(default)]
+    pub result: Option<Result<String, String>>,
 }
 
 /// Result of a successful prepare: where and what to run.
@@ -175,6 +179,11 @@ impl SupervisorConfig {
     /// The run directory of a deployment's process (see [`super::keeper`]).
     pub fn run_dir(&self, id: &str) -> PathBuf {
         self.work_dir.join("run").join(id)
+    }
+
+    /// Where a process of deployment `id` may leave its result (`$SYMPHONY_OUTPUT`).
+    pub fn output_file(&self, id: &str) -> PathBuf {
+        self.work_dir.join("outputs").join(format!("{id}.json"))
     }
 }
 
@@ -435,6 +444,7 @@ impl Supervisor {
             healthy: None,
             cron_restarts: 0,
             restart_at_ms: None,
+            result: None,
         }));
         let (desired_tx, desired_rx) = watch::channel(desired);
         let cancel = CancellationToken::new();

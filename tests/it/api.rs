@@ -903,6 +903,11 @@ async fn deployments_are_created_and_patched_from_yaml() {
         body["detail"][0]["msg"].as_str().unwrap().contains("line"),
         "{body}"
     );
+    // Aliases that would expand past the budget: a 422, not a pause or a 500.
+    let laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n";
+    let (status, body) = send(reqwest::Method::POST, "/deployments".into(), laughs).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(locs(&body), ["body"], "{body}");
     // A list is not a body; the spec's own rules apply as for JSON.
     let (status, body) = send(reqwest::Method::POST, "/deployments".into(), "- a\n").await;
     assert_eq!(status, 422, "{body}");

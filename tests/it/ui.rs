@@ -170,7 +170,8 @@ async fn the_ui_signs_in_with_a_token() {
     let Some(b) = Browser::start().await else {
         return;
     };
-    let c = Cluster::start_with(|cfg| cfg.api_auth = Some(true)).await;
+    let mut c = Cluster::start_with(|cfg| cfg.api_auth = Some(true)).await;
+    c.add_node("n1", &[], &[], false).await;
     let token = c
         .api_token("browser", symphony::conductor::trust::Role::Operator)
         .await;
@@ -185,7 +186,7 @@ async fn the_ui_signs_in_with_a_token() {
     )
     .await;
     b.screenshot("login-then-deployments").await;
-    // An operator sees no tokens page and no revoke buttons.
+    // An operator sees no tokens page and no revoke buttons (an admin does: see below).
     let hidden = b
         .client
         .execute(
@@ -195,6 +196,17 @@ async fn the_ui_signs_in_with_a_token() {
         .await
         .unwrap();
     assert_eq!(hidden, json!(true));
+    b.client.goto(&format!("{}/ui/nodes", c.api)).await.unwrap();
+    b.el("article[data-id=n1] [data-fact=state]").await;
+    let revokes = b
+        .client
+        .execute(
+            "return document.querySelectorAll('button.revoke').length;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(revokes, json!(0));
     b.close().await;
     c.shutdown().await;
 }
@@ -783,6 +795,15 @@ async fn an_admin_makes_and_revokes_tokens_and_nodes() {
         .await
         .unwrap();
     let form = b.el("#create-join-token").await;
+    let hidden = b
+        .client
+        .execute(
+            "return document.getElementById('nav-tokens').hidden;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(hidden, json!(false), "an admin sees the tokens page");
     fill(&form, "groups", "gpu").await;
     fill(&form, "uses", "1").await;
     submit(&form).await;
@@ -868,6 +889,70 @@ async fn an_admin_makes_and_revokes_tokens_and_nodes() {
     .await;
     let (_, list) = c.get("/api-tokens").await;
     assert!(list[0]["revoked_at_ms"].is_i64(), "{list}");
+    b.close().await;
+    c.shutdown().await;
+}
+
+/// The page's YAML says the same values as the JSON it came from: a spec full of strings
+/// that YAML reads as something else unless quoted, saved back unchanged from the editor,
+/// is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_yaml_editor_round_trips_awkward_values() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let c = Cluster::start().await;
+    let mut env = json!({
+        "EMPTY": "", "NUM": "123", "EXP": "1e3", "DASH": "-", "DOT": ".5", "NULL": "null",
+        "TILDE": "~", "YES": "yes", "Y": "y", "ON": "on", "COLON": "a: b", "HASH": "#x",
+        "LEAD": " lead", "TRAIL": "trail ", "UNI": "ünï ✓", "C1": "a\u{85}b\u{80}c\u{9f}",
+        "NL": "one\ntwo", "QUOTE": "say \"hi\"", "BACK": "a\\b", "STAR": "*x", "AMP": "&y",
+        "BANG": "!z", "PCT": "%p", "AT": "@q", "BT": "`r", "BRACE": "{s}", "BRACK": "[t]",
+        "inf": "inf", "nan": ".nan", "k:ey": "v", "#k": "v2", "long": "x".repeat(3000)
+    });
+    // A key past YAML's 1024-character limit for plain keys.
+    env.as_object_mut()
+        .unwrap()
+        .insert("K".repeat(1100), json!("v"));
+    let spec = json!({"config": {"command": ["sleep", "1000", "--", "[a]", "-x"]}, "env": env,
+        "capacity_requests": {}, "node_group": null});
+    let id = c.deploy("awkward", spec).await;
+    let (_, before) = c.get(&format!("/deployments/{id}")).await;
+    b.client
+        .goto(&format!("{}/ui/deployments/{id}", c.api))
+        .await
+        .unwrap();
+    b.until(
+        "the spec shown",
+        "return document.getElementById('spec').textContent;",
+        |v| v.as_str().is_some_and(|s| s.contains("EMPTY")),
+    )
+    .await;
+    b.client
+        .execute(
+            "const a = document.querySelector('#edit-spec textarea'); a.focus();",
+            vec![],
+        )
+        .await
+        .unwrap();
+    b.el("#edit-spec button[type=submit]")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let saved = b
+        .until(
+            "saved or refused",
+            "return [...document.querySelectorAll('#edit-spec li')].map(li => li.textContent);",
+            |v| v.as_array().is_some_and(|a| !a.is_empty()),
+        )
+        .await;
+    assert_eq!(saved, json!(["saved"]), "the page's own YAML was refused");
+    let (_, after) = c.get(&format!("/deployments/{id}")).await;
+    assert_eq!(
+        after["specification"], before["specification"],
+        "the YAML said other values"
+    );
     b.close().await;
     c.shutdown().await;
 }

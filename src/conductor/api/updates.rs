@@ -226,6 +226,13 @@ mod tests {
         assert_eq!(f["order"], json!(["c", "a"]));
         assert_eq!(f["removed_nodes"], json!(["n1"]));
         assert!(f["nodes"].get("n2").is_some(), "{f}");
+
+        // One deleted and one created, the count unchanged: still a removal and an order.
+        let mut swapped = old.clone();
+        swapped.deployments = vec![dep("c", "c", 3), b];
+        let f = parse(delta(&old, &swapped));
+        assert_eq!(f["removed_deployments"], json!(["a"]), "{f}");
+        assert_eq!(f["order"], json!(["c", "b"]), "{f}");
     }
 
     #[test]

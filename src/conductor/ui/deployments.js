@@ -108,14 +108,16 @@ export function deploymentsPage(main, live, who) {
   const stateFilter = choice('filter-state', 'any state');
   const nodeFilter = choice('filter-node', 'any node');
   const groupFilter = choice('filter-group', 'any group');
-  /** Keeps a select's options equal to `values` (sorted), leaving its choice alone. */
+  /** Keeps a select's options equal to `values` (sorted), leaving its choice alone while it
+   * is still offered; returns whether the choice had to go (the rows need filtering again). */
   function options(select, values) {
     const want = [...values].sort();
     const have = [...select.options].slice(1).map((o) => o.value);
-    if (want.join('\u0000') === have.join('\u0000')) return;
+    if (want.join('\u0000') === have.join('\u0000')) return false;
     const chosen = select.value;
     select.replaceChildren(select.options[0], ...want.map((v) => h('option', { value: v }, v)));
     select.value = want.includes(chosen) ? chosen : '';
+    return select.value !== chosen;
   }
   const tbody = h('tbody');
   const count = h('span', { class: 'count' });
@@ -157,8 +159,8 @@ export function deploymentsPage(main, live, who) {
   function render(frame, change) {
     if (change && change.deployments && !change.order) {
       renderSome(frame, change);
-      // Counted for the browser tests: updates that touched only the changed rows.
-      window.symphonyPartial = (window.symphonyPartial || 0) + 1;
+      // Counted for the browser tests: updates of deployments that touched only their rows.
+      if (change.deployments.size) window.symphonyPartial = (window.symphonyPartial || 0) + 1;
     } else {
       renderRows(frame);
     }
@@ -194,11 +196,11 @@ export function deploymentsPage(main, live, who) {
     return match;
   }
 
+  /** The count and the filters' options; true when a filter's choice went away. */
   function counts(total) {
     setText(count, `${shown} of ${total}`);
     empty.hidden = total !== 0;
-    options(stateFilter, states);
-    options(groupFilter, groups);
+    return [options(stateFilter, states), options(groupFilter, groups)].some(Boolean);
   }
 
   /** Only the rows of `ids` changed (no creation, deletion or reordering). */
@@ -208,11 +210,15 @@ export function deploymentsPage(main, live, who) {
       const d = live.byId.get(id);
       if (r && d) fill(r, d);
     }
-    if (change.nodes.size) options(nodeFilter, new Set(Object.keys(frame.nodes)));
-    counts(rows.size);
+    const gone = change.nodes.size > 0 && options(nodeFilter, new Set(Object.keys(frame.nodes)));
+    if (counts(rows.size) || gone) renderRows(frame);
   }
 
   function renderRows(frame) {
+    // The filters offer what the rows have now (and the four usual states).
+    states.clear();
+    for (const st of ['RUNNING', 'STOPPED', 'PENDING', 'FAILED']) states.add(st);
+    groups.clear();
     const seen = new Set();
     let prev = null;
     for (const d of frame.deployments) {
@@ -231,8 +237,9 @@ export function deploymentsPage(main, live, who) {
         rows.delete(id);
       }
     }
-    options(nodeFilter, new Set(Object.keys(frame.nodes)));
-    counts(frame.deployments.length);
+    const gone = options(nodeFilter, new Set(Object.keys(frame.nodes)));
+    // A filter whose choice went away shows everything again: filter the rows once more.
+    if (counts(frame.deployments.length) || gone) renderRows(frame);
   }
   for (const el of [search, stateFilter, nodeFilter, groupFilter]) {
     el.addEventListener(el === search ? 'input' : 'change', () => live.last && render(live.last));

@@ -7,10 +7,19 @@ import { api, fieldErrors } from './api.js';
 const PLAIN = /^[A-Za-z_][A-Za-z0-9_./-]*$/;
 const RESERVED = /^(true|false|null|yes|no|on|off|y|n)$/i;
 
+// Characters JSON leaves as they are but YAML does not allow in a quoted scalar.
+const UNPRINTABLE = /[\u007f-\u0084\u0086-\u009f\ufffe\uffff]/g;
+
 function scalar(v) {
   if (typeof v === 'string' && PLAIN.test(v) && !RESERVED.test(v)) return v;
   // A JSON scalar is a YAML flow scalar with the same value (strings double-quoted).
-  return JSON.stringify(v);
+  return JSON.stringify(v).replace(UNPRINTABLE, (c) => '\\u' + c.charCodeAt(0).toString(16).padStart(4, '0'));
+}
+
+/** A mapping key; one over YAML's 1024-character limit for implicit keys is explicit. */
+function key(k, ind) {
+  const text = scalar(k);
+  return text.length > 1000 ? `? ${text}\n${ind}` : text;
 }
 
 function isBlock(v) {
@@ -27,7 +36,7 @@ function inline(v) {
 function block(v, ind) {
   const after = (x) => (isBlock(x) ? '\n' + block(x, ind + '  ') : ' ' + inline(x));
   if (Array.isArray(v)) return v.map((x) => ind + '-' + after(x)).join('\n');
-  return Object.entries(v).map(([k, x]) => ind + scalar(k) + ':' + after(x)).join('\n');
+  return Object.entries(v).map(([k, x]) => ind + key(k, ind) + ':' + after(x)).join('\n');
 }
 
 /** A JSON value as block YAML (lists of scalars in flow style, e.g. commands). */
@@ -52,9 +61,11 @@ export function bodyEditor({ id, method, path, initial, done, label }) {
     rendered = format.value === 'yaml' ? toYaml(v) : JSON.stringify(v, null, 2);
     area.value = rendered;
   };
-  // Switching formats re-renders only text that was not edited (YAML is not parsed here).
+  // Switching formats re-renders text that was not edited (YAML is not parsed here); once
+  // the text is edited, its format is fixed until it is saved or emptied.
   format.addEventListener('change', () => { if (!area.value || area.value === rendered) render(); });
   area.addEventListener('focus', () => { if (!area.value) render(); });
+  area.addEventListener('input', () => { format.disabled = Boolean(area.value) && area.value !== rendered; });
   const form = h('form', { id, class: 'editor' }, h('div', { class: 'bar' }, format, h('button', { type: 'submit' }, label)), area, errs);
   form.addEventListener('submit', async (ev) => {
     ev.preventDefault();
@@ -65,6 +76,7 @@ export function bodyEditor({ id, method, path, initial, done, label }) {
       errs.append(h('li', { class: 'ok' }, 'saved'));
       area.value = '';
       rendered = null;
+      format.disabled = false;
       if (done) done(result);
     } catch (err) {
       const list = Object.entries(fieldErrors(err));

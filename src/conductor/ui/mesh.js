@@ -10,6 +10,7 @@ import { deleteButton } from './form.js';
 /** Re-reads `path` (paced) when the live state changes and renders it. */
 function polled(live, path, render) {
   const read = paced(async () => render(await api('GET', path)));
+  read();
   return live.subscribe(() => read());
 }
 

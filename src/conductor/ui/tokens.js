@@ -58,15 +58,17 @@ export function tokensPage(main, live) {
   const num = (el) => (el.value.trim() ? Number(el.value) : undefined);
   async function refresh() {
     const now = Date.now();
-    const [j, a] = await Promise.all([api('GET', '/tokens'), api('GET', '/api-tokens')]);
+    // The state depends on the time too: it is part of what keys a row's rebuild.
+    const [j, a] = (await Promise.all([api('GET', '/tokens'), api('GET', '/api-tokens')]))
+      .map((list) => list.map((t) => ({ ...t, state: stateOf(t, now) })));
     keyed(joins.tbody, j, (t) => t.id, (t) => h('tr', { 'data-id': t.id },
       h('td', {}, t.id), h('td', {}, t.groups.join(', ')), h('td', {}, t.node_id_prefix + '…'),
       h('td', {}, `${t.uses}${t.max_uses === null ? '' : ' / ' + t.max_uses}`), h('td', {}, when(t.expires_at_ms)),
-      h('td', { 'data-col': 'state' }, stateOf(t, now)),
+      h('td', { 'data-col': 'state' }, t.state),
       h('td', {}, t.revoked_at_ms ? '' : deleteButton(async () => { await api('DELETE', '/tokens/' + encodeURIComponent(t.id)); refresh(); }, 'Revoke', 'revoke'))));
     keyed(apis.tbody, a, (t) => t.id, (t) => h('tr', { 'data-id': t.id },
       h('td', {}, t.id), h('td', {}, t.name), h('td', {}, t.role), h('td', {}, when(t.created_at_ms)),
-      h('td', { 'data-col': 'state' }, stateOf(t, now)),
+      h('td', { 'data-col': 'state' }, t.state),
       h('td', {}, t.revoked_at_ms ? '' : deleteButton(async () => { await api('DELETE', '/api-tokens/' + encodeURIComponent(t.id)); refresh(); }, 'Revoke', 'revoke'))));
   }
   const failed = h('p', { class: 'error', role: 'alert' });
@@ -83,10 +85,13 @@ export function tokensPage(main, live) {
     creator('create-api-token', 'New API token', '/api-tokens', [['name', 'Name', name], ['role', 'Role', role]],
       () => ({ name: name.value, role: role.value }), load),
     h('h3', {}, 'API tokens'), apis.el));
-  // Uses change when nodes enroll: read (again) when a node appears.
+  // Uses change when nodes enroll: read (again) when a node appears, and every 30 s (tokens
+  // expire, and other admins make and revoke them).
   let known = null;
-  return live.subscribe((frame) => {
+  const unsubscribe = live.subscribe((frame) => {
     const ids = Object.keys(frame.nodes);
     if (!known || ids.some((id) => !known.has(id))) { known = new Set(ids); load(); }
   });
+  const timer = setInterval(load, 30000);
+  return () => { clearInterval(timer); unsubscribe(); };
 }

@@ -118,6 +118,7 @@ fn running(id: &str, generation: u64, pid: u32) -> DeploymentStatus {
         healthy: None,
         cron_restarts: 0,
         restart_at_ms: None,
+        result: None,
     }
 }
 

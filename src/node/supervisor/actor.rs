@@ -275,6 +275,7 @@ impl Actor {
         self.update(|s| {
             s.state = CurrentState::Starting;
             s.pid = None;
+            s.result = None;
         });
         let spec = self.cur.spec.clone();
         // A clone, so that waiting on it leaves the change for the main loop to handle.
@@ -296,6 +297,15 @@ impl Actor {
         };
         let mut env = self.shared.config.node_env.clone();
         env.extend(prepared.extra_env);
+        // Where the process may leave a JSON result; a previous process's is gone first.
+        let output = self.shared.config.output_file(&self.id);
+        if let Err(e) = clear_output(&output).await {
+            return self.on_start_failure(format!("prepare failed: {e}"));
+        }
+        env.insert(
+            "SYMPHONY_OUTPUT".into(),
+            output.to_string_lossy().into_owned(),
+        );
         env.extend(spec.env.clone());
         let process_spec = ProcessSpec {
             command: prepared.command,
@@ -370,12 +380,14 @@ impl Actor {
             (true, Some(0)) => CurrentState::Exited,
             (true, _) => CurrentState::Crashed,
         };
+        let result = read_output(&self.shared.config.output_file(&self.id)).await;
         self.update(|s| {
             s.state = state;
             s.pid = None;
             s.last_exit_code = code;
             s.stopped_at_ms = Some(wall_ms());
             s.reason = Some(how.clone());
+            s.result = result;
         });
         self.apply_decision(decision, how);
     }
@@ -471,8 +483,25 @@ impl Actor {
         self.cur = new;
         self.logs.set_limit(self.cur.spec.log_limit_lines);
         let generation = self.cur.generation;
+        let fresh = spec_changed || !was_running || (newer && self.state() == CurrentState::Failed);
         if lock(&self.status).generation != generation {
-            self.update(|s| s.generation = generation);
+            // A new generation that starts a process afresh never reports the last one's end
+            // (or result) as its own: its first report says STARTING.
+            let ended = matches!(
+                self.state(),
+                CurrentState::Exited
+                    | CurrentState::Crashed
+                    | CurrentState::Failed
+                    | CurrentState::Stopped
+            );
+            let restarts = self.cur.running && fresh && ended;
+            self.update(|s| {
+                s.generation = generation;
+                if restarts {
+                    s.state = CurrentState::Starting;
+                    s.result = None;
+                }
+            });
         }
         if spec_changed {
             self.setup_cron();
@@ -489,7 +518,6 @@ impl Actor {
             }
             return;
         }
-        let fresh = spec_changed || !was_running || (newer && self.state() == CurrentState::Failed);
         if !fresh {
             return;
         }
@@ -576,4 +604,42 @@ impl Actor {
         }
         self.arm_cron();
     }
+}
+
+/// Removes a result file left by an earlier process (none is fine).
+async fn clear_output(path: &std::path::Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    match tokio::fs::remove_file(path).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// What a process left in its result file: `None` when it wrote none, the JSON text, or why
+/// it cannot be taken (over the size limit, not JSON, unreadable).
+async fn read_output(path: &std::path::Path) -> Option<Result<String, String>> {
+    use tokio::io::AsyncReadExt;
+    let max = crate::spec::MAX_RESULT_BYTES;
+    let file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Err(format!("$SYMPHONY_OUTPUT unreadable: {e}"))),
+    };
+    let mut bytes = Vec::new();
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    if let Err(e) = file.take(limit).read_to_end(&mut bytes).await {
+        return Some(Err(format!("$SYMPHONY_OUTPUT unreadable: {e}")));
+    }
+    if bytes.len() > max {
+        return Some(Err(format!(
+            "$SYMPHONY_OUTPUT holds over {} KiB; a result is at most that",
+            max / 1024
+        )));
+    }
+    Some(match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(v) => Ok(v.to_string()),
+        Err(e) => Err(format!("$SYMPHONY_OUTPUT is not JSON: {e}")),
+    })
 }

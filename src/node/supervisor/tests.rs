@@ -182,6 +182,73 @@ async fn never_policy_reports_exit_code_and_stays_crashed() {
     assert_eq!(system[1], "exited (code=3, exit status 3)");
 }
 
+/// A process's JSON in `$SYMPHONY_OUTPUT` comes with its exit; a result over the limit or
+/// not JSON is refused with the reason; the next start does not see the last one's file.
+#[tokio::test]
+async fn results_left_in_symphony_output_come_with_the_exit() {
+    let mut h = Harness::new();
+    h.sup
+        .apply(
+            "r",
+            1,
+            true,
+            spec(
+                r#"printf '{"loss": 0.5}' > "$SYMPHONY_OUTPUT""#,
+                RestartKind::Never,
+            ),
+        )
+        .unwrap();
+    let st = h.until_state("r", CurrentState::Exited).await;
+    assert_eq!(st.result, Some(Ok(r#"{"loss":0.5}"#.to_owned())));
+    h.sup
+        .apply(
+            "r",
+            2,
+            true,
+            spec(
+                r#"test ! -e "$SYMPHONY_OUTPUT" && printf 'nope' > "$SYMPHONY_OUTPUT""#,
+                RestartKind::Never,
+            ),
+        )
+        .unwrap();
+    let st = h
+        .until("r", |s| {
+            s.generation == 2 && s.state == CurrentState::Exited
+        })
+        .await;
+    assert!(
+        st.result
+            .as_ref()
+            .is_some_and(|r| r.as_ref().is_err_and(|e| e.contains("not JSON"))),
+        "{st:?}"
+    );
+    h.sup
+        .apply(
+            "big",
+            1,
+            true,
+            spec(
+                r#"head -c 70000 /dev/zero | tr '\0' 1 > "$SYMPHONY_OUTPUT""#,
+                RestartKind::Never,
+            ),
+        )
+        .unwrap();
+    let st = h.until_state("big", CurrentState::Exited).await;
+    assert!(
+        st.result
+            .as_ref()
+            .is_some_and(|r| r.as_ref().is_err_and(|e| e.contains("64 KiB"))),
+        "{st:?}"
+    );
+    h.sup
+        .apply("none", 1, true, spec("true", RestartKind::Never))
+        .unwrap();
+    assert_eq!(
+        h.until_state("none", CurrentState::Exited).await.result,
+        None
+    );
+}
+
 #[tokio::test]
 async fn on_failure_clean_exit_and_signal_exit() {
     let mut h = Harness::new();

@@ -47,8 +47,8 @@ pub use checked::{
 };
 pub use cron::{CronSchedule, cron_schedule, next_fire};
 pub use experiment::{
-    Experiment, MAX_PROCESSES, MAX_REPLICAS, OnFailure, Placement, Process, parse_experiment,
-    with_user,
+    Experiment, MAX_PROCESSES, MAX_REPLICAS, OnFailure, Placement, Process, add_env,
+    parse_experiment, with_user,
 };
 pub use model::{
     AutoRestart, Bind, DEFAULT_BACKOFF, DEFAULT_FAILURE_THRESHOLD, DEFAULT_HEALTH_PERIOD,
@@ -57,7 +57,9 @@ pub use model::{
     MAX_DURATION_SECS, MAX_LOG_LIMIT_LINES, RestartKind, RestartPolicy, SECRET_MASK, SERVICE_HOST,
     SIGNAL_NAMES, Services, is_dns_label, service_var_prefix, signal_number,
 };
-pub use secrets::{declaration_token_slots, mask_secrets, restore_secrets, token_slot};
+pub use secrets::{
+    declaration_token_slots, mask_declaration, mask_secrets, restore_secrets, token_slot,
+};
 pub use validate::{parse, parse_with_services};
 pub use workflow::{
     MAX_ATTEMPTS, MAX_RESULT_BYTES, MAX_TASKS, Retries, RetryOn, Task, Workflow, parse_workflow,

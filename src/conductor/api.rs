@@ -24,6 +24,7 @@ mod experiments;
 mod proxy;
 mod trust;
 mod updates;
+mod workflows;
 
 pub use proxy::TCP_UPGRADE;
 
@@ -129,6 +130,13 @@ pub fn router(state: ApiState) -> Router {
             get(get_env).patch(patch_env).delete(delete_env),
         )
         .route("/conda-envs/{name}/rerun", post(rerun_env))
+        .route("/workflows", post(workflows::define).get(workflows::list))
+        .route("/workflows/{name}", get(workflows::get))
+        .route("/workflows/{name}/runs", post(workflows::start))
+        .route("/runs", get(workflows::runs))
+        .route("/runs/{id}", get(workflows::run))
+        .route("/runs/{id}/cancel", post(workflows::cancel))
+        .route("/runs/{id}/retry", post(workflows::retry))
         .route("/ws/updates", get(updates::ws))
         .route("/ws/deployments/{id}/logs", get(ws_logs))
         .route("/ws/events", get(events::ws))
@@ -289,9 +297,21 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
 
 /// A YAML body: the same values as JSON (mappings with string keys, sequences, scalars).
 fn parse_yaml_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    match yaml_value(body)? {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::field(
+            &["body"],
+            "model_attributes_type",
+            "Input should be a valid dictionary or object",
+        )),
+    }
+}
+
+/// A YAML document as a JSON value, read within a budget: a small body may not expand
+/// (aliases) much further.
+fn yaml_value(body: &[u8]) -> Result<Value, ApiError> {
     let text = std::str::from_utf8(body)
         .map_err(|e| ApiError::field(&["body"], "yaml_invalid", &format!("not UTF-8: {e}")))?;
-    // Tighter than the crate's defaults: a 2 MiB body may not expand (aliases) much further.
     let options = serde_saphyr::options! {
         budget: serde_saphyr::budget! {
             max_total_scalar_bytes: 4 * 1024 * 1024,
@@ -304,19 +324,8 @@ fn parse_yaml_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiErr
             max_total_replayed_events: 10_000,
         },
     };
-    match serde_saphyr::from_str_with_options::<Value>(text, options) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::field(
-            &["body"],
-            "model_attributes_type",
-            "Input should be a valid dictionary or object",
-        )),
-        Err(e) => Err(ApiError::field(
-            &["body"],
-            "yaml_invalid",
-            &format!("YAML error: {e}"),
-        )),
-    }
+    serde_saphyr::from_str_with_options::<Value>(text, options)
+        .map_err(|e| ApiError::field(&["body"], "yaml_invalid", &format!("YAML error: {e}")))
 }
 
 /// The query string's parameters among `known` (others are ignored, as FastAPI does). A

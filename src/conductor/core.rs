@@ -32,7 +32,10 @@ use crate::wire;
 
 mod experiments;
 mod narrate;
+mod runs;
 pub mod trust;
+
+pub use runs::WorkflowInfo;
 
 pub use trust::{TrustMsg, TrustState};
 
@@ -144,6 +147,12 @@ pub enum CoreMsg {
     Trust(TrustMsg),
     /// A request made with an API token: the events it causes name the token.
     As(String, Box<CoreMsg>),
+    /// A new version of a workflow (definition as sent, and checked): its version.
+    DefineWorkflow(Value, Box<crate::spec::Workflow>, Reply<u32>),
+    /// Queues a run of a workflow's newest version with parameters: its id.
+    StartRun(String, BTreeMap<String, String>, Reply<String>),
+    CancelRun(String, Reply<()>),
+    RetryRun(String, Reply<()>),
 }
 
 /// A node session that finished its Hello.
@@ -295,6 +304,8 @@ struct Core {
     trust: TrustState,
     /// The API token whose request is being handled (recorded in its events).
     by: Option<String>,
+    /// Workflows, runs, and the task deployments they own.
+    runs: runs::Runs,
 }
 
 /// The reflexive address of a connected node (its connection's remote address).
@@ -465,7 +476,9 @@ pub async fn start(
         said: Said::default(),
         trust,
         by: None,
+        runs: runs::Runs::default(),
     };
+    core.load_runs().await?;
     core.reindex();
     core.reconcile_services().await?;
     // Known nodes come back as not connected; their grace starts now (a conductor restart
@@ -649,6 +662,26 @@ impl Core {
                 self.by = Some(by);
                 Box::pin(self.handle(*msg)).await;
                 self.by = None;
+            }
+            CoreMsg::DefineWorkflow(definition, parsed, reply) => {
+                let r = self.define_workflow(definition, *parsed).await;
+                self.changed = true;
+                let _ = reply.send(r);
+            }
+            CoreMsg::StartRun(workflow, params, reply) => {
+                let r = self.start_run(&workflow, params).await;
+                // Admitted (and its first tasks made) at this batch's flush; the reply waits
+                // for that write, so a read after it sees the run running.
+                self.runs.replies.push((reply, r));
+                self.changed = true;
+            }
+            CoreMsg::CancelRun(id, reply) => {
+                let r = self.cancel_run(&id);
+                self.answer(reply, r, true);
+            }
+            CoreMsg::RetryRun(id, reply) => {
+                let r = self.retry_run(&id);
+                self.answer(reply, r, true);
             }
         }
     }
@@ -1016,6 +1049,8 @@ impl Core {
         if ticked && !self.stops_due.is_empty() {
             self.retry_stops().await;
         }
+        // Runs move first: the tasks they start are written before this flush schedules.
+        self.advance_runs(ticked).await;
         let needs_schedule = std::mem::take(&mut self.needs_schedule);
         let mut publish = std::mem::take(&mut self.changed);
         if ticked || needs_schedule || publish {
@@ -1040,6 +1075,9 @@ impl Core {
         // for RUNNING does not wait for this write), before the batch's replies.
         self.write_pending().await;
         for (reply, r) in self.replies.drain(..) {
+            let _ = reply.send(r);
+        }
+        for (reply, r) in self.runs.replies.drain(..) {
             let _ = reply.send(r);
         }
     }
@@ -1337,6 +1375,7 @@ impl Core {
         let Some(old) = self.deployments.get(id).cloned() else {
             return Err(CoreError::NotFound("Deployment not found"));
         };
+        self.not_a_task(id)?;
         let mut new = old.clone();
         if let Some(n) = patch.name {
             new.name = n;
@@ -1476,6 +1515,7 @@ impl Core {
     }
 
     async fn delete(&mut self, id: &str) -> Result<(), CoreError> {
+        self.not_a_task(id)?;
         if !self.deployments.contains_key(id) {
             return Err(CoreError::NotFound("Deployment not found"));
         }
@@ -1838,6 +1878,7 @@ impl Core {
                     self.metrics.post_to_running.observe(secs);
                 }
                 let (state, reason) = (st.state.clone(), st.reason.clone());
+                self.task_status(&id, &st);
                 self.reported.insert(
                     id.clone(),
                     Reported {
@@ -2025,7 +2066,10 @@ impl Core {
                 scheduler::DeploymentView {
                     id: d.id.clone(),
                     created_at_ms: u64::try_from(d.created_at_ms).unwrap_or(0),
-                    desired_running: d.desired_state == DesiredState::Running && spec.is_some(),
+                    // A task's deployment is wanted only while its attempt runs.
+                    desired_running: d.desired_state == DesiredState::Running
+                        && spec.is_some()
+                        && self.task_wanted(&d.id).unwrap_or(true),
                     node_group: spec.and_then(|s| s.node_group.clone()),
                     capacity_requests: spec
                         .map(|s| s.capacity_requests.clone())
@@ -2043,7 +2087,19 @@ impl Core {
     async fn schedule(&mut self, nodes: &[scheduler::NodeView]) {
         let deps = self.sched_deployments();
         let started = std::time::Instant::now();
-        let plan = scheduler::plan(nodes, &deps, self.next_generation, self.cfg.strategy);
+        let mut plan = scheduler::plan(nodes, &deps, self.next_generation, self.cfg.strategy);
+        // A task whose node was lost is not placed again in this pass: its attempt ended
+        // (counted, then retried by its policy with a new attempt).
+        let lost_tasks: Vec<(String, String)> = plan
+            .unassign
+            .iter()
+            .filter(|(id, _)| self.task_wanted(id) == Some(true))
+            .map(|(id, old)| (id.clone(), old.node_id.clone()))
+            .collect();
+        if !lost_tasks.is_empty() {
+            plan.placements
+                .retain(|p| !lost_tasks.iter().any(|(id, _)| *id == p.deployment_id));
+        }
         self.metrics
             .scheduling_pass
             .observe(started.elapsed().as_secs_f64());
@@ -2098,8 +2154,10 @@ impl Core {
                 self.reported.remove(id);
             }
         }
+        self.tasks_lost(&lost_tasks);
         self.metrics.placements.inc_by(plan.placements.len() as u64);
         for p in plan.placements {
+            self.task_placed(&p.deployment_id, &p.node_id, p.generation.get());
             tracing::info!(deployment = %p.deployment_id, node = %p.node_id, generation = %p.generation, "placed");
             self.assignments.insert(
                 p.deployment_id.clone(),
@@ -2312,12 +2370,16 @@ impl Core {
         self.journal.quiet = false;
         self.said.primed = true;
         self.said.resumed.clear();
+        let mut runs: Vec<Arc<super::runs::Run>> = self.runs.runs.values().cloned().collect();
+        runs.sort_by(|a, b| b.queued_at_ms.cmp(&a.queued_at_ms).then(b.seq.cmp(&a.seq)));
         self.view.send_replace(Arc::new(ClusterView {
             deployments,
             nodes: node_views,
             conda_envs: envs,
             services,
             experiments,
+            runs,
+            workflows: self.workflow_infos(),
         }));
     }
 }

@@ -23,7 +23,10 @@
 //!   the record and the key; the core then fails that deployment alone, with a reason.
 
 mod migrate;
+mod runs;
 mod trust;
+
+pub use runs::{RunsWrite, WorkflowRecord};
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -33,6 +33,10 @@ pub struct ClusterView {
     pub services: Vec<crate::model::ServiceInfo>,
     /// Newest first (declarations left out; the API adds one on `GET /experiments/{name}`).
     pub experiments: Vec<Arc<ExperimentInfo>>,
+    /// Workflow runs, newest first.
+    pub runs: Vec<Arc<super::runs::Run>>,
+    /// Each workflow's newest version, by name.
+    pub workflows: Vec<Arc<super::core::WorkflowInfo>>,
 }
 
 impl ClusterView {

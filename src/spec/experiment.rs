@@ -337,7 +337,7 @@ fn process(r: &mut Report, p: &Map<String, Value>, at: &Loc, index: usize) -> Ve
 /// Adds a variable to a process's environment: to `env` if that is a mapping, else to
 /// `config.env` if that is one (a spec's `env` wins over `config.env`, so a new `env` would
 /// hide the user's), else to a new `env`.
-pub(super) fn add_env(spec: &mut Map<String, Value>, key: &str, value: &str) {
+pub fn add_env(spec: &mut Map<String, Value>, key: &str, value: &str) {
     let in_config = !spec.get("env").is_some_and(Value::is_object)
         && spec
             .get("config")

@@ -12,14 +12,26 @@ pub fn token_slot(specification: &mut Value) -> Option<&mut Value> {
         .get_mut("token")
 }
 
-/// Every `processes[i].config.token` of an experiment declaration.
+/// Every `processes[i].config.token` of an experiment declaration, and every
+/// `tasks[i].config.token` of a workflow definition.
 pub fn declaration_token_slots(declaration: &mut Value) -> impl Iterator<Item = &mut Value> {
     declaration
-        .get_mut("processes")
-        .and_then(Value::as_array_mut)
+        .as_object_mut()
         .into_iter()
+        .flat_map(|m| m.iter_mut())
+        .filter(|(k, _)| *k == "processes" || *k == "tasks")
+        .filter_map(|(_, v)| v.as_array_mut())
         .flatten()
         .filter_map(|p| p.get_mut("config")?.get_mut("token"))
+}
+
+/// A declaration (experiment or workflow) with every token it holds masked.
+pub fn mask_declaration(declaration: &Value) -> Value {
+    let mut out = declaration.clone();
+    for t in declaration_token_slots(&mut out).filter(|t| !t.is_null()) {
+        *t = Value::String(SECRET_MASK.to_owned());
+    }
+    out
 }
 
 /// Replaces `spec.config.token` (when present and not null) with [`SECRET_MASK`].

@@ -21,3 +21,4 @@ mod sockets;
 mod support;
 mod trust;
 mod ui;
+mod workflows;

@@ -76,11 +76,7 @@ fn declaration(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| t.contains("yaml"));
     if yaml {
-        let text = std::str::from_utf8(body).map_err(|_| {
-            ApiError::field(&["body"], "yaml_invalid", "the YAML is not valid UTF-8")
-        })?;
-        serde_saphyr::from_str::<Value>(text)
-            .map_err(|e| ApiError::field(&["body"], "yaml_invalid", &format!("YAML error: {e}")))
+        super::yaml_value(body)
     } else {
         serde_json::from_slice::<Value>(body).map_err(|e| {
             ApiError::field(

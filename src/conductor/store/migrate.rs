@@ -177,6 +177,29 @@ const MIGRATIONS: &[Migration] = &[
         )",
         ],
     },
+    Migration {
+        version: 6,
+        statements: &[
+            // Workflows: every version of each definition (tokens sealed), and runs as one
+            // JSON document each (their tasks, attempts and results).
+            "CREATE TABLE workflows (
+            name TEXT NOT NULL,
+            version BIGINT NOT NULL,
+            definition TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            PRIMARY KEY (name, version)
+        )",
+            "CREATE TABLE runs (
+            id TEXT PRIMARY KEY,
+            workflow TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            state TEXT NOT NULL,
+            doc TEXT NOT NULL,
+            updated_at_ms BIGINT NOT NULL
+        )",
+            "CREATE INDEX runs_workflow_idx ON runs (workflow, seq)",
+        ],
+    },
 ];
 
 /// The newest schema version this binary knows.

@@ -1,0 +1,791 @@
+//! The core's workflows and runs: defining a workflow (versioned), starting, cancelling and
+//! retrying runs, admitting queued runs under the water marks, starting ready tasks as
+//! deployments, and turning each attempt's end (exit, result, lost node, timeout) into the
+//! run's next step. The rules are [`crate::conductor::runs`] (pure); this applies them.
+//!
+//! A task runs as one deployment (made when it first becomes ready, restart policy `never`);
+//! each attempt is a placement with a fresh generation, its spec carrying `SYMPHONY_ATTEMPT`.
+//! The scheduler sees a task's deployment as wanted only while its current attempt has not
+//! ended, so capacity is held exactly that long, and a copy on a lost node is never placed
+//! again without counting as an attempt. Run changes of a batch are written with the task
+//! deployments they create or change in one transaction, before anything is placed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::{Core, CoreError, now_ms, parse_spec};
+use crate::conductor::events::{NewEvent, object};
+use crate::conductor::runs::{AfterAttempt, Marks, Outcome, Run, RunState, TaskState};
+use crate::conductor::store::{DeploymentRecord, RunsWrite, StoreError, WorkflowRecord};
+use crate::model::{CurrentState, DesiredState};
+use crate::spec::Workflow;
+use crate::wire;
+
+/// What the core keeps of one workflow version.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkflowVersion {
+    pub record: WorkflowRecord,
+    pub parsed: Arc<Workflow>,
+}
+
+/// A workflow as the API shows it: its newest version, masked, with its runs counted.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WorkflowInfo {
+    pub name: String,
+    pub version: u32,
+    pub definition: Value,
+    pub max_running: Option<u32>,
+    pub resume_below: Option<u32>,
+    pub fail_fast: bool,
+    pub tasks: usize,
+    pub created_at_ms: i64,
+    pub running: usize,
+    pub queued: usize,
+}
+
+/// The runs' part of the core's state.
+#[derive(Debug, Default)]
+pub(crate) struct Runs {
+    /// Every version of each workflow.
+    pub workflows: BTreeMap<String, BTreeMap<u32, WorkflowVersion>>,
+    pub runs: BTreeMap<String, Arc<Run>>,
+    /// Task deployment id -> (run id, task index).
+    pub task_of: std::collections::HashMap<String, (String, usize)>,
+    /// Runs in state RUNNING (the ones a flush looks at).
+    pub active: BTreeSet<String>,
+    /// Admission paused per workflow (the high mark was reached, not yet below the low).
+    pub paused: BTreeMap<String, bool>,
+    pub next_seq: u64,
+    /// Changed since the last write.
+    pub dirty: BTreeSet<String>,
+    pub create: Vec<DeploymentRecord>,
+    pub update: BTreeMap<String, DeploymentRecord>,
+    pub events: Vec<NewEvent>,
+    /// Replies to started runs, sent after the flush that admitted them.
+    pub replies: Vec<(super::Reply<String>, Result<String, CoreError>)>,
+}
+
+fn run_event(kind: &'static str, run: &Run, message: String, fields: Value) -> NewEvent {
+    let mut f = json!({"workflow": run.workflow, "version": run.version});
+    if let (Some(f), Value::Object(extra)) = (f.as_object_mut(), fields) {
+        f.extend(extra);
+    }
+    NewEvent::new(kind, object("run", &run.id), message, f)
+}
+
+/// The deployment id of task `i` of run `run` (stable, so a restart finds it).
+fn task_deployment_id(run: &str, i: usize) -> String {
+    format!("{run}-t{i}")
+}
+
+impl Core {
+    /// Loads workflows and runs at start: indexes, and the admission state.
+    pub(super) async fn load_runs(&mut self) -> Result<(), StoreError> {
+        for record in self.store.list_workflows().await? {
+            match crate::spec::parse_workflow(&record.definition) {
+                Ok(w) => {
+                    self.runs
+                        .workflows
+                        .entry(record.name.clone())
+                        .or_default()
+                        .insert(
+                            record.version,
+                            WorkflowVersion {
+                                record,
+                                parsed: Arc::new(w),
+                            },
+                        );
+                }
+                Err(e) => {
+                    tracing::error!(workflow = %record.name, version = record.version, errors = ?e, "a stored workflow no longer parses; its runs cannot start tasks")
+                }
+            }
+        }
+        for run in self.store.list_runs().await? {
+            self.runs.next_seq = self.runs.next_seq.max(run.seq + 1);
+            for (i, t) in run.tasks.iter().enumerate() {
+                if let Some(d) = &t.deployment_id {
+                    self.runs.task_of.insert(d.clone(), (run.id.clone(), i));
+                }
+            }
+            if run.state == RunState::Running {
+                self.runs.active.insert(run.id.clone());
+            }
+            self.runs.runs.insert(run.id.clone(), Arc::new(run));
+        }
+        self.runs.next_seq = self.runs.next_seq.max(1);
+        Ok(())
+    }
+
+    /// Stores a new version of a workflow (its definition already checked).
+    pub(super) async fn define_workflow(
+        &mut self,
+        definition: Value,
+        parsed: Workflow,
+    ) -> Result<u32, CoreError> {
+        let name = parsed.name.clone();
+        let version = self
+            .runs
+            .workflows
+            .get(&name)
+            .and_then(|v| v.keys().next_back().copied())
+            .unwrap_or(0)
+            + 1;
+        let record = WorkflowRecord {
+            name: name.clone(),
+            version,
+            definition,
+            created_at_ms: now_ms(),
+        };
+        let ev = NewEvent::new(
+            "workflow.defined",
+            object("workflow", &name),
+            format!(
+                "workflow {name} version {version} defined ({} tasks)",
+                parsed.tasks.len()
+            ),
+            json!({"version": version, "tasks": parsed.tasks.len()}),
+        );
+        self.persist(vec![ev], async |s, ev| s.insert_workflow(&record, ev).await)
+            .await?;
+        self.runs.workflows.entry(name).or_default().insert(
+            version,
+            WorkflowVersion {
+                record,
+                parsed: Arc::new(parsed),
+            },
+        );
+        self.changed = true;
+        Ok(version)
+    }
+
+    /// Queues a run of the newest version of `workflow`; it starts at the next flush if the
+    /// water marks allow. Written before the reply.
+    pub(super) async fn start_run(
+        &mut self,
+        workflow: &str,
+        params: BTreeMap<String, String>,
+    ) -> Result<String, CoreError> {
+        let Some((version, w)) = self
+            .runs
+            .workflows
+            .get(workflow)
+            .and_then(|v| v.iter().next_back())
+            .map(|(v, w)| (*v, w.parsed.clone()))
+        else {
+            return Err(CoreError::NotFound("Workflow not found"));
+        };
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let run = Run::new(
+            id.clone(),
+            &w,
+            version,
+            self.runs.next_seq,
+            params,
+            now_ms(),
+        );
+        let ev = run_event(
+            "run.queued",
+            &run,
+            format!("run {id} of {workflow} (version {version}) queued"),
+            json!({"params": run.params}),
+        );
+        let write = RunsWrite {
+            runs: vec![&run],
+            ..RunsWrite::default()
+        };
+        self.persist(vec![ev], async |s, ev| s.write_runs(&write, ev).await)
+            .await?;
+        self.runs.next_seq += 1;
+        self.runs.runs.insert(id.clone(), Arc::new(run));
+        self.changed = true;
+        Ok(id)
+    }
+
+    /// Cancels a run: queued or waiting tasks at once, running attempts stopped.
+    pub(super) fn cancel_run(&mut self, id: &str) -> Result<(), CoreError> {
+        let Some(run) = self.runs.runs.get_mut(id) else {
+            return Err(CoreError::NotFound("Run not found"));
+        };
+        if run.state.is_done() {
+            return Err(CoreError::Conflict(format!(
+                "run {id} already ended ({})",
+                run.state.as_str()
+            )));
+        }
+        let run = Arc::make_mut(run);
+        let now = now_ms();
+        let running = run.cancel_rest("cancelled on request");
+        if run.state == RunState::Queued {
+            run.state = RunState::Running;
+        }
+        for i in running {
+            run.finish_attempt(
+                i,
+                Outcome::Cancelled,
+                Some("cancelled on request".into()),
+                None,
+                now,
+                0.0,
+            );
+        }
+        run.reason = Some("cancelled on request".into());
+        self.runs.active.insert(id.to_owned());
+        self.runs.dirty.insert(id.to_owned());
+        self.changed = true;
+        self.needs_schedule = true;
+        Ok(())
+    }
+
+    /// Runs a finished run again from its failed tasks (it queues under the water marks).
+    pub(super) fn retry_run(&mut self, id: &str) -> Result<(), CoreError> {
+        let Some(run) = self.runs.runs.get_mut(id) else {
+            return Err(CoreError::NotFound("Run not found"));
+        };
+        let run = Arc::make_mut(run);
+        if !run.retry(now_ms()) {
+            return Err(CoreError::Conflict(format!(
+                "run {id} is {}: only a FAILED or CANCELLED run is retried",
+                run.state.as_str()
+            )));
+        }
+        let ev = run_event(
+            "run.retried",
+            run,
+            format!("run {id} queued again from its failed tasks"),
+            json!({}),
+        );
+        self.runs.events.push(ev);
+        self.runs.dirty.insert(id.to_owned());
+        self.changed = true;
+        Ok(())
+    }
+
+    /// A task's deployment is the run's: changed or deleted only through it.
+    pub(super) fn not_a_task(&self, id: &str) -> Result<(), CoreError> {
+        match self.runs.task_of.get(id) {
+            Some((run, i)) => {
+                let task = self
+                    .runs
+                    .runs
+                    .get(run)
+                    .and_then(|r| r.tasks.get(*i))
+                    .map_or("?", |t| t.name.as_str());
+                Err(CoreError::Conflict(format!(
+                    "deployment {id} runs task {task} of run {run}: cancel or retry the run instead"
+                )))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the scheduler should place deployment `id` (false for a task deployment whose
+    /// current attempt ended or has not begun).
+    pub(super) fn task_wanted(&self, id: &str) -> Option<bool> {
+        let (run, i) = self.runs.task_of.get(id)?;
+        let t = self.runs.runs.get(run)?.tasks.get(*i)?;
+        Some(
+            t.state == TaskState::Running
+                && t.attempts
+                    .last()
+                    .is_some_and(|a| a.finished_at_ms.is_none()),
+        )
+    }
+
+    /// The scheduler placed task deployment `id` at `generation` on `node_id`.
+    pub(super) fn task_placed(&mut self, id: &str, node_id: &str, generation: u64) {
+        let Some((run_id, i)) = self.runs.task_of.get(id).cloned() else {
+            return;
+        };
+        if let Some(run) = self.runs.runs.get_mut(&run_id)
+            && Arc::make_mut(run).placed(i, node_id, generation)
+        {
+            self.runs.dirty.insert(run_id);
+        }
+    }
+
+    /// A report about task deployment `id` (for its current assignment): an attempt that
+    /// ended is recorded and decided on.
+    pub(super) fn task_status(&mut self, id: &str, st: &wire::DeploymentStatus) {
+        let Some((run_id, i)) = self.runs.task_of.get(id).cloned() else {
+            return;
+        };
+        let outcome = match CurrentState::from_wire(&st.state) {
+            CurrentState::Exited if !st.result_error.is_empty() => {
+                Outcome::Failed { exit_code: Some(0) }
+            }
+            CurrentState::Exited => Outcome::Succeeded,
+            CurrentState::Crashed | CurrentState::Failed => Outcome::Failed {
+                exit_code: st.last_exit_code,
+            },
+            _ => return,
+        };
+        let Some(run) = self.runs.runs.get(&run_id) else {
+            return;
+        };
+        let Some(a) = run.tasks.get(i).and_then(|t| t.attempts.last()) else {
+            return;
+        };
+        // Only the current attempt's own end counts (a conductor that restarted before it
+        // recorded the placement takes the report's generation).
+        if a.finished_at_ms.is_some() || a.generation.is_some_and(|g| g != st.generation) {
+            return;
+        }
+        let reason = if st.result_error.is_empty() {
+            Some(st.reason.clone()).filter(|r| !r.is_empty())
+        } else {
+            Some(st.result_error.clone())
+        };
+        let result = st
+            .result
+            .as_deref()
+            .and_then(|r| serde_json::from_str::<Value>(r).ok());
+        self.end_attempt(&run_id, i, outcome, reason, result);
+    }
+
+    /// Records the end of task `i`'s current attempt and decides what follows.
+    pub(super) fn end_attempt(
+        &mut self,
+        run_id: &str,
+        i: usize,
+        outcome: Outcome,
+        reason: Option<String>,
+        result: Option<Value>,
+    ) {
+        let Some(run) = self.runs.runs.get_mut(run_id) else {
+            return;
+        };
+        let run = Arc::make_mut(run);
+        let now = now_ms();
+        let jitter = f64::from(rand::random::<u16>()) / 65536.0;
+        let after = run.finish_attempt(i, outcome, reason.clone(), result, now, jitter);
+        let t = &run.tasks[i];
+        let attempt = t.attempts.len();
+        let (kind, message) = match &after {
+            AfterAttempt::Succeeded => (
+                "task.succeeded",
+                format!("task {} succeeded (attempt {attempt})", t.name),
+            ),
+            AfterAttempt::Retry { at_ms } => (
+                "task.retrying",
+                format!(
+                    "task {} attempt {attempt} failed ({}); attempt {} in {:.1}s",
+                    t.name,
+                    reason.as_deref().unwrap_or("no reason"),
+                    attempt + 1,
+                    (at_ms - now) as f64 / 1000.0
+                ),
+            ),
+            AfterAttempt::Failed { .. } if outcome == Outcome::Cancelled => (
+                "task.cancelled",
+                format!("task {} cancelled (attempt {attempt})", t.name),
+            ),
+            AfterAttempt::Failed { .. } => (
+                "task.failed",
+                format!(
+                    "task {} failed after {attempt} attempt(s): {}",
+                    t.name,
+                    reason.as_deref().unwrap_or("no reason")
+                ),
+            ),
+        };
+        let ev = run_event(
+            kind,
+            run,
+            message,
+            json!({"task": t.name, "attempt": attempt, "outcome": outcome,
+                   "node": t.attempts.last().and_then(|a| a.node_id.clone())}),
+        );
+        self.runs.events.push(ev);
+        let mut stopped = vec![i];
+        if let AfterAttempt::Failed { stop } = after {
+            for k in stop {
+                run.finish_attempt(
+                    k,
+                    Outcome::Cancelled,
+                    Some(format!(
+                        "cancelled: task {} failed (fail_fast)",
+                        run.tasks[i].name
+                    )),
+                    None,
+                    now,
+                    0.0,
+                );
+                stopped.push(k);
+            }
+        }
+        // The ended attempts' deployments are not wanted any more (their nodes stop them).
+        let ids: Vec<String> = stopped
+            .iter()
+            .filter_map(|&k| run.tasks[k].deployment_id.clone())
+            .collect();
+        for id in ids {
+            self.set_task_deployment(&id, DesiredState::Stopped, None);
+        }
+        self.runs.dirty.insert(run_id.to_owned());
+        self.changed = true;
+        self.needs_schedule = true;
+    }
+
+    /// Changes a task deployment's desired state (and spec), written with the next runs write.
+    fn set_task_deployment(&mut self, id: &str, desired: DesiredState, spec: Option<Value>) {
+        let base = self
+            .runs
+            .update
+            .get(id)
+            .cloned()
+            .or_else(|| self.deployments.get(id).cloned())
+            .or_else(|| self.runs.create.iter().find(|d| d.id == id).cloned());
+        let Some(mut rec) = base else {
+            return;
+        };
+        rec.desired_state = desired;
+        if let Some(spec) = spec {
+            rec.specification = spec;
+        }
+        rec.updated_at_ms = now_ms();
+        if let Some(pending) = self.runs.create.iter_mut().find(|d| d.id == id) {
+            *pending = rec;
+        } else {
+            self.runs.update.insert(id.to_owned(), rec);
+        }
+    }
+
+    /// Task deployments whose node was lost with their attempt running: each is an ended
+    /// attempt (retried by its policy), never placed again silently.
+    pub(super) fn tasks_lost(&mut self, lost: &[(String, String)]) {
+        for (id, node_id) in lost {
+            let Some((run_id, i)) = self.runs.task_of.get(id).cloned() else {
+                continue;
+            };
+            if self.task_wanted(id) == Some(true) {
+                self.end_attempt(
+                    &run_id,
+                    i,
+                    Outcome::NodeLost,
+                    Some(format!("node {node_id} was lost during the attempt")),
+                    None,
+                );
+            }
+        }
+    }
+
+    /// One step of every run (at each flush): admission under the water marks, retries and
+    /// timeouts that are due, ready tasks started, runs that ended; then one write.
+    pub(super) async fn advance_runs(&mut self, ticked: bool) {
+        let now = now_ms();
+        self.admit_runs(now);
+        let active: Vec<String> = self.runs.active.iter().cloned().collect();
+        let mut ended_any = false;
+        for run_id in active {
+            if ticked {
+                self.timeouts(&run_id, now);
+            }
+            let (ready, retries) = match self.runs.runs.get(&run_id) {
+                Some(r) => (r.ready(), r.due_retries(now)),
+                None => continue,
+            };
+            for i in ready.into_iter().chain(retries) {
+                self.start_task(&run_id, i, now);
+            }
+            if let Some(run) = self.runs.runs.get_mut(&run_id)
+                && Arc::make_mut(run).settle(now)
+            {
+                let (done, total, _, failed) = run.progress();
+                let ev = run_event(
+                    match run.state {
+                        RunState::Succeeded => "run.succeeded",
+                        RunState::Cancelled => "run.cancelled",
+                        _ => "run.failed",
+                    },
+                    run,
+                    format!(
+                        "run {run_id} of {} {} ({done}/{total} tasks done, {failed} failed)",
+                        run.workflow,
+                        run.state.as_str().to_lowercase()
+                    ),
+                    json!({"failed": failed}),
+                );
+                self.runs.events.push(ev);
+                self.runs.active.remove(&run_id);
+                self.runs.dirty.insert(run_id.clone());
+                ended_any = true;
+            }
+        }
+        if ended_any {
+            // Ended runs free slots under the water marks: admit now, not a tick later.
+            self.admit_runs(now);
+            let active: Vec<String> = self.runs.active.iter().cloned().collect();
+            for run_id in active {
+                let ready = self.runs.runs.get(&run_id).map(|r| r.ready());
+                for i in ready.unwrap_or_default() {
+                    self.start_task(&run_id, i, now);
+                }
+            }
+        }
+        self.write_runs().await;
+    }
+
+    /// Starts queued runs (FIFO per workflow) as the water marks allow.
+    fn admit_runs(&mut self, now: i64) {
+        let mut queued: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+        for r in self.runs.runs.values() {
+            if r.state == RunState::Queued {
+                queued
+                    .entry(r.workflow.clone())
+                    .or_default()
+                    .push((r.seq, r.id.clone()));
+            }
+        }
+        for (workflow, mut list) in queued {
+            list.sort();
+            let marks = self
+                .runs
+                .workflows
+                .get(&workflow)
+                .and_then(|v| v.values().next_back())
+                .map_or(Marks::default(), |w| Marks {
+                    high: w.parsed.max_running,
+                    low: w.parsed.resume_below,
+                });
+            let running = self
+                .runs
+                .active
+                .iter()
+                .filter(|id| {
+                    self.runs
+                        .runs
+                        .get(*id)
+                        .is_some_and(|r| r.workflow == workflow)
+                })
+                .count();
+            let paused = self.runs.paused.get(&workflow).copied().unwrap_or(false);
+            let (start, paused) = marks.admit(running, list.len(), paused);
+            self.runs.paused.insert(workflow.clone(), paused);
+            for (_, id) in list.into_iter().take(start) {
+                if let Some(run) = self.runs.runs.get_mut(&id) {
+                    let run = Arc::make_mut(run);
+                    run.state = RunState::Running;
+                    run.started_at_ms = Some(now);
+                    let ev = run_event(
+                        "run.started",
+                        run,
+                        format!("run {id} of {workflow} started"),
+                        json!({"tasks": run.tasks.len()}),
+                    );
+                    self.runs.events.push(ev);
+                    self.runs.active.insert(id.clone());
+                    self.runs.dirty.insert(id);
+                }
+            }
+        }
+        // Runs that ended elsewhere may leave a paused workflow with nothing queued: its
+        // flag is recomputed with its next queued run.
+    }
+
+    /// Ends attempts that ran past their task's `timeout_sec`.
+    fn timeouts(&mut self, run_id: &str, now: i64) {
+        let Some(run) = self.runs.runs.get(run_id) else {
+            return;
+        };
+        let over: Vec<(usize, f64)> = run
+            .tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.state == TaskState::Running)
+            .filter_map(|(i, t)| {
+                let limit = t.timeout_sec?;
+                let a = t.attempts.last()?;
+                #[allow(clippy::cast_possible_truncation)]
+                let due = a.started_at_ms.saturating_add((limit * 1000.0) as i64);
+                (a.finished_at_ms.is_none() && now >= due).then_some((i, limit))
+            })
+            .collect();
+        for (i, limit) in over {
+            self.end_attempt(
+                run_id,
+                i,
+                Outcome::Timeout,
+                Some(format!("ran past its timeout of {limit}s; stopped")),
+                None,
+            );
+        }
+    }
+
+    /// Starts the next attempt of task `i`: its deployment is made (first attempt) or given
+    /// the new attempt's spec, desired RUNNING; the scheduler places it.
+    fn start_task(&mut self, run_id: &str, i: usize, now: i64) {
+        let Some(run) = self.runs.runs.get_mut(run_id) else {
+            return;
+        };
+        let Some(w) = self
+            .runs
+            .workflows
+            .get(&run.workflow)
+            .and_then(|v| v.get(&run.version))
+            .map(|w| w.parsed.clone())
+        else {
+            return;
+        };
+        let run = Arc::make_mut(run);
+        let attempt = run.start_attempt(i, now);
+        let inputs = run.inputs(i);
+        let task = &run.tasks[i];
+        let Some(declared) = w.tasks.iter().find(|t| t.name == task.name) else {
+            return;
+        };
+        let mut spec = declared.spec.clone();
+        if let Value::Object(m) = &mut spec {
+            let mut env: Vec<(String, String)> = vec![
+                ("SYMPHONY_WORKFLOW".into(), run.workflow.clone()),
+                ("SYMPHONY_RUN_ID".into(), run.id.clone()),
+                ("SYMPHONY_TASK".into(), task.name.clone()),
+                ("SYMPHONY_ATTEMPT".into(), attempt.to_string()),
+                ("SYMPHONY_INPUTS".into(), inputs.to_string()),
+                (
+                    "SYMPHONY_PARAMS".into(),
+                    serde_json::to_string(&run.params).unwrap_or_default(),
+                ),
+            ];
+            for (k, v) in &run.params {
+                let key: String = k
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_uppercase()
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                env.push((format!("SYMPHONY_PARAM_{key}"), v.clone()));
+            }
+            for (k, v) in env {
+                crate::spec::add_env(m, &k, &v);
+            }
+        }
+        let specification = json!({ "spec": spec });
+        let id = task_deployment_id(&run.id, i);
+        let name = format!("{}/{}/{}", run.workflow, run.id, task.name);
+        let ev = run_event(
+            "task.started",
+            run,
+            format!("task {} attempt {attempt} starting", task.name),
+            json!({"task": task.name, "attempt": attempt, "deployment": id}),
+        );
+        let first = task.deployment_id.is_none();
+        run.tasks[i].deployment_id = Some(id.clone());
+        self.runs.events.push(ev);
+        self.runs.dirty.insert(run_id.to_owned());
+        self.runs.task_of.insert(id.clone(), (run_id.to_owned(), i));
+        if first && !self.deployments.contains_key(&id) {
+            self.runs.create.push(DeploymentRecord {
+                id,
+                name,
+                desired_state: DesiredState::Running,
+                kind: "EXEC".into(),
+                specification,
+                created_at_ms: now,
+                updated_at_ms: now,
+            });
+        } else {
+            self.set_task_deployment(&id, DesiredState::Running, Some(specification));
+        }
+        self.changed = true;
+        self.needs_schedule = true;
+    }
+
+    /// Writes the batch's run changes and task deployments in one transaction; only then are
+    /// the deployments known to the scheduler. A failed write is tried again next flush.
+    async fn write_runs(&mut self) {
+        if self.runs.dirty.is_empty()
+            && self.runs.create.is_empty()
+            && self.runs.update.is_empty()
+            && self.runs.events.is_empty()
+        {
+            return;
+        }
+        let runs: Vec<Arc<Run>> = self
+            .runs
+            .dirty
+            .iter()
+            .filter_map(|id| self.runs.runs.get(id).cloned())
+            .collect();
+        let create = self.runs.create.clone();
+        let update: Vec<DeploymentRecord> = self.runs.update.values().cloned().collect();
+        let events = std::mem::take(&mut self.runs.events);
+        // Task deployments no longer wanted lose their assignment (their nodes stop them).
+        let clear: Vec<String> = update
+            .iter()
+            .filter(|d| d.desired_state == DesiredState::Stopped)
+            .filter(|d| self.assignments.contains_key(&d.id))
+            .map(|d| d.id.clone())
+            .collect();
+        let write = RunsWrite {
+            runs: runs.iter().map(AsRef::as_ref).collect(),
+            create,
+            update,
+            clear,
+        };
+        if let Err(e) = self
+            .persist(events, async |s, ev| s.write_runs(&write, ev).await)
+            .await
+        {
+            tracing::error!(error = %e, "could not write workflow runs; trying again");
+            return;
+        }
+        self.runs.dirty.clear();
+        for rec in std::mem::take(&mut self.runs.create) {
+            self.specs
+                .insert(rec.id.clone(), parse_spec(&rec.specification));
+            self.logs.ensure(&rec.id);
+            self.deployments.insert(rec.id.clone(), rec);
+        }
+        for (id, rec) in std::mem::take(&mut self.runs.update) {
+            self.specs
+                .insert(id.clone(), parse_spec(&rec.specification));
+            self.deployments.insert(id, rec);
+        }
+        for id in &write.clear {
+            if let Some(a) = self.assignments.remove(id) {
+                self.unassign(&a.node_id, id, a.generation);
+                self.reported.remove(id);
+            }
+        }
+        self.changed = true;
+    }
+
+    /// The workflows for the view: each newest version, masked, with its runs counted.
+    pub(super) fn workflow_infos(&self) -> Vec<Arc<WorkflowInfo>> {
+        let mut running: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut queued: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in self.runs.runs.values() {
+            match r.state {
+                RunState::Running => *running.entry(&r.workflow).or_default() += 1,
+                RunState::Queued => *queued.entry(&r.workflow).or_default() += 1,
+                _ => {}
+            }
+        }
+        self.runs
+            .workflows
+            .iter()
+            .filter_map(|(name, versions)| {
+                let (version, w) = versions.iter().next_back()?;
+                Some(Arc::new(WorkflowInfo {
+                    name: name.clone(),
+                    version: *version,
+                    definition: crate::spec::mask_declaration(&w.record.definition),
+                    max_running: w.parsed.max_running,
+                    resume_below: w.parsed.resume_below,
+                    fail_fast: w.parsed.fail_fast,
+                    tasks: w.parsed.tasks.len(),
+                    created_at_ms: w.record.created_at_ms,
+                    running: running.get(name.as_str()).copied().unwrap_or(0),
+                    queued: queued.get(name.as_str()).copied().unwrap_or(0),
+                }))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,164 @@
+//! Workflow definitions (every version) and runs (one JSON document each). A batch of run
+//! changes is written with the task deployments it creates or changes in one transaction.
+
+use sqlx::Row;
+
+use super::{
+    DeploymentRecord, Secrets, Store, StoreError, db_err, finish, insert_deployment_on, int, json,
+    text,
+};
+use crate::conductor::events::Event;
+use crate::conductor::runs::Run;
+
+/// One version of a workflow definition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowRecord {
+    pub name: String,
+    pub version: u32,
+    /// As the user sent it (tokens in the clear in memory, sealed at rest).
+    pub definition: serde_json::Value,
+    pub created_at_ms: i64,
+}
+
+/// What one batch of run changes writes.
+#[derive(Debug, Default)]
+pub struct RunsWrite<'a> {
+    pub runs: Vec<&'a Run>,
+    pub create: Vec<DeploymentRecord>,
+    /// Task deployments whose desired state or spec changed (every field but the id and
+    /// creation time is written).
+    pub update: Vec<DeploymentRecord>,
+    /// Deployments whose assignment ends (their attempt did).
+    pub clear: Vec<String>,
+}
+
+impl RunsWrite<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+            && self.create.is_empty()
+            && self.update.is_empty()
+            && self.clear.is_empty()
+    }
+}
+
+impl Store {
+    /// Stores a new version of a workflow; [`StoreError::Conflict`] if that version exists.
+    pub async fn insert_workflow(
+        &self,
+        w: &WorkflowRecord,
+        events: &[Event],
+    ) -> Result<(), StoreError> {
+        let definition = Secrets::Declaration.sealed(&self.key, &w.definition)?;
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO workflows (name, version, definition, created_at_ms) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&w.name)
+        .bind(i64::from(w.version))
+        .bind(definition)
+        .bind(w.created_at_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        finish(tx, events).await
+    }
+
+    /// Every version of every workflow, by name and version.
+    pub async fn list_workflows(&self) -> Result<Vec<WorkflowRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, version, definition, created_at_ms FROM workflows \
+             ORDER BY name, version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let name = text(r, "name")?;
+                let mut definition = json(r, "definition")?;
+                Secrets::Declaration.open(&self.key, &mut definition, &format!("workflow/{name}"));
+                Ok(WorkflowRecord {
+                    name,
+                    version: u32::try_from(int(r, "version")?).unwrap_or(0),
+                    definition,
+                    created_at_ms: int(r, "created_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes runs (insert or replace) and their task deployments in one transaction.
+    pub async fn write_runs(&self, w: &RunsWrite<'_>, events: &[Event]) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        for run in &w.runs {
+            let doc = serde_json::to_string(run).map_err(StoreError::Json)?;
+            sqlx::query(
+                "INSERT INTO runs (id, workflow, seq, state, doc, updated_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (id) DO UPDATE SET state = excluded.state, doc = excluded.doc, \
+                 updated_at_ms = excluded.updated_at_ms",
+            )
+            .bind(&run.id)
+            .bind(&run.workflow)
+            .bind(i64::try_from(run.seq).unwrap_or(i64::MAX))
+            .bind(run.state.as_str())
+            .bind(doc)
+            .bind(crate::conductor::core::now_ms())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        for d in &w.create {
+            insert_deployment_on(&mut tx, d, &self.key).await?;
+        }
+        for d in &w.update {
+            let spec = Secrets::Specification.sealed(&self.key, &d.specification)?;
+            sqlx::query(
+                "UPDATE deployments SET name = $1, desired_state = $2, specification = $3, \
+                 updated_at_ms = $4 WHERE id = $5",
+            )
+            .bind(&d.name)
+            .bind(d.desired_state.as_str())
+            .bind(spec)
+            .bind(d.updated_at_ms)
+            .bind(&d.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        for id in &w.clear {
+            sqlx::query("DELETE FROM assignments WHERE deployment_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        finish(tx, events).await
+    }
+
+    /// Every run, oldest first.
+    pub async fn list_runs(&self) -> Result<Vec<Run>, StoreError> {
+        let rows = sqlx::query("SELECT doc FROM runs ORDER BY workflow, seq")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let doc: String = r.try_get("doc").map_err(db_err)?;
+                serde_json::from_str(&doc).map_err(StoreError::Json)
+            })
+            .collect()
+    }
+
+    /// Deletes a finished run (its task deployments are deleted by the caller).
+    pub async fn delete_run(&self, id: &str, events: &[Event]) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM runs WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        finish(tx, events).await
+    }
+}

@@ -1,0 +1,238 @@
+//! Workflows end to end: DAGs of tasks on real node agents, with results, retries, failure
+//! propagation, water marks, lost nodes and conductor restarts.
+
+use serde_json::{Value, json};
+
+use crate::support::Cluster;
+
+/// `sh -c script` as a task's config.
+fn sh(script: &str) -> Value {
+    json!({"command": ["sh", "-c", script]})
+}
+
+async fn define(c: &Cluster, def: Value) {
+    let (status, body) = c.post("/workflows", def).await;
+    assert_eq!(status, 201, "{body}");
+}
+
+async fn start(c: &Cluster, name: &str, params: Value) -> String {
+    let (status, body) = c
+        .post(
+            &format!("/workflows/{name}/runs"),
+            json!({"params": params}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().unwrap().to_owned()
+}
+
+/// Waits until run `id` is in `state`, and returns it as the API shows it.
+async fn until_run(c: &Cluster, id: &str, state: &str) -> Value {
+    c.wait(&format!("run {id} {state}"), |v| {
+        v.runs
+            .iter()
+            .any(|r| r.id == id && r.state.as_str() == state)
+    })
+    .await;
+    let (status, run) = c.get(&format!("/runs/{id}")).await;
+    assert_eq!(status, 200, "{run}");
+    run
+}
+
+fn task<'a>(run: &'a Value, name: &str) -> &'a Value {
+    run["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("no task {name} in {run}"))
+}
+
+/// The seed's diamond: A, then B and C (in parallel), then D; results flow from A to D.
+#[tokio::test]
+async fn the_diamond_runs_in_order_and_results_flow() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    let out = r#"printf '%s' "$1" > "$SYMPHONY_OUTPUT""#;
+    define(
+        &c,
+        json!({"name": "diamond", "tasks": [
+            {"name": "a", "config": sh(&format!(r#"set -- '{{"n": 1}}'; {out}"#))},
+            {"name": "b", "depends_on": ["a"],
+             "config": sh(&format!(r#"set -- "{{\"b\": $SYMPHONY_INPUTS}}"; {out}"#))},
+            {"name": "c", "depends_on": ["a"],
+             "config": sh(&format!(r#"set -- "{{\"c\": \"$SYMPHONY_PARAM_LR\"}}"; {out}"#))},
+            {"name": "d", "depends_on": ["b", "c"],
+             "config": sh(&format!(r#"set -- "$SYMPHONY_INPUTS"; {out}"#))},
+        ]}),
+    )
+    .await;
+    let id = start(&c, "diamond", json!({"lr": 0.1})).await;
+    let run = until_run(&c, &id, "SUCCEEDED").await;
+    assert_eq!(task(&run, "a")["result"], json!({"n": 1}));
+    assert_eq!(task(&run, "b")["result"], json!({"b": {"a": {"n": 1}}}));
+    assert_eq!(
+        task(&run, "d")["result"],
+        json!({"b": {"b": {"a": {"n": 1}}}, "c": {"c": "0.1"}})
+    );
+    // Order: b and c began after a ended; d after both.
+    let t = |name: &str, key: &str| task(&run, name)["attempts"][0][key].as_i64().unwrap();
+    assert!(t("b", "started_at_ms") >= t("a", "finished_at_ms"));
+    assert!(t("c", "started_at_ms") >= t("a", "finished_at_ms"));
+    assert!(t("d", "started_at_ms") >= t("b", "finished_at_ms").max(t("c", "finished_at_ms")));
+    assert_eq!(
+        run["progress"],
+        json!({"done": 4, "total": 4, "running": 0, "failed": 0})
+    );
+    // Every task ran once, on the node, and its capacity is free again.
+    for name in ["a", "b", "c", "d"] {
+        let attempts = task(&run, name)["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 1, "{name}: {attempts:?}");
+        assert_eq!(attempts[0]["node_id"], "n1");
+        assert_eq!(attempts[0]["exit_code"], 0);
+    }
+    let view = c
+        .wait("the tasks' copies released", |v| {
+            v.nodes
+                .get("n1")
+                .is_some_and(|n| n.assigned_deployments.is_empty())
+        })
+        .await;
+    assert_eq!(view.runs.len(), 1);
+    // Task deployments belong to the run.
+    let dep = task(&run, "a")["deployment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = c.delete(&format!("/deployments/{dep}")).await;
+    assert_eq!(status, 409, "{body}");
+    c.shutdown().await;
+}
+
+/// A failure in B marks D UPSTREAM_FAILED (never run) while C finishes; the run is FAILED.
+/// Retried from its failed part, B runs again (succeeding now) and then D; A and C do not.
+#[tokio::test]
+async fn a_failure_propagates_downstream_only_and_a_retry_resumes_there() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    let flag = c.node_work_dir("n1").join("b-may-pass");
+    define(
+        &c,
+        json!({"name": "diamond", "tasks": [
+            {"name": "a", "config": sh("true")},
+            {"name": "b", "depends_on": ["a"],
+             "config": sh(&format!("test -e {}", flag.display()))},
+            {"name": "c", "depends_on": ["a"], "config": sh("sleep 0.3")},
+            {"name": "d", "depends_on": ["b", "c"], "config": sh("true")},
+        ]}),
+    )
+    .await;
+    let id = start(&c, "diamond", json!({})).await;
+    let run = until_run(&c, &id, "FAILED").await;
+    assert_eq!(task(&run, "b")["state"], "FAILED");
+    assert_eq!(task(&run, "b")["attempts"][0]["exit_code"], 1);
+    assert_eq!(task(&run, "c")["state"], "SUCCEEDED");
+    assert_eq!(task(&run, "d")["state"], "UPSTREAM_FAILED");
+    assert_eq!(task(&run, "d")["attempts"], json!([]));
+    assert_eq!(task(&run, "d")["reason"], "upstream task b failed");
+
+    std::fs::write(&flag, "").unwrap();
+    let (status, body) = c.post(&format!("/runs/{id}/retry"), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let run = until_run(&c, &id, "SUCCEEDED").await;
+    assert_eq!(task(&run, "a")["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(task(&run, "c")["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(task(&run, "b")["attempts"].as_array().unwrap().len(), 2);
+    assert_eq!(task(&run, "d")["attempts"].as_array().unwrap().len(), 1);
+    let (status, _) = c.post(&format!("/runs/{id}/retry"), json!({})).await;
+    assert_eq!(status, 409, "a succeeded run is not retried");
+    c.shutdown().await;
+}
+
+/// A flaky task succeeds on its third attempt, which sees SYMPHONY_ATTEMPT=3; each attempt
+/// is its own generation.
+#[tokio::test]
+async fn a_flaky_task_succeeds_on_its_third_attempt() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    define(
+        &c,
+        json!({"name": "flaky", "tasks": [{"name": "t",
+            "retries": {"max_attempts": 5, "backoff_sec": 0.05},
+            "config": sh(r#"echo "{\"attempt\": $SYMPHONY_ATTEMPT}" > "$SYMPHONY_OUTPUT"; test "$SYMPHONY_ATTEMPT" -ge 3"#)}]}),
+    )
+    .await;
+    let id = start(&c, "flaky", json!({})).await;
+    let run = until_run(&c, &id, "SUCCEEDED").await;
+    let t = task(&run, "t");
+    assert_eq!(t["result"], json!({"attempt": 3}));
+    let attempts = t["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3, "{attempts:?}");
+    let outcomes: Vec<&Value> = attempts.iter().map(|a| &a["exit_code"]).collect();
+    assert_eq!(outcomes, [&json!(1), &json!(1), &json!(0)]);
+    let generations: Vec<u64> = attempts
+        .iter()
+        .map(|a| a["generation"].as_u64().unwrap())
+        .collect();
+    assert!(
+        generations.windows(2).all(|w| w[0] < w[1]),
+        "{generations:?}"
+    );
+    c.shutdown().await;
+}
+
+/// Water marks: with max_running 3 and resume_below 1, the fourth run queues, and starts
+/// only once running runs drop below 1; queued runs start in FIFO order.
+#[tokio::test]
+async fn water_marks_queue_runs_until_below_the_low_mark() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    let gate = c.node_work_dir("n1").join("gate");
+    let gate_s = gate.display().to_string();
+    define(
+        &c,
+        json!({"name": "gated", "max_running": 3, "resume_below": 1, "tasks": [
+            {"name": "wait", "config": sh(&format!(
+                "while ! test -e {gate_s}-$SYMPHONY_PARAM_K; do sleep 0.05; done"))}]}),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for k in 0..5 {
+        ids.push(start(&c, "gated", json!({"k": k})).await);
+    }
+    let state = |v: &symphony::conductor::view::ClusterView, id: &str| {
+        v.runs
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.state.as_str())
+            .unwrap_or_default()
+    };
+    c.wait("three running, two queued", |v| {
+        (0..3).all(|k| state(v, &ids[k]) == "RUNNING")
+            && (3..5).all(|k| state(v, &ids[k]) == "QUEUED")
+    })
+    .await;
+    // Two of three end: one still runs, which is not below 1: the queue waits.
+    for (k, id) in ids.iter().enumerate().take(2) {
+        std::fs::write(format!("{gate_s}-{k}"), "").unwrap();
+        until_run(&c, id, "SUCCEEDED").await;
+    }
+    let (_, q) = c.get(&format!("/runs/{}", ids[3])).await;
+    assert_eq!(q["state"], "QUEUED", "{q}");
+    let (_, listed) = c.get("/workflows/gated").await;
+    assert_eq!(
+        (listed["running"].as_u64(), listed["queued"].as_u64()),
+        (Some(1), Some(2))
+    );
+    // The last one ends: running drops to 0 (< 1), and both queued start (up to 3), in order.
+    std::fs::write(format!("{gate_s}-2"), "").unwrap();
+    until_run(&c, &ids[2], "SUCCEEDED").await;
+    let r3 = until_run(&c, &ids[3], "RUNNING").await;
+    let r4 = until_run(&c, &ids[4], "RUNNING").await;
+    assert!(r3["started_at_ms"].as_i64() <= r4["started_at_ms"].as_i64());
+    for (k, id) in ids.iter().enumerate().skip(3) {
+        std::fs::write(format!("{gate_s}-{k}"), "").unwrap();
+        until_run(&c, id, "SUCCEEDED").await;
+    }
+    c.shutdown().await;
+}

@@ -312,6 +312,37 @@ async fn secrets_never_leave_the_conductor() {
         stored.specification["spec"]["config"]["command"],
         json!(["false"])
     );
+    // A workflow's task token: masked in its definition, its run and the task's deployment.
+    let (status, body) = c
+        .post(
+            "/workflows",
+            json!({"name": "private", "tasks": [{"name": "t", "config": {"command": ["true"],
+                "git_repo": "https://example.invalid/r.git", "token": "SECRET-TOKEN-123"}}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        body["definition"]["tasks"][0]["config"]["token"],
+        "********"
+    );
+    let (_, run) = c.post("/workflows/private/runs", json!({})).await;
+    c.wait("the task's deployment made", |v| {
+        v.deployments.iter().any(|d| d.name.starts_with("private/"))
+    })
+    .await;
+    for path in [
+        "/workflows".to_owned(),
+        "/workflows/private".to_owned(),
+        format!("/runs/{}", run["id"].as_str().unwrap()),
+        "/deployments".to_owned(),
+        "/events?after=0&limit=1000".to_owned(),
+    ] {
+        let (_, body) = c.get(&path).await;
+        assert!(
+            !body.to_string().contains("SECRET-TOKEN-123"),
+            "{path}: {body}"
+        );
+    }
     c.shutdown().await;
 }
 
@@ -396,8 +427,56 @@ async fn openapi_matches_the_router_and_real_responses() {
          "git_repo": null}, "binds": ["replay"]},
         {"name": "agent", "replicas": 2, "on_failure": "stop-experiment",
          "config": {"command": ["sleep", "1000"]}, "connects": ["replay"]}]});
+    // A workflow with a run that fails (for retry) and one that waits (for cancel).
+    let wf = json!({"name": "wf", "max_running": 1, "tasks": [
+        {"name": "a", "config": {"command": ["sh", "-c", "exit 3"], "token": "s3cret"}},
+        {"name": "b", "depends_on": ["a"], "config": {"command": ["true"]}}]});
+    let (status, body) = c.post("/workflows", wf.clone()).await;
+    assert_eq!(status, 201, "{body}");
+    let (_, failed) = c.post("/workflows/wf/runs", json!({})).await;
+    let failed = failed["id"].as_str().unwrap().to_owned();
+    c.wait("the run failed", |v| {
+        v.runs
+            .iter()
+            .any(|r| r.id == failed && r.state.as_str() == "FAILED")
+    })
+    .await;
+    let (_, waiting) = c
+        .post("/workflows/wf/runs", json!({"params": {"k": 1}}))
+        .await;
+    let waiting = waiting["id"].as_str().unwrap().to_owned();
     // (method, path, body): documented operations first with good input, then error cases.
     let calls: Vec<(&str, String, Option<Value>)> = vec![
+        ("post", "/workflows".into(), Some(wf.clone())),
+        (
+            "post",
+            "/workflows".into(),
+            Some(json!({"name": "empty", "tasks": []})),
+        ),
+        ("get", "/workflows".into(), None),
+        ("get", "/workflows/wf".into(), None),
+        ("get", "/workflows/nope".into(), None),
+        (
+            "post",
+            "/workflows/wf/runs".into(),
+            Some(json!({"params": {"lr": 0.1, "name": "x"}})),
+        ),
+        ("post", "/workflows/nope/runs".into(), Some(json!({}))),
+        (
+            "post",
+            "/workflows/wf/runs".into(),
+            Some(json!({"params": [1]})),
+        ),
+        ("get", "/runs?workflow=wf&limit=10".into(), None),
+        ("get", "/runs?limit=x".into(), None),
+        ("get", format!("/runs/{failed}"), None),
+        ("get", "/runs/nope".into(), None),
+        ("post", format!("/runs/{waiting}/cancel"), None),
+        ("post", format!("/runs/{waiting}/cancel"), None),
+        ("post", "/runs/nope/cancel".into(), None),
+        ("post", format!("/runs/{failed}/retry"), None),
+        ("post", format!("/runs/{failed}/retry"), None),
+        ("post", "/runs/nope/retry".into(), None),
         (
             "post",
             "/conda-envs".into(),

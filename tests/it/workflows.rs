@@ -236,3 +236,240 @@ async fn water_marks_queue_runs_until_below_the_low_mark() {
     }
     c.shutdown().await;
 }
+
+/// A node lost mid-task (its machine dies: its copy dies with it): the attempt counts as
+/// failed (node_lost), the retry runs on another node with a new generation, and exactly one
+/// copy runs to completion; the node that comes back holds nothing and starts nothing.
+#[tokio::test]
+async fn a_task_on_a_lost_node_is_retried_elsewhere_and_runs_to_completion_once() {
+    let mut c = Cluster::start_with(|cfg| {
+        cfg.suspect_after = std::time::Duration::from_millis(300);
+        cfg.grace = std::time::Duration::from_millis(1500);
+    })
+    .await;
+    c.add_node("a", &["g"], &[("slot", 1)], true).await;
+    let marks = c.node_work_dir("a").join("completions");
+    std::fs::create_dir_all(&marks).unwrap();
+    let gate = c.node_work_dir("a").join("gate");
+    // Each copy waits for the gate, then leaves a mark named after its attempt.
+    let script = format!(
+        "while ! test -e {g}; do sleep 0.05; done; touch {m}/attempt-$SYMPHONY_ATTEMPT",
+        g = gate.display(),
+        m = marks.display()
+    );
+    define(
+        &c,
+        json!({"name": "lost", "tasks": [{"name": "t", "retries": {"max_attempts": 3, "backoff_sec": 0.05},
+            "capacity_requests": {"slot": 1}, "config": sh(&script)}]}),
+    )
+    .await;
+    let id = start(&c, "lost", json!({})).await;
+    let view = c
+        .wait("attempt 1 running on a", |v| {
+            v.deployments.iter().any(|d| {
+                d.name.starts_with("lost/")
+                    && d.assigned_node_id.as_deref() == Some("a")
+                    && d.status.as_ref().is_some_and(|s| s.pid.is_some())
+            })
+        })
+        .await;
+    let pid = view
+        .deployments
+        .iter()
+        .find(|d| d.name.starts_with("lost/"))
+        .and_then(|d| d.status.as_ref()?.pid)
+        .unwrap();
+    c.add_node("b", &["g"], &[("slot", 1)], false).await;
+    // a's machine is gone: unreachable, and its copy dead with it.
+    c.proxy("a").set_blackhole(true);
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    c.wait("attempt 2 placed on b", |v| {
+        v.runs.iter().any(|r| {
+            r.id == id
+                && r.tasks[0].attempts.len() == 2
+                && r.tasks[0].attempts[1].node_id.as_deref() == Some("b")
+        })
+    })
+    .await;
+    std::fs::write(&gate, "").unwrap();
+    let run = until_run(&c, &id, "SUCCEEDED").await;
+    let attempts = task(&run, "t")["attempts"].as_array().unwrap().clone();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0]["outcome"], "node_lost", "{attempts:?}");
+    assert!(attempts[1]["generation"].as_u64() > attempts[0]["generation"].as_u64());
+    // a comes back: it holds nothing, and no further attempt starts.
+    c.proxy("a").set_blackhole(false);
+    c.wait("a online and holding nothing", |v| {
+        v.nodes
+            .get("a")
+            .is_some_and(|n| n.state == "online" && n.assigned_deployments.is_empty())
+    })
+    .await;
+    let (_, run) = c.get(&format!("/runs/{id}")).await;
+    assert_eq!(task(&run, "t")["attempts"].as_array().unwrap().len(), 2);
+    assert_eq!(run["state"], "SUCCEEDED");
+    let done: Vec<String> = std::fs::read_dir(&marks)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(done, ["attempt-2"], "exactly one copy ran to completion");
+    c.shutdown().await;
+}
+
+/// A conductor restart mid-run loses nothing: the finished task keeps its result, the
+/// running attempt keeps running on its node and is adopted (same generation), a queued run
+/// stays queued, and the run then finishes.
+#[tokio::test]
+async fn a_conductor_restart_mid_run_loses_nothing() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    let gate = c.node_work_dir("n1").join("gate");
+    define(
+        &c,
+        json!({"name": "durable", "max_running": 1, "tasks": [
+            {"name": "a", "config": sh(r#"echo '{"a": 1}' > "$SYMPHONY_OUTPUT""#)},
+            {"name": "b", "depends_on": ["a"], "config": sh(&format!(
+                r#"while ! test -e {}; do sleep 0.05; done; echo "$SYMPHONY_INPUTS" > "$SYMPHONY_OUTPUT""#,
+                gate.display()))},
+        ]}),
+    )
+    .await;
+    let first = start(&c, "durable", json!({})).await;
+    let second = start(&c, "durable", json!({})).await;
+    let before = c
+        .wait("b running", |v| {
+            v.deployments.iter().any(|d| {
+                d.name == format!("durable/{first}/b")
+                    && d.current_state == Some(symphony::model::CurrentState::Running)
+            })
+        })
+        .await;
+    let b = before
+        .deployments
+        .iter()
+        .find(|d| d.name == format!("durable/{first}/b"))
+        .unwrap()
+        .status
+        .clone()
+        .unwrap();
+    c.restart_conductor().await;
+    let (_, run) = c.get(&format!("/runs/{first}")).await;
+    assert_eq!(run["state"], "RUNNING", "{run}");
+    assert_eq!(task(&run, "a")["result"], json!({"a": 1}));
+    assert_eq!(task(&run, "b")["state"], "RUNNING");
+    let (_, queued) = c.get(&format!("/runs/{second}")).await;
+    assert_eq!(queued["state"], "QUEUED", "{queued}");
+    // The node comes back with b's process: adopted, not started again.
+    let after = c
+        .wait("b reported again", |v| {
+            v.deployments.iter().any(|d| {
+                d.name == format!("durable/{first}/b")
+                    && d.status.as_ref().is_some_and(|s| s.pid.is_some())
+            })
+        })
+        .await;
+    let again = after
+        .deployments
+        .iter()
+        .find(|d| d.name == format!("durable/{first}/b"))
+        .unwrap()
+        .status
+        .clone()
+        .unwrap();
+    assert_eq!((again.pid, again.generation), (b.pid, b.generation));
+    std::fs::write(&gate, "").unwrap();
+    let run = until_run(&c, &first, "SUCCEEDED").await;
+    assert_eq!(task(&run, "b")["result"], json!({"a": {"a": 1}}));
+    assert_eq!(task(&run, "b")["attempts"].as_array().unwrap().len(), 1);
+    // The queued run starts once the first ended.
+    until_run(&c, &second, "SUCCEEDED").await;
+    c.shutdown().await;
+}
+
+/// Cancel stops running attempts and skips the rest; fail_fast cancels a run when a task
+/// fails; a task past its timeout is stopped and fails (no retry on timeout here). Every
+/// transition is an event.
+#[tokio::test]
+async fn cancel_fail_fast_and_timeouts_end_runs_with_their_reasons() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    define(
+        &c,
+        json!({"name": "slow", "tasks": [
+            {"name": "a", "config": sh("sleep 1000")},
+            {"name": "b", "depends_on": ["a"], "config": sh("true")}]}),
+    )
+    .await;
+    let id = start(&c, "slow", json!({})).await;
+    c.wait("a running", |v| {
+        v.deployments.iter().any(|d| {
+            d.name == format!("slow/{id}/a")
+                && d.current_state == Some(symphony::model::CurrentState::Running)
+        })
+    })
+    .await;
+    let (status, body) = c.post(&format!("/runs/{id}/cancel"), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let run = until_run(&c, &id, "CANCELLED").await;
+    assert_eq!(task(&run, "a")["state"], "CANCELLED");
+    assert_eq!(task(&run, "a")["attempts"][0]["outcome"], "cancelled");
+    assert_eq!(task(&run, "b")["state"], "CANCELLED");
+    c.wait("a's process stopped", |v| {
+        v.nodes
+            .get("n1")
+            .is_some_and(|n| n.assigned_deployments.is_empty())
+    })
+    .await;
+
+    define(
+        &c,
+        json!({"name": "ff", "fail_fast": true, "tasks": [
+            {"name": "long", "config": sh("sleep 1000")},
+            {"name": "bad", "config": sh("exit 4")},
+            {"name": "after", "depends_on": ["long"], "config": sh("true")}]}),
+    )
+    .await;
+    let ff = start(&c, "ff", json!({})).await;
+    let run = until_run(&c, &ff, "FAILED").await;
+    assert_eq!(task(&run, "bad")["state"], "FAILED");
+    assert_eq!(task(&run, "bad")["attempts"][0]["exit_code"], 4);
+    assert_eq!(task(&run, "long")["state"], "CANCELLED");
+    assert_eq!(task(&run, "after")["state"], "CANCELLED");
+    assert!(
+        run["reason"].as_str().unwrap().contains("fail_fast"),
+        "{run}"
+    );
+
+    define(
+        &c,
+        json!({"name": "to", "tasks": [{"name": "t", "timeout_sec": 0.5, "retries": 2,
+            "retry_on": [7], "config": sh("sleep 1000")}]}),
+    )
+    .await;
+    let to = start(&c, "to", json!({})).await;
+    let run = until_run(&c, &to, "FAILED").await;
+    let attempts = task(&run, "t")["attempts"].as_array().unwrap().clone();
+    assert_eq!(attempts.len(), 1, "a timeout is not in retry_on [7]");
+    assert_eq!(attempts[0]["outcome"], "timeout");
+
+    let (_, events) = c.get(&format!("/events?object=run/{id}&limit=100")).await;
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    for want in [
+        "run.queued",
+        "run.started",
+        "task.started",
+        "task.cancelled",
+        "run.cancelled",
+    ] {
+        assert!(kinds.contains(&want), "{want} missing in {kinds:?}");
+    }
+    c.shutdown().await;
+}

@@ -216,24 +216,22 @@ impl Core {
             )));
         }
         let run = Arc::make_mut(run);
-        let now = now_ms();
         let running = run.cancel_rest("cancelled on request");
         if run.state == RunState::Queued {
             run.state = RunState::Running;
         }
+        run.reason = Some("cancelled on request".into());
+        self.runs.active.insert(id.to_owned());
+        self.runs.dirty.insert(id.to_owned());
         for i in running {
-            run.finish_attempt(
+            self.end_attempt(
+                id,
                 i,
                 Outcome::Cancelled,
                 Some("cancelled on request".into()),
                 None,
-                now,
-                0.0,
             );
         }
-        run.reason = Some("cancelled on request".into());
-        self.runs.active.insert(id.to_owned());
-        self.runs.dirty.insert(id.to_owned());
         self.changed = true;
         self.needs_schedule = true;
         Ok(())

@@ -104,6 +104,70 @@ pub enum Command {
     /// Delete every experiment whose name matches a glob pattern (`rl-*`).
     #[command(alias = "db")]
     DeleteBatch(DeleteArgs),
+    /// Workflows: `run FILE [--param k=v] [--wait]` defines the workflow and starts a run;
+    /// `run show ID` shows a run's DAG; `run cancel ID` cancels one.
+    Run(RunArgs),
+    /// List workflow runs, newest first.
+    Runs(RunsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct RunArgs {
+    #[command(subcommand)]
+    pub command: Option<RunCommand>,
+    /// The workflow definition (`.yaml`, `.yml` or `.json`).
+    #[arg(required = true)]
+    pub file: Option<PathBuf>,
+    /// A parameter of the run (repeatable): tasks get `SYMPHONY_PARAM_<KEY>` and
+    /// `SYMPHONY_PARAMS`.
+    #[arg(long = "param", value_parser = parse_param)]
+    pub params: Vec<(String, String)>,
+    /// Follow the run with a progress line until it ends; exit 1 unless it SUCCEEDED.
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunCommand {
+    /// A run and its DAG as a tree, with each task's state, attempts, node and exit code.
+    Show(RunIdArgs),
+    /// Cancel a run: waiting tasks never run, running attempts are stopped.
+    Cancel(RunIdArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunIdArgs {
+    pub id: String,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunsArgs {
+    /// Only this workflow's runs.
+    #[arg(long)]
+    pub workflow: Option<String>,
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "SYMPHONY_API")]
+    pub api: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    if k.trim().is_empty() {
+        return Err(format!("expected KEY=VALUE, got {s:?}"));
+    }
+    Ok((k.trim().to_owned(), v.to_owned()))
 }
 
 #[derive(Debug, Subcommand)]
@@ -950,6 +1014,27 @@ async fn client_command(cmd: Command) -> ExitCode {
         }
         Command::P(a) => {
             client::experiments::processes(&a.api, a.experiment.as_deref(), a.json, &mut out).await
+        }
+        Command::Run(RunArgs {
+            command: Some(RunCommand::Show(a)),
+            ..
+        }) => client::runs::show(&a.api, &a.id, a.json, &mut out).await,
+        Command::Run(RunArgs {
+            command: Some(RunCommand::Cancel(a)),
+            ..
+        }) => client::runs::cancel(&a.api, &a.id, &mut out).await,
+        Command::Run(RunArgs {
+            command: None,
+            file: Some(file),
+            params,
+            wait,
+            api,
+        }) => client::runs::run_file(&api, &file, &params, wait, &mut out).await,
+        Command::Run(_) => Err(client::ClientError::Usage(
+            "give a workflow file, or `run show ID` / `run cancel ID`".into(),
+        )),
+        Command::Runs(a) => {
+            client::runs::runs(&a.api, a.workflow.as_deref(), a.json, &mut out).await
         }
         Command::Delete(a) | Command::Exp(ExpCommand::Delete(a)) => {
             let opts = client::experiments::DeleteOptions {

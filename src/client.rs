@@ -18,6 +18,7 @@ pub mod events;
 pub mod experiments;
 pub mod mesh;
 pub mod render;
+pub mod runs;
 #[cfg(test)]
 mod tests;
 pub mod trust;

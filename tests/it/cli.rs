@@ -687,3 +687,63 @@ async fn the_api_over_https() {
     assert!(plain.is_err(), "{plain:?}");
     c.shutdown().await;
 }
+
+/// `symphony run FILE --param k=v --wait` follows the run to its end (exit 0 when it
+/// succeeded, 1 when it failed); `runs` lists it; `run show` draws the DAG; `run cancel`.
+#[tokio::test]
+async fn workflows_run_from_a_file_and_are_followed_to_their_end() {
+    let mut c = crate::support::Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("w.yaml");
+    std::fs::write(
+        &file,
+        "name: w\ntasks:\n  - name: a\n    config: {command: [sh, -c, 'test \"$SYMPHONY_PARAM_OK\" = yes']}\n  - name: b\n    depends_on: [a]\n    config: {command: ['true']}\n",
+    )
+    .unwrap();
+    let api = c.api.clone();
+    let path = file.display().to_string();
+    let symphony = move |args: Vec<String>| {
+        let api = api.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&api, &args)
+        })
+    };
+    let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let (code, out, err) = symphony(args(&["run", &path, "--param", "ok=yes", "--wait"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("2/2 done, 0 running, 0 failed  SUCCEEDED"),
+        "{out}"
+    );
+    assert!(out.contains("└─ b  SUCCEEDED"), "{out}");
+    let (code, out, err) = symphony(args(&["run", &path, "--param", "ok=no", "--wait"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("FAILED"), "{out}");
+    assert!(out.contains("b  UPSTREAM_FAILED"), "{out}");
+    let (code, out, err) = symphony(args(&["runs"])).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    let id = out
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let (code, out, err) = symphony(args(&["run", "show", &id])).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("run {id} of w v1")), "{out}");
+    let (_, w) = c.get("/workflows/w").await;
+    assert_eq!(w["version"], 1, "the same file twice is one version");
+    let (code, _, err) = symphony(args(&["run", "cancel", &id])).await.unwrap();
+    assert_eq!(code, 1, "an ended run cannot be cancelled: {err}");
+    assert!(err.contains("already ended"), "{err}");
+    c.shutdown().await;
+}

@@ -126,13 +126,18 @@ impl Core {
         parsed: Workflow,
     ) -> Result<u32, CoreError> {
         let name = parsed.name.clone();
-        let version = self
+        let newest = self
             .runs
             .workflows
             .get(&name)
-            .and_then(|v| v.keys().next_back().copied())
-            .unwrap_or(0)
-            + 1;
+            .and_then(|v| v.iter().next_back());
+        if let Some((version, w)) = newest
+            && w.record.definition == definition
+        {
+            // The same definition again (`symphony run FILE` twice): no new version.
+            return Ok(*version);
+        }
+        let version = newest.map_or(0, |(v, _)| *v) + 1;
         let record = WorkflowRecord {
             name: name.clone(),
             version,

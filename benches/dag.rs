@@ -72,7 +72,10 @@ fn main() -> anyhow::Result<()> {
     );
     let rt = common::runtime()?;
     let mut cases = serde_json::Map::new();
-    for (label, cmd) in [("true", vec!["true"]), ("sleep_50ms", vec!["sleep", "0.05"])] {
+    for (label, cmd) in [
+        ("true", vec!["true"]),
+        ("sleep_50ms", vec!["sleep", "0.05"]),
+    ] {
         let seed = seed_run(&python, n, &cmd)?;
         println!("seed ({label}): {seed}");
         let ours = rt.block_on(ours(n, &cmd))?;
@@ -178,22 +181,23 @@ async fn ours(n: usize, cmd: &[&str]) -> anyhow::Result<Value> {
         "bench-node",
         &dir.path().join("node"),
     )?;
-    node.keeper = symphony::node::runner::Launcher::Program(
-        env!("CARGO_BIN_EXE_symphony-keeper").into(),
-    );
+    node.keeper =
+        symphony::node::runner::Launcher::Program(env!("CARGO_BIN_EXE_symphony-keeper").into());
     let cancel = CancellationToken::new();
     let agent = tokio::spawn(symphony::node::agent::run(node, cancel.clone()));
     let mut rx = conductor.core.subscribe();
     tokio::time::timeout(
         Duration::from_secs(30),
-        rx.wait_for(|v| v.nodes.get("bench-node").is_some_and(|n| n.state == "online")),
+        rx.wait_for(|v| {
+            v.nodes
+                .get("bench-node")
+                .is_some_and(|n| n.state == "online")
+        }),
     )
     .await??;
     let api = format!("http://{}", conductor.http_addr);
     let http = reqwest::Client::new();
-    let task = |name: &str, deps: &[&str]| {
-        json!({"name": name, "depends_on": deps, "config": {"command": cmd}})
-    };
+    let task = |name: &str, deps: &[&str]| json!({"name": name, "depends_on": deps, "config": {"command": cmd}});
     let def = json!({"name": "diamond", "max_running": 100, "resume_below": 50, "tasks": [
         task("a", &[]), task("b", &["a"]), task("c", &["a"]), task("d", &["b", "c"])]});
     http.post(format!("{api}/workflows"))
@@ -212,9 +216,7 @@ async fn ours(n: usize, cmd: &[&str]) -> anyhow::Result<Value> {
     }
     let done = tokio::time::timeout(
         Duration::from_secs(600),
-        rx.wait_for(|v| {
-            v.runs.len() == n && v.runs.iter().all(|r| r.state.is_done())
-        }),
+        rx.wait_for(|v| v.runs.len() == n && v.runs.iter().all(|r| r.state.is_done())),
     )
     .await??
     .clone();

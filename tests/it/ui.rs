@@ -956,3 +956,68 @@ async fn the_yaml_editor_round_trips_awkward_values() {
     b.close().await;
     c.shutdown().await;
 }
+
+/// Runs: a run started from the page, its DAG by levels with live task states (no reload),
+/// each task linking to its logs; a failed run offers a retry of its failed tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_started_and_followed_on_its_dag() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    let gate = c.node_work_dir("n1").join("gate");
+    let wait = format!("while ! test -e {}; do sleep 0.05; done", gate.display());
+    let (status, body) = c
+        .post(
+            "/workflows",
+            json!({"name": "diamond", "tasks": [
+                {"name": "a", "config": {"command": ["sh", "-c", wait]}},
+                {"name": "b", "depends_on": ["a"], "config": {"command": ["sh", "-c", "test \"$SYMPHONY_PARAM_OK\" = yes"]}},
+                {"name": "c", "depends_on": ["a"], "config": {"command": ["true"]}},
+                {"name": "d", "depends_on": ["b", "c"], "config": {"command": ["true"]}}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    b.client.goto(&format!("{}/ui/runs", c.api)).await.unwrap();
+    let row = b.el("#workflows tr[data-name=diamond]").await;
+    fill(&row, "params", "ok=no").await;
+    b.el("#workflows tr[data-name=diamond] button.start-run")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let link = b.el("#runs tbody tr a").await;
+    link.click().await.unwrap();
+    let levels = "return [...document.querySelectorAll('#dag .level')].map(l => [...l.querySelectorAll('.task')].map(t => t.dataset.task + ':' + t.querySelector('.task-state').textContent));";
+    b.until("a running at the top of its DAG", levels, |v| {
+        v == &json!([["a:RUNNING"], ["b:WAITING", "c:WAITING"], ["d:WAITING"]])
+    })
+    .await;
+    std::fs::write(&gate, "").unwrap();
+    b.until("b failed, d never ran, c succeeded", levels, |v| {
+        v == &json!([
+            ["a:SUCCEEDED"],
+            ["b:FAILED", "c:SUCCEEDED"],
+            ["d:UPSTREAM_FAILED"]
+        ])
+    })
+    .await;
+    let logs = b
+        .client
+        .execute(
+            "return document.querySelector('#dag [data-task=b] a').getAttribute('href');",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(
+        logs.as_str()
+            .is_some_and(|h| h.starts_with("/ui/deployments/")),
+        "{logs}"
+    );
+    b.screenshot("run").await;
+    b.el("button.retry").await;
+    b.close().await;
+    c.shutdown().await;
+}

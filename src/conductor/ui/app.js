@@ -11,6 +11,7 @@ import { eventsPage } from './events.js';
 import { envsPage } from './envs.js';
 import { experimentsPage, servicesPage } from './mesh.js';
 import { tokensPage } from './tokens.js';
+import { runPage, runsPage } from './runs.js';
 
 const main = document.getElementById('main');
 const banner = document.getElementById('banner');
@@ -59,8 +60,11 @@ function route(who) {
     a.classList.toggle('active', a.getAttribute('href') === path);
   }
   const detail = path.match(/^\/ui\/deployments\/([^/]+)$/);
+  const run = path.match(/^\/ui\/runs\/([^/]+)$/);
   if (path === '/ui/nodes') unsubscribe = nodesPage(main, live, who);
   else if (path === '/ui/tokens' && who.role === 'admin') unsubscribe = tokensPage(main, live);
+  else if (path === '/ui/runs') unsubscribe = runsPage(main, live, who);
+  else if (run) unsubscribe = runPage(main, live, who, decodeURIComponent(run[1]));
   else if (path === '/ui/events') unsubscribe = eventsPage(main);
   else if (path === '/ui/envs') unsubscribe = envsPage(main, live, who);
   else if (path === '/ui/experiments') unsubscribe = experimentsPage(main, live, who);

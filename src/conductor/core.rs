@@ -259,6 +259,8 @@ struct Core {
     /// Each deployment's specification with secrets masked, as of its `updated_at_ms`
     /// (publish runs on every usage tick; specs change only on writes).
     masked_specs: HashMap<String, (i64, Arc<Value>)>,
+    /// The views of stopped deployments no node holds, as of their `updated_at_ms`.
+    quiet_views: HashMap<String, (i64, Arc<Deployment>)>,
     /// Something changed since the last publish that only a tick publishes (usage).
     dirty: bool,
     /// State changed in this batch: publish at its end.
@@ -449,6 +451,7 @@ pub async fn start(
         next_command: 1,
         view: view_tx,
         masked_specs: HashMap::new(),
+        quiet_views: HashMap::new(),
         dirty: false,
         changed: false,
         needs_schedule: false,
@@ -1049,6 +1052,9 @@ impl Core {
         if ticked && !self.stops_due.is_empty() {
             self.retry_stops().await;
         }
+        if ticked && !self.runs.next_fire.is_empty() {
+            self.fire_schedules().await;
+        }
         // Runs move first: the tasks they start are written before this flush schedules.
         self.advance_runs(ticked).await;
         let needs_schedule = std::mem::take(&mut self.needs_schedule);
@@ -1553,6 +1559,8 @@ impl Core {
         self.deployments.remove(id);
         self.specs.remove(id);
         self.reported.remove(id);
+        self.masked_specs.remove(id);
+        self.quiet_views.remove(id);
         self.logs.remove(id);
     }
 
@@ -2061,6 +2069,11 @@ impl Core {
     fn sched_deployments(&self) -> Vec<scheduler::DeploymentView> {
         self.deployments
             .values()
+            // A stopped deployment no node holds takes no part in placement (finished tasks
+            // pile up: scheduling must cost what runs, not what ran).
+            .filter(|d| {
+                d.desired_state == DesiredState::Running || self.assignments.contains_key(&d.id)
+            })
             .map(|d| {
                 let spec = self.specs.get(&d.id).and_then(|s| s.as_ref().ok());
                 scheduler::DeploymentView {
@@ -2233,12 +2246,25 @@ impl Core {
                 }
             }
         }
-        let mut masked = HashMap::with_capacity(self.deployments.len());
+        let mut masked = Vec::new();
+        let mut quiet = Vec::new();
         let mut deployments: Vec<Arc<Deployment>> = self
             .deployments
             .values()
             .map(|d| {
                 let assignment = self.assignments.get(&d.id);
+                // Stopped, held by no node, nothing reported: its view changes only with its
+                // record (most finished tasks); built again only then.
+                let is_quiet = d.desired_state == DesiredState::Stopped
+                    && assignment.is_none()
+                    && !self.reported.contains_key(&d.id)
+                    && self.specs.get(&d.id).is_some_and(Result::is_ok);
+                if is_quiet
+                    && let Some((at, v)) = self.quiet_views.get(&d.id)
+                    && *at == d.updated_at_ms
+                {
+                    return v.clone();
+                }
                 // Only a report about the current assignment describes what runs now.
                 let reported = self.reported.get(&d.id).filter(|r| {
                     assignment.is_some_and(|a| {
@@ -2250,10 +2276,11 @@ impl Core {
                     _ => {
                         let mut spec = d.specification.clone();
                         crate::spec::mask_secrets(&mut spec);
-                        Arc::new(spec)
+                        let spec = Arc::new(spec);
+                        masked.push((d.id.clone(), (d.updated_at_ms, spec.clone())));
+                        spec
                     }
                 };
-                masked.insert(d.id.clone(), (d.updated_at_ms, spec.clone()));
                 let facts = view::DeploymentFacts {
                     record: d,
                     invalid: self
@@ -2267,10 +2294,16 @@ impl Core {
                     any_online,
                     gpus: gpus.get(d.id.as_str()).map_or(&[], Vec::as_slice),
                 };
-                Arc::new(view::deployment(facts, spec))
+                let v = Arc::new(view::deployment(facts, spec));
+                if is_quiet {
+                    quiet.push((d.id.clone(), (d.updated_at_ms, v.clone())));
+                }
+                v
             })
             .collect();
-        self.masked_specs = masked;
+        // Only what was built anew goes into the caches (entries leave with their deployment).
+        self.masked_specs.extend(masked);
+        self.quiet_views.extend(quiet);
         deployments.sort_by(|a, b| {
             b.created_at_ms
                 .cmp(&a.created_at_ms)

@@ -220,6 +220,7 @@ async fn water_marks_queue_runs_until_below_the_low_mark() {
     let (_, q) = c.get(&format!("/runs/{}", ids[3])).await;
     assert_eq!(q["state"], "QUEUED", "{q}");
     let (_, listed) = c.get("/workflows/gated").await;
+    assert_eq!(listed["next_run_at_ms"], Value::Null, "no schedule");
     assert_eq!(
         (listed["running"].as_u64(), listed["queued"].as_u64()),
         (Some(1), Some(2))
@@ -471,5 +472,24 @@ async fn cancel_fail_fast_and_timeouts_end_runs_with_their_reasons() {
     ] {
         assert!(kinds.contains(&want), "{want} missing in {kinds:?}");
     }
+    c.shutdown().await;
+}
+
+/// A workflow with a cron schedule knows its next run: the next minute boundary for
+/// `* * * * *`, in its time zone.
+#[tokio::test]
+async fn a_scheduled_workflow_plans_its_next_run() {
+    let c = Cluster::start().await;
+    define(
+        &c,
+        json!({"name": "nightly", "schedule": {"cron": "* * * * *", "timezone": "Asia/Kolkata"},
+            "tasks": [{"name": "t", "config": sh("true")}]}),
+    )
+    .await;
+    let (_, w) = c.get("/workflows/nightly").await;
+    let next = w["next_run_at_ms"].as_i64().unwrap();
+    let now = symphony::time::now_ms();
+    assert!(next > now && next <= now + 60_000, "{w}");
+    assert_eq!(next % 60_000, 0, "a minute boundary: {w}");
     c.shutdown().await;
 }

@@ -43,6 +43,8 @@ pub struct WorkflowInfo {
     pub created_at_ms: i64,
     pub running: usize,
     pub queued: usize,
+    /// When its cron schedule starts the next run (Unix ms), if it has one.
+    pub next_run_at_ms: Option<i64>,
 }
 
 /// The runs' part of the core's state.
@@ -63,6 +65,8 @@ pub(crate) struct Runs {
     pub create: Vec<DeploymentRecord>,
     pub update: BTreeMap<String, DeploymentRecord>,
     pub events: Vec<NewEvent>,
+    /// Each scheduled workflow's next fire (from its newest version's `schedule`).
+    pub next_fire: BTreeMap<String, chrono::DateTime<chrono::Utc>>,
     /// Replies to started runs, sent after the flush that admitted them.
     pub replies: Vec<(super::Reply<String>, Result<String, CoreError>)>,
 }
@@ -116,6 +120,10 @@ impl Core {
             self.runs.runs.insert(run.id.clone(), Arc::new(run));
         }
         self.runs.next_seq = self.runs.next_seq.max(1);
+        let names: Vec<String> = self.runs.workflows.keys().cloned().collect();
+        for w in names {
+            self.plan_fire(&w, chrono::Utc::now());
+        }
         Ok(())
     }
 
@@ -155,13 +163,14 @@ impl Core {
         );
         self.persist(vec![ev], async |s, ev| s.insert_workflow(&record, ev).await)
             .await?;
-        self.runs.workflows.entry(name).or_default().insert(
+        self.runs.workflows.entry(name.clone()).or_default().insert(
             version,
             WorkflowVersion {
                 record,
                 parsed: Arc::new(parsed),
             },
         );
+        self.plan_fire(&name, chrono::Utc::now());
         self.changed = true;
         Ok(version)
     }
@@ -281,6 +290,47 @@ impl Core {
                 )))
             }
             None => Ok(()),
+        }
+    }
+
+    /// The next fire of `workflow`'s schedule after `after` (none without a schedule).
+    fn plan_fire(&mut self, workflow: &str, after: chrono::DateTime<chrono::Utc>) {
+        let next = self
+            .runs
+            .workflows
+            .get(workflow)
+            .and_then(|v| v.values().next_back())
+            .and_then(|w| w.parsed.schedule.clone())
+            .and_then(|(cron, tz)| {
+                let schedule = crate::spec::cron_schedule(&cron).ok()?;
+                let tz = tz.parse::<chrono_tz::Tz>().ok()?;
+                crate::spec::next_fire(&schedule, tz, after)
+            });
+        match next {
+            Some(at) => self.runs.next_fire.insert(workflow.to_owned(), at),
+            None => self.runs.next_fire.remove(workflow),
+        };
+    }
+
+    /// Starts a run of every workflow whose schedule fired (once per fire; fires missed while
+    /// the conductor was down are not made up).
+    pub(super) async fn fire_schedules(&mut self) {
+        let now = chrono::Utc::now();
+        let due: Vec<String> = self
+            .runs
+            .next_fire
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(w, _)| w.clone())
+            .collect();
+        for w in due {
+            self.plan_fire(&w, now);
+            match self.start_run(&w, BTreeMap::new()).await {
+                Ok(id) => tracing::info!(workflow = %w, run = %id, "scheduled run started"),
+                Err(e) => {
+                    tracing::warn!(workflow = %w, error = %e, "a scheduled run could not start")
+                }
+            }
         }
     }
 
@@ -787,6 +837,7 @@ impl Core {
                     created_at_ms: w.record.created_at_ms,
                     running: running.get(name.as_str()).copied().unwrap_or(0),
                     queued: queued.get(name.as_str()).copied().unwrap_or(0),
+                    next_run_at_ms: self.runs.next_fire.get(name).map(|t| t.timestamp_millis()),
                 }))
             })
             .collect()

@@ -285,14 +285,7 @@ fn process(r: &mut Report, p: &Map<String, Value>, at: &Loc, index: usize) -> Ve
     let services = match parse_with_services(&serde_json::json!({ "spec": spec })) {
         Ok((_, services)) => Some(services),
         Err(errors) => {
-            for e in errors {
-                // `body.specification.spec.X` -> `body.processes.N.X`
-                let mut loc = at.clone();
-                for part in e.loc.iter().skip(3) {
-                    loc = loc.at(part);
-                }
-                r.err(&loc, &e.kind, e.msg);
-            }
+            spec_errors_at(r, at, errors);
             None
         }
     };
@@ -332,6 +325,18 @@ fn process(r: &mut Report, p: &Map<String, Value>, at: &Loc, index: usize) -> Ve
             }
         })
         .collect()
+}
+
+/// A spec's errors (`body.specification.spec.X`) reported where the spec sits in a
+/// declaration (`AT.X`: a process's or a task's place).
+pub(super) fn spec_errors_at(r: &mut Report, at: &Loc, errors: Vec<FieldError>) {
+    for e in errors {
+        let mut loc = at.clone();
+        for part in e.loc.iter().skip(3) {
+            loc = loc.at(part);
+        }
+        r.err(&loc, &e.kind, e.msg);
+    }
 }
 
 /// Adds a variable to a process's environment: to `env` if that is a mapping, else to

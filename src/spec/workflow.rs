@@ -478,14 +478,7 @@ fn task(r: &mut Report, t: &Map<String, Value>, at: &Loc) -> Option<(Vec<String>
             false
         }
         Err(errors) => {
-            for e in errors {
-                // `body.specification.spec.X` -> `body.tasks.N.X`
-                let mut loc = at.clone();
-                for part in e.loc.iter().skip(3) {
-                    loc = loc.at(part);
-                }
-                r.err(&loc, &e.kind, e.msg);
-            }
+            super::experiment::spec_errors_at(r, at, errors);
             false
         }
     };

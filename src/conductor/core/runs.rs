@@ -79,9 +79,10 @@ fn run_event(kind: &'static str, run: &Run, message: String, fields: Value) -> N
     NewEvent::new(kind, object("run", &run.id), message, f)
 }
 
-/// The deployment id of task `i` of run `run` (stable, so a restart finds it).
+/// The deployment id of task `i` of run `run` (stable; the task first, so that short ids
+/// tell a run's tasks apart).
 fn task_deployment_id(run: &str, i: usize) -> String {
-    format!("{run}-t{i}")
+    format!("t{i}-{run}")
 }
 
 impl Core {

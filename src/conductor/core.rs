@@ -668,8 +668,9 @@ impl Core {
             }
             CoreMsg::DefineWorkflow(definition, parsed, reply) => {
                 let r = self.define_workflow(definition, *parsed).await;
+                // After the publish: a read that follows the reply sees the new version.
+                self.runs.defined.push((reply, r));
                 self.changed = true;
-                let _ = reply.send(r);
             }
             CoreMsg::StartRun(workflow, params, reply) => {
                 let r = self.start_run(&workflow, params).await;
@@ -1081,6 +1082,9 @@ impl Core {
         // for RUNNING does not wait for this write), before the batch's replies.
         self.write_pending().await;
         for (reply, r) in self.replies.drain(..) {
+            let _ = reply.send(r);
+        }
+        for (reply, r) in self.runs.defined.drain(..) {
             let _ = reply.send(r);
         }
         for (reply, r) in self.runs.replies.drain(..) {

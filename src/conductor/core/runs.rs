@@ -67,6 +67,8 @@ pub(crate) struct Runs {
     pub events: Vec<NewEvent>,
     /// Each scheduled workflow's next fire (from its newest version's `schedule`).
     pub next_fire: BTreeMap<String, chrono::DateTime<chrono::Utc>>,
+    /// Replies to definitions, sent after the publish that shows them.
+    pub defined: Vec<(super::Reply<u32>, Result<u32, CoreError>)>,
     /// Replies to started runs, sent after the flush that admitted them.
     pub replies: Vec<(super::Reply<String>, Result<String, CoreError>)>,
 }

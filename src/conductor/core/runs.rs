@@ -65,6 +65,9 @@ pub(crate) struct Runs {
     pub create: Vec<DeploymentRecord>,
     pub update: BTreeMap<String, DeploymentRecord>,
     pub events: Vec<NewEvent>,
+    /// A run was queued since the last admission (admission scans every run, so it runs only
+    /// then and when a run ends, not on every batch).
+    pub admit_due: bool,
     /// Each scheduled workflow's next fire (from its newest version's `schedule`).
     pub next_fire: BTreeMap<String, chrono::DateTime<chrono::Utc>>,
     /// Replies to definitions, sent after the publish that shows them.
@@ -123,6 +126,7 @@ impl Core {
             self.runs.runs.insert(run.id.clone(), Arc::new(run));
         }
         self.runs.next_seq = self.runs.next_seq.max(1);
+        self.runs.admit_due = true;
         let names: Vec<String> = self.runs.workflows.keys().cloned().collect();
         for w in names {
             self.plan_fire(&w, chrono::Utc::now());
@@ -217,6 +221,7 @@ impl Core {
             .await?;
         self.runs.next_seq += 1;
         self.runs.runs.insert(id.clone(), Arc::new(run));
+        self.runs.admit_due = true;
         self.changed = true;
         Ok(id)
     }
@@ -274,6 +279,7 @@ impl Core {
         );
         self.runs.events.push(ev);
         self.runs.dirty.insert(id.to_owned());
+        self.runs.admit_due = true;
         self.changed = true;
         Ok(())
     }
@@ -532,7 +538,9 @@ impl Core {
     /// timeouts that are due, ready tasks started, runs that ended; then one write.
     pub(super) async fn advance_runs(&mut self, ticked: bool) {
         let now = now_ms();
-        self.admit_runs(now);
+        if std::mem::take(&mut self.runs.admit_due) {
+            self.admit_runs(now);
+        }
         let active: Vec<String> = self.runs.active.iter().cloned().collect();
         let mut ended_any = false;
         for run_id in active {

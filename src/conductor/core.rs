@@ -259,8 +259,16 @@ struct Core {
     /// Each deployment's specification with secrets masked, as of its `updated_at_ms`
     /// (publish runs on every usage tick; specs change only on writes).
     masked_specs: HashMap<String, (i64, Arc<Value>)>,
-    /// The views of stopped deployments no node holds, as of their `updated_at_ms`.
-    quiet_views: HashMap<String, (i64, Arc<Deployment>)>,
+    /// Every deployment that is not in `quiet`: placed, reported, wanted running, invalid, or
+    /// changed since the last publish ([`Core::wake`]). Scheduling and publishing look only at
+    /// these, so they cost what runs, not what ran (finished tasks pile up by thousands).
+    hot: HashSet<String>,
+    /// The views of quiet deployments (stopped, held by no node, nothing reported, a valid
+    /// spec), in the published order (newest first, then by id). Such a view changes only
+    /// when its deployment is woken.
+    quiet: BTreeMap<(std::cmp::Reverse<i64>, String), Arc<Deployment>>,
+    /// Each quiet deployment's `created_at_ms` (its key in `quiet`).
+    quiet_at: HashMap<String, i64>,
     /// Something changed since the last publish that only a tick publishes (usage).
     dirty: bool,
     /// State changed in this batch: publish at its end.
@@ -422,6 +430,7 @@ pub async fn start(
             .iter()
             .map(|d| (d.id.clone(), parse_spec(&d.specification)))
             .collect(),
+        hot: snap.deployments.iter().map(|d| d.id.clone()).collect(),
         deployments: snap
             .deployments
             .into_iter()
@@ -451,7 +460,8 @@ pub async fn start(
         next_command: 1,
         view: view_tx,
         masked_specs: HashMap::new(),
-        quiet_views: HashMap::new(),
+        quiet: BTreeMap::new(),
+        quiet_at: HashMap::new(),
         dirty: false,
         changed: false,
         needs_schedule: false,
@@ -1105,6 +1115,18 @@ impl Core {
         }
     }
 
+    /// Marks a deployment whose view or placement may change: it leaves the quiet set until a
+    /// publish finds it quiet again. Called wherever its record, spec, assignment or report
+    /// changes (and when it goes).
+    fn wake(&mut self, id: &str) {
+        if let Some(at) = self.quiet_at.remove(id) {
+            self.quiet.remove(&(std::cmp::Reverse(at), id.to_owned()));
+        }
+        if !self.hot.contains(id) {
+            self.hot.insert(id.to_owned());
+        }
+    }
+
     fn command_id(&mut self) -> u64 {
         self.next_command += 1;
         self.next_command
@@ -1370,6 +1392,7 @@ impl Core {
             e => e.into(),
         })?;
         self.set_services(&rec.id, services);
+        self.wake(&rec.id);
         self.specs
             .insert(rec.id.clone(), parse_spec(&rec.specification));
         self.logs.ensure(&rec.id);
@@ -1495,6 +1518,7 @@ impl Core {
             }
             _ => None,
         };
+        self.wake(id);
         self.specs.insert(id.to_owned(), new_spec);
         if new.desired_state == DesiredState::Stopped {
             self.awaiting_running.remove(id);
@@ -1554,6 +1578,7 @@ impl Core {
 
     /// Drops a deleted deployment from memory and stops it on its node.
     fn forget(&mut self, id: &str) {
+        self.wake(id);
         if let Some(a) = self.assignments.remove(id) {
             self.unassign(&a.node_id, id, a.generation);
         }
@@ -1564,7 +1589,6 @@ impl Core {
         self.specs.remove(id);
         self.reported.remove(id);
         self.masked_specs.remove(id);
-        self.quiet_views.remove(id);
         self.logs.remove(id);
     }
 
@@ -1891,6 +1915,7 @@ impl Core {
                 }
                 let (state, reason) = (st.state.clone(), st.reason.clone());
                 self.task_status(&id, &st);
+                self.wake(&id);
                 self.reported.insert(
                     id.clone(),
                     Reported {
@@ -1977,6 +2002,7 @@ impl Core {
         .await?;
         self.next_generation = generation.next();
         self.metrics.placements.inc();
+        self.wake(id);
         self.assignments.insert(
             id.to_owned(),
             scheduler::Assignment {
@@ -2002,6 +2028,7 @@ impl Core {
                     self.fenced.retain(|(n, d, _)| !(n == node_id && *d == id));
                     self.said.released.remove(&(node_id.to_owned(), id.clone()));
                     if self.reported.get(&id).is_some_and(|r| r.node_id == node_id) {
+                        self.wake(&id);
                         self.reported.remove(&id);
                         self.changed = true;
                     }
@@ -2071,10 +2098,11 @@ impl Core {
     }
 
     fn sched_deployments(&self) -> Vec<scheduler::DeploymentView> {
-        self.deployments
-            .values()
-            // A stopped deployment no node holds takes no part in placement (finished tasks
-            // pile up: scheduling must cost what runs, not what ran).
+        // Every deployment that wants to run or is held is hot; a stopped deployment no node
+        // holds takes no part in placement.
+        self.hot
+            .iter()
+            .filter_map(|id| self.deployments.get(id))
             .filter(|d| {
                 d.desired_state == DesiredState::Running || self.assignments.contains_key(&d.id)
             })
@@ -2154,6 +2182,7 @@ impl Core {
         self.changed = true;
         for (id, old) in &plan.unassign {
             tracing::info!(deployment = %id, node = %old.node_id, "node lost; releasing assignment");
+            self.wake(id);
             self.assignments.remove(id);
             // A lost node may still be connected (silent, not gone): fence it now rather
             // than at its next Hello.
@@ -2176,6 +2205,7 @@ impl Core {
         for p in plan.placements {
             self.task_placed(&p.deployment_id, &p.node_id, p.generation.get());
             tracing::info!(deployment = %p.deployment_id, node = %p.node_id, generation = %p.generation, "placed");
+            self.wake(&p.deployment_id);
             self.assignments.insert(
                 p.deployment_id.clone(),
                 scheduler::Assignment {
@@ -2203,6 +2233,90 @@ impl Core {
         here.into_iter()
             .map(|n| self.path_between(n, there))
             .collect()
+    }
+
+    /// Stopped, held by no node, nothing reported, a valid spec: its view changes only with
+    /// its record.
+    fn is_quiet(&self, d: &DeploymentRecord) -> bool {
+        d.desired_state == DesiredState::Stopped
+            && !self.assignments.contains_key(&d.id)
+            && !self.reported.contains_key(&d.id)
+            && self.specs.get(&d.id).is_some_and(Result::is_ok)
+    }
+
+    /// One deployment's view; a masked spec built anew is pushed on `masked` for the cache.
+    fn build_view(
+        &self,
+        d: &DeploymentRecord,
+        reasons: &BTreeMap<String, scheduler::Unplaced>,
+        any_online: bool,
+        gpus: &HashMap<&str, Vec<&wire::DeploymentGpu>>,
+        masked: &mut Vec<(String, (i64, Arc<Value>))>,
+    ) -> Arc<Deployment> {
+        let assignment = self.assignments.get(&d.id);
+        // Only a report about the current assignment describes what runs now.
+        let reported = self.reported.get(&d.id).filter(|r| {
+            assignment.is_some_and(|a| {
+                a.node_id == r.node_id && a.generation == Generation(r.status.generation)
+            })
+        });
+        let spec = match self.masked_specs.get(&d.id) {
+            Some((at, spec)) if *at == d.updated_at_ms => spec.clone(),
+            _ => {
+                let mut spec = d.specification.clone();
+                crate::spec::mask_secrets(&mut spec);
+                let spec = Arc::new(spec);
+                masked.push((d.id.clone(), (d.updated_at_ms, spec.clone())));
+                spec
+            }
+        };
+        let facts = view::DeploymentFacts {
+            record: d,
+            invalid: self
+                .specs
+                .get(&d.id)
+                .and_then(|s| s.as_ref().err())
+                .map(String::as_str),
+            assignment,
+            reported: reported.map(|r| (r.node_id.as_str(), &r.status)),
+            unplaced: reasons.get(&d.id).copied(),
+            any_online,
+            gpus: gpus.get(d.id.as_str()).map_or(&[], Vec::as_slice),
+        };
+        Arc::new(view::deployment(facts, spec))
+    }
+
+    /// Debug builds (every test) check what publishing trusts: each deployment is hot or
+    /// quiet, and each quiet view is what building it again gives (a change that forgot
+    /// [`Core::wake`] fails here).
+    #[cfg(debug_assertions)]
+    fn check_quiet(
+        &self,
+        reasons: &BTreeMap<String, scheduler::Unplaced>,
+        any_online: bool,
+        gpus: &HashMap<&str, Vec<&wire::DeploymentGpu>>,
+    ) {
+        assert_eq!(
+            self.quiet.len(),
+            self.quiet_at.len(),
+            "quiet index out of step"
+        );
+        for d in self.deployments.values() {
+            if self.hot.contains(&d.id) {
+                continue;
+            }
+            let cached = self
+                .quiet
+                .get(&(std::cmp::Reverse(d.created_at_ms), d.id.clone()))
+                .unwrap_or_else(|| panic!("deployment {} is neither hot nor quiet", d.id));
+            assert!(
+                self.is_quiet(d),
+                "deployment {} changed without a wake",
+                d.id
+            );
+            let fresh = self.build_view(d, reasons, any_online, gpus, &mut Vec::new());
+            assert_eq!(**cached, *fresh, "quiet view of {} is stale", d.id);
+        }
     }
 
     /// Builds the API's view of the cluster (the pure parts are in [`view`]) and publishes it.
@@ -2251,68 +2365,52 @@ impl Core {
             }
         }
         let mut masked = Vec::new();
-        let mut quiet = Vec::new();
-        let mut deployments: Vec<Arc<Deployment>> = self
-            .deployments
-            .values()
-            .map(|d| {
-                let assignment = self.assignments.get(&d.id);
-                // Stopped, held by no node, nothing reported: its view changes only with its
-                // record (most finished tasks); built again only then.
-                let is_quiet = d.desired_state == DesiredState::Stopped
-                    && assignment.is_none()
-                    && !self.reported.contains_key(&d.id)
-                    && self.specs.get(&d.id).is_some_and(Result::is_ok);
-                if is_quiet
-                    && let Some((at, v)) = self.quiet_views.get(&d.id)
-                    && *at == d.updated_at_ms
-                {
-                    return v.clone();
-                }
-                // Only a report about the current assignment describes what runs now.
-                let reported = self.reported.get(&d.id).filter(|r| {
-                    assignment.is_some_and(|a| {
-                        a.node_id == r.node_id && a.generation == Generation(r.status.generation)
-                    })
-                });
-                let spec = match self.masked_specs.get(&d.id) {
-                    Some((at, spec)) if *at == d.updated_at_ms => spec.clone(),
-                    _ => {
-                        let mut spec = d.specification.clone();
-                        crate::spec::mask_secrets(&mut spec);
-                        let spec = Arc::new(spec);
-                        masked.push((d.id.clone(), (d.updated_at_ms, spec.clone())));
-                        spec
-                    }
-                };
-                let facts = view::DeploymentFacts {
-                    record: d,
-                    invalid: self
-                        .specs
-                        .get(&d.id)
-                        .and_then(|s| s.as_ref().err())
-                        .map(String::as_str),
-                    assignment,
-                    reported: reported.map(|r| (r.node_id.as_str(), &r.status)),
-                    unplaced: reasons.get(&d.id).copied(),
-                    any_online,
-                    gpus: gpus.get(d.id.as_str()).map_or(&[], Vec::as_slice),
-                };
-                let v = Arc::new(view::deployment(facts, spec));
-                if is_quiet {
-                    quiet.push((d.id.clone(), (d.updated_at_ms, v.clone())));
-                }
-                v
-            })
-            .collect();
-        // Only what was built anew goes into the caches (entries leave with their deployment).
+        let mut gone = Vec::new();
+        let mut quieted = Vec::new();
+        let mut live: Vec<Arc<Deployment>> = Vec::with_capacity(self.hot.len());
+        for id in &self.hot {
+            let Some(d) = self.deployments.get(id) else {
+                gone.push(id.clone());
+                continue;
+            };
+            let v = self.build_view(d, &reasons, any_online, &gpus, &mut masked);
+            if self.is_quiet(d) {
+                quieted.push((d.id.clone(), v));
+            } else {
+                live.push(v);
+            }
+        }
+        // Only what was built anew goes into the cache (entries leave with their deployment).
         self.masked_specs.extend(masked);
-        self.quiet_views.extend(quiet);
-        deployments.sort_by(|a, b| {
+        for id in gone {
+            self.hot.remove(&id);
+        }
+        for (id, v) in quieted {
+            // Its view now lives in `quiet`, with its masked spec.
+            self.hot.remove(&id);
+            self.masked_specs.remove(&id);
+            self.quiet_at.insert(id.clone(), v.created_at_ms);
+            self.quiet
+                .insert((std::cmp::Reverse(v.created_at_ms), id), v);
+        }
+        #[cfg(debug_assertions)]
+        self.check_quiet(&reasons, any_online, &gpus);
+        let order = |a: &Arc<Deployment>, b: &Arc<Deployment>| {
             b.created_at_ms
                 .cmp(&a.created_at_ms)
                 .then_with(|| a.id.cmp(&b.id))
-        });
+        };
+        live.sort_by(order);
+        // Both are in the published order: merge them.
+        let mut deployments = Vec::with_capacity(live.len() + self.quiet.len());
+        let mut quiet = self.quiet.values().peekable();
+        for v in live {
+            while let Some(q) = quiet.next_if(|q| order(q, &v).is_lt()) {
+                deployments.push(q.clone());
+            }
+            deployments.push(v);
+        }
+        deployments.extend(quiet.cloned());
 
         let defined: BTreeSet<String> = self.envs.keys().cloned().collect();
         let mut assigned_to: HashMap<&str, Vec<AssignedRef>> = HashMap::new();

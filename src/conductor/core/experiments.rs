@@ -204,6 +204,7 @@ impl Core {
         }
         for (rec, plan) in records.into_iter().zip(plans) {
             self.set_services(&rec.id, plan);
+            self.wake(&rec.id);
             self.specs
                 .insert(rec.id.clone(), parse_spec(&rec.specification));
             self.logs.ensure(&rec.id);
@@ -312,6 +313,7 @@ impl Core {
         .await?;
         // Written: memory follows, as `patch` does for one deployment.
         for id in &ids {
+            self.wake(id);
             if let Some(d) = self.deployments.get_mut(id)
                 && d.desired_state != desired
             {

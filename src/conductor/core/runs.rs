@@ -802,17 +802,20 @@ impl Core {
         }
         self.runs.dirty.clear();
         for rec in std::mem::take(&mut self.runs.create) {
+            self.wake(&rec.id);
             self.specs
                 .insert(rec.id.clone(), parse_spec(&rec.specification));
             self.logs.ensure(&rec.id);
             self.deployments.insert(rec.id.clone(), rec);
         }
         for (id, rec) in std::mem::take(&mut self.runs.update) {
+            self.wake(&id);
             self.specs
                 .insert(id.clone(), parse_spec(&rec.specification));
             self.deployments.insert(id, rec);
         }
         for id in &write.clear {
+            self.wake(id);
             if let Some(a) = self.assignments.remove(id) {
                 self.unassign(&a.node_id, id, a.generation);
                 self.reported.remove(id);

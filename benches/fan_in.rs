@@ -92,6 +92,7 @@ impl Params {
 fn heartbeat_frame(seq: u64) -> TimedHeartbeat {
     TimedHeartbeat {
         heartbeat: Some(Heartbeat {
+            problems: Vec::new(),
             seq,
             timestamp_unix_ms: common::unix_us() / 1000,
             cpu_total_percent: 37.5,

@@ -265,6 +265,13 @@ impl Conductor {
 
     /// Stops accepting, tells nodes `Shutdown`, closes WebSockets (1001), flushes, and waits
     /// (bounded) for every task.
+    /// Stops at once, as a crash would (`kill -9`): every task is aborted where it is, nothing
+    /// is flushed or closed in order. For tests of recovery.
+    pub async fn abort(mut self) {
+        self.cancel.cancel();
+        self.tasks.shutdown().await;
+    }
+
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
         self.sockets.close();

@@ -462,6 +462,9 @@ pub struct Node {
     /// What went wrong in the node's last env work (a failed create, an env kept because a
     /// deployment uses it), one line per env; empty when all went well.
     pub env_problems: Vec<String>,
+    /// What the node reports it cannot do right now (its local state could not be written to
+    /// its disk, ...), one line each, from its last heartbeat; empty when all is well.
+    pub problems: Vec<String>,
     pub connection: Option<NodeConnection>,
     /// What the conductor knows of the node's certificate (`None`: nothing recorded, a
     /// certificate made with `symphony cert node` that was never renewed).

@@ -30,7 +30,7 @@ pub use proxy::TCP_UPGRADE;
 
 use super::core::{CoreError, CoreHandle, CoreMsg, now_ms};
 use super::loghub::{LogHub, LogLine};
-use super::store::{CondaEnvRecord, DeploymentRecord};
+use super::store::{CondaEnvRecord, DeploymentRecord, StoreError};
 use crate::spec::FieldError;
 
 /// What handlers share.
@@ -190,16 +190,27 @@ async fn json_errors(resp: Response) -> Response {
 
 /// An API error: a status code and FastAPI's `detail`.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, Value);
+/// A status, the `detail` of its body, and more fields beside it (the cause and path of a
+/// storage error).
+pub struct ApiError(StatusCode, Value, Option<serde_json::Map<String, Value>>);
 
 impl ApiError {
+    /// `{"detail": msg, ...extra}` with `status`.
+    fn with(status: StatusCode, msg: String, extra: Value) -> Self {
+        let extra = match extra {
+            Value::Object(m) => Some(m),
+            _ => None,
+        };
+        Self(status, json!(msg), extra)
+    }
+
     /// `{"detail": msg}` with `status`.
     fn detail(status: StatusCode, msg: &str) -> Self {
-        Self(status, json!(msg))
+        Self(status, json!(msg), None)
     }
 
     fn invalid(errors: Vec<FieldError>) -> Self {
-        Self(StatusCode::UNPROCESSABLE_ENTITY, json!(errors))
+        Self(StatusCode::UNPROCESSABLE_ENTITY, json!(errors), None)
     }
 
     fn field(loc: &[&str], kind: &str, msg: &str) -> Self {
@@ -213,23 +224,44 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "detail": self.1 }))).into_response()
+        let mut body = json!({ "detail": self.1 });
+        if let (Some(b), Some(extra)) = (body.as_object_mut(), self.2) {
+            b.extend(extra);
+        }
+        (self.0, Json(body)).into_response()
     }
 }
 
 impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> Self {
         match e {
-            CoreError::NotFound(m) => Self(StatusCode::NOT_FOUND, json!(m)),
-            CoreError::Conflict(m) => Self(StatusCode::CONFLICT, json!(m)),
+            CoreError::NotFound(m) => Self(StatusCode::NOT_FOUND, json!(m), None),
+            CoreError::Conflict(m) => Self(StatusCode::CONFLICT, json!(m), None),
             CoreError::Invalid(errors) => Self::invalid(errors),
             CoreError::Unavailable => Self(
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!("conductor is shutting down"),
+                None,
+            ),
+            CoreError::Store(StoreError::Unwritable { cause, path }) => Self::with(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!(
+                    "the conductor's database takes no writes: {cause}; writes are refused until it is fixed, reads go on"
+                ),
+                json!({"cause": cause.code(), "path": path}),
+            ),
+            CoreError::Store(StoreError::Busy { path }) => Self::with(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the conductor's database is locked by another process; try again".to_owned(),
+                json!({"cause": "database_locked", "path": path}),
             ),
             CoreError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
-                Self(StatusCode::INTERNAL_SERVER_ERROR, json!("internal error"))
+                Self(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!("internal error"),
+                    None,
+                )
             }
         }
     }
@@ -398,6 +430,7 @@ fn deployment_json(state: &ApiState, id: &str) -> Result<Json<Value>, ApiError> 
     let d = view.deployment(id).ok_or(ApiError(
         StatusCode::NOT_FOUND,
         json!("Deployment not found"),
+        None,
     ))?;
     Ok(Json(json!(d)))
 }
@@ -532,6 +565,7 @@ async fn get_env(
     env.map(|e| Json(json!(e))).ok_or(ApiError(
         StatusCode::NOT_FOUND,
         json!("Conda env not found"),
+        None,
     ))
 }
 
@@ -817,6 +851,7 @@ async fn openapi() -> Response {
         Err(e) => ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             json!(format!("embedded OpenAPI document is invalid: {e}")),
+            None,
         )
         .into_response(),
     }

@@ -269,6 +269,8 @@ struct Core {
     quiet: BTreeMap<(std::cmp::Reverse<i64>, String), Arc<Deployment>>,
     /// Each quiet deployment's `created_at_ms` (its key in `quiet`).
     quiet_at: HashMap<String, i64>,
+    /// Why the database refused the last write, while it does (see [`Core::note_storage`]).
+    storage_fault: Option<String>,
     /// Something changed since the last publish that only a tick publishes (usage).
     dirty: bool,
     /// State changed in this batch: publish at its end.
@@ -390,7 +392,13 @@ impl CoreHandle {
             .send(msg)
             .await
             .map_err(|_| CoreError::Unavailable)?;
-        rx.await.map_err(|_| CoreError::Unavailable)?
+        rx.await
+            .map_err(|_| CoreError::Unavailable)?
+            .map_err(|e| match (e, self.store.path()) {
+                // The operator must act on the disk: say which file.
+                (CoreError::Store(s), Some(db)) => CoreError::Store(s.at(db)),
+                (e, _) => e,
+            })
     }
 
     /// A fresh session epoch (fencing token per connection).
@@ -462,6 +470,7 @@ pub async fn start(
         masked_specs: HashMap::new(),
         quiet: BTreeMap::new(),
         quiet_at: HashMap::new(),
+        storage_fault: None,
         dirty: false,
         changed: false,
         needs_schedule: false,
@@ -717,6 +726,7 @@ impl Core {
         let with_own = !own.is_empty();
         let batch = self.journal.batch(own);
         let r = write(&self.store, &batch.events).await;
+        self.note_storage(&r);
         let clash = match &r {
             Ok(_) => {
                 self.journal.written(batch);
@@ -754,6 +764,44 @@ impl Core {
         r
     }
 
+    /// A write that failed for an environmental cause (a full or read-only disk, a database
+    /// another process locks) is said once, as a log line and an event (written once the
+    /// store takes writes again); the first write that succeeds after it says so too.
+    fn note_storage<T>(&mut self, r: &Result<T, StoreError>) {
+        let db = || {
+            self.store
+                .path()
+                .map_or_else(|| "memory".to_owned(), |p| p.display().to_string())
+        };
+        match r {
+            Err(e) => {
+                if self.storage_fault.is_none()
+                    && let Some(why) = e.environmental_at(&db())
+                {
+                    tracing::error!("{why}: writes are refused until it is fixed; reads go on");
+                    self.journal.note(NewEvent::new(
+                        "storage.unwritable",
+                        super::events::object("storage", "database"),
+                        format!("{why}: writes are refused until it is fixed"),
+                        json!({"path": db()}),
+                    ));
+                    self.storage_fault = Some(why);
+                }
+            }
+            Ok(_) => {
+                if let Some(why) = self.storage_fault.take() {
+                    tracing::info!(db = %db(), "the database takes writes again");
+                    self.journal.note(NewEvent::new(
+                        "storage.recovered",
+                        super::events::object("storage", "database"),
+                        "the database takes writes again".to_owned(),
+                        json!({"path": db(), "was": why}),
+                    ));
+                }
+            }
+        }
+    }
+
     /// Writes the observed events that wait, if any.
     async fn write_pending(&mut self) {
         if self.journal.has_pending()
@@ -761,7 +809,7 @@ impl Core {
                 .persist(Vec::new(), async |s, ev| s.append_events(ev).await)
                 .await
         {
-            tracing::warn!(error = %e, "could not write events");
+            tracing::warn!(error = ?e, "could not write events");
         }
     }
 

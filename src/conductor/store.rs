@@ -30,6 +30,7 @@ pub use runs::{RunsWrite, WorkflowRecord};
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -99,6 +100,77 @@ pub enum StoreError {
     /// A secret could not be sealed.
     #[error("sealing a secret")]
     Seal(#[source] SealError),
+    /// The database takes no writes: its disk is full, it is read-only, or the disk failed.
+    /// Reads go on; writes work again once the cause is gone.
+    #[error("the database at {path} takes no writes: {cause}")]
+    Unwritable {
+        cause: Unwritable,
+        /// The database file (empty until [`StoreError::at`] names it).
+        path: String,
+    },
+    /// The database stayed locked past the busy timeout (another process holds it).
+    #[error("the database at {path} is locked by another process")]
+    Busy {
+        /// The database file (empty until [`StoreError::at`] names it).
+        path: String,
+    },
+}
+
+/// Why the database takes no writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unwritable {
+    /// No space left on its disk.
+    Full,
+    /// Its file or disk is read-only.
+    ReadOnly,
+    /// The disk failed a read or write.
+    Io,
+}
+
+impl Unwritable {
+    /// The machine-readable cause in an API error.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Full => "disk_full",
+            Self::ReadOnly => "read_only",
+            Self::Io => "io_error",
+        }
+    }
+}
+
+impl std::fmt::Display for Unwritable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Full => "its disk is full",
+            Self::ReadOnly => "it is read-only",
+            Self::Io => "its disk failed (I/O error)",
+        })
+    }
+}
+
+impl StoreError {
+    /// Names the database file in an environmental error.
+    #[must_use]
+    pub fn at(self, db: &Path) -> Self {
+        let named = db.display().to_string();
+        match self {
+            Self::Unwritable { cause, .. } => Self::Unwritable { cause, path: named },
+            Self::Busy { .. } => Self::Busy { path: named },
+            e => e,
+        }
+    }
+
+    /// For a cause outside the program (the disk, another process: the operator must act),
+    /// what happened to the database at `db`.
+    pub fn environmental_at(&self, db: &str) -> Option<String> {
+        match self {
+            Self::Unwritable { cause, .. } => {
+                Some(format!("the database at {db} takes no writes: {cause}"))
+            }
+            Self::Busy { .. } => Some(format!("the database at {db} is locked by another process")),
+            _ => None,
+        }
+    }
 }
 
 /// A deployment as stored. `current_state` is not stored: it is observed, not desired.
@@ -230,6 +302,8 @@ pub enum AssignmentChange {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// The database file (`None` in memory), named in environmental errors.
+    path: Option<Arc<Path>>,
     /// Seals the secrets this store writes and opens those it reads.
     key: SealKey,
 }
@@ -290,10 +364,18 @@ impl Store {
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(FILE_POOL_SIZE)
+            // A COMMIT that fails on a full disk is rolled back by SQLite itself; sqlx's own
+            // rollback then fails and the connection still counts a transaction, so every
+            // later BEGIN on it fails. An idle connection in a transaction is such a one:
+            // closed, never handed out (the pool opens a fresh one).
+            .before_acquire(|conn, _| {
+                Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+            })
             .connect_with(options)
             .await
             .map_err(db_err)?;
-        let store = Self::from_pool(pool, key).await?;
+        let mut store = Self::from_pool(pool, key).await?;
+        store.path = Some(dir.join(DB_FILE_NAME).into());
         let sealed = store.seal_plaintext_tokens().await?;
         if sealed > 0 {
             tracing::info!(
@@ -302,6 +384,11 @@ impl Store {
             );
         }
         Ok(store)
+    }
+
+    /// The database file (`None` in memory).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// Opens a fresh private in-memory database (for tests). It lives as long as the returned
@@ -325,7 +412,11 @@ impl Store {
 
     async fn from_pool(pool: SqlitePool, key: SealKey) -> Result<Store, StoreError> {
         migrate::migrate(&pool).await?;
-        Ok(Store { pool, key })
+        Ok(Store {
+            pool,
+            path: None,
+            key,
+        })
     }
 
     /// Seals every git token still in clear (rows an older version wrote) in one
@@ -1271,6 +1362,26 @@ pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
         }
         if db.is_foreign_key_violation() {
             return StoreError::NotFound;
+        }
+        // SQLite's primary result code is the low byte of the (extended) code.
+        let primary = db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .map(|c| c & 0xff);
+        let unwritable = |cause| StoreError::Unwritable {
+            cause,
+            path: String::new(),
+        };
+        match primary {
+            Some(13) => return unwritable(Unwritable::Full),
+            Some(8) => return unwritable(Unwritable::ReadOnly),
+            Some(10) => return unwritable(Unwritable::Io),
+            Some(5 | 6) => {
+                return StoreError::Busy {
+                    path: String::new(),
+                };
+            }
+            _ => {}
         }
     }
     StoreError::Db(e)

@@ -230,6 +230,7 @@ pub fn node(
         schedulable: f.state == scheduler::NodeState::Online,
         missing_conda_envs: f.defined_envs.difference(f.env_names).cloned().collect(),
         env_problems: f.env_problems.to_vec(),
+        problems: hb.map(|h| h.problems.clone()).unwrap_or_default(),
         connection,
         certificate: None,
     }
@@ -524,6 +525,7 @@ mod tests {
             hostname: "h".to_owned(),
         };
         let hb = wire::Heartbeat {
+            problems: vec!["local state not written".to_owned()],
             seq: 1,
             timestamp_unix_ms: 1_700_000_000_000,
             cpu_total_percent: 33.3,
@@ -643,6 +645,13 @@ mod tests {
             assert_eq!(n.state, "suspect");
             assert!(!n.schedulable);
             assert_eq!(n.missing_conda_envs, ["a"]);
+            // The heartbeat's problems, none without one.
+            let want: &[&str] = if usage.is_some() {
+                &["local state not written"]
+            } else {
+                &[]
+            };
+            assert_eq!(n.problems, want);
             assert_eq!(
                 n.last_heartbeat.as_deref(),
                 Some("2023-11-14T22:13:20.123Z")
@@ -707,6 +716,7 @@ mod tests {
             "schedulable",
             "missing_conda_envs",
             "env_problems",
+            "problems",
             "connection",
             "certificate",
         ];

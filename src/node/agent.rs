@@ -269,7 +269,8 @@ pub async fn run_with_store(
         });
     }
     let (state_tx, state_rx) = watch::channel(None);
-    let writer = tokio::spawn(write_state(store, state_rx));
+    let (problems_tx, problems_rx) = watch::channel(Vec::new());
+    let writer = tokio::spawn(write_state(store, state_rx, problems_tx));
     let (input_tx, mut inputs) = mpsc::channel::<Input>(256);
     let (done_tx, mut done) = mpsc::unbounded_channel::<Event>();
     let mut ccfg = ClientConfig::new(cfg.conductor_addr.clone(), cfg.tls.clone());
@@ -292,6 +293,7 @@ pub async fn run_with_store(
         envs,
         heartbeat: cfg.heartbeat,
         usage: usage_rx,
+        problems: problems_rx,
         conn: None,
         epoch: 0,
         inputs: input_tx,
@@ -395,24 +397,78 @@ pub async fn run_with_store(
 }
 
 /// Saves the newest local state it is given, off the async workers; one write at a time, so
-/// a slow disk coalesces writes instead of queueing them. Ends once the sender is gone and
-/// the last state is written.
+/// a slow disk coalesces writes instead of queueing them. A failed write (a full or read-only
+/// disk) is a node problem, sent with every heartbeat until a write succeeds: it is tried
+/// again with backoff (or at once with a newer state). Ends once the sender is gone and the
+/// last state is written (or failed once more).
 async fn write_state(
     store: Arc<dyn StateStore>,
     mut next: watch::Receiver<Option<Arc<Vec<Held>>>>,
+    problems: watch::Sender<Vec<String>>,
 ) {
-    while next.changed().await.is_ok() {
-        let Some(held) = next.borrow_and_update().clone() else {
-            continue;
+    let mut failed: Option<Arc<Vec<Held>>> = None;
+    let mut retry_in = STATE_RETRY_FIRST;
+    loop {
+        let open = match &failed {
+            None => next.changed().await.is_ok(),
+            Some(_) => tokio::select! {
+                r = next.changed() => r.is_ok(),
+                () = tokio::time::sleep(retry_in) => true,
+            },
         };
-        let store = store.clone();
-        match tokio::task::spawn_blocking(move || store.save(&held)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not write local state"),
-            Err(e) => tracing::error!(error = %e, "local state writer failed"),
+        let newest = next.borrow_and_update().clone();
+        let Some(held) = newest.or_else(|| failed.take()) else {
+            if open {
+                continue;
+            }
+            return;
+        };
+        let saving = store.clone();
+        let write = held.clone();
+        let result = match tokio::task::spawn_blocking(move || saving.save(&write)).await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(format!(
+                "the writer thread failed: {e}"
+            ))),
+        };
+        match result {
+            Ok(()) => {
+                if failed.take().is_some() || !problems.borrow().is_empty() {
+                    tracing::info!("local state written again");
+                }
+                retry_in = STATE_RETRY_FIRST;
+                problems.send_if_modified(|p| {
+                    let had = !p.is_empty();
+                    p.clear();
+                    had
+                });
+            }
+            Err(e) => {
+                let line = format!(
+                    "local state not written to {}: {e} (trying again; a restart now would forget what this node holds)",
+                    store.describe()
+                );
+                if failed.is_none() {
+                    tracing::warn!(error = %e, "could not write local state; trying again");
+                }
+                failed = Some(held);
+                retry_in = (retry_in * 2).min(STATE_RETRY_MAX);
+                problems.send_if_modified(|p| {
+                    let changed = p.as_slice() != [line.clone()];
+                    *p = vec![line];
+                    changed
+                });
+            }
+        }
+        if !open {
+            return;
         }
     }
 }
+
+/// The first and the longest wait before a failed local state write is tried again.
+const STATE_RETRY_FIRST: Duration = Duration::from_millis(500);
+const STATE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// An exclusive lock on `<work_dir>/agent.lock`, held while the agent runs (the kernel drops
 /// it when the process ends, however it ends). Keepers do not inherit it (close-on-exec).
@@ -479,6 +535,8 @@ struct Driver {
     envs: Arc<Envs>,
     heartbeat: Duration,
     usage: watch::Receiver<Option<UsageSample>>,
+    /// What the node cannot do right now, sent with every heartbeat.
+    problems: watch::Receiver<Vec<String>>,
     conn: Option<Conn>,
     /// Counts connections, so a late word from an old one is not taken for the current one.
     epoch: u64,
@@ -717,6 +775,7 @@ impl Driver {
         tasks.spawn(send_heartbeats(
             session.clone(),
             self.usage.clone(),
+            self.problems.clone(),
             self.heartbeat,
         ));
         if let Some(serve) = self
@@ -805,11 +864,12 @@ async fn read_control(
     let _ = inputs.send(Input::Lost(epoch)).await;
 }
 
-/// Usage heartbeats on their own stream (never behind log bytes), one per new sample, or the
-/// last one again after two periods without.
+/// Usage heartbeats on their own stream (never behind log bytes), one per new sample or change
+/// of the node's problems, or the last one again after two periods without.
 async fn send_heartbeats(
     session: Session,
     mut usage: watch::Receiver<Option<UsageSample>>,
+    mut problems: watch::Receiver<Vec<String>>,
     period: Duration,
 ) {
     let Ok(mut hb) = session.open_uni(StreamKind::Heartbeat).await else {
@@ -820,7 +880,7 @@ async fn send_heartbeats(
         let msg = usage
             .borrow_and_update()
             .as_ref()
-            .map(|s| heartbeat_wire(seq + 1, s));
+            .map(|s| heartbeat_wire(seq + 1, s, &problems.borrow_and_update()));
         if let Some(msg) = msg {
             seq += 1;
             if hb.send(&msg).await.is_err() {
@@ -829,6 +889,7 @@ async fn send_heartbeats(
         }
         tokio::select! {
             r = usage.changed() => if r.is_err() { return },
+            r = problems.changed() => if r.is_err() { return },
             () = tokio::time::sleep(period * 2) => {}
         }
     }

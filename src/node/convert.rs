@@ -72,8 +72,9 @@ pub(crate) fn static_wire(s: &StaticResources) -> wire::StaticResources {
     }
 }
 
-pub(crate) fn heartbeat_wire(seq: u64, s: &UsageSample) -> wire::Heartbeat {
+pub(crate) fn heartbeat_wire(seq: u64, s: &UsageSample, problems: &[String]) -> wire::Heartbeat {
     wire::Heartbeat {
+        problems: problems.to_vec(),
         seq,
         timestamp_unix_ms: s.timestamp_ms,
         cpu_total_percent: f64::from(s.cpu.total_percent),

@@ -42,6 +42,8 @@ pub trait StateStore: Send + Sync + std::fmt::Debug + 'static {
     fn load(&self) -> std::io::Result<Vec<Held>>;
     /// Replaces the held deployments.
     fn save(&self, held: &[Held]) -> std::io::Result<()>;
+    /// Where it writes, for messages (a path).
+    fn describe(&self) -> String;
 }
 
 impl StateStore for LocalState {
@@ -51,6 +53,10 @@ impl StateStore for LocalState {
 
     fn save(&self, held: &[Held]) -> std::io::Result<()> {
         LocalState::save(self, held)
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
     }
 }
 

@@ -11,6 +11,7 @@ mod cli;
 mod cluster;
 mod events;
 mod experiments;
+mod faults;
 mod gpus;
 mod node;
 mod prometheus;

@@ -286,6 +286,85 @@ impl symphony::node::state::StateStore for StallingDisk {
         *self.written.lock().unwrap() = Some(held.iter().map(|h| h.id.to_string()).collect());
         Ok(())
     }
+
+    fn describe(&self) -> String {
+        "a stalling disk".into()
+    }
+}
+
+/// A disk that refuses every write while `full` is set, as a full disk does.
+#[derive(Debug, Default)]
+struct FullDisk {
+    full: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicUsize,
+    /// The ids of the last completed write.
+    written: std::sync::Mutex<Option<Vec<String>>>,
+}
+
+impl symphony::node::state::StateStore for FullDisk {
+    fn load(&self) -> std::io::Result<Vec<symphony::node::state::Held>> {
+        Ok(Vec::new())
+    }
+
+    fn save(&self, held: &[symphony::node::state::Held]) -> std::io::Result<()> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        *self.written.lock().unwrap() = Some(held.iter().map(|h| h.id.to_string()).collect());
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "/full/state.bin".into()
+    }
+}
+
+/// A node whose disk is full says so on `/nodes` (not only in its log), keeps running its
+/// work, tries the write again, and clears the problem once the write goes through.
+#[tokio::test]
+async fn a_full_state_disk_is_a_node_problem_until_a_write_succeeds() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut c = Cluster::start().await;
+    let disk = std::sync::Arc::new(FullDisk::default());
+    disk.full.store(true, SeqCst);
+    c.add_node_with_store("n1", disk.clone()).await;
+    let d1 = c.deploy("one", crate::support::sh("sleep 1000")).await;
+    c.wait_state(&d1, "RUNNING").await;
+    let problems = |v: &symphony::conductor::view::ClusterView| {
+        v.nodes
+            .get("n1")
+            .map(|n| n.problems.clone())
+            .unwrap_or_default()
+    };
+    c.wait("the node reports its full disk", |v| {
+        problems(v)
+            .iter()
+            .any(|p| p.contains("/full/state.bin") && p.contains("No space left"))
+    })
+    .await;
+    let (status, api) = c.get("/nodes").await;
+    assert_eq!(status, 200);
+    let listed = api["nodes"]["n1"]["problems"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(listed.len(), 1, "{api}");
+    // Tried again, not given up after one failure.
+    until("a second attempt", || disk.refused.load(SeqCst) >= 2).await;
+    assert_eq!(*disk.written.lock().unwrap(), None);
+    // Space is back: the held deployment is written and the problem clears.
+    disk.full.store(false, SeqCst);
+    c.wait("the problem clears", |v| problems(v).is_empty())
+        .await;
+    assert_eq!(
+        *disk.written.lock().unwrap(),
+        Some(vec![d1.clone()]),
+        "the state written holds the running deployment"
+    );
+    c.wait_state(&d1, "RUNNING").await;
+    c.shutdown().await;
 }
 
 #[tokio::test]

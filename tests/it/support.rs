@@ -360,6 +360,26 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Crashes the conductor (its tasks aborted, as by `kill -9`) and starts it again on the
+    /// same storage and ports (trying again while the old sockets let go).
+    pub async fn crash_conductor(&mut self) {
+        let c = self.conductor.take().expect("running");
+        c.abort().await;
+        for attempt in 0.. {
+            match Conductor::start(self.cfg.clone()).await {
+                Ok(c) => {
+                    self.conductor = Some(c);
+                    return;
+                }
+                Err(e) if attempt < 100 => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("the conductor did not start again: {e:#}"),
+            }
+        }
+    }
+
     pub async fn restart_conductor(&mut self) {
         let c = self.conductor.take().expect("running");
         c.shutdown().await;
@@ -520,6 +540,17 @@ impl NodeProcess {
     /// Starts `program` (a `symphony` binary) as node `id` of the cluster, with `extra`
     /// arguments; the node's files are in `<cluster>/nodes/<id>`.
     pub fn start(c: &Cluster, id: &str, program: &std::path::Path, extra: &[&str]) -> Self {
+        Self::start_via(c, id, program, c.quic_addr(), extra)
+    }
+
+    /// As [`NodeProcess::start`], dialing the conductor at `addr` (a proxy in front of it).
+    pub fn start_via(
+        c: &Cluster,
+        id: &str,
+        program: &std::path::Path,
+        addr: SocketAddr,
+        extra: &[&str],
+    ) -> Self {
         let dir = c.dir.path().join("nodes").join(id);
         let files = c.conductor().ca.ensure_node_files(id, &dir).unwrap();
         let config = dir.join("node.yaml");
@@ -536,7 +567,6 @@ impl NodeProcess {
              \x20 idle_timeout_sec: 1.2\n\
              \x20 work_dir: {work}\n\
              \x20 tls: {{ ca_file: {ca}, cert_file: {cert}, key_file: {key} }}\n",
-            addr = c.quic_addr(),
             level = std::env::var("SYMPHONY_TEST_AGENT_LOGS").unwrap_or_else(|_| "info".into()),
             work = dir.join("work").display(),
             ca = dir.join("ca.pem").display(),

@@ -35,6 +35,7 @@ fn experiment_json(st: &ApiState, name: &str, declaration: bool) -> Result<Json<
         .ok_or(ApiError(
             StatusCode::NOT_FOUND,
             json!("Experiment not found"),
+            None,
         ))?;
     Ok(Json(to_json(e, declaration)))
 }

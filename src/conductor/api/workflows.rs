@@ -20,7 +20,7 @@ const MAX_PARAMS: usize = 100;
 const MAX_PARAM_LEN: usize = 4096;
 
 fn not_found(what: &'static str) -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, json!(what))
+    ApiError(StatusCode::NOT_FOUND, json!(what), None)
 }
 
 /// A run's summary: its counts instead of its tasks.

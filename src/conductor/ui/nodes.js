@@ -57,7 +57,7 @@ function update(c, n) {
   if (c.revoke) c.revoke.hidden = Boolean(n.certificate && n.certificate.state === 'revoked');
   setText(c.f.certificate, n.certificate ? n.certificate.state + (n.certificate.reason ? ': ' + n.certificate.reason : '') : '');
   setText(c.f.deployments, n.assigned_deployments.map((d) => d.name).join(', '));
-  setText(c.f.problems, n.env_problems.join('; '));
+  setText(c.f.problems, (n.problems || []).concat(n.env_problems).join('; '));
 
   const perCore = n.cpu.dynamic ? n.cpu.dynamic.per_core : [];
   while (c.coreBars.length < perCore.length) { const b = bar(0); b.setAttribute('data-core', c.coreBars.length); c.coreBars.push(b); c.cores.append(b); }

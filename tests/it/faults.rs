@@ -187,3 +187,69 @@ async fn a_database_locked_by_another_process_gives_503_not_a_hang() {
     assert!(!names.contains(&"blocked"), "a refused write left a record");
     c.shutdown().await;
 }
+
+/// A stop, then a start, while the node that ran the deployment cannot hear either: it is not
+/// placed on another node while its first copy may still run (found by the chaos test), and
+/// it runs again, once, after that node confirmed the stop. With `crash`, the conductor also
+/// restarts between the two (what it knew of the pending stop is gone with it).
+async fn stop_then_start_while_its_node_is_away(crash: bool) {
+    let mut c = Cluster::start_with(|cfg| {
+        cfg.suspect_after = std::time::Duration::from_secs(30);
+        cfg.grace = std::time::Duration::from_secs(30);
+    })
+    .await;
+    c.add_node("a", &["local"], &[], true).await;
+    let marker = format!("away-{}", std::process::id());
+    let id = c
+        .deploy("once", sh(&format!("sleep 100000; : {marker}")))
+        .await;
+    c.wait_state(&id, "RUNNING").await;
+    // Only now a second node, where it could go.
+    c.add_node("b", &["local"], &[], false).await;
+    c.proxy("a").set_blackhole(true);
+    let path = format!("/deployments/{id}");
+    let (status, _) = c.patch(&path, json!({"desired_state": "STOPPED"})).await;
+    assert_eq!(status, 200);
+    if crash {
+        c.crash_conductor().await;
+        c.wait("b back", |v| {
+            v.nodes.get("b").is_some_and(|n| n.state == "online")
+        })
+        .await;
+    }
+    let (status, _) = c.patch(&path, json!({"desired_state": "RUNNING"})).await;
+    assert_eq!(status, 200);
+    // Node b is online and free: a placement there would be at once. Give it a full batch of
+    // chances (a publish after a heartbeat from b), then look.
+    let v = c.conductor().core.view();
+    let seen = v.nodes["b"].dynamic_timestamp_unix_ms;
+    c.wait("a heartbeat from b", |v| {
+        v.nodes["b"].dynamic_timestamp_unix_ms > seen
+    })
+    .await;
+    let d = c.conductor().core.view().deployment(&id).cloned().unwrap();
+    assert_eq!(
+        d.assigned_node_id, None,
+        "placed while node a may still run it"
+    );
+    assert_eq!(crate::support::pids_with(&marker).len(), 1);
+    // Node a hears again: its copy stops, then the deployment runs once more, in one copy.
+    c.proxy("a").set_blackhole(false);
+    c.wait("running again", |v| {
+        v.deployment(&id)
+            .is_some_and(|d| d.current_state == Some(symphony::model::CurrentState::Running))
+    })
+    .await;
+    crate::support::until("one copy", || crate::support::pids_with(&marker).len() == 1).await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stop_then_a_start_while_its_node_is_away_never_runs_it_twice() {
+    stop_then_start_while_its_node_is_away(false).await;
+}
+
+#[tokio::test]
+async fn after_a_conductor_crash_a_stop_then_a_start_waits_for_the_nodes_hello() {
+    stop_then_start_while_its_node_is_away(true).await;
+}

@@ -7,6 +7,7 @@
 mod adopt;
 mod api;
 mod browser;
+mod chaos;
 mod cli;
 mod cluster;
 mod events;

@@ -64,6 +64,8 @@ pub struct ConductorConfig {
     pub api_auth: Option<bool>,
     /// Serve the API over HTTPS with this certificate chain and key (PEM files).
     pub api_tls: Option<ApiTls>,
+    /// How long an API call waits for the core before it answers 503 (`no_answer`).
+    pub answer_within: Duration,
 }
 
 /// The API's HTTPS certificate and key files.
@@ -95,6 +97,7 @@ impl ConductorConfig {
             renew_grace: DEFAULT_RENEW_GRACE,
             api_auth: None,
             api_tls: None,
+            answer_within: Duration::from_secs(30),
         }
     }
 }
@@ -206,6 +209,7 @@ impl Conductor {
             service_ports: cfg.service_ports.clone(),
             direct_paths: cfg.direct_paths,
             events: cfg.events,
+            answer_within: cfg.answer_within,
         };
         let auth = auth::Auth::new(
             store.clone(),
@@ -263,8 +267,6 @@ impl Conductor {
         })
     }
 
-    /// Stops accepting, tells nodes `Shutdown`, closes WebSockets (1001), flushes, and waits
-    /// (bounded) for every task.
     /// Stops at once, as a crash would (`kill -9`): every task is aborted where it is, nothing
     /// is flushed or closed in order. For tests of recovery.
     pub async fn abort(mut self) {
@@ -272,6 +274,8 @@ impl Conductor {
         self.tasks.shutdown().await;
     }
 
+    /// Stops accepting, tells nodes `Shutdown`, closes WebSockets (1001), flushes, and waits
+    /// (bounded) for every task.
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
         self.sockets.close();

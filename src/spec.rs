@@ -62,5 +62,6 @@ pub use secrets::{
 };
 pub use validate::{parse, parse_with_services};
 pub use workflow::{
-    MAX_ATTEMPTS, MAX_RESULT_BYTES, MAX_TASKS, Retries, RetryOn, Task, Workflow, parse_workflow,
+    DEFAULT_KEEP_RUNS, MAX_ATTEMPTS, MAX_RESULT_BYTES, MAX_TASKS, Retries, RetryOn, Task, Workflow,
+    parse_workflow,
 };

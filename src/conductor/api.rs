@@ -243,6 +243,14 @@ impl From<CoreError> for ApiError {
                 json!("conductor is shutting down"),
                 None,
             ),
+            CoreError::NoAnswer(after) => Self::with(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the conductor did not answer within {} s (its database may be slow); the change may still be made: read before trying again",
+                    after.as_secs()
+                ),
+                json!({"cause": "no_answer"}),
+            ),
             CoreError::Store(StoreError::Unwritable { cause, path }) => Self::with(
                 StatusCode::INSUFFICIENT_STORAGE,
                 format!(

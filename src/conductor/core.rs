@@ -76,6 +76,10 @@ pub enum CoreError {
     Store(#[from] StoreError),
     #[error("conductor is shutting down")]
     Unavailable,
+    /// The core did not answer in time (held up by a slow disk): the change may still be
+    /// made.
+    #[error("the conductor did not answer within {0:?}")]
+    NoAnswer(Duration),
     /// The request is well-formed but conflicts with the cluster (a 422 naming the fields).
     #[error("invalid: {0:?}")]
     Invalid(Vec<crate::spec::FieldError>),
@@ -176,6 +180,9 @@ pub struct CoreConfig {
     pub direct_paths: bool,
     /// How much of the events log to keep (`keep: 0` turns it off).
     pub events: super::events::Retention,
+    /// How long an API call waits for the core's answer (a slow disk holds the core in a
+    /// write) before it gives up with 503.
+    pub answer_within: Duration,
 }
 
 #[derive(Debug)]
@@ -290,10 +297,9 @@ struct Core {
     /// After a start: the nodes known from before that have not said hello yet. What they hold
     /// is unknown until they do (their copies told to stop before the restart may still run).
     awaiting_hello: BTreeSet<String>,
-    /// After a start: deployments no node holds that changed within a grace before it (a
-    /// stop whose end no node confirmed yet). None is placed until every node in
-    /// `awaiting_hello` said hello or is lost, or one could run twice. Found by the fault
-    /// suite.
+    /// After a start: deployments no node holds (one may still be stopping a copy told to stop
+    /// before the restart). None is placed until every node in `awaiting_hello` said hello or
+    /// is lost, or one could run twice. Found by the fault suite.
     unsettled: BTreeSet<String>,
     /// Every bound service (as stored).
     services: ServiceTable,
@@ -355,6 +361,7 @@ pub struct CoreHandle {
     metrics: Arc<super::metrics::Metrics>,
     events: Feed,
     store: Store,
+    answer_within: Duration,
 }
 
 impl CoreHandle {
@@ -396,11 +403,15 @@ impl CoreHandle {
             Ok(by) => CoreMsg::As(by, Box::new(msg)),
             Err(_) => msg,
         };
-        self.tx
-            .send(msg)
+        let deadline = tokio::time::Instant::now() + self.answer_within;
+        let slow = |_| CoreError::NoAnswer(self.answer_within);
+        tokio::time::timeout_at(deadline, self.tx.send(msg))
             .await
+            .map_err(slow)?
             .map_err(|_| CoreError::Unavailable)?;
-        rx.await
+        tokio::time::timeout_at(deadline, rx)
+            .await
+            .map_err(slow)?
             .map_err(|_| CoreError::Unavailable)?
             .map_err(|e| match (e, self.store.path()) {
                 // The operator must act on the disk: say which file.
@@ -547,15 +558,11 @@ pub async fn start(
         core.logs.ensure(id);
     }
     if !core.awaiting_hello.is_empty() {
-        let recent = now.saturating_sub(
-            i64::try_from((core.cfg.suspect_after + core.cfg.grace).as_millis())
-                .unwrap_or(i64::MAX),
-        );
         core.unsettled = core
             .deployments
-            .values()
-            .filter(|d| d.updated_at_ms >= recent && !core.assignments.contains_key(&d.id))
-            .map(|d| d.id.clone())
+            .keys()
+            .filter(|id| !core.assignments.contains_key(*id))
+            .cloned()
             .collect();
     }
     let nodes = core.sched_nodes(now_ms());
@@ -570,6 +577,7 @@ pub async fn start(
         metrics: core.metrics.clone(),
         events: feed,
         store: core.store.clone(),
+        answer_within: core.cfg.answer_within,
     };
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));

@@ -108,7 +108,8 @@ pub enum StoreError {
         /// The database file (empty until [`StoreError::at`] names it).
         path: String,
     },
-    /// The database stayed locked past the busy timeout (another process holds it).
+    /// The database stayed locked past the busy timeout (another process or transaction
+    /// holds it).
     #[error("the database at {path} is locked by another process")]
     Busy {
         /// The database file (empty until [`StoreError::at`] names it).
@@ -1375,7 +1376,8 @@ pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
         match primary {
             Some(13) => return unwritable(Unwritable::Full),
             Some(8) => return unwritable(Unwritable::ReadOnly),
-            Some(10) => return unwritable(Unwritable::Io),
+            // An I/O error, or a file it cannot open (its WAL on a full or read-only disk).
+            Some(10 | 14) => return unwritable(Unwritable::Io),
             Some(5 | 6) => {
                 return StoreError::Busy {
                     path: String::new(),

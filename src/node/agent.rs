@@ -877,10 +877,12 @@ async fn send_heartbeats(
     };
     let mut seq = 0;
     loop {
+        // Both marked seen every time round (a change of either wakes the loop once).
+        let now_problems = problems.borrow_and_update().clone();
         let msg = usage
             .borrow_and_update()
             .as_ref()
-            .map(|s| heartbeat_wire(seq + 1, s, &problems.borrow_and_update()));
+            .map(|s| heartbeat_wire(seq + 1, s, &now_problems));
         if let Some(msg) = msg {
             seq += 1;
             if hb.send(&msg).await.is_err() {

@@ -112,11 +112,17 @@ pub struct Workflow {
     pub max_running: Option<u32>,
     pub resume_below: Option<u32>,
     pub fail_fast: bool,
+    /// How many finished runs are kept (the oldest beyond it go, with their task
+    /// deployments and logs).
+    pub keep_runs: u32,
     /// `(cron, timezone)`.
     pub schedule: Option<(String, String)>,
     /// In a topological order (every task after what it depends on).
     pub tasks: Vec<Task>,
 }
+
+/// Finished runs kept per workflow when its definition does not say.
+pub const DEFAULT_KEEP_RUNS: u32 = 100;
 
 /// The fields a task has beyond a deployment spec.
 const TASK_KEYS: [&str; 6] = [
@@ -140,6 +146,8 @@ struct WorkflowWire {
     resume_below: Opt<Int>,
     #[serde(default)]
     fail_fast: Opt<bool>,
+    #[serde(default)]
+    keep_runs: Opt<Int>,
     #[serde(default)]
     schedule: Opt<Map<String, Value>>,
     #[serde(default)]
@@ -185,6 +193,10 @@ pub fn parse_workflow(def: &Value) -> Result<Workflow, Vec<FieldError>> {
             .opt(&w.fail_fast, &root.at("fail_fast"))
             .copied()
             .unwrap_or(false);
+        let keep_runs = r
+            .opt_int(&w.keep_runs, &root.at("keep_runs"), 1, 100_000)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(DEFAULT_KEEP_RUNS);
         let schedule = r
             .opt(&w.schedule, &root.at("schedule"))
             .and_then(|s| schedule(&mut r, s, &root.at("schedule")));
@@ -194,6 +206,7 @@ pub fn parse_workflow(def: &Value) -> Result<Workflow, Vec<FieldError>> {
             max_running,
             resume_below,
             fail_fast,
+            keep_runs,
             schedule,
             tasks,
         })

@@ -75,12 +75,86 @@ impl Chaos {
         self.ops += 1;
         match status {
             200..=299 => Some(reply),
+            503 if reply["cause"] == "no_answer" => {
+                // The change may still be made: once the core answers again, read back.
+                self.note(format!("  {method} {path}: {status} {reply}"));
+                self.resync().await;
+                None
+            }
             503 | 507 => {
                 self.note(format!("  {method} {path}: {status} {reply}"));
                 None
             }
             500..=599 => self.fail(&format!("{method} {path} answered {status}: {reply}")),
             _ => self.fail(&format!("{method} {path} answered {status}: {reply}")),
+        }
+    }
+
+    /// After an answer that left the outcome open: waits until the core has answered a later
+    /// call (it works in order, so the open one is done), then takes what the API shows.
+    async fn resync(&mut self) {
+        loop {
+            let (status, _) = self
+                .c
+                .request(
+                    reqwest::Method::DELETE,
+                    "/deployments/no-such-deployment",
+                    None,
+                )
+                .await;
+            if status == 404 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (_, list) = self.c.get("/deployments").await;
+        let shown: BTreeMap<String, (String, bool)> = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| {
+                Some((
+                    d["id"].as_str()?.to_owned(),
+                    (
+                        d["name"].as_str()?.to_owned(),
+                        d["desired_state"] == "RUNNING",
+                    ),
+                ))
+            })
+            .collect();
+        let gone: Vec<String> = self
+            .live
+            .keys()
+            .filter(|id| !shown.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(e) = self.live.remove(&id) {
+                self.deleted.push((id, e.marker));
+            }
+        }
+        for (id, (name, running)) in shown {
+            match self.live.get_mut(&id) {
+                Some(e) => {
+                    e.running = running;
+                    e.name = name;
+                }
+                // A create that was made after all.
+                None => {
+                    if let Some(n) = name.strip_prefix('c').and_then(|n| n.parse::<usize>().ok()) {
+                        let marker = format!("chaos-{}-{n}-x", self.seed);
+                        self.live.insert(
+                            id,
+                            Expect {
+                                name,
+                                marker,
+                                running,
+                                generation: 0,
+                            },
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -493,3 +493,53 @@ async fn a_scheduled_workflow_plans_its_next_run() {
     assert_eq!(next % 60_000, 0, "a minute boundary: {w}");
     c.shutdown().await;
 }
+
+/// `keep_runs`: once a run ends, the oldest finished runs beyond it go with their task
+/// deployments, in the store too (a restart does not bring them back); the rest stay whole.
+#[tokio::test]
+async fn finished_runs_beyond_keep_runs_go_with_their_task_deployments() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    define(
+        &c,
+        json!({"name": "kept", "keep_runs": 2, "tasks": [
+            {"name": "a", "config": sh("true")},
+            {"name": "b", "depends_on": ["a"], "config": sh("true")}]}),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let id = start(&c, "kept", json!({})).await;
+        until_run(&c, &id, "SUCCEEDED").await;
+        ids.push(id);
+    }
+    let tasks_of = |v: &symphony::conductor::view::ClusterView, run: &str| {
+        v.deployments
+            .iter()
+            .filter(|d| d.id.as_str().ends_with(&format!("-{run}")))
+            .count()
+    };
+    let v = c
+        .wait("two runs kept", |v| {
+            v.runs.iter().filter(|r| r.workflow == "kept").count() == 2
+        })
+        .await;
+    let kept: Vec<&str> = v.runs.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(kept.len(), 2);
+    for old in &ids[..2] {
+        assert!(!kept.contains(&old.as_str()), "{old} should be gone");
+        assert_eq!(tasks_of(&v, old), 0, "{old}'s task deployments remain");
+        let (status, _) = c.get(&format!("/runs/{old}")).await;
+        assert_eq!(status, 404);
+    }
+    for new in &ids[2..] {
+        assert!(kept.contains(&new.as_str()));
+        assert_eq!(tasks_of(&v, new), 2, "{new} keeps its tasks");
+    }
+    c.restart_conductor().await;
+    let v = c.conductor().core.view();
+    assert_eq!(v.runs.len(), 2, "the store kept the same two");
+    assert_eq!(tasks_of(&v, &ids[0]), 0);
+    assert_eq!(tasks_of(&v, &ids[3]), 2);
+    c.shutdown().await;
+}

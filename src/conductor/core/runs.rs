@@ -65,6 +65,10 @@ pub(crate) struct Runs {
     pub create: Vec<DeploymentRecord>,
     pub update: BTreeMap<String, DeploymentRecord>,
     pub events: Vec<NewEvent>,
+    /// Finished runs past their workflow's `keep_runs`, and their task deployments, to
+    /// delete with the next write.
+    pub delete_runs: Vec<String>,
+    pub delete_deployments: Vec<String>,
     /// A run was queued since the last admission (admission scans every run, so it runs only
     /// then and when a run ends, not on every batch).
     pub admit_due: bool,
@@ -543,6 +547,7 @@ impl Core {
         }
         let active: Vec<String> = self.runs.active.iter().cloned().collect();
         let mut ended_any = false;
+        let mut ended_in = BTreeSet::new();
         for run_id in active {
             if ticked {
                 self.timeouts(&run_id, now);
@@ -572,11 +577,15 @@ impl Core {
                     ),
                     json!({"failed": failed}),
                 );
+                ended_in.insert(run.workflow.clone());
                 self.runs.events.push(ev);
                 self.runs.active.remove(&run_id);
                 self.runs.dirty.insert(run_id.clone());
                 ended_any = true;
             }
+        }
+        for workflow in ended_in {
+            self.prune_runs(&workflow);
         }
         if ended_any {
             // Ended runs free slots under the water marks: admit now, not a tick later.
@@ -761,6 +770,47 @@ impl Core {
         self.needs_schedule = true;
     }
 
+    /// Finished runs beyond the workflow's `keep_runs` go, oldest first, with their task
+    /// deployments (written with this flush's runs, forgotten once written).
+    fn prune_runs(&mut self, workflow: &str) {
+        let keep = self
+            .runs
+            .workflows
+            .get(workflow)
+            .and_then(|versions| versions.values().next_back())
+            .map_or(crate::spec::DEFAULT_KEEP_RUNS, |w| w.parsed.keep_runs);
+        let mut ended: Vec<(i64, u64, String)> = self
+            .runs
+            .runs
+            .values()
+            .filter(|r| r.workflow == workflow && r.state.is_done())
+            .map(|r| (r.queued_at_ms, r.seq, r.id.clone()))
+            .collect();
+        let Some(over) = ended
+            .len()
+            .checked_sub(usize::try_from(keep).unwrap_or(usize::MAX))
+            .filter(|n| *n > 0)
+        else {
+            return;
+        };
+        ended.sort_unstable();
+        for (_, _, id) in ended.into_iter().take(over) {
+            let Some(run) = self.runs.runs.remove(&id) else {
+                continue;
+            };
+            for i in 0..run.tasks.len() {
+                let dep = task_deployment_id(&id, i);
+                self.runs.task_of.remove(&dep);
+                self.runs.update.remove(&dep);
+                // Also one still waiting in `create` (a write failed): deletes follow inserts,
+                // in the store and in memory.
+                self.runs.delete_deployments.push(dep);
+            }
+            self.runs.dirty.remove(&id);
+            self.runs.delete_runs.push(id);
+        }
+    }
+
     /// Writes the batch's run changes and task deployments in one transaction; only then are
     /// the deployments known to the scheduler. A failed write is tried again next flush.
     async fn write_runs(&mut self) {
@@ -768,6 +818,7 @@ impl Core {
             && self.runs.create.is_empty()
             && self.runs.update.is_empty()
             && self.runs.events.is_empty()
+            && self.runs.delete_runs.is_empty()
         {
             return;
         }
@@ -792,6 +843,8 @@ impl Core {
             create,
             update,
             clear,
+            delete_runs: self.runs.delete_runs.clone(),
+            delete_deployments: self.runs.delete_deployments.clone(),
         };
         if let Err(e) = self
             .persist(events, async |s, ev| s.write_runs(&write, ev).await)
@@ -820,6 +873,10 @@ impl Core {
                 self.unassign(&a.node_id, id, a.generation);
                 self.reported.remove(id);
             }
+        }
+        self.runs.delete_runs.clear();
+        for id in std::mem::take(&mut self.runs.delete_deployments) {
+            self.forget(&id);
         }
         self.changed = true;
     }

@@ -30,6 +30,10 @@ pub struct RunsWrite<'a> {
     pub update: Vec<DeploymentRecord>,
     /// Deployments whose assignment ends (their attempt did).
     pub clear: Vec<String>,
+    /// Finished runs past their workflow's `keep_runs`, deleted ...
+    pub delete_runs: Vec<String>,
+    /// ... with their task deployments (and whatever refers to those).
+    pub delete_deployments: Vec<String>,
 }
 
 impl RunsWrite<'_> {
@@ -38,6 +42,8 @@ impl RunsWrite<'_> {
             && self.create.is_empty()
             && self.update.is_empty()
             && self.clear.is_empty()
+            && self.delete_runs.is_empty()
+            && self.delete_deployments.is_empty()
     }
 }
 
@@ -129,6 +135,26 @@ impl Store {
         }
         for id in &w.clear {
             sqlx::query("DELETE FROM assignments WHERE deployment_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        for id in &w.delete_deployments {
+            for sql in [
+                "DELETE FROM assignments WHERE deployment_id = $1",
+                "DELETE FROM services WHERE deployment_id = $1",
+                "DELETE FROM deployments WHERE id = $1",
+            ] {
+                sqlx::query(sql)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            }
+        }
+        for id in &w.delete_runs {
+            sqlx::query("DELETE FROM runs WHERE id = $1")
                 .bind(id)
                 .execute(&mut *tx)
                 .await

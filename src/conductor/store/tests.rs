@@ -1217,3 +1217,45 @@ async fn a_token_sealed_with_another_key_stays_sealed_and_the_rest_loads() {
     assert_eq!(a.specification["spec"]["config"]["token"], "tok-LOST");
     store.close().await;
 }
+
+/// A database that takes no writes (here opened read-only, as on a read-only disk) refuses
+/// them as `Unwritable { ReadOnly }` naming its file, not as an anonymous database error;
+/// reads go on.
+#[tokio::test]
+async fn a_read_only_database_is_unwritable_with_its_cause_and_path() {
+    let (dir, store) = file_store().await;
+    store
+        .insert_deployment(&deployment("a", "first", 1_000), &[], &[])
+        .await
+        .unwrap();
+    let db = dir.path().join(DB_FILE_NAME);
+    let options = SqliteConnectOptions::new().filename(&db).read_only(true);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let read_only = Store {
+        pool,
+        path: Some(db.clone().into()),
+        key: key_in(dir.path()),
+    };
+    assert_eq!(read_only.list_deployments().await.unwrap().len(), 1);
+    let err = read_only
+        .insert_deployment(&deployment("b", "second", 2_000), &[], &[])
+        .await
+        .unwrap_err()
+        .at(&db);
+    match &err {
+        StoreError::Unwritable { cause, path } => {
+            assert_eq!(*cause, Unwritable::ReadOnly);
+            assert_eq!(path, &db.display().to_string());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        err.environmental_at("x")
+            .is_some_and(|m| m.contains("read-only")),
+        "{err}"
+    );
+}

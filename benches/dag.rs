@@ -198,7 +198,8 @@ async fn ours(n: usize, cmd: &[&str]) -> anyhow::Result<Value> {
     let api = format!("http://{}", conductor.http_addr);
     let http = reqwest::Client::new();
     let task = |name: &str, deps: &[&str]| json!({"name": name, "depends_on": deps, "config": {"command": cmd}});
-    let def = json!({"name": "diamond", "max_running": 100, "resume_below": 50, "tasks": [
+    // Every run is kept (`keep_runs`), so that the end is every run finished.
+    let def = json!({"name": "diamond", "max_running": 100, "resume_below": 50, "keep_runs": n, "tasks": [
         task("a", &[]), task("b", &["a"]), task("c", &["a"]), task("d", &["b", "c"])]});
     http.post(format!("{api}/workflows"))
         .json(&def)

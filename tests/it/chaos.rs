@@ -90,6 +90,16 @@ impl Chaos {
         }
     }
 
+    /// `GET /deployments`, by id.
+    async fn listed(&self) -> BTreeMap<String, Value> {
+        let (_, list) = self.c.get("/deployments").await;
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| Some((d["id"].as_str()?.to_owned(), d.clone())))
+            .collect()
+    }
+
     /// After an answer that left the outcome open: waits until the core has answered a later
     /// call (it works in order, so the open one is done), then takes what the API shows.
     async fn resync(&mut self) {
@@ -107,19 +117,13 @@ impl Chaos {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let (_, list) = self.c.get("/deployments").await;
-        let shown: BTreeMap<String, (String, bool)> = list
-            .as_array()
+        let shown: BTreeMap<String, (String, bool)> = self
+            .listed()
+            .await
             .into_iter()
-            .flatten()
-            .filter_map(|d| {
-                Some((
-                    d["id"].as_str()?.to_owned(),
-                    (
-                        d["name"].as_str()?.to_owned(),
-                        d["desired_state"] == "RUNNING",
-                    ),
-                ))
+            .map(|(id, d)| {
+                let name = d["name"].as_str().unwrap_or_default().to_owned();
+                (id, (name, d["desired_state"] == "RUNNING"))
             })
             .collect();
         let gone: Vec<String> = self
@@ -304,7 +308,7 @@ impl Chaos {
 
     /// The invariants that hold at every moment.
     async fn check(&mut self) {
-        // Never two live copies of a deployment; none of a deleted one once its stop ran.
+        // Never two live copies of a deployment.
         for (id, e) in &self.live {
             let copies = pids_with(&e.marker).len();
             if copies > 1 {
@@ -356,17 +360,11 @@ impl Chaos {
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let (_, list) = self.c.get("/deployments").await;
-            let state: BTreeMap<String, String> = list
-                .as_array()
+            let state: BTreeMap<String, String> = self
+                .listed()
+                .await
                 .into_iter()
-                .flatten()
-                .filter_map(|d| {
-                    Some((
-                        d["id"].as_str()?.to_owned(),
-                        d["current_state"].as_str()?.to_owned(),
-                    ))
-                })
+                .filter_map(|(id, d)| Some((id, d["current_state"].as_str()?.to_owned())))
                 .collect();
             let mut wrong = Vec::new();
             for (id, e) in &self.live {

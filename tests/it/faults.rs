@@ -53,6 +53,31 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Another process (here: another connection) holding the database's write lock, and the
+/// database file.
+async fn hold_write_lock(c: &Cluster) -> (sqlx::SqliteConnection, std::path::PathBuf) {
+    use sqlx::Connection;
+    let db = c.cfg.storage_dir.join("symphony.db");
+    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    (other, db)
+}
+
+/// `POST /deployments` of a small stopped deployment named `name`.
+async fn post_small(c: &Cluster, name: &str) -> (u16, Value) {
+    c.post(
+        "/deployments",
+        json!({"name": name, "desired_state": "STOPPED",
+            "specification": {"spec": {"config": {"command": ["true"]}}}}),
+    )
+    .await
+}
+
 /// Events of `kind`, oldest first.
 async fn events_of(c: &Cluster, kind: &str) -> Vec<Value> {
     let (status, body) = c.get(&format!("/events?kind={kind}")).await;
@@ -148,27 +173,14 @@ async fn a_full_disk_refuses_writes_with_507_naming_the_database_and_loses_nothi
 
 #[tokio::test]
 async fn a_database_locked_by_another_process_gives_503_not_a_hang() {
-    use sqlx::Connection;
     let mut c = Cluster::start().await;
     c.add_node("n1", &["local"], &[], false).await;
     let kept = c.deploy("kept", sh("sleep 1000")).await;
     c.wait_state(&kept, "RUNNING").await;
 
     // Another process (here: another connection) holds the write lock.
-    let db = c.cfg.storage_dir.join("symphony.db");
-    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut other)
-        .await
-        .unwrap();
-    let (status, body) = c
-        .post(
-            "/deployments",
-            json!({"name": "blocked", "specification": {"spec": {"config": {"command": ["true"]}}}}),
-        )
-        .await;
+    let (mut other, db) = hold_write_lock(&c).await;
+    let (status, body) = post_small(&c, "blocked").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["cause"], "database_locked", "{body}");
     assert_eq!(body["path"], db.display().to_string().as_str(), "{body}");
@@ -261,37 +273,18 @@ async fn after_a_conductor_crash_a_stop_then_a_start_waits_for_the_nodes_hello()
 /// so with 503 after its limit instead of hanging, and reads go on.
 #[tokio::test]
 async fn a_core_held_up_by_a_slow_write_answers_503_in_time() {
-    use sqlx::Connection;
     let c =
         Cluster::start_with(|cfg| cfg.answer_within = std::time::Duration::from_millis(500)).await;
-    let db = c.cfg.storage_dir.join("symphony.db");
-    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut other)
-        .await
-        .unwrap();
+    let (mut other, _) = hold_write_lock(&c).await;
     // The core waits on the lock (up to its busy timeout, longer than the API's limit).
-    let (status, body) = c
-        .post(
-            "/deployments",
-            json!({"name": "slow", "specification": {"spec": {"config": {"command": ["true"]}}}}),
-        )
-        .await;
+    let (status, body) = post_small(&c, "slow").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["cause"], "no_answer", "{body}");
     let (status, _) = c.get("/deployments").await;
     assert_eq!(status, 200, "reads go on");
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
     drop(other);
-    let (status, body) = c
-        .post(
-            "/deployments",
-            json!({"name": "after", "desired_state": "STOPPED",
-                "specification": {"spec": {"config": {"command": ["true"]}}}}),
-        )
-        .await;
+    let (status, body) = post_small(&c, "after").await;
     assert_eq!(status, 201, "{body}");
     c.shutdown().await;
 }

@@ -214,7 +214,7 @@ async fn stop_then_start_while_its_node_is_away(crash: bool) {
     })
     .await;
     c.add_node("a", &["local"], &[], true).await;
-    let marker = format!("away-{}", std::process::id());
+    let marker = format!("away-{}-{crash}", std::process::id());
     let id = c
         .deploy("once", sh(&format!("sleep 100000; : {marker}")))
         .await;
@@ -256,6 +256,9 @@ async fn stop_then_start_while_its_node_is_away(crash: bool) {
     })
     .await;
     crate::support::until("one copy", || crate::support::pids_with(&marker).len() == 1).await;
+    let (status, _) = c.delete(&path).await;
+    assert_eq!(status, 204);
+    crate::support::until("no copy", || crate::support::pids_with(&marker).is_empty()).await;
     c.shutdown().await;
 }
 

@@ -12,7 +12,7 @@
 //! Waits poll the API (bounded by [`api::WAIT`]); the only fixed sleeps outwait a timeout on
 //! purpose and say so where they stand.
 //!
-//! Run: `cargo test --test netns` as root (about 45 s; each scenario prints one `netns:` line
+//! Run: `cargo test --test netns` as root (about 55 s; each scenario prints one `netns:` line
 //! with what it observed). `SYMPHONY_NETNS_LOGS=1 cargo test --test netns -- --nocapture`
 //! also prints the tail of every conductor and node log; a failing test always does.
 
@@ -988,6 +988,129 @@ fn experiment_rl_example_runs_across_two_nated_pods() {
                 .map(|s| format!("{} {}", s["name"], s["paths"]))
                 .collect::<Vec<_>>()
                 .join(", ")
+        ));
+    });
+}
+
+/// The fault suite's NAT variant (`tests/it/chaos.rs` is the loopback one): two pods behind the
+/// NAT, deployments created, stopped, started and deleted while a seeded nemesis flushes the
+/// NAT's mappings, cuts a pod's link briefly, kills an agent or the conductor with -9 and
+/// starts it again. Every fault is shorter than the grace, so after every step no deployment
+/// may run twice; once the faults stop, each wanted one runs in exactly one copy and nothing
+/// else runs. `SYMPHONY_CHAOS_SEED` replays another seed.
+#[test]
+fn chaos_behind_the_nat_never_runs_a_deployment_twice() {
+    use rand::{Rng, SeedableRng};
+    let params = Params {
+        pods: 2,
+        ..short_idle()
+    };
+    scenario("chaos-nat", params, async |bed: &mut Bed| {
+        let seed: u64 = std::env::var("SYMPHONY_CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20_261_203);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut log = vec![format!("seed {seed}")];
+        for n in ["n0", "n1"] {
+            online(bed, n).await;
+        }
+        // (id, token, wanted running)
+        let mut live: Vec<(String, String, bool)> = Vec::new();
+        let mut deleted: Vec<String> = Vec::new();
+        let mut faults = 0;
+        for step in 0..12 {
+            let pick = rng.random_range(0..10);
+            if live.len() < 3 || (pick < 3 && live.len() < 6) {
+                let tok = token();
+                let id = bed.api.deploy(&format!("c{step}"), &tok).await;
+                log.push(format!("{step}: create {id}"));
+                live.push((id, tok, true));
+            } else if pick < 8 {
+                let k = rng.random_range(0..live.len());
+                live[k].2 = !live[k].2;
+                let state = if live[k].2 { "RUNNING" } else { "STOPPED" };
+                log.push(format!("{step}: set {} {state}", live[k].0));
+                bed.api
+                    .patch(&live[k].0, json!({"desired_state": state}))
+                    .await;
+            } else {
+                let k = rng.random_range(0..live.len());
+                let (id, tok, _) = live.remove(k);
+                log.push(format!("{step}: delete {id}"));
+                let status = reqwest::Client::new()
+                    .delete(format!("{}/deployments/{id}", bed.api.base()))
+                    .bearer_auth(bed.api.token())
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
+                assert!(status.is_success(), "DELETE {id}: {status}");
+                deleted.push(tok);
+            }
+            let pod = rng.random_range(0..2);
+            faults += 1;
+            match rng.random_range(0..4) {
+                0 => {
+                    log.push(format!("{step}: nemesis: conntrack -F"));
+                    bed.flush_conntrack();
+                }
+                1 => {
+                    let ms = rng.random_range(300..1500);
+                    log.push(format!("{step}: nemesis: cut pod {pod} for {ms} ms"));
+                    bed.cut(pod);
+                    // Deliberate: the fault is a cut of this length.
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    bed.restore(pod);
+                }
+                2 => {
+                    log.push(format!("{step}: nemesis: kill -9 n{pod}, start it again"));
+                    bed.kill9(&format!("n{pod}"));
+                    bed.start_node(pod);
+                }
+                _ => {
+                    log.push(format!(
+                        "{step}: nemesis: kill -9 the conductor, start it again"
+                    ));
+                    bed.kill9("conductor");
+                    bed.start_conductor().await;
+                }
+            }
+            for (id, tok, _) in &live {
+                let c = copies(bed, tok);
+                assert!(c.len() <= 1, "{id} runs twice: {c:?}\n{}", log.join("\n"));
+            }
+        }
+        // Faults stop: every wanted deployment runs once, nothing else runs.
+        for (id, tok, wanted) in &live {
+            if *wanted {
+                running(bed, id, tok).await;
+            }
+            until(&format!("{id}: its copies settle"), WAIT, async || {
+                let c = copies(bed, tok);
+                if c.len() == usize::from(*wanted) {
+                    Ok(())
+                } else {
+                    Err(format!("{c:?}"))
+                }
+            })
+            .await;
+        }
+        for tok in &deleted {
+            until("a deleted deployment's copy is gone", WAIT, async || {
+                let c = copies(bed, tok);
+                if c.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{c:?}"))
+                }
+            })
+            .await;
+        }
+        say(&format!(
+            "chaos-nat: seed {seed}, 12 steps, {faults} faults, {} live, {} deleted: no deployment ran twice",
+            live.len(),
+            deleted.len()
         ));
     });
 }

@@ -413,11 +413,6 @@ impl CoreHandle {
             .await
             .map_err(slow)?
             .map_err(|_| CoreError::Unavailable)?
-            .map_err(|e| match (e, self.store.path()) {
-                // The operator must act on the disk: say which file.
-                (CoreError::Store(s), Some(db)) => CoreError::Store(s.at(db)),
-                (e, _) => e,
-            })
     }
 
     /// A fresh session epoch (fencing token per connection).
@@ -757,7 +752,13 @@ impl Core {
         }
         let with_own = !own.is_empty();
         let batch = self.journal.batch(own);
-        let r = write(&self.store, &batch.events).await;
+        // The operator must act on the disk of an environmental fault: it names the file.
+        let r = write(&self.store, &batch.events)
+            .await
+            .map_err(|e| match self.store.path() {
+                Some(db) => e.at(db),
+                None => e,
+            });
         self.note_storage(&r);
         let clash = match &r {
             Ok(_) => {
@@ -800,34 +801,31 @@ impl Core {
     /// another process locks) is said once, as a log line and an event (written once the
     /// store takes writes again); the first write that succeeds after it says so too.
     fn note_storage<T>(&mut self, r: &Result<T, StoreError>) {
-        let db = || {
-            self.store
-                .path()
-                .map_or_else(|| "memory".to_owned(), |p| p.display().to_string())
-        };
+        // Only built when something is said (this runs on every write).
+        let path = || self.store.path().map(|p| p.display().to_string());
         match r {
-            Err(e) => {
-                if self.storage_fault.is_none()
-                    && let Some(why) = e.environmental_at(&db())
-                {
+            Err(e) if e.is_environmental() => {
+                if self.storage_fault.is_none() {
+                    let why = e.to_string();
                     tracing::error!("{why}: writes are refused until it is fixed; reads go on");
                     self.journal.note(NewEvent::new(
                         "storage.unwritable",
                         super::events::object("storage", "database"),
                         format!("{why}: writes are refused until it is fixed"),
-                        json!({"path": db()}),
+                        json!({"path": path()}),
                     ));
                     self.storage_fault = Some(why);
                 }
             }
+            Err(_) => {}
             Ok(_) => {
                 if let Some(why) = self.storage_fault.take() {
-                    tracing::info!(db = %db(), "the database takes writes again");
+                    tracing::info!("the database takes writes again");
                     self.journal.note(NewEvent::new(
                         "storage.recovered",
                         super::events::object("storage", "database"),
                         "the database takes writes again".to_owned(),
-                        json!({"path": db(), "was": why}),
+                        json!({"path": path(), "was": why}),
                     ));
                 }
             }

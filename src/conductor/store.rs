@@ -105,7 +105,7 @@ pub enum StoreError {
     #[error("the database at {path} takes no writes: {cause}")]
     Unwritable {
         cause: Unwritable,
-        /// The database file (empty until [`StoreError::at`] names it).
+        /// The database file (empty until [`StoreError::at`] names it: the core's writes do).
         path: String,
     },
     /// The database stayed locked past the busy timeout (another process or transaction
@@ -161,16 +161,9 @@ impl StoreError {
         }
     }
 
-    /// For a cause outside the program (the disk, another process: the operator must act),
-    /// what happened to the database at `db`.
-    pub fn environmental_at(&self, db: &str) -> Option<String> {
-        match self {
-            Self::Unwritable { cause, .. } => {
-                Some(format!("the database at {db} takes no writes: {cause}"))
-            }
-            Self::Busy { .. } => Some(format!("the database at {db} is locked by another process")),
-            _ => None,
-        }
+    /// A cause outside the program (the disk, another process): the operator must act.
+    pub fn is_environmental(&self) -> bool {
+        matches!(self, Self::Unwritable { .. } | Self::Busy { .. })
     }
 }
 
@@ -554,22 +547,7 @@ impl Store {
     /// [`StoreError::NotFound`] if it does not exist. The generation counter is not lowered.
     pub async fn delete_deployment(&self, id: &str, events: &[Event]) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        for sql in [
-            "DELETE FROM assignments WHERE deployment_id = $1",
-            "DELETE FROM services WHERE deployment_id = $1",
-        ] {
-            sqlx::query(sql)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
-        let done = sqlx::query("DELETE FROM deployments WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        found(done.rows_affected())?;
+        found(delete_deployment_on(&mut tx, id).await?)?;
         finish(tx, events).await
     }
 
@@ -1387,6 +1365,30 @@ pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
         }
     }
     StoreError::Db(e)
+}
+
+/// Deletes a deployment and what refers to it (its assignment, the services it binds) in
+/// one transaction's connection; returns how many deployments went (0 or 1).
+async fn delete_deployment_on(
+    conn: &mut sqlx::SqliteConnection,
+    id: &str,
+) -> Result<u64, StoreError> {
+    for sql in [
+        "DELETE FROM assignments WHERE deployment_id = $1",
+        "DELETE FROM services WHERE deployment_id = $1",
+    ] {
+        sqlx::query(sql)
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    }
+    let done = sqlx::query("DELETE FROM deployments WHERE id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    Ok(done.rows_affected())
 }
 
 fn found(rows_affected: u64) -> Result<(), StoreError> {

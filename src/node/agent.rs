@@ -433,7 +433,7 @@ async fn write_state(
         };
         match result {
             Ok(()) => {
-                if failed.take().is_some() || !problems.borrow().is_empty() {
+                if failed.take().is_some() {
                     tracing::info!("local state written again");
                 }
                 retry_in = STATE_RETRY_FIRST;
@@ -454,9 +454,11 @@ async fn write_state(
                 failed = Some(held);
                 retry_in = (retry_in * 2).min(STATE_RETRY_MAX);
                 problems.send_if_modified(|p| {
-                    let changed = p.as_slice() != [line.clone()];
+                    if p.len() == 1 && p[0] == line {
+                        return false;
+                    }
                     *p = vec![line];
-                    changed
+                    true
                 });
             }
         }

@@ -371,10 +371,7 @@ impl Cluster {
                     self.conductor = Some(c);
                     return;
                 }
-                Err(e) if attempt < 100 => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(_) if attempt < 100 => tokio::time::sleep(Duration::from_millis(50)).await,
                 Err(e) => panic!("the conductor did not start again: {e:#}"),
             }
         }

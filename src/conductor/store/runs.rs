@@ -4,8 +4,8 @@
 use sqlx::Row;
 
 use super::{
-    DeploymentRecord, Secrets, Store, StoreError, db_err, finish, insert_deployment_on, int, json,
-    text,
+    DeploymentRecord, Secrets, Store, StoreError, db_err, delete_deployment_on, finish,
+    insert_deployment_on, int, json, text,
 };
 use crate::conductor::events::Event;
 use crate::conductor::runs::Run;
@@ -141,17 +141,7 @@ impl Store {
                 .map_err(db_err)?;
         }
         for id in &w.delete_deployments {
-            for sql in [
-                "DELETE FROM assignments WHERE deployment_id = $1",
-                "DELETE FROM services WHERE deployment_id = $1",
-                "DELETE FROM deployments WHERE id = $1",
-            ] {
-                sqlx::query(sql)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-            }
+            delete_deployment_on(&mut tx, id).await?;
         }
         for id in &w.delete_runs {
             sqlx::query("DELETE FROM runs WHERE id = $1")

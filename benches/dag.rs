@@ -14,7 +14,8 @@
 //! its interpreter, the tasks excluded).
 //! A second case: the same diamonds with tasks that sleep 50 ms, for orchestration CPU per
 //! run while tasks wait (the seed busy-waits). `BENCH_QUICK=1`: N = 100.
-//! Results go to target/bench/dag.json.
+//! Results go to target/bench/dag.json. `DAG_OURS_ONLY=1` runs only our side of the first case
+//! (for a profiler), with no baselines and no report.
 
 mod common;
 
@@ -63,6 +64,12 @@ asyncio.run(main())
 
 fn main() -> anyhow::Result<()> {
     let n = if common::quick() { 100 } else { 1000 };
+    if std::env::var("DAG_OURS_ONLY").is_ok_and(|v| v == "1") {
+        // For profiling: only our side of the first case, no baselines, no report.
+        let ours = common::runtime()?.block_on(ours(n, &["true"]))?;
+        println!("ours (true): {ours}");
+        return Ok(());
+    }
     println!("dag bench: {n} diamond runs (4 tasks each) of `true`, then of `sleep 0.05`");
     let python = seed_python()?;
     let raw = raw_spawn(n * 4)?;

@@ -131,6 +131,10 @@ pub struct Record {
     /// The workload's process group and session, read when it started.
     #[serde(default)]
     pub group: Option<Group>,
+    /// No keeper: the agent named in `keeper` ran the workload as its own child
+    /// (`outlive_agent: false`). A later agent ends what is left of it, never adopts it.
+    #[serde(default)]
+    pub attached: bool,
 }
 
 impl Record {
@@ -253,6 +257,7 @@ pub fn serve(
         keeper: me,
         workload: None,
         group: None,
+        attached: false,
     };
     let record_path = dir.join(RECORD);
     let save = |record: &Record| -> io::Result<()> {

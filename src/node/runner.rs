@@ -93,7 +93,7 @@ pub fn std_command(spec: &ProcessSpec) -> Result<std::process::Command, SpawnErr
         clippy::disallowed_methods,
         reason = "runner::std_command is the one place that builds commands"
     )]
-    let mut cmd = std::process::Command::new(program);
+    let mut cmd = std::process::Command::new(resolve(program, spec));
     cmd.args(args)
         .current_dir(&spec.cwd)
         .env_clear()
@@ -103,6 +103,22 @@ pub fn std_command(spec: &ProcessSpec) -> Result<std::process::Command, SpawnErr
         .stderr(Stdio::piped())
         .process_group(0);
     Ok(cmd)
+}
+
+/// `program` found on the child's own `PATH` (relative entries from its cwd), as `execvp`
+/// in the child would find it. Looked up here because std can then start the child with
+/// `posix_spawn` (a vfork) rather than a full `fork` of this process, its page tables and
+/// threads: it forks whenever the environment sets `PATH` and the program is a bare name.
+/// A program not found is left as it is, so that the spawn reports the usual error.
+fn resolve(program: &str, spec: &ProcessSpec) -> std::ffi::OsString {
+    if program.contains('/') {
+        return program.into();
+    }
+    match spec.env.get("PATH") {
+        Some(path) => which::which_in(program, Some(path), &spec.cwd)
+            .map_or_else(|_| program.into(), PathBuf::into_os_string),
+        None => program.into(),
+    }
 }
 
 /// [`std_command`] for tokio, never killed on drop.
@@ -216,12 +232,130 @@ pub async fn spawn(
     }
 }
 
+/// Starts `launch` as this agent's own child, without a keeper (`outlive_agent: false`): one
+/// blocking step (a fresh run directory, the spawn, the record) and no `exec` but the
+/// workload's. Its output is pumped straight into `logs`. The record, marked attached, lets a
+/// later agent end what is left of it when this one dies first; nothing adopts it.
+pub async fn spawn_attached(
+    dir: &Path,
+    launch: Launch,
+    logs: &LogBuffer,
+) -> Result<RunningProcess, SpawnError> {
+    if launch.process.command.is_empty() {
+        return Err(SpawnError::EmptyCommand);
+    }
+    let owned = dir.to_path_buf();
+    // Blocking threads run in the runtime's context: tokio's spawn registers the child there.
+    let (mut child, record) = tokio::task::spawn_blocking(move || start_attached(&owned, launch))
+        .await
+        .map_err(|e| SpawnError::Keeper(format!("starting the process: {e}")))??;
+    let out = child.stdout.take();
+    let err = child.stderr.take();
+    let (tx, exit) = watch::channel(ExitSeen::Running);
+    let max_line = record.launch.max_line;
+    let tail = tokio::spawn(watch_attached(child, out, err, logs.clone(), max_line, tx));
+    Ok(RunningProcess {
+        pid: record.workload.map_or(0, |w| w.pid),
+        dir: dir.to_path_buf(),
+        record,
+        keeper: KeeperHandle::Attached,
+        exit,
+        tail: Some(tail),
+    })
+}
+
+/// [`spawn_attached`]'s blocking step.
+fn start_attached(
+    dir: &Path,
+    launch: Launch,
+) -> Result<(tokio::process::Child, Record), SpawnError> {
+    let prepare = || -> io::Result<()> {
+        if let Some(record) = Record::load(dir) {
+            kill_recorded(&record);
+        }
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::create_dir_all(dir)
+    };
+    prepare().map_err(|e| SpawnError::Keeper(format!("preparing {}: {e}", dir.display())))?;
+    let child = command(&launch.process)?
+        .spawn()
+        .map_err(|source| SpawnError::Spawn {
+            program: launch.process.command.first().cloned().unwrap_or_default(),
+            source,
+        })?;
+    let pid = child.id().ok_or(SpawnError::NoPid)?;
+    let me = std::process::id();
+    // The workload leads its own group in this agent's session (read before it may exit).
+    let group = Group::led_by(pid).or_else(|| {
+        Some(Group {
+            pgid: i32::try_from(pid).ok()?,
+            session: nix::unistd::getsid(None).ok()?.as_raw(),
+        })
+    });
+    let record = Record {
+        version: keeper::VERSION,
+        launch,
+        keeper: ProcId::of(me).unwrap_or(ProcId { pid: me, start: 0 }),
+        workload: Some(ProcId::of(pid).unwrap_or(ProcId { pid, start: 0 })),
+        group,
+        attached: true,
+    };
+    let path = dir.join(keeper::RECORD);
+    let saved = serde_json::to_vec(&record)
+        .map_err(io::Error::other)
+        .and_then(|bytes| super::state::write_private(&path, &bytes, false));
+    if let Err(e) = saved {
+        // Without the record a later agent could not find it: better not to run it.
+        if let Some(g) = group {
+            signal_group(Pid::from_raw(g.pgid), Signal::SIGKILL);
+        }
+        // Reaped by tokio once it is gone.
+        drop(child);
+        return Err(SpawnError::Keeper(format!(
+            "cannot write {}: {e}",
+            path.display()
+        )));
+    }
+    Ok((child, record))
+}
+
+/// Pumps an attached process's output into `logs` and reports its exit on `exit`; ends once
+/// it exited and both pipes reached their end (a member it left in its group may hold them:
+/// the stop that follows an exit ends those).
+async fn watch_attached(
+    mut child: tokio::process::Child,
+    out: Option<tokio::process::ChildStdout>,
+    err: Option<tokio::process::ChildStderr>,
+    logs: LogBuffer,
+    max_line: usize,
+    exit: watch::Sender<ExitSeen>,
+) {
+    let waited = async {
+        let code = child.wait().await.ok().map(exit_code);
+        exit.send_replace(code.map_or(ExitSeen::Unknown, ExitSeen::Code));
+    };
+    let out = async {
+        if let Some(r) = out {
+            super::logs::pump(r, LogStream::Stdout, logs.clone(), max_line).await;
+        }
+    };
+    let err = async {
+        if let Some(r) = err {
+            super::logs::pump(r, LogStream::Stderr, logs.clone(), max_line).await;
+        }
+    };
+    tokio::join!(out, err, waited);
+}
+
 /// Ends a keeper whose start failed, and what it may have started.
 async fn abandon(dir: &Path, keeper: KeeperHandle) {
     let dir = dir.to_path_buf();
     let keeper_pid = match &keeper {
         KeeperHandle::Child(child) => child.id(),
-        KeeperHandle::Thread(..) | KeeperHandle::Adopted => None,
+        KeeperHandle::Thread(..) | KeeperHandle::Adopted | KeeperHandle::Attached => None,
     };
     let _ = tokio::task::spawn_blocking(move || {
         // A keeper process's session holds all it started; a keeper thread's workload is found
@@ -299,7 +433,13 @@ async fn start_keeper_process(
 
 /// Takes over the process a previous agent started in `dir` (its keeper may have exited since:
 /// then the process is seen exiting at once, with its code when the keeper recorded it).
+/// A process run without a keeper (an attached record) is never adopted: an error.
 pub fn adopt(dir: &Path, record: Record, logs: &LogBuffer) -> io::Result<RunningProcess> {
+    if record.attached {
+        return Err(io::Error::other(
+            "the previous agent ran it as its own child (outlive_agent: false)",
+        ));
+    }
     let cursor = read_cursor(dir);
     let bell = open_bell(dir)?;
     Ok(RunningProcess::attach(
@@ -502,6 +642,8 @@ enum KeeperHandle {
     ),
     /// A keeper a previous agent started.
     Adopted,
+    /// No keeper: the workload is this agent's child (`outlive_agent: false`).
+    Attached,
 }
 
 /// A running deployment process (under its keeper) and the task tailing its output.
@@ -531,6 +673,8 @@ impl RunningProcess {
             KeeperHandle::Thread(_, done) => done.take().map_or(KeeperEnd::Gone, KeeperEnd::Thread),
             KeeperHandle::Child(_) => KeeperEnd::Bell,
             KeeperHandle::Adopted => KeeperEnd::adopted(record.keeper),
+            // Never tailed: `spawn_attached` pumps its pipes.
+            KeeperHandle::Attached => KeeperEnd::Gone,
         };
         let (tx, exit) = watch::channel(ExitSeen::Running);
         let tail = tokio::spawn(tail(dir.to_path_buf(), cursor, bell, end, logs.clone(), tx));
@@ -547,6 +691,11 @@ impl RunningProcess {
     /// The leader's pid (also the process group id).
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Whether it runs under a keeper (else it is this agent's child: `outlive_agent: false`).
+    pub fn outlives_agent(&self) -> bool {
+        !self.record.attached
     }
 
     /// What the process was started with.
@@ -609,9 +758,13 @@ impl RunningProcess {
         StopReport { code, killed }
     }
 
-    /// SIGKILL to the keeper process (never to a keeper thread: that is this process).
+    /// SIGKILL to the keeper process (never to a keeper thread or an attached process's
+    /// keeper: that is this process).
     fn kill_keeper(&self) {
-        if !matches!(self.keeper, KeeperHandle::Thread(..)) {
+        if !matches!(
+            self.keeper,
+            KeeperHandle::Thread(..) | KeeperHandle::Attached
+        ) {
             kill_process(self.record.keeper);
         }
     }
@@ -636,7 +789,7 @@ impl RunningProcess {
                 let join = tokio::task::spawn_blocking(move || thread.join());
                 let _ = timeout(PUMP_GRACE, join).await;
             }
-            KeeperHandle::Adopted => {}
+            KeeperHandle::Adopted | KeeperHandle::Attached => {}
         }
         let dir = self.dir.clone();
         let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
@@ -1010,6 +1163,41 @@ mod tests {
             cwd: std::env::temp_dir(),
             env: std::env::vars().collect(),
         }
+    }
+
+    /// A bare program name is found on the child's PATH (not the agent's), relative entries
+    /// from the child's cwd; one found nowhere is left for the spawn to report.
+    #[test]
+    fn programs_are_found_on_the_childs_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let tool = bin.join("only-here");
+        std::fs::write(&tool, "#!/bin/sh\necho found\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut spec = sh("");
+        spec.cwd = dir.path().to_path_buf();
+        spec.env.insert("PATH".into(), "/nonexistent:bin".into());
+        assert_eq!(resolve("only-here", &spec), tool.as_os_str());
+        assert_eq!(resolve("./only-here", &spec), "./only-here");
+        assert_eq!(resolve("missing-tool", &spec), "missing-tool");
+        let out = std_command(&ProcessSpec {
+            command: vec!["only-here".into()],
+            ..spec.clone()
+        })
+        .unwrap()
+        .output()
+        .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "found\n");
+        let err = std_command(&ProcessSpec {
+            command: vec!["missing-tool".into()],
+            ..spec
+        })
+        .unwrap()
+        .spawn()
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
     #[tokio::test]

@@ -21,11 +21,85 @@ pub struct Held {
     pub log_offset: u64,
 }
 
+/// The layout version written now. Version 2 (before `outlive_agent`) is still read; older
+/// layouts fail to decode and the node starts empty.
+const VERSION: u32 = 3;
+
 #[derive(Debug, serde::Deserialize)]
-struct File {
-    /// Always 2 so far (an older layout fails to decode and the node starts empty).
+struct File<H> {
     _version: u32,
-    held: Vec<Held>,
+    held: Vec<H>,
+}
+
+/// A held deployment as version 2 wrote it: its spec without `outlive_agent` (postcard is not
+/// self-describing, so the old layout is spelled out).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct HeldV2 {
+    id: DeploymentId,
+    generation: Generation,
+    desired_running: bool,
+    spec: SpecV2,
+    log_offset: u64,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SpecV2 {
+    capacity_requests: std::collections::BTreeMap<String, i64>,
+    node_group: Option<String>,
+    command: Vec<String>,
+    env: std::collections::BTreeMap<String, String>,
+    env_name: Option<String>,
+    git: Option<crate::spec::GitSource>,
+    restart_policy: crate::spec::RestartPolicy,
+    max_restarts: u32,
+    restart_window: std::time::Duration,
+    log_limit_lines: usize,
+    stop_signal: i32,
+    stop_timeout: std::time::Duration,
+    health_check: Option<crate::spec::HealthCheck>,
+    auto_restart: Option<crate::spec::AutoRestart>,
+}
+
+impl From<HeldV2> for Held {
+    fn from(h: HeldV2) -> Self {
+        let s = h.spec;
+        Self {
+            id: h.id,
+            generation: h.generation,
+            desired_running: h.desired_running,
+            spec: DeploymentSpec {
+                capacity_requests: s.capacity_requests,
+                node_group: s.node_group,
+                command: s.command,
+                env: s.env,
+                env_name: s.env_name,
+                git: s.git,
+                restart_policy: s.restart_policy,
+                max_restarts: s.max_restarts,
+                restart_window: s.restart_window,
+                log_limit_lines: s.log_limit_lines,
+                stop_signal: s.stop_signal,
+                stop_timeout: s.stop_timeout,
+                health_check: s.health_check,
+                auto_restart: s.auto_restart,
+                // What every process ran with then.
+                outlive_agent: true,
+            },
+            log_offset: h.log_offset,
+        }
+    }
+}
+
+/// Decodes a state file of the current layout or of version 2.
+fn decode(bytes: &[u8]) -> postcard::Result<Vec<Held>> {
+    match postcard::take_from_bytes::<u32>(bytes)?.0 {
+        2 => Ok(postcard::from_bytes::<File<HeldV2>>(bytes)?
+            .held
+            .into_iter()
+            .map(Held::from)
+            .collect()),
+        _ => Ok(postcard::from_bytes::<File<Held>>(bytes)?.held),
+    }
 }
 
 /// [`File`] as written: the same encoding, borrowing what it saves.
@@ -78,9 +152,8 @@ impl LocalState {
     /// sends it again, token and all, and the process a previous agent left for it is stopped.
     pub fn load(&self) -> std::io::Result<Vec<Held>> {
         match std::fs::read(&self.path) {
-            Ok(bytes) => match postcard::from_bytes::<File>(&bytes) {
-                Ok(f) => Ok(f
-                    .held
+            Ok(bytes) => match decode(&bytes) {
+                Ok(held) => Ok(held
                     .into_iter()
                     .filter_map(|mut h| match open_token(&self.key, &mut h.spec) {
                         Ok(()) => Some(h),
@@ -116,7 +189,7 @@ impl LocalState {
             Cow::Borrowed(held)
         };
         let bytes = postcard::to_allocvec(&FileRef {
-            version: 2,
+            version: VERSION,
             held: &held,
         })
         .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -182,12 +255,55 @@ mod tests {
         }];
         st.save(&held).unwrap();
         assert_eq!(st.load().unwrap(), held);
+        let mut other = held[0].clone();
+        other.spec.outlive_agent = false;
+        st.save(std::slice::from_ref(&other)).unwrap();
+        assert_eq!(st.load().unwrap(), vec![other]);
+        st.save(&held).unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("state.bin"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_version_2_file_loads_with_processes_that_outlive_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.bin");
+        let spec = DeploymentSpec::defaults_for(vec!["sleep".into(), "1".into()]);
+        let v2 = HeldV2 {
+            id: "old".into(),
+            generation: Generation(3),
+            desired_running: true,
+            spec: SpecV2 {
+                capacity_requests: spec.capacity_requests.clone(),
+                node_group: None,
+                command: spec.command.clone(),
+                env: spec.env.clone(),
+                env_name: None,
+                git: None,
+                restart_policy: spec.restart_policy.clone(),
+                max_restarts: spec.max_restarts,
+                restart_window: spec.restart_window,
+                log_limit_lines: spec.log_limit_lines,
+                stop_signal: spec.stop_signal,
+                stop_timeout: spec.stop_timeout,
+                health_check: None,
+                auto_restart: None,
+            },
+            log_offset: 5,
+        };
+        let bytes = postcard::to_allocvec(&(2u32, vec![v2])).unwrap();
+        write_private(&path, &bytes, false).unwrap();
+        let st = LocalState::new(path, key(dir.path()));
+        let held = st.load().unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].id.as_str(), "old");
+        assert_eq!(held[0].log_offset, 5);
+        assert_eq!(held[0].spec, spec);
+        assert!(held[0].spec.outlive_agent);
     }
 }
 
@@ -248,7 +364,7 @@ mod sealed_tests {
         let held = vec![held("a", Some("tok-OLD"))];
         // As an older version wrote it.
         let bytes = postcard::to_allocvec(&FileRef {
-            version: 2,
+            version: VERSION,
             held: &held,
         })
         .unwrap();

@@ -107,6 +107,12 @@ pub struct DeploymentSpec {
     pub stop_timeout: Duration,
     pub health_check: Option<HealthCheck>,
     pub auto_restart: Option<AutoRestart>,
+    /// `spec.outlive_agent` (default true): the process runs under a keeper and outlives the
+    /// agent (a crash, an upgrade): the next agent adopts it. `false`: the agent runs it as its
+    /// own child, one `exec` less per start; an agent that ends takes it along, and the next
+    /// one ends whatever is left of it and counts an exit with no code (a workflow task's
+    /// failed attempt). Workflow tasks default to `false`.
+    pub outlive_agent: bool,
 }
 
 /// The namespace of deployments outside an experiment (an experiment's services live in a
@@ -197,6 +203,7 @@ impl DeploymentSpec {
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             health_check: None,
             auto_restart: None,
+            outlive_agent: true,
         }
     }
 }

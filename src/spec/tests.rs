@@ -55,6 +55,10 @@ fn bad_specs_report_exact_loc_and_type() {
         (json!({}), vec![("spec", "missing")]),
         (json!({ "spec": null }), vec![("spec", "missing")]),
         (json!({ "spec": "x" }), vec![("spec", "dict_type")]),
+        (
+            with(json!({ "outlive_agent": "no" })),
+            vec![("spec.outlive_agent", "bool_type")],
+        ),
         (wrap(json!({})), vec![("spec.config", "missing")]),
         (
             wrap(json!({ "config": [] })),
@@ -397,6 +401,7 @@ fn minimal_spec_takes_every_default() {
     assert_eq!(spec.git, None);
     assert_eq!(spec.env_name, None);
     assert_eq!(spec.node_group, None);
+    assert!(spec.outlive_agent);
 }
 
 #[test]
@@ -426,7 +431,8 @@ fn full_spec_is_parsed() {
         "restart_window_sec": 60.5,
         "log_limit_lines": 1_000_000,
         "stop_signal": "int",
-        "stop_timeout_sec": 0
+        "stop_timeout_sec": 0,
+        "outlive_agent": false
     })));
     assert_eq!(
         spec.capacity_requests,
@@ -455,6 +461,7 @@ fn full_spec_is_parsed() {
     assert_eq!(spec.log_limit_lines, 1_000_000);
     assert_eq!(spec.stop_signal, 2);
     assert_eq!(spec.stop_timeout, Duration::ZERO);
+    assert!(!spec.outlive_agent);
 }
 
 #[test]

@@ -193,6 +193,9 @@ fn spec_of(r: &mut Report, spec: &SpecWire, loc: &Loc) -> DeploymentSpec {
     out.auto_restart = r
         .opt(&spec.auto_restart, &at)
         .and_then(|Object(ar)| auto_restart_of(r, ar, &at));
+    if let Some(&keep) = r.opt(&spec.outlive_agent, &loc.at("outlive_agent")) {
+        out.outlive_agent = keep;
+    }
     out
 }
 

@@ -35,6 +35,7 @@ pub(super) struct SpecWire {
     pub binds: Opt<Vec<Checked<BindWire>>>,
     pub connects: Opt<Vec<Checked<String>>>,
     pub exposes: Opt<Vec<Checked<String>>>,
+    pub outlive_agent: Opt<bool>,
 }
 
 /// A `binds` entry: `"name"`, or `{"name": port}` for a fixed port.

@@ -17,6 +17,7 @@
 //!     retries: 3             # or {max_attempts: 3, backoff_sec: 1, max_backoff_sec: 60}
 //!     retry_on: [failure, node_lost, timeout]   # or exit codes: [75, node_lost]
 //!     timeout_sec: 3600
+//!     outlive_agent: true    # survive an agent restart (default false: the attempt fails)
 //!     config: {command: [python, train.py]}
 //!   - name: report
 //!     depends_on: [train]    # after every train[i]
@@ -480,6 +481,8 @@ fn task(r: &mut Report, t: &Map<String, Value>, at: &Loc) -> Option<(Vec<String>
         );
     }
     spec.insert("restart_policy".into(), Value::String("never".into()));
+    // An attempt is retried, so by default it runs without a keeper (see `outlive_agent`).
+    spec.entry("outlive_agent").or_insert(Value::Bool(false));
     let spec_ok = match parse_with_services(&serde_json::json!({ "spec": spec })) {
         Ok((_, services)) if services.binds.is_empty() && services.connects.is_empty() => true,
         Ok(_) => {
@@ -660,6 +663,7 @@ mod tests {
         assert_eq!(w.tasks[2].retries.max_attempts, 3);
         assert_eq!(w.tasks[0].retries.max_attempts, 1);
         assert_eq!(w.tasks[0].spec["restart_policy"], "never");
+        assert_eq!(w.tasks[0].spec["outlive_agent"], false);
         assert!(!w.fail_fast);
     }
 

@@ -114,10 +114,11 @@ impl Actor {
 
     pub(super) async fn run(mut self) {
         self.setup_cron();
-        if let Some(orphan) = self.orphan.take() {
-            self.adopt(orphan).await;
-        }
-        if self.proc.is_none() && self.backoff_until.is_none() {
+        let ended = match self.orphan.take() {
+            Some(orphan) => self.adopt(orphan).await,
+            None => false,
+        };
+        if !ended && self.proc.is_none() && self.backoff_until.is_none() {
             if self.cur.running {
                 self.start().await;
             } else {
@@ -147,7 +148,13 @@ impl Actor {
                 () = sleep_until_opt(self.cron_at) => self.on_cron().await,
             }
         }
-        if self.shared.detach.load(std::sync::atomic::Ordering::SeqCst) {
+        // A process without a keeper cannot outlive the agent: it is stopped like at a shutdown.
+        if self.shared.detach.load(std::sync::atomic::Ordering::SeqCst)
+            && self
+                .proc
+                .as_ref()
+                .is_none_or(|r| r.process.outlives_agent())
+        {
             if let Some(running) = self.proc.take() {
                 self.log(
                     LogStream::System,
@@ -169,17 +176,35 @@ impl Actor {
 
     /// Takes over the process a previous agent left: same pid, restart count and start time.
     /// It is stopped at once if it does not run the spec wanted now (or should not run).
-    async fn adopt(&mut self, orphan: Orphan) {
+    /// Returns true when it ended as an exit instead (it ran without a keeper), so that the
+    /// restart policy, not a fresh start, decides what follows.
+    async fn adopt(&mut self, orphan: Orphan) -> bool {
         let launch = orphan.record.launch.clone();
         let process = match runner::adopt(&orphan.dir, orphan.record.clone(), &self.logs) {
             Ok(process) => process,
             Err(e) => {
+                let attached = orphan.record.attached;
                 runner::discard(&orphan.dir, orphan.record).await;
                 self.log(
                     LogStream::System,
                     format!("could not adopt the process left by the previous agent ({e}); what it ran was killed"),
                 );
-                return;
+                // One that ran what is wanted now ended with the agent: an exit nobody saw
+                // (a task's attempt fails; a restart policy may restart it). Otherwise what
+                // is wanted now starts as usual.
+                let ended = attached
+                    && self.cur.running
+                    && launch.generation == self.cur.generation
+                    && launch.spec == self.cur.spec;
+                if ended {
+                    self.tracker = RestartTracker::resumed(launch.restart_count);
+                    self.ended(
+                        None,
+                        Some("ended with the agent that ran it (outlive_agent: false)".into()),
+                    )
+                    .await;
+                }
+                return ended;
             }
         };
         let pid = process.pid();
@@ -208,6 +233,7 @@ impl Actor {
             self.update(|s| s.restart_count = 0);
             self.backoff_until = Some(Instant::now());
         }
+        false
     }
 
     /// A process with its health monitor (when the spec has a check).
@@ -329,11 +355,15 @@ impl Actor {
             Ok(launch) => launch,
             Err(e) => return self.on_start_failure(format!("spawn failed: {e}")),
         };
-        let process =
-            match runner::spawn(&self.shared.config.launcher, &dir, launch, &self.logs).await {
-                Ok(process) => process,
-                Err(e) => return self.on_start_failure(format!("spawn failed: {e}")),
-            };
+        let spawned = if spec.outlive_agent {
+            runner::spawn(&self.shared.config.launcher, &dir, launch, &self.logs).await
+        } else {
+            runner::spawn_attached(&dir, launch, &self.logs).await
+        };
+        let process = match spawned {
+            Ok(process) => process,
+            Err(e) => return self.on_start_failure(format!("spawn failed: {e}")),
+        };
         let pid = process.pid();
         self.tracker.on_start(self.elapsed_ms());
         self.proc = Some(self.running(process, &spec, process_spec));
@@ -353,6 +383,11 @@ impl Actor {
     }
 
     async fn on_exit(&mut self, code: Option<i32>) {
+        self.ended(code, None).await;
+    }
+
+    /// The process ended with `code`; `cause` (else the exit) is the reason reported.
+    async fn ended(&mut self, code: Option<i32>, cause: Option<String>) {
         // Ends what the leader left behind in its group and drains the output first, so the
         // exit line comes after the last output line.
         if let Some(mut running) = self.proc.take() {
@@ -362,7 +397,7 @@ impl Actor {
                 .stop(running.signal, running.stop_timeout)
                 .await;
         }
-        let how = describe_exit_opt(code);
+        let how = cause.unwrap_or_else(|| describe_exit_opt(code));
         match code {
             Some(code) => self.log(LogStream::System, format!("exited (code={code}, {how})")),
             None => self.log(LogStream::System, format!("exited ({how})")),

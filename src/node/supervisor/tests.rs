@@ -34,6 +34,7 @@ fn spec(script: &str, kind: RestartKind) -> DeploymentSpec {
         stop_timeout: Duration::from_secs(2),
         health_check: None,
         auto_restart: None,
+        outlive_agent: true,
     }
 }
 
@@ -753,6 +754,7 @@ fn left_behind(h: &Harness, id: &str, spec: &DeploymentSpec, keeper: ProcId, wor
         keeper,
         workload: Some(workload),
         group: None,
+        attached: false,
     };
     std::fs::write(
         dir.join(crate::node::keeper::RECORD),
@@ -930,4 +932,91 @@ async fn a_recycled_session_id_is_never_killed() {
     h.sup.shutdown().await;
     stranger.kill().unwrap();
     stranger.wait().unwrap();
+}
+
+/// `outlive_agent: false`: no keeper; the agent runs the process as its own child, with its
+/// output, its exit code and a record (marked attached) while it runs.
+#[tokio::test]
+async fn a_process_without_a_keeper_is_the_agents_child_with_its_output_and_exit() {
+    let mut h = Harness::new();
+    let mut s = spec("echo out; echo err >&2; exit 3", RestartKind::Never);
+    s.outlive_agent = false;
+    h.sup.apply("job", 1, true, s).unwrap();
+    let st = h.until_state("job", CurrentState::Crashed).await;
+    assert_eq!(st.last_exit_code, Some(3));
+    assert_eq!(h.lines("job", LogStream::Stdout), ["out"]);
+    assert_eq!(h.lines("job", LogStream::Stderr), ["err"]);
+    let system = h.lines("job", LogStream::System);
+    assert!(
+        system.iter().any(|l| l.starts_with("exited (code=3")),
+        "{system:?}"
+    );
+    assert!(!h.dir.path().join("run").join("job").exists());
+
+    let mut s = spec("exec sleep 1000", RestartKind::Never);
+    s.outlive_agent = false;
+    h.sup.apply("long", 1, true, s).unwrap();
+    let st = h.until_state("long", CurrentState::Running).await;
+    let pid = st.pid.unwrap();
+    let record = Record::load(&h.dir.path().join("run").join("long")).unwrap();
+    assert!(record.attached);
+    assert_eq!(record.keeper.pid, std::process::id());
+    assert_eq!(record.workload.map(|w| w.pid), Some(pid));
+    assert_eq!(record.group.map(|g| g.pgid), i32::try_from(pid).ok());
+    assert!(h.sup.remove("long").await);
+    assert!(!process_alive(pid));
+    assert!(!h.dir.path().join("run").join("long").exists());
+    h.sup.shutdown().await;
+}
+
+/// What a previous agent ran without a keeper is ended by the next one, never adopted: a
+/// wanted one ends as an exit nobody saw (no code; a task's attempt fails), with a reason; an
+/// unwanted one is just ended.
+#[tokio::test]
+async fn a_process_a_previous_agent_ran_without_a_keeper_is_ended_not_adopted() {
+    let mut h = Harness::new();
+    let gone = ProcId {
+        pid: 999_999,
+        start: 1,
+    };
+    let mut wanted_spec = spec("exec sleep 1000", RestartKind::Never);
+    wanted_spec.outlive_agent = false;
+    let mut children = Vec::new();
+    for id in ["task", "dropped"] {
+        #[allow(clippy::disallowed_methods)]
+        let child = std::process::Command::new("sleep")
+            .arg("1000")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let workload = ProcId::of(child.id()).unwrap();
+        left_behind(&h, id, &wanted_spec, gone, workload);
+        let dir = h.dir.path().join("run").join(id);
+        let mut record = Record::load(&dir).unwrap();
+        record.attached = true;
+        record.group = crate::node::runner::Group::led_by(child.id());
+        std::fs::write(
+            dir.join(crate::node::keeper::RECORD),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+        children.push(child);
+    }
+    let wanted = BTreeMap::from([("task".to_owned(), true)]);
+    assert_eq!(h.sup.recover(&wanted).await, vec!["task".to_owned()]);
+    // The unwanted one is ended at once.
+    let status = children[1].wait().unwrap();
+    assert!(!status.success());
+    assert!(!h.dir.path().join("run").join("dropped").exists());
+
+    h.sup.apply("task", 1, true, wanted_spec).unwrap();
+    let st = h.until_state("task", CurrentState::Crashed).await;
+    assert_eq!(st.last_exit_code, None);
+    let reason = st.reason.unwrap_or_default();
+    assert!(reason.contains("outlive_agent: false"), "{reason}");
+    let status = children[0].wait().unwrap();
+    assert!(!status.success(), "the left process was ended");
+    assert_eq!(h.count("task", CurrentState::Running), 0, "never adopted");
+    assert!(!h.dir.path().join("run").join("task").exists());
+    h.sup.shutdown().await;
 }

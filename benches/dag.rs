@@ -6,12 +6,14 @@
 //!   same diamond N times under its `Perform` (water marks 100/50), each node spawning `true`
 //!   as a subprocess;
 //! - ours: a conductor and a node agent in this process, the workflow defined once and N runs
-//!   started over the HTTP API with `max_running: 100, resume_below: 50`; each task is a
-//!   placement, a keeper and a process, its end reported and recorded durably.
+//!   started over the HTTP API (up to 32 requests in flight, as a client launching a sweep
+//!   would) with `max_running: 100, resume_below: 50`; each task is a placement and a process
+//!   (the agent's child: tasks run without a keeper by default), its end reported and
+//!   recorded durably.
 //!
 //! Reported: tasks/s and DAGs/s, our ratio to each baseline, and orchestration CPU per task
-//! (ours: this process, i.e. conductor + node agent, keepers and tasks excluded; the seed:
-//! its interpreter, the tasks excluded).
+//! (ours: this process, i.e. conductor + node agent, with the spawning of each task up to its
+//! `exec`; the seed: its interpreter, the tasks excluded).
 //! A second case: the same diamonds with tasks that sleep 50 ms, for orchestration CPU per
 //! run while tasks wait (the seed busy-waits). `BENCH_QUICK=1`: N = 100.
 //! Results go to target/bench/dag.json. `DAG_OURS_ONLY=1` runs only our side of the first case
@@ -21,6 +23,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use symphony::conductor::{Conductor, ConductorConfig};
 use symphony::node::agent::NodeConfig;
@@ -176,6 +179,9 @@ fn self_cpu() -> f64 {
     t / common::clock_ticks()
 }
 
+/// Run requests in flight at once.
+const SUBMITTERS: usize = 32;
+
 async fn ours(n: usize, cmd: &[&str]) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir()?;
     let mut cfg = ConductorConfig::local(dir.path().join("storage"));
@@ -215,12 +221,16 @@ async fn ours(n: usize, cmd: &[&str]) -> anyhow::Result<Value> {
         .error_for_status()?;
     let cpu0 = self_cpu();
     let t = Instant::now();
-    for _ in 0..n {
-        http.post(format!("{api}/workflows/diamond/runs"))
-            .json(&json!({}))
-            .send()
-            .await?
-            .error_for_status()?;
+    // Started as a client launching a sweep would: up to SUBMITTERS requests in flight.
+    let url = format!("{api}/workflows/diamond/runs");
+    let mut posts = futures_util::stream::iter(0..n)
+        .map(|_| {
+            let post = http.post(&url).json(&json!({}));
+            async move { post.send().await?.error_for_status().map(drop) }
+        })
+        .buffer_unordered(SUBMITTERS);
+    while let Some(posted) = posts.next().await {
+        posted?;
     }
     let done = tokio::time::timeout(
         Duration::from_secs(600),

@@ -403,10 +403,10 @@ pub async fn run_with_store(
 /// last state is written (or failed once more).
 async fn write_state(
     store: Arc<dyn StateStore>,
-    mut next: watch::Receiver<Option<Arc<Vec<Held>>>>,
+    mut next: watch::Receiver<Option<Arc<Vec<Arc<Held>>>>>,
     problems: watch::Sender<Vec<String>>,
 ) {
-    let mut failed: Option<Arc<Vec<Held>>> = None;
+    let mut failed: Option<Arc<Vec<Arc<Held>>>> = None;
     let mut retry_in = STATE_RETRY_FIRST;
     loop {
         let open = match &failed {
@@ -548,7 +548,7 @@ struct Driver {
     jobs: TaskTracker,
     done: mpsc::UnboundedSender<Event>,
     /// The newest local state, for the writer task.
-    state: watch::Sender<Option<Arc<Vec<Held>>>>,
+    state: watch::Sender<Option<Arc<Vec<Arc<Held>>>>>,
     dropped_seen: u64,
     /// Events that effects gave rise to, fed to the core after the current effect list.
     later: VecDeque<Event>,

@@ -34,6 +34,7 @@
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use super::convert::{result_msg, status_msg, to_wire};
 use super::envs::{EnvDefinition, ManagerKind};
@@ -138,7 +139,7 @@ pub enum Effect {
     /// Stop shipping a deployment's logs.
     StopShip(DeploymentId),
     /// Replace the local state file's contents (off the runtime; the latest wins).
-    Persist(Vec<Held>),
+    Persist(Vec<Arc<Held>>),
     /// Run an env job in the background, then report [`Event::EnvDone`].
     Env(EnvJob),
     /// Make these mesh services reachable on 127.0.0.1 (the whole set), and keep direct
@@ -166,10 +167,11 @@ struct Leaving {
 #[derive(Debug)]
 pub struct NodeCore {
     me: Identity,
-    /// What the supervisor holds (applied), by id.
-    held: BTreeMap<DeploymentId, Held>,
+    /// What the supervisor holds (applied), by id. Shared with the state writer: a change
+    /// copies the list of pointers, never the specs.
+    held: BTreeMap<DeploymentId, Arc<Held>>,
     /// Restored from local state, reported in Hello, applied once the conductor confirms.
-    restored: BTreeMap<DeploymentId, Held>,
+    restored: BTreeMap<DeploymentId, Arc<Held>>,
     /// Deployments whose spec this node cannot run: reported FAILED with the reason.
     invalid: BTreeMap<DeploymentId, wire::DeploymentStatus>,
     /// Deployments being stopped.
@@ -205,7 +207,10 @@ impl NodeCore {
         Self {
             me,
             held: BTreeMap::new(),
-            restored: restored.into_iter().map(|h| (h.id.clone(), h)).collect(),
+            restored: restored
+                .into_iter()
+                .map(|h| (h.id.clone(), Arc::new(h)))
+                .collect(),
             invalid: BTreeMap::new(),
             leaving: BTreeMap::new(),
             unsent: BTreeMap::new(),
@@ -253,7 +258,7 @@ impl NodeCore {
                 if let Some(h) = self.held.get_mut(&id)
                     && h.log_offset < offset
                 {
-                    h.log_offset = offset;
+                    Arc::make_mut(h).log_offset = offset;
                     self.state_changed = true;
                 }
             }
@@ -302,7 +307,7 @@ impl NodeCore {
             .unwrap_or(0)
     }
 
-    fn local_state(&self) -> Vec<Held> {
+    fn local_state(&self) -> Vec<Arc<Held>> {
         self.held
             .values()
             .chain(self.restored.values())
@@ -479,13 +484,13 @@ impl NodeCore {
             });
             self.held.insert(
                 id.clone(),
-                Held {
+                Arc::new(Held {
                     id: id.clone(),
                     generation,
                     desired_running: a.desired_running,
                     spec,
                     log_offset,
-                },
+                }),
             );
         }
         // Every reconnect re-sends each Assign: the state file changes only when this did.
@@ -544,18 +549,18 @@ impl NodeCore {
     }
 
     /// Starts the stop of `h` (held, or restored and maybe still running under its keeper).
-    fn leave(&mut self, h: Held, report_removed: bool, fx: &mut Vec<Effect>) {
+    fn leave(&mut self, h: Arc<Held>, report_removed: bool, fx: &mut Vec<Effect>) {
         self.leaving.insert(
             h.id.clone(),
             Leaving {
                 generation: h.generation,
-                env: h.spec.env_name,
+                env: h.spec.env_name.clone(),
                 log_offset: h.log_offset,
                 waiting: None,
                 report_removed,
             },
         );
-        fx.push(Effect::Remove(h.id));
+        fx.push(Effect::Remove(h.id.clone()));
         // The local state holds what this node should run: not a deployment on its way out.
         self.state_changed = true;
     }

@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::model::{DeploymentId, Generation};
 use crate::seal::SealKey;
@@ -106,7 +107,7 @@ fn decode(bytes: &[u8]) -> postcard::Result<Vec<Held>> {
 #[derive(serde::Serialize)]
 struct FileRef<'a> {
     version: u32,
-    held: &'a [Held],
+    held: &'a [Arc<Held>],
 }
 
 /// Where the node keeps what it holds. [`LocalState`] is the real one; tests put a slow or
@@ -115,7 +116,7 @@ pub trait StateStore: Send + Sync + std::fmt::Debug + 'static {
     /// Reads the held deployments; nothing stored is an empty list.
     fn load(&self) -> std::io::Result<Vec<Held>>;
     /// Replaces the held deployments.
-    fn save(&self, held: &[Held]) -> std::io::Result<()>;
+    fn save(&self, held: &[Arc<Held>]) -> std::io::Result<()>;
     /// Where it writes, for messages (a path).
     fn describe(&self) -> String;
 }
@@ -125,7 +126,7 @@ impl StateStore for LocalState {
         LocalState::load(self)
     }
 
-    fn save(&self, held: &[Held]) -> std::io::Result<()> {
+    fn save(&self, held: &[Arc<Held>]) -> std::io::Result<()> {
         LocalState::save(self, held)
     }
 
@@ -174,11 +175,11 @@ impl LocalState {
     }
 
     /// Replaces the held deployments.
-    pub fn save(&self, held: &[Held]) -> std::io::Result<()> {
-        let held: Cow<'_, [Held]> = if held.iter().any(|h| token(&h.spec).is_some()) {
+    pub fn save(&self, held: &[Arc<Held>]) -> std::io::Result<()> {
+        let held: Cow<'_, [Arc<Held>]> = if held.iter().any(|h| token(&h.spec).is_some()) {
             let mut sealed = held.to_vec();
             for h in &mut sealed {
-                if let Some(git) = &mut h.spec.git {
+                if let Some(git) = &mut Arc::make_mut(h).spec.git {
                     self.key
                         .seal_option(&mut git.token)
                         .map_err(std::io::Error::other)?;
@@ -237,6 +238,10 @@ pub fn write_private(path: &std::path::Path, bytes: &[u8], durable: bool) -> std
 mod tests {
     use super::*;
 
+    pub(super) fn arcs(held: &[Held]) -> Vec<Arc<Held>> {
+        held.iter().cloned().map(Arc::new).collect()
+    }
+
     fn key(dir: &std::path::Path) -> SealKey {
         SealKey::load_or_create(&dir.join(crate::seal::KEY_FILE)).unwrap()
     }
@@ -253,13 +258,13 @@ mod tests {
             spec: DeploymentSpec::defaults_for(vec!["sleep".into(), "1".into()]),
             log_offset: 42,
         }];
-        st.save(&held).unwrap();
+        st.save(&arcs(&held)).unwrap();
         assert_eq!(st.load().unwrap(), held);
         let mut other = held[0].clone();
         other.spec.outlive_agent = false;
-        st.save(std::slice::from_ref(&other)).unwrap();
+        st.save(&arcs(std::slice::from_ref(&other))).unwrap();
         assert_eq!(st.load().unwrap(), vec![other]);
-        st.save(&held).unwrap();
+        st.save(&arcs(&held)).unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("state.bin"))
             .unwrap()
@@ -310,6 +315,7 @@ mod tests {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod sealed_tests {
+    use super::tests::arcs;
     use super::*;
     use crate::spec::GitSource;
 
@@ -336,7 +342,7 @@ mod sealed_tests {
         let key = SealKey::load_or_create(&dir.path().join(crate::seal::KEY_FILE)).unwrap();
         let st = LocalState::new(path.clone(), key.clone());
         let held = vec![held("a", Some("tok-NODE-STATE-7")), held("b", None)];
-        st.save(&held).unwrap();
+        st.save(&arcs(&held)).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let needle = b"tok-NODE-STATE-7";
         assert!(!bytes.windows(needle.len()).any(|w| w == needle));
@@ -365,7 +371,7 @@ mod sealed_tests {
         // As an older version wrote it.
         let bytes = postcard::to_allocvec(&FileRef {
             version: VERSION,
-            held: &held,
+            held: &arcs(&held),
         })
         .unwrap();
         write_private(&path, &bytes, false).unwrap();

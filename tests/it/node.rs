@@ -276,7 +276,7 @@ impl symphony::node::state::StateStore for StallingDisk {
         Ok(Vec::new())
     }
 
-    fn save(&self, held: &[symphony::node::state::Held]) -> std::io::Result<()> {
+    fn save(&self, held: &[std::sync::Arc<symphony::node::state::Held>]) -> std::io::Result<()> {
         self.started
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut open = self.open.lock().unwrap();
@@ -306,7 +306,7 @@ impl symphony::node::state::StateStore for FullDisk {
         Ok(Vec::new())
     }
 
-    fn save(&self, held: &[symphony::node::state::Held]) -> std::io::Result<()> {
+    fn save(&self, held: &[std::sync::Arc<symphony::node::state::Held>]) -> std::io::Result<()> {
         if self.full.load(std::sync::atomic::Ordering::SeqCst) {
             self.refused
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);

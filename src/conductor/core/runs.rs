@@ -779,6 +779,10 @@ impl Core {
             .get(workflow)
             .and_then(|versions| versions.values().next_back())
             .map_or(crate::spec::DEFAULT_KEEP_RUNS, |w| w.parsed.keep_runs);
+        // No more runs than that in all: nothing to look for (the common case, at no cost).
+        if u64::try_from(self.runs.runs.len()).is_ok_and(|n| n <= u64::from(keep)) {
+            return;
+        }
         let mut ended: Vec<(i64, u64, String)> = self
             .runs
             .runs

@@ -235,7 +235,7 @@ fn deployment_commands() {
             effects: vec![
                 apply("d1", 1, "a"),
                 ok(10),
-                Effect::Persist(vec![held("d1", 1, "a", 100)]),
+                Effect::Persist(vec![held("d1", 1, "a", 100).into()]),
             ],
             then: None,
         },
@@ -255,7 +255,7 @@ fn deployment_commands() {
             effects: vec![
                 apply("d1", 2, "b"),
                 ok(20),
-                Effect::Persist(vec![held("d1", 2, "b", 100)]),
+                Effect::Persist(vec![held("d1", 2, "b", 100).into()]),
             ],
             then: None,
         },
@@ -313,7 +313,7 @@ fn deployment_commands() {
             event: Event::Removed("d1".into()),
             effects: vec![
                 apply("d1", 2, "b"),
-                Effect::Persist(vec![held("d1", 2, "b", 100)]),
+                Effect::Persist(vec![held("d1", 2, "b", 100).into()]),
             ],
             then: None,
         },
@@ -350,7 +350,7 @@ fn deployment_commands() {
             event: Event::Removed("d1".into()),
             effects: vec![
                 apply("d1", 3, "c"),
-                Effect::Persist(vec![held("d1", 3, "c", 100)]),
+                Effect::Persist(vec![held("d1", 3, "c", 100).into()]),
             ],
             then: None,
         },
@@ -402,7 +402,7 @@ fn deployment_commands() {
             effects: vec![
                 apply("d1", 4, "a"),
                 ok(40),
-                Effect::Persist(vec![held("d1", 4, "a", 7)]),
+                Effect::Persist(vec![held("d1", 4, "a", 7).into()]),
             ],
             then: None,
         },
@@ -442,7 +442,7 @@ fn deployment_commands() {
             effects: vec![
                 apply("d1", 6, "b"),
                 ok(60),
-                Effect::Persist(vec![held("d1", 6, "b", 7)]),
+                Effect::Persist(vec![held("d1", 6, "b", 7).into()]),
             ],
             then: None,
         },
@@ -462,7 +462,7 @@ fn deployment_commands() {
                 id: "d1".into(),
                 offset: 150,
             },
-            effects: vec![Effect::Persist(vec![held("d1", 1, "a", 150)])],
+            effects: vec![Effect::Persist(vec![held("d1", 1, "a", 150).into()])],
             then: None,
         },
         Case {
@@ -530,7 +530,7 @@ fn log_shipping() {
             effects: vec![
                 apply("d1", 2, "b"),
                 ok(20),
-                Effect::Persist(vec![held("d1", 2, "b", 100)]),
+                Effect::Persist(vec![held("d1", 2, "b", 100).into()]),
             ],
             then: None,
         },
@@ -879,7 +879,7 @@ fn a_reconnect_in_the_middle_of_a_removal_still_reports_it_once_gone() {
         fx,
         vec![
             apply("d1", 2, "b"),
-            Effect::Persist(vec![held("d1", 2, "b", 100)])
+            Effect::Persist(vec![held("d1", 2, "b", 100).into()])
         ]
     );
 }

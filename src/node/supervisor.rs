@@ -471,8 +471,9 @@ impl Supervisor {
         }
     }
 
-    /// Stops the deployment (signal, timeout, SIGKILL), forgets it and deletes its log spool.
-    /// Returns false when the id is unknown.
+    /// Stops the deployment (signal, timeout, SIGKILL), forgets it and deletes its log spool,
+    /// its result file and its default working directory when it is empty (one that holds
+    /// files stays: they may be the user's). Returns false when the id is unknown.
     pub async fn remove(&self, id: &str) -> bool {
         let Some(slot) = lock(&self.table).slots.remove(id) else {
             // Found after a restart and never applied: stop it all the same.
@@ -480,6 +481,7 @@ impl Supervisor {
             if let Some(orphan) = orphan {
                 let logs = self.stop_orphan(id, orphan).await;
                 logs.delete_spool().await;
+                self.tidy(id).await;
                 return true;
             }
             return false;
@@ -487,7 +489,22 @@ impl Supervisor {
         slot.cancel.cancel();
         let _ = slot.done.await;
         slot.logs.delete_spool().await;
+        self.tidy(id).await;
         true
+    }
+
+    /// What a removed deployment leaves besides its spool: a workflow's every task attempt is
+    /// a deployment of its own, so without this a node gathers a directory and a file per
+    /// attempt, forever.
+    async fn tidy(&self, id: &str) {
+        let output = self.shared.config.output_file(id);
+        let cwd = self.shared.config.work_dir.join("deployments").join(id);
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(output);
+            // Fails, and keeps it, when something is in it.
+            let _ = std::fs::remove_dir(cwd);
+        })
+        .await;
     }
 
     /// The status of every deployment, by id.

@@ -939,7 +939,10 @@ async fn a_recycled_session_id_is_never_killed() {
 #[tokio::test]
 async fn a_process_without_a_keeper_is_the_agents_child_with_its_output_and_exit() {
     let mut h = Harness::new();
-    let mut s = spec("echo out; echo err >&2; exit 3", RestartKind::Never);
+    let mut s = spec(
+        r#"echo out; echo err >&2; printf '{"a": 1}' > "$SYMPHONY_OUTPUT"; exit 3"#,
+        RestartKind::Never,
+    );
     s.outlive_agent = false;
     h.sup.apply("job", 1, true, s).unwrap();
     let st = h.until_state("job", CurrentState::Crashed).await;
@@ -963,9 +966,21 @@ async fn a_process_without_a_keeper_is_the_agents_child_with_its_output_and_exit
     assert_eq!(record.keeper.pid, std::process::id());
     assert_eq!(record.workload.map(|w| w.pid), Some(pid));
     assert_eq!(record.group.map(|g| g.pgid), i32::try_from(pid).ok());
+    let kept = h.dir.path().join("deployments").join("job");
+    std::fs::write(kept.join("user-file"), "mine").unwrap();
     assert!(h.sup.remove("long").await);
     assert!(!process_alive(pid));
     assert!(!h.dir.path().join("run").join("long").exists());
+    // What it leaves goes, unless it holds files.
+    assert!(!h.dir.path().join("deployments").join("long").exists());
+    let output = h.dir.path().join("outputs").join("job.json");
+    assert!(output.exists());
+    assert!(h.sup.remove("job").await);
+    assert!(
+        kept.join("user-file").exists(),
+        "a working dir with files stays"
+    );
+    assert!(!output.exists());
     h.sup.shutdown().await;
 }
 

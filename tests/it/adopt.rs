@@ -428,3 +428,42 @@ async fn git_tokens_are_sealed_at_rest_and_a_restarted_conductor_and_agent_open_
     node.signal_and_wait(Signal::SIGTERM).await;
     c.shutdown().await;
 }
+
+/// A workflow task runs without a keeper (`outlive_agent: false`): `kill -9` of its agent
+/// leaves the process behind, and the next agent ends it rather than adopting it. The
+/// attempt fails with that reason and the retry runs once to completion.
+#[tokio::test]
+async fn a_task_attempt_ends_with_its_agent_and_its_retry_runs_once() {
+    let (c, mut node, bin) = cluster_with_agent("tasks").await;
+    let def = json!({"name": "agentdeath", "tasks": [{"name": "t",
+        "retries": {"max_attempts": 3, "backoff_sec": 0.05},
+        "config": {"command": ["sh", "-c", "test \"$SYMPHONY_ATTEMPT\" -gt 1 || exec sleep 424261"]}}]});
+    let (status, body) = c.post("/workflows", def).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, run) = c.post("/workflows/agentdeath/runs", json!({})).await;
+    assert_eq!(status, 201, "{run}");
+    let id = run["id"].as_str().unwrap().to_owned();
+    until("attempt 1 running", || pids_with("sleep 424261").len() == 1).await;
+    let first = pids_with("sleep 424261")[0];
+
+    node.kill9();
+    // No keeper holds it: it is orphaned, still running, until an agent ends it.
+    assert!(alive(u64::from(first)));
+    node.restart(&bin, &[]);
+    c.wait("the run ends", |v| {
+        v.runs.iter().any(|r| r.id == id && r.state.is_done())
+    })
+    .await;
+    let (_, run) = c.get(&format!("/runs/{id}")).await;
+    assert_eq!(run["state"], "SUCCEEDED", "{run}");
+    let attempts = run["tasks"][0]["attempts"].as_array().unwrap().clone();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0]["outcome"]["failed"]["exit_code"], Value::Null);
+    let reason = attempts[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("outlive_agent: false"), "{reason}");
+    assert_eq!(attempts[1]["outcome"], "succeeded", "{attempts:?}");
+    assert!(!alive(u64::from(first)), "the left process was ended");
+    assert!(pids_with("sleep 424261").is_empty());
+    node.signal_and_wait(Signal::SIGTERM).await;
+    c.shutdown().await;
+}

@@ -1035,3 +1035,38 @@ async fn a_process_a_previous_agent_ran_without_a_keeper_is_ended_not_adopted() 
     assert!(!h.dir.path().join("run").join("task").exists());
     h.sup.shutdown().await;
 }
+
+/// Live processes whose command line holds `needle`.
+fn processes_with(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(needle)
+            }) && process_alive(*pid)
+        })
+        .collect()
+}
+
+/// A shutdown while processes are starting (with and without keepers) leaves none behind:
+/// a start in flight finishes, and its process is stopped with the rest.
+#[tokio::test]
+async fn a_shutdown_racing_starts_leaves_no_process_behind() {
+    for pause_ms in [0, 1, 3, 10] {
+        let h = Harness::new();
+        for i in 0..16 {
+            let mut s = spec("exec sleep 424271", RestartKind::Always);
+            s.outlive_agent = i % 2 == 0;
+            h.sup.apply(&format!("race{i}"), 1, true, s).unwrap();
+        }
+        // Some have started, some are starting, some have not begun.
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        h.sup.shutdown().await;
+        let left = processes_with("sleep 424271");
+        assert!(left.is_empty(), "left behind after {pause_ms} ms: {left:?}");
+        assert!(h.sup.status().is_empty());
+    }
+}

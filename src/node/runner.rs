@@ -149,9 +149,9 @@ impl Launcher {
     }
 }
 
-/// Creates a fresh run directory with its bell. A previous process's files are removed, and
-/// first whatever they name that still runs is killed: a start never leaves a copy behind.
-fn fresh_run_dir(dir: &Path) -> io::Result<()> {
+/// Creates a fresh run directory. A previous process's files are removed, and first whatever
+/// they name that still runs is killed: a start never leaves a copy behind.
+fn fresh_dir(dir: &Path) -> io::Result<()> {
     if let Some(record) = Record::load(dir) {
         kill_recorded(&record);
     }
@@ -159,7 +159,12 @@ fn fresh_run_dir(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(dir)
+}
+
+/// [`fresh_dir`] with the keeper's bell.
+fn fresh_run_dir(dir: &Path) -> io::Result<()> {
+    fresh_dir(dir)?;
     nix::unistd::mkfifo(
         &dir.join(keeper::BELL),
         nix::sys::stat::Mode::from_bits_truncate(0o600),
@@ -269,17 +274,7 @@ fn start_attached(
     dir: &Path,
     launch: Launch,
 ) -> Result<(tokio::process::Child, Record), SpawnError> {
-    let prepare = || -> io::Result<()> {
-        if let Some(record) = Record::load(dir) {
-            kill_recorded(&record);
-        }
-        match std::fs::remove_dir_all(dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        std::fs::create_dir_all(dir)
-    };
-    prepare().map_err(|e| SpawnError::Keeper(format!("preparing {}: {e}", dir.display())))?;
+    fresh_dir(dir).map_err(|e| SpawnError::Keeper(format!("preparing {}: {e}", dir.display())))?;
     let child = command(&launch.process)?
         .spawn()
         .map_err(|source| SpawnError::Spawn {

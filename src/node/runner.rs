@@ -282,19 +282,30 @@ fn start_attached(
             source,
         })?;
     let pid = child.id().ok_or(SpawnError::NoPid)?;
-    let me = std::process::id();
-    // The workload leads its own group in this agent's session (read before it may exit).
-    let group = Group::led_by(pid).or_else(|| {
-        Some(Group {
-            pgid: i32::try_from(pid).ok()?,
-            session: nix::unistd::getsid(None).ok()?.as_raw(),
-        })
-    });
+    // One read gives its identity and its group: it leads its own group in this agent's
+    // session (when it already exited, that is what the group must be).
+    let stat = proc_stat(pid);
+    let pgid = i32::try_from(pid).ok();
+    let group = match (stat, pgid) {
+        (Some(s), Some(pgid)) if s.pgrp == pgid => Some(Group {
+            pgid,
+            session: s.session,
+        }),
+        (_, pgid) => pgid
+            .zip(nix::unistd::getsid(None).ok())
+            .map(|(pgid, sid)| Group {
+                pgid,
+                session: sid.as_raw(),
+            }),
+    };
     let record = Record {
         version: keeper::VERSION,
         launch,
-        keeper: ProcId::of(me).unwrap_or(ProcId { pid: me, start: 0 }),
-        workload: Some(ProcId::of(pid).unwrap_or(ProcId { pid, start: 0 })),
+        keeper: agent_id(),
+        workload: Some(ProcId {
+            pid,
+            start: stat.map_or(0, |s| s.start),
+        }),
         group,
         attached: true,
     };
@@ -315,6 +326,15 @@ fn start_attached(
         )));
     }
     Ok((child, record))
+}
+
+/// This agent as a process (read once: it names the keeper of every attached record).
+fn agent_id() -> ProcId {
+    static ME: std::sync::OnceLock<ProcId> = std::sync::OnceLock::new();
+    *ME.get_or_init(|| {
+        let me = std::process::id();
+        ProcId::of(me).unwrap_or(ProcId { pid: me, start: 0 })
+    })
 }
 
 /// Pumps an attached process's output into `logs` and reports its exit on `exit`; ends once

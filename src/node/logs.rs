@@ -224,7 +224,7 @@ impl SpoolLink {
         let spool = Arc::clone(&self.spool);
         let waiting = Arc::clone(&self.pending);
         let queued = self.io.submit(move || {
-            lock_spool(&spool).append(first, last, &buf, lines);
+            lock_spool(&spool).append(first, last, buf, lines);
             waiting.fetch_sub(len, Ordering::Relaxed);
         });
         if !queued {
@@ -271,12 +271,18 @@ impl LogBuffer {
     ) -> io::Result<Self> {
         let limit = limit.max(1);
         let (spool, recent, last_seq) = Spool::open(dir, spool_bytes, limit)?;
+        let young_until = spool.young_until();
         let link = SpoolLink {
             dropped: spool.dropped_counter(),
             spool: Arc::new(Mutex::new(spool)),
             io: io.clone(),
             pending: Arc::new(AtomicUsize::new(0)),
         };
+        if let Some(at) = young_until {
+            // What it held back reaches the disk when its youth ends (unless deleted first).
+            let spool = Arc::clone(&link.spool);
+            io.submit_at(at, move || lock_spool(&spool).settle());
+        }
         Ok(Self::from_inner(Inner {
             ring: recent,
             limit,
@@ -344,15 +350,22 @@ impl LogBuffer {
         last
     }
 
-    /// Runs `job` after the spool writes queued so far, on the log IO thread (without a
-    /// spool: on the blocking pool), and waits for it. The keeper's cursor is saved this way,
+    /// Runs `job` after the spool writes queued so far are on disk (a young spool's too), on
+    /// the log IO thread (without a spool: on the blocking pool), and waits for it. The keeper's cursor is saved this way,
     /// so it never runs ahead of the lines on disk, and a reader that waits for it never
     /// queues more than one batch.
     pub async fn after_writes(&self, job: impl FnOnce() + Send + 'static) {
         let link = self.lock().spool.clone();
         match link {
             Some(link) => {
-                let _ = link.io.run(job).await;
+                let spool = link.spool;
+                let _ = link
+                    .io
+                    .run(move || {
+                        lock_spool(&spool).settle();
+                        job();
+                    })
+                    .await;
             }
             None => {
                 let _ = tokio::task::spawn_blocking(job).await;
@@ -699,11 +712,11 @@ mod tests {
         assert_eq!(pushed, (1, 3));
         let lines: Vec<String> = logs.since(0, 10).into_iter().map(|e| e.line).collect();
         assert_eq!(lines, ["first", "second", "third"]);
+        // A young spool has no directory yet: nothing on disk.
         let on_disk = |path: &std::path::Path| -> u64 {
-            std::fs::read_dir(path)
-                .unwrap()
-                .map(|d| d.unwrap().metadata().unwrap().len())
-                .sum()
+            std::fs::read_dir(path).map_or(0, |dir| {
+                dir.map(|d| d.unwrap().metadata().unwrap().len()).sum()
+            })
         };
         assert_eq!(on_disk(&path), 0);
         // Past MAX_PENDING_BYTES waiting, batches are counted as dropped instead of queued.

@@ -14,6 +14,12 @@
 //!   lines are skipped when reading.
 //! - Only the log IO thread ([`super::SpoolWriter`]) calls the methods that write or read
 //!   segments after [`Spool::open`].
+//! - A spool whose directory does not exist yet is *young*: for [`YOUNG`] after its open it
+//!   holds its batches (at most [`YOUNG_BYTES`]) in memory instead of making the directory.
+//!   Anything that reads, marks or flushes it, and the end of that time, writes them first
+//!   ([`Spool::settle`]), in order; a deletion while young touches no disk. Most workflow tasks live
+//!   for milliseconds: their log never costs a directory and a file (an agent killed in that
+//!   time loses those lines, which the ring held, with the task itself).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -21,8 +27,24 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use super::LogEntry;
+
+/// How long a new spool holds its lines in memory before it makes its directory.
+pub(super) const YOUNG: Duration = Duration::from_secs(2);
+
+/// The most a young spool holds in memory; a batch beyond it makes the directory at once.
+const YOUNG_BYTES: usize = 64 * 1024;
+
+/// One batch a young spool holds back.
+#[derive(Debug)]
+struct Batch {
+    first: u64,
+    last: u64,
+    buf: Vec<u8>,
+    lines: u64,
+}
 
 #[derive(Debug)]
 struct Segment {
@@ -47,6 +69,12 @@ pub(super) struct Spool {
     dropped: Arc<AtomicU64>,
     /// Set after a write error has been traced, so a full disk does not flood the trace.
     write_failed: bool,
+    /// Set by [`Spool::delete`]: later appends fail instead of making the directory again.
+    deleted: bool,
+    /// Until when a spool with no directory yet holds its batches back (see the module docs).
+    young_until: Option<Instant>,
+    held: Vec<Batch>,
+    held_bytes: usize,
 }
 
 impl Spool {
@@ -57,9 +85,16 @@ impl Spool {
         cap_bytes: u64,
         keep: usize,
     ) -> io::Result<(Self, VecDeque<LogEntry>, u64)> {
-        fs::create_dir_all(&dir)?;
+        // The directory is made with the first segment: a deployment that never writes a line
+        // (most workflow tasks) costs no directory.
+        let dirents = match fs::read_dir(&dir) {
+            Ok(d) => Some(d),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let made = dirents.is_some();
         let mut segments = Vec::new();
-        for dirent in fs::read_dir(&dir)? {
+        for dirent in dirents.into_iter().flatten() {
             let path = dirent?.path();
             let first_seq = path
                 .file_name()
@@ -115,6 +150,10 @@ impl Spool {
             next_seq: last_seq + 1,
             dropped: Arc::new(AtomicU64::new(dropped)),
             write_failed: false,
+            deleted: false,
+            young_until: (!made).then(|| Instant::now() + YOUNG),
+            held: Vec::new(),
+            held_bytes: 0,
         };
         Ok((spool, recent, last_seq))
     }
@@ -128,7 +167,40 @@ impl Spool {
     /// Appends `lines` encoded entries (`buf`: JSON lines) with sequence numbers `first` to
     /// `last`, after everything already spooled. Errors are traced once and count the lines
     /// as dropped: the ring still has them.
-    pub(super) fn append(&mut self, first: u64, last: u64, buf: &[u8], lines: u64) {
+    pub(super) fn append(&mut self, first: u64, last: u64, buf: Vec<u8>, lines: u64) {
+        if let Some(until) = self.young_until {
+            if Instant::now() < until && self.held_bytes + buf.len() <= YOUNG_BYTES {
+                self.held_bytes += buf.len();
+                self.held.push(Batch {
+                    first,
+                    last,
+                    buf,
+                    lines,
+                });
+                return;
+            }
+            self.settle();
+        }
+        self.append_now(first, last, &buf, lines);
+    }
+
+    /// Whether it is young (holds its lines back, with no directory yet).
+    pub(super) fn young_until(&self) -> Option<Instant> {
+        self.young_until
+    }
+
+    /// Ends its youth: the batches it held back are written, in order.
+    pub(super) fn settle(&mut self) {
+        if self.young_until.take().is_none() {
+            return;
+        }
+        self.held_bytes = 0;
+        for b in std::mem::take(&mut self.held) {
+            self.append_now(b.first, b.last, &b.buf, b.lines);
+        }
+    }
+
+    fn append_now(&mut self, first: u64, last: u64, buf: &[u8], lines: u64) {
         match self.write(first, buf, lines) {
             Ok(()) => self.write_failed = false,
             Err(error) => {
@@ -147,6 +219,7 @@ impl Spool {
     /// written one are not spooled (they were skipped): an empty segment named after the next
     /// number, which [`Spool::open`] reads as "reached" so numbers are never reused.
     pub(super) fn mark_reached(&mut self, last_seq: u64) {
+        self.settle();
         if self.next_seq > last_seq {
             return;
         }
@@ -161,6 +234,12 @@ impl Spool {
     }
 
     fn start_segment(&mut self, first: u64) -> io::Result<()> {
+        if self.deleted {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "log spool deleted"));
+        }
+        if self.segments.is_empty() {
+            fs::create_dir_all(&self.dir)?;
+        }
         let path = self.dir.join(format!("{first:020}.jsonl"));
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         self.current = Some(file);
@@ -206,7 +285,8 @@ impl Spool {
     }
 
     /// At most `max` spooled entries with `seq > after`, oldest first.
-    pub(super) fn read_since(&self, after: u64, max: usize) -> io::Result<Vec<LogEntry>> {
+    pub(super) fn read_since(&mut self, after: u64, max: usize) -> io::Result<Vec<LogEntry>> {
+        self.settle();
         // The segment holding `after + 1` is the last one starting at or before it.
         let start = self
             .segments
@@ -229,10 +309,19 @@ impl Spool {
 
     /// Removes the spool directory; later appends fail (and count as dropped).
     pub(super) fn delete(&mut self) {
+        self.deleted = true;
+        self.young_until = None;
+        self.held.clear();
+        self.held_bytes = 0;
         self.current = None;
         self.segments.clear();
-        if let Err(error) = fs::remove_dir_all(&self.dir) {
-            tracing::warn!(%error, dir = %self.dir.display(), "removing log spool failed");
+        match fs::remove_dir_all(&self.dir) {
+            Ok(()) => {}
+            // Never written to: it was never made.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(%error, dir = %self.dir.display(), "removing log spool failed");
+            }
         }
     }
 }
@@ -294,6 +383,49 @@ mod tests {
         );
         logs.delete_spool().await;
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_spool_is_made_with_its_first_line_and_never_after_its_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quiet");
+        let io = SpoolWriter::new();
+        let logs = LogBuffer::open(path.clone(), 10, 1 << 20, &io).unwrap();
+        logs.flush().await;
+        assert!(!path.exists(), "no line, no directory");
+        // Reopening a spool that was never made is a fresh one.
+        drop(logs);
+        let logs = LogBuffer::open(path.clone(), 10, 1 << 20, &io).unwrap();
+        assert_eq!(logs.last_seq(), 0);
+        // Lines of a young spool wait in memory: deleted before its youth ends, it never
+        // touched the disk.
+        for i in 0..3 {
+            logs.push(LogStream::Stdout, format!("line {i}"));
+        }
+        logs.after_writes(|| {}).await;
+        assert!(path.exists(), "what waits for the writes makes them");
+        logs.delete_spool().await;
+        assert!(!path.exists());
+        let logs = LogBuffer::open(path.clone(), 10, 1 << 20, &io).unwrap();
+        logs.push(LogStream::System, "started");
+        logs.push(LogStream::System, "exited");
+        // Queued after the pushes: the appends ran, and held their lines.
+        logs.delete_spool().await;
+        assert!(
+            !path.exists(),
+            "a spool deleted while young made no directory"
+        );
+
+        let logs = LogBuffer::open(path.clone(), 10, 1 << 20, &io).unwrap();
+        assert_eq!(logs.push(LogStream::Stdout, "first"), 1);
+        logs.flush().await;
+        assert_eq!(std::fs::read_dir(&path).unwrap().count(), 1);
+        logs.delete_spool().await;
+        assert!(!path.exists());
+        // A line after the deletion stays in memory only.
+        assert_eq!(logs.push(LogStream::Stdout, "late"), 2);
+        logs.flush().await;
+        assert!(!path.exists(), "a deleted spool is not made again");
     }
 
     #[tokio::test]

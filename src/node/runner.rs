@@ -19,12 +19,15 @@
 //! - A process's run directory is removed only after its keeper is gone and its output is in
 //!   the log; while it exists, a restarted agent finds the process there.
 
+pub mod ledger;
+
 use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -35,6 +38,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 
+use self::ledger::Ledger;
 use super::keeper::{self, Launch, OutboxReader, ProcId, Rec, Record};
 use super::logs::{LogBuffer, LogStream};
 
@@ -238,18 +242,18 @@ pub async fn spawn(
 }
 
 /// Starts `launch` as this agent's own child, without a keeper (`outlive_agent: false`): one
-/// blocking step (a fresh run directory, the spawn, the record) and no `exec` but the
+/// blocking step (the spawn, and its record in the node's [`Ledger`]) and no `exec` but the
 /// workload's. Its output is pumped straight into `logs`. The record, marked attached, lets a
 /// later agent end what is left of it when this one dies first; nothing adopts it.
 pub async fn spawn_attached(
-    dir: &Path,
+    ledger: &Arc<Ledger>,
     launch: Launch,
     logs: &LogBuffer,
 ) -> Result<RunningProcess, SpawnError> {
     if launch.process.command.is_empty() {
         return Err(SpawnError::EmptyCommand);
     }
-    let owned = dir.to_path_buf();
+    let owned = Arc::clone(ledger);
     // Blocking threads run in the runtime's context: tokio's spawn registers the child there.
     let (mut child, record) = tokio::task::spawn_blocking(move || start_attached(&owned, launch))
         .await
@@ -261,9 +265,9 @@ pub async fn spawn_attached(
     let tail = tokio::spawn(watch_attached(child, out, err, logs.clone(), max_line, tx));
     Ok(RunningProcess {
         pid: record.workload.map_or(0, |w| w.pid),
-        dir: dir.to_path_buf(),
+        dir: PathBuf::new(),
         record,
-        keeper: KeeperHandle::Attached,
+        keeper: KeeperHandle::Attached(Arc::clone(ledger)),
         exit,
         tail: Some(tail),
     })
@@ -271,10 +275,14 @@ pub async fn spawn_attached(
 
 /// [`spawn_attached`]'s blocking step.
 fn start_attached(
-    dir: &Path,
+    ledger: &Ledger,
     launch: Launch,
 ) -> Result<(tokio::process::Child, Record), SpawnError> {
-    fresh_dir(dir).map_err(|e| SpawnError::Keeper(format!("preparing {}: {e}", dir.display())))?;
+    // One the ledger still names for this deployment (it never ends twice at once) is ended.
+    if let Some(old) = ledger.live(&launch.id) {
+        kill_recorded(&old);
+        ledger.ended(&launch.id, old.workload.map_or(0, |w| w.pid));
+    }
     let child = command(&launch.process)?
         .spawn()
         .map_err(|source| SpawnError::Spawn {
@@ -309,11 +317,7 @@ fn start_attached(
         group,
         attached: true,
     };
-    let path = dir.join(keeper::RECORD);
-    let saved = serde_json::to_vec(&record)
-        .map_err(io::Error::other)
-        .and_then(|bytes| super::state::write_private(&path, &bytes, false));
-    if let Err(e) = saved {
+    if let Err(e) = ledger.started(&record.launch.id, &record) {
         // Without the record a later agent could not find it: better not to run it.
         if let Some(g) = group {
             signal_group(Pid::from_raw(g.pgid), Signal::SIGKILL);
@@ -322,7 +326,7 @@ fn start_attached(
         drop(child);
         return Err(SpawnError::Keeper(format!(
             "cannot write {}: {e}",
-            path.display()
+            ledger::FILE
         )));
     }
     Ok((child, record))
@@ -370,7 +374,7 @@ async fn abandon(dir: &Path, keeper: KeeperHandle) {
     let dir = dir.to_path_buf();
     let keeper_pid = match &keeper {
         KeeperHandle::Child(child) => child.id(),
-        KeeperHandle::Thread(..) | KeeperHandle::Adopted | KeeperHandle::Attached => None,
+        KeeperHandle::Thread(..) | KeeperHandle::Adopted | KeeperHandle::Attached(_) => None,
     };
     let _ = tokio::task::spawn_blocking(move || {
         // A keeper process's session holds all it started; a keeper thread's workload is found
@@ -468,10 +472,22 @@ pub fn adopt(dir: &Path, record: Record, logs: &LogBuffer) -> io::Result<Running
 }
 
 /// Gives up a process a previous agent left that cannot be adopted: ends what its record names
-/// and removes its run directory.
-pub async fn discard(dir: &Path, record: Record) {
-    let _ = tokio::task::spawn_blocking(move || kill_recorded(&record)).await;
-    let _ = tokio::fs::remove_dir_all(dir).await;
+/// (written down in `ledger` for one run without a keeper) and removes its run directory
+/// (`dir`; empty for none).
+pub async fn discard(dir: &Path, record: Record, ledger: &Arc<Ledger>) {
+    let ledger = Arc::clone(ledger);
+    let _ = tokio::task::spawn_blocking(move || {
+        kill_recorded(&record);
+        if record.attached {
+            ledger.ended(&record.launch.id, record.workload.map_or(0, |w| w.pid));
+        }
+    })
+    .await;
+    // A record from the ledger has no run directory (an earlier version's attached record
+    // was in one).
+    if !dir.as_os_str().is_empty() {
+        let _ = tokio::fs::remove_dir_all(dir).await;
+    }
 }
 
 fn open_bell(dir: &Path) -> io::Result<tokio::net::unix::pipe::Receiver> {
@@ -657,8 +673,9 @@ enum KeeperHandle {
     ),
     /// A keeper a previous agent started.
     Adopted,
-    /// No keeper: the workload is this agent's child (`outlive_agent: false`).
-    Attached,
+    /// No keeper: the workload is this agent's child (`outlive_agent: false`), written down
+    /// in this ledger.
+    Attached(Arc<Ledger>),
 }
 
 /// A running deployment process (under its keeper) and the task tailing its output.
@@ -689,7 +706,7 @@ impl RunningProcess {
             KeeperHandle::Child(_) => KeeperEnd::Bell,
             KeeperHandle::Adopted => KeeperEnd::adopted(record.keeper),
             // Never tailed: `spawn_attached` pumps its pipes.
-            KeeperHandle::Attached => KeeperEnd::Gone,
+            KeeperHandle::Attached(_) => KeeperEnd::Gone,
         };
         let (tx, exit) = watch::channel(ExitSeen::Running);
         let tail = tokio::spawn(tail(dir.to_path_buf(), cursor, bell, end, logs.clone(), tx));
@@ -778,7 +795,7 @@ impl RunningProcess {
     fn kill_keeper(&self) {
         if !matches!(
             self.keeper,
-            KeeperHandle::Thread(..) | KeeperHandle::Attached
+            KeeperHandle::Thread(..) | KeeperHandle::Attached(_)
         ) {
             kill_process(self.record.keeper);
         }
@@ -804,7 +821,16 @@ impl RunningProcess {
                 let join = tokio::task::spawn_blocking(move || thread.join());
                 let _ = timeout(PUMP_GRACE, join).await;
             }
-            KeeperHandle::Adopted | KeeperHandle::Attached => {}
+            KeeperHandle::Adopted => {}
+            KeeperHandle::Attached(ledger) => {
+                // No run directory: the ledger says it is gone.
+                let (id, pid) = (self.record.launch.id.clone(), self.pid);
+                let _ = tokio::task::spawn_blocking(move || ledger.ended(&id, pid)).await;
+                return;
+            }
+        }
+        if self.record.attached {
+            return;
         }
         let dir = self.dir.clone();
         let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;

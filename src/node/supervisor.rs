@@ -270,6 +270,8 @@ struct Shared {
     orphans: Mutex<BTreeMap<String, Orphan>>,
     /// Set before an upgrade's shutdown: actors leave their processes to the keepers.
     detach: std::sync::atomic::AtomicBool,
+    /// The processes run without a keeper (`outlive_agent: false`).
+    ledger: Arc<runner::ledger::Ledger>,
 }
 
 impl Shared {
@@ -337,7 +339,9 @@ impl Supervisor {
         hooks: Hooks,
     ) -> (Self, mpsc::Receiver<DeploymentStatus>) {
         let (tx, rx) = mpsc::channel(EVENT_CAPACITY);
+        let ledger = Arc::new(runner::ledger::Ledger::new(&config.work_dir));
         let shared = Arc::new(Shared {
+            ledger,
             config,
             hooks,
             events: tx,
@@ -607,14 +611,30 @@ impl Supervisor {
     pub async fn recover(&self, wanted: &BTreeMap<String, bool>) -> Vec<String> {
         let run = self.shared.config.work_dir.join("run");
         let key = self.shared.config.secrets.clone();
-        let found = tokio::task::spawn_blocking(move || scan_run_dirs(&run, &key))
-            .await
-            .unwrap_or_default();
+        let ledger = Arc::clone(&self.shared.ledger);
+        let found = tokio::task::spawn_blocking(move || {
+            let mut found = scan_run_dirs(&run, &key);
+            // Those run without a keeper are in the ledger (never adopted: ended by their
+            // actor or stopped here). One for a deployment that also has a run directory
+            // (it cannot run twice) is stopped.
+            let attached = ledger.recover().unwrap_or_else(|error| {
+                tracing::error!(%error, "cannot read the ledger of processes run without a keeper");
+                BTreeMap::new()
+            });
+            for (id, record) in attached {
+                // No run directory of its own.
+                found.push((id, PathBuf::new(), Some(record)));
+            }
+            found
+        })
+        .await
+        .unwrap_or_default();
         let mut kept = Vec::new();
         let mut stops = Vec::new();
         for (id, dir, record) in found {
+            let twice = lock(&self.shared.orphans).contains_key(&id);
             match record {
-                Some(record) if wanted.get(&id) == Some(&true) => {
+                Some(record) if wanted.get(&id) == Some(&true) && !twice => {
                     kept.push(id.clone());
                     lock(&self.shared.orphans).insert(id, Orphan { dir, record });
                 }
@@ -656,7 +676,7 @@ impl Supervisor {
                 );
             }
             Err(e) => {
-                runner::discard(&orphan.dir, orphan.record).await;
+                runner::discard(&orphan.dir, orphan.record, &self.shared.ledger).await;
                 logs.push(
                     LogStream::System,
                     format!("killed the process group left by the previous agent ({e})"),

@@ -184,7 +184,7 @@ impl Actor {
             Ok(process) => process,
             Err(e) => {
                 let attached = orphan.record.attached;
-                runner::discard(&orphan.dir, orphan.record).await;
+                runner::discard(&orphan.dir, orphan.record, &self.shared.ledger).await;
                 self.log(
                     LogStream::System,
                     format!("could not adopt the process left by the previous agent ({e}); what it ran was killed"),
@@ -358,7 +358,7 @@ impl Actor {
         let spawned = if spec.outlive_agent {
             runner::spawn(&self.shared.config.launcher, &dir, launch, &self.logs).await
         } else {
-            runner::spawn_attached(&dir, launch, &self.logs).await
+            runner::spawn_attached(&self.shared.ledger, launch, &self.logs).await
         };
         let process = match spawned {
             Ok(process) => process,

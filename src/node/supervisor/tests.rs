@@ -961,7 +961,9 @@ async fn a_process_without_a_keeper_is_the_agents_child_with_its_output_and_exit
     h.sup.apply("long", 1, true, s).unwrap();
     let st = h.until_state("long", CurrentState::Running).await;
     let pid = st.pid.unwrap();
-    let record = Record::load(&h.dir.path().join("run").join("long")).unwrap();
+    // No run directory: the ledger has it.
+    assert!(!h.dir.path().join("run").join("long").exists());
+    let record = ledger_live(h.dir.path()).remove("long").unwrap();
     assert!(record.attached);
     assert_eq!(record.keeper.pid, std::process::id());
     assert_eq!(record.workload.map(|w| w.pid), Some(pid));
@@ -970,7 +972,10 @@ async fn a_process_without_a_keeper_is_the_agents_child_with_its_output_and_exit
     std::fs::write(kept.join("user-file"), "mine").unwrap();
     assert!(h.sup.remove("long").await);
     assert!(!process_alive(pid));
-    assert!(!h.dir.path().join("run").join("long").exists());
+    assert!(
+        ledger_live(h.dir.path()).is_empty(),
+        "its end is written down"
+    );
     // What it leaves goes, unless it holds files.
     assert!(!h.dir.path().join("deployments").join("long").exists());
     let output = h.dir.path().join("outputs").join("job.json");
@@ -984,56 +989,83 @@ async fn a_process_without_a_keeper_is_the_agents_child_with_its_output_and_exit
     h.sup.shutdown().await;
 }
 
+/// What the node's ledger of processes run without a keeper names live, read from a copy (the
+/// supervisor keeps its file open).
+fn ledger_live(work_dir: &std::path::Path) -> BTreeMap<String, Record> {
+    let copy = tempfile::tempdir().unwrap();
+    let file = crate::node::runner::ledger::FILE;
+    std::fs::copy(work_dir.join(file), copy.path().join(file)).unwrap();
+    crate::node::runner::ledger::Ledger::new(copy.path())
+        .recover()
+        .unwrap()
+}
+
 /// What a previous agent ran without a keeper is ended by the next one, never adopted: a
 /// wanted one ends as an exit nobody saw (no code; a task's attempt fails), with a reason; an
-/// unwanted one is just ended.
+/// unwanted one is just ended. Written down in the ledger, or (by an earlier version) in a
+/// run directory.
 #[tokio::test]
 async fn a_process_a_previous_agent_ran_without_a_keeper_is_ended_not_adopted() {
-    let mut h = Harness::new();
-    let gone = ProcId {
-        pid: 999_999,
-        start: 1,
-    };
-    let mut wanted_spec = spec("exec sleep 1000", RestartKind::Never);
-    wanted_spec.outlive_agent = false;
-    let mut children = Vec::new();
-    for id in ["task", "dropped"] {
-        #[allow(clippy::disallowed_methods)]
-        let child = std::process::Command::new("sleep")
-            .arg("1000")
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let workload = ProcId::of(child.id()).unwrap();
-        left_behind(&h, id, &wanted_spec, gone, workload);
-        let dir = h.dir.path().join("run").join(id);
-        let mut record = Record::load(&dir).unwrap();
-        record.attached = true;
-        record.group = crate::node::runner::Group::led_by(child.id());
-        std::fs::write(
-            dir.join(crate::node::keeper::RECORD),
-            serde_json::to_vec(&record).unwrap(),
-        )
-        .unwrap();
-        children.push(child);
-    }
-    let wanted = BTreeMap::from([("task".to_owned(), true)]);
-    assert_eq!(h.sup.recover(&wanted).await, vec!["task".to_owned()]);
-    // The unwanted one is ended at once.
-    let status = children[1].wait().unwrap();
-    assert!(!status.success());
-    assert!(!h.dir.path().join("run").join("dropped").exists());
+    for in_ledger in [true, false] {
+        let mut h = Harness::new();
+        let gone = ProcId {
+            pid: 999_999,
+            start: 1,
+        };
+        let mut wanted_spec = spec("exec sleep 1000", RestartKind::Never);
+        wanted_spec.outlive_agent = false;
+        let mut children = Vec::new();
+        for id in ["task", "dropped"] {
+            #[allow(clippy::disallowed_methods)]
+            let child = std::process::Command::new("sleep")
+                .arg("1000")
+                .process_group(0)
+                .spawn()
+                .unwrap();
+            let workload = ProcId::of(child.id()).unwrap();
+            left_behind(&h, id, &wanted_spec, gone, workload);
+            let dir = h.dir.path().join("run").join(id);
+            let mut record = Record::load(&dir).unwrap();
+            record.attached = true;
+            record.group = crate::node::runner::Group::led_by(child.id());
+            if in_ledger {
+                std::fs::remove_dir_all(&dir).unwrap();
+                crate::node::runner::ledger::Ledger::new(h.dir.path())
+                    .started(id, &record)
+                    .unwrap();
+            } else {
+                std::fs::write(
+                    dir.join(crate::node::keeper::RECORD),
+                    serde_json::to_vec(&record).unwrap(),
+                )
+                .unwrap();
+            }
+            children.push(child);
+        }
+        let wanted = BTreeMap::from([("task".to_owned(), true)]);
+        assert_eq!(h.sup.recover(&wanted).await, vec!["task".to_owned()]);
+        // The unwanted one is ended at once.
+        let status = children[1].wait().unwrap();
+        assert!(!status.success());
+        assert!(!h.dir.path().join("run").join("dropped").exists());
 
-    h.sup.apply("task", 1, true, wanted_spec).unwrap();
-    let st = h.until_state("task", CurrentState::Crashed).await;
-    assert_eq!(st.last_exit_code, None);
-    let reason = st.reason.unwrap_or_default();
-    assert!(reason.contains("outlive_agent: false"), "{reason}");
-    let status = children[0].wait().unwrap();
-    assert!(!status.success(), "the left process was ended");
-    assert_eq!(h.count("task", CurrentState::Running), 0, "never adopted");
-    assert!(!h.dir.path().join("run").join("task").exists());
-    h.sup.shutdown().await;
+        h.sup.apply("task", 1, true, wanted_spec).unwrap();
+        let st = h.until_state("task", CurrentState::Crashed).await;
+        assert_eq!(st.last_exit_code, None);
+        let reason = st.reason.unwrap_or_default();
+        assert!(reason.contains("outlive_agent: false"), "{reason}");
+        let status = children[0].wait().unwrap();
+        assert!(!status.success(), "the left process was ended");
+        assert_eq!(h.count("task", CurrentState::Running), 0, "never adopted");
+        assert!(!h.dir.path().join("run").join("task").exists());
+        if in_ledger {
+            assert!(
+                ledger_live(h.dir.path()).is_empty(),
+                "both ended in the ledger"
+            );
+        }
+        h.sup.shutdown().await;
+    }
 }
 
 /// Live processes whose command line holds `needle`.

@@ -1119,24 +1119,32 @@ async fn finish(
     mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
     events: &[Event],
 ) -> Result<(), StoreError> {
-    for e in events {
-        let fields = serde_json::to_string(&e.fields).map_err(StoreError::Json)?;
-        sqlx::query(
-            "INSERT INTO events (id, at_ms, kind, object, message, fields) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(event_id_to_db(e.id)?)
-        .bind(e.at_ms)
-        .bind(&e.kind)
-        .bind(&e.object)
-        .bind(&e.message)
-        .bind(fields)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+    // One statement per chunk, not per event: each statement is a round trip to the
+    // connection's thread. 6 values a row stays far below SQLite's 32 766 variables.
+    for chunk in events.chunks(EVENTS_PER_INSERT) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for e in chunk {
+            let fields = serde_json::to_string(&e.fields).map_err(StoreError::Json)?;
+            rows.push((event_id_to_db(e.id)?, e, fields));
+        }
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO events (id, at_ms, kind, object, message, fields) ",
+        );
+        q.push_values(rows, |mut b, (id, e, fields)| {
+            b.push_bind(id)
+                .push_bind(e.at_ms)
+                .push_bind(e.kind.clone())
+                .push_bind(e.object.clone())
+                .push_bind(e.message.clone())
+                .push_bind(fields);
+        });
+        q.build().execute(&mut *tx).await.map_err(db_err)?;
     }
     tx.commit().await.map_err(db_err)
 }
+
+/// Events written by one INSERT.
+const EVENTS_PER_INSERT: usize = 512;
 
 fn event_id_to_db(id: u64) -> Result<i64, StoreError> {
     i64::try_from(id).map_err(|_| StoreError::Invalid {

@@ -174,6 +174,7 @@ pub async fn run_with_store(
         prepare: Arc::new(AgentPrepare {
             work_dir: cfg.work_dir.clone(),
             envs: envs.clone(),
+            dirs: Arc::new(super::workdirs::WorkDirs::new(&cfg.work_dir)),
         }),
         cron: Some(Arc::new(|ar: &crate::spec::AutoRestart| {
             let schedule = crate::spec::cron_schedule(&ar.cron)?;

@@ -23,6 +23,8 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+
+use super::workdirs::WorkDirs;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -105,13 +107,26 @@ pub trait Prepare: Send + Sync {
         spec: &'a DeploymentSpec,
         logs: &'a LogBuffer,
     ) -> BoxFuture<'a, Result<Prepared, String>>;
+
+    /// Deployment `id` was removed: what [`Prepare::prepare`] made for it may go. Blocks (it
+    /// runs on the blocking pool).
+    fn release(&self, _id: &str) {}
 }
 
-/// The default prepare: cwd `work_dir/deployments/<id>` (created), command unchanged.
+/// The default prepare: cwd `work_dir/deployments/<id>` (made, see [`WorkDirs`]), command
+/// unchanged.
 #[derive(Debug, Clone)]
 pub struct DefaultPrepare {
-    /// The node's work directory.
-    pub work_dir: PathBuf,
+    dirs: Arc<WorkDirs>,
+}
+
+impl DefaultPrepare {
+    /// Working directories under the node's work directory.
+    pub fn new(work_dir: &std::path::Path) -> Self {
+        Self {
+            dirs: Arc::new(WorkDirs::new(work_dir)),
+        }
+    }
 }
 
 impl Prepare for DefaultPrepare {
@@ -122,10 +137,7 @@ impl Prepare for DefaultPrepare {
         _logs: &'a LogBuffer,
     ) -> BoxFuture<'a, Result<Prepared, String>> {
         Box::pin(async move {
-            let cwd = self.work_dir.join("deployments").join(id);
-            tokio::fs::create_dir_all(&cwd)
-                .await
-                .map_err(|e| format!("cannot create {}: {e}", cwd.display()))?;
+            let cwd = make_work_dir(&self.dirs, id).await?;
             Ok(Prepared {
                 cwd,
                 command: spec.command.clone(),
@@ -133,6 +145,21 @@ impl Prepare for DefaultPrepare {
             })
         })
     }
+
+    fn release(&self, id: &str) {
+        self.dirs.release(id);
+    }
+}
+
+/// Makes the default working directory of `id` (on the blocking pool).
+pub async fn make_work_dir(dirs: &Arc<WorkDirs>, id: &str) -> Result<PathBuf, String> {
+    let (dirs, owned) = (Arc::clone(dirs), id.to_owned());
+    tokio::task::spawn_blocking(move || {
+        dirs.make(&owned)
+            .map_err(|e| format!("cannot create {}: {e}", dirs.path(&owned).display()))
+    })
+    .await
+    .map_err(|e| format!("preparing the working directory: {e}"))?
 }
 
 /// "Next fire time strictly after `now`", for one cron schedule.
@@ -325,9 +352,7 @@ impl Supervisor {
     /// A supervisor with the default prepare and no cron support.
     pub fn new(config: SupervisorConfig) -> (Self, mpsc::Receiver<DeploymentStatus>) {
         let hooks = Hooks {
-            prepare: Arc::new(DefaultPrepare {
-                work_dir: config.work_dir.clone(),
-            }),
+            prepare: Arc::new(DefaultPrepare::new(&config.work_dir)),
             cron: None,
         };
         Self::with_hooks(config, hooks)
@@ -502,11 +527,12 @@ impl Supervisor {
     /// attempt, forever.
     async fn tidy(&self, id: &str) {
         let output = self.shared.config.output_file(id);
-        let cwd = self.shared.config.work_dir.join("deployments").join(id);
+        let prepare = Arc::clone(&self.shared.hooks.prepare);
+        let id = id.to_owned();
         let _ = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_file(output);
-            // Fails, and keeps it, when something is in it.
-            let _ = std::fs::remove_dir(cwd);
+            // Its working directory goes only when empty (see `WorkDirs`).
+            prepare.release(&id);
         })
         .await;
     }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use crate::node::envs::{self, Envs};
 use crate::node::logs::{LogBuffer, LogStream};
-use crate::node::supervisor::{Prepare, Prepared};
+use crate::node::supervisor::{Prepare, Prepared, make_work_dir};
+use crate::node::workdirs::WorkDirs;
 use crate::node::workspace;
 use crate::spec::DeploymentSpec;
 
@@ -15,6 +16,8 @@ use crate::spec::DeploymentSpec;
 pub(super) struct AgentPrepare {
     pub(super) work_dir: PathBuf,
     pub(super) envs: Arc<Envs>,
+    /// Default working directories.
+    pub(super) dirs: Arc<WorkDirs>,
 }
 
 impl Prepare for AgentPrepare {
@@ -45,11 +48,7 @@ impl Prepare for AgentPrepare {
                 );
                 dest
             } else {
-                let dir = self.work_dir.join("deployments").join(id);
-                tokio::fs::create_dir_all(&dir)
-                    .await
-                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-                dir
+                make_work_dir(&self.dirs, id).await?
             };
             let (command, extra_env) = match &spec.env_name {
                 Some(name) => {
@@ -64,5 +63,8 @@ impl Prepare for AgentPrepare {
                 extra_env,
             })
         })
+    }
+    fn release(&self, id: &str) {
+        self.dirs.release(id);
     }
 }

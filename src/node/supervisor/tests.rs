@@ -459,9 +459,7 @@ async fn cron_restarts_do_not_charge_the_budget() {
     });
     let work = tempfile::tempdir().unwrap();
     let mut h = Harness::with_hooks(Hooks {
-        prepare: Arc::new(DefaultPrepare {
-            work_dir: work.path().to_path_buf(),
-        }),
+        prepare: Arc::new(DefaultPrepare::new(work.path())),
         cron: Some(planner),
     });
     let mut s = spec("exec sleep 100", RestartKind::Never);

@@ -16,4 +16,5 @@ pub mod runner;
 pub mod state;
 pub mod supervisor;
 pub mod tunnels;
+pub mod workdirs;
 pub mod workspace;

@@ -556,11 +556,7 @@ impl Group {
     /// Whether the group still has a live member (zombies count as gone: they hold nothing
     /// and whoever adopted them reaps them). Blocking: may read `/proc`.
     pub fn alive(&self) -> bool {
-        // Never this process's own group (an env step's id reused by a new agent's job).
-        if self.pgid <= 1
-            || self.pgid == nix::unistd::getpgrp().as_raw()
-            || killpg(Pid::from_raw(self.pgid), None).is_err()
-        {
+        if self.surely_gone() {
             return false;
         }
         // Usually the leader is there: one read.
@@ -571,6 +567,15 @@ impl Group {
         }
         // Without /proc, trust killpg.
         scan_proc(|_, s| self.is_member(s)).is_none_or(|found| !found.is_empty())
+    }
+
+    /// Whether the group has no member at all (or is not one to look at: never this
+    /// process's own group, which an env step's id reused by a new agent's job could name).
+    /// One `killpg(pgid, 0)`: never blocks.
+    fn surely_gone(&self) -> bool {
+        self.pgid <= 1
+            || self.pgid == nix::unistd::getpgrp().as_raw()
+            || killpg(Pid::from_raw(self.pgid), None).is_err()
     }
 
     /// Sends `signal` to the group if it is still ours, checked just before. Blocking.
@@ -1080,13 +1085,20 @@ fn signal_group(pgid: Pid, signal: Signal) {
 
 /// [`Group::alive`] on the blocking pool (it may scan `/proc`, a file per process).
 async fn group_alive(g: Group) -> bool {
+    // A group with no member (the usual case once its leader was reaped) needs no /proc.
+    if g.surely_gone() {
+        return false;
+    }
     tokio::task::spawn_blocking(move || g.alive())
         .await
         .unwrap_or(true)
 }
 
-/// [`Group::signal`] on the blocking pool.
+/// [`Group::signal`] on the blocking pool (not at all for a group with no member).
 async fn signal_async(g: Group, signal: Signal) {
+    if g.surely_gone() {
+        return;
+    }
     let _ = tokio::task::spawn_blocking(move || g.signal(signal)).await;
 }
 

@@ -35,7 +35,7 @@ use super::LogEntry;
 pub(super) const YOUNG: Duration = Duration::from_secs(2);
 
 /// The most a young spool holds in memory; a batch beyond it makes the directory at once.
-const YOUNG_BYTES: usize = 64 * 1024;
+const YOUNG_BYTES: usize = 16 * 1024;
 
 /// One batch a young spool holds back.
 #[derive(Debug)]
@@ -397,6 +397,19 @@ mod tests {
         drop(logs);
         let logs = LogBuffer::open(path.clone(), 10, 1 << 20, &io).unwrap();
         assert_eq!(logs.last_seq(), 0);
+        // A young spool holds small batches in memory, and writes at once past its bound.
+        logs.push(LogStream::Stdout, "small");
+        io.run(|| ()).await.unwrap();
+        assert!(!path.exists(), "held in memory");
+        logs.push(LogStream::Stdout, "x".repeat(super::YOUNG_BYTES));
+        io.run(|| ()).await.unwrap();
+        assert_eq!(
+            std::fs::read_dir(&path).unwrap().count(),
+            1,
+            "written at once"
+        );
+        logs.delete_spool().await;
+        let logs = LogBuffer::open(path.clone(), 10, 1 << 20, &io).unwrap();
         // Lines of a young spool wait in memory: deleted before its youth ends, it never
         // touched the disk.
         for i in 0..3 {

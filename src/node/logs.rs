@@ -259,18 +259,42 @@ impl LogBuffer {
         })
     }
 
-    /// A buffer spooled under `dir` (created if needed) with at most `spool_bytes` on disk,
-    /// written by `io`. An existing spool is loaded (on the calling thread): the sequence
-    /// counter resumes after its last entry and the ring is filled with its last `limit`
-    /// entries.
+    /// A buffer spooled under `dir` (made with its first line) with at most `spool_bytes` on
+    /// disk, written by `io`. An existing spool is loaded (on the calling thread): the
+    /// sequence counter resumes after its last entry and the ring is filled with its last
+    /// `limit` entries.
     pub fn open(
         dir: PathBuf,
         limit: usize,
         spool_bytes: u64,
         io: &SpoolWriter,
     ) -> io::Result<Self> {
+        Self::open_with(dir, limit, spool_bytes, io, false)
+    }
+
+    /// As [`LogBuffer::open`], for a deployment whose process ends with the agent
+    /// (`outlive_agent: false`): a new spool is *young* (see `spool.rs`), its first lines held
+    /// in memory. Never for a process under a keeper: after an agent crash its keeper sends
+    /// its output again from the saved cursor, and lines numbered from a lost young spool
+    /// could take numbers the conductor already holds.
+    pub fn open_short_lived(
+        dir: PathBuf,
+        limit: usize,
+        spool_bytes: u64,
+        io: &SpoolWriter,
+    ) -> io::Result<Self> {
+        Self::open_with(dir, limit, spool_bytes, io, true)
+    }
+
+    fn open_with(
+        dir: PathBuf,
+        limit: usize,
+        spool_bytes: u64,
+        io: &SpoolWriter,
+        young: bool,
+    ) -> io::Result<Self> {
         let limit = limit.max(1);
-        let (spool, recent, last_seq) = Spool::open(dir, spool_bytes, limit)?;
+        let (spool, recent, last_seq) = Spool::open(dir, spool_bytes, limit, young)?;
         let young_until = spool.young_until();
         let link = SpoolLink {
             dropped: spool.dropped_counter(),

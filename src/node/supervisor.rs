@@ -430,10 +430,16 @@ impl Supervisor {
     }
 
     /// The log of `id`: its spool, or (when the spool cannot be used) a ring in memory.
-    fn open_logs(&self, id: &str, limit: usize) -> LogBuffer {
+    /// `short_lived`: its process ends with the agent (see [`LogBuffer::open_short_lived`]).
+    fn open_logs(&self, id: &str, limit: usize, short_lived: bool) -> LogBuffer {
         let config = &self.shared.config;
         let spool_dir = config.work_dir.join("logs").join(id);
-        match LogBuffer::open(
+        let open = if short_lived {
+            LogBuffer::open_short_lived
+        } else {
+            LogBuffer::open
+        };
+        match open(
             spool_dir.clone(),
             limit,
             config.spool_bytes,
@@ -452,7 +458,11 @@ impl Supervisor {
     }
 
     fn start_actor(&self, table: &mut Table, id: &str, desired: Desired) -> Slot {
-        let logs = self.open_logs(id, desired.spec.log_limit_lines);
+        let logs = self.open_logs(
+            id,
+            desired.spec.log_limit_lines,
+            !desired.spec.outlive_agent,
+        );
         let orphan = lock(&self.shared.orphans).remove(id);
         let status = Arc::new(Mutex::new(DeploymentStatus {
             id: id.to_owned(),
@@ -643,10 +653,7 @@ impl Supervisor {
             // Those run without a keeper are in the ledger (never adopted: ended by their
             // actor or stopped here). One for a deployment that also has a run directory
             // (it cannot run twice) is stopped.
-            let attached = ledger.recover().unwrap_or_else(|error| {
-                tracing::error!(%error, "cannot read the ledger of processes run without a keeper");
-                BTreeMap::new()
-            });
+            let attached = ledger.recover();
             for (id, record) in attached {
                 // No run directory of its own.
                 found.push((id, PathBuf::new(), Some(record)));
@@ -674,19 +681,27 @@ impl Supervisor {
         for (id, _) in &stops {
             tracing::info!(deployment = %id, "stopping a process left by the previous agent: not held any more or desired stopped");
         }
-        futures_util::future::join_all(
-            stops
-                .into_iter()
-                .map(|(id, orphan)| async move { self.stop_orphan(&id, orphan).await }),
-        )
-        .await;
+        // Those from run directories first, then those from the ledger: one deployment may
+        // have one of each (an earlier version's), and two stops of one id at once would
+        // share its log spool.
+        let (from_ledger, from_dirs): (Vec<_>, Vec<_>) = stops
+            .into_iter()
+            .partition(|(_, orphan)| orphan.dir.as_os_str().is_empty());
+        for stops in [from_dirs, from_ledger] {
+            futures_util::future::join_all(
+                stops
+                    .into_iter()
+                    .map(|(id, orphan)| async move { self.stop_orphan(&id, orphan).await }),
+            )
+            .await;
+        }
         kept
     }
 
     /// Adopts an orphan only to stop it (its output goes to its spool); returns its log.
     async fn stop_orphan(&self, id: &str, orphan: Orphan) -> LogBuffer {
         let spec = orphan.record.launch.spec.clone();
-        let logs = self.open_logs(id, spec.log_limit_lines);
+        let logs = self.open_logs(id, spec.log_limit_lines, false);
         match runner::adopt(&orphan.dir, orphan.record.clone(), &logs) {
             Ok(mut process) => {
                 let report = process

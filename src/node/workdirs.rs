@@ -8,8 +8,9 @@
 //! spare is renamed into place instead, which allocates nothing.
 //!
 //! Invariants:
-//! - Only an empty directory becomes a spare; one that holds files stays where it is (they may
-//!   be the user's).
+//! - Only an empty directory becomes a spare, and only an empty spare is given out; one that
+//!   holds files stays where it is (they may be the user's, or written by a process that
+//!   escaped its group's end and still has it as its working directory).
 //! - At most [`MAX_SPARES`] spares are kept; beyond that an empty directory is deleted.
 //! - A spare given out is renamed to the deployment's path before anything runs there, with
 //!   the mode a new directory would get.
@@ -89,16 +90,26 @@ impl WorkDirs {
             let mut guard = self.spares();
             self.listed(&mut guard).pop()
         };
-        if let Some(spare) = spare {
+        // One that is not empty (a process that escaped its group's end still had it as its
+        // working directory and wrote there) is left where it is, and not used again.
+        if let Some(spare) = spare.filter(|s| is_empty(s)) {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            if std::fs::rename(&spare, &path).is_ok() {
-                // As made new (the last user may have changed it).
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-                return Ok(path);
+            match std::fs::rename(&spare, &path) {
+                Ok(()) => {
+                    // As made new (the last user may have changed it).
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+                    return Ok(path);
+                }
+                // Gone (someone removed it): a new one instead.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                // Still there: kept for later.
+                Err(_) => {
+                    let mut guard = self.spares();
+                    self.listed(&mut guard).push(spare);
+                }
             }
-            // Gone or taken (someone removed it): a new one instead.
         }
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -111,8 +122,7 @@ impl WorkDirs {
     /// empty (deleted when there are enough spares); one that holds files stays.
     pub fn release(&self, id: &str) {
         let path = self.path(id);
-        let empty = std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_none());
-        if !empty {
+        if !is_empty(&path) {
             return;
         }
         let mut guard = self.spares();
@@ -133,6 +143,11 @@ impl WorkDirs {
             }
         }
     }
+}
+
+/// Whether `dir` is a directory with nothing in it.
+fn is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
 }
 
 #[cfg(test)]
@@ -165,6 +180,28 @@ mod tests {
         assert_eq!(mode & 0o777, 0o755);
         assert_eq!(std::fs::read_dir(&c).unwrap().count(), 0);
 
+        // A spare written to after its release (a process that escaped its group's end) is
+        // not given out.
+        dirs.release("c");
+        let spare = std::fs::read_dir(dir.path().join(SPARES))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::write(spare.join("stray"), "late").unwrap();
+        let d = dirs.make("d").unwrap();
+        assert_eq!(
+            std::fs::read_dir(&d).unwrap().count(),
+            0,
+            "a new one, empty"
+        );
+        assert!(
+            spare.join("stray").exists(),
+            "the written one is left alone"
+        );
+        dirs.release("d");
+
         // At most MAX_SPARES are kept; the others are deleted.
         let ids: Vec<String> = (0..MAX_SPARES + 3).map(|i| format!("t{i}")).collect();
         for id in &ids {
@@ -174,7 +211,8 @@ mod tests {
             dirs.release(id);
             assert!(!dirs.path(id).exists());
         }
+        // The one left alone is not counted as a spare (it is on disk, never given out).
         let spares = std::fs::read_dir(dir.path().join(SPARES)).unwrap().count();
-        assert_eq!(spares, MAX_SPARES);
+        assert_eq!(spares, MAX_SPARES + 1);
     }
 }

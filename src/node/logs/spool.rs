@@ -14,12 +14,15 @@
 //!   lines are skipped when reading.
 //! - Only the log IO thread ([`super::SpoolWriter`]) calls the methods that write or read
 //!   segments after [`Spool::open`].
-//! - A spool whose directory does not exist yet is *young*: for [`YOUNG`] after its open it
-//!   holds its batches (at most [`YOUNG_BYTES`]) in memory instead of making the directory.
-//!   Anything that reads, marks or flushes it, and the end of that time, writes them first
-//!   ([`Spool::settle`]), in order; a deletion while young touches no disk. Most workflow tasks live
-//!   for milliseconds: their log never costs a directory and a file (an agent killed in that
-//!   time loses those lines, which the ring held, with the task itself).
+//! - A spool opened as short-lived (a process that ends with the agent, see
+//!   [`super::LogBuffer::open_short_lived`]) whose directory does not exist yet is *young*:
+//!   for [`YOUNG`] after its open it holds its batches (at most [`YOUNG_BYTES`]) in memory
+//!   instead of making the directory. Anything that reads, marks or flushes it, and the end of
+//!   that time, writes them first ([`Spool::settle`]), in order; a deletion while young
+//!   touches no disk. Most workflow tasks live for milliseconds: their log never costs a
+//!   directory and a file. An agent killed in that time loses those lines (the ring held them)
+//!   with the task itself; lines the conductor already took keep their numbers there, and the
+//!   node numbers new ones above them (`LogsBehind`).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -84,6 +87,7 @@ impl Spool {
         dir: PathBuf,
         cap_bytes: u64,
         keep: usize,
+        young: bool,
     ) -> io::Result<(Self, VecDeque<LogEntry>, u64)> {
         // The directory is made with the first segment: a deployment that never writes a line
         // (most workflow tasks) costs no directory.
@@ -151,7 +155,7 @@ impl Spool {
             dropped: Arc::new(AtomicU64::new(dropped)),
             write_failed: false,
             deleted: false,
-            young_until: (!made).then(|| Instant::now() + YOUNG),
+            young_until: (young && !made).then(|| Instant::now() + YOUNG),
             held: Vec::new(),
             held_bytes: 0,
         };
@@ -390,12 +394,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("quiet");
         let io = SpoolWriter::new();
-        let logs = LogBuffer::open(path.clone(), 10, 1 << 20, &io).unwrap();
+        let logs = LogBuffer::open_short_lived(path.clone(), 10, 1 << 20, &io).unwrap();
         logs.flush().await;
         assert!(!path.exists(), "no line, no directory");
         // Reopening a spool that was never made is a fresh one.
         drop(logs);
-        let logs = LogBuffer::open(path.clone(), 10, 1 << 20, &io).unwrap();
+        let logs = LogBuffer::open_short_lived(path.clone(), 10, 1 << 20, &io).unwrap();
         assert_eq!(logs.last_seq(), 0);
         // A young spool holds small batches in memory, and writes at once past its bound.
         logs.push(LogStream::Stdout, "small");
@@ -409,7 +413,7 @@ mod tests {
             "written at once"
         );
         logs.delete_spool().await;
-        let logs = LogBuffer::open(path.clone(), 10, 1 << 20, &io).unwrap();
+        let logs = LogBuffer::open_short_lived(path.clone(), 10, 1 << 20, &io).unwrap();
         // Lines of a young spool wait in memory: deleted before its youth ends, it never
         // touched the disk.
         for i in 0..3 {
@@ -419,7 +423,7 @@ mod tests {
         assert!(path.exists(), "what waits for the writes makes them");
         logs.delete_spool().await;
         assert!(!path.exists());
-        let logs = LogBuffer::open(path.clone(), 10, 1 << 20, &io).unwrap();
+        let logs = LogBuffer::open_short_lived(path.clone(), 10, 1 << 20, &io).unwrap();
         logs.push(LogStream::System, "started");
         logs.push(LogStream::System, "exited");
         // Queued after the pushes: the appends ran, and held their lines.
@@ -429,7 +433,7 @@ mod tests {
             "a spool deleted while young made no directory"
         );
 
-        let logs = LogBuffer::open(path.clone(), 10, 1 << 20, &io).unwrap();
+        let logs = LogBuffer::open_short_lived(path.clone(), 10, 1 << 20, &io).unwrap();
         assert_eq!(logs.push(LogStream::Stdout, "first"), 1);
         logs.flush().await;
         assert_eq!(std::fs::read_dir(&path).unwrap().count(), 1);

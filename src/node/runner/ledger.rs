@@ -71,21 +71,29 @@ impl Ledger {
     }
 
     /// The records a previous agent left live, by deployment; the file is rewritten with just
-    /// them, so each is ended once in the ledger when [`Ledger::ended`] says so.
-    pub fn recover(&self) -> io::Result<BTreeMap<String, Record>> {
+    /// them, so each is ended once in the ledger when [`Ledger::ended`] says so. What could
+    /// be read is returned even when the rest cannot be, or the rewrite fails (both logged):
+    /// those processes must still be ended.
+    pub fn recover(&self) -> BTreeMap<String, Record> {
         let mut inner = self.lock();
         inner.live.clear();
         let mut found = BTreeMap::new();
         match File::open(&self.path) {
             Ok(f) => {
                 for line in BufReader::new(f).split(b'\n') {
-                    match serde_json::from_slice::<Line>(&line?) {
+                    let line = match line {
+                        Ok(line) => line,
+                        Err(error) => {
+                            tracing::error!(%error, path = %self.path.display(), "reading the ledger of processes without a keeper failed part way");
+                            break;
+                        }
+                    };
+                    match serde_json::from_slice::<Line>(&line) {
                         Ok(Line::Start { id, record }) => {
                             let pid = record.workload.map_or(0, |w| w.pid);
-                            let line = encode(&Line::Start {
-                                id: id.clone(),
-                                record: record.clone(),
-                            })?;
+                            // Kept as read, for the rewrite.
+                            let mut line = line;
+                            line.push(b'\n');
                             inner.live.insert(id.clone(), (pid, line));
                             found.insert(id, *record);
                         }
@@ -101,10 +109,17 @@ impl Ledger {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+            Err(error) => {
+                tracing::error!(%error, path = %self.path.display(), "cannot read the ledger of processes without a keeper");
+            }
         }
-        self.rewrite(&mut inner)?;
-        Ok(found)
+        // Ends are appended to the old file if it cannot be rewritten.
+        if let Err(error) = self.rewrite(&mut inner) {
+            tracing::warn!(%error, path = %self.path.display(), "cannot rewrite the ledger of processes without a keeper");
+            // Its last line may be torn: the next one starts on a line of its own.
+            inner.torn = true;
+        }
+        found
     }
 
     /// Writes down a process that now runs for `id`. An error means it is not written: a
@@ -261,10 +276,7 @@ mod tests {
     fn replaying_the_lines_gives_what_is_live_and_the_file_keeps_only_that() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::new(dir.path());
-        assert!(
-            ledger.recover().unwrap().is_empty(),
-            "no file: nothing live"
-        );
+        assert!(ledger.recover().is_empty(), "no file: nothing live");
         ledger.started("a", &record("a", 10)).unwrap();
         ledger.started("b", &record("b", 20)).unwrap();
         ledger.ended("a", 10);
@@ -282,14 +294,14 @@ mod tests {
         drop(f);
 
         let next = Ledger::new(dir.path());
-        let found = next.recover().unwrap();
+        let found = next.recover();
         assert_eq!(pids(&found), [("b", 21), ("c", 30)]);
         // Rewritten with the live starts alone, and readable again after new lines.
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
         next.ended("c", 30);
         next.started("d", &record("d", 40)).unwrap();
         drop(next);
-        let found = Ledger::new(dir.path()).recover().unwrap();
+        let found = Ledger::new(dir.path()).recover();
         assert_eq!(pids(&found), [("b", 21), ("d", 40)]);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
@@ -298,6 +310,29 @@ mod tests {
             0o600,
             "it holds sealed launches only, but is private"
         );
+    }
+
+    #[test]
+    fn what_was_read_is_returned_when_the_rewrite_fails_and_later_lines_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::new(dir.path());
+        ledger.started("a", &record("a", 10)).unwrap();
+        ledger.started("b", &record("b", 20)).unwrap();
+        drop(ledger);
+        // A torn last line, and a rewrite that cannot happen (its temporary file is taken).
+        let path = dir.path().join(FILE);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"start":{"id":"c""#).unwrap();
+        drop(f);
+        let tmp = path.with_extension("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let next = Ledger::new(dir.path());
+        assert_eq!(pids(&next.recover()), [("a", 10), ("b", 20)]);
+        // Appended after the torn line, on a line of its own.
+        next.ended("a", 10);
+        drop(next);
+        std::fs::remove_dir(&tmp).unwrap();
+        assert_eq!(pids(&Ledger::new(dir.path()).recover()), [("b", 20)]);
     }
 
     #[test]
@@ -318,7 +353,7 @@ mod tests {
             "rewritten at least once"
         );
         drop(ledger);
-        let found = Ledger::new(dir.path()).recover().unwrap();
+        let found = Ledger::new(dir.path()).recover();
         assert_eq!(pids(&found), [("kept", 1)]);
     }
 }

@@ -993,9 +993,7 @@ fn ledger_live(work_dir: &std::path::Path) -> BTreeMap<String, Record> {
     let copy = tempfile::tempdir().unwrap();
     let file = crate::node::runner::ledger::FILE;
     std::fs::copy(work_dir.join(file), copy.path().join(file)).unwrap();
-    crate::node::runner::ledger::Ledger::new(copy.path())
-        .recover()
-        .unwrap()
+    crate::node::runner::ledger::Ledger::new(copy.path()).recover()
 }
 
 /// What a previous agent ran without a keeper is ended by the next one, never adopted: a

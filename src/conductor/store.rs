@@ -1133,9 +1133,9 @@ async fn finish(
         q.push_values(rows, |mut b, (id, e, fields)| {
             b.push_bind(id)
                 .push_bind(e.at_ms)
-                .push_bind(e.kind.clone())
-                .push_bind(e.object.clone())
-                .push_bind(e.message.clone())
+                .push_bind(&e.kind)
+                .push_bind(&e.object)
+                .push_bind(&e.message)
                 .push_bind(fields);
         });
         q.build().execute(&mut *tx).await.map_err(db_err)?;

@@ -375,9 +375,9 @@ impl LogBuffer {
     }
 
     /// Runs `job` after the spool writes queued so far are on disk (a young spool's too), on
-    /// the log IO thread (without a spool: on the blocking pool), and waits for it. The keeper's cursor is saved this way,
-    /// so it never runs ahead of the lines on disk, and a reader that waits for it never
-    /// queues more than one batch.
+    /// the log IO thread (without a spool: on the blocking pool), and waits for it. The
+    /// keeper's cursor is saved this way, so it never runs ahead of the lines on disk, and a
+    /// reader that waits for it never queues more than one batch.
     pub async fn after_writes(&self, job: impl FnOnce() + Send + 'static) {
         let link = self.lock().spool.clone();
         match link {

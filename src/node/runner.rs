@@ -153,9 +153,9 @@ impl Launcher {
     }
 }
 
-/// Creates a fresh run directory. A previous process's files are removed, and first whatever
-/// they name that still runs is killed: a start never leaves a copy behind.
-fn fresh_dir(dir: &Path) -> io::Result<()> {
+/// Creates a fresh run directory with its bell. A previous process's files are removed, and
+/// first whatever they name that still runs is killed: a start never leaves a copy behind.
+fn fresh_run_dir(dir: &Path) -> io::Result<()> {
     if let Some(record) = Record::load(dir) {
         kill_recorded(&record);
     }
@@ -163,12 +163,7 @@ fn fresh_dir(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    std::fs::create_dir_all(dir)
-}
-
-/// [`fresh_dir`] with the keeper's bell.
-fn fresh_run_dir(dir: &Path) -> io::Result<()> {
-    fresh_dir(dir)?;
+    std::fs::create_dir_all(dir)?;
     nix::unistd::mkfifo(
         &dir.join(keeper::BELL),
         nix::sys::stat::Mode::from_bits_truncate(0o600),
@@ -828,12 +823,11 @@ impl RunningProcess {
             }
             KeeperHandle::Adopted => {}
             KeeperHandle::Attached(ledger) => {
-                // No run directory: the ledger says it is gone.
                 let (id, pid) = (self.record.launch.id.clone(), self.pid);
                 let _ = tokio::task::spawn_blocking(move || ledger.ended(&id, pid)).await;
-                return;
             }
         }
+        // One run without a keeper has no run directory: the ledger says it is gone.
         if self.record.attached {
             return;
         }

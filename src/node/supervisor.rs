@@ -23,8 +23,6 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-
-use super::workdirs::WorkDirs;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -37,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::keeper::Record;
 use super::logs::{DEFAULT_MAX_LINE, DEFAULT_SPOOL_BYTES, LogBuffer, LogStream, SpoolWriter};
 use super::runner::{self, Launcher};
+use super::workdirs::WorkDirs;
 use crate::seal::SealKey;
 use crate::spec::{AutoRestart, DeploymentSpec};
 
@@ -137,7 +136,7 @@ impl Prepare for DefaultPrepare {
         _logs: &'a LogBuffer,
     ) -> BoxFuture<'a, Result<Prepared, String>> {
         Box::pin(async move {
-            let cwd = make_work_dir(&self.dirs, id).await?;
+            let cwd = WorkDirs::make_async(&self.dirs, id).await?;
             Ok(Prepared {
                 cwd,
                 command: spec.command.clone(),
@@ -149,17 +148,6 @@ impl Prepare for DefaultPrepare {
     fn release(&self, id: &str) {
         self.dirs.release(id);
     }
-}
-
-/// Makes the default working directory of `id` (on the blocking pool).
-pub async fn make_work_dir(dirs: &Arc<WorkDirs>, id: &str) -> Result<PathBuf, String> {
-    let (dirs, owned) = (Arc::clone(dirs), id.to_owned());
-    tokio::task::spawn_blocking(move || {
-        dirs.make(&owned)
-            .map_err(|e| format!("cannot create {}: {e}", dirs.path(&owned).display()))
-    })
-    .await
-    .map_err(|e| format!("preparing the working directory: {e}"))?
 }
 
 /// "Next fire time strictly after `now`", for one cron schedule.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::node::envs::{self, Envs};
 use crate::node::logs::{LogBuffer, LogStream};
-use crate::node::supervisor::{Prepare, Prepared, make_work_dir};
+use crate::node::supervisor::{Prepare, Prepared};
 use crate::node::workdirs::WorkDirs;
 use crate::node::workspace;
 use crate::spec::DeploymentSpec;
@@ -48,7 +48,7 @@ impl Prepare for AgentPrepare {
                 );
                 dest
             } else {
-                make_work_dir(&self.dirs, id).await?
+                WorkDirs::make_async(&self.dirs, id).await?
             };
             let (command, extra_env) = match &spec.env_name {
                 Some(name) => {
@@ -64,6 +64,7 @@ impl Prepare for AgentPrepare {
             })
         })
     }
+
     fn release(&self, id: &str) {
         self.dirs.release(id);
     }

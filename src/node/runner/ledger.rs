@@ -34,9 +34,16 @@ const COMPACT_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum Line {
-    Start { id: String, record: Box<Record> },
-    End { id: String, pid: u32 },
+enum Line<R> {
+    /// `R`: the record, owned when read and borrowed when written.
+    Start {
+        id: String,
+        record: R,
+    },
+    End {
+        id: String,
+        pid: u32,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -88,14 +95,14 @@ impl Ledger {
                             break;
                         }
                     };
-                    match serde_json::from_slice::<Line>(&line) {
+                    match serde_json::from_slice::<Line<Record>>(&line) {
                         Ok(Line::Start { id, record }) => {
                             let pid = record.workload.map_or(0, |w| w.pid);
                             // Kept as read, for the rewrite.
                             let mut line = line;
                             line.push(b'\n');
                             inner.live.insert(id.clone(), (pid, line));
-                            found.insert(id, *record);
+                            found.insert(id, record);
                         }
                         Ok(Line::End { id, pid }) => {
                             if inner.live.get(&id).is_some_and(|(p, _)| *p == pid) {
@@ -128,7 +135,7 @@ impl Ledger {
         let pid = record.workload.map_or(0, |w| w.pid);
         let line = encode(&Line::Start {
             id: id.to_owned(),
-            record: Box::new(record.clone()),
+            record,
         })?;
         let mut inner = self.lock();
         self.append(&mut inner, &line)?;
@@ -145,14 +152,21 @@ impl Ledger {
             return;
         }
         inner.live.remove(id);
-        let result = encode(&Line::End {
+        let result = encode(&Line::<&Record>::End {
             id: id.to_owned(),
             pid,
         })
         .and_then(|line| self.append(&mut inner, &line))
         .and_then(|()| {
-            let live: u64 = inner.live.values().map(|(_, l)| l.len() as u64).sum();
-            if inner.bytes > COMPACT_BYTES && inner.bytes > live.saturating_mul(4) {
+            // What is live is summed only once the file is past the size that matters.
+            let over = inner.bytes > COMPACT_BYTES
+                && inner.bytes
+                    > 4 * inner
+                        .live
+                        .values()
+                        .map(|(_, l)| l.len() as u64)
+                        .sum::<u64>();
+            if over {
                 self.rewrite(&mut inner)
             } else {
                 Ok(())
@@ -167,8 +181,8 @@ impl Ledger {
     pub fn live(&self, id: &str) -> Option<Record> {
         let inner = self.lock();
         let (_, line) = inner.live.get(id)?;
-        match serde_json::from_slice(line) {
-            Ok(Line::Start { record, .. }) => Some(*record),
+        match serde_json::from_slice::<Line<Record>>(line) {
+            Ok(Line::Start { record, .. }) => Some(record),
             _ => None,
         }
     }
@@ -223,7 +237,7 @@ impl Ledger {
     }
 }
 
-fn encode(line: &Line) -> io::Result<Vec<u8>> {
+fn encode(line: &Line<&Record>) -> io::Result<Vec<u8>> {
     let mut bytes = serde_json::to_vec(line).map_err(io::Error::other)?;
     bytes.push(b'\n');
     Ok(bytes)

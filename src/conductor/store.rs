@@ -318,8 +318,6 @@ const SELECT_EXPERIMENTS: &str = "SELECT name, declaration, placement, created_a
      failed_reason FROM experiments ORDER BY created_at_ms DESC, name ASC";
 const SELECT_PROCESSES: &str = "SELECT deployment_id, experiment, process, process_group, \
      on_failure FROM experiment_processes ORDER BY experiment, position";
-const INSERT_DEPLOYMENT: &str = "INSERT INTO deployments (id, name, desired_state, kind, \
-     specification, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)";
 const INSERT_SERVICE: &str = "INSERT INTO services (namespace, name, deployment_id, port, \
      exposed) VALUES ($1, $2, $3, $4, $5)";
 const SELECT_ASSIGNMENTS: &str =
@@ -629,9 +627,7 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        for d in deployments {
-            insert_deployment_on(&mut tx, d, &self.key).await?;
-        }
+        insert_deployments_on(&mut tx, deployments, &self.key).await?;
         for (position, p) in (0_i64..).zip(&e.processes) {
             sqlx::query(
                 "INSERT INTO experiment_processes (deployment_id, experiment, process, \
@@ -901,16 +897,9 @@ impl Store {
         let high = generation_to_db(high)?;
 
         let mut tx = self.begin_write().await?;
-        for deployment_id in clear {
-            sqlx::query("DELETE FROM assignments WHERE deployment_id = $1")
-                .bind(deployment_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
-        for (a, generation) in set.iter().zip(checked) {
-            upsert_assignment_on(&mut tx, a, generation).await?;
-        }
+        delete_in_on(&mut tx, "assignments", "deployment_id", clear).await?;
+        let set: Vec<_> = set.iter().zip(checked).collect();
+        upsert_assignments_on(&mut tx, &set).await?;
         sqlx::query(BUMP_COUNTER)
             .bind(high)
             .bind(GENERATION_COUNTER)
@@ -1146,6 +1135,39 @@ async fn finish(
 /// Events written by one INSERT.
 const EVENTS_PER_INSERT: usize = 512;
 
+/// Rows one multi-row statement takes (at most 7 values a row: far below SQLite's 32 766
+/// variables). A statement is a round trip to the connection's thread, so a batch of changes
+/// is a few statements, not one per row.
+const ROWS_PER_STATEMENT: usize = 256;
+
+/// `DELETE FROM {table} WHERE {column} IN (ids)`, a chunk of ids a statement; returns how many
+/// rows went.
+async fn delete_in_on(
+    conn: &mut sqlx::SqliteConnection,
+    table: &str,
+    column: &str,
+    ids: &[String],
+) -> Result<u64, StoreError> {
+    let mut gone = 0;
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+            "DELETE FROM {table} WHERE {column} IN ("
+        ));
+        let mut list = q.separated(", ");
+        for id in chunk {
+            list.push_bind(id);
+        }
+        list.push_unseparated(")");
+        gone += q
+            .build()
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?
+            .rows_affected();
+    }
+    Ok(gone)
+}
+
 fn event_id_to_db(id: u64) -> Result<i64, StoreError> {
     i64::try_from(id).map_err(|_| StoreError::Invalid {
         field: "events.id",
@@ -1194,6 +1216,30 @@ async fn upsert_assignment_on(
     Ok(())
 }
 
+/// [`upsert_assignment_on`] for many, a chunk a statement (a later row for the same
+/// deployment wins, as one at a time would).
+async fn upsert_assignments_on(
+    conn: &mut sqlx::SqliteConnection,
+    set: &[(&AssignmentRecord, i64)],
+) -> Result<(), StoreError> {
+    for chunk in set.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO assignments (deployment_id, node_id, generation) ",
+        );
+        q.push_values(chunk, |mut b, (a, generation)| {
+            b.push_bind(&a.deployment_id)
+                .push_bind(&a.node_id)
+                .push_bind(*generation);
+        });
+        q.push(
+            " ON CONFLICT (deployment_id) DO UPDATE SET node_id = excluded.node_id, \
+             generation = excluded.generation",
+        );
+        q.build().execute(&mut *conn).await.map_err(db_err)?;
+    }
+    Ok(())
+}
+
 /// Sets one assignment and raises the generation counter to its generation.
 async fn set_assignment_on(
     conn: &mut sqlx::SqliteConnection,
@@ -1210,25 +1256,42 @@ async fn set_assignment_on(
     Ok(())
 }
 
+/// [`insert_deployment_on`] for many, a chunk a statement.
+async fn insert_deployments_on(
+    conn: &mut sqlx::SqliteConnection,
+    all: &[DeploymentRecord],
+    key: &SealKey,
+) -> Result<(), StoreError> {
+    for chunk in all.chunks(ROWS_PER_STATEMENT) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for d in chunk {
+            check_deployment(d)?;
+            rows.push((d, Secrets::Specification.sealed(key, &d.specification)?));
+        }
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO deployments (id, name, desired_state, kind, specification, \
+             created_at_ms, updated_at_ms) ",
+        );
+        q.push_values(rows, |mut b, (d, spec)| {
+            b.push_bind(&d.id)
+                .push_bind(&d.name)
+                .push_bind(d.desired_state.as_str())
+                .push_bind(&d.kind)
+                .push_bind(spec)
+                .push_bind(d.created_at_ms)
+                .push_bind(d.updated_at_ms);
+        });
+        q.build().execute(&mut *conn).await.map_err(db_err)?;
+    }
+    Ok(())
+}
+
 async fn insert_deployment_on(
     conn: &mut sqlx::SqliteConnection,
     d: &DeploymentRecord,
     key: &SealKey,
 ) -> Result<(), StoreError> {
-    check_deployment(d)?;
-    let spec = Secrets::Specification.sealed(key, &d.specification)?;
-    sqlx::query(INSERT_DEPLOYMENT)
-        .bind(&d.id)
-        .bind(&d.name)
-        .bind(d.desired_state.as_str())
-        .bind(&d.kind)
-        .bind(spec)
-        .bind(d.created_at_ms)
-        .bind(d.updated_at_ms)
-        .execute(conn)
-        .await
-        .map_err(db_err)?;
-    Ok(())
+    insert_deployments_on(conn, std::slice::from_ref(d), key).await
 }
 
 async fn insert_service_on(
@@ -1375,28 +1438,24 @@ pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
     StoreError::Db(e)
 }
 
+/// [`delete_deployment_on`] for many, a chunk a statement per table; returns how many
+/// deployments went.
+async fn delete_deployments_on(
+    conn: &mut sqlx::SqliteConnection,
+    ids: &[String],
+) -> Result<u64, StoreError> {
+    delete_in_on(&mut *conn, "assignments", "deployment_id", ids).await?;
+    delete_in_on(&mut *conn, "services", "deployment_id", ids).await?;
+    delete_in_on(conn, "deployments", "id", ids).await
+}
+
 /// Deletes a deployment and what refers to it (its assignment, the services it binds) in
 /// one transaction's connection; returns how many deployments went (0 or 1).
 async fn delete_deployment_on(
     conn: &mut sqlx::SqliteConnection,
     id: &str,
 ) -> Result<u64, StoreError> {
-    for sql in [
-        "DELETE FROM assignments WHERE deployment_id = $1",
-        "DELETE FROM services WHERE deployment_id = $1",
-    ] {
-        sqlx::query(sql)
-            .bind(id)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
-    }
-    let done = sqlx::query("DELETE FROM deployments WHERE id = $1")
-        .bind(id)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
-    Ok(done.rows_affected())
+    delete_deployments_on(conn, &[id.to_owned()]).await
 }
 
 fn found(rows_affected: u64) -> Result<(), StoreError> {

@@ -4,8 +4,8 @@
 use sqlx::Row;
 
 use super::{
-    DeploymentRecord, Secrets, Store, StoreError, db_err, delete_deployment_on, finish,
-    insert_deployment_on, int, json, text,
+    DeploymentRecord, ROWS_PER_STATEMENT, Secrets, Store, StoreError, db_err,
+    delete_deployments_on, delete_in_on, finish, insert_deployments_on, int, json, text,
 };
 use crate::conductor::events::Event;
 use crate::conductor::runs::Run;
@@ -94,62 +94,65 @@ impl Store {
             .collect()
     }
 
-    /// Writes runs (insert or replace) and their task deployments in one transaction.
+    /// Writes runs (insert or replace) and their task deployments in one transaction: a few
+    /// multi-row statements, not one per row (each is a round trip to SQLite's thread).
     pub async fn write_runs(&self, w: &RunsWrite<'_>, events: &[Event]) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
+        let now = crate::conductor::core::now_ms();
+        let mut docs = Vec::with_capacity(w.runs.len());
         for run in &w.runs {
-            let doc = serde_json::to_string(run).map_err(StoreError::Json)?;
-            sqlx::query(
-                "INSERT INTO runs (id, workflow, seq, state, doc, updated_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (id) DO UPDATE SET state = excluded.state, doc = excluded.doc, \
+            docs.push((*run, serde_json::to_string(run).map_err(StoreError::Json)?));
+        }
+        // One row per deployment (the last change wins, as one at a time would): an UPDATE
+        // from a list of values takes an arbitrary one of two rows for the same id.
+        let mut seen = std::collections::HashSet::new();
+        let mut updates = Vec::with_capacity(w.update.len());
+        for d in w.update.iter().rev() {
+            if seen.insert(d.id.as_str()) {
+                updates.push((
+                    d,
+                    Secrets::Specification.sealed(&self.key, &d.specification)?,
+                ));
+            }
+        }
+        updates.reverse();
+        let mut tx = self.begin_write().await?;
+        for chunk in docs.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO runs (id, workflow, seq, state, doc, updated_at_ms) ",
+            );
+            q.push_values(chunk, |mut b, (run, doc)| {
+                b.push_bind(&run.id)
+                    .push_bind(&run.workflow)
+                    .push_bind(i64::try_from(run.seq).unwrap_or(i64::MAX))
+                    .push_bind(run.state.as_str())
+                    .push_bind(doc)
+                    .push_bind(now);
+            });
+            q.push(
+                " ON CONFLICT (id) DO UPDATE SET state = excluded.state, doc = excluded.doc, \
                  updated_at_ms = excluded.updated_at_ms",
-            )
-            .bind(&run.id)
-            .bind(&run.workflow)
-            .bind(i64::try_from(run.seq).unwrap_or(i64::MAX))
-            .bind(run.state.as_str())
-            .bind(doc)
-            .bind(crate::conductor::core::now_ms())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            );
+            q.build().execute(&mut *tx).await.map_err(db_err)?;
         }
-        for d in &w.create {
-            insert_deployment_on(&mut tx, d, &self.key).await?;
+        insert_deployments_on(&mut tx, &w.create, &self.key).await?;
+        for chunk in updates.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "UPDATE deployments SET name = v.column2, desired_state = v.column3, \
+                 specification = v.column4, updated_at_ms = v.column5 FROM (",
+            );
+            q.push_values(chunk, |mut b, (d, spec)| {
+                b.push_bind(&d.id)
+                    .push_bind(&d.name)
+                    .push_bind(d.desired_state.as_str())
+                    .push_bind(spec)
+                    .push_bind(d.updated_at_ms);
+            });
+            q.push(") AS v WHERE deployments.id = v.column1");
+            q.build().execute(&mut *tx).await.map_err(db_err)?;
         }
-        for d in &w.update {
-            let spec = Secrets::Specification.sealed(&self.key, &d.specification)?;
-            sqlx::query(
-                "UPDATE deployments SET name = $1, desired_state = $2, specification = $3, \
-                 updated_at_ms = $4 WHERE id = $5",
-            )
-            .bind(&d.name)
-            .bind(d.desired_state.as_str())
-            .bind(spec)
-            .bind(d.updated_at_ms)
-            .bind(&d.id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        }
-        for id in &w.clear {
-            sqlx::query("DELETE FROM assignments WHERE deployment_id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
-        for id in &w.delete_deployments {
-            delete_deployment_on(&mut tx, id).await?;
-        }
-        for id in &w.delete_runs {
-            sqlx::query("DELETE FROM runs WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
+        delete_in_on(&mut tx, "assignments", "deployment_id", &w.clear).await?;
+        delete_deployments_on(&mut tx, &w.delete_deployments).await?;
+        delete_in_on(&mut tx, "runs", "id", &w.delete_runs).await?;
         finish(tx, events).await
     }
 

@@ -1256,3 +1256,103 @@ async fn a_read_only_database_is_unwritable_with_its_cause_and_path() {
     assert!(err.is_environmental());
     assert!(err.to_string().contains("read-only"), "{err}");
 }
+
+fn run(id: &str, seq: u64, state: crate::conductor::runs::RunState) -> crate::conductor::runs::Run {
+    crate::conductor::runs::Run {
+        id: id.to_owned(),
+        workflow: "w".to_owned(),
+        version: 1,
+        seq,
+        params: BTreeMap::new(),
+        state,
+        fail_fast: false,
+        queued_at_ms: 0,
+        started_at_ms: None,
+        finished_at_ms: None,
+        reason: None,
+        tasks: Vec::new(),
+    }
+}
+
+/// A batch of run changes is a few multi-row statements: more rows than one statement takes,
+/// the last change of a deployment wins, and what is cleared or deleted goes, across chunks.
+#[tokio::test]
+async fn a_batch_of_run_changes_spans_statements_and_the_last_change_wins() {
+    use crate::conductor::runs::RunState;
+    use runs::RunsWrite;
+    let (_dir, store) = file_store().await;
+    let n = ROWS_PER_STATEMENT + 44;
+    let ids: Vec<String> = (0..n).map(|i| format!("d{i:04}")).collect();
+    let runs: Vec<_> = (0..n)
+        .map(|i| run(&format!("r{i:04}"), i as u64, RunState::Running))
+        .collect();
+    let create: Vec<_> = ids.iter().map(|id| deployment(id, id, 1)).collect();
+    let w = RunsWrite {
+        runs: runs.iter().collect(),
+        create,
+        ..RunsWrite::default()
+    };
+    store.write_runs(&w, &[]).await.unwrap();
+    let set: Vec<_> = ids.iter().map(|id| assignment(id, "n1", 7)).collect();
+    store
+        .apply_placements(&set, &[], Generation(7), &[])
+        .await
+        .unwrap();
+    assert_eq!(store.list_assignments().await.unwrap().len(), n);
+
+    // Every deployment stopped, the first one twice (the second change wins); every run done
+    // and then the first half deleted with their deployments; the rest's assignments cleared.
+    let mut update: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let mut d = deployment(id, "renamed", 1);
+            d.desired_state = DesiredState::Stopped;
+            d.updated_at_ms = 5;
+            d
+        })
+        .collect();
+    let mut last = deployment(&ids[0], "last", 1);
+    last.updated_at_ms = 9;
+    update.push(last);
+    let done: Vec<_> = (0..n)
+        .map(|i| run(&format!("r{i:04}"), i as u64, RunState::Succeeded))
+        .collect();
+    let half = n / 2;
+    let w = RunsWrite {
+        runs: done.iter().collect(),
+        update,
+        clear: ids[half..].to_vec(),
+        delete_runs: done[..half].iter().map(|r| r.id.clone()).collect(),
+        delete_deployments: ids[1..half].to_vec(),
+        ..RunsWrite::default()
+    };
+    store.write_runs(&w, &[]).await.unwrap();
+
+    let left = store.list_deployments().await.unwrap();
+    let mut expect: Vec<&str> = vec![ids[0].as_str()];
+    expect.extend(ids[half..].iter().map(String::as_str));
+    let mut got: Vec<&str> = left.iter().map(|d| d.id.as_str()).collect();
+    got.sort_unstable();
+    assert_eq!(got, expect);
+    for d in &left {
+        if d.id == ids[0] {
+            assert_eq!((d.name.as_str(), d.updated_at_ms), ("last", 9));
+            assert_eq!(d.desired_state, DesiredState::Running);
+        } else {
+            assert_eq!((d.name.as_str(), d.updated_at_ms), ("renamed", 5));
+            assert_eq!(d.desired_state, DesiredState::Stopped);
+        }
+    }
+    let assigned: Vec<String> = store
+        .list_assignments()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.deployment_id)
+        .collect();
+    assert_eq!(assigned, vec![ids[0].clone()]);
+    let stored = store.list_runs().await.unwrap();
+    assert_eq!(stored.len(), n - half);
+    assert!(stored.iter().all(|r| r.state == RunState::Succeeded));
+    assert_eq!(stored[0].id, format!("r{half:04}"));
+}

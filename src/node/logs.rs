@@ -25,8 +25,9 @@ mod writer;
 use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
@@ -181,9 +182,10 @@ fn spool_read(
     move || lock_spool(&spool).read_since(after, max)
 }
 
-/// A buffer's spool and the IO thread that writes it. The spool's mutex is taken only by jobs
-/// on the IO thread, one at a time, so it is never contended; it is a mutex because the
-/// jobs share the spool.
+/// A buffer's spool and the IO thread that writes it. The spool's mutex is taken by jobs on
+/// the IO thread, one at a time, and by the buffer while the spool is young and no job was
+/// queued for it (then the IO thread has none on it but its settling), so it is hardly ever
+/// contended; it is a mutex because they share the spool.
 #[derive(Debug, Clone)]
 struct SpoolLink {
     spool: Arc<Mutex<Spool>>,
@@ -192,12 +194,19 @@ struct SpoolLink {
     pending: Arc<AtomicUsize>,
     /// Lines not on disk (the spool's counter).
     dropped: Arc<AtomicU64>,
+    /// Until when the spool was young at its open (none: it never was).
+    young_until: Option<Instant>,
+    /// A job was queued for the spool: from then on every batch goes through the IO thread,
+    /// in order after it.
+    queued: Arc<AtomicBool>,
+    /// The end of its youth (its settling) is queued.
+    settling: Arc<AtomicBool>,
 }
 
 impl SpoolLink {
-    /// Encodes `entries` and queues their write; skips them (counted as dropped) while more
-    /// than [`MAX_PENDING_BYTES`] wait. Called under the buffer's lock, so writes are queued
-    /// in sequence order.
+    /// Encodes `entries` and holds them in the young spool or queues their write; skips them
+    /// (counted as dropped) while more than [`MAX_PENDING_BYTES`] wait. Called under the
+    /// buffer's lock, so writes are queued in sequence order.
     fn append<'a>(&self, entries: impl Iterator<Item = &'a LogEntry>) {
         let mut buf = Vec::new();
         let mut first = None;
@@ -212,6 +221,18 @@ impl SpoolLink {
             }
         }
         let Some(first) = first else { return };
+        if self.young_until.is_some() && !self.queued.load(Ordering::Acquire) {
+            // Held right here: most short tasks' every line (a start and an exit) costs no
+            // trip to the IO thread. A spool that settled meanwhile gives the batch back.
+            let held = lock_spool(&self.spool).hold(first, last, buf, lines);
+            match held {
+                Ok(_) => {
+                    self.settle_in_time();
+                    return;
+                }
+                Err(back) => buf = back,
+            }
+        }
         let count = last - first + 1;
         let len = buf.len();
         let pending = self.pending.load(Ordering::Relaxed);
@@ -223,7 +244,9 @@ impl SpoolLink {
         self.pending.fetch_add(len, Ordering::Relaxed);
         let spool = Arc::clone(&self.spool);
         let waiting = Arc::clone(&self.pending);
-        let queued = self.io.submit(move || {
+        // The IO thread may hold it too, while young.
+        self.settle_in_time();
+        let queued = self.submit(move || {
             lock_spool(&spool).append(first, last, buf, lines);
             waiting.fetch_sub(len, Ordering::Relaxed);
         });
@@ -231,6 +254,41 @@ impl SpoolLink {
             self.pending.fetch_sub(len, Ordering::Relaxed);
             self.dropped.fetch_add(count, Ordering::Relaxed);
         }
+    }
+
+    /// Queues, once, what ends a young spool's youth at its time: it writes what it held.
+    fn settle_in_time(&self) {
+        if let Some(at) = self.young_until
+            && !self.settling.swap(true, Ordering::AcqRel)
+        {
+            let spool = Arc::clone(&self.spool);
+            self.io.submit_at(at, move || lock_spool(&spool).settle());
+        }
+    }
+
+    /// Queues `job` on the IO thread (see [`SpoolWriter::submit`]).
+    fn submit(&self, job: impl FnOnce() + Send + 'static) -> bool {
+        self.queued.store(true, Ordering::Release);
+        self.io.submit(job)
+    }
+
+    /// Runs `f` on the IO thread and waits for it (see [`SpoolWriter::run`]).
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        self.queued.store(true, Ordering::Release);
+        self.io.run(f).await
+    }
+
+    /// As [`SpoolLink::run`], blocking the calling thread (tests' sync reads).
+    #[cfg(test)]
+    fn run_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        self.queued.store(true, Ordering::Release);
+        self.io.run_blocking(f)
     }
 }
 
@@ -295,18 +353,15 @@ impl LogBuffer {
     ) -> io::Result<Self> {
         let limit = limit.max(1);
         let (spool, recent, last_seq) = Spool::open(dir, spool_bytes, limit, young)?;
-        let young_until = spool.young_until();
         let link = SpoolLink {
             dropped: spool.dropped_counter(),
+            young_until: spool.young_until(),
             spool: Arc::new(Mutex::new(spool)),
             io: io.clone(),
             pending: Arc::new(AtomicUsize::new(0)),
+            queued: Arc::new(AtomicBool::new(false)),
+            settling: Arc::new(AtomicBool::new(false)),
         };
-        if let Some(at) = young_until {
-            // What it held back reaches the disk when its youth ends (unless deleted first).
-            let spool = Arc::clone(&link.spool);
-            io.submit_at(at, move || lock_spool(&spool).settle());
-        }
         Ok(Self::from_inner(Inner {
             ring: recent,
             limit,
@@ -382,9 +437,8 @@ impl LogBuffer {
         let link = self.lock().spool.clone();
         match link {
             Some(link) => {
-                let spool = link.spool;
+                let spool = Arc::clone(&link.spool);
                 let _ = link
-                    .io
                     .run(move || {
                         lock_spool(&spool).settle();
                         job();
@@ -435,7 +489,7 @@ impl LogBuffer {
         match self.source(after, max, max_bytes) {
             Source::Ring(entries) => entries,
             Source::Spool(link) => {
-                let read = link.io.run_blocking(spool_read(&link, after, max));
+                let read = link.run_blocking(spool_read(&link, after, max));
                 self.spool_answer(read.and_then(|r| r), after, max, max_bytes)
             }
         }
@@ -452,7 +506,7 @@ impl LogBuffer {
         match self.source(after, max, max_bytes) {
             Source::Ring(entries) => entries,
             Source::Spool(link) => {
-                let read = link.io.run(spool_read(&link, after, max)).await;
+                let read = link.run(spool_read(&link, after, max)).await;
                 self.spool_answer(read.and_then(|r| r), after, max, max_bytes)
             }
         }
@@ -532,9 +586,8 @@ impl LogBuffer {
             (inner.spool.clone(), inner.last_seq)
         };
         if let Some(link) = link {
-            let spool = link.spool;
+            let spool = Arc::clone(&link.spool);
             let _ = link
-                .io
                 .run(move || lock_spool(&spool).mark_reached(last_seq))
                 .await;
         }
@@ -545,8 +598,16 @@ impl LogBuffer {
     pub async fn delete_spool(&self) {
         let link = self.lock().spool.take();
         if let Some(link) = link {
-            let spool = link.spool;
-            let _ = link.io.run(move || lock_spool(&spool).delete()).await;
+            if !link.queued.load(Ordering::Acquire) {
+                // No job was queued for it: still young, it has nothing on disk to delete.
+                let mut spool = lock_spool(&link.spool);
+                if spool.young_until().is_some() {
+                    spool.delete();
+                    return;
+                }
+            }
+            let spool = Arc::clone(&link.spool);
+            let _ = link.run(move || lock_spool(&spool).delete()).await;
         }
     }
 }

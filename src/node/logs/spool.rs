@@ -19,7 +19,9 @@
 //!   for [`YOUNG`] after its open it holds its batches (at most [`YOUNG_BYTES`]) in memory
 //!   instead of making the directory. Anything that reads, marks or flushes it, and the end of
 //!   that time, writes them first ([`Spool::settle`]), in order; a deletion while young
-//!   touches no disk. Most workflow tasks live for milliseconds: their log never costs a
+//!   touches no disk. Until a job is queued for it, the buffer holds its batches and deletes
+//!   it itself ([`Spool::hold`], under the spool's lock), with no trip to the IO thread; the
+//!   end of its youth is queued with the first batch held. Most workflow tasks live for milliseconds: their log never costs a
 //!   directory and a file. An agent killed in that time loses those lines (the ring held them)
 //!   with the task itself; lines the conductor already took keep their numbers there, and the
 //!   node numbers new ones above them (`LogsBehind`).
@@ -172,8 +174,24 @@ impl Spool {
     /// `last`, after everything already spooled. Errors are traced once and count the lines
     /// as dropped: the ring still has them.
     pub(super) fn append(&mut self, first: u64, last: u64, buf: Vec<u8>, lines: u64) {
-        if let Some(until) = self.young_until {
-            if Instant::now() < until && self.held_bytes + buf.len() <= YOUNG_BYTES {
+        if let Err(buf) = self.hold(first, last, buf, lines) {
+            self.settle();
+            self.append_now(first, last, &buf, lines);
+        }
+    }
+
+    /// Holds the batch in memory while young and within [`YOUNG_BYTES`] (true: the first one
+    /// held, whose holder must see that the spool settles in time); else gives it back.
+    pub(super) fn hold(
+        &mut self,
+        first: u64,
+        last: u64,
+        buf: Vec<u8>,
+        lines: u64,
+    ) -> Result<bool, Vec<u8>> {
+        match self.young_until {
+            Some(until) if Instant::now() < until && self.held_bytes + buf.len() <= YOUNG_BYTES => {
+                let first_held = self.held.is_empty();
                 self.held_bytes += buf.len();
                 self.held.push(Batch {
                     first,
@@ -181,11 +199,10 @@ impl Spool {
                     buf,
                     lines,
                 });
-                return;
+                Ok(first_held)
             }
-            self.settle();
+            _ => Err(buf),
         }
-        self.append_now(first, last, &buf, lines);
     }
 
     /// Whether it is young (holds its lines back, with no directory yet).
@@ -314,11 +331,15 @@ impl Spool {
     /// Removes the spool directory; later appends fail (and count as dropped).
     pub(super) fn delete(&mut self) {
         self.deleted = true;
-        self.young_until = None;
+        let young = self.young_until.take().is_some();
         self.held.clear();
         self.held_bytes = 0;
         self.current = None;
         self.segments.clear();
+        if young {
+            // It never made its directory.
+            return;
+        }
         match fs::remove_dir_all(&self.dir) {
             Ok(()) => {}
             // Never written to: it was never made.
@@ -349,6 +370,7 @@ fn read_segment(path: &Path) -> io::Result<Vec<LogEntry>> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::super::{LogBuffer, LogStream, SpoolWriter};
+    use super::{LogEntry, read_segment};
 
     #[tokio::test]
     async fn seq_resumes_after_reopen_and_since_reads_the_spool() {
@@ -387,6 +409,45 @@ mod tests {
         );
         logs.delete_spool().await;
         assert!(!path.exists());
+    }
+
+    /// A short task's log (a start and an exit line, then its deletion) costs no trip to the
+    /// IO thread: with that thread held up, it all still completes. What it held is written
+    /// at the end of its youth when it is not deleted.
+    #[tokio::test]
+    async fn a_young_spool_holds_and_deletes_without_the_io_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = SpoolWriter::new();
+        let (release, held_up) = std::sync::mpsc::channel::<()>();
+        let (started, blocked) = tokio::sync::oneshot::channel();
+        io.submit(move || {
+            let _ = started.send(());
+            let _ = held_up.recv();
+        });
+        blocked.await.unwrap();
+        let gone = dir.path().join("gone");
+        let logs = LogBuffer::open_short_lived(gone.clone(), 10, 1 << 20, &io).unwrap();
+        logs.push(LogStream::System, "started");
+        logs.push(LogStream::System, "exited");
+        tokio::time::timeout(std::time::Duration::from_secs(30), logs.delete_spool())
+            .await
+            .expect("deleting a young spool waited for the IO thread");
+        let kept = dir.path().join("kept");
+        let logs = LogBuffer::open_short_lived(kept.clone(), 10, 1 << 20, &io).unwrap();
+        logs.push(LogStream::Stdout, "kept line");
+        release.send(()).unwrap();
+        assert!(!kept.exists(), "held");
+        // Its settling was queued for the end of its youth.
+        io.run_later_now().await;
+        assert!(!gone.exists());
+        let lines: Vec<String> = logs.since(0, 10).into_iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec!["kept line".to_owned()]);
+        let on_disk: Vec<LogEntry> = std::fs::read_dir(&kept)
+            .unwrap()
+            .flat_map(|f| read_segment(&f.unwrap().path()).unwrap())
+            .collect();
+        let lines: Vec<String> = on_disk.into_iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec!["kept line".to_owned()]);
     }
 
     #[tokio::test]

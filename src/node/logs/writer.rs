@@ -4,7 +4,10 @@
 //! Invariants:
 //! - Jobs run one at a time in queue order: a read or a flush queued after an append sees it.
 //!   A job queued for later ([`SpoolWriter::submit_at`]) runs once its time came, between
-//!   the others.
+//!   the others. Jobs for later wait in a list the thread reads before it sleeps, in the order
+//!   they came (their times are a fixed delay after their submission): queueing one wakes the
+//!   thread only when the list was empty (it then sleeps with no deadline), so a busy node's
+//!   deferred jobs cost no wakeups of their own.
 //! - The thread starts on the first job (an idle node with no deployment has none) and ends
 //!   when the last [`SpoolWriter`] handle is dropped, after the jobs already queued, those
 //!   queued for later included (at once).
@@ -14,7 +17,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -25,16 +28,36 @@ const STACK_BYTES: usize = 256 * 1024;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A job to run now, or once its time came.
+/// Jobs for later, in the order they came.
+type Later = Arc<Mutex<VecDeque<(Instant, Job)>>>;
+
+fn lock_later(later: &Later) -> MutexGuard<'_, VecDeque<(Instant, Job)>> {
+    later.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the thread receives: a job to run now, or a nudge to read the list of jobs for
+/// later again (one was added to an empty list).
 enum Queued {
     Now(Job),
-    At(Instant, Job),
+    Wake,
+}
+
+/// The running thread's queue and its list of jobs for later.
+struct Thread {
+    tx: mpsc::Sender<Queued>,
+    later: Later,
+}
+
+impl std::fmt::Debug for Thread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Thread").finish_non_exhaustive()
+    }
 }
 
 /// Handle to the node's log IO thread. Cheap to clone; see the module docs.
 #[derive(Debug, Clone, Default)]
 pub struct SpoolWriter {
-    queue: Arc<OnceLock<Result<mpsc::Sender<Queued>, String>>>,
+    thread: Arc<OnceLock<Result<Thread, String>>>,
 }
 
 fn run_job(job: Job) {
@@ -43,29 +66,36 @@ fn run_job(job: Job) {
     }
 }
 
-/// The IO thread's loop. Jobs for later come with times that (nearly) only increase (a fixed
-/// delay after their submission): they wait in submission order.
-fn serve(rx: &mpsc::Receiver<Queued>) {
-    let mut later: VecDeque<(Instant, Job)> = VecDeque::new();
+/// The IO thread's loop.
+fn serve(rx: &mpsc::Receiver<Queued>, later: &Later) {
     loop {
-        let next = match later.front() {
+        let due = lock_later(later).front().map(|(at, _)| *at);
+        let next = match due {
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some((at, _)) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+            Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
         };
         match next {
             Ok(Queued::Now(job)) => run_job(job),
-            Ok(Queued::At(at, job)) => later.push_back((at, job)),
-            Err(RecvTimeoutError::Timeout) => {}
+            Ok(Queued::Wake) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
         let now = Instant::now();
-        while later.front().is_some_and(|(at, _)| *at <= now) {
-            if let Some((_, job)) = later.pop_front() {
-                run_job(job);
+        loop {
+            let job = {
+                let mut list = lock_later(later);
+                match list.front() {
+                    Some((at, _)) if *at <= now => list.pop_front(),
+                    _ => None,
+                }
+            };
+            match job {
+                Some((_, job)) => run_job(job),
+                None => break,
             }
         }
     }
-    for (_, job) in later {
+    let rest = std::mem::take(&mut *lock_later(later));
+    for (_, job) in rest {
         run_job(job);
     }
 }
@@ -76,15 +106,17 @@ impl SpoolWriter {
         Self::default()
     }
 
-    fn sender(&self) -> Result<&mpsc::Sender<Queued>, &str> {
-        self.queue
+    fn thread(&self) -> Result<&Thread, &str> {
+        self.thread
             .get_or_init(|| {
                 let (tx, rx) = mpsc::channel::<Queued>();
+                let later = Later::default();
+                let list = Arc::clone(&later);
                 std::thread::Builder::new()
                     .name("log-spool".to_owned())
                     .stack_size(STACK_BYTES)
-                    .spawn(move || serve(&rx))
-                    .map(|_| tx)
+                    .spawn(move || serve(&rx, &list))
+                    .map(|_| Thread { tx, later })
                     .map_err(|e| format!("cannot start the log IO thread: {e}"))
             })
             .as_ref()
@@ -93,18 +125,30 @@ impl SpoolWriter {
 
     /// Queues `job`; false when the thread could not be started (the job is dropped).
     pub(super) fn submit(&self, job: impl FnOnce() + Send + 'static) -> bool {
-        self.queue_job(Queued::Now(Box::new(job)))
+        match self.thread() {
+            Ok(t) => t.tx.send(Queued::Now(Box::new(job))).is_ok(),
+            Err(error) => {
+                tracing::warn!(%error, "log spool job dropped");
+                false
+            }
+        }
     }
 
     /// Queues `job` to run at `at` (or when the thread ends, if sooner); false as
     /// [`SpoolWriter::submit`].
     pub(super) fn submit_at(&self, at: Instant, job: impl FnOnce() + Send + 'static) -> bool {
-        self.queue_job(Queued::At(at, Box::new(job)))
-    }
-
-    fn queue_job(&self, job: Queued) -> bool {
-        match self.sender() {
-            Ok(tx) => tx.send(job).is_ok(),
+        match self.thread() {
+            Ok(t) => {
+                let was_empty = {
+                    let mut list = lock_later(&t.later);
+                    let was_empty = list.is_empty();
+                    list.push_back((at, Box::new(job)));
+                    was_empty
+                };
+                // A thread with jobs for later sleeps until the first one's time, which comes
+                // before this one's: only one sleeping with no deadline needs a nudge.
+                !was_empty || t.tx.send(Queued::Wake).is_ok()
+            }
             Err(error) => {
                 tracing::warn!(%error, "log spool job dropped");
                 false
@@ -124,6 +168,22 @@ impl SpoolWriter {
         });
         rx.await
             .map_err(|_| io::Error::other("log IO thread unavailable"))
+    }
+
+    /// Runs every job queued for later now, after what is queued before (tests).
+    #[cfg(test)]
+    pub(super) async fn run_later_now(&self) {
+        if let Ok(t) = self.thread() {
+            let later = Arc::clone(&t.later);
+            let _ = self
+                .run(move || {
+                    let all = std::mem::take(&mut *lock_later(&later));
+                    for (_, job) in all {
+                        run_job(job);
+                    }
+                })
+                .await;
+        }
     }
 
     /// As [`SpoolWriter::run`], blocking the calling thread (tests' sync reads).

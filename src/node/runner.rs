@@ -248,11 +248,9 @@ pub async fn spawn_attached(
     if launch.process.command.is_empty() {
         return Err(SpawnError::EmptyCommand);
     }
-    let owned = Arc::clone(ledger);
-    // Blocking threads run in the runtime's context: tokio's spawn registers the child there.
-    let (mut child, record) = tokio::task::spawn_blocking(move || start_attached(&owned, launch))
-        .await
-        .map_err(|e| SpawnError::Keeper(format!("starting the process: {e}")))??;
+    // On the calling worker, as tokio's own spawn is: a `posix_spawn`, a read of the child's
+    // stat and a line appended to the ledger cost less than a trip to the blocking pool.
+    let (mut child, record) = start_attached(ledger, launch)?;
     let out = child.stdout.take();
     let err = child.stderr.take();
     let (tx, exit) = watch::channel(ExitSeen::Running);
@@ -822,10 +820,8 @@ impl RunningProcess {
                 let _ = timeout(PUMP_GRACE, join).await;
             }
             KeeperHandle::Adopted => {}
-            KeeperHandle::Attached(ledger) => {
-                let (id, pid) = (self.record.launch.id.clone(), self.pid);
-                let _ = tokio::task::spawn_blocking(move || ledger.ended(&id, pid)).await;
-            }
+            // One line appended (see `spawn_attached`).
+            KeeperHandle::Attached(ledger) => ledger.ended(&self.record.launch.id, self.pid),
         }
         // One run without a keeper has no run directory: the ledger says it is gone.
         if self.record.attached {

@@ -20,7 +20,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// The most spares kept.
 pub const MAX_SPARES: usize = 256;
@@ -118,15 +118,12 @@ impl WorkDirs {
         Ok(path)
     }
 
-    /// [`WorkDirs::make`] on the blocking pool, with the error as a start failure says it.
-    pub async fn make_async(dirs: &Arc<Self>, id: &str) -> Result<PathBuf, String> {
-        let (dirs, owned) = (Arc::clone(dirs), id.to_owned());
-        tokio::task::spawn_blocking(move || {
-            dirs.make(&owned)
-                .map_err(|e| format!("cannot create {}: {e}", dirs.path(&owned).display()))
-        })
-        .await
-        .map_err(|e| format!("preparing the working directory: {e}"))?
+    /// [`WorkDirs::make`], with the error as a start failure says it. On the calling thread:
+    /// a rename or a `mkdir` in the node's own directory costs less than a trip to the
+    /// blocking pool.
+    pub fn make_for_start(&self, id: &str) -> Result<PathBuf, String> {
+        self.make(id)
+            .map_err(|e| format!("cannot create {}: {e}", self.path(id).display()))
     }
 
     /// The deployment `id` is gone: its default working directory becomes a spare when it is

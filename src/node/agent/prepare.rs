@@ -48,7 +48,7 @@ impl Prepare for AgentPrepare {
                 );
                 dest
             } else {
-                WorkDirs::make_async(&self.dirs, id).await?
+                self.dirs.make_for_start(id)?
             };
             let (command, extra_env) = match &spec.env_name {
                 Some(name) => {

@@ -57,7 +57,10 @@ struct Inner {
     torn: bool,
 }
 
-/// See the module docs. Its methods block (file IO): call them off the async workers.
+/// See the module docs. A start or an end is one `write` of a line to a local file (and,
+/// rarely, a rewrite of the few live lines), which costs less than a trip to the blocking
+/// pool: the runner calls them on the async workers. [`Ledger::recover`] reads the whole file:
+/// it runs once, at the agent's start.
 #[derive(Debug)]
 pub struct Ledger {
     path: PathBuf,

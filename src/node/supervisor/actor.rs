@@ -325,7 +325,7 @@ impl Actor {
         env.extend(prepared.extra_env);
         // Where the process may leave a JSON result; a previous process's is gone first.
         let output = self.shared.config.output_file(&self.id);
-        if let Err(e) = clear_output(&output).await {
+        if let Err(e) = clear_output(&output) {
             return self.on_start_failure(format!("prepare failed: {e}"));
         }
         env.insert(
@@ -415,7 +415,7 @@ impl Actor {
             (true, Some(0)) => CurrentState::Exited,
             (true, _) => CurrentState::Crashed,
         };
-        let result = read_output(&self.shared.config.output_file(&self.id)).await;
+        let result = read_output(&self.shared.config.output_file(&self.id));
         self.update(|s| {
             s.state = state;
             s.pid = None;
@@ -642,29 +642,30 @@ impl Actor {
 }
 
 /// Removes a result file left by an earlier process (none is fine).
-async fn clear_output(path: &std::path::Path) -> std::io::Result<()> {
+fn clear_output(path: &std::path::Path) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir).await?;
+        std::fs::create_dir_all(dir)?;
     }
-    match tokio::fs::remove_file(path).await {
+    match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
 }
 
 /// What a process left in its result file: `None` when it wrote none, the JSON text, or why
-/// it cannot be taken (over the size limit, not JSON, unreadable).
-async fn read_output(path: &std::path::Path) -> Option<Result<String, String>> {
-    use tokio::io::AsyncReadExt;
+/// it cannot be taken (over the size limit, not JSON, unreadable). At most 64 KiB of a file
+/// in the node's own directory: read on the calling thread.
+fn read_output(path: &std::path::Path) -> Option<Result<String, String>> {
+    use std::io::Read;
     let max = crate::spec::MAX_RESULT_BYTES;
-    let file = match tokio::fs::File::open(path).await {
+    let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => return Some(Err(format!("$SYMPHONY_OUTPUT unreadable: {e}"))),
     };
     let mut bytes = Vec::new();
     let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
-    if let Err(e) = file.take(limit).read_to_end(&mut bytes).await {
+    if let Err(e) = file.take(limit).read_to_end(&mut bytes) {
         return Some(Err(format!("$SYMPHONY_OUTPUT unreadable: {e}")));
     }
     if bytes.len() > max {

@@ -28,6 +28,24 @@ use crate::wire;
 pub(crate) struct WorkflowVersion {
     pub record: WorkflowRecord,
     pub parsed: Arc<Workflow>,
+    /// Each task's spec parsed once (as `parse_spec` gives it), in the order of `tasks`: an
+    /// attempt's spec is this with its `SYMPHONY_*` variables, not a new parse.
+    pub specs: Arc<Vec<Result<crate::spec::DeploymentSpec, String>>>,
+}
+
+impl WorkflowVersion {
+    fn new(record: WorkflowRecord, parsed: Workflow) -> Self {
+        let specs = parsed
+            .tasks
+            .iter()
+            .map(|t| parse_spec(&json!({ "spec": t.spec })))
+            .collect();
+        Self {
+            record,
+            parsed: Arc::new(parsed),
+            specs: Arc::new(specs),
+        }
+    }
 }
 
 /// A workflow as the API shows it: its newest version, masked, with its runs counted.
@@ -64,6 +82,9 @@ pub(crate) struct Runs {
     pub dirty: BTreeSet<String>,
     pub create: Vec<DeploymentRecord>,
     pub update: BTreeMap<String, DeploymentRecord>,
+    /// The parsed specs of the task deployments in `create` and `update` whose spec was made
+    /// from their workflow's parsed task (the others are parsed once written).
+    pub parsed: std::collections::HashMap<String, Result<crate::spec::DeploymentSpec, String>>,
     pub events: Vec<NewEvent>,
     /// Finished runs past their workflow's `keep_runs`, and their task deployments, to
     /// delete with the next write.
@@ -88,6 +109,33 @@ fn run_event(kind: &'static str, run: &Run, message: String, fields: Value) -> N
     NewEvent::new(kind, object("run", &run.id), message, f)
 }
 
+/// An attempt's spec: the task's declared `spec` with `env` added, and the same parsed,
+/// made from the task's parsed spec (`parsed`) without a new parse. `None` for the parsed
+/// form when it must be parsed after all (the task's did not parse, or a value the parse
+/// refuses).
+fn attempt_spec(
+    declared: &Value,
+    parsed: Option<&Result<crate::spec::DeploymentSpec, String>>,
+    env: Vec<(String, String)>,
+) -> (Value, Option<Result<crate::spec::DeploymentSpec, String>>) {
+    let mut spec = declared.clone();
+    let Value::Object(m) = &mut spec else {
+        return (spec, None);
+    };
+    let mut typed = parsed.cloned();
+    for (k, v) in env {
+        crate::spec::add_env(m, &k, &v);
+        // What the parse gives: the variable in its env, over the task's own.
+        match &mut typed {
+            Some(Ok(t)) if !v.contains('\0') => {
+                t.env.insert(k, v);
+            }
+            _ => typed = None,
+        }
+    }
+    (spec, typed)
+}
+
 /// The deployment id of task `i` of run `run` (stable; the task first, so that short ids
 /// tell a run's tasks apart).
 fn task_deployment_id(run: &str, i: usize) -> String {
@@ -104,13 +152,7 @@ impl Core {
                         .workflows
                         .entry(record.name.clone())
                         .or_default()
-                        .insert(
-                            record.version,
-                            WorkflowVersion {
-                                record,
-                                parsed: Arc::new(w),
-                            },
-                        );
+                        .insert(record.version, WorkflowVersion::new(record, w));
                 }
                 Err(e) => {
                     tracing::error!(workflow = %record.name, version = record.version, errors = ?e, "a stored workflow no longer parses; its runs cannot start tasks")
@@ -174,13 +216,11 @@ impl Core {
         );
         self.persist(vec![ev], async |s, ev| s.insert_workflow(&record, ev).await)
             .await?;
-        self.runs.workflows.entry(name.clone()).or_default().insert(
-            version,
-            WorkflowVersion {
-                record,
-                parsed: Arc::new(parsed),
-            },
-        );
+        self.runs
+            .workflows
+            .entry(name.clone())
+            .or_default()
+            .insert(version, WorkflowVersion::new(record, parsed));
         self.plan_fire(&name, chrono::Utc::now());
         self.changed = true;
         Ok(version)
@@ -693,12 +733,12 @@ impl Core {
         let Some(run) = self.runs.runs.get_mut(run_id) else {
             return;
         };
-        let Some(w) = self
+        let Some((w, specs)) = self
             .runs
             .workflows
             .get(&run.workflow)
             .and_then(|v| v.get(&run.version))
-            .map(|w| w.parsed.clone())
+            .map(|w| (w.parsed.clone(), w.specs.clone()))
         else {
             return;
         };
@@ -706,39 +746,35 @@ impl Core {
         let attempt = run.start_attempt(i, now);
         let inputs = run.inputs(i);
         let task = &run.tasks[i];
-        let Some(declared) = w.tasks.iter().find(|t| t.name == task.name) else {
+        let Some(at) = w.tasks.iter().position(|t| t.name == task.name) else {
             return;
         };
-        let mut spec = declared.spec.clone();
-        if let Value::Object(m) = &mut spec {
-            let mut env: Vec<(String, String)> = vec![
-                ("SYMPHONY_WORKFLOW".into(), run.workflow.clone()),
-                ("SYMPHONY_RUN_ID".into(), run.id.clone()),
-                ("SYMPHONY_TASK".into(), task.name.clone()),
-                ("SYMPHONY_ATTEMPT".into(), attempt.to_string()),
-                ("SYMPHONY_INPUTS".into(), inputs.to_string()),
-                (
-                    "SYMPHONY_PARAMS".into(),
-                    serde_json::to_string(&run.params).unwrap_or_default(),
-                ),
-            ];
-            for (k, v) in &run.params {
-                let key: String = k
-                    .chars()
-                    .map(|c| {
-                        if c.is_ascii_alphanumeric() {
-                            c.to_ascii_uppercase()
-                        } else {
-                            '_'
-                        }
-                    })
-                    .collect();
-                env.push((format!("SYMPHONY_PARAM_{key}"), v.clone()));
-            }
-            for (k, v) in env {
-                crate::spec::add_env(m, &k, &v);
-            }
+        let declared = &w.tasks[at];
+        let mut env: Vec<(String, String)> = vec![
+            ("SYMPHONY_WORKFLOW".into(), run.workflow.clone()),
+            ("SYMPHONY_RUN_ID".into(), run.id.clone()),
+            ("SYMPHONY_TASK".into(), task.name.clone()),
+            ("SYMPHONY_ATTEMPT".into(), attempt.to_string()),
+            ("SYMPHONY_INPUTS".into(), inputs.to_string()),
+            (
+                "SYMPHONY_PARAMS".into(),
+                serde_json::to_string(&run.params).unwrap_or_default(),
+            ),
+        ];
+        for (k, v) in &run.params {
+            let key: String = k
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            env.push((format!("SYMPHONY_PARAM_{key}"), v.clone()));
         }
+        let (spec, typed) = attempt_spec(&declared.spec, specs.get(at), env);
         let specification = json!({ "spec": spec });
         let id = task_deployment_id(&run.id, i);
         let name = format!("{}/{}/{}", run.workflow, run.id, task.name);
@@ -753,6 +789,10 @@ impl Core {
         self.runs.events.push(ev);
         self.runs.dirty.insert(run_id.to_owned());
         self.runs.task_of.insert(id.clone(), (run_id.to_owned(), i));
+        match typed {
+            Some(t) => self.runs.parsed.insert(id.clone(), t),
+            None => self.runs.parsed.remove(&id),
+        };
         if first && !self.deployments.contains_key(&id) {
             self.runs.create.push(DeploymentRecord {
                 id,
@@ -858,17 +898,30 @@ impl Core {
             return;
         }
         self.runs.dirty.clear();
+        let mut parsed = std::mem::take(&mut self.runs.parsed);
         for rec in std::mem::take(&mut self.runs.create) {
             self.wake(&rec.id);
-            self.specs
-                .insert(rec.id.clone(), parse_spec(&rec.specification));
+            let spec = parsed
+                .remove(&rec.id)
+                .unwrap_or_else(|| parse_spec(&rec.specification));
+            self.specs.insert(rec.id.clone(), spec);
             self.logs.ensure(&rec.id);
             self.deployments.insert(rec.id.clone(), rec);
         }
         for (id, rec) in std::mem::take(&mut self.runs.update) {
             self.wake(&id);
-            self.specs
-                .insert(id.clone(), parse_spec(&rec.specification));
+            if let Some(spec) = parsed.remove(&id) {
+                self.specs.insert(id.clone(), spec);
+            } else if !self.specs.contains_key(&id)
+                || self
+                    .deployments
+                    .get(&id)
+                    .is_none_or(|old| old.specification != rec.specification)
+            {
+                // Most updates only stop the task: its spec, parsed already, is the same.
+                self.specs
+                    .insert(id.clone(), parse_spec(&rec.specification));
+            }
             self.deployments.insert(id, rec);
         }
         for id in &write.clear {
@@ -916,5 +969,57 @@ impl Core {
                 }))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::{attempt_spec, parse_spec};
+
+    /// An attempt's parsed spec, made from its task's parsed spec, is what parsing the
+    /// attempt's spec gives: with the task's env in `config`, at the top, in both, or none,
+    /// and a variable that overrides the task's own.
+    #[test]
+    fn an_attempts_parsed_spec_is_what_its_parse_gives() {
+        let w = crate::spec::parse_workflow(&json!({"name": "w", "tasks": [
+            {"name": "none", "config": {"command": ["true"]}},
+            {"name": "config", "config": {"command": ["true"], "env": {"A": "1", "SYMPHONY_TASK": "mine"}}},
+            {"name": "top", "config": {"command": ["true"]}, "env": {"B": "2"}},
+            {"name": "both", "config": {"command": ["true"], "env": {"C": "3"}}, "env": {"D": "4"}},
+            {"name": "item", "config": {"command": ["true"]}, "for_each": ["x", "y"]},
+        ]}))
+        .unwrap();
+        assert_eq!(w.tasks.len(), 6);
+        for t in &w.tasks {
+            let parsed = parse_spec(&json!({ "spec": t.spec }));
+            assert!(parsed.is_ok(), "{}: {parsed:?}", t.name);
+            let env = vec![
+                ("SYMPHONY_TASK".to_owned(), t.name.clone()),
+                (
+                    "SYMPHONY_INPUTS".to_owned(),
+                    json!({"a": "\u{0}"}).to_string(),
+                ),
+                ("SYMPHONY_PARAM_X".to_owned(), "é x".to_owned()),
+            ];
+            let (spec, typed) = attempt_spec(&t.spec, Some(&parsed), env);
+            let expected = parse_spec(&json!({ "spec": spec }));
+            assert_eq!(typed, Some(expected.clone()), "{}", t.name);
+            assert_eq!(
+                expected.unwrap().env.get("SYMPHONY_TASK"),
+                Some(&t.name),
+                "{}",
+                t.name
+            );
+        }
+        // A value the parse refuses is left to it.
+        let t = &w.tasks[0];
+        let parsed = parse_spec(&json!({ "spec": t.spec }));
+        let env = vec![("SYMPHONY_PARAM_X".to_owned(), "a\0b".to_owned())];
+        let (spec, typed) = attempt_spec(&t.spec, Some(&parsed), env);
+        assert_eq!(typed, None);
+        assert!(parse_spec(&json!({ "spec": spec })).is_err());
     }
 }

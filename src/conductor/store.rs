@@ -295,7 +295,11 @@ pub enum AssignmentChange {
 /// Handle to the durable store; cheap to clone (it wraps a connection pool).
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// Reads.
     pool: SqlitePool,
+    /// Writes: one connection, so its page cache stays valid from one write to the next (a
+    /// write on another connection makes a connection read again every page it touches).
+    writer: SqlitePool,
     /// The database file (`None` in memory), named in environmental errors.
     path: Option<Arc<Path>>,
     /// Seals the secrets this store writes and opens those it reads.
@@ -354,19 +358,21 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(FILE_POOL_SIZE)
-            // A COMMIT that fails on a full disk is rolled back by SQLite itself; sqlx's own
-            // rollback then fails and the connection still counts a transaction, so every
-            // later BEGIN on it fails. An idle connection in a transaction is such a one:
-            // closed, never handed out (the pool opens a fresh one).
-            .before_acquire(|conn, _| {
-                Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
-            })
-            .connect_with(options)
-            .await
-            .map_err(db_err)?;
-        let mut store = Self::from_pool(pool, key).await?;
+        let pool = |size: u32| {
+            SqlitePoolOptions::new()
+                .max_connections(size)
+                // A COMMIT that fails on a full disk is rolled back by SQLite itself; sqlx's
+                // own rollback then fails and the connection still counts a transaction, so
+                // every later BEGIN on it fails. An idle connection in a transaction is such a
+                // one: closed, never handed out (the pool opens a fresh one).
+                .before_acquire(|conn, _| {
+                    Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+                })
+                .connect_with(options.clone())
+        };
+        let writer = pool(1).await.map_err(db_err)?;
+        let readers = pool(FILE_POOL_SIZE).await.map_err(db_err)?;
+        let mut store = Self::from_pools(readers, writer, key).await?;
         store.path = Some(dir.join(DB_FILE_NAME).into());
         let sealed = store.seal_plaintext_tokens().await?;
         if sealed > 0 {
@@ -399,13 +405,18 @@ impl Store {
             .await
             .map_err(db_err)?;
         let key = SealKey::generate().map_err(StoreError::Seal)?;
-        Self::from_pool(pool, key).await
+        Self::from_pools(pool.clone(), pool, key).await
     }
 
-    async fn from_pool(pool: SqlitePool, key: SealKey) -> Result<Store, StoreError> {
-        migrate::migrate(&pool).await?;
+    async fn from_pools(
+        pool: SqlitePool,
+        writer: SqlitePool,
+        key: SealKey,
+    ) -> Result<Store, StoreError> {
+        migrate::migrate(&writer).await?;
         Ok(Store {
             pool,
+            writer,
             path: None,
             key,
         })
@@ -455,7 +466,7 @@ impl Store {
         tx.commit().await.map_err(db_err)?;
         if rewritten > 0 {
             for sql in ["VACUUM", "PRAGMA wal_checkpoint(TRUNCATE)"] {
-                sqlx::query(sql).execute(&self.pool).await.map_err(db_err)?;
+                sqlx::query(sql).execute(&self.writer).await.map_err(db_err)?;
             }
         }
         Ok(rewritten)
@@ -469,13 +480,14 @@ impl Store {
     /// Closes all connections; later calls on clones fail with [`StoreError::Db`].
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 
     /// Starts a write transaction. On SQLite it takes the write lock up front
     /// (`BEGIN IMMEDIATE`), so a read-then-write never fails on a lock upgrade; a PostgreSQL
     /// backend would use a plain `BEGIN`.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-        self.pool
+        self.writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_err)
@@ -825,7 +837,7 @@ impl Store {
     pub async fn clear_assignment(&self, deployment_id: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM assignments WHERE deployment_id = $1")
             .bind(deployment_id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         Ok(())
@@ -869,7 +881,7 @@ impl Store {
         sqlx::query(BUMP_COUNTER)
             .bind(at_least)
             .bind(GENERATION_COUNTER)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         Ok(())
@@ -939,7 +951,7 @@ impl Store {
     pub async fn delete_node(&self, node_id: &str) -> Result<(), StoreError> {
         let done = sqlx::query("DELETE FROM nodes WHERE node_id = $1")
             .bind(node_id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         found(done.rows_affected())

@@ -1236,6 +1236,7 @@ async fn a_read_only_database_is_unwritable_with_its_cause_and_path() {
         .await
         .unwrap();
     let read_only = Store {
+        writer: pool.clone(),
         pool,
         path: Some(db.clone().into()),
         key: key_in(dir.path()),

@@ -466,7 +466,10 @@ impl Store {
         tx.commit().await.map_err(db_err)?;
         if rewritten > 0 {
             for sql in ["VACUUM", "PRAGMA wal_checkpoint(TRUNCATE)"] {
-                sqlx::query(sql).execute(&self.writer).await.map_err(db_err)?;
+                sqlx::query(sql)
+                    .execute(&self.writer)
+                    .await
+                    .map_err(db_err)?;
             }
         }
         Ok(rewritten)

@@ -114,15 +114,55 @@ pub fn std_command(spec: &ProcessSpec) -> Result<std::process::Command, SpawnErr
 /// `posix_spawn` (a vfork) rather than a full `fork` of this process, its page tables and
 /// threads: it forks whenever the environment sets `PATH` and the program is a bare name.
 /// A program not found is left as it is, so that the spawn reports the usual error.
+///
+/// A search through a `PATH` of absolute entries is remembered for [`FOUND_FOR`]: a workflow
+/// starts the same program many times a second, and each search is a `stat` per entry. A
+/// program installed ahead of it on `PATH` within that time is found after it.
 fn resolve(program: &str, spec: &ProcessSpec) -> std::ffi::OsString {
     if program.contains('/') {
         return program.into();
     }
-    match spec.env.get("PATH") {
-        Some(path) => which::which_in(program, Some(path), &spec.cwd)
-            .map_or_else(|_| program.into(), PathBuf::into_os_string),
-        None => program.into(),
+    let Some(path) = spec.env.get("PATH") else {
+        return program.into();
+    };
+    let absolute = std::env::split_paths(path).all(|p| p.is_absolute());
+    let key = (path.clone(), program.to_owned());
+    if absolute
+        && let Some((found, at)) = lock_found().get(&key)
+        && at.elapsed() < FOUND_FOR
+    {
+        return found.clone().into_os_string();
     }
+    match which::which_in(program, Some(path), &spec.cwd) {
+        Ok(found) => {
+            if absolute {
+                let mut cache = lock_found();
+                if cache.len() >= FOUND_MAX {
+                    cache.clear();
+                }
+                cache.insert(key, (found.clone(), std::time::Instant::now()));
+            }
+            found.into_os_string()
+        }
+        Err(_) => program.into(),
+    }
+}
+
+/// How long a program found on a `PATH` is taken as found there (see [`resolve`]).
+const FOUND_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The most programs remembered at once.
+const FOUND_MAX: usize = 256;
+
+/// `(PATH, program)` -> where it was found, and when.
+type Found = std::collections::HashMap<(String, String), (PathBuf, std::time::Instant)>;
+
+fn lock_found() -> std::sync::MutexGuard<'static, Found> {
+    static FOUND: std::sync::LazyLock<std::sync::Mutex<Found>> =
+        std::sync::LazyLock::new(Default::default);
+    FOUND
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// [`std_command`] for tokio, never killed on drop.
@@ -1225,6 +1265,23 @@ mod tests {
         assert_eq!(resolve("only-here", &spec), tool.as_os_str());
         assert_eq!(resolve("./only-here", &spec), "./only-here");
         assert_eq!(resolve("missing-tool", &spec), "missing-tool");
+        // Relative entries are searched again from each cwd (never remembered).
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir(other.path().join("bin")).unwrap();
+        let there = other.path().join("bin").join("only-here");
+        std::fs::copy(&tool, &there).unwrap();
+        let elsewhere = ProcessSpec {
+            cwd: other.path().to_path_buf(),
+            ..spec.clone()
+        };
+        assert_eq!(resolve("only-here", &elsewhere), there.as_os_str());
+        // Absolute entries: found, and found the same again (remembered).
+        let mut absolute = spec.clone();
+        absolute
+            .env
+            .insert("PATH".into(), format!("/nonexistent:{}", bin.display()));
+        assert_eq!(resolve("only-here", &absolute), tool.as_os_str());
+        assert_eq!(resolve("only-here", &absolute), tool.as_os_str());
         let out = std_command(&ProcessSpec {
             command: vec!["only-here".into()],
             ..spec.clone()

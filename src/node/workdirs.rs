@@ -93,10 +93,7 @@ impl WorkDirs {
         // One that is not empty (a process that escaped its group's end still had it as its
         // working directory and wrote there) is left where it is, and not used again.
         if let Some(spare) = spare.filter(|s| is_empty(s)) {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            match std::fs::rename(&spare, &path) {
+            match rename_into(&spare, &path) {
                 Ok(()) => {
                     // As made new (the last user may have changed it).
                     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
@@ -142,7 +139,7 @@ impl WorkDirs {
         }
         let root = self.work_dir.join(SPARES);
         let spare = root.join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
-        let moved = std::fs::create_dir_all(&root).and_then(|()| std::fs::rename(&path, &spare));
+        let moved = rename_into(&path, &spare);
         match moved {
             Ok(()) => spares.push(spare),
             Err(_) => {
@@ -150,6 +147,21 @@ impl WorkDirs {
                 let _ = std::fs::remove_dir(&path);
             }
         }
+    }
+}
+
+/// Renames `from` to `to`, making `to`'s parent first when it is missing (tried after the
+/// rename, which finds it there nearly always).
+fn rename_into(from: &Path, to: &Path) -> io::Result<()> {
+    match std::fs::rename(from, to) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match to.parent() {
+            Some(parent) if !parent.is_dir() => {
+                std::fs::create_dir_all(parent)?;
+                std::fs::rename(from, to)
+            }
+            _ => Err(e),
+        },
+        done => done,
     }
 }
 

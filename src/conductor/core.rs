@@ -719,10 +719,9 @@ impl Core {
                 self.changed = true;
             }
             CoreMsg::StartRun(workflow, params, reply) => {
-                let r = self.start_run(&workflow, params).await;
-                // Admitted (and its first tasks made) at this batch's flush; the reply waits
-                // for that write, so a read after it sees the run running.
-                self.runs.replies.push((reply, r));
+                // Written, admitted and its first tasks made at this batch's flush; the reply
+                // waits for that, so a read after it sees the run running.
+                self.start_run(&workflow, params, Some(reply));
                 self.changed = true;
             }
             CoreMsg::CancelRun(id, reply) => {
@@ -1145,6 +1144,7 @@ impl Core {
             self.fire_schedules().await;
         }
         // Runs move first: the tasks they start are written before this flush schedules.
+        self.write_starting().await;
         self.advance_runs(ticked).await;
         let needs_schedule = std::mem::take(&mut self.needs_schedule);
         let mut publish = std::mem::take(&mut self.changed);

@@ -99,6 +99,17 @@ pub(crate) struct Runs {
     pub defined: Vec<(super::Reply<u32>, Result<u32, CoreError>)>,
     /// Replies to started runs, sent after the flush that admitted them.
     pub replies: Vec<(super::Reply<String>, Result<String, CoreError>)>,
+    /// Runs asked for since the last flush, written together at it.
+    pub starting: Vec<Starting>,
+}
+
+/// A run asked for and not written yet.
+#[derive(Debug)]
+pub(crate) struct Starting {
+    run: Run,
+    event: NewEvent,
+    /// The API call's (none for a scheduled run).
+    reply: Option<super::Reply<String>>,
 }
 
 fn run_event(kind: &'static str, run: &Run, message: String, fields: Value) -> NewEvent {
@@ -226,13 +237,15 @@ impl Core {
         Ok(version)
     }
 
-    /// Queues a run of the newest version of `workflow`; it starts at the next flush if the
-    /// water marks allow. Written before the reply.
-    pub(super) async fn start_run(
+    /// Queues a run of `workflow`'s newest version: it is written with the others asked for
+    /// in this batch, in one transaction, at the batch's flush; `reply` (none for a scheduled
+    /// run) is answered once it is written (or why not).
+    pub(super) fn start_run(
         &mut self,
         workflow: &str,
         params: BTreeMap<String, String>,
-    ) -> Result<String, CoreError> {
+        reply: Option<super::Reply<String>>,
+    ) {
         let Some((version, w)) = self
             .runs
             .workflows
@@ -240,7 +253,12 @@ impl Core {
             .and_then(|v| v.iter().next_back())
             .map(|(v, w)| (*v, w.parsed.clone()))
         else {
-            return Err(CoreError::NotFound("Workflow not found"));
+            let e = CoreError::NotFound("Workflow not found");
+            match reply {
+                Some(reply) => self.runs.replies.push((reply, Err(e))),
+                None => tracing::warn!(workflow, error = %e, "a scheduled run could not start"),
+            }
+            return;
         };
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let run = Run::new(
@@ -251,23 +269,67 @@ impl Core {
             params,
             now_ms(),
         );
-        let ev = run_event(
+        self.runs.next_seq += 1;
+        let event = run_event(
             "run.queued",
             &run,
             format!("run {id} of {workflow} (version {version}) queued"),
             json!({"params": run.params}),
         );
+        self.runs.starting.push(Starting { run, event, reply });
+    }
+
+    /// Writes the runs asked for since the last flush, in one transaction (each alone when
+    /// that fails, so that each gets its own answer); those written join the runs.
+    pub(super) async fn write_starting(&mut self) {
+        let starting = std::mem::take(&mut self.runs.starting);
+        if starting.is_empty() {
+            return;
+        }
         let write = RunsWrite {
-            runs: vec![&run],
+            runs: starting.iter().map(|s| &s.run).collect(),
             ..RunsWrite::default()
         };
-        self.persist(vec![ev], async |s, ev| s.write_runs(&write, ev).await)
-            .await?;
-        self.runs.next_seq += 1;
-        self.runs.runs.insert(id.clone(), Arc::new(run));
-        self.runs.admit_due = true;
-        self.changed = true;
-        Ok(id)
+        let events = starting.iter().map(|s| s.event.clone()).collect();
+        let together = self
+            .persist(events, async |s, ev| s.write_runs(&write, ev).await)
+            .await;
+        drop(write);
+        let alone = together.is_err() && starting.len() > 1;
+        let mut together = Some(together);
+        for s in starting {
+            let r = if alone {
+                let write = RunsWrite {
+                    runs: vec![&s.run],
+                    ..RunsWrite::default()
+                };
+                self.persist(vec![s.event.clone()], async |st, ev| {
+                    st.write_runs(&write, ev).await
+                })
+                .await
+            } else {
+                together.take().unwrap_or(Ok(()))
+            };
+            let (id, workflow) = (s.run.id.clone(), s.run.workflow.clone());
+            let r = match r {
+                Ok(()) => {
+                    self.runs.runs.insert(id.clone(), Arc::new(s.run));
+                    self.runs.admit_due = true;
+                    self.changed = true;
+                    Ok(id)
+                }
+                Err(e) => Err(CoreError::from(e)),
+            };
+            match s.reply {
+                Some(reply) => self.runs.replies.push((reply, r)),
+                None => match r {
+                    Ok(id) => tracing::info!(%workflow, run = %id, "scheduled run started"),
+                    Err(e) => {
+                        tracing::warn!(%workflow, error = %e, "a scheduled run could not start");
+                    }
+                },
+            }
+        }
     }
 
     /// Cancels a run: queued or waiting tasks at once, running attempts stopped.
@@ -378,12 +440,7 @@ impl Core {
             .collect();
         for w in due {
             self.plan_fire(&w, now);
-            match self.start_run(&w, BTreeMap::new()).await {
-                Ok(id) => tracing::info!(workflow = %w, run = %id, "scheduled run started"),
-                Err(e) => {
-                    tracing::warn!(workflow = %w, error = %e, "a scheduled run could not start")
-                }
-            }
+            self.start_run(&w, BTreeMap::new(), None);
         }
     }
 

@@ -648,11 +648,14 @@ pub async fn pump<R: AsyncRead + Unpin>(
     logs: LogBuffer,
     max_line: usize,
 ) {
-    let mut buf = vec![0u8; 64 * 1024];
+    // Read into spare capacity: never zeroed, and never touched past what a read filled (most
+    // tasks write a few bytes, if any).
+    let mut buf = Vec::with_capacity(64 * 1024);
     let mut splitter = LineSplitter::new(max_line);
     let mut lines = Vec::new();
     loop {
-        match reader.read(&mut buf).await {
+        buf.clear();
+        match reader.read_buf(&mut buf).await {
             Ok(0) => break,
             Ok(n) => {
                 splitter.feed(&buf[..n], &mut lines);

@@ -17,7 +17,7 @@
 //! A second case: the same diamonds with tasks that sleep 50 ms, for orchestration CPU per
 //! run while tasks wait (the seed busy-waits). `BENCH_QUICK=1`: N = 100.
 //! Results go to target/bench/dag.json. `DAG_OURS_ONLY=1` runs only our side of the first case
-//! (for a profiler), with no baselines and no report.
+//! (`DAG_OURS_ONLY=sleep`: of the second), for a profiler, with no baselines and no report.
 
 mod common;
 
@@ -67,10 +67,15 @@ asyncio.run(main())
 
 fn main() -> anyhow::Result<()> {
     let n = if common::quick() { 100 } else { 1000 };
-    if std::env::var("DAG_OURS_ONLY").is_ok_and(|v| v == "1") {
-        // For profiling: only our side of the first case, no baselines, no report.
-        let ours = common::runtime()?.block_on(ours(n, &["true"]))?;
-        println!("ours (true): {ours}");
+    if let Ok(only) = std::env::var("DAG_OURS_ONLY") {
+        // For profiling: only our side of one case, no baselines, no report.
+        let cmd: &[&str] = if only == "sleep" {
+            &["sleep", "0.05"]
+        } else {
+            &["true"]
+        };
+        let ours = common::runtime()?.block_on(ours(n, cmd))?;
+        println!("ours ({}): {ours}", cmd.join(" "));
         return Ok(());
     }
     println!("dag bench: {n} diamond runs (4 tasks each) of `true`, then of `sleep 0.05`");

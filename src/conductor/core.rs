@@ -742,12 +742,8 @@ impl Core {
         mut own: Vec<NewEvent>,
         write: impl AsyncFnOnce(&Store, &[Event]) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        if let Some(by) = &self.by {
-            for e in &mut own {
-                if let Some(f) = e.fields.as_object_mut() {
-                    f.insert("by".into(), Value::String(by.clone()));
-                }
-            }
+        for e in &mut own {
+            self.attribute(e);
         }
         let with_own = !own.is_empty();
         let batch = self.journal.batch(own);
@@ -794,6 +790,15 @@ impl Core {
             );
         }
         r
+    }
+
+    /// Names in `e` the API token whose call is being handled, if any (`by`).
+    fn attribute(&self, e: &mut NewEvent) {
+        if let Some(by) = &self.by
+            && let Some(f) = e.fields.as_object_mut()
+        {
+            f.insert("by".into(), Value::String(by.clone()));
+        }
     }
 
     /// A write that failed for an environmental cause (a full or read-only disk, a database

@@ -288,6 +288,16 @@ pub async fn spawn_attached(
     if launch.process.command.is_empty() {
         return Err(SpawnError::EmptyCommand);
     }
+    // One the ledger still names for this deployment (it never ends twice at once) is ended
+    // first: rarely, and it may scan `/proc`, so off the workers.
+    if let Some(old) = ledger.live(&launch.id) {
+        let (owned, id) = (Arc::clone(ledger), launch.id.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            kill_recorded(&old);
+            owned.ended(&id, old.workload.map_or(0, |w| w.pid));
+        })
+        .await;
+    }
     // On the calling worker, as tokio's own spawn is: a `posix_spawn`, a read of the child's
     // stat and a line appended to the ledger cost less than a trip to the blocking pool.
     let (mut child, record) = start_attached(ledger, launch)?;
@@ -311,11 +321,6 @@ fn start_attached(
     ledger: &Ledger,
     launch: Launch,
 ) -> Result<(tokio::process::Child, Record), SpawnError> {
-    // One the ledger still names for this deployment (it never ends twice at once) is ended.
-    if let Some(old) = ledger.live(&launch.id) {
-        kill_recorded(&old);
-        ledger.ended(&launch.id, old.workload.map_or(0, |w| w.pid));
-    }
     let child = command(&launch.process)?
         .spawn()
         .map_err(|source| SpawnError::Spawn {

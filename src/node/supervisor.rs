@@ -107,8 +107,8 @@ pub trait Prepare: Send + Sync {
         logs: &'a LogBuffer,
     ) -> BoxFuture<'a, Result<Prepared, String>>;
 
-    /// Deployment `id` was removed: what [`Prepare::prepare`] made for it may go. Blocks (it
-    /// runs on the blocking pool).
+    /// Deployment `id` was removed: what [`Prepare::prepare`] made for it may go. Runs on the
+    /// calling worker: a few syscalls in the node's own directory at most, nothing that waits.
     fn release(&self, _id: &str) {}
 }
 

@@ -28,7 +28,9 @@ pub const MAX_SPARES: usize = 256;
 /// The spares' folder under the work directory.
 const SPARES: &str = "spare-dirs";
 
-/// See the module docs. Its methods block (file IO): call them off the async workers.
+/// See the module docs. Its methods are a few syscalls in the node's own directory (a
+/// `read_dir` of one empty directory, a rename, a `chmod`): the supervisor calls them on its
+/// workers, as it does the spawn.
 #[derive(Debug)]
 pub struct WorkDirs {
     work_dir: PathBuf,

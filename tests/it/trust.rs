@@ -107,6 +107,39 @@ async fn every_route_checks_its_role() {
     assert_eq!(s, 200);
     assert_eq!(events[0]["kind"], "deployment.created", "{events}");
     assert_eq!(events[0]["fields"]["by"], "o", "{events}");
+    // So does a run started with it (written with the others asked for at once, later).
+    for (path, body) in [
+        (
+            "/workflows".to_owned(),
+            json!({"name": "by-w", "tasks": [{"name": "a", "config": {"command": ["true"]}}]}),
+        ),
+        ("/workflows/by-w/runs".to_owned(), json!({})),
+    ] {
+        let resp = c
+            .http
+            .post(format!("{}{path}", c.api))
+            .bearer_auth(op)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "{path}");
+        if path.ends_with("/runs") {
+            let run = resp.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let (s, events) = call(
+                &c,
+                Method::GET,
+                &format!("/events?object=run/{run}&kind=run.queued"),
+                Some(&tokens[0].1),
+            )
+            .await;
+            assert_eq!(s, 200);
+            assert_eq!(events[0]["fields"]["by"], "o", "{events}");
+        }
+    }
 
     // A revoked API token is refused from the next request.
     let (s, list) = call(&c, Method::GET, "/api-tokens", Some(&tokens[2].1)).await;

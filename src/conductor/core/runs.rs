@@ -270,12 +270,14 @@ impl Core {
             now_ms(),
         );
         self.runs.next_seq += 1;
-        let event = run_event(
+        let mut event = run_event(
             "run.queued",
             &run,
             format!("run {id} of {workflow} (version {version}) queued"),
             json!({"params": run.params}),
         );
+        // Written at the flush, after the call is handled: who asked is named now.
+        self.attribute(&mut event);
         self.runs.starting.push(Starting { run, event, reply });
     }
 

@@ -4,10 +4,10 @@
 //! Invariants:
 //! - Jobs run one at a time in queue order: a read or a flush queued after an append sees it.
 //!   A job queued for later ([`SpoolWriter::submit_at`]) runs once its time came, between
-//!   the others. Jobs for later wait in a list the thread reads before it sleeps, in the order
-//!   they came (their times are a fixed delay after their submission): queueing one wakes the
-//!   thread only when the list was empty (it then sleeps with no deadline), so a busy node's
-//!   deferred jobs cost no wakeups of their own.
+//!   the others. Jobs for later wait in a list the thread reads before it sleeps, in time
+//!   order: queueing one wakes the thread only when it goes first (the thread sleeps until the
+//!   first one's time, or with no deadline when there is none), so a busy node's deferred jobs
+//!   cost no wakeups of their own.
 //! - The thread starts on the first job (an idle node with no deployment has none) and ends
 //!   when the last [`SpoolWriter`] handle is dropped, after the jobs already queued, those
 //!   queued for later included (at once).
@@ -139,15 +139,15 @@ impl SpoolWriter {
     pub(super) fn submit_at(&self, at: Instant, job: impl FnOnce() + Send + 'static) -> bool {
         match self.thread() {
             Ok(t) => {
-                let was_empty = {
+                let first = {
                     let mut list = lock_later(&t.later);
-                    let was_empty = list.is_empty();
-                    list.push_back((at, Box::new(job)));
-                    was_empty
+                    // After those due no later (nearly always at the end).
+                    let at_index = list.partition_point(|(due, _)| *due <= at);
+                    list.insert(at_index, (at, Box::new(job)));
+                    at_index == 0
                 };
-                // A thread with jobs for later sleeps until the first one's time, which comes
-                // before this one's: only one sleeping with no deadline needs a nudge.
-                !was_empty || t.tx.send(Queued::Wake).is_ok()
+                // The thread sleeps until the first one's time: only a new first one changes it.
+                !first || t.tx.send(Queued::Wake).is_ok()
             }
             Err(error) => {
                 tracing::warn!(%error, "log spool job dropped");
@@ -222,10 +222,16 @@ mod tests {
         assert_eq!(rx.recv_timeout(wait).unwrap(), "now");
         // Its time comes with no other job to wake the thread.
         assert_eq!(rx.recv_timeout(wait).unwrap(), "later");
-        // One for much later runs when the last handle goes.
+        // One for much later runs when the last handle goes; one due sooner, queued after it,
+        // goes first, when its time comes.
+        let d = c.clone();
         io.submit_at(Instant::now() + Duration::from_secs(3600), move || {
             c.send("at the end").unwrap();
         });
+        io.submit_at(Instant::now() + Duration::from_millis(30), move || {
+            d.send("sooner").unwrap();
+        });
+        assert_eq!(rx.recv_timeout(wait).unwrap(), "sooner");
         drop(io);
         assert_eq!(rx.recv_timeout(wait).unwrap(), "at the end");
     }

@@ -658,16 +658,27 @@ fn clear_output(path: &std::path::Path) -> std::io::Result<()> {
 }
 
 /// What a process left in its result file: `None` when it wrote none, the JSON text, or why
-/// it cannot be taken (over the size limit, not JSON, unreadable). At most 64 KiB of a file
-/// in the node's own directory: read on the calling thread.
+/// it cannot be taken (over the size limit, not JSON, not a regular file, unreadable). At
+/// most 64 KiB of a file in the node's own directory: read on the calling thread, opened
+/// without blocking (a FIFO the process left there is refused, never waited on).
 fn read_output(path: &std::path::Path) -> Option<Result<String, String>> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let max = crate::spec::MAX_RESULT_BYTES;
-    let file = match std::fs::File::open(path) {
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path);
+    let file = match opened {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => return Some(Err(format!("$SYMPHONY_OUTPUT unreadable: {e}"))),
     };
+    match file.metadata() {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Some(Err("$SYMPHONY_OUTPUT is not a regular file".to_owned())),
+        Err(e) => return Some(Err(format!("$SYMPHONY_OUTPUT unreadable: {e}"))),
+    }
     let mut bytes = Vec::new();
     let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
     if let Err(e) = file.take(limit).read_to_end(&mut bytes) {

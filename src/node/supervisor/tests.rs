@@ -183,8 +183,9 @@ async fn never_policy_reports_exit_code_and_stays_crashed() {
     assert_eq!(system[1], "exited (code=3, exit status 3)");
 }
 
-/// A process's JSON in `$SYMPHONY_OUTPUT` comes with its exit; a result over the limit or
-/// not JSON is refused with the reason; the next start does not see the last one's file.
+/// A process's JSON in `$SYMPHONY_OUTPUT` comes with its exit; a result over the limit, not
+/// JSON or not a regular file (a FIFO) is refused with the reason; the next start does not see
+/// the last one's file.
 #[tokio::test]
 async fn results_left_in_symphony_output_come_with_the_exit() {
     let mut h = Harness::new();
@@ -239,6 +240,22 @@ async fn results_left_in_symphony_output_come_with_the_exit() {
         st.result
             .as_ref()
             .is_some_and(|r| r.as_ref().is_err_and(|e| e.contains("64 KiB"))),
+        "{st:?}"
+    );
+    // A FIFO left there is refused, never waited on (no writer would ever come).
+    h.sup
+        .apply(
+            "fifo",
+            1,
+            true,
+            spec(r#"mkfifo "$SYMPHONY_OUTPUT""#, RestartKind::Never),
+        )
+        .unwrap();
+    let st = h.until_state("fifo", CurrentState::Exited).await;
+    assert!(
+        st.result
+            .as_ref()
+            .is_some_and(|r| r.as_ref().is_err_and(|e| e.contains("not a regular file"))),
         "{st:?}"
     );
     h.sup

@@ -332,9 +332,6 @@ const SELECT_NODES: &str = "SELECT node_id, groups_json, capacities_total, first
      last_seen_ms FROM nodes ORDER BY node_id ASC";
 /// Reads a counter row (the generation's or the events').
 const SELECT_COUNTER: &str = "SELECT value FROM counters WHERE name = $1";
-const UPSERT_ASSIGNMENT: &str = "INSERT INTO assignments (deployment_id, node_id, generation) \
-     VALUES ($1, $2, $3) ON CONFLICT (deployment_id) DO UPDATE SET \
-     node_id = excluded.node_id, generation = excluded.generation";
 /// Portable "raise to at least" (no two-argument MAX/GREATEST, which differ between databases);
 /// raises any counter row, the generation's or the events'.
 const BUMP_COUNTER: &str = "UPDATE counters SET value = CASE WHEN value < $1 THEN $1 \
@@ -1216,23 +1213,8 @@ fn event_from_row(row: &SqliteRow) -> Result<Event, StoreError> {
     })
 }
 
-async fn upsert_assignment_on(
-    conn: &mut sqlx::SqliteConnection,
-    a: &AssignmentRecord,
-    generation: i64,
-) -> Result<(), StoreError> {
-    sqlx::query(UPSERT_ASSIGNMENT)
-        .bind(&a.deployment_id)
-        .bind(&a.node_id)
-        .bind(generation)
-        .execute(conn)
-        .await
-        .map_err(db_err)?;
-    Ok(())
-}
-
-/// [`upsert_assignment_on`] for many, a chunk a statement (a later row for the same
-/// deployment wins, as one at a time would).
+/// Sets assignments, a chunk a statement (a later row for the same deployment wins, as one
+/// at a time would).
 async fn upsert_assignments_on(
     conn: &mut sqlx::SqliteConnection,
     set: &[(&AssignmentRecord, i64)],
@@ -1261,7 +1243,7 @@ async fn set_assignment_on(
     a: &AssignmentRecord,
 ) -> Result<(), StoreError> {
     let generation = generation_to_db(a.generation)?;
-    upsert_assignment_on(&mut *conn, a, generation).await?;
+    upsert_assignments_on(&mut *conn, &[(a, generation)]).await?;
     sqlx::query(BUMP_COUNTER)
         .bind(generation)
         .bind(GENERATION_COUNTER)

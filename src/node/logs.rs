@@ -226,7 +226,7 @@ impl SpoolLink {
             // trip to the IO thread. A spool that settled meanwhile gives the batch back.
             let held = lock_spool(&self.spool).hold(first, last, buf, lines);
             match held {
-                Ok(_) => {
+                Ok(()) => {
                     self.settle_in_time();
                     return;
                 }

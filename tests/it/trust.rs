@@ -26,6 +26,20 @@ async fn call(c: &Cluster, method: Method, path: &str, token: Option<&str>) -> (
     )
 }
 
+/// `POST path` with `body` as `token`.
+async fn post_as(c: &Cluster, token: &str, path: &str, body: Value) -> (u16, Value) {
+    let resp = c
+        .http
+        .post(format!("{}{path}", c.api))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
 /// For every operation in the OpenAPI document: 401 without a token, 403 with every role
 /// below the one it names, neither with that role. Driven from the document, so a new route
 /// cannot be left out.
@@ -83,20 +97,16 @@ async fn every_route_checks_its_role() {
 
     // A write records the token's name in its event.
     let (_, op) = &tokens[1];
-    let resp = c
-        .http
-        .post(format!("{}/deployments", c.api))
-        .bearer_auth(op)
-        .json(&json!({"name": "by-o", "desired_state": "STOPPED",
-                      "specification": {"spec": sh("true")}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (s, created) = post_as(
+        &c,
+        op,
+        "/deployments",
+        json!({"name": "by-o", "desired_state": "STOPPED",
+               "specification": {"spec": sh("true")}}),
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    let id = created["id"].as_str().unwrap();
     let (s, events) = call(
         &c,
         Method::GET,
@@ -108,38 +118,26 @@ async fn every_route_checks_its_role() {
     assert_eq!(events[0]["kind"], "deployment.created", "{events}");
     assert_eq!(events[0]["fields"]["by"], "o", "{events}");
     // So does a run started with it (written with the others asked for at once, later).
-    for (path, body) in [
-        (
-            "/workflows".to_owned(),
-            json!({"name": "by-w", "tasks": [{"name": "a", "config": {"command": ["true"]}}]}),
-        ),
-        ("/workflows/by-w/runs".to_owned(), json!({})),
-    ] {
-        let resp = c
-            .http
-            .post(format!("{}{path}", c.api))
-            .bearer_auth(op)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 201, "{path}");
-        if path.ends_with("/runs") {
-            let run = resp.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            let (s, events) = call(
-                &c,
-                Method::GET,
-                &format!("/events?object=run/{run}&kind=run.queued"),
-                Some(&tokens[0].1),
-            )
-            .await;
-            assert_eq!(s, 200);
-            assert_eq!(events[0]["fields"]["by"], "o", "{events}");
-        }
-    }
+    let (s, body) = post_as(
+        &c,
+        op,
+        "/workflows",
+        json!({"name": "by-w", "tasks": [{"name": "a", "config": {"command": ["true"]}}]}),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let (s, run) = post_as(&c, op, "/workflows/by-w/runs", json!({})).await;
+    assert_eq!(s, 201, "{run}");
+    let run = run["id"].as_str().unwrap();
+    let (s, events) = call(
+        &c,
+        Method::GET,
+        &format!("/events?object=run/{run}&kind=run.queued"),
+        Some(&tokens[0].1),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(events[0]["fields"]["by"], "o", "{events}");
 
     // A revoked API token is refused from the next request.
     let (s, list) = call(&c, Method::GET, "/api-tokens", Some(&tokens[2].1)).await;

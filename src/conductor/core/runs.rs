@@ -297,21 +297,27 @@ impl Core {
             .persist(events, async |s, ev| s.write_runs(&write, ev).await)
             .await;
         drop(write);
-        let alone = together.is_err() && starting.len() > 1;
-        let mut together = Some(together);
-        for s in starting {
-            let r = if alone {
-                let write = RunsWrite {
-                    runs: vec![&s.run],
-                    ..RunsWrite::default()
-                };
-                self.persist(vec![s.event.clone()], async |st, ev| {
-                    st.write_runs(&write, ev).await
-                })
-                .await
-            } else {
-                together.take().unwrap_or(Ok(()))
-            };
+        let written: Vec<Result<(), StoreError>> = match together {
+            Ok(()) => starting.iter().map(|_| Ok(())).collect(),
+            Err(e) if starting.len() == 1 => vec![Err(e)],
+            Err(_) => {
+                let mut each = Vec::with_capacity(starting.len());
+                for s in &starting {
+                    let write = RunsWrite {
+                        runs: vec![&s.run],
+                        ..RunsWrite::default()
+                    };
+                    each.push(
+                        self.persist(vec![s.event.clone()], async |st, ev| {
+                            st.write_runs(&write, ev).await
+                        })
+                        .await,
+                    );
+                }
+                each
+            }
+        };
+        for (s, r) in starting.into_iter().zip(written) {
             let (id, workflow) = (s.run.id.clone(), s.run.workflow.clone());
             let r = match r {
                 Ok(()) => {

@@ -21,10 +21,10 @@
 //!   that time, writes them first ([`Spool::settle`]), in order; a deletion while young
 //!   touches no disk. Until a job is queued for it, the buffer holds its batches and deletes
 //!   it itself ([`Spool::hold`], under the spool's lock), with no trip to the IO thread; the
-//!   end of its youth is queued with the first batch held. Most workflow tasks live for milliseconds: their log never costs a
-//!   directory and a file. An agent killed in that time loses those lines (the ring held them)
-//!   with the task itself; lines the conductor already took keep their numbers there, and the
-//!   node numbers new ones above them (`LogsBehind`).
+//!   end of its youth is queued with the first batch. Most workflow tasks live for
+//!   milliseconds: their log never costs a directory and a file. An agent killed in that time
+//!   loses those lines (the ring held them) with the task itself; lines the conductor already
+//!   took keep their numbers there, and the node numbers new ones above them (`LogsBehind`).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -180,18 +180,16 @@ impl Spool {
         }
     }
 
-    /// Holds the batch in memory while young and within [`YOUNG_BYTES`] (true: the first one
-    /// held, whose holder must see that the spool settles in time); else gives it back.
+    /// Holds the batch in memory while young and within [`YOUNG_BYTES`]; else gives it back.
     pub(super) fn hold(
         &mut self,
         first: u64,
         last: u64,
         buf: Vec<u8>,
         lines: u64,
-    ) -> Result<bool, Vec<u8>> {
+    ) -> Result<(), Vec<u8>> {
         match self.young_until {
             Some(until) if Instant::now() < until && self.held_bytes + buf.len() <= YOUNG_BYTES => {
-                let first_held = self.held.is_empty();
                 self.held_bytes += buf.len();
                 self.held.push(Batch {
                     first,
@@ -199,7 +197,7 @@ impl Spool {
                     buf,
                     lines,
                 });
-                Ok(first_held)
+                Ok(())
             }
             _ => Err(buf),
         }

@@ -28,7 +28,7 @@ const STACK_BYTES: usize = 256 * 1024;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Jobs for later, in the order they came.
+/// Jobs for later, in time order.
 type Later = Arc<Mutex<VecDeque<(Instant, Job)>>>;
 
 fn lock_later(later: &Later) -> MutexGuard<'_, VecDeque<(Instant, Job)>> {
@@ -36,7 +36,7 @@ fn lock_later(later: &Later) -> MutexGuard<'_, VecDeque<(Instant, Job)>> {
 }
 
 /// What the thread receives: a job to run now, or a nudge to read the list of jobs for
-/// later again (one was added to an empty list).
+/// later again (a new one goes first).
 enum Queued {
     Now(Job),
     Wake,
@@ -123,37 +123,34 @@ impl SpoolWriter {
             .map_err(String::as_str)
     }
 
+    /// The running thread, or `None` (said) when it could not be started.
+    fn running(&self) -> Option<&Thread> {
+        self.thread()
+            .inspect_err(|error| tracing::warn!(%error, "log spool job dropped"))
+            .ok()
+    }
+
     /// Queues `job`; false when the thread could not be started (the job is dropped).
     pub(super) fn submit(&self, job: impl FnOnce() + Send + 'static) -> bool {
-        match self.thread() {
-            Ok(t) => t.tx.send(Queued::Now(Box::new(job))).is_ok(),
-            Err(error) => {
-                tracing::warn!(%error, "log spool job dropped");
-                false
-            }
-        }
+        self.running()
+            .is_some_and(|t| t.tx.send(Queued::Now(Box::new(job))).is_ok())
     }
 
     /// Queues `job` to run at `at` (or when the thread ends, if sooner); false as
     /// [`SpoolWriter::submit`].
     pub(super) fn submit_at(&self, at: Instant, job: impl FnOnce() + Send + 'static) -> bool {
-        match self.thread() {
-            Ok(t) => {
-                let first = {
-                    let mut list = lock_later(&t.later);
-                    // After those due no later (nearly always at the end).
-                    let at_index = list.partition_point(|(due, _)| *due <= at);
-                    list.insert(at_index, (at, Box::new(job)));
-                    at_index == 0
-                };
-                // The thread sleeps until the first one's time: only a new first one changes it.
-                !first || t.tx.send(Queued::Wake).is_ok()
-            }
-            Err(error) => {
-                tracing::warn!(%error, "log spool job dropped");
-                false
-            }
-        }
+        let Some(t) = self.running() else {
+            return false;
+        };
+        let first = {
+            let mut list = lock_later(&t.later);
+            // After those due no later (nearly always at the end).
+            let at_index = list.partition_point(|(due, _)| *due <= at);
+            list.insert(at_index, (at, Box::new(job)));
+            at_index == 0
+        };
+        // The thread sleeps until the first one's time: only a new first one changes it.
+        !first || t.tx.send(Queued::Wake).is_ok()
     }
 
     /// Runs `f` on the IO thread after everything queued before, and waits for its result

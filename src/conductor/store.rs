@@ -342,8 +342,8 @@ impl Store {
     /// seals the secrets it holds (the conductor keeps it in `dir/secrets.key`). Tokens an
     /// older version stored in clear are sealed now (see [`Store::seal_plaintext_tokens`]).
     ///
-    /// Creates `dir` if needed. The connection uses WAL, `synchronous=NORMAL`, foreign keys and
-    /// a busy timeout.
+    /// Creates `dir` if needed. The connection uses WAL, `synchronous=NORMAL`, foreign keys,
+    /// temporary data in memory and a busy timeout.
     pub async fn open(dir: &Path, key: SealKey) -> Result<Store, StoreError> {
         tokio::fs::create_dir_all(dir)
             .await
@@ -354,8 +354,12 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT);
-        let pool = |size: u32| {
+            .busy_timeout(BUSY_TIMEOUT)
+            // A statement that may need undoing alone (a multi-row upsert, an insert that
+            // moves b-tree pages) journals the pages it changes; past 64 KiB that journal
+            // spilled to a temporary file, created, written and deleted per statement.
+            .pragma("temp_store", "memory");
+        let pool = |size: u32, options: SqliteConnectOptions| {
             SqlitePoolOptions::new()
                 .max_connections(size)
                 // A COMMIT that fails on a full disk is rolled back by SQLite itself; sqlx's
@@ -365,10 +369,10 @@ impl Store {
                 .before_acquire(|conn, _| {
                     Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
                 })
-                .connect_with(options.clone())
+                .connect_with(options)
         };
-        let writer = pool(1).await.map_err(db_err)?;
-        let readers = pool(FILE_POOL_SIZE).await.map_err(db_err)?;
+        let writer = pool(1, options.clone()).await.map_err(db_err)?;
+        let readers = pool(FILE_POOL_SIZE, options).await.map_err(db_err)?;
         let mut store = Self::from_pools(readers, writer, key).await?;
         store.path = Some(dir.join(DB_FILE_NAME).into());
         let sealed = store.seal_plaintext_tokens().await?;

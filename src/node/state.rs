@@ -127,7 +127,7 @@ impl StateStore for LocalState {
     }
 
     fn save(&self, held: &[Arc<Held>]) -> std::io::Result<()> {
-        LocalState::save(self, held)
+        LocalState::save(self, held).map(drop)
     }
 
     fn describe(&self) -> String {
@@ -136,16 +136,28 @@ impl StateStore for LocalState {
 }
 
 /// The state file.
+///
+/// A write waits for the disk (fsync) only when what it says of the deployments whose
+/// processes outlive the agent differs from the last write that did. The others' processes
+/// end with the agent, and with the machine: after a power loss, a file that still names such
+/// a process, or one that no longer does, tells the next agent the same thing (nothing of
+/// theirs runs any more), and its ledger of those processes is not synced either.
 #[derive(Debug, Clone)]
 pub struct LocalState {
     path: PathBuf,
     /// Seals the git tokens of the specs held.
     key: SealKey,
+    /// The deployments outliving the agent as the last synced write had them.
+    synced: Arc<std::sync::Mutex<Option<Vec<Arc<Held>>>>>,
 }
 
 impl LocalState {
     pub fn new(path: PathBuf, key: SealKey) -> Self {
-        Self { path, key }
+        Self {
+            path,
+            key,
+            synced: Arc::default(),
+        }
     }
 
     /// Reads the held deployments; a missing file is an empty list. A deployment whose token
@@ -174,8 +186,23 @@ impl LocalState {
         }
     }
 
-    /// Replaces the held deployments.
-    pub fn save(&self, held: &[Arc<Held>]) -> std::io::Result<()> {
+    /// Replaces the held deployments; says whether it waited for the disk (see the type).
+    pub fn save(&self, held: &[Arc<Held>]) -> std::io::Result<bool> {
+        let lasting: Vec<Arc<Held>> = held
+            .iter()
+            .filter(|h| h.spec.outlive_agent)
+            .cloned()
+            .collect();
+        let mut synced = self
+            .synced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let durable = synced.as_ref().is_none_or(|s| {
+            s.len() != lasting.len()
+                || s.iter()
+                    .zip(&lasting)
+                    .any(|(a, b)| !Arc::ptr_eq(a, b) && a != b)
+        });
         let held: Cow<'_, [Arc<Held>]> = if held.iter().any(|h| token(&h.spec).is_some()) {
             let mut sealed = held.to_vec();
             for h in &mut sealed {
@@ -195,7 +222,11 @@ impl LocalState {
         })
         .map_err(|e| std::io::Error::other(e.to_string()))?;
         // Specs hold secrets (git tokens, sealed): owner-only, like key files.
-        write_private(&self.path, &bytes, true)
+        write_private(&self.path, &bytes, durable)?;
+        if durable {
+            *synced = Some(lasting);
+        }
+        Ok(durable)
     }
 }
 
@@ -271,6 +302,44 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn only_a_change_to_what_outlives_the_agent_waits_for_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = LocalState::new(dir.path().join("state.bin"), key(dir.path()));
+        let held = |id: &str, outlive: bool, log_offset: u64| {
+            let mut spec = DeploymentSpec::defaults_for(vec!["true".into()]);
+            spec.outlive_agent = outlive;
+            Held {
+                id: id.into(),
+                generation: Generation(1),
+                desired_running: true,
+                spec,
+                log_offset,
+            }
+        };
+        let task = held("task", false, 0);
+        let service = held("service", true, 0);
+        // The first write since the start, whatever it holds.
+        assert!(st.save(&arcs(&[])).unwrap());
+        // A task comes and goes: nothing that outlives the agent changed.
+        assert!(!st.save(&arcs(std::slice::from_ref(&task))).unwrap());
+        assert_eq!(st.load().unwrap(), vec![task.clone()]);
+        // A service comes, then changes: each is synced.
+        assert!(st.save(&arcs(&[task.clone(), service.clone()])).unwrap());
+        assert!(
+            !st.save(&arcs(&[task.clone(), service.clone()])).unwrap(),
+            "the same again"
+        );
+        let moved = held("service", true, 9);
+        assert!(st.save(&arcs(&[task, moved.clone()])).unwrap());
+        assert!(!st.save(&arcs(std::slice::from_ref(&moved))).unwrap());
+        assert_eq!(st.load().unwrap(), vec![moved]);
+        assert!(st.save(&arcs(&[])).unwrap(), "the service went");
+        // Another writer for the same file starts over: its first write is synced.
+        let again = LocalState::new(dir.path().join("state.bin"), key(dir.path()));
+        assert!(again.save(&arcs(&[])).unwrap());
     }
 
     #[test]

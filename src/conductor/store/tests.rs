@@ -673,7 +673,7 @@ async fn newer_schema_is_refused() {
 }
 
 #[tokio::test]
-async fn file_uses_wal_normal_sync_and_foreign_keys() {
+async fn file_uses_wal_normal_sync_foreign_keys_and_memory_temp_store() {
     let (dir, store) = file_store().await;
     let mut conn = store.pool.acquire().await.unwrap();
     let sync: i64 = sqlx::query("PRAGMA synchronous")
@@ -688,6 +688,15 @@ async fn file_uses_wal_normal_sync_and_foreign_keys() {
         .unwrap()
         .get(0);
     assert_eq!(fk, 1);
+    drop(conn);
+    // The writer too, and its statement journals stay in memory (2 = MEMORY).
+    let mut conn = store.writer.acquire().await.unwrap();
+    let temp: i64 = sqlx::query("PRAGMA temp_store")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(temp, 2, "temp_store=MEMORY");
     drop(conn);
     store.close().await;
 

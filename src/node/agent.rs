@@ -174,7 +174,10 @@ pub async fn run_with_store(
         prepare: Arc::new(AgentPrepare {
             work_dir: cfg.work_dir.clone(),
             envs: envs.clone(),
-            dirs: Arc::new(super::workdirs::WorkDirs::new(&cfg.work_dir)),
+            dirs: Arc::new(super::workdirs::WorkDirs::with_held(
+                &cfg.work_dir,
+                restored.iter().map(|h| h.id.to_string()).collect(),
+            )),
         }),
         cron: Some(Arc::new(|ar: &crate::spec::AutoRestart| {
             let schedule = crate::spec::cron_schedule(&ar.cron)?;

@@ -1,32 +1,36 @@
 //! Default working directories (`<work_dir>/deployments/<id>`), made for a start and, once
-//! the deployment is removed and the directory is empty, kept as spares
-//! (`<work_dir>/spare-dirs/<n>`) for the next one instead of deleted.
+//! the deployment is removed and the directory is empty, kept where they are as spares for the
+//! next one instead of deleted.
 //!
 //! A workflow task is a deployment of its own that lives for milliseconds. Making a directory
 //! and deleting it again for each was the largest single cost of a task on a busy file system
 //! (ext4 looks past every inode deleted recently to allocate a new one; `benches/dag.rs`): a
-//! spare is renamed into place instead, which allocates nothing.
+//! spare is renamed to the new deployment's name instead, which allocates nothing, in one
+//! rename within one directory.
 //!
 //! Invariants:
 //! - Only an empty directory becomes a spare, and only an empty spare is given out; one that
 //!   holds files stays where it is (they may be the user's, or written by a process that
 //!   escaped its group's end and still has it as its working directory).
 //! - At most [`MAX_SPARES`] spares are kept; beyond that an empty directory is deleted.
-//! - A spare given out is renamed to the deployment's path before anything runs there, with
-//!   the mode a new directory would get.
-//! - The spares are found again when the agent starts (they are plain directories).
+//! - A spare given out is renamed to the deployment's path (never over anything there)
+//!   before anything runs there, with the mode a new directory would get; a deployment whose
+//!   own directory is a spare gets it back, and it stops being one.
+//! - An agent started with what it holds ([`WorkDirs::with_held`]) takes the empty directories
+//!   of the deployments it does not hold as spares, and those a version before this one kept
+//!   in `<work_dir>/spare-dirs`.
 
+use std::collections::HashSet;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// The most spares kept.
 pub const MAX_SPARES: usize = 256;
 
-/// The spares' folder under the work directory.
-const SPARES: &str = "spare-dirs";
+/// Where an earlier version kept its spares (still given out).
+const OLD_SPARES: &str = "spare-dirs";
 
 /// See the module docs. Its methods are a few syscalls in the node's own directory (a
 /// `read_dir` of one empty directory, a rename, a `chmod`): the supervisor calls them on its
@@ -35,16 +39,28 @@ const SPARES: &str = "spare-dirs";
 pub struct WorkDirs {
     work_dir: PathBuf,
     spares: Mutex<Option<Vec<PathBuf>>>,
-    next: AtomicU64,
+    /// The deployments held when the agent started; `None`: the directories found are not
+    /// looked at (only the old spares are).
+    held: Option<HashSet<String>>,
 }
 
 impl WorkDirs {
-    /// The directories under `work_dir` (the spares there are listed on first use).
+    /// The directories under `work_dir`; spares are only those a deployment leaves from now
+    /// on (and an earlier version's).
     pub fn new(work_dir: &Path) -> Self {
         Self {
             work_dir: work_dir.to_path_buf(),
             spares: Mutex::new(None),
-            next: AtomicU64::new(0),
+            held: None,
+        }
+    }
+
+    /// [`WorkDirs::new`] for an agent that holds `held`: the empty directories of the others
+    /// are spares too (found on first use).
+    pub fn with_held(work_dir: &Path, held: HashSet<String>) -> Self {
+        Self {
+            held: Some(held),
+            ..Self::new(work_dir)
         }
     }
 
@@ -57,26 +73,33 @@ impl WorkDirs {
         self.spares.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The spares, listed from disk the first time.
+    /// The spares, found on disk the first time.
     fn listed<'a>(&self, guard: &'a mut Option<Vec<PathBuf>>) -> &'a mut Vec<PathBuf> {
         guard.get_or_insert_with(|| {
-            let dir = self.work_dir.join(SPARES);
-            let found: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .map(|entries| {
-                    entries
-                        .filter_map(Result::ok)
-                        .map(|e| e.path())
-                        .filter(|p| p.is_dir())
-                        .collect()
-                })
-                .unwrap_or_default();
-            // New names follow the ones found.
-            let high = found
+            let dirs = |dir: PathBuf| {
+                std::fs::read_dir(dir)
+                    .map(|entries| {
+                        entries
+                            .filter_map(Result::ok)
+                            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
+            };
+            let mut found: Vec<PathBuf> = dirs(self.work_dir.join(OLD_SPARES))
                 .iter()
-                .filter_map(|p| p.file_name()?.to_str()?.parse::<u64>().ok())
-                .max()
-                .map_or(0, |n| n + 1);
-            self.next.fetch_max(high, Ordering::Relaxed);
+                .map(std::fs::DirEntry::path)
+                .collect();
+            if let Some(held) = &self.held {
+                found.extend(
+                    dirs(self.work_dir.join("deployments"))
+                        .iter()
+                        .filter(|e| e.file_name().to_str().is_some_and(|n| !held.contains(n)))
+                        .map(std::fs::DirEntry::path)
+                        .filter(|p| is_empty(p)),
+                );
+            }
+            found.truncate(MAX_SPARES);
             found
         })
     }
@@ -85,9 +108,6 @@ impl WorkDirs {
     /// it; one that exists is kept as it is.
     pub fn make(&self, id: &str) -> io::Result<PathBuf> {
         let path = self.path(id);
-        if path.is_dir() {
-            return Ok(path);
-        }
         let spare = {
             let mut guard = self.spares();
             self.listed(&mut guard).pop()
@@ -95,26 +115,57 @@ impl WorkDirs {
         // One that is not empty (a process that escaped its group's end still had it as its
         // working directory and wrote there) is left where it is, and not used again.
         if let Some(spare) = spare.filter(|s| is_empty(s)) {
-            match rename_into(&spare, &path) {
+            match rename_new(&spare, &path) {
                 Ok(()) => {
                     // As made new (the last user may have changed it).
                     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
                     return Ok(path);
                 }
-                // Gone (someone removed it): a new one instead.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                // Still there: kept for later.
-                Err(_) => {
-                    let mut guard = self.spares();
-                    self.listed(&mut guard).push(spare);
+                // Ours is there already (a spare too, maybe this very one).
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    self.put_back(spare);
+                    return self.existing(path);
                 }
+                // Gone (someone removed it), or no `deployments` yet: a new one instead.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if spare.is_dir() {
+                        self.put_back(spare);
+                    }
+                }
+                // Still there: kept for later.
+                Err(_) => self.put_back(spare),
             }
         }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&path)?;
+        match std::fs::DirBuilder::new().mode(0o755).create(&path) {
+            Ok(()) => Ok(path),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => self.existing(path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(&path)?;
+                Ok(path)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `path` is there already: kept as it is, and no longer a spare if it was one.
+    fn existing(&self, path: PathBuf) -> io::Result<PathBuf> {
+        if !path.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a directory",
+            ));
+        }
+        let mut guard = self.spares();
+        self.listed(&mut guard).retain(|s| *s != path);
         Ok(path)
+    }
+
+    fn put_back(&self, spare: PathBuf) {
+        let mut guard = self.spares();
+        self.listed(&mut guard).push(spare);
     }
 
     /// [`WorkDirs::make`], with the error as a start failure says it. On the calling thread:
@@ -125,8 +176,9 @@ impl WorkDirs {
             .map_err(|e| format!("cannot create {}: {e}", self.path(id).display()))
     }
 
-    /// The deployment `id` is gone: its default working directory becomes a spare when it is
-    /// empty (deleted when there are enough spares); one that holds files stays.
+    /// The deployment `id` is gone: its default working directory becomes a spare, where it
+    /// is, when it is empty (deleted when there are enough spares); one that holds files
+    /// stays.
     pub fn release(&self, id: &str) {
         let path = self.path(id);
         if !is_empty(&path) {
@@ -134,37 +186,22 @@ impl WorkDirs {
         }
         let mut guard = self.spares();
         let spares = self.listed(&mut guard);
+        if spares.contains(&path) {
+            return;
+        }
         if spares.len() >= MAX_SPARES {
             drop(guard);
             let _ = std::fs::remove_dir(&path);
             return;
         }
-        let root = self.work_dir.join(SPARES);
-        let spare = root.join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
-        let moved = rename_into(&path, &spare);
-        match moved {
-            Ok(()) => spares.push(spare),
-            Err(_) => {
-                drop(guard);
-                let _ = std::fs::remove_dir(&path);
-            }
-        }
+        spares.push(path);
     }
 }
 
-/// Renames `from` to `to`, making `to`'s parent first when it is missing (tried after the
-/// rename, which finds it there nearly always).
-fn rename_into(from: &Path, to: &Path) -> io::Result<()> {
-    match std::fs::rename(from, to) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => match to.parent() {
-            Some(parent) if !parent.is_dir() => {
-                std::fs::create_dir_all(parent)?;
-                std::fs::rename(from, to)
-            }
-            _ => Err(e),
-        },
-        done => done,
-    }
+/// Renames `from` to `to`, which must not exist (`AlreadyExists` if it does, whatever it is).
+fn rename_new(from: &Path, to: &Path) -> io::Result<()> {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE).map_err(io::Error::from)
 }
 
 /// Whether `dir` is a directory with nothing in it.
@@ -177,8 +214,16 @@ fn is_empty(dir: &Path) -> bool {
 mod tests {
     use super::*;
 
+    fn inode(p: &Path) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
+    }
+
+    fn entries(p: &Path) -> usize {
+        std::fs::read_dir(p).unwrap().count()
+    }
+
     #[test]
-    fn an_empty_directory_is_used_again_one_with_files_stays_and_spares_are_bounded() {
+    fn an_empty_directory_is_used_again_in_place_and_one_with_files_stays() {
         let dir = tempfile::tempdir().unwrap();
         let dirs = WorkDirs::new(dir.path());
         let a = dirs.make("a").unwrap();
@@ -188,53 +233,85 @@ mod tests {
         dirs.release("a");
         assert!(a.join("keep").exists(), "a directory with files stays");
 
+        // An empty one is the next deployment's, renamed, with the mode of a new one.
         let b = dirs.make("b").unwrap();
         std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
         let was = inode(&b);
         dirs.release("b");
-        assert!(!b.exists());
-        // A new agent finds the spare, and the next deployment gets it, as new.
-        let dirs = WorkDirs::new(dir.path());
+        assert!(b.is_dir(), "a spare stays where it is");
         let c = dirs.make("c").unwrap();
         assert_eq!(inode(&c), was, "the spare was renamed into place");
+        assert!(!b.exists());
         let mode = std::fs::metadata(&c).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o755);
-        assert_eq!(std::fs::read_dir(&c).unwrap().count(), 0);
+        assert_eq!(entries(&c), 0);
+        assert!(
+            a.join("keep").exists(),
+            "the one with files was never given out"
+        );
+
+        // A deployment whose own directory is a spare gets it back, and it is no longer one.
+        dirs.release("c");
+        assert_eq!(inode(&dirs.make("c").unwrap()), was);
+        let d = dirs.make("d").unwrap();
+        assert_ne!(inode(&d), was, "a new one: c's is c's again");
+        assert!(c.is_dir());
 
         // A spare written to after its release (a process that escaped its group's end) is
         // not given out.
-        dirs.release("c");
-        let spare = std::fs::read_dir(dir.path().join(SPARES))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        std::fs::write(spare.join("stray"), "late").unwrap();
-        let d = dirs.make("d").unwrap();
-        assert_eq!(
-            std::fs::read_dir(&d).unwrap().count(),
-            0,
-            "a new one, empty"
-        );
-        assert!(
-            spare.join("stray").exists(),
-            "the written one is left alone"
-        );
         dirs.release("d");
+        std::fs::write(d.join("stray"), "late").unwrap();
+        let e = dirs.make("e").unwrap();
+        assert_eq!(entries(&e), 0, "a new one, empty");
+        assert!(d.join("stray").exists(), "the written one is left alone");
+    }
 
-        // At most MAX_SPARES are kept; the others are deleted.
+    #[test]
+    fn a_new_agent_takes_the_empty_directories_of_what_it_does_not_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = WorkDirs::new(dir.path());
+        let held = first.make("held").unwrap();
+        let gone = first.make("gone").unwrap();
+        first.release("gone");
+        // As an earlier version kept its spares.
+        let old = dir.path().join(OLD_SPARES).join("7");
+        std::fs::create_dir_all(&old).unwrap();
+        let (held_ino, gone_ino, old_ino) = (inode(&held), inode(&gone), inode(&old));
+
+        // Without what it holds, a new agent takes only the old spares.
+        let plain = WorkDirs::new(dir.path());
+        let x = plain.make("x").unwrap();
+        assert_eq!(inode(&x), old_ino);
+        assert!(gone.is_dir() && held.is_dir());
+
+        // With it: the empty directory of one it does not hold, never a held one's.
+        let held_now = HashSet::from(["held".to_owned(), "x".to_owned()]);
+        let agent = WorkDirs::with_held(dir.path(), held_now);
+        assert_eq!(inode(&agent.make("z").unwrap()), gone_ino);
+        let w = inode(&agent.make("w").unwrap());
+        assert!(![held_ino, gone_ino, old_ino].contains(&w), "a new one");
+        assert_eq!(inode(&agent.make("held").unwrap()), held_ino);
+        assert_eq!(inode(&agent.make("x").unwrap()), old_ino);
+    }
+
+    #[test]
+    fn spares_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = WorkDirs::new(dir.path());
         let ids: Vec<String> = (0..MAX_SPARES + 3).map(|i| format!("t{i}")).collect();
         for id in &ids {
             dirs.make(id).unwrap();
         }
         for id in &ids {
             dirs.release(id);
-            assert!(!dirs.path(id).exists());
         }
-        // The one left alone is not counted as a spare (it is on disk, never given out).
-        let spares = std::fs::read_dir(dir.path().join(SPARES)).unwrap().count();
-        assert_eq!(spares, MAX_SPARES + 1);
+        // At most MAX_SPARES are kept (in place); the others are deleted.
+        assert_eq!(entries(&dir.path().join("deployments")), MAX_SPARES);
+        // And each is given out once.
+        let again: HashSet<u64> = (0..MAX_SPARES)
+            .map(|i| inode(&dirs.make(&format!("n{i}")).unwrap()))
+            .collect();
+        assert_eq!(again.len(), MAX_SPARES);
+        assert_eq!(entries(&dir.path().join("deployments")), MAX_SPARES);
     }
 }

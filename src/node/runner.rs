@@ -319,7 +319,7 @@ pub async fn spawn_attached(
 /// [`spawn_attached`]'s blocking step.
 fn start_attached(
     ledger: &Ledger,
-    launch: Launch,
+    mut launch: Launch,
 ) -> Result<(tokio::process::Child, Record), SpawnError> {
     let child = command(&launch.process)?
         .spawn()
@@ -327,6 +327,9 @@ fn start_attached(
             program: launch.process.command.first().cloned().unwrap_or_default(),
             source,
         })?;
+    // The ledger's line leaves out the environment (the node's own and the spec's, often most
+    // of the line): a later agent only ends this process, and never runs it again.
+    launch.process.env.clear();
     let pid = child.id().ok_or(SpawnError::NoPid)?;
     // One read gives its identity and its group: it leads its own group in this agent's
     // session (when it already exited, that is what the group must be).

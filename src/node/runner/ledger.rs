@@ -6,9 +6,9 @@
 //!
 //! Invariants:
 //! - A line is written whole by one `write` to a file opened for appending: `{"start": ...}`
-//!   once the process runs (its full [`Record`]), `{"end": ...}` once it is gone (its group
-//!   killed and reaped). Replaying the lines in order gives the live set; a torn last line
-//!   (a crash mid-write) is skipped.
+//!   once the process runs (its [`Record`], without the environment), `{"end": ...}` once it
+//!   is gone (its group killed and reaped). Replaying the lines in order gives the live set;
+//!   a torn last line (a crash mid-write) is skipped.
 //! - An end names the pid it ends: a start that replaced an older one for the same deployment
 //!   is not ended by the older one's end.
 //! - The file is rewritten (a new file renamed over it) with only the live records when the

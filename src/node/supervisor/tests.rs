@@ -983,6 +983,9 @@ async fn a_process_without_a_keeper_is_the_agents_child_with_its_output_and_exit
     assert_eq!(record.keeper.pid, std::process::id());
     assert_eq!(record.workload.map(|w| w.pid), Some(pid));
     assert_eq!(record.group.map(|g| g.pgid), i32::try_from(pid).ok());
+    // Its environment is not written down (the first one's `$SYMPHONY_OUTPUT` shows that a
+    // process gets one).
+    assert!(record.launch.process.env.is_empty());
     let kept = h.dir.path().join("deployments").join("job");
     std::fs::write(kept.join("user-file"), "mine").unwrap();
     assert!(h.sup.remove("long").await);
@@ -991,8 +994,15 @@ async fn a_process_without_a_keeper_is_the_agents_child_with_its_output_and_exit
         ledger_live(h.dir.path()).is_empty(),
         "its end is written down"
     );
-    // What it leaves goes, unless it holds files.
-    assert!(!h.dir.path().join("deployments").join("long").exists());
+    // Its empty working directory stays as a spare: the next deployment's, renamed.
+    let spare = h.dir.path().join("deployments").join("long");
+    assert_eq!(std::fs::read_dir(&spare).unwrap().count(), 0);
+    let mut s = spec("exit 0", RestartKind::Never);
+    s.outlive_agent = false;
+    h.sup.apply("next", 1, true, s).unwrap();
+    h.until_state("next", CurrentState::Exited).await;
+    assert!(!spare.exists());
+    assert!(h.dir.path().join("deployments").join("next").is_dir());
     let output = h.dir.path().join("outputs").join("job.json");
     assert!(output.exists());
     assert!(h.sup.remove("job").await);

@@ -108,13 +108,20 @@ impl WorkDirs {
     /// it; one that exists is kept as it is.
     pub fn make(&self, id: &str) -> io::Result<PathBuf> {
         let path = self.path(id);
-        let spare = {
-            let mut guard = self.spares();
-            self.listed(&mut guard).pop()
+        // One that is not empty (it held files when it was released, or a process that escaped
+        // its group's end still had it as its working directory and wrote there) is left
+        // where it is, and no longer a spare.
+        let spare = loop {
+            let spare = {
+                let mut guard = self.spares();
+                self.listed(&mut guard).pop()
+            };
+            match spare {
+                Some(s) if !is_empty(&s) => {}
+                found => break found,
+            }
         };
-        // One that is not empty (a process that escaped its group's end still had it as its
-        // working directory and wrote there) is left where it is, and not used again.
-        if let Some(spare) = spare.filter(|s| is_empty(s)) {
+        if let Some(spare) = spare {
             match rename_new(&spare, &path) {
                 Ok(()) => {
                     // As made new (the last user may have changed it).
@@ -176,21 +183,17 @@ impl WorkDirs {
             .map_err(|e| format!("cannot create {}: {e}", self.path(id).display()))
     }
 
-    /// The deployment `id` is gone: its default working directory becomes a spare, where it
-    /// is, when it is empty (deleted when there are enough spares); one that holds files
-    /// stays.
+    /// The deployment `id` is gone: its default working directory is a spare, where it is
+    /// (deleted instead when there are enough spares and it is empty). No syscall: whether it
+    /// is empty (one that holds files stays, and is never given out) and still there is
+    /// looked at when it would be given out.
     pub fn release(&self, id: &str) {
         let path = self.path(id);
-        if !is_empty(&path) {
-            return;
-        }
         let mut guard = self.spares();
         let spares = self.listed(&mut guard);
-        if spares.contains(&path) {
-            return;
-        }
         if spares.len() >= MAX_SPARES {
             drop(guard);
+            // Fails, as it should, when it holds files.
             let _ = std::fs::remove_dir(&path);
             return;
         }

@@ -9,9 +9,9 @@
 //! rename within one directory.
 //!
 //! Invariants:
-//! - Only an empty directory becomes a spare, and only an empty spare is given out; one that
-//!   holds files stays where it is (they may be the user's, or written by a process that
-//!   escaped its group's end and still has it as its working directory).
+//! - Only an empty spare is given out; one that holds files stays where it is and stops
+//!   being a spare (they may be the user's, or written by a process that escaped its group's
+//!   end and still has it as its working directory).
 //! - At most [`MAX_SPARES`] spares are kept; beyond that an empty directory is deleted.
 //! - A spare given out is renamed to the deployment's path (never over anything there)
 //!   before anything runs there, with the mode a new directory would get; a deployment whose
@@ -33,8 +33,8 @@ pub const MAX_SPARES: usize = 256;
 const OLD_SPARES: &str = "spare-dirs";
 
 /// See the module docs. Its methods are a few syscalls in the node's own directory (a
-/// `read_dir` of one empty directory, a rename, a `chmod`): the supervisor calls them on its
-/// workers, as it does the spawn.
+/// `read_dir` of one empty directory, a rename, a `chmod`; none for a release): the
+/// supervisor calls them on its workers, as it does the spawn.
 #[derive(Debug)]
 pub struct WorkDirs {
     work_dir: PathBuf,

@@ -33,15 +33,23 @@ pub const MAX_SPARES: usize = 256;
 const OLD_SPARES: &str = "spare-dirs";
 
 /// See the module docs. Its methods are a few syscalls in the node's own directory (a
-/// `read_dir` of one empty directory, a rename, a `chmod`; none for a release): the
-/// supervisor calls them on its workers, as it does the spawn.
+/// `read_dir` of one empty directory, a rename, a `chmod`; none for a release), under one
+/// lock: the supervisor calls them on its workers, as it does the spawn.
 #[derive(Debug)]
 pub struct WorkDirs {
     work_dir: PathBuf,
-    spares: Mutex<Option<Vec<PathBuf>>>,
+    dirs: Mutex<Dirs>,
     /// The deployments held when the agent started; `None`: the directories found are not
     /// looked at (only the old spares are).
     held: Option<HashSet<String>>,
+}
+
+#[derive(Debug, Default)]
+struct Dirs {
+    /// Released (or found at the start), not given out since; `None` until first listed.
+    spares: Option<Vec<PathBuf>>,
+    /// Given out and not released since: only these become spares.
+    made: HashSet<PathBuf>,
 }
 
 impl WorkDirs {
@@ -50,7 +58,7 @@ impl WorkDirs {
     pub fn new(work_dir: &Path) -> Self {
         Self {
             work_dir: work_dir.to_path_buf(),
-            spares: Mutex::new(None),
+            dirs: Mutex::default(),
             held: None,
         }
     }
@@ -69,13 +77,13 @@ impl WorkDirs {
         self.work_dir.join("deployments").join(id)
     }
 
-    fn spares(&self) -> MutexGuard<'_, Option<Vec<PathBuf>>> {
-        self.spares.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Dirs> {
+        self.dirs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The spares, found on disk the first time.
-    fn listed<'a>(&self, guard: &'a mut Option<Vec<PathBuf>>) -> &'a mut Vec<PathBuf> {
-        guard.get_or_insert_with(|| {
+    fn listed<'a>(&self, spares: &'a mut Option<Vec<PathBuf>>) -> &'a mut Vec<PathBuf> {
+        spares.get_or_insert_with(|| {
             let dirs = |dir: PathBuf| {
                 std::fs::read_dir(dir)
                     .map(|entries| {
@@ -105,74 +113,62 @@ impl WorkDirs {
     }
 
     /// Makes the default working directory of `id` (a spare when there is one) and returns
-    /// it; one that exists is kept as it is.
+    /// it; one that exists is kept as it is. Under the lock throughout: a spare checked empty
+    /// is renamed before anyone else can take it or its name.
     pub fn make(&self, id: &str) -> io::Result<PathBuf> {
         let path = self.path(id);
+        let mut guard = self.lock();
+        let dirs = &mut *guard;
+        let made = self.make_locked(&path, dirs)?;
+        dirs.made.insert(made.clone());
+        Ok(made)
+    }
+
+    fn make_locked(&self, path: &Path, dirs: &mut Dirs) -> io::Result<PathBuf> {
+        let spares = self.listed(&mut dirs.spares);
         // One that is not empty (it held files when it was released, or a process that escaped
         // its group's end still had it as its working directory and wrote there) is left
         // where it is, and no longer a spare.
         let spare = loop {
-            let spare = {
-                let mut guard = self.spares();
-                self.listed(&mut guard).pop()
-            };
-            match spare {
+            match spares.pop() {
                 Some(s) if !is_empty(&s) => {}
                 found => break found,
             }
         };
         if let Some(spare) = spare {
-            match rename_new(&spare, &path) {
+            match rename_new(&spare, path) {
                 Ok(()) => {
                     // As made new (the last user may have changed it).
-                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-                    return Ok(path);
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+                    return Ok(path.to_path_buf());
                 }
                 // Ours is there already (a spare too, maybe this very one).
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    self.put_back(spare);
-                    return self.existing(path);
+                    spares.push(spare);
+                    return existing(path, spares);
                 }
                 // Gone (someone removed it), or no `deployments` yet: a new one instead.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     if spare.is_dir() {
-                        self.put_back(spare);
+                        spares.push(spare);
                     }
                 }
                 // Still there: kept for later.
-                Err(_) => self.put_back(spare),
+                Err(_) => spares.push(spare),
             }
         }
-        match std::fs::DirBuilder::new().mode(0o755).create(&path) {
-            Ok(()) => Ok(path),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => self.existing(path),
+        match std::fs::DirBuilder::new().mode(0o755).create(path) {
+            Ok(()) => Ok(path.to_path_buf()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => existing(path, spares),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 std::fs::DirBuilder::new()
                     .recursive(true)
                     .mode(0o755)
-                    .create(&path)?;
-                Ok(path)
+                    .create(path)?;
+                Ok(path.to_path_buf())
             }
             Err(e) => Err(e),
         }
-    }
-
-    /// `path` is there already: kept as it is, and no longer a spare if it was one.
-    fn existing(&self, path: PathBuf) -> io::Result<PathBuf> {
-        if !path.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "exists and is not a directory",
-            ));
-        }
-        let mut guard = self.spares();
-        self.listed(&mut guard).retain(|s| *s != path);
-        Ok(path)
-    }
-
-    fn put_back(&self, spare: PathBuf) {
-        let mut guard = self.spares();
-        self.listed(&mut guard).push(spare);
     }
 
     /// [`WorkDirs::make`], with the error as a start failure says it. On the calling thread:
@@ -183,14 +179,19 @@ impl WorkDirs {
             .map_err(|e| format!("cannot create {}: {e}", self.path(id).display()))
     }
 
-    /// The deployment `id` is gone: its default working directory is a spare, where it is
-    /// (deleted instead when there are enough spares and it is empty). No syscall: whether it
-    /// is empty (one that holds files stays, and is never given out) and still there is
-    /// looked at when it would be given out.
+    /// The deployment `id` is gone: the default working directory given to it is a spare,
+    /// where it is (deleted instead when there are enough spares and it is empty). One never
+    /// given out (a git checkout runs elsewhere; a deployment that never started) is not.
+    /// No syscall: whether it is empty (one that holds files stays, and is never given out)
+    /// and still there is looked at when it would be given out.
     pub fn release(&self, id: &str) {
         let path = self.path(id);
-        let mut guard = self.spares();
-        let spares = self.listed(&mut guard);
+        let mut guard = self.lock();
+        let dirs = &mut *guard;
+        if !dirs.made.remove(&path) {
+            return;
+        }
+        let spares = self.listed(&mut dirs.spares);
         if spares.len() >= MAX_SPARES {
             drop(guard);
             // Fails, as it should, when it holds files.
@@ -199,6 +200,18 @@ impl WorkDirs {
         }
         spares.push(path);
     }
+}
+
+/// `path` is there already: kept as it is, and no longer a spare if it was one.
+fn existing(path: &Path, spares: &mut Vec<PathBuf>) -> io::Result<PathBuf> {
+    if !path.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "exists and is not a directory",
+        ));
+    }
+    spares.retain(|s| s != path);
+    Ok(path.to_path_buf())
 }
 
 /// Renames `from` to `to`, which must not exist (`AlreadyExists` if it does, whatever it is).
@@ -295,6 +308,26 @@ mod tests {
         assert!(![held_ino, gone_ino, old_ino].contains(&w), "a new one");
         assert_eq!(inode(&agent.make("held").unwrap()), held_ino);
         assert_eq!(inode(&agent.make("x").unwrap()), old_ino);
+    }
+
+    #[test]
+    fn only_a_directory_given_out_becomes_a_spare_and_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = WorkDirs::new(dir.path());
+        let s = dirs.make("s").unwrap();
+        let s_ino = inode(&s);
+        // Never given out (a git checkout, a deployment that never started): no spare.
+        dirs.release("x");
+        dirs.release("s");
+        // Released twice: still one spare.
+        dirs.release("s");
+        let x = dirs.make("x").unwrap();
+        assert_eq!(inode(&x), s_ino);
+        let y = dirs.make("y").unwrap();
+        assert_ne!(inode(&y), s_ino, "x's directory went to y while x runs");
+        assert!(x.is_dir());
+        let z = dirs.make("z").unwrap();
+        assert!(![inode(&x), inode(&y)].contains(&inode(&z)));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The node's local state (postcard, in its work dir): which deployments it holds, at which
 //! generation, with which spec, so a restarted agent comes back knowing what it ran and tells
-//! the conductor in its Hello. Written atomically (temp file + rename), 0600, with every git
-//! token sealed with the node's key (`<work_dir>/secrets.key`, see [`crate::seal`]).
+//! the conductor in its Hello. Two files (see [`LocalState`]), each written atomically (temp
+//! file + rename), 0600, with every git token sealed with the node's key
+//! (`<work_dir>/secrets.key`, see [`crate::seal`]).
 
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -135,16 +136,18 @@ impl StateStore for LocalState {
     }
 }
 
-/// The state file.
-///
-/// A write waits for the disk (fsync) only when what it says of the deployments whose
-/// processes outlive the agent differs from the last write that did. The others' processes
-/// end with the agent, and with the machine: after a power loss, a file that still names such
-/// a process, or one that no longer does, tells the next agent the same thing (nothing of
-/// theirs runs any more), and its ledger of those processes is not synced either.
+/// The state files: `state.bin` for the deployments whose processes outlive the agent, written
+/// durably (fsync, then a rename) and only when what it says of them changed; and, beside it,
+/// `state.attached.bin` for the others, written at every change without waiting for the disk.
+/// Those others' processes end with the agent, and with the machine: after a power loss, a
+/// file that still names one, no longer does, or cannot be read at all (its rename reached the
+/// disk before its data) tells the next agent the same thing (nothing of theirs runs any
+/// more), and their ledger is not synced either. A deployment in both (it moved from one to
+/// the other) is taken at its higher generation.
 #[derive(Debug, Clone)]
 pub struct LocalState {
     path: PathBuf,
+    attached: PathBuf,
     /// Seals the git tokens of the specs held.
     key: SealKey,
     /// The deployments outliving the agent as the last synced write had them.
@@ -154,30 +157,43 @@ pub struct LocalState {
 impl LocalState {
     pub fn new(path: PathBuf, key: SealKey) -> Self {
         Self {
+            attached: path.with_extension("attached.bin"),
             path,
             key,
             synced: Arc::default(),
         }
     }
 
-    /// Reads the held deployments; a missing file is an empty list. A deployment whose token
+    /// Reads the held deployments; missing files are an empty list. A deployment whose token
     /// does not open (another key sealed it) is left out, with a warning: the conductor then
     /// sends it again, token and all, and the process a previous agent left for it is stopped.
     pub fn load(&self) -> std::io::Result<Vec<Held>> {
-        match std::fs::read(&self.path) {
+        let mut held = self.read(&self.path)?;
+        for h in self.read(&self.attached)? {
+            match held.iter_mut().find(|x| x.id == h.id) {
+                Some(x) if x.generation < h.generation => *x = h,
+                Some(_) => {}
+                None => held.push(h),
+            }
+        }
+        Ok(held)
+    }
+
+    fn read(&self, path: &std::path::Path) -> std::io::Result<Vec<Held>> {
+        match std::fs::read(path) {
             Ok(bytes) => match decode(&bytes) {
                 Ok(held) => Ok(held
                     .into_iter()
                     .filter_map(|mut h| match open_token(&self.key, &mut h.spec) {
                         Ok(()) => Some(h),
                         Err(e) => {
-                            tracing::warn!(path = %self.path.display(), deployment = %h.id, error = %e, "a held deployment's git token does not open; it is left out of the local state");
+                            tracing::warn!(path = %path.display(), deployment = %h.id, error = %e, "a held deployment's git token does not open; it is left out of the local state");
                             None
                         }
                     })
                     .collect()),
                 Err(e) => {
-                    tracing::warn!(path = %self.path.display(), error = %e, "unreadable local state; starting empty");
+                    tracing::warn!(path = %path.display(), error = %e, "unreadable local state; what it held is forgotten");
                     Ok(Vec::new())
                 }
             },
@@ -188,11 +204,8 @@ impl LocalState {
 
     /// Replaces the held deployments; says whether it waited for the disk (see the type).
     pub fn save(&self, held: &[Arc<Held>]) -> std::io::Result<bool> {
-        let lasting: Vec<Arc<Held>> = held
-            .iter()
-            .filter(|h| h.spec.outlive_agent)
-            .cloned()
-            .collect();
+        let (lasting, attached): (Vec<Arc<Held>>, Vec<Arc<Held>>) =
+            held.iter().cloned().partition(|h| h.spec.outlive_agent);
         let mut synced = self
             .synced
             .lock()
@@ -203,6 +216,23 @@ impl LocalState {
                     .zip(&lasting)
                     .any(|(a, b)| !Arc::ptr_eq(a, b) && a != b)
         });
+        // The durable one first: a deployment moving to it is in both until the other is
+        // written (the higher generation is taken), one leaving it is in neither for a moment
+        // (its process ends with the agent: nothing is lost).
+        if durable {
+            self.write(&self.path, &lasting, true)?;
+            *synced = Some(lasting);
+        }
+        self.write(&self.attached, &attached, false)?;
+        Ok(durable)
+    }
+
+    fn write(
+        &self,
+        path: &std::path::Path,
+        held: &[Arc<Held>],
+        durable: bool,
+    ) -> std::io::Result<()> {
         let held: Cow<'_, [Arc<Held>]> = if held.iter().any(|h| token(&h.spec).is_some()) {
             let mut sealed = held.to_vec();
             for h in &mut sealed {
@@ -222,11 +252,7 @@ impl LocalState {
         })
         .map_err(|e| std::io::Error::other(e.to_string()))?;
         // Specs hold secrets (git tokens, sealed): owner-only, like key files.
-        write_private(&self.path, &bytes, durable)?;
-        if durable {
-            *synced = Some(lasting);
-        }
-        Ok(durable)
+        write_private(path, &bytes, durable)
     }
 }
 
@@ -340,6 +366,47 @@ mod tests {
         // Another writer for the same file starts over: its first write is synced.
         let again = LocalState::new(dir.path().join("state.bin"), key(dir.path()));
         assert!(again.save(&arcs(&[])).unwrap());
+    }
+
+    #[test]
+    fn a_torn_attached_file_loses_only_what_ends_with_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = LocalState::new(dir.path().join("state.bin"), key(dir.path()));
+        let held = |id: &str, outlive: bool, generation: u64| {
+            let mut spec = DeploymentSpec::defaults_for(vec!["true".into()]);
+            spec.outlive_agent = outlive;
+            Held {
+                id: id.into(),
+                generation: Generation(generation),
+                desired_running: true,
+                spec,
+                log_offset: 0,
+            }
+        };
+        // A task at generation 1, then its next generation outlives the agent: in both files
+        // until the attached one is written again, the higher generation counts.
+        st.save(&arcs(&[held("svc", true, 1), held("x", false, 1)]))
+            .unwrap();
+        let both = LocalState::new(dir.path().join("state.bin"), key(dir.path()));
+        both.write(
+            &both.path,
+            &arcs(&[held("svc", true, 1), held("x", true, 2)]),
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            both.load().unwrap(),
+            vec![held("svc", true, 1), held("x", true, 2)]
+        );
+        // The attached file's rename reached the disk before its data: what outlives the
+        // agent is still known.
+        std::fs::write(dir.path().join("state.attached.bin"), [0xff; 3]).unwrap();
+        assert_eq!(
+            st.load().unwrap(),
+            vec![held("svc", true, 1), held("x", true, 2)]
+        );
+        std::fs::write(dir.path().join("state.attached.bin"), b"").unwrap();
+        assert_eq!(st.load().unwrap().len(), 2);
     }
 
     #[test]

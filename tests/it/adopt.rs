@@ -448,7 +448,7 @@ async fn a_task_attempt_ends_with_its_agent_and_its_retry_runs_once() {
     // The agent wrote down that it holds the task (before that, a restarted agent knows
     // nothing of it: it ends the process and the conductor's resent Assign starts the same
     // attempt afresh).
-    let state = c.dir.path().join("nodes/tasks/work/state.bin");
+    let state = c.dir.path().join("nodes/tasks/work/state.attached.bin");
     let dep = format!("t0-{id}");
     until("the task in the node's local state", || {
         std::fs::read(&state).is_ok_and(|b| b.windows(dep.len()).any(|w| w == dep.as_bytes()))

@@ -330,20 +330,26 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
     }
 
+    /// A deployment running `true` at `generation`, outliving the agent or not.
+    fn held_as(id: &str, outlive: bool, generation: u64) -> Held {
+        let mut spec = DeploymentSpec::defaults_for(vec!["true".into()]);
+        spec.outlive_agent = outlive;
+        Held {
+            id: id.into(),
+            generation: Generation(generation),
+            desired_running: true,
+            spec,
+            log_offset: 0,
+        }
+    }
+
     #[test]
     fn only_a_change_to_what_outlives_the_agent_waits_for_the_disk() {
         let dir = tempfile::tempdir().unwrap();
         let st = LocalState::new(dir.path().join("state.bin"), key(dir.path()));
-        let held = |id: &str, outlive: bool, log_offset: u64| {
-            let mut spec = DeploymentSpec::defaults_for(vec!["true".into()]);
-            spec.outlive_agent = outlive;
-            Held {
-                id: id.into(),
-                generation: Generation(1),
-                desired_running: true,
-                spec,
-                log_offset,
-            }
+        let held = |id: &str, outlive: bool, log_offset: u64| Held {
+            log_offset,
+            ..held_as(id, outlive, 1)
         };
         let task = held("task", false, 0);
         let service = held("service", true, 0);
@@ -372,17 +378,7 @@ mod tests {
     fn a_torn_attached_file_loses_only_what_ends_with_the_agent() {
         let dir = tempfile::tempdir().unwrap();
         let st = LocalState::new(dir.path().join("state.bin"), key(dir.path()));
-        let held = |id: &str, outlive: bool, generation: u64| {
-            let mut spec = DeploymentSpec::defaults_for(vec!["true".into()]);
-            spec.outlive_agent = outlive;
-            Held {
-                id: id.into(),
-                generation: Generation(generation),
-                desired_running: true,
-                spec,
-                log_offset: 0,
-            }
-        };
+        let held = held_as;
         // A task at generation 1, then its next generation outlives the agent: in both files
         // until the attached one is written again, the higher generation counts.
         st.save(&arcs(&[held("svc", true, 1), held("x", false, 1)]))

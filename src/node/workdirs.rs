@@ -119,12 +119,15 @@ impl WorkDirs {
         let path = self.path(id);
         let mut guard = self.lock();
         let dirs = &mut *guard;
-        let made = self.make_locked(&path, dirs)?;
-        dirs.made.insert(made.clone());
-        Ok(made)
+        // Its own, given out before (a restart): kept as it is, no spare looked at.
+        if !(dirs.made.contains(&path) && path.is_dir()) {
+            self.make_locked(&path, dirs)?;
+            dirs.made.insert(path.clone());
+        }
+        Ok(path)
     }
 
-    fn make_locked(&self, path: &Path, dirs: &mut Dirs) -> io::Result<PathBuf> {
+    fn make_locked(&self, path: &Path, dirs: &mut Dirs) -> io::Result<()> {
         let spares = self.listed(&mut dirs.spares);
         // One that is not empty (it held files when it was released, or a process that escaped
         // its group's end still had it as its working directory and wrote there) is left
@@ -139,8 +142,7 @@ impl WorkDirs {
             match rename_new(&spare, path) {
                 Ok(()) => {
                     // As made new (the last user may have changed it).
-                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
-                    return Ok(path.to_path_buf());
+                    return std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755));
                 }
                 // Ours is there already (a spare too, maybe this very one).
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -158,16 +160,12 @@ impl WorkDirs {
             }
         }
         match std::fs::DirBuilder::new().mode(0o755).create(path) {
-            Ok(()) => Ok(path.to_path_buf()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => existing(path, spares),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(path)?;
-                Ok(path.to_path_buf())
-            }
-            Err(e) => Err(e),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(path),
+            made => made,
         }
     }
 
@@ -203,7 +201,7 @@ impl WorkDirs {
 }
 
 /// `path` is there already: kept as it is, and no longer a spare if it was one.
-fn existing(path: &Path, spares: &mut Vec<PathBuf>) -> io::Result<PathBuf> {
+fn existing(path: &Path, spares: &mut Vec<PathBuf>) -> io::Result<()> {
     if !path.is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
@@ -211,7 +209,7 @@ fn existing(path: &Path, spares: &mut Vec<PathBuf>) -> io::Result<PathBuf> {
         ));
     }
     spares.retain(|s| s != path);
-    Ok(path.to_path_buf())
+    Ok(())
 }
 
 /// Renames `from` to `to`, which must not exist (`AlreadyExists` if it does, whatever it is).

@@ -674,29 +674,25 @@ async fn newer_schema_is_refused() {
 
 #[tokio::test]
 async fn file_uses_wal_normal_sync_foreign_keys_and_memory_temp_store() {
+    async fn pragma(conn: &mut sqlx::SqliteConnection, query: &'static str) -> i64 {
+        sqlx::query(query).fetch_one(conn).await.unwrap().get(0)
+    }
     let (dir, store) = file_store().await;
     let mut conn = store.pool.acquire().await.unwrap();
-    let sync: i64 = sqlx::query("PRAGMA synchronous")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(sync, 1, "synchronous=NORMAL");
-    let fk: i64 = sqlx::query("PRAGMA foreign_keys")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(fk, 1);
+    assert_eq!(
+        pragma(&mut conn, "PRAGMA synchronous").await,
+        1,
+        "synchronous=NORMAL"
+    );
+    assert_eq!(pragma(&mut conn, "PRAGMA foreign_keys").await, 1);
     drop(conn);
     // The writer too, and its statement journals stay in memory (2 = MEMORY).
     let mut conn = store.writer.acquire().await.unwrap();
-    let temp: i64 = sqlx::query("PRAGMA temp_store")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(temp, 2, "temp_store=MEMORY");
+    assert_eq!(
+        pragma(&mut conn, "PRAGMA temp_store").await,
+        2,
+        "temp_store=MEMORY"
+    );
     drop(conn);
     store.close().await;
 

@@ -693,6 +693,10 @@ async fn file_uses_wal_normal_sync_foreign_keys_and_memory_temp_store() {
         2,
         "temp_store=MEMORY"
     );
+    assert_eq!(
+        pragma(&mut conn, "PRAGMA wal_autocheckpoint").await,
+        i64::from(WAL_CHECKPOINT_PAGES)
+    );
     drop(conn);
     store.close().await;
 
@@ -1361,4 +1365,45 @@ async fn a_batch_of_run_changes_spans_statements_and_the_last_change_wins() {
     assert_eq!(stored.len(), n - half);
     assert!(stored.iter().all(|r| r.state == RunState::Succeeded));
     assert_eq!(stored[0].id, format!("r{half:04}"));
+}
+
+/// The writer keeps every shape of its multi-row statements prepared: batches of each row
+/// count of two statements (more shapes than SQLite's default cache of 100) are all still
+/// cached after the last one, so a flush parses none again.
+#[tokio::test]
+async fn the_writer_keeps_every_shape_of_its_multi_row_statements() {
+    let (_dir, store) = file_store().await;
+    let mut next = 0;
+    for rows in 1..=ROWS_PER_STATEMENT {
+        let batch: Vec<Event> = (0..rows)
+            .map(|_| {
+                next += 1;
+                event(next, "node.online", "node/n1", 1000)
+            })
+            .collect();
+        store.append_events(&batch).await.unwrap();
+    }
+    let set: Vec<_> = (0..ROWS_PER_STATEMENT)
+        .map(|i| assignment(&format!("d{i}"), "n1", 7))
+        .collect();
+    let w = runs::RunsWrite {
+        create: set
+            .iter()
+            .map(|a| deployment(&a.deployment_id, "t", 1))
+            .collect(),
+        ..runs::RunsWrite::default()
+    };
+    store.write_runs(&w, &[]).await.unwrap();
+    for rows in 1..=ROWS_PER_STATEMENT {
+        store
+            .apply_placements(&set[..rows], &[], Generation(7), &[])
+            .await
+            .unwrap();
+    }
+    let conn = store.writer.acquire().await.unwrap();
+    assert!(
+        conn.cached_statements_size() >= 2 * ROWS_PER_STATEMENT,
+        "{} statements cached",
+        conn.cached_statements_size()
+    );
 }

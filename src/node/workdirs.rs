@@ -29,6 +29,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 /// The most spares kept.
 pub const MAX_SPARES: usize = 256;
 
+/// The mode a working directory is made with (and a spare given out is set back to).
+const DIR_MODE: u32 = 0o755;
+
 /// Where an earlier version kept its spares (still given out).
 const OLD_SPARES: &str = "spare-dirs";
 
@@ -104,7 +107,7 @@ impl WorkDirs {
                         .iter()
                         .filter(|e| e.file_name().to_str().is_some_and(|n| !held.contains(n)))
                         .map(std::fs::DirEntry::path)
-                        .filter(|p| is_empty(p)),
+                        .filter(|p| empty_mode(p).is_some()),
                 );
             }
             found.truncate(MAX_SPARES);
@@ -134,16 +137,24 @@ impl WorkDirs {
         // where it is, and no longer a spare.
         let spare = loop {
             match spares.pop() {
-                Some(s) if !is_empty(&s) => {}
-                found => break found,
+                Some(s) => {
+                    if let Some(mode) = empty_mode(&s) {
+                        break Some((s, mode));
+                    }
+                }
+                None => break None,
             }
         };
-        if let Some(spare) = spare {
+        if let Some((spare, mode)) = spare {
             match rename_new(&spare, path) {
-                Ok(()) => {
-                    // As made new (the last user may have changed it).
-                    return std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755));
+                // As made new (the last user may have changed it).
+                Ok(()) if mode != DIR_MODE => {
+                    return std::fs::set_permissions(
+                        path,
+                        std::fs::Permissions::from_mode(DIR_MODE),
+                    );
                 }
+                Ok(()) => return Ok(()),
                 // Ours is there already (a spare too, maybe this very one).
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     spares.push(spare);
@@ -159,11 +170,11 @@ impl WorkDirs {
                 Err(_) => spares.push(spare),
             }
         }
-        match std::fs::DirBuilder::new().mode(0o755).create(path) {
+        match std::fs::DirBuilder::new().mode(DIR_MODE).create(path) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => existing(path, spares),
             Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
                 .recursive(true)
-                .mode(0o755)
+                .mode(DIR_MODE)
                 .create(path),
             made => made,
         }
@@ -218,9 +229,20 @@ fn rename_new(from: &Path, to: &Path) -> io::Result<()> {
     renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE).map_err(io::Error::from)
 }
 
-/// Whether `dir` is a directory with nothing in it.
-fn is_empty(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+/// The permission bits of `dir` when it is a directory (not a link to one) with nothing in it.
+fn empty_mode(dir: &Path) -> Option<u32> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+        .open(dir)
+        .ok()?;
+    let mode = opened.metadata().ok()?.permissions().mode() & 0o7777;
+    let mut entries = nix::dir::Dir::from_fd(opened.into()).ok()?;
+    let empty = entries
+        .iter()
+        .all(|e| e.is_ok_and(|e| matches!(e.file_name().to_bytes(), b"." | b"..")));
+    empty.then_some(mode)
 }
 
 #[cfg(test)]
@@ -278,6 +300,20 @@ mod tests {
         let e = dirs.make("e").unwrap();
         assert_eq!(entries(&e), 0, "a new one, empty");
         assert!(d.join("stray").exists(), "the written one is left alone");
+
+        // One its process replaced with a link to an empty directory elsewhere is not given
+        // out (nor is the directory it points to renamed or changed).
+        dirs.release("e");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::remove_dir(&e).unwrap();
+        std::os::unix::fs::symlink(&outside, &e).unwrap();
+        let f = dirs.make("f").unwrap();
+        assert!(!f.is_symlink() && f.is_dir(), "a new one");
+        let mode = std::fs::metadata(&outside).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert!(e.is_symlink());
     }
 
     #[test]

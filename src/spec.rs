@@ -60,7 +60,7 @@ pub use model::{
 pub use secrets::{
     declaration_token_slots, mask_declaration, mask_secrets, restore_secrets, token_slot,
 };
-pub use validate::{parse, parse_with_services};
+pub use validate::{parse, parse_owned, parse_with_services};
 pub use workflow::{
     DEFAULT_KEEP_RUNS, MAX_ATTEMPTS, MAX_RESULT_BYTES, MAX_TASKS, Retries, RetryOn, Task, Workflow,
     parse_workflow,

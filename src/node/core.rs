@@ -783,12 +783,14 @@ impl NodeCore {
 fn parse_spec(json: &str) -> Result<DeploymentSpec, String> {
     let value = serde_json::from_str::<serde_json::Value>(json)
         .map_err(|e| format!("specification is not JSON: {e}"))?;
-    crate::spec::parse(&value).map_err(|errs| {
-        errs.iter()
-            .map(|e| format!("{}: {}", e.loc.join("."), e.msg))
-            .collect::<Vec<_>>()
-            .join("; ")
-    })
+    crate::spec::parse_owned(value)
+        .map(|(spec, _)| spec)
+        .map_err(|errs| {
+            errs.iter()
+                .map(|e| format!("{}: {}", e.loc.join("."), e.msg))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
 }
 
 /// The manager an env spec names (anything but `uv` is conda, the original's only manager).

@@ -26,9 +26,14 @@ pub fn parse(specification: &Value) -> Result<DeploymentSpec, Vec<FieldError>> {
 pub fn parse_with_services(
     specification: &Value,
 ) -> Result<(DeploymentSpec, Services), Vec<FieldError>> {
+    parse_owned(specification.clone())
+}
+
+/// [`parse_with_services`] of a `specification` the caller no longer needs (not copied).
+pub fn parse_owned(specification: Value) -> Result<(DeploymentSpec, Services), Vec<FieldError>> {
     let root = Loc::new(&["body", "specification"]);
     let mut r = Report::default();
-    let parsed = Checked::<Object<Specification>>::from_value(specification.clone());
+    let parsed = Checked::<Object<Specification>>::from_value(specification);
     let spec = r
         .checked(&parsed, &root)
         .and_then(|Object(s)| r.required(&s.spec, &root.at("spec")))

@@ -276,12 +276,22 @@ struct Core {
     quiet: BTreeMap<(std::cmp::Reverse<i64>, String), Arc<Deployment>>,
     /// Each quiet deployment's `created_at_ms` (its key in `quiet`).
     quiet_at: HashMap<String, i64>,
+    /// The last published view of each hot deployment, with what it was built from besides
+    /// its own record, assignment and report: built again only when one of those changed
+    /// (a wake) or these did. Most of the hundreds of running tasks change in no publish.
+    hot_views: HashMap<String, HotView>,
+    /// Deployments woken since the last publish.
+    woken: HashSet<String>,
     /// Why the database refused the last write, while it does (see [`Core::note_storage`]).
     storage_fault: Option<String>,
     /// Something changed since the last publish that only a tick publishes (usage).
     dirty: bool,
     /// State changed in this batch: publish at its end.
     changed: bool,
+    /// A publish held back (see [`PUBLISH_EVERY`]) is due at this instant.
+    publish_at: Option<tokio::time::Instant>,
+    /// When the view was last published.
+    published_at: tokio::time::Instant,
     /// Run the scheduler at the end of this batch.
     needs_schedule: bool,
     /// A timer tick arrived in this batch.
@@ -424,6 +434,19 @@ impl CoreHandle {
 }
 
 /// Loads state from the store and starts the core task.
+/// A hot deployment's published view and the inputs of it that are not its own (see
+/// `Core::hot_views`).
+#[derive(Debug)]
+struct HotView {
+    view: Arc<Deployment>,
+    unplaced: Option<scheduler::Unplaced>,
+    any_online: bool,
+    gpus: Vec<wire::DeploymentGpu>,
+}
+
+/// How often a change only nodes reported (not a caller's write) is published at most.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(50);
+
 pub async fn start(
     store: Store,
     cfg: CoreConfig,
@@ -484,9 +507,13 @@ pub async fn start(
         masked_specs: HashMap::new(),
         quiet: BTreeMap::new(),
         quiet_at: HashMap::new(),
+        hot_views: HashMap::new(),
+        woken: HashSet::new(),
         storage_fault: None,
         dirty: false,
         changed: false,
+        publish_at: None,
+        published_at: tokio::time::Instant::now(),
         needs_schedule: false,
         ticked: false,
         replies: Vec::new(),
@@ -579,13 +606,19 @@ pub async fn start(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rx = rx;
         loop {
+            let held = core.publish_at;
             let msg = tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
-                m = rx.recv() => match m { Some(m) => m, None => break },
-                _ = tick.tick() => CoreMsg::Tick,
+                m = rx.recv() => match m { Some(m) => Some(m), None => break },
+                _ = tick.tick() => Some(CoreMsg::Tick),
+                // A held-back publish is due: a flush of its own.
+                () = tokio::time::sleep_until(held.unwrap_or_else(tokio::time::Instant::now)),
+                    if held.is_some() => None,
             };
-            core.handle(msg).await;
+            if let Some(msg) = msg {
+                core.handle(msg).await;
+            }
             // Take whatever else is queued before scheduling and publishing once.
             for _ in 0..256 {
                 match rx.try_recv() {
@@ -594,6 +627,10 @@ pub async fn start(
                 }
             }
             core.flush().await;
+        }
+        // The events of a publish held back at shutdown are still written.
+        if core.publish_at.take().is_some() {
+            core.write_pending().await;
         }
     });
     Ok(handle)
@@ -1152,7 +1189,7 @@ impl Core {
         self.write_starting().await;
         self.advance_runs(ticked).await;
         let needs_schedule = std::mem::take(&mut self.needs_schedule);
-        let mut publish = std::mem::take(&mut self.changed);
+        let mut publish = std::mem::take(&mut self.changed) | self.publish_at.take().is_some();
         if ticked || needs_schedule || publish {
             // One view of the nodes for the whole flush (scheduling changes no node).
             let nodes = self.sched_nodes(now_ms());
@@ -1166,14 +1203,29 @@ impl Core {
             }
             // Usage arrived or a node's liveness changed since the last publish?
             publish |= ticked && (self.dirty || states != self.published_states);
-            if publish {
+            // A batch with a caller waiting publishes now (what it wrote, it reads). One of
+            // only what nodes said (a task's exit, under load dozens of times a second)
+            // publishes at most every PUBLISH_EVERY, its events with it: each publish builds
+            // the view of every live deployment, and those changes are seen (and their events
+            // written) a few milliseconds later instead.
+            let caller = !(self.replies.is_empty()
+                && self.runs.defined.is_empty()
+                && self.runs.replies.is_empty());
+            let due = self.published_at + PUBLISH_EVERY;
+            if publish && !caller && tokio::time::Instant::now() < due {
+                self.publish_at = Some(due);
+            } else if publish {
                 self.publish(&nodes);
+                self.published_at = tokio::time::Instant::now();
             }
             self.drive_paths();
         }
         // Observed events go right after the publish (off the path to it: a client waiting
-        // for RUNNING does not wait for this write), before the batch's replies.
-        self.write_pending().await;
+        // for RUNNING does not wait for this write), before the batch's replies; held back
+        // with it, so that a reader of the events finds the view at least as new.
+        if self.publish_at.is_none() {
+            self.write_pending().await;
+        }
         for (reply, r) in self.replies.drain(..) {
             let _ = reply.send(r);
         }
@@ -1207,6 +1259,9 @@ impl Core {
         }
         if !self.hot.contains(id) {
             self.hot.insert(id.to_owned());
+        }
+        if !self.woken.contains(id) {
+            self.woken.insert(id.to_owned());
         }
     }
 
@@ -2483,27 +2538,56 @@ impl Core {
         let mut masked = Vec::new();
         let mut gone = Vec::new();
         let mut quieted = Vec::new();
+        let mut built = Vec::new();
         let mut live: Vec<Arc<Deployment>> = Vec::with_capacity(self.hot.len());
         for id in &self.hot {
             let Some(d) = self.deployments.get(id) else {
                 gone.push(id.clone());
                 continue;
             };
+            let unplaced = reasons.get(id).copied();
+            let used = gpus.get(id.as_str()).map_or(&[][..], Vec::as_slice);
+            let cached = self.hot_views.get(id).filter(|c| {
+                !self.woken.contains(id)
+                    && c.unplaced == unplaced
+                    && c.any_online == any_online
+                    && c.gpus.iter().eq(used.iter().copied())
+            });
+            if let Some(c) = cached {
+                #[cfg(debug_assertions)]
+                {
+                    let fresh = self.build_view(d, &reasons, any_online, &gpus, &mut Vec::new());
+                    assert_eq!(*c.view, *fresh, "hot view of {id} is stale (no wake)");
+                }
+                live.push(c.view.clone());
+                continue;
+            }
             let v = self.build_view(d, &reasons, any_online, &gpus, &mut masked);
             if self.is_quiet(d) {
                 quieted.push((d.id.clone(), v));
             } else {
+                let memo = HotView {
+                    view: v.clone(),
+                    unplaced,
+                    any_online,
+                    gpus: used.iter().map(|&g| g.clone()).collect(),
+                };
+                built.push((id.clone(), memo));
                 live.push(v);
             }
         }
         // Only what was built anew goes into the cache (entries leave with their deployment).
         self.masked_specs.extend(masked);
+        self.hot_views.extend(built);
+        self.woken.clear();
         for id in gone {
             self.hot.remove(&id);
+            self.hot_views.remove(&id);
         }
         for (id, v) in quieted {
             // Its view now lives in `quiet`, with its masked spec.
             self.hot.remove(&id);
+            self.hot_views.remove(&id);
             self.masked_specs.remove(&id);
             self.quiet_at.insert(id.clone(), v.created_at_ms);
             self.quiet

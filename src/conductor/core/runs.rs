@@ -31,6 +31,8 @@ pub(crate) struct WorkflowVersion {
     /// Each task's spec parsed once (as `parse_spec` gives it), in the order of `tasks`: an
     /// attempt's spec is this with its `SYMPHONY_*` variables, not a new parse.
     pub specs: Arc<Vec<Result<crate::spec::DeploymentSpec, String>>>,
+    /// The definition as the API shows it (secrets masked), made once.
+    pub masked: Arc<Value>,
 }
 
 impl WorkflowVersion {
@@ -41,6 +43,7 @@ impl WorkflowVersion {
             .map(|t| parse_spec(&json!({ "spec": t.spec })))
             .collect();
         Self {
+            masked: Arc::new(crate::spec::mask_declaration(&record.definition)),
             record,
             parsed: Arc::new(parsed),
             specs: Arc::new(specs),
@@ -53,7 +56,7 @@ impl WorkflowVersion {
 pub struct WorkflowInfo {
     pub name: String,
     pub version: u32,
-    pub definition: Value,
+    pub definition: Arc<Value>,
     pub max_running: Option<u32>,
     pub resume_below: Option<u32>,
     pub fail_fast: bool,
@@ -1022,7 +1025,7 @@ impl Core {
                 Some(Arc::new(WorkflowInfo {
                     name: name.clone(),
                     version: *version,
-                    definition: crate::spec::mask_declaration(&w.record.definition),
+                    definition: w.masked.clone(),
                     max_running: w.parsed.max_running,
                     resume_below: w.parsed.resume_below,
                     fail_fast: w.parsed.fail_fast,

@@ -102,11 +102,20 @@ pub fn std_command(spec: &ProcessSpec) -> Result<std::process::Command, SpawnErr
         .current_dir(&spec.cwd)
         .env_clear()
         .envs(&spec.env)
-        .stdin(Stdio::null())
+        .stdin(null_stdin())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
     Ok(cmd)
+}
+
+/// A child's stdin: `/dev/null`, opened once and shared (a `dup` per child, not an `open`).
+fn null_stdin() -> Stdio {
+    static NULL: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    NULL.get_or_init(|| std::fs::File::open("/dev/null").ok())
+        .as_ref()
+        .and_then(|f| f.try_clone().ok())
+        .map_or_else(Stdio::null, Stdio::from)
 }
 
 /// `program` found on the child's own `PATH` (relative entries from its cwd), as `execvp`
@@ -1306,6 +1315,19 @@ mod tests {
         .spawn()
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    /// A child's stdin is `/dev/null` (it reads nothing and never waits), for every child:
+    /// the shared handle is duplicated, not given away.
+    #[test]
+    fn stdin_is_dev_null_for_every_child() {
+        for _ in 0..2 {
+            let out = std_command(&sh("readlink /proc/self/fd/0; cat; echo done"))
+                .unwrap()
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "/dev/null\ndone\n");
+        }
     }
 
     #[tokio::test]

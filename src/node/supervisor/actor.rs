@@ -210,7 +210,7 @@ impl Actor {
         let pid = process.pid();
         self.tracker = RestartTracker::resumed(launch.restart_count);
         self.tracker.on_start(self.elapsed_ms());
-        self.proc = Some(self.running(process, &launch.spec, launch.process.clone()));
+        self.proc = Some(self.running(process, &launch.spec, Some(launch.process.clone())));
         self.log(
             LogStream::System,
             format!("adopted pid {pid}, left running by the previous agent"),
@@ -241,11 +241,11 @@ impl Actor {
         &self,
         process: RunningProcess,
         spec: &crate::spec::DeploymentSpec,
-        process_spec: ProcessSpec,
+        process_spec: Option<ProcessSpec>,
     ) -> Running {
         let (verdict_tx, verdicts) = mpsc::channel(2);
         let mut health = JoinSet::new();
-        if let Some(check) = spec.health_check.clone() {
+        if let (Some(check), Some(process_spec)) = (spec.health_check.clone(), process_spec) {
             health.spawn(health::monitor(
                 check,
                 process_spec,
@@ -338,13 +338,15 @@ impl Actor {
             cwd: prepared.cwd,
             env,
         };
+        // Its health check runs the same way (a copy only for a deployment that has one).
+        let for_health = spec.health_check.is_some().then(|| process_spec.clone());
         let launch = Launch {
             id: self.id.clone(),
             generation: self.cur.generation,
             spec: spec.clone(),
             restart_count: self.tracker.total_restarts(),
             started_at_ms: wall_ms(),
-            process: process_spec.clone(),
+            process: process_spec,
             max_line: self.shared.config.max_line_bytes,
             outbox_bytes: self.shared.config.spool_bytes,
         };
@@ -366,7 +368,7 @@ impl Actor {
         };
         let pid = process.pid();
         self.tracker.on_start(self.elapsed_ms());
-        self.proc = Some(self.running(process, &spec, process_spec));
+        self.proc = Some(self.running(process, &spec, for_health));
         self.log(LogStream::System, format!("started (pid {pid})"));
         self.update(|s| {
             s.state = CurrentState::Running;

@@ -1221,8 +1221,9 @@ impl Core {
             self.drive_paths();
         }
         // Observed events go right after the publish (off the path to it: a client waiting
-        // for RUNNING does not wait for this write), before the batch's replies; held back
-        // with it, so that a reader of the events finds the view at least as new.
+        // for RUNNING does not wait for this write), before the batch's replies. With a
+        // publish held back they wait too (unless a store write takes them first): fewer,
+        // larger transactions.
         if self.publish_at.is_none() {
             self.write_pending().await;
         }

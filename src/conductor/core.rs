@@ -292,6 +292,8 @@ struct Core {
     publish_at: Option<tokio::time::Instant>,
     /// When the view was last published.
     published_at: tokio::time::Instant,
+    /// When the last batch was flushed.
+    flushed_at: tokio::time::Instant,
     /// Run the scheduler at the end of this batch.
     needs_schedule: bool,
     /// A timer tick arrived in this batch.
@@ -444,6 +446,9 @@ struct HotView {
     gpus: Vec<wire::DeploymentGpu>,
 }
 
+/// The least time between two flushes of batches nobody waits on (only what nodes said).
+pub const FLUSH_EVERY: Duration = Duration::from_millis(5);
+
 /// How often a change only nodes reported (not a caller's write) is published at most.
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(50);
 
@@ -514,6 +519,7 @@ pub async fn start(
         changed: false,
         publish_at: None,
         published_at: tokio::time::Instant::now(),
+        flushed_at: tokio::time::Instant::now(),
         needs_schedule: false,
         ticked: false,
         replies: Vec::new(),
@@ -626,7 +632,22 @@ pub async fn start(
                     Err(_) => break,
                 }
             }
+            // Nobody waits on this batch: what nodes say within FLUSH_EVERY of the last
+            // flush joins it (one transaction, one scheduling pass, one publish for all).
+            let gather_until = core.flushed_at + FLUSH_EVERY;
+            while !core.caller_waiting() && tokio::time::Instant::now() < gather_until {
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => break,
+                    m = rx.recv() => match m {
+                        Some(m) => core.handle(m).await,
+                        None => break,
+                    },
+                    () = tokio::time::sleep_until(gather_until) => break,
+                }
+            }
             core.flush().await;
+            core.flushed_at = tokio::time::Instant::now();
         }
         // The events of a publish held back at shutdown are still written.
         if core.publish_at.take().is_some() {
@@ -1208,9 +1229,7 @@ impl Core {
             // publishes at most every PUBLISH_EVERY, its events with it: each publish builds
             // the view of every live deployment, and those changes are seen (and their events
             // written) a few milliseconds later instead.
-            let caller = !(self.replies.is_empty()
-                && self.runs.defined.is_empty()
-                && self.runs.replies.is_empty());
+            let caller = self.caller_waiting();
             let due = self.published_at + PUBLISH_EVERY;
             if publish && !caller && tokio::time::Instant::now() < due {
                 self.publish_at = Some(due);
@@ -1236,6 +1255,11 @@ impl Core {
         for (reply, r) in self.runs.replies.drain(..) {
             let _ = reply.send(r);
         }
+    }
+
+    /// Whether an API call waits for the end of this batch.
+    fn caller_waiting(&self) -> bool {
+        !(self.replies.is_empty() && self.runs.defined.is_empty() && self.runs.replies.is_empty())
     }
 
     fn current(&self, node_id: &str, epoch: u64) -> bool {

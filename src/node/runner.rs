@@ -330,39 +330,40 @@ fn start_attached(
     ledger: &Ledger,
     mut launch: Launch,
 ) -> Result<(tokio::process::Child, Record), SpawnError> {
+    let before = boot_ticks();
     let child = command(&launch.process)?
         .spawn()
         .map_err(|source| SpawnError::Spawn {
             program: launch.process.command.first().cloned().unwrap_or_default(),
             source,
         })?;
+    let after = boot_ticks();
     // The ledger's line leaves out the environment (the node's own and the spec's, often most
     // of the line): a later agent only ends this process, and never runs it again.
     launch.process.env.clear();
     let pid = child.id().ok_or(SpawnError::NoPid)?;
-    // One read gives its identity and its group: it leads its own group in this agent's
-    // session (when it already exited, that is what the group must be).
-    let stat = proc_stat(pid);
-    let pgid = i32::try_from(pid).ok();
-    let group = match (stat, pgid) {
-        (Some(s), Some(pgid)) if s.pgrp == pgid => Some(Group {
-            pgid,
-            session: s.session,
-        }),
-        (_, pgid) => pgid
-            .zip(nix::unistd::getsid(None).ok())
-            .map(|(pgid, sid)| Group {
-                pgid,
-                session: sid.as_raw(),
-            }),
+    // Its identity is its start time as `/proc/<pid>/stat` gives it: the kernel stamps it at
+    // the fork, between the two clock reads, so when both fall in one tick that is it (no
+    // read of `/proc`); a spawn across a tick reads it. It leads its own group in this
+    // agent's session (`process_group(0)`, no `setsid`).
+    let start = match (before, after) {
+        (Some(b), Some(a)) if a == b => Some(b),
+        _ => proc_stat(pid).map(|s| s.start),
     };
+    let group = i32::try_from(pid)
+        .ok()
+        .zip(nix::unistd::getsid(None).ok())
+        .map(|(pgid, sid)| Group {
+            pgid,
+            session: sid.as_raw(),
+        });
     let record = Record {
         version: keeper::VERSION,
         launch,
         keeper: agent_id(),
         workload: Some(ProcId {
             pid,
-            start: stat.map_or(0, |s| s.start),
+            start: start.unwrap_or(0),
         }),
         group,
         attached: true,
@@ -380,6 +381,22 @@ fn start_attached(
         )));
     }
     Ok((child, record))
+}
+
+/// Now on `CLOCK_BOOTTIME`, in the clock ticks (`CLK_TCK`) of a process's start time in
+/// `/proc/<pid>/stat` (which the kernel takes from the same clock at the fork).
+fn boot_ticks() -> Option<u64> {
+    static NS_PER_TICK: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let per_tick = (*NS_PER_TICK.get_or_init(|| {
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+        1_000_000_000u64.checked_div(u64::try_from(hz).ok()?)
+    }))?;
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    let ns = u64::try_from(now.tv_sec())
+        .ok()?
+        .checked_mul(1_000_000_000)?
+        .checked_add(u64::try_from(now.tv_nsec()).ok()?)?;
+    ns.checked_div(per_tick)
 }
 
 /// This agent as a process (read once: it names the keeper of every attached record).
@@ -1315,6 +1332,27 @@ mod tests {
         .spawn()
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    /// A child's start time taken from the clock around its spawn (both reads in one tick) is
+    /// the one `/proc/<pid>/stat` gives, so a later agent knows the process by it.
+    #[test]
+    fn a_start_time_from_the_clock_is_the_one_proc_gives() {
+        let mut compared = 0;
+        for _ in 0..50 {
+            let before = boot_ticks();
+            let mut child = std_command(&sh("sleep 5")).unwrap().spawn().unwrap();
+            let after = boot_ticks();
+            assert!(before.is_some() && before <= after);
+            let proc = proc_stat(child.id()).map(|s| s.start);
+            let _ = child.kill();
+            let _ = child.wait();
+            if before == after {
+                assert_eq!(before, proc);
+                compared += 1;
+            }
+        }
+        assert!(compared > 0, "every spawn crossed a clock tick");
     }
 
     /// A child's stdin is `/dev/null` (it reads nothing and never waits), for every child:

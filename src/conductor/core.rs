@@ -1259,7 +1259,7 @@ impl Core {
 
     /// Whether an API call waits for the end of this batch.
     fn caller_waiting(&self) -> bool {
-        !(self.replies.is_empty() && self.runs.defined.is_empty() && self.runs.replies.is_empty())
+        !self.replies.is_empty() || self.runs.caller_waiting()
     }
 
     fn current(&self, node_id: &str, epoch: u64) -> bool {

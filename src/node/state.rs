@@ -1,7 +1,8 @@
 //! The node's local state (postcard, in its work dir): which deployments it holds, at which
 //! generation, with which spec, so a restarted agent comes back knowing what it ran and tells
-//! the conductor in its Hello. Two files (see [`LocalState`]), 0600, with every git token
-//! sealed with the node's key (`<work_dir>/secrets.key`, see [`crate::seal`]).
+//! the conductor in its Hello. Two files (see [`LocalState`]), each written atomically (temp
+//! file + rename), 0600, with every git token sealed with the node's key
+//! (`<work_dir>/secrets.key`, see [`crate::seal`]).
 
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -137,15 +138,12 @@ impl StateStore for LocalState {
 
 /// The state files: `state.bin` for the deployments whose processes outlive the agent, written
 /// durably (fsync, then a rename) and only when what it says of them changed; and, beside it,
-/// `state.attached.bin` for the others, written over in place at every change (one `pwrite`
-/// on a file kept open, no rename, no waiting for the disk). Those others' processes end with
-/// the agent, and with the machine: after a power loss, a file that still names one, no longer
-/// does, or cannot be read at all (part of a write reached the disk) tells the next agent the
-/// same thing (nothing of theirs runs any more), and their ledger is not synced either. An
-/// agent that is killed loses nothing: a `pwrite` is whole in the page cache, and a shorter
-/// state is cut to its length after it is written (what decodes is the new state, its end
-/// marked by its own encoding). A deployment in both (it moved from one to the other) is taken
-/// at its higher generation.
+/// `state.attached.bin` for the others, written at every change without waiting for the disk.
+/// Those others' processes end with the agent, and with the machine: after a power loss, a
+/// file that still names one, no longer does, or cannot be read at all (its rename reached the
+/// disk before its data) tells the next agent the same thing (nothing of theirs runs any
+/// more), and their ledger is not synced either. A deployment in both (it moved from one to
+/// the other) is taken at its higher generation.
 #[derive(Debug, Clone)]
 pub struct LocalState {
     path: PathBuf,
@@ -154,8 +152,6 @@ pub struct LocalState {
     key: SealKey,
     /// The deployments outliving the agent as the last synced write had them.
     synced: Arc<std::sync::Mutex<Option<Vec<Arc<Held>>>>>,
-    /// `state.attached.bin`, open, with the length last written (opened at the first write).
-    attached_file: Arc<std::sync::Mutex<Option<(std::fs::File, u64)>>>,
 }
 
 impl LocalState {
@@ -165,7 +161,6 @@ impl LocalState {
             path,
             key,
             synced: Arc::default(),
-            attached_file: Arc::default(),
         }
     }
 
@@ -228,39 +223,8 @@ impl LocalState {
             self.write(&self.path, &lasting, true)?;
             *synced = Some(lasting);
         }
-        let bytes = self.encode(&attached)?;
-        self.write_attached(&bytes)?;
+        self.write(&self.attached, &attached, false)?;
         Ok(durable)
-    }
-
-    /// Writes `state.attached.bin` over in place (see the type); a failed write closes the
-    /// file, so the next one opens it again.
-    fn write_attached(&self, bytes: &[u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
-        let mut open = self
-            .attached_file
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (file, len) = match open.take() {
-            Some(open) => open,
-            None => {
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600)
-                    .open(&self.attached)?;
-                let len = file.metadata()?.len();
-                (file, len)
-            }
-        };
-        let new_len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-        file.write_all_at(bytes, 0)?;
-        if new_len < len {
-            file.set_len(new_len)?;
-        }
-        *open = Some((file, new_len));
-        Ok(())
     }
 
     fn write(
@@ -269,12 +233,6 @@ impl LocalState {
         held: &[Arc<Held>],
         durable: bool,
     ) -> std::io::Result<()> {
-        // Specs hold secrets (git tokens, sealed): owner-only, like key files.
-        write_private(path, &self.encode(held)?, durable)
-    }
-
-    /// The file's bytes for `held`, every git token sealed.
-    fn encode(&self, held: &[Arc<Held>]) -> std::io::Result<Vec<u8>> {
         let held: Cow<'_, [Arc<Held>]> = if held.iter().any(|h| token(&h.spec).is_some()) {
             let mut sealed = held.to_vec();
             for h in &mut sealed {
@@ -288,11 +246,13 @@ impl LocalState {
         } else {
             Cow::Borrowed(held)
         };
-        postcard::to_allocvec(&FileRef {
+        let bytes = postcard::to_allocvec(&FileRef {
             version: VERSION,
             held: &held,
         })
-        .map_err(|e| std::io::Error::other(e.to_string()))
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        // Specs hold secrets (git tokens, sealed): owner-only, like key files.
+        write_private(path, &bytes, durable)
     }
 }
 
@@ -414,41 +374,6 @@ mod tests {
         assert!(again.save(&arcs(&[])).unwrap());
     }
 
-    /// The attached file is written over in place (the same file, no rename), cut to the
-    /// length of a shorter state; one whose cut never came (the agent was killed between the
-    /// two) still reads as the new state.
-    #[test]
-    fn the_attached_file_is_written_in_place_and_cut_to_its_length() {
-        use std::os::unix::fs::{FileExt, MetadataExt};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.attached.bin");
-        let st = LocalState::new(dir.path().join("state.bin"), key(dir.path()));
-        let mut long = held_as("a", false, 1);
-        long.spec.command = vec!["x".repeat(4096)];
-        st.save(&arcs(&[long, held_as("b", false, 1)])).unwrap();
-        let before = std::fs::metadata(&path).unwrap();
-        assert_eq!(before.mode() & 0o777, 0o600);
-        let short = arcs(&[held_as("b", false, 2)]);
-        st.save(&short).unwrap();
-        let after = std::fs::metadata(&path).unwrap();
-        assert_eq!(after.ino(), before.ino(), "written in place");
-        let bytes = st.encode(&short).unwrap();
-        assert_eq!(after.len(), bytes.len() as u64);
-        assert_eq!(st.load().unwrap(), vec![held_as("b", false, 2)]);
-
-        // A longer state again, then the short one written without its cut.
-        st.save(&arcs(&[held_as("c", false, 1), held_as("b", false, 3)]))
-            .unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .write_all_at(&bytes, 0)
-            .unwrap();
-        assert!(std::fs::metadata(&path).unwrap().len() > bytes.len() as u64);
-        assert_eq!(st.load().unwrap(), vec![held_as("b", false, 2)]);
-    }
-
     #[test]
     fn a_torn_attached_file_loses_only_what_ends_with_the_agent() {
         let dir = tempfile::tempdir().unwrap();
@@ -469,8 +394,8 @@ mod tests {
             both.load().unwrap(),
             vec![held("svc", true, 1), held("x", true, 2)]
         );
-        // Part of a write to the attached file reached the disk: what outlives the agent is
-        // still known.
+        // The attached file's rename reached the disk before its data: what outlives the
+        // agent is still known.
         std::fs::write(dir.path().join("state.attached.bin"), [0xff; 3]).unwrap();
         assert_eq!(
             st.load().unwrap(),

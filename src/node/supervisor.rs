@@ -285,8 +285,6 @@ struct Shared {
     orphans: Mutex<BTreeMap<String, Orphan>>,
     /// Set before an upgrade's shutdown: actors leave their processes to the keepers.
     detach: std::sync::atomic::AtomicBool,
-    /// The `outputs` directory was made (by this agent): a start no longer makes it.
-    outputs_made: std::sync::atomic::AtomicBool,
     /// The processes run without a keeper (`outlive_agent: false`).
     ledger: Arc<runner::ledger::Ledger>,
 }
@@ -364,7 +362,6 @@ impl Supervisor {
             spool_io: SpoolWriter::new(),
             orphans: Mutex::new(BTreeMap::new()),
             detach: std::sync::atomic::AtomicBool::new(false),
-            outputs_made: std::sync::atomic::AtomicBool::new(false),
         });
         let table = Table {
             slots: BTreeMap::new(),

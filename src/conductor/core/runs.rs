@@ -106,6 +106,16 @@ pub(crate) struct Runs {
     pub starting: Vec<Starting>,
 }
 
+impl Runs {
+    /// Whether an API call waits for the end of this batch (a definition, or a run asked for
+    /// or admitted).
+    pub(super) fn caller_waiting(&self) -> bool {
+        !self.defined.is_empty()
+            || !self.replies.is_empty()
+            || self.starting.iter().any(|s| s.reply.is_some())
+    }
+}
+
 /// A run asked for and not written yet.
 #[derive(Debug)]
 pub(crate) struct Starting {

@@ -325,7 +325,7 @@ impl Actor {
         env.extend(prepared.extra_env);
         // Where the process may leave a JSON result; a previous process's is gone first.
         let output = self.shared.config.output_file(&self.id);
-        if let Err(e) = clear_output(&output, &self.shared.outputs_made) {
+        if let Err(e) = clear_output(&output) {
             return self.on_start_failure(format!("prepare failed: {e}"));
         }
         env.insert(
@@ -644,17 +644,14 @@ impl Actor {
 }
 
 /// Removes a result file left by an earlier process (none is fine).
-/// Makes the directory of `path` (once: `made` says it was) and removes a result left there.
-fn clear_output(
-    path: &std::path::Path,
-    made: &std::sync::atomic::AtomicBool,
-) -> std::io::Result<()> {
-    use std::sync::atomic::Ordering;
-    if let Some(dir) = path.parent()
-        && !made.load(Ordering::Relaxed)
-    {
-        std::fs::create_dir_all(dir)?;
-        made.store(true, Ordering::Relaxed);
+fn clear_output(path: &std::path::Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        // One `mkdir`, which finds it there nearly always (made again if something removed it).
+        match std::fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(_) => std::fs::create_dir_all(dir)?,
+        }
     }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),

@@ -288,8 +288,8 @@ struct Core {
     dirty: bool,
     /// State changed in this batch: publish at its end.
     changed: bool,
-    /// A publish held back (see [`PUBLISH_EVERY`]) is due at this instant.
-    publish_at: Option<tokio::time::Instant>,
+    /// A publish is held back: due [`PUBLISH_EVERY`] after `published_at`.
+    publish_held: bool,
     /// When the view was last published.
     published_at: tokio::time::Instant,
     /// When the last batch was flushed.
@@ -435,7 +435,6 @@ impl CoreHandle {
     }
 }
 
-/// Loads state from the store and starts the core task.
 /// A hot deployment's published view and the inputs of it that are not its own (see
 /// `Core::hot_views`).
 #[derive(Debug)]
@@ -452,6 +451,7 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(5);
 /// How often a change only nodes reported (not a caller's write) is published at most.
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(50);
 
+/// Loads state from the store and starts the core task.
 pub async fn start(
     store: Store,
     cfg: CoreConfig,
@@ -517,7 +517,7 @@ pub async fn start(
         storage_fault: None,
         dirty: false,
         changed: false,
-        publish_at: None,
+        publish_held: false,
         published_at: tokio::time::Instant::now(),
         flushed_at: tokio::time::Instant::now(),
         needs_schedule: false,
@@ -612,7 +612,9 @@ pub async fn start(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rx = rx;
         loop {
-            let held = core.publish_at;
+            let held = core
+                .publish_held
+                .then_some(core.published_at + PUBLISH_EVERY);
             let msg = tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
@@ -650,7 +652,7 @@ pub async fn start(
             core.flushed_at = tokio::time::Instant::now();
         }
         // The events of a publish held back at shutdown are still written.
-        if core.publish_at.take().is_some() {
+        if std::mem::take(&mut core.publish_held) {
             core.write_pending().await;
         }
     });
@@ -1210,7 +1212,8 @@ impl Core {
         self.write_starting().await;
         self.advance_runs(ticked).await;
         let needs_schedule = std::mem::take(&mut self.needs_schedule);
-        let mut publish = std::mem::take(&mut self.changed) | self.publish_at.take().is_some();
+        let mut publish =
+            std::mem::take(&mut self.changed) | std::mem::take(&mut self.publish_held);
         if ticked || needs_schedule || publish {
             // One view of the nodes for the whole flush (scheduling changes no node).
             let nodes = self.sched_nodes(now_ms());
@@ -1230,9 +1233,9 @@ impl Core {
             // the view of every live deployment, and those changes are seen (and their events
             // written) a few milliseconds later instead.
             let caller = self.caller_waiting();
-            let due = self.published_at + PUBLISH_EVERY;
-            if publish && !caller && tokio::time::Instant::now() < due {
-                self.publish_at = Some(due);
+            if publish && !caller && tokio::time::Instant::now() < self.published_at + PUBLISH_EVERY
+            {
+                self.publish_held = true;
             } else if publish {
                 self.publish(&nodes);
                 self.published_at = tokio::time::Instant::now();
@@ -1243,7 +1246,7 @@ impl Core {
         // for RUNNING does not wait for this write), before the batch's replies. With a
         // publish held back they wait too (unless a store write takes them first): fewer,
         // larger transactions.
-        if self.publish_at.is_none() {
+        if !self.publish_held {
             self.write_pending().await;
         }
         for (reply, r) in self.replies.drain(..) {

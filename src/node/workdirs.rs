@@ -35,9 +35,9 @@ const DIR_MODE: u32 = 0o755;
 /// Where an earlier version kept its spares (still given out).
 const OLD_SPARES: &str = "spare-dirs";
 
-/// See the module docs. Its methods are a few syscalls in the node's own directory (a
-/// `read_dir` of one empty directory, a rename, a `chmod`; none for a release), under one
-/// lock: the supervisor calls them on its workers, as it does the spawn.
+/// See the module docs. Its methods are a few syscalls in the node's own directory (a read
+/// of one empty directory, a rename, a `chmod` only when its mode changed; none for a
+/// release), under one lock: the supervisor calls them on its workers, as it does the spawn.
 #[derive(Debug)]
 pub struct WorkDirs {
     work_dir: PathBuf,

@@ -136,6 +136,7 @@ impl Params {
                 })
                 .collect(),
             dropped: 0,
+            ..LogBatch::default()
         }
     }
 }

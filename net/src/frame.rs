@@ -69,6 +69,17 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
+    /// Sends messages as consecutive frames in one write (one wakeup of the connection, so
+    /// they usually leave in one packet).
+    pub async fn send_all<M: Message>(&mut self, msgs: &[M]) -> Result<(), FrameError> {
+        self.buf.clear();
+        for msg in msgs {
+            encode_frame(msg, self.max, &mut self.buf)?;
+        }
+        self.inner.write_all(&self.buf).await?;
+        Ok(())
+    }
+
     /// The wrapped stream.
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.inner

@@ -24,8 +24,10 @@ use crate::frame::{FrameError, FrameReader, FrameWriter};
 pub enum StreamKind {
     /// Usage heartbeats (latest wins).
     Heartbeat,
-    /// One log source's entries.
+    /// One log source's entries (a header naming it, then its batches).
     Log,
+    /// Batches of every log source of the peer, each naming its own.
+    Logs,
 }
 
 impl StreamKind {
@@ -33,6 +35,7 @@ impl StreamKind {
         match self {
             Self::Heartbeat => 1,
             Self::Log => 2,
+            Self::Logs => 3,
         }
     }
 
@@ -40,6 +43,7 @@ impl StreamKind {
         match tag {
             1 => Some(Self::Heartbeat),
             2 => Some(Self::Log),
+            3 => Some(Self::Logs),
             _ => None,
         }
     }
@@ -47,7 +51,7 @@ impl StreamKind {
     fn priority(self) -> i32 {
         match self {
             Self::Heartbeat => PRIORITY_HEARTBEAT,
-            Self::Log => PRIORITY_LOG,
+            Self::Log | Self::Logs => PRIORITY_LOG,
         }
     }
 }

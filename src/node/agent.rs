@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::prepare::AgentPrepare;
-use self::ship::Shipper;
+use self::ship::{ShipCmd, Shipper};
 use super::convert::{heartbeat_wire, static_wire};
 use super::core::{Effect, EnvJob, EnvOutcome, Event, Identity, NodeCore};
 use super::envs::{self, Envs};
@@ -125,8 +125,6 @@ const BACKGROUND_GRACE: Duration = Duration::from_secs(30);
 /// Outgoing control messages queued per connection; a connection whose queue is full is
 /// closed (the conductor stopped reading) and resyncs on its next Hello.
 const SEND_QUEUE: usize = 4096;
-/// How long after a log shipper ended by itself it is started again.
-const SHIP_RETRY: Duration = Duration::from_secs(1);
 /// Status events taken per batch before the coalesced statuses are sent.
 const STATUS_BATCH: usize = 256;
 
@@ -530,8 +528,6 @@ enum Input {
     Command(u64, wire::conductor_message::Msg),
     /// Connection `epoch` is gone.
     Lost(u64),
-    /// A log shipper on connection `epoch` ended by itself (its stream failed), a while ago.
-    ShipEnded(u64, DeploymentId),
 }
 
 /// Owns the core and everything its effects act on.
@@ -566,14 +562,15 @@ struct Driver {
     renewal: super::renew::Renewal,
 }
 
-/// The current connection: its outgoing queue, tasks and log shippers (all end with it).
+/// The current connection: its outgoing queue, tasks and log shipper (all end with it).
 struct Conn {
     epoch: u64,
     session: Session,
     tx: mpsc::Sender<wire::NodeMessage>,
-    pacer: Pacer,
-    tasks: JoinSet<()>,
-    shippers: HashMap<DeploymentId, CancellationToken>,
+    /// Commands to the connection's log shipper.
+    ship: mpsc::UnboundedSender<ShipCmd>,
+    /// Its writer, reader, pacer, heartbeats and shipper: dropped (aborted) with it.
+    _tasks: JoinSet<()>,
 }
 
 /// Points the `SYMPH_*_HOST` / `_ADDR` variables at the address this node serves mesh
@@ -625,18 +622,7 @@ impl Driver {
                 self.handle(Event::Command(msg));
             }
             Input::Lost(epoch) if current == Some(epoch) => self.disconnected(),
-            Input::ShipEnded(epoch, id) if current == Some(epoch) => {
-                if let Some(conn) = self.conn.as_mut()
-                    && conn
-                        .shippers
-                        .get(&id)
-                        .is_some_and(CancellationToken::is_cancelled)
-                {
-                    conn.shippers.remove(&id);
-                }
-                self.handle(Event::ShipEnded(id));
-            }
-            Input::Command(..) | Input::Lost(_) | Input::ShipEnded(..) => {}
+            Input::Command(..) | Input::Lost(_) => {}
         }
     }
 
@@ -688,12 +674,8 @@ impl Driver {
             }
             Effect::Ship { id, resume, offset } => self.ship(id, resume, offset),
             Effect::StopShip(id) => {
-                if let Some(token) = self
-                    .conn
-                    .as_mut()
-                    .and_then(|c| c.shippers.remove(id.as_str()))
-                {
-                    token.cancel();
+                if let Some(conn) = &self.conn {
+                    let _ = conn.ship.send(ShipCmd::Stop(id.into_string()));
                 }
             }
             Effect::Persist(held) => {
@@ -710,9 +692,9 @@ impl Driver {
     }
 
     fn ship(&mut self, id: DeploymentId, resume: u64, mut offset: u64) {
-        if self.conn.is_none() {
+        let Some(conn) = &self.conn else {
             return;
-        }
+        };
         let Some(buffer) = self.sup.logs(&id) else {
             return;
         };
@@ -727,36 +709,11 @@ impl Driver {
                 offset,
             });
         }
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        let cancel = CancellationToken::new();
-        if let Some(old) = conn.shippers.insert(id.clone(), cancel.clone()) {
-            old.cancel();
-        }
-        let shipper = Shipper {
-            session: conn.session.clone(),
+        let _ = conn.ship.send(ShipCmd::Start {
             id: id.into_string(),
             buffer,
             resume,
             offset,
-            pacer: conn.pacer.clone(),
-            cancel,
-        };
-        // Shippers that ended are collected here, so a long connection does not pile them up.
-        while conn.tasks.try_join_next().is_some() {}
-        let (inputs, epoch) = (self.inputs.clone(), conn.epoch);
-        conn.tasks.spawn(async move {
-            let (id, cancel) = (shipper.id.clone(), shipper.cancel.clone());
-            shipper.run().await;
-            if cancel.is_cancelled() {
-                return;
-            }
-            // Its stream failed (e.g. the conductor turned it away): the core starts it again
-            // after a pause, never in a loop.
-            cancel.cancel();
-            tokio::time::sleep(SHIP_RETRY).await;
-            let _ = inputs.send(Input::ShipEnded(epoch, id.into())).await;
         });
     }
 
@@ -790,27 +747,31 @@ impl Driver {
         {
             tasks.spawn(serve);
         }
+        let (ship, cmds) = mpsc::unbounded_channel();
+        tasks.spawn(
+            Shipper {
+                session: session.clone(),
+                pacer,
+                cmds,
+            }
+            .run(),
+        );
         self.conn = Some(Conn {
             epoch,
             session,
             tx,
-            pacer,
-            tasks,
-            shippers: HashMap::new(),
+            ship,
+            _tasks: tasks,
         });
         self.handle(Event::Connected {
             statuses: self.sup.status(),
         });
     }
 
-    /// The current connection is gone: its tasks and shippers end with it.
+    /// The current connection is gone: its tasks and shipper end with it.
     fn disconnected(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            for token in conn.shippers.values() {
-                token.cancel();
-            }
-            // Dropping the JoinSet aborts the connection's tasks.
-        }
+        // Dropping the JoinSet aborts the connection's tasks.
+        drop(self.conn.take());
         let _ = self.tunnels.connected(None);
         self.handle(Event::Disconnected);
     }

@@ -77,8 +77,6 @@ pub enum Event {
     /// sequence numbers are shifted by at least `offset`, so new lines number above what the
     /// conductor holds instead of being taken for resends.
     LogsBehind { id: DeploymentId, offset: u64 },
-    /// A deployment's log shipper on this connection ended by itself (its stream failed).
-    ShipEnded(DeploymentId),
 }
 
 /// Slow env work, one job at a time (see [`Effect::Env`]).
@@ -249,11 +247,6 @@ impl NodeCore {
             }
             Event::Removed(id) => self.removed(&id, &mut fx),
             Event::EnvDone(outcome) => self.env_done(outcome, &mut fx),
-            Event::ShipEnded(id) => {
-                if self.shipping.remove(&id) {
-                    self.ship(&id, &mut fx);
-                }
-            }
             Event::LogsBehind { id, offset } => {
                 if let Some(h) = self.held.get_mut(&id)
                     && h.log_offset < offset

@@ -1,125 +1,435 @@
-//! Log shipping: one low-priority uni stream per deployment with new lines, paced below the
-//! path's capacity, resuming after the conductor's last sequence.
+//! Log shipping: one low-priority uni stream per connection (`StreamKind::Logs`) carries the
+//! new lines of every deployment the node holds, each batch naming its deployment, paced
+//! below the path's capacity, resuming after the conductor's last sequence.
 //!
-//! A shipper opens its stream lazily and finishes it after [`IDLE_CLOSE`] without lines, so
-//! only deployments that are actually logging hold one of the connection's uni streams.
+//! A workflow task lives for milliseconds and logs two lines; a stream of its own (opened,
+//! framed and finished, each a packet of its own and a task on both ends) cost more than the
+//! rest of its report. Here lines that arrive together leave together: once idle, the shipper
+//! waits [`GATHER`] after the first new line, then writes one batch per deployment with lines,
+//! all in one write (usually one packet).
+//!
+//! Invariants:
+//! - The deployments' batches take turns (at most [`LOG_BATCH`] entries and
+//!   [`LOG_BATCH_BYTES`] each per write), so one that floods never holds up another's lines;
+//!   a write that left lines behind is followed at once by the next (paced), without waiting.
+//! - A deployment's batches go out in sequence order; when it stops being shipped (it left the
+//!   node, [`ShipCmd::Stop`]), what it logged until then is shipped, the last batch marked
+//!   `end`, and it is forgotten.
+//! - A write that fails ends the shipper and closes the connection: the next one starts every
+//!   deployment again from the conductor's `LogResume`.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use symphony_net::{Pacer, Session, StreamKind};
-use tokio_util::sync::CancellationToken;
+use symphony_net::{CloseCode, FrameSender, Pacer, Session, StreamKind};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+use tokio_stream::StreamMap;
+use tokio_stream::wrappers::WatchStream;
 
 use crate::node::logs::{LogBuffer, LogStream};
 use crate::wire;
 
-/// Log entries per batch on a log stream.
+/// Log entries of one deployment per batch.
 const LOG_BATCH: usize = 500;
-/// Bytes per batch on a log stream (a batch is paced as a whole).
+/// Bytes of one deployment's batch (a write is paced as a whole).
 const LOG_BATCH_BYTES: usize = 64 * 1024;
-/// A stream with no new lines for this long is finished (reopened on the next line).
-pub(super) const IDLE_CLOSE: Duration = Duration::from_secs(30);
+/// Bytes after which a write takes no further deployment's batch.
+const WRITE_BYTES: usize = 256 * 1024;
+/// How long an idle shipper waits after a new line for more (of any deployment) before it
+/// writes: lines of tasks that start and end together leave in one packet.
+pub(super) const GATHER: Duration = Duration::from_millis(10);
 
-/// What one shipper needs.
+/// What the driver tells the connection's shipper.
+#[derive(Debug)]
+pub(super) enum ShipCmd {
+    /// Ship `id`'s lines after `resume` (the conductor's last sequence), adding `offset` to
+    /// local sequence numbers (replaces an earlier start of the same id).
+    Start {
+        id: String,
+        buffer: LogBuffer,
+        resume: u64,
+        offset: u64,
+    },
+    /// `id` left the node: ship what it logged until now, then forget it.
+    Stop(String),
+}
+
+/// One deployment being shipped.
+struct Source {
+    buffer: LogBuffer,
+    /// The last local sequence shipped.
+    after: u64,
+    /// Added to local sequence numbers on the wire.
+    offset: u64,
+    dropped_sent: u64,
+    /// Stopped: shipped up to what it holds, then forgotten.
+    ending: bool,
+}
+
+/// The connection's shipper (see the module docs).
 #[derive(Debug)]
 pub(super) struct Shipper {
     pub(super) session: Session,
-    pub(super) id: String,
-    pub(super) buffer: LogBuffer,
-    /// Highest wire sequence the conductor already holds.
-    pub(super) resume: u64,
-    /// Added to local sequence numbers on the wire.
-    pub(super) offset: u64,
     pub(super) pacer: Pacer,
-    /// Fired when the deployment leaves this node.
-    pub(super) cancel: CancellationToken,
+    pub(super) cmds: mpsc::UnboundedReceiver<ShipCmd>,
+}
+
+/// Deployments with lines to ship, in turn order, each once.
+#[derive(Default)]
+struct Turns {
+    order: VecDeque<String>,
+    queued: HashSet<String>,
+}
+
+impl Turns {
+    fn push(&mut self, id: &str) {
+        if self.queued.insert(id.to_owned()) {
+            self.order.push_back(id.to_owned());
+        }
+    }
+
+    fn pop(&mut self) -> Option<String> {
+        let id = self.order.pop_front()?;
+        self.queued.remove(&id);
+        Some(id)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
 }
 
 impl Shipper {
-    /// Ships until cancelled or the connection fails.
+    /// Ships until the connection ends (the driver drops the command sender) or a write
+    /// fails (then the connection is closed).
     pub(super) async fn run(self) {
         let Self {
             session,
+            pacer,
+            mut cmds,
+        } = self;
+        let mut sources: HashMap<String, Source> = HashMap::new();
+        let mut changes: StreamMap<String, WatchStream<u64>> = StreamMap::new();
+        let mut turns = Turns::default();
+        let mut stream: Option<FrameSender> = None;
+        let mut behind = false;
+        loop {
+            if turns.is_empty() {
+                tokio::select! {
+                    cmd = cmds.recv() => match cmd {
+                        Some(cmd) => apply(cmd, &mut sources, &mut changes, &mut turns),
+                        None => return,
+                    },
+                    Some((id, _)) = changes.next() => turns.push(&id),
+                }
+                continue;
+            }
+            if !behind {
+                // Idle until now: more lines (of this and other deployments) join the write.
+                let until = Instant::now() + GATHER;
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => break,
+                        cmd = cmds.recv() => match cmd {
+                            Some(cmd) => apply(cmd, &mut sources, &mut changes, &mut turns),
+                            None => return,
+                        },
+                        Some((id, _)) = changes.next() => turns.push(&id),
+                    }
+                }
+            }
+            let (batches, left) = take_turns(&mut sources, &mut turns).await;
+            behind = left;
+            if batches.is_empty() {
+                continue;
+            }
+            let bytes = batches.iter().map(prost::Message::encoded_len).sum();
+            pacer.acquire(bytes).await;
+            if stream.is_none() {
+                match session.open_uni(StreamKind::Logs).await {
+                    Ok(s) => stream = Some(s),
+                    Err(e) => {
+                        tracing::info!(error = %e, "cannot open the log stream; reconnecting");
+                        close(&session);
+                        return;
+                    }
+                }
+            }
+            let Some(s) = stream.as_mut() else { return };
+            if let Err(e) = s.send_all(&batches).await {
+                tracing::info!(error = %e, "the log stream failed; reconnecting");
+                close(&session);
+                return;
+            }
+        }
+    }
+}
+
+fn close(session: &Session) {
+    super::close_unless_closed(session, CloseCode::ProtocolError, "log stream failed");
+}
+
+fn apply(
+    cmd: ShipCmd,
+    sources: &mut HashMap<String, Source>,
+    changes: &mut StreamMap<String, WatchStream<u64>>,
+    turns: &mut Turns,
+) {
+    match cmd {
+        ShipCmd::Start {
             id,
             buffer,
             resume,
             offset,
-            pacer,
-            cancel,
-        } = self;
-        let mut after = resume.saturating_sub(offset);
-        let mut notify = buffer.subscribe();
-        let mut dropped_sent = buffer.dropped_lines();
-        let mut stream = None;
-        loop {
-            let dropped = buffer.dropped_lines();
-            if dropped > dropped_sent {
-                // Lines lost to a full spool are never lost silently.
-                buffer.push(
-                    LogStream::System,
-                    format!(
-                        "{} log lines dropped: the node's log spool was full (output faster than the uplink)",
-                        dropped - dropped_sent
-                    ),
-                );
-            }
-            // A read that reaches back into the spool runs on the log IO thread.
-            let entries = buffer
-                .since_within_async(after, LOG_BATCH, LOG_BATCH_BYTES)
-                .await;
-            if entries.is_empty() {
-                tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => return,
-                    r = notify.changed() => if r.is_err() { return },
-                    () = tokio::time::sleep(IDLE_CLOSE), if stream.is_some() => {
-                        if let Some(mut s) = stream.take() {
-                            let _ = symphony_net::FrameSender::get_mut(&mut s).finish();
-                        }
-                    }
-                }
-                continue;
-            }
-            let last = entries.last().map_or(after, |e| e.seq);
-            let batch = wire::LogBatch {
-                entries: entries
-                    .into_iter()
-                    .map(|e| wire::LogEntry {
-                        seq: e.seq + offset,
-                        timestamp_unix_ms: e.timestamp_ms,
-                        stream: e.stream.as_str().to_owned(),
-                        line: e.line,
-                    })
-                    .collect(),
-                dropped: dropped.saturating_sub(dropped_sent),
-            };
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => return,
-                () = pacer.acquire(prost::Message::encoded_len(&batch)) => {}
-            }
-            if stream.is_none() {
-                let opened = tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => return,
-                    s = session.open_uni(StreamKind::Log) => s,
-                };
-                let Ok(mut s) = opened else { return };
-                if s.send(&wire::LogHeader {
-                    deployment_id: id.clone(),
-                })
-                .await
-                .is_err()
-                {
-                    return;
-                }
-                stream = Some(s);
-            }
-            let Some(s) = stream.as_mut() else { return };
-            if s.send(&batch).await.is_err() {
-                return;
-            }
-            after = last;
-            dropped_sent = dropped;
+        } => {
+            changes.insert(id.clone(), WatchStream::from_changes(buffer.subscribe()));
+            turns.push(&id);
+            let dropped_sent = buffer.dropped_lines();
+            sources.insert(
+                id,
+                Source {
+                    buffer,
+                    after: resume.saturating_sub(offset),
+                    offset,
+                    dropped_sent,
+                    ending: false,
+                },
+            );
         }
+        ShipCmd::Stop(id) => {
+            changes.remove(&id);
+            if let Some(s) = sources.get_mut(&id) {
+                s.ending = true;
+                turns.push(&id);
+            }
+        }
+    }
+}
+
+/// One batch of each deployment whose turn it is (until [`WRITE_BYTES`]), and whether any
+/// has lines left for the next write.
+async fn take_turns(
+    sources: &mut HashMap<String, Source>,
+    turns: &mut Turns,
+) -> (Vec<wire::LogBatch>, bool) {
+    let mut batches = Vec::new();
+    let mut bytes = 0;
+    let mut left = Vec::new();
+    while bytes < WRITE_BYTES {
+        let Some(id) = turns.pop() else { break };
+        let Some(source) = sources.get_mut(&id) else {
+            continue;
+        };
+        let dropped = source.buffer.dropped_lines();
+        if dropped > source.dropped_sent {
+            // Lines lost to a full spool are never lost silently.
+            source.buffer.push(
+                LogStream::System,
+                format!(
+                    "{} log lines dropped: the node's log spool was full (output faster than the uplink)",
+                    dropped - source.dropped_sent
+                ),
+            );
+        }
+        // A read that reaches back into the spool runs on the log IO thread.
+        let entries = source
+            .buffer
+            .since_within_async(source.after, LOG_BATCH, LOG_BATCH_BYTES)
+            .await;
+        let more = entries.len() == LOG_BATCH
+            || entries
+                .last()
+                .is_some_and(|e| e.seq < source.buffer.last_seq());
+        let end = source.ending && !more;
+        if entries.is_empty() && !end && dropped == source.dropped_sent {
+            continue;
+        }
+        source.after = entries.last().map_or(source.after, |e| e.seq);
+        let batch = wire::LogBatch {
+            entries: entries
+                .into_iter()
+                .map(|e| wire::LogEntry {
+                    seq: e.seq + source.offset,
+                    timestamp_unix_ms: e.timestamp_ms,
+                    stream: e.stream.as_str().to_owned(),
+                    line: e.line,
+                })
+                .collect(),
+            dropped: dropped.saturating_sub(source.dropped_sent),
+            deployment_id: id.clone(),
+            end,
+        };
+        source.dropped_sent = dropped;
+        bytes += prost::Message::encoded_len(&batch);
+        batches.push(batch);
+        if end {
+            sources.remove(&id);
+        } else if more {
+            left.push(id);
+        }
+    }
+    let behind = !left.is_empty() || !turns.is_empty();
+    for id in left {
+        turns.push(&id);
+    }
+    (batches, behind)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use symphony_net::{
+        CertificateAuthority, Client, ClientConfig, FrameReceiver, PacerConfig, Server,
+        TlsMaterial, TransportSettings, Validity,
+    };
+
+    use super::*;
+
+    /// A node's session (`.0`) and the conductor's end of it (`.1`), over loopback.
+    async fn sessions() -> (Session, Session, Client, Server) {
+        let ca = CertificateAuthority::generate(Validity::days(1)).unwrap();
+        let cert = ca
+            .issue_server(&["127.0.0.1".into()], Validity::days(1))
+            .unwrap();
+        let tls = |pair: symphony_net::pki::PemPair| TlsMaterial {
+            ca_pem: ca.cert_pem().to_owned(),
+            cert_pem: pair.cert_pem,
+            key_pem: pair.key_pem,
+        };
+        let mut server = Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &tls(cert),
+            TransportSettings::default(),
+        )
+        .unwrap();
+        let mut cfg = ClientConfig::new(
+            server.local_addr().unwrap().to_string(),
+            tls(ca.issue_node("n1", Validity::days(1)).unwrap()),
+        );
+        cfg.server_name = Some("localhost".into());
+        cfg.bind = "127.0.0.1:0".parse().unwrap();
+        let client = Client::new(cfg).unwrap();
+        let (session, mut control) = client.connect().await.unwrap();
+        // The conductor sees a connection once its control stream carries something.
+        control.tx.send(&wire::LogHeader::default()).await.unwrap();
+        let accepted = server.accept().await.unwrap();
+        (session, accepted.session, client, server)
+    }
+
+    fn lines(b: &wire::LogBatch) -> Vec<(u64, &str)> {
+        b.entries.iter().map(|e| (e.seq, e.line.as_str())).collect()
+    }
+
+    async fn next(rx: &mut FrameReceiver) -> wire::LogBatch {
+        rx.recv::<wire::LogBatch>().await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_deployment_ships_on_one_stream_and_a_stopped_one_ships_its_last_lines() {
+        let (node, conductor, _client, _server) = sessions().await;
+        let (cmds, rx) = mpsc::unbounded_channel();
+        let pacer = Pacer::new(node.connection().clone(), PacerConfig::default());
+        tokio::spawn(pacer.clone().run());
+        tokio::spawn(
+            Shipper {
+                session: node.clone(),
+                pacer,
+                cmds: rx,
+            }
+            .run(),
+        );
+        let (a, b) = (LogBuffer::in_memory(100), LogBuffer::in_memory(100));
+        a.push(LogStream::Stdout, "a1");
+        a.push(LogStream::Stdout, "a2");
+        b.push(LogStream::Stderr, "b1");
+        for (id, buffer, resume, offset) in [("a", &a, 1, 0), ("b", &b, 0, 10)] {
+            cmds.send(ShipCmd::Start {
+                id: id.into(),
+                buffer: buffer.clone(),
+                resume,
+                offset,
+            })
+            .unwrap();
+        }
+        let (kind, mut rx) = conductor.accept_uni().await.unwrap();
+        assert_eq!(kind, StreamKind::Logs);
+        // Both, after what the conductor holds, the offset added.
+        let mut first = [next(&mut rx).await, next(&mut rx).await];
+        first.sort_by(|x, y| x.deployment_id.cmp(&y.deployment_id));
+        assert_eq!(first[0].deployment_id, "a");
+        assert_eq!(lines(&first[0]), [(2, "a2")]);
+        assert_eq!(first[1].deployment_id, "b");
+        assert_eq!(lines(&first[1]), [(11, "b1")]);
+        assert!(!first[0].end && !first[1].end);
+        // A line logged just before the stop still leaves, in the batch marked last.
+        a.push(LogStream::Stdout, "a3");
+        cmds.send(ShipCmd::Stop("a".into())).unwrap();
+        let last = next(&mut rx).await;
+        assert_eq!(
+            (last.deployment_id.as_str(), lines(&last), last.end),
+            ("a", vec![(3, "a3")], true)
+        );
+        // Forgotten: its later lines are not shipped; the other's are, on the same stream.
+        a.push(LogStream::Stdout, "a4");
+        b.push(LogStream::Stderr, "b2");
+        let later = next(&mut rx).await;
+        assert_eq!(
+            (later.deployment_id.as_str(), lines(&later)),
+            ("b", vec![(12, "b2")])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flooding_deployment_takes_turns_with_the_others() {
+        let (node, conductor, _client, _server) = sessions().await;
+        let (cmds, rx) = mpsc::unbounded_channel();
+        let pacer = Pacer::new(node.connection().clone(), PacerConfig::default());
+        tokio::spawn(pacer.clone().run());
+        let flood = LogBuffer::in_memory(10 * LOG_BATCH);
+        flood.push_batch(
+            LogStream::Stdout,
+            (0..5 * LOG_BATCH).map(|i| format!("line {i}")),
+        );
+        let quiet = LogBuffer::in_memory(10);
+        quiet.push(LogStream::Stdout, "hello");
+        cmds.send(ShipCmd::Start {
+            id: "flood".into(),
+            buffer: flood,
+            resume: 0,
+            offset: 0,
+        })
+        .unwrap();
+        cmds.send(ShipCmd::Start {
+            id: "quiet".into(),
+            buffer: quiet,
+            resume: 0,
+            offset: 0,
+        })
+        .unwrap();
+        tokio::spawn(
+            Shipper {
+                session: node.clone(),
+                pacer,
+                cmds: rx,
+            }
+            .run(),
+        );
+        let (_, mut rx) = conductor.accept_uni().await.unwrap();
+        let mut order = Vec::new();
+        let mut flooded = 0;
+        while flooded < 5 * LOG_BATCH {
+            let b = next(&mut rx).await;
+            if b.deployment_id == "flood" {
+                // In order, none twice.
+                assert_eq!(b.entries[0].seq, flooded as u64 + 1);
+                flooded += b.entries.len();
+            }
+            order.push(b.deployment_id);
+        }
+        // The quiet one went out with the flood's first batch, not after all of it.
+        assert_eq!(order.len(), 6, "{order:?}");
+        assert!(order[..2].contains(&"quiet".to_owned()), "{order:?}");
     }
 }

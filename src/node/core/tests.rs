@@ -548,26 +548,6 @@ fn log_shipping() {
             then: None,
         },
         Case {
-            name: "a shipper that ended by itself (its stream failed) is started again",
-            restored: vec![],
-            before: vec![log_resume(&[("d1", 120)]), assign("d1", 1, "a")],
-            event: Event::ShipEnded("d1".into()),
-            effects: vec![Effect::Ship {
-                id: "d1".into(),
-                resume: 120,
-                offset: 100,
-            }],
-            then: None,
-        },
-        Case {
-            name: "a shipper that ended for a deployment no longer here is not started again",
-            restored: vec![],
-            before: vec![log_resume(&[]), assign("d1", 1, "a"), unassign("d1", 1)],
-            event: Event::ShipEnded("d1".into()),
-            effects: vec![],
-            then: None,
-        },
-        Case {
             name: "after a reconnect, shippers start again only on the new LogResume",
             restored: vec![],
             before: vec![

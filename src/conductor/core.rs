@@ -288,10 +288,6 @@ struct Core {
     dirty: bool,
     /// State changed in this batch: publish at its end.
     changed: bool,
-    /// A publish is held back: due [`PUBLISH_EVERY`] after `published_at`.
-    publish_held: bool,
-    /// When the view was last published.
-    published_at: tokio::time::Instant,
     /// When the last batch was flushed.
     flushed_at: tokio::time::Instant,
     /// Run the scheduler at the end of this batch.
@@ -448,9 +444,6 @@ struct HotView {
 /// The least time between two flushes of batches nobody waits on (only what nodes said).
 pub const FLUSH_EVERY: Duration = Duration::from_millis(5);
 
-/// How often a change only nodes reported (not a caller's write) is published at most.
-pub const PUBLISH_EVERY: Duration = Duration::from_millis(50);
-
 /// Loads state from the store and starts the core task.
 pub async fn start(
     store: Store,
@@ -517,8 +510,6 @@ pub async fn start(
         storage_fault: None,
         dirty: false,
         changed: false,
-        publish_held: false,
-        published_at: tokio::time::Instant::now(),
         flushed_at: tokio::time::Instant::now(),
         needs_schedule: false,
         ticked: false,
@@ -612,21 +603,13 @@ pub async fn start(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rx = rx;
         loop {
-            let held = core
-                .publish_held
-                .then_some(core.published_at + PUBLISH_EVERY);
             let msg = tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
-                m = rx.recv() => match m { Some(m) => Some(m), None => break },
-                _ = tick.tick() => Some(CoreMsg::Tick),
-                // A held-back publish is due: a flush of its own.
-                () = tokio::time::sleep_until(held.unwrap_or_else(tokio::time::Instant::now)),
-                    if held.is_some() => None,
+                m = rx.recv() => match m { Some(m) => m, None => break },
+                _ = tick.tick() => CoreMsg::Tick,
             };
-            if let Some(msg) = msg {
-                core.handle(msg).await;
-            }
+            core.handle(msg).await;
             // Take whatever else is queued before scheduling and publishing once.
             for _ in 0..256 {
                 match rx.try_recv() {
@@ -650,10 +633,6 @@ pub async fn start(
             }
             core.flush().await;
             core.flushed_at = tokio::time::Instant::now();
-        }
-        // The events of a publish held back at shutdown are still written.
-        if std::mem::take(&mut core.publish_held) {
-            core.write_pending().await;
         }
     });
     Ok(handle)
@@ -1212,8 +1191,7 @@ impl Core {
         self.write_starting().await;
         self.advance_runs(ticked).await;
         let needs_schedule = std::mem::take(&mut self.needs_schedule);
-        let mut publish =
-            std::mem::take(&mut self.changed) | std::mem::take(&mut self.publish_held);
+        let mut publish = std::mem::take(&mut self.changed);
         if ticked || needs_schedule || publish {
             // One view of the nodes for the whole flush (scheduling changes no node).
             let nodes = self.sched_nodes(now_ms());
@@ -1227,28 +1205,14 @@ impl Core {
             }
             // Usage arrived or a node's liveness changed since the last publish?
             publish |= ticked && (self.dirty || states != self.published_states);
-            // A batch with a caller waiting publishes now (what it wrote, it reads). One of
-            // only what nodes said (a task's exit, under load dozens of times a second)
-            // publishes at most every PUBLISH_EVERY, its events with it: each publish builds
-            // the view of every live deployment, and those changes are seen (and their events
-            // written) a few milliseconds later instead.
-            let caller = self.caller_waiting();
-            if publish && !caller && tokio::time::Instant::now() < self.published_at + PUBLISH_EVERY
-            {
-                self.publish_held = true;
-            } else if publish {
+            if publish {
                 self.publish(&nodes);
-                self.published_at = tokio::time::Instant::now();
             }
             self.drive_paths();
         }
         // Observed events go right after the publish (off the path to it: a client waiting
-        // for RUNNING does not wait for this write), before the batch's replies. With a
-        // publish held back they wait too (unless a store write takes them first): fewer,
-        // larger transactions.
-        if !self.publish_held {
-            self.write_pending().await;
-        }
+        // for RUNNING does not wait for this write), before the batch's replies.
+        self.write_pending().await;
         for (reply, r) in self.replies.drain(..) {
             let _ = reply.send(r);
         }

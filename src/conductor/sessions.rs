@@ -372,9 +372,11 @@ const LOG_WAITING_MAX: usize = 1024;
 
 /// Whether the view shows `id` assigned to `node_id`: only then may that node write its log
 /// (a fenced or foreign copy cannot write into, or push the sequence of, another's log).
+/// Looked up among the node's assignments, not all deployments (a workflow keeps thousands).
 fn assigned_to(view: &super::view::ClusterView, id: &str, node_id: &str) -> bool {
-    view.deployment(id)
-        .is_some_and(|d| d.assigned_node_id.as_deref() == Some(node_id))
+    view.nodes
+        .get(node_id)
+        .is_some_and(|n| n.assigned_deployments.iter().any(|a| a.id == id))
 }
 
 /// Appends one batch of `id`'s lines to the hub.
@@ -459,11 +461,14 @@ impl LogGate {
 
     /// The waiting batches whose deployment now shows as assigned to `node_id`.
     fn ready(&mut self, view: &super::view::ClusterView, node_id: &str) -> Vec<wire::LogBatch> {
-        let ready: Vec<String> = self
-            .waiting
-            .keys()
-            .filter(|id| assigned_to(view, id, node_id))
-            .cloned()
+        let Some(node) = view.nodes.get(node_id) else {
+            return Vec::new();
+        };
+        let ready: Vec<String> = node
+            .assigned_deployments
+            .iter()
+            .filter(|a| self.waiting.contains_key(a.id.as_str()))
+            .map(|a| a.id.to_string())
             .collect();
         let batches = ready
             .iter()
@@ -638,26 +643,23 @@ pub async fn open_to_service(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::conductor::view::ClusterView;
-    use crate::model::Deployment;
+    use crate::model::{AssignedRef, Node};
 
     fn view(assigned: &[(&str, &str)]) -> ClusterView {
-        ClusterView {
-            deployments: assigned
-                .iter()
-                .map(|(id, node)| {
-                    Arc::new(Deployment {
-                        id: (*id).into(),
-                        assigned_node_id: Some((*node).into()),
-                        ..Deployment::default()
-                    })
-                })
-                .collect(),
-            ..ClusterView::default()
+        let mut v = ClusterView::default();
+        for (id, node) in assigned {
+            v.nodes
+                .entry((*node).to_owned())
+                .or_insert_with(Node::default)
+                .assigned_deployments
+                .push(AssignedRef {
+                    id: (*id).into(),
+                    name: (*id).to_owned(),
+                });
         }
+        v
     }
 
     fn batch(id: &str, seq: u64, end: bool) -> wire::LogBatch {

@@ -290,6 +290,11 @@ struct Core {
     changed: bool,
     /// When the last batch was flushed.
     flushed_at: tokio::time::Instant,
+    /// Deployment reports (statuses, removals) from nodes in this batch so far.
+    reports: usize,
+    /// The last batch carried more than one report: nodes are busy, and a batch nobody waits
+    /// on gathers (see [`FLUSH_EVERY`]).
+    nodes_busy: bool,
     /// Run the scheduler at the end of this batch.
     needs_schedule: bool,
     /// A timer tick arrived in this batch.
@@ -441,7 +446,8 @@ struct HotView {
     gpus: Vec<wire::DeploymentGpu>,
 }
 
-/// The least time between two flushes of batches nobody waits on (only what nodes said).
+/// The least time between two flushes of batches nobody waits on (only what nodes said),
+/// while nodes are busy (the last batch carried more than one of their reports).
 pub const FLUSH_EVERY: Duration = Duration::from_millis(5);
 
 /// Loads state from the store and starts the core task.
@@ -511,6 +517,8 @@ pub async fn start(
         dirty: false,
         changed: false,
         flushed_at: tokio::time::Instant::now(),
+        reports: 0,
+        nodes_busy: false,
         needs_schedule: false,
         ticked: false,
         replies: Vec::new(),
@@ -617,10 +625,15 @@ pub async fn start(
                     Err(_) => break,
                 }
             }
-            // Nobody waits on this batch: what nodes say within FLUSH_EVERY of the last
-            // flush joins it (one transaction, one scheduling pass, one publish for all).
+            // Nobody waits on this batch and nodes are busy: what they say within FLUSH_EVERY
+            // of the last flush joins it (one transaction, one scheduling pass, one publish
+            // for all). A lone report (a deployment just started, on a quiet conductor) is
+            // flushed and seen at once.
             let gather_until = core.flushed_at + FLUSH_EVERY;
-            while !core.caller_waiting() && tokio::time::Instant::now() < gather_until {
+            while core.nodes_busy
+                && !core.caller_waiting()
+                && tokio::time::Instant::now() < gather_until
+            {
                 tokio::select! {
                     biased;
                     () = cancel.cancelled() => break,
@@ -633,6 +646,7 @@ pub async fn start(
             }
             core.flush().await;
             core.flushed_at = tokio::time::Instant::now();
+            core.nodes_busy = std::mem::take(&mut core.reports) > 1;
         }
     });
     Ok(handle)
@@ -2155,6 +2169,7 @@ impl Core {
         use wire::node_message::Msg;
         match msg {
             Msg::Status(update) => {
+                self.reports += update.deployments.len() + update.removed.len();
                 for st in update.deployments {
                     self.reconcile_status(node_id, st, false).await;
                 }

@@ -584,6 +584,11 @@ pub async fn start(
     for id in core.deployments.keys() {
         core.logs.ensure(id);
     }
+    // What was placed before the restart takes its node's lines (the `Assign` sent again at
+    // its Hello says so too).
+    for (id, a) in &core.assignments {
+        core.logs.placed(id, &a.node_id);
+    }
     if !core.awaiting_hello.is_empty() {
         core.unsettled = core
             .deployments
@@ -1407,16 +1412,21 @@ impl Core {
     ) -> Option<wire::conductor_message::Msg> {
         // The node learns which service ports are now its own before the process that binds
         // them starts (it stops listening on them first).
-        if let Some(node_id) = self.assignments.get(id).map(|a| a.node_id.clone()) {
-            self.sync_routes(&node_id, true);
+        let node_id = self.assignments.get(id).map(|a| a.node_id.clone());
+        if let Some(node_id) = &node_id {
+            self.sync_routes(node_id, true);
         }
         let command_id = self.command_id();
-        let log_seq_floor = self
-            .logs
-            .last_seqs([id.to_owned()])
-            .get(id)
-            .copied()
-            .unwrap_or(0);
+        // From now on its log takes lines from this node only (before it can send any).
+        let log_seq_floor = match &node_id {
+            Some(node_id) => self.logs.placed(id, node_id),
+            None => self
+                .logs
+                .last_seqs([id.to_owned()])
+                .get(id)
+                .copied()
+                .unwrap_or(0),
+        };
         let d = self.deployments.get(id)?;
         Some(wire::conductor_message::Msg::Assign(wire::Assign {
             deployment_id: d.id.clone(),

@@ -9,6 +9,12 @@
 //! Rings exist only for known deployments ([`LogHub::ensure`] on create and at start,
 //! [`LogHub::remove`] on delete): lines for anything else are dropped. Each ring is bounded
 //! in lines and in bytes.
+//!
+//! A ring takes lines only from the node of its deployment's latest placement
+//! ([`LogHub::placed`], set by the core when it makes the `Assign`, before sending it): a
+//! fenced or foreign copy cannot write into, or push the sequence of, another's log, and the
+//! node keeps that right after the placement ends (a finished task's last lines are still
+//! on their way) until the deployment is placed elsewhere or deleted.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -41,6 +47,8 @@ struct Ring {
     lines: VecDeque<Arc<LogLine>>,
     bytes: usize,
     last_seq: u64,
+    /// The node of the latest placement: the only one whose lines are taken.
+    writer: Option<String>,
     /// Created when the first viewer subscribes.
     live: Option<broadcast::Sender<Arc<LogLine>>>,
 }
@@ -68,14 +76,35 @@ impl LogHub {
         }
     }
 
-    /// Appends lines for a known deployment; returns how many were new.
-    pub fn append(&self, deployment_id: &str, lines: impl IntoIterator<Item = LogLine>) -> usize {
+    /// The deployment is placed on `node_id`: from now on its lines are taken from that node
+    /// only. Returns the highest sequence held (the new copy numbers its lines above it).
+    pub fn placed(&self, deployment_id: &str, node_id: &str) -> u64 {
         let Ok(mut rings) = self.rings.lock() else {
             return 0;
         };
         let Some(ring) = rings.get_mut(deployment_id) else {
             return 0;
         };
+        if ring.writer.as_deref() != Some(node_id) {
+            ring.writer = Some(node_id.to_owned());
+        }
+        ring.last_seq
+    }
+
+    /// Appends lines node `from` sent for a deployment; returns how many were new, or `None`
+    /// when they are refused: the deployment is unknown or its latest placement is not on
+    /// that node.
+    pub fn append(
+        &self,
+        from: &str,
+        deployment_id: &str,
+        lines: impl IntoIterator<Item = LogLine>,
+    ) -> Option<usize> {
+        let mut rings = self.rings.lock().ok()?;
+        let ring = rings.get_mut(deployment_id)?;
+        if ring.writer.as_deref() != Some(from) {
+            return None;
+        }
         let mut added = 0;
         for line in lines {
             if line.seq <= ring.last_seq {
@@ -96,7 +125,7 @@ impl LogHub {
             }
             added += 1;
         }
-        added
+        Some(added)
     }
 
     /// The highest sequence held per deployment (sent to a node after Hello so it resumes there).
@@ -149,13 +178,18 @@ mod tests {
     fn duplicates_are_dropped_and_the_ring_is_bounded() {
         let hub = LogHub::default();
         hub.ensure("d");
-        assert_eq!(hub.append("d", (1..=3).map(line)), 3);
-        assert_eq!(hub.append("d", (2..=5).map(line)), 2, "2 and 3 were resent");
+        hub.placed("d", "n1");
+        assert_eq!(hub.append("n1", "d", (1..=3).map(line)), Some(3));
+        assert_eq!(
+            hub.append("n1", "d", (2..=5).map(line)),
+            Some(2),
+            "2 and 3 were resent"
+        );
         assert_eq!(
             hub.last_seqs(["d".to_owned(), "x".to_owned()]).get("d"),
             Some(&5)
         );
-        hub.append("d", (6..=(RING_LINES as u64 + 10)).map(line));
+        hub.append("n1", "d", (6..=(RING_LINES as u64 + 10)).map(line));
         let sub = hub.subscribe("d").unwrap();
         assert_eq!(sub.backlog.len(), RING_LINES);
         assert_eq!(sub.backlog.last().unwrap().seq, RING_LINES as u64 + 10);
@@ -165,13 +199,14 @@ mod tests {
     fn rings_are_bounded_in_bytes_too() {
         let hub = LogHub::default();
         hub.ensure("d");
+        hub.placed("d", "n1");
         let big = |seq| LogLine {
             seq,
             timestamp_unix_ms: 0,
             stream: "stdout".into(),
             line: "x".repeat(1024 * 1024),
         };
-        hub.append("d", (1..=20).map(big));
+        hub.append("n1", "d", (1..=20).map(big));
         let sub = hub.subscribe("d").unwrap();
         assert_eq!(sub.backlog.len(), RING_BYTES / (1024 * 1024));
         assert_eq!(sub.backlog.last().unwrap().seq, 20);
@@ -180,13 +215,14 @@ mod tests {
     #[test]
     fn unknown_and_removed_deployments_keep_nothing() {
         let hub = LogHub::default();
-        assert_eq!(hub.append("ghost", [line(1)]), 0);
+        assert_eq!(hub.append("n1", "ghost", [line(1)]), None);
         assert!(hub.subscribe("ghost").is_none());
         hub.ensure("d");
+        hub.placed("d", "n1");
         hub.remove("d");
         assert_eq!(
-            hub.append("d", [line(1)]),
-            0,
+            hub.append("n1", "d", [line(1)]),
+            None,
             "late lines after a delete do not resurrect it"
         );
         assert!(hub.subscribe("d").is_none(), "the hub forgot it");
@@ -196,10 +232,30 @@ mod tests {
     fn subscribers_get_live_lines_after_the_backlog() {
         let hub = LogHub::default();
         hub.ensure("d");
-        hub.append("d", (1..=2).map(line));
+        hub.placed("d", "n1");
+        hub.append("n1", "d", (1..=2).map(line));
         let mut sub = hub.subscribe("d").unwrap();
         assert_eq!(sub.backlog.len(), 2);
-        hub.append("d", [line(3)]);
+        hub.append("n1", "d", [line(3)]);
         assert_eq!(sub.live.try_recv().unwrap().seq, 3);
+    }
+
+    #[test]
+    fn only_the_node_of_the_latest_placement_writes_a_log() {
+        let hub = LogHub::default();
+        hub.ensure("d");
+        assert_eq!(hub.append("n1", "d", [line(1)]), None, "not placed yet");
+        assert_eq!(hub.placed("d", "n1"), 0);
+        assert_eq!(hub.append("n1", "d", [line(1)]), Some(1));
+        assert_eq!(
+            hub.append("n2", "d", [line(2)]),
+            None,
+            "another node's copy"
+        );
+        // Placed elsewhere: the new node numbers above what is held; the old one is fenced.
+        assert_eq!(hub.placed("d", "n2"), 1);
+        assert_eq!(hub.append("n1", "d", [line(9)]), None);
+        assert_eq!(hub.append("n2", "d", [line(2)]), Some(1));
+        assert_eq!(hub.last_seqs(["d".to_owned()]).get("d"), Some(&2));
     }
 }

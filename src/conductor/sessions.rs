@@ -307,8 +307,7 @@ async fn node_session(
                         streams.spawn(async move {
                             match incoming.kind().await {
                                 Ok((StreamKind::Heartbeat, rx)) => heartbeats(rx, core, node_id, epoch).await,
-                                Ok((StreamKind::Log, rx)) => log_stream(rx, core, logs, node_id).await,
-                                Ok((StreamKind::Logs, rx)) => log_mux(rx, core, logs, node_id).await,
+                                Ok((kind @ (StreamKind::Log | StreamKind::Logs), rx)) => log_stream(rx, core, logs, node_id, kind).await,
                                 Err(e) => tracing::info!(%node_id, error = %e, "refused a stream"),
                             }
                         });
@@ -362,31 +361,24 @@ async fn heartbeats(mut rx: FrameReceiver, core: CoreHandle, node_id: String, ep
     }
 }
 
-/// How long a deployment's log lines may wait for it to show as assigned to their node (the
-/// node may start shipping a moment before the view that records the placement).
-const LOG_ASSIGNMENT_WAIT: Duration = Duration::from_secs(2);
+/// Deployments whose refusal one log stream reports (once each), at most.
+const REFUSALS_REPORTED: usize = 1024;
 
-/// The most deployments whose lines wait on one `Logs` stream (for [`LOG_ASSIGNMENT_WAIT`]);
-/// lines of any more are dropped.
-const LOG_WAITING_MAX: usize = 1024;
-
-/// Whether the view shows `id` assigned to `node_id`: only then may that node write its log
-/// (a fenced or foreign copy cannot write into, or push the sequence of, another's log).
-/// Looked up among the node's assignments, not all deployments (a workflow keeps thousands).
-fn assigned_to(view: &super::view::ClusterView, id: &str, node_id: &str) -> bool {
-    view.nodes
-        .get(node_id)
-        .is_some_and(|n| n.assigned_deployments.iter().any(|a| a.id == id))
-}
-
-/// Appends one batch of `id`'s lines to the hub.
-fn append_batch(logs: &LogHub, metrics: &super::metrics::Metrics, id: &str, batch: wire::LogBatch) {
-    metrics.log_lines.inc_by(batch.entries.len() as u64);
-    metrics
-        .log_bytes
-        .inc_by(batch.entries.iter().map(|e| e.line.len() as u64).sum());
-    metrics.log_lines_dropped.inc_by(batch.dropped);
-    logs.append(
+/// Appends one batch of `id`'s lines from node `from` to the hub; false when the hub refuses
+/// them (the deployment's latest placement is not on that node, or it is gone).
+fn append_batch(
+    logs: &LogHub,
+    metrics: &super::metrics::Metrics,
+    from: &str,
+    id: &str,
+    batch: wire::LogBatch,
+) -> bool {
+    let (lines, bytes) = (
+        batch.entries.len() as u64,
+        batch.entries.iter().map(|e| e.line.len() as u64).sum(),
+    );
+    let taken = logs.append(
+        from,
         id,
         batch.entries.into_iter().map(|e| LogLine {
             seq: e.seq,
@@ -395,163 +387,46 @@ fn append_batch(logs: &LogHub, metrics: &super::metrics::Metrics, id: &str, batc
             line: e.line,
         }),
     );
+    if taken.is_some() {
+        metrics.log_lines.inc_by(lines);
+        metrics.log_bytes.inc_by(bytes);
+        metrics.log_lines_dropped.inc_by(batch.dropped);
+    }
+    taken.is_some()
 }
 
-/// Appends a node's stream of one deployment's log (a header naming it, then its batches; as
-/// nodes before the `Logs` stream ship) to the hub, if the deployment is assigned to that node.
-async fn log_stream(mut rx: FrameReceiver, core: CoreHandle, logs: LogHub, node_id: String) {
-    let Ok(Some(header)) = rx.recv::<wire::LogHeader>().await else {
-        return;
+/// Reads a node's log stream into the hub: the `Logs` kind (batches of all its deployments,
+/// each naming its own) or, from nodes before it, a `Log` stream (a header naming one
+/// deployment, then its batches). The hub takes a deployment's lines only from the node of
+/// its latest placement, recorded before the `Assign` was sent (so a node's first lines
+/// never arrive before it); refused ones are dropped and said once per deployment.
+async fn log_stream(
+    mut rx: FrameReceiver,
+    core: CoreHandle,
+    logs: LogHub,
+    node_id: String,
+    kind: StreamKind,
+) {
+    let named = if kind == StreamKind::Log {
+        match rx.recv::<wire::LogHeader>().await {
+            Ok(Some(header)) => Some(header.deployment_id),
+            _ => return,
+        }
+    } else {
+        None
     };
-    let id = header.deployment_id;
-    let mut view = core.subscribe();
-    let assigned = tokio::time::timeout(
-        LOG_ASSIGNMENT_WAIT,
-        view.wait_for(|v| assigned_to(v, &id, &node_id)),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
-    if !assigned {
-        tracing::info!(%node_id, deployment = %id, "refusing logs of a deployment not assigned to this node");
-        let _ = rx.get_mut().stop(CloseCode::ProtocolError.varint());
-        return;
-    }
     let metrics = core.metrics();
-    while let Ok(Some(batch)) = rx.recv::<wire::LogBatch>().await {
-        append_batch(&logs, metrics, &id, batch);
-    }
-}
-
-/// Which batches of a node's `Logs` stream are taken (see [`log_mux`]).
-#[derive(Debug, Default)]
-struct LogGate {
-    /// Deployments whose lines are taken without a check (until their `end`).
-    accepted: HashSet<String>,
-    /// Batches of deployments not yet shown as assigned to the node, in order, with the
-    /// time they stop waiting.
-    waiting: HashMap<String, (tokio::time::Instant, Vec<wire::LogBatch>)>,
-}
-
-impl LogGate {
-    /// The batches to append now: `batch` when its deployment was taken before or shows as
-    /// assigned to `node_id`; none while it waits (or when too many wait: then it is dropped).
-    fn offer(
-        &mut self,
-        batch: wire::LogBatch,
-        view: &super::view::ClusterView,
-        node_id: &str,
-        now: tokio::time::Instant,
-    ) -> Vec<wire::LogBatch> {
-        if let Some((_, queued)) = self.waiting.get_mut(&batch.deployment_id) {
-            queued.push(batch);
-        } else if self.accepted.contains(&batch.deployment_id)
-            || assigned_to(view, &batch.deployment_id, node_id)
+    let mut refused = HashSet::new();
+    while let Ok(Some(mut batch)) = rx.recv::<wire::LogBatch>().await {
+        let id = match &named {
+            Some(id) => id.clone(),
+            None => std::mem::take(&mut batch.deployment_id),
+        };
+        if !append_batch(&logs, metrics, &node_id, &id, batch)
+            && refused.len() < REFUSALS_REPORTED
+            && refused.insert(id.clone())
         {
-            return self.take(vec![batch]);
-        } else if self.waiting.len() < LOG_WAITING_MAX {
-            self.waiting.insert(
-                batch.deployment_id.clone(),
-                (now + LOG_ASSIGNMENT_WAIT, vec![batch]),
-            );
-        } else {
-            tracing::warn!(%node_id, deployment = %batch.deployment_id, "dropping logs: too many deployments wait to show as assigned to this node");
-        }
-        Vec::new()
-    }
-
-    /// The waiting batches whose deployment now shows as assigned to `node_id`.
-    fn ready(&mut self, view: &super::view::ClusterView, node_id: &str) -> Vec<wire::LogBatch> {
-        let Some(node) = view.nodes.get(node_id) else {
-            return Vec::new();
-        };
-        let ready: Vec<String> = node
-            .assigned_deployments
-            .iter()
-            .filter(|a| self.waiting.contains_key(a.id.as_str()))
-            .map(|a| a.id.to_string())
-            .collect();
-        let batches = ready
-            .iter()
-            .filter_map(|id| self.waiting.remove(id))
-            .flat_map(|(_, queued)| queued)
-            .collect();
-        self.take(batches)
-    }
-
-    /// Drops the batches that waited until `now`; returns their deployments.
-    fn expire(&mut self, now: tokio::time::Instant) -> Vec<String> {
-        let gone: Vec<String> = self
-            .waiting
-            .iter()
-            .filter(|(_, (until, _))| *until <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &gone {
-            self.waiting.remove(id);
-        }
-        gone
-    }
-
-    /// When the first waiting batch stops waiting.
-    fn deadline(&self) -> Option<tokio::time::Instant> {
-        self.waiting.values().map(|(until, _)| *until).min()
-    }
-
-    fn take(&mut self, batches: Vec<wire::LogBatch>) -> Vec<wire::LogBatch> {
-        for b in &batches {
-            if b.end {
-                self.accepted.remove(&b.deployment_id);
-            } else if !self.accepted.contains(&b.deployment_id) {
-                self.accepted.insert(b.deployment_id.clone());
-            }
-        }
-        batches
-    }
-}
-
-/// Appends a node's `Logs` stream (batches of all its deployments, each naming its own) to
-/// the hub. A deployment's first batch is taken once the view shows it assigned to the node;
-/// until then (at most [`LOG_ASSIGNMENT_WAIT`]) its batches wait, in order, while other
-/// deployments' lines go on. Its later batches are taken without a check until the one
-/// marked `end`, as a `Log` stream's are once its header was.
-async fn log_mux(rx: FrameReceiver, core: CoreHandle, logs: LogHub, node_id: String) {
-    // Frames are read in a task of their own: a frame read is not cancel-safe, the waits
-    // below are.
-    let (tx, mut batches) = mpsc::channel::<wire::LogBatch>(16);
-    let _reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-        let mut rx = rx;
-        while let Ok(Some(batch)) = rx.recv::<wire::LogBatch>().await {
-            if tx.send(batch).await.is_err() {
-                break;
-            }
-        }
-    }));
-    let metrics = core.metrics();
-    let mut view = core.subscribe();
-    let mut gate = LogGate::default();
-    loop {
-        let deadline = gate.deadline();
-        let taken = tokio::select! {
-            batch = batches.recv() => {
-                let Some(batch) = batch else { break };
-                gate.offer(batch, &view.borrow(), &node_id, tokio::time::Instant::now())
-            }
-            changed = view.changed(), if deadline.is_some() => {
-                if changed.is_err() {
-                    break;
-                }
-                gate.ready(&view.borrow_and_update(), &node_id)
-            }
-            () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
-                for id in gate.expire(tokio::time::Instant::now()) {
-                    tracing::info!(%node_id, deployment = %id, "refusing logs of a deployment not assigned to this node");
-                }
-                Vec::new()
-            }
-        };
-        for batch in taken {
-            let id = batch.deployment_id.clone();
-            append_batch(&logs, metrics, &id, batch);
+            tracing::info!(%node_id, deployment = %id, "refusing logs of a deployment not placed on this node");
         }
     }
 }
@@ -639,113 +514,4 @@ pub async fn open_to_service(
     opened
         .await
         .map_err(|_| format!("the node of service {name:?} takes no more tunnels now"))?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::conductor::view::ClusterView;
-    use crate::model::{AssignedRef, Node};
-
-    fn view(assigned: &[(&str, &str)]) -> ClusterView {
-        let mut v = ClusterView::default();
-        for (id, node) in assigned {
-            v.nodes
-                .entry((*node).to_owned())
-                .or_insert_with(Node::default)
-                .assigned_deployments
-                .push(AssignedRef {
-                    id: (*id).into(),
-                    name: (*id).to_owned(),
-                });
-        }
-        v
-    }
-
-    fn batch(id: &str, seq: u64, end: bool) -> wire::LogBatch {
-        wire::LogBatch {
-            entries: vec![wire::LogEntry {
-                seq,
-                line: format!("{id} {seq}"),
-                ..wire::LogEntry::default()
-            }],
-            deployment_id: id.to_owned(),
-            end,
-            ..wire::LogBatch::default()
-        }
-    }
-
-    fn taken(batches: &[wire::LogBatch]) -> Vec<(&str, u64)> {
-        batches
-            .iter()
-            .map(|b| (b.deployment_id.as_str(), b.entries[0].seq))
-            .collect()
-    }
-
-    #[test]
-    fn a_deployments_lines_wait_until_it_shows_as_assigned_here_and_others_go_on() {
-        let mut gate = LogGate::default();
-        let now = tokio::time::Instant::now();
-        let before = view(&[("a", "n1")]);
-        // `b` is not shown yet: its batches wait, in order; `a`'s are taken at once.
-        assert!(
-            gate.offer(batch("b", 1, false), &before, "n1", now)
-                .is_empty()
-        );
-        assert!(
-            gate.offer(batch("b", 2, false), &before, "n1", now)
-                .is_empty()
-        );
-        assert_eq!(
-            taken(&gate.offer(batch("a", 1, false), &before, "n1", now)),
-            [("a", 1)]
-        );
-        assert_eq!(gate.deadline(), Some(now + LOG_ASSIGNMENT_WAIT));
-        // Shown on another node: still waiting.
-        assert!(gate.ready(&view(&[("b", "n2")]), "n1").is_empty());
-        let shown = view(&[("a", "n1"), ("b", "n1")]);
-        assert_eq!(taken(&gate.ready(&shown, "n1")), [("b", 1), ("b", 2)]);
-        assert_eq!(gate.deadline(), None);
-        // Taken from now on without a check (the view may drop it, e.g. once it ended)...
-        assert_eq!(
-            taken(&gate.offer(batch("b", 3, true), &view(&[]), "n1", now)),
-            [("b", 3)]
-        );
-        // ...until its last batch: then it is checked again.
-        assert!(
-            gate.offer(batch("b", 4, false), &view(&[]), "n1", now)
-                .is_empty()
-        );
-    }
-
-    #[test]
-    fn lines_of_a_deployment_never_assigned_here_are_dropped_after_the_wait() {
-        let mut gate = LogGate::default();
-        let now = tokio::time::Instant::now();
-        let v = view(&[("x", "n2")]);
-        assert!(gate.offer(batch("x", 1, false), &v, "n1", now).is_empty());
-        assert!(gate.expire(now).is_empty());
-        assert_eq!(gate.expire(now + LOG_ASSIGNMENT_WAIT), ["x"]);
-        assert_eq!(gate.deadline(), None);
-        // Shown later: nothing of it is left to take.
-        assert!(gate.ready(&view(&[("x", "n1")]), "n1").is_empty());
-    }
-
-    #[test]
-    fn at_most_so_many_deployments_wait() {
-        let mut gate = LogGate::default();
-        let now = tokio::time::Instant::now();
-        let v = view(&[]);
-        for i in 0..=LOG_WAITING_MAX {
-            assert!(
-                gate.offer(batch(&format!("d{i}"), 1, false), &v, "n1", now)
-                    .is_empty()
-            );
-        }
-        assert_eq!(gate.waiting.len(), LOG_WAITING_MAX);
-        assert_eq!(
-            gate.expire(now + LOG_ASSIGNMENT_WAIT).len(),
-            LOG_WAITING_MAX
-        );
-    }
 }

@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use futures_util::StreamExt;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-use crate::support::{Cluster, NodeProcess, alive, pid_of, pids_with, sh, symphony_bin, until};
+use crate::support::{
+    Cluster, NodeProcess, alive, log_until, pid_of, pids_with, sh, symphony_bin, until,
+};
 
 /// A cluster and node agent `id` run as a `symphony node` process, online.
 async fn cluster_with_agent(id: &str) -> (Cluster, NodeProcess, std::path::PathBuf) {
@@ -50,27 +51,6 @@ async fn running_with(c: &Cluster, id: &str, pid: u64) -> Value {
         let mut rx = c.conductor().core.subscribe();
         let _ = tokio::time::timeout(std::time::Duration::from_millis(200), rx.changed()).await;
     }
-}
-
-/// The log entries of `id` the conductor has, read over the log socket until `done` holds.
-async fn log_until(c: &Cluster, id: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let url = format!(
-        "{}/ws/deployments/{id}/logs?tail=100000",
-        c.api.replace("http", "ws")
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let mut all = Vec::new();
-    let read = async {
-        while !done(&all) {
-            let text = ws.next().await.unwrap().unwrap().into_text().unwrap();
-            let frame: Value = serde_json::from_str(&text).unwrap();
-            all.extend(frame["entries"].as_array().cloned().unwrap_or_default());
-        }
-    };
-    tokio::time::timeout(crate::support::DEADLINE, read)
-        .await
-        .unwrap_or_else(|_| panic!("log of {id} never complete: {} entries", all.len()));
-    all
 }
 
 /// The numbers `k` of the `tick k` lines, in log order.

@@ -760,3 +760,29 @@ pub fn pid_of(d: &Value) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("no pid in {d}"))
 }
+
+/// The log entries of `id` the conductor has, read over the log socket until `done` holds.
+pub async fn log_until(c: &Cluster, id: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let url = format!(
+        "{}/ws/deployments/{id}/logs?tail=100000",
+        c.api.replace("http", "ws")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut all = Vec::new();
+    let read = async {
+        while !done(&all) {
+            let text = futures_util::StreamExt::next(&mut ws)
+                .await
+                .unwrap()
+                .unwrap()
+                .into_text()
+                .unwrap();
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            all.extend(frame["entries"].as_array().cloned().unwrap_or_default());
+        }
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .unwrap_or_else(|_| panic!("log of {id} never complete: {} entries", all.len()));
+    all
+}

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::Cluster;
+use crate::support::{Cluster, log_until};
 
 /// `sh -c script` as a task's config.
 fn sh(script: &str) -> Value {
@@ -541,5 +541,34 @@ async fn finished_runs_beyond_keep_runs_go_with_their_task_deployments() {
     assert_eq!(v.runs.len(), 2, "the store kept the same two");
     assert_eq!(tasks_of(&v, &ids[0]), 0);
     assert_eq!(tasks_of(&v, &ids[3]), 2);
+    c.shutdown().await;
+}
+
+/// A task's lines reach the conductor, the last ones too: a task lives for milliseconds and
+/// its placement ends with it, before its node ships what it logged.
+#[tokio::test]
+async fn a_short_tasks_log_is_kept_to_its_last_line() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    define(
+        &c,
+        json!({"name": "talk", "tasks": [
+            {"name": "a", "config": sh("echo first; echo last >&2")},
+        ]}),
+    )
+    .await;
+    let id = start(&c, "talk", json!({})).await;
+    let run = until_run(&c, &id, "SUCCEEDED").await;
+    let dep = task(&run, "a")["deployment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let has = |entries: &[Value], stream: &str, line: &str| {
+        entries
+            .iter()
+            .any(|e| e["stream"] == stream && e["line"] == line)
+    };
+    let entries = log_until(&c, &dep, |e| has(e, "stderr", "last")).await;
+    assert!(has(&entries, "stdout", "first"), "{entries:?}");
     c.shutdown().await;
 }

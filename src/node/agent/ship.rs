@@ -21,6 +21,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use symphony_net::{CloseCode, FrameSender, Pacer, Session, StreamKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -126,7 +127,21 @@ impl Shipper {
                 }
                 continue;
             }
-            if !behind {
+            if behind {
+                // Lines left from the last write go at once, but what happened meanwhile
+                // (starts, stops, new lines of others) still joins: a flood never holds up
+                // another deployment.
+                loop {
+                    match cmds.try_recv() {
+                        Ok(cmd) => apply(cmd, &mut sources, &mut changes, &mut turns),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => return,
+                    }
+                }
+                while let Some(Some((id, _))) = changes.next().now_or_never() {
+                    turns.push(&id);
+                }
+            } else {
                 // Idle until now: more lines (of this and other deployments) join the write.
                 let until = Instant::now() + GATHER;
                 loop {
@@ -382,32 +397,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_flooding_deployment_takes_turns_with_the_others() {
+    async fn a_flooding_deployment_holds_up_no_other_started_after_it() {
         let (node, conductor, _client, _server) = sessions().await;
         let (cmds, rx) = mpsc::unbounded_channel();
-        let pacer = Pacer::new(node.connection().clone(), PacerConfig::default());
-        tokio::spawn(pacer.clone().run());
-        let flood = LogBuffer::in_memory(10 * LOG_BATCH);
-        flood.push_batch(
-            LogStream::Stdout,
-            (0..5 * LOG_BATCH).map(|i| format!("line {i}")),
+        // Slow enough that the flood is still being written when the other one starts (the
+        // pacer is not started, so it keeps this rate).
+        let rate = 64.0 * 1024.0;
+        let pacer = Pacer::new(
+            node.connection().clone(),
+            PacerConfig {
+                initial_rate: rate,
+                min_rate: rate,
+                max_rate: rate,
+                ..PacerConfig::default()
+            },
         );
-        let quiet = LogBuffer::in_memory(10);
-        quiet.push(LogStream::Stdout, "hello");
-        cmds.send(ShipCmd::Start {
-            id: "flood".into(),
-            buffer: flood,
-            resume: 0,
-            offset: 0,
-        })
-        .unwrap();
-        cmds.send(ShipCmd::Start {
-            id: "quiet".into(),
-            buffer: quiet,
-            resume: 0,
-            offset: 0,
-        })
-        .unwrap();
         tokio::spawn(
             Shipper {
                 session: node.clone(),
@@ -416,20 +420,45 @@ mod tests {
             }
             .run(),
         );
+        let flood = LogBuffer::in_memory(20 * LOG_BATCH);
+        flood.push_batch(
+            LogStream::Stdout,
+            (0..10 * LOG_BATCH).map(|i| format!("line {i}")),
+        );
+        cmds.send(ShipCmd::Start {
+            id: "flood".into(),
+            buffer: flood,
+            resume: 0,
+            offset: 0,
+        })
+        .unwrap();
         let (_, mut rx) = conductor.accept_uni().await.unwrap();
-        let mut order = Vec::new();
-        let mut flooded = 0;
-        while flooded < 5 * LOG_BATCH {
+        assert_eq!(next(&mut rx).await.deployment_id, "flood");
+        // Started, and its line logged, while the flood is being written.
+        let quiet = LogBuffer::in_memory(10);
+        cmds.send(ShipCmd::Start {
+            id: "quiet".into(),
+            buffer: quiet.clone(),
+            resume: 0,
+            offset: 0,
+        })
+        .unwrap();
+        quiet.push(LogStream::Stdout, "hello");
+        let mut flooded = LOG_BATCH;
+        let mut flood_batches_before = 0;
+        loop {
             let b = next(&mut rx).await;
-            if b.deployment_id == "flood" {
-                // In order, none twice.
-                assert_eq!(b.entries[0].seq, flooded as u64 + 1);
-                flooded += b.entries.len();
+            if b.deployment_id == "quiet" {
+                assert_eq!(lines(&b), [(1, "hello")]);
+                break;
             }
-            order.push(b.deployment_id);
+            // In order, none twice.
+            assert_eq!(b.entries[0].seq, flooded as u64 + 1);
+            flooded += b.entries.len();
+            flood_batches_before += 1;
         }
-        // The quiet one went out with the flood's first batch, not after all of it.
-        assert_eq!(order.len(), 6, "{order:?}");
-        assert!(order[..2].contains(&"quiet".to_owned()), "{order:?}");
+        // It went out with the next write or the one after, not after the whole flood.
+        assert!(flood_batches_before <= 2, "{flood_batches_before}");
+        assert!(flooded < 10 * LOG_BATCH, "the flood was still going");
     }
 }

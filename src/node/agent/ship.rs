@@ -13,8 +13,7 @@
 //!   [`LOG_BATCH_BYTES`] each per write), so one that floods never holds up another's lines;
 //!   a write that left lines behind is followed at once by the next (paced), without waiting.
 //! - A deployment's batches go out in sequence order; when it stops being shipped (it left the
-//!   node, [`ShipCmd::Stop`]), what it logged until then is shipped, the last batch marked
-//!   `end`, and it is forgotten.
+//!   node, [`ShipCmd::Stop`]), what it logged until then is shipped, then it is forgotten.
 //! - A write that fails ends the shipper and closes the connection: the next one starts every
 //!   deployment again from the conductor's `LogResume`.
 
@@ -258,7 +257,10 @@ async fn take_turns(
                 .last()
                 .is_some_and(|e| e.seq < source.buffer.last_seq());
         let end = source.ending && !more;
-        if entries.is_empty() && !end && dropped == source.dropped_sent {
+        if entries.is_empty() && dropped == source.dropped_sent {
+            if end {
+                sources.remove(&id);
+            }
             continue;
         }
         source.after = entries.last().map_or(source.after, |e| e.seq);
@@ -274,7 +276,6 @@ async fn take_turns(
                 .collect(),
             dropped: dropped.saturating_sub(source.dropped_sent),
             deployment_id: id.clone(),
-            end,
         };
         source.dropped_sent = dropped;
         bytes += prost::Message::encoded_len(&batch);
@@ -377,14 +378,13 @@ mod tests {
         assert_eq!(lines(&first[0]), [(2, "a2")]);
         assert_eq!(first[1].deployment_id, "b");
         assert_eq!(lines(&first[1]), [(11, "b1")]);
-        assert!(!first[0].end && !first[1].end);
-        // A line logged just before the stop still leaves, in the batch marked last.
+        // A line logged just before the stop still leaves.
         a.push(LogStream::Stdout, "a3");
         cmds.send(ShipCmd::Stop("a".into())).unwrap();
         let last = next(&mut rx).await;
         assert_eq!(
-            (last.deployment_id.as_str(), lines(&last), last.end),
-            ("a", vec![(3, "a3")], true)
+            (last.deployment_id.as_str(), lines(&last)),
+            ("a", vec![(3, "a3")])
         );
         // Forgotten: its later lines are not shipped; the other's are, on the same stream.
         a.push(LogStream::Stdout, "a4");

@@ -342,20 +342,26 @@ mod tests {
         rx.recv::<wire::LogBatch>().await.unwrap().unwrap()
     }
 
-    #[tokio::test]
-    async fn every_deployment_ships_on_one_stream_and_a_stopped_one_ships_its_last_lines() {
-        let (node, conductor, _client, _server) = sessions().await;
+    /// A shipper on `session`, and where to send it commands.
+    fn shipper(session: &Session, pacer: Pacer) -> mpsc::UnboundedSender<ShipCmd> {
         let (cmds, rx) = mpsc::unbounded_channel();
-        let pacer = Pacer::new(node.connection().clone(), PacerConfig::default());
-        tokio::spawn(pacer.clone().run());
         tokio::spawn(
             Shipper {
-                session: node.clone(),
+                session: session.clone(),
                 pacer,
                 cmds: rx,
             }
             .run(),
         );
+        cmds
+    }
+
+    #[tokio::test]
+    async fn every_deployment_ships_on_one_stream_and_a_stopped_one_ships_its_last_lines() {
+        let (node, conductor, _client, _server) = sessions().await;
+        let pacer = Pacer::new(node.connection().clone(), PacerConfig::default());
+        tokio::spawn(pacer.clone().run());
+        let cmds = shipper(&node, pacer);
         let (a, b) = (LogBuffer::in_memory(100), LogBuffer::in_memory(100));
         a.push(LogStream::Stdout, "a1");
         a.push(LogStream::Stdout, "a2");
@@ -399,7 +405,6 @@ mod tests {
     #[tokio::test]
     async fn a_flooding_deployment_holds_up_no_other_started_after_it() {
         let (node, conductor, _client, _server) = sessions().await;
-        let (cmds, rx) = mpsc::unbounded_channel();
         // Slow enough that the flood is still being written when the other one starts (the
         // pacer is not started, so it keeps this rate).
         let rate = 64.0 * 1024.0;
@@ -412,14 +417,7 @@ mod tests {
                 ..PacerConfig::default()
             },
         );
-        tokio::spawn(
-            Shipper {
-                session: node.clone(),
-                pacer,
-                cmds: rx,
-            }
-            .run(),
-        );
+        let cmds = shipper(&node, pacer);
         let flood = LogBuffer::in_memory(20 * LOG_BATCH);
         flood.push_batch(
             LogStream::Stdout,

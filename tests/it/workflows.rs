@@ -361,6 +361,11 @@ async fn a_conductor_restart_mid_run_loses_nothing() {
     assert_eq!(run["state"], "RUNNING", "{run}");
     assert_eq!(task(&run, "a")["result"], json!({"a": 1}));
     assert_eq!(task(&run, "b")["state"], "RUNNING");
+    // Where b's attempt runs survives the restart (from its assignment: a placement alone
+    // does not write the run).
+    let attempt = &task(&run, "b")["attempts"][0];
+    assert_eq!(attempt["node_id"], "n1", "{run}");
+    assert_eq!(attempt["generation"], json!(b.generation), "{run}");
     let (_, queued) = c.get(&format!("/runs/{second}")).await;
     assert_eq!(queued["state"], "QUEUED", "{queued}");
     // The node comes back with b's process: adopted, not started again.

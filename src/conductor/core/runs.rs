@@ -85,6 +85,8 @@ pub(crate) struct Runs {
     pub dirty: BTreeSet<String>,
     pub create: Vec<DeploymentRecord>,
     pub update: BTreeMap<String, DeploymentRecord>,
+    /// Those in `update` given a new spec (the others changed their desired state alone).
+    pub respec: BTreeSet<String>,
     /// The parsed specs of the task deployments in `create` and `update` whose spec was made
     /// from their workflow's parsed task (the others are parsed once written).
     pub parsed: std::collections::HashMap<String, Result<crate::spec::DeploymentSpec, String>>,
@@ -183,12 +185,17 @@ impl Core {
                 }
             }
         }
-        for run in self.store.list_runs().await? {
+        for mut run in self.store.list_runs().await? {
             self.runs.next_seq = self.runs.next_seq.max(run.seq + 1);
-            for (i, t) in run.tasks.iter().enumerate() {
-                if let Some(d) = &t.deployment_id {
-                    self.runs.task_of.insert(d.clone(), (run.id.clone(), i));
+            for i in 0..run.tasks.len() {
+                let Some(d) = run.tasks[i].deployment_id.clone() else {
+                    continue;
+                };
+                // A placement the run was not written with (see `task_placed`).
+                if let Some(a) = self.assignments.get(&d) {
+                    run.placed(i, &a.node_id, a.generation.get());
                 }
+                self.runs.task_of.insert(d, (run.id.clone(), i));
             }
             if run.state == RunState::Running {
                 self.runs.active.insert(run.id.clone());
@@ -478,15 +485,16 @@ impl Core {
         )
     }
 
-    /// The scheduler placed task deployment `id` at `generation` on `node_id`.
+    /// The scheduler placed task deployment `id` at `generation` on `node_id`. The run is not
+    /// written for this alone: the placement is durable as the deployment's assignment (written
+    /// before the `Assign` is sent), from which [`Core::load_runs`] fills the attempt after a
+    /// restart; the run's next change writes it with the rest.
     pub(super) fn task_placed(&mut self, id: &str, node_id: &str, generation: u64) {
-        let Some((run_id, i)) = self.runs.task_of.get(id).cloned() else {
+        let Some((run_id, i)) = self.runs.task_of.get(id) else {
             return;
         };
-        if let Some(run) = self.runs.runs.get_mut(&run_id)
-            && Arc::make_mut(run).placed(i, node_id, generation)
-        {
-            self.runs.dirty.insert(run_id);
+        if let Some(run) = self.runs.runs.get_mut(run_id) {
+            Arc::make_mut(run).placed(*i, node_id, generation);
         }
     }
 
@@ -626,6 +634,7 @@ impl Core {
             return;
         };
         rec.desired_state = desired;
+        let respec = spec.is_some();
         if let Some(spec) = spec {
             rec.specification = spec;
         }
@@ -633,6 +642,9 @@ impl Core {
         if let Some(pending) = self.runs.create.iter_mut().find(|d| d.id == id) {
             *pending = rec;
         } else {
+            if respec {
+                self.runs.respec.insert(id.to_owned());
+            }
             self.runs.update.insert(id.to_owned(), rec);
         }
     }
@@ -924,6 +936,7 @@ impl Core {
                 let dep = task_deployment_id(&id, i);
                 self.runs.task_of.remove(&dep);
                 self.runs.update.remove(&dep);
+                self.runs.respec.remove(&dep);
                 // Also one still waiting in `create` (a write failed): deletes follow inserts,
                 // in the store and in memory.
                 self.runs.delete_deployments.push(dep);
@@ -951,11 +964,17 @@ impl Core {
             .filter_map(|id| self.runs.runs.get(id).cloned())
             .collect();
         let create = self.runs.create.clone();
-        let update: Vec<DeploymentRecord> = self.runs.update.values().cloned().collect();
+        let (update, state_only): (Vec<DeploymentRecord>, Vec<DeploymentRecord>) = self
+            .runs
+            .update
+            .values()
+            .cloned()
+            .partition(|d| self.runs.respec.contains(&d.id));
         let events = std::mem::take(&mut self.runs.events);
         // Task deployments no longer wanted lose their assignment (their nodes stop them).
         let clear: Vec<String> = update
             .iter()
+            .chain(&state_only)
             .filter(|d| d.desired_state == DesiredState::Stopped)
             .filter(|d| self.assignments.contains_key(&d.id))
             .map(|d| d.id.clone())
@@ -964,6 +983,7 @@ impl Core {
             runs: runs.iter().map(AsRef::as_ref).collect(),
             create,
             update,
+            state_only,
             clear,
             delete_runs: self.runs.delete_runs.clone(),
             delete_deployments: self.runs.delete_deployments.clone(),
@@ -986,6 +1006,7 @@ impl Core {
             self.logs.ensure(&rec.id);
             self.deployments.insert(rec.id.clone(), rec);
         }
+        self.runs.respec.clear();
         for (id, rec) in std::mem::take(&mut self.runs.update) {
             self.wake(&id);
             if let Some(spec) = parsed.remove(&id) {

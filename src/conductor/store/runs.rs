@@ -28,6 +28,9 @@ pub struct RunsWrite<'a> {
     /// Task deployments whose desired state or spec changed (every field but the id and
     /// creation time is written).
     pub update: Vec<DeploymentRecord>,
+    /// Task deployments whose desired state alone changed (their spec is as stored): only the
+    /// state and the update time are written, not the spec again.
+    pub state_only: Vec<DeploymentRecord>,
     /// Deployments whose assignment ends (their attempt did).
     pub clear: Vec<String>,
     /// Finished runs past their workflow's `keep_runs`, deleted ...
@@ -41,6 +44,7 @@ impl RunsWrite<'_> {
         self.runs.is_empty()
             && self.create.is_empty()
             && self.update.is_empty()
+            && self.state_only.is_empty()
             && self.clear.is_empty()
             && self.delete_runs.is_empty()
             && self.delete_deployments.is_empty()
@@ -145,6 +149,19 @@ impl Store {
                     .push_bind(&d.name)
                     .push_bind(d.desired_state.as_str())
                     .push_bind(spec)
+                    .push_bind(d.updated_at_ms);
+            });
+            q.push(") AS v WHERE deployments.id = v.column1");
+            q.build().execute(&mut *tx).await.map_err(db_err)?;
+        }
+        for chunk in w.state_only.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "UPDATE deployments SET desired_state = v.column2, updated_at_ms = v.column3 \
+                 FROM (",
+            );
+            q.push_values(chunk, |mut b, d| {
+                b.push_bind(&d.id)
+                    .push_bind(d.desired_state.as_str())
                     .push_bind(d.updated_at_ms);
             });
             q.push(") AS v WHERE deployments.id = v.column1");

@@ -1367,6 +1367,50 @@ async fn a_batch_of_run_changes_spans_statements_and_the_last_change_wins() {
     assert_eq!(stored[0].id, format!("r{half:04}"));
 }
 
+/// A state-only change writes the desired state and update time and leaves the stored name
+/// and spec as they are (what the record says of them is not written), across chunks.
+#[tokio::test]
+async fn a_state_only_change_keeps_the_stored_spec() {
+    use runs::RunsWrite;
+    let (_dir, store) = file_store().await;
+    let n = ROWS_PER_STATEMENT + 3;
+    let created: Vec<_> = (0..n)
+        .map(|i| deployment(&format!("d{i:03}"), "task", 1))
+        .collect();
+    let w = RunsWrite {
+        create: created.clone(),
+        ..RunsWrite::default()
+    };
+    store.write_runs(&w, &[]).await.unwrap();
+    let state_only: Vec<_> = created
+        .iter()
+        .map(|d| {
+            let mut d = d.clone();
+            d.desired_state = DesiredState::Stopped;
+            d.updated_at_ms = 8;
+            d.name = "not written".into();
+            d.specification = json!({"not": "written"});
+            d
+        })
+        .collect();
+    let w = RunsWrite {
+        state_only,
+        ..RunsWrite::default()
+    };
+    store.write_runs(&w, &[]).await.unwrap();
+    let mut stored = store.list_deployments().await.unwrap();
+    stored.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(stored.len(), n);
+    for (d, before) in stored.iter().zip(&created) {
+        assert_eq!(d.desired_state, DesiredState::Stopped, "{}", d.id);
+        assert_eq!(d.updated_at_ms, 8);
+        assert_eq!(
+            (&d.name, &d.specification),
+            (&before.name, &before.specification)
+        );
+    }
+}
+
 /// The writer keeps every shape of its multi-row statements prepared: batches of each row
 /// count of two statements (more shapes than SQLite's default cache of 100) are all still
 /// cached after the last one, so a flush parses none again.

@@ -10,7 +10,7 @@
 //! again without counting as an attempt. Run changes of a batch are written with the task
 //! deployments they create or change in one transaction, before anything is placed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -85,8 +85,6 @@ pub(crate) struct Runs {
     pub dirty: BTreeSet<String>,
     pub create: Vec<DeploymentRecord>,
     pub update: BTreeMap<String, DeploymentRecord>,
-    /// Those in `update` given a new spec (the others changed their desired state alone).
-    pub respec: BTreeSet<String>,
     /// The parsed specs of the task deployments in `create` and `update` whose spec was made
     /// from their workflow's parsed task (the others are parsed once written).
     pub parsed: std::collections::HashMap<String, Result<crate::spec::DeploymentSpec, String>>,
@@ -634,7 +632,6 @@ impl Core {
             return;
         };
         rec.desired_state = desired;
-        let respec = spec.is_some();
         if let Some(spec) = spec {
             rec.specification = spec;
         }
@@ -642,9 +639,6 @@ impl Core {
         if let Some(pending) = self.runs.create.iter_mut().find(|d| d.id == id) {
             *pending = rec;
         } else {
-            if respec {
-                self.runs.respec.insert(id.to_owned());
-            }
             self.runs.update.insert(id.to_owned(), rec);
         }
     }
@@ -936,7 +930,6 @@ impl Core {
                 let dep = task_deployment_id(&id, i);
                 self.runs.task_of.remove(&dep);
                 self.runs.update.remove(&dep);
-                self.runs.respec.remove(&dep);
                 // Also one still waiting in `create` (a write failed): deletes follow inserts,
                 // in the store and in memory.
                 self.runs.delete_deployments.push(dep);
@@ -964,12 +957,14 @@ impl Core {
             .filter_map(|id| self.runs.runs.get(id).cloned())
             .collect();
         let create = self.runs.create.clone();
-        let (update, state_only): (Vec<DeploymentRecord>, Vec<DeploymentRecord>) = self
-            .runs
-            .update
-            .values()
-            .cloned()
-            .partition(|d| self.runs.respec.contains(&d.id));
+        // Most changes only stop a task: its name and spec are as stored, and only its state is
+        // written.
+        let (state_only, update): (Vec<DeploymentRecord>, Vec<DeploymentRecord>) =
+            self.runs.update.values().cloned().partition(|d| {
+                self.deployments
+                    .get(&d.id)
+                    .is_some_and(|old| old.name == d.name && old.specification == d.specification)
+            });
         let events = std::mem::take(&mut self.runs.events);
         // Task deployments no longer wanted lose their assignment (their nodes stop them).
         let clear: Vec<String> = update
@@ -1006,18 +1001,13 @@ impl Core {
             self.logs.ensure(&rec.id);
             self.deployments.insert(rec.id.clone(), rec);
         }
-        self.runs.respec.clear();
+        let unchanged: HashSet<&str> = write.state_only.iter().map(|d| d.id.as_str()).collect();
         for (id, rec) in std::mem::take(&mut self.runs.update) {
             self.wake(&id);
             if let Some(spec) = parsed.remove(&id) {
                 self.specs.insert(id.clone(), spec);
-            } else if !self.specs.contains_key(&id)
-                || self
-                    .deployments
-                    .get(&id)
-                    .is_none_or(|old| old.specification != rec.specification)
-            {
-                // Most updates only stop the task: its spec, parsed already, is the same.
+            } else if !self.specs.contains_key(&id) || !unchanged.contains(id.as_str()) {
+                // A stop keeps its spec, parsed already.
                 self.specs
                     .insert(id.clone(), parse_spec(&rec.specification));
             }

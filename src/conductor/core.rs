@@ -1026,6 +1026,10 @@ impl Core {
         }
         for p in &plan.placements {
             let id = p.deployment_id.as_str();
+            if let Some(ev) = self.task_started_event(id, &p.node_id, p.generation.get()) {
+                out.push(ev);
+                continue;
+            }
             let spec = self.specs.get(id).and_then(|s| s.as_ref().ok());
             let member = self.members.get(id);
             let rule = match self.cfg.strategy {
@@ -2060,8 +2064,11 @@ impl Core {
                     self.said.resumed.insert(id.clone());
                 } else {
                     let name = self.deployments.get(&id).map_or("", |d| d.name.as_str());
+                    let task = self.is_task(&id);
                     for ev in narrate::status(name, node_id, told, &st) {
-                        self.journal.note(ev);
+                        if !(task && narrate::told_by_task(&ev)) {
+                            self.journal.note(ev);
+                        }
                     }
                 }
                 if st.state == crate::model::CurrentState::Running.as_str()
@@ -2108,8 +2115,11 @@ impl Core {
                     .filter(|(_, t)| t.generation == st.generation)
                 {
                     Some((name, told)) => {
+                        let task = self.runs.task_of.contains_key(&id);
                         for ev in narrate::status(name, node_id, Some(told), &st) {
-                            self.journal.note(ev);
+                            if !(task && narrate::told_by_task(&ev)) {
+                                self.journal.note(ev);
+                            }
                         }
                         *told = st.clone();
                         true

@@ -106,6 +106,47 @@ async fn the_diamond_runs_in_order_and_results_flow() {
         .to_owned();
     let (status, body) = c.delete(&format!("/deployments/{dep}")).await;
     assert_eq!(status, 409, "{body}");
+    // Each task's story is two events on the run: started where (node, generation), then
+    // its end with the exit code. Its deployment writes no start, exit or placement of its own.
+    let story = c
+        .wait_events(
+            &format!("object=run/{id}&kind=task&after=0"),
+            "four tasks succeeded",
+            |e| e.iter().filter(|e| e["kind"] == "task.succeeded").count() == 4,
+        )
+        .await;
+    for name in ["a", "b", "c", "d"] {
+        let of: Vec<&Value> = story
+            .iter()
+            .filter(|e| e["fields"]["task"] == name)
+            .collect();
+        let kinds: Vec<&str> = of.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["task.started", "task.succeeded"], "{name}: {story:?}");
+        let attempt = &task(&run, name)["attempts"][0];
+        for e in &of {
+            assert_eq!(e["fields"]["node"], "n1", "{e}");
+            assert_eq!(e["fields"]["generation"], attempt["generation"], "{e}");
+            assert_eq!(e["fields"]["deployment"], task(&run, name)["deployment_id"]);
+        }
+        assert_eq!(of[1]["fields"]["exit_code"], 0);
+        let dep = task(&run, name)["deployment_id"].as_str().unwrap();
+        let (_, own) = c
+            .get(&format!("/events?object=deployment/{dep}&after=0"))
+            .await;
+        let own: Vec<&str> = own
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap())
+            .collect();
+        assert!(
+            !own.iter().any(|k| matches!(
+                *k,
+                "deployment.placed" | "deployment.started" | "deployment.exited"
+            )),
+            "{name}: {own:?}"
+        );
+    }
     c.shutdown().await;
 }
 

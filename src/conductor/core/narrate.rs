@@ -23,6 +23,16 @@ pub(super) fn env(kind: &'static str, name: &str, message: String, fields: Value
     NewEvent::new(kind, object("env", name), message, fields)
 }
 
+/// Whether a task's own events already tell what `e` would about the task's deployment:
+/// its process's start and end (a task writes `task.started` when placed, and its end with
+/// the exit code).
+pub(super) fn told_by_task(e: &NewEvent) -> bool {
+    matches!(
+        e.kind,
+        "deployment.started" | "deployment.exited" | "deployment.stopped"
+    )
+}
+
 /// Whether a report says a process runs or is about to.
 fn was_active(s: &wire::DeploymentStatus) -> bool {
     matches!(

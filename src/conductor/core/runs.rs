@@ -487,6 +487,37 @@ impl Core {
     /// written for this alone: the placement is durable as the deployment's assignment (written
     /// before the `Assign` is sent), from which [`Core::load_runs`] fills the attempt after a
     /// restart; the run's next change writes it with the rest.
+    /// `task.started` for a placement of task deployment `id` (`None`: not a task's): the
+    /// attempt's start, where and as which generation. It stands for the deployment's own
+    /// `deployment.placed`, `deployment.started` and `deployment.exited`, which a task
+    /// deployment does not write (its end is the task's `task.succeeded`, `task.failed`, ...).
+    pub(super) fn task_started_event(
+        &self,
+        id: &str,
+        node_id: &str,
+        generation: u64,
+    ) -> Option<NewEvent> {
+        let (run_id, i) = self.runs.task_of.get(id)?;
+        let run = self.runs.runs.get(run_id)?;
+        let t = run.tasks.get(*i)?;
+        let attempt = t.attempts.len();
+        Some(run_event(
+            "task.started",
+            run,
+            format!(
+                "task {} attempt {attempt} started on {node_id} (generation {generation})",
+                t.name
+            ),
+            json!({"task": t.name, "attempt": attempt, "deployment": id, "node": node_id,
+                   "generation": generation}),
+        ))
+    }
+
+    /// Whether `id` is a task's deployment.
+    pub(super) fn is_task(&self, id: &str) -> bool {
+        self.runs.task_of.contains_key(id)
+    }
+
     pub(super) fn task_placed(&mut self, id: &str, node_id: &str, generation: u64) {
         let Some((run_id, i)) = self.runs.task_of.get(id) else {
             return;
@@ -586,7 +617,10 @@ impl Core {
             run,
             message,
             json!({"task": t.name, "attempt": attempt, "outcome": outcome,
-                   "node": t.attempts.last().and_then(|a| a.node_id.clone())}),
+                   "node": t.attempts.last().and_then(|a| a.node_id.clone()),
+                   "generation": t.attempts.last().and_then(|a| a.generation),
+                   "exit_code": t.attempts.last().and_then(|a| a.exit_code),
+                   "deployment": t.deployment_id}),
         );
         self.runs.events.push(ev);
         let mut stopped = vec![i];
@@ -862,15 +896,8 @@ impl Core {
         let specification = json!({ "spec": spec });
         let id = task_deployment_id(&run.id, i);
         let name = format!("{}/{}/{}", run.workflow, run.id, task.name);
-        let ev = run_event(
-            "task.started",
-            run,
-            format!("task {} attempt {attempt} starting", task.name),
-            json!({"task": task.name, "attempt": attempt, "deployment": id}),
-        );
         let first = task.deployment_id.is_none();
         run.tasks[i].deployment_id = Some(id.clone());
-        self.runs.events.push(ev);
         self.runs.dirty.insert(run_id.to_owned());
         self.runs.task_of.insert(id.clone(), (run_id.to_owned(), i));
         match typed {

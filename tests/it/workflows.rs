@@ -121,7 +121,11 @@ async fn the_diamond_runs_in_order_and_results_flow() {
             .filter(|e| e["fields"]["task"] == name)
             .collect();
         let kinds: Vec<&str> = of.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-        assert_eq!(kinds, ["task.started", "task.succeeded"], "{name}: {story:?}");
+        assert_eq!(
+            kinds,
+            ["task.started", "task.succeeded"],
+            "{name}: {story:?}"
+        );
         let attempt = &task(&run, name)["attempts"][0];
         for e in &of {
             assert_eq!(e["fields"]["node"], "n1", "{e}");

@@ -220,6 +220,18 @@ struct Node {
     reported_envs: BTreeSet<String>,
 }
 
+/// A copy the conductor told a node to stop, whose reports while it stops are still told.
+#[derive(Debug)]
+struct Released {
+    /// The deployment's name.
+    name: String,
+    /// The copy's last report.
+    told: wire::DeploymentStatus,
+    /// A task's deployment (its start and end are told by the task's events): known when it
+    /// was released, since its run may be pruned before the copy's last report comes.
+    task: bool,
+}
+
 /// What the events already said about derived states (a change is an event).
 #[derive(Debug, Default)]
 struct Said {
@@ -231,7 +243,7 @@ struct Said {
     services: HashMap<(String, String), (bool, BTreeMap<String, String>)>,
     /// Copies the conductor itself told a node to stop (node, deployment) -> the deployment's
     /// name and the copy's last report: their reports while they stop are still its story.
-    released: HashMap<(String, String), (String, wire::DeploymentStatus)>,
+    released: HashMap<(String, String), Released>,
     /// The first publish after a start happened (what it found was not news).
     primed: bool,
     /// Deployments whose first report in this conductor's life came in a Hello since the last
@@ -1464,10 +1476,14 @@ impl Core {
                 .get(deployment_id)
                 .map(|d| d.name.clone())
                 .unwrap_or_default();
-            self.said.released.insert(
-                (node_id.to_owned(), deployment_id.to_owned()),
-                (name, r.status.clone()),
-            );
+            let released = Released {
+                name,
+                told: r.status.clone(),
+                task: self.runs.task_of.contains_key(deployment_id),
+            };
+            self.said
+                .released
+                .insert((node_id.to_owned(), deployment_id.to_owned()), released);
         }
         let command_id = self.command_id();
         let msg = wire::conductor_message::Msg::Unassign(wire::Unassign {
@@ -2112,16 +2128,15 @@ impl Core {
                     .said
                     .released
                     .get_mut(&key)
-                    .filter(|(_, t)| t.generation == st.generation)
+                    .filter(|r| r.told.generation == st.generation)
                 {
-                    Some((name, told)) => {
-                        let task = self.runs.task_of.contains_key(&id);
-                        for ev in narrate::status(name, node_id, Some(told), &st) {
-                            if !(task && narrate::told_by_task(&ev)) {
+                    Some(r) => {
+                        for ev in narrate::status(&r.name, node_id, Some(&r.told), &st) {
+                            if !(r.task && narrate::told_by_task(&ev)) {
                                 self.journal.note(ev);
                             }
                         }
-                        *told = st.clone();
+                        r.told = st.clone();
                         true
                     }
                     None => false,

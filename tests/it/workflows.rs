@@ -226,6 +226,27 @@ async fn a_flaky_task_succeeds_on_its_third_attempt() {
     c.shutdown().await;
 }
 
+/// A retry without backoff (`backoff_sec: 0`) starts in the flush that ended the attempt
+/// before it: a new placement and generation all the same.
+#[tokio::test]
+async fn a_retry_without_backoff_is_placed_again() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    define(
+        &c,
+        json!({"name": "eager", "tasks": [{"name": "t",
+            "retries": {"max_attempts": 3, "backoff_sec": 0},
+            "config": sh(r#"test "$SYMPHONY_ATTEMPT" -ge 2"#)}]}),
+    )
+    .await;
+    let id = start(&c, "eager", json!({})).await;
+    let run = until_run(&c, &id, "SUCCEEDED").await;
+    let attempts = task(&run, "t")["attempts"].as_array().unwrap().clone();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert!(attempts[0]["generation"].as_u64() < attempts[1]["generation"].as_u64());
+    c.shutdown().await;
+}
+
 /// Water marks: with max_running 3 and resume_below 1, the fourth run queues, and starts
 /// only once running runs drop below 1; queued runs start in FIFO order.
 #[tokio::test]
@@ -493,6 +514,25 @@ async fn cancel_fail_fast_and_timeouts_end_runs_with_their_reasons() {
         run["reason"].as_str().unwrap().contains("fail_fast"),
         "{run}"
     );
+    // The attempt fail_fast stopped ends its story on the run, with where it ran.
+    let story = c
+        .wait_events(
+            &format!("object=run/{ff}&kind=task&after=0"),
+            "long's end",
+            |e| {
+                e.iter()
+                    .any(|e| e["kind"] == "task.cancelled" && e["fields"]["task"] == "long")
+            },
+        )
+        .await;
+    let long: Vec<&Value> = story
+        .iter()
+        .filter(|e| e["fields"]["task"] == "long")
+        .collect();
+    let kinds: Vec<&str> = long.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["task.started", "task.cancelled"], "{story:?}");
+    assert_eq!(long[1]["fields"]["node"], "n1");
+    assert_eq!(long[1]["fields"]["outcome"], "cancelled");
 
     define(
         &c,

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::{Core, CoreError, now_ms, parse_spec};
 use crate::conductor::events::{NewEvent, object};
-use crate::conductor::runs::{AfterAttempt, Marks, Outcome, Run, RunState, TaskState};
+use crate::conductor::runs::{AfterAttempt, Marks, Outcome, Run, RunState, TaskRun, TaskState};
 use crate::conductor::store::{DeploymentRecord, RunsWrite, StoreError, WorkflowRecord};
 use crate::model::{CurrentState, DesiredState};
 use crate::spec::Workflow;
@@ -85,6 +85,10 @@ pub(crate) struct Runs {
     pub dirty: BTreeSet<String>,
     pub create: Vec<DeploymentRecord>,
     pub update: BTreeMap<String, DeploymentRecord>,
+    /// Task deployments whose attempt ended since the last write: their assignment goes with
+    /// it, even when a retry without backoff wants them running again in the same batch (the
+    /// retry is a new placement, with a new generation).
+    pub ended: BTreeSet<String>,
     /// The parsed specs of the task deployments in `create` and `update` whose spec was made
     /// from their workflow's parsed task (the others are parsed once written).
     pub parsed: std::collections::HashMap<String, Result<crate::spec::DeploymentSpec, String>>,
@@ -131,6 +135,17 @@ fn run_event(kind: &'static str, run: &Run, message: String, fields: Value) -> N
         f.extend(extra);
     }
     NewEvent::new(kind, object("run", &run.id), message, f)
+}
+
+/// The fields of the event that ends task `t`'s last attempt: its outcome, where it ran and
+/// how it ended (the task's deployment tells none of this itself).
+fn attempt_end_fields(t: &TaskRun, outcome: Outcome) -> Value {
+    let last = t.attempts.last();
+    json!({"task": t.name, "attempt": t.attempts.len(), "outcome": outcome,
+           "node": last.and_then(|a| a.node_id.clone()),
+           "generation": last.and_then(|a| a.generation),
+           "exit_code": last.and_then(|a| a.exit_code),
+           "deployment": t.deployment_id})
 }
 
 /// An attempt's spec: the task's declared `spec` with `env` added, and the same parsed,
@@ -483,10 +498,6 @@ impl Core {
         )
     }
 
-    /// The scheduler placed task deployment `id` at `generation` on `node_id`. The run is not
-    /// written for this alone: the placement is durable as the deployment's assignment (written
-    /// before the `Assign` is sent), from which [`Core::load_runs`] fills the attempt after a
-    /// restart; the run's next change writes it with the rest.
     /// `task.started` for a placement of task deployment `id` (`None`: not a task's): the
     /// attempt's start, where and as which generation. It stands for the deployment's own
     /// `deployment.placed`, `deployment.started` and `deployment.exited`, which a task
@@ -518,6 +529,10 @@ impl Core {
         self.runs.task_of.contains_key(id)
     }
 
+    /// The scheduler placed task deployment `id` at `generation` on `node_id`. The run is not
+    /// written for this alone: the placement is durable as the deployment's assignment (written
+    /// before the `Assign` is sent), from which [`Core::load_runs`] fills the attempt after a
+    /// restart; the run's next change writes it with the rest.
     pub(super) fn task_placed(&mut self, id: &str, node_id: &str, generation: u64) {
         let Some((run_id, i)) = self.runs.task_of.get(id) else {
             return;
@@ -612,31 +627,26 @@ impl Core {
                 ),
             ),
         };
-        let ev = run_event(
-            kind,
-            run,
-            message,
-            json!({"task": t.name, "attempt": attempt, "outcome": outcome,
-                   "node": t.attempts.last().and_then(|a| a.node_id.clone()),
-                   "generation": t.attempts.last().and_then(|a| a.generation),
-                   "exit_code": t.attempts.last().and_then(|a| a.exit_code),
-                   "deployment": t.deployment_id}),
-        );
+        let ev = run_event(kind, run, message, attempt_end_fields(t, outcome));
         self.runs.events.push(ev);
         let mut stopped = vec![i];
         if let AfterAttempt::Failed { stop } = after {
             for k in stop {
-                run.finish_attempt(
-                    k,
-                    Outcome::Cancelled,
-                    Some(format!(
-                        "cancelled: task {} failed (fail_fast)",
+                let why = format!("cancelled: task {} failed (fail_fast)", run.tasks[i].name);
+                run.finish_attempt(k, Outcome::Cancelled, Some(why), None, now, 0.0);
+                let t = &run.tasks[k];
+                let ev = run_event(
+                    "task.cancelled",
+                    run,
+                    format!(
+                        "task {} cancelled (attempt {}): task {} failed (fail_fast)",
+                        t.name,
+                        t.attempts.len(),
                         run.tasks[i].name
-                    )),
-                    None,
-                    now,
-                    0.0,
+                    ),
+                    attempt_end_fields(t, Outcome::Cancelled),
                 );
+                self.runs.events.push(ev);
                 stopped.push(k);
             }
         }
@@ -665,6 +675,9 @@ impl Core {
         let Some(mut rec) = base else {
             return;
         };
+        if desired == DesiredState::Stopped {
+            self.runs.ended.insert(id.to_owned());
+        }
         rec.desired_state = desired;
         if let Some(spec) = spec {
             rec.specification = spec;
@@ -957,6 +970,7 @@ impl Core {
                 let dep = task_deployment_id(&id, i);
                 self.runs.task_of.remove(&dep);
                 self.runs.update.remove(&dep);
+                self.runs.ended.remove(&dep);
                 // Also one still waiting in `create` (a write failed): deletes follow inserts,
                 // in the store and in memory.
                 self.runs.delete_deployments.push(dep);
@@ -993,13 +1007,13 @@ impl Core {
                     .is_some_and(|old| old.name == d.name && old.specification == d.specification)
             });
         let events = std::mem::take(&mut self.runs.events);
-        // Task deployments no longer wanted lose their assignment (their nodes stop them).
-        let clear: Vec<String> = update
+        // Task deployments whose attempt ended lose their assignment (their nodes stop them).
+        let clear: Vec<String> = self
+            .runs
+            .ended
             .iter()
-            .chain(&state_only)
-            .filter(|d| d.desired_state == DesiredState::Stopped)
-            .filter(|d| self.assignments.contains_key(&d.id))
-            .map(|d| d.id.clone())
+            .filter(|id| self.assignments.contains_key(*id))
+            .cloned()
             .collect();
         let write = RunsWrite {
             runs: runs.iter().map(AsRef::as_ref).collect(),
@@ -1018,6 +1032,7 @@ impl Core {
             return;
         }
         self.runs.dirty.clear();
+        self.runs.ended.clear();
         let mut parsed = std::mem::take(&mut self.runs.parsed);
         for rec in std::mem::take(&mut self.runs.create) {
             self.wake(&rec.id);

@@ -115,6 +115,11 @@ pub struct Attempt {
     pub node_id: Option<String>,
     pub generation: Option<u64>,
     pub started_at_ms: i64,
+    /// When it was placed on its node: its `timeout_sec` counts from here, not from while it
+    /// waited for a node. Not written for the placement alone: a restarted conductor that
+    /// finds it placed (by its assignment) but not written counts from its own start.
+    #[serde(default)]
+    pub placed_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
     pub outcome: Option<Outcome>,
     pub exit_code: Option<i32>,
@@ -264,6 +269,7 @@ impl Run {
             node_id: None,
             generation: None,
             started_at_ms: now_ms,
+            placed_at_ms: None,
             finished_at_ms: None,
             outcome: None,
             exit_code: None,
@@ -274,8 +280,8 @@ impl Run {
         number
     }
 
-    /// Records where the current attempt of task `i` was placed.
-    pub fn placed(&mut self, i: usize, node_id: &str, generation: u64) -> bool {
+    /// Records where the current attempt of task `i` was placed, at `now_ms`.
+    pub fn placed(&mut self, i: usize, node_id: &str, generation: u64, now_ms: i64) -> bool {
         let Some(a) = self.tasks[i].attempts.last_mut() else {
             return false;
         };
@@ -286,6 +292,7 @@ impl Run {
         }
         a.node_id = Some(node_id.to_owned());
         a.generation = Some(generation);
+        a.placed_at_ms = Some(now_ms);
         true
     }
 

@@ -247,6 +247,57 @@ async fn a_retry_without_backoff_is_placed_again() {
     c.shutdown().await;
 }
 
+/// A task's timeout counts from its placement. One that waits for a node it fits on outlives
+/// its timeout meanwhile; a witness placed after it started, with the same timeout, times out
+/// (so the conductor checked timeouts past the waiting one's old deadline). Once a node it
+/// fits on joins, it runs and succeeds on its first attempt.
+#[tokio::test]
+async fn a_timeout_counts_from_the_placement_not_the_wait_for_a_node() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &["cpu"], &[], false).await;
+    define(
+        &c,
+        json!({"name": "waits", "tasks": [{"name": "t", "timeout_sec": 0.3,
+            "node_group": "gpu", "config": sh("true")}]}),
+    )
+    .await;
+    define(
+        &c,
+        json!({"name": "witness", "tasks": [{"name": "t", "timeout_sec": 0.3,
+            "config": sh("sleep 1000")}]}),
+    )
+    .await;
+    let waits = start(&c, "waits", json!({})).await;
+    let (_, run) = c.get(&format!("/runs/{waits}")).await;
+    let created = task(&run, "t")["attempts"][0]["started_at_ms"]
+        .as_i64()
+        .unwrap();
+    let witness = start(&c, "witness", json!({})).await;
+    let w = until_run(&c, &witness, "FAILED").await;
+    assert_eq!(task(&w, "t")["attempts"][0]["outcome"], "timeout");
+    assert!(
+        task(&w, "t")["attempts"][0]["placed_at_ms"]
+            .as_i64()
+            .unwrap()
+            >= created
+    );
+    let (_, run) = c.get(&format!("/runs/{waits}")).await;
+    assert_eq!(run["state"], "RUNNING", "{run}");
+    let a = &task(&run, "t")["attempts"][0];
+    assert!(
+        a["finished_at_ms"].is_null() && a["placed_at_ms"].is_null(),
+        "{a}"
+    );
+
+    c.add_node("g", &["gpu"], &[], false).await;
+    let run = until_run(&c, &waits, "SUCCEEDED").await;
+    let attempts = task(&run, "t")["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0]["node_id"], "g");
+    assert!(attempts[0]["placed_at_ms"].as_i64().unwrap() >= created);
+    c.shutdown().await;
+}
+
 /// Water marks: with max_running 3 and resume_below 1, the fourth run queues, and starts
 /// only once running runs drop below 1; queued runs start in FIFO order.
 #[tokio::test]

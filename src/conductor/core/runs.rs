@@ -206,7 +206,7 @@ impl Core {
                 };
                 // A placement the run was not written with (see `task_placed`).
                 if let Some(a) = self.assignments.get(&d) {
-                    run.placed(i, &a.node_id, a.generation.get());
+                    run.placed(i, &a.node_id, a.generation.get(), now_ms());
                 }
                 self.runs.task_of.insert(d, (run.id.clone(), i));
             }
@@ -538,7 +538,7 @@ impl Core {
             return;
         };
         if let Some(run) = self.runs.runs.get_mut(run_id) {
-            Arc::make_mut(run).placed(*i, node_id, generation);
+            Arc::make_mut(run).placed(*i, node_id, generation, now_ms());
         }
     }
 
@@ -829,7 +829,8 @@ impl Core {
         // flag is recomputed with its next queued run.
     }
 
-    /// Ends attempts that ran past their task's `timeout_sec`.
+    /// Ends attempts that ran past their task's `timeout_sec`, counted from their placement
+    /// (an attempt waiting for a node has not begun to run).
     fn timeouts(&mut self, run_id: &str, now: i64) {
         let Some(run) = self.runs.runs.get(run_id) else {
             return;
@@ -843,7 +844,7 @@ impl Core {
                 let limit = t.timeout_sec?;
                 let a = t.attempts.last()?;
                 #[allow(clippy::cast_possible_truncation)]
-                let due = a.started_at_ms.saturating_add((limit * 1000.0) as i64);
+                let due = a.placed_at_ms?.saturating_add((limit * 1000.0) as i64);
                 (a.finished_at_ms.is_none() && now >= due).then_some((i, limit))
             })
             .collect();

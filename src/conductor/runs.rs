@@ -146,6 +146,10 @@ pub struct TaskRun {
     pub reason: Option<String>,
     pub retries: Retries,
     pub timeout_sec: Option<f64>,
+    /// Attempts made before the run's last retry: its `retries` count from here, so a retried
+    /// run gives a task that used them all its full count again.
+    #[serde(default)]
+    pub attempt_base: u32,
 }
 
 /// One run of a workflow.
@@ -212,6 +216,7 @@ impl Run {
                 reason: None,
                 retries: t.retries.clone(),
                 timeout_sec: t.timeout_sec,
+                attempt_base: 0,
             })
             .collect();
         Run {
@@ -308,7 +313,10 @@ impl Run {
         jitter: f64,
     ) -> AfterAttempt {
         let t = &mut self.tasks[i];
-        let attempts = u32::try_from(t.attempts.len()).unwrap_or(u32::MAX);
+        // This try's attempts (a retried run starts counting again).
+        let attempts = u32::try_from(t.attempts.len())
+            .unwrap_or(u32::MAX)
+            .saturating_sub(t.attempt_base);
         if let Some(a) = t.attempts.last_mut() {
             a.finished_at_ms = Some(now_ms);
             a.outcome = Some(outcome);
@@ -457,6 +465,7 @@ impl Run {
                 t.state = TaskState::Waiting;
                 t.reason = None;
                 t.retry_at_ms = None;
+                t.attempt_base = u32::try_from(t.attempts.len()).unwrap_or(u32::MAX);
             }
         }
         self.state = RunState::Queued;
@@ -651,6 +660,39 @@ mod tests {
         // A lost node is retried by default (c has no retries: it fails).
         r.start_attempt(2, 0);
         let after = r.finish_attempt(2, Outcome::NodeLost, None, None, 1, 0.0);
+        assert_eq!(after, AfterAttempt::Failed { stop: vec![] });
+    }
+
+    /// A retried run gives a task that used all its attempts its full count again, with the
+    /// first backoff; attempt numbers go on.
+    #[test]
+    fn a_retried_run_gives_each_task_its_retries_again() {
+        let mut r = diamond(json!({}));
+        r.start_attempt(0, 0);
+        r.finish_attempt(0, Outcome::Succeeded, None, None, 0, 0.0);
+        let fail = Outcome::Failed {
+            exit_code: Some(75),
+        };
+        for n in 1..=3 {
+            r.start_attempt(1, 0);
+            r.finish_attempt(1, fail, None, None, 0, 0.0);
+            assert_eq!(r.tasks[1].attempts.len(), n);
+        }
+        r.start_attempt(2, 0);
+        r.finish_attempt(2, Outcome::Succeeded, None, None, 0, 0.0);
+        assert!(r.settle(0));
+        assert_eq!(r.state, RunState::Failed);
+        assert!(r.retry(10_000));
+        r.state = RunState::Running;
+        assert_eq!(r.ready(), [1]);
+        assert_eq!(r.start_attempt(1, 10_000), 4);
+        let after = r.finish_attempt(1, fail, None, None, 11_000, 0.0);
+        assert_eq!(after, AfterAttempt::Retry { at_ms: 12_000 });
+        assert_eq!(r.start_attempt(1, 12_000), 5);
+        let after = r.finish_attempt(1, fail, None, None, 13_000, 0.0);
+        assert_eq!(after, AfterAttempt::Retry { at_ms: 15_000 });
+        assert_eq!(r.start_attempt(1, 15_000), 6);
+        let after = r.finish_attempt(1, fail, None, None, 16_000, 0.0);
         assert_eq!(after, AfterAttempt::Failed { stop: vec![] });
     }
 

@@ -299,7 +299,14 @@ fn tasks(r: &mut Report, field: &Opt<Vec<TaskWire>>, loc: &Loc) -> Vec<Task> {
         let mut names = Vec::new();
         for (j, d) in deps.iter().enumerate() {
             match groups.get(d) {
-                Some(items) => names.extend(items.iter().cloned()),
+                // A name given twice is one dependency (its results arrive once).
+                Some(items) => {
+                    for item in items {
+                        if !names.contains(item) {
+                            names.push(item.clone());
+                        }
+                    }
+                }
                 None => {
                     let task = expanded.first().map_or("", |t| t.group.as_str());
                     let msg = format!("task {task:?} depends on {d:?}, which is not a task here");
@@ -671,11 +678,12 @@ mod tests {
     fn for_each_fans_out_and_dependents_wait_for_every_item() {
         let w = parse_workflow(&json!({"name": "sweep", "tasks": [
             {"name": "train", "for_each": [0.1, "x"], "config": cmd()},
-            {"name": "report", "depends_on": ["train"], "config": cmd()},
+            {"name": "report", "depends_on": ["train", "train"], "config": cmd()},
         ]}))
         .unwrap();
         let names: Vec<&str> = w.tasks.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["train[0]", "train[1]", "report"]);
+        // Named twice, each item is one dependency.
         assert_eq!(w.tasks[2].depends_on, ["train[0]", "train[1]"]);
         assert_eq!(w.tasks[0].spec["env"]["SYMPHONY_ITEM"], "0.1");
         assert_eq!(w.tasks[1].spec["env"]["SYMPHONY_ITEM"], "x");

@@ -244,6 +244,17 @@ async fn a_retry_without_backoff_is_placed_again() {
     let attempts = task(&run, "t")["attempts"].as_array().unwrap().clone();
     assert_eq!(attempts.len(), 2, "{attempts:?}");
     assert!(attempts[0]["generation"].as_u64() < attempts[1]["generation"].as_u64());
+    // A parameter the environment cannot hold is refused, naming it (it would make every
+    // attempt's spec invalid).
+    let (status, body) = c
+        .post("/workflows/eager/runs", json!({"params": {"x": "a\u{0}b"}}))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["detail"][0]["loc"],
+        json!(["body", "params", "x"]),
+        "{body}"
+    );
     c.shutdown().await;
 }
 
@@ -295,6 +306,45 @@ async fn a_timeout_counts_from_the_placement_not_the_wait_for_a_node() {
     assert_eq!(attempts.len(), 1, "{attempts:?}");
     assert_eq!(attempts[0]["node_id"], "g");
     assert!(attempts[0]["placed_at_ms"].as_i64().unwrap() >= created);
+    c.shutdown().await;
+}
+
+/// The pause under the water marks survives a conductor restart, and a new version's marks
+/// apply at once: with max_running 2 and resume_below 1, two runs run and two queue; one
+/// cancelled leaves one running (not below 1: still paused), also after a restart; a version
+/// with max_running 4 then starts both queued runs.
+#[tokio::test]
+async fn water_marks_hold_across_a_restart_and_new_marks_apply_at_once() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    let def = |high: u32| {
+        json!({"name": "marks", "max_running": high, "resume_below": 1,
+            "tasks": [{"name": "t", "config": sh("sleep 1000")}]})
+    };
+    define(&c, def(2)).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(start(&c, "marks", json!({})).await);
+    }
+    until_run(&c, &ids[1], "RUNNING").await;
+    let (status, body) = c.post(&format!("/runs/{}/cancel", ids[0]), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    until_run(&c, &ids[0], "CANCELLED").await;
+    c.restart_conductor().await;
+    // A write waits for a flush: the one after the restart's admission.
+    define(
+        &c,
+        json!({"name": "other", "tasks": [{"name": "t", "config": sh("true")}]}),
+    )
+    .await;
+    let state = |run: &Value| run["state"].as_str().unwrap().to_owned();
+    for id in &ids[2..] {
+        let (_, run) = c.get(&format!("/runs/{id}")).await;
+        assert_eq!(state(&run), "QUEUED", "{run}");
+    }
+    define(&c, def(4)).await;
+    until_run(&c, &ids[2], "RUNNING").await;
+    until_run(&c, &ids[3], "RUNNING").await;
     c.shutdown().await;
 }
 

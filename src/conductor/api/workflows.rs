@@ -154,6 +154,14 @@ pub(super) async fn start(
                         continue;
                     }
                 };
+                if text.contains('\0') || k.contains('\0') {
+                    r.err(
+                        &at.at(k),
+                        "value_error",
+                        "a parameter cannot hold a NUL character (it goes into the environment)",
+                    );
+                    continue;
+                }
                 if k.is_empty() || k.len() > 100 || text.len() > MAX_PARAM_LEN {
                     r.err(
                         &at.at(k),

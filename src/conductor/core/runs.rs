@@ -216,6 +216,14 @@ impl Core {
             self.runs.runs.insert(run.id.clone(), Arc::new(run));
         }
         self.runs.next_seq = self.runs.next_seq.max(1);
+        // Runs are queued only while their workflow's admission is paused (admission takes
+        // them at once otherwise): the pause is where it was, so a restart does not admit
+        // more runs before the count falls below `resume_below`.
+        for r in self.runs.runs.values() {
+            if r.state == RunState::Queued {
+                self.runs.paused.insert(r.workflow.clone(), true);
+            }
+        }
         self.runs.admit_due = true;
         let names: Vec<String> = self.runs.workflows.keys().cloned().collect();
         for w in names {
@@ -260,11 +268,16 @@ impl Core {
         );
         self.persist(vec![ev], async |s, ev| s.insert_workflow(&record, ev).await)
             .await?;
-        self.runs
-            .workflows
-            .entry(name.clone())
-            .or_default()
-            .insert(version, WorkflowVersion::new(record, parsed));
+        let marks = |w: &Workflow| (w.max_running, w.resume_below);
+        let versions = self.runs.workflows.entry(name.clone()).or_default();
+        let before = versions.values().next_back().map(|v| marks(&v.parsed));
+        if before.is_some_and(|b| b != marks(&parsed)) {
+            // New water marks: a pause the old ones made is judged again by the new ones.
+            self.runs.paused.remove(&name);
+        }
+        versions.insert(version, WorkflowVersion::new(record, parsed));
+        // New water marks may start queued runs now.
+        self.runs.admit_due = true;
         self.plan_fire(&name, chrono::Utc::now());
         self.changed = true;
         Ok(version)
@@ -908,16 +921,29 @@ impl Core {
         }
         let (spec, typed) = attempt_spec(&declared.spec, specs.get(at), env);
         let specification = json!({ "spec": spec });
+        // An attempt whose spec does not parse (a parameter the spec refuses) could never be
+        // placed: it fails now, with the reason, rather than leave its run waiting forever.
+        let typed = typed.unwrap_or_else(|| parse_spec(&specification));
+        if let Err(e) = &typed {
+            let why = format!("the attempt's spec is invalid: {e}");
+            self.runs.dirty.insert(run_id.to_owned());
+            self.changed = true;
+            self.end_attempt(
+                run_id,
+                i,
+                Outcome::Failed { exit_code: None },
+                Some(why),
+                None,
+            );
+            return;
+        }
         let id = task_deployment_id(&run.id, i);
         let name = format!("{}/{}/{}", run.workflow, run.id, task.name);
         let first = task.deployment_id.is_none();
         run.tasks[i].deployment_id = Some(id.clone());
         self.runs.dirty.insert(run_id.to_owned());
         self.runs.task_of.insert(id.clone(), (run_id.to_owned(), i));
-        match typed {
-            Some(t) => self.runs.parsed.insert(id.clone(), t),
-            None => self.runs.parsed.remove(&id),
-        };
+        self.runs.parsed.insert(id.clone(), typed);
         if first && !self.deployments.contains_key(&id) {
             self.runs.create.push(DeploymentRecord {
                 id,

@@ -180,6 +180,18 @@ async fn a_failure_propagates_downstream_only_and_a_retry_resumes_there() {
     assert_eq!(task(&run, "d")["state"], "UPSTREAM_FAILED");
     assert_eq!(task(&run, "d")["attempts"], json!([]));
     assert_eq!(task(&run, "d")["reason"], "upstream task b failed");
+    // d's story is one event: it will not run, and why.
+    let d = c
+        .wait_events(
+            &format!("object=run/{id}&kind=task&after=0"),
+            "d's end",
+            |e| e.iter().any(|e| e["fields"]["task"] == "d"),
+        )
+        .await;
+    let d: Vec<&Value> = d.iter().filter(|e| e["fields"]["task"] == "d").collect();
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0]["kind"], "task.upstream_failed");
+    assert_eq!(d[0]["fields"]["reason"], "upstream task b failed");
 
     std::fs::write(&flag, "").unwrap();
     let (status, body) = c.post(&format!("/runs/{id}/retry"), json!({})).await;
@@ -590,6 +602,20 @@ async fn cancel_fail_fast_and_timeouts_end_runs_with_their_reasons() {
     assert_eq!(task(&run, "a")["state"], "CANCELLED");
     assert_eq!(task(&run, "a")["attempts"][0]["outcome"], "cancelled");
     assert_eq!(task(&run, "b")["state"], "CANCELLED");
+    // b never ran: its one event says so.
+    let b = c
+        .wait_events(
+            &format!("object=run/{id}&kind=task&after=0"),
+            "b's end",
+            |e| e.iter().any(|e| e["fields"]["task"] == "b"),
+        )
+        .await;
+    let b: Vec<&str> = b
+        .iter()
+        .filter(|e| e["fields"]["task"] == "b")
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(b, ["task.cancelled"]);
     c.wait("a's process stopped", |v| {
         v.nodes
             .get("n1")

@@ -137,6 +137,34 @@ fn run_event(kind: &'static str, run: &Run, message: String, fields: Value) -> N
     NewEvent::new(kind, object("run", &run.id), message, f)
 }
 
+fn task_states(run: &Run) -> Vec<TaskState> {
+    run.tasks.iter().map(|t| t.state).collect()
+}
+
+/// The events of tasks that were waiting (for their dependencies, or a retry) in `before` and
+/// now never run: `task.upstream_failed` or `task.cancelled`, with the reason.
+fn never_ran_events(run: &Run, before: &[TaskState]) -> Vec<NewEvent> {
+    run.tasks
+        .iter()
+        .zip(before)
+        .filter(|(_, b)| matches!(b, TaskState::Waiting | TaskState::Retrying))
+        .filter_map(|(t, _)| {
+            let kind = match t.state {
+                TaskState::UpstreamFailed => "task.upstream_failed",
+                TaskState::Cancelled => "task.cancelled",
+                _ => return None,
+            };
+            let why = t.reason.as_deref().unwrap_or("no reason");
+            Some(run_event(
+                kind,
+                run,
+                format!("task {} will not run: {why}", t.name),
+                json!({"task": t.name, "attempt": t.attempts.len(), "reason": t.reason}),
+            ))
+        })
+        .collect()
+}
+
 /// The fields of the event that ends task `t`'s last attempt: its outcome, where it ran and
 /// how it ended (the task's deployment tells none of this itself).
 fn attempt_end_fields(t: &TaskRun, outcome: Outcome) -> Value {
@@ -398,7 +426,10 @@ impl Core {
             )));
         }
         let run = Arc::make_mut(run);
+        let before = task_states(run);
         let running = run.cancel_rest("cancelled on request");
+        let events = never_ran_events(run, &before);
+        self.runs.events.extend(events);
         if run.state == RunState::Queued {
             run.state = RunState::Running;
         }
@@ -609,7 +640,12 @@ impl Core {
         let run = Arc::make_mut(run);
         let now = now_ms();
         let jitter = f64::from(rand::random::<u16>()) / 65536.0;
+        // A failure may end tasks that never ran (propagation, fail_fast): their states before.
+        let before = (outcome != Outcome::Succeeded).then(|| task_states(run));
         let after = run.finish_attempt(i, outcome, reason.clone(), result, now, jitter);
+        if let Some(before) = before {
+            self.runs.events.extend(never_ran_events(run, &before));
+        }
         let t = &run.tasks[i];
         let attempt = t.attempts.len();
         let (kind, message) = match &after {

@@ -15,7 +15,7 @@
 //!     depends_on: [prepare]
 //!     for_each: [0.1, 0.01]  # train[0], train[1], each with SYMPHONY_ITEM
 //!     retries: 3             # or {max_attempts: 3, backoff_sec: 1, max_backoff_sec: 60}
-//!     retry_on: [failure, node_lost, timeout]   # or exit codes: [75, node_lost]
+//!     retry_on: [failure, node_lost, timeout]   # or exit codes: [75, node_lost]; items add up
 //!     timeout_sec: 3600
 //!     outlive_agent: true    # survive an agent restart (default false: the attempt fails)
 //!     config: {command: [python, train.py]}
@@ -602,10 +602,17 @@ fn retries(r: &mut Report, t: &Map<String, Value>, at: &Loc) -> Option<Retries> 
                 other => vec![other.clone()],
             };
             let mut on = RetryOn::default();
+            // Items add up, in any order: `any` or `failure` takes every failing exit, so exit
+            // codes named beside them narrow nothing.
+            let mut every_failure = false;
             for (j, item) in items.iter().enumerate() {
                 match item {
-                    Value::String(s) if s == "any" => on = RetryOn::any(),
-                    Value::String(s) if s == "failure" => on.failure = true,
+                    Value::String(s) if s == "any" => {
+                        every_failure = true;
+                        on.node_lost = true;
+                        on.timeout = true;
+                    }
+                    Value::String(s) if s == "failure" => every_failure = true,
                     Value::String(s) if s == "node_lost" => on.node_lost = true,
                     Value::String(s) if s == "timeout" => on.timeout = true,
                     Value::Number(n) if n.as_i64().is_some_and(|c| (1..=255).contains(&c)) => {
@@ -620,9 +627,10 @@ fn retries(r: &mut Report, t: &Map<String, Value>, at: &Loc) -> Option<Retries> 
                     }
                 }
             }
-            if !on.exit_codes.is_empty() {
-                on.failure = true;
+            if every_failure {
+                on.exit_codes.clear();
             }
+            on.failure = every_failure || !on.exit_codes.is_empty();
             out.retry_on = on;
         }
     }
@@ -779,5 +787,20 @@ mod tests {
             w.schedule,
             Some(("0 3 * * *".into(), "Europe/Paris".into()))
         );
+        // Items add up in any order; `any` or `failure` beside exit codes takes every failure.
+        let on = |list: Value| {
+            parse_workflow(&json!({"name": "w", "tasks": [
+                {"name": "a", "config": cmd(), "retry_on": list}]}))
+            .unwrap()
+            .tasks[0]
+                .retries
+                .retry_on
+                .clone()
+        };
+        assert_eq!(on(json!(["any", 75])), RetryOn::any());
+        assert_eq!(on(json!([75, "any"])), RetryOn::any());
+        let failure = on(json!([75, "failure"]));
+        assert_eq!(failure, on(json!(["failure", 75])));
+        assert!(failure.failure && failure.exit_codes.is_empty() && !failure.node_lost);
     }
 }

@@ -377,6 +377,23 @@ impl Cluster {
         }
     }
 
+    /// Stops the conductor, runs the SQL `edit` on its database (what an older or newer
+    /// binary might have left), and starts it again.
+    pub async fn restart_conductor_after(&mut self, edit: &'static str) {
+        let c = self.conductor.take().expect("running");
+        c.shutdown().await;
+        let db = self
+            .cfg
+            .storage_dir
+            .join(symphony::conductor::store::DB_FILE_NAME);
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query(edit).execute(&pool).await.unwrap();
+        pool.close().await;
+        self.conductor = Some(Conductor::start(self.cfg.clone()).await.unwrap());
+    }
+
     pub async fn restart_conductor(&mut self) {
         let c = self.conductor.take().expect("running");
         c.shutdown().await;

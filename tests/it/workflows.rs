@@ -360,6 +360,46 @@ async fn water_marks_hold_across_a_restart_and_new_marks_apply_at_once() {
     c.shutdown().await;
 }
 
+/// A stored workflow version this binary can no longer read (an upgrade that refuses it)
+/// fails its runs' tasks with why when they would start: the run ends instead of waiting.
+#[tokio::test]
+async fn a_run_whose_stored_definition_no_longer_parses_fails_with_why() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    let flag = c.node_work_dir("n1").join("a-may-end");
+    let wait = format!("while [ ! -e {} ]; do sleep 0.05; done", flag.display());
+    define(
+        &c,
+        json!({"name": "old", "tasks": [
+            {"name": "a", "config": sh(&wait)},
+            {"name": "b", "depends_on": ["a"], "config": sh("true")}]}),
+    )
+    .await;
+    let id = start(&c, "old", json!({})).await;
+    c.wait("a running", |v| {
+        v.deployments.iter().any(|d| {
+            d.name == format!("old/{id}/a")
+                && d.current_state == Some(symphony::model::CurrentState::Running)
+        })
+    })
+    .await;
+    c.restart_conductor_after(
+        r#"UPDATE workflows SET definition = '{"name": "old", "tasks": "none"}'"#,
+    )
+    .await;
+    std::fs::write(&flag, "").unwrap();
+    let run = until_run(&c, &id, "FAILED").await;
+    assert_eq!(task(&run, "a")["state"], "SUCCEEDED", "{run}");
+    let b = task(&run, "b");
+    assert_eq!(b["state"], "FAILED", "{run}");
+    let why = b["reason"].as_str().unwrap();
+    assert!(
+        why.contains("workflow old version 1 cannot be read") && why.contains("tasks"),
+        "{why}"
+    );
+    c.shutdown().await;
+}
+
 /// Water marks: with max_running 3 and resume_below 1, the fourth run queues, and starts
 /// only once running runs drop below 1; queued runs start in FIFO order.
 #[tokio::test]

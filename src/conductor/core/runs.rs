@@ -85,6 +85,8 @@ pub(crate) struct Runs {
     pub dirty: BTreeSet<String>,
     pub create: Vec<DeploymentRecord>,
     pub update: BTreeMap<String, DeploymentRecord>,
+    /// Stored workflow versions that did not parse at load, with why.
+    pub unreadable: BTreeMap<(String, u32), String>,
     /// Task deployments whose attempt ended since the last write: their assignment goes with
     /// it, even when a retry without backoff wants them running again in the same batch (the
     /// retry is a new placement, with a new generation).
@@ -222,7 +224,15 @@ impl Core {
                         .insert(record.version, WorkflowVersion::new(record, w));
                 }
                 Err(e) => {
-                    tracing::error!(workflow = %record.name, version = record.version, errors = ?e, "a stored workflow no longer parses; its runs cannot start tasks")
+                    tracing::error!(workflow = %record.name, version = record.version, errors = ?e, "a stored workflow no longer parses; its runs' tasks fail when they would start");
+                    let why = e
+                        .iter()
+                        .map(|f| format!("{}: {}", f.loc.join("."), f.msg))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    self.runs
+                        .unreadable
+                        .insert((record.name.clone(), record.version), why);
                 }
             }
         }
@@ -921,6 +931,23 @@ impl Core {
             .and_then(|v| v.get(&run.version))
             .map(|w| (w.parsed.clone(), w.specs.clone()))
         else {
+            // Its version could not be read at load (a definition this binary refuses): the
+            // task fails with why, rather than leave its run waiting forever.
+            let key = (run.workflow.clone(), run.version);
+            let why = self.runs.unreadable.get(&key).map_or_else(
+                || format!("workflow {} version {} is gone", key.0, key.1),
+                |e| format!("workflow {} version {} cannot be read: {e}", key.0, key.1),
+            );
+            Arc::make_mut(run).start_attempt(i, now);
+            self.runs.dirty.insert(run_id.to_owned());
+            self.changed = true;
+            self.end_attempt(
+                run_id,
+                i,
+                Outcome::Failed { exit_code: None },
+                Some(why),
+                None,
+            );
             return;
         };
         let run = Arc::make_mut(run);

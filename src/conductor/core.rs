@@ -2193,6 +2193,8 @@ impl Core {
                 generation,
             },
         );
+        // A task's attempt runs on as this generation: its end reports name it.
+        self.task_placed(id, node_id, generation.get());
         self.changed = true;
         if let Some(msg) = self.assign_msg(id, generation) {
             self.send_to(node_id, msg);

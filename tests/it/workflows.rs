@@ -400,6 +400,52 @@ async fn a_run_whose_stored_definition_no_longer_parses_fails_with_why() {
     c.shutdown().await;
 }
 
+/// A conductor whose store is older than its node (restored from a backup) gives the task
+/// deployment the node holds a new generation; the running attempt goes on as that
+/// generation, and its end still ends the task.
+#[tokio::test]
+async fn a_task_given_a_new_generation_by_a_restored_store_still_ends() {
+    let mut c = Cluster::start().await;
+    c.add_node("n1", &[], &[], false).await;
+    let flag = c.node_work_dir("n1").join("t-may-end");
+    let wait = format!("while [ ! -e {} ]; do sleep 0.05; done", flag.display());
+    define(
+        &c,
+        json!({"name": "restored", "tasks": [{"name": "t", "config": sh(&wait)}]}),
+    )
+    .await;
+    let id = start(&c, "restored", json!({})).await;
+    let name = format!("restored/{id}/t");
+    let view = c
+        .wait("t running", |v| {
+            v.deployments.iter().any(|d| {
+                d.name == name && d.current_state == Some(symphony::model::CurrentState::Running)
+            })
+        })
+        .await;
+    let dep = view.deployments.iter().find(|d| d.name == name).unwrap();
+    let held = dep.status.as_ref().unwrap().generation.get();
+    let dep = dep.id.to_string();
+    // The store as a backup had it: one generation behind what the node runs.
+    c.restart_conductor_after("UPDATE assignments SET generation = generation - 1")
+        .await;
+    c.wait("the node runs it at a new generation", |v| {
+        v.deployment(&dep)
+            .and_then(|d| d.status.as_ref())
+            .is_some_and(|s| s.generation.get() > held)
+    })
+    .await;
+    std::fs::write(&flag, "").unwrap();
+    let run = until_run(&c, &id, "SUCCEEDED").await;
+    let attempts = task(&run, "t")["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert!(
+        attempts[0]["generation"].as_u64().unwrap() > held,
+        "{attempts:?}"
+    );
+    c.shutdown().await;
+}
+
 /// Water marks: with max_running 3 and resume_below 1, the fourth run queues, and starts
 /// only once running runs drop below 1; queued runs start in FIFO order.
 #[tokio::test]

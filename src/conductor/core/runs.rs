@@ -918,6 +918,20 @@ impl Core {
         }
     }
 
+    /// Task `i`'s attempt, just started, cannot run: it fails now with `why` (retried by its
+    /// policy), rather than leave its run waiting for a placement that never comes.
+    fn fail_attempt_now(&mut self, run_id: &str, i: usize, why: String) {
+        self.runs.dirty.insert(run_id.to_owned());
+        self.changed = true;
+        self.end_attempt(
+            run_id,
+            i,
+            Outcome::Failed { exit_code: None },
+            Some(why),
+            None,
+        );
+    }
+
     /// Starts the next attempt of task `i`: its deployment is made (first attempt) or given
     /// the new attempt's spec, desired RUNNING; the scheduler places it.
     fn start_task(&mut self, run_id: &str, i: usize, now: i64) {
@@ -939,15 +953,7 @@ impl Core {
                 |e| format!("workflow {} version {} cannot be read: {e}", key.0, key.1),
             );
             Arc::make_mut(run).start_attempt(i, now);
-            self.runs.dirty.insert(run_id.to_owned());
-            self.changed = true;
-            self.end_attempt(
-                run_id,
-                i,
-                Outcome::Failed { exit_code: None },
-                Some(why),
-                None,
-            );
+            self.fail_attempt_now(run_id, i, why);
             return;
         };
         let run = Arc::make_mut(run);
@@ -988,16 +994,7 @@ impl Core {
         // placed: it fails now, with the reason, rather than leave its run waiting forever.
         let typed = typed.unwrap_or_else(|| parse_spec(&specification));
         if let Err(e) = &typed {
-            let why = format!("the attempt's spec is invalid: {e}");
-            self.runs.dirty.insert(run_id.to_owned());
-            self.changed = true;
-            self.end_attempt(
-                run_id,
-                i,
-                Outcome::Failed { exit_code: None },
-                Some(why),
-                None,
-            );
+            self.fail_attempt_now(run_id, i, format!("the attempt's spec is invalid: {e}"));
             return;
         }
         let id = task_deployment_id(&run.id, i);

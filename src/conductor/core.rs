@@ -1479,7 +1479,7 @@ impl Core {
             let released = Released {
                 name,
                 told: r.status.clone(),
-                task: self.runs.task_of.contains_key(deployment_id),
+                task: self.is_task(deployment_id),
             };
             self.said
                 .released

@@ -459,19 +459,15 @@ async fn renewal_keeps_the_connection_streams_and_processes() {
     // The conductor records the newer certificate. Its state is read once it is valid: with
     // 3 s certificates, a loaded machine may let one lapse between two renewals, and the next
     // renewal over the same connection makes it valid again.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, nodes) = c.get("/nodes").await;
-        let cert = &nodes["nodes"][&id]["certificate"];
-        if cert["state"] == "valid" && cert["not_after_ms"].as_i64() > Some(first_end) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no newer valid certificate recorded: {cert}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.wait("a newer valid certificate recorded", |v| {
+        v.nodes
+            .get(&id)
+            .and_then(|n| n.certificate.as_ref())
+            .is_some_and(|cert| cert.state == "valid" && cert.not_after_ms > Some(first_end))
+    })
+    .await;
+    let (_, nodes) = c.get("/nodes").await;
+    assert!(nodes["nodes"][&id]["certificate"]["not_after_ms"].as_i64() > Some(first_end));
     c.shutdown().await;
 }
 

@@ -91,8 +91,8 @@ pub(crate) struct Runs {
     /// it, even when a retry without backoff wants them running again in the same batch (the
     /// retry is a new placement, with a new generation).
     pub ended: BTreeSet<String>,
-    /// The parsed specs of the task deployments in `create` and `update` whose spec was made
-    /// from their workflow's parsed task (the others are parsed once written).
+    /// The parsed specs of the attempts started since the last write (each is parsed when
+    /// its attempt starts: one that does not parse fails then); a stop has none.
     pub parsed: std::collections::HashMap<String, Result<crate::spec::DeploymentSpec, String>>,
     pub events: Vec<NewEvent>,
     /// Finished runs past their workflow's `keep_runs`, and their task deployments, to
